@@ -1,0 +1,235 @@
+"""Qwen3 (dense) and Qwen3-MoE: GQA with per-head QK RMSNorm, NeoX RoPE, SwiGLU or softmax-top-k MoE."""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from runtime.config import EngineConfig
+from runtime.forward import ForwardContext
+from runtime.kv_cache import CacheSpec
+from runtime.loader import check_loaded, copy_weight, unexpected_weight
+from runtime.ops import RMSNorm, RotaryEmbedding, fused_moe, paged_attention, rope_inv_freq, silu_and_mul, \
+    softmax_topk, write_kv
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, config, layer_index: int, rotary: RotaryEmbedding, window: int | None):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scale = self.head_dim ** -0.5
+        self.window = window
+        bias = getattr(config, "attention_bias", False)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.rotary = rotary
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))          # [num_tokens, heads, head_dim]
+        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))       # [num_tokens, kv_heads, head_dim]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        cache, block_table, slot_mapping = ctx.layer_cache(self.layer_index)
+        write_kv(cache, k, v, slot_mapping)
+        out = paged_attention(q, cache, block_table, ctx.query_start_loc_host, ctx.seq_lens_host, self.scale,
+                              window=self.window)
+        return self.o_proj(out.flatten(1))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class Qwen3MoE(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
+        inter, hidden, experts = config.moe_intermediate_size, config.hidden_size, config.num_experts
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.w13 = nn.Parameter(torch.empty(experts, 2 * inter, hidden))   # gate rows, then up rows
+        self.w2 = nn.Parameter(torch.empty(experts, hidden, inter))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
+        return fused_moe(x, self.w13, self.w2, weights, ids)
+
+
+def _is_moe_layer(config, layer: int) -> bool:
+    return (getattr(config, "num_experts", 0) > 0 and layer not in getattr(config, "mlp_only_layers", [])
+            and (layer + 1) % getattr(config, "decoder_sparse_step", 1) == 0)
+
+
+def _layer_window(config, layer: int) -> int | None:
+    """transformers: dense Qwen3 marks sliding layers in layer_types; Qwen3-MoE slides every layer."""
+    if not getattr(config, "use_sliding_window", False):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer] != "sliding_attention":
+        return None
+    return config.sliding_window
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, config, layer: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = Qwen3Attention(config, layer, rotary, _layer_window(config, layer))
+        self.mlp = Qwen3MoE(config) if _is_moe_layer(config, layer) else \
+            Qwen3MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, config, max_positions: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        inv_freq, scale = rope_inv_freq(config, head_dim)
+        rotary = RotaryEmbedding(inv_freq, max_positions, scale, style="neox")
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, ctx)
+        return self.norm(x, residual)[0]
+
+
+class Qwen3ForCausalLM(nn.Module):
+    def __init__(self, config, max_positions: int, cache_dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        self.cache_dtype = cache_dtype
+        self.model = Qwen3Model(config, max_positions)
+        self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states).float()
+
+    def cache_specs(self) -> list[CacheSpec]:
+        return [CacheSpec(entry_shape=(2, layer.self_attn.num_kv_heads, layer.self_attn.head_dim),
+                          dtype=self.cache_dtype, window=layer.self_attn.window) for layer in self.model.layers]
+
+    # ---- weights --------------------------------------------------------------------------------------
+
+    _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    _EXPERT = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+    _FUSED_EXPERTS = {"experts.gate_up_proj": "w13", "experts.down_proj": "w2"}
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """HF names -> fused parameters. Every on-disk tensor must land somewhere, every parameter be filled."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue                                   # tied checkpoints may or may not carry it
+            targets = self._load_one(params, name, tensor)
+            if not targets:
+                raise unexpected_weight(name)
+            loaded.update(targets)
+        check_loaded(self._expected_shards(), loaded)
+
+    def _expected_shards(self) -> set[str]:
+        """What a complete checkpoint fills: every parameter, fused ones shard by shard."""
+        expected = set()
+        for name, param in self.named_parameters():
+            base, kind = name.rsplit(".", 1)
+            if base.endswith("qkv_proj"):
+                expected.update(f"{name}.{i}" for i in range(3))
+            elif base.endswith("gate_up_proj"):
+                expected.update(f"{name}.{i}" for i in range(2))
+            elif kind == "w13":
+                expected.update(f"{name}[{e}].{i}" for e in range(param.shape[0]) for i in range(2))
+            elif kind == "w2":
+                expected.update(f"{name}[{e}]" for e in range(param.shape[0]))
+            else:
+                expected.add(name)
+        return expected
+
+    def _load_one(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> list[str]:
+        """Copy one checkpoint tensor into its (slice of a) parameter; returns the shard keys it filled."""
+        if name in params:
+            copy_weight(params[name], name, tensor)
+            return [name]
+        if expert := self._EXPERT.fullmatch(name):
+            prefix, e, proj = expert.group(1), int(expert.group(2)), expert.group(3)
+            if f"{prefix}.w13" not in params:
+                return []
+            if proj == "down_proj":
+                copy_weight(params[f"{prefix}.w2"][e], name, tensor)
+                return [f"{prefix}.w2[{e}]"]
+            w13 = params[f"{prefix}.w13"]
+            half = w13.shape[1] // 2
+            shard = 0 if proj == "gate_proj" else 1
+            copy_weight(w13[e, shard * half:(shard + 1) * half], name, tensor)
+            return [f"{prefix}.w13[{e}].{shard}"]
+        for disk, ours in self._FUSED_EXPERTS.items():       # experts already stacked on disk
+            if name.endswith(f".mlp.{disk}") and (key := name.replace(disk, ours)) in params:
+                copy_weight(params[key], name, tensor)
+                shards = [".0", ".1"] if ours == "w13" else [""]
+                return [f"{key}[{e}]{s}" for e in range(tensor.shape[0]) for s in shards]
+        *prefix, module, kind = name.split(".")
+        if module in self._FUSED:
+            fused, shard = self._FUSED[module]
+            key = ".".join([*prefix, fused, kind])
+            if key not in params:
+                return []
+            parent = self.get_submodule(".".join(prefix))
+            sizes = parent.split if fused == "qkv_proj" else [parent.gate_up_proj.out_features // 2] * 2
+            offset = sum(sizes[:shard])
+            copy_weight(params[key][offset:offset + sizes[shard]], name, tensor)
+            return [f"{key}.{shard}"]
+        return []
+
+
+def build_model(hf_config, engine_config: EngineConfig) -> Qwen3ForCausalLM:
+    max_positions = max(hf_config.max_position_embeddings, engine_config.max_model_len or 0)
+    return Qwen3ForCausalLM(hf_config, max_positions, engine_config.torch_dtype)
+
+
+def tiny_init(model: nn.Module) -> None:
+    """Make a random transformers Qwen3 exercise every path: norm weights away from one (so a skipped norm
+    weight shows) and larger QK-norm weights (sharper attention, so cache or position errors show). The tiny
+    config's initializer_range 0.2 gives varied greedy text and rare argmax ties."""
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            scale = 2.0 if name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
+            param.copy_(scale * (1.0 + 0.3 * torch.randn(param.shape, generator=generator)))

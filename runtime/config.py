@@ -1,0 +1,60 @@
+"""EngineConfig: every engine option in one dataclass. The CLI maps its flags onto these fields."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = "tiny"                      # local dir | HF hub id | "tiny" (built-in random checkpoint)
+    arch: str | None = None                  # package name; None = from the checkpoint's "architectures"
+    tokenizer: str | None = None             # defaults to the model dir
+    device: str = "auto"                     # "auto" = cuda when available, else cpu
+    dtype: str = "auto"                      # "auto" = bfloat16 on cuda, float32 on cpu
+    load_format: str = "auto"                # "auto" (safetensors) | "dummy" (random weights, real shapes)
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None         # None = the checkpoint's max_position_embeddings
+    enable_prefix_caching: bool = True
+    num_gpu_blocks: int | None = None        # force the cache size (blocks per full-attention group)
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: float = 1.0            # cache budget on the CPU path
+    enforce_eager: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 2:
+            raise ValueError(f"num_gpu_blocks must be at least 2, got {self.num_gpu_blocks}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]

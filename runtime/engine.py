@@ -1,0 +1,312 @@
+"""Engine (add / step / abort) and LLM (offline generate)."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from runtime.config import EngineConfig
+from runtime.kv_cache import KVCacheManager, group_cache_specs, plan_num_blocks
+from runtime.loader import init_dummy_weights, iterate_weights, load_hf_config, resolve_model_path
+from runtime.registry import get_package, package_for_architectures
+from runtime.request import CompletionOutput, FinishReason, Request, RequestOutput, SamplingParams
+from runtime.runner import ModelRunner, allocate_caches
+from runtime.scheduler import Scheduler
+from runtime.tiny import ensure_tiny
+from runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("run-model")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _eos_token_ids(path: Path, hf_config, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """generation_config.json's eos ids when present (chat models stop on several), else config.json's."""
+    ids: Any = None
+    generation_config = path / "generation_config.json"
+    if generation_config.is_file():
+        ids = json.loads(generation_config.read_text()).get("eos_token_id")
+    if ids is None:
+        ids = getattr(hf_config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(ids)
+
+
+@dataclass(slots=True)
+class _Group:
+    """The n completions of one prompt."""
+    request_id: str
+    prompt: str | None
+    children: list[Request]
+    stream: bool
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.model == "tiny":
+            if config.arch is None:
+                raise ValueError("--model tiny needs an architecture, e.g. `run-model qwen3 --model tiny`")
+            path = ensure_tiny(get_package(config.arch))
+        else:
+            path = resolve_model_path(config.model)
+        self.model_path = path
+        self.hf_config = load_hf_config(path)
+        self.package = get_package(config.arch) if config.arch else \
+            package_for_architectures(getattr(self.hf_config, "architectures", None) or [])
+        self.tokenizer = Tokenizer(config.tokenizer or str(path))
+        self.eos_token_ids = _eos_token_ids(path, self.hf_config, self.tokenizer)
+        self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
+        self.vocab_size = self.hf_config.vocab_size
+        self.device, self.dtype = config.torch_device, config.torch_dtype
+
+        with _default_dtype(self.dtype), self.device:
+            model = self.package.build(self.hf_config, config)
+        model.to(self.device).eval()
+        if config.load_format == "dummy":
+            init_dummy_weights(model, config.seed)
+        else:
+            model.load_weights(iterate_weights(path, "cpu"))
+        self.model = model
+
+        layout = group_cache_specs(model.cache_specs(), config.block_size)
+        num_blocks = plan_num_blocks(layout.groups, config.block_size, self._kv_budget_bytes(), config.max_num_seqs,
+                                     config.max_num_batched_tokens, forced=config.num_gpu_blocks)
+        self.kv = KVCacheManager(layout, config.block_size, num_blocks, config.max_num_seqs, self.max_model_len,
+                                 config.enable_prefix_caching)
+        caches = allocate_caches(layout, num_blocks, config.block_size, self.device)
+        self.runner = ModelRunner(model, self.kv, caches, self.vocab_size, self.device)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.groups: dict[str, _Group] = {}
+        self.detokenizers: dict[Request, IncrementalDetokenizer] = {}
+        self._group_of: dict[Request, _Group] = {}
+        self._seeds = random.Random(config.seed)
+        self._arrivals = itertools.count()
+        logger.info("model %s (%s) on %s/%s; %s", path, self.package.name, self.device, str(self.dtype)[6:],
+                    self.cache_report())
+
+    def _kv_budget_bytes(self) -> int:
+        if self.device.type != "cuda":
+            return int(self.config.cpu_kv_cache_gib * 2**30)
+        free, total = torch.cuda.mem_get_info(self.device)
+        # keep room for activations of one full token budget (logits rows included)
+        hidden = self.hf_config.hidden_size
+        activations = self.config.max_num_batched_tokens * hidden * 4 * 24 + \
+            self.config.max_num_seqs * self.vocab_size * 4 * 4
+        return int(free - (1.0 - self.config.gpu_memory_utilization) * total - activations)
+
+    def cache_report(self) -> str:
+        parts = []
+        for g, (group, pool) in enumerate(zip(self.kv.groups, self.kv.pools)):
+            spec = group.spec
+            kind = f"window {spec.window}" if spec.window else "full"
+            if spec.tokens_per_entry > 1:
+                kind += f", 1 entry per {spec.tokens_per_entry} tokens"
+            parts.append(f"group {g} ({len(group.layers)} layers, {kind}): {pool.num_blocks - 1} blocks "
+                         f"= {(pool.num_blocks - 1) * self.config.block_size} tokens")
+        return "KV cache " + "; ".join(parts)
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    stream: bool = False) -> None:
+        """Validate and queue a prompt. Raises ValueError (and changes nothing) if it can never be served."""
+        params = params or SamplingParams()
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        room = self.max_model_len - len(token_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens > room or room <= 0:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens and max_tokens is {max_tokens}, "
+                             f"but max_model_len is {self.max_model_len}; shorten the prompt or lower max_tokens "
+                             f"(at most {max(room, 0)} here)")
+        if problem := self.kv.check_fits(len(token_ids) + max_tokens, self.config.max_num_batched_tokens):
+            raise ValueError(f"{problem}; lower max_tokens or give the cache more memory")
+        if params.max_tokens is None:
+            params = _with_max_tokens(params, max_tokens)
+        children = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else self._seeds.getrandbits(63)
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            request = Request(child_id, token_ids, params, eos_token_ids=self.eos_token_ids, seed=seed,
+                              arrival_index=next(self._arrivals))
+            if stream or params.stop:
+                self.detokenizers[request] = IncrementalDetokenizer(self.tokenizer, token_ids,
+                                                                    params.skip_special_tokens)
+            children.append(request)
+        group = self.groups[request_id] = _Group(request_id, prompt_text, children, stream)
+        for request in children:
+            self._group_of[request] = group
+            self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> None:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        for request in group.children:
+            if not request.finished:
+                self.scheduler.finish(request)
+                request.finish_reason = FinishReason.ABORT
+            self.detokenizers.pop(request, None)
+            self._group_of.pop(request, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop -------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch. Returns outputs of finished prompts, and of streaming prompts that moved."""
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        out = self.runner.execute(batch)
+        self.scheduler.finish_step(batch)
+        touched: dict[str, _Group] = {}
+        for request, token, logprobs in zip(out.requests, out.token_ids, out.logprobs):
+            request.token_ids.append(token)
+            if logprobs is not None:
+                request.logprobs.append(logprobs)
+            self._check_stop(request, token)
+            if request.finished:
+                self.detokenizers.pop(request, None)
+            group = self._group_of[request]
+            touched[group.request_id] = group
+        outputs = []
+        for group in touched.values():
+            done = all(r.finished for r in group.children)
+            if done or group.stream:
+                outputs.append(self._output(group, done))
+            if done:
+                del self.groups[group.request_id]
+                for request in group.children:
+                    del self._group_of[request]
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> None:
+        params = request.params
+        detokenizer = self.detokenizers.get(request)
+        if detokenizer is not None:
+            previous = len(request.text)
+            request.text += detokenizer.step(request.token_ids)
+        reason = stop_reason = None
+        may_stop = request.num_output_tokens >= params.min_tokens
+        if may_stop and not params.ignore_eos and token in request.eos_token_ids:
+            reason = FinishReason.STOP
+        elif may_stop and token in params.stop_token_ids:
+            reason, stop_reason = FinishReason.STOP, token
+        elif may_stop and params.stop and detokenizer is not None:
+            stop_reason = self._cut_at_stop_string(request, previous)
+            reason = FinishReason.STOP if stop_reason is not None else None
+        if reason is None and (request.num_output_tokens >= params.max_tokens
+                               or request.num_tokens >= self.max_model_len):
+            reason = FinishReason.LENGTH
+        if reason is None:
+            return
+        request.finish_reason, request.stop_reason = reason, stop_reason
+        self.scheduler.finish(request)
+        if detokenizer is None:
+            request.text = self.tokenizer.decode(request.output_token_ids, params.skip_special_tokens)
+        elif stop_reason is None or isinstance(stop_reason, int):
+            request.text += detokenizer.step(request.token_ids, final=True)
+
+    @staticmethod
+    def _cut_at_stop_string(request: Request, previous: int) -> str | None:
+        """Find a stop string that the newest text completes (it may span several tokens); cut the text there."""
+        longest = max(len(s) for s in request.params.stop)
+        search_from = max(0, previous - longest + 1)
+        hits = [(request.text.find(s, search_from), s) for s in request.params.stop]
+        hits = [(at, s) for at, s in hits if at >= 0]
+        if not hits:
+            return None
+        at, stop = min(hits)
+        request.text = request.text[:at + len(stop)] if request.params.include_stop_str_in_output else request.text[:at]
+        return stop
+
+    def _output(self, group: _Group, finished: bool) -> RequestOutput:
+        first = group.children[0]
+        outputs = [CompletionOutput(index=i, text=r.text, token_ids=r.output_token_ids,
+                                    finish_reason=r.finish_reason.value if r.finish_reason else None,
+                                    stop_reason=r.stop_reason,
+                                    logprobs=list(r.logprobs) if r.logprobs is not None else None)
+                   for i, r in enumerate(group.children)]
+        return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, outputs, finished,
+                             num_cached_tokens=first.num_cached_tokens)
+
+
+def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    from dataclasses import replace
+    return replace(params, max_tokens=max_tokens)
+
+
+class LLM:
+    """Offline generation: `LLM(model, **engine_options).generate(prompts, sampling_params)`."""
+
+    def __init__(self, model: str = "tiny", **engine_options: Any):
+        unknown = set(engine_options) - set(EngineConfig.field_names())
+        if unknown:
+            raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        self.engine = Engine(EngineConfig(model=model, **engine_options))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(str(next(self._ids)))
+                self.engine.add_request(ids[-1], prompt, p)
+        except ValueError:
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, conversations: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             **template_kwargs: Any) -> list[RequestOutput]:
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.tokenizer.apply_chat_template(c, **template_kwargs) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm import tqdm
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+            while len(results) < len(ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        bar.update(1)
+        return [results[i] for i in ids]

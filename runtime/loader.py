@@ -1,0 +1,93 @@
+"""Where weights come from: a local directory, a Hugging Face hub id, or random values (dummy)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local checkpoint directory, or a hub id downloaded (config, tokenizer, safetensors) to the HF cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model directory {path} has no config.json")
+        return path
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ValueError(f"model directory {model!r} does not exist (and it is not a Hugging Face hub id)")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                             "*.jinja", "tokenizer*"]))
+    except Exception as exc:   # offline, unknown repo, gated repo: all surface as one actionable message
+        raise ValueError(f"could not fetch {model!r} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
+                         f"pass a local directory with --model") from exc
+
+
+def load_hf_config(path: Path):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot read the model config in {path}: {exc}") from exc
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / name for name in names]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {path}; use --load-format dummy for random weights")
+    return files
+
+
+def iterate_weights(path: Path, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (name, tensor) from every shard, one tensor at a time, with a progress bar over shards."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+    files = safetensors_files(path)
+    quiet = len(files) == 1 or os.environ.get("RUN_MODEL_QUIET") == "1"
+    for file in tqdm(files, desc="loading shards", unit="shard", disable=quiet):
+        with safe_open(str(file), framework="pt", device=str(device)) as shard:
+            for name in shard.keys():
+                yield name, shard.get_tensor(name)
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high: float = 1e-3) -> None:
+    """Random weights at the real shapes (for benchmarks): small uniform values keep activations finite."""
+    generators: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                if param.device not in generators:
+                    generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+                param.uniform_(low, high, generator=generators[param.device])
+
+
+def check_loaded(expected: set[str], loaded: set[str]) -> None:
+    """Raise if a parameter (or a shard of a fused one) received no checkpoint tensor."""
+    missing = sorted(expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+
+
+def unexpected_weight(name: str) -> ValueError:
+    return ValueError(f"checkpoint has an unexpected tensor {name!r}; is this the right architecture?")
+
+
+def copy_weight(param: torch.Tensor, name: str, tensor: torch.Tensor) -> None:
+    """Copy with a shape check whose message names the tensor."""
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                         f"the model expects {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor)

@@ -1,0 +1,41 @@
+"""ModelPackage: the one object a model package exports, and the protocol of the module it builds."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+from torch import nn
+
+from runtime.forward import ForwardContext
+from runtime.kv_cache import CacheSpec
+from runtime.config import EngineConfig
+
+
+class CausalLM(Protocol):
+    """What the runtime calls on a model. See ARCHITECTURE.md section 4."""
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """[num_tokens] ids and positions -> [num_tokens, hidden] hidden states (writes the paged cache)."""
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[num_rows, hidden] -> [num_rows, vocab] fp32 logits."""
+
+    def cache_specs(self) -> list[CacheSpec]:
+        """One spec per cache-owning (or cache-sharing) layer, in the order the layers index ctx.caches."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Consume checkpoint tensors by on-disk name; raise ValueError on missing or unexpected ones."""
+
+
+@dataclass(slots=True)
+class ModelPackage:
+    name: str                                                   # `run-model NAME`
+    hf_architectures: tuple[str, ...]                           # config.json "architectures" it serves
+    build: Callable[[Any, EngineConfig], nn.Module]             # (hf_config, engine_config) -> CausalLM
+    default_model: str | None = None                           # used when --model is omitted
+    tiny_config: dict[str, Any] = field(default_factory=dict)   # an HF config.json for tests and --model tiny
+    chat_template: str | None = None                            # jinja, written into tiny tokenizers
+    special_tokens: tuple[str, ...] = ()                        # tiny tokenizer specials; ids 0..n-1 in order
+    tiny_init: Callable[[nn.Module], None] | None = None        # make a random HF model's weights "matter"
+    aliases: tuple[str, ...] = ()

@@ -1,0 +1,51 @@
+"""Tokenizer wrapper (transformers), chat templates, and incremental detokenization."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class Tokenizer:
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+        self.hf = AutoTokenizer.from_pretrained(path)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text))
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> list[int]:
+        if not getattr(self.hf, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; send plain prompts instead")
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **template_kwargs)
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+
+class IncrementalDetokenizer:
+    """Turns a growing token list into text pieces. A piece is released only once its bytes form complete
+    UTF-8 characters; the few tokens before it are re-decoded so that merges across tokens come out right."""
+
+    _CONTEXT_TOKENS = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.read_offset = len(prompt_ids)
+        self.prefix_offset = max(0, self.read_offset - self._CONTEXT_TOKENS)
+
+    def step(self, token_ids: list[int], final: bool = False) -> str:
+        """New text since the last call, given prompt + all output tokens so far."""
+        decode = lambda ids: self.tokenizer.decode(ids, self.skip_special_tokens)  # noqa: E731
+        prefix_text = decode(token_ids[self.prefix_offset:self.read_offset])
+        full_text = decode(token_ids[self.prefix_offset:])
+        if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
+        return full_text[len(prefix_text):]
