@@ -38,4 +38,5 @@ class ModelPackage:
     chat_template: str | None = None                            # jinja, written into tiny tokenizers
     special_tokens: tuple[str, ...] = ()                        # tiny tokenizer specials; ids 0..n-1 in order
     tiny_init: Callable[[nn.Module], None] | None = None        # make a random HF model's weights "matter"
+    tiny_variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> tiny_config overrides
     aliases: tuple[str, ...] = ()

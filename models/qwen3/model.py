@@ -225,11 +225,11 @@ def build_model(hf_config, engine_config: EngineConfig) -> Qwen3ForCausalLM:
 
 
 def tiny_init(model: nn.Module) -> None:
-    """Make a random transformers Qwen3 exercise every path: norm weights away from one (so a skipped norm
-    weight shows) and larger QK-norm weights (sharper attention, so cache or position errors show). The tiny
-    config's initializer_range 0.2 gives varied greedy text and rare argmax ties."""
+    """Make a random transformers Qwen3 exercise every path: norm weights (QK-norm included) away from one,
+    so a skipped or misapplied norm weight shows. With the tiny config's initializer_range 0.1 the greedy
+    text is varied, and the fp32 rounding noise of transformers itself (vs fp64) stays near 1e-5, well
+    under the 1e-4 parity tolerance; larger weights push that noise floor past the tolerance."""
     generator = torch.Generator().manual_seed(1)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
-            scale = 2.0 if name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
-            param.copy_(scale * (1.0 + 0.3 * torch.randn(param.shape, generator=generator)))
+            param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
