@@ -265,11 +265,13 @@ def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
 class LLM:
     """Offline generation: `LLM(model, **engine_options).generate(prompts, sampling_params)`."""
 
-    def __init__(self, model: str = "tiny", **engine_options: Any):
-        unknown = set(engine_options) - set(EngineConfig.field_names())
-        if unknown:
-            raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
-        self.engine = Engine(EngineConfig(model=model, **engine_options))
+    def __init__(self, model: str = "tiny", config: EngineConfig | None = None, **engine_options: Any):
+        if config is None:
+            unknown = set(engine_options) - set(EngineConfig.field_names())
+            if unknown:
+                raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+            config = EngineConfig(model=model, **engine_options)
+        self.engine = Engine(config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

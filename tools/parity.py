@@ -18,6 +18,12 @@ from runtime.tiny import make_tiny
 
 DEFAULT_PROMPT_LENGTHS = (3, 17, 40, 64, 99, 128, 150, 200)
 
+try:   # transformers' per-file progress bars only clutter the reports
+    from transformers.utils import logging as _hf_logging
+    _hf_logging.disable_progress_bar()
+except ImportError:
+    pass
+
 
 def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, variant: str | None = None,
                          overrides: dict[str, Any] | None = None) -> Path:

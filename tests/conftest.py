@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny checkpoints written once per session, and a private cache dir for `--model tiny`."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tools.parity import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_tiny_cache(tmp_path_factory):
+    os.environ["RUN_MODEL_CACHE"] = str(tmp_path_factory.mktemp("run-model-cache"))
+    os.environ["RUN_MODEL_QUIET"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    return make_tiny_checkpoint("qwen3", tmp_path_factory.mktemp("tiny") / "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory):
+    return make_tiny_checkpoint("qwen3", tmp_path_factory.mktemp("tiny") / "qwen3-moe", variant="moe")
