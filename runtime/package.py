@@ -39,6 +39,9 @@ class ModelPackage:
     special_tokens: tuple[str, ...] = ()                        # tiny tokenizer specials; ids 0..n-1 in order
     tiny_init: Callable[[nn.Module], None] | None = None        # make a random HF model's weights "matter"
     tiny_variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> tiny_config overrides
+    # writes a random transformers model in the package's real on-disk format when save_pretrained does
+    # not (e.g. quantized experts): tiny_save(model, out_dir)
+    tiny_save: Callable[[nn.Module, Any], None] | None = None
     # Chat surface. render_chat(tokenizer, messages, options) -> prompt ids, for formats a jinja template
     # cannot express (None = the tokenizer's chat template). reasoning_parser(tokenizer, output ids) ->
     # (reasoning_content or None, content); it must be prefix-monotonic so streams can send its deltas.

@@ -74,7 +74,10 @@ def make_tiny(package: ModelPackage, out_dir: str | os.PathLike, config_override
         with torch.no_grad():
             package.tiny_init(model)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
+    if package.tiny_save is not None:
+        package.tiny_save(model, tmp)
+    else:
+        model.save_pretrained(tmp)
 
     specials = package.special_tokens
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(config.vocab_size, specials))
