@@ -92,7 +92,8 @@ class Engine:
         self.kv = KVCacheManager(layout, config.block_size, num_blocks, config.max_num_seqs, self.max_model_len,
                                  config.enable_prefix_caching)
         caches = allocate_caches(layout, num_blocks, config.block_size, self.device)
-        self.runner = ModelRunner(model, self.kv, caches, self.vocab_size, self.device)
+        self.runner = ModelRunner(model, self.kv, caches, self.vocab_size, self.device,
+                                  config.max_num_batched_tokens, use_cuda_graphs=not config.enforce_eager)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.groups: dict[str, _Group] = {}
         self.detokenizers: dict[Request, IncrementalDetokenizer] = {}

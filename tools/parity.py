@@ -67,9 +67,9 @@ class _LogitRecorder:
         runner.prepare_inputs = self._prepare_inputs
         runner.model = self
 
-    def _prepare_inputs(self, batch):
+    def _prepare_inputs(self, batch, *args, **kwargs):
         self._request_ids = [r.request_id for r in batch.requests]
-        return self._prepare(batch)
+        return self._prepare(batch, *args, **kwargs)
 
     def __call__(self, input_ids, positions, ctx):
         hidden = self.model(input_ids, positions, ctx)
