@@ -4,8 +4,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
-from tools.parity import make_tiny_checkpoint
+# Without a GPU, Triton kernels can only run in the interpreter; Triton reads this when a kernel is defined
+# (module import), so it must be set before anything imports runtime.ops.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tools.parity import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

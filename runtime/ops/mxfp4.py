@@ -1,0 +1,351 @@
+"""MXFP4 (OCP Microscaling FP4) weights and the mixture-of-experts computation that reads them.
+
+Format (OCP MX v1.0, as checkpoints ship it): a weight [rows, K] in nn.Linear orientation is stored as
+`blocks` uint8 [rows, K / 32, 16] and `scales` uint8 [rows, K / 32]. Each block of 32 consecutive input
+elements shares one E8M0 scale 2^(scale - 127); each element is an E2M1 code, two per byte, the even element
+in the low nibble. Leading dimensions (e.g. experts) pass through.
+
+Three layers, each the oracle of the next: `mxfp4_dequantize` (torch, bit-exact with transformers),
+`mxfp4_moe_reference` (dequantize the experts a batch touches, fp32 math; the CPU path), and
+`mxfp4_moe_triton` (W4A16: the packed bytes are read from memory and upcast in registers)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MX_BLOCK = 32                       # elements sharing one scale
+# E2M1 code -> value: sign bit, 2 exponent bits (bias 1), 1 mantissa bit; code 1 is the subnormal 0.5
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+@dataclass(frozen=True, slots=True)
+class GatedActivation:
+    """`gate * sigmoid(alpha * gate) * (up + up_offset)`, with gate clamped above and up clamped both ways
+    at `limit` when it is set. Plain SwiGLU is the default; gpt-oss uses alpha 1.702, limit 7, up_offset 1.
+    `interleaved`: gate and up alternate along the output rows (gate = 2i, up = 2i + 1) instead of forming
+    two halves."""
+    alpha: float = 1.0
+    limit: float | None = None
+    up_offset: float = 0.0
+    interleaved: bool = False
+
+    def split(self, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.interleaved:
+            return gate_up[..., 0::2], gate_up[..., 1::2]
+        return gate_up.chunk(2, dim=-1)
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = self.split(gate_up)
+        if self.limit is not None:
+            gate = gate.clamp(max=self.limit)          # one-sided: a very negative gate stays negative
+            up = up.clamp(-self.limit, self.limit)
+        return gate * torch.sigmoid(self.alpha * gate) * (up + self.up_offset)
+
+
+@dataclass(slots=True)
+class Mxfp4Linear:
+    """The packed weights of one projection of every expert: y = x @ W[e].T + bias[e]."""
+    blocks: torch.Tensor                # uint8 [experts, out, in / 32, 16]
+    scales: torch.Tensor                # uint8 [experts, out, in / 32]
+    bias: torch.Tensor | None = None    # [experts, out]
+
+    @property
+    def out_features(self) -> int:
+        return self.blocks.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.blocks.shape[2] * MX_BLOCK
+
+
+# ---- format -----------------------------------------------------------------------------------------
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """blocks uint8 [..., rows, K / 32, 16], scales uint8 [..., rows, K / 32] -> [..., rows, K] in `dtype`.
+    Values are FP4[code] * 2^(scale - 127), computed like transformers (ldexp) so both agree bit for bit,
+    including scale 255 (inf) and tiny scales."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != MX_BLOCK // 2:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match: "
+                         f"expected blocks [..., rows, K/32, 16] and scales [..., rows, K/32]")
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).flatten(-2).long()   # [..., rows, K/32, 32]
+    values = torch.ldexp(lut[codes], scales.to(torch.int32)[..., None] - 127)
+    return values.to(dtype).flatten(-2)
+
+
+def _round_to_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
+    """|x| already divided by its block scale -> E2M1 magnitude code 0..7, nearest value, ties to the even
+    code (whose mantissa bit is 0), saturating at 6."""
+    # midpoints between consecutive values, and whether a tie rounds up (to an even code)
+    midpoints = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+    code = torch.zeros_like(magnitude, dtype=torch.uint8)
+    for midpoint, tie_rounds_up in midpoints:
+        code += (magnitude >= midpoint if tie_rounds_up else magnitude > midpoint).to(torch.uint8)
+    return code
+
+
+def mxfp4_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., rows, K] float -> (blocks, scales) in the on-disk layout. The scale of a block is amax / 6 rounded
+    up to a power of two (triton_kernels' ROUND_UP rule), so the block maximum never clips. For writing test
+    checkpoints: a reader needs only `mxfp4_dequantize`."""
+    if weight.shape[-1] % MX_BLOCK:
+        raise ValueError(f"MXFP4 needs the input dimension to be a multiple of {MX_BLOCK}, got {weight.shape[-1]}")
+    grouped = weight.float().unflatten(-1, (-1, MX_BLOCK))                       # [..., rows, K/32, 32]
+    amax = grouped.abs().amax(dim=-1)
+    bits = (amax / 6.0).view(torch.int32)
+    scale_bits = (bits + 0x7FFFFF) & 0x7F800000                                  # round up to a power of two
+    scales = (scale_bits >> 23).to(torch.uint8)
+    block_scale = scale_bits.view(torch.float32)
+    normalized = grouped / torch.where(block_scale > 0, block_scale, 1.0)[..., None]
+    codes = _round_to_e2m1(normalized.abs()) | (normalized < 0).to(torch.uint8) << 3
+    blocks = codes[..., 0::2] | codes[..., 1::2] << 4                            # even element: low nibble
+    return blocks.contiguous(), scales
+
+
+# ---- mixture of experts -----------------------------------------------------------------------------
+
+
+def mxfp4_moe(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, activation: GatedActivation) -> torch.Tensor:
+    """Routed experts on MXFP4 weights: the Triton kernel on a GPU, the torch reference elsewhere."""
+    if x.is_cuda:
+        return mxfp4_moe_triton(x, w13, w2, topk_weights, topk_ids, activation)
+    return mxfp4_moe_reference(x, w13, w2, topk_weights, topk_ids, activation)
+
+
+def mxfp4_moe_reference(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weights: torch.Tensor,
+                        topk_ids: torch.Tensor, activation: GatedActivation) -> torch.Tensor:
+    """x [num_tokens, hidden]; topk_weights / topk_ids [num_tokens, k]. Returns, in x's dtype,
+    sum_k weight_k * (act(x @ W13[e].T + b13[e]) @ W2[e].T + b2[e]) with e = topk_ids[:, k].
+
+    Matmuls and the activation run in fp32 on exactly dequantized weights; the intermediate is rounded to x's
+    dtype, as the kernel stores it. Only the experts the batch routes to are dequantized."""
+    out = torch.zeros(x.shape[0], w2.out_features, dtype=torch.float32, device=x.device)
+    flat_ids = topk_ids.flatten()
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.blocks.shape[0]).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start:start + count]
+        tokens = pairs // topk_ids.shape[1]
+        start += count
+        h = x[tokens].float() @ mxfp4_dequantize(w13.blocks[expert], w13.scales[expert]).t()
+        if w13.bias is not None:
+            h = h + w13.bias[expert].float()
+        h = activation(h).to(x.dtype).float()                                    # [count, inter]
+        y = h @ mxfp4_dequantize(w2.blocks[expert], w2.scales[expert]).t()
+        if w2.bias is not None:
+            y = y + w2.bias[expert].float()
+        out.index_add_(0, tokens, y * topk_weights.flatten()[pairs, None].float())
+    return out.to(x.dtype)
+
+
+# ---- Triton kernel ----------------------------------------------------------------------------------
+# Token-expert pairs are sorted by expert and each expert's run is padded to BLOCK_M rows, so every row block
+# of the two grouped GEMMs belongs to one expert. GEMM 1 gathers token rows, applies the gated activation in
+# its epilogue and writes the intermediate in sorted order; GEMM 2 reads it, adds the bias, multiplies by
+# the routing weight and scatters each pair's row back; the k rows of a token are summed right after.
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:                                  # the torch reference still works without Triton
+    triton = None
+
+
+@dataclass(slots=True)
+class ExpertAlignment:
+    """Pairs (token, slot) sorted by expert, each expert's run padded to a multiple of block_m rows."""
+    sorted_pair_ids: torch.Tensor   # [num_blocks * block_m] int32; num_pairs marks a padding row
+    block_expert: torch.Tensor      # [num_blocks] int32 expert of each row block; -1 past the last one
+    block_m: int
+
+
+def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
+    """Device-side and sync-free: the number of row blocks is bounded from shapes alone
+    (cdiv(pairs, block_m) + one partial block per expert that can be hit)."""
+    device = topk_ids.device
+    flat = topk_ids.flatten()
+    num_pairs = flat.numel()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    start = torch.cumsum(counts, 0) - counts
+    sorted_experts = flat[order]
+    rank = torch.arange(num_pairs, device=device) - start[sorted_experts]
+    destination = padded_end[sorted_experts] - padded[sorted_experts] + rank
+    num_blocks = -(-num_pairs // block_m) + min(num_experts, num_pairs)
+    sorted_pair_ids = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
+    sorted_pair_ids[destination] = order.to(torch.int32)
+    block_start = torch.arange(num_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(padded_end, block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return ExpertAlignment(sorted_pair_ids, block_expert, block_m)
+
+
+if triton is not None:
+    @triton.jit
+    def _load_mxfp4_tile(blocks_ptr, scales_ptr, expert, rows, row_mask, k_start, K,
+                         stride_be, stride_br, stride_se, stride_sr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Rows `rows` [BLOCK_N] x inputs [k_start, k_start + BLOCK_K) of one expert's weight, as fp32."""
+        byte_offsets = k_start // 2 + tl.arange(0, BLOCK_K // 2)
+        mask = row_mask[:, None] & (byte_offsets[None, :] < K // 2)
+        packed = tl.load(blocks_ptr + expert * stride_be + rows[:, None] * stride_br + byte_offsets[None, :],
+                         mask=mask, other=0).to(tl.int32)
+        codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), [BLOCK_N, BLOCK_K])   # low nibble = even element
+        magnitude = codes & 7
+        exponent = magnitude >> 1
+        mantissa = (magnitude & 1).to(tl.float32)
+        # E2M1: exponent 0 is the subnormal m * 0.5, else (2 + m) * 2^exponent / 4
+        value = tl.where(exponent == 0, mantissa * 0.5, (2.0 + mantissa) * (1 << exponent).to(tl.float32) * 0.25)
+        value = tl.where((codes & 8) != 0, -value, value)
+        group_offsets = k_start // 32 + tl.arange(0, BLOCK_K // 32)
+        scale_mask = row_mask[:, None] & (group_offsets[None, :] < K // 32)
+        scale_bits = tl.load(scales_ptr + expert * stride_se + rows[:, None] * stride_sr + group_offsets[None, :],
+                             mask=scale_mask, other=0).to(tl.int32)
+        # E8M0 -> 2^(s - 127) by placing s in the fp32 exponent field (s = 0 gives 0 instead of 2^-127)
+        scale = (scale_bits << 23).to(tl.float32, bitcast=True)
+        scaled = tl.reshape(value, [BLOCK_N, BLOCK_K // 32, 32]) * scale[:, :, None]
+        return tl.reshape(scaled, [BLOCK_N, BLOCK_K])
+
+    @triton.jit
+    def _dot(a, w, FP32: tl.constexpr):
+        """a [M, K] x w [N, K] -> [M, N] fp32; w is cast to a's dtype first (that is the "A16" of W4A16)."""
+        if FP32:
+            return tl.dot(a, tl.trans(w.to(a.dtype)), input_precision="ieee")
+        return tl.dot(a, tl.trans(w.to(a.dtype)))
+
+    @triton.jit
+    def _moe_gate_up_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                            num_pairs, top_k, K, N,
+                            stride_xm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_hm,
+                            alpha, limit, up_offset,
+                            HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                            FP32: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """h[sorted row, n] = act(x[token] @ W13[e].T + b13[e]) for n in this program's BLOCK_N columns."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pair_ids_ptr + rows)
+        row_mask = pair < num_pairs
+        token = pair // top_k
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        if INTERLEAVED:
+            gate_rows, up_rows = 2 * n, 2 * n + 1
+        else:
+            gate_rows, up_rows = n, n + N
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            k = k_start + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + token[:, None] * stride_xm + k[None, :],
+                        mask=row_mask[:, None] & (k[None, :] < K), other=0.0)
+            w_gate = _load_mxfp4_tile(blocks_ptr, scales_ptr, expert, gate_rows, n_mask, k_start, K,
+                                      stride_be, stride_br, stride_se, stride_sr, BLOCK_N, BLOCK_K)
+            acc_gate += _dot(a, w_gate, FP32)
+            w_up = _load_mxfp4_tile(blocks_ptr, scales_ptr, expert, up_rows, n_mask, k_start, K,
+                                    stride_be, stride_br, stride_se, stride_sr, BLOCK_N, BLOCK_K)
+            acc_up += _dot(a, w_up, FP32)
+        if HAS_BIAS:
+            acc_gate += tl.load(bias_ptr + expert * stride_bias + gate_rows, mask=n_mask, other=0.0)[None, :]
+            acc_up += tl.load(bias_ptr + expert * stride_bias + up_rows, mask=n_mask, other=0.0)[None, :]
+        if HAS_LIMIT:
+            acc_gate = tl.minimum(acc_gate, limit)
+            acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
+        h = acc_gate * tl.sigmoid(alpha * acc_gate) * (acc_up + up_offset)
+        tl.store(h_ptr + rows[:, None] * stride_hm + n[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _moe_down_kernel(h_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, sorted_pair_ids_ptr,
+                         block_expert_ptr, num_pairs, K, N,
+                         stride_hm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_om,
+                         HAS_BIAS: tl.constexpr, FP32: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[pair, n] = weight[pair] * (h[sorted row] @ W2[e].T + b2[e]), scattered to the pair's own row."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pair_ids_ptr + rows)
+        row_mask = pair < num_pairs
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            k = k_start + tl.arange(0, BLOCK_K)
+            a = tl.load(h_ptr + rows[:, None] * stride_hm + k[None, :],
+                        mask=row_mask[:, None] & (k[None, :] < K), other=0.0)
+            w = _load_mxfp4_tile(blocks_ptr, scales_ptr, expert, n, n_mask, k_start, K,
+                                 stride_be, stride_br, stride_se, stride_sr, BLOCK_N, BLOCK_K)
+            acc += _dot(a, w, FP32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + expert * stride_bias + n, mask=n_mask, other=0.0)[None, :]
+        routing_weight = tl.load(weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
+        acc = acc * routing_weight[:, None]
+        tl.store(out_ptr + pair[:, None] * stride_om + n[None, :], acc, mask=row_mask[:, None] & n_mask[None, :])
+
+
+@dataclass(frozen=True, slots=True)
+class MoeTiles:
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+
+    @staticmethod
+    def for_batch(num_pairs: int) -> "MoeTiles":
+        """Decode batches hit each expert with a few rows; prefill with many."""
+        return MoeTiles(block_m=16 if num_pairs <= 256 else 64)
+
+
+def mxfp4_moe_triton(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, activation: GatedActivation, tiles: MoeTiles | None = None) -> torch.Tensor:
+    """The same function as `mxfp4_moe_reference`, as two grouped W4A16 GEMMs. x is bf16 on the GPU; the
+    interpreter (TRITON_INTERPRET=1) runs fp32/fp16 at small sizes."""
+    if triton is None:
+        raise RuntimeError("mxfp4_moe_triton needs the triton package")
+    hidden, inter = x.shape[1], w2.in_features
+    if w13.in_features != hidden or w13.out_features != 2 * inter or w2.out_features != hidden:
+        raise ValueError(f"expert shapes do not chain: x [.., {hidden}], w13 [{w13.out_features}, "
+                         f"{w13.in_features}], w2 [{w2.out_features}, {w2.in_features}]")
+    x = x.contiguous()
+    num_tokens, top_k = topk_ids.shape
+    num_pairs = num_tokens * top_k
+    tiles = tiles or MoeTiles.for_batch(num_pairs)
+    alignment = align_pairs_by_expert(topk_ids, w13.blocks.shape[0], tiles.block_m)
+    num_blocks = alignment.block_expert.numel()
+    fp32 = x.dtype == torch.float32
+    h = torch.empty(num_blocks * tiles.block_m, inter, dtype=x.dtype, device=x.device)
+    dummy_bias = torch.zeros(1, dtype=torch.float32, device=x.device)
+    bias13 = w13.bias if w13.bias is not None else dummy_bias
+    _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter, tiles.block_n))](
+        x, w13.blocks, w13.scales, bias13, h, alignment.sorted_pair_ids, alignment.block_expert,
+        num_pairs, top_k, hidden, inter,
+        x.stride(0), w13.blocks.stride(0), w13.blocks.stride(1), w13.scales.stride(0), w13.scales.stride(1),
+        bias13.stride(0) if w13.bias is not None else 0, h.stride(0),
+        activation.alpha, activation.limit or 0.0, activation.up_offset,
+        HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None,
+        INTERLEAVED=activation.interleaved, FP32=fp32,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k)
+    pair_out = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)     # [tokens * k, hidden]
+    bias2 = w2.bias if w2.bias is not None else dummy_bias
+    _moe_down_kernel[(num_blocks, triton.cdiv(hidden, tiles.block_n))](
+        h, w2.blocks, w2.scales, bias2, pair_out, topk_weights.contiguous().flatten(),
+        alignment.sorted_pair_ids, alignment.block_expert, num_pairs, inter, hidden,
+        h.stride(0), w2.blocks.stride(0), w2.blocks.stride(1), w2.scales.stride(0), w2.scales.stride(1),
+        bias2.stride(0) if w2.bias is not None else 0, pair_out.stride(0),
+        HAS_BIAS=w2.bias is not None, FP32=fp32,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k)
+    return pair_out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)

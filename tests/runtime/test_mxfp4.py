@@ -1,0 +1,191 @@
+"""MXFP4: the format (against transformers and the OCP rules), the MoE reference (against transformers'
+GptOssExperts) and the Triton kernel (against the reference; interpreter on CPU, bf16 on a GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.ops.mxfp4 import (FP4_VALUES, GatedActivation, MoeTiles, Mxfp4Linear, align_pairs_by_expert,
+                               mxfp4_dequantize, mxfp4_moe_reference, mxfp4_quantize)
+
+GPT_OSS_ACTIVATION = GatedActivation(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)
+
+
+def random_mxfp4(*shape: int, generator: torch.Generator, scale_range: tuple[int, int] = (118, 130)):
+    """Random packed weights of logical shape [..., rows, K]: every byte value, scales in a given range."""
+    *lead, rows, k = shape
+    blocks = torch.randint(0, 256, (*lead, rows, k // 32, 16), generator=generator, dtype=torch.uint8)
+    scales = torch.randint(*scale_range, (*lead, rows, k // 32), generator=generator, dtype=torch.uint8)
+    return blocks, scales
+
+
+# ---- the format -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_is_bit_exact_with_transformers(dtype):
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    generator = torch.Generator().manual_seed(0)
+    blocks, scales = random_mxfp4(3, 40, 96, generator=generator, scale_range=(0, 256))   # every scale byte
+    ours = mxfp4_dequantize(blocks, scales, dtype)                                        # [E, rows, K]
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=dtype)                      # [E, K, rows]
+    assert ours.dtype == theirs.dtype == dtype
+    torch.testing.assert_close(ours.transpose(1, 2), theirs, rtol=0, atol=0, equal_nan=True)
+
+
+def test_low_nibble_is_the_even_element():
+    blocks = torch.zeros(1, 1, 16, dtype=torch.uint8)
+    blocks[0, 0, 0] = 0x2B                      # low nibble 0xB = -1.5 (element 0), high nibble 0x2 = 1.0
+    scales = torch.full((1, 1), 128, dtype=torch.uint8)          # 2^(128 - 127) = 2
+    values = mxfp4_dequantize(blocks, scales)
+    assert values.shape == (1, 32)
+    assert values[0, :3].tolist() == [-3.0, 2.0, 0.0]
+
+
+def test_quantize_rounds_to_nearest_with_ties_to_even():
+    # a block whose max is 6 has scale 2^0; the midpoints between E2M1 values must go to the even code
+    block = torch.zeros(32)
+    block[:8] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    blocks, scales = mxfp4_quantize(block[None])
+    assert scales.tolist() == [[127]]
+    assert mxfp4_dequantize(blocks, scales)[0, :8].tolist() == [6.0, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+
+
+def test_quantize_round_trips_representable_weights():
+    generator = torch.Generator().manual_seed(1)
+    weight = mxfp4_dequantize(*random_mxfp4(2, 8, 64, generator=generator))
+    assert torch.equal(mxfp4_dequantize(*mxfp4_quantize(weight)), weight)
+
+
+def test_quantize_never_clips_and_errs_by_at_most_one_scale_step():
+    weight = torch.randn(16, 128, generator=torch.Generator().manual_seed(2)) * 3
+    blocks, scales = mxfp4_quantize(weight)
+    step = torch.ldexp(torch.ones(scales.shape), scales.int() - 127).repeat_interleave(32, dim=-1)
+    restored = mxfp4_dequantize(blocks, scales)
+    assert ((restored - weight).abs() <= step).all()       # E2M1 values are at most 2 steps apart
+    grouped = lambda t: t.abs().unflatten(-1, (-1, 32)).amax(-1)  # noqa: E731
+    assert (grouped(restored) >= grouped(weight) - grouped(step)).all()
+
+
+def test_fp4_table_is_e2m1():
+    for code, value in enumerate(FP4_VALUES):
+        sign, exponent, mantissa = code >> 3, (code >> 1) & 3, code & 1
+        magnitude = mantissa * 0.5 if exponent == 0 else (1 + mantissa / 2) * 2.0 ** (exponent - 1)
+        assert value == (-magnitude if sign else magnitude)
+
+
+# ---- the MoE reference ------------------------------------------------------------------------------
+
+
+def make_experts(num_experts: int, hidden: int, inter: int, seed: int, bias: bool = True,
+                 gate_up_scale: int = 0) -> tuple[Mxfp4Linear, Mxfp4Linear]:
+    """Random packed experts; gate_up_scale raises the gate/up scales so the SwiGLU clamp at 7 engages."""
+    generator = torch.Generator().manual_seed(seed)
+    w13 = Mxfp4Linear(*random_mxfp4(num_experts, 2 * inter, hidden, generator=generator,
+                                    scale_range=(120 + gate_up_scale, 124 + gate_up_scale)))
+    w2 = Mxfp4Linear(*random_mxfp4(num_experts, hidden, inter, generator=generator, scale_range=(118, 122)))
+    if bias:
+        w13.bias = torch.randn(num_experts, 2 * inter, generator=generator)
+        w2.bias = torch.randn(num_experts, hidden, generator=generator)
+    return w13, w2
+
+
+def make_routing(num_tokens: int, num_experts: int, top_k: int, seed: int, skip_experts: tuple[int, ...] = ()):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=generator)
+    logits[:, list(skip_experts)] = -1e9                       # experts that receive no token
+    values, ids = torch.topk(logits, top_k, dim=-1)
+    return torch.softmax(values, dim=-1), ids
+
+
+def test_reference_matches_transformers_gpt_oss_experts():
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    num_experts, hidden, inter, top_k, num_tokens = 4, 64, 96, 2, 9
+    w13, w2 = make_experts(num_experts, hidden, inter, seed=3, gate_up_scale=3)
+    config = GptOssConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=num_experts,
+                          num_experts_per_tok=top_k)
+    experts = GptOssExperts(config)
+    with torch.no_grad():                                      # transformers keeps [E, in, out]
+        experts.gate_up_proj.copy_(mxfp4_dequantize(w13.blocks, w13.scales).transpose(1, 2))
+        experts.down_proj.copy_(mxfp4_dequantize(w2.blocks, w2.scales).transpose(1, 2))
+        experts.gate_up_proj_bias.copy_(w13.bias)
+        experts.down_proj_bias.copy_(w2.bias)
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(4))
+    weights, ids = make_routing(num_tokens, num_experts, top_k, seed=5)
+    gate_up = torch.einsum("th,ehn->ten", x, experts.gate_up_proj) + experts.gate_up_proj_bias
+    gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    assert (gate > 7).any() and (gate < -7).any() and (up.abs() > 7).any(), "the clamp must engage"
+    with torch.no_grad():
+        expected = experts(x, ids, weights)
+    ours = mxfp4_moe_reference(x, w13, w2, weights, ids, GPT_OSS_ACTIVATION)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_gpt_oss_activation_clamps_gate_above_only_and_offsets_up():
+    gate_up = torch.tensor([[-20.0, 9.0, 9.0, -9.0]])        # (gate, up) pairs, interleaved
+    gate, up = torch.tensor([-20.0, 7.0]), torch.tensor([7.0, -7.0])
+    expected = gate * torch.sigmoid(1.702 * gate) * (up + 1)
+    torch.testing.assert_close(GPT_OSS_ACTIVATION(gate_up)[0], expected)
+
+
+# ---- the Triton kernel ------------------------------------------------------------------------------
+
+
+def test_alignment_covers_every_pair_once_in_blocks_of_one_expert():
+    weights, ids = make_routing(13, 6, 3, seed=6, skip_experts=(2,))
+    alignment = align_pairs_by_expert(ids, num_experts=6, block_m=4)
+    num_pairs = ids.numel()
+    sorted_ids = alignment.sorted_pair_ids.view(-1, 4)
+    real = sorted_ids[sorted_ids < num_pairs]
+    assert sorted(real.tolist()) == list(range(num_pairs))
+    for block, expert in zip(sorted_ids, alignment.block_expert.tolist()):
+        pairs = block[block < num_pairs]
+        if expert < 0:
+            assert pairs.numel() == 0
+        else:
+            assert (ids.flatten()[pairs.long()] == expert).all()
+
+
+triton_case = pytest.mark.parametrize("num_tokens,activation,bias", [
+    (7, GPT_OSS_ACTIVATION, True),                            # ragged rows, clamp, interleaved gate/up
+    (1, GPT_OSS_ACTIVATION, True),                            # a decode step
+    (5, GatedActivation(), False),                            # plain SwiGLU, halves, no bias
+])
+
+
+@triton_case
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_moe_matches_reference_in_the_interpreter(num_tokens, activation, bias, dtype):
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from runtime.ops import mxfp4
+    if not isinstance(mxfp4._moe_down_kernel, InterpretedFunction):
+        pytest.skip("the kernels were built for a GPU (TRITON_INTERPRET unset)")
+    # hidden 96 and inter 160: not powers of two, not multiples of BLOCK_K; expert 1 gets no token
+    num_experts, hidden, inter, top_k = 5, 96, 160, 2
+    w13, w2 = make_experts(num_experts, hidden, inter, seed=7, bias=bias, gate_up_scale=3)
+    weights, ids = make_routing(num_tokens, num_experts, top_k, seed=8, skip_experts=(1,))
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(9)).to(dtype)
+    expected = mxfp4_moe_reference(x, w13, w2, weights, ids, activation)
+    ours = mxfp4.mxfp4_moe_triton(x, w13, w2, weights, ids, activation, MoeTiles(block_m=8, block_n=64, block_k=64))
+    tolerance = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(ours.float(), expected.float(), **tolerance)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 33, 300])
+def test_triton_moe_matches_reference_in_bf16_on_gpu(num_tokens):
+    """gpt-oss-20b expert shapes, bf16 activations."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from runtime.ops.mxfp4 import mxfp4_moe_triton
+    num_experts, hidden, inter, top_k = 32, 2880, 2880, 4
+    w13, w2 = make_experts(num_experts, hidden, inter, seed=10)
+    w13, w2 = (Mxfp4Linear(w.blocks.cuda(), w.scales.cuda(), w.bias.cuda()) for w in (w13, w2))
+    weights, ids = make_routing(num_tokens, num_experts, top_k, seed=11)
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16).cuda()
+    expected = mxfp4_moe_reference(x, w13, w2, weights.cuda(), ids.cuda(), GPT_OSS_ACTIVATION)
+    ours = mxfp4_moe_triton(x, w13, w2, weights.cuda(), ids.cuda(), GPT_OSS_ACTIVATION)
+    torch.testing.assert_close(ours.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())
