@@ -41,8 +41,7 @@ class Qwen3Attention(nn.Module):
         q, k = self.rotary(positions, q, k)
         cache, block_table, slot_mapping = ctx.layer_cache(self.layer_index)
         write_kv(cache, k, v, slot_mapping)
-        out = paged_attention(q, cache, block_table, ctx.query_start_loc_host, ctx.seq_lens_host, self.scale,
-                              window=self.window)
+        out = paged_attention(q, cache, block_table, ctx, self.scale, window=self.window)
         return self.o_proj(out.flatten(1))
 
 

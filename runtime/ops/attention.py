@@ -4,17 +4,26 @@ Cache layout of one layer: [num_blocks, block_size, 2, kv_heads, head_dim] (K an
 Covers GQA, causal masking, an optional sliding window, learned sinks and logit softcapping."""
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:     # the CPU path needs no triton
+    triton = None
 
-def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+
+def write_kv_ref(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store k, v [num_tokens, kv_heads, head_dim] at their slots; slot -1 writes nothing."""
     flat = cache.view(-1, *cache.shape[2:])                       # [num_blocks * block_size, 2, kv_heads, head_dim]
     keep = slot_mapping >= 0
     flat[slot_mapping[keep]] = torch.stack([k, v], dim=1)[keep].to(cache.dtype)
 
 
-def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+def paged_attention_ref(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
                     query_start_loc: list[int], seq_lens: list[int], scale: float,
                     window: int | None = None, sinks: torch.Tensor | None = None,
                     softcap: float | None = None) -> torch.Tensor:
@@ -49,4 +58,269 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Ten
         else:
             probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out
+
+
+# ---- Triton kernels (CUDA path) -------------------------------------------------------------------------
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and os.environ.get("RUN_MODEL_TORCH_OPS") != "1"
+
+
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store k, v [num_tokens, kv_heads, head_dim] at their slots; slot -1 writes nothing."""
+    if _use_triton(k):
+        write_kv_triton(cache, k, v, slot_mapping)
+    else:
+        write_kv_ref(cache, k, v, slot_mapping)
+
+
+def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, ctx, scale: float,
+                    window: int | None = None, sinks: torch.Tensor | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
+    """Attention of the step's queries over the paged cache (one entry point; `ctx` is the ForwardContext).
+    CUDA: the split-K decode kernel when every request brings one token, else the prefill kernel."""
+    if not _use_triton(q):
+        return paged_attention_ref(q, cache, block_table, ctx.query_start_loc_host, ctx.seq_lens_host, scale,
+                                   window, sinks, softcap)
+    if ctx.is_decode:
+        return paged_decode_triton(q, cache, block_table, ctx.seq_lens, ctx.max_seq_len, scale, window, sinks,
+                                   softcap)
+    return paged_prefill_triton(q, cache, block_table, ctx.query_start_loc, ctx.seq_lens, ctx.max_query_len,
+                                scale, window, sinks, softcap)
+
+
+if triton is not None:
+    @triton.jit
+    def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_stride, v_stride, slot_stride, kv_stride,
+                         ROW: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0)
+        slot = tl.load(slot_ptr + token)
+        if slot >= 0:
+            offs = tl.arange(0, BLOCK)
+            mask = offs < ROW
+            dst = cache_ptr + slot * slot_stride + offs
+            k = tl.load(k_ptr + token * k_stride + offs, mask=mask)
+            tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+            v = tl.load(v_ptr + token * v_stride + offs, mask=mask)
+            tl.store(dst + kv_stride, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _softcapped(scores, softcap, HAS_SOFTCAP: tl.constexpr):
+        if HAS_SOFTCAP:                                   # softcap * tanh(s / softcap), tanh via exp
+            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
+        return scores
+
+    @triton.jit
+    def _decode_kernel(q_ptr, cache_ptr, table_ptr, seq_lens_ptr, part_acc_ptr, part_ml_ptr,
+                       q_stride_t, q_stride_h, table_stride, block_stride, token_stride, kv_stride, head_stride,
+                       scale, softcap, window,
+                       GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+        req = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + req)
+        start = 0
+        if HAS_WINDOW:
+            start = tl.maximum(seq_len - window, 0)
+        per_split = tl.cdiv(tl.cdiv(seq_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = start + split * per_split
+        hi = tl.minimum(lo + per_split, seq_len)
+
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        heads = kv_head * GROUP + g
+        g_mask = g < GROUP
+        d_mask = d < HEAD_DIM
+        q = tl.load(q_ptr + req * q_stride_t + heads[:, None] * q_stride_h + d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)                 # [BLOCK_G, BLOCK_D]
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = n < hi
+            page = tl.load(table_ptr + req * table_stride + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+            row = cache_ptr + page * block_stride + (n % PAGE) * token_stride + kv_head * head_stride
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(row[:, None] + d[None, :], mask=kv_mask, other=0.0)            # [BLOCK_N, BLOCK_D]
+            v = tl.load(row[:, None] + kv_stride + d[None, :], mask=kv_mask, other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scale                                     # [BLOCK_G, BLOCK_N]
+            scores = _softcapped(scores, softcap, HAS_SOFTCAP)
+            scores = tl.where(n_mask[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        out = ((req * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split)
+        tl.store(part_acc_ptr + out[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(part_ml_ptr + out * 2, m, mask=g_mask)
+        tl.store(part_ml_ptr + out * 2 + 1, l, mask=g_mask)
+
+    @triton.jit
+    def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, out_stride_t, out_stride_h,
+                              NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                              NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr):
+        req = tl.program_id(0)
+        head = tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        base = (req * NUM_HEADS + head) * NUM_SPLITS
+        s_mask = s < NUM_SPLITS
+        m = tl.load(part_ml_ptr + (base + s) * 2, mask=s_mask, other=float("-inf"))
+        l = tl.load(part_ml_ptr + (base + s) * 2 + 1, mask=s_mask, other=0.0)
+        m_max = tl.max(m, axis=0)
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + head).to(tl.float32)
+            m_max = tl.maximum(m_max, sink)
+        weight = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+        denominator = tl.sum(weight * l, axis=0)
+        if HAS_SINKS:
+            denominator += tl.exp(sink - m_max)
+        acc = tl.load(part_acc_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
+                      mask=s_mask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+        out = tl.sum(acc * weight[:, None], axis=0) / denominator
+        tl.store(out_ptr + req * out_stride_t + head * out_stride_h + d, out.to(out_ptr.dtype.element_ty),
+                 mask=d < HEAD_DIM)
+
+    @triton.jit
+    def _prefill_kernel(q_ptr, cache_ptr, table_ptr, query_start_ptr, seq_lens_ptr, sinks_ptr, out_ptr,
+                        q_stride_t, q_stride_h, out_stride_t, out_stride_h,
+                        table_stride, block_stride, token_stride, kv_stride, head_stride,
+                        scale, softcap, window,
+                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+        m_block = tl.program_id(0)
+        req = tl.program_id(1)
+        head = tl.program_id(2)
+        q_start = tl.load(query_start_ptr + req)
+        q_len = tl.load(query_start_ptr + req + 1) - q_start
+        if m_block * BLOCK_M < q_len:
+            seq_len = tl.load(seq_lens_ptr + req)
+            computed = seq_len - q_len
+            rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows < q_len
+            positions = computed + rows                                             # [BLOCK_M]
+            d = tl.arange(0, BLOCK_D)
+            d_mask = d < HEAD_DIM
+            q = tl.load(q_ptr + (q_start + rows)[:, None] * q_stride_t + head * q_stride_h + d[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)        # [BLOCK_M, BLOCK_D]
+            kv_head = head // GROUP
+            hi = tl.minimum(seq_len, computed + (m_block + 1) * BLOCK_M)
+            lo = 0
+            if HAS_WINDOW:
+                lo = tl.maximum(computed + m_block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for n0 in range(lo, hi, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                n_mask = n < hi
+                page = tl.load(table_ptr + req * table_stride + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+                row = cache_ptr + page * block_stride + (n % PAGE) * token_stride + kv_head * head_stride
+                kv_mask = n_mask[:, None] & d_mask[None, :]
+                k = tl.load(row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(row[:, None] + kv_stride + d[None, :], mask=kv_mask, other=0.0)
+                scores = tl.dot(q, tl.trans(k)) * scale                             # [BLOCK_M, BLOCK_N]
+                scores = _softcapped(scores, softcap, HAS_SOFTCAP)
+                visible = (n[None, :] <= positions[:, None]) & n_mask[None, :]
+                if HAS_WINDOW:
+                    visible = visible & (n[None, :] > positions[:, None] - window)
+                scores = tl.where(visible, scores, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, axis=1))
+                m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)                # rows with nothing visible yet
+                p = tl.exp(scores - m_safe[:, None])
+                alpha = tl.exp(m - m_safe)
+                l = l * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m = m_new
+            if HAS_SINKS:
+                l += tl.exp(tl.load(sinks_ptr + head).to(tl.float32) - m)
+            out = acc / tl.where(row_mask, l, 1.0)[:, None]                        # padding rows: l == 0
+            tl.store(out_ptr + (q_start + rows)[:, None] * out_stride_t + head * out_stride_h + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+def _check_cache_layout(cache: torch.Tensor) -> None:
+    if cache.stride(-1) != 1 or cache.stride(-2) != cache.shape[-1]:
+        raise ValueError("the KV cache must be contiguous in its (kv_heads, head_dim) dims")
+
+
+def write_kv_triton(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    _check_cache_layout(cache)
+    num_tokens, kv_heads, head_dim = k.shape
+    assert k.stride(1) == head_dim and v.stride(1) == head_dim and k.stride(2) == 1 and v.stride(2) == 1
+    row = kv_heads * head_dim
+    _write_kv_kernel[(num_tokens,)](k, v, cache, slot_mapping, k.stride(0), v.stride(0), cache.stride(1),
+                                    cache.stride(2), ROW=row, BLOCK=triton.next_power_of_2(row))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count if torch.cuda.is_available() else 8
+
+
+def decode_num_splits(num_reqs: int, kv_heads: int, max_seq_len: int, num_sms: int, block_n: int = 16) -> int:
+    """Enough programs to cover the chip about twice, never a split shorter than `block_n` keys."""
+    wanted = max(1, (2 * num_sms) // max(1, num_reqs * kv_heads))
+    return max(1, min(wanted, 64, -(-max_seq_len // block_n)))
+
+
+def paged_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                        max_seq_len: int, scale: float, window: int | None = None, sinks: torch.Tensor | None = None,
+                        softcap: float | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """One query token per request: split-K over the keys, then a reduction that adds the sink."""
+    _check_cache_layout(cache)
+    num_reqs, num_heads, head_dim = q.shape
+    page, kv_heads = cache.shape[1], cache.shape[3]
+    group = num_heads // kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = 16 if head_dim > 256 else 32
+    if num_splits is None:
+        num_sms = _num_sms(q.device.index or 0) if q.is_cuda else 8
+        num_splits = decode_num_splits(num_reqs, kv_heads, max_seq_len, num_sms, block_n)
+    part_acc = torch.empty(num_reqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(num_reqs, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    _decode_kernel[(num_reqs, kv_heads, num_splits)](
+        q, cache, block_table, seq_lens, part_acc, part_ml,
+        q.stride(0), q.stride(1), block_table.stride(0), cache.stride(0), cache.stride(1), cache.stride(2),
+        cache.stride(3), scale, softcap or 0.0, window or 0,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None, num_warps=4 if head_dim <= 128 else 8)
+    out = torch.empty_like(q)
+    _decode_reduce_kernel[(num_reqs, num_heads)](
+        part_acc, part_ml, sinks if sinks is not None else part_ml, out, out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), HAS_SINKS=sinks is not None)
+    return out
+
+
+def paged_prefill_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                         query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, scale: float,
+                         window: int | None = None, sinks: torch.Tensor | None = None,
+                         softcap: float | None = None) -> torch.Tensor:
+    """Queries of any length per request (chunked prefill, extends after prefix hits), causal."""
+    _check_cache_layout(cache)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    page, kv_heads = cache.shape[1], cache.shape[3]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = 64 if block_d <= 128 else 32 if block_d <= 256 else 16
+    block_n = 64 if block_d <= 128 else 32
+    out = torch.empty_like(q)
+    num_reqs = seq_lens.shape[0]
+    grid = (triton.cdiv(max_query_len, block_m), num_reqs, num_heads)
+    _prefill_kernel[grid](
+        q, cache, block_table, query_start_loc, seq_lens, sinks if sinks is not None else q, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        block_table.stride(0), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
+        scale, softcap or 0.0, window or 0,
+        GROUP=num_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
+        BLOCK_N=block_n, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
+        HAS_SOFTCAP=softcap is not None, num_warps=4 if block_d <= 128 else 8, num_stages=2)
     return out
