@@ -98,7 +98,8 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor | None, to
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs
-        remove_sorted = mass_before >= top_p[:, None]
+        # top_p 1 is off: the fp32 running sum can reach 1.0 before the tail ends, which would cut the tail.
+        remove_sorted = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
         remove_sorted[:, 0] = False
         logits = logits.masked_fill(torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted), float("-inf"))
     if min_p is not None:
@@ -119,8 +120,10 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> 
     """[rows, vocab] uniforms in (0, 1), a pure function of (seed, step, token id)."""
     row_key = _mix32(_mix32(seeds ^ (seeds >> 32)) ^ _mix32(steps + 0x9E3779B9))[:, None]   # [rows, 1]
     token_key = _mix32(torch.arange(vocab_size, device=seeds.device) + 0x632BE5AB)[None, :]  # [1, vocab]
-    bits = _mix32(row_key ^ token_key) >> 8                                                # 24 random bits
-    return (bits.float() + 0.5) / float(1 << 24)
+    # 23 bits, so that bits + 0.5 is exact in fp32: with 24, the top code word rounds up to u = 1, whose
+    # -log(u) = -0 turns a masked token's 0 probability into NaN, and argmax picks the NaN.
+    bits = _mix32(row_key ^ token_key) >> 9                                                # 23 random bits
+    return (bits.float() + 0.5) / float(1 << 23)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
