@@ -13,6 +13,7 @@ class EngineConfig:
     model: str = "tiny"                      # local dir | HF hub id | "tiny" (built-in random checkpoint)
     arch: str | None = None                  # package name; None = from the checkpoint's "architectures"
     tokenizer: str | None = None             # defaults to the model dir
+    skip_tokenizer_init: bool = False        # no tokenizer: prompts are token ids, outputs carry no text
     device: str = "auto"                     # "auto" = cuda when available, else cpu
     dtype: str = "auto"                      # "auto" = bfloat16 on cuda, float32 on cpu
     load_format: str = "auto"                # "auto" (safetensors) | "dummy" (random weights, real shapes)

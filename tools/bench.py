@@ -1,11 +1,21 @@
 #!/usr/bin/env python
 """Benchmarks. Subcommands:
 
-    sched   one scheduler step + input preparation for N running decode requests, CPU, no model
+    sched       one scheduler step + input preparation for N running decode requests, CPU, no model
+    latency     batch 1, 128-token prompt, 256 new tokens: TTFT, TPOT, decode tok/s, vs the roofline
+    throughput  256 requests, prompt and output lengths uniform in [100, 1024], seed 0, ignore_eos
+                (nano-vllm's / vLLM's protocol): output tok/s
+Both GPU workloads also run through transformers in the same process (--hf), and print the roofline:
+the bytes one decode step must read (weights touched + KV) over the copy bandwidth measured in the run.
+
+    python tools/bench.py latency --model Qwen/Qwen3-8B --arch qwen3 --load-format dummy --hf
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import random
 import statistics
 import sys
 import time
@@ -64,6 +74,176 @@ def bench_sched(args: argparse.Namespace) -> None:
           f"p90 {times[int(0.9 * len(times))] * 1e3:.3f} ms, min {times[0] * 1e3:.3f} ms")
 
 
+# ---- GPU workloads ----------------------------------------------------------------------------------------
+
+def copy_bandwidth(device: torch.device, num_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (the roofline's memory ceiling)."""
+    src = torch.empty(num_bytes // 2, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 20 * num_bytes / (start.elapsed_time(end) / 1e3)
+
+
+def decode_step_bytes(model: torch.nn.Module, hf_config, batch: int, context_len: int, kv_bytes_per_token: int) -> int:
+    """Bytes one decode step must read: every weight it touches (an embedding table only through its rows,
+    unless tied to the LM head; a stacked expert tensor only for the experts the batch can reach) + the KV."""
+    experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None)
+    top_k = getattr(hf_config, "num_experts_per_tok", 1)
+    touched_fraction = 1.0
+    if experts:       # expected distinct experts hit by batch*top_k uniform picks
+        touched_fraction = 1.0 - (1.0 - top_k / experts) ** batch
+    total = 0
+    seen = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        size = param.numel() * param.element_size()
+        if "embed_tokens" in name and not getattr(hf_config, "tie_word_embeddings", False):
+            size = batch * param.shape[-1] * param.element_size()
+        elif experts and param.dim() == 3 and param.shape[0] == experts:
+            size = int(size * touched_fraction)
+        total += size
+    return total + batch * context_len * kv_bytes_per_token
+
+
+def _kv_bytes_per_token(engine) -> int:
+    return sum(len(g.layers) * g.spec.entry_bytes // g.spec.tokens_per_entry for g in engine.kv.groups)
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    return dict(arch=args.arch, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
+                skip_tokenizer_init=True,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization)
+
+
+def _timed_steps(engine, requests: list[tuple[list[int], "SamplingParams"]]) -> tuple[list[float], float]:
+    """Run requests to completion; per-step wall times (each step ends in a host sync) and the total."""
+    for i, (prompt, params) in enumerate(requests):
+        engine.add_request(f"bench-{time.monotonic_ns()}-{i}", prompt, params)
+    times = []
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    return times, time.perf_counter() - start
+
+
+def hf_generate_seconds(hf_model, prompts: list[list[int]], max_new_tokens: int, mode: str) -> float:
+    """transformers generate over a left-padded batch, greedy, no early stop; seconds for the whole call."""
+    pad = 0
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    if mode in ("static", "compile"):
+        kwargs["cache_implementation"] = "static"
+    if mode == "compile":
+        kwargs["compile_config"] = None
+    hf_model.generate(ids[:, :8], attention_mask=mask[:, :8], **dict(kwargs, max_new_tokens=4, min_new_tokens=4))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    hf_model.generate(ids, attention_mask=mask, **kwargs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_latency(args: argparse.Namespace) -> dict:
+    from runtime import LLM, SamplingParams
+    llm = LLM(args.model, **_engine_options(args))
+    engine = llm.engine
+    rng = random.Random(0)
+    prompt = [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(args.prompt_len)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    _timed_steps(engine, [(prompt, params)])                                       # warm-up
+    times, total = _timed_steps(engine, [(prompt, params)])
+    ttft, decode = times[0], times[1:]
+    tpot = statistics.mean(decode)
+    bandwidth = copy_bandwidth(engine.device)
+    step_bytes = decode_step_bytes(engine.model, engine.hf_config, 1, args.prompt_len + args.output_len // 2,
+                                   _kv_bytes_per_token(engine))
+    result = dict(workload="latency", model=args.model, ttft_ms=ttft * 1e3, tpot_ms=tpot * 1e3,
+                  decode_tok_s=1.0 / tpot, bandwidth_tb_s=bandwidth / 1e12, step_gb=step_bytes / 1e9,
+                  roofline_tok_s=bandwidth / step_bytes, fraction_of_roofline=(step_bytes / bandwidth) / tpot)
+    if args.hf:
+        del llm, engine
+        torch.cuda.empty_cache()
+        hf_model = _hf_model_for(args)
+        seconds = hf_generate_seconds(hf_model, [prompt], args.output_len, args.hf_mode)
+        result.update(hf_mode=args.hf_mode, hf_tok_s=args.output_len / seconds)
+    return result
+
+
+def _hf_model_for(args: argparse.Namespace):
+    from runtime.loader import load_hf_config, resolve_model_path
+    from transformers import AutoModelForCausalLM
+    config = load_hf_config(resolve_model_path(args.model))
+    with torch.device("cuda"):
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    if args.hf_mode == "compile":
+        hf_model.forward = torch.compile(hf_model.forward, mode="reduce-overhead")
+    return hf_model
+
+
+def throughput_workload(vocab_size: int, num_requests: int, low: int, high: int, seed: int = 0):
+    rng = random.Random(seed)
+    prompts, output_lens = [], []
+    for _ in range(num_requests):
+        prompts.append([rng.randrange(1000, vocab_size - 1000) for _ in range(rng.randint(low, high))])
+        output_lens.append(rng.randint(low, high))
+    return prompts, output_lens
+
+
+def bench_throughput(args: argparse.Namespace) -> dict:
+    from runtime import LLM, SamplingParams
+    llm = LLM(args.model, **_engine_options(args))
+    engine = llm.engine
+    prompts, output_lens = throughput_workload(engine.vocab_size, args.num_requests, args.min_len, args.max_len)
+    requests = [(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, output_lens)]
+    _timed_steps(engine, requests[:8])                                             # warm-up
+    _, total = _timed_steps(engine, requests)
+    output_tokens = sum(output_lens)
+    result = dict(workload="throughput", model=args.model, requests=len(requests), output_tokens=output_tokens,
+                  seconds=total, output_tok_s=output_tokens / total,
+                  total_tok_s=(output_tokens + sum(map(len, prompts))) / total,
+                  preemptions=engine.scheduler.stats.num_preemptions)
+    if args.hf:
+        del llm, engine
+        torch.cuda.empty_cache()
+        hf_model = _hf_model_for(args)
+        subset = slice(0, args.hf_requests)
+        seconds = hf_generate_seconds(hf_model, prompts[subset], max(output_lens[subset]), args.hf_mode)
+        result.update(hf_mode=args.hf_mode, hf_requests=args.hf_requests,
+                      hf_output_tok_s=sum(output_lens[subset]) / seconds)
+    return result
+
+
+def _gpu_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint dir or hub id; with dummy weights a dir holding "
+                        "only config.json will do (tools/configs/ has Qwen3 shapes)")
+    parser.add_argument("--arch", default=None)
+    parser.add_argument("--load-format", default="dummy", choices=["auto", "dummy"])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--hf", action="store_true", help="also run transformers on the same workload")
+    parser.add_argument("--hf-mode", default="static", choices=["default", "static", "compile"])
+    parser.add_argument("--json", help="append the result as one JSON line to this file")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,8 +252,26 @@ def main() -> int:
     sched.add_argument("--prompt-len", type=int, default=512)
     sched.add_argument("--steps", type=int, default=500)
     sched.add_argument("--warmup", type=int, default=50)
+    latency = sub.add_parser("latency", help="batch-1 decode vs transformers and the roofline (GPU)")
+    _gpu_args(latency)
+    latency.add_argument("--prompt-len", type=int, default=128)
+    latency.add_argument("--output-len", type=int, default=256)
+    throughput = sub.add_parser("throughput", help="offline throughput protocol vs transformers (GPU)")
+    _gpu_args(throughput)
+    throughput.add_argument("--num-requests", type=int, default=256)
+    throughput.add_argument("--min-len", type=int, default=100)
+    throughput.add_argument("--max-len", type=int, default=1024)
+    throughput.add_argument("--hf-requests", type=int, default=64, help="transformers runs this many (one batch)")
     args = parser.parse_args()
-    {"sched": bench_sched}[args.command](args)
+    if args.command == "sched":
+        bench_sched(args)
+        return 0
+    result = {"latency": bench_latency, "throughput": bench_throughput}[args.command](args)
+    result.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
     return 0
 
 
