@@ -125,7 +125,7 @@ class ModelRunner:
             h["positions"][pad] = 0
             h["seq_lens"][pad] = 1
             h["num_computed"][pad] = 0
-            query_start_loc[num_reqs:pad_to + 1] = np.arange(num_tokens, num_tokens + pad_to - num_reqs + 1)
+            h["query_start_loc"][num_reqs:pad_to + 1] = np.arange(num_tokens, num_tokens + pad_to - num_reqs + 1)
             for g in range(len(self.kv.block_tables)):
                 h[f"table{g}"][pad] = 0
                 h[f"slots{g}"][pad] = -1
