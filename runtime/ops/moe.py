@@ -1,14 +1,34 @@
-"""Mixture-of-experts: softmax-top-k routing and the expert computation (torch reference)."""
+"""Mixture-of-experts: softmax-top-k routing and the expert computation, as torch references (the CPU path and
+the oracle) and their Triton twins (routing, expert alignment, two grouped GEMMs)."""
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 
-from runtime.ops.activation import silu_and_mul
+from runtime.ops.activation import silu_and_mul_ref
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:                                  # the torch reference still works without Triton
+    triton = None
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and triton is not None and os.environ.get("RUN_MODEL_TORCH_OPS") != "1"
 
 
 def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts in fp32, keep the top k, optionally renormalize them to sum to one.
-    Returns (weights [num_tokens, k] in the logits' dtype, expert ids [num_tokens, k])."""
+    Returns (weights [num_tokens, k] in the logits' dtype, expert ids [num_tokens, k] int64)."""
+    if _use_triton(router_logits):
+        return softmax_topk_triton(router_logits, top_k, renormalize)
+    return softmax_topk_ref(router_logits, top_k, renormalize)
+
+
+def softmax_topk_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(router_logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -19,7 +39,18 @@ def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
     """x [num_tokens, hidden]; w13 [experts, 2 * inter, hidden] (gate rows, then up rows);
-    w2 [experts, hidden, inter]. Returns sum_k weight_k * down(silu(gate(x)) * up(x)) per token."""
+    w2 [experts, hidden, inter]. Returns sum_k weight_k * down(silu(gate(x)) * up(x)) per token.
+    The Triton kernels on a GPU (no host sync, CUDA-graph safe), the torch reference elsewhere
+    (or everywhere with RUN_MODEL_TORCH_OPS=1)."""
+    if _use_triton(x):
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids)
+    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+
+
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """Torch reference of `fused_moe`: a loop over the experts that receive tokens (reads the counts on the
+    host, so it is not for CUDA graphs)."""
     out = torch.zeros_like(x)
     flat_ids = topk_ids.flatten()
     order = torch.argsort(flat_ids, stable=True)
@@ -31,7 +62,277 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             continue
         rows = order[start:start + count]
         tok = tokens[start:start + count]
-        h = silu_and_mul(x[tok] @ w13[expert].t()) @ w2[expert].t()              # [count, hidden]
+        h = silu_and_mul_ref(x[tok] @ w13[expert].t()) @ w2[expert].t()          # [count, hidden]
         out.index_add_(0, tok, h * topk_weights.flatten()[rows, None])
         start += count
     return out
+
+
+# ---- expert alignment -------------------------------------------------------------------------------
+# The grouped GEMMs need the (token, slot) pairs sorted by expert, each expert's run padded to a multiple of
+# block_m rows, so that every row block belongs to one expert. How many blocks that takes depends on the
+# routing; the grid must not (a CUDA graph replays one grid, and reading the count would be a host sync).
+# The bound sum_e cdiv(count_e, block_m) <= cdiv(pairs, block_m) + min(experts, pairs) sizes everything;
+# blocks past the last expert's run are marked -1 and exit at once.
+
+
+@dataclass(slots=True)
+class ExpertAlignment:
+    sorted_pair_ids: torch.Tensor   # [num_blocks * block_m] int32: pair = token * top_k + slot; num_pairs = padding
+    block_expert: torch.Tensor      # [num_blocks] int32 expert of each row block; -1 past the last run
+    block_m: int
+
+
+def max_aligned_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    return -(-num_pairs // block_m) + min(num_experts, num_pairs)
+
+
+def align_by_expert_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
+    """Torch reference of the alignment (pairs of one expert keep their order)."""
+    flat = topk_ids.flatten()
+    num_pairs = flat.numel()
+    num_blocks = max_aligned_blocks(num_pairs, num_experts, block_m)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    rank = torch.arange(num_pairs, device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+    sorted_pair_ids = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=flat.device)
+    sorted_pair_ids[padded_end[sorted_experts] - padded[sorted_experts] + rank] = order.to(torch.int32)
+    block_start = torch.arange(num_blocks, device=flat.device) * block_m
+    block_expert = torch.searchsorted(padded_end, block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return ExpertAlignment(sorted_pair_ids, block_expert, block_m)
+
+
+def align_by_expert_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
+    """The same alignment as `align_by_expert_ref`, in one single-program launch."""
+    flat = topk_ids.flatten()
+    num_pairs = flat.numel()
+    num_blocks = max_aligned_blocks(num_pairs, num_experts, block_m)
+    sorted_pair_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=flat.device)
+    block_e = triton.next_power_of_2(num_experts)
+    block_p = max(16, min(triton.next_power_of_2(num_pairs), 8192 // block_e))
+    _moe_align_kernel[(1,)](flat, sorted_pair_ids, block_expert, num_pairs, num_experts, num_blocks * block_m,
+                            BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4)
+    return ExpertAlignment(sorted_pair_ids, block_expert, block_m)
+
+
+# ---- Triton kernels ---------------------------------------------------------------------------------
+# Routing: one program per token, softmax in fp32, then k rounds of argmax (ties go to the lower expert id).
+# Alignment: one program counts pairs per expert, lays out the padded runs (exclusive cumsum), marks every
+# row that no pair fills and every block's expert, then scatters each pair to its expert's next free row.
+# GEMM 1 gathers token rows, computes gate and up in fp32 and applies silu(gate) * up in its epilogue;
+# GEMM 2 multiplies by the routing weight and writes each pair's row; the k rows of a token are summed
+# right after. The epilogues round where the reference rounds (each matmul result, silu, the products), so
+# the kernels differ from it only in the fp32 accumulation order of the matmuls and of the final sum.
+
+if triton is not None:
+    @triton.jit
+    def _softmax_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_logits,
+                             TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                             BLOCK_E: tl.constexpr, BLOCK_TOP_K: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        experts = tl.arange(0, BLOCK_E)
+        logits = tl.load(logits_ptr + token * stride_logits + experts, mask=experts < num_experts,
+                         other=float("-inf")).to(tl.float32)
+        exp = tl.exp(logits - tl.max(logits, axis=0))
+        probs = exp / tl.sum(exp, axis=0)
+        probs = tl.where(experts < num_experts, probs, -1.0)         # padding lanes are never picked
+        slots = tl.arange(0, BLOCK_TOP_K)
+        top_weights = tl.zeros([BLOCK_TOP_K], dtype=tl.float32)
+        top_ids = tl.zeros([BLOCK_TOP_K], dtype=tl.int32)
+        for slot in tl.static_range(TOP_K):
+            best = tl.argmax(probs, axis=0, tie_break_left=True)
+            top_weights = tl.where(slots == slot, tl.max(probs, axis=0), top_weights)
+            top_ids = tl.where(slots == slot, best, top_ids)
+            probs = tl.where(experts == best, -1.0, probs)
+        if RENORMALIZE:
+            top_weights = top_weights / tl.sum(top_weights, axis=0)     # slots past TOP_K hold 0
+        tl.store(weights_ptr + token * TOP_K + slots, top_weights.to(weights_ptr.dtype.element_ty),
+                 mask=slots < TOP_K)
+        tl.store(ids_ptr + token * TOP_K + slots, top_ids.to(tl.int64), mask=slots < TOP_K)
+
+    @triton.jit
+    def _moe_align_kernel(topk_ids_ptr, sorted_pair_ids_ptr, block_expert_ptr, num_pairs, num_experts, num_rows,
+                          BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+        experts = tl.arange(0, BLOCK_E)
+        counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+        for start in range(0, num_pairs, BLOCK_P):
+            pairs = start + tl.arange(0, BLOCK_P)
+            ids = tl.load(topk_ids_ptr + pairs, mask=pairs < num_pairs, other=-1).to(tl.int32)
+            counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        run_end = tl.cumsum(padded, axis=0)                          # [BLOCK_E] end row of each expert's run
+        run_start = run_end - padded
+        filled_end = run_start + counts
+        # rows no pair fills get the padding id; rows that start a block record its expert
+        for start in range(0, num_rows, BLOCK_P):
+            rows = start + tl.arange(0, BLOCK_P)
+            expert = tl.sum((run_end[None, :] <= rows[:, None]).to(tl.int32), axis=1)   # run containing the row
+            in_run = (experts[None, :] == expert[:, None]).to(tl.int32)
+            unfilled = (expert >= num_experts) | (rows >= tl.sum(in_run * filled_end[None, :], axis=1))
+            tl.store(sorted_pair_ids_ptr + rows, tl.full([BLOCK_P], 0, tl.int32) + num_pairs,
+                     mask=unfilled & (rows < num_rows))
+            tl.store(block_expert_ptr + rows // BLOCK_M, tl.where(expert < num_experts, expert, -1),
+                     mask=(rows % BLOCK_M == 0) & (rows < num_rows))
+        # each pair goes to its run's start + the number of earlier pairs of the same expert
+        earlier = tl.zeros([BLOCK_E], dtype=tl.int32)
+        for start in range(0, num_pairs, BLOCK_P):
+            pairs = start + tl.arange(0, BLOCK_P)
+            ids = tl.load(topk_ids_ptr + pairs, mask=pairs < num_pairs, other=-1).to(tl.int32)
+            one_hot = (ids[:, None] == experts[None, :]).to(tl.int32)            # [BLOCK_P, BLOCK_E]
+            rank = tl.cumsum(one_hot, axis=0) - one_hot + (run_start + earlier)[None, :]
+            destination = tl.sum(one_hot * rank, axis=1)
+            tl.store(sorted_pair_ids_ptr + destination, pairs, mask=pairs < num_pairs)
+            earlier += tl.sum(one_hot, axis=0)
+
+    @triton.jit
+    def _dot(a, w, FP32: tl.constexpr):
+        """a [M, K] x w [N, K] -> [M, N] fp32 (fp32 operands exactly, not as tf32)."""
+        if FP32:
+            return tl.dot(a, tl.trans(w), input_precision="ieee")
+        return tl.dot(a, tl.trans(w))
+
+    @triton.jit
+    def _moe_gate_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                            num_pairs, top_k, K, N,
+                            stride_xm, stride_we, stride_wn, stride_hm,
+                            FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+        """h[sorted row, n] = silu(x[token] @ W13[e, n].T) * (x[token] @ W13[e, N + n].T), n in this program's
+        BLOCK_N columns of the intermediate."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pair_ids_ptr + rows)
+        row_mask = pair < num_pairs
+        token = (pair // top_k).to(tl.int64)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        w_gate = w13_ptr + expert.to(tl.int64) * stride_we + n[:, None] * stride_wn
+        w_up = w_gate + N * stride_wn
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            k = k_start + tl.arange(0, BLOCK_K)
+            k_mask = k[None, :] < K
+            a = tl.load(x_ptr + token[:, None] * stride_xm + k[None, :], mask=row_mask[:, None] & k_mask, other=0.0)
+            acc_gate += _dot(a, tl.load(w_gate + k[None, :], mask=n_mask[:, None] & k_mask, other=0.0), FP32)
+            acc_up += _dot(a, tl.load(w_up + k[None, :], mask=n_mask[:, None] & k_mask, other=0.0), FP32)
+        dtype = h_ptr.dtype.element_ty
+        gate = acc_gate.to(dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        h = silu * acc_up.to(dtype).to(tl.float32)
+        tl.store(h_ptr + rows[:, None].to(tl.int64) * stride_hm + n[None, :], h.to(dtype),
+                 mask=row_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _moe_down_kernel(h_ptr, w2_ptr, out_ptr, weights_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                         num_pairs, K, N,
+                         stride_hm, stride_we, stride_wn, stride_om,
+                         FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[pair, n] = weight[pair] * (h[sorted row] @ W2[e, n].T), written to the pair's own row."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pair_ids_ptr + rows)
+        row_mask = pair < num_pairs
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        w_rows = w2_ptr + expert.to(tl.int64) * stride_we + n[:, None] * stride_wn
+        h_rows = h_ptr + rows[:, None].to(tl.int64) * stride_hm
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            k = k_start + tl.arange(0, BLOCK_K)
+            k_mask = k[None, :] < K
+            a = tl.load(h_rows + k[None, :], mask=row_mask[:, None] & k_mask, other=0.0)
+            acc += _dot(a, tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask, other=0.0), FP32)
+        dtype = out_ptr.dtype.element_ty
+        routing_weight = tl.load(weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
+        out = acc.to(dtype).to(tl.float32) * routing_weight[:, None]
+        tl.store(out_ptr + pair[:, None].to(tl.int64) * stride_om + n[None, :], out.to(dtype),
+                 mask=row_mask[:, None] & n_mask[None, :])
+
+
+def softmax_topk_triton(router_logits: torch.Tensor, top_k: int,
+                        renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same function as `softmax_topk_ref`, in one launch. Ties go to the lower expert id (torch.topk
+    does not promise an order among equal probabilities)."""
+    if triton is None:
+        raise RuntimeError("softmax_topk_triton needs the triton package")
+    num_tokens, num_experts = router_logits.shape
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}] (the number of experts), got {top_k}")
+    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    weights = torch.empty(num_tokens, top_k, dtype=router_logits.dtype, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    if num_tokens:
+        _softmax_topk_kernel[(num_tokens,)](logits, weights, ids, num_experts, logits.stride(0),
+                                            TOP_K=top_k, RENORMALIZE=renormalize,
+                                            BLOCK_E=triton.next_power_of_2(num_experts),
+                                            BLOCK_TOP_K=triton.next_power_of_2(top_k), num_warps=4)
+    return weights, ids
+
+
+@dataclass(frozen=True, slots=True)
+class MoeTiles:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    @staticmethod
+    def for_batch(num_pairs: int, num_experts: int) -> "MoeTiles":
+        """A function of shapes only, so a captured graph and eager agree. Decode batches hit each expert
+        with a few rows (small block_m, weights streamed once); prefill with many."""
+        if num_pairs <= 4 * num_experts:
+            return MoeTiles(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+        return MoeTiles(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
+    """The same function as `fused_moe_ref`, without a host sync: align, GEMM 1 + silu-and-mul, GEMM 2 with
+    the routing weights, sum over k. bf16 on the GPU; the interpreter (TRITON_INTERPRET=1) runs fp32/fp16."""
+    if triton is None:
+        raise RuntimeError("fused_moe_triton needs the triton package")
+    num_experts, two_inter, hidden = w13.shape
+    inter = two_inter // 2
+    if x.shape[-1] != hidden or w2.shape != (num_experts, hidden, inter) or two_inter % 2:
+        raise ValueError(f"expert shapes do not chain: x {tuple(x.shape)}, w13 {tuple(w13.shape)} "
+                         f"[experts, 2 * inter, hidden], w2 {tuple(w2.shape)} [experts, hidden, inter]")
+    if not (x.dtype == w13.dtype == w2.dtype):
+        raise ValueError(f"x ({x.dtype}) and the expert weights ({w13.dtype}, {w2.dtype}) must share a dtype")
+    num_tokens, top_k = topk_ids.shape
+    num_pairs = num_tokens * top_k
+    if num_pairs == 0:
+        return torch.zeros_like(x)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
+    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
+    tiles = tiles or MoeTiles.for_batch(num_pairs, num_experts)
+    alignment = align_by_expert_triton(topk_ids, num_experts, tiles.block_m)
+    num_blocks = alignment.block_expert.numel()
+    fp32 = x.dtype == torch.float32
+    launch = dict(FP32=fp32, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    h = torch.empty(num_blocks * tiles.block_m, inter, dtype=x.dtype, device=x.device)   # [sorted rows, inter]
+    _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter, tiles.block_n))](
+        x, w13, h, alignment.sorted_pair_ids, alignment.block_expert, num_pairs, top_k, hidden, inter,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), **launch)
+    pair_out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)         # [tokens * k, hidden]
+    _moe_down_kernel[(num_blocks, triton.cdiv(hidden, tiles.block_n))](
+        h, w2, pair_out, topk_weights.contiguous().view(-1), alignment.sorted_pair_ids, alignment.block_expert,
+        num_pairs, inter, hidden, h.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0), **launch)
+    return pair_out.view(num_tokens, top_k, hidden).sum(dim=1)
