@@ -6,7 +6,8 @@ import itertools
 import json
 import logging
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -56,6 +57,18 @@ class _Group:
     prompt: str | None
     children: list[Request]
     stream: bool
+    arrival_time: float = 0.0                     # time.monotonic() when the prompt arrived
+    first_token_time: float | None = None
+
+
+@dataclass(slots=True)
+class StepStats:
+    """What the last step did, for a server's metrics: tokens, and the latencies (seconds) it completed."""
+    num_prompt_tokens: int = 0                    # prompt tokens of the prompts that got their first token
+    num_generation_tokens: int = 0
+    time_to_first_token: list[float] = field(default_factory=list)   # per prompt, from its arrival
+    inter_token_latency: list[float] = field(default_factory=list)   # per sequence, between its tokens
+    e2e_latency: list[float] = field(default_factory=list)           # per prompt that finished
 
 
 class Engine:
@@ -100,6 +113,8 @@ class Engine:
         self._group_of: dict[Request, _Group] = {}
         self._seeds = random.Random(config.seed)
         self._arrivals = itertools.count()
+        self._last_token_time: dict[Request, float] = {}
+        self.last_step_stats = StepStats()
         logger.info("model %s (%s) on %s/%s; %s", path, self.package.name, self.device, str(self.dtype)[6:],
                     self.cache_report())
 
@@ -127,8 +142,9 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    stream: bool = False) -> None:
-        """Validate and queue a prompt. Raises ValueError (and changes nothing) if it can never be served."""
+                    stream: bool = False, arrival_time: float | None = None) -> None:
+        """Validate and queue a prompt. Raises ValueError (and changes nothing) if it can never be served.
+        `arrival_time` (time.monotonic()) is when a server received it, the start of its latency metrics."""
         params = params or SamplingParams()
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -158,7 +174,8 @@ class Engine:
                 self.detokenizers[request] = IncrementalDetokenizer(self.tokenizer, token_ids,
                                                                     params.skip_special_tokens)
             children.append(request)
-        group = self.groups[request_id] = _Group(request_id, prompt_text, children, stream)
+        group = self.groups[request_id] = _Group(request_id, prompt_text, children, stream,
+                                                 arrival_time if arrival_time is not None else time.monotonic())
         for request in children:
             self._group_of[request] = group
             self.scheduler.add(request)
@@ -173,6 +190,7 @@ class Engine:
                 request.finish_reason = FinishReason.ABORT
             self.detokenizers.pop(request, None)
             self._group_of.pop(request, None)
+            self._last_token_time.pop(request, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -182,10 +200,13 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch. Returns outputs of finished prompts, and of streaming prompts that moved."""
         batch = self.scheduler.schedule()
+        self.last_step_stats = StepStats()
         if not batch.requests:
             return []
         out = self.runner.execute(batch)
         self.scheduler.finish_step(batch)
+        now = time.monotonic()
+        self.last_step_stats.num_generation_tokens = len(out.token_ids)
         touched: dict[str, _Group] = {}
         for request, token, logprobs in zip(out.requests, out.token_ids, out.logprobs):
             request.token_ids.append(token)
@@ -196,6 +217,7 @@ class Engine:
                 self.detokenizers.pop(request, None)
             group = self._group_of[request]
             touched[group.request_id] = group
+            self._record_token_time(group, request, now)
         outputs = []
         for group in touched.values():
             done = all(r.finished for r in group.children)
@@ -203,9 +225,22 @@ class Engine:
                 outputs.append(self._output(group, done))
             if done:
                 del self.groups[group.request_id]
+                self.last_step_stats.e2e_latency.append(now - group.arrival_time)
                 for request in group.children:
                     del self._group_of[request]
+                    self._last_token_time.pop(request, None)
         return outputs
+
+    def _record_token_time(self, group: _Group, request: Request, now: float) -> None:
+        stats = self.last_step_stats
+        last = self._last_token_time.get(request)
+        if last is not None:
+            stats.inter_token_latency.append(now - last)
+        elif group.first_token_time is None:
+            group.first_token_time = now
+            stats.time_to_first_token.append(now - group.arrival_time)
+            stats.num_prompt_tokens += request.num_prompt_tokens
+        self._last_token_time[request] = now
 
     def _check_stop(self, request: Request, token: int) -> None:
         params = request.params
