@@ -3,6 +3,7 @@ from pathlib import Path
 
 from runtime.package import ModelPackage
 
+from .chat import parse_reasoning
 from .model import build_model, tiny_init
 
 _TINY = {
@@ -31,5 +32,6 @@ PACKAGE = ModelPackage(
     special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"),
     tiny_init=tiny_init,
     tiny_variants={"moe": _TINY_MOE},
+    reasoning_parser=parse_reasoning,
 )
 

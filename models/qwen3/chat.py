@@ -1,0 +1,38 @@
+"""Qwen3's chat surface: the `<think>...</think>` reasoning parser.
+
+Qwen3 opens a thinking turn with `<think>`, reasons, closes it with `</think>` and then answers. The parser
+works on token ids, not text: `<think>`/`</think>` may be special tokens that a skip-special-tokens decode
+would erase, so the text alone cannot say where reasoning ends."""
+from __future__ import annotations
+
+from typing import Any
+
+THINK_START = "<think>"
+THINK_END = "</think>"
+
+
+def parse_reasoning(tokenizer: Any, output_token_ids: list[int]) -> tuple[str | None, str]:
+    """(reasoning_content or None, content) of the tokens generated so far.
+
+    Only an output that opens with `<think>` has reasoning: everything up to `</think>` (or, while it is
+    still thinking, up to the end). An output without it, e.g. with `enable_thinking=False`, where the
+    template already closed an empty think block in the prompt, is all content. Deciding on the first token
+    keeps the parse prefix-monotonic: a longer output never moves text from one part to the other.
+    Leading newlines of each part are dropped (Qwen3 writes `<think>\\n` and `</think>\\n\\n`); dropping a
+    prefix keeps the parse monotonic too."""
+    start, end = _token_id(tokenizer, THINK_START), _token_id(tokenizer, THINK_END)
+    if start is None or not output_token_ids or output_token_ids[0] != start:
+        return None, tokenizer.decode(output_token_ids)
+    thought = output_token_ids[1:]
+    if end is not None and end in thought:
+        cut = thought.index(end)
+        reasoning_ids, content_ids = thought[:cut], thought[cut + 1:]
+    else:
+        reasoning_ids, content_ids = thought, []
+    return tokenizer.decode(reasoning_ids).lstrip("\n"), tokenizer.decode(content_ids).lstrip("\n")
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of a single vocabulary token, or None when this tokenizer does not have it."""
+    token_id = tokenizer.hf.convert_tokens_to_ids(token)
+    return None if token_id is None or token_id == tokenizer.hf.unk_token_id else token_id
