@@ -1,8 +1,9 @@
-"""`run-model ARCH --model PATH|HUB_ID|tiny --prompt TEXT`; `run-model --list`."""
+"""`run-model ARCH --model PATH|HUB_ID|tiny --prompt TEXT`; `run-model ARCH ... --serve`; `run-model --list`."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from runtime.config import EngineConfig
@@ -47,6 +48,18 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sampling-seed", type=int, help="per-request seed (reproducible sampling)")
 
 
+def _server_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server (with --serve; the sampling flags are per request there)")
+    group.add_argument("--serve", action="store_true", help="serve the OpenAI API instead of generating")
+    group.add_argument("--host", default="127.0.0.1")
+    group.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    group.add_argument("--api-key", action="append", default=[],
+                       help="required bearer token for /v1/* (repeatable; default: $RUN_MODEL_API_KEY, else none)")
+    group.add_argument("--served-model-name", nargs="+", help="model name(s) clients send (default: --model)")
+    group.add_argument("--shutdown-timeout", type=float, default=10.0,
+                       help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are aborted")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run-model", description="Run an LLM: offline prompts or a server.")
     parser.add_argument("arch", nargs="?", help="model package, e.g. qwen3 (see --list)")
@@ -55,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     _engine_flags(parser)
     _sampling_flags(parser)
+    _server_flags(parser)
     return parser
 
 
@@ -96,12 +110,24 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.engine import LLM
         from runtime.registry import get_package
         package = get_package(args.arch)
+        if args.serve:
+            return _serve(args, package)
         params = sampling_params(args)
         llm = LLM(config=engine_config(args, package))
         return _generate(llm, args.prompt or ["Hello, my name is"], params, args.chat)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _serve(args: argparse.Namespace, package) -> int:
+    from runtime.engine import Engine
+    from runtime.server import ServerOptions, serve
+    api_keys = args.api_key or [key for key in [os.environ.get("RUN_MODEL_API_KEY")] if key]
+    options = ServerOptions(host=args.host, port=args.port, api_keys=tuple(api_keys),
+                            served_model_names=tuple(args.served_model_name or ()),
+                            shutdown_timeout=args.shutdown_timeout)
+    return serve(Engine(engine_config(args, package)), options)
 
 
 def _generate(llm, prompts: list[str], params: SamplingParams, chat: bool) -> int:

@@ -1,0 +1,98 @@
+"""Prometheus metrics of a serving engine. Names follow vLLM's (`vllm:*`) where the meaning is the same, so
+existing dashboards work; what vLLM does not export (block counts per cache group) is `run_model:*`.
+
+Only the engine thread writes metrics (after each loop turn); /metrics reads them from the event loop. The
+prometheus client locks each value, so the two threads need no other coordination."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+from runtime.engine import StepStats
+
+# Bucket bounds (seconds) from vLLM, so dashboards' histogram_quantile panels line up.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                480.0, 960.0, 1920.0, 7680.0)
+
+
+@dataclass(slots=True)
+class EngineSnapshot:
+    """The engine's state after a loop turn, read on the engine thread."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: list[int] = field(default_factory=list)     # per cache group
+    kv_blocks_total: list[int] = field(default_factory=list)
+    prefix_cache_queries: int = 0                                # cumulative, in tokens
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        disable_created_metrics()      # the *_created samples only double the exposition (vLLM drops them too)
+        self.registry = CollectorRegistry()
+        self._model = model_name
+        self._previous = EngineSnapshot()
+        model, group = ["model_name"], ["model_name", "cache_group"]
+        r = self.registry
+        self.running = Gauge("vllm:num_requests_running", "Sequences in the running batch.", model, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Sequences waiting to be scheduled.", model, registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).", group,
+                              registry=r)
+        self.kv_used = Gauge("run_model:kv_cache_used_blocks", "KV blocks held by requests.", group, registry=r)
+        self.kv_total = Gauge("run_model:kv_cache_total_blocks", "KV blocks of the cache group.", group, registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      model, registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", model,
+                                   registry=r)
+        self.preemptions = Counter("vllm:num_preemptions", "Requests preempted to free KV blocks.", model,
+                                   registry=r)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of requests that started generating.",
+                                     model, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", model, registry=r)
+        self.finished = Counter("vllm:request_success", "Finished requests, by finish reason (abort = the client "
+                                "left or the server stopped).", ["model_name", "finished_reason"], registry=r)
+        for reason in ("stop", "length", "abort"):
+            self.finished.labels(model_name, reason)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time from arrival to the first token.", model,
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between two tokens of a sequence.", model,
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last token.", model,
+                             buckets=_E2E_BUCKETS, registry=r)
+
+    def record_step(self, stats: StepStats) -> None:
+        self.prompt_tokens.labels(self._model).inc(stats.num_prompt_tokens)
+        self.generation_tokens.labels(self._model).inc(stats.num_generation_tokens)
+        for seconds in stats.time_to_first_token:
+            self.ttft.labels(self._model).observe(seconds)
+        for seconds in stats.inter_token_latency:
+            self.itl.labels(self._model).observe(seconds)
+        for seconds in stats.e2e_latency:
+            self.e2e.labels(self._model).observe(seconds)
+
+    def record_finished(self, finish_reason: str) -> None:
+        self.finished.labels(self._model, finish_reason).inc()
+
+    def record_snapshot(self, now: EngineSnapshot) -> None:
+        self.running.labels(self._model).set(now.num_running)
+        self.waiting.labels(self._model).set(now.num_waiting)
+        for g, (used, total) in enumerate(zip(now.kv_blocks_used, now.kv_blocks_total)):
+            labels = (self._model, str(g))
+            self.kv_used.labels(*labels).set(used)
+            self.kv_total.labels(*labels).set(total)
+            self.kv_usage.labels(*labels).set(used / max(1, total))
+        # the engine keeps running totals; prometheus counters only move forward by increments
+        before = self._previous
+        self.prefix_queries.labels(self._model).inc(now.prefix_cache_queries - before.prefix_cache_queries)
+        self.prefix_hits.labels(self._model).inc(now.prefix_cache_hits - before.prefix_cache_hits)
+        self.preemptions.labels(self._model).inc(now.num_preemptions - before.num_preemptions)
+        self._previous = now
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
