@@ -36,7 +36,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def _eos_token_ids(path: Path, hf_config, tokenizer: Tokenizer) -> tuple[int, ...]:
+def _eos_token_ids(path: Path, hf_config, tokenizer: Tokenizer | None) -> tuple[int, ...]:
     """generation_config.json's eos ids when present (chat models stop on several), else config.json's."""
     ids: Any = None
     generation_config = path / "generation_config.json"
@@ -45,7 +45,7 @@ def _eos_token_ids(path: Path, hf_config, tokenizer: Tokenizer) -> tuple[int, ..
     if ids is None:
         ids = getattr(hf_config, "eos_token_id", None)
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return tuple(ids)
 
@@ -84,7 +84,7 @@ class Engine:
         self.hf_config = load_hf_config(path)
         self.package = get_package(config.arch) if config.arch else \
             package_for_architectures(getattr(self.hf_config, "architectures", None) or [])
-        self.tokenizer = Tokenizer(config.tokenizer or str(path))
+        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.tokenizer or str(path))
         self.eos_token_ids = _eos_token_ids(path, self.hf_config, self.tokenizer)
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
         self.vocab_size = self.hf_config.vocab_size
@@ -149,6 +149,8 @@ class Engine:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init); send token ids")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
             raise ValueError("the prompt is empty")
@@ -170,7 +172,7 @@ class Engine:
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             request = Request(child_id, token_ids, params, eos_token_ids=self.eos_token_ids, seed=seed,
                               arrival_index=next(self._arrivals))
-            if stream or params.stop:
+            if self.tokenizer is not None and (stream or params.stop):
                 self.detokenizers[request] = IncrementalDetokenizer(self.tokenizer, token_ids,
                                                                     params.skip_special_tokens)
             children.append(request)
@@ -265,7 +267,8 @@ class Engine:
         request.finish_reason, request.stop_reason = reason, stop_reason
         self.scheduler.finish(request)
         if detokenizer is None:
-            request.text = self.tokenizer.decode(request.output_token_ids, params.skip_special_tokens)
+            if self.tokenizer is not None:
+                request.text = self.tokenizer.decode(request.output_token_ids, params.skip_special_tokens)
         elif stop_reason is None or isinstance(stop_reason, int):
             request.text += detokenizer.step(request.token_ids, final=True)
 
