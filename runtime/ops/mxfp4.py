@@ -10,6 +10,7 @@ Three layers, each the oracle of the next: `mxfp4_dequantize` (torch, bit-exact 
 `mxfp4_moe_triton` (W4A16: the packed bytes are read from memory and upcast in registers)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -109,8 +110,9 @@ def mxfp4_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def mxfp4_moe(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, activation: GatedActivation) -> torch.Tensor:
-    """Routed experts on MXFP4 weights: the Triton kernel on a GPU, the torch reference elsewhere."""
-    if x.is_cuda:
+    """Routed experts on MXFP4 weights: the Triton kernel on a GPU (unless RUN_MODEL_TORCH_OPS=1), the torch
+    reference elsewhere."""
+    if x.is_cuda and os.environ.get("RUN_MODEL_TORCH_OPS") != "1":
         return mxfp4_moe_triton(x, w13, w2, topk_weights, topk_ids, activation)
     return mxfp4_moe_reference(x, w13, w2, topk_weights, topk_ids, activation)
 
@@ -122,7 +124,8 @@ def mxfp4_moe_reference(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk
 
     Matmuls and the activation run in fp32 on exactly dequantized weights; the intermediate is rounded to x's
     dtype, as the kernel stores it. Only the experts the batch routes to are dequantized."""
-    out = torch.zeros(x.shape[0], w2.out_features, dtype=torch.float32, device=x.device)
+    num_tokens, top_k = topk_ids.shape
+    pair_out = torch.empty(num_tokens * top_k, w2.out_features, dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.flatten()
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=w13.blocks.shape[0]).tolist()
@@ -131,17 +134,17 @@ def mxfp4_moe_reference(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk
         if count == 0:
             continue
         pairs = order[start:start + count]
-        tokens = pairs // topk_ids.shape[1]
         start += count
-        h = x[tokens].float() @ mxfp4_dequantize(w13.blocks[expert], w13.scales[expert]).t()
+        h = x[pairs // top_k].float() @ mxfp4_dequantize(w13.blocks[expert], w13.scales[expert]).t()
         if w13.bias is not None:
             h = h + w13.bias[expert].float()
         h = activation(h).to(x.dtype).float()                                    # [count, inter]
         y = h @ mxfp4_dequantize(w2.blocks[expert], w2.scales[expert]).t()
         if w2.bias is not None:
             y = y + w2.bias[expert].float()
-        out.index_add_(0, tokens, y * topk_weights.flatten()[pairs, None].float())
-    return out.to(x.dtype)
+        pair_out[pairs] = y * topk_weights.flatten()[pairs, None].float()
+    # each pair owns a row (no index_add_, which is slow on CPU threads); a token's k rows are summed here
+    return pair_out.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
 
 # ---- Triton kernel ----------------------------------------------------------------------------------
