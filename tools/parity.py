@@ -5,6 +5,7 @@ with transformers' fp32 forward over the finished sequence at the same position,
 compared with transformers' `generate`. Used by tests/models/*/test_parity.py and tools/regress.py."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,9 +85,16 @@ class _LogitRecorder:
         return self.model.compute_logits(hidden)
 
 
-def load_transformers(path: str | os.PathLike):
+def load_transformers(path: str | os.PathLike, config_overrides: dict[str, Any] | None = None):
+    """transformers' fp32 model of a checkpoint. MXFP4 checkpoints load dequantized (exactly), which is also
+    the only way transformers runs them on a CPU. `config_overrides` replace config.json fields."""
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    options = dict(config_overrides or {})
+    quantization = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    if quantization.get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+        options["quantization_config"] = Mxfp4Config(dequantize=True)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **options).eval()
 
 
 @torch.inference_mode()

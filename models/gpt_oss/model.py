@@ -1,0 +1,201 @@
+"""gpt-oss: alternating sliding-window / full attention with learned sinks, YaRN RoPE, and a biased top-k MoE
+whose MXFP4 experts apply a clamped, interleaved SwiGLU."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from runtime.config import EngineConfig
+from runtime.forward import ForwardContext
+from runtime.kv_cache import CacheSpec
+from runtime.loader import check_loaded, copy_weight, unexpected_weight
+from runtime.ops import RMSNorm, RotaryEmbedding, paged_attention, rope_inv_freq, write_kv
+from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
+
+
+class GptOssAttention(nn.Module):
+    def __init__(self, config, layer_index: int, rotary: RotaryEmbedding, window: int | None):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scale = self.head_dim ** -0.5
+        self.window = window
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.sinks = nn.Parameter(torch.empty(self.num_heads))       # one logit per query head
+        self.rotary = rotary
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)                       # [num_tokens, heads, head_dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)                    # [num_tokens, kv_heads, head_dim]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        cache, block_table, slot_mapping = ctx.layer_cache(self.layer_index)
+        write_kv(cache, k, v, slot_mapping)
+        out = paged_attention(q, cache, block_table, ctx, self.scale, window=self.window, sinks=self.sinks)
+        return self.o_proj(out.flatten(1))
+
+
+def _packed(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape, dtype=torch.uint8), requires_grad=False)
+
+
+class GptOssExperts(nn.Module):
+    """Experts kept as on disk: MXFP4 blocks and scales in nn.Linear orientation ([E, out, in / 32, ...]),
+    gate and up rows interleaved; biases in fp32, as the kernels add them."""
+
+    def __init__(self, config):
+        super().__init__()
+        experts, hidden, inter = config.num_local_experts, config.hidden_size, config.intermediate_size
+        if hidden % MX_BLOCK or inter % MX_BLOCK:
+            raise ValueError(f"MXFP4 experts need hidden_size ({hidden}) and intermediate_size ({inter}) "
+                             f"to be multiples of {MX_BLOCK}")
+        self.gate_up_proj_blocks = _packed(experts, 2 * inter, hidden // MX_BLOCK, MX_BLOCK // 2)
+        self.gate_up_proj_scales = _packed(experts, 2 * inter, hidden // MX_BLOCK)
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(experts, 2 * inter, dtype=torch.float32))
+        self.down_proj_blocks = _packed(experts, hidden, inter // MX_BLOCK, MX_BLOCK // 2)
+        self.down_proj_scales = _packed(experts, hidden, inter // MX_BLOCK)
+        self.down_proj_bias = nn.Parameter(torch.zeros(experts, hidden, dtype=torch.float32))
+        self.activation = GatedActivation(alpha=getattr(config, "swiglu_alpha", 1.702),
+                                          limit=config.swiglu_limit, up_offset=1.0, interleaved=True)
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        w13 = Mxfp4Linear(self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias)
+        w2 = Mxfp4Linear(self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias)
+        return mxfp4_moe(x, w13, w2, topk_weights, topk_ids, self.activation)
+
+
+class GptOssMoE(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True)
+        self.experts = GptOssExperts(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # top-k on the raw logits, then a softmax over the k chosen ones only
+        top_logits, topk_ids = torch.topk(self.router(x), self.top_k, dim=-1)
+        return self.experts(x, torch.softmax(top_logits, dim=-1), topk_ids)
+
+
+def _layer_window(config, layer: int) -> int | None:
+    layer_types = getattr(config, "layer_types", None) or \
+        ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(config.num_hidden_layers)]
+    return config.sliding_window if layer_types[layer] == "sliding_attention" else None
+
+
+class GptOssDecoderLayer(nn.Module):
+    def __init__(self, config, layer: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = GptOssAttention(config, layer, rotary, _layer_window(config, layer))
+        self.mlp = GptOssMoE(config)
+        # gpt-oss multiplies the norm weight in fp32 before casting (Llama/Qwen cast first)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class GptOssModel(nn.Module):
+    def __init__(self, config, max_positions: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        inv_freq, scale = rope_inv_freq(config, head_dim)             # YaRN, truncate=False, from transformers
+        rotary = RotaryEmbedding(inv_freq, max_positions, scale, style="neox")
+        self.layers = nn.ModuleList(GptOssDecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, ctx)
+        return self.norm(x, residual)[0]
+
+
+class GptOssForCausalLM(nn.Module):
+    def __init__(self, config, max_positions: int, cache_dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        self.cache_dtype = cache_dtype
+        self.model = GptOssModel(config, max_positions)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states).float()
+
+    def cache_specs(self) -> list[CacheSpec]:
+        """Sliding layers form a window group (memory per request bounded by the window), full layers another."""
+        return [CacheSpec(entry_shape=(2, layer.self_attn.num_kv_heads, layer.self_attn.head_dim),
+                          dtype=self.cache_dtype, window=layer.self_attn.window) for layer in self.model.layers]
+
+    # ---- weights --------------------------------------------------------------------------------------
+
+    _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """HF names; q/k/v fuse into qkv_proj, experts stay packed. Every tensor must land, every parameter fill."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            _check_expert_tensor(name, tensor)
+            if name in params:
+                copy_weight(params[name], name, tensor)
+                loaded.add(name)
+                continue
+            *prefix, module, kind = name.split(".")
+            key = ".".join([*prefix, "qkv_proj", kind])
+            if module not in self._QKV or key not in params:
+                raise unexpected_weight(name)
+            attention = self.get_submodule(".".join(prefix))
+            shard = self._QKV[module]
+            offset = sum(attention.split[:shard])
+            copy_weight(params[key][offset:offset + attention.split[shard]], name, tensor)
+            loaded.add(f"{key}.{shard}")
+        check_loaded(self._expected_shards(params), loaded)
+
+    @staticmethod
+    def _expected_shards(params: dict[str, nn.Parameter]) -> set[str]:
+        expected = set()
+        for name in params:
+            if ".qkv_proj." in name:
+                expected.update(f"{name}.{shard}" for shard in range(3))
+            else:
+                expected.add(name)
+        return expected
+
+
+def _check_expert_tensor(name: str, tensor: torch.Tensor) -> None:
+    """Catch the two expert layouts this package cannot run, with a message that says what they are."""
+    if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+        raise ValueError(f"checkpoint tensor {name!r} holds unquantized experts; this package runs the MXFP4 "
+                         f"layout (*_blocks / *_scales) that the released gpt-oss checkpoints ship")
+    if name.endswith(("_blocks", "_scales")) and tensor.dtype != torch.uint8:
+        raise ValueError(f"checkpoint tensor {name!r} is {tensor.dtype}, not uint8 MXFP4: this is what "
+                         f"transformers' save_pretrained writes after loading with dequantize=True; "
+                         f"use the original checkpoint")
+
+
+def build_model(hf_config, engine_config: EngineConfig) -> GptOssForCausalLM:
+    max_positions = max(hf_config.max_position_embeddings, engine_config.max_model_len or 0)
+    return GptOssForCausalLM(hf_config, max_positions, engine_config.torch_dtype)
