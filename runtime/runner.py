@@ -193,6 +193,9 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         graph_size = self._graph_size(batch)
         input_ids, ctx, sampling_requests = self.prepare_inputs(batch, pad_to=graph_size)
+        # host work for the sampler before the launch, so that it overlaps the forward on the device
+        sampling = SamplingBatch.from_requests(sampling_requests, self.vocab_size, self.device) \
+            if sampling_requests else None
         if graph_size:
             graph, graph_logits = self.graphs[graph_size]
             graph.replay()
@@ -202,7 +205,6 @@ class ModelRunner:
             if not sampling_requests:
                 return StepOutput([], [], [])
             logits = self.model.compute_logits(hidden[ctx.logits_indices])       # [num_sampling, vocab]
-        sampling = SamplingBatch.from_requests(sampling_requests, self.vocab_size, self.device)
         out = sample(logits[:, :self.vocab_size], sampling)
         token_ids = out.token_ids.tolist()                                         # the step's one host sync
         return StepOutput(sampling_requests, token_ids, self._logprobs(out, sampling_requests, token_ids))

@@ -14,12 +14,12 @@ _M32 = 0xFFFFFFFF
 
 @dataclass(slots=True)
 class SamplingBatch:
-    temperature: torch.Tensor            # [rows] fp32, 0 = greedy
-    top_k: torch.Tensor                  # [rows] int64, 0 = off
-    top_p: torch.Tensor                  # [rows] fp32
-    min_p: torch.Tensor                  # [rows] fp32
-    seeds: torch.Tensor                  # [rows] int64
-    steps: torch.Tensor                  # [rows] int64, index of the token being sampled
+    temperature: torch.Tensor | None     # [rows] fp32, 0 = greedy; the per-row fields are None when all_greedy
+    top_k: torch.Tensor | None           # [rows] int64, 0 = off
+    top_p: torch.Tensor | None           # [rows] fp32
+    min_p: torch.Tensor | None           # [rows] fp32
+    seeds: torch.Tensor | None           # [rows] int64
+    steps: torch.Tensor | None           # [rows] int64, index of the token being sampled
     all_greedy: bool
     use_top_k: bool
     use_top_p: bool
@@ -32,7 +32,13 @@ class SamplingBatch:
     @classmethod
     def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device) -> "SamplingBatch":
         params = [r.params for r in requests]
-        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        pin = device.type == "cuda"
+
+        def as_tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            host = torch.tensor(values, dtype=dtype)
+            return host.pin_memory().to(device, non_blocking=True) if pin else host
+
+        all_greedy = all(p.greedy for p in params)
         top_k = [min(p.top_k, vocab_size) for p in params]
         penalties = None
         if any(p.has_penalties for p in params):
@@ -52,14 +58,16 @@ class SamplingBatch:
                 banned_rows += [row] * len(stops)
                 banned_tokens += sorted(stops)
         wanted = [p.logprobs for p in params if p.logprobs is not None]
+        # an all-greedy batch needs none of the per-row parameters: argmax only
+        per_row = (lambda values, dtype: None) if all_greedy else as_tensor  # noqa: E731
         return cls(
-            temperature=as_tensor([p.temperature for p in params], torch.float32),
-            top_k=as_tensor(top_k, torch.int64),
-            top_p=as_tensor([p.top_p for p in params], torch.float32),
-            min_p=as_tensor([p.min_p for p in params], torch.float32),
-            seeds=as_tensor([r.seed for r in requests], torch.int64),
-            steps=as_tensor([r.num_output_tokens for r in requests], torch.int64),
-            all_greedy=all(p.greedy for p in params),
+            temperature=per_row([p.temperature for p in params], torch.float32),
+            top_k=per_row(top_k, torch.int64),
+            top_p=per_row([p.top_p for p in params], torch.float32),
+            min_p=per_row([p.min_p for p in params], torch.float32),
+            seeds=per_row([r.seed for r in requests], torch.int64),
+            steps=per_row([r.num_output_tokens for r in requests], torch.int64),
+            all_greedy=all_greedy,
             use_top_k=any(k > 0 for k in top_k),
             use_top_p=any(p.top_p < 1.0 for p in params),
             use_min_p=any(p.min_p > 0.0 for p in params),
