@@ -254,12 +254,12 @@ class KVCacheManager:
 
     def match_prefix(self, request) -> int:
         """Take references on the longest cached prefix of a fresh request; returns the tokens it covers.
-        At least the last token is always left to compute, since its logits are needed."""
+        At least the last token is always left to compute, since its logits are needed. Stats are left to
+        `record_prefix_lookup`: a request whose allocation fails is looked up again on every retry."""
         if not self.enable_prefix_caching:
             return 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         hashes = self._ensure_hashes(request, max_blocks)
-        self.stats.queries += request.num_tokens
         k = max_blocks
         for g, pool in enumerate(self.pools):
             if self.groups[g].spec.window is None:
@@ -278,8 +278,13 @@ class KVCacheManager:
             state.first_live[g] = first
             self.block_tables[g][state.row, :k] = blocks
         state.num_hashed_blocks = k
-        self.stats.hits += k * self.block_size
         return k * self.block_size
+
+    def record_prefix_lookup(self, request, num_cached_tokens: int) -> None:
+        """Count a lookup once, when its request is admitted."""
+        if self.enable_prefix_caching:
+            self.stats.queries += request.num_tokens
+            self.stats.hits += num_cached_tokens
 
     def _window_hit(self, group: int, hashes: list[int], k: int) -> bool:
         if self.groups[group].spec.window is None:

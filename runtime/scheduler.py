@@ -71,7 +71,8 @@ class Scheduler:
         # New requests only when nobody was preempted: their blocks would be taken right back.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             request = self.waiting[0]
-            if request.num_computed_tokens == 0:
+            looked_up = request.num_computed_tokens == 0
+            if looked_up:
                 request.num_computed_tokens = self.kv.match_prefix(request)
                 if request.num_preemptions == 0:
                     request.num_cached_tokens = request.num_computed_tokens
@@ -80,6 +81,8 @@ class Scheduler:
                 self.kv.free(request)
                 request.num_computed_tokens = 0
                 break
+            if looked_up:
+                self.kv.record_prefix_lookup(request, request.num_computed_tokens)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
