@@ -179,6 +179,7 @@ class _RequestBlocks:
     blocks: list[list[int]]                   # per group; NULL_BLOCK where a window group recycled
     first_live: list[int]                     # per group: first block index not yet recycled
     num_hashed_blocks: int = 0
+    num_covered_tokens: int = 0               # token positions every group's table already covers
 
 
 @dataclass(slots=True)
@@ -203,6 +204,7 @@ class KVCacheManager:
                              for _ in self.groups]
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.requests: dict[str, _RequestBlocks] = {}
+        self.has_window_groups = any(g.spec.window is not None for g in self.groups)
         self.stats = PrefixCacheStats()
 
     # ---- capacity -------------------------------------------------------------------------------------
@@ -278,6 +280,7 @@ class KVCacheManager:
             state.first_live[g] = first
             self.block_tables[g][state.row, :k] = blocks
         state.num_hashed_blocks = k
+        state.num_covered_tokens = k * self.block_size
         return k * self.block_size
 
     def record_prefix_lookup(self, request, num_cached_tokens: int) -> None:
@@ -298,6 +301,8 @@ class KVCacheManager:
         (nothing is allocated then)."""
         state = self._state(request.request_id)
         computed = request.num_computed_tokens
+        if computed + num_new_tokens <= state.num_covered_tokens and not self.has_window_groups:
+            return True                                 # the common decode step: the last block has room
         target = cdiv(computed + num_new_tokens, self.block_size)
         for g in range(len(self.groups)):
             self._recycle(g, state, computed)
@@ -310,6 +315,7 @@ class KVCacheManager:
                 start = len(state.blocks[g])
                 state.blocks[g].extend(new)
                 self.block_tables[g][state.row, start:start + n] = new
+        state.num_covered_tokens = min(len(blocks) for blocks in state.blocks) * self.block_size
         return True
 
     def _recycle(self, group: int, state: _RequestBlocks, computed: int) -> None:

@@ -51,8 +51,11 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: set[str] = set()
         preempted = False
-        # Decodes (owed one token) first, then partially prefilled requests; sort is stable.
-        for request in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
+        # Decodes (owed one token) first, then partially prefilled requests, each in arrival order.
+        decodes, prefills = [], []
+        for request in self.running:
+            (decodes if len(request.token_ids) - request.num_computed_tokens == 1 else prefills).append(request)
+        for request in decodes + prefills if prefills else decodes:
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:      # preempted earlier in this step
