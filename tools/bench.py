@@ -148,9 +148,7 @@ def hf_generate_seconds(hf_model, prompts: list[list[int]], max_new_tokens: int,
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     if mode in ("static", "compile"):
         kwargs["cache_implementation"] = "static"
-    if mode == "compile":
-        kwargs["compile_config"] = None
-    hf_model.generate(ids[:, :8], attention_mask=mask[:, :8], **dict(kwargs, max_new_tokens=4, min_new_tokens=4))
+    hf_model.generate(ids, attention_mask=mask, **kwargs)     # warm-up with the same shapes (compiles, if any)
     torch.cuda.synchronize()
     start = time.perf_counter()
     hf_model.generate(ids, attention_mask=mask, **kwargs)
@@ -262,7 +260,11 @@ def main() -> int:
     throughput.add_argument("--min-len", type=int, default=100)
     throughput.add_argument("--max-len", type=int, default=1024)
     throughput.add_argument("--hf-requests", type=int, default=64, help="transformers runs this many (one batch)")
+    from tools import bench_serve
+    bench_serve.add_arguments(sub.add_parser("serve", help="an OpenAI server under concurrent streaming clients"))
     args = parser.parse_args()
+    if args.command == "serve":
+        return bench_serve.run(args) or 0
     if args.command == "sched":
         bench_sched(args)
         return 0
