@@ -226,6 +226,49 @@ def bench_throughput(args: argparse.Namespace) -> dict:
     return result
 
 
+def bench_profile(args: argparse.Namespace) -> dict:
+    """Steady decode at a fixed batch under torch.profiler: how long the device is busy per step, what idles
+    it, and the kernels that take the time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from runtime import LLM, SamplingParams
+    llm = LLM(args.model, **_engine_options(args))
+    engine = llm.engine
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=args.steps + 64, ignore_eos=True)
+    for i in range(args.batch):
+        engine.add_request(f"p{i}", [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(args.prompt_len)],
+                           params)
+    while any(r.num_output_tokens < 8 for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()                                                          # prefill, then settle into decode
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / args.steps
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, current_start, current_end = 0.0, None, None
+    for begin, end in intervals:                                               # union of kernel intervals
+        if current_end is None or begin > current_end:
+            if current_end is not None:
+                busy += current_end - current_start
+            current_start, current_end = begin, end
+        else:
+            current_end = max(current_end, end)
+    if current_end is not None:
+        busy += current_end - current_start
+    busy_per_step = busy / 1e6 / args.steps                                    # us -> s
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    return dict(workload="profile", model=args.model, batch=args.batch, step_ms=wall * 1e3,
+                gpu_busy_ms=busy_per_step * 1e3, gpu_idle_fraction=1.0 - busy_per_step / wall,
+                kernels_per_step=len(kernels) / args.steps)
+
+
 def _gpu_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint dir or hub id; with dummy weights a dir holding "
                         "only config.json will do (tools/configs/ has Qwen3 shapes)")
@@ -260,6 +303,13 @@ def main() -> int:
     throughput.add_argument("--min-len", type=int, default=100)
     throughput.add_argument("--max-len", type=int, default=1024)
     throughput.add_argument("--hf-requests", type=int, default=64, help="transformers runs this many (one batch)")
+    prof = sub.add_parser("profile", help="steady decode at a fixed batch under torch.profiler (GPU)")
+    _gpu_args(prof)
+    prof.add_argument("--batch", type=int, default=64)
+    prof.add_argument("--prompt-len", type=int, default=256)
+    prof.add_argument("--steps", type=int, default=30)
+    prof.add_argument("--top", type=int, default=20)
+    prof.add_argument("--trace", help="write a chrome trace here")
     from tools import bench_serve
     bench_serve.add_arguments(sub.add_parser("serve", help="an OpenAI server under concurrent streaming clients"))
     args = parser.parse_args()
@@ -268,7 +318,7 @@ def main() -> int:
     if args.command == "sched":
         bench_sched(args)
         return 0
-    result = {"latency": bench_latency, "throughput": bench_throughput}[args.command](args)
+    result = {"latency": bench_latency, "throughput": bench_throughput, "profile": bench_profile}[args.command](args)
     result.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
     print(json.dumps(result))
     if args.json:

@@ -1,12 +1,13 @@
 """Qwen3 on the GPU (run with `pytest -m gpu` on the GPU machine): bf16 teacher-forced parity with
 transformers, and CUDA graphs vs eager.
 
-On random weights the top-1 margins are often far below bf16 rounding, so two correct bf16 implementations
-disagree on a few percent of positions: transformers' own sdpa and eager attention agree on only 96-98% of
-positions on the tiny checkpoint (fp32 vs bf16 transformers: 97%). A flat 99% bar therefore cannot be met
-by transformers itself. We require instead: logit cosine >= 0.999 everywhere; top-1 agreement at least 99%
-or at least transformers' own sdpa-vs-eager agreement on the same rows; and every disagreement a near tie
-(our token within transformers' top 3)."""
+On random weights the top-1 margins are often below bf16 rounding, so two correct bf16 implementations
+disagree on a few percent of positions: on the tiny checkpoint transformers' own bf16 agrees with its fp32
+on about 97% of positions, and its sdpa and eager attention with each other on 96-98%. A flat 99% top-1 bar
+between two bf16 implementations cannot be met there, by transformers itself. So we require: logit cosine
+with transformers' bf16 >= 0.999 at every position; top-1 agreement with transformers' fp32 at least that of
+transformers' own bf16 (minus one point); and every top-1 disagreement with transformers' bf16 a tie within
+bf16 noise (the fp32 logits of the two tokens closer than transformers' own bf16 error on that row)."""
 from __future__ import annotations
 
 import gc
@@ -25,50 +26,54 @@ def _free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
-def teacher_forced(path, hf_sdpa, hf_eager, prompts, max_tokens, **options) -> dict:
-    """Our bf16 logits at every position the engine computed vs transformers' bf16 forward over the same
+def _hf_logits(path, dtype, sequences: dict) -> dict:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
+    with torch.inference_mode():
+        logits = {k: model(v).logits[0].float() for k, v in sequences.items()}
+    del model
+    _free_gpu()
+    return logits
+
+
+def teacher_forced(path, prompts, max_tokens, **options) -> dict:
+    """Our bf16 logits at every position the engine computed vs transformers (bf16 and fp32) over the same
     finished sequences."""
     llm = LLM(str(path), device="cuda", dtype="bfloat16", enforce_eager=True, skip_tokenizer_init=True,
               gpu_memory_utilization=0.5, **options)
     recorder = _LogitRecorder(llm.engine.runner)
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
                            use_tqdm=False)
-    del llm
+    rows = [(r, p, logits.float()) for r, p, logits in recorder.rows]
+    del recorder, llm
     _free_gpu()
-    with torch.inference_mode():
-        sequences = {str(i): torch.tensor([o.prompt_token_ids + o.token_ids], device="cuda")
-                     for i, o in enumerate(outputs)}
-        sdpa = {k: hf_sdpa(v).logits[0].float() for k, v in sequences.items()}
-        eager = {k: hf_eager(v).logits[0].float() for k, v in sequences.items()}
-    agree = floor = near_ties = 0
-    cosines = []
-    for request_id, position, logits in recorder.rows:
-        expected = sdpa[request_id][position]
-        ours_top = int(logits.argmax())
-        agree += int(ours_top == int(expected.argmax()))
-        floor += int(eager[request_id][position].argmax() == expected.argmax())
-        near_ties += int(ours_top in expected.topk(3).indices.tolist())
-        cosines.append(torch.nn.functional.cosine_similarity(logits.float(), expected, dim=0).item())
-    rows = len(recorder.rows)
-    return dict(rows=rows, top1=agree / rows, hf_floor=floor / rows, within_top3=near_ties / rows,
-                min_cosine=min(cosines))
+    sequences = {str(i): torch.tensor([o.prompt_token_ids + o.token_ids], device="cuda") for i, o in enumerate(outputs)}
+    bf16, fp32 = _hf_logits(path, torch.bfloat16, sequences), _hf_logits(path, torch.float32, sequences)
+    agree = ours_exact = hf_exact = 0
+    cosines, unexplained = [], []
+    for request_id, position, ours in rows:
+        ref16, ref32 = bf16[request_id][position], fp32[request_id][position]
+        a, b = int(ours.argmax()), int(ref16.argmax())
+        agree += a == b
+        ours_exact += a == int(ref32.argmax())
+        hf_exact += b == int(ref32.argmax())
+        cosines.append(torch.nn.functional.cosine_similarity(ours, ref16, dim=0).item())
+        if a != b and abs(ref32[a] - ref32[b]) > (ref16 - ref32).abs().max():
+            unexplained.append((request_id, position, a, b))
+    n = len(rows)
+    return dict(rows=n, top1=agree / n, ours_vs_fp32=ours_exact / n, hf_bf16_vs_fp32=hf_exact / n,
+                min_cosine=min(cosines), unexplained_disagreements=unexplained)
 
 
 def _assert_parity(result: dict) -> None:
     assert result["min_cosine"] >= 0.999, result
-    assert result["top1"] >= min(0.99, result["hf_floor"]), result
-    assert result["within_top3"] == 1.0, result
-
-
-def _hf_pair(path):
-    from transformers import AutoModelForCausalLM
-    load = lambda **kw: AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **kw).cuda().eval()  # noqa
-    return load(), load(attn_implementation="eager")
+    assert result["ours_vs_fp32"] >= result["hf_bf16_vs_fp32"] - 0.01, result
+    assert not result["unexplained_disagreements"], result
 
 
 def test_tiny_bf16_parity_on_gpu(tiny_qwen3):
     prompts = random_prompts(1024, (3, 17, 40, 64, 99, 128, 150, 200))
-    result = teacher_forced(tiny_qwen3, *_hf_pair(tiny_qwen3), prompts, 32, block_size=16, max_num_batched_tokens=64)
+    result = teacher_forced(tiny_qwen3, prompts, 32, block_size=16, max_num_batched_tokens=64)
     print("tiny", result)
     assert result["rows"] == 701 + 8 * 31        # every prompt token and every fed-back output token
     _assert_parity(result)
@@ -96,8 +101,7 @@ def qwen3_06b_checkpoint(tmp_path_factory):
 
 def test_qwen3_06b_shape_bf16_parity_on_gpu(qwen3_06b_checkpoint):
     prompts = random_prompts(151936, (7, 130, 300, 41), seed=3)
-    result = teacher_forced(qwen3_06b_checkpoint, *_hf_pair(qwen3_06b_checkpoint), prompts, 24,
-                            max_num_batched_tokens=256)
+    result = teacher_forced(qwen3_06b_checkpoint, prompts, 24, max_num_batched_tokens=256)
     print("0.6B", result)
     assert result["rows"] == 478 + 4 * 23
     _assert_parity(result)
@@ -119,7 +123,6 @@ def test_cuda_graphs_match_eager_greedy_tokens(qwen3_06b_checkpoint):
 
 def test_moe_bf16_parity_on_gpu(tiny_qwen3_moe):
     prompts = random_prompts(1024, (3, 40, 99, 200), seed=5)
-    result = teacher_forced(tiny_qwen3_moe, *_hf_pair(tiny_qwen3_moe), prompts, 16, block_size=16,
-                            max_num_batched_tokens=64)
+    result = teacher_forced(tiny_qwen3_moe, prompts, 16, block_size=16, max_num_batched_tokens=64)
     print("tiny moe", result)
     _assert_parity(result)
