@@ -79,8 +79,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 # to x's dtype, each product is rounded, then the difference/sum. A single rounding would not be within one
 # ulp of the reference: when x1*cos and x2*sin nearly cancel, the reference's product roundings (relative
 # 2^-8 each in bf16) are large against the small result. Repeating them costs nothing in a memory-bound
-# kernel and makes the bf16 output bit-identical to the reference, hence to transformers. (In fp32 on a GPU
-# the compiler may contract a product and the difference into one FMA: an fp32-ulp-level difference.)
+# kernel and makes the bf16 output bit-identical to the reference, hence to transformers. It must be compiled
+# without FP fusion: otherwise LLVM turns "bf16 product, rounded" into a bf16 multiply and contracts it with the
+# difference into one bf16 FMA, skipping a product's rounding (seen on an H100 with triton 3.6: 21% of outputs
+# one or two units off).
 
 if triton is not None:
     @triton.jit
@@ -162,5 +164,5 @@ def rope_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_s
         HEAD_DIM=head_dim, HALF=half, GPTJ=style == "gptj",
         BLOCK_Q_HEADS=triton.next_power_of_2(num_q_heads), BLOCK_K_HEADS=triton.next_power_of_2(k.shape[1]),
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_REST=triton.next_power_of_2(rest) if rest else 0,
-        num_warps=4)
+        num_warps=4, enable_fp_fusion=False)
     return q_out, k_out
