@@ -285,7 +285,7 @@ def _gpu_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="append the result as one JSON line to this file")
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sched = sub.add_parser("sched", help="scheduler step + input preparation, CPU, no model")
@@ -312,14 +312,26 @@ def main() -> int:
     prof.add_argument("--trace", help="write a chrome trace here")
     from tools import bench_serve
     bench_serve.add_arguments(sub.add_parser("serve", help="an OpenAI server under concurrent streaming clients"))
-    args = parser.parse_args()
+    return parser
+
+
+def run_gpu_workload(args: argparse.Namespace) -> dict:
+    """One GPU workload (latency | throughput | profile) -> its result record."""
+    result = {"latency": bench_latency, "throughput": bench_throughput, "profile": bench_profile}[args.command](args)
+    result.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
+                  command="python tools/bench.py " + " ".join(args.argv))
+    return result
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    args.argv = sys.argv[1:]
     if args.command == "serve":
         return bench_serve.run(args) or 0
     if args.command == "sched":
         bench_sched(args)
         return 0
-    result = {"latency": bench_latency, "throughput": bench_throughput, "profile": bench_profile}[args.command](args)
-    result.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
+    result = run_gpu_workload(args)
     print(json.dumps(result))
     if args.json:
         with open(args.json, "a") as f:

@@ -1,0 +1,80 @@
+"""bf16 parity with transformers on the GPU, teacher-forced, through the real engine path.
+
+On random weights the top-1 margins are often below bf16 rounding, so two correct bf16 implementations
+disagree on a few percent of positions: on the tiny Qwen3 transformers' own bf16 agrees with its fp32 on
+about 97% of positions, and its sdpa and eager attention with each other on 96-98%. A flat 99% top-1 bar
+between two bf16 implementations cannot be met there, by transformers itself. So `assert_parity` requires:
+logit cosine with transformers' bf16 >= 0.999 at every position; top-1 agreement with transformers' fp32 at
+least that of transformers' own bf16 (minus one point); and every top-1 disagreement with transformers' bf16
+a tie within bf16 noise (the fp32 logits of the two tokens closer than transformers' own bf16 error on that
+row). For MoE models a bf16 router near a tie picks another expert now and then (transformers too), so there
+the cosine bar holds for the median row, and rows far from fp32 may not outnumber transformers' own by more
+than two. Used by tests/models/*/test_gpu.py and `tools/regress.py ARCH --gpu`."""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from runtime import LLM, SamplingParams
+from tools.parity import _LogitRecorder
+
+
+def free_gpu() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _hf_logits(path, dtype, sequences: dict) -> dict:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
+    with torch.inference_mode():
+        logits = {k: model(v).logits[0].float() for k, v in sequences.items()}
+    del model
+    free_gpu()
+    return logits
+
+
+def teacher_forced(path, prompts, max_tokens, **options) -> dict:
+    """Our bf16 logits at every position the engine computed vs transformers (bf16 and fp32) over the same
+    finished sequences."""
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", enforce_eager=True, skip_tokenizer_init=True,
+              gpu_memory_utilization=0.5, **options)
+    recorder = _LogitRecorder(llm.engine.runner)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+                           use_tqdm=False)
+    rows = [(r, p, logits.float()) for r, p, logits in recorder.rows]
+    del recorder, llm
+    free_gpu()
+    sequences = {str(i): torch.tensor([o.prompt_token_ids + o.token_ids], device="cuda") for i, o in enumerate(outputs)}
+    bf16, fp32 = _hf_logits(path, torch.bfloat16, sequences), _hf_logits(path, torch.float32, sequences)
+    agree = ours_exact = hf_exact = ours_far = hf_far = 0
+    cosines, unexplained = [], []
+    for request_id, position, ours in rows:
+        ref16, ref32 = bf16[request_id][position], fp32[request_id][position]
+        a, b = int(ours.argmax()), int(ref16.argmax())
+        agree += a == b
+        ours_exact += a == int(ref32.argmax())
+        hf_exact += b == int(ref32.argmax())
+        cosine = torch.nn.functional.cosine_similarity
+        cosines.append(cosine(ours, ref16, dim=0).item())
+        ours_far += cosine(ours, ref32, dim=0).item() < 0.99          # a different expert choice, say
+        hf_far += cosine(ref16, ref32, dim=0).item() < 0.99
+        if a != b and abs(ref32[a] - ref32[b]) > (ref16 - ref32).abs().max():
+            unexplained.append((request_id, position, a, b))
+    n = len(rows)
+    return dict(rows=n, top1=agree / n, ours_vs_fp32=ours_exact / n, hf_bf16_vs_fp32=hf_exact / n,
+                min_cosine=min(cosines), median_cosine=sorted(cosines)[n // 2], unexplained_disagreements=unexplained,
+                ours_far_from_fp32=ours_far, hf_bf16_far_from_fp32=hf_far)
+
+
+def assert_parity(result: dict, moe: bool = False) -> None:
+    if moe:
+        # bf16 router logits near a tie pick a different expert now and then, in transformers too: a few
+        # rows then differ a lot. Allow no more such rows (vs fp32) than transformers' bf16 has, plus two.
+        assert result["median_cosine"] >= 0.999, result
+        assert result["ours_far_from_fp32"] <= result["hf_bf16_far_from_fp32"] + 2, result
+    else:
+        assert result["min_cosine"] >= 0.999, result
+    assert result["ours_vs_fp32"] >= result["hf_bf16_vs_fp32"] - 0.01, result
+    assert not result["unexplained_disagreements"], result
