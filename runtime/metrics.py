@@ -33,65 +33,74 @@ class EngineSnapshot:
 
 
 class ServerMetrics:
+    """The server's metrics, each bound to its labels once (the engine thread records them every step)."""
+
     def __init__(self, model_name: str):
         disable_created_metrics()      # the *_created samples only double the exposition (vLLM drops them too)
-        self.registry = CollectorRegistry()
-        self._model = model_name
+        self.registry = r = CollectorRegistry()
         self._previous = EngineSnapshot()
         model, group = ["model_name"], ["model_name", "cache_group"]
-        r = self.registry
-        self.running = Gauge("vllm:num_requests_running", "Sequences in the running batch.", model, registry=r)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Sequences waiting to be scheduled.", model, registry=r)
-        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).", group,
-                              registry=r)
-        self.kv_used = Gauge("run_model:kv_cache_used_blocks", "KV blocks held by requests.", group, registry=r)
-        self.kv_total = Gauge("run_model:kv_cache_total_blocks", "KV blocks of the cache group.", group, registry=r)
-        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                      model, registry=r)
-        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", model,
-                                   registry=r)
-        self.preemptions = Counter("vllm:num_preemptions", "Requests preempted to free KV blocks.", model,
-                                   registry=r)
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of requests that started generating.",
-                                     model, registry=r)
-        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", model, registry=r)
-        self.finished = Counter("vllm:request_success", "Finished requests, by finish reason (abort = the client "
-                                "left or the server stopped).", ["model_name", "finished_reason"], registry=r)
-        for reason in ("stop", "length", "abort"):
-            self.finished.labels(model_name, reason)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time from arrival to the first token.", model,
-                              buckets=_TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between two tokens of a sequence.", model,
-                             buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last token.", model,
-                             buckets=_E2E_BUCKETS, registry=r)
+        one = lambda metric: metric.labels(model_name)  # noqa: E731
+        self.running = one(Gauge("vllm:num_requests_running", "Sequences in the running batch.", model, registry=r))
+        self.waiting = one(Gauge("vllm:num_requests_waiting", "Sequences waiting to be scheduled.", model,
+                                 registry=r))
+        self._kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).", group,
+                               registry=r)
+        self._kv_used = Gauge("run_model:kv_cache_used_blocks", "KV blocks held by requests.", group, registry=r)
+        self._kv_total = Gauge("run_model:kv_cache_total_blocks", "KV blocks of the cache group.", group,
+                               registry=r)
+        self._model_name = model_name
+        self.prefix_queries = one(Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                          "cache.", model, registry=r))
+        self.prefix_hits = one(Counter("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+                                       model, registry=r))
+        self.preemptions = one(Counter("vllm:num_preemptions", "Requests preempted to free KV blocks.", model,
+                                       registry=r))
+        self.prompt_tokens = one(Counter("vllm:prompt_tokens", "Prompt tokens of requests that started "
+                                         "generating.", model, registry=r))
+        self.generation_tokens = one(Counter("vllm:generation_tokens", "Generated tokens.", model, registry=r))
+        self._finished = Counter("vllm:request_success", "Finished requests, by finish reason (abort = the "
+                                 "client left or the server stopped).", ["model_name", "finished_reason"], registry=r)
+        self.finished = {reason: self._finished.labels(model_name, reason) for reason in ("stop", "length", "abort")}
+        self.ttft = one(Histogram("vllm:time_to_first_token_seconds", "Time from arrival to the first token.",
+                                  model, buckets=_TTFT_BUCKETS, registry=r))
+        self.itl = one(Histogram("vllm:inter_token_latency_seconds", "Time between two tokens of a sequence.",
+                                 model, buckets=_ITL_BUCKETS, registry=r))
+        self.e2e = one(Histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last token.",
+                                 model, buckets=_E2E_BUCKETS, registry=r))
+        self._groups: list[tuple[Gauge, Gauge, Gauge]] = []          # (used, total, usage) per cache group
 
     def record_step(self, stats: StepStats) -> None:
-        self.prompt_tokens.labels(self._model).inc(stats.num_prompt_tokens)
-        self.generation_tokens.labels(self._model).inc(stats.num_generation_tokens)
+        self.prompt_tokens.inc(stats.num_prompt_tokens)
+        self.generation_tokens.inc(stats.num_generation_tokens)
         for seconds in stats.time_to_first_token:
-            self.ttft.labels(self._model).observe(seconds)
+            self.ttft.observe(seconds)
         for seconds in stats.inter_token_latency:
-            self.itl.labels(self._model).observe(seconds)
+            self.itl.observe(seconds)
         for seconds in stats.e2e_latency:
-            self.e2e.labels(self._model).observe(seconds)
+            self.e2e.observe(seconds)
 
     def record_finished(self, finish_reason: str) -> None:
-        self.finished.labels(self._model, finish_reason).inc()
+        if finish_reason not in self.finished:
+            self.finished[finish_reason] = self._finished.labels(self._model_name, finish_reason)
+        self.finished[finish_reason].inc()
 
     def record_snapshot(self, now: EngineSnapshot) -> None:
-        self.running.labels(self._model).set(now.num_running)
-        self.waiting.labels(self._model).set(now.num_waiting)
-        for g, (used, total) in enumerate(zip(now.kv_blocks_used, now.kv_blocks_total)):
-            labels = (self._model, str(g))
-            self.kv_used.labels(*labels).set(used)
-            self.kv_total.labels(*labels).set(total)
-            self.kv_usage.labels(*labels).set(used / max(1, total))
+        self.running.set(now.num_running)
+        self.waiting.set(now.num_waiting)
+        while len(self._groups) < len(now.kv_blocks_used):
+            labels = (self._model_name, str(len(self._groups)))
+            self._groups.append((self._kv_used.labels(*labels), self._kv_total.labels(*labels),
+                                 self._kv_usage.labels(*labels)))
+        for (used, total, usage), num_used, num_total in zip(self._groups, now.kv_blocks_used, now.kv_blocks_total):
+            used.set(num_used)
+            total.set(num_total)
+            usage.set(num_used / max(1, num_total))
         # the engine keeps running totals; prometheus counters only move forward by increments
         before = self._previous
-        self.prefix_queries.labels(self._model).inc(now.prefix_cache_queries - before.prefix_cache_queries)
-        self.prefix_hits.labels(self._model).inc(now.prefix_cache_hits - before.prefix_cache_hits)
-        self.preemptions.labels(self._model).inc(now.num_preemptions - before.num_preemptions)
+        self.prefix_queries.inc(now.prefix_cache_queries - before.prefix_cache_queries)
+        self.prefix_hits.inc(now.prefix_cache_hits - before.prefix_cache_hits)
+        self.preemptions.inc(now.num_preemptions - before.num_preemptions)
         self._previous = now
 
     def exposition(self) -> bytes:

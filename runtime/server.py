@@ -578,8 +578,8 @@ class _CompletionFormat:
     def chunks(self, newest: dict[str, RequestOutput]) -> Iterator[dict[str, Any]]:
         for request_id, output in newest.items():
             for completion in output.outputs:
-                choice = self._choice(request_id, completion, self.sent.setdefault((request_id, completion.index),
-                                                                                   StreamProgress()))
+                progress = self.sent.setdefault((request_id, completion.index), StreamProgress())
+                choice = self._choice(request_id, completion, progress)
                 if choice is not None:
                     yield self.envelope([choice], None)
 
@@ -620,7 +620,8 @@ class _ChatFormat:
     def chunks(self, newest: dict[str, RequestOutput]) -> Iterator[dict[str, Any]]:
         for request_id, output in newest.items():
             for completion in output.outputs:
-                delta = self.renderer.delta(completion, self.sent.setdefault((request_id, completion.index), StreamProgress()))
+                progress = self.sent.setdefault((request_id, completion.index), StreamProgress())
+                delta = self.renderer.delta(completion, progress)
                 if delta is None:
                     continue
                 message: dict[str, str] = {}
