@@ -172,10 +172,11 @@ def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     """Device-side and sync-free: the number of row blocks is bounded from shapes alone
     (cdiv(pairs, block_m) + one partial block per expert that can be hit)."""
     device = topk_ids.device
-    flat = topk_ids.flatten()
+    flat = topk_ids.flatten().long()
     num_pairs = flat.numel()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add_, not bincount: bincount reads the max id back to the host (a sync; no CUDA graphs)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     start = torch.cumsum(counts, 0) - counts
