@@ -17,7 +17,7 @@ import gc
 import torch
 
 from runtime import LLM, SamplingParams
-from tools.parity import _LogitRecorder
+from tools.parity import _LogitRecorder, transformers_load_options
 
 
 def free_gpu() -> None:
@@ -27,7 +27,7 @@ def free_gpu() -> None:
 
 def _hf_logits(path, dtype, sequences: dict) -> dict:
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **transformers_load_options(path)).cuda().eval()
     with torch.inference_mode():
         logits = {k: model(v).logits[0].float() for k, v in sequences.items()}
     del model

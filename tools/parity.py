@@ -85,15 +85,20 @@ class _LogitRecorder:
         return self.model.compute_logits(hidden)
 
 
-def load_transformers(path: str | os.PathLike, config_overrides: dict[str, Any] | None = None):
-    """transformers' fp32 model of a checkpoint. MXFP4 checkpoints load dequantized (exactly), which is also
-    the only way transformers runs them on a CPU. `config_overrides` replace config.json fields."""
-    from transformers import AutoModelForCausalLM
-    options = dict(config_overrides or {})
+def transformers_load_options(path: str | os.PathLike) -> dict[str, Any]:
+    """from_pretrained options the oracle needs for a checkpoint: MXFP4 checkpoints load dequantized (exactly),
+    the only way transformers runs them without its hub kernels (and without accelerate)."""
     quantization = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
     if quantization.get("quant_method") == "mxfp4":
         from transformers import Mxfp4Config
-        options["quantization_config"] = Mxfp4Config(dequantize=True)
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    return {}
+
+
+def load_transformers(path: str | os.PathLike, config_overrides: dict[str, Any] | None = None):
+    """transformers' fp32 model of a checkpoint; `config_overrides` replace config.json fields."""
+    from transformers import AutoModelForCausalLM
+    options = {**(config_overrides or {}), **transformers_load_options(path)}
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **options).eval()
 
 
