@@ -45,6 +45,8 @@ class SamplingBatch:
             counts = torch.zeros(len(requests), vocab_size, dtype=torch.float32, device=device)
             seen = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
             for row, r in enumerate(requests):
+                if not r.params.has_penalties:     # neutral penalties ignore its row; its tokens may be pending
+                    continue
                 out = as_tensor(r.output_token_ids, torch.int64)
                 counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.float32))
                 seen[row, as_tensor(r.token_ids, torch.int64)] = True
@@ -141,7 +143,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     if batch.penalties is not None:
         logits = apply_penalties(logits, batch.penalties)
     if batch.banned is not None:
-        logits = logits.index_put(batch.banned, torch.tensor(float("-inf"), device=logits.device))
+        # new_full fills on the device; torch.tensor(..., device=cuda) would copy from the host and sync
+        logits = logits.index_put(batch.banned, logits.new_full((), float("-inf")))
     greedy_tokens = logits.argmax(dim=-1)
     if batch.all_greedy:
         token_ids = greedy_tokens
