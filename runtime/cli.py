@@ -25,6 +25,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-gpu-blocks", type=int, help="force the number of KV blocks")
     group.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    group.add_argument("--no-async-scheduling", action="store_true",
+                       help="wait for each step's tokens before scheduling the next (no host/device overlap)")
     group.add_argument("--no-prefix-caching", action="store_true")
     group.add_argument("--seed", type=int, default=defaults.seed)
 
@@ -79,7 +81,7 @@ def engine_config(args: argparse.Namespace, package) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         num_gpu_blocks=args.num_gpu_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager, seed=args.seed)
+        enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling, seed=args.seed)
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

@@ -26,6 +26,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 1.0            # cache budget on the CPU path
     enforce_eager: bool = False
+    async_scheduling: bool = True            # prepare step N+1 on the host while the device runs step N
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -17,8 +17,9 @@ from runtime.config import EngineConfig
 from runtime.kv_cache import KVCacheManager, group_cache_specs, plan_num_blocks
 from runtime.loader import init_dummy_weights, iterate_weights, load_hf_config, resolve_model_path
 from runtime.registry import get_package, package_for_architectures
-from runtime.request import CompletionOutput, FinishReason, Request, RequestOutput, SamplingParams
-from runtime.runner import ModelRunner, allocate_caches
+from runtime.request import (PLACEHOLDER_TOKEN_ID, CompletionOutput, FinishReason, Request, RequestOutput,
+                             SamplingParams)
+from runtime.runner import ModelRunner, PendingStep, allocate_caches
 from runtime.scheduler import Scheduler
 from runtime.tiny import ensure_tiny
 from runtime.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -114,6 +115,7 @@ class Engine:
         self._seeds = random.Random(config.seed)
         self._arrivals = itertools.count()
         self._last_token_time: dict[Request, float] = {}
+        self._in_flight: PendingStep | None = None     # launched, tokens not yet read (async scheduling)
         self.last_step_stats = StepStats()
         logger.info("model %s (%s) on %s/%s; %s", path, self.package.name, self.device, str(self.dtype)[6:],
                     self.cache_report())
@@ -195,23 +197,49 @@ class Engine:
             self._last_token_time.pop(request, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- the loop -------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch. Returns outputs of finished prompts, and of streaming prompts that moved."""
+        """Launch the next scheduled batch; return outputs of finished prompts, and of streaming prompts that
+        moved. With async scheduling the batch launched here is read back by the next call, after it has
+        launched its own batch, so the host work of one step overlaps the device work of the other."""
         batch = self.scheduler.schedule()
         self.last_step_stats = StepStats()
-        if not batch.requests:
-            return []
-        out = self.runner.execute(batch)
+        launched = self.runner.launch(batch) if batch.requests else None
+        previous, self._in_flight = self._in_flight, None
+        outputs = self._read_back(previous) if previous is not None else []
+        if launched is None:
+            return outputs
+        # after _read_back: the tokens this batch computed are all real now, and only those get block hashes
         self.scheduler.finish_step(batch)
+        self._add_placeholders(launched)
+        if self.config.async_scheduling and not launched.uses_penalties:
+            self._in_flight = launched
+        else:                                   # penalties read every token on the host at sampling time
+            outputs += self._read_back(launched)
+        return outputs
+
+    def _add_placeholders(self, launched: PendingStep) -> None:
+        """The tokens just sampled are owed to the next step before the host knows them."""
+        for request in launched.requests:
+            if not request.finished:
+                request.token_ids.append(PLACEHOLDER_TOKEN_ID)
+
+    def _read_back(self, launched: PendingStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens, put them in place of its placeholders and check stops.
+        A request that finished (or was aborted) after the launch is skipped: its token is void. Its blocks
+        were freed at once; the device may still write its last KV there, but any later reuse of those
+        blocks is queued behind that write on the same stream."""
+        out = self.runner.wait(launched)
         now = time.monotonic()
-        self.last_step_stats.num_generation_tokens = len(out.token_ids)
         touched: dict[str, _Group] = {}
         for request, token, logprobs in zip(out.requests, out.token_ids, out.logprobs):
-            request.token_ids.append(token)
+            if request.finished:
+                continue
+            request.token_ids[-1] = token
+            self.last_step_stats.num_generation_tokens += 1
             if logprobs is not None:
                 request.logprobs.append(logprobs)
             self._check_stop(request, token)
@@ -220,8 +248,12 @@ class Engine:
             group = self._group_of[request]
             touched[group.request_id] = group
             self._record_token_time(group, request, now)
+        return self._outputs(touched.values(), now)
+
+    def _outputs(self, touched: Iterable[_Group], now: float) -> list[RequestOutput]:
+        """Outputs of the groups that moved: finished ones (forgotten here), and streaming ones."""
         outputs = []
-        for group in touched.values():
+        for group in touched:
             done = all(r.finished for r in group.children)
             if done or group.stream:
                 outputs.append(self._output(group, done))

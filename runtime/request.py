@@ -4,6 +4,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+# Stands in `Request.token_ids` for a token the device has sampled but the host has not read yet (async
+# scheduling). It is only ever the last token, the next step fills it on the device, and the engine
+# replaces it before anything on the host reads token values (stop checks, block hashes, penalties).
+PLACEHOLDER_TOKEN_ID = -1
+
 
 @dataclass(slots=True)
 class SamplingParams:

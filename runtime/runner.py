@@ -3,7 +3,12 @@ forward, and samples.
 
 Inputs are built with numpy in host staging buffers (pinned on CUDA) and copied once per step, non-blocking,
 into device buffers whose addresses never change. Decode batches on CUDA replay a CUDA graph captured for the
-next larger batch size; the rows past the real batch are padding that writes nothing."""
+next larger batch size; the rows past the real batch are padding that writes nothing.
+
+A step is launched without waiting for it (`launch`), and waited on later (`wait`), so that the host can
+prepare the next step while the device runs this one. Tokens the host has not read yet appear in the next
+batch as placeholders, filled on the device from the previous launch's sampled tokens. Host buffers come in
+two slots, used by alternate steps: a step's buffers are written again only after it was waited on."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +19,8 @@ from torch import nn
 
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheLayout, KVCacheManager, cdiv
-from runtime.sampler import SamplingBatch, sample
+from runtime.request import PLACEHOLDER_TOKEN_ID
+from runtime.sampler import SamplingBatch, SamplerOutput, sample
 from runtime.scheduler import ScheduledBatch
 
 
@@ -23,6 +29,17 @@ class StepOutput:
     requests: list                       # the requests that sampled, in row order
     token_ids: list[int]
     logprobs: list[dict[int, float] | None]
+
+
+@dataclass(slots=True, eq=False)
+class PendingStep:
+    """A launched step whose sampled tokens are on their way to the host (a non-blocking copy)."""
+    requests: list                       # the requests that sample, in row order
+    token_ids: torch.Tensor | None       # [rows] host copy (pinned on CUDA), valid once `ready` has fired
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None   # host copies: sampled, top, top ids
+    ready: torch.cuda.Event | None       # recorded after the copies; None on CPU, where nothing is deferred
+    uses_penalties: bool                 # its requests need host token values to sample again
+    waited: bool = False
 
 
 def allocate_caches(layout: CacheLayout, num_blocks: list[int], block_size: int,
@@ -42,24 +59,40 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class InputBuffers:
-    """Step inputs at fixed addresses: `host` numpy views (pinned on CUDA) and their device twins."""
+    """Step inputs at fixed addresses: `host` numpy views (pinned on CUDA) and their device twins. The host
+    side has NUM_SLOTS copies, one per step in flight: a step's non-blocking uploads may still be reading its
+    slot while the next step is being prepared in the other. (On CPU the device twin is the host slot.)"""
 
-    NAMES = ("input_ids", "positions", "query_start_loc", "seq_lens", "num_computed", "logits_indices")
+    NAMES = ("input_ids", "positions", "query_start_loc", "seq_lens", "num_computed", "logits_indices",
+             "placeholder_dst", "placeholder_src")
+    NUM_SLOTS = 2
 
     def __init__(self, max_tokens: int, max_reqs: int, num_groups: int, max_blocks: int, device: torch.device):
         pin = device.type == "cuda"
         sizes = dict(input_ids=max_tokens, positions=max_tokens, query_start_loc=max_reqs + 1, seq_lens=max_reqs,
-                     num_computed=max_reqs, logits_indices=max_reqs)
+                     num_computed=max_reqs, logits_indices=max_reqs, placeholder_dst=max_reqs,
+                     placeholder_src=max_reqs)
         dtypes = dict(query_start_loc=torch.int32, seq_lens=torch.int32, num_computed=torch.int32)
-        self.host_tensors = {n: torch.zeros(sizes[n], dtype=dtypes.get(n, torch.int64), pin_memory=pin)
-                             for n in self.NAMES}
-        self.host_tensors.update({f"slots{g}": torch.zeros(max_tokens, dtype=torch.int64, pin_memory=pin)
-                                  for g in range(num_groups)})
-        self.host_tensors.update({f"table{g}": torch.zeros(max_reqs, max_blocks, dtype=torch.int32, pin_memory=pin)
-                                  for g in range(num_groups)})
-        self.host = {n: t.numpy() for n, t in self.host_tensors.items()}
-        self.device = {n: t.to(device) if pin else t for n, t in self.host_tensors.items()}
+
+        def host_slot() -> dict[str, torch.Tensor]:
+            tensors = {n: torch.zeros(sizes[n], dtype=dtypes.get(n, torch.int64), pin_memory=pin)
+                       for n in self.NAMES}
+            tensors.update({f"slots{g}": torch.zeros(max_tokens, dtype=torch.int64, pin_memory=pin)
+                            for g in range(num_groups)})
+            tensors.update({f"table{g}": torch.zeros(max_reqs, max_blocks, dtype=torch.int32, pin_memory=pin)
+                            for g in range(num_groups)})
+            return tensors
+
+        self.slots = [host_slot() for _ in range(self.NUM_SLOTS)]
+        self.slot_views = [{n: t.numpy() for n, t in tensors.items()} for tensors in self.slots]
         self.on_cuda = pin
+        self.device = {n: t.to(device) for n, t in self.slots[0].items()} if pin else {}
+        self.use_slot(0)
+
+    def use_slot(self, slot: int) -> None:
+        self.host_tensors, self.host = self.slots[slot], self.slot_views[slot]
+        if not self.on_cuda:
+            self.device = self.host_tensors
 
     def upload(self, name: str, rows: int) -> torch.Tensor:
         """Copy the first `rows` rows host -> device (non-blocking) and return the device view."""
@@ -83,14 +116,25 @@ class ModelRunner:
         self.buffers = InputBuffers(max(max_num_batched_tokens, max_reqs), max_reqs, len(kv.groups),
                                     self.max_blocks, device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if use_cuda_graphs and device.type == "cuda":
+        on_cuda = device.type == "cuda"
+        # per host slot: where the step's sampled tokens land, the event that says they have, and its step
+        self.sampled_host = [torch.zeros(max_reqs, dtype=torch.int64, pin_memory=on_cuda)
+                             for _ in range(InputBuffers.NUM_SLOTS)]
+        self.step_ready = [torch.cuda.Event() if on_cuda else None for _ in range(InputBuffers.NUM_SLOTS)]
+        self.slot_step: list[PendingStep | None] = [None] * InputBuffers.NUM_SLOTS
+        self.slot = 0
+        # the last launch's sampled tokens, still on the device, and each sampling request's row in them:
+        # the source of the next step's placeholders
+        self.last_sampled: torch.Tensor | None = None            # [rows] int64
+        self.last_sample_row: dict = {}
+        if use_cuda_graphs and on_cuda:
             self.capture_graphs(graph_batch_sizes(max_reqs))
 
     # ---- inputs ---------------------------------------------------------------------------------------
 
-    def _fill_host(self, batch: ScheduledBatch, pad_to: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    def _fill_host(self, batch: ScheduledBatch, pad_to: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, int]:
         """Write the step's inputs into the host buffers. Rows past the batch (graph padding) read the null
-        block, write nothing (slot -1) and see one key."""
+        block, write nothing (slot -1) and see one key. Placeholder tokens are listed for the device fill."""
         h = self.buffers.host
         requests = batch.requests
         num_reqs = len(requests)
@@ -105,6 +149,7 @@ class ModelRunner:
         for r, start, n in zip(requests, computed.tolist(), batch.num_new_tokens):
             token_ids.extend(r.token_ids[start:start + n])
         h["input_ids"][:num_tokens] = token_ids
+        num_placeholders = self._list_placeholders(requests, query_start_loc, num_tokens)
         # position of each token = computed[req] + its offset inside the request's chunk
         positions = h["positions"][:num_tokens]
         positions[:] = np.arange(num_tokens) + np.repeat(computed - query_start_loc[:-1], num_new)
@@ -133,11 +178,28 @@ class ModelRunner:
         logits_indices = query_start_loc[1:num_reqs + 1][samples] - 1
         h["logits_indices"][:len(logits_indices)] = logits_indices
         sampling_requests = [r for r, s in zip(requests, samples.tolist()) if s]
-        return num_new, seq_lens, logits_indices, sampling_requests
+        return num_new, seq_lens, logits_indices, sampling_requests, num_placeholders
+
+    def _list_placeholders(self, requests: list, query_start_loc: np.ndarray, num_tokens: int) -> int:
+        """Write where this step's placeholder tokens sit (`placeholder_dst`) and their rows in the last
+        launch's sampled tokens (`placeholder_src`); returns how many there are."""
+        h = self.buffers.host
+        dst = np.flatnonzero(h["input_ids"][:num_tokens] == PLACEHOLDER_TOKEN_ID)
+        if not len(dst):
+            return 0
+        owners = np.searchsorted(query_start_loc[1:], dst, side="right")          # request of each placeholder
+        try:
+            src = [self.last_sample_row[requests[i]] for i in owners.tolist()]
+        except KeyError as missing:
+            raise RuntimeError(f"request {missing.args[0].request_id} has a placeholder token that the last "
+                               f"launched step did not sample") from None
+        h["placeholder_dst"][:len(dst)] = dst
+        h["placeholder_src"][:len(dst)] = src
+        return len(dst)
 
     def prepare_inputs(self, batch: ScheduledBatch, pad_to: int = 0) -> tuple[torch.Tensor, ForwardContext, list]:
         """(input_ids, ctx, requests that sample) for one step; `pad_to` rows for a decode graph."""
-        num_new, seq_lens, logits_indices, sampling_requests = self._fill_host(batch, pad_to)
+        num_new, seq_lens, logits_indices, sampling_requests, num_placeholders = self._fill_host(batch, pad_to)
         num_reqs = max(len(batch.requests), pad_to)
         num_tokens = int(num_new.sum()) + max(0, pad_to - len(batch.requests))
         up = self.buffers.upload
@@ -162,7 +224,12 @@ class ModelRunner:
             query_start_loc_host=self.buffers.host["query_start_loc"][:num_reqs + 1],
             seq_lens_host=self.buffers.host["seq_lens"][:num_reqs],
         )
-        return up("input_ids", num_tokens), ctx, sampling_requests
+        input_ids = up("input_ids", num_tokens)
+        if num_placeholders:
+            # the last launch's tokens go straight into this step's inputs, without a trip through the host
+            sampled = self.last_sampled.index_select(0, up("placeholder_src", num_placeholders))
+            input_ids.index_copy_(0, up("placeholder_dst", num_placeholders), sampled)
+        return input_ids, ctx, sampling_requests
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
 
@@ -190,7 +257,10 @@ class ModelRunner:
     # ---- the step -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
+    def launch(self, batch: ScheduledBatch) -> PendingStep:
+        """Queue the batch's forward and sampling on the device and return without waiting for them.
+        Every launched step must be `wait`ed on before the launch after next: that one reuses its buffers."""
+        self._next_slot()
         graph_size = self._graph_size(batch)
         input_ids, ctx, sampling_requests = self.prepare_inputs(batch, pad_to=graph_size)
         # host work for the sampler before the launch, so that it overlaps the forward on the device
@@ -203,19 +273,65 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, ctx.positions, ctx)                    # [num_tokens, hidden]
             if not sampling_requests:
-                return StepOutput([], [], [])
+                return self._pending(sampling_requests, None, sampling)
             logits = self.model.compute_logits(hidden[ctx.logits_indices])       # [num_sampling, vocab]
         out = sample(logits[:, :self.vocab_size], sampling)
-        token_ids = out.token_ids.tolist()                                         # the step's one host sync
-        return StepOutput(sampling_requests, token_ids, self._logprobs(out, sampling_requests, token_ids))
+        return self._pending(sampling_requests, out, sampling)
+
+    def _next_slot(self) -> None:
+        self.slot = (self.slot + 1) % InputBuffers.NUM_SLOTS
+        previous = self.slot_step[self.slot]
+        if previous is not None and not previous.waited:
+            # Only after a failed engine step, which dropped it: let its copies land before its buffers are
+            # reused, and make sure nothing reads its tokens from them afterwards.
+            if previous.ready is not None:
+                previous.ready.synchronize()
+            previous.waited = True
+            previous.requests, previous.token_ids, previous.logprobs = [], None, None
+        self.buffers.use_slot(self.slot)
+
+    def _pending(self, requests: list, out: SamplerOutput | None, sampling: SamplingBatch | None) -> PendingStep:
+        """Start the copies of the sampled tokens (and logprobs) to the host, and mark when they land."""
+        token_ids = logprobs = None
+        if out is not None:
+            token_ids = self._to_host(out.token_ids, self.sampled_host[self.slot][:len(requests)])
+            if out.top_logprobs is not None:
+                logprobs = tuple(self._to_host(t) for t in (out.sampled_logprobs, out.top_logprobs, out.top_ids))
+        ready = self.step_ready[self.slot]
+        if ready is not None:
+            ready.record()
+        self.last_sampled = out.token_ids if out is not None else None
+        self.last_sample_row = {request: row for row, request in enumerate(requests)}
+        step = PendingStep(requests, token_ids, logprobs, ready,
+                           uses_penalties=sampling is not None and sampling.penalties is not None)
+        self.slot_step[self.slot] = step
+        return step
+
+    def _to_host(self, tensor: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """A non-blocking device -> pinned host copy (the tensor itself on CPU)."""
+        if self.device.type != "cuda":
+            return tensor
+        if into is None:
+            into = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return into.copy_(tensor, non_blocking=True)
+
+    def wait(self, step: PendingStep) -> StepOutput:
+        """Block until the step's tokens are on the host: the one host sync per step."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        step.waited = True
+        if step.token_ids is None:
+            return StepOutput([], [], [])
+        token_ids = step.token_ids.tolist()
+        return StepOutput(step.requests, token_ids, self._logprobs(step.logprobs, step.requests, token_ids))
 
     @staticmethod
-    def _logprobs(out, requests: list, token_ids: list[int]) -> list[dict[int, float] | None]:
+    def _logprobs(host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, requests: list,
+                  token_ids: list[int]) -> list[dict[int, float] | None]:
         logprobs: list[dict[int, float] | None] = [None] * len(token_ids)
-        if out.top_logprobs is None:
+        if host is None:
             return logprobs
-        sampled_lp = out.sampled_logprobs.tolist()
-        top_lp, top_ids = out.top_logprobs.tolist(), out.top_ids.tolist()
+        sampled_lp, top_lp, top_ids = (t.tolist() for t in host)
         for row, r in enumerate(requests):
             n = r.params.logprobs
             if n is None:

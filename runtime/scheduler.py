@@ -54,7 +54,11 @@ class Scheduler:
         # Decodes (owed one token) first, then partially prefilled requests, each in arrival order.
         decodes, prefills = [], []
         for request in self.running:
-            (decodes if len(request.token_ids) - request.num_computed_tokens == 1 else prefills).append(request)
+            if len(request.token_ids) - request.num_computed_tokens != 1:
+                prefills.append(request)
+            elif request.num_output_tokens < request.params.max_tokens:
+                decodes.append(request)
+            # else its last token is a placeholder that reaches max_tokens: it ends there, owing no compute
         for request in decodes + prefills if prefills else decodes:
             if budget == 0:
                 break
@@ -111,8 +115,11 @@ class Scheduler:
         self.stats.num_preemptions += 1
 
     def finish_step(self, batch: ScheduledBatch) -> None:
-        """Advance what the cache holds after the model ran the batch."""
+        """Advance what the cache holds after the model ran the batch. A request that finished while the
+        batch ran (its previous token stopped it) has freed its blocks: nothing of it is kept."""
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
+            if request.status is RequestStatus.FINISHED:
+                continue
             request.num_computed_tokens += num_new
             self.kv.cache_blocks(request)
 
