@@ -109,7 +109,7 @@ def decode_step_bytes(model: torch.nn.Module, hf_config, batch: int, context_len
         size = param.numel() * param.element_size()
         if "embed_tokens" in name and not getattr(hf_config, "tie_word_embeddings", False):
             size = batch * param.shape[-1] * param.element_size()
-        elif experts and param.dim() == 3 and param.shape[0] == experts:
+        elif experts and param.dim() >= 3 and param.shape[0] == experts:      # stacked (or packed) experts
             size = int(size * touched_fraction)
         total += size
     return total + batch * context_len * kv_bytes_per_token
