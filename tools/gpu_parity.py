@@ -9,7 +9,7 @@ least that of transformers' own bf16 (minus one point); and every top-1 disagree
 a tie within bf16 noise (the fp32 logits of the two tokens closer than transformers' own bf16 error on that
 row). For MoE models a bf16 router near a tie picks another expert now and then (transformers too), so there
 the cosine bar holds for the median row, and rows far from fp32 may be at most twice transformers' own
-count (plus two). Used by tests/models/*/test_gpu.py and `tools/regress.py ARCH --gpu`."""
+count (plus two). Used by tests/models/*/test_*_gpu.py and `tools/regress.py ARCH --gpu`."""
 from __future__ import annotations
 
 import gc

@@ -18,7 +18,7 @@ MODULES_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router"
 # Per parameter-name suffix: the std of a fresh normal draw (transformers zero-initialises biases and draws
 # sinks and routers at std 0.02, which leaves them inert). The values were tuned against two constraints:
 # every feature moves the logits far more than the 1e-4 parity tolerance (the sinks, window and YaRN by
-# more than 0.1; see tests/models/gpt_oss/test_parity.py), while transformers' own fp32 rounding (fp32 vs fp64
+# more than 0.1; see tests/models/gpt_oss/test_gpt_oss_parity.py), while transformers' own fp32 rounding (fp32 vs fp64
 # forward of a 200-token prompt) stays near 2e-6.
 _STD = {
     "embed_tokens.weight": 1.0,              # token identity, not the biases, dominates the residual stream
