@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.ops.moe import align_by_expert_ref, align_by_expert_triton
+
 MX_BLOCK = 32                       # elements sharing one scale
 # E2M1 code -> value: sign bit, 2 exponent bits (bias 1), 1 mantissa bit; code 1 is the subnormal 0.5
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -160,38 +162,6 @@ except ImportError:                                  # the torch reference still
     triton = None
 
 
-@dataclass(slots=True)
-class ExpertAlignment:
-    """Pairs (token, slot) sorted by expert, each expert's run padded to a multiple of block_m rows."""
-    sorted_pair_ids: torch.Tensor   # [num_blocks * block_m] int32; num_pairs marks a padding row
-    block_expert: torch.Tensor      # [num_blocks] int32 expert of each row block; -1 past the last one
-    block_m: int
-
-
-def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
-    """Device-side and sync-free: the number of row blocks is bounded from shapes alone
-    (cdiv(pairs, block_m) + one partial block per expert that can be hit)."""
-    device = topk_ids.device
-    flat = topk_ids.flatten().long()
-    num_pairs = flat.numel()
-    order = torch.argsort(flat, stable=True)
-    # scatter_add_, not bincount: bincount reads the max id back to the host (a sync; no CUDA graphs)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = torch.cumsum(padded, 0)
-    start = torch.cumsum(counts, 0) - counts
-    sorted_experts = flat[order]
-    rank = torch.arange(num_pairs, device=device) - start[sorted_experts]
-    destination = padded_end[sorted_experts] - padded[sorted_experts] + rank
-    num_blocks = -(-num_pairs // block_m) + min(num_experts, num_pairs)
-    sorted_pair_ids = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
-    sorted_pair_ids[destination] = order.to(torch.int32)
-    block_start = torch.arange(num_blocks, device=device) * block_m
-    block_expert = torch.searchsorted(padded_end, block_start, right=True)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
-    return ExpertAlignment(sorted_pair_ids, block_expert, block_m)
-
-
 if triton is not None:
     @triton.jit
     def _load_mxfp4_tile(blocks_ptr, scales_ptr, expert, rows, row_mask, k_start, K,
@@ -328,7 +298,8 @@ def mxfp4_moe_triton(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_we
     num_tokens, top_k = topk_ids.shape
     num_pairs = num_tokens * top_k
     tiles = tiles or MoeTiles.for_batch(num_pairs)
-    alignment = align_pairs_by_expert(topk_ids, w13.blocks.shape[0], tiles.block_m)
+    align = align_by_expert_triton if x.is_cuda else align_by_expert_ref    # the same layout either way
+    alignment = align(topk_ids, w13.blocks.shape[0], tiles.block_m)
     num_blocks = alignment.block_expert.numel()
     fp32 = x.dtype == torch.float32
     h = torch.empty(num_blocks * tiles.block_m, inter, dtype=x.dtype, device=x.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.ops.mxfp4 import (FP4_VALUES, GatedActivation, MoeTiles, Mxfp4Linear, align_pairs_by_expert,
+from runtime.ops.mxfp4 import (FP4_VALUES, GatedActivation, MoeTiles, Mxfp4Linear,
                                mxfp4_dequantize, mxfp4_moe_reference, mxfp4_quantize)
 
 GPT_OSS_ACTIVATION = GatedActivation(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)
@@ -130,21 +130,6 @@ def test_gpt_oss_activation_clamps_gate_above_only_and_offsets_up():
 
 
 # ---- the Triton kernel ------------------------------------------------------------------------------
-
-
-def test_alignment_covers_every_pair_once_in_blocks_of_one_expert():
-    weights, ids = make_routing(13, 6, 3, seed=6, skip_experts=(2,))
-    alignment = align_pairs_by_expert(ids, num_experts=6, block_m=4)
-    num_pairs = ids.numel()
-    sorted_ids = alignment.sorted_pair_ids.view(-1, 4)
-    real = sorted_ids[sorted_ids < num_pairs]
-    assert sorted(real.tolist()) == list(range(num_pairs))
-    for block, expert in zip(sorted_ids, alignment.block_expert.tolist()):
-        pairs = block[block < num_pairs]
-        if expert < 0:
-            assert pairs.numel() == 0
-        else:
-            assert (ids.flatten()[pairs.long()] == expert).all()
 
 
 triton_case = pytest.mark.parametrize("num_tokens,activation,bias", [
