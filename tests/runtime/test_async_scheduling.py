@@ -13,7 +13,7 @@ from runtime.request import PLACEHOLDER_TOKEN_ID, Request
 from runtime.scheduler import Scheduler
 from tools.parity import random_prompts
 
-# block_size 4, a 16-token budget and 47 blocks (188 tokens) for about 600 tokens of work: chunked prefill,
+# block_size 4, a 16-token budget and 47 blocks (188 tokens) for about 370 tokens of work: chunked prefill,
 # mixed steps and preemption all happen.
 TIGHT_CACHE = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=16, num_gpu_blocks=48)
 PROMPT_LENGTHS = (3, 17, 40, 64, 9, 30, 21, 12)
