@@ -1,6 +1,7 @@
 """Shared fixtures: tiny checkpoints written once per session, and a private cache dir for `--model tiny`."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -12,6 +13,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tools.parity import make_tiny_checkpoint  # noqa: E402
+
+# The GPU machine has no fastapi/uvicorn/openai: there `pytest -m gpu` skips the server tests' modules.
+if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn", "openai")):
+    collect_ignore_glob = ["server/*", "models/*/test_*_server.py"]
 
 
 @pytest.fixture(scope="session", autouse=True)
