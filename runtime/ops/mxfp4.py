@@ -277,6 +277,8 @@ class MoeTiles:
     block_m: int = 16
     block_n: int = 64
     block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
 
     @staticmethod
     def for_batch(num_pairs: int) -> "MoeTiles":
@@ -313,7 +315,8 @@ def mxfp4_moe_triton(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_we
         activation.alpha, activation.limit or 0.0, activation.up_offset,
         HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None,
         INTERLEAVED=activation.interleaved, FP32=fp32,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k)
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     pair_out = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)     # [tokens * k, hidden]
     bias2 = w2.bias if w2.bias is not None else dummy_bias
     _moe_down_kernel[(num_blocks, triton.cdiv(hidden, tiles.block_n))](
@@ -322,5 +325,6 @@ def mxfp4_moe_triton(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_we
         h.stride(0), w2.blocks.stride(0), w2.blocks.stride(1), w2.scales.stride(0), w2.scales.stride(1),
         bias2.stride(0) if w2.bias is not None else 0, pair_out.stride(0),
         HAS_BIAS=w2.bias is not None, FP32=fp32,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k)
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return pair_out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
