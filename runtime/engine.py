@@ -158,6 +158,7 @@ class Engine:
             raise ValueError("the prompt is empty")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        self._check_params_fit_vocab(params)
         room = self.max_model_len - len(token_ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens > room or room <= 0:
@@ -183,6 +184,14 @@ class Engine:
         for request in children:
             self._group_of[request] = group
             self.scheduler.add(request)
+
+    def _check_params_fit_vocab(self, params: SamplingParams) -> None:
+        """Parameters that name tokens must name this model's tokens (else a step would fail)."""
+        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {self.vocab_size})")
+        if params.logprobs is not None and params.logprobs > self.vocab_size:
+            raise ValueError(f"logprobs is {params.logprobs} but the vocabulary has {self.vocab_size} tokens")
 
     def abort(self, request_id: str) -> None:
         group = self.groups.pop(request_id, None)
@@ -370,7 +379,8 @@ class LLM:
              **template_kwargs: Any) -> list[RequestOutput]:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        prompts = [self.tokenizer.apply_chat_template(c, **template_kwargs) for c in conversations]
+        options = {"add_generation_prompt": True, **template_kwargs}
+        prompts = [self.engine.package.chat_prompt(self.tokenizer, c, options) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

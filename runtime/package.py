@@ -48,3 +48,10 @@ class ModelPackage:
     render_chat: Callable[[Any, list[dict[str, Any]], dict[str, Any]], list[int]] | None = None
     reasoning_parser: Callable[[Any, list[int]], tuple[str | None, str]] | None = None
     aliases: tuple[str, ...] = ()
+
+    def chat_prompt(self, tokenizer, messages: list[dict[str, Any]], options: dict[str, Any]) -> list[int]:
+        """Prompt ids of a chat: the package's renderer where it has one, else the tokenizer's template.
+        `options` holds add_generation_prompt and any template keyword arguments."""
+        if self.render_chat is not None:
+            return self.render_chat(tokenizer, messages, options)
+        return tokenizer.apply_chat_template(messages, **options)

@@ -39,6 +39,8 @@ class SamplingParams:
             self.top_k = 0
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
+            (self.seed is None or -2**63 <= self.seed < 2**63 - self.n,
+             f"seed must fit in 64 bits (with room for n), got {self.seed}"),
             (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be -1, 0 (off) or positive, got {self.top_k}"),

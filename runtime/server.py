@@ -759,9 +759,7 @@ class OpenAIServer:
         if body.reasoning_effort is not None:
             options["reasoning_effort"] = body.reasoning_effort
         try:
-            if self.package.render_chat is not None:
-                return self.package.render_chat(self.tokenizer, messages, options)
-            return self.tokenizer.apply_chat_template(messages, **options)
+            return self.package.chat_prompt(self.tokenizer, messages, options)
         except Exception as exc:     # the template rejected these messages or options: the client's to fix
             raise ApiError(400, f"cannot render the chat: {type(exc).__name__}: {exc}", param="messages") from None
 

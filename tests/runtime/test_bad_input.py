@@ -99,3 +99,17 @@ def test_engine_keeps_serving_after_rejections(llm):
             finished[output.request_id] = output.token_ids
     assert [finished[f"good-{i}"] for i in range(3)] == expected
     assert all(pool.num_used == 0 for pool in engine.kv.pools)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(stop_token_ids=[5, 5000]), r"stop_token_ids \[5000\] are outside the vocabulary"),
+    (dict(logprobs=5000), "logprobs is 5000 but the vocabulary has 1024"),
+])
+def test_params_naming_tokens_outside_the_vocabulary_are_rejected(llm, options, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, **options), use_tqdm=False)
+
+
+def test_seed_outside_64_bits_is_rejected():
+    with pytest.raises(ValueError, match="seed must fit in 64 bits"):
+        SamplingParams(seed=2**64)

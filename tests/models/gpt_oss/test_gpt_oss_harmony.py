@@ -169,3 +169,11 @@ def test_engine_stops_on_harmony_stop_tokens_but_not_on_end(tiny_gpt_oss, tokeni
     stops = set(tokenizer.convert_tokens_to_ids(["<|return|>", "<|call|>", "<|endoftext|>"]))
     assert set(engine.eos_token_ids) == stops
     assert tokenizer.convert_tokens_to_ids("<|end|>") not in engine.eos_token_ids
+
+
+def test_offline_chat_renders_harmony_not_the_jinja_template(tiny_gpt_oss):
+    from runtime import LLM, SamplingParams
+    llm = LLM(str(tiny_gpt_oss), device="cpu", dtype="float32")
+    output = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    prompt = llm.tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False)
+    assert prompt.endswith("<|start|>user<|message|>Hi<|end|><|start|>assistant")
