@@ -64,7 +64,7 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run-model", description="Run an LLM: offline prompts or a server.")
-    parser.add_argument("arch", nargs="?", help="model package, e.g. qwen3 (see --list)")
+    parser.add_argument("arch", nargs="?", help="model package (see --list)")
     parser.add_argument("--list", action="store_true", help="list the model packages and exit")
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")

@@ -77,7 +77,7 @@ class Engine:
         self.config = config
         if config.model == "tiny":
             if config.arch is None:
-                raise ValueError("--model tiny needs an architecture, e.g. `run-model qwen3 --model tiny`")
+                raise ValueError("--model tiny needs an architecture, e.g. `run-model ARCH --model tiny`")
             path = ensure_tiny(get_package(config.arch))
         else:
             path = resolve_model_path(config.model)

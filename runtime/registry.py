@@ -28,7 +28,7 @@ def _normalize(name: str) -> str:
 
 
 def get_package(name: str) -> ModelPackage:
-    """By package name or alias (`qwen3`, `deepseek-v4` == `deepseek_v4`)."""
+    """By package name or alias (dashes and underscores are the same: `my-model` == `my_model`)."""
     packages = discover()
     wanted = _normalize(name)
     for package in packages.values():

@@ -30,8 +30,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
                  weight_in_fp32: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of `rms_norm`.
 
-    weight_in_fp32=False: normalize in fp32, cast, then multiply (Llama/Qwen order).
-    weight_in_fp32=True: multiply in fp32, then cast (gpt-oss order)."""
+    weight_in_fp32=False: normalize in fp32, cast, then multiply (the usual order).
+    weight_in_fp32=True: multiply in fp32, then cast."""
     if residual is not None:
         x = x + residual
         residual = x
