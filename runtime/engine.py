@@ -7,7 +7,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -168,7 +168,7 @@ class Engine:
         if problem := self.kv.check_fits(len(token_ids) + max_tokens, self.config.max_num_batched_tokens):
             raise ValueError(f"{problem}; lower max_tokens or give the cache more memory")
         if params.max_tokens is None:
-            params = _with_max_tokens(params, max_tokens)
+            params = replace(params, max_tokens=max_tokens)
         children = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else self._seeds.getrandbits(63)
@@ -335,11 +335,6 @@ class Engine:
                    for i, r in enumerate(group.children)]
         return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, outputs, finished,
                              num_cached_tokens=first.num_cached_tokens)
-
-
-def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    from dataclasses import replace
-    return replace(params, max_tokens=max_tokens)
 
 
 class LLM:
