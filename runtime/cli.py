@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace, package) -> int:
     from runtime.engine import Engine
-    from runtime.server import ServerOptions, serve
+    from runtime.serve import ServerOptions, serve
     api_keys = args.api_key or [key for key in [os.environ.get("RUN_MODEL_API_KEY")] if key]
     options = ServerOptions(host=args.host, port=args.port, api_keys=tuple(api_keys),
                             served_model_names=tuple(args.served_model_name or ()),

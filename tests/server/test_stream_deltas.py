@@ -7,7 +7,7 @@ import pytest
 
 from models.qwen3.chat import parse_reasoning
 from runtime.request import CompletionOutput, SamplingParams
-from runtime.server import ChoiceRenderer, StreamProgress
+from runtime.serve.render import ChoiceRenderer, StreamProgress
 from runtime.tokenizer import Tokenizer
 
 

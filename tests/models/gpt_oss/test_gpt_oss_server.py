@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from models.gpt_oss.harmony import reasoning_parser, render_chat
 from runtime import LLM, SamplingParams
 from runtime.request import CompletionOutput
-from runtime.server import ChoiceRenderer, StreamProgress
+from runtime.serve.render import ChoiceRenderer, StreamProgress
 from runtime.tokenizer import Tokenizer
 from tests.server.server_process import ServerProcess, free_port
 
