@@ -10,6 +10,7 @@ import torch
 from runtime.request import Request
 
 _M32 = 0xFFFFFFFF
+_GREEDY_BELOW = 1e-5    # temperatures under this sample greedily: logits / 1e-40 overflow to inf, softmax to NaN
 
 
 @dataclass(slots=True)
@@ -149,14 +150,15 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     if batch.all_greedy:
         token_ids = greedy_tokens
     else:
-        temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
+        greedy_rows = batch.temperature < _GREEDY_BELOW
+        temperature = torch.where(greedy_rows, 1.0, batch.temperature)
         scaled = apply_top_k_top_p_min_p(logits / temperature[:, None],
                                          batch.top_k if batch.use_top_k else None,
                                          batch.top_p if batch.use_top_p else None,
                                          batch.min_p if batch.use_min_p else None)
         probs = torch.softmax(scaled, dim=-1)
         race = probs / -torch.log(uniform_noise(batch.seeds, batch.steps, logits.shape[-1]))
-        token_ids = torch.where(batch.temperature > 0, race.argmax(dim=-1), greedy_tokens)
+        token_ids = torch.where(greedy_rows, greedy_tokens, race.argmax(dim=-1))
     if raw_logprobs is not None:
         sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
         top_logprobs, top_ids = torch.topk(raw_logprobs, batch.max_logprobs, dim=-1)

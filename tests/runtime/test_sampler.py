@@ -53,6 +53,16 @@ def test_mixed_batch_greedy_rows_stay_argmax_and_random_rows_sample():
     assert random_hits <= 2          # 32 random draws, each hitting the argmax with probability ~1/512
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-8, 5e-6])
+def test_tiny_temperatures_sample_like_greedy(temperature):
+    """logits / 1e-40 overflows to inf and the softmax to NaN: below a small epsilon, sampling is greedy."""
+    logits = random_logits(6, 97, seed=3, scale=8.0)
+    requests = [make_request(seed=s, temperature=temperature) for s in range(3)]
+    requests += [make_request(seed=s, temperature=1.0) for s in range(3)]       # not an all-greedy batch
+    tokens = sample_requests(logits, requests).token_ids
+    assert torch.equal(tokens[:3], logits[:3].argmax(dim=-1))
+
+
 # ---------------------------------------------------------------- seeded sampling
 
 
