@@ -29,8 +29,13 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Turns a growing token list into text pieces. A piece is released only once its bytes form complete
-    UTF-8 characters; the few tokens before it are re-decoded so that merges across tokens come out right."""
+    """Turns a growing token list into text pieces that add up to the decode of the output tokens. A piece is
+    released only once its bytes form complete UTF-8 characters; the few tokens before it are re-decoded so
+    that merges across tokens come out right.
+
+    Not `tokenizers.decoders.DecodeStream`, which does the same windowing in Rust: it cannot flush a trailing
+    incomplete character when the output ends (a non-streamed decode keeps it as U+FFFD), and it needs the
+    Rust tokenizer, which a transformers tokenizer need not have."""
 
     _CONTEXT_TOKENS = 5
 
@@ -39,12 +44,18 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.read_offset = len(prompt_ids)
         self.prefix_offset = max(0, self.read_offset - self._CONTEXT_TOKENS)
+        # A prompt that ends inside a character is no context: the output's first bytes would complete a
+        # character the output does not hold, and the pieces would not add up to the output's decode.
+        if self._decode(prompt_ids[self.prefix_offset:]).endswith("\ufffd"):
+            self.prefix_offset = self.read_offset
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, self.skip_special_tokens)
 
     def step(self, token_ids: list[int], final: bool = False) -> str:
         """New text since the last call, given prompt + all output tokens so far."""
-        decode = lambda ids: self.tokenizer.decode(ids, self.skip_special_tokens)  # noqa: E731
-        prefix_text = decode(token_ids[self.prefix_offset:self.read_offset])
-        full_text = decode(token_ids[self.prefix_offset:])
+        prefix_text = self._decode(token_ids[self.prefix_offset:self.read_offset])
+        full_text = self._decode(token_ids[self.prefix_offset:])
         if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not final):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)

@@ -87,3 +87,15 @@ def test_chat_template_ends_with_the_generation_prompt(tokenizer):
 def test_chat_template_without_generation_prompt(tokenizer):
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=False)
     assert tokenizer.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+@pytest.mark.parametrize("text", TEXTS[:1] + TEXTS[2:3])
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_a_prompt_that_ends_mid_character_streams_the_full_decode_of_the_output(tokenizer, text, split):
+    """The prompt holds the first bytes of a character and the output the rest: the streamed pieces must add
+    up to decode(output) byte for byte, as a non-streamed answer does (with U+FFFD for the orphaned bytes)."""
+    ids = tokenizer.encode(text)
+    cuts = [i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith("\ufffd")]
+    assert len(cuts) >= split
+    prompt_ids, output_ids = ids[:cuts[split - 1]], ids[cuts[split - 1]:]
+    assert "".join(stream(tokenizer, prompt_ids, output_ids)) == tokenizer.decode(output_ids)

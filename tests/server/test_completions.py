@@ -134,3 +134,14 @@ def test_max_tokens_finishes_with_length(client):
                                       extra_body={"ignore_eos": True})
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 5
+
+
+def test_streamed_text_equals_the_whole_text_when_the_prompt_ends_mid_character(client, offline):
+    """Prompts cut inside a character: the streamed deltas add up to the non-streamed text, byte for byte."""
+    ids = offline.tokenizer.encode("東京 😀 café")
+    cuts = [i for i in range(1, len(ids)) if offline.tokenizer.decode(ids[:i]).endswith("\ufffd")]
+    for cut in cuts[:3]:
+        request = dict(prompt=ids[:cut], max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+        whole = client.completions.create(model=MODEL, **request).choices[0].text
+        texts, _, _ = streamed(client, **request)
+        assert texts[0].encode() == whole.encode()
