@@ -44,6 +44,22 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 2:
             raise ValueError(f"num_gpu_blocks must be at least 2, got {self.num_gpu_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len} (omit it for the "
+                             "model's own maximum)")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}, but this torch ({torch.__version__}) has no CUDA device; "
+                             "use --device cpu, or install a CUDA build of torch")
+
+    def resolve_max_model_len(self, hf_config) -> int:
+        """max_model_len, or the checkpoint's maximum when unset; never past the positions the model knows."""
+        limit = _max_positions(hf_config)
+        if self.max_model_len is None:
+            return limit
+        if self.max_model_len > limit:
+            raise ValueError(f"max_model_len {self.max_model_len} is more than the {limit} positions the model "
+                             "was trained for (max_position_embeddings); lower --max-model-len")
+        return self.max_model_len
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -60,3 +76,14 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return _DTYPES[self.dtype]
+
+
+def _max_positions(hf_config) -> int:
+    """max_position_embeddings, stretched by a YaRN or dynamic rope scaling factor where the config has one."""
+    positions = hf_config.max_position_embeddings
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    factor = scaling.get("factor") if scaling.get("rope_type", scaling.get("type")) in ("yarn", "dynamic") else None
+    if factor:
+        original = scaling.get("original_max_position_embeddings", positions)
+        positions = max(positions, int(original * factor))
+    return positions

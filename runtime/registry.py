@@ -47,3 +47,18 @@ def package_for_architectures(architectures: list[str]) -> ModelPackage:
     raise ValueError(
         f"no model package serves architectures {architectures}; "
         f"packages: {', '.join(f'{p.name} {list(p.hf_architectures)}' for p in packages.values())}")
+
+
+def check_package_serves(package: ModelPackage, hf_config, path) -> None:
+    """Refuse a checkpoint whose config.json names architectures the package does not serve (building it
+    would fail deep inside the model with an error that says nothing of the mix-up)."""
+    architectures = getattr(hf_config, "architectures", None) or []
+    if not architectures or set(architectures) & set(package.hf_architectures):
+        return
+    try:
+        right = f"run `run-model {package_for_architectures(architectures).name} ...`, or "
+    except ValueError:
+        right = ""
+    raise ValueError(f"the checkpoint at {path} is a {', '.join(architectures)}, not {package.name} "
+                     f"({', '.join(package.hf_architectures)}); {right}leave the architecture out to take it "
+                     "from config.json")

@@ -7,7 +7,13 @@ from typing import Any
 class Tokenizer:
     def __init__(self, path: str):
         from transformers import AutoTokenizer
-        self.hf = AutoTokenizer.from_pretrained(path)
+        try:
+            self.hf = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot load a tokenizer from {path}: {exc}; pass --tokenizer DIR_OR_HUB_ID") from None
+        if len(self.hf) < 2:     # transformers builds an empty one from a directory without tokenizer files
+            raise ValueError(f"no tokenizer in {path} (no tokenizer.json or vocabulary files); pass "
+                             "--tokenizer DIR_OR_HUB_ID, or give token ids (LLM(..., skip_tokenizer_init=True))")
 
     @property
     def eos_token_id(self) -> int | None:

@@ -113,3 +113,33 @@ def test_params_naming_tokens_outside_the_vocabulary_are_rejected(llm, options, 
 def test_seed_outside_64_bits_is_rejected():
     with pytest.raises(ValueError, match="seed must fit in 64 bits"):
         SamplingParams(seed=2**64)
+
+
+def test_checkpoint_without_a_tokenizer_says_so(tiny_qwen3, tmp_path):
+    path = tmp_path / "no-tokenizer"
+    path.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tiny_qwen3 / name, path / name)
+    with pytest.raises(ValueError, match=r"no tokenizer in .*no-tokenizer.*--tokenizer"):
+        LLM(str(path), device="cpu")
+
+
+def test_wrong_architecture_for_the_checkpoint_names_the_right_one(tiny_qwen3):
+    with pytest.raises(ValueError, match=r"Qwen3ForCausalLM.*not gpt_oss.*run-model qwen3"):
+        LLM(str(tiny_qwen3), arch="gpt_oss", device="cpu")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a torch without CUDA")
+def test_cuda_device_without_cuda_says_so():
+    with pytest.raises(ValueError, match="--device cuda.*no CUDA"):
+        LLM("tiny", arch="qwen3", device="cuda")
+
+
+@pytest.mark.parametrize("max_model_len, message", [
+    (0, "max_model_len must be at least 1"),
+    (-5, "max_model_len must be at least 1"),
+    (10**6, r"max_model_len 1000000 is more than the 4096 positions the model"),
+])
+def test_max_model_len_is_checked(tiny_qwen3, max_model_len, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(str(tiny_qwen3), device="cpu", max_model_len=max_model_len)
