@@ -29,6 +29,7 @@ from runtime.kv_cache import CacheSpec, KVCacheManager, group_cache_specs  # noq
 from runtime.request import Request, SamplingParams  # noqa: E402
 from runtime.runner import ModelRunner  # noqa: E402
 from runtime.scheduler import Scheduler  # noqa: E402
+from tools import bench_serve  # noqa: E402
 
 
 def decode_fixture(num_requests: int, prompt_len: int, block_size: int = 16, num_layers: int = 28):
@@ -315,7 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--steps", type=int, default=30)
     prof.add_argument("--top", type=int, default=20)
     prof.add_argument("--trace", help="write a chrome trace here")
-    from tools import bench_serve
     bench_serve.add_arguments(sub.add_parser("serve", help="an OpenAI server under concurrent streaming clients"))
     return parser
 
@@ -336,6 +336,10 @@ def main() -> int:
     if args.command == "sched":
         bench_sched(args)
         return 0
+    if not torch.cuda.is_available():
+        print(f"error: `bench.py {args.command}` measures a GPU, and this torch ({torch.__version__}) has no CUDA "
+              "device; `bench.py sched` and `bench.py serve` run on the CPU", file=sys.stderr)
+        return 2
     result = run_gpu_workload(args)
     print(json.dumps(result))
     if args.json:

@@ -1,7 +1,8 @@
 """Serving benchmark: `python tools/bench.py serve --url http://127.0.0.1:8000 --concurrency 1,8,32`.
 
 Closed-loop clients, like `vllm bench serve --max-concurrency C --request-rate inf`: all requests are issued
-at once and a semaphore keeps C in flight. Every request streams a completion of random token ids
+at once and a semaphore keeps C in flight. With `--request-rate R`, requests arrive as a Poisson process of
+R per second (exponential gaps, seeded by --seed), still at most C in flight, as `vllm bench serve`. Every request streams a completion of random token ids
 (`--input-len`) for exactly `--output-len` tokens (greedy, ignore_eos). The metrics are vLLM's:
 
     TTFT   time from sending a request to its first streamed token
@@ -67,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model name to send (default: the first of /v1/models)")
     parser.add_argument("--api-key", default="none")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels of requests in flight")
+    parser.add_argument("--request-rate", type=float, default=float("inf"),
+                        help="requests per second, Poisson arrivals (default: inf, all at once)")
     parser.add_argument("--num-prompts", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     parser.add_argument("--output-len", type=int, default=64, help="generated tokens per request")
@@ -134,13 +137,24 @@ async def _run_level(args: argparse.Namespace, model: str, prompts: list[list[in
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         gate = asyncio.Semaphore(concurrency)
 
-        async def limited(prompt: list[int]) -> RequestResult:
+        async def limited(prompt: list[int], arrival: float) -> RequestResult:
+            await asyncio.sleep(arrival)
             async with gate:
                 return await _stream_request(client, args, model, prompt)
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(limited(p) for p in prompts))
+        results = await asyncio.gather(*(limited(p, t) for p, t in zip(prompts, arrivals(args, len(prompts)))))
         return list(results), time.perf_counter() - start
+
+
+def arrivals(args: argparse.Namespace, num_requests: int) -> list[float]:
+    """Seconds after the start at which each request is sent: all at 0, or a Poisson process."""
+    if args.request_rate == float("inf"):
+        return [0.0] * num_requests
+    if args.request_rate <= 0:
+        raise SystemExit("--request-rate must be positive")
+    gaps = np.random.default_rng(args.seed).exponential(1.0 / args.request_rate, size=num_requests)
+    return np.cumsum(gaps).tolist()
 
 
 async def _one_request(args: argparse.Namespace, model: str, prompt: list[int]) -> RequestResult:
@@ -224,8 +238,9 @@ def print_summary(s: Summary) -> None:
 
 def print_table(summaries: list[Summary], args: argparse.Namespace) -> None:
     """A markdown table for docs/PERFORMANCE.md."""
-    print(f"\ninput {args.input_len} tokens, output {args.output_len} tokens, {args.num_prompts} requests per level, "
-          f"fastest of {args.repeat} run(s)\n")
+    rate = "all at once" if args.request_rate == float("inf") else f"Poisson arrivals at {args.request_rate:g} req/s"
+    print(f"\ninput {args.input_len} tokens, output {args.output_len} tokens, {args.num_prompts} requests per level "
+          f"({rate}), fastest of {args.repeat} run(s)\n")
     header = ("| concurrency | req/s | output tok/s | TTFT mean / median / p99 (ms) | TPOT mean / median / p99 (ms) "
               "| ITL mean / median / p99 (ms) | E2EL mean / median / p99 (ms) |")
     offline = any(s.offline_duration_s is not None for s in summaries)
