@@ -1,4 +1,6 @@
-"""`run-model ARCH --model PATH|HUB_ID|tiny --prompt TEXT`; `run-model ARCH ... --serve`; `run-model --list`."""
+"""`run-model [ARCH] --model PATH|HUB_ID|tiny --prompt TEXT`; `run-model [ARCH] ... --serve` or
+`run-model serve MODEL`; `run-model --list`. Without ARCH, the architecture comes from the checkpoint's
+config.json."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +52,14 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sampling-seed", type=int, help="per-request seed (reproducible sampling)")
 
 
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every flag's help names its default (argparse's own formatter skips flags without help text)."""
+    for action in parser._actions:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text:
+            action.help = (text + " " if text else "") + "(default: %(default)s)"
+
+
 def _server_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server (with --serve; the sampling flags are per request there)")
     group.add_argument("--serve", action="store_true", help="serve the OpenAI API instead of generating")
@@ -60,23 +70,35 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--served-model-name", nargs="+", help="model name(s) clients send (default: --model)")
     group.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are aborted")
+    group.add_argument("--max-request-bytes", type=int,
+                       help="largest request body (default: 2 MiB + 128 bytes per token of --max-model-len)")
+    group.add_argument("--chat-render-timeout", type=float, default=10.0, help="seconds a chat may take to render")
+    group.add_argument("--stats-interval", type=float, default=10.0,
+                       help="seconds between stats lines while busy (0 = none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run-model", description="Run an LLM: offline prompts or a server.")
-    parser.add_argument("arch", nargs="?", help="model package (see --list)")
+    parser = argparse.ArgumentParser(
+        prog="run-model",
+        description="Run an LLM: offline prompts or a server. `run-model serve MODEL` serves MODEL.")
+    parser.add_argument("arch", nargs="?", help="model package (see --list); default: from the checkpoint's "
+                        "config.json")
+    parser.add_argument("serve_model", nargs="?", metavar="MODEL", help="with `serve`: the model to serve")
     parser.add_argument("--list", action="store_true", help="list the model packages and exit")
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     _engine_flags(parser)
     _sampling_flags(parser)
     _server_flags(parser)
+    _show_defaults(parser)
     return parser
 
 
 def engine_config(args: argparse.Namespace, package) -> EngineConfig:
+    """The engine's options; without a package the checkpoint's config.json picks the architecture."""
+    model = args.model or (package.default_model if package is not None else None) or "tiny"
     return EngineConfig(
-        model=args.model or package.default_model or "tiny", arch=package.name, tokenizer=args.tokenizer,
+        model=model, arch=package.name if package is not None else None, tokenizer=args.tokenizer,
         device=args.device, dtype=args.dtype, load_format=args.load_format, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
@@ -106,12 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         _list_packages()
         return 0
-    if not args.arch:
-        parser.error("give an architecture (see `run-model --list`)")
+    if args.arch == "serve":                   # `run-model serve MODEL`, as vLLM spells it
+        args.arch, args.serve = None, True
+        args.model = args.serve_model or args.model
+    elif args.serve_model:
+        parser.error(f"unexpected argument {args.serve_model!r} (did you mean `run-model serve MODEL`?)")
+    if not args.arch and not args.model:
+        parser.error("give an architecture (see `run-model --list`) or --model")
     try:
         from runtime.engine import LLM
         from runtime.registry import get_package
-        package = get_package(args.arch)
+        package = get_package(args.arch) if args.arch else None
         if args.serve:
             return _serve(args, package)
         params = sampling_params(args)
@@ -124,12 +151,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace, package) -> int:
     from runtime.engine import Engine
-    from runtime.serve import ServerOptions, serve
+    from runtime.serve import ServerOptions, bind_socket, serve
     api_keys = args.api_key or [key for key in [os.environ.get("RUN_MODEL_API_KEY")] if key]
     options = ServerOptions(host=args.host, port=args.port, api_keys=tuple(api_keys),
                             served_model_names=tuple(args.served_model_name or ()),
-                            shutdown_timeout=args.shutdown_timeout)
-    return serve(Engine(engine_config(args, package)), options)
+                            shutdown_timeout=args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
+                            chat_render_timeout=args.chat_render_timeout, stats_interval=args.stats_interval)
+    config = engine_config(args, package)
+    sock = bind_socket(args.host, args.port)     # a busy port is reported now, not after minutes of loading
+    return serve(Engine(config), options, sock)
 
 
 def _generate(llm, prompts: list[str], params: SamplingParams, chat: bool) -> int:

@@ -38,3 +38,28 @@ def test_bad_sampling_flag_exits_with_a_message():
     result = run_cli("qwen3", "--model", "tiny", "--top-p", "2")
     assert result.returncode == 2
     assert "top_p" in result.stderr
+
+
+def test_help_shows_the_defaults():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "(default: 256)" in result.stdout          # --max-num-seqs
+    assert "(default: 8000)" in result.stdout         # --port
+
+
+def test_the_architecture_comes_from_config_json(tiny_qwen3):
+    result = run_cli("--model", str(tiny_qwen3), "--prompt", "Hello", "--max-tokens", "3", "--ignore-eos")
+    assert result.returncode == 0, result.stderr
+    assert "[length, 3 tokens]" in result.stdout
+
+
+def test_a_busy_port_is_reported_before_the_model_loads(tiny_qwen3):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", str(tiny_qwen3), "--port", str(port))
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "KV cache" not in result.stderr            # refused before loading anything

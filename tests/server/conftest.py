@@ -13,8 +13,9 @@ from tests.server.server_process import MAX_MODEL_LEN, start_server
 
 @pytest.fixture(scope="session")
 def server(tiny_qwen3, tmp_path_factory):
-    """The shared server (no API key). Tests must leave it healthy and idle."""
-    handle = start_server(tiny_qwen3, tmp_path_factory.mktemp("server") / "server.log")
+    """The shared server (no API key), started as `run-model serve PATH`. Tests must leave it healthy and
+    idle."""
+    handle = start_server(tiny_qwen3, tmp_path_factory.mktemp("server") / "server.log", arch=None)
     yield handle
     handle.stop()
 

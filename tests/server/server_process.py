@@ -104,10 +104,13 @@ class ServerProcess:
             raise
 
 
-def start_server(model_path: Path, log_path: Path, *flags: str) -> ServerProcess:
+def start_server(model_path: Path, log_path: Path, *flags: str, arch: str | None = "qwen3") -> ServerProcess:
+    """`run-model ARCH --model PATH --serve ...`, or with arch=None `run-model serve PATH ...` (the
+    architecture from config.json)."""
     port = free_port()
-    command = [sys.executable, "-m", "runtime.cli", "qwen3", "--model", str(model_path), "--serve",
-               "--port", str(port), "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN), *flags]
+    launch = ["qwen3", "--model", str(model_path), "--serve"] if arch else ["serve", str(model_path)]
+    command = [sys.executable, "-m", "runtime.cli", *launch, "--port", str(port), "--served-model-name", MODEL,
+               "--max-model-len", str(MAX_MODEL_LEN), *flags]
     # One intra-op thread: on a small shared CI box, torch's spinning OpenMP workers and the HTTP thread
     # otherwise fight over the cores and every step gets many times slower.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
