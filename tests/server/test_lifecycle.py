@@ -1,8 +1,12 @@
 """Start-up report, /v1/models, /metrics, and a clean stop on SIGTERM with requests in flight."""
 from __future__ import annotations
 
+import http.client
+import json
+import re
 import signal
 import threading
+import time
 
 import pytest
 
@@ -13,6 +17,8 @@ def test_startup_reports_model_cache_and_url(server, tiny_qwen3):
     log = server.log()
     assert str(tiny_qwen3) in log
     assert "KV cache group 0 (4 layers, full):" in log
+    assert re.search(rf"KV cache \d+\.\d\d GiB \(\d+ tokens\); maximum concurrency for {MAX_MODEL_LEN} tokens per "
+                     r"request: \d+\.\d\dx", log)
     assert f"http://127.0.0.1:{server.port}/v1" in log
 
 
@@ -80,3 +86,51 @@ def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0(doomed_ser
     assert results["short"] == "length"           # finished within the grace period
     assert results["long"] != "length"            # cut off when it ran out
     assert "Finished server process" in doomed_server.log()
+
+
+def _raw_stream(port: int, max_tokens: int, events: list, started: threading.Event) -> None:
+    """A streaming completion over plain HTTP; appends every event's payload (a dict, or "[DONE]")."""
+    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True, "stream": True})
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        for line in reply:
+            if line.startswith(b"data: "):
+                payload = line[6:].strip().decode()
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+                started.set()
+    except OSError as exc:
+        events.append(exc)
+    finally:
+        started.set()
+        connection.close()
+
+
+def test_sigterm_with_16_streams_ends_each_with_a_finish_reason_or_an_error_and_exits_0(doomed_server):
+    streams = [([], threading.Event()) for _ in range(16)]
+    threads = [threading.Thread(target=_raw_stream, args=(doomed_server.port, 8 if i % 4 == 0 else MAX_MODEL_LEN - 8,
+                                                           events, started))
+               for i, (events, started) in enumerate(streams)]
+    for thread in threads:
+        thread.start()
+    for _, started in streams:
+        started.wait(timeout=60)
+    stopping = time.monotonic()
+    assert doomed_server.stop(signal.SIGTERM, timeout=60) == 0
+    assert time.monotonic() - stopping < 1 + 5 + 5          # --shutdown-timeout, error events, uvicorn's own
+    for thread in threads:
+        thread.join(timeout=60)
+    errors = 0
+    for events, _ in streams:
+        assert events[-1] == "[DONE]", events[-3:]
+        last = events[-2]
+        if "error" in last:
+            assert last["error"]["code"] is None and "shutting down" in last["error"]["message"]
+            errors += 1
+        else:
+            assert last["choices"][0]["finish_reason"] == "length"
+    assert 0 < errors < 16                                  # the short ones finished, the long ones were ended
+    log = doomed_server.log()
+    assert "Traceback" not in log and "Finished server process" in log
