@@ -14,9 +14,11 @@ if not torch.cuda.is_available():
 
 from tools.parity import make_tiny_checkpoint  # noqa: E402
 
-# The GPU machine has no fastapi/uvicorn/openai: there `pytest -m gpu` skips the server tests' modules.
+# The GPU machine has no fastapi/uvicorn/openai: there `pytest -m gpu` skips the server tests. The directory
+# itself is ignored (a glob over its files would still import tests/server/conftest.py, which needs openai).
 if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn", "openai")):
-    collect_ignore_glob = ["server/*", "models/*/test_*_server.py"]
+    collect_ignore = ["server"]
+    collect_ignore_glob = ["models/*/test_*_server.py"]
 
 
 @pytest.fixture(scope="session", autouse=True)
