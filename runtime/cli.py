@@ -9,7 +9,7 @@ import os
 import sys
 
 from runtime.config import EngineConfig
-from runtime.request import SamplingParams
+from runtime.request import RequestOutput, SamplingParams
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -163,15 +163,60 @@ def _serve(args: argparse.Namespace, package) -> int:
 
 
 def _generate(llm, prompts: list[str], params: SamplingParams, chat: bool) -> int:
+    """Generate offline. One prompt with one completion streams its text as it comes; several show a progress
+    bar. Ctrl-C stops and prints what was generated so far (exit status 130)."""
+    engine = llm.engine
+    inputs: list[str | list[int]] = list(prompts)
     if chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
-    else:
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        for completion in output.outputs:
-            print(f"--- prompt: {prompt!r}  [{completion.finish_reason}, {len(completion.token_ids)} tokens]")
-            print(completion.text)
+        options = {"add_generation_prompt": True}
+        inputs = [engine.package.chat_prompt(llm.tokenizer, [{"role": "user", "content": p}], options) for p in prompts]
+    ids = [f"cli-{i}" for i in range(len(inputs))]
+    for request_id, prompt in zip(ids, inputs):
+        engine.add_request(request_id, prompt, params, stream=True)
+    live = len(ids) == 1 and params.n == 1
+    latest: dict[str, RequestOutput] = {}
+    interrupted = False
+    if live:
+        print(f"--- prompt: {prompts[0]!r}", flush=True)
+    from tqdm import tqdm
+    with tqdm(total=len(ids), desc="generating", unit="prompt", disable=live, file=sys.stderr) as bar:
+        try:
+            while engine.has_unfinished():
+                for output in engine.step():
+                    shown = latest.get(output.request_id)
+                    latest[output.request_id] = output
+                    bar.update(output.finished)
+                    if live:
+                        print(output.text[len(shown.text) if shown is not None else 0:], end="", flush=True)
+        except KeyboardInterrupt:
+            interrupted = True        # the engine is left mid-step; the process ends after printing
+    if live:
+        print()
+    for prompt, request_id in zip(prompts, ids):
+        output = latest.get(request_id)
+        completions = output.outputs if output is not None else []
+        for completion in completions:
+            reason = completion.finish_reason or "interrupted"
+            if not live:
+                print(f"--- prompt: {prompt!r}  [{reason}, {len(completion.token_ids)} tokens]")
+                print(completion.text)
+            else:
+                print(f"[{reason}, {len(completion.token_ids)} tokens]")
+            if completion.logprobs is not None:
+                _print_logprobs(llm.tokenizer, completion.token_ids, completion.logprobs)
+    if interrupted:
+        print("interrupted: the output above is what was generated before Ctrl-C", file=sys.stderr)
+        return 130
     return 0
+
+
+def _print_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]]) -> None:
+    """One line per token: the token, its logprob, and the top alternatives."""
+    for token_id, entry in zip(token_ids, logprobs):
+        top = sorted(entry.items(), key=lambda item: -item[1])
+        alternatives = "  ".join(f"{tokenizer.decode([t], skip_special_tokens=False)!r} {lp:.3f}" for t, lp in top)
+        print(f"  {tokenizer.decode([token_id], skip_special_tokens=False)!r:>16} {entry[token_id]:8.3f}   "
+              f"{alternatives}")
 
 
 if __name__ == "__main__":

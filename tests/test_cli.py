@@ -63,3 +63,31 @@ def test_a_busy_port_is_reported_before_the_model_loads(tiny_qwen3):
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "KV cache" not in result.stderr            # refused before loading anything
+
+
+def test_one_prompt_streams_and_ctrl_c_keeps_what_was_generated(tiny_qwen3):
+    import signal
+    process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "--model", str(tiny_qwen3), "--prompt", "Hello",
+                                "--max-tokens", "4000", "--max-model-len", "4096", "--ignore-eos"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "--- prompt: 'Hello'\n"
+        first = process.stdout.read(1)                # the first streamed character: generation is running
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+        rest, stderr = process.stdout.read(), process.stderr.read()     # read() keeps what read(1) buffered
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    text, summary = (first + rest).rstrip("\n").rsplit("\n", 1)
+    reason, count = summary.strip("[]").split(", ")
+    assert reason == "interrupted" and 0 < int(count.split()[0]) < 4000
+    assert text and "interrupted" in stderr
+
+
+def test_logprobs_are_printed_per_token(tiny_qwen3):
+    result = run_cli("--model", str(tiny_qwen3), "--prompt", "Hello", "--max-tokens", "3", "--ignore-eos",
+                     "--logprobs", "2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[2] == "[length, 3 tokens]" and len(lines) == 6
