@@ -16,7 +16,7 @@ import torch
 from runtime.config import EngineConfig
 from runtime.kv_cache import KVCacheManager, group_cache_specs, plan_num_blocks
 from runtime.loader import init_dummy_weights, iterate_weights, load_hf_config, resolve_model_path
-from runtime.registry import check_package_serves, get_package, package_for_architectures
+from runtime.registry import explain_wrong_architecture, get_package, package_for_architectures
 from runtime.request import (PLACEHOLDER_TOKEN_ID, CompletionOutput, FinishReason, Request, RequestOutput,
                              SamplingParams)
 from runtime.runner import ModelRunner, PendingStep, StepOutput, allocate_caches
@@ -90,14 +90,13 @@ class Engine:
         self.hf_config = load_hf_config(path)
         self.package = get_package(config.arch) if config.arch else \
             package_for_architectures(getattr(self.hf_config, "architectures", None) or [])
-        check_package_serves(self.package, self.hf_config, path)
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.tokenizer or str(path))
         self.eos_token_ids = _eos_token_ids(path, self.hf_config, self.tokenizer)
         self.max_model_len = config.resolve_max_model_len(self.hf_config)
         self.vocab_size = self.hf_config.vocab_size
         self.device, self.dtype = config.torch_device, config.torch_dtype
 
-        with _default_dtype(self.dtype), self.device:
+        with explain_wrong_architecture(self.package, self.hf_config, path), _default_dtype(self.dtype), self.device:
             model = self.package.build(self.hf_config, config)
         model.to(self.device).eval()
         if config.load_format == "dummy":

@@ -1,8 +1,10 @@
 """Finds model packages: every `models/<name>/` directory whose __init__ exports PACKAGE."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
+from typing import Iterator
 
 from runtime.package import ModelPackage
 
@@ -49,16 +51,23 @@ def package_for_architectures(architectures: list[str]) -> ModelPackage:
         f"packages: {', '.join(f'{p.name} {list(p.hf_architectures)}' for p in packages.values())}")
 
 
-def check_package_serves(package: ModelPackage, hf_config, path) -> None:
-    """Refuse a checkpoint whose config.json names architectures the package does not serve (building it
-    would fail deep inside the model with an error that says nothing of the mix-up)."""
-    architectures = getattr(hf_config, "architectures", None) or []
-    if not architectures or set(architectures) & set(package.hf_architectures):
-        return
+@contextlib.contextmanager
+def explain_wrong_architecture(package: ModelPackage, hf_config, path) -> Iterator[None]:
+    """Turn a failure to build or load a checkpoint whose config.json names architectures the package does
+    not serve into a ValueError that says so (a package may still be forced on such a checkpoint, e.g. a
+    copied package, as long as it builds)."""
     try:
-        right = f"run `run-model {package_for_architectures(architectures).name} ...`, or "
+        yield
     except ValueError:
-        right = ""
-    raise ValueError(f"the checkpoint at {path} is a {', '.join(architectures)}, not {package.name} "
-                     f"({', '.join(package.hf_architectures)}); {right}leave the architecture out to take it "
-                     "from config.json")
+        raise
+    except Exception as exc:
+        architectures = getattr(hf_config, "architectures", None) or []
+        if not architectures or set(architectures) & set(package.hf_architectures):
+            raise
+        try:
+            right = f"run `run-model {package_for_architectures(architectures).name} ...`, or "
+        except ValueError:
+            right = ""
+        raise ValueError(f"the checkpoint at {path} is a {', '.join(architectures)}, not {package.name} "
+                         f"({', '.join(package.hf_architectures)}), and building it failed ({type(exc).__name__}: "
+                         f"{exc}); {right}leave the architecture out to take it from config.json") from None
