@@ -214,6 +214,9 @@ class KVCacheManager:
         self.staged_writes: list[list[tuple[int, int, list[int]]]] = [[] for _ in self.groups]
         self.requests: dict[str, _RequestBlocks] = {}
         self.has_window_groups = any(g.spec.window is not None for g in self.groups)
+        # A model drafter's entry at position p depends on the token at p + 1, which a block's hash does not
+        # cover: the last block of a prefix hit is recomputed so that the token after it is the request's own.
+        self.hits_keep_last_block = False
         self.stats = PrefixCacheStats()
 
     # ---- capacity -------------------------------------------------------------------------------------
@@ -276,6 +279,8 @@ class KVCacheManager:
             if self.groups[g].spec.window is None:
                 k = next((i for i, h in enumerate(hashes[:k]) if pool.lookup(h) is None), k)
         while k > 0 and not all(self._window_hit(g, hashes, k) for g in range(len(self.groups))):
+            k -= 1
+        if self.hits_keep_last_block and k > 0:
             k -= 1
         if k == 0:
             return 0
