@@ -115,7 +115,7 @@ class Engine:
                                      config.max_num_seqs, config.max_num_batched_tokens, forced=config.num_gpu_blocks)
         self.kv = KVCacheManager(layout, config.block_size, num_blocks, config.max_num_seqs, self.max_model_len,
                                  config.enable_prefix_caching)
-        self.kv.hits_keep_last_block = self.drafter is not None
+        self.kv.hash_lookahead = 1 if self.drafter is not None else 0
         caches = allocate_caches(layout, num_blocks, config.block_size, self.device)
         self.runner = ModelRunner(model, self.kv, caches, self.vocab_size, self.device,
                                   config.max_num_batched_tokens, use_cuda_graphs=not config.enforce_eager,
