@@ -47,10 +47,12 @@ def test_help_shows_the_defaults():
     assert "(default: 8000)" in result.stdout         # --port
 
 
-def test_the_architecture_comes_from_config_json(tiny_qwen3):
-    result = run_cli("--model", str(tiny_qwen3), "--prompt", "Hello", "--max-tokens", "3", "--ignore-eos")
+def test_the_architecture_comes_from_config_json_and_logprobs_print_per_token(tiny_qwen3):
+    result = run_cli("--model", str(tiny_qwen3), "--prompt", "Hello", "--max-tokens", "3", "--ignore-eos",
+                     "--logprobs", "2")
     assert result.returncode == 0, result.stderr
-    assert "[length, 3 tokens]" in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[2] == "[length, 3 tokens]" and len(lines) == 6          # header, text, summary, 3 tokens
 
 
 def test_a_busy_port_is_reported_before_the_model_loads(tiny_qwen3):
@@ -84,10 +86,3 @@ def test_one_prompt_streams_and_ctrl_c_keeps_what_was_generated(tiny_qwen3):
     assert reason == "interrupted" and 0 < int(count.split()[0]) < 4000
     assert text and "interrupted" in stderr
 
-
-def test_logprobs_are_printed_per_token(tiny_qwen3):
-    result = run_cli("--model", str(tiny_qwen3), "--prompt", "Hello", "--max-tokens", "3", "--ignore-eos",
-                     "--logprobs", "2")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[2] == "[length, 3 tokens]" and len(lines) == 6
