@@ -157,8 +157,15 @@ class Engine:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         peak, graph_pool = self._profile_step(layout)
-        self.profiled_bytes = (peak, graph_pool)
-        return int(free - (1.0 - self.config.gpu_memory_utilization) * total - peak - graph_pool)
+        kept_free = (1.0 - self.config.gpu_memory_utilization) * total
+        budget = int(free - kept_free - peak - graph_pool)
+        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+        self.memory_report = (f"free {gib(free)} of {gib(total)}, kept free {gib(kept_free)}, step peak "
+                              f"{gib(peak)}, graph pool {gib(graph_pool)}: KV budget {gib(budget)}")
+        if budget <= 0:
+            raise ValueError(f"no memory left for the KV cache ({self.memory_report}); raise "
+                             f"--gpu-memory-utilization or lower --max-num-batched-tokens / --max-num-seqs")
+        return budget
 
     @torch.inference_mode()
     def _profile_step(self, layout: CacheLayout) -> tuple[int, int]:
@@ -203,7 +210,8 @@ class Engine:
                 kind += f", 1 entry per {spec.tokens_per_entry} tokens"
             parts.append(f"group {g} ({len(group.layers)} layers, {kind}): {pool.num_blocks - 1} blocks "
                          f"= {(pool.num_blocks - 1) * self.config.block_size} tokens")
-        return "KV cache " + "; ".join(parts)
+        memory = f" ({self.memory_report})" if getattr(self, "memory_report", None) else ""
+        return "KV cache " + "; ".join(parts) + memory
 
     # ---- requests -------------------------------------------------------------------------------------
 
