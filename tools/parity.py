@@ -86,12 +86,15 @@ class _LogitRecorder:
 
 
 def transformers_load_options(path: str | os.PathLike) -> dict[str, Any]:
-    """from_pretrained options the oracle needs for a checkpoint: MXFP4 checkpoints load dequantized (exactly),
-    the only way transformers runs them without its hub kernels (and without accelerate)."""
+    """from_pretrained options the oracle needs for a checkpoint: MXFP4 and FP8 block-scaled checkpoints load
+    dequantized (exactly), the only way transformers runs them without its hub kernels (and without accelerate)."""
     quantization = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
     if quantization.get("quant_method") == "mxfp4":
         from transformers import Mxfp4Config
         return {"quantization_config": Mxfp4Config(dequantize=True)}
+    if quantization.get("quant_method") == "fp8":
+        from transformers import FineGrainedFP8Config
+        return {"quantization_config": FineGrainedFP8Config(dequantize=True)}
     return {}
 
 
@@ -99,7 +102,8 @@ def load_transformers(path: str | os.PathLike, config_overrides: dict[str, Any] 
     """transformers' fp32 model of a checkpoint; `config_overrides` replace config.json fields."""
     from transformers import AutoModelForCausalLM
     options = {**(config_overrides or {}), **transformers_load_options(path)}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **options).eval()
+    # .float(): a dequantized checkpoint keeps the tensors it stores in bf16 (norms, embeddings) in bf16
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **options).float().eval()
 
 
 @torch.inference_mode()

@@ -1,0 +1,110 @@
+"""The tiny DeepSeek V4 checkpoint: weights that make every path matter, written in the released layout (FP8
+block-scaled linears, MXFP4 experts, BF16/FP32 elsewhere, two shards and an index, an `mtp.*` layer)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runtime.ops.fp8 import fp8_block_quantize
+from runtime.ops.mxfp4 import mxfp4_quantize
+
+from .weights import native_name
+
+FP8_BLOCK = (16, 32)      # [out, in]; not square, so a transposed scale grid cannot pass
+QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "activation_scheme": "dynamic",
+                "weight_block_size": list(FP8_BLOCK)}
+_FP8 = re.compile(r"\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123])\.weight$")
+_FP32 = re.compile(r"(hc_(attn|ffn|head)_(fn|base|scale)|attn_sink|\.ape|gate\.bias)$")
+
+# Per parameter-name suffix (transformers' names): the std of a fresh normal draw. transformers zero-initialises
+# sinks, window biases, routing biases and the hash table, and draws the rest at std 0.02, which leaves the
+# mHC mixing, the sinks and the routing inert. These make each move the logits far beyond the 1e-4 tolerance
+# (tests/models/deepseek_v4/test_deepseek_v4_parity.py checks that), with fp32 rounding staying near 1e-6.
+_STD = {
+    "embed_tokens.weight": 1.0,
+    "self_attn.sinks": 1.0,
+    "position_bias": 1.0,                   # per-position gate bias of the compressors
+    "mlp.gate.weight": 0.3,
+    "mlp.gate.e_score_correction_bias": 0.3,
+    "attn_hc.fn": 0.1, "ffn_hc.fn": 0.1, "hc_head.hc_fn": 0.1,
+    "attn_hc.base": 0.5, "ffn_hc.base": 0.5, "hc_head.hc_base": 0.5,
+    "mlp.experts.gate_up_proj": 0.3, "mlp.experts.down_proj": 0.1,
+    "compressor.gate_proj.weight": 0.3,
+    "self_attn.q_a_proj.weight": 0.2, "self_attn.kv_proj.weight": 0.2,
+}
+
+
+def tiny_init(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    config = model.config
+    for name, param in model.named_parameters():
+        std = next((s for suffix, s in _STD.items() if name.endswith(suffix)), None)
+        if std is not None:
+            param.copy_(std * torch.randn(param.shape, generator=generator))
+        elif name.endswith("norm.weight"):
+            param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
+    experts = config.n_routed_experts
+    for name, buffer in model.named_buffers():
+        if name.endswith("tid2eid"):            # distinct random experts per token
+            ranks = torch.rand(buffer.shape[0], experts, generator=generator).argsort(dim=-1)
+            buffer.copy_(ranks[:, :buffer.shape[1]])
+        elif name.endswith("e_score_correction_bias"):
+            buffer.copy_(0.3 * torch.randn(buffer.shape, generator=generator))
+
+
+def _native_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """DeepSeek's names and formats for every tensor of a transformers model."""
+    inter = model.config.moe_intermediate_size
+    tensors: dict[str, torch.Tensor] = {}
+    for hf_name, tensor in model.state_dict().items():
+        name = native_name(hf_name)
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            prefix = name.rsplit(".", 1)[0]
+            for e, weight in enumerate(tensor):
+                parts = {"w1": weight[:inter], "w3": weight[inter:]} if "gate_up" in name else {"w2": weight}
+                for which, part in parts.items():
+                    blocks, scales = mxfp4_quantize(part)                    # [out, in/32, 16], [out, in/32]
+                    tensors[f"{prefix}.{e}.{which}.weight"] = blocks.flatten(-2).view(torch.int8)
+                    tensors[f"{prefix}.{e}.{which}.scale"] = scales.view(torch.float8_e8m0fnu)
+        elif _FP8.search(name):
+            weight, scale = fp8_block_quantize(tensor, FP8_BLOCK)
+            tensors[name], tensors[name[:-len("weight")] + "scale"] = weight, scale
+        elif tensor.dtype == torch.long or _FP32.search(name):
+            tensors[name] = tensor.contiguous()
+        else:
+            tensors[name] = tensor.to(torch.bfloat16).contiguous()
+    return tensors
+
+
+def _mtp_tensors(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A few tensors of the multi-token-prediction layer, as the release ships them next to the model."""
+    hidden = model.config.hidden_size
+    e_proj, e_scale = fp8_block_quantize(0.1 * torch.randn(hidden, hidden, generator=generator), FP8_BLOCK)
+    return {"mtp.0.enorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            "mtp.0.hnorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            "mtp.0.e_proj.weight": e_proj, "mtp.0.e_proj.scale": e_scale}
+
+
+def tiny_save(model: nn.Module, out_dir: str | Path) -> None:
+    """Two safetensors shards with an index, config.json with the release's quantization_config."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = _native_tensors(model)
+    tensors.update(_mtp_tensors(model, torch.Generator().manual_seed(2)))
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    weight_map = {}
+    for file, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, out / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in shard_names})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    config = model.config.to_dict()
+    config.pop("dtype", None)
+    config.update(quantization_config=QUANTIZATION, expert_dtype="fp4", torch_dtype="bfloat16")
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
