@@ -6,6 +6,7 @@ compared with transformers' `generate`. Used by tests/models/*/test_parity.py an
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,22 @@ def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, variant: str | N
     config = dict(package.tiny_variants[variant]) if variant else {}
     config.update(overrides or {})
     return make_tiny(package, out_dir, config)
+
+
+def stress_options(path: str | os.PathLike, block_size: int, max_num_batched_tokens: int,
+                   cache_tokens: int) -> dict[str, int]:
+    """Engine options for a stress run: the smallest block size >= `block_size` that every cache group's
+    compression ratio divides, and as many blocks as hold `cache_tokens` positions (at least 4)."""
+    from runtime.config import EngineConfig
+    from runtime.loader import load_hf_config
+    from runtime.registry import package_for_architectures
+    hf_config = load_hf_config(Path(path))
+    package = package_for_architectures(getattr(hf_config, "architectures", None) or [])
+    with torch.device("meta"):
+        specs = package.build(hf_config, EngineConfig(device="cpu", dtype="float32")).cache_specs()
+    block = math.lcm(block_size, *(spec.tokens_per_entry for spec in specs))
+    return dict(block_size=block, max_num_batched_tokens=max_num_batched_tokens,
+                num_gpu_blocks=max(4, cache_tokens // block))
 
 
 def random_prompts(vocab_size: int, lengths: tuple[int, ...], num_special: int = 8, seed: int = 0) -> list[list[int]]:

@@ -12,8 +12,9 @@ from runtime.ops import apply_rope, rope_inv_freq
 class TrailingRope(nn.Module):
     def __init__(self, config, kind: str, rope_dim: int, max_positions: int):
         super().__init__()
-        inv_freq, scale = rope_inv_freq(config, rope_dim, layer_type=kind)      # transformers' own numbers
-        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
+        with torch.device("cpu"):        # real numbers even when the model is built on the meta device
+            inv_freq, scale = rope_inv_freq(config, rope_dim, layer_type=kind)  # transformers' own numbers
+            freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
         self.rope_dim = rope_dim
         self.register_buffer("cos", (freqs.cos() * scale).float(), persistent=False)   # [max_positions, rope_dim / 2]
         self.register_buffer("sin", (freqs.sin() * scale).float(), persistent=False)
