@@ -37,6 +37,9 @@ _TINY_RELEASED_RATIOS = {
     "max_position_embeddings": 4096,
 }
 
+# The Base releases: routed experts in FP8 with block scales instead of MXFP4.
+_TINY_BASE = {"expert_dtype": "fp8"}
+
 PACKAGE = ModelPackage(
     name="deepseek_v4",
     hf_architectures=("DeepseekV4ForCausalLM",),
@@ -47,6 +50,6 @@ PACKAGE = ModelPackage(
                     "<｜Assistant｜>", "<think>", "</think>"),
     tiny_init=tiny_init,
     tiny_save=tiny_save,
-    tiny_variants={"released-ratios": _TINY_RELEASED_RATIOS},
+    tiny_variants={"released-ratios": _TINY_RELEASED_RATIOS, "base": _TINY_BASE},
     aliases=("deepseek-v4",),
 )

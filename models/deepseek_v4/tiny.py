@@ -56,9 +56,23 @@ def tiny_init(model: nn.Module) -> None:
             buffer.copy_(0.3 * torch.randn(buffer.shape, generator=generator))
 
 
+def _expert_dtype(config) -> str:
+    """"fp4" (the instruct releases) unless the tiny config asks for the Base releases' "fp8"."""
+    quantization = getattr(config, "quantization_config", None) or {}
+    return getattr(config, "expert_dtype", None) or quantization.get("expert_dtype") or "fp4"
+
+
+def _quantized_expert(part: torch.Tensor, expert_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if expert_dtype == "fp8":
+        return fp8_block_quantize(part, FP8_BLOCK)
+    blocks, scales = mxfp4_quantize(part)                                       # [out, in/32, 16], [out, in/32]
+    return blocks.flatten(-2).view(torch.int8), scales.view(torch.float8_e8m0fnu)
+
+
 def _native_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """DeepSeek's names and formats for every tensor of a transformers model."""
     inter = model.config.moe_intermediate_size
+    expert_dtype = _expert_dtype(model.config)
     tensors: dict[str, torch.Tensor] = {}
     for hf_name, tensor in model.state_dict().items():
         name = native_name(hf_name)
@@ -67,9 +81,9 @@ def _native_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             for e, weight in enumerate(tensor):
                 parts = {"w1": weight[:inter], "w3": weight[inter:]} if "gate_up" in name else {"w2": weight}
                 for which, part in parts.items():
-                    blocks, scales = mxfp4_quantize(part)                    # [out, in/32, 16], [out, in/32]
-                    tensors[f"{prefix}.{e}.{which}.weight"] = blocks.flatten(-2).view(torch.int8)
-                    tensors[f"{prefix}.{e}.{which}.scale"] = scales.view(torch.float8_e8m0fnu)
+                    weight_name = f"{prefix}.{e}.{which}.weight"
+                    tensors[weight_name], tensors[weight_name[:-len("weight")] + "scale"] = \
+                        _quantized_expert(part, expert_dtype)
         elif _FP8.search(name):
             weight, scale = fp8_block_quantize(tensor, FP8_BLOCK)
             tensors[name], tensors[name[:-len("weight")] + "scale"] = weight, scale
@@ -106,5 +120,5 @@ def tiny_save(model: nn.Module, out_dir: str | Path) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     config = model.config.to_dict()
     config.pop("dtype", None)
-    config.update(quantization_config=QUANTIZATION, expert_dtype="fp4", torch_dtype="bfloat16")
+    config.update(quantization_config=QUANTIZATION, expert_dtype=_expert_dtype(model.config), torch_dtype="bfloat16")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

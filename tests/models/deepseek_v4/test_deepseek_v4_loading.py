@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from runtime import LLM
 from runtime.registry import get_package
 from runtime.tiny import make_tiny
-from tools.parity import run_parity
+from tools.parity import make_tiny_checkpoint, run_parity
 
 LOGIT_TOLERANCE = 1e-4
 
@@ -104,3 +104,12 @@ def test_engine_keeps_experts_packed_and_declares_every_cache(tiny_deepseek_v4):
     assert [(s.tokens_per_entry, s.window) for s in specs[:10]] == [
         (1, 8), (1, 8), (1, 8), (8, None), (1, 8), (1, 8), (4, None), (1, 8), (4, None), (1, 8)]
     assert [s.entry_shape for s in specs[4:9]] == [(32,), (2, 64), (32,), (2, 32), (16,)]
+
+
+def test_base_checkpoint_with_fp8_experts_matches(tmp_path):
+    """The Base releases ship routed experts as FP8 with block scales; the loader dequantizes them."""
+    path = make_tiny_checkpoint("deepseek_v4", tmp_path / "base", variant="base")
+    assert _all_tensors(path)["layers.2.ffn.experts.3.w1.weight"].dtype == torch.float8_e4m3fn
+    report = run_parity(path, prompt_lengths=(9, 60), max_tokens=8, block_size=8, max_num_batched_tokens=16)
+    assert report.max_logit_diff <= LOGIT_TOLERANCE
+    assert report.greedy_matches == report.greedy_total, report.first_mismatch
