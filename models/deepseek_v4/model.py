@@ -42,12 +42,11 @@ class DeepseekV4Layer(nn.Module):
 
 
 class DeepseekV4ForCausalLM(nn.Module):
-    def __init__(self, config, max_positions: int, cache_dtype: torch.dtype):
+    def __init__(self, config, cache_dtype: torch.dtype):
         super().__init__()
         self.config = config
         self.cache_dtype = cache_dtype
-        rope_dim = config.qk_rope_head_dim
-        ropes = {kind: TrailingRope(config, kind, rope_dim, max_positions) for kind in ("main", "compress")}
+        ropes = {kind: TrailingRope(config, kind, config.qk_rope_head_dim) for kind in ("main", "compress")}
         self.kinds = attention_kinds(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
@@ -99,5 +98,4 @@ class DeepseekV4ForCausalLM(nn.Module):
 
 
 def build_model(hf_config, engine_config: EngineConfig) -> DeepseekV4ForCausalLM:
-    max_positions = max(hf_config.max_position_embeddings, engine_config.max_model_len or 0)
-    return DeepseekV4ForCausalLM(hf_config, max_positions, engine_config.torch_dtype)
+    return DeepseekV4ForCausalLM(hf_config, engine_config.torch_dtype)

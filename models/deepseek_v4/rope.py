@@ -10,17 +10,19 @@ from runtime.ops import apply_rope, rope_inv_freq
 
 
 class TrailingRope(nn.Module):
-    def __init__(self, config, kind: str, rope_dim: int, max_positions: int):
+    def __init__(self, config, kind: str, rope_dim: int):
         super().__init__()
         with torch.device("cpu"):        # real numbers even when the model is built on the meta device
             inv_freq, scale = rope_inv_freq(config, rope_dim, layer_type=kind)  # transformers' own numbers
-            freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
+        if scale != 1.0:
+            raise ValueError(f"DeepSeek V4's {kind} RoPE scales cos/sin by {scale}; the release uses none")
         self.rope_dim = rope_dim
-        self.register_buffer("cos", (freqs.cos() * scale).float(), persistent=False)   # [max_positions, rope_dim / 2]
-        self.register_buffer("sin", (freqs.sin() * scale).float(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)   # [rope_dim / 2]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """x [n, heads, dim] rotated at positions [n] (by -position with `inverse`)."""
-        cos, sin = self.cos[positions], self.sin[positions]
-        rotated = apply_rope(x[..., -self.rope_dim:], cos, -sin if inverse else sin, style="gptj")
+        """x [n, heads, dim] rotated at positions [n] (by -position with `inverse`). The angles are formed
+        per call (no 1M-position table), with the same fp32 ops as transformers."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]              # [n, rope_dim / 2]
+        sin = freqs.sin()
+        rotated = apply_rope(x[..., -self.rope_dim:], freqs.cos(), -sin if inverse else sin, style="gptj")
         return torch.cat([x[..., :-self.rope_dim], rotated], dim=-1)
