@@ -14,7 +14,7 @@ from runtime.ops import RMSNorm
 
 from .attention import DeepseekV4Attention
 from .cache_ops import token_requests
-from .config import AttentionKind, attention_kinds
+from .config import AttentionKind, attention_kinds, hash_routed
 from .mhc import HyperConnection, HyperHead
 from .moe import MoE
 from .rope import TrailingRope
@@ -22,10 +22,10 @@ from .weights import load_checkpoint
 
 
 class DeepseekV4Layer(nn.Module):
-    def __init__(self, config, layer: int, kind: AttentionKind, rope: TrailingRope):
+    def __init__(self, config, kind: AttentionKind, rope: TrailingRope, hashed: bool):
         super().__init__()
         self.attn = DeepseekV4Attention(config, kind, rope)
-        self.ffn = MoE(config, layer)
+        self.ffn = MoE(config, hashed)
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
         self.hc_attn = HyperConnection(config)
@@ -50,7 +50,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.kinds = attention_kinds(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DeepseekV4Layer(config, i, kind, ropes["compress" if kind.compressed else "main"])
+            DeepseekV4Layer(config, kind, ropes["compress" if kind.compressed else "main"], hash_routed(config, i))
             for i, kind in enumerate(self.kinds))
         self.hc_head = HyperHead(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
@@ -83,15 +83,18 @@ class DeepseekV4ForCausalLM(nn.Module):
         return list(self._specs)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """-> the residual streams after the last layer, flattened [num_tokens, hc_mult * hidden]: what the MTP
+        drafter reads. The head collapses them only for the rows that need logits (compute_logits)."""
         requests = token_requests(ctx, input_ids.shape[0]).to(input_ids.device)
         x = self.embed(input_ids)
         streams = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()   # [num_tokens, hc_mult, hidden]
         for layer in self.layers:
             streams = layer(streams, input_ids, positions, requests, ctx)
-        return self.norm(self.hc_head(streams))
+        return streams.flatten(1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden_states).float()
+        streams = hidden_states.view(hidden_states.shape[0], self.config.hc_mult, -1)
+        return self.head(self.norm(self.hc_head(streams))).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_checkpoint(self, weights)

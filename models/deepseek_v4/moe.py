@@ -10,7 +10,7 @@ from torch import nn
 from runtime.ops import fused_moe, score_topk
 from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
 
-from .config import expert_format, hash_routed, num_experts
+from .config import expert_format, num_experts
 
 
 class Gate(nn.Module):
@@ -82,9 +82,9 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config, layer: int):
+    def __init__(self, config, hashed: bool):
         super().__init__()
-        self.gate = Gate(config, hash_routed(config, layer))
+        self.gate = Gate(config, hashed)
         self.experts = Experts(config)
         self.shared_experts = SharedExpert(config)
 

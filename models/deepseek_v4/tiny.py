@@ -2,6 +2,7 @@
 block-scaled linears, MXFP4 experts, BF16/FP32 elsewhere, two shards and an index, an `mtp.*` layer)."""
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -69,12 +70,12 @@ def _quantized_expert(part: torch.Tensor, expert_dtype: str) -> tuple[torch.Tens
     return blocks.flatten(-2).view(torch.int8), scales.view(torch.float8_e8m0fnu)
 
 
-def _native_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """DeepSeek's names and formats for every tensor of a transformers model."""
-    inter = model.config.moe_intermediate_size
-    expert_dtype = _expert_dtype(model.config)
+def _to_native(named: dict[str, torch.Tensor], config, quantize: bool = True) -> dict[str, torch.Tensor]:
+    """DeepSeek's names (and, with `quantize`, the release's formats) for tensors under transformers' names."""
+    inter = config.moe_intermediate_size
+    expert_dtype = _expert_dtype(config)
     tensors: dict[str, torch.Tensor] = {}
-    for hf_name, tensor in model.state_dict().items():
+    for hf_name, tensor in named.items():
         name = native_name(hf_name)
         if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
             prefix = name.rsplit(".", 1)[0]
@@ -82,25 +83,67 @@ def _native_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
                 parts = {"w1": weight[:inter], "w3": weight[inter:]} if "gate_up" in name else {"w2": weight}
                 for which, part in parts.items():
                     weight_name = f"{prefix}.{e}.{which}.weight"
-                    tensors[weight_name], tensors[weight_name[:-len("weight")] + "scale"] = \
-                        _quantized_expert(part, expert_dtype)
+                    if quantize:
+                        tensors[weight_name], tensors[weight_name[:-len("weight")] + "scale"] = \
+                            _quantized_expert(part, expert_dtype)
+                    else:
+                        tensors[weight_name] = part.contiguous()
+        elif not quantize or tensor.dtype == torch.long or _FP32.search(name):
+            tensors[name] = tensor.contiguous()
         elif _FP8.search(name):
             weight, scale = fp8_block_quantize(tensor, FP8_BLOCK)
             tensors[name], tensors[name[:-len("weight")] + "scale"] = weight, scale
-        elif tensor.dtype == torch.long or _FP32.search(name):
-            tensors[name] = tensor.contiguous()
         else:
             tensors[name] = tensor.to(torch.bfloat16).contiguous()
     return tensors
 
 
-def _mtp_tensors(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A few tensors of the multi-token-prediction layer, as the release ships them next to the model."""
-    hidden = model.config.hidden_size
-    e_proj, e_scale = fp8_block_quantize(0.1 * torch.randn(hidden, hidden, generator=generator), FP8_BLOCK)
-    return {"mtp.0.enorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-            "mtp.0.hnorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-            "mtp.0.e_proj.weight": e_proj, "mtp.0.e_proj.scale": e_scale}
+def mtp_modules(config, seed: int = 2) -> nn.ModuleDict:
+    """A random MTP layer built from transformers' own modules (the block is its decoder layer, made
+    window-only and score-routed, as the release's MTP layer is): the test oracle and what tiny_save writes."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import (DeepseekV4DecoderLayer, DeepseekV4HyperHead,
+                                                                      DeepseekV4RMSNorm)
+    n = config.num_hidden_layers
+    extended = copy.deepcopy(config)
+    extended.num_hidden_layers = n + 1
+    extended.layer_types = list(config.layer_types) + ["sliding_attention"]
+    extended.mlp_layer_types = list(config.mlp_layer_types) + ["moe"]
+    hidden, eps = config.hidden_size, config.rms_norm_eps
+    modules = nn.ModuleDict({
+        "block": DeepseekV4DecoderLayer(extended, n), "hc_head": DeepseekV4HyperHead(config),
+        "norm": DeepseekV4RMSNorm(hidden, eps), "enorm": DeepseekV4RMSNorm(hidden, eps),
+        "hnorm": DeepseekV4RMSNorm(hidden, eps),
+        "e_proj": nn.Linear(hidden, hidden, bias=False), "h_proj": nn.Linear(hidden, hidden, bias=False)})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*modules.named_parameters(), *modules.named_buffers()]:
+            if name.endswith("inv_freq") or tensor.dtype == torch.long:
+                continue
+            if name.endswith("scale"):
+                tensor.fill_(1.0)
+            elif name.endswith("norm.weight"):
+                tensor.copy_(1.0 + 0.2 * torch.randn(tensor.shape, generator=generator))
+            else:
+                std = 0.3 if tensor.dim() < 2 or "experts" in name else 0.15
+                tensor.copy_(std * torch.randn(tensor.shape, generator=generator))
+    return modules.float()
+
+
+def mtp_native_tensors(modules: nn.ModuleDict, config, quantize: bool = True) -> dict[str, torch.Tensor]:
+    """The MTP layer under its release names (mtp.0.*)."""
+    n = config.num_hidden_layers
+    named = {f"model.layers.{n}.{k}": v for k, v in modules["block"].state_dict().items()}
+    named.update({f"model.hc_head.{k}": v for k, v in modules["hc_head"].state_dict().items()})
+    tensors = {}
+    for name, tensor in _to_native(named, config, quantize).items():
+        tensors["mtp.0." + name.removeprefix(f"layers.{n}.")] = tensor
+    for key in ("norm", "enorm", "hnorm", "e_proj", "h_proj"):
+        name, tensor = f"mtp.0.{key}.weight", modules[key].weight.detach()
+        if quantize and key.endswith("proj"):
+            tensors[name], tensors[f"mtp.0.{key}.scale"] = fp8_block_quantize(tensor, FP8_BLOCK)
+        else:
+            tensors[name] = tensor.to(torch.bfloat16 if quantize else tensor.dtype).contiguous()
+    return tensors
 
 
 def tiny_save(model: nn.Module, out_dir: str | Path) -> None:
@@ -108,8 +151,8 @@ def tiny_save(model: nn.Module, out_dir: str | Path) -> None:
     from safetensors.torch import save_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = _native_tensors(model)
-    tensors.update(_mtp_tensors(model, torch.Generator().manual_seed(2)))
+    tensors = _to_native(model.state_dict(), model.config)
+    tensors.update(mtp_native_tensors(mtp_modules(model.config), model.config))
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
               "model-00002-of-00002.safetensors": names[len(names) // 2:]}

@@ -11,7 +11,7 @@ Every name is first rewritten to DeepSeek's, which is what the modules are named
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -68,9 +68,15 @@ def _module_name(native: str) -> str:
     return _HC.sub(r"\1hc_\2.\3", native)
 
 
+def main_model_name(native: str) -> str | None:
+    """The main model's parameter for a DeepSeek name; None for the MTP layer's tensors (its drafter's)."""
+    return None if native.startswith("mtp.") else native
+
+
 class _Loader:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, rename: Callable[[str], str | None]):
         self.model = model
+        self.rename = rename
         self.params = dict(model.named_parameters())
         self.loaded: set[str] = set()
         self.pending: dict[str, dict[str, torch.Tensor]] = {}     # weight name -> {"weight", "scale"} so far
@@ -81,9 +87,9 @@ class _Loader:
         self.fp8_block = tuple(block) if block else None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        native = native_name(name)
-        if native.startswith("mtp."):
-            return                     # the multi-token-prediction layer: a drafter's weights, not the model's
+        native = self.rename(native_name(name))
+        if native is None:
+            return                     # another module's tensor (the main model and its MTP drafter share files)
         if native.endswith(".scale") and not _HC.search(native):
             self._pair(native[:-len(".scale")] + ".weight", "scale", name, tensor)
         elif tensor.dtype == torch.float8_e4m3fn or (tensor.dtype in _MXFP4_DTYPES and _EXPERT.match(native)):
@@ -179,10 +185,12 @@ class _Loader:
         check_loaded(expected, self.loaded)
 
 
-def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Consume every checkpoint tensor; raise ValueError naming the tensor on anything missing, unexpected,
-    or whose scale grid does not fit it."""
-    loader = _Loader(model)
+def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                    rename: Callable[[str], str | None] = main_model_name) -> None:
+    """Consume every checkpoint tensor whose DeepSeek name `rename` maps to one of the model's (None: not
+    this model's); raise ValueError naming the tensor on anything missing, unexpected, or whose scale grid
+    does not fit it."""
+    loader = _Loader(model, rename)
     for name, tensor in weights:
         loader.add(name, tensor)
     loader.finish()
