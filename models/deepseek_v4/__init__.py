@@ -1,6 +1,7 @@
 """DeepSeek V4 (Flash, Pro and their Base checkpoints): hybrid compressed attention, mHC, hash/score-routed MoE."""
 from runtime.package import ModelPackage
 
+from .chat import SPECIAL_TOKENS, parse_reasoning, render_chat
 from .model import build_model
 from .tiny import tiny_init, tiny_save
 
@@ -46,10 +47,11 @@ PACKAGE = ModelPackage(
     build=build_model,
     default_model="deepseek-ai/DeepSeek-V4-Flash",
     tiny_config=_TINY,
-    special_tokens=("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<｜User｜>",
-                    "<｜Assistant｜>", "<think>", "</think>"),
+    special_tokens=SPECIAL_TOKENS,
     tiny_init=tiny_init,
     tiny_save=tiny_save,
+    render_chat=render_chat,
+    reasoning_parser=parse_reasoning,
     tiny_variants={"released-ratios": _TINY_RELEASED_RATIOS, "base": _TINY_BASE},
     aliases=("deepseek-v4",),
 )
