@@ -3,6 +3,7 @@ from runtime.package import ModelPackage
 
 from .chat import SPECIAL_TOKENS, parse_reasoning, render_chat
 from .model import build_model
+from .mtp import build_drafter
 from .tiny import tiny_init, tiny_save
 
 # Every layer kind (window only, HCA, CSA) and both routing kinds, at sizes the FP8 [16, 32] blocks and MXFP4
@@ -37,6 +38,10 @@ _TINY_RELEASED_RATIOS = {
                      "beta_slow": 1},
     "max_position_embeddings": 4096,
 }
+
+# The MTP drafter (speculative_config {"method": "mtp"}): ModelPackage's drafter hook is being added on main
+# (issue 8); until then the engine cannot call it, so it is exported here for that hook to name.
+DRAFTER_METHODS = ("mtp",)
 
 # The Base releases: routed experts in FP8 with block scales instead of MXFP4.
 _TINY_BASE = {"expert_dtype": "fp8"}

@@ -18,6 +18,7 @@ from torch import nn
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheSpec
 from runtime.ops import RMSNorm
+from runtime.spec_decode import DraftInputs
 
 from .cache_ops import token_requests
 from .config import SLIDING, AttentionKind
@@ -40,6 +41,10 @@ def _mtp_name(native: str) -> str | None:
 
 
 class DeepseekV4MTP(nn.Module):
+    """Also the package's drafter (runtime.spec_decode.Drafter): `propose` drafts k tokens greedily."""
+
+    weight_prefixes = ("mtp.",)
+
     def __init__(self, target: DeepseekV4ForCausalLM, first_cache_layer: int):
         super().__init__()
         config = target.config
@@ -80,3 +85,26 @@ class DeepseekV4MTP(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """The checkpoint's mtp.0.* tensors (others are skipped)."""
         load_checkpoint(self, weights, rename=_mtp_name)
+
+    @torch.inference_mode()
+    def propose(self, inputs: DraftInputs) -> torch.Tensor:
+        """[num_reqs, k] greedy drafts. The first step runs every row of the target's step (so this layer's
+        window cache holds every position), the others one token per request, each feeding the previous
+        step's output streams and draft back in."""
+        streams = self(inputs.target_hidden, inputs.next_token_ids, inputs.positions, inputs.ctx)
+        streams = streams[inputs.last_rows]                                      # [num_reqs, hc_mult * hidden]
+        positions = inputs.positions[inputs.last_rows]
+        drafts = [self.compute_logits(streams).argmax(dim=-1)]
+        for _ in range(1, inputs.num_drafts):
+            positions = positions + 1
+            streams = self(streams, drafts[-1], positions, inputs.decode_context(positions))
+            drafts.append(self.compute_logits(streams).argmax(dim=-1))
+        return torch.stack(drafts, dim=1)
+
+
+def build_drafter(target: DeepseekV4ForCausalLM, hf_config, engine_config, spec_config) -> DeepseekV4MTP:
+    """The ModelPackage hook for speculative_config {"method": "mtp"}: the release's MTP layer, its cache
+    layers after the target's."""
+    if getattr(hf_config, "num_nextn_predict_layers", 1) < 1:
+        raise ValueError("this checkpoint has no MTP layer (num_nextn_predict_layers is 0); use method ngram")
+    return DeepseekV4MTP(target, first_cache_layer=len(target.cache_specs()))

@@ -13,6 +13,7 @@ from models.deepseek_v4.tiny import mtp_modules, mtp_native_tensors
 from runtime.forward import ForwardContext
 from runtime.loader import iterate_weights, load_hf_config
 from runtime.registry import get_package
+from runtime.spec_decode import DraftInputs
 
 BLOCK = 8
 
@@ -47,7 +48,7 @@ def setup():
 
 
 @torch.inference_mode()
-def _reference_logits(config, target, modules, streams, next_ids):
+def _reference_logits(config, target, modules, streams, next_ids, with_streams: bool = False):
     """Dense, cacheless: e_proj(enorm(embed(next))) on every stream + h_proj(hnorm(streams)), transformers'
     decoder block with a causal 8-token window mask, its hyper-head, the norm, the shared head."""
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
@@ -60,7 +61,8 @@ def _reference_logits(config, target, modules, streams, next_ids):
     mask = torch.zeros(num_tokens, num_tokens).masked_fill(~((k <= q) & (k > q - window)), float("-inf"))
     out = modules["block"](x[None], position_embeddings={"main": cos_sin}, position_ids=positions,
                            attention_mask=mask[None, None], input_ids=next_ids[None], past_key_values=None)
-    return target.head(modules["norm"](modules["hc_head"](out)))[0]
+    logits = target.head(modules["norm"](modules["hc_head"](out)))[0]
+    return (logits, out[0]) if with_streams else logits
 
 
 @torch.inference_mode()
@@ -89,3 +91,32 @@ def test_the_tiny_checkpoint_carries_a_complete_mtp_layer(tiny_deepseek_v4):
     mtp.load_weights(iterate_weights(tiny_deepseek_v4))                          # raises on anything missing
     assert mtp.layers[0].ffn.experts.packed and mtp.cache_specs()[0].window == config.sliding_window
     assert not any(name.startswith("embed") or name.startswith("head") for name, _ in mtp.named_parameters())
+
+
+def _decode_context(cache: torch.Tensor, positions: torch.Tensor) -> ForwardContext:
+    assert len(positions) == 1
+    position = int(positions[0])
+    return _context(cache, position, position + 1)
+
+
+@torch.inference_mode()
+def test_propose_drafts_greedily_feeding_its_own_streams_back(setup):
+    """Draft j + 1 is the reference's argmax after appending draft j and the streams that predicted it."""
+    config, target, modules, mtp = setup
+    generator = torch.Generator().manual_seed(4)
+    num_tokens, k = 30, 3
+    streams = torch.randn(num_tokens, config.hc_mult * config.hidden_size, generator=generator)
+    next_ids = torch.randint(0, config.vocab_size, (num_tokens,), generator=generator)
+    cache = torch.zeros(num_tokens // BLOCK + 3, BLOCK, config.head_dim)
+    ctx = _context(cache, 0, num_tokens)
+    inputs = DraftInputs(target_hidden=streams, next_token_ids=next_ids, positions=ctx.positions, ctx=ctx,
+                         last_rows=torch.tensor([num_tokens - 1]), num_drafts=k,
+                         decode_context=lambda positions: _decode_context(cache, positions))
+    drafts = mtp.propose(inputs)[0].tolist()
+    expected = []
+    for _ in range(k):
+        logits, out = _reference_logits(config, target, modules, streams, next_ids, with_streams=True)
+        expected.append(int(logits[-1].argmax()))
+        streams = torch.cat([streams, out[-1:].flatten(1)])
+        next_ids = torch.cat([next_ids, torch.tensor(expected[-1:])])
+    assert drafts == expected
