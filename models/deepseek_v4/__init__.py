@@ -39,10 +39,6 @@ _TINY_RELEASED_RATIOS = {
     "max_position_embeddings": 4096,
 }
 
-# The MTP drafter (speculative_config {"method": "mtp"}): ModelPackage's drafter hook is being added on main
-# (issue 8); until then the engine cannot call it, so it is exported here for that hook to name.
-DRAFTER_METHODS = ("mtp",)
-
 # The Base releases: routed experts in FP8 with block scales instead of MXFP4.
 _TINY_BASE = {"expert_dtype": "fp8"}
 
@@ -55,6 +51,8 @@ PACKAGE = ModelPackage(
     special_tokens=SPECIAL_TOKENS,
     tiny_init=tiny_init,
     tiny_save=tiny_save,
+    drafter_methods=("mtp",),             # speculative_config {"method": "mtp"}: the release's MTP layer
+    build_drafter=build_drafter,
     render_chat=render_chat,
     reasoning_parser=parse_reasoning,
     tiny_variants={"released-ratios": _TINY_RELEASED_RATIOS, "base": _TINY_BASE},

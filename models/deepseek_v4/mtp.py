@@ -72,11 +72,13 @@ class DeepseekV4MTP(nn.Module):
         """target_streams [num_tokens, hc_mult * hidden] (the main model's forward output, or this layer's
         previous draft step), next_ids [num_tokens] -> streams [num_tokens, hc_mult * hidden]."""
         n = self.config.hc_mult
-        embedded = self.enorm(self._target[0].embed(next_ids))                    # [num_tokens, hidden]
+        # rows past a request's last accepted one may hold -1 (no token yet): their output is never used,
+        # and the cache entries they write are rewritten by the next step
+        embedded = self.enorm(self._target[0].embed(next_ids.clamp(min=0)))       # [num_tokens, hidden]
         previous = self.hnorm(target_streams.view(target_streams.shape[0], n, -1))  # [num_tokens, n, hidden]
         streams = self.e_proj(embedded).unsqueeze(1) + self.h_proj(previous)
         requests = token_requests(ctx, next_ids.shape[0]).to(next_ids.device)
-        return self.layers[0](streams, next_ids, positions, requests, ctx).flatten(1)
+        return self.layers[0](streams, next_ids.clamp(min=0), positions, requests, ctx).flatten(1)
 
     def compute_logits(self, streams: torch.Tensor) -> torch.Tensor:
         collapsed = self.hc_head(streams.view(streams.shape[0], self.config.hc_mult, -1))
@@ -92,6 +94,8 @@ class DeepseekV4MTP(nn.Module):
         window cache holds every position), the others one token per request, each feeding the previous
         step's output streams and draft back in."""
         streams = self(inputs.target_hidden, inputs.next_token_ids, inputs.positions, inputs.ctx)
+        if not len(inputs.last_rows):          # a step that samples nothing: only the cache was wanted
+            return torch.zeros(0, inputs.num_drafts, dtype=torch.long, device=streams.device)
         streams = streams[inputs.last_rows]                                      # [num_reqs, hc_mult * hidden]
         positions = inputs.positions[inputs.last_rows]
         drafts = [self.compute_logits(streams).argmax(dim=-1)]
