@@ -2,6 +2,7 @@
 are the real ones), `tokenizers` trains a small byte-level BPE, and the package supplies the chat template."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -65,7 +66,8 @@ def make_tiny(package: ModelPackage, out_dir: str | os.PathLike, config_override
     """Write config.json, model.safetensors and a tokenizer for a tiny random model of `package`."""
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     out = Path(out_dir)
-    config_dict = {**package.tiny_config, **(config_overrides or {})}
+    # a deep copy: some configs edit the nested dicts they are given (e.g. rope_scaling)
+    config_dict = copy.deepcopy({**package.tiny_config, **(config_overrides or {})})
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
     torch.manual_seed(seed)
