@@ -52,44 +52,52 @@ def copy_bandwidth() -> float:
 
 
 def bench_gemv(bandwidth: float) -> None:
-    shapes = [("0.6b qkv", 4096, 1024, False), ("0.6b o", 1024, 2048, False), ("0.6b gate_up", 6144, 1024, False),
-              ("0.6b down+silu", 1024, 3072, True), ("0.6b lm_head", 151936, 1024, False),
-              ("8b qkv", 6144, 4096, False), ("8b o", 4096, 4096, False), ("8b gate_up", 24576, 4096, False),
-              ("8b down+silu", 4096, 12288, True), ("8b lm_head", 151936, 4096, False),
-              ("oss qkv", 5120, 2880, False), ("oss o", 2880, 4096, False), ("oss lm_head", 201088, 2880, False)]
-    print(f"\n{'GEMV':<16}{'rows':>5}{'cuBLAS us':>11}{'GB/s':>7}{'gemv us':>9}{'GB/s':>7}"
-          f"{'best variant':>22}{'us':>8}{'GB/s':>7}{'err':>9}")
-    for name, n, k, silu in shapes:
+    from runtime.ops.linear import norm_linear_ref
+    from runtime.ops.norm import RMSNorm, rms_norm
+    shapes = [("0.6b qkv+norm", 4096, 1024, "norm"), ("0.6b o", 1024, 2048, ""),
+              ("0.6b gate_up+norm", 6144, 1024, "norm"), ("0.6b down+silu", 1024, 3072, "silu"),
+              ("8b qkv+norm", 6144, 4096, "norm"), ("8b o", 4096, 4096, ""), ("8b gate_up+norm", 24576, 4096, "norm"),
+              ("8b down+silu", 4096, 12288, "silu"), ("oss qkv+norm", 5120, 2880, "norm"), ("oss o", 2880, 4096, ""),
+              ("0.6b lm_head", 151936, 1024, "")]
+    print(f"\n{'GEMV, 1 row':<20}{'separate us':>12}{'GB/s':>7}{'gemv us':>9}{'GB/s':>7}"
+          f"{'best variant':>20}{'us':>8}{'GB/s':>7}{'err':>9}")
+    for name, n, k, fusion in shapes:
         nbytes = n * k * 2
         copies = copies_for(nbytes)
         weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(torch.bfloat16) for _ in range(copies)]
-        for rows in (1, 4):
-            x = torch.randn(rows, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
-            want = linear_ref(x.float(), weights[0].float(), None, silu)
-            if silu:
-                cublas = lambda i: F.linear(silu_and_mul(x), weights[i])        # noqa: E731
-            else:
-                cublas = lambda i: F.linear(x, weights[i])                      # noqa: E731
-            t_cublas = timed_us(cublas, copies)
-            default = gemv_tiles(rows, n, k)
-            results = {}
-            for tiles in {default, (default[0], default[1], 8), (max(2, default[0] // 2), default[1], 4),
-                          (default[0] * 2, default[1], 4), (default[0], default[1] // 2, 4)}:
-                try:
-                    err = rel_error(gemv_triton(x, weights[0], None, silu, tiles), want)
-                    results[tiles] = (timed_us(lambda i: gemv_triton(x, weights[i], None, silu, tiles), copies), err)
-                except Exception as e:                                           # noqa: BLE001
-                    print(f"  {name} rows {rows} tiles {tiles}: {type(e).__name__}: {str(e)[:80]}")
-            best = min(results, key=lambda t: results[t][0])
-            t_default, err = results[default]
-            gbs = lambda us: nbytes / (us * 1e-6) / 1e9                          # noqa: E731
-            print(f"{name:<16}{rows:>5}{t_cublas:>11.1f}{gbs(t_cublas):>7.0f}{t_default:>9.1f}{gbs(t_default):>7.0f}"
-                  f"{str(best):>22}{results[best][0]:>8.1f}{gbs(results[best][0]):>7.0f}{err:>9.1e}")
-            RECORDS.append(dict(kind="gemv", name=name, rows=rows, cublas_us=t_cublas, gemv_us=t_default,
-                                best=list(best), best_us=results[best][0], err=err,
-                                all={str(t): r for t, r in results.items()}))
+        silu = fusion == "silu"
+        x = torch.randn(1, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
+        norm = res = None
+        if fusion == "norm":
+            norm = RMSNorm(k, 1e-6).cuda().to(torch.bfloat16)
+            res = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+            want = norm_linear_ref(x.float(), res.float(), RMSNorm(k, 1e-6).cuda(), weights[0].float())[0]
+            separate = lambda i: F.linear(rms_norm(x, norm.weight, 1e-6, res)[0], weights[i])  # noqa: E731
+        elif silu:
+            want = linear_ref(x.float(), weights[0].float(), None, True)
+            separate = lambda i: F.linear(silu_and_mul(x), weights[i])        # noqa: E731
+        else:
+            want = linear_ref(x.float(), weights[0].float())
+            separate = lambda i: F.linear(x, weights[i])                      # noqa: E731
+        t_separate = timed_us(separate, copies)
+        default = gemv_tiles(1, n, k)
+        results = {}
+        for tiles in {default, (default[0], 256 if default[1] == 512 else 512, 4), (default[0] * 2, default[1], 4)}:
+            def call(i, tiles=tiles):
+                out = gemv_triton(x, weights[i], None, silu, tiles, norm=norm, residual=res)
+                return out[0] if norm is not None else out
+            err = rel_error(call(0), want)
+            results[tiles] = (timed_us(call, copies), err)
+        best = min(results, key=lambda t: results[t][0])
+        t_default, err = results[default]
+        gbs = lambda us: nbytes / (us * 1e-6) / 1e9                          # noqa: E731
+        print(f"{name:<20}{t_separate:>12.1f}{gbs(t_separate):>7.0f}{t_default:>9.1f}{gbs(t_default):>7.0f}"
+              f"{str(best):>20}{results[best][0]:>8.1f}{gbs(results[best][0]):>7.0f}{err:>9.1e}")
+        RECORDS.append(dict(kind="gemv", name=name, separate_us=t_separate, gemv_us=t_default,
+                            best=list(best), best_us=results[best][0], err=err,
+                            all={str(t): r for t, r in results.items()}))
         del weights
-    print(f"(copy bandwidth {bandwidth / 1e12:.2f} TB/s = {bandwidth / 1e9:.0f} GB/s)")
+    print(f"(separate: cuBLAS after the norm / SiLU-and-mul kernel; copy bandwidth {bandwidth / 1e9:.0f} GB/s)")
 
 
 def bench_mxfp4(bandwidth: float) -> None:
@@ -115,11 +123,11 @@ def bench_mxfp4(bandwidth: float) -> None:
         layers.append(layer())
     expert_bytes = sum(t.numel() for t in (layers[0][0].blocks[0], layers[0][0].scales[0],
                                            layers[0][1].blocks[0], layers[0][1].scales[0]))
-    variants = [GemvTiles(8, 8, 4, 4), GemvTiles(4, 4, 4, 4), GemvTiles(16, 16, 4, 8), GemvTiles(8, 8, 8, 4),
-                GemvTiles(8, 8, 2, 4), GemvTiles(4, 8, 8, 8)]
+    variants = [GemvTiles(), GemvTiles(8, 4, 8, 4), GemvTiles(16, 8, 8, 8), GemvTiles(8, 8, 16, 4),
+                GemvTiles(4, 4, 8, 4), GemvTiles(8, 8, 4, 4), GemvTiles(16, 16, 8, 8)]
     print(f"\n{'MXFP4 MoE':<10}{'pairs':>6}{'experts':>8}{'MB':>7}{'grouped us':>11}{'TB/s':>6}"
           f"{'gemv us':>9}{'TB/s':>6}{'best variant':>28}{'us':>8}{'TB/s':>6}{'err':>9}")
-    for tokens in (1, 2, 4, 8, 16):
+    for tokens in (1, 4, 8, 16):
         g = torch.Generator(device="cuda").manual_seed(tokens)
         x = torch.randn(tokens, hidden, generator=g, device="cuda").to(torch.bfloat16)
         ids = torch.stack([torch.randperm(experts, generator=g, device="cuda")[:top_k] for _ in range(tokens)])

@@ -33,13 +33,17 @@ class GptOssAttention(nn.Module):
         self.sinks = nn.Parameter(torch.empty(self.num_heads))       # one logit per query head
         self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of norm(x + residual); returns it with the new residual (the norm fused into the QKV
+        projection where it can be)."""
+        qkv, residual = self.qkv_proj.forward_normed(x, residual, norm)
         cache, block_table, slot_mapping = ctx.layer_cache(self.layer_index)
         # RoPE and the K/V cache write in one pass; q [num_tokens, heads, head_dim]
-        q = qkv_rope_write_kv(self.qkv_proj(x), positions, self.rotary, cache, slot_mapping, self.num_heads,
+        q = qkv_rope_write_kv(qkv, positions, self.rotary, cache, slot_mapping, self.num_heads,
                               self.num_kv_heads, self.head_dim)
         out = paged_attention(q, cache, block_table, ctx, self.scale, window=self.window, sinks=self.sinks)
-        return self.o_proj(out.flatten(1))
+        return self.o_proj(out.flatten(1)), residual
 
 
 def _packed(*shape: int) -> nn.Parameter:
@@ -101,11 +105,7 @@ class GptOssDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, ctx)
+        x, residual = self.self_attn(positions, x, residual, self.input_layernorm, ctx)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 

@@ -34,14 +34,18 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of norm(x + residual); returns it with the new residual (the norm fused into the QKV
+        projection where it can be)."""
+        qkv, residual = self.qkv_proj.forward_normed(x, residual, norm)
         cache, block_table, slot_mapping = ctx.layer_cache(self.layer_index)
         # QK-norm, RoPE and the K/V cache write in one pass; q [num_tokens, heads, head_dim]
-        q = qkv_rope_write_kv(self.qkv_proj(x), positions, self.rotary, cache, slot_mapping, self.num_heads,
+        q = qkv_rope_write_kv(qkv, positions, self.rotary, cache, slot_mapping, self.num_heads,
                               self.num_kv_heads, self.head_dim, self.q_norm.weight, self.k_norm.weight,
                               self.q_norm.eps)
         out = paged_attention(q, cache, block_table, ctx, self.scale, window=self.window)
-        return self.o_proj(out.flatten(1))
+        return self.o_proj(out.flatten(1)), residual
 
 
 class Qwen3MLP(nn.Module):
@@ -50,8 +54,11 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x), silu_mul_input=True)         # silu(gate) * up read in
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLP of norm(x + residual) and the new residual; the norm and silu(gate) * up are read in by the
+        projections where they can be."""
+        gate_up, residual = self.gate_up_proj.forward_normed(x, residual, norm)
+        return self.down_proj(gate_up, silu_mul_input=True), residual
 
 
 class Qwen3MoE(nn.Module):
@@ -95,11 +102,9 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, ctx)
+        x, residual = self.self_attn(positions, x, residual, self.input_layernorm, ctx)
+        if isinstance(self.mlp, Qwen3MLP):
+            return self.mlp(x, residual, self.post_attention_layernorm)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 

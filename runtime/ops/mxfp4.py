@@ -110,7 +110,7 @@ def mxfp4_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- mixture of experts -----------------------------------------------------------------------------
 
 
-GEMV_MAX_PAIRS = 16         # token-expert pairs up to which the decode GEMV beats the grouped GEMM
+GEMV_MAX_PAIRS = 32         # token-expert pairs up to which the decode GEMV beats the grouped GEMM (H200)
 
 
 def mxfp4_moe(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weights: torch.Tensor,
@@ -353,38 +353,39 @@ def mxfp4_moe_triton(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_we
 #
 # GEMM 1: one program per (pair, BLOCK_N intermediate columns) reads its 2 * BLOCK_N gate/up rows and
 # applies the gated activation; the intermediate is stored per pair (no sorting, no alignment pass).
-# GEMM 2: one program per (token, BLOCK_N output columns) walks the token's k experts and sums their
-# weighted rows in fp32, so the k-way sum needs no extra launch and is deterministic.
+# GEMM 2: one program per (token, BLOCK_N output columns) reads the token's k experts side by side and sums
+# their weighted rows in fp32, so the k-way sum needs no extra launch and is deterministic.
+# The activations are loaded contiguously and split into even/odd elements in registers.
 
 if triton is not None:
     @triton.jit
-    def _mxfp4_gemv_rows(x_ptr, blocks_ptr, scales_ptr, rows, row_mask, K,
-                         stride_br, stride_sr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr):
-        """sum_k x[k] * W[row, k] for `rows` [ROWS] of one expert (pointers already offset to it), fp32.
-        x is read as fp32 from x_ptr (K elements)."""
+    def _mxfp4_gemv_tile(x_rows, row_bytes, row_scales, slot_mask, row_mask, K,
+                         SLOTS: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr):
+        """[SLOTS, ROWS] fp32 dot products: slot s's activation row (pointers x_rows [SLOTS, 1], K elements)
+        with the weight rows whose packed bytes / scales start at row_bytes / row_scales [SLOTS, ROWS, 1]."""
         BYTES: tl.constexpr = BLOCK_G * 16
-        acc = tl.zeros([ROWS, BLOCK_G], dtype=tl.float32)
-        row_bytes = blocks_ptr + rows.to(tl.int64)[:, None] * stride_br
-        row_scales = scales_ptr + rows.to(tl.int64)[:, None] * stride_sr
+        acc = tl.zeros([SLOTS, ROWS, BLOCK_G], dtype=tl.float32)
+        mask = slot_mask[:, None, None] & row_mask
         for g_start in range(0, K // 32, BLOCK_G):
             byte = g_start * 16 + tl.arange(0, BYTES)
-            byte_mask = byte < K // 2
-            packed = tl.load(row_bytes + byte[None, :], mask=row_mask[:, None] & byte_mask[None, :], other=0,
+            packed = tl.load(row_bytes + byte[None, None, :], mask=mask & (byte < K // 2)[None, None, :], other=0,
                              eviction_policy="evict_first").to(tl.int32)
-            x_even = tl.load(x_ptr + 2 * byte, mask=byte_mask, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_ptr + 2 * byte + 1, mask=byte_mask, other=0.0).to(tl.float32)
+            element = g_start * 32 + tl.arange(0, 2 * BYTES)                     # contiguous, then split
+            xs = tl.load(x_rows + element[None, :], mask=slot_mask[:, None] & (element < K)[None, :],
+                         other=0.0).to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(xs, [SLOTS, BYTES, 2]))
             low = (((packed & 0x07) << 9) | ((packed & 0x08) << 12)).to(tl.int16)
             high = (((packed & 0x70) << 5) | ((packed & 0x80) << 8)).to(tl.int16)
             w_even = low.to(tl.float16, bitcast=True).to(tl.float32)            # value * 2^-14
             w_odd = high.to(tl.float16, bitcast=True).to(tl.float32)
-            products = w_even * x_even[None, :] + w_odd * x_odd[None, :]          # [ROWS, BYTES]
-            group_sums = tl.sum(tl.reshape(products, [ROWS, BLOCK_G, 16]), axis=2)
+            products = w_even * x_even[:, None, :] + w_odd * x_odd[:, None, :]    # [SLOTS, ROWS, BYTES]
+            group_sums = tl.sum(tl.reshape(products, [SLOTS, ROWS, BLOCK_G, 16]), axis=3)
             group = g_start + tl.arange(0, BLOCK_G)
-            scale_bits = tl.load(row_scales + group[None, :], mask=row_mask[:, None] & (group[None, :] < K // 32),
+            scale_bits = tl.load(row_scales + group[None, None, :], mask=mask & (group < K // 32)[None, None, :],
                                  other=0).to(tl.int32)
             scale = (scale_bits << 23).to(tl.float32, bitcast=True) * 16384.0       # 2^(s - 127) * 2^14
             acc += group_sums * scale
-        return tl.sum(acc, axis=1)
+        return tl.sum(acc, axis=2)
 
     @triton.jit
     def _mxfp4_gemv_gate_up_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, h_ptr, ids_ptr, top_k, K, N,
@@ -405,9 +406,12 @@ if triton is not None:
             n_of_row = n0 + r % BLOCK_N
             rows = n_of_row + (r // BLOCK_N) * N
         row_mask = n_of_row < N
-        acc = _mxfp4_gemv_rows(x_ptr + token * stride_xm, blocks_ptr + expert * stride_be,
-                               scales_ptr + expert * stride_se, rows, row_mask, K, stride_br, stride_sr,
-                               2 * BLOCK_N, BLOCK_G)
+        one = tl.full([1], 1, tl.int1)
+        x_rows = (x_ptr + token.to(tl.int64) * stride_xm + tl.zeros([1], tl.int64))[:, None]
+        row_bytes = (blocks_ptr + expert * stride_be + rows.to(tl.int64) * stride_br)[None, :, None]
+        row_scales = (scales_ptr + expert * stride_se + rows.to(tl.int64) * stride_sr)[None, :, None]
+        acc = tl.reshape(_mxfp4_gemv_tile(x_rows, row_bytes, row_scales, one, row_mask[None, :, None], K,
+                                          1, 2 * BLOCK_N, BLOCK_G), [2 * BLOCK_N])
         if HAS_BIAS:
             acc += tl.load(bias_ptr + expert * stride_bias + rows, mask=row_mask, other=0.0).to(tl.float32)
         if INTERLEAVED:
@@ -424,29 +428,36 @@ if triton is not None:
     @triton.jit
     def _mxfp4_gemv_down_kernel(h_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr,
                                 top_k, K, N, stride_hm, stride_be, stride_br, stride_se, stride_sr, stride_bias,
-                                stride_om, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-        """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n], pair = token * top_k + k."""
+                                stride_om, HAS_BIAS: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n], pair = token * top_k + k; the
+        token's k experts are read side by side (more bytes in flight per program)."""
         token = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < N
-        out = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for slot in range(0, top_k):
-            pair = token * top_k + slot
-            expert = tl.load(ids_ptr + pair).to(tl.int64)
-            acc = _mxfp4_gemv_rows(h_ptr + pair * stride_hm, blocks_ptr + expert * stride_be,
-                                   scales_ptr + expert * stride_se, n, n_mask, K, stride_br, stride_sr,
-                                   BLOCK_N, BLOCK_G)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + expert * stride_bias + n, mask=n_mask, other=0.0).to(tl.float32)
-            out += acc * tl.load(weights_ptr + pair).to(tl.float32)
+        slots = tl.arange(0, BLOCK_SLOTS)
+        slot_mask = slots < top_k
+        pairs = token * top_k + slots
+        experts = tl.load(ids_ptr + pairs, mask=slot_mask, other=0).to(tl.int64)
+        x_rows = (h_ptr + pairs.to(tl.int64) * stride_hm)[:, None]
+        row_bytes = (blocks_ptr + experts[:, None] * stride_be + n.to(tl.int64)[None, :] * stride_br)[:, :, None]
+        row_scales = (scales_ptr + experts[:, None] * stride_se + n.to(tl.int64)[None, :] * stride_sr)[:, :, None]
+        acc = _mxfp4_gemv_tile(x_rows, row_bytes, row_scales, slot_mask, n_mask[None, :, None], K,
+                               BLOCK_SLOTS, BLOCK_N, BLOCK_G)                      # [slots, BLOCK_N]
+        both = slot_mask[:, None] & n_mask[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + experts[:, None] * stride_bias + n[None, :], mask=both, other=0.0).to(tl.float32)
+        weight = tl.load(weights_ptr + pairs, mask=slot_mask, other=0.0).to(tl.float32)
+        out = tl.sum(tl.where(both, acc * weight[:, None], 0.0), axis=0)
         tl.store(out_ptr + token * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 @dataclass(frozen=True, slots=True)
 class GemvTiles:
+    """From tools/decode_kernels.py on an H200 at gpt-oss-20b shapes (2026-11-29)."""
     block_n_gate_up: int = 8
     block_n_down: int = 8
-    block_g: int = 4                   # 32-element blocks per K step: 64 bytes of each row
+    block_g: int = 8                   # 32-element blocks per K step: 128 bytes of each row
     num_warps: int = 4
 
 
@@ -486,5 +497,6 @@ def mxfp4_moe_gemv(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weig
         h, w2.blocks, w2.scales, bias2, out, topk_weights.contiguous().view(-1), ids, top_k, inter, hidden,
         h.stride(0), w2.blocks.stride(0), w2.blocks.stride(1), w2.scales.stride(0), w2.scales.stride(1),
         bias2.stride(0) if w2.bias is not None else 0, out.stride(0),
-        HAS_BIAS=w2.bias is not None, BLOCK_N=tiles.block_n_down, BLOCK_G=tiles.block_g, num_warps=tiles.num_warps)
+        HAS_BIAS=w2.bias is not None, BLOCK_SLOTS=triton.next_power_of_2(top_k), BLOCK_N=tiles.block_n_down,
+        BLOCK_G=tiles.block_g, num_warps=tiles.num_warps)
     return out

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.ops.linear import gemv_triton, linear_ref
+from runtime.ops.linear import gemv_triton, linear_ref, norm_linear_ref
+from runtime.ops.norm import RMSNorm
 from runtime.ops.qkv import qkv_rope_write_kv_ref, qkv_rope_write_kv_triton
 from runtime.ops.rope import RotaryEmbedding
 
@@ -39,6 +40,45 @@ def test_gemv_matches_reference_in_the_interpreter(rows, silu_mul, bias):
     expected = linear_ref(x, weight, b, silu_mul)
     for tiles in [None, (4, 128, 4)]:
         torch.testing.assert_close(gemv_triton(x, weight, b, silu_mul, tiles), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("weight_in_fp32", [False, True])
+def test_gemv_with_fused_norm_matches_reference_in_the_interpreter(residual, weight_in_fp32):
+    from runtime.ops import linear
+    _interpreted("_gemv_kernel", linear)
+    generator = torch.Generator().manual_seed(5)
+    n, k = 37, 300
+    norm = RMSNorm(k, 1e-5, weight_in_fp32)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(k, generator=generator))
+    x = torch.randn(1, k, generator=generator) * 3
+    res = torch.randn(1, k, generator=generator) if residual else None
+    weight, bias = torch.randn(n, k, generator=generator), torch.randn(n, generator=generator)
+    expected, expected_sum = norm_linear_ref(x, res, norm, weight, bias)
+    for tiles in [None, (4, 128, 4)]:
+        ours, ours_sum = gemv_triton(x, weight, bias, tiles=tiles, norm=norm, residual=res)
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(ours_sum, expected_sum, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 1024), (24576, 4096), (5120, 2880)])
+@pytest.mark.parametrize("weight_in_fp32", [False, True])
+def test_gemv_with_fused_norm_matches_reference_in_bf16_on_gpu(n, k, weight_in_fp32):
+    _gpu()
+    generator = torch.Generator(device="cuda").manual_seed(n)
+    norm = RMSNorm(k, 1e-6, weight_in_fp32).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(k, generator=generator, device="cuda"))
+    x = (3 * torch.randn(1, k, generator=generator, device="cuda")).to(torch.bfloat16)
+    res = torch.randn(1, k, generator=generator, device="cuda").to(torch.bfloat16)
+    weight = (torch.randn(n, k, generator=generator, device="cuda") * k ** -0.5).to(torch.bfloat16)
+    expected, expected_sum = norm_linear_ref(x, res, norm, weight)
+    ours, ours_sum = gemv_triton(x, weight, norm=norm, residual=res)
+    assert torch.equal(ours_sum, expected_sum)
+    error = (ours.float() - expected.float()).norm() / expected.float().norm()
+    assert error < 1e-2, error
 
 
 @pytest.mark.gpu
