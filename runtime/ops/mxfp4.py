@@ -6,8 +6,9 @@ elements shares one E8M0 scale 2^(scale - 127); each element is an E2M1 code, tw
 in the low nibble. Leading dimensions (e.g. experts) pass through.
 
 Three layers, each the oracle of the next: `mxfp4_dequantize` (torch, bit-exact with transformers),
-`mxfp4_moe_reference` (dequantize the experts a batch touches, fp32 math; the CPU path), and
-`mxfp4_moe_triton` (W4A16: the packed bytes are read from memory and upcast in registers)."""
+`mxfp4_moe_reference` (dequantize the experts a batch touches, fp32 math; the CPU path), and two kernels
+that read the packed bytes and upcast them in registers: `mxfp4_moe_triton` (W4A16 grouped GEMM, prefill)
+and `mxfp4_moe_gemv` (decode: a few tokens, no tensor-core tiles)."""
 from __future__ import annotations
 
 import os
