@@ -85,7 +85,9 @@ def make_tiny(package: ModelPackage, out_dir: str | os.PathLike, config_override
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(text_config.vocab_size, specials))
     eos = text_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
+    bos = text_config.bos_token_id
     named = {"eos_token": specials[eos] if eos is not None and eos < len(specials) else None,
+             "bos_token": specials[bos] if bos is not None and bos < len(specials) else None,
              "pad_token": specials[0] if specials else None}
     tokenizer.add_special_tokens({k: v for k, v in named.items() if v})
     if package.chat_template:
