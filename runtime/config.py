@@ -28,6 +28,8 @@ class EngineConfig:
     enforce_eager: bool = False
     async_scheduling: bool = True            # prepare step N+1 on the host while the device runs step N
     seed: int = 0
+    # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, ...} (dict or its JSON)
+    speculative_config: dict | str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:

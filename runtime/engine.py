@@ -19,8 +19,9 @@ from runtime.loader import init_dummy_weights, iterate_weights, load_hf_config, 
 from runtime.registry import get_package, package_for_architectures
 from runtime.request import (PLACEHOLDER_TOKEN_ID, CompletionOutput, FinishReason, Request, RequestOutput,
                              SamplingParams)
-from runtime.runner import ModelRunner, PendingStep, allocate_caches
+from runtime.runner import ModelRunner, PendingStep, StepOutput, allocate_caches
 from runtime.scheduler import Scheduler
+from runtime.spec_decode import RUNTIME_METHODS, SpeculativeConfig, ngram_propose
 from runtime.tiny import ensure_tiny
 from runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -70,6 +71,10 @@ class StepStats:
     time_to_first_token: list[float] = field(default_factory=list)   # per prompt, from its arrival
     inter_token_latency: list[float] = field(default_factory=list)   # per sequence, between its tokens
     e2e_latency: list[float] = field(default_factory=list)           # per prompt that finished
+    num_drafts: int = 0                           # rows that verified drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)   # accepted drafts by position 0..k-1
 
 
 class Engine:
@@ -100,6 +105,11 @@ class Engine:
         else:
             model.load_weights(iterate_weights(path, "cpu"))
         self.model = model
+        self.speculative = SpeculativeConfig.parse(config.speculative_config)
+        if self.speculative is not None and self.speculative.method not in RUNTIME_METHODS:
+            raise ValueError(f"speculative method {self.speculative.method!r} needs a drafter that the "
+                             f"{self.package.name} package does not provide; choices: {', '.join(RUNTIME_METHODS)}")
+        self.num_speculative_tokens = self.speculative.num_speculative_tokens if self.speculative else 0
 
         layout = group_cache_specs(model.cache_specs(), config.block_size)
         num_blocks = plan_num_blocks(layout.groups, config.block_size, self._kv_budget_bytes(), config.max_num_seqs,
@@ -108,7 +118,8 @@ class Engine:
                                  config.enable_prefix_caching)
         caches = allocate_caches(layout, num_blocks, config.block_size, self.device)
         self.runner = ModelRunner(model, self.kv, caches, self.vocab_size, self.device,
-                                  config.max_num_batched_tokens, use_cuda_graphs=not config.enforce_eager)
+                                  config.max_num_batched_tokens, use_cuda_graphs=not config.enforce_eager,
+                                  num_speculative_tokens=self.num_speculative_tokens)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.groups: dict[str, _Group] = {}
         self.detokenizers: dict[Request, IncrementalDetokenizer] = {}
@@ -212,53 +223,101 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Launch the next scheduled batch; return outputs of finished prompts, and of streaming prompts that
-        moved. With async scheduling the batch launched here is read back by the next call, after it has
-        launched its own batch, so the host work of one step overlaps the device work of the other."""
-        batch = self.scheduler.schedule()
+        """Launch the next step plan; return outputs of finished prompts, and of streaming prompts that
+        moved. With async scheduling the step launched here is read back by the next call, after it has
+        launched its own, so the host work of one step overlaps the device work of the other. Steps that
+        verify drafts, and steps whose sampling reads token values on the host (penalties), are read back
+        at once: the next plan depends on what they accept."""
+        plan = self.scheduler.schedule()
         self.last_step_stats = StepStats()
-        launched = self.runner.launch(batch) if batch.requests else None
+        launched = self.runner.launch(plan) if plan.request_ids or plan.joining or plan.finished_ids \
+            or plan.preempted_ids or any(plan.block_writes) else None
         previous, self._in_flight = self._in_flight, None
         outputs = self._read_back(previous) if previous is not None else []
-        if launched is None:
+        if launched is None or not plan.request_ids:
             return outputs
-        # after _read_back: the tokens this batch computed are all real now, and only those get block hashes
-        self.scheduler.finish_step(batch)
-        self._add_placeholders(launched)
-        if self.config.async_scheduling and not launched.uses_penalties:
+        overlap = self.config.async_scheduling and not launched.uses_penalties and not self.speculative
+        if overlap:
+            # after _read_back: the tokens this plan computed are all real now, and only those get hashed
+            self.scheduler.finish_step(plan)
+            self._add_placeholders(launched)
             self._in_flight = launched
-        else:                                   # penalties read every token on the host at sampling time
-            outputs += self._read_back(launched)
+            return outputs
+        out = self.runner.wait(launched)
+        rejected = {rid: k + 1 - len(tokens) for rid, k, tokens in zip(out.request_ids, out.num_drafts, out.token_ids)}
+        self.scheduler.finish_step(plan, rejected)
+        self._add_placeholders(launched)
+        outputs += self._consume(out)
+        if self.speculative is not None:
+            self._propose_drafts()
         return outputs
 
     def _add_placeholders(self, launched: PendingStep) -> None:
         """The tokens just sampled are owed to the next step before the host knows them."""
-        for request in launched.requests:
-            if not request.finished:
+        for state in launched.states:
+            request = self.scheduler.requests.get(state.request_id)
+            if request is not None and not request.finished:
                 request.token_ids.append(PLACEHOLDER_TOKEN_ID)
 
     def _read_back(self, launched: PendingStep) -> list[RequestOutput]:
-        """Wait for a launched step's tokens, put them in place of its placeholders and check stops.
-        A request that finished (or was aborted) after the launch is skipped: its token is void. Its blocks
-        were freed at once; the device may still write its last KV there, but any later reuse of those
-        blocks is queued behind that write on the same stream."""
-        out = self.runner.wait(launched)
+        return self._consume(self.runner.wait(launched))
+
+    def _consume(self, out: StepOutput) -> list[RequestOutput]:
+        """Put a step's tokens in place of its placeholders and check stops, token by token (a step that
+        verified drafts emits several). A request that finished (or was aborted) after the launch is
+        skipped: its tokens are void. Its blocks were freed at once; the device may still write its last KV
+        there, but any later reuse of those blocks is queued behind that write on the same stream."""
         now = time.monotonic()
         touched: dict[str, _Group] = {}
-        for request, token, logprobs in zip(out.requests, out.token_ids, out.logprobs):
-            if request.finished:
+        stats = self.last_step_stats
+        for request_id, tokens, num_drafts, logprobs in zip(out.request_ids, out.token_ids, out.num_drafts,
+                                                            out.logprobs):
+            request = self.scheduler.requests.get(request_id)
+            if request is None or request.finished:
                 continue
-            request.token_ids[-1] = token
-            self.last_step_stats.num_generation_tokens += 1
-            if logprobs is not None:
-                request.logprobs.append(logprobs)
-            self._check_stop(request, token)
+            if num_drafts:
+                self._count_drafts(num_drafts, len(tokens) - 1)
+            for i, token in enumerate(tokens):
+                if i == 0:
+                    request.token_ids[-1] = token
+                else:
+                    request.token_ids.append(token)
+                stats.num_generation_tokens += 1
+                if logprobs is not None:
+                    request.logprobs.append(logprobs)
+                self._check_stop(request, token)
+                if request.finished:
+                    break
             if request.finished:
                 self.detokenizers.pop(request, None)
             group = self._group_of[request]
             touched[group.request_id] = group
             self._record_token_time(group, request, now)
         return self._outputs(touched.values(), now)
+
+    def _count_drafts(self, num_drafts: int, num_accepted: int) -> None:
+        stats = self.last_step_stats
+        stats.num_drafts += 1
+        stats.num_draft_tokens += num_drafts
+        stats.num_accepted_tokens += num_accepted
+        if len(stats.accepted_per_position) < self.num_speculative_tokens:
+            stats.accepted_per_position = [0] * self.num_speculative_tokens
+        for position in range(num_accepted):
+            stats.accepted_per_position[position] += 1
+
+    def _propose_drafts(self) -> None:
+        """ngram drafts for the next step, for every running request whose next token is a decode. Requests
+        that read their own history when sampling (penalties), report logprobs, or may not stop yet
+        (min_tokens) take no drafts: they decode one token at a time."""
+        spec = self.speculative
+        for request in self.scheduler.running:
+            params = request.params
+            room = min(params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
+            if (room < 1 or request.num_tokens - request.num_computed_tokens != 1 or params.has_penalties
+                    or params.logprobs is not None or request.num_output_tokens < params.min_tokens):
+                continue
+            request.draft_token_ids = ngram_propose(request.token_ids, min(spec.num_speculative_tokens, room),
+                                                    spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     def _outputs(self, touched: Iterable[_Group], now: float) -> list[RequestOutput]:
         """Outputs of the groups that moved: finished ones (forgotten here), and streaming ones."""

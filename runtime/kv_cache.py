@@ -86,15 +86,21 @@ def window_blocks_per_request(window: int, block_size: int, max_num_batched_toke
     return cdiv(window - 1 + max_num_batched_tokens, block_size) + 1
 
 
+def window_group_cap(window: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+    """Blocks (null block included) that all requests of a window group can hold at once: each keeps its
+    window plus a partly filled block, and one step's new tokens (the whole token budget, shared by
+    everyone) may open fresh blocks. Not max_num_seqs times a whole chunk: only one step's worth of new
+    tokens exists at a time."""
+    return max_num_seqs * (cdiv(window, block_size) + 1) + cdiv(max_num_batched_tokens, block_size) + 1
+
+
 def plan_num_blocks(groups: list[CacheGroup], block_size: int, budget_bytes: int, max_num_seqs: int,
                     max_num_batched_tokens: int, forced: int | None = None) -> list[int]:
     """Blocks per group (null block included). Full groups share one count N; a window group gets
-    min(N, what max_num_seqs requests can ever hold), so sliding layers cost memory only window-deep."""
-    caps = []
-    for group in groups:
-        w = group.spec.window
-        caps.append(None if w is None else
-                    max_num_seqs * window_blocks_per_request(w, block_size, max_num_batched_tokens) + 1)
+    min(N, what all requests can ever hold of it), so sliding layers cost memory only window-deep and
+    the full groups get the rest of the budget."""
+    caps = [None if g.spec.window is None else
+            window_group_cap(g.spec.window, block_size, max_num_seqs, max_num_batched_tokens) for g in groups]
 
     def counts(n: int) -> list[int]:
         return [n if cap is None else min(n, cap) for cap in caps]
@@ -203,6 +209,9 @@ class KVCacheManager:
         self.block_tables = [np.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
                              for _ in self.groups]
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
+        # Block-table writes since the last step plan, per group: (row, first column, block ids). The
+        # runner keeps its own copy of the tables and replays these; nothing else about memory crosses.
+        self.staged_writes: list[list[tuple[int, int, list[int]]]] = [[] for _ in self.groups]
         self.requests: dict[str, _RequestBlocks] = {}
         self.has_window_groups = any(g.spec.window is not None for g in self.groups)
         self.stats = PrefixCacheStats()
@@ -278,7 +287,7 @@ class KVCacheManager:
                 pool.acquire(block)
             state.blocks[g] = blocks
             state.first_live[g] = first
-            self.block_tables[g][state.row, :k] = blocks
+            self._write_table(g, state.row, 0, blocks)
         state.num_hashed_blocks = k
         state.num_covered_tokens = k * self.block_size
         return k * self.block_size
@@ -314,7 +323,7 @@ class KVCacheManager:
                 new = self.pools[g].allocate(n)
                 start = len(state.blocks[g])
                 state.blocks[g].extend(new)
-                self.block_tables[g][state.row, start:start + n] = new
+                self._write_table(g, state.row, start, new)
         state.num_covered_tokens = min(len(blocks) for blocks in state.blocks) * self.block_size
         return True
 
@@ -327,7 +336,7 @@ class KVCacheManager:
         blocks = state.blocks[group]
         self.pools[group].release(blocks[live:first])
         blocks[live:first] = [NULL_BLOCK] * (first - live)
-        self.block_tables[group][state.row, live:first] = NULL_BLOCK
+        self._write_table(group, state.row, live, [NULL_BLOCK] * (first - live))
         state.first_live[group] = first
 
     def cache_blocks(self, request) -> None:
@@ -353,6 +362,15 @@ class KVCacheManager:
             pool.release(state.blocks[g])
             self.block_tables[g][state.row, :len(state.blocks[g])] = NULL_BLOCK
         self.free_rows.append(state.row)
+
+    def _write_table(self, group: int, row: int, start: int, blocks: list[int]) -> None:
+        self.block_tables[group][row, start:start + len(blocks)] = blocks
+        self.staged_writes[group].append((row, start, list(blocks)))
+
+    def take_staged_writes(self) -> list[list[tuple[int, int, list[int]]]]:
+        """The block-table writes since the last call, per group (a step plan carries them)."""
+        staged, self.staged_writes = self.staged_writes, [[] for _ in self.groups]
+        return staged
 
     def num_blocks_held(self, request_id: str) -> list[int]:
         state = self.requests.get(request_id)

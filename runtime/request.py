@@ -99,6 +99,7 @@ class Request:
     text: str = ""
     num_preemptions: int = 0
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of full token blocks
+    draft_token_ids: list[int] = field(default_factory=list)  # proposed continuation, verified next step
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

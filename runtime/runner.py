@@ -19,27 +19,62 @@ from torch import nn
 
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheLayout, KVCacheManager, cdiv
-from runtime.request import PLACEHOLDER_TOKEN_ID
+from runtime.request import PLACEHOLDER_TOKEN_ID, SamplingParams
 from runtime.sampler import SamplingBatch, SamplerOutput, sample
-from runtime.scheduler import ScheduledBatch
+from runtime.scheduler import StepPlan
+
+
+@dataclass(slots=True, eq=False)
+class RequestState:
+    """What the runner keeps of one request, from the step plan that joined it until the one that drops it:
+    its token history (the last entry may be a placeholder while the step that samples it is in flight),
+    its row in the block tables and its sampling state."""
+    request_id: str
+    row: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    seed: int
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 @dataclass(slots=True)
 class StepOutput:
-    requests: list                       # the requests that sampled, in row order
-    token_ids: list[int]
+    request_ids: list[str]                  # the rows that sampled, in order
+    token_ids: list[list[int]]              # per row: accepted drafts, then the target's own next token
+    num_drafts: list[int]                   # per row: drafts it verified
     logprobs: list[dict[int, float] | None]
 
 
 @dataclass(slots=True, eq=False)
 class PendingStep:
     """A launched step whose sampled tokens are on their way to the host (a non-blocking copy)."""
-    requests: list                       # the requests that sample, in row order
-    token_ids: torch.Tensor | None       # [rows] host copy (pinned on CUDA), valid once `ready` has fired
+    states: list[RequestState]           # the requests that sample, in row order
+    num_drafts: list[int]                # per sampling request: drafts verified this step
+    token_ids: torch.Tensor | None       # [sample rows] host copy (pinned on CUDA), valid once `ready` fired
+    accepted: torch.Tensor | None        # [sample rows] bool host copy: the row's draft was accepted
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None   # host copies: sampled, top, top ids
     ready: torch.cuda.Event | None       # recorded after the copies; None on CPU, where nothing is deferred
     uses_penalties: bool                 # its requests need host token values to sample again
+    placeholder_at: list[int] | None = None   # per sampling request: index of its placeholder in the history
+    drafts: torch.Tensor | None = None   # [sampling requests, k] host copy of a model drafter's proposals
     waited: bool = False
+
+    @property
+    def speculative(self) -> bool:
+        return any(self.num_drafts)
 
 
 def allocate_caches(layout: CacheLayout, num_blocks: list[int], block_size: int,
@@ -63,30 +98,31 @@ class InputBuffers:
     side has NUM_SLOTS copies, one per step in flight: a step's non-blocking uploads may still be reading its
     slot while the next step is being prepared in the other. (On CPU the device twin is the host slot.)"""
 
-    NAMES = ("input_ids", "positions", "query_start_loc", "seq_lens", "num_computed", "logits_indices",
-             "placeholder_dst", "placeholder_src")
     NUM_SLOTS = 2
 
     def __init__(self, max_tokens: int, max_reqs: int, num_groups: int, max_blocks: int, device: torch.device):
         pin = device.type == "cuda"
-        sizes = dict(input_ids=max_tokens, positions=max_tokens, query_start_loc=max_reqs + 1, seq_lens=max_reqs,
-                     num_computed=max_reqs, logits_indices=max_reqs, placeholder_dst=max_reqs,
-                     placeholder_src=max_reqs)
-        dtypes = dict(query_start_loc=torch.int32, seq_lens=torch.int32, num_computed=torch.int32)
+        i32, i64 = torch.int32, torch.int64
+        shapes = dict(input_ids=(max_tokens, i64), positions=(max_tokens, i64), query_start_loc=(max_reqs + 1, i32),
+                      seq_lens=(max_reqs, i32), num_computed=(max_reqs, i32), logits_indices=(max_tokens, i64),
+                      draft_ids=(max_tokens, i64), placeholder_dst=(max_reqs, i64),
+                      placeholder_src=(max_reqs, i64), rows=(max_reqs, i64))
+        for g in range(num_groups):
+            shapes[f"slots{g}"] = (max_tokens, i64)
+            # staged block-table writes: flat index into the persistent table, and the block id
+            shapes[f"write_at{g}"] = (max_reqs * max_blocks, i64)
+            shapes[f"write_block{g}"] = (max_reqs * max_blocks, i32)
 
         def host_slot() -> dict[str, torch.Tensor]:
-            tensors = {n: torch.zeros(sizes[n], dtype=dtypes.get(n, torch.int64), pin_memory=pin)
-                       for n in self.NAMES}
-            tensors.update({f"slots{g}": torch.zeros(max_tokens, dtype=torch.int64, pin_memory=pin)
-                            for g in range(num_groups)})
-            tensors.update({f"table{g}": torch.zeros(max_reqs, max_blocks, dtype=torch.int32, pin_memory=pin)
-                            for g in range(num_groups)})
-            return tensors
+            return {n: torch.zeros(size, dtype=dtype, pin_memory=pin) for n, (size, dtype) in shapes.items()}
 
         self.slots = [host_slot() for _ in range(self.NUM_SLOTS)]
         self.slot_views = [{n: t.numpy() for n, t in tensors.items()} for tensors in self.slots]
         self.on_cuda = pin
         self.device = {n: t.to(device) for n, t in self.slots[0].items()} if pin else {}
+        # the block tables of every request, by row, and the step's rows gathered from them (fixed addresses)
+        self.tables = [torch.zeros(max_reqs, max_blocks, dtype=i32, device=device) for _ in range(num_groups)]
+        self.step_tables = [torch.zeros(max_reqs, max_blocks, dtype=i32, device=device) for _ in range(num_groups)]
         self.use_slot(0)
 
     def use_slot(self, slot: int) -> None:
@@ -101,24 +137,50 @@ class InputBuffers:
         return self.device[name][:rows]
 
 
+@dataclass(slots=True)
+class _HostStep:
+    """What `_fill_host` worked out about a step, for the launch."""
+    num_reqs: int                        # rows, graph padding included
+    num_tokens: int                      # tokens, graph padding included
+    num_new: np.ndarray                  # [real rows]
+    seq_lens: np.ndarray                 # [real rows]
+    sampling: list[RequestState]         # requests that sample, in row order
+    num_drafts: list[int]                # per sampling request
+    num_logits: int                      # logits rows: 1 + drafts per sampling request
+    num_placeholders: int
+    num_writes: list[int]                # staged block-table writes per group
+
+
 class ModelRunner:
+    """Consumes step plans only. Per request it keeps a RequestState and, per cache group, a copy of the
+    request's block-table row (host, for slot mappings) and a persistent device table that staged writes
+    update in place; each step gathers its rows from it."""
+
     def __init__(self, model: nn.Module, kv: KVCacheManager, caches: list[torch.Tensor], vocab_size: int,
-                 device: torch.device, max_num_batched_tokens: int = 8192, use_cuda_graphs: bool = False):
+                 device: torch.device, max_num_batched_tokens: int = 8192, use_cuda_graphs: bool = False,
+                 num_speculative_tokens: int = 0, drafter=None):
         self.model = model
-        self.kv = kv
         self.caches = caches
         self.vocab_size = vocab_size
         self.device = device
+        self.layer_group = kv.layout.layer_group
         self.block_size = kv.block_size
         self.ratios = [g.spec.tokens_per_entry for g in kv.groups]
+        self.num_groups = len(kv.groups)
         max_reqs = kv.block_tables[0].shape[0] if kv.block_tables else 1
+        self.max_reqs = max_reqs
         self.max_blocks = kv.max_blocks_per_seq
-        self.buffers = InputBuffers(max(max_num_batched_tokens, max_reqs), max_reqs, len(kv.groups),
-                                    self.max_blocks, device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.max_tokens = max(max_num_batched_tokens, max_reqs)
+        self.tables = [np.zeros((max_reqs, self.max_blocks), dtype=np.int32) for _ in range(self.num_groups)]
+        self.buffers = InputBuffers(self.max_tokens, max_reqs, self.num_groups, self.max_blocks, device)
+        self.states: dict[str, RequestState] = {}
+        self.num_speculative_tokens = num_speculative_tokens
+        self.drafter = drafter
+        # (padded rows, query length per row) -> (graph, hidden, logits)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         on_cuda = device.type == "cuda"
         # per host slot: where the step's sampled tokens land, the event that says they have, and its step
-        self.sampled_host = [torch.zeros(max_reqs, dtype=torch.int64, pin_memory=on_cuda)
+        self.sampled_host = [torch.zeros(self.max_tokens, dtype=torch.int64, pin_memory=on_cuda)
                              for _ in range(InputBuffers.NUM_SLOTS)]
         self.step_ready = [torch.cuda.Event() if on_cuda else None for _ in range(InputBuffers.NUM_SLOTS)]
         self.slot_step: list[PendingStep | None] = [None] * InputBuffers.NUM_SLOTS
@@ -126,157 +188,236 @@ class ModelRunner:
         # the last launch's sampled tokens, still on the device, and each sampling request's row in them:
         # the source of the next step's placeholders
         self.last_sampled: torch.Tensor | None = None            # [rows] int64
-        self.last_sample_row: dict = {}
+        self.last_sample_row: dict[str, int] = {}
         if use_cuda_graphs and on_cuda:
-            self.capture_graphs(graph_batch_sizes(max_reqs))
+            query_lens = [1] + ([1 + num_speculative_tokens] if num_speculative_tokens else [])
+            self.capture_graphs(graph_batch_sizes(max_reqs), query_lens)
+
+    # ---- the plan's bookkeeping -----------------------------------------------------------------------
+
+    def apply_plan(self, plan: StepPlan) -> list[int]:
+        """Drop the states of requests that left, add those that join, replay the block-table writes (host
+        copy now, device twin staged for the upload); returns the staged writes per group."""
+        for request_id in (*plan.finished_ids, *plan.preempted_ids):
+            self.states.pop(request_id, None)
+        for joining in plan.joining:
+            if PLACEHOLDER_TOKEN_ID in joining.token_ids:
+                raise RuntimeError(f"request {joining.request_id} joins with a token the host has not read")
+            self.states[joining.request_id] = RequestState(
+                joining.request_id, joining.row, list(joining.token_ids), joining.num_prompt_tokens,
+                joining.params, joining.seed, joining.eos_token_ids)
+        h = self.buffers.host
+        num_writes = []
+        for g, writes in enumerate(plan.block_writes):
+            at, blocks, n = h[f"write_at{g}"], h[f"write_block{g}"], 0
+            for row, start, ids in writes:
+                self.tables[g][row, start:start + len(ids)] = ids
+                at[n:n + len(ids)] = np.arange(row * self.max_blocks + start, row * self.max_blocks + start + len(ids))
+                blocks[n:n + len(ids)] = ids
+                n += len(ids)
+            num_writes.append(n)
+        return num_writes + [0] * (self.num_groups - len(num_writes))
 
     # ---- inputs ---------------------------------------------------------------------------------------
 
-    def _fill_host(self, batch: ScheduledBatch, pad_to: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, int]:
-        """Write the step's inputs into the host buffers. Rows past the batch (graph padding) read the null
-        block, write nothing (slot -1) and see one key. Placeholder tokens are listed for the device fill."""
+    def _fill_host(self, plan: StepPlan, num_writes: list[int], pad_to: int, query_len: int) -> _HostStep:
+        """Write the step's inputs into the host buffers. Rows past the plan (graph padding) read the null
+        block, write nothing (slot -1) and see `query_len` keys. Placeholder tokens are listed for the
+        device fill."""
         h = self.buffers.host
-        requests = batch.requests
-        num_reqs = len(requests)
-        num_new = np.array(batch.num_new_tokens, dtype=np.int64)                     # [num_reqs]
-        computed = np.array([r.num_computed_tokens for r in requests], dtype=np.int64)
-        rows = np.array([self.kv.row(r.request_id) for r in requests], dtype=np.int64)
+        states = [self.states[rid] for rid in plan.request_ids]
+        num_reqs = len(states)
+        num_new = np.array(plan.num_new_tokens, dtype=np.int64)                       # [num_reqs]
+        computed = np.array(plan.num_computed, dtype=np.int64)
+        rows = np.array([s.row for s in states], dtype=np.int64)
         query_start_loc = h["query_start_loc"][:num_reqs + 1]
         query_start_loc[0] = 0
         np.cumsum(num_new, out=query_start_loc[1:])
         num_tokens = int(query_start_loc[-1])
         token_ids: list[int] = []
-        for r, start, n in zip(requests, computed.tolist(), batch.num_new_tokens):
-            token_ids.extend(r.token_ids[start:start + n])
+        for state, start, n, drafts in zip(states, plan.num_computed, plan.num_new_tokens, plan.draft_token_ids):
+            token_ids.extend(state.token_ids[start:start + n - len(drafts)])
+            token_ids.extend(drafts)
         h["input_ids"][:num_tokens] = token_ids
-        num_placeholders = self._list_placeholders(requests, query_start_loc, num_tokens)
+        num_placeholders = self._list_placeholders(plan, query_start_loc, num_tokens)
         # position of each token = computed[req] + its offset inside the request's chunk
         positions = h["positions"][:num_tokens]
         positions[:] = np.arange(num_tokens) + np.repeat(computed - query_start_loc[:-1], num_new)
         seq_lens = computed + num_new
         h["seq_lens"][:num_reqs] = seq_lens
         h["num_computed"][:num_reqs] = computed
+        h["rows"][:num_reqs] = rows
         token_rows = np.repeat(rows, num_new)
-        for g, (table, ratio) in enumerate(zip(self.kv.block_tables, self.ratios)):
-            h[f"table{g}"][:num_reqs] = table[rows]
+        for g, (table, ratio) in enumerate(zip(self.tables, self.ratios)):
             blocks = table[token_rows, positions // self.block_size].astype(np.int64)
             slots = h[f"slots{g}"][:num_tokens]
             slots[:] = blocks * (self.block_size // ratio) + (positions % self.block_size) // ratio
             if ratio > 1:                             # only the token that closes an entry writes it
                 slots[(positions + 1) % ratio != 0] = -1
-        if pad_to > num_reqs:                         # decode graph padding: one token per padded row
-            pad = slice(num_reqs, pad_to)
-            h["input_ids"][pad] = 0
-            h["positions"][pad] = 0
-            h["seq_lens"][pad] = 1
+        padded_tokens = num_tokens
+        if pad_to > num_reqs:                         # graph padding: `query_len` tokens per padded row
+            pad, pad_tokens = slice(num_reqs, pad_to), slice(num_tokens, num_tokens + (pad_to - num_reqs) * query_len)
+            padded_tokens = pad_tokens.stop
+            h["input_ids"][pad_tokens] = 0
+            h["positions"][pad_tokens] = np.tile(np.arange(query_len), pad_to - num_reqs)
+            h["seq_lens"][pad] = query_len
             h["num_computed"][pad] = 0
-            h["query_start_loc"][num_reqs:pad_to + 1] = np.arange(num_tokens, num_tokens + pad_to - num_reqs + 1)
-            for g in range(len(self.kv.block_tables)):
-                h[f"table{g}"][pad] = 0
-                h[f"slots{g}"][pad] = -1
-        samples = seq_lens == np.array([r.num_tokens for r in requests])
-        logits_indices = query_start_loc[1:num_reqs + 1][samples] - 1
-        h["logits_indices"][:len(logits_indices)] = logits_indices
-        sampling_requests = [r for r, s in zip(requests, samples.tolist()) if s]
-        return num_new, seq_lens, logits_indices, sampling_requests, num_placeholders
+            h["rows"][pad] = 0
+            h["query_start_loc"][num_reqs:pad_to + 1] = num_tokens + query_len * np.arange(pad_to - num_reqs + 1)
+            for g in range(self.num_groups):
+                h[f"slots{g}"][pad_tokens] = -1
+        # logits rows: each sampling request's last token and its drafts; draft_ids = the token each verifies
+        sampling, num_drafts, logits_rows, draft_ids = [], [], [], []
+        ends = query_start_loc[1:num_reqs + 1]
+        for state, sample, drafts, end in zip(states, plan.samples, plan.draft_token_ids, ends.tolist()):
+            if not sample:
+                continue
+            k = len(drafts)
+            sampling.append(state)
+            num_drafts.append(k)
+            logits_rows.extend(range(end - 1 - k, end))
+            draft_ids.extend(drafts)
+            draft_ids.append(-1)
+        h["logits_indices"][:len(logits_rows)] = logits_rows
+        h["draft_ids"][:len(draft_ids)] = draft_ids
+        return _HostStep(max(num_reqs, pad_to), padded_tokens, num_new, seq_lens, sampling, num_drafts,
+                         len(logits_rows), num_placeholders, num_writes)
 
-    def _list_placeholders(self, requests: list, query_start_loc: np.ndarray, num_tokens: int) -> int:
+    def _list_placeholders(self, plan: StepPlan, query_start_loc: np.ndarray, num_tokens: int) -> int:
         """Write where this step's placeholder tokens sit (`placeholder_dst`) and their rows in the last
         launch's sampled tokens (`placeholder_src`); returns how many there are."""
         h = self.buffers.host
         dst = np.flatnonzero(h["input_ids"][:num_tokens] == PLACEHOLDER_TOKEN_ID)
         if not len(dst):
             return 0
-        owners = np.searchsorted(query_start_loc[1:], dst, side="right")          # request of each placeholder
+        owners = np.searchsorted(query_start_loc[1:], dst, side="right")          # row of each placeholder
         try:
-            src = [self.last_sample_row[requests[i]] for i in owners.tolist()]
+            src = [self.last_sample_row[plan.request_ids[i]] for i in owners.tolist()]
         except KeyError as missing:
-            raise RuntimeError(f"request {missing.args[0].request_id} has a placeholder token that the last "
-                               f"launched step did not sample") from None
+            raise RuntimeError(f"request {missing.args[0]} has a placeholder token that the last launched step "
+                               f"did not sample") from None
         h["placeholder_dst"][:len(dst)] = dst
         h["placeholder_src"][:len(dst)] = src
         return len(dst)
 
-    def prepare_inputs(self, batch: ScheduledBatch, pad_to: int = 0) -> tuple[torch.Tensor, ForwardContext, list]:
-        """(input_ids, ctx, requests that sample) for one step; `pad_to` rows for a decode graph."""
-        num_new, seq_lens, logits_indices, sampling_requests, num_placeholders = self._fill_host(batch, pad_to)
-        num_reqs = max(len(batch.requests), pad_to)
-        num_tokens = int(num_new.sum()) + max(0, pad_to - len(batch.requests))
+    def prepare_inputs(self, plan: StepPlan, pad_to: int = 0,
+                       query_len: int = 1) -> tuple[torch.Tensor, ForwardContext, _HostStep]:
+        """(input_ids, ctx, host facts) for one step; `pad_to` rows of `query_len` tokens for a graph."""
+        num_writes = self.apply_plan(plan)
+        step = self._fill_host(plan, num_writes, pad_to, query_len)
+        num_reqs, num_tokens = step.num_reqs, step.num_tokens
         up = self.buffers.upload
         graphed = pad_to > 0
-        width = self.max_blocks if graphed else cdiv(int(seq_lens.max()), self.block_size)
-        for g in range(len(self.kv.block_tables)):
-            up(f"table{g}", num_reqs)
+        width = self.max_blocks if graphed or not len(step.seq_lens) else \
+            cdiv(int(step.seq_lens.max()), self.block_size)
+        step_tables = []
+        if self.buffers.on_cuda:
+            rows = up("rows", num_reqs)
+            for g in range(self.num_groups):
+                table = self.buffers.tables[g]
+                if step.num_writes[g]:
+                    # staged writes land in the persistent table; the step's rows are gathered from it
+                    table.view(-1).index_copy_(0, up(f"write_at{g}", step.num_writes[g]),
+                                               up(f"write_block{g}", step.num_writes[g]))
+                out = self.buffers.step_tables[g][:num_reqs]
+                torch.index_select(table, 0, rows, out=out)
+                step_tables.append(out[:, :width])
+        else:                                 # the host copy is the device's: read the rows straight from it
+            rows = self.buffers.host["rows"][:num_reqs]
+            step_tables = [torch.from_numpy(table[rows, :width]) for table in self.tables]
         ctx = ForwardContext(
             positions=up("positions", num_tokens),
             query_start_loc=up("query_start_loc", num_reqs + 1),
             seq_lens=up("seq_lens", num_reqs),
             num_computed=up("num_computed", num_reqs),
-            logits_indices=up("logits_indices", len(logits_indices)),
-            block_tables=[self.buffers.device[f"table{g}"][:num_reqs, :width] for g in range(len(self.kv.block_tables))],
-            slot_mappings=[up(f"slots{g}", num_tokens) for g in range(len(self.kv.block_tables))],
+            logits_indices=up("logits_indices", step.num_logits),
+            block_tables=step_tables,
+            slot_mappings=[up(f"slots{g}", num_tokens) for g in range(self.num_groups)],
             caches=self.caches,
-            layer_group=self.kv.layout.layer_group,
+            layer_group=self.layer_group,
             block_size=self.block_size,
-            max_query_len=int(num_new.max()) if len(num_new) else 1,
-            # a graph serves every decode batch it is replayed for: kernels must size for the worst case
-            max_seq_len=self.max_blocks * self.block_size if graphed else int(seq_lens.max()),
+            max_query_len=int(step.num_new.max()) if len(step.num_new) else query_len,
+            # a graph serves every batch it is replayed for: kernels must size for the worst case
+            max_seq_len=self.max_blocks * self.block_size if graphed else int(step.seq_lens.max()),
             query_start_loc_host=self.buffers.host["query_start_loc"][:num_reqs + 1],
             seq_lens_host=self.buffers.host["seq_lens"][:num_reqs],
         )
         input_ids = up("input_ids", num_tokens)
-        if num_placeholders:
+        if step.num_placeholders:
             # the last launch's tokens go straight into this step's inputs, without a trip through the host
-            sampled = self.last_sampled.index_select(0, up("placeholder_src", num_placeholders))
-            input_ids.index_copy_(0, up("placeholder_dst", num_placeholders), sampled)
-        return input_ids, ctx, sampling_requests
+            sampled = self.last_sampled.index_select(0, up("placeholder_src", step.num_placeholders))
+            input_ids.index_copy_(0, up("placeholder_dst", step.num_placeholders), sampled)
+        return input_ids, ctx, step
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
 
-    def _graph_size(self, batch: ScheduledBatch) -> int:
-        if not self.graphs or batch.num_tokens != len(batch):        # graphs serve pure decode batches only
-            return 0
-        return next((size for size in self.graphs if size >= len(batch)), 0)
+    def _graph_key(self, plan: StepPlan) -> tuple[int, int] | None:
+        """Uniform batches replay a graph: every row samples after exactly q tokens (1, or 1 + k drafts)."""
+        if not self.graphs or not plan.request_ids or not all(plan.samples):
+            return None
+        query_len = plan.num_new_tokens[0]
+        if any(n != query_len or len(d) != query_len - 1
+               for n, d in zip(plan.num_new_tokens, plan.draft_token_ids)):
+            return None
+        return next(((size, q) for size, q in self.graphs if q == query_len and size >= len(plan)), None)
 
     @torch.inference_mode()
-    def capture_graphs(self, sizes: list[int]) -> None:
-        """Capture forward + logits for decode batches of each size, largest first, sharing one memory pool."""
+    def capture_graphs(self, sizes: list[int], query_lens: list[int]) -> None:
+        """Capture forward + logits of every row for uniform batches of each size and query length,
+        largest first, sharing one memory pool. The hidden states stay in the graph's output buffer: a
+        drafter reads them from there."""
         pool = None
-        for size in sorted(sizes, reverse=True):
-            input_ids, ctx, _ = self.prepare_inputs(ScheduledBatch(), pad_to=size)   # every row is padding
-            for _ in range(2):                                    # warm up: compile kernels, settle allocator
-                self.model.compute_logits(self.model(input_ids, ctx.positions, ctx))
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.model.compute_logits(self.model(input_ids, ctx.positions, ctx))
-            pool = graph.pool()
-            self.graphs[size] = (graph, logits)
+        for query_len in query_lens:
+            for size in sorted(sizes, reverse=True):
+                if size * query_len > self.max_tokens:
+                    continue
+                input_ids, ctx, _ = self.prepare_inputs(StepPlan(), pad_to=size, query_len=query_len)
+                for _ in range(2):                                # warm up: compile kernels, settle allocator
+                    self.model.compute_logits(self.model(input_ids, ctx.positions, ctx))
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = self.model(input_ids, ctx.positions, ctx)
+                    logits = self.model.compute_logits(hidden)
+                pool = graph.pool()
+                self.graphs[(size, query_len)] = (graph, hidden, logits)
         self.graphs = dict(sorted(self.graphs.items()))
 
     # ---- the step -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> PendingStep:
-        """Queue the batch's forward and sampling on the device and return without waiting for them.
-        Every launched step must be `wait`ed on before the launch after next: that one reuses its buffers."""
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Queue the plan's forward and sampling (verification, where it carries drafts) on the device and
+        return without waiting. Every launched step must be `wait`ed on before the launch after next: that
+        one reuses its buffers."""
         self._next_slot()
-        graph_size = self._graph_size(batch)
-        input_ids, ctx, sampling_requests = self.prepare_inputs(batch, pad_to=graph_size)
+        key = self._graph_key(plan)
+        size, query_len = key if key is not None else (0, 1)
+        input_ids, ctx, step = self.prepare_inputs(plan, pad_to=size, query_len=query_len)
         # host work for the sampler before the launch, so that it overlaps the forward on the device
-        sampling = SamplingBatch.from_requests(sampling_requests, self.vocab_size, self.device) \
-            if sampling_requests else None
-        if graph_size:
-            graph, graph_logits = self.graphs[graph_size]
+        sampling = self._sampling_batch(step) if step.sampling else None
+        if key is not None:
+            graph, _, graph_logits = self.graphs[key]
             graph.replay()
-            logits = graph_logits[:len(batch)]
+            logits = graph_logits[:len(plan) * query_len]            # every row samples: in row order
         else:
+            if not plan.request_ids:
+                return self._pending(step, None, None, sampling)
             hidden = self.model(input_ids, ctx.positions, ctx)                    # [num_tokens, hidden]
-            if not sampling_requests:
-                return self._pending(sampling_requests, None, sampling)
-            logits = self.model.compute_logits(hidden[ctx.logits_indices])       # [num_sampling, vocab]
-        out = sample(logits[:, :self.vocab_size], sampling)
-        return self._pending(sampling_requests, out, sampling)
+            if not step.sampling:
+                return self._pending(step, None, None, sampling)
+            logits = self.model.compute_logits(hidden[ctx.logits_indices])       # [num_logits, vocab]
+        draft_ids = self.buffers.upload("draft_ids", step.num_logits) if any(step.num_drafts) else None
+        out = sample(logits[:, :self.vocab_size], sampling, draft_ids)
+        return self._pending(step, out, draft_ids, sampling)
+
+    def _sampling_batch(self, step: _HostStep) -> SamplingBatch:
+        """One sampling row per logits row: a request with k drafts samples tokens step, step+1, .., step+k."""
+        if not any(step.num_drafts):
+            return SamplingBatch.from_requests(step.sampling, self.vocab_size, self.device)
+        rows = [s for s, k in zip(step.sampling, step.num_drafts) for _ in range(k + 1)]
+        offsets = [i for k in step.num_drafts for i in range(k + 1)]
+        return SamplingBatch.from_requests(rows, self.vocab_size, self.device, offsets)
 
     def _next_slot(self) -> None:
         self.slot = (self.slot + 1) % InputBuffers.NUM_SLOTS
@@ -287,25 +428,37 @@ class ModelRunner:
             if previous.ready is not None:
                 previous.ready.synchronize()
             previous.waited = True
-            previous.requests, previous.token_ids, previous.logprobs = [], None, None
+            previous.states, previous.token_ids, previous.logprobs = [], None, None
         self.buffers.use_slot(self.slot)
 
-    def _pending(self, requests: list, out: SamplerOutput | None, sampling: SamplingBatch | None) -> PendingStep:
-        """Start the copies of the sampled tokens (and logprobs) to the host, and mark when they land."""
-        token_ids = logprobs = None
+    def _pending(self, step: _HostStep, out: SamplerOutput | None, draft_ids: torch.Tensor | None,
+                 sampling: SamplingBatch | None) -> PendingStep:
+        """Start the copies of the sampled tokens (and logprobs) to the host, and mark when they land. The
+        tokens of a step without drafts are owed to the next step before the host reads them: they enter
+        each request's history as placeholders, filled on the device."""
+        token_ids = accepted = logprobs = None
         if out is not None:
-            token_ids = self._to_host(out.token_ids, self.sampled_host[self.slot][:len(requests)])
+            token_ids = self._to_host(out.token_ids, self.sampled_host[self.slot][:step.num_logits])
+            if out.accepted is not None:
+                accepted = self._to_host(out.accepted)
             if out.top_logprobs is not None:
                 logprobs = tuple(self._to_host(t) for t in (out.sampled_logprobs, out.top_logprobs, out.top_ids))
         ready = self.step_ready[self.slot]
         if ready is not None:
             ready.record()
-        self.last_sampled = out.token_ids if out is not None else None
-        self.last_sample_row = {request: row for row, request in enumerate(requests)}
-        step = PendingStep(requests, token_ids, logprobs, ready,
-                           uses_penalties=sampling is not None and sampling.penalties is not None)
-        self.slot_step[self.slot] = step
-        return step
+        speculative = any(step.num_drafts)
+        self.last_sampled = out.token_ids if out is not None and not speculative else None
+        self.last_sample_row = {} if speculative else {s.request_id: row for row, s in enumerate(step.sampling)}
+        placeholder_at = None
+        if not speculative:
+            placeholder_at = [len(state.token_ids) for state in step.sampling]
+            for state in step.sampling:
+                state.token_ids.append(PLACEHOLDER_TOKEN_ID)
+        pending = PendingStep(step.sampling, step.num_drafts, token_ids, accepted, logprobs, ready,
+                              uses_penalties=sampling is not None and sampling.penalties is not None,
+                              placeholder_at=placeholder_at)
+        self.slot_step[self.slot] = pending
+        return pending
 
     def _to_host(self, tensor: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         """A non-blocking device -> pinned host copy (the tensor itself on CPU)."""
@@ -316,24 +469,40 @@ class ModelRunner:
         return into.copy_(tensor, non_blocking=True)
 
     def wait(self, step: PendingStep) -> StepOutput:
-        """Block until the step's tokens are on the host: the one host sync per step."""
+        """Block until the step's tokens are on the host (the one host sync per step) and put them into
+        each request's history: in place of its placeholder, or after verification the accepted drafts
+        and the target's next token."""
         if step.ready is not None:
             step.ready.synchronize()
         step.waited = True
         if step.token_ids is None:
-            return StepOutput([], [], [])
-        token_ids = step.token_ids.tolist()
-        return StepOutput(step.requests, token_ids, self._logprobs(step.logprobs, step.requests, token_ids))
+            return StepOutput([], [], [], [])
+        flat = step.token_ids.tolist()
+        accepted = step.accepted.tolist() if step.accepted is not None else None
+        per_row: list[list[int]] = []
+        at = 0
+        for i, (state, k) in enumerate(zip(step.states, step.num_drafts)):
+            if accepted is None:
+                tokens = [flat[at]]
+                state.token_ids[step.placeholder_at[i]] = tokens[0]
+            else:
+                num_accepted = next((i for i in range(k) if not accepted[at + i]), k)
+                tokens = flat[at:at + num_accepted + 1]
+                state.token_ids.extend(tokens)
+            per_row.append(tokens)
+            at += k + 1
+        logprobs = self._logprobs(step.logprobs, step.states, [t[0] for t in per_row])
+        return StepOutput([s.request_id for s in step.states], per_row, list(step.num_drafts), logprobs)
 
     @staticmethod
-    def _logprobs(host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, requests: list,
+    def _logprobs(host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, states: list,
                   token_ids: list[int]) -> list[dict[int, float] | None]:
         logprobs: list[dict[int, float] | None] = [None] * len(token_ids)
         if host is None:
             return logprobs
         sampled_lp, top_lp, top_ids = (t.tolist() for t in host)
-        for row, r in enumerate(requests):
-            n = r.params.logprobs
+        for row, state in enumerate(states):
+            n = state.params.logprobs
             if n is None:
                 continue
             entry = {token_ids[row]: sampled_lp[row]}

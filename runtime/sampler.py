@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.request import Request
-
 _M32 = 0xFFFFFFFF
 
 
@@ -30,8 +28,13 @@ class SamplingBatch:
     banned: tuple[torch.Tensor, torch.Tensor] | None   # (row, token) pairs masked out (min_tokens)
 
     @classmethod
-    def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device) -> "SamplingBatch":
+    def from_requests(cls, requests: list, vocab_size: int, device: torch.device,
+                      step_offsets: list[int] | None = None) -> "SamplingBatch":
+        """One row per entry of `requests` (anything with params, seed, token ids and output counts). A
+        request verifying k drafts appears k + 1 times, `step_offsets` 0..k: row i samples its output
+        token number num_output_tokens + i."""
         params = [r.params for r in requests]
+        offsets = step_offsets or [0] * len(requests)
         pin = device.type == "cuda"
 
         def as_tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -68,7 +71,7 @@ class SamplingBatch:
             top_p=per_row([p.top_p for p in params], torch.float32),
             min_p=per_row([p.min_p for p in params], torch.float32),
             seeds=per_row([r.seed for r in requests], torch.int64),
-            steps=per_row([r.num_output_tokens for r in requests], torch.int64),
+            steps=per_row([r.num_output_tokens + i for r, i in zip(requests, offsets)], torch.int64),
             all_greedy=all_greedy,
             use_top_k=any(k > 0 for k in top_k),
             use_top_p=any(p.top_p < 1.0 for p in params),
@@ -85,6 +88,7 @@ class SamplerOutput:
     sampled_logprobs: torch.Tensor | None     # [rows]
     top_logprobs: torch.Tensor | None         # [rows, n]
     top_ids: torch.Tensor | None              # [rows, n]
+    accepted: torch.Tensor | None = None      # [rows] bool: the row's draft token was accepted
 
 
 def apply_penalties(logits: torch.Tensor, penalties: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -126,6 +130,13 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def uniform_per_row(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """[rows] uniforms in (0, 1) for the acceptance test of speculative decoding, a pure function of
+    (seed, step) and independent of the token race's noise (a different salt)."""
+    key = _mix32(_mix32(seeds ^ (seeds >> 32)) ^ _mix32(steps + 0x7F4A7C15)) ^ 0x2545F491
+    return ((_mix32(key) >> 9).float() + 0.5) / float(1 << 23)          # 23 bits: never rounds to 1
+
+
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[rows, vocab] uniforms in (0, 1), a pure function of (seed, step, token id)."""
     row_key = _mix32(_mix32(seeds ^ (seeds >> 32)) ^ _mix32(steps + 0x9E3779B9))[:, None]   # [rows, 1]
@@ -136,9 +147,15 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> 
     return (bits.float() + 0.5) / float(1 << 23)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """logits [rows, vocab] fp32 -> one token per row."""
-    sampled_logprobs = top_logprobs = top_ids = None
+def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor | None = None) -> SamplerOutput:
+    """logits [rows, vocab] fp32 -> one token per row.
+
+    With `draft_ids` [rows] (-1 = no draft) a row verifies a draft token by the rejection rule for a
+    deterministic drafter (q = one-hot): greedy rows accept a draft equal to their argmax; random rows
+    accept it with probability p(draft), else draw from p with the draft removed (the normalised
+    max(0, p - q)). The returned token is then the one the row emits if every earlier draft was accepted;
+    rows without a draft sample as usual. The output distribution is exactly the target's."""
+    sampled_logprobs = top_logprobs = top_ids = accepted = None
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
     if batch.penalties is not None:
         logits = apply_penalties(logits, batch.penalties)
@@ -146,8 +163,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         # new_full fills on the device; torch.tensor(..., device=cuda) would copy from the host and sync
         logits = logits.index_put(batch.banned, logits.new_full((), float("-inf")))
     greedy_tokens = logits.argmax(dim=-1)
+    has_draft = draft_ids >= 0 if draft_ids is not None else None
     if batch.all_greedy:
         token_ids = greedy_tokens
+        if has_draft is not None:
+            accepted = has_draft & (greedy_tokens == draft_ids)
     else:
         temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
         scaled = apply_top_k_top_p_min_p(logits / temperature[:, None],
@@ -156,8 +176,15 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
                                          batch.min_p if batch.use_min_p else None)
         probs = torch.softmax(scaled, dim=-1)
         race = probs / -torch.log(uniform_noise(batch.seeds, batch.steps, logits.shape[-1]))
-        token_ids = torch.where(batch.temperature > 0, race.argmax(dim=-1), greedy_tokens)
+        random_tokens = race.argmax(dim=-1)
+        if has_draft is not None:
+            draft = draft_ids.clamp(min=0)[:, None]                                   # [rows, 1]
+            accept_random = uniform_per_row(batch.seeds, batch.steps) < probs.gather(1, draft).squeeze(1)
+            residual = race.scatter(1, draft, 0.0).argmax(dim=-1)                     # p without the draft
+            random_tokens = torch.where(has_draft, torch.where(accept_random, draft_ids, residual), random_tokens)
+            accepted = has_draft & torch.where(batch.temperature > 0, accept_random, greedy_tokens == draft_ids)
+        token_ids = torch.where(batch.temperature > 0, random_tokens, greedy_tokens)
     if raw_logprobs is not None:
         sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
         top_logprobs, top_ids = torch.topk(raw_logprobs, batch.max_logprobs, dim=-1)
-    return SamplerOutput(token_ids, sampled_logprobs, top_logprobs, top_ids)
+    return SamplerOutput(token_ids, sampled_logprobs, top_logprobs, top_ids, accepted)

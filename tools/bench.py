@@ -47,11 +47,19 @@ def decode_fixture(num_requests: int, prompt_len: int, block_size: int = 16, num
         scheduler.add(Request(str(i), [(i * 7919 + j) % 150000 for j in range(prompt_len)], params))
     while scheduler.waiting or any(r.num_output_tokens == 0 for r in scheduler.running):
         batch = scheduler.schedule()
+        runner.prepare_inputs(batch)
         scheduler.finish_step(batch)
-        for r in batch.requests:
-            if r.num_computed_tokens == r.num_tokens:
-                r.token_ids.append(1)
+        sample_fake_tokens(scheduler, runner, batch, 1)
     return scheduler, runner
+
+
+def sample_fake_tokens(scheduler: Scheduler, runner: ModelRunner, batch, token: int) -> None:
+    """Stand in for sampling: append `token` where a request's whole sequence is computed (host and runner)."""
+    for request_id in batch.request_ids:
+        request = scheduler.requests[request_id]
+        if request.num_computed_tokens == request.num_tokens:
+            request.token_ids.append(token)
+            runner.states[request_id].token_ids.append(token)
 
 
 def bench_sched(args: argparse.Namespace) -> None:
@@ -63,8 +71,7 @@ def bench_sched(args: argparse.Namespace) -> None:
         runner.prepare_inputs(batch)
         elapsed = time.perf_counter() - start
         scheduler.finish_step(batch)
-        for r in batch.requests:
-            r.token_ids.append(step % 1000)
+        sample_fake_tokens(scheduler, runner, batch, step % 1000)
         if step >= args.warmup:
             times.append(elapsed)
         assert len(batch) == args.num_requests and batch.num_tokens == args.num_requests

@@ -69,7 +69,7 @@ class _LogitRecorder:
         runner.model = self
 
     def _prepare_inputs(self, batch, *args, **kwargs):
-        self._request_ids = [r.request_id for r in batch.requests]
+        self._request_ids = list(batch.request_ids)
         return self._prepare(batch, *args, **kwargs)
 
     def __call__(self, input_ids, positions, ctx):

@@ -51,18 +51,21 @@ class PlaceholderWatch:
 
     def __init__(self, runner):
         self.batches_with_placeholders = 0
+        self.runner = runner
         self._prepare = runner.prepare_inputs
         runner.prepare_inputs = self._prepare_inputs
 
-    def _prepare_inputs(self, batch, *args, **kwargs):
+    def _prepare_inputs(self, plan, *args, **kwargs):
+        prepared = self._prepare(plan, *args, **kwargs)
         pending = 0
-        for request in batch.requests:
-            assert PLACEHOLDER_TOKEN_ID not in request.token_ids[:-1], request.request_id
-            if request.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
-                assert request.num_computed_tokens == request.num_tokens - 1, request.request_id
+        for request_id, num_computed in zip(plan.request_ids, plan.num_computed):
+            token_ids = self.runner.states[request_id].token_ids       # the runner's own history
+            assert PLACEHOLDER_TOKEN_ID not in token_ids[:-1], request_id
+            if token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+                assert num_computed == len(token_ids) - 1, request_id
                 pending += 1
         self.batches_with_placeholders += pending > 0
-        return self._prepare(batch, *args, **kwargs)
+        return prepared
 
 
 def run_mixed_workload(path, async_scheduling: bool, stop_string: str):
@@ -194,7 +197,7 @@ def test_a_pending_token_that_reaches_max_tokens_is_not_scheduled():
     more.token_ids += [PLACEHOLDER_TOKEN_ID]
     last.num_computed_tokens = last.num_tokens - 1
     batch = scheduler.schedule()
-    assert batch.requests == [more] and batch.num_new_tokens == [1]
+    assert batch.request_ids == [more.request_id] and batch.num_new_tokens == [1]
 
 
 def test_finish_step_keeps_nothing_of_a_request_that_finished_while_its_batch_ran():

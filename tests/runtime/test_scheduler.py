@@ -8,7 +8,7 @@ import torch
 
 from runtime.kv_cache import NULL_BLOCK, CacheSpec, KVCacheManager, group_cache_specs
 from runtime.request import Request, RequestStatus, SamplingParams
-from runtime.scheduler import ScheduledBatch, Scheduler
+from runtime.scheduler import Scheduler, StepPlan
 
 BLOCK_SIZE = 16
 FULL = CacheSpec((2, 2, 8), torch.float32)
@@ -30,24 +30,30 @@ def make_request(request_id: str, prompt_len: int, max_tokens: int, first_token:
                    SamplingParams(max_tokens=max_tokens))
 
 
-def complete(scheduler: Scheduler, batch: ScheduledBatch) -> None:
+def scheduled(scheduler: Scheduler, plan: StepPlan) -> list[Request]:
+    """The requests behind a plan's rows (a plan carries ids only)."""
+    return [scheduler.requests[request_id] for request_id in plan.request_ids]
+
+
+def complete(scheduler: Scheduler, batch: StepPlan) -> None:
     """What the engine does after the model ran: advance the cache, sample a fake token where the whole
     sequence is computed, finish requests that reached max_tokens."""
+    requests = scheduled(scheduler, batch)
     scheduler.finish_step(batch)
-    for request in batch.requests:
+    for request in requests:
         if request.num_computed_tokens == request.num_tokens:
             request.token_ids.append(10_000 + request.num_tokens)
             if request.num_output_tokens >= request.params.max_tokens:
                 scheduler.finish(request)
 
 
-def step(scheduler: Scheduler) -> ScheduledBatch:
+def step(scheduler: Scheduler) -> StepPlan:
     batch = scheduler.schedule()
     complete(scheduler, batch)
     return batch
 
 
-def run_to_completion(scheduler: Scheduler, forward=None, check=None, max_steps: int = 5000) -> list[ScheduledBatch]:
+def run_to_completion(scheduler: Scheduler, forward=None, check=None, max_steps: int = 5000) -> list[StepPlan]:
     """Step until every request finished; `forward(batch)` stands in for the model, `check(scheduler, batch)`
     runs after each step."""
     batches = []
@@ -66,7 +72,7 @@ def all_blocks_returned(scheduler: Scheduler) -> bool:
     return all(pool.num_free == pool.num_blocks - 1 for pool in scheduler.kv.pools)
 
 
-def check_block_accounting(scheduler: Scheduler, batch: ScheduledBatch) -> None:
+def check_block_accounting(scheduler: Scheduler, batch: StepPlan) -> None:
     """Every held block is counted once per holder, and a block is free exactly when nobody holds it."""
     kv = scheduler.kv
     for g, pool in enumerate(kv.pools):
@@ -103,7 +109,7 @@ def test_decodes_are_scheduled_before_prefill_chunks():
 
     batch = scheduler.schedule()
 
-    assert batch.requests == [decoding, owes_many]
+    assert scheduled(scheduler, batch) == [decoding, owes_many]
     assert batch.num_new_tokens == [1, 15]
 
 
@@ -147,7 +153,7 @@ def test_cache_pressure_preempts_the_newest_running_request():
 
     batch = scheduler.schedule()             # position 32 needs a third block each: none is free
 
-    assert batch.requests == [a, b]
+    assert scheduled(scheduler, batch) == [a, b]
     assert c.num_computed_tokens == 0 and c.status is RequestStatus.WAITING
     assert list(scheduler.waiting) == [c, d]
     assert scheduler.running == [a, b]
@@ -166,7 +172,7 @@ def test_newest_request_that_cannot_grow_preempts_itself():
 
     batch = scheduler.schedule()             # new's position 32 needs a third block; old is already in
 
-    assert batch.requests == [old]
+    assert scheduled(scheduler, batch) == [old]
     assert scheduler.running == [old]
     assert list(scheduler.waiting) == [new]
     assert new.num_computed_tokens == 0
@@ -185,7 +191,7 @@ def test_no_request_is_admitted_in_a_step_that_preempted():
     batch = scheduler.schedule()             # b needs a fifth block and preempts itself
 
     # b's first chunk (19 tokens) would fit the 4 blocks it just gave back, but it must wait a step
-    assert batch.requests == [a]
+    assert scheduled(scheduler, batch) == [a]
     assert list(scheduler.waiting) == [b] and scheduler.stats.num_preemptions == 1
 
 
@@ -209,12 +215,13 @@ class ShadowCache:
     """Stands in for the model: every entry written holds the identity of the tokens up to its position, and
     every entry a query reads must hold the reading request's own tokens."""
 
-    def __init__(self, kv: KVCacheManager):
-        self.kv = kv
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.kv = kv = scheduler.kv
         self.entries: list[dict[tuple[int, int], int]] = [{} for _ in kv.groups]
 
-    def forward(self, batch: ScheduledBatch) -> None:
-        for request, num_new in zip(batch.requests, batch.num_new_tokens):
+    def forward(self, batch: StepPlan) -> None:
+        for request, num_new in zip(scheduled(self.scheduler, batch), batch.num_new_tokens):
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
             for g, group in enumerate(self.kv.groups):
                 table = self.kv.block_tables[g][self.kv.row(request.request_id)]
@@ -252,7 +259,7 @@ def test_heavy_preemption_finishes_every_request_and_returns_every_block(prefix_
 @pytest.mark.parametrize("prefix_caching", [False, True], ids=["no-prefix-caching", "prefix-caching"])
 def test_under_preemption_every_cache_read_sees_the_readers_own_tokens(prefix_caching):
     scheduler, requests = crowded_scheduler(prefix_caching)
-    shadow = ShadowCache(scheduler.kv)
+    shadow = ShadowCache(scheduler)
 
     run_to_completion(scheduler, forward=shadow.forward)
 
@@ -272,12 +279,12 @@ def test_preempted_request_is_recomputed_with_the_tokens_it_had_sampled():
 
     for _ in range(100):
         batch = scheduler.schedule()
-        if new in batch.requests:
+        if new.request_id in batch.request_ids:
             break
         complete(scheduler, batch)
 
     assert old.finished                      # new had to wait for old's blocks
-    assert batch.num_new_tokens[batch.requests.index(new)] == 30 + 1
+    assert batch.num_new_tokens[batch.request_ids.index(new.request_id)] == 30 + 1
 
 
 # ---- prefix caching ---------------------------------------------------------------------------------------
