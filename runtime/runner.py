@@ -338,7 +338,7 @@ class ModelRunner:
             block_size=self.block_size,
             max_query_len=int(step.num_new.max()) if len(step.num_new) else query_len,
             # a graph serves every batch it is replayed for: kernels must size for the worst case
-            max_seq_len=self.max_blocks * self.block_size if graphed else int(step.seq_lens.max()),
+            max_seq_len=self.max_blocks * self.block_size if graphed else int(step.seq_lens.max(initial=0)),
             query_start_loc_host=self.buffers.host["query_start_loc"][:num_reqs + 1],
             seq_lens_host=self.buffers.host["seq_lens"][:num_reqs],
         )
