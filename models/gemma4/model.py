@@ -16,8 +16,8 @@ from runtime.config import EngineConfig
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheSpec
 from runtime.loader import check_loaded, copy_weight, unexpected_weight
-from runtime.ops import RMSNorm, RotaryEmbedding, fused_moe, paged_attention, rms_norm, rope_inv_freq, \
-    softmax_topk, write_kv
+from runtime.ops import RMSNorm, RotaryEmbedding, fused_moe, gelu_tanh_and_mul, paged_attention, rms_norm, \
+    rope_inv_freq, softmax_topk, write_kv
 
 logger = logging.getLogger(__name__)
 
@@ -75,27 +75,31 @@ class Gemma4Attention(nn.Module):
         self.head_dim = layer_config.head_dim
         self.window = text.sliding_window if sliding else None
         hidden, eps = text.hidden_size, text.rms_norm_eps
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_norm = _norm(self.head_dim, eps)
         if producer is None:
-            self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
             # K=V layers have one projection: V is its output normed without a scale, K normed and rotated
-            self.v_proj = None if text.attention_k_eq_v and not sliding else \
-                nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+            self.has_v_proj = not (text.attention_k_eq_v and not sliding)
+            self.split = (q_size, kv_size, kv_size) if self.has_v_proj else (q_size, kv_size)
+            self.qkv_proj = nn.Linear(hidden, sum(self.split), bias=False)       # q_proj | k_proj [| v_proj]
             self.k_norm = _norm(self.head_dim, eps)
             self.v_norm = UnitRMSNorm(self.head_dim, eps)
+        else:
+            self.q_proj = nn.Linear(hidden, q_size, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
         self.rotary = rotary
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        q = self.q_norm(self.q_proj(x).view(-1, self.num_heads, self.head_dim))      # [num_tokens, heads, head_dim]
         cache, block_table, slot_mapping = ctx.layer_cache(self.layer_index)
         if self.producer is None:
-            k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)             # [num_tokens, kv_heads, head_dim]
-            v = k if self.v_proj is None else self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+            q, k, *v = self.qkv_proj(x).split(self.split, dim=-1)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)                           # [num_tokens, kv_heads, head_dim]
+            v = v[0].view(-1, self.num_kv_heads, self.head_dim) if v else k
+            q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))                 # [num_tokens, heads, head_dim]
             q, k = self.rotary(positions, q, self.k_norm(k))
             write_kv(cache, k, self.v_norm(v), slot_mapping)
         else:                                       # the producer, earlier in this step, wrote these tokens
+            q = self.q_norm(self.q_proj(x).view(-1, self.num_heads, self.head_dim))
             q, _ = self.rotary(positions, q, q[:, :1])
         out = paged_attention(q, cache, block_table, ctx, 1.0, window=self.window)   # QK-norm does the scaling
         return self.o_proj(out.flatten(1))
@@ -104,12 +108,11 @@ class Gemma4Attention(nn.Module):
 class Gemma4MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)     # gate_proj | up_proj
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(_gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gelu_tanh_and_mul(self.gate_up_proj(x)))
 
 
 class Gemma4Router(nn.Module):
@@ -264,9 +267,14 @@ class Gemma4ForCausalLM(nn.Module):
 
     # ---- weights --------------------------------------------------------------------------------------
 
+    # disk name -> (our fused parameter, shard index)
+    _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Text-only (`model.`) or multimodal (`model.language_model.`) names. The vision/audio towers and the
-        K/V weights that KV-sharing layers never use (released archives keep them) are skipped, with a log line."""
+        """Text-only (`model.`) or multimodal (`model.language_model.`) names; q/k/v and gate/up fuse. The
+        vision/audio towers and the K/V weights that KV-sharing layers never use (released archives keep them)
+        are skipped, with a log line. Every other tensor must land, and every parameter be filled."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         skipped_towers = skipped_kv = 0
@@ -281,14 +289,41 @@ class Gemma4ForCausalLM(nn.Module):
             if self._unused_kv_weight(name):
                 skipped_kv += 1
                 continue
-            if name not in params:
-                raise unexpected_weight(name)
-            copy_weight(params[name], name, tensor)
-            loaded.add(name)
-        check_loaded(set(params), loaded)
+            loaded.add(self._load_one(params, name, tensor))
+        check_loaded(self._expected_shards(params), loaded)
         if skipped_towers or skipped_kv:
             logger.info("skipped %d vision/audio tower tensors (this package runs the text decoder) and %d K/V "
                         "tensors of KV-sharing layers", skipped_towers, skipped_kv)
+
+    def _load_one(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> str:
+        """Copy one tensor into its parameter or its shard of a fused one; returns the key it filled."""
+        if name in params:
+            copy_weight(params[name], name, tensor)
+            return name
+        *prefix, module, kind = name.split(".")
+        fused, shard = self._FUSED.get(module, (None, 0))
+        key = ".".join([*prefix, fused or module, kind])
+        if fused is None or key not in params:
+            raise unexpected_weight(name)
+        sizes = self.get_submodule(".".join(prefix)).split if fused == "qkv_proj" else \
+            [params[key].shape[0] // 2] * 2
+        if shard >= len(sizes):
+            raise unexpected_weight(name)                 # a v_proj on a K=V layer
+        offset = sum(sizes[:shard])
+        copy_weight(params[key][offset:offset + sizes[shard]], name, tensor)
+        return f"{key}.{shard}"
+
+    def _expected_shards(self, params: dict[str, nn.Parameter]) -> set[str]:
+        expected = set()
+        for name in params:
+            if name.endswith(".qkv_proj.weight"):
+                attention = self.get_submodule(name.rsplit(".", 2)[0])
+                expected.update(f"{name}.{shard}" for shard in range(len(attention.split)))
+            elif name.endswith(".gate_up_proj.weight"):
+                expected.update(f"{name}.{shard}" for shard in range(2))
+            else:
+                expected.add(name)
+        return expected
 
     def _unused_kv_weight(self, name: str) -> bool:
         parts = name.split(".")          # model.layers.N.self_attn.k_proj.weight

@@ -65,10 +65,10 @@ def test_shared_layers_allocate_nothing_and_read_their_producers_cache(tiny_gemm
     assert caches[7].data_ptr() == caches[5].data_ptr() and caches[9].data_ptr() == caches[4].data_ptr()
 
 
-def test_k_eq_v_global_layers_have_one_projection_and_store_k_and_v(tiny_gemma4_dense):
+def test_k_eq_v_global_layers_have_one_kv_projection_and_store_k_and_v(tiny_gemma4_dense):
     model = LLM(str(tiny_gemma4_dense), device="cpu", dtype="float32", num_gpu_blocks=16).engine.model
     global_attention = model.model.layers[2].self_attn
-    assert global_attention.v_proj is None and global_attention.k_proj.weight.shape == (64, 64)
+    assert not global_attention.has_v_proj and global_attention.split == (4 * 64, 64)      # q_proj | k_proj
     assert [(s.entry_shape, s.window) for s in model.cache_specs()][:3] == \
         [((2, 2, 32), 8), ((2, 2, 32), 8), ((2, 1, 64), None)]
 
@@ -88,3 +88,12 @@ def test_sliding_groups_of_a_600_token_request_stay_window_sized(tiny_gemma4):
         held.append(engine.kv.num_blocks_held("long"))
     assert max(h[window_group] for h in held) <= window_blocks_per_request(8, block_size, budget)
     assert max(h[1 - window_group] for h in held) == cdiv(600 + 7, block_size)
+
+
+def test_loader_rejects_a_v_projection_on_a_k_eq_v_layer(tiny_gemma4_dense, tmp_path):
+    shutil.copytree(tiny_gemma4_dense, tmp_path / "ckpt")
+    weights = load_file(tmp_path / "ckpt" / "model.safetensors")
+    weights["model.language_model.layers.2.self_attn.v_proj.weight"] = torch.zeros(64, 64)
+    save_file(weights, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layers.2.self_attn.v_proj"):
+        LLM(str(tmp_path / "ckpt"), device="cpu", dtype="float32", num_gpu_blocks=16)
