@@ -267,10 +267,6 @@ class Gemma4ForCausalLM(nn.Module):
 
     # ---- weights --------------------------------------------------------------------------------------
 
-    # disk name -> (our fused parameter, shard index)
-    _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Text-only (`model.`) or multimodal (`model.language_model.`) names; q/k/v and gate/up fuse. The
         vision/audio towers and the K/V weights that KV-sharing layers never use (released archives keep them)
@@ -289,41 +285,11 @@ class Gemma4ForCausalLM(nn.Module):
             if self._unused_kv_weight(name):
                 skipped_kv += 1
                 continue
-            loaded.add(self._load_one(params, name, tensor))
-        check_loaded(self._expected_shards(params), loaded)
+            loaded.add(load_fused(self, params, name, tensor))
+        check_loaded(expected_shards(self, params), loaded)
         if skipped_towers or skipped_kv:
             logger.info("skipped %d vision/audio tower tensors (this package runs the text decoder) and %d K/V "
                         "tensors of KV-sharing layers", skipped_towers, skipped_kv)
-
-    def _load_one(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> str:
-        """Copy one tensor into its parameter or its shard of a fused one; returns the key it filled."""
-        if name in params:
-            copy_weight(params[name], name, tensor)
-            return name
-        *prefix, module, kind = name.split(".")
-        fused, shard = self._FUSED.get(module, (None, 0))
-        key = ".".join([*prefix, fused or module, kind])
-        if fused is None or key not in params:
-            raise unexpected_weight(name)
-        sizes = self.get_submodule(".".join(prefix)).split if fused == "qkv_proj" else \
-            [params[key].shape[0] // 2] * 2
-        if shard >= len(sizes):
-            raise unexpected_weight(name)                 # a v_proj on a K=V layer
-        offset = sum(sizes[:shard])
-        copy_weight(params[key][offset:offset + sizes[shard]], name, tensor)
-        return f"{key}.{shard}"
-
-    def _expected_shards(self, params: dict[str, nn.Parameter]) -> set[str]:
-        expected = set()
-        for name in params:
-            if name.endswith(".qkv_proj.weight"):
-                attention = self.get_submodule(name.rsplit(".", 2)[0])
-                expected.update(f"{name}.{shard}" for shard in range(len(attention.split)))
-            elif name.endswith(".gate_up_proj.weight"):
-                expected.update(f"{name}.{shard}" for shard in range(2))
-            else:
-                expected.add(name)
-        return expected
 
     def _unused_kv_weight(self, name: str) -> bool:
         parts = name.split(".")          # model.layers.N.self_attn.k_proj.weight
@@ -331,6 +297,43 @@ class Gemma4ForCausalLM(nn.Module):
             return False
         layer = int(parts[2])
         return layer < len(self.model.layers) and self.model.layers[layer].self_attn.producer is not None
+
+
+# disk name -> (our fused parameter, shard index)
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def load_fused(module: nn.Module, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> str:
+    """Copy one tensor into its parameter of `module` or its shard of a fused one; returns the key it filled."""
+    if name in params:
+        copy_weight(params[name], name, tensor)
+        return name
+    *prefix, part, kind = name.split(".")
+    fused, shard = _FUSED.get(part, (None, 0))
+    key = ".".join([*prefix, fused or part, kind])
+    if fused is None or key not in params:
+        raise unexpected_weight(name)
+    sizes = module.get_submodule(".".join(prefix)).split if fused == "qkv_proj" else [params[key].shape[0] // 2] * 2
+    if shard >= len(sizes):
+        raise unexpected_weight(name)                 # a v_proj on a K=V layer
+    offset = sum(sizes[:shard])
+    copy_weight(params[key][offset:offset + sizes[shard]], name, tensor)
+    return f"{key}.{shard}"
+
+
+def expected_shards(module: nn.Module, params: dict[str, nn.Parameter]) -> set[str]:
+    """What a complete checkpoint fills: every parameter, fused ones shard by shard."""
+    expected = set()
+    for name in params:
+        if name.endswith(".qkv_proj.weight"):
+            attention = module.get_submodule(name.rsplit(".", 2)[0])
+            expected.update(f"{name}.{shard}" for shard in range(len(attention.split)))
+        elif name.endswith(".gate_up_proj.weight"):
+            expected.update(f"{name}.{shard}" for shard in range(2))
+        else:
+            expected.add(name)
+    return expected
 
 
 def build_model(hf_config, engine_config: EngineConfig) -> Gemma4ForCausalLM:
