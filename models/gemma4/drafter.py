@@ -17,7 +17,8 @@ from runtime.kv_cache import CacheSpec
 from runtime.loader import check_loaded
 from runtime.spec_decode import DraftInputs
 
-from .model import Gemma4DecoderLayer, Gemma4ForCausalLM, Gemma4Model, _norm, expected_shards, load_fused
+from .model import Gemma4DecoderLayer, Gemma4ForCausalLM, Gemma4Model, _checkpoint_buffers, _norm, expected_shards, \
+    load_fused
 
 
 def kv_store_layers(layer_types: list[str], num_kv_shared_layers: int) -> dict[str, int]:
@@ -85,7 +86,7 @@ class Gemma4Assistant(nn.Module):
                 for layer in self.layers]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
+        params = {**dict(self.named_parameters()), **_checkpoint_buffers(self)}
         buffers = {"masked_embedding.token_ordering"} if self.masked_embedding is not None else set()
         loaded = set()
         for name, tensor in weights:

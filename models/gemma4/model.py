@@ -155,7 +155,9 @@ class Gemma4DecoderLayer(nn.Module):
         self.post_attention_layernorm = _norm(hidden, eps)
         self.pre_feedforward_layernorm = _norm(hidden, eps)
         self.post_feedforward_layernorm = _norm(hidden, eps)
-        self.layer_scalar = nn.Parameter(torch.ones(1))      # scales the whole residual stream at the end
+        # scales the whole residual stream at the end; a buffer, as in transformers, so that random (dummy)
+        # weights leave it at one instead of shrinking the stream a thousandfold per layer
+        self.register_buffer("layer_scalar", torch.ones(1))
         self.has_moe = bool(text.enable_moe_block)
         if self.has_moe:                                      # routed experts beside the dense MLP
             self.router = Gemma4Router(text)
@@ -271,7 +273,7 @@ class Gemma4ForCausalLM(nn.Module):
         """Text-only (`model.`) or multimodal (`model.language_model.`) names; q/k/v and gate/up fuse. The
         vision/audio towers and the K/V weights that KV-sharing layers never use (released archives keep them)
         are skipped, with a log line. Every other tensor must land, and every parameter be filled."""
-        params = dict(self.named_parameters())
+        params = {**dict(self.named_parameters()), **_checkpoint_buffers(self)}
         loaded: set[str] = set()
         skipped_towers = skipped_kv = 0
         for name, tensor in weights:
@@ -299,12 +301,17 @@ class Gemma4ForCausalLM(nn.Module):
         return layer < len(self.model.layers) and self.model.layers[layer].self_attn.producer is not None
 
 
+def _checkpoint_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers the checkpoint carries (and a load must fill) beside the parameters."""
+    return {name: buffer for name, buffer in module.named_buffers() if name.endswith("layer_scalar")}
+
+
 # disk name -> (our fused parameter, shard index)
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
-def load_fused(module: nn.Module, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> str:
+def load_fused(module: nn.Module, params: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> str:
     """Copy one tensor into its parameter of `module` or its shard of a fused one; returns the key it filled."""
     if name in params:
         copy_weight(params[name], name, tensor)
@@ -322,7 +329,7 @@ def load_fused(module: nn.Module, params: dict[str, nn.Parameter], name: str, te
     return f"{key}.{shard}"
 
 
-def expected_shards(module: nn.Module, params: dict[str, nn.Parameter]) -> set[str]:
+def expected_shards(module: nn.Module, params: dict[str, torch.Tensor]) -> set[str]:
     """What a complete checkpoint fills: every parameter, fused ones shard by shard."""
     expected = set()
     for name in params:

@@ -97,3 +97,10 @@ def test_loader_rejects_a_v_projection_on_a_k_eq_v_layer(tiny_gemma4_dense, tmp_
     save_file(weights, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="layers.2.self_attn.v_proj"):
         LLM(str(tmp_path / "ckpt"), device="cpu", dtype="float32", num_gpu_blocks=16)
+
+
+def test_dummy_weights_leave_the_layer_scalars_at_one(tiny_gemma4_moe):
+    """Random weights for benchmarks must not shrink the residual stream layer after layer (which would
+    also tie every router's logits and send all tokens to the same experts)."""
+    model = LLM(str(tiny_gemma4_moe), device="cpu", dtype="float32", num_gpu_blocks=16, load_format="dummy").engine.model
+    assert all(layer.layer_scalar.item() == 1.0 for layer in model.model.layers)
