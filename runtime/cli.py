@@ -29,6 +29,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="wait for each step's tokens before scheduling the next (no host/device overlap)")
     group.add_argument("--no-prefix-caching", action="store_true")
     group.add_argument("--seed", type=int, default=defaults.seed)
+    group.add_argument("--speculative-config", help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' '
+                       "(methods: ngram, and the model package's own, e.g. mtp)")
 
 
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +83,8 @@ def engine_config(args: argparse.Namespace, package) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         num_gpu_blocks=args.num_gpu_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling, seed=args.seed)
+        enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling, seed=args.seed,
+        speculative_config=args.speculative_config)
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

@@ -14,14 +14,14 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from runtime.config import EngineConfig
-from runtime.kv_cache import KVCacheManager, group_cache_specs, plan_num_blocks
+from runtime.kv_cache import CacheLayout, KVCacheManager, cdiv, group_cache_specs, plan_num_blocks
 from runtime.loader import init_dummy_weights, iterate_weights, load_hf_config, resolve_model_path
 from runtime.registry import get_package, package_for_architectures
 from runtime.request import (PLACEHOLDER_TOKEN_ID, CompletionOutput, FinishReason, Request, RequestOutput,
                              SamplingParams)
-from runtime.runner import ModelRunner, PendingStep, StepOutput, allocate_caches
+from runtime.runner import ModelRunner, PendingStep, StepOutput, allocate_caches, graph_batch_sizes
 from runtime.scheduler import Scheduler
-from runtime.spec_decode import RUNTIME_METHODS, SpeculativeConfig, ngram_propose
+from runtime.spec_decode import SpeculativeConfig, ngram_propose
 from runtime.tiny import ensure_tiny
 from runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -91,6 +91,8 @@ class Engine:
         text_config = self.hf_config.get_text_config()       # the decoder; multimodal configs nest it
         self.package = get_package(config.arch) if config.arch else \
             package_for_architectures(getattr(self.hf_config, "architectures", None) or [])
+        self.speculative = SpeculativeConfig.parse(config.speculative_config, self.package.drafter_methods)
+        self.num_speculative_tokens = self.speculative.num_speculative_tokens if self.speculative else 0
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.tokenizer or str(path))
         self.eos_token_ids = _eos_token_ids(path, text_config, self.tokenizer)
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
@@ -105,22 +107,22 @@ class Engine:
         else:
             model.load_weights(iterate_weights(path, "cpu"))
         self.model = model
-        self.speculative = SpeculativeConfig.parse(config.speculative_config)
-        if self.speculative is not None and self.speculative.method not in RUNTIME_METHODS:
-            raise ValueError(f"speculative method {self.speculative.method!r} needs a drafter that the "
-                             f"{self.package.name} package does not provide; choices: {', '.join(RUNTIME_METHODS)}")
-        self.num_speculative_tokens = self.speculative.num_speculative_tokens if self.speculative else 0
+        self.drafter = self._build_drafter(path) if self.speculative is not None and \
+            self.speculative.method in self.package.drafter_methods else None
 
-        layout = group_cache_specs(model.cache_specs(), config.block_size)
-        num_blocks = plan_num_blocks(layout.groups, config.block_size, self._kv_budget_bytes(), config.max_num_seqs,
-                                     config.max_num_batched_tokens, forced=config.num_gpu_blocks)
+        specs = model.cache_specs() + (self.drafter.cache_specs() if self.drafter is not None else [])
+        layout = group_cache_specs(specs, config.block_size)
+        num_blocks = plan_num_blocks(layout.groups, config.block_size, self._kv_budget_bytes(layout),
+                                     config.max_num_seqs, config.max_num_batched_tokens, forced=config.num_gpu_blocks)
         self.kv = KVCacheManager(layout, config.block_size, num_blocks, config.max_num_seqs, self.max_model_len,
                                  config.enable_prefix_caching)
+        self.kv.hash_lookahead = 1 if self.drafter is not None else 0
         caches = allocate_caches(layout, num_blocks, config.block_size, self.device)
         self.runner = ModelRunner(model, self.kv, caches, self.vocab_size, self.device,
                                   config.max_num_batched_tokens, use_cuda_graphs=not config.enforce_eager,
-                                  num_speculative_tokens=self.num_speculative_tokens)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+                                  num_speculative_tokens=self.num_speculative_tokens, drafter=self.drafter)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   num_lookahead_tokens=self.runner.num_lookahead_tokens)
         self.groups: dict[str, _Group] = {}
         self.detokenizers: dict[Request, IncrementalDetokenizer] = {}
         self._group_of: dict[Request, _Group] = {}
@@ -129,18 +131,69 @@ class Engine:
         self._last_token_time: dict[Request, float] = {}
         self._in_flight: PendingStep | None = None     # launched, tokens not yet read (async scheduling)
         self.last_step_stats = StepStats()
+        self.spec_stats = StepStats()                  # speculative decoding totals (the draft fields)
         logger.info("model %s (%s) on %s/%s; %s", path, self.package.name, self.device, str(self.dtype)[6:],
                     self.cache_report())
 
-    def _kv_budget_bytes(self) -> int:
+    def _build_drafter(self, path: Path):
+        """The package's drafter, on the engine's device and dtype, with its weights: from the draft model's
+        checkpoint, or the names it claims in the target's."""
+        spec = self.speculative
+        with _default_dtype(self.dtype), self.device:
+            drafter = self.package.build_drafter(self.model, self.hf_config, self.config, spec)
+        drafter.to(self.device).eval()
+        if self.config.load_format == "dummy":
+            init_dummy_weights(drafter, self.config.seed + 1)
+        else:
+            drafter.load_weights(iterate_weights(resolve_model_path(spec.model) if spec.model else path, "cpu",
+                                                 drafter.weight_prefixes))
+        return drafter
+
+    def _kv_budget_bytes(self, layout: CacheLayout) -> int:
+        """What the caches may take: on the GPU, the memory utilization target less what the weights hold
+        and what a step at the full token budget measurably peaks at (and the CUDA-graph pool)."""
         if self.device.type != "cuda":
             return int(self.config.cpu_kv_cache_gib * 2**30)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        # keep room for activations of one full token budget (logits rows included)
-        hidden = self.hf_config.get_text_config().hidden_size
-        activations = self.config.max_num_batched_tokens * hidden * 4 * 24 + \
-            self.config.max_num_seqs * self.vocab_size * 4 * 4
-        return int(free - (1.0 - self.config.gpu_memory_utilization) * total - activations)
+        peak, graph_pool = self._profile_step(layout)
+        self.profiled_bytes = (peak, graph_pool)
+        return int(free - (1.0 - self.config.gpu_memory_utilization) * total - peak - graph_pool)
+
+    @torch.inference_mode()
+    def _profile_step(self, layout: CacheLayout) -> tuple[int, int]:
+        """(peak bytes of a dummy step at max_num_batched_tokens, with a logits row for up to max_num_seqs
+        requests; bytes the graph pool of the largest captured batch takes). Runs on throwaway caches just
+        big enough for the step, which are freed again."""
+        config = self.config
+        num_tokens = config.max_num_batched_tokens
+        num_reqs = max(1, min(config.max_num_seqs, num_tokens // 2))
+        prompt_len = min(num_tokens // num_reqs, self.max_model_len - 1)
+        blocks = [num_reqs * (cdiv(prompt_len + 1 + self.num_speculative_tokens, config.block_size) + 1) + 1
+                  for _ in layout.groups]
+        base = torch.cuda.memory_allocated(self.device)
+        kv = KVCacheManager(layout, config.block_size, blocks, config.max_num_seqs, self.max_model_len, False)
+        caches = allocate_caches(layout, blocks, config.block_size, self.device)
+        cache_bytes = torch.cuda.memory_allocated(self.device) - base
+        runner = ModelRunner(self.model, kv, caches, self.vocab_size, self.device, num_tokens,
+                             num_speculative_tokens=self.num_speculative_tokens, drafter=self.drafter)
+        scheduler = Scheduler(kv, config.max_num_seqs, num_tokens, runner.num_lookahead_tokens)
+        for i in range(num_reqs):
+            scheduler.add(Request(f"profile-{i}", [i % self.vocab_size] * prompt_len, SamplingParams(max_tokens=1)))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        runner.wait(runner.launch(scheduler.schedule()))
+        peak = torch.cuda.max_memory_allocated(self.device) - base - cache_bytes
+        graph_pool = 0
+        if not config.enforce_eager:
+            free_before = torch.cuda.mem_get_info(self.device)[0]
+            query_lens = [1] + ([1 + self.num_speculative_tokens] if self.num_speculative_tokens else [])
+            runner.capture_graphs([max(graph_batch_sizes(config.max_num_seqs))], query_lens)
+            graph_pool = free_before - torch.cuda.mem_get_info(self.device)[0]
+        del runner, caches, kv
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        return max(0, peak), max(0, graph_pool)
 
     def cache_report(self) -> str:
         parts = []
@@ -249,7 +302,7 @@ class Engine:
         self._add_placeholders(launched)
         outputs += self._consume(out)
         if self.speculative is not None:
-            self._propose_drafts()
+            self._propose_drafts(out)
         return outputs
 
     def _add_placeholders(self, launched: PendingStep) -> None:
@@ -296,28 +349,34 @@ class Engine:
         return self._outputs(touched.values(), now)
 
     def _count_drafts(self, num_drafts: int, num_accepted: int) -> None:
-        stats = self.last_step_stats
-        stats.num_drafts += 1
-        stats.num_draft_tokens += num_drafts
-        stats.num_accepted_tokens += num_accepted
-        if len(stats.accepted_per_position) < self.num_speculative_tokens:
-            stats.accepted_per_position = [0] * self.num_speculative_tokens
-        for position in range(num_accepted):
-            stats.accepted_per_position[position] += 1
+        for stats in (self.last_step_stats, self.spec_stats):          # this step's, and the running totals
+            stats.num_drafts += 1
+            stats.num_draft_tokens += num_drafts
+            stats.num_accepted_tokens += num_accepted
+            if len(stats.accepted_per_position) < self.num_speculative_tokens:
+                stats.accepted_per_position = [0] * self.num_speculative_tokens
+            for position in range(num_accepted):
+                stats.accepted_per_position[position] += 1
 
-    def _propose_drafts(self) -> None:
-        """ngram drafts for the next step, for every running request whose next token is a decode. Requests
+    def _propose_drafts(self, out: StepOutput) -> None:
+        """Drafts for the next step (the package drafter's, or ngram's), for every running request whose
+        next token is a decode. Requests
         that read their own history when sampling (penalties), report logprobs, or may not stop yet
         (min_tokens) take no drafts: they decode one token at a time."""
         spec = self.speculative
+        model_drafts = dict(zip(out.request_ids, out.drafts or []))
         for request in self.scheduler.running:
             params = request.params
             room = min(params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
             if (room < 1 or request.num_tokens - request.num_computed_tokens != 1 or params.has_penalties
                     or params.logprobs is not None or request.num_output_tokens < params.min_tokens):
                 continue
-            request.draft_token_ids = ngram_propose(request.token_ids, min(spec.num_speculative_tokens, room),
-                                                    spec.prompt_lookup_min, spec.prompt_lookup_max)
+            k = min(spec.num_speculative_tokens, room)
+            if self.drafter is not None:
+                request.draft_token_ids = model_drafts.get(request.request_id, [])[:k]
+            else:
+                request.draft_token_ids = ngram_propose(request.token_ids, k, spec.prompt_lookup_min,
+                                                        spec.prompt_lookup_max)
 
     def _outputs(self, touched: Iterable[_Group], now: float) -> list[RequestOutput]:
         """Outputs of the groups that moved: finished ones (forgotten here), and streaming ones."""

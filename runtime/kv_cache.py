@@ -214,6 +214,9 @@ class KVCacheManager:
         self.staged_writes: list[list[tuple[int, int, list[int]]]] = [[] for _ in self.groups]
         self.requests: dict[str, _RequestBlocks] = {}
         self.has_window_groups = any(g.spec.window is not None for g in self.groups)
+        # Tokens past a block that its hash covers too. A model drafter's entry at position p depends on the
+        # token at p + 1: with 1 here, a hit on a block means the token after it matches as well.
+        self.hash_lookahead = 0
         self.stats = PrefixCacheStats()
 
     # ---- capacity -------------------------------------------------------------------------------------
@@ -255,7 +258,8 @@ class KVCacheManager:
         bs = self.block_size
         while len(hashes) < num_blocks:
             b = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, tuple(request.token_ids[b * bs:(b + 1) * bs])))
+            end = (b + 1) * bs + self.hash_lookahead
+            hashes.append(hash_block(hashes[-1] if hashes else None, tuple(request.token_ids[b * bs:end])))
         return hashes
 
     def _first_needed_block(self, group: int, position: int) -> int:
@@ -344,7 +348,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         state = self.requests[request.request_id]
-        num_full = request.num_computed_tokens // self.block_size
+        num_full = min(request.num_computed_tokens, request.num_tokens - self.hash_lookahead) // self.block_size
         if num_full <= state.num_hashed_blocks:
             return
         hashes = self._ensure_hashes(request, num_full)

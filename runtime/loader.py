@@ -49,8 +49,10 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iterate_weights(path: Path, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream (name, tensor) from every shard, one tensor at a time, with a progress bar over shards."""
+def iterate_weights(path: Path, device: torch.device | str = "cpu",
+                    prefixes: tuple[str, ...] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (name, tensor) from every shard, one tensor at a time, with a progress bar over shards;
+    with `prefixes`, only the names that start with one of them (the others are never read)."""
     from safetensors import safe_open
     from tqdm import tqdm
     files = safetensors_files(path)
@@ -58,7 +60,8 @@ def iterate_weights(path: Path, device: torch.device | str = "cpu") -> Iterator[
     for file in tqdm(files, desc="loading shards", unit="shard", disable=quiet):
         with safe_open(str(file), framework="pt", device=str(device)) as shard:
             for name in shard.keys():
-                yield name, shard.get_tensor(name)
+                if prefixes is None or name.startswith(prefixes):
+                    yield name, shard.get_tensor(name)
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high: float = 1e-3) -> None:

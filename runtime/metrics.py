@@ -69,6 +69,15 @@ class ServerMetrics:
         self.e2e = one(Histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last token.",
                                  model, buckets=_E2E_BUCKETS, registry=r))
         self._groups: list[tuple[Gauge, Gauge, Gauge]] = []          # (used, total, usage) per cache group
+        self.spec_drafts = one(Counter("vllm:spec_decode_num_drafts", "Request steps that verified drafts.",
+                                       model, registry=r))
+        self.spec_draft_tokens = one(Counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified.",
+                                             model, registry=r))
+        self.spec_accepted_tokens = one(Counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                                                model, registry=r))
+        self._spec_accepted_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                              "Draft tokens accepted, by position in the draft.",
+                                              ["model_name", "position"], registry=r)
 
     def record_step(self, stats: StepStats) -> None:
         self.prompt_tokens.inc(stats.num_prompt_tokens)
@@ -79,6 +88,12 @@ class ServerMetrics:
             self.itl.observe(seconds)
         for seconds in stats.e2e_latency:
             self.e2e.observe(seconds)
+        if stats.num_drafts:
+            self.spec_drafts.inc(stats.num_drafts)
+            self.spec_draft_tokens.inc(stats.num_draft_tokens)
+            self.spec_accepted_tokens.inc(stats.num_accepted_tokens)
+            for position, accepted in enumerate(stats.accepted_per_position):
+                self._spec_accepted_per_pos.labels(self._model_name, str(position)).inc(accepted)
 
     def record_finished(self, finish_reason: str) -> None:
         if finish_reason not in self.finished:

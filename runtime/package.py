@@ -48,6 +48,11 @@ class ModelPackage:
     render_chat: Callable[[Any, list[dict[str, Any]], dict[str, Any]], list[int]] | None = None
     reasoning_parser: Callable[[Any, list[int]], tuple[str | None, str]] | None = None
     aliases: tuple[str, ...] = ()
+    # Speculative decoding with the package's own drafter (runtime/spec_decode.py, Drafter):
+    # build_drafter(target_model, hf_config, engine_config, speculative_config) -> Drafter, for the
+    # speculative_config methods named in drafter_methods (e.g. "mtp", "draft_model").
+    drafter_methods: tuple[str, ...] = ()
+    build_drafter: Callable[..., Any] | None = None
 
     def chat_prompt(self, tokenizer, messages: list[dict[str, Any]], options: dict[str, Any]) -> list[int]:
         """Prompt ids of a chat: the package's renderer where it has one, else the tokenizer's template.

@@ -22,6 +22,7 @@ from runtime.kv_cache import CacheLayout, KVCacheManager, cdiv
 from runtime.request import PLACEHOLDER_TOKEN_ID, SamplingParams
 from runtime.sampler import SamplingBatch, SamplerOutput, sample
 from runtime.scheduler import StepPlan
+from runtime.spec_decode import DraftInputs
 
 
 @dataclass(slots=True, eq=False)
@@ -56,6 +57,7 @@ class StepOutput:
     token_ids: list[list[int]]              # per row: accepted drafts, then the target's own next token
     num_drafts: list[int]                   # per row: drafts it verified
     logprobs: list[dict[int, float] | None]
+    drafts: list[list[int]] | None = None   # per row: a model drafter's proposals for the next step
 
 
 @dataclass(slots=True, eq=False)
@@ -106,7 +108,10 @@ class InputBuffers:
         shapes = dict(input_ids=(max_tokens, i64), positions=(max_tokens, i64), query_start_loc=(max_reqs + 1, i32),
                       seq_lens=(max_reqs, i32), num_computed=(max_reqs, i32), logits_indices=(max_tokens, i64),
                       draft_ids=(max_tokens, i64), placeholder_dst=(max_reqs, i64),
-                      placeholder_src=(max_reqs, i64), rows=(max_reqs, i64))
+                      placeholder_src=(max_reqs, i64), rows=(max_reqs, i64), next_ids=(max_tokens, i64),
+                      last_writable=(max_reqs, i64), sampling_rows=(max_reqs, i64),
+                      segment=(max_tokens, i64), offset_in_segment=(max_tokens, i64),
+                      segment_start=(max_reqs, i64))
         for g in range(num_groups):
             shapes[f"slots{g}"] = (max_tokens, i64)
             # staged block-table writes: flat index into the persistent table, and the block id
@@ -149,6 +154,7 @@ class _HostStep:
     num_logits: int                      # logits rows: 1 + drafts per sampling request
     num_placeholders: int
     num_writes: list[int]                # staged block-table writes per group
+    sampling_rows: list[int] = None      # per sampling request: its row in the plan
 
 
 class ModelRunner:
@@ -176,6 +182,8 @@ class ModelRunner:
         self.states: dict[str, RequestState] = {}
         self.num_speculative_tokens = num_speculative_tokens
         self.drafter = drafter
+        # a model drafter writes its own cache k positions past the step's last token: they are allocated
+        self.num_lookahead_tokens = num_speculative_tokens if drafter is not None else 0
         # (padded rows, query length per row) -> (graph, hidden, logits)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         on_cuda = device.type == "cuda"
@@ -267,21 +275,41 @@ class ModelRunner:
             for g in range(self.num_groups):
                 h[f"slots{g}"][pad_tokens] = -1
         # logits rows: each sampling request's last token and its drafts; draft_ids = the token each verifies
-        sampling, num_drafts, logits_rows, draft_ids = [], [], [], []
+        sampling, num_drafts, logits_rows, draft_ids, sampling_rows = [], [], [], [], []
         ends = query_start_loc[1:num_reqs + 1]
-        for state, sample, drafts, end in zip(states, plan.samples, plan.draft_token_ids, ends.tolist()):
+        for i, (state, sample, drafts, end) in enumerate(zip(states, plan.samples, plan.draft_token_ids,
+                                                             ends.tolist())):
             if not sample:
                 continue
             k = len(drafts)
             sampling.append(state)
+            sampling_rows.append(i)
             num_drafts.append(k)
             logits_rows.extend(range(end - 1 - k, end))
             draft_ids.extend(drafts)
             draft_ids.append(-1)
         h["logits_indices"][:len(logits_rows)] = logits_rows
         h["draft_ids"][:len(draft_ids)] = draft_ids
+        if self.drafter is not None:
+            self._fill_drafter_host(plan, states, query_start_loc, num_tokens, sampling_rows)
         return _HostStep(max(num_reqs, pad_to), padded_tokens, num_new, seq_lens, sampling, num_drafts,
-                         len(logits_rows), num_placeholders, num_writes)
+                         len(logits_rows), num_placeholders, num_writes, sampling_rows)
+
+    def _fill_drafter_host(self, plan: StepPlan, states: list[RequestState], query_start_loc: np.ndarray,
+                           num_tokens: int, sampling_rows: list[int]) -> None:
+        """A drafter's inputs known on the host: each row's next token (the following input in the
+        request's chunk, or the next prompt token after a chunk that does not sample; -1 where the target's
+        own token goes, filled on the device), and the last position each sampling request may write."""
+        h = self.buffers.host
+        next_ids = h["next_ids"][:num_tokens]
+        next_ids[:-1] = h["input_ids"][1:num_tokens]
+        for state, start, n, end, sample in zip(states, plan.num_computed, plan.num_new_tokens,
+                                                query_start_loc[1:].tolist(), plan.samples):
+            next_ids[end - 1] = -1 if sample else state.token_ids[start + n]
+        last_writable = [plan.num_computed[i] + plan.num_new_tokens[i] - 1 + self.num_lookahead_tokens
+                         for i in sampling_rows]
+        h["last_writable"][:len(last_writable)] = last_writable
+        h["sampling_rows"][:len(sampling_rows)] = sampling_rows
 
     def _list_placeholders(self, plan: StepPlan, query_start_loc: np.ndarray, num_tokens: int) -> int:
         """Write where this step's placeholder tokens sit (`placeholder_dst`) and their rows in the last
@@ -309,7 +337,7 @@ class ModelRunner:
         up = self.buffers.upload
         graphed = pad_to > 0
         width = self.max_blocks if graphed or not len(step.seq_lens) else \
-            cdiv(int(step.seq_lens.max()), self.block_size)
+            min(self.max_blocks, cdiv(int(step.seq_lens.max()) + self.num_lookahead_tokens, self.block_size))
         step_tables = []
         if self.buffers.on_cuda:
             rows = up("rows", num_reqs)
@@ -338,7 +366,8 @@ class ModelRunner:
             block_size=self.block_size,
             max_query_len=int(step.num_new.max()) if len(step.num_new) else query_len,
             # a graph serves every batch it is replayed for: kernels must size for the worst case
-            max_seq_len=self.max_blocks * self.block_size if graphed else int(step.seq_lens.max(initial=0)),
+            max_seq_len=self.max_blocks * self.block_size if graphed or not len(step.seq_lens)
+            else int(step.seq_lens.max()),
             query_start_loc_host=self.buffers.host["query_start_loc"][:num_reqs + 1],
             seq_lens_host=self.buffers.host["seq_lens"][:num_reqs],
         )
@@ -405,11 +434,79 @@ class ModelRunner:
                 return self._pending(step, None, None, sampling)
             hidden = self.model(input_ids, ctx.positions, ctx)                    # [num_tokens, hidden]
             if not step.sampling:
+                if self.drafter is not None:                  # it still keeps its cache of these positions
+                    self._propose(step, input_ids, ctx, hidden, None)
                 return self._pending(step, None, None, sampling)
             logits = self.model.compute_logits(hidden[ctx.logits_indices])       # [num_logits, vocab]
         draft_ids = self.buffers.upload("draft_ids", step.num_logits) if any(step.num_drafts) else None
         out = sample(logits[:, :self.vocab_size], sampling, draft_ids)
-        return self._pending(step, out, draft_ids, sampling)
+        drafts = None
+        if self.drafter is not None:
+            target_hidden = self.graphs[key][1][:step.num_tokens] if key is not None else hidden
+            drafts = self._propose(step, input_ids, ctx, target_hidden, out)
+        return self._pending(step, out, draft_ids, sampling, drafts)
+
+    def _propose(self, step: _HostStep, input_ids: torch.Tensor, ctx: ForwardContext,
+                 target_hidden: torch.Tensor, out: SamplerOutput | None) -> torch.Tensor:
+        """Run the package's drafter after verification: [sampling requests, k] draft tokens, on the
+        device. Each request's last accepted row gets the token the target just produced as its next
+        token."""
+        up, h = self.buffers.upload, self.buffers.host
+        num_sampling = len(step.sampling)
+        next_ids = up("next_ids", len(input_ids))
+        segment_start = np.zeros(num_sampling, dtype=np.int64)
+        np.cumsum([k + 1 for k in step.num_drafts[:-1]], out=segment_start[1:])
+        h["segment_start"][:num_sampling] = segment_start
+        starts = up("segment_start", num_sampling)
+        if out is not None and out.accepted is not None:
+            # accepted drafts per request: the first row in its segment that did not accept (bonus rows never do)
+            h["segment"][:step.num_logits] = np.repeat(np.arange(num_sampling), np.array(step.num_drafts) + 1)
+            h["offset_in_segment"][:step.num_logits] = np.arange(step.num_logits) - \
+                np.repeat(segment_start, np.array(step.num_drafts) + 1)
+            offsets = up("offset_in_segment", step.num_logits)
+            stops = torch.where(out.accepted, self.num_speculative_tokens + 1, offsets)
+            num_accepted = torch.full((num_sampling,), self.num_speculative_tokens + 1, dtype=torch.int64,
+                                      device=self.device).scatter_reduce(0, up("segment", step.num_logits),
+                                                                         stops, reduce="amin")
+            last_logit_rows = starts + num_accepted
+        else:
+            last_logit_rows = starts
+        last_rows = ctx.logits_indices.index_select(0, last_logit_rows)
+        if out is not None:
+            next_ids.index_copy_(0, last_rows, out.token_ids.index_select(0, last_logit_rows))
+        sampling_rows = up("sampling_rows", num_sampling)
+        last_writable = up("last_writable", num_sampling)
+        inputs = DraftInputs(target_hidden, next_ids, ctx.positions, ctx, last_rows, self.num_speculative_tokens,
+                             lambda positions: self._draft_context(ctx, sampling_rows, positions, last_writable))
+        return self.drafter.propose(inputs)
+
+    def _draft_context(self, ctx: ForwardContext, sampling_rows: torch.Tensor, positions: torch.Tensor,
+                       last_writable: torch.Tensor) -> ForwardContext:
+        """One token per sampling request at `positions`, over the same block tables; a position past what
+        the scheduler allocated writes nothing."""
+        num_reqs = positions.shape[0]
+        tables = [table.index_select(0, sampling_rows) for table in ctx.block_tables]
+        slot_mappings = []
+        for table, ratio in zip(tables, self.ratios):
+            column = positions // self.block_size
+            block = table.gather(1, column[:, None].clamp(max=table.shape[1] - 1))[:, 0]
+            slots = block.long() * (self.block_size // ratio) + (positions % self.block_size) // ratio
+            writes = (positions <= last_writable) & (column < table.shape[1])
+            if ratio > 1:
+                writes &= (positions + 1) % ratio == 0
+            slot_mappings.append(torch.where(writes, slots, -1))
+        seq_lens = (positions + 1).to(torch.int32)
+        query_start_loc = torch.arange(num_reqs + 1, dtype=torch.int32, device=self.device)
+        on_cpu = self.device.type == "cpu"
+        return ForwardContext(
+            positions=positions, query_start_loc=query_start_loc, seq_lens=seq_lens,
+            num_computed=positions.to(torch.int32), logits_indices=query_start_loc[:-1].long(),
+            block_tables=tables, slot_mappings=slot_mappings, caches=self.caches, layer_group=self.layer_group,
+            block_size=self.block_size, max_query_len=1,
+            max_seq_len=tables[0].shape[1] * self.block_size if tables else 1,
+            query_start_loc_host=np.arange(num_reqs + 1, dtype=np.int32),
+            # the reference ops read host lengths (no cost on the CPU); the kernels read seq_lens
+            seq_lens_host=seq_lens.numpy() if on_cpu else np.full(num_reqs, ctx.max_seq_len, dtype=np.int32))
 
     def _sampling_batch(self, step: _HostStep) -> SamplingBatch:
         """One sampling row per logits row: a request with k drafts samples tokens step, step+1, .., step+k."""
@@ -432,14 +529,14 @@ class ModelRunner:
         self.buffers.use_slot(self.slot)
 
     def _pending(self, step: _HostStep, out: SamplerOutput | None, draft_ids: torch.Tensor | None,
-                 sampling: SamplingBatch | None) -> PendingStep:
+                 sampling: SamplingBatch | None, drafts: torch.Tensor | None = None) -> PendingStep:
         """Start the copies of the sampled tokens (and logprobs) to the host, and mark when they land. The
         tokens of a step without drafts are owed to the next step before the host reads them: they enter
         each request's history as placeholders, filled on the device."""
         token_ids = accepted = logprobs = None
         if out is not None:
             token_ids = self._to_host(out.token_ids, self.sampled_host[self.slot][:step.num_logits])
-            if out.accepted is not None:
+            if out is not None and out.accepted is not None:
                 accepted = self._to_host(out.accepted)
             if out.top_logprobs is not None:
                 logprobs = tuple(self._to_host(t) for t in (out.sampled_logprobs, out.top_logprobs, out.top_ids))
@@ -456,7 +553,8 @@ class ModelRunner:
                 state.token_ids.append(PLACEHOLDER_TOKEN_ID)
         pending = PendingStep(step.sampling, step.num_drafts, token_ids, accepted, logprobs, ready,
                               uses_penalties=sampling is not None and sampling.penalties is not None,
-                              placeholder_at=placeholder_at)
+                              placeholder_at=placeholder_at,
+                              drafts=self._to_host(drafts) if drafts is not None else None)
         self.slot_step[self.slot] = pending
         return pending
 
@@ -492,7 +590,8 @@ class ModelRunner:
             per_row.append(tokens)
             at += k + 1
         logprobs = self._logprobs(step.logprobs, step.states, [t[0] for t in per_row])
-        return StepOutput([s.request_id for s in step.states], per_row, list(step.num_drafts), logprobs)
+        drafts = step.drafts.tolist() if step.drafts is not None else None
+        return StepOutput([s.request_id for s in step.states], per_row, list(step.num_drafts), logprobs, drafts)
 
     @staticmethod
     def _logprobs(host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, states: list,

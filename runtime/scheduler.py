@@ -60,8 +60,12 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_lookahead_tokens: int = 0):
         self.kv = kv
+        # positions past a sampling row's last token that are allocated too (a model drafter writes its own
+        # cache there while it drafts)
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -98,8 +102,9 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:      # preempted earlier in this step
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens + len(request.draft_token_ids), budget)
-            while not self.kv.allocate(request, num_new):
+            owed = request.num_tokens - request.num_computed_tokens
+            num_new = min(owed + len(request.draft_token_ids), budget)
+            while not self.kv.allocate(request, num_new + (self.num_lookahead_tokens if num_new >= owed else 0)):
                 victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
                 self._preempt(victim)
                 preempted = True
@@ -117,8 +122,9 @@ class Scheduler:
                 request.num_computed_tokens = self.kv.match_prefix(request)
                 if request.num_preemptions == 0:
                     request.num_cached_tokens = request.num_computed_tokens
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.allocate(request, num_new):
+            owed = request.num_tokens - request.num_computed_tokens
+            num_new = min(owed, budget)
+            if not self.kv.allocate(request, num_new + (self.num_lookahead_tokens if num_new >= owed else 0)):
                 self.kv.free(request)
                 request.num_computed_tokens = 0
                 break

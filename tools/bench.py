@@ -194,6 +194,52 @@ def bench_latency(args: argparse.Namespace) -> dict:
     return result
 
 
+def bench_spec(args: argparse.Namespace) -> dict:
+    """Batch-1 greedy decode with k drafts per step replayed from a plain run of the same prompt: every
+    draft right (the ceiling of speculation) and every draft wrong (the cost of verifying k + 1 tokens),
+    against plain decode."""
+    from runtime import LLM, SamplingParams
+    llm = LLM(args.model, **_engine_options(args))
+    engine = llm.engine
+    rng = random.Random(0)
+    prompt = [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(args.prompt_len)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    reference = llm.generate([prompt], params, use_tqdm=False)[0].token_ids           # also the warm-up
+    plain_seconds = _timed_steps(engine, [(prompt, params)])[1]
+    result = dict(workload="spec", model=args.model, k=args.k, plain_tok_s=args.output_len / plain_seconds)
+    vocab = engine.vocab_size
+    del llm, engine
+    torch.cuda.empty_cache()
+    llm = LLM(args.model, speculative_config={"method": "ngram", "num_speculative_tokens": args.k},
+              **_engine_options(args))
+    engine = llm.engine
+    graph_steps = []
+    graph_key = engine.runner._graph_key
+    engine.runner._graph_key = lambda plan: graph_steps.append(graph_key(plan)) or graph_steps[-1]
+
+    def replay(right: bool):
+        def propose(out) -> None:
+            for request in engine.scheduler.running:
+                done = request.num_output_tokens
+                k = min(args.k, args.output_len - done - 1)
+                if k >= 1 and request.num_tokens - request.num_computed_tokens == 1:
+                    drafts = reference[done:done + k]
+                    request.draft_token_ids = drafts if right else [(t + 1) % vocab for t in drafts]
+        return propose
+
+    for name, right in (("all_accepted", True), ("none_accepted", False)):
+        engine._propose_drafts = replay(right)
+        outputs = llm.generate([prompt], params, use_tqdm=False)                      # warm-up
+        assert outputs[0].token_ids == reference, f"{name}: speculative output differs from plain decode"
+        before = engine.spec_stats.num_accepted_tokens
+        graph_steps.clear()
+        seconds = _timed_steps(engine, [(prompt, params)])[1]
+        result[f"{name}_tok_s"] = args.output_len / seconds
+        result[f"{name}_accepted"] = engine.spec_stats.num_accepted_tokens - before
+        result[f"{name}_graph_steps"] = f"{sum(k is not None for k in graph_steps)}/{len(graph_steps)}"
+    return result
+
+
 def _hf_model_for(args: argparse.Namespace):
     from runtime.loader import load_hf_config, resolve_model_path
     from transformers import AutoModelForCausalLM
@@ -315,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--min-len", type=int, default=100)
     throughput.add_argument("--max-len", type=int, default=1024)
     throughput.add_argument("--hf-requests", type=int, default=32, help="transformers runs this many (one batch)")
+    spec = sub.add_parser("spec", help="batch-1 decode with k replayed drafts, all right / all wrong (GPU)")
+    _gpu_args(spec)
+    spec.add_argument("--prompt-len", type=int, default=128)
+    spec.add_argument("--output-len", type=int, default=256)
+    spec.add_argument("-k", type=int, default=4)
     prof = sub.add_parser("profile", help="steady decode at a fixed batch under torch.profiler (GPU)")
     _gpu_args(prof)
     prof.add_argument("--batch", type=int, default=64)
@@ -328,8 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_gpu_workload(args: argparse.Namespace) -> dict:
-    """One GPU workload (latency | throughput | profile) -> its result record."""
-    result = {"latency": bench_latency, "throughput": bench_throughput, "profile": bench_profile}[args.command](args)
+    """One GPU workload (latency | spec | throughput | profile) -> its result record."""
+    workloads = {"latency": bench_latency, "spec": bench_spec, "throughput": bench_throughput,
+                 "profile": bench_profile}
+    result = workloads[args.command](args)
     result.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
                   command="python tools/bench.py " + " ".join(args.argv))
     return result

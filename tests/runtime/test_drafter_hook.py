@@ -1,0 +1,114 @@
+"""The package drafter hook (ModelPackage.build_drafter), with a test drafter that keeps a cache of its own:
+it records (next token, position) for every row the target computed, drafts by repeating the target's
+newest token, and writes its later drafts through the one-token contexts the runner builds. The engine
+must stay lossless, load only the drafter's checkpoint names, and hand it the right next tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from runtime import LLM, SamplingParams
+from runtime.kv_cache import CacheSpec
+from runtime.registry import get_package
+from runtime.spec_decode import DraftInputs
+from tests.runtime.test_spec_decode import GREEDY, STRESS, PreemptDrafted, workload
+
+
+class RepeatDrafter(nn.Module):
+    weight_prefixes = ("model.norm.",)
+
+    def __init__(self, first_layer: int, num_drafts: int):
+        super().__init__()
+        self.layer = first_layer                 # its cache layer comes after the target's
+        self.num_drafts = num_drafts
+        self.norm = nn.Parameter(torch.zeros(1))
+        self.loaded: list[str] = []
+
+    def cache_specs(self) -> list[CacheSpec]:
+        return [CacheSpec((2,), torch.float32)]
+
+    def load_weights(self, weights) -> None:
+        for name, tensor in weights:
+            self.loaded.append(name)
+            self.norm.data.fill_(float(tensor.float().mean()))
+
+    def _write(self, ctx, token_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        cache, _, slots = ctx.layer_cache(self.layer)
+        keep = slots >= 0
+        cache.view(-1, 2)[slots[keep]] = torch.stack([token_ids, positions], dim=1).float()[keep]
+
+    def propose(self, inputs: DraftInputs) -> torch.Tensor:
+        assert inputs.num_drafts == self.num_drafts and inputs.target_hidden.shape[0] == inputs.positions.shape[0]
+        self._write(inputs.ctx, inputs.next_token_ids, inputs.positions)
+        newest = inputs.next_token_ids.index_select(0, inputs.last_rows)            # [num_reqs]
+        positions = inputs.positions.index_select(0, inputs.last_rows)
+        for j in range(1, self.num_drafts):
+            self._write(inputs.decode_context(positions + j), newest, positions + j)
+        return newest[:, None].expand(-1, self.num_drafts).contiguous()
+
+
+def checked_drafter_cache(engine, checks: list) -> None:
+    """After every step: every position the target computed holds (the token after it, the position)."""
+    step, scheduler, kv = engine.step, engine.scheduler, engine.kv
+    layer = engine.drafter.layer
+    group = kv.layout.layer_group[layer]
+
+    def stepped():
+        outputs = step()
+        cache = engine.runner.caches[layer]
+        for request in scheduler.running:
+            table = kv.block_tables[group][kv.row(request.request_id)]
+            for p in range(request.num_computed_tokens):
+                entry = cache[int(table[p // kv.block_size]), p % kv.block_size].tolist()
+                checks.append(entry == [float(request.token_ids[p + 1]), float(p)])
+        return outputs
+    engine.step = stepped
+
+
+@pytest.fixture
+def repeat_drafter_package(monkeypatch):
+    package = get_package("qwen3")
+    built = []
+
+    def build(target, hf_config, engine_config, spec):
+        built.append(RepeatDrafter(len(target.cache_specs()), spec.num_speculative_tokens))
+        return built[-1]
+    monkeypatch.setattr(package, "drafter_methods", ("repeat",))
+    monkeypatch.setattr(package, "build_drafter", build)
+    return built
+
+
+def test_package_drafter_is_lossless_and_sees_the_right_next_tokens(tiny_qwen3, repeat_drafter_package):
+    plain = LLM(str(tiny_qwen3), **STRESS)
+    prompts = workload(plain.engine.vocab_size)
+    expected = [o.token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)]
+
+    llm = LLM(str(tiny_qwen3), speculative_config={"method": "repeat", "num_speculative_tokens": 3}, **STRESS)
+    engine = llm.engine
+    forced = PreemptDrafted(engine)
+    checks: list[bool] = []
+    checked_drafter_cache(engine, checks)
+
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    assert len(checks) > 500 and all(checks)
+    assert engine.spec_stats.num_accepted_tokens > 0 and forced.count > 0
+    drafter = repeat_drafter_package[-1]
+    assert drafter.loaded == ["model.norm.weight"]
+    assert engine.runner.num_lookahead_tokens == 3
+
+
+def test_a_package_method_is_named_among_the_choices(tiny_qwen3, repeat_drafter_package):
+    with pytest.raises(ValueError, match="choices: ngram, repeat"):
+        LLM(str(tiny_qwen3), device="cpu", dtype="float32", speculative_config={"method": "mtp",
+                                                                                   "num_speculative_tokens": 1})
+
+
+def test_sampling_with_a_package_drafter_is_reproducible(tiny_qwen3, repeat_drafter_package):
+    params = [SamplingParams(temperature=0.9, seed=s, max_tokens=20, ignore_eos=True) for s in range(4)]
+    runs = []
+    for _ in range(2):
+        llm = LLM(str(tiny_qwen3), speculative_config={"method": "repeat", "num_speculative_tokens": 2}, **STRESS)
+        runs.append([o.token_ids for o in llm.generate(workload(llm.engine.vocab_size)[-4:], params,
+                                                       use_tqdm=False)])
+    assert runs[0] == runs[1]
