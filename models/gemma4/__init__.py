@@ -5,6 +5,7 @@ from pathlib import Path
 from runtime.package import ModelPackage
 
 from .chat import SPECIAL_TOKENS, parse_reasoning
+from .drafter import build_drafter
 from .model import build_model
 from .tiny import tiny_init, tiny_save
 
@@ -59,4 +60,6 @@ PACKAGE = ModelPackage(
     },
     reasoning_parser=parse_reasoning,
     aliases=("gemma-4",),
+    drafter_methods=("draft_model",),            # the assistant checkpoints (spec section 6)
+    build_drafter=build_drafter,
 )

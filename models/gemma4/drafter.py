@@ -13,9 +13,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from runtime.config import EngineConfig
 from runtime.kv_cache import CacheSpec
-from runtime.loader import check_loaded
-from runtime.spec_decode import DraftInputs
+from runtime.loader import check_loaded, load_hf_config, resolve_model_path
+from runtime.spec_decode import DraftInputs, SpeculativeConfig
 
 from .model import Gemma4DecoderLayer, Gemma4ForCausalLM, Gemma4Model, _checkpoint_buffers, _norm, expected_shards, \
     load_fused
@@ -64,8 +65,10 @@ class Gemma4Assistant(nn.Module):
             layer.self_attn.layer_index = num_target_layers + i        # its slot in the step's context
             if layer.self_attn.window is not None:
                 # transformers' assistant mask (a bidirectional window, flipped onto the past) lets the draft
-                # position see W + 1 target entries, one more than a sliding query of the target would
+                # position see W + 1 target entries, one more than a sliding query of the target would: the
+                # target's sliding groups must keep that one too
                 layer.self_attn.window += 1
+                target.window_slack = 1
             self.layers.append(layer)
         hidden, backbone = text.hidden_size, config.backbone_hidden_size
         self.embed_tokens = nn.Embedding(text.vocab_size, hidden)      # the tied head; inputs embed with the target's
@@ -128,3 +131,20 @@ class Gemma4Assistant(nn.Module):
             tokens, hidden = self.draft_one(tokens, hidden, last_positions + 1, ctx)
             drafts.append(tokens)
         return torch.stack(drafts, dim=1)
+
+
+def build_drafter(target: Gemma4ForCausalLM, hf_config, engine_config: EngineConfig,
+                  spec: SpeculativeConfig) -> Gemma4Assistant:
+    """speculative_config {"method": "draft_model", "model": ASSISTANT_DIR, "num_speculative_tokens": k}."""
+    if spec.model is None:
+        raise ValueError('gemma4 drafts with its assistant checkpoint: give speculative_config a "model" '
+                         '(e.g. google/gemma-4-E4B-it-assistant or a local directory)')
+    config = load_hf_config(resolve_model_path(spec.model))
+    if getattr(config, "backbone_hidden_size", None) != target.config.hidden_size:
+        raise ValueError(f"the assistant in {spec.model} was trained for a target of width "
+                         f"{getattr(config, 'backbone_hidden_size', None)}, this target is "
+                         f"{target.config.hidden_size} wide")
+    text = config.get_text_config()
+    max_positions = max(text.max_position_embeddings, target.config.max_position_embeddings,
+                        engine_config.max_model_len or 0)
+    return Gemma4Assistant(target, config, max_positions, engine_config.torch_dtype)

@@ -243,6 +243,7 @@ class Gemma4ForCausalLM(nn.Module):
         self.model = Gemma4Model(text, max_positions)
         self.softcap = text.final_logit_softcapping
         self.tie_word_embeddings = text.tie_word_embeddings
+        self.window_slack = 0             # extra positions sliding groups keep (an assistant reads one more)
         if not self.tie_word_embeddings:
             self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
 
@@ -263,8 +264,9 @@ class Gemma4ForCausalLM(nn.Module):
         specs = []
         for layer in self.model.layers:
             attn = layer.self_attn
+            window = attn.window + self.window_slack if attn.window is not None else None
             specs.append(CacheSpec(entry_shape=(2, attn.num_kv_heads, attn.head_dim), dtype=self.cache_dtype,
-                                   window=attn.window, shared_with=attn.producer))
+                                   window=window, shared_with=attn.producer))
         return specs
 
     # ---- weights --------------------------------------------------------------------------------------

@@ -139,3 +139,20 @@ def test_drafts_match_transformers_assistant(tiny_gemma4, tiny_assistant, length
     assert (state[0] - hf_state).abs().max().item() < 1e-4
     assert drafts.tolist() == [expected]
     assert len(set(expected)) > 1 or length == 5           # drafts that vary: the head is exercised
+
+
+def test_drafting_through_the_engine_is_lossless(tiny_gemma4, tiny_assistant):
+    """speculative_config draft_model: greedy outputs identical with and without the assistant, through small
+    blocks (sliding blocks recycled), chunked prefill and several requests."""
+    _, assistant_dir = tiny_assistant
+    prompts = random_prompts(512, (3, 17, 40, 64), seed=8)
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    options = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=32)
+    plain = LLM(str(tiny_gemma4), **options).generate(prompts, params, use_tqdm=False)
+    spec = {"method": "draft_model", "model": str(assistant_dir), "num_speculative_tokens": 3}
+    llm = LLM(str(tiny_gemma4), speculative_config=spec, **options)
+    drafted = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
+    assert llm.engine.spec_stats.num_draft_tokens > 50
+    window = {g.spec.window for g in llm.engine.kv.groups} - {None}
+    assert window == {9}                        # the target's sliding groups keep the assistant's W + 1
