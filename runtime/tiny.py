@@ -2,6 +2,7 @@
 are the real ones), `tokenizers` trains a small byte-level BPE, and the package supplies the chat template."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -66,7 +67,9 @@ def make_tiny(package: ModelPackage, out_dir: str | os.PathLike, config_override
     An override of None removes the key (a variant can drop a nested sub-config)."""
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     out = Path(out_dir)
-    config_dict = {k: v for k, v in {**package.tiny_config, **(config_overrides or {})}.items() if v is not None}
+    # a deep copy: some configs edit the nested dicts they are given (e.g. rope_scaling)
+    config_dict = copy.deepcopy({k: v for k, v in {**package.tiny_config, **(config_overrides or {})}.items()
+                                 if v is not None})
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
     torch.manual_seed(seed)

@@ -25,7 +25,8 @@ from .model import Gemma4DecoderLayer, Gemma4ForCausalLM, Gemma4Model, _checkpoi
 def kv_store_layers(layer_types: list[str], num_kv_shared_layers: int) -> dict[str, int]:
     """Per attention type, the target layer whose K/V an assistant reads: the last one that computes its own."""
     first_shared = len(layer_types) - num_kv_shared_layers
-    return {kind: max(i for i in range(first_shared) if layer_types[i] == kind) for kind in set(layer_types[:first_shared])}
+    return {kind: max(i for i in range(first_shared) if layer_types[i] == kind)
+            for kind in set(layer_types[:first_shared])}
 
 
 class Gemma4MaskedEmbedding(nn.Module):

@@ -93,7 +93,7 @@ class Gemma4Attention(nn.Module):
         cache, block_table, slot_mapping = ctx.layer_cache(self.layer_index)
         if self.producer is None:
             q, k, *v = self.qkv_proj(x).split(self.split, dim=-1)
-            k = k.view(-1, self.num_kv_heads, self.head_dim)                           # [num_tokens, kv_heads, head_dim]
+            k = k.view(-1, self.num_kv_heads, self.head_dim)                    # [num_tokens, kv_heads, head_dim]
             v = v[0].view(-1, self.num_kv_heads, self.head_dim) if v else k
             q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))                 # [num_tokens, heads, head_dim]
             q, k = self.rotary(positions, q, self.k_norm(k))

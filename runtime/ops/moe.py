@@ -43,23 +43,58 @@ def softmax_topk_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     return weights.to(router_logits.dtype), ids
 
 
+_SCORE_FUNCTIONS = {
+    "softmax": lambda logits: torch.softmax(logits, dim=-1),
+    "sigmoid": torch.sigmoid,
+    "sqrtsoftplus": lambda logits: torch.nn.functional.softplus(logits).sqrt(),
+}
+
+
+def score_topk(router_logits: torch.Tensor, top_k: int, scoring: str, selection_bias: torch.Tensor | None = None,
+               fixed_ids: torch.Tensor | None = None, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing by per-expert scores (`scoring`: softmax, sigmoid or sqrtsoftplus of the logits, in their dtype).
+    The experts are the top k of `scores + selection_bias` (the bias only chooses, it never weights), or
+    `fixed_ids` [num_tokens, k] when a table decides them. Weights are the chosen scores renormalized to sum
+    to one, times `scaling`. Returns (weights [num_tokens, k], ids [num_tokens, k] int64). Torch on every
+    device: a [num_tokens, experts] elementwise op and a top-k, next to the expert GEMMs."""
+    if scoring not in _SCORE_FUNCTIONS:
+        raise ValueError(f"unknown routing score {scoring!r}; expected one of {', '.join(_SCORE_FUNCTIONS)}")
+    scores = _SCORE_FUNCTIONS[scoring](router_logits)                              # [num_tokens, experts]
+    if fixed_ids is not None:
+        ids = fixed_ids.long()
+    else:
+        choice = scores if selection_bias is None else scores + selection_bias
+        ids = torch.topk(choice, top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, ids)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+              topk_ids: torch.Tensor, swiglu_limit: float | None = None, activation: str = "silu") -> torch.Tensor:
     """x [num_tokens, hidden]; w13 [experts, 2 * inter, hidden] (gate rows, then up rows);
     w2 [experts, hidden, inter]. Returns sum_k weight_k * down(act(gate(x)) * up(x)) per token, act being
-    silu or ("gelu_tanh") gelu with the tanh approximation.
+    silu or ("gelu_tanh") gelu with the tanh approximation; with `swiglu_limit` (silu only), gate is clamped
+    above and up both ways at the limit first.
     The Triton kernels on a GPU (no host sync, CUDA-graph safe), the torch reference elsewhere
-    (or everywhere with RUN_MODEL_TORCH_OPS=1)."""
-    if _use_triton(x):
+    (or everywhere with RUN_MODEL_TORCH_OPS=1). The kernels do not clamp yet: a limit takes the reference."""
+    if _use_triton(x) and swiglu_limit is None:
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation=activation)
-    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, activation)
+    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, swiglu_limit, activation)
+
+
+def _clamped_silu_and_mul(gate_up: torch.Tensor, limit: float) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+                  topk_ids: torch.Tensor, swiglu_limit: float | None = None, activation: str = "silu") -> torch.Tensor:
     """Torch reference of `fused_moe`: a loop over the experts that receive tokens (reads the counts on the
     host, so it is not for CUDA graphs)."""
     gated = _gated_activation(activation)
+    if swiglu_limit is not None and activation != "silu":
+        raise ValueError(f"swiglu_limit clamps a SiLU gate; it does not apply to activation {activation!r}")
     out = torch.zeros_like(x)
     flat_ids = topk_ids.flatten()
     order = torch.argsort(flat_ids, stable=True)
@@ -71,7 +106,9 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
             continue
         rows = order[start:start + count]
         tok = tokens[start:start + count]
-        h = gated(x[tok] @ w13[expert].t()) @ w2[expert].t()                    # [count, hidden]
+        gate_up = x[tok] @ w13[expert].t()                                         # [count, 2 * inter]
+        act = gated(gate_up) if swiglu_limit is None else _clamped_silu_and_mul(gate_up, swiglu_limit)
+        h = act @ w2[expert].t()                                                    # [count, hidden]
         out.index_add_(0, tok, h * topk_weights.flatten()[rows, None])
         start += count
     return out

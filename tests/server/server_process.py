@@ -104,9 +104,9 @@ class ServerProcess:
             raise
 
 
-def start_server(model_path: Path, log_path: Path, *flags: str) -> ServerProcess:
+def start_server(model_path: Path, log_path: Path, *flags: str, arch: str = "qwen3") -> ServerProcess:
     port = free_port()
-    command = [sys.executable, "-m", "runtime.cli", "qwen3", "--model", str(model_path), "--serve",
+    command = [sys.executable, "-m", "runtime.cli", arch, "--model", str(model_path), "--serve",
                "--port", str(port), "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN), *flags]
     # One intra-op thread: on a small shared CI box, torch's spinning OpenMP workers and the HTTP thread
     # otherwise fight over the cores and every step gets many times slower.
