@@ -89,14 +89,15 @@ class Engine:
             path = resolve_model_path(config.model)
         self.model_path = path
         self.hf_config = load_hf_config(path)
+        text_config = self.hf_config.get_text_config()       # the decoder; multimodal configs nest it
         self.package = get_package(config.arch) if config.arch else \
             package_for_architectures(getattr(self.hf_config, "architectures", None) or [])
         self.speculative = SpeculativeConfig.parse(config.speculative_config, self.package.drafter_methods)
         self.num_speculative_tokens = self.speculative.num_speculative_tokens if self.speculative else 0
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.tokenizer or str(path))
-        self.eos_token_ids = _eos_token_ids(path, self.hf_config, self.tokenizer)
-        self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
-        self.vocab_size = self.hf_config.vocab_size
+        self.eos_token_ids = _eos_token_ids(path, text_config, self.tokenizer)
+        self.max_model_len = config.max_model_len or text_config.max_position_embeddings
+        self.vocab_size = text_config.vocab_size
         self.device, self.dtype = config.torch_device, config.torch_dtype
 
         with _default_dtype(self.dtype), self.device:

@@ -369,7 +369,7 @@ def bench_profile(args: argparse.Namespace) -> dict:
 
 def _gpu_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint dir or hub id; with dummy weights a dir holding "
-                        "only config.json will do (tools/configs/ has Qwen3 shapes)")
+                        "only config.json will do (tools/configs/ has the real shapes)")
     parser.add_argument("--arch", default=None)
     parser.add_argument("--load-format", default="dummy", choices=["auto", "dummy"])
     parser.add_argument("--dtype", default="bfloat16")
