@@ -23,7 +23,9 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-model-len", type=int)
     group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
     group.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
-    group.add_argument("--block-size", type=int, default=defaults.block_size)
+    group.add_argument("--block-size", type=int, default=defaults.block_size,
+                       help="token positions per KV block (default: 16, or the smallest multiple of 16 that the "
+                            "model's compression ratios divide)")
     group.add_argument("--num-gpu-blocks", type=int, help="force the number of KV blocks")
     group.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")

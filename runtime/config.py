@@ -17,7 +17,7 @@ class EngineConfig:
     device: str = "auto"                     # "auto" = cuda when available, else cpu
     dtype: str = "auto"                      # "auto" = bfloat16 on cuda, float32 on cpu
     load_format: str = "auto"                # "auto" (safetensors) | "dummy" (random weights, real shapes)
-    block_size: int = 16
+    block_size: int | None = None           # None = the smallest multiple of 16 every cache group's compression divides
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None         # None = the checkpoint's max_position_embeddings
@@ -32,7 +32,7 @@ class EngineConfig:
     speculative_config: dict | str | None = None
 
     def __post_init__(self) -> None:
-        if self.block_size <= 0:
+        if self.block_size is not None and self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")

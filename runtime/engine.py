@@ -14,7 +14,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from runtime.config import EngineConfig
-from runtime.kv_cache import CacheLayout, KVCacheManager, cdiv, group_cache_specs, plan_num_blocks
+from runtime.kv_cache import (CacheLayout, KVCacheManager, cdiv, default_block_size, group_cache_specs,
+                              plan_num_blocks)
 from runtime.loader import init_dummy_weights, iterate_weights, load_hf_config, resolve_model_path
 from runtime.registry import explain_wrong_architecture, get_package, package_for_architectures
 from runtime.request import (PLACEHOLDER_TOKEN_ID, CompletionOutput, FinishReason, Request, RequestOutput,
@@ -88,14 +89,15 @@ class Engine:
             path = resolve_model_path(config.model)
         self.model_path = path
         self.hf_config = load_hf_config(path)
+        text_config = self.hf_config.get_text_config()       # the decoder; multimodal configs nest it
         self.package = get_package(config.arch) if config.arch else \
             package_for_architectures(getattr(self.hf_config, "architectures", None) or [])
         self.speculative = SpeculativeConfig.parse(config.speculative_config, self.package.drafter_methods)
         self.num_speculative_tokens = self.speculative.num_speculative_tokens if self.speculative else 0
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.tokenizer or str(path))
-        self.eos_token_ids = _eos_token_ids(path, self.hf_config, self.tokenizer)
-        self.max_model_len = config.resolve_max_model_len(self.hf_config)
-        self.vocab_size = self.hf_config.vocab_size
+        self.eos_token_ids = _eos_token_ids(path, text_config, self.tokenizer)
+        self.max_model_len = config.resolve_max_model_len(text_config)
+        self.vocab_size = text_config.vocab_size
         self.device, self.dtype = config.torch_device, config.torch_dtype
 
         with explain_wrong_architecture(self.package, self.hf_config, path), _default_dtype(self.dtype), self.device:
@@ -110,6 +112,8 @@ class Engine:
             self.speculative.method in self.package.drafter_methods else None
 
         specs = model.cache_specs() + (self.drafter.cache_specs() if self.drafter is not None else [])
+        if config.block_size is None:
+            config = self.config = replace(config, block_size=default_block_size(specs))
         layout = group_cache_specs(specs, config.block_size)
         num_blocks = plan_num_blocks(layout.groups, config.block_size, self._kv_budget_bytes(layout),
                                      config.max_num_seqs, config.max_num_batched_tokens, forced=config.num_gpu_blocks)
@@ -157,8 +161,15 @@ class Engine:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         peak, graph_pool = self._profile_step(layout)
-        self.profiled_bytes = (peak, graph_pool)
-        return int(free - (1.0 - self.config.gpu_memory_utilization) * total - peak - graph_pool)
+        kept_free = (1.0 - self.config.gpu_memory_utilization) * total
+        budget = int(free - kept_free - peak - graph_pool)
+        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+        self.memory_report = (f"free {gib(free)} of {gib(total)}, kept free {gib(kept_free)}, step peak "
+                              f"{gib(peak)}, graph pool {gib(graph_pool)}: KV budget {gib(budget)}")
+        if budget <= 0:
+            raise ValueError(f"no memory left for the KV cache ({self.memory_report}); raise "
+                             f"--gpu-memory-utilization or lower --max-num-batched-tokens / --max-num-seqs")
+        return budget
 
     @torch.inference_mode()
     def _profile_step(self, layout: CacheLayout) -> tuple[int, int]:
@@ -201,9 +212,11 @@ class Engine:
             kind = f"window {spec.window}" if spec.window else "full"
             if spec.tokens_per_entry > 1:
                 kind += f", 1 entry per {spec.tokens_per_entry} tokens"
+            per_token = len(group.layers) * spec.entry_bytes / spec.tokens_per_entry
             parts.append(f"group {g} ({len(group.layers)} layers, {kind}): {pool.num_blocks - 1} blocks "
-                         f"= {(pool.num_blocks - 1) * self.config.block_size} tokens")
-        return "KV cache " + "; ".join(parts)
+                         f"= {(pool.num_blocks - 1) * self.config.block_size} tokens, {per_token:g} B/token")
+        memory = f" ({self.memory_report})" if getattr(self, "memory_report", None) else ""
+        return "KV cache " + "; ".join(parts) + memory
 
     # ---- requests -------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+import math
 from math import prod
 
 import numpy as np
@@ -79,6 +80,11 @@ def group_cache_specs(specs: list[CacheSpec], block_size: int) -> CacheLayout:
             raise ValueError(f"layer {i} shares the cache of layer {owner}, which does not own a cache")
         layer_group[i], layer_slot[i] = layer_group[owner], layer_slot[owner]
     return CacheLayout(groups, layer_group, layer_slot)
+
+
+def default_block_size(specs: list[CacheSpec], base: int = 16) -> int:
+    """The smallest multiple of `base` that every layer's tokens_per_entry divides (a block holds whole entries)."""
+    return math.lcm(base, *(spec.tokens_per_entry for spec in specs))
 
 
 def window_blocks_per_request(window: int, block_size: int, max_num_batched_tokens: int) -> int:

@@ -2,6 +2,7 @@
 are the real ones), `tokenizers` trains a small byte-level BPE, and the package supplies the chat template."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -62,10 +63,13 @@ def _train_tokenizer(vocab_size: int, special_tokens: tuple[str, ...]):
 
 def make_tiny(package: ModelPackage, out_dir: str | os.PathLike, config_overrides: dict[str, Any] | None = None,
               seed: int = 0) -> Path:
-    """Write config.json, model.safetensors and a tokenizer for a tiny random model of `package`."""
+    """Write config.json, model.safetensors and a tokenizer for a tiny random model of `package`.
+    An override of None removes the key (a variant can drop a nested sub-config)."""
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     out = Path(out_dir)
-    config_dict = {**package.tiny_config, **(config_overrides or {})}
+    # a deep copy: some configs edit the nested dicts they are given (e.g. rope_scaling)
+    config_dict = copy.deepcopy({k: v for k, v in {**package.tiny_config, **(config_overrides or {})}.items()
+                                 if v is not None})
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
     torch.manual_seed(seed)
@@ -80,10 +84,13 @@ def make_tiny(package: ModelPackage, out_dir: str | os.PathLike, config_override
         model.save_pretrained(tmp)
 
     specials = package.special_tokens
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(config.vocab_size, specials))
-    eos = config_dict.get("eos_token_id")
+    text_config = config.get_text_config()                  # the decoder; multimodal configs nest it
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(text_config.vocab_size, specials))
+    eos = text_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
+    bos = text_config.bos_token_id
     named = {"eos_token": specials[eos] if eos is not None and eos < len(specials) else None,
+             "bos_token": specials[bos] if bos is not None and bos < len(specials) else None,
              "pad_token": specials[0] if specials else None}
     tokenizer.add_special_tokens({k: v for k, v in named.items() if v})
     if package.chat_template:

@@ -2,6 +2,8 @@
 """Benchmarks. Subcommands:
 
     sched       one scheduler step + input preparation for N running decode requests, CPU, no model
+    kv          the model built on the meta device: each cache group's bytes per token, and the cache of one
+                request at --tokens positions (CPU, no weights)
     latency     batch 1, 128-token prompt, 256 new tokens: TTFT, TPOT, decode tok/s, vs the roofline
     throughput  256 requests, prompt and output lengths uniform in [100, 1024], seed 0, ignore_eos
                 (nano-vllm's / vLLM's protocol): output tok/s
@@ -83,6 +85,44 @@ def bench_sched(args: argparse.Namespace) -> None:
 
 
 # ---- GPU workloads ----------------------------------------------------------------------------------------
+
+def bench_kv(args: argparse.Namespace) -> dict:
+    """Bytes per token of every cache group of a model at its real shapes (built on the meta device).
+    A window group holds a fixed number of positions per request; the others grow with the context."""
+    from runtime.config import EngineConfig
+    from runtime.loader import load_hf_config
+    from runtime.registry import get_package, package_for_architectures
+    hf_config = load_hf_config(Path(args.model))
+    package = get_package(args.arch) if args.arch else \
+        package_for_architectures(getattr(hf_config, "architectures", None) or [])
+    with torch.device("meta"):
+        model = package.build(hf_config, EngineConfig(device="cpu", dtype=args.dtype))
+    layout = group_cache_specs(model.cache_specs(), args.block_size)
+    model_dtype = EngineConfig(device="cpu", dtype=args.dtype).torch_dtype
+    growing = fixed = fixed_state = 0.0
+    print(f"{'group':>5} {'layers':>6} {'entry':>14} {'dtype':>8} {'per entry':>9} {'kind':>22} {'B/token':>9} "
+          f"{'at ' + str(args.tokens):>14}")
+    for g, group in enumerate(layout.groups):
+        spec = group.spec
+        per_token = len(group.layers) * spec.entry_bytes / spec.tokens_per_entry
+        positions = args.tokens if spec.window is None else min(spec.window, args.tokens)
+        total = len(group.layers) * spec.entry_bytes * -(-positions // spec.tokens_per_entry)
+        kind = f"window {spec.window}" if spec.window else "grows"
+        kind += f", 1 per {spec.tokens_per_entry}" if spec.tokens_per_entry > 1 else ""
+        print(f"{g:>5} {len(group.layers):>6} {str(spec.entry_shape):>14} {str(spec.dtype)[6:]:>8} "
+              f"{spec.entry_bytes:>9} {kind:>22} {per_token if spec.window is None else 0:>9.1f} {total:>14,}")
+        growing += per_token if spec.window is None else 0
+        if spec.window is not None:
+            # windows kept at another precision than the KV (recurrent state, e.g. compressor buffers)
+            fixed_state += total if spec.dtype != model_dtype else 0
+            fixed += total if spec.dtype == model_dtype else 0
+    kv_bytes = growing * args.tokens + fixed
+    print(f"long-context slope: {growing:,.0f} B/token")
+    print(f"one request at {args.tokens:,} positions: {kv_bytes / 2**30:.4f} GiB of KV ({fixed / 2**20:.2f} MiB "
+          f"of it windows), plus {fixed_state / 2**20:.2f} MiB of state at other precisions "
+          f"= {(kv_bytes + fixed_state) / 2**30:.4f} GiB")
+    return {"bytes_per_token": growing, "kv_bytes_at_tokens": kv_bytes, "state_bytes": fixed_state}
+
 
 def copy_bandwidth(device: torch.device, num_bytes: int = 2 << 30) -> float:
     """Device-to-device copy, bytes read + written per second (the roofline's memory ceiling)."""
@@ -330,7 +370,7 @@ def bench_profile(args: argparse.Namespace) -> dict:
 
 def _gpu_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint dir or hub id; with dummy weights a dir holding "
-                        "only config.json will do (tools/configs/ has Qwen3 shapes)")
+                        "only config.json will do (tools/configs/ has the real shapes)")
     parser.add_argument("--arch", default=None)
     parser.add_argument("--load-format", default="dummy", choices=["auto", "dummy"])
     parser.add_argument("--dtype", default="bfloat16")
@@ -352,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--prompt-len", type=int, default=512)
     sched.add_argument("--steps", type=int, default=500)
     sched.add_argument("--warmup", type=int, default=50)
+    kv = sub.add_parser("kv", help="cache bytes per token of each group at real shapes (meta device, CPU)")
+    kv.add_argument("--model", required=True, help="a directory with config.json (tools/configs/...)")
+    kv.add_argument("--arch", default=None)
+    kv.add_argument("--dtype", default="bfloat16")
+    kv.add_argument("--block-size", type=int, default=256)
+    kv.add_argument("--tokens", type=int, default=1 << 20)
     latency = sub.add_parser("latency", help="batch-1 decode vs transformers and the roofline (GPU)")
     _gpu_args(latency)
     latency.add_argument("--prompt-len", type=int, default=128)
@@ -395,6 +441,9 @@ def main() -> int:
         return bench_serve.run(args) or 0
     if args.command == "sched":
         bench_sched(args)
+        return 0
+    if args.command == "kv":
+        bench_kv(args)
         return 0
     if not torch.cuda.is_available():
         print(f"error: `bench.py {args.command}` measures a GPU, and this torch ({torch.__version__}) has no CUDA "

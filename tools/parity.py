@@ -6,6 +6,7 @@ compared with transformers' `generate`. Used by tests/models/*/test_parity.py an
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,22 @@ def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, variant: str | N
     config = dict(package.tiny_variants[variant]) if variant else {}
     config.update(overrides or {})
     return make_tiny(package, out_dir, config)
+
+
+def stress_options(path: str | os.PathLike, block_size: int, max_num_batched_tokens: int,
+                   cache_tokens: int) -> dict[str, int]:
+    """Engine options for a stress run: the smallest block size >= `block_size` that every cache group's
+    compression ratio divides, and as many blocks as hold `cache_tokens` positions (at least 4)."""
+    from runtime.config import EngineConfig
+    from runtime.loader import load_hf_config
+    from runtime.registry import package_for_architectures
+    hf_config = load_hf_config(Path(path))
+    package = package_for_architectures(getattr(hf_config, "architectures", None) or [])
+    with torch.device("meta"):
+        specs = package.build(hf_config, EngineConfig(device="cpu", dtype="float32")).cache_specs()
+    block = math.lcm(block_size, *(spec.tokens_per_entry for spec in specs))
+    return dict(block_size=block, max_num_batched_tokens=max_num_batched_tokens,
+                num_gpu_blocks=max(4, cache_tokens // block))
 
 
 def random_prompts(vocab_size: int, lengths: tuple[int, ...], num_special: int = 8, seed: int = 0) -> list[list[int]]:
@@ -86,12 +103,15 @@ class _LogitRecorder:
 
 
 def transformers_load_options(path: str | os.PathLike) -> dict[str, Any]:
-    """from_pretrained options the oracle needs for a checkpoint: MXFP4 checkpoints load dequantized (exactly),
-    the only way transformers runs them without its hub kernels (and without accelerate)."""
+    """from_pretrained options the oracle needs for a checkpoint: MXFP4 and FP8 block-scaled checkpoints load
+    dequantized (exactly), the only way transformers runs them without its hub kernels (and without accelerate)."""
     quantization = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
     if quantization.get("quant_method") == "mxfp4":
         from transformers import Mxfp4Config
         return {"quantization_config": Mxfp4Config(dequantize=True)}
+    if quantization.get("quant_method") == "fp8":
+        from transformers import FineGrainedFP8Config
+        return {"quantization_config": FineGrainedFP8Config(dequantize=True)}
     return {}
 
 
@@ -99,7 +119,8 @@ def load_transformers(path: str | os.PathLike, config_overrides: dict[str, Any] 
     """transformers' fp32 model of a checkpoint; `config_overrides` replace config.json fields."""
     from transformers import AutoModelForCausalLM
     options = {**(config_overrides or {}), **transformers_load_options(path)}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **options).eval()
+    # .float(): a dequantized checkpoint keeps the tensors it stores in bf16 (norms, embeddings) in bf16
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **options).float().eval()
 
 
 @torch.inference_mode()

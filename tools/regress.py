@@ -18,13 +18,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.registry import get_package  # noqa: E402
-from tools.parity import make_tiny_checkpoint, run_parity  # noqa: E402
+from tools.parity import make_tiny_checkpoint, run_parity, stress_options  # noqa: E402
 
 LOGIT_TOLERANCE = 1e-4
 SPEED_TOLERANCE = 0.05          # a figure may drop this much below its baseline
 BASELINES = Path(__file__).resolve().parent / "baselines"
-# small blocks, a 16-token budget (chunked prefill), and a cache too small for all 8 prompts (preemption)
-STRESS = dict(block_size=4, max_num_batched_tokens=16, num_gpu_blocks=80)
+# small blocks (4 positions, or the smallest multiple of a model's compression ratios), a 16-token budget
+# (chunked prefill), and a cache of 320 positions, too small for all 8 prompts (preemption)
+STRESS = dict(block_size=4, max_num_batched_tokens=16, cache_tokens=320)
 
 
 def gpu_parity(package_name: str, variants: list, tmp: str) -> bool:
@@ -86,7 +87,7 @@ def main() -> int:
         for variant in [None, *package.tiny_variants]:
             name = f"{package.name}{'/' + variant if variant else ''}"
             path = make_tiny_checkpoint(package.name, Path(tmp) / (variant or "base"), variant)
-            report = run_parity(path, **STRESS)
+            report = run_parity(path, **stress_options(path, **STRESS))
             ok = report.max_logit_diff <= LOGIT_TOLERANCE and report.greedy_matches == report.greedy_total
             failed |= not ok
             print(f"[{'PASS' if ok else 'FAIL'}] {name}")

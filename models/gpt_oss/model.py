@@ -11,7 +11,9 @@ from runtime.config import EngineConfig
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheSpec
 from runtime.loader import check_loaded, copy_weight, unexpected_weight
-from runtime.ops import RMSNorm, RotaryEmbedding, paged_attention, rope_inv_freq, write_kv
+from runtime.ops import RMSNorm, RotaryEmbedding, paged_attention, rope_inv_freq
+from runtime.ops.linear import Linear
+from runtime.ops.qkv import qkv_rope_write_kv
 from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
 
 
@@ -26,21 +28,22 @@ class GptOssAttention(nn.Module):
         self.window = window
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.attention_bias)
         self.sinks = nn.Parameter(torch.empty(self.num_heads))       # one logit per query head
         self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)                       # [num_tokens, heads, head_dim]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)                    # [num_tokens, kv_heads, head_dim]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of norm(x + residual); returns it with the new residual (the norm fused into the QKV
+        projection where it can be)."""
+        qkv, residual = self.qkv_proj.forward_normed(x, residual, norm)
         cache, block_table, slot_mapping = ctx.layer_cache(self.layer_index)
-        write_kv(cache, k, v, slot_mapping)
+        # RoPE and the K/V cache write in one pass; q [num_tokens, heads, head_dim]
+        q = qkv_rope_write_kv(qkv, positions, self.rotary, cache, slot_mapping, self.num_heads,
+                              self.num_kv_heads, self.head_dim)
         out = paged_attention(q, cache, block_table, ctx, self.scale, window=self.window, sinks=self.sinks)
-        return self.o_proj(out.flatten(1))
+        return self.o_proj(out.flatten(1)), residual
 
 
 def _packed(*shape: int) -> nn.Parameter:
@@ -76,7 +79,7 @@ class GptOssMoE(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.top_k = config.num_experts_per_tok
-        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True)
+        self.router = Linear(config.hidden_size, config.num_local_experts, bias=True)
         self.experts = GptOssExperts(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,11 +105,7 @@ class GptOssDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, ctx)
+        x, residual = self.self_attn(positions, x, residual, self.input_layernorm, ctx)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -134,7 +133,7 @@ class GptOssForCausalLM(nn.Module):
         self.config = config
         self.cache_dtype = cache_dtype
         self.model = GptOssModel(config, max_positions)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)

@@ -11,8 +11,9 @@ from runtime.config import EngineConfig
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheSpec
 from runtime.loader import check_loaded, copy_weight, unexpected_weight
-from runtime.ops import RMSNorm, RotaryEmbedding, fused_moe, paged_attention, rope_inv_freq, silu_and_mul, \
-    softmax_topk, write_kv
+from runtime.ops import RMSNorm, RotaryEmbedding, fused_moe, paged_attention, rope_inv_freq, softmax_topk
+from runtime.ops.linear import Linear
+from runtime.ops.qkv import qkv_rope_write_kv
 
 
 class Qwen3Attention(nn.Module):
@@ -27,32 +28,37 @@ class Qwen3Attention(nn.Module):
         bias = getattr(config, "attention_bias", False)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=bias)
+        self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))          # [num_tokens, heads, head_dim]
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))       # [num_tokens, kv_heads, head_dim]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of norm(x + residual); returns it with the new residual (the norm fused into the QKV
+        projection where it can be)."""
+        qkv, residual = self.qkv_proj.forward_normed(x, residual, norm)
         cache, block_table, slot_mapping = ctx.layer_cache(self.layer_index)
-        write_kv(cache, k, v, slot_mapping)
+        # QK-norm, RoPE and the K/V cache write in one pass; q [num_tokens, heads, head_dim]
+        q = qkv_rope_write_kv(qkv, positions, self.rotary, cache, slot_mapping, self.num_heads,
+                              self.num_kv_heads, self.head_dim, self.q_norm.weight, self.k_norm.weight,
+                              self.q_norm.eps)
         out = paged_attention(q, cache, block_table, ctx, self.scale, window=self.window)
-        return self.o_proj(out.flatten(1))
+        return self.o_proj(out.flatten(1)), residual
 
 
 class Qwen3MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLP of norm(x + residual) and the new residual; the norm and silu(gate) * up are read in by the
+        projections where they can be."""
+        gate_up, residual = self.gate_up_proj.forward_normed(x, residual, norm)
+        return self.down_proj(gate_up, silu_mul_input=True), residual
 
 
 class Qwen3MoE(nn.Module):
@@ -96,11 +102,9 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, ctx)
+        x, residual = self.self_attn(positions, x, residual, self.input_layernorm, ctx)
+        if isinstance(self.mlp, Qwen3MLP):
+            return self.mlp(x, residual, self.post_attention_layernorm)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -129,7 +133,7 @@ class Qwen3ForCausalLM(nn.Module):
         self.cache_dtype = cache_dtype
         self.model = Qwen3Model(config, max_positions)
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.ops.activation import silu_and_mul_ref
+from runtime.ops.activation import GATED_ACTIVATIONS
 
 try:
     import triton
     import triton.language as tl
+
+    from runtime.ops.activation import gated_activation
 except ImportError:                                  # the torch reference still works without Triton
     triton = None
 
@@ -20,37 +22,79 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and triton is not None and os.environ.get("RUN_MODEL_TORCH_OPS") != "1"
 
 
-def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over all experts in fp32, keep the top k, optionally renormalize them to sum to one.
+def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                 expert_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts in fp32, keep the top k, optionally renormalize them to sum to one, and
+    optionally multiply each by its expert's learned scale (`expert_scale` [experts]).
     Returns (weights [num_tokens, k] in the logits' dtype, expert ids [num_tokens, k] int64)."""
     if _use_triton(router_logits):
-        return softmax_topk_triton(router_logits, top_k, renormalize)
-    return softmax_topk_ref(router_logits, top_k, renormalize)
+        return softmax_topk_triton(router_logits, top_k, renormalize, expert_scale)
+    return softmax_topk_ref(router_logits, top_k, renormalize, expert_scale)
 
 
-def softmax_topk_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_topk_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                     expert_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(router_logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    if expert_scale is not None:
+        weights = weights * expert_scale.float()[ids]
     return weights.to(router_logits.dtype), ids
 
 
+_SCORE_FUNCTIONS = {
+    "softmax": lambda logits: torch.softmax(logits, dim=-1),
+    "sigmoid": torch.sigmoid,
+    "sqrtsoftplus": lambda logits: torch.nn.functional.softplus(logits).sqrt(),
+}
+
+
+def score_topk(router_logits: torch.Tensor, top_k: int, scoring: str, selection_bias: torch.Tensor | None = None,
+               fixed_ids: torch.Tensor | None = None, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing by per-expert scores (`scoring`: softmax, sigmoid or sqrtsoftplus of the logits, in their dtype).
+    The experts are the top k of `scores + selection_bias` (the bias only chooses, it never weights), or
+    `fixed_ids` [num_tokens, k] when a table decides them. Weights are the chosen scores renormalized to sum
+    to one, times `scaling`. Returns (weights [num_tokens, k], ids [num_tokens, k] int64). Torch on every
+    device: a [num_tokens, experts] elementwise op and a top-k, next to the expert GEMMs."""
+    if scoring not in _SCORE_FUNCTIONS:
+        raise ValueError(f"unknown routing score {scoring!r}; expected one of {', '.join(_SCORE_FUNCTIONS)}")
+    scores = _SCORE_FUNCTIONS[scoring](router_logits)                              # [num_tokens, experts]
+    if fixed_ids is not None:
+        ids = fixed_ids.long()
+    else:
+        choice = scores if selection_bias is None else scores + selection_bias
+        ids = torch.topk(choice, top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, ids)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, swiglu_limit: float | None = None, activation: str = "silu") -> torch.Tensor:
     """x [num_tokens, hidden]; w13 [experts, 2 * inter, hidden] (gate rows, then up rows);
-    w2 [experts, hidden, inter]. Returns sum_k weight_k * down(silu(gate(x)) * up(x)) per token.
+    w2 [experts, hidden, inter]. Returns sum_k weight_k * down(act(gate(x)) * up(x)) per token, act being
+    silu or ("gelu_tanh") gelu with the tanh approximation; with `swiglu_limit` (silu only), gate is clamped
+    above and up both ways at the limit first.
     The Triton kernels on a GPU (no host sync, CUDA-graph safe), the torch reference elsewhere
-    (or everywhere with RUN_MODEL_TORCH_OPS=1)."""
-    if _use_triton(x):
-        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids)
-    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+    (or everywhere with RUN_MODEL_TORCH_OPS=1). The kernels do not clamp yet: a limit takes the reference."""
+    if _use_triton(x) and swiglu_limit is None:
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation=activation)
+    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, swiglu_limit, activation)
+
+
+def _clamped_silu_and_mul(gate_up: torch.Tensor, limit: float) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
+                  topk_ids: torch.Tensor, swiglu_limit: float | None = None, activation: str = "silu") -> torch.Tensor:
     """Torch reference of `fused_moe`: a loop over the experts that receive tokens (reads the counts on the
     host, so it is not for CUDA graphs)."""
+    gated = _gated_activation(activation)
+    if swiglu_limit is not None and activation != "silu":
+        raise ValueError(f"swiglu_limit clamps a SiLU gate; it does not apply to activation {activation!r}")
     out = torch.zeros_like(x)
     flat_ids = topk_ids.flatten()
     order = torch.argsort(flat_ids, stable=True)
@@ -62,10 +106,18 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
             continue
         rows = order[start:start + count]
         tok = tokens[start:start + count]
-        h = silu_and_mul_ref(x[tok] @ w13[expert].t()) @ w2[expert].t()          # [count, hidden]
+        gate_up = x[tok] @ w13[expert].t()                                         # [count, 2 * inter]
+        act = gated(gate_up) if swiglu_limit is None else _clamped_silu_and_mul(gate_up, swiglu_limit)
+        h = act @ w2[expert].t()                                                    # [count, hidden]
         out.index_add_(0, tok, h * topk_weights.flatten()[rows, None])
         start += count
     return out
+
+
+def _gated_activation(activation: str):
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"unknown expert activation {activation!r}; expected one of {sorted(GATED_ACTIVATIONS)}")
+    return GATED_ACTIVATIONS[activation]
 
 
 # ---- expert alignment -------------------------------------------------------------------------------
@@ -132,15 +184,15 @@ def align_by_expert_triton(topk_ids: torch.Tensor, num_experts: int, block_m: in
 # (a cumsum over experts) and either moves pairs to their expert's next free row or marks the rows of some
 # blocks that no pair fills, and the blocks' experts. Rows within a run are in no particular order; each row
 # of a GEMM is computed independently of the others, so the result does not depend on it.
-# GEMM 1 gathers token rows, computes gate and up in fp32 and applies silu(gate) * up in its epilogue;
+# GEMM 1 gathers token rows, computes gate and up in fp32 and applies act(gate) * up in its epilogue;
 # GEMM 2 multiplies by the routing weight and writes each pair's row; the k rows of a token are summed
-# right after. The epilogues round where the reference rounds (each matmul result, silu, the products), so
+# right after. The epilogues round where the reference rounds (each matmul result, act, the products), so
 # the kernels differ from it only in the fp32 accumulation order of the matmuls and of the final sum.
 
 if triton is not None:
     @triton.jit
-    def _softmax_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_logits,
-                             TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    def _softmax_topk_kernel(logits_ptr, scale_ptr, weights_ptr, ids_ptr, num_experts, stride_logits,
+                             TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
                              BLOCK_E: tl.constexpr, BLOCK_TOP_K: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         experts = tl.arange(0, BLOCK_E)
@@ -159,6 +211,8 @@ if triton is not None:
             probs = tl.where(experts == best, -1.0, probs)
         if RENORMALIZE:
             top_weights = top_weights / tl.sum(top_weights, axis=0)     # slots past TOP_K hold 0
+        if HAS_SCALE:
+            top_weights *= tl.load(scale_ptr + top_ids, mask=slots < TOP_K, other=0.0).to(tl.float32)
         tl.store(weights_ptr + token * TOP_K + slots, top_weights.to(weights_ptr.dtype.element_ty),
                  mask=slots < TOP_K)
         tl.store(ids_ptr + token * TOP_K + slots, top_ids.to(tl.int64), mask=slots < TOP_K)
@@ -213,10 +267,10 @@ if triton is not None:
     def _moe_gate_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
                             num_pairs, top_k, K, N,
                             stride_xm, stride_we, stride_wn, stride_hm,
-                            FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
-        """h[sorted row, n] = silu(x[token] @ W13[e, n].T) * (x[token] @ W13[e, N + n].T), n in this program's
-        BLOCK_N columns of the intermediate."""
+                            FP32: tl.constexpr, GELU_TANH: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """h[sorted row, n] = act(x[token] @ W13[e, n].T) * (x[token] @ W13[e, N + n].T), n in this program's
+        BLOCK_N columns of the intermediate; act is silu or gelu-tanh."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.load(block_expert_ptr + pid_m)
@@ -240,8 +294,8 @@ if triton is not None:
             acc_up += _dot(a, tl.load(w_up + k[None, :], mask=n_mask[:, None] & k_mask, other=0.0), FP32)
         dtype = h_ptr.dtype.element_ty
         gate = acc_gate.to(dtype).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        h = silu * acc_up.to(dtype).to(tl.float32)
+        act = gated_activation(gate, GELU_TANH).to(dtype).to(tl.float32)
+        h = act * acc_up.to(dtype).to(tl.float32)
         tl.store(h_ptr + rows[:, None].to(tl.int64) * stride_hm + n[None, :], h.to(dtype),
                  mask=row_mask[:, None] & n_mask[None, :])
 
@@ -276,8 +330,8 @@ if triton is not None:
                  mask=row_mask[:, None] & n_mask[None, :])
 
 
-def softmax_topk_triton(router_logits: torch.Tensor, top_k: int,
-                        renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_topk_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                        expert_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The same function as `softmax_topk_ref`, in one launch. Ties go to the lower expert id (torch.topk
     does not promise an order among equal probabilities)."""
     if triton is None:
@@ -289,8 +343,10 @@ def softmax_topk_triton(router_logits: torch.Tensor, top_k: int,
     weights = torch.empty(num_tokens, top_k, dtype=router_logits.dtype, device=router_logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=router_logits.device)
     if num_tokens:
-        _softmax_topk_kernel[(num_tokens,)](logits, weights, ids, num_experts, logits.stride(0),
+        scale = logits if expert_scale is None else expert_scale.contiguous()    # unread without a scale
+        _softmax_topk_kernel[(num_tokens,)](logits, scale, weights, ids, num_experts, logits.stride(0),
                                             TOP_K=top_k, RENORMALIZE=renormalize,
+                                            HAS_SCALE=expert_scale is not None,
                                             BLOCK_E=triton.next_power_of_2(num_experts),
                                             BLOCK_TOP_K=triton.next_power_of_2(top_k), num_warps=4)
     return weights, ids
@@ -319,11 +375,12 @@ class MoeTiles:
 
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
-    """The same function as `fused_moe_ref`, without a host sync: align, GEMM 1 + silu-and-mul, GEMM 2 with
+                     topk_ids: torch.Tensor, tiles: MoeTiles | None = None, activation: str = "silu") -> torch.Tensor:
+    """The same function as `fused_moe_ref`, without a host sync: align, GEMM 1 + gated activation, GEMM 2 with
     the routing weights, sum over k. bf16 on the GPU; the interpreter (TRITON_INTERPRET=1) runs fp32/fp16."""
     if triton is None:
         raise RuntimeError("fused_moe_triton needs the triton package")
+    _gated_activation(activation)
     num_experts, two_inter, hidden = w13.shape
     inter = two_inter // 2
     if x.shape[-1] != hidden or w2.shape != (num_experts, hidden, inter) or two_inter % 2:
@@ -347,7 +404,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     h = torch.empty(num_blocks * tiles.block_m, inter, dtype=x.dtype, device=x.device)   # [sorted rows, inter]
     _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter, tiles.block_n))](
         x, w13, h, alignment.sorted_pair_ids, alignment.block_expert, num_pairs, top_k, hidden, inter,
-        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), **launch)
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), GELU_TANH=activation == "gelu_tanh", **launch)
     pair_out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)         # [tokens * k, hidden]
     _moe_down_kernel[(num_blocks, triton.cdiv(hidden, tiles.block_n))](
         h, w2, pair_out, topk_weights.contiguous().view(-1), alignment.sorted_pair_ids, alignment.block_expert,

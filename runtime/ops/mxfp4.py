@@ -6,8 +6,9 @@ elements shares one E8M0 scale 2^(scale - 127); each element is an E2M1 code, tw
 in the low nibble. Leading dimensions (e.g. experts) pass through.
 
 Three layers, each the oracle of the next: `mxfp4_dequantize` (torch, bit-exact with transformers),
-`mxfp4_moe_reference` (dequantize the experts a batch touches, fp32 math; the CPU path), and
-`mxfp4_moe_triton` (W4A16: the packed bytes are read from memory and upcast in registers)."""
+`mxfp4_moe_reference` (dequantize the experts a batch touches, fp32 math; the CPU path), and two kernels
+that read the packed bytes and upcast them in registers: `mxfp4_moe_triton` (W4A16 grouped GEMM, prefill)
+and `mxfp4_moe_gemv` (decode: a few tokens, no tensor-core tiles)."""
 from __future__ import annotations
 
 import os
@@ -110,11 +111,16 @@ def mxfp4_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- mixture of experts -----------------------------------------------------------------------------
 
 
+GEMV_MAX_PAIRS = 32         # token-expert pairs up to which the decode GEMV beats the grouped GEMM (H200)
+
+
 def mxfp4_moe(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, activation: GatedActivation) -> torch.Tensor:
-    """Routed experts on MXFP4 weights: the Triton kernel on a GPU (unless RUN_MODEL_TORCH_OPS=1), the torch
-    reference elsewhere."""
+    """Routed experts on MXFP4 weights: on a GPU (unless RUN_MODEL_TORCH_OPS=1) the decode GEMV for a few
+    token-expert pairs, else the grouped GEMM; the torch reference elsewhere."""
     if x.is_cuda and os.environ.get("RUN_MODEL_TORCH_OPS") != "1":
+        if topk_ids.numel() <= GEMV_MAX_PAIRS:
+            return mxfp4_moe_gemv(x, w13, w2, topk_weights, topk_ids, activation)
         return mxfp4_moe_triton(x, w13, w2, topk_weights, topk_ids, activation)
     return mxfp4_moe_reference(x, w13, w2, topk_weights, topk_ids, activation)
 
@@ -334,3 +340,164 @@ def mxfp4_moe_triton(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_we
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return pair_out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+
+
+# ---- decode GEMV ------------------------------------------------------------------------------------
+# For a few tokens each token-expert pair reads its expert's weights once and nothing is worth a tensor-core
+# tile: a GEMV that moves the packed bytes at the copy bandwidth needs a cheap decode, a few integer
+# operations per element. An E2M1 code `s e1 e0 m` is turned into the fp16 bit pattern
+# `s 0 0 0 e1 e0 m 0...0` (sign to bit 15, exponent+mantissa to bits 11..9): for e > 0 that is
+# 2^(e - 15) * (1 + m / 2), for e = 0 the fp16 subnormal m * 2^-15, i.e. the E2M1 value times 2^-14 in
+# every case, exactly. fp16 -> fp32 is exact (subnormals included), so the products with the activations
+# stay normal fp32 numbers; the 2^14 and the block's E8M0 scale are applied once per 32-element block,
+# to the block's partial sum. Both nibbles of a byte decode from shifts and masks of the byte, no table.
+#
+# GEMM 1: one program per (pair, BLOCK_N intermediate columns) reads its 2 * BLOCK_N gate/up rows and
+# applies the gated activation; the intermediate is stored per pair (no sorting, no alignment pass).
+# GEMM 2: one program per (token, BLOCK_N output columns) reads the token's k experts side by side and sums
+# their weighted rows in fp32, so the k-way sum needs no extra launch and is deterministic.
+# The activations are loaded contiguously and split into even/odd elements in registers.
+
+if triton is not None:
+    @triton.jit
+    def _mxfp4_gemv_tile(x_rows, row_bytes, row_scales, slot_mask, row_mask, K,
+                         SLOTS: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr):
+        """[SLOTS, ROWS] fp32 dot products: slot s's activation row (pointers x_rows [SLOTS, 1], K elements)
+        with the weight rows whose packed bytes / scales start at row_bytes / row_scales [SLOTS, ROWS, 1]."""
+        BYTES: tl.constexpr = BLOCK_G * 16
+        acc = tl.zeros([SLOTS, ROWS, BLOCK_G], dtype=tl.float32)
+        mask = slot_mask[:, None, None] & row_mask
+        for g_start in range(0, K // 32, BLOCK_G):
+            byte = g_start * 16 + tl.arange(0, BYTES)
+            packed = tl.load(row_bytes + byte[None, None, :], mask=mask & (byte < K // 2)[None, None, :], other=0,
+                             eviction_policy="evict_first").to(tl.int32)
+            element = g_start * 32 + tl.arange(0, 2 * BYTES)                     # contiguous, then split
+            xs = tl.load(x_rows + element[None, :], mask=slot_mask[:, None] & (element < K)[None, :],
+                         other=0.0).to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(xs, [SLOTS, BYTES, 2]))
+            low = (((packed & 0x07) << 9) | ((packed & 0x08) << 12)).to(tl.int16)
+            high = (((packed & 0x70) << 5) | ((packed & 0x80) << 8)).to(tl.int16)
+            w_even = low.to(tl.float16, bitcast=True).to(tl.float32)            # value * 2^-14
+            w_odd = high.to(tl.float16, bitcast=True).to(tl.float32)
+            products = w_even * x_even[:, None, :] + w_odd * x_odd[:, None, :]    # [SLOTS, ROWS, BYTES]
+            group_sums = tl.sum(tl.reshape(products, [SLOTS, ROWS, BLOCK_G, 16]), axis=3)
+            group = g_start + tl.arange(0, BLOCK_G)
+            scale_bits = tl.load(row_scales + group[None, None, :], mask=mask & (group < K // 32)[None, None, :],
+                                 other=0).to(tl.int32)
+            scale = (scale_bits << 23).to(tl.float32, bitcast=True) * 16384.0       # 2^(s - 127) * 2^14
+            acc += group_sums * scale
+        return tl.sum(acc, axis=2)
+
+    @triton.jit
+    def _mxfp4_gemv_gate_up_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, h_ptr, ids_ptr, top_k, K, N,
+                                   stride_xm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_hm,
+                                   alpha, limit, up_offset,
+                                   HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """h[pair, n] = act(x[token] @ W13[e].T + b13[e]) for this program's BLOCK_N columns n."""
+        pair = tl.program_id(0)
+        token = pair // top_k
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        r = tl.arange(0, 2 * BLOCK_N)
+        n0 = tl.program_id(1) * BLOCK_N
+        if INTERLEAVED:                                  # rows 2n (gate), 2n + 1 (up): one contiguous run
+            rows = 2 * n0 + r
+            n_of_row = n0 + r // 2
+        else:                                            # gate rows n, then up rows N + n
+            n_of_row = n0 + r % BLOCK_N
+            rows = n_of_row + (r // BLOCK_N) * N
+        row_mask = n_of_row < N
+        one = tl.full([1], 1, tl.int1)
+        x_rows = (x_ptr + token.to(tl.int64) * stride_xm + tl.zeros([1], tl.int64))[:, None]
+        row_bytes = (blocks_ptr + expert * stride_be + rows.to(tl.int64) * stride_br)[None, :, None]
+        row_scales = (scales_ptr + expert * stride_se + rows.to(tl.int64) * stride_sr)[None, :, None]
+        acc = tl.reshape(_mxfp4_gemv_tile(x_rows, row_bytes, row_scales, one, row_mask[None, :, None], K,
+                                          1, 2 * BLOCK_N, BLOCK_G), [2 * BLOCK_N])
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + expert * stride_bias + rows, mask=row_mask, other=0.0).to(tl.float32)
+        if INTERLEAVED:
+            gate, up = tl.split(tl.reshape(acc, [BLOCK_N, 2]))
+        else:
+            gate, up = tl.split(tl.permute(tl.reshape(acc, [2, BLOCK_N]), (1, 0)))
+        if HAS_LIMIT:
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        h = gate * tl.sigmoid(alpha * gate) * (up + up_offset)
+        n = n0 + tl.arange(0, BLOCK_N)
+        tl.store(h_ptr + pair * stride_hm + n, h.to(h_ptr.dtype.element_ty), mask=n < N)
+
+    @triton.jit
+    def _mxfp4_gemv_down_kernel(h_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr,
+                                top_k, K, N, stride_hm, stride_be, stride_br, stride_se, stride_sr, stride_bias,
+                                stride_om, HAS_BIAS: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n], pair = token * top_k + k; the
+        token's k experts are read side by side (more bytes in flight per program)."""
+        token = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        slots = tl.arange(0, BLOCK_SLOTS)
+        slot_mask = slots < top_k
+        pairs = token * top_k + slots
+        experts = tl.load(ids_ptr + pairs, mask=slot_mask, other=0).to(tl.int64)
+        x_rows = (h_ptr + pairs.to(tl.int64) * stride_hm)[:, None]
+        row_bytes = (blocks_ptr + experts[:, None] * stride_be + n.to(tl.int64)[None, :] * stride_br)[:, :, None]
+        row_scales = (scales_ptr + experts[:, None] * stride_se + n.to(tl.int64)[None, :] * stride_sr)[:, :, None]
+        acc = _mxfp4_gemv_tile(x_rows, row_bytes, row_scales, slot_mask, n_mask[None, :, None], K,
+                               BLOCK_SLOTS, BLOCK_N, BLOCK_G)                      # [slots, BLOCK_N]
+        both = slot_mask[:, None] & n_mask[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + experts[:, None] * stride_bias + n[None, :], mask=both, other=0.0).to(tl.float32)
+        weight = tl.load(weights_ptr + pairs, mask=slot_mask, other=0.0).to(tl.float32)
+        out = tl.sum(tl.where(both, acc * weight[:, None], 0.0), axis=0)
+        tl.store(out_ptr + token * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@dataclass(frozen=True, slots=True)
+class GemvTiles:
+    """From tools/decode_kernels.py on an H200 at gpt-oss-20b shapes (2026-11-29)."""
+    block_n_gate_up: int = 8
+    block_n_down: int = 8
+    block_g: int = 8                   # 32-element blocks per K step: 128 bytes of each row
+    num_warps: int = 4
+
+
+def mxfp4_moe_gemv(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, activation: GatedActivation, tiles: GemvTiles | None = None) -> torch.Tensor:
+    """The same function as `mxfp4_moe_reference`, as two GEMV launches (for a few tokens: each pair reads
+    its expert's bytes once)."""
+    if triton is None:
+        raise RuntimeError("mxfp4_moe_gemv needs the triton package")
+    hidden, inter = x.shape[1], w2.in_features
+    if w13.in_features != hidden or w13.out_features != 2 * inter or w2.out_features != hidden:
+        raise ValueError(f"expert shapes do not chain: x [.., {hidden}], w13 [{w13.out_features}, "
+                         f"{w13.in_features}], w2 [{w2.out_features}, {w2.in_features}]")
+    for w in (w13, w2):
+        if w.blocks.stride(-1) != 1 or w.blocks.stride(-2) != 16 or w.scales.stride(-1) != 1:
+            raise ValueError("MXFP4 GEMV needs each weight row's blocks and scales contiguous")
+    tiles = tiles or GemvTiles()
+    x = x.contiguous()
+    num_tokens, top_k = topk_ids.shape
+    num_pairs = num_tokens * top_k
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    if num_pairs == 0:
+        return out.zero_()
+    ids = topk_ids.contiguous().view(-1)
+    h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    dummy_bias = torch.zeros(1, dtype=torch.float32, device=x.device)
+    bias13 = w13.bias if w13.bias is not None else dummy_bias
+    _mxfp4_gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, tiles.block_n_gate_up))](
+        x, w13.blocks, w13.scales, bias13, h, ids, top_k, hidden, inter,
+        x.stride(0), w13.blocks.stride(0), w13.blocks.stride(1), w13.scales.stride(0), w13.scales.stride(1),
+        bias13.stride(0) if w13.bias is not None else 0, h.stride(0),
+        activation.alpha, activation.limit or 0.0, activation.up_offset,
+        HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None, INTERLEAVED=activation.interleaved,
+        BLOCK_N=tiles.block_n_gate_up, BLOCK_G=tiles.block_g, num_warps=tiles.num_warps)
+    bias2 = w2.bias if w2.bias is not None else dummy_bias
+    _mxfp4_gemv_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down))](
+        h, w2.blocks, w2.scales, bias2, out, topk_weights.contiguous().view(-1), ids, top_k, inter, hidden,
+        h.stride(0), w2.blocks.stride(0), w2.blocks.stride(1), w2.scales.stride(0), w2.scales.stride(1),
+        bias2.stride(0) if w2.bias is not None else 0, out.stride(0),
+        HAS_BIAS=w2.bias is not None, BLOCK_SLOTS=triton.next_power_of_2(top_k), BLOCK_N=tiles.block_n_down,
+        BLOCK_G=tiles.block_g, num_warps=tiles.num_warps)
+    return out

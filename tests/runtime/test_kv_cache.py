@@ -1,8 +1,10 @@
 """The paged cache without a model: synthetic CacheSpec lists, requests built by hand, steps simulated here."""
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -446,3 +448,25 @@ def test_shared_prefix_blocks_are_reference_counted_per_holder():
     for block, count in holders.items():
         assert kv.pools[0].ref_counts[block] == count
     assert holders.most_common(1)[0][1] == 3                          # the two shared blocks
+
+
+def test_gpt_oss_20b_sliding_group_is_sized_by_the_global_bound():
+    """gpt-oss-20b's cache (tools/configs/gpt-oss-20b: 12 sliding layers of window 128 and 12 full layers,
+    8 KV heads of 64, bf16) at a 60 GiB budget and the default 256 sequences / 8192-token budget: the
+    sliding group holds every request's window plus a block, plus one step's new tokens, and the full group
+    gets all the rest."""
+    config = json.loads(Path("tools/configs/gpt-oss-20b/config.json").read_text())
+    entry = (2, config["num_key_value_heads"], config["head_dim"])
+    specs = [CacheSpec(entry, torch.bfloat16, window=config["sliding_window"] if kind == "sliding_attention" else None)
+             for kind in config["layer_types"]]
+    layout = group_cache_specs(specs, 16)
+    full, sliding = (0, 1) if layout.groups[0].spec.window is None else (1, 0)
+    budget = 60 * 2**30
+
+    counts = plan_num_blocks(layout.groups, 16, budget, 256, 8192)
+
+    bound = 256 * (-(-128 // 16) + 1) + 8192 // 16 + 1                  # 2,817 blocks, null block included
+    assert counts[sliding] == bound
+    block_bytes = [g.block_bytes(16) for g in layout.groups]
+    assert counts[full] == (budget - bound * block_bytes[sliding]) // block_bytes[full]
+    assert counts[full] > 5 * counts[sliding]

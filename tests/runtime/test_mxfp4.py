@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.ops.mxfp4 import (FP4_VALUES, GatedActivation, MoeTiles, Mxfp4Linear,
+from runtime.ops.mxfp4 import (FP4_VALUES, GatedActivation, GemvTiles, MoeTiles, Mxfp4Linear,
                                mxfp4_dequantize, mxfp4_moe_reference, mxfp4_quantize)
 
 GPT_OSS_ACTIVATION = GatedActivation(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)
@@ -173,4 +173,44 @@ def test_triton_moe_matches_reference_in_bf16_on_gpu(num_tokens):
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16).cuda()
     expected = mxfp4_moe_reference(x, w13, w2, weights.cuda(), ids.cuda(), GPT_OSS_ACTIVATION)
     ours = mxfp4_moe_triton(x, w13, w2, weights.cuda(), ids.cuda(), GPT_OSS_ACTIVATION)
+    torch.testing.assert_close(ours.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+# ---- the decode GEMV --------------------------------------------------------------------------------
+
+
+@triton_case
+@pytest.mark.parametrize("tiles", [GemvTiles(8, 16, 2, 4), GemvTiles(4, 8, 4, 4)])
+def test_gemv_moe_matches_reference_in_the_interpreter(num_tokens, activation, bias, tiles):
+    """fp32 activations; hidden 96 / inter 160 are not multiples of the K step (BLOCK_G * 32), nor of
+    BLOCK_N; every byte value (so every E2M1 code and both signs of zero) occurs."""
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from runtime.ops import mxfp4
+    if not isinstance(mxfp4._mxfp4_gemv_down_kernel, InterpretedFunction):
+        pytest.skip("the kernels were built for a GPU (TRITON_INTERPRET unset)")
+    num_experts, hidden, inter, top_k = 5, 96, 160, 2
+    w13, w2 = make_experts(num_experts, hidden, inter, seed=17, bias=bias, gate_up_scale=3)
+    weights, ids = make_routing(num_tokens, num_experts, top_k, seed=18, skip_experts=(1,))
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(19))
+    expected = mxfp4_moe_reference(x, w13, w2, weights, ids, activation)
+    ours = mxfp4.mxfp4_moe_gemv(x, w13, w2, weights, ids, activation, tiles)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 2, 4])
+def test_gemv_moe_matches_reference_in_bf16_on_gpu(num_tokens):
+    """gpt-oss-20b expert shapes, bf16 activations, the tiles the dispatcher uses."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from runtime.ops.mxfp4 import mxfp4_moe_gemv
+    num_experts, hidden, inter, top_k = 32, 2880, 2880, 4
+    w13, w2 = make_experts(num_experts, hidden, inter, seed=20)
+    w13, w2 = (Mxfp4Linear(w.blocks.cuda(), w.scales.cuda(), w.bias.cuda()) for w in (w13, w2))
+    weights, ids = make_routing(num_tokens, num_experts, top_k, seed=21)
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16).cuda()
+    expected = mxfp4_moe_reference(x, w13, w2, weights.cuda(), ids.cuda(), GPT_OSS_ACTIVATION)
+    ours = mxfp4_moe_gemv(x, w13, w2, weights.cuda(), ids.cuda(), GPT_OSS_ACTIVATION)
     torch.testing.assert_close(ours.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())

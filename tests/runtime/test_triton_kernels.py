@@ -182,6 +182,18 @@ def test_silu_and_mul_kernel_matches_reference(interpreter, shape, dtype):
     assert_rounds_like(out, expected, **ROUNDED[dtype])
 
 
+@pytest.mark.parametrize("shape", [(7, 200), (2, 5, 2 * 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gelu_tanh_and_mul_kernel_matches_reference(interpreter, shape, dtype):
+    x = randn(*shape, seed=8, dtype=dtype, scale=3.0)
+    out = activation.silu_and_mul_triton(x, activation="gelu_tanh")
+    expected = activation.gelu_tanh_and_mul_ref(x)
+    assert out.shape == expected.shape
+    # torch computes 0.5 * x * (1 + tanh(u)), which cancels for negative x: only the absolute error is small
+    atol = 4 * torch.finfo(dtype).eps * expected.abs().max().item()
+    torch.testing.assert_close(out, expected, rtol=0, atol=atol)
+
+
 # ---- MoE routing ------------------------------------------------------------------------------------
 
 
@@ -202,6 +214,17 @@ def test_softmax_topk_kernel_matches_reference(interpreter, num_tokens, num_expe
     expected_weights, expected_ids = moe.softmax_topk_ref(logits, top_k, renormalize)
     assert ids.dtype == expected_ids.dtype and torch.equal(ids, expected_ids)
     assert_rounds_like(weights, expected_weights, **ROUNDED[torch.float32])
+
+
+def test_softmax_topk_kernel_applies_per_expert_scales(interpreter):
+    logits = distinct_logits(7, 10, torch.float32, seed=9)
+    expert_scale = 1.0 + randn(10, seed=3)
+    weights, ids = moe.softmax_topk_triton(logits, 3, True, expert_scale)
+    expected_weights, expected_ids = moe.softmax_topk_ref(logits, 3, True, expert_scale)
+    unscaled, _ = moe.softmax_topk_ref(logits, 3, True)
+    assert torch.equal(ids, expected_ids)
+    assert_rounds_like(weights, expected_weights, **ROUNDED[torch.float32])
+    assert (expected_weights - unscaled).abs().max() > 0.01
 
 
 def test_softmax_topk_kernel_returns_weights_in_the_logits_dtype(interpreter):
@@ -305,6 +328,18 @@ def test_fused_moe_kernel_matches_reference(interpreter, num_tokens, dtype):
     expected = moe.fused_moe_ref(x, w13, w2, weights, ids)
     atol = MOE_ATOL_ULPS[dtype] * torch.finfo(dtype).eps * expected.abs().max().item()
     torch.testing.assert_close(out, expected, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_moe_kernel_with_gelu_tanh_matches_reference(interpreter, dtype):
+    x, w13, w2, weights, ids = moe_case(7, 6, 80, 48, 2, dtype, skip_experts=(1, 4))
+    tiles = moe.MoeTiles(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
+    out = moe.fused_moe_triton(x, w13, w2, weights, ids, tiles, activation="gelu_tanh")
+    expected = moe.fused_moe_ref(x, w13, w2, weights, ids, activation="gelu_tanh")
+    silu = moe.fused_moe_ref(x, w13, w2, weights, ids)
+    atol = MOE_ATOL_ULPS[dtype] * torch.finfo(dtype).eps * expected.abs().max().item()
+    torch.testing.assert_close(out, expected, rtol=0, atol=atol)
+    assert (expected - silu).abs().max() > 0.01
 
 
 def test_fused_moe_kernel_matches_reference_for_a_prefill_sized_batch(interpreter):

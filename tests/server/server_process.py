@@ -108,7 +108,7 @@ def start_server(model_path: Path, log_path: Path, *flags: str, arch: str | None
     """`run-model ARCH --model PATH --serve ...`, or with arch=None `run-model serve PATH ...` (the
     architecture from config.json)."""
     port = free_port()
-    launch = ["qwen3", "--model", str(model_path), "--serve"] if arch else ["serve", str(model_path)]
+    launch = [arch, "--model", str(model_path), "--serve"] if arch else ["serve", str(model_path)]
     command = [sys.executable, "-m", "runtime.cli", *launch, "--port", str(port), "--served-model-name", MODEL,
                "--max-model-len", str(MAX_MODEL_LEN), *flags]
     # One intra-op thread: on a small shared CI box, torch's spinning OpenMP workers and the HTTP thread

@@ -1,0 +1,107 @@
+"""DeepSeek V4 attention: one K=V head of dim 512 shared by all query heads, attended over a 128-token window
+plus (CSA) the compressed entries the indexer picks or (HCA) every complete compressed entry, with a learned
+sink per head; partial interleaved RoPE, undone on the output; q through a low-rank latent; a grouped
+low-rank output projection."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from runtime.forward import ForwardContext
+from runtime.ops import RMSNorm
+
+from .cache_ops import request_entries, write_entries
+from .compressor import Compressor, Indexer
+from .config import AttentionKind
+from .rope import TrailingRope
+
+
+def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def window_sparse_attention(q: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, window_layer: int,
+                            window: int, entry_layer: int | None, ratio: int, selected: list[torch.Tensor] | None,
+                            sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """Torch reference. q [num_tokens, heads, dim]; a query at position p reads the window entries
+    (p - window, p] and compressed entries: those in `selected` (per request [query_len, k], -1 = none), else
+    every entry closed by p. One softmax over both and the sink; values are the keys. -> [num_tokens, heads, dim]."""
+    window_cache, window_table, _ = ctx.layer_cache(window_layer)
+    out = torch.empty_like(q)
+    starts = ctx.query_start_loc_host
+    for b in range(ctx.num_reqs):
+        rows = slice(int(starts[b]), int(starts[b + 1]))
+        if rows.start == rows.stop:
+            continue
+        seq_len = int(ctx.seq_lens_host[b])
+        p = positions[rows, None]                                                 # [query_len, 1]
+        first = max(0, int(positions[rows.start]) - window + 1)
+        keys = request_entries(window_cache, window_table, b, first, seq_len, ctx.block_size)   # [n, dim]
+        key_pos = torch.arange(first, seq_len, device=q.device)[None, :]
+        visible = (key_pos <= p) & (key_pos > p - window)                         # [query_len, n]
+        if entry_layer is not None:
+            cache, table, _ = ctx.layer_cache(entry_layer)
+            num_entries = seq_len // ratio
+            entries = request_entries(cache, table, b, 0, num_entries, ctx.block_size, ratio)
+            if selected is not None:
+                picked = torch.zeros(p.shape[0], num_entries + 1, dtype=torch.bool, device=q.device)
+                picked.scatter_(1, torch.where(selected[b] >= 0, selected[b], num_entries), True)
+                entry_visible = picked[:, :num_entries]
+            else:
+                entry_visible = torch.arange(num_entries, device=q.device)[None, :] < (p + 1) // ratio
+            keys = torch.cat([keys, entries])
+            visible = torch.cat([visible, entry_visible], dim=1)
+        scores = torch.einsum("qhd,kd->hqk", q[rows], keys.to(q.dtype)) * scale  # [heads, query_len, keys]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        sink = sinks.to(scores.dtype)[:, None, None].expand(-1, scores.shape[1], 1)
+        logits = torch.cat([scores, sink], dim=-1)
+        probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+        out[rows] = torch.einsum("hqk,kd->qhd", probs, keys.to(q.dtype))
+    return out
+
+
+class DeepseekV4Attention(nn.Module):
+    def __init__(self, config, kind: AttentionKind, rope: TrailingRope):
+        super().__init__()
+        self.kind = kind
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.window = config.sliding_window
+        self.eps = config.rms_norm_eps
+        self.o_groups, self.o_rank = config.o_groups, config.o_lora_rank
+        hidden = config.hidden_size
+        self.wq_a = nn.Linear(hidden, config.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(config.q_lora_rank, self.eps, weight_in_fp32=True)
+        self.wq_b = nn.Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
+        self.wkv = nn.Linear(hidden, self.head_dim, bias=False)
+        self.kv_norm = RMSNorm(self.head_dim, self.eps, weight_in_fp32=True)
+        # block-diagonal: group g maps its heads' outputs [(heads / groups) * head_dim] to o_rank
+        self.wo_a = nn.Linear(self.num_heads * self.head_dim // self.o_groups, self.o_groups * self.o_rank, bias=False)
+        self.wo_b = nn.Linear(self.o_groups * self.o_rank, hidden, bias=False)
+        self.attn_sink = nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32))
+        self.rope = rope
+        self.compressor = Compressor(hidden, self.head_dim, kind.ratio, kind.sparse, self.eps, rope) \
+            if kind.compressed else None
+        self.indexer = Indexer(config, rope) if kind.sparse else None
+        self.window_layer = -1                                                    # cache layer, set by the model
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        q_latent = self.q_norm(self.wq_a(x))                                      # [num_tokens, q_lora_rank]
+        q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
+        q = self.rope(unweighted_rms_norm(q, self.eps), positions)                # [num_tokens, heads, head_dim]
+        kv = self.rope(self.kv_norm(self.wkv(x))[:, None], positions)[:, 0]      # [num_tokens, head_dim]
+        cache, _, slots = ctx.layer_cache(self.window_layer)
+        write_entries(cache, kv, slots)
+        entry_layer, selected = None, None
+        if self.compressor is not None:
+            self.compressor(x, positions, requests, ctx)
+            entry_layer = self.compressor.entry_layer
+        if self.indexer is not None:
+            selected = self.indexer(x, q_latent, positions, requests, ctx)
+        out = window_sparse_attention(q, positions, ctx, self.window_layer, self.window, entry_layer,
+                                      self.kind.ratio, selected, self.attn_sink, self.head_dim ** -0.5)
+        out = self.rope(out, positions, inverse=True)
+        grouped = out.reshape(-1, self.o_groups, out.shape[1] * self.head_dim // self.o_groups)   # [n, groups, in]
+        weight = self.wo_a.weight.view(self.o_groups, self.o_rank, -1)           # [groups, o_rank, in]
+        low_rank = torch.einsum("ngi,gri->ngr", grouped, weight).flatten(1)      # [num_tokens, groups * o_rank]
+        return self.wo_b(low_rank)

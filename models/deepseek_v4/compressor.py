@@ -1,0 +1,105 @@
+"""The compressors (CSA: ratio 4, overlapping windows; HCA: ratio 128) and the lightning indexer.
+
+A compressor turns every `ratio` token positions into one cache entry: a per-channel softmax over the tokens'
+gate logits (plus a learned bias per position in the window) weights their projected values. CSA entries
+overlap: entry w mixes the first half-projection of window w-1's tokens with the second half of window w's, so
+it covers 2 * ratio tokens. An entry is written when the last token of its window arrives.
+
+Each token's (value, gate + bias) rows go to a small window group of the paged cache (the compressor state),
+so an entry can be finished in a later step than its first tokens, and preemption and prefix hits need
+nothing special: the state is KV like any other."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from runtime.forward import ForwardContext
+from runtime.ops import RMSNorm
+
+from .cache_ops import gather_entries, request_entries, write_entries
+from .rope import TrailingRope
+
+
+class Compressor(nn.Module):
+    def __init__(self, hidden_size: int, head_dim: int, ratio: int, overlap: bool, eps: float, rope: TrailingRope):
+        super().__init__()
+        self.head_dim, self.ratio, self.overlap = head_dim, ratio, overlap
+        width = (2 if overlap else 1) * head_dim
+        self.wkv = nn.Linear(hidden_size, width, bias=False)
+        self.wgate = nn.Linear(hidden_size, width, bias=False)
+        self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))   # bias per position in a window
+        self.norm = RMSNorm(head_dim, eps, weight_in_fp32=True)
+        self.rope = rope
+        self.state_layer = self.entry_layer = -1                                  # cache layers, set by the model
+
+    @property
+    def window(self) -> int:
+        """Token positions an entry reads: its window, and with overlap the window before."""
+        return (2 if self.overlap else 1) * self.ratio
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor, ctx: ForwardContext) -> None:
+        """x [num_tokens, hidden]: store each token's state, and write the entries whose window closes."""
+        kv = self.wkv(x)                                                          # [num_tokens, width]
+        gate = self.wgate(x) + self.ape[positions % self.ratio].to(x.dtype)
+        state, state_table, state_slots = ctx.layer_cache(self.state_layer)
+        write_entries(state, torch.stack([kv, gate], dim=1), state_slots)
+        closing = ((positions + 1) % self.ratio == 0).nonzero().flatten()
+        if not len(closing):
+            return
+        ends = positions[closing]                                                 # [num_entries]
+        source = ends[:, None] - self.window + 1 + torch.arange(self.window, device=x.device)   # [num_entries, window]
+        valid = source >= 0
+        rows = gather_entries(state, state_table, requests[closing, None].expand_as(source),
+                              source.clamp(min=0), ctx.block_size).to(x.dtype)   # [num_entries, window, 2, width]
+        values, logits = rows[:, :, 0], rows[:, :, 1]
+        if self.overlap:                  # previous window: first half; this window: second half
+            d, r = self.head_dim, self.ratio
+            values = torch.cat([values[:, :r, :d], values[:, r:, d:]], dim=1)    # [num_entries, window, head_dim]
+            logits = torch.cat([logits[:, :r, :d], logits[:, r:, d:]], dim=1)
+        values = values.masked_fill(~valid[..., None], 0.0)
+        logits = logits.masked_fill(~valid[..., None], float("-inf"))
+        weights = logits.softmax(dim=1, dtype=torch.float32).to(values.dtype)
+        entries = self.norm((values * weights).sum(dim=1))                        # [num_entries, head_dim]
+        entries = self.rope(entries[:, None], ends + 1 - self.ratio)[:, 0]       # at the window's first token
+        cache, _, slots = ctx.layer_cache(self.entry_layer)
+        write_entries(cache, entries, slots[closing])
+
+
+class Indexer(nn.Module):
+    """Scores the compressed entries for each query, `sum_h w_h * relu(q_h . k)`, and keeps the top k."""
+
+    def __init__(self, config, rope: TrailingRope):
+        super().__init__()
+        self.num_heads, self.head_dim = config.index_n_heads, config.index_head_dim
+        self.top_k = config.index_topk
+        self.wq_b = nn.Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+        self.compressor = Compressor(config.hidden_size, self.head_dim, 4, True, config.rms_norm_eps, rope)
+        self.rope = rope
+
+    @property
+    def ratio(self) -> int:
+        return self.compressor.ratio
+
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
+                ctx: ForwardContext) -> list[torch.Tensor]:
+        """Per request: [query_len, k'] entry indices each query reads, -1 = none (k' = min(k, entries))."""
+        self.compressor(x, positions, requests, ctx)
+        q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
+        q = self.rope(q, positions)                                               # [num_tokens, heads, head_dim]
+        head_weights = self.weights_proj(x).float() * self.num_heads ** -0.5      # [num_tokens, heads]
+        keys_cache, table, _ = ctx.layer_cache(self.compressor.entry_layer)
+        starts = ctx.query_start_loc_host
+        selected = []
+        for b in range(ctx.num_reqs):
+            rows = slice(int(starts[b]), int(starts[b + 1]))
+            num_entries = int(ctx.seq_lens_host[b]) // self.ratio
+            keys = request_entries(keys_cache, table, b, 0, num_entries, ctx.block_size, self.ratio)
+            scores = torch.einsum("qhd,kd->qhk", q[rows].float(), keys.float())  # [query_len, heads, entries]
+            scores = torch.relu(scores) * self.head_dim ** -0.5
+            scores = (scores * head_weights[rows, :, None]).sum(dim=1)           # [query_len, entries]
+            visible = (positions[rows, None] + 1) // self.ratio                  # entries closed at each query
+            future = torch.arange(num_entries, device=x.device)[None, :] >= visible
+            top = scores.masked_fill(future, float("-inf")).topk(min(self.top_k, num_entries), dim=-1).indices
+            selected.append(torch.where(top >= visible, -1, top))
+        return selected

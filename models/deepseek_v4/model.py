@@ -1,0 +1,107 @@
+"""DeepSeek V4 (Flash / Pro): mHC residual streams around hybrid-compressed attention and a hash/score-routed
+MoE. Module and parameter names follow the released checkpoint (`layers.N.attn.wq_a`, `ffn.gate.tid2eid`, ...)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from runtime.config import EngineConfig
+from runtime.forward import ForwardContext
+from runtime.kv_cache import CacheSpec
+from runtime.ops import RMSNorm
+
+from .attention import DeepseekV4Attention
+from .cache_ops import token_requests
+from .config import AttentionKind, attention_kinds, hash_routed
+from .mhc import HyperConnection, HyperHead
+from .moe import MoE
+from .rope import TrailingRope
+from .weights import load_checkpoint
+
+
+class DeepseekV4Layer(nn.Module):
+    def __init__(self, config, kind: AttentionKind, rope: TrailingRope, hashed: bool):
+        super().__init__()
+        self.attn = DeepseekV4Attention(config, kind, rope)
+        self.ffn = MoE(config, hashed)
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
+        self.hc_attn = HyperConnection(config)
+        self.hc_ffn = HyperConnection(config)
+
+    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+                requests: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        post, comb, x = self.hc_attn.pre(streams)
+        x = self.attn(self.attn_norm(x), positions, requests, ctx)
+        streams = HyperConnection.post(x, streams, post, comb)
+        post, comb, x = self.hc_ffn.pre(streams)
+        x = self.ffn(self.ffn_norm(x), input_ids)
+        return HyperConnection.post(x, streams, post, comb)
+
+
+class DeepseekV4ForCausalLM(nn.Module):
+    def __init__(self, config, cache_dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        self.cache_dtype = cache_dtype
+        ropes = {kind: TrailingRope(config, kind, config.qk_rope_head_dim) for kind in ("main", "compress")}
+        self.kinds = attention_kinds(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DeepseekV4Layer(config, kind, ropes["compress" if kind.compressed else "main"], hash_routed(config, i))
+            for i, kind in enumerate(self.kinds))
+        self.hc_head = HyperHead(config)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._specs = self._assign_cache_layers()
+
+    def _assign_cache_layers(self) -> list[CacheSpec]:
+        """Give every cache a layer index; return their specs in that order."""
+        specs: list[CacheSpec] = []
+
+        def add(spec: CacheSpec) -> int:
+            specs.append(spec)
+            return len(specs) - 1
+
+        window = self.config.sliding_window
+        for layer in self.layers:
+            attn = layer.attn
+            attn.window_layer = add(CacheSpec((attn.head_dim,), self.cache_dtype, window=window))
+            compressors = [attn.compressor] + ([attn.indexer.compressor] if attn.indexer is not None else [])
+            for compressor in filter(None, compressors):
+                width = compressor.wkv.out_features
+                # per token: its projected value and gate logit (+ window bias), fp32, for as many positions
+                # as an entry reads; then the entries themselves, one per `ratio` positions
+                compressor.state_layer = add(CacheSpec((2, width), torch.float32, window=compressor.window))
+                compressor.entry_layer = add(CacheSpec((compressor.head_dim,), self.cache_dtype,
+                                                       tokens_per_entry=compressor.ratio))
+        return specs
+
+    def cache_specs(self) -> list[CacheSpec]:
+        return list(self._specs)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """-> the residual streams after the last layer, flattened [num_tokens, hc_mult * hidden]: what the MTP
+        drafter reads. The head collapses them only for the rows that need logits (compute_logits)."""
+        if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("DeepSeek V4 runs its torch reference ops, which read the batch layout on the "
+                               "host and cannot be captured in a CUDA graph: run with --enforce-eager")
+        requests = token_requests(ctx, input_ids.shape[0]).to(input_ids.device)
+        x = self.embed(input_ids)
+        streams = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()   # [num_tokens, hc_mult, hidden]
+        for layer in self.layers:
+            streams = layer(streams, input_ids, positions, requests, ctx)
+        return streams.flatten(1)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        streams = hidden_states.view(hidden_states.shape[0], self.config.hc_mult, -1)
+        return self.head(self.norm(self.hc_head(streams))).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        load_checkpoint(self, weights)
+
+
+def build_model(hf_config, engine_config: EngineConfig) -> DeepseekV4ForCausalLM:
+    return DeepseekV4ForCausalLM(hf_config, engine_config.torch_dtype)

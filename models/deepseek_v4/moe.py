@@ -1,0 +1,93 @@
+"""DeepSeek V4 MoE: sqrt(softplus) scores, experts chosen by score + a selection-only bias (or, in the first
+layers, by a fixed token -> experts table), weights renormalized and scaled; clamped SwiGLU experts (MXFP4 as
+released, or float) plus one shared expert of the same width."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.ops import fused_moe, score_topk
+from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
+
+from .config import expert_format, num_experts
+
+
+class Gate(nn.Module):
+    def __init__(self, config, hashed: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts(config), config.hidden_size))
+        if hashed:
+            self.tid2eid = nn.Parameter(torch.zeros(config.vocab_size, config.num_experts_per_tok, dtype=torch.long),
+                                        requires_grad=False)
+        else:
+            self.bias = nn.Parameter(torch.zeros(num_experts(config), dtype=torch.float32))
+        self.hashed = hashed
+        self.top_k, self.scaling = config.num_experts_per_tok, config.routed_scaling_factor
+        self.scoring = config.scoring_func
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)                                        # [num_tokens, experts]
+        if self.hashed:
+            return score_topk(logits, self.top_k, self.scoring, fixed_ids=self.tid2eid[input_ids], scaling=self.scaling)
+        return score_topk(logits, self.top_k, self.scoring, selection_bias=self.bias, scaling=self.scaling)
+
+
+def _packed(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape, dtype=torch.uint8), requires_grad=False)
+
+
+class Experts(nn.Module):
+    """All routed experts stacked: w13 [E, 2 * inter, hidden] (gate rows, then up rows), w2 [E, hidden, inter];
+    MXFP4 blocks / scales for the fp4 format, float otherwise."""
+
+    def __init__(self, config):
+        super().__init__()
+        e, hidden, inter = num_experts(config), config.hidden_size, config.moe_intermediate_size
+        self.limit = config.swiglu_limit
+        self.packed = expert_format(config) == "fp4"
+        if self.packed:
+            if hidden % MX_BLOCK or inter % MX_BLOCK:
+                raise ValueError(f"MXFP4 experts need hidden_size ({hidden}) and moe_intermediate_size ({inter}) "
+                                 f"to be multiples of {MX_BLOCK}")
+            self.w13_blocks = _packed(e, 2 * inter, hidden // MX_BLOCK, MX_BLOCK // 2)
+            self.w13_scales = _packed(e, 2 * inter, hidden // MX_BLOCK)
+            self.w2_blocks = _packed(e, hidden, inter // MX_BLOCK, MX_BLOCK // 2)
+            self.w2_scales = _packed(e, hidden, inter // MX_BLOCK)
+            self.activation = GatedActivation(limit=self.limit)
+        else:
+            self.w13 = nn.Parameter(torch.zeros(e, 2 * inter, hidden))
+            self.w2 = nn.Parameter(torch.zeros(e, hidden, inter))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return mxfp4_moe(x, Mxfp4Linear(self.w13_blocks, self.w13_scales), Mxfp4Linear(self.w2_blocks, self.w2_scales),
+                             weights.to(x.dtype), ids, self.activation)
+        return fused_moe(x, self.w13, self.w2, weights.to(x.dtype), ids, swiglu_limit=self.limit)
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden, inter = config.hidden_size, config.moe_intermediate_size
+        self.w1 = nn.Linear(hidden, inter, bias=False)      # gate
+        self.w3 = nn.Linear(hidden, inter, bias=False)      # up
+        self.w2 = nn.Linear(inter, hidden, bias=False)      # down
+        self.limit = config.swiglu_limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.w1(x).clamp(max=self.limit)
+        up = self.w3(x).clamp(min=-self.limit, max=self.limit)
+        return self.w2(F.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    def __init__(self, config, hashed: bool):
+        super().__init__()
+        self.gate = Gate(config, hashed)
+        self.experts = Experts(config)
+        self.shared_experts = SharedExpert(config)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x, input_ids)
+        return self.experts(x, weights, ids) + self.shared_experts(x)

@@ -1,0 +1,196 @@
+"""Checkpoint names and formats. Two layouts load:
+
+- the release: DeepSeek's names (`embed`, `layers.N.attn.wq_a`, `ffn.experts.E.w1`, `hc_attn_fn`, ...), FP8
+  E4M3 linears with a block-scale grid `.scale` ([out, in] blocks, UE8M0), MXFP4 routed experts (int8 packed
+  E2M1 pairs with a UE8M0 scale per 32 inputs) or FP8 experts (Base), the rest BF16/FP32, sharded with an
+  index; `mtp.*` holds the multi-token-prediction layer;
+- what transformers' `save_pretrained` writes (a mix of its own and DeepSeek's names, stacked experts
+  `gate_up_proj` / `down_proj`), and transformers' module names in general.
+
+Every name is first rewritten to DeepSeek's, which is what the modules are named after."""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from runtime.loader import check_loaded, copy_weight, unexpected_weight
+from runtime.ops.fp8 import fp8_block_dequantize, fp8_block_shape
+from runtime.ops.mxfp4 import MX_BLOCK, mxfp4_dequantize
+
+# transformers name -> DeepSeek name, applied in order
+_TO_NATIVE = [(re.compile(a), b) for a, b in [
+    (r"^model\.", ""),
+    (r"^embed_tokens\.", "embed."),
+    (r"^lm_head\.", "head."),
+    (r"^hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),
+    (r"\.self_attn\.", ".attn."),
+    (r"\.mlp\.", ".ffn."),
+    (r"\.input_layernorm\.", ".attn_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."),
+    (r"\.attn_hc\.(fn|base|scale)$", r".hc_attn_\1"),
+    (r"\.ffn_hc\.(fn|base|scale)$", r".hc_ffn_\1"),
+    (r"\.attn\.sinks$", ".attn.attn_sink"),
+    (r"\.compressor\.indexer\.q_b_proj\.", ".indexer.wq_b."),
+    (r"\.compressor\.indexer\.scorer\.weights_proj\.", ".indexer.weights_proj."),
+    (r"\.compressor\.indexer\.", ".indexer.compressor."),
+    (r"\.q_a_proj\.", ".wq_a."),
+    (r"\.q_a_norm\.", ".q_norm."),
+    (r"\.q_b_proj\.", ".wq_b."),
+    (r"\.shared_experts\.gate_proj\.", ".shared_experts.w1."),
+    (r"\.shared_experts\.up_proj\.", ".shared_experts.w3."),
+    (r"\.shared_experts\.down_proj\.", ".shared_experts.w2."),
+    (r"\.kv_proj\.", ".wkv."),
+    (r"\.gate_proj\.", ".wgate."),
+    (r"\.o_a_proj\.", ".wo_a."),
+    (r"\.o_b_proj\.", ".wo_b."),
+    (r"\.position_bias$", ".ape"),
+    (r"compressor\.kv_norm\.", "compressor.norm."),
+    (r"\.attn\.norm\.", ".attn.kv_norm."),            # save_pretrained writes the attention's kv_norm so
+    (r"\.gate\.e_score_correction_bias$", ".gate.bias"),
+    (r"\.weight_scale_inv$", ".scale"),
+]]
+_HC = re.compile(r"(^|\.)hc_(attn|ffn|head)_(fn|base|scale)$")
+_EXPERT = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+_STACKED = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(gate_up_proj|down_proj)$")
+_MXFP4_DTYPES = (torch.int8, torch.uint8)
+
+
+def native_name(name: str) -> str:
+    for pattern, replacement in _TO_NATIVE:
+        name = pattern.sub(replacement, name)
+    return name
+
+
+def _module_name(native: str) -> str:
+    return _HC.sub(r"\1hc_\2.\3", native)
+
+
+def main_model_name(native: str) -> str | None:
+    """The main model's parameter for a DeepSeek name; None for the MTP layer's tensors (its drafter's)."""
+    return None if native.startswith("mtp.") else native
+
+
+class _Loader:
+    def __init__(self, model: nn.Module, rename: Callable[[str], str | None]):
+        self.model = model
+        self.rename = rename
+        self.params = dict(model.named_parameters())
+        self.loaded: set[str] = set()
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}     # weight name -> {"weight", "scale"} so far
+        quantization = getattr(model.config, "quantization_config", None) or {}
+        if not isinstance(quantization, dict):
+            quantization = quantization.to_dict()
+        block = quantization.get("weight_block_size")
+        self.fp8_block = tuple(block) if block else None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        native = self.rename(native_name(name))
+        if native is None:
+            return                     # another module's tensor (the main model and its MTP drafter share files)
+        if native.endswith(".scale") and not _HC.search(native):
+            self._pair(native[:-len(".scale")] + ".weight", "scale", name, tensor)
+        elif tensor.dtype == torch.float8_e4m3fn or (tensor.dtype in _MXFP4_DTYPES and _EXPERT.match(native)):
+            self._pair(native, "weight", name, tensor)
+        else:
+            self._assign(native, name, tensor)
+
+    def _pair(self, weight_name: str, part: str, disk_name: str, tensor: torch.Tensor) -> None:
+        entry = self.pending.setdefault(weight_name, {})
+        entry[part], entry[f"{part}_name"] = tensor, disk_name
+        if "weight" in entry and "scale" in entry:
+            del self.pending[weight_name]
+            self._dequantize(weight_name, entry)
+
+    def _dequantize(self, native: str, entry: dict) -> None:
+        weight, scale, name = entry["weight"], entry["scale"], entry["weight_name"]
+        if weight.dtype == torch.float8_e4m3fn:
+            block = fp8_block_shape(tuple(weight.shape), tuple(scale.shape), name)
+            if self.fp8_block is not None and block != self.fp8_block:
+                raise ValueError(f"checkpoint tensor {name!r}: its scale {tuple(scale.shape)} implies [out, in] "
+                                 f"blocks of {list(block)}, the config's weight_block_size is {list(self.fp8_block)}")
+            self._assign(native, name, fp8_block_dequantize(weight, scale, torch.float32, name))
+            return
+        out, packed_in = weight.shape
+        blocks = weight.view(torch.uint8).reshape(out, -1, MX_BLOCK // 2) if packed_in % (MX_BLOCK // 2) == 0 else None
+        scales = scale.view(torch.uint8)
+        if blocks is None or tuple(scales.shape) != tuple(blocks.shape[:2]):
+            raise ValueError(f"checkpoint tensor {name!r}: MXFP4 weight {tuple(weight.shape)} (two values a byte) "
+                             f"needs a scale of shape ({out}, {packed_in * 2 // MX_BLOCK}), got {tuple(scale.shape)}")
+        match = _EXPERT.match(native)
+        experts = self.model.get_submodule(match.group(1))
+        if experts.packed:
+            self._expert(match, name, blocks, scales)
+        else:
+            self._assign(native, name, mxfp4_dequantize(blocks, scales))
+
+    def _assign(self, native: str, disk_name: str, tensor: torch.Tensor) -> None:
+        if match := _EXPERT.match(native):
+            self._expert(match, disk_name, tensor)
+        elif match := _STACKED.match(native):
+            self._stacked(match, disk_name, tensor)
+        else:
+            target = _module_name(native)
+            if target not in self.params:
+                raise unexpected_weight(disk_name)
+            copy_weight(self.params[target], disk_name, tensor)
+            self.loaded.add(target)
+
+    def _expert(self, match: re.Match, disk_name: str, tensor: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+        prefix, expert, which = match.group(1), int(match.group(2)), match.group(3)
+        experts = self.model.get_submodule(prefix)
+        if experts.packed != (scales is not None):
+            raise ValueError(f"checkpoint tensor {disk_name!r} is {tensor.dtype}, but the config's experts are "
+                             f"{'MXFP4' if experts.packed else 'not MXFP4'} (expert_dtype)")
+        inter = self.model.config.moe_intermediate_size
+        rows = {"w1": slice(0, inter), "w3": slice(inter, 2 * inter), "w2": slice(None)}[which]
+        stack = "w2" if which == "w2" else "w13"
+        if experts.packed:
+            copy_weight(getattr(experts, f"{stack}_blocks")[expert, rows], disk_name, tensor)
+            copy_weight(getattr(experts, f"{stack}_scales")[expert, rows], disk_name + " (scale)", scales)
+        else:
+            copy_weight(getattr(experts, stack)[expert, rows], disk_name, tensor)
+        self.loaded.add(f"{prefix}.{expert}.{which}")
+
+    def _stacked(self, match: re.Match, disk_name: str, tensor: torch.Tensor) -> None:
+        experts = self.model.get_submodule(match.group(1))
+        if experts.packed:
+            raise ValueError(f"checkpoint tensor {disk_name!r} holds unquantized experts, but the config says "
+                             f"MXFP4 experts (expert_dtype fp4)")
+        if match.group(2) == "gate_up_proj":
+            copy_weight(experts.w13, disk_name, tensor)
+            names = ("w1", "w3")
+        else:
+            copy_weight(experts.w2, disk_name, tensor)
+            names = ("w2",)
+        self.loaded.update(f"{match.group(1)}.{e}.{w}" for e in range(tensor.shape[0]) for w in names)
+
+    def finish(self) -> None:
+        if self.pending:
+            weight_name, entry = next(iter(self.pending.items()))
+            have = "weight" if "weight" in entry else "scale"
+            raise ValueError(f"checkpoint tensor {entry[have + '_name']!r} has no matching "
+                             f"{'scale' if have == 'weight' else 'weight'} ({weight_name})")
+        expected = set()
+        for name in self.params:
+            stack = re.match(r"^(layers\.\d+\.ffn\.experts)\.(w13|w2)(_blocks|_scales)?$", name)
+            if stack is None:
+                expected.add(name)
+                continue
+            num = self.params[name].shape[0]
+            names = ("w1", "w3") if stack.group(2) == "w13" else ("w2",)
+            expected.update(f"{stack.group(1)}.{e}.{w}" for e in range(num) for w in names)
+        check_loaded(expected, self.loaded)
+
+
+def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                    rename: Callable[[str], str | None] = main_model_name) -> None:
+    """Consume every checkpoint tensor whose DeepSeek name `rename` maps to one of the model's (None: not
+    this model's); raise ValueError naming the tensor on anything missing, unexpected, or whose scale grid
+    does not fit it."""
+    loader = _Loader(model, rename)
+    for name, tensor in weights:
+        loader.add(name, tensor)
+    loader.finish()
