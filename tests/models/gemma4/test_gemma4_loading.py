@@ -73,21 +73,21 @@ def test_k_eq_v_global_layers_have_one_kv_projection_and_store_k_and_v(tiny_gemm
         [((2, 2, 32), 8), ((2, 2, 32), 8), ((2, 1, 64), None)]
 
 
-def test_sliding_groups_of_a_600_token_request_stay_window_sized(tiny_gemma4):
+def test_sliding_groups_of_a_480_token_request_stay_window_sized(tiny_gemma4):
     """The full-attention group grows with the request, the sliding group holds only the blocks the window
     (plus one prefill chunk) can reach."""
     block_size, budget = 16, 64
     engine = LLM(str(tiny_gemma4), device="cpu", dtype="float32", block_size=block_size,
-                 max_num_batched_tokens=budget, max_model_len=1024).engine
+                 max_num_batched_tokens=budget).engine       # the tiny model's 512 positions
     window_group = next(g for g, group in enumerate(engine.kv.groups) if group.spec.window is not None)
-    prompt = random_prompts(512, (600,), seed=4)[0]
+    prompt = random_prompts(512, (480,), seed=4)[0]
     engine.add_request("long", prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     held = []
     while engine.has_unfinished():
         engine.step()
         held.append(engine.kv.num_blocks_held("long"))
     assert max(h[window_group] for h in held) <= window_blocks_per_request(8, block_size, budget)
-    assert max(h[1 - window_group] for h in held) == cdiv(600 + 7, block_size)
+    assert max(h[1 - window_group] for h in held) == cdiv(480 + 7, block_size)
 
 
 def test_loader_rejects_a_v_projection_on_a_k_eq_v_layer(tiny_gemma4_dense, tmp_path):
