@@ -1,5 +1,5 @@
 """Speculative decoding: the configuration, the drafters the runtime owns (ngram prompt lookup), and the
-hook a model package implements for its own drafter (DeepSeek-style MTP heads, draft models).
+hook a model package implements for its own drafter (multi-token-prediction heads, draft models).
 
 A drafter proposes k tokens per request; the next step scores the request's last token and the k drafts in
 one forward, and the sampler's rejection rule (runtime/sampler.py) keeps the longest acceptable prefix plus

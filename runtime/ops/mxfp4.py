@@ -455,7 +455,7 @@ if triton is not None:
 
 @dataclass(frozen=True, slots=True)
 class GemvTiles:
-    """From tools/decode_kernels.py on an H200 at gpt-oss-20b shapes (2026-11-29)."""
+    """Tiles from the tools/decode_kernels.py sweep on an H200 (2026-11-29; expert shapes in PERFORMANCE.md)."""
     block_n_gate_up: int = 8
     block_n_down: int = 8
     block_g: int = 8                   # 32-element blocks per K step: 128 bytes of each row
