@@ -1,9 +1,11 @@
-"""ModelRunner: owns the model and its cache tensors; turns a scheduled batch into input tensors, runs the
-forward, and samples.
+"""ModelRunner: owns the model, its cache tensors and every request's state; turns a StepPlan into input
+tensors, runs the forward, samples (or verifies drafts) and runs the package's drafter.
 
 Inputs are built with numpy in host staging buffers (pinned on CUDA) and copied once per step, non-blocking,
-into device buffers whose addresses never change. Decode batches on CUDA replay a CUDA graph captured for the
-next larger batch size; the rows past the real batch are padding that writes nothing.
+into device buffers whose addresses never change. Block tables live on the device and change by the plan's
+staged writes. Uniform batches on CUDA (every request 1 token, or 1 + k when verifying k drafts) replay a
+CUDA graph captured for the next larger batch size; the rows past the real batch are padding that writes
+nothing.
 
 A step is launched without waiting for it (`launch`), and waited on later (`wait`), so that the host can
 prepare the next step while the device runs this one. Tokens the host has not read yet appear in the next
@@ -154,7 +156,7 @@ class _HostStep:
     num_logits: int                      # logits rows: 1 + drafts per sampling request
     num_placeholders: int
     num_writes: list[int]                # staged block-table writes per group
-    sampling_rows: list[int] = None      # per sampling request: its row in the plan
+    sampling_rows: list[int]             # per sampling request: its row in the plan
 
 
 class ModelRunner:
