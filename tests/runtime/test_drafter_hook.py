@@ -4,6 +4,8 @@ newest token, and writes its later drafts through the one-token contexts the run
 must stay lossless, load only the drafter's checkpoint names, and hand it the right next tokens."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from torch import nn
@@ -112,3 +114,63 @@ def test_sampling_with_a_package_drafter_is_reproducible(tiny_qwen3, repeat_draf
         runs.append([o.token_ids for o in llm.generate(workload(llm.engine.vocab_size)[-4:], params,
                                                        use_tqdm=False)])
     assert runs[0] == runs[1]
+
+
+class TargetDrafter(nn.Module):
+    """Drafts the target's own greedy continuation: target forwards at the positions after the newest
+    token, through the runner's one-token contexts (KV written there is rewritten by the next step)."""
+    weight_prefixes = ("model.norm.",)
+
+    def __init__(self, target: nn.Module):
+        super().__init__()
+        self.target = [target]                  # not a submodule: the engine owns its weights
+
+    def cache_specs(self) -> list[CacheSpec]:
+        return []
+
+    def load_weights(self, weights) -> None:
+        list(weights)
+
+    def propose(self, inputs: DraftInputs) -> torch.Tensor:
+        target = self.target[0]
+        token = inputs.next_token_ids.index_select(0, inputs.last_rows)
+        positions = inputs.positions.index_select(0, inputs.last_rows)
+        drafts = []
+        for _ in range(inputs.num_drafts):
+            positions = positions + 1
+            hidden = target(token, positions, inputs.decode_context(positions))
+            token = target.compute_logits(hidden).argmax(dim=-1)
+            drafts.append(token)
+        return torch.stack(drafts, dim=1)                                       # [num_reqs, k]
+
+
+def test_sampled_outputs_with_drafts_are_distributed_as_without(tiny_qwen3, monkeypatch):
+    """Many seeds of one prompt at top-k 3, drafts being the target's own argmax (often right, often not):
+    the joint distribution of the 2nd and 3rd output tokens is the same with drafts verified by the
+    rejection rule as without (two-sample chi-square at p = 0.001). A wrong step index for a draft row (the
+    same noise on consecutive positions) would correlate them and fail."""
+    package = get_package("qwen3")
+    monkeypatch.setattr(package, "drafter_methods", ("target",))
+    monkeypatch.setattr(package, "build_drafter", lambda target, *_: TargetDrafter(target))
+    prompt = [5, 6, 7, 8, 9] * 4
+    params = [SamplingParams(temperature=1.0, top_k=3, seed=s, max_tokens=4, ignore_eos=True) for s in range(600)]
+    pairs = []
+    for spec in (None, {"method": "target", "num_speculative_tokens": 2}):
+        llm = LLM(str(tiny_qwen3), device="cpu", dtype="float32", max_num_seqs=128, speculative_config=spec)
+        outputs = llm.generate([prompt] * len(params), params, use_tqdm=False)
+        pairs.append(Counter(tuple(o.token_ids[1:3]) for o in outputs))
+        if spec:
+            stats = llm.engine.spec_stats
+            assert stats.num_draft_tokens > stats.num_accepted_tokens > 100
+    categories = sorted(set(pairs[0]) | set(pairs[1]))
+    plain = torch.tensor([pairs[0][c] for c in categories], dtype=torch.float64)
+    drafted = torch.tensor([pairs[1][c] for c in categories], dtype=torch.float64)
+    expected = (plain + drafted) / 2
+    statistic = float((((plain - expected) ** 2 + (drafted - expected) ** 2) / expected).sum())
+    assert statistic < chi2_quantile_999(len(categories) - 1)
+
+
+def chi2_quantile_999(dof: int) -> float:
+    """The 0.999 quantile of chi-square (Wilson-Hilferty), without scipy."""
+    z = 3.090                                                         # standard normal 0.999 quantile
+    return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
