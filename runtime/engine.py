@@ -23,6 +23,7 @@ from runtime.request import (PLACEHOLDER_TOKEN_ID, CompletionOutput, FinishReaso
 from runtime.runner import ModelRunner, PendingStep, StepOutput, allocate_caches, graph_batch_sizes
 from runtime.scheduler import Scheduler
 from runtime.spec_decode import SpeculativeConfig, ngram_propose
+from runtime.structured import GrammarCache
 from runtime.tiny import ensure_tiny
 from runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -124,6 +125,8 @@ class Engine:
         self.runner = ModelRunner(model, self.kv, caches, self.vocab_size, self.device,
                                   config.max_num_batched_tokens, use_cuda_graphs=not config.enforce_eager,
                                   num_speculative_tokens=self.num_speculative_tokens, drafter=self.drafter)
+        self.grammars = self.runner.grammars = GrammarCache(self.tokenizer.hf, self.vocab_size, list(
+            self.eos_token_ids)) if self.tokenizer is not None else None
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    num_lookahead_tokens=self.runner.num_lookahead_tokens)
         self.groups: dict[str, _Group] = {}
@@ -236,6 +239,10 @@ class Engine:
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         self._check_params_fit_vocab(params)
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise ValueError("structured outputs need a tokenizer; this engine runs without one")
+            self.grammars.compile(params.structured_outputs)        # raises on an invalid schema or regex
         room = self.max_model_len - len(token_ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens > room or room <= 0:
@@ -373,15 +380,17 @@ class Engine:
     def _propose_drafts(self, out: StepOutput) -> None:
         """Drafts for the next step (the package drafter's, or ngram's), for every running request whose
         next token is a decode. Requests
-        that read their own history when sampling (penalties), report logprobs, or may not stop yet
-        (min_tokens) take no drafts: they decode one token at a time."""
+        that read their own history when sampling (penalties), report logprobs, may not stop yet
+        (min_tokens), or follow a grammar (structured outputs: the matcher cannot roll back rejected drafts
+        yet) take no drafts: they decode one token at a time."""
         spec = self.speculative
         model_drafts = dict(zip(out.request_ids, out.drafts or []))
         for request in self.scheduler.running:
             params = request.params
             room = min(params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
             if (room < 1 or request.num_tokens - request.num_computed_tokens != 1 or params.has_penalties
-                    or params.logprobs is not None or request.num_output_tokens < params.min_tokens):
+                    or params.logprobs is not None or request.num_output_tokens < params.min_tokens
+                    or params.structured_outputs is not None):
                 continue
             k = min(spec.num_speculative_tokens, room)
             if self.drafter is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from runtime.structured import StructuredOutputsParams
+
 # Stands in `Request.token_ids` for a token the device has sampled but the host has not read yet (async
 # scheduling). It is only ever the last token, the next step fills it on the device, and the engine
 # replaces it before anything on the host reads token values (stop checks, block hashes, penalties).
@@ -29,12 +31,15 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None   # constrain the output to a grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.top_k == -1:
             self.top_k = 0
         checks = [

@@ -25,6 +25,7 @@ from runtime.request import PLACEHOLDER_TOKEN_ID, SamplingParams
 from runtime.sampler import SamplingBatch, SamplerOutput, sample
 from runtime.scheduler import StepPlan
 from runtime.spec_decode import DraftInputs
+from runtime.structured import GrammarCache, Matcher
 
 
 @dataclass(slots=True, eq=False)
@@ -39,6 +40,7 @@ class RequestState:
     params: SamplingParams
     seed: int
     eos_token_ids: tuple[int, ...]
+    matcher: Matcher | None = None         # structured outputs: the grammar state after the known tokens
 
     @property
     def num_tokens(self) -> int:
@@ -71,7 +73,8 @@ class PendingStep:
     accepted: torch.Tensor | None        # [sample rows] bool host copy: the row's draft was accepted
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None   # host copies: sampled, top, top ids
     ready: torch.cuda.Event | None       # recorded after the copies; None on CPU, where nothing is deferred
-    uses_penalties: bool                 # its requests need host token values to sample again
+    uses_penalties: bool                 # its requests need host token values to sample again (penalties,
+                                         # or a grammar whose matcher must see the token before the next mask)
     placeholder_at: list[int] | None = None   # per sampling request: index of its placeholder in the history
     drafts: torch.Tensor | None = None   # [sampling requests, k] host copy of a model drafter's proposals
     waited: bool = False
@@ -184,6 +187,7 @@ class ModelRunner:
         self.states: dict[str, RequestState] = {}
         self.num_speculative_tokens = num_speculative_tokens
         self.drafter = drafter
+        self.grammars: GrammarCache | None = None    # set by the engine: compiles structured outputs' grammars
         # a model drafter writes its own cache k positions past the step's last token: they are allocated
         self.num_lookahead_tokens = num_speculative_tokens if drafter is not None else 0
         # (padded rows, query length per row) -> (graph, hidden, logits)
@@ -213,9 +217,11 @@ class ModelRunner:
         for joining in plan.joining:
             if PLACEHOLDER_TOKEN_ID in joining.token_ids:
                 raise RuntimeError(f"request {joining.request_id} joins with a token the host has not read")
-            self.states[joining.request_id] = RequestState(
+            state = self.states[joining.request_id] = RequestState(
                 joining.request_id, joining.row, list(joining.token_ids), joining.num_prompt_tokens,
                 joining.params, joining.seed, joining.eos_token_ids)
+            if joining.params.structured_outputs is not None:
+                state.matcher = self.grammars.matcher(joining.params.structured_outputs, state.output_token_ids)
         h = self.buffers.host
         num_writes = []
         for g, writes in enumerate(plan.block_writes):
@@ -554,7 +560,8 @@ class ModelRunner:
             for state in step.sampling:
                 state.token_ids.append(PLACEHOLDER_TOKEN_ID)
         pending = PendingStep(step.sampling, step.num_drafts, token_ids, accepted, logprobs, ready,
-                              uses_penalties=sampling is not None and sampling.penalties is not None,
+                              uses_penalties=sampling is not None and (sampling.penalties is not None
+                                                                       or sampling.grammar is not None),
                               placeholder_at=placeholder_at,
                               drafts=self._to_host(drafts) if drafts is not None else None)
         self.slot_step[self.slot] = pending
@@ -589,6 +596,9 @@ class ModelRunner:
                 num_accepted = next((i for i in range(k) if not accepted[at + i]), k)
                 tokens = flat[at:at + num_accepted + 1]
                 state.token_ids.extend(tokens)
+            if state.matcher is not None:
+                for token in tokens:
+                    state.matcher.accept(token)
             per_row.append(tokens)
             at += k + 1
         logprobs = self._logprobs(step.logprobs, step.states, [t[0] for t in per_row])

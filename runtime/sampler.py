@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.structured import apply_bitmask, build_bitmask
+
 _M32 = 0xFFFFFFFF
 _GREEDY_BELOW = 1e-5    # temperatures under this sample greedily: logits / 1e-40 overflow to inf, softmax to NaN
 
@@ -27,6 +29,7 @@ class SamplingBatch:
     penalties: tuple[torch.Tensor, ...] | None  # (presence [rows], frequency [rows], repetition [rows],
                                                 #  output counts [rows, vocab], seen in prompt or output [rows, vocab])
     banned: tuple[torch.Tensor, torch.Tensor] | None   # (row, token) pairs masked out (min_tokens)
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None   # (token bitmasks, their rows): structured outputs
 
     @classmethod
     def from_requests(cls, requests: list, vocab_size: int, device: torch.device,
@@ -80,6 +83,7 @@ class SamplingBatch:
             max_logprobs=max(wanted) if wanted else None,
             penalties=penalties,
             banned=(as_tensor(banned_rows, torch.int64), as_tensor(banned_tokens, torch.int64)) if banned_rows else None,
+            grammar=build_bitmask([getattr(r, "matcher", None) for r in requests], vocab_size, device),
         )
 
 
@@ -163,6 +167,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor |
     if batch.banned is not None:
         # new_full fills on the device; torch.tensor(..., device=cuda) would copy from the host and sync
         logits = logits.index_put(batch.banned, logits.new_full((), float("-inf")))
+    if batch.grammar is not None:
+        logits = apply_bitmask(logits, batch.grammar)
     greedy_tokens = logits.argmax(dim=-1)
     has_draft = draft_ids >= 0 if draft_ids is not None else None
     if batch.all_greedy:

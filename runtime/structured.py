@@ -1,0 +1,155 @@
+"""Structured outputs with xgrammar: a request's JSON schema, JSON object, regex, choice or EBNF grammar is
+compiled once (cached by its key), each request gets a matcher that advances with its accepted tokens, and
+the sampler masks each constrained row's logits with the matcher's token bitmask (int32 words, bit set =
+allowed), on the device. Rows without a grammar are untouched."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(slots=True, frozen=True)
+class StructuredOutputsParams:
+    """Exactly one constraint: `json` (a schema, as a dict or its JSON text), `json_object` (any JSON object),
+    `regex`, `choice` (one of these strings) or `grammar` (EBNF)."""
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name, value in (("json", self.json), ("json_object", self.json_object or None),
+                                          ("regex", self.regex), ("choice", self.choice),
+                                          ("grammar", self.grammar)) if value is not None]
+        if len(given) != 1:
+            raise ValueError(f"structured outputs take exactly one of json, json_object, regex, choice, grammar; "
+                             f"got {', '.join(given) or 'none'}")
+        if self.choice is not None:
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("structured outputs choice must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What the compiled grammar is cached by."""
+        if self.json is not None:
+            return "json", self.json if isinstance(self.json, str) else json.dumps(self.json)
+        if self.json_object:
+            return "json", '{"type": "object"}'
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json.dumps(list(self.choice))
+        return "grammar", self.grammar
+
+
+def _choice_grammar(choices: list[str]) -> str:
+    """EBNF whose root is one of the literal strings."""
+    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+
+
+# xgrammar 0.2.9 writes the characters of a string with maxLength/minLength as `[^"\\\r\n]`, which lets raw
+# control characters through (invalid JSON: json.loads refuses them); its unbounded strings exclude \0-\x1f.
+_LOOSE_STRING_CHAR = '[^\\"\\\\\\r\\n]'
+_JSON_STRING_CHAR = '[^\\0-\\x1f\\"\\\\]'
+
+
+def _json_schema_ebnf(schema: str) -> str:
+    """The schema as EBNF, compact (no free whitespace: a small model could pad forever), with bounded
+    strings held to JSON's characters."""
+    import xgrammar as xgr
+    return str(xgr.Grammar.from_json_schema(schema, any_whitespace=False)).replace(_LOOSE_STRING_CHAR,
+                                                                                   _JSON_STRING_CHAR)
+
+
+class GrammarCache:
+    """Compiles grammars against one tokenizer (lazily: engines that never see a constraint pay nothing)
+    and keeps them by key."""
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int]):
+        self._hf_tokenizer, self.vocab_size, self.stop_token_ids = hf_tokenizer, vocab_size, stop_token_ids
+        self._compiler = None
+        self._compiled: dict[tuple[str, str], Any] = {}
+
+    def compile(self, params: StructuredOutputsParams):
+        """The compiled grammar; raises ValueError naming what is wrong when the constraint is invalid."""
+        key = params.key
+        if key in self._compiled:
+            return self._compiled[key]
+        import xgrammar as xgr
+        if self._compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self._hf_tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=self.stop_token_ids)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        kind, text = key
+        try:
+            if kind == "json":
+                json.loads(text)                                   # a clear message for text that is not JSON
+                compiled = self._compiler.compile_grammar(_json_schema_ebnf(text))
+            elif kind == "regex":
+                compiled = self._compiler.compile_regex(text)
+            elif kind == "choice":
+                compiled = self._compiler.compile_grammar(_choice_grammar(json.loads(text)))
+            else:
+                compiled = self._compiler.compile_grammar(text)
+        except (RuntimeError, ValueError, TypeError) as error:   # xgrammar raises RuntimeError on bad input
+            what = {"json": "JSON schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}[kind]
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"invalid {what} for structured outputs: {first_line}") from None
+        self._compiled[key] = compiled
+        return compiled
+
+    def matcher(self, params: StructuredOutputsParams, output_token_ids: list[int]) -> "Matcher":
+        """A fresh matcher, advanced over the tokens already generated (a request rejoining after preemption)."""
+        import xgrammar as xgr
+        matcher = Matcher(xgr.GrammarMatcher(self.compile(params)))
+        for token in output_token_ids:
+            matcher.accept(token)
+        return matcher
+
+
+class Matcher:
+    """One request's grammar state."""
+
+    def __init__(self, matcher: Any):
+        self._matcher = matcher
+
+    def accept(self, token_id: int) -> None:
+        # a token the mask forbade can only come from outside the sampler (it never samples one); after a
+        # finished grammar the request stops on the stop token, so later tokens are not fed
+        if not self._matcher.is_terminated():
+            self._matcher.accept_token(token_id)
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+
+def build_bitmask(matchers: list[Matcher | None], vocab_size: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """([constrained rows, ceil(vocab / 32)] int32 masks, [constrained rows] their logits rows), filled on
+    the host and on their way to the device; None when no row is constrained."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return None
+    import xgrammar as xgr
+    bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)
+    for i, row in enumerate(rows):
+        matchers[row].fill(bitmask, i)
+    index = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        bitmask = bitmask.pin_memory().to(device, non_blocking=True)
+        index = index.pin_memory().to(device, non_blocking=True)
+    return bitmask, index
+
+
+def apply_bitmask(logits: torch.Tensor, grammar: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Forbidden tokens of the constrained rows to -inf, on a copy of those rows; the others unchanged."""
+    import xgrammar as xgr
+    bitmask, index = grammar
+    picked = logits.index_select(0, index)
+    xgr.apply_token_bitmask_inplace(picked, bitmask, vocab_size=logits.shape[-1])
+    return logits.index_copy(0, index, picked)

@@ -1,0 +1,125 @@
+"""Structured outputs on the tiny Qwen3 (random weights, so only the grammar makes the text well formed):
+JSON schemas, JSON objects, regexes and choices hold over seeded samples; rows without a grammar in the same
+batch sample exactly as without the constrained rows; invalid constraints are refused at admission."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from runtime import LLM, SamplingParams
+from runtime.structured import StructuredOutputsParams
+from tools.parity import random_prompts
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 3},
+        "pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}}, "required": ["kind"]},
+    },
+    "required": ["name", "age", "tags", "pet"],
+}
+
+
+def validate(value, schema) -> None:
+    """The subset of JSON Schema that SCHEMA uses (jsonschema is not a dependency)."""
+    if "enum" in schema:
+        assert value in schema["enum"]
+        return
+    kind = schema["type"]
+    if kind == "object":
+        assert isinstance(value, dict)
+        assert set(schema.get("required", [])) <= set(value) <= set(schema["properties"])
+        for key, item in value.items():
+            validate(item, schema["properties"][key])
+    elif kind == "array":
+        assert isinstance(value, list) and schema["minItems"] <= len(value) <= schema["maxItems"]
+        for item in value:
+            validate(item, schema["items"])
+    elif kind == "string":
+        assert isinstance(value, str) and len(value) <= schema["maxLength"]
+    elif kind == "integer":
+        assert isinstance(value, int) and schema["minimum"] <= value <= schema["maximum"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen3):
+    return LLM(str(tiny_qwen3), device="cpu", dtype="float32", block_size=8, max_num_batched_tokens=64)
+
+
+def constrained(so: StructuredOutputsParams, seed: int, **options) -> SamplingParams:
+    return SamplingParams(**{"temperature": 1.0, "seed": seed, "max_tokens": 120, "structured_outputs": so, **options})
+
+
+def test_json_schema_outputs_parse_and_validate(llm):
+    prompts = random_prompts(1024, (5, 17, 9, 30), seed=1) * 3
+    params = [constrained(StructuredOutputsParams(json=SCHEMA), seed) for seed in range(len(prompts))]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    for output in outputs:
+        assert output.finish_reason == "stop", output.text
+        validate(json.loads(output.text), SCHEMA)
+    assert len({o.text for o in outputs}) > 1                   # sampled, not one forced string
+
+
+def test_json_object_regex_and_choice(llm):
+    prompts = random_prompts(1024, (7, 12, 25), seed=2)
+    choices = ["yes", "no", "maybe not"]
+    for seed, prompt in enumerate(prompts):
+        obj, regex, choice = llm.generate(
+            [prompt] * 3,
+            [constrained(StructuredOutputsParams(json_object=True), seed),
+             constrained(StructuredOutputsParams(regex=r"[a-z]{3}-\d{2,4}"), seed),
+             constrained(StructuredOutputsParams(choice=choices), seed, max_tokens=8)], use_tqdm=False)
+        assert isinstance(json.loads(obj.text), dict)
+        assert re.fullmatch(r"[a-z]{3}-\d{2,4}", regex.text), regex.text
+        assert choice.text in choices
+
+
+def test_greedy_choice_and_dict_params(llm):
+    output = llm.generate([random_prompts(1024, (10,), seed=3)[0]],
+                          SamplingParams(temperature=0.0, max_tokens=10,
+                                         structured_outputs={"choice": ["left", "right"]}), use_tqdm=False)[0]
+    assert output.text in ("left", "right")
+
+
+def test_unconstrained_rows_are_unchanged(llm):
+    prompts = random_prompts(1024, (6, 21, 14), seed=4)
+    free = [SamplingParams(temperature=0.8, seed=11, max_tokens=24, ignore_eos=True),
+            SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)]
+    alone = llm.generate(prompts[:2], free, use_tqdm=False)
+    mixed = llm.generate([prompts[0], prompts[2], prompts[1]],
+                         [free[0], constrained(StructuredOutputsParams(json=SCHEMA), 5), free[1]], use_tqdm=False)
+    assert [o.token_ids for o in alone] == [mixed[0].token_ids, mixed[2].token_ids]
+    validate(json.loads(mixed[1].text), SCHEMA)
+
+
+def test_grammar_requests_take_no_drafts_and_still_hold(tiny_qwen3):
+    llm = LLM(str(tiny_qwen3), device="cpu", dtype="float32", block_size=8,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    prompt = [5, 6, 7, 8] * 6
+    outputs = llm.generate([prompt, prompt], [
+        constrained(StructuredOutputsParams(regex=r"(ab){2,5}c"), 3),
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)], use_tqdm=False)
+    assert re.fullmatch(r"(ab){2,5}c", outputs[0].text)
+    assert llm.engine.spec_stats.num_drafts > 0                # the free row still speculated
+
+
+@pytest.mark.parametrize("so, message", [
+    (dict(json={"type": "object", "properties": {"a": {"type": "nosuchtype"}}}), "invalid JSON schema"),
+    (dict(json="{not json"), "invalid JSON schema"),
+    (dict(regex="(unclosed"), "invalid regex"),
+])
+def test_invalid_constraints_are_refused(llm, so, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate([[5, 6, 7]], SamplingParams(structured_outputs=StructuredOutputsParams(**so)), use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+
+
+def test_exactly_one_constraint():
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams()
