@@ -19,15 +19,14 @@ from runtime.tokenizer import Tokenizer
 async def create_chat_completion(ctx: ServingContext, body: ChatBody, request: Request) -> Response:
     arrival = time.monotonic()
     model = ctx.check_model(body.model)
-    reject_unsupported(body, {"logit_bias": bool, "tools": bool,
-                              "response_format": lambda v: v is not None and v.get("type") != "text"})
+    reject_unsupported(body, {"logit_bias": bool, "tools": bool})
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     renames = {"max_tokens": "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens",
                "logprobs": "top_logprobs"}
     params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, renames,
-                             ctx.vocab_size)
+                             ctx.vocab_size, body.response_format)
     include_usage = wants_usage_chunk(body)
     prompt = await ctx.render_chat(body.template_messages(), body.chat_options())
     job = await ctx.start_job("chatcmpl", model, [prompt], params, body.stream, arrival)

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runtime.request import SamplingParams
+from runtime.structured import StructuredOutputsParams
 
 MAX_N = 128                    # completions per prompt, as OpenAI allows
 MAX_LOGPROBS = 20              # top alternatives per token
@@ -69,6 +70,7 @@ class GenerationBody(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = None
+    structured_outputs: dict[str, Any] | None = None     # vLLM's extra: json, json_object, regex, choice, grammar
 
 
 class CompletionBody(GenerationBody):
@@ -238,7 +240,8 @@ def _field_path(location: tuple) -> str | None:
 # ---- from a body to the engine's parameters ---------------------------------------------------------------
 
 def sampling_params(body: GenerationBody, max_tokens: int | None, logprobs: int | None,
-                    renames: dict[str, str], vocab_size: int) -> SamplingParams:
+                    renames: dict[str, str], vocab_size: int,
+                    response_format: dict[str, Any] | None = None) -> SamplingParams:
     """The request's sampling parameters. SamplingParams checks the ranges; its messages start with the
     field's name, which becomes the error's `param` (under the request's name for it)."""
     for token_id in body.stop_token_ids or []:
@@ -254,11 +257,49 @@ def sampling_params(body: GenerationBody, max_tokens: int | None, logprobs: int 
             frequency_penalty=_or(body.frequency_penalty, 0.0),
             repetition_penalty=_or(body.repetition_penalty, 1.0),
             include_stop_str_in_output=body.include_stop_str_in_output,
-            skip_special_tokens=body.skip_special_tokens)
+            skip_special_tokens=body.skip_special_tokens,
+            structured_outputs=structured_outputs(body.structured_outputs, response_format))
     except ValueError as exc:
         name = str(exc).split(" ", 1)[0]
         param = renames.get(name, name) if name in SamplingParams.__dataclass_fields__ else None
         raise ApiError(400, str(exc), param=param) from None
+
+
+_STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def structured_outputs(extra: dict[str, Any] | None, response_format: dict[str, Any] | None
+                       ) -> StructuredOutputsParams | None:
+    """The output constraint of `structured_outputs` (vLLM's extra) or the chat's `response_format`. Whether
+    a schema or regex compiles is checked when the engine admits the request (a 400 all the same)."""
+    kind = (response_format or {}).get("type", "text")
+    if extra is not None and kind != "text":
+        raise ApiError(400, "give either response_format or structured_outputs, not both", param="response_format")
+    if extra is not None:
+        given = {k: v for k, v in extra.items() if v is not None and v is not False}
+        unknown = sorted(set(given) - set(_STRUCTURED_KINDS))
+        if unknown:
+            raise ApiError(400, f"structured_outputs.{unknown[0]} is not supported by this server (supported: "
+                           f"{', '.join(_STRUCTURED_KINDS)})", param="structured_outputs")
+        if "json" in given and not isinstance(given["json"], (str, dict)):
+            raise ApiError(400, "structured_outputs.json must be a JSON schema (an object or its JSON text)",
+                           param="structured_outputs")
+        try:
+            return StructuredOutputsParams(**given)
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, str(exc), param="structured_outputs") from None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ApiError(400, "response_format json_schema needs json_schema.schema, a JSON schema object",
+                           param="response_format")
+        return StructuredOutputsParams(json=spec["schema"])
+    raise ApiError(400, f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+                   param="response_format")
 
 
 def _or(value: Any, default: Any) -> Any:
