@@ -47,6 +47,8 @@ class ModelPackage:
     # (reasoning_content or None, content); it must be prefix-monotonic so streams can send its deltas.
     render_chat: Callable[[Any, list[dict[str, Any]], dict[str, Any]], list[int]] | None = None
     reasoning_parser: Callable[[Any, list[int]], tuple[str | None, str]] | None = None
+    # tool_parser(content) -> (content before the calls or None, [(function name, arguments JSON text)])
+    tool_parser: Callable[[str], tuple[str | None, list[tuple[str, str]]]] | None = None
     aliases: tuple[str, ...] = ()
     # Speculative decoding with the package's own drafter (runtime/spec_decode.py, Drafter):
     # build_drafter(target_model, hf_config, engine_config, speculative_config) -> Drafter, for the

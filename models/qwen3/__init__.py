@@ -3,7 +3,7 @@ from pathlib import Path
 
 from runtime.package import ModelPackage
 
-from .chat import parse_reasoning
+from .chat import parse_reasoning, parse_tool_calls
 from .model import build_model, tiny_init
 
 _TINY = {
@@ -33,5 +33,6 @@ PACKAGE = ModelPackage(
     tiny_init=tiny_init,
     tiny_variants={"moe": _TINY_MOE},
     reasoning_parser=parse_reasoning,
+    tool_parser=parse_tool_calls,
 )
 

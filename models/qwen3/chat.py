@@ -1,10 +1,12 @@
-"""Qwen3's chat surface: the `<think>...</think>` reasoning parser.
+"""Qwen3's chat surface: the `<think>...</think>` reasoning parser and the `<tool_call>` parser.
 
 Qwen3 opens a thinking turn with `<think>`, reasons, closes it with `</think>` and then answers. The parser
 works on token ids, not text: `<think>`/`</think>` may be special tokens that a skip-special-tokens decode
 would erase, so the text alone cannot say where reasoning ends."""
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 THINK_START = "<think>"
@@ -36,3 +38,33 @@ def _token_id(tokenizer: Any, token: str) -> int | None:
     """The id of a single vocabulary token, or None when this tokenizer does not have it."""
     token_id = tokenizer.hf.convert_tokens_to_ids(token)
     return None if token_id is None or token_id == tokenizer.hf.unk_token_id else token_id
+
+
+_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+
+
+def parse_tool_calls(content: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(content before the first call or None when empty, [(name, arguments as JSON text)]) of an answer
+    (reasoning already split off). Qwen3 writes each call as `<tool_call>\n{"name": N, "arguments": {...}}
+    \n</tool_call>`, parallel calls one after the other; the last may lack its closing tag (cut by a stop).
+    When any call is not that JSON the answer is left as plain content, with no calls."""
+    if "<tool_call>" not in content:
+        return content, []
+    calls = []
+    for match in _TOOL_CALL.finditer(content):
+        body = (match.group(1) if match.group(1) is not None else match.group(2)).strip()
+        try:
+            call = json.loads(body)
+        except json.JSONDecodeError:
+            return content, []
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return content, []
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):          # some fine-tunes write the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                return content, []
+        calls.append((call["name"], json.dumps(arguments, ensure_ascii=False)))
+    before = content[:content.index("<tool_call>")]
+    return (before if before.strip() else None), calls
