@@ -49,6 +49,9 @@ class ModelPackage:
     reasoning_parser: Callable[[Any, list[int]], tuple[str | None, str]] | None = None
     # tool_parser(content) -> (content before the calls or None, [(function name, arguments JSON text)])
     tool_parser: Callable[[str], tuple[str | None, list[tuple[str, str]]]] | None = None
+    # tool_call_grammar(tools, name or None for "required") -> EBNF of an answer made of calls in the
+    # family's format: how tool_choice required / a named function is enforced
+    tool_call_grammar: Callable[[list[dict[str, Any]], str | None, bool], str] | None = None
     aliases: tuple[str, ...] = ()
     # Speculative decoding with the package's own drafter (runtime/spec_decode.py, Drafter):
     # build_drafter(target_model, hf_config, engine_config, speculative_config) -> Drafter, for the

@@ -58,12 +58,12 @@ _LOOSE_STRING_CHAR = '[^\\"\\\\\\r\\n]'
 _JSON_STRING_CHAR = '[^\\0-\\x1f\\"\\\\]'
 
 
-def _json_schema_ebnf(schema: str) -> str:
-    """The schema as EBNF, compact (no free whitespace: a small model could pad forever), with bounded
-    strings held to JSON's characters."""
+def json_schema_ebnf(schema: str | dict, separators: tuple[str, str] | None = None) -> str:
+    """The schema as EBNF (its start rule `root`), compact (no free whitespace: a small model could pad
+    forever), with bounded strings held to JSON's characters."""
     import xgrammar as xgr
-    return str(xgr.Grammar.from_json_schema(schema, any_whitespace=False)).replace(_LOOSE_STRING_CHAR,
-                                                                                   _JSON_STRING_CHAR)
+    return str(xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=separators)).replace(
+        _LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
 
 
 class GrammarCache:
@@ -89,7 +89,7 @@ class GrammarCache:
         try:
             if kind == "json":
                 json.loads(text)                                   # a clear message for text that is not JSON
-                compiled = self._compiler.compile_grammar(_json_schema_ebnf(text))
+                compiled = self._compiler.compile_grammar(json_schema_ebnf(text))
             elif kind == "regex":
                 compiled = self._compiler.compile_regex(text)
             elif kind == "choice":

@@ -9,6 +9,8 @@ import json
 import re
 from typing import Any
 
+from runtime.structured import json_schema_ebnf
+
 THINK_START = "<think>"
 THINK_END = "</think>"
 
@@ -68,3 +70,19 @@ def parse_tool_calls(content: str) -> tuple[str | None, list[tuple[str, str]]]:
         calls.append((call["name"], json.dumps(arguments, ensure_ascii=False)))
     before = content[:content.index("<tool_call>")]
     return (before if before.strip() else None), calls
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool = True) -> str:
+    """EBNF for an answer that is only tool calls in Qwen3's format: one call to `name`, or (name None,
+    tool_choice "required") a call to any of the tools, or several when `parallel`, whose arguments follow
+    the tool's parameter schema."""
+    def call_schema(function: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "object", "properties": {"name": {"const": function["name"]},
+                                                 "arguments": function.get("parameters") or {"type": "object"}},
+                "required": ["name", "arguments"]}
+    functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    schema = call_schema(functions[0]) if len(functions) == 1 else {"anyOf": [call_schema(f) for f in functions]}
+    body = re.sub(r"\broot\b", "tool_call_json", json_schema_ebnf(schema, separators=(", ", ": ")))
+    repeat = "" if name is not None or not parallel else ' ("\\n" tool_call)*'
+    return (f'root ::= tool_call{repeat}\n'
+            f'tool_call ::= "<tool_call>\\n" tool_call_json "\\n</tool_call>"\n' + body)

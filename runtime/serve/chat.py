@@ -4,7 +4,9 @@ reasoning parser splitting `reasoning_content` from `content`."""
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+import uuid
+from dataclasses import replace
+from typing import Any, Callable, Iterator
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -13,13 +15,14 @@ from runtime.request import RequestOutput
 from runtime.serve.protocol import ApiError, ChatBody, reject_unsupported, sampling_params, wants_usage_chunk
 from runtime.serve.render import ChoiceRenderer, Delta, Job, StreamProgress, clamp_logprob, ranked, token_text, usage
 from runtime.serve.serving import ServingContext, respond
+from runtime.structured import StructuredOutputsParams
 from runtime.tokenizer import Tokenizer
 
 
 async def create_chat_completion(ctx: ServingContext, body: ChatBody, request: Request) -> Response:
     arrival = time.monotonic()
     model = ctx.check_model(body.model)
-    reject_unsupported(body, {"logit_bias": bool, "tools": bool})
+    reject_unsupported(body, {"logit_bias": bool})
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -28,18 +31,46 @@ async def create_chat_completion(ctx: ServingContext, body: ChatBody, request: R
     params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, renames,
                              ctx.vocab_size, body.response_format)
     include_usage = wants_usage_chunk(body)
-    prompt = await ctx.render_chat(body.template_messages(), body.chat_options())
+    options = body.chat_options()
+    tool_parser = None
+    if body.tools:
+        params, tool_parser = _tool_calling(ctx, body, params)
+        options["tools"] = body.tools
+    prompt = await ctx.render_chat(body.template_messages(), options)
     job = await ctx.start_job("chatcmpl", model, [prompt], params, body.stream, arrival)
-    fmt = ChatFormat(job, ChoiceRenderer(ctx.tokenizer, ctx.package.reasoning_parser, params), ctx.tokenizer)
+    fmt = ChatFormat(job, ChoiceRenderer(ctx.tokenizer, ctx.package.reasoning_parser, params), ctx.tokenizer,
+                     tool_parser)
     return await respond(ctx.engine_client, job, fmt, body.stream, include_usage, request)
+
+
+def _tool_calling(ctx: ServingContext, body: ChatBody, params):
+    """(sampling params, the package's tool-call parser or None) of a request with tools: tool_choice
+    "none" parses no calls; "required" and a named function constrain the answer with the family's
+    tool-call grammar, so it is calls only and their arguments follow the tools' schemas."""
+    forced, name = body.forced_tool()
+    if body.tool_choice == "none":
+        return params, None
+    package = ctx.package
+    if package.tool_parser is None or (forced and package.tool_call_grammar is None):
+        raise ApiError(400, f"tool calling is not supported for {package.name} models yet", param="tools")
+    if body.stream:
+        raise ApiError(400, "streaming tool calls is not supported by this server yet", param="stream")
+    if forced:
+        if params.structured_outputs is not None:
+            raise ApiError(400, "tool_choice required or a named function cannot be combined with "
+                           "response_format or structured_outputs", param="tool_choice")
+        grammar = package.tool_call_grammar(body.tools, name, body.parallel_tool_calls)
+        params = replace(params, structured_outputs=StructuredOutputsParams(grammar=grammar))
+    return params, package.tool_parser
 
 
 class ChatFormat:
     """/v1/chat/completions objects: `chat.completion`, or `chat.completion.chunk`s whose deltas carry
     `reasoning_content` and `content` separately."""
 
-    def __init__(self, job: Job, renderer: ChoiceRenderer, tokenizer: Tokenizer):
-        self.job, self.renderer, self.tokenizer = job, renderer, tokenizer
+    def __init__(self, job: Job, renderer: ChoiceRenderer, tokenizer: Tokenizer,
+                 tool_parser: Callable[[str], tuple[str | None, list[tuple[str, str]]]] | None = None):
+        self.job, self.renderer, self.tokenizer, self.tool_parser = job, renderer, tokenizer, tool_parser
         self.sent: dict[tuple[str, int], StreamProgress] = {}
 
     def opening(self) -> list[dict[str, Any]]:
@@ -67,8 +98,16 @@ class ChatFormat:
             for completion in final[request_id].outputs:
                 delta = self.renderer.delta(completion, StreamProgress())
                 message = {"role": "assistant", "content": delta.content, "reasoning_content": delta.reasoning or None}
+                finish_reason = delta.finish_reason
+                if self.tool_parser is not None:
+                    content, calls = self.tool_parser(delta.content or "")
+                    if calls:
+                        message["content"] = content
+                        message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                                  "function": {"name": n, "arguments": a}} for n, a in calls]
+                        finish_reason = "tool_calls"
                 choices.append({"index": self.job.choice_index(request_id, completion), "message": message,
-                                "logprobs": self._logprobs(delta), "finish_reason": delta.finish_reason})
+                                "logprobs": self._logprobs(delta), "finish_reason": finish_reason})
         return {**self.envelope(choices, usage(self.job, final)), "object": "chat.completion"}
 
     def envelope(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:

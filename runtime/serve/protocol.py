@@ -105,6 +105,8 @@ class ChatBody(GenerationBody):
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
 
     def chat_options(self) -> dict[str, Any]:
@@ -119,6 +121,31 @@ class ChatBody(GenerationBody):
         if self.reasoning_effort is not None:
             options["reasoning_effort"] = self.reasoning_effort
         return options
+
+    def forced_tool(self) -> tuple[bool, str | None]:
+        """(whether the answer must be tool calls, the function it must call or None for any), checking
+        `tools` and `tool_choice`; (False, None) for "auto" and "none"."""
+        tools = self.tools or []
+        for i, tool in enumerate(tools):
+            function = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(function, dict) or \
+                    not isinstance(function.get("name"), str):
+                raise ApiError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                               param="tools")
+        choice = self.tool_choice
+        if choice is None or choice in ("auto", "none"):
+            return False, None
+        if not tools:
+            raise ApiError(400, "tool_choice needs tools", param="tool_choice")
+        if choice == "required":
+            return True, None
+        name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        if not isinstance(name, str):
+            raise ApiError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", '
+                           '"function": {"name": ...}}', param="tool_choice")
+        if name not in {t["function"]["name"] for t in tools}:
+            raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+        return True, name
 
     def template_messages(self) -> list[dict[str, Any]]:
         """Messages as chat templates expect them: content as one string."""

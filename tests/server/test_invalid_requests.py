@@ -61,7 +61,8 @@ BAD_REQUESTS = [
     ("stream_options without stream", COMPLETIONS, completion(stream_options={"include_usage": True}), 400,
      "stream_options"),
     ("echo", COMPLETIONS, completion(echo=True), 400, "echo"),
-    ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    ("unknown named tool", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}],
+                                      tool_choice={"type": "function", "function": {"name": "g"}}), 400, "tool_choice"),
     ("bad template kwargs", CHAT, chat(chat_template_kwargs={"tokenize": True}), 400, "messages"),
 ]
 
