@@ -356,7 +356,7 @@ class Engine:
                     request.token_ids.append(token)
                 stats.num_generation_tokens += 1
                 if logprobs is not None:
-                    request.logprobs.append(logprobs)
+                    request.logprobs.append(logprobs[i])
                 self._check_stop(request, token)
                 if request.finished:
                     break
@@ -380,16 +380,14 @@ class Engine:
     def _propose_drafts(self, out: StepOutput) -> None:
         """Drafts for the next step (the package drafter's, or ngram's), for every running request whose
         next token is a decode. Requests
-        that read their own history when sampling (penalties), report logprobs, may not stop yet
-        (min_tokens), or follow a grammar (structured outputs: the matcher cannot roll back rejected drafts
-        yet) take no drafts: they decode one token at a time."""
+        that read their own history when sampling (penalties), or follow a grammar (structured outputs: the
+        matcher cannot roll back rejected drafts yet), take no drafts: they decode one token at a time."""
         spec = self.speculative
         model_drafts = dict(zip(out.request_ids, out.drafts or []))
         for request in self.scheduler.running:
             params = request.params
             room = min(params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
             if (room < 1 or request.num_tokens - request.num_computed_tokens != 1 or params.has_penalties
-                    or params.logprobs is not None or request.num_output_tokens < params.min_tokens
                     or params.structured_outputs is not None):
                 continue
             k = min(spec.num_speculative_tokens, room)

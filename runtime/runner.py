@@ -60,7 +60,7 @@ class StepOutput:
     request_ids: list[str]                  # the rows that sampled, in order
     token_ids: list[list[int]]              # per row: accepted drafts, then the target's own next token
     num_drafts: list[int]                   # per row: drafts it verified
-    logprobs: list[dict[int, float] | None]
+    logprobs: list[list[dict[int, float]] | None]   # per row: one entry per emitted token, or None
     drafts: list[list[int]] | None = None   # per row: a model drafter's proposals for the next step
 
 
@@ -587,36 +587,42 @@ class ModelRunner:
         flat = step.token_ids.tolist()
         accepted = step.accepted.tolist() if step.accepted is not None else None
         per_row: list[list[int]] = []
+        first_rows = []                         # each request's first sampling row (drafts expand requests)
         at = 0
         for i, (state, k) in enumerate(zip(step.states, step.num_drafts)):
             if accepted is None:
                 tokens = [flat[at]]
                 state.token_ids[step.placeholder_at[i]] = tokens[0]
             else:
-                num_accepted = next((i for i in range(k) if not accepted[at + i]), k)
+                num_accepted = next((j for j in range(k) if not accepted[at + j]), k)
                 tokens = flat[at:at + num_accepted + 1]
                 state.token_ids.extend(tokens)
             if state.matcher is not None:
                 for token in tokens:
                     state.matcher.accept(token)
             per_row.append(tokens)
+            first_rows.append(at)
             at += k + 1
-        logprobs = self._logprobs(step.logprobs, step.states, [t[0] for t in per_row])
+        logprobs = self._logprobs(step.logprobs, step.states, per_row, first_rows)
         drafts = step.drafts.tolist() if step.drafts is not None else None
         return StepOutput([s.request_id for s in step.states], per_row, list(step.num_drafts), logprobs, drafts)
 
     @staticmethod
     def _logprobs(host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, states: list,
-                  token_ids: list[int]) -> list[dict[int, float] | None]:
-        logprobs: list[dict[int, float] | None] = [None] * len(token_ids)
+                  token_ids: list[list[int]], first_rows: list[int]) -> list[list[dict[int, float]] | None]:
+        """Per request, one {token: logprob} per emitted token (the sampled one, then the top n), or None."""
+        logprobs: list[list[dict[int, float]] | None] = [None] * len(token_ids)
         if host is None:
             return logprobs
         sampled_lp, top_lp, top_ids = (t.tolist() for t in host)
-        for row, state in enumerate(states):
+        for i, (state, tokens, first) in enumerate(zip(states, token_ids, first_rows)):
             n = state.params.logprobs
             if n is None:
                 continue
-            entry = {token_ids[row]: sampled_lp[row]}
-            entry.update({t: lp for t, lp in zip(top_ids[row][:n], top_lp[row][:n]) if t not in entry})
-            logprobs[row] = entry
+            entries = []
+            for row, token in enumerate(tokens, start=first):
+                entry = {token: sampled_lp[row]}
+                entry.update({t: lp for t, lp in zip(top_ids[row][:n], top_lp[row][:n]) if t not in entry})
+                entries.append(entry)
+            logprobs[i] = entries
         return logprobs

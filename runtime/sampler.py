@@ -61,8 +61,8 @@ class SamplingBatch:
                          as_tensor([p.frequency_penalty for p in params], torch.float32),
                          as_tensor([p.repetition_penalty for p in params], torch.float32), counts, seen)
         banned_rows, banned_tokens = [], []
-        for row, r in enumerate(requests):
-            if r.num_output_tokens < r.params.min_tokens:
+        for row, (r, offset) in enumerate(zip(requests, offsets)):
+            if r.num_output_tokens + offset < r.params.min_tokens:
                 stops = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(r.eos_token_ids))
                 banned_rows += [row] * len(stops)
                 banned_tokens += sorted(stops)

@@ -235,3 +235,55 @@ def test_bad_speculative_config_fails_at_start_up_in_one_line(tiny_qwen3, config
     with pytest.raises(ValueError, match=message) as error:
         LLM(str(tiny_qwen3), device="cpu", dtype="float32", speculative_config=config)
     assert "\n" not in str(error.value)
+
+
+def test_logprobs_with_drafts_equal_plain_decoding(tiny_qwen3):
+    """Requests that report logprobs take drafts too; each emitted token's entry comes from its own
+    verification row, also when requests with drafts sit before it in the batch."""
+    with_logprobs = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=3)
+    roomy = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=256)
+    runs = []
+    for spec in (None, {"method": "ngram", "num_speculative_tokens": 3}):
+        llm = LLM(str(tiny_qwen3), speculative_config=spec, **roomy)
+        prompts = workload(llm.engine.vocab_size)
+        params = [with_logprobs if i % 2 else GREEDY for i in range(len(prompts))]
+        runs.append(llm.generate(prompts, params, use_tqdm=False))
+        if spec:
+            assert llm.engine.spec_stats.num_accepted_tokens > 0
+    for plain, drafted in zip(*runs):
+        assert drafted.token_ids == plain.token_ids
+        assert (drafted.logprobs is None) == (plain.logprobs is None)
+        for ours, expected in zip(drafted.logprobs or [], plain.logprobs or []):
+            assert list(ours) == list(expected)                 # the sampled token first, then the top 3
+            # fp32 rows computed in batches of other shapes round differently (as with async scheduling)
+            assert list(ours.values()) == pytest.approx(list(expected.values()), abs=1e-5)
+
+
+def test_min_tokens_holds_for_every_verification_row(tiny_qwen3):
+    """A stop token that greedy decoding meets early is banned until min_tokens, in each draft row by its
+    own output index: the outputs equal plain decoding's."""
+    roomy = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=256)
+    llm = LLM(str(tiny_qwen3), **roomy)
+    prompts = workload(llm.engine.vocab_size)[-4:]
+    free = llm.generate(prompts, GREEDY, use_tqdm=False)
+    params = [SamplingParams(temperature=0.0, max_tokens=30, min_tokens=12, stop_token_ids=[o.token_ids[3]])
+              for o in free]
+    runs = []
+    for spec in (None, {"method": "ngram", "num_speculative_tokens": 3}):
+        llm = LLM(str(tiny_qwen3), speculative_config=spec, **roomy)
+        runs.append([(o.token_ids, o.finish_reason) for o in llm.generate(prompts, params, use_tqdm=False)])
+        if spec:
+            assert llm.engine.spec_stats.num_accepted_tokens > 0
+    assert runs[0] == runs[1]
+    assert all(len(tokens) >= 12 for tokens, _ in runs[0]) and any(reason == "stop" for _, reason in runs[0])
+
+
+def test_verification_rows_ban_stop_tokens_by_their_own_output_index():
+    class Sampled:                                   # what the runner passes per row: a request's state
+        params = SamplingParams(temperature=0.0, max_tokens=30, min_tokens=12, stop_token_ids=[7])
+        seed, num_output_tokens, eos_token_ids = 0, 10, (2,)
+
+    batch = SamplingBatch.from_requests([Sampled()] * 4, 16, torch.device("cpu"), step_offsets=[0, 1, 2, 3])
+
+    rows, tokens = batch.banned
+    assert sorted(zip(rows.tolist(), tokens.tolist())) == [(0, 2), (0, 7), (1, 2), (1, 7)]   # outputs 10, 11
