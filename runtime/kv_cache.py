@@ -211,9 +211,8 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pools = [BlockPool(n) for n in num_blocks]
         self.max_blocks_per_seq = cdiv(max_model_len, block_size)
-        # [max_num_seqs, max_blocks_per_seq] per group; rows persist while a request holds blocks
-        self.block_tables = [np.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
-                             for _ in self.groups]
+        self.max_num_seqs = max_num_seqs
+        # each request holds one block-table row (its index in the runner's tables) while it holds blocks
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         # Block-table writes since the last step plan, per group: (row, first column, block ids). The
         # runner keeps its own copy of the tables and replays these; nothing else about memory crosses.
@@ -370,12 +369,17 @@ class KVCacheManager:
             return
         for g, pool in enumerate(self.pools):
             pool.release(state.blocks[g])
-            self.block_tables[g][state.row, :len(state.blocks[g])] = NULL_BLOCK
         self.free_rows.append(state.row)
 
     def _write_table(self, group: int, row: int, start: int, blocks: list[int]) -> None:
-        self.block_tables[group][row, start:start + len(blocks)] = blocks
         self.staged_writes[group].append((row, start, list(blocks)))
+
+    def block_table_row(self, request_id: str, group: int) -> np.ndarray:
+        """A request's block table in one group, NULL_BLOCK past its blocks (the runner's copy holds the same)."""
+        row = np.full(self.max_blocks_per_seq, NULL_BLOCK, dtype=np.int32)
+        blocks = self.requests[request_id].blocks[group]
+        row[:len(blocks)] = blocks
+        return row
 
     def take_staged_writes(self) -> list[list[tuple[int, int, list[int]]]]:
         """The block-table writes since the last call, per group (a step plan carries them)."""

@@ -178,7 +178,7 @@ class ModelRunner:
         self.block_size = kv.block_size
         self.ratios = [g.spec.tokens_per_entry for g in kv.groups]
         self.num_groups = len(kv.groups)
-        max_reqs = kv.block_tables[0].shape[0] if kv.block_tables else 1
+        max_reqs = kv.max_num_seqs
         self.max_reqs = max_reqs
         self.max_blocks = kv.max_blocks_per_seq
         self.max_tokens = max(max_num_batched_tokens, max_reqs)

@@ -60,7 +60,7 @@ def checked_drafter_cache(engine, checks: list) -> None:
         outputs = step()
         cache = engine.runner.caches[layer]
         for request in scheduler.running:
-            table = kv.block_tables[group][kv.row(request.request_id)]
+            table = kv.block_table_row(request.request_id, group)
             for p in range(request.num_computed_tokens):
                 entry = cache[int(table[p // kv.block_size]), p % kv.block_size].tolist()
                 checks.append(entry == [float(request.token_ids[p + 1]), float(p)])

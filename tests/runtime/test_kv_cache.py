@@ -59,7 +59,7 @@ def prefill(kv: KVCacheManager, request: Request, chunk: int = 64) -> int:
 
 
 def table_row(kv: KVCacheManager, group: int, request: Request) -> np.ndarray:
-    return kv.block_tables[group][kv.row(request.request_id)]
+    return kv.block_table_row(request.request_id, group)
 
 
 # ---- grouping ---------------------------------------------------------------------------------------------

@@ -44,10 +44,9 @@ class WritesTokensModel(nn.Module):
 def readable_entries(kv: KVCacheManager, caches: list[torch.Tensor], request: Request) -> dict:
     """(group, position) -> entry, for every position a query at num_computed could read in each group."""
     computed = request.num_computed_tokens
-    row = kv.row(request.request_id)
     entries = {}
     for g, spec in enumerate(SPECS):
-        table = kv.block_tables[g][row]
+        table = kv.block_table_row(request.request_id, g)
         oldest = 0 if spec.window is None else max(0, computed - spec.window + 1)
         for p in range(oldest, computed):
             if (p + 1) % spec.tokens_per_entry:

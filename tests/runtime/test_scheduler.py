@@ -224,7 +224,7 @@ class ShadowCache:
         for request, num_new in zip(scheduled(self.scheduler, batch), batch.num_new_tokens):
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
             for g, group in enumerate(self.kv.groups):
-                table = self.kv.block_tables[g][self.kv.row(request.request_id)]
+                table = self.kv.block_table_row(request.request_id, g)
                 ratio, window = group.spec.tokens_per_entry, group.spec.window
                 oldest_read = 0 if window is None else max(0, start - window + 1)
                 # positions whose entry the chunk's queries read: those where an entry closes
