@@ -33,6 +33,10 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="wait for each step's tokens before scheduling the next (no host/device overlap)")
     group.add_argument("--no-prefix-caching", action="store_true")
     group.add_argument("--seed", type=int, default=defaults.seed)
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
+                       help="shard the model over this many devices (one process each)")
+    group.add_argument("--enable-expert-parallel", action="store_true",
+                       help="MoE models: split the experts over the tensor-parallel ranks")
     group.add_argument("--speculative-config", help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' '
                        "(methods: ngram, and the model package's own, e.g. mtp)")
 
@@ -108,7 +112,8 @@ def engine_config(args: argparse.Namespace, package) -> EngineConfig:
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         num_gpu_blocks=args.num_gpu_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling, seed=args.seed,
-        speculative_config=args.speculative_config)
+        speculative_config=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel)
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

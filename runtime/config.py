@@ -30,6 +30,8 @@ class EngineConfig:
     seed: int = 0
     # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, ...} (dict or its JSON)
     speculative_config: dict | str | None = None
+    tensor_parallel_size: int = 1            # ranks (processes, one device each) that shard the model
+    enable_expert_parallel: bool = False     # MoE experts split over those ranks instead of each expert's rows
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size <= 0:
@@ -49,6 +51,8 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len} (omit it for the "
                              "model's own maximum)")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}, but this torch ({torch.__version__}) has no CUDA device; "
                              "use --device cpu, or install a CUDA build of torch")

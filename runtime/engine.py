@@ -17,6 +17,7 @@ from runtime.config import EngineConfig
 from runtime.kv_cache import (CacheLayout, KVCacheManager, cdiv, default_block_size, group_cache_specs,
                               plan_num_blocks)
 from runtime.loader import init_dummy_weights, iterate_weights, load_hf_config, resolve_model_path
+from runtime.parallel import SINGLE, ParallelContext, WorkerDied, Workers
 from runtime.registry import explain_wrong_architecture, get_package, package_for_architectures
 from runtime.request import (PLACEHOLDER_TOKEN_ID, CompletionOutput, FinishReason, Request, RequestOutput,
                              SamplingParams)
@@ -80,8 +81,23 @@ class StepStats:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None):
+        """`parallel` is given on a tensor-parallel worker (rank > 0); rank 0 starts the workers itself."""
         self.config = config
+        self.workers: Workers | None = None
+        if parallel is None and config.tensor_parallel_size > 1:
+            self.workers = Workers(config, config.tensor_parallel_size)
+            parallel = self.workers.parallel
+        try:
+            self._init(config, replace(parallel or SINGLE, enable_expert_parallel=config.enable_expert_parallel))
+            if self.workers is not None:
+                self.workers.wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _init(self, config: EngineConfig, parallel: ParallelContext) -> None:
+        self.parallel = parallel
         if config.model == "tiny":
             if config.arch is None:
                 raise ValueError("--model tiny needs an architecture, e.g. `run-model ARCH --model tiny`")
@@ -100,14 +116,18 @@ class Engine:
         self.max_model_len = config.resolve_max_model_len(text_config)
         self.vocab_size = text_config.vocab_size
         self.device, self.dtype = config.torch_device, config.torch_dtype
+        if parallel.world_size > 1 and self.speculative is not None and \
+                self.speculative.method in self.package.drafter_methods:
+            raise ValueError(f"speculative method {self.speculative.method!r} (the model's own drafter) does not "
+                             "run with tensor parallelism yet; use ngram or --tensor-parallel-size 1")
 
         with explain_wrong_architecture(self.package, self.hf_config, path), _default_dtype(self.dtype), self.device:
-            model = self.package.build(self.hf_config, config)
+            model = self.package.build(self.hf_config, config, parallel)
         model.to(self.device).eval()
         if config.load_format == "dummy":
             init_dummy_weights(model, config.seed)
-        else:
-            model.load_weights(iterate_weights(path, "cpu"))
+        else:   # with several ranks, lazy slices: each rank reads only its shards of the files
+            model.load_weights(iterate_weights(path, "cpu", lazy=parallel.world_size > 1))
         self.model = model
         self.drafter = self._build_drafter(path) if self.speculative is not None and \
             self.speculative.method in self.package.drafter_methods else None
@@ -118,6 +138,7 @@ class Engine:
         layout = group_cache_specs(specs, config.block_size)
         num_blocks = plan_num_blocks(layout.groups, config.block_size, self._kv_budget_bytes(layout),
                                      config.max_num_seqs, config.max_num_batched_tokens, forced=config.num_gpu_blocks)
+        num_blocks = parallel.all_reduce_min(num_blocks)         # every rank keeps the same block tables
         self.kv = KVCacheManager(layout, config.block_size, num_blocks, config.max_num_seqs, self.max_model_len,
                                  config.enable_prefix_caching)
         self.kv.hash_lookahead = 1 if self.drafter is not None else 0
@@ -125,6 +146,8 @@ class Engine:
         self.runner = ModelRunner(model, self.kv, caches, self.vocab_size, self.device,
                                   config.max_num_batched_tokens, use_cuda_graphs=not config.enforce_eager,
                                   num_speculative_tokens=self.num_speculative_tokens, drafter=self.drafter)
+        if self.workers is not None:
+            self.runner.liveness = self.workers.check_alive
         self.grammars = self.runner.grammars = GrammarCache(self.tokenizer.hf, self.vocab_size, list(
             self.eos_token_ids)) if self.tokenizer is not None else None
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
@@ -302,7 +325,7 @@ class Engine:
         at once: the next plan depends on what they accept."""
         plan = self.scheduler.schedule()
         self.last_step_stats = StepStats()
-        launched = self.runner.launch(plan) if plan.request_ids or plan.joining or plan.finished_ids \
+        launched = self._launch(plan) if plan.request_ids or plan.joining or plan.finished_ids \
             or plan.preempted_ids or any(plan.block_writes) else None
         previous, self._in_flight = self._in_flight, None
         outputs = self._read_back(previous) if previous is not None else []
@@ -315,7 +338,7 @@ class Engine:
             self._add_placeholders(launched)
             self._in_flight = launched
             return outputs
-        out = self.runner.wait(launched)
+        out = self._wait(launched)
         rejected = {rid: k + 1 - len(tokens) for rid, k, tokens in zip(out.request_ids, out.num_drafts, out.token_ids)}
         self.scheduler.finish_step(plan, rejected)
         self._add_placeholders(launched)
@@ -323,6 +346,42 @@ class Engine:
         if self.speculative is not None:
             self._propose_drafts(out)
         return outputs
+
+    def _launch(self, plan) -> PendingStep:
+        """Launch a plan here, after handing it to every tensor-parallel worker. A dead worker ends the
+        engine: its remaining workers are shut down and the error raised."""
+        if self.workers is None:
+            return self.runner.launch(plan)
+        with self._failing_over():
+            self.workers.send(plan)
+            return self.runner.launch(plan)
+
+    def _wait(self, launched: PendingStep) -> StepOutput:
+        if self.workers is None:
+            return self.runner.wait(launched)
+        with self._failing_over():
+            return self.runner.wait(launched)
+
+    @contextlib.contextmanager
+    def _failing_over(self) -> Iterator[None]:
+        """A collective that fails because a worker died (or a worker found dead) shuts the engine down and
+        raises WorkerDied, naming the worker."""
+        try:
+            yield
+        except WorkerDied:
+            self.shutdown()
+            raise
+        except RuntimeError as exc:
+            dead = self.workers.find_dead(grace_s=1.0)
+            if dead is None:
+                raise
+            self.shutdown()
+            raise WorkerDied(f"{dead}; the step failed with {type(exc).__name__}: {exc}") from exc
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (if any); nothing is left running. Idempotent."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def _add_placeholders(self, launched: PendingStep) -> None:
         """The tokens just sampled are owed to the next step before the host knows them."""
@@ -332,7 +391,7 @@ class Engine:
                 request.token_ids.append(PLACEHOLDER_TOKEN_ID)
 
     def _read_back(self, launched: PendingStep) -> list[RequestOutput]:
-        return self._consume(self.runner.wait(launched))
+        return self._consume(self._wait(launched))
 
     def _consume(self, out: StepOutput) -> list[RequestOutput]:
         """Put a step's tokens in place of its placeholders and check stops, token by token (a step that

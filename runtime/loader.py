@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -49,10 +49,12 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iterate_weights(path: Path, device: torch.device | str = "cpu",
-                    prefixes: tuple[str, ...] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_weights(path: Path, device: torch.device | str = "cpu", prefixes: tuple[str, ...] | None = None,
+                    lazy: bool = False) -> Iterator[tuple[str, Any]]:
     """Stream (name, tensor) from every shard, one tensor at a time, with a progress bar over shards;
-    with `prefixes`, only the names that start with one of them (the others are never read)."""
+    with `prefixes`, only the names that start with one of them (the others are never read). With `lazy`,
+    safetensors slices instead of tensors: nothing is read until the consumer indexes one (a tensor-parallel
+    rank reads its shard only; runtime.parallel.load_shard and materialize take either)."""
     from safetensors import safe_open
     from tqdm import tqdm
     files = safetensors_files(path)
@@ -61,17 +63,19 @@ def iterate_weights(path: Path, device: torch.device | str = "cpu",
         with safe_open(str(file), framework="pt", device=str(device)) as shard:
             for name in shard.keys():
                 if prefixes is None or name.startswith(prefixes):
-                    yield name, shard.get_tensor(name)
+                    yield name, shard.get_slice(name) if lazy else shard.get_tensor(name)
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high: float = 1e-3) -> None:
-    """Random weights at the real shapes (for benchmarks): small uniform values keep activations finite."""
+    """Random weights at the real shapes (for benchmarks): small uniform values keep activations finite. Each
+    parameter draws from its own seed, so a parameter every tensor-parallel rank holds whole is the same on all."""
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
-        for param in model.parameters():
+        for index, param in enumerate(model.parameters()):
             if param.is_floating_point():
                 if param.device not in generators:
-                    generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+                    generators[param.device] = torch.Generator(device=param.device)
+                generators[param.device].manual_seed(seed * 100003 + index)
                 param.uniform_(low, high, generator=generators[param.device])
 
 

@@ -13,6 +13,7 @@ batch as placeholders, filled on the device from the previous launch's sampled t
 two slots, used by alternate steps: a step's buffers are written again only after it was waited on."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,6 +204,9 @@ class ModelRunner:
         # the source of the next step's placeholders
         self.last_sampled: torch.Tensor | None = None            # [rows] int64
         self.last_sample_row: dict[str, int] = {}
+        # with tensor-parallel workers: raises if one has died; polled while waiting for a step on the GPU,
+        # where a collective with a dead peer would never finish
+        self.liveness = None
         if use_cuda_graphs and on_cuda:
             query_lens = [1] + ([1 + num_speculative_tokens] if num_speculative_tokens else [])
             self.capture_graphs(graph_batch_sizes(max_reqs), query_lens)
@@ -580,7 +584,7 @@ class ModelRunner:
         each request's history: in place of its placeholder, or after verification the accepted drafts
         and the target's next token."""
         if step.ready is not None:
-            step.ready.synchronize()
+            self._synchronize(step.ready)
         step.waited = True
         if step.token_ids is None:
             return StepOutput([], [], [], [])
@@ -606,6 +610,14 @@ class ModelRunner:
         logprobs = self._logprobs(step.logprobs, step.states, per_row, first_rows)
         drafts = step.drafts.tolist() if step.drafts is not None else None
         return StepOutput([s.request_id for s in step.states], per_row, list(step.num_drafts), logprobs, drafts)
+
+    def _synchronize(self, event: torch.cuda.Event) -> None:
+        if self.liveness is None:
+            event.synchronize()
+            return
+        while not event.query():
+            self.liveness()
+            time.sleep(20e-6)
 
     @staticmethod
     def _logprobs(host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, states: list,

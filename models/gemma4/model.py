@@ -16,6 +16,7 @@ from runtime.config import EngineConfig
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheSpec
 from runtime.loader import check_loaded, copy_weight, unexpected_weight
+from runtime.parallel import SINGLE, ParallelContext
 from runtime.ops import RMSNorm, RotaryEmbedding, fused_moe, gelu_tanh_and_mul, paged_attention, rms_norm, \
     rope_inv_freq, softmax_topk, write_kv
 
@@ -345,7 +346,9 @@ def expected_shards(module: nn.Module, params: dict[str, torch.Tensor]) -> set[s
     return expected
 
 
-def build_model(hf_config, engine_config: EngineConfig) -> Gemma4ForCausalLM:
+def build_model(hf_config, engine_config: EngineConfig, parallel: ParallelContext = SINGLE) -> Gemma4ForCausalLM:
+    if parallel.world_size > 1:
+        raise ValueError("gemma4 does not shard over tensor-parallel ranks yet; use --tensor-parallel-size 1")
     text = hf_config.get_text_config()
     max_positions = max(text.max_position_embeddings, engine_config.max_model_len or 0)
     return Gemma4ForCausalLM(text, max_positions, engine_config.torch_dtype)

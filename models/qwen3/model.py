@@ -14,22 +14,29 @@ from runtime.loader import check_loaded, copy_weight, unexpected_weight
 from runtime.ops import RMSNorm, RotaryEmbedding, fused_moe, paged_attention, rope_inv_freq, softmax_topk
 from runtime.ops.linear import Linear
 from runtime.ops.qkv import qkv_rope_write_kv
+from runtime.parallel import SINGLE, ParallelContext, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, \
+    load_shard, materialize
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, config, layer_index: int, rotary: RotaryEmbedding, window: int | None):
+    """With tensor parallelism a rank keeps its share of the query heads and the KV heads they read (one
+    replicated head when there are fewer KV heads than ranks); o_proj sums the shards."""
+
+    def __init__(self, config, layer_index: int, rotary: RotaryEmbedding, window: int | None,
+                 parallel: ParallelContext):
         super().__init__()
         self.layer_index = layer_index
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_heads = parallel.split(config.num_attention_heads, "the number of attention heads")
+        self.first_kv_head, self.num_kv_heads = parallel.kv_heads(config.num_key_value_heads,
+                                                                  config.num_attention_heads)
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim ** -0.5
         self.window = window
         bias = getattr(config, "attention_bias", False)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
         self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=bias)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias, parallel)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary = rotary
@@ -49,10 +56,13 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    """gate_up column-parallel, down row-parallel: one all-reduce per MLP."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, parallel: ParallelContext):
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        local = parallel.split(intermediate_size, "intermediate_size")
+        self.gate_up_proj = Linear(hidden_size, 2 * local, bias=False)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, parallel)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """MLP of norm(x + residual) and the new residual; the norm and silu(gate) * up are read in by the
@@ -62,18 +72,32 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3MoE(nn.Module):
-    def __init__(self, config):
+    """Routing over all experts on every rank (the router is replicated), then either expert parallelism (a
+    rank holds experts [first_expert, first_expert + local) whole and skips the pairs routed elsewhere) or
+    each expert's intermediate rows split over ranks; an all-reduce combines the partial sums either way."""
+
+    def __init__(self, config, parallel: ParallelContext):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
+        self.parallel = parallel
         inter, hidden, experts = config.moe_intermediate_size, config.hidden_size, config.num_experts
-        self.gate = nn.Linear(hidden, experts, bias=False)
+        if parallel.enable_expert_parallel:
+            self.first_expert, experts = parallel.shard_range(experts, "the number of experts")[0], \
+                parallel.split(experts, "the number of experts")
+        else:
+            self.first_expert, inter = 0, parallel.split(inter, "moe_intermediate_size")
+        self.gate = nn.Linear(hidden, config.num_experts, bias=False)
         self.w13 = nn.Parameter(torch.empty(experts, 2 * inter, hidden))   # gate rows, then up rows
         self.w2 = nn.Parameter(torch.empty(experts, hidden, inter))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
-        return fused_moe(x, self.w13, self.w2, weights, ids)
+        if self.parallel.enable_expert_parallel and self.parallel.world_size > 1:
+            ids = ids - self.first_expert
+            ids = ids.masked_fill((ids < 0) | (ids >= self.w13.shape[0]), -1)     # another rank's expert
+        return self.parallel.all_reduce(fused_moe(x, self.w13, self.w2, weights, ids,
+                                                  skip_negative_ids=self.parallel.enable_expert_parallel))
 
 
 def _is_moe_layer(config, layer: int) -> bool:
@@ -92,11 +116,11 @@ def _layer_window(config, layer: int) -> int | None:
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config, layer: int, rotary: RotaryEmbedding):
+    def __init__(self, config, layer: int, rotary: RotaryEmbedding, parallel: ParallelContext):
         super().__init__()
-        self.self_attn = Qwen3Attention(config, layer, rotary, _layer_window(config, layer))
-        self.mlp = Qwen3MoE(config) if _is_moe_layer(config, layer) else \
-            Qwen3MLP(config.hidden_size, config.intermediate_size)
+        self.self_attn = Qwen3Attention(config, layer, rotary, _layer_window(config, layer), parallel)
+        self.mlp = Qwen3MoE(config, parallel) if _is_moe_layer(config, layer) else \
+            Qwen3MLP(config.hidden_size, config.intermediate_size, parallel)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -110,13 +134,14 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, config, max_positions: int):
+    def __init__(self, config, max_positions: int, parallel: ParallelContext):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         inv_freq, scale = rope_inv_freq(config, head_dim)
         rotary = RotaryEmbedding(inv_freq, max_positions, scale, style="neox")
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i, rotary, parallel)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -127,13 +152,14 @@ class Qwen3Model(nn.Module):
 
 
 class Qwen3ForCausalLM(nn.Module):
-    def __init__(self, config, max_positions: int, cache_dtype: torch.dtype):
+    def __init__(self, config, max_positions: int, cache_dtype: torch.dtype, parallel: ParallelContext = SINGLE):
         super().__init__()
         self.config = config
         self.cache_dtype = cache_dtype
-        self.model = Qwen3Model(config, max_positions)
+        self.parallel = parallel
+        self.model = Qwen3Model(config, max_positions, parallel)
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, parallel)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -141,7 +167,7 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()
+        return self.lm_head.compute(hidden_states).float()
 
     def cache_specs(self) -> list[CacheSpec]:
         return [CacheSpec(entry_shape=(2, layer.self_attn.num_kv_heads, layer.self_attn.head_dim),
@@ -163,6 +189,9 @@ class Qwen3ForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue                                   # tied checkpoints may or may not carry it
+            name, tensor = self._shard(name, tensor)
+            if tensor is None:
+                continue                                   # an expert another rank holds
             targets = self._load_one(params, name, tensor)
             if not targets:
                 raise unexpected_weight(name)
@@ -185,6 +214,51 @@ class Qwen3ForCausalLM(nn.Module):
             else:
                 expected.add(name)
         return expected
+
+    def _shard(self, name: str, tensor) -> tuple[str, torch.Tensor | None]:
+        """This rank's part of a checkpoint tensor (read from disk only now), under the name it loads as: the
+        rows or columns of its heads, its intermediate slice or its experts (renumbered from 0). Tensors every
+        rank holds whole come back whole; another rank's expert comes back None."""
+        parallel = self.parallel
+        *prefix, module, kind = name.split(".")
+        if parallel.world_size == 1 or module in ("embed_tokens", "lm_head"):
+            if module == "embed_tokens":
+                return name, self.model.embed_tokens.load(tensor)
+            return name, self.lm_head.load(tensor) if module == "lm_head" else materialize(tensor)
+        if expert := self._EXPERT.fullmatch(name):
+            mlp = self.get_submodule(expert.group(1))
+            e, proj = int(expert.group(2)), expert.group(3)
+            if parallel.enable_expert_parallel:
+                local = e - mlp.first_expert
+                if not 0 <= local < mlp.w13.shape[0]:
+                    return name, None
+                return f"{expert.group(1)}.experts.{local}.{proj}.weight", materialize(tensor)
+            inter = mlp.w2.shape[2]
+            dim = 1 if proj == "down_proj" else 0
+            return name, load_shard(tensor, dim, parallel.rank * inter, inter)
+        if module == "experts" and kind in ("gate_up_proj", "down_proj"):      # experts stacked on disk
+            mlp = self.get_submodule(".".join(prefix))
+            if parallel.enable_expert_parallel:
+                return name, load_shard(tensor, 0, mlp.first_expert, mlp.w13.shape[0])
+            inter = mlp.w2.shape[2]
+            if kind == "down_proj":
+                return name, load_shard(tensor, 2, parallel.rank * inter, inter)
+            half = inter * parallel.world_size                             # gate rows, then up rows
+            return name, torch.cat([load_shard(tensor, 1, start + parallel.rank * inter, inter)
+                                    for start in (0, half)], dim=1)
+        if module in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            attn = self.get_submodule(".".join(prefix[:-1] + ["self_attn"]))
+            d = attn.head_dim
+            if module == "o_proj":
+                return name, materialize(tensor) if kind == "bias" else \
+                    load_shard(tensor, 1, parallel.rank * attn.num_heads * d, attn.num_heads * d)
+            first, count = (parallel.rank * attn.num_heads, attn.num_heads) if module == "q_proj" else \
+                (attn.first_kv_head, attn.num_kv_heads)
+            return name, load_shard(tensor, 0, first * d, count * d)
+        if module in ("gate_proj", "up_proj", "down_proj") and prefix[-1] == "mlp":
+            inter = self.get_submodule(".".join(prefix)).down_proj.in_features
+            return name, load_shard(tensor, 1 if module == "down_proj" else 0, parallel.rank * inter, inter)
+        return name, materialize(tensor)
 
     def _load_one(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> list[str]:
         """Copy one checkpoint tensor into its (slice of a) parameter; returns the shard keys it filled."""
@@ -222,9 +296,9 @@ class Qwen3ForCausalLM(nn.Module):
         return []
 
 
-def build_model(hf_config, engine_config: EngineConfig) -> Qwen3ForCausalLM:
+def build_model(hf_config, engine_config: EngineConfig, parallel: ParallelContext = SINGLE) -> Qwen3ForCausalLM:
     max_positions = max(hf_config.max_position_embeddings, engine_config.max_model_len or 0)
-    return Qwen3ForCausalLM(hf_config, max_positions, engine_config.torch_dtype)
+    return Qwen3ForCausalLM(hf_config, max_positions, engine_config.torch_dtype, parallel)
 
 
 def tiny_init(model: nn.Module) -> None:

@@ -71,15 +71,19 @@ def score_topk(router_logits: torch.Tensor, top_k: int, scoring: str, selection_
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, swiglu_limit: float | None = None, activation: str = "silu") -> torch.Tensor:
+              topk_ids: torch.Tensor, swiglu_limit: float | None = None, activation: str = "silu",
+              skip_negative_ids: bool = False) -> torch.Tensor:
     """x [num_tokens, hidden]; w13 [experts, 2 * inter, hidden] (gate rows, then up rows);
     w2 [experts, hidden, inter]. Returns sum_k weight_k * down(act(gate(x)) * up(x)) per token, act being
     silu or ("gelu_tanh") gelu with the tanh approximation; with `swiglu_limit` (silu only), gate is clamped
     above and up both ways at the limit first.
     The Triton kernels on a GPU (no host sync, CUDA-graph safe), the torch reference elsewhere
-    (or everywhere with RUN_MODEL_TORCH_OPS=1). The kernels do not clamp yet: a limit takes the reference."""
+    (or everywhere with RUN_MODEL_TORCH_OPS=1). The kernels do not clamp yet: a limit takes the reference.
+    With `skip_negative_ids`, pairs whose id is negative (an expert another rank holds, under expert
+    parallelism) contribute nothing."""
     if _use_triton(x) and swiglu_limit is None:
-        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation=activation)
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation=activation,
+                                skip_negative_ids=skip_negative_ids)
     return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, swiglu_limit, activation)
 
 
@@ -96,9 +100,11 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     if swiglu_limit is not None and activation != "silu":
         raise ValueError(f"swiglu_limit clamps a SiLU gate; it does not apply to activation {activation!r}")
     out = torch.zeros_like(x)
+    num_experts = w13.shape[0]
     flat_ids = topk_ids.flatten()
+    flat_ids = torch.where(flat_ids < 0, num_experts, flat_ids)      # negative ids sort last, never computed
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts].tolist()
     tokens = order // topk_ids.shape[1]
     start = 0
     for expert, count in enumerate(counts):
@@ -140,17 +146,19 @@ def max_aligned_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def align_by_expert_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
-    """Torch reference of the alignment (pairs of one expert keep their order)."""
+    """Torch reference of the alignment (pairs of one expert keep their order; pairs with a negative id,
+    routed to another rank's expert, are left out)."""
+    num_pairs = topk_ids.numel()
     flat = topk_ids.flatten()
-    num_pairs = flat.numel()
+    flat = torch.where(flat < 0, num_experts, flat)                 # left-out pairs sort last
     num_blocks = max_aligned_blocks(num_pairs, num_experts, block_m)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat))
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))[:num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
-    order = torch.argsort(flat, stable=True)
+    order = torch.argsort(flat, stable=True)[:int(counts.sum())]
     sorted_experts = flat[order]
-    rank = torch.arange(num_pairs, device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+    rank = torch.arange(order.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
     sorted_pair_ids = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=flat.device)
     sorted_pair_ids[padded_end[sorted_experts] - padded[sorted_experts] + rank] = order.to(torch.int32)
     block_start = torch.arange(num_blocks, device=flat.device) * block_m
@@ -220,8 +228,8 @@ if triton is not None:
     @triton.jit
     def _moe_count_kernel(topk_ids_ptr, counters_ptr, num_pairs, BLOCK_P: tl.constexpr):
         pairs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        ids = tl.load(topk_ids_ptr + pairs, mask=pairs < num_pairs, other=0)
-        tl.atomic_add(counters_ptr + ids, 1, mask=pairs < num_pairs, sem="relaxed")
+        ids = tl.load(topk_ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
+        tl.atomic_add(counters_ptr + ids, 1, mask=ids >= 0, sem="relaxed")     # negative: another rank's expert
 
     @triton.jit
     def _moe_place_kernel(topk_ids_ptr, counters_ptr, sorted_pair_ids_ptr, block_expert_ptr,
@@ -238,8 +246,8 @@ if triton is not None:
         pid = tl.program_id(0)
         if pid < pair_programs:
             pairs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-            mask = pairs < num_pairs
-            ids = tl.load(topk_ids_ptr + pairs, mask=mask, other=0).to(tl.int32)
+            ids = tl.load(topk_ids_ptr + pairs, mask=pairs < num_pairs, other=-1).to(tl.int32)
+            mask = ids >= 0
             rank = tl.atomic_add(counters_ptr + num_experts + ids, 1, mask=mask, sem="relaxed")
             start = tl.sum(tl.where(ids[:, None] == experts[None, :], run_start[None, :], 0), axis=1)
             tl.store(sorted_pair_ids_ptr + start + rank, pairs, mask=mask)
@@ -375,7 +383,8 @@ class MoeTiles:
 
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, tiles: MoeTiles | None = None, activation: str = "silu") -> torch.Tensor:
+                     topk_ids: torch.Tensor, tiles: MoeTiles | None = None, activation: str = "silu",
+                     skip_negative_ids: bool = False) -> torch.Tensor:
     """The same function as `fused_moe_ref`, without a host sync: align, GEMM 1 + gated activation, GEMM 2 with
     the routing weights, sum over k. bf16 on the GPU; the interpreter (TRITON_INTERPRET=1) runs fp32/fp16."""
     if triton is None:
@@ -405,7 +414,8 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter, tiles.block_n))](
         x, w13, h, alignment.sorted_pair_ids, alignment.block_expert, num_pairs, top_k, hidden, inter,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), GELU_TANH=activation == "gelu_tanh", **launch)
-    pair_out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)         # [tokens * k, hidden]
+    # [tokens * k, hidden]; rows of left-out pairs are never written, so they start at zero
+    pair_out = (torch.zeros if skip_negative_ids else torch.empty)(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _moe_down_kernel[(num_blocks, triton.cdiv(hidden, tiles.block_n))](
         h, w2, pair_out, topk_weights.contiguous().view(-1), alignment.sorted_pair_ids, alignment.block_expert,
         num_pairs, inter, hidden, h.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0), **launch)
