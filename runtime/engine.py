@@ -92,8 +92,11 @@ class Engine:
             self._init(config, replace(parallel or SINGLE, enable_expert_parallel=config.enable_expert_parallel))
             if self.workers is not None:
                 self.workers.wait_ready()
-        except BaseException:
+        except BaseException as exc:
+            dead = self.workers.find_dead(grace_s=1.0) if self.workers is not None else None
             self.shutdown()
+            if dead is not None and not isinstance(exc, WorkerDied):
+                raise WorkerDied(f"{dead}; start-up failed with {type(exc).__name__}: {exc}") from exc
             raise
 
     def _init(self, config: EngineConfig, parallel: ParallelContext) -> None:

@@ -324,12 +324,20 @@ class Workers:
                 self._receive(rank, pipe)
 
     def find_dead(self, grace_s: float) -> str | None:
-        """Which worker has died, waiting up to `grace_s` for its exit to show; None if all live."""
+        """Which worker has died (with the error it reported, if it did), waiting up to `grace_s` for its exit
+        to show; None if all live."""
         deadline = time.monotonic() + grace_s
         while True:
-            for rank, process in enumerate(self.processes, start=1):
+            for rank, (process, pipe) in enumerate(zip(self.processes, self.pipes), start=1):
                 if not process.is_alive():
-                    return f"tensor-parallel worker {rank} died (exit code {process.exitcode})"
+                    reason = f"exit code {process.exitcode}"
+                    try:
+                        if pipe.poll():
+                            kind, detail = pipe.recv()
+                            reason = detail if kind == "error" else reason
+                    except (EOFError, OSError):
+                        pass
+                    return f"tensor-parallel worker {rank} died ({reason})"
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.05)

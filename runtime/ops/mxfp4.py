@@ -115,13 +115,14 @@ GEMV_MAX_PAIRS = 32         # token-expert pairs up to which the decode GEMV bea
 
 
 def mxfp4_moe(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, activation: GatedActivation) -> torch.Tensor:
+              topk_ids: torch.Tensor, activation: GatedActivation, skip_negative_ids: bool = False) -> torch.Tensor:
     """Routed experts on MXFP4 weights: on a GPU (unless RUN_MODEL_TORCH_OPS=1) the decode GEMV for a few
-    token-expert pairs, else the grouped GEMM; the torch reference elsewhere."""
+    token-expert pairs, else the grouped GEMM; the torch reference elsewhere. With `skip_negative_ids`,
+    pairs whose id is negative (an expert another rank holds, under expert parallelism) contribute nothing."""
     if x.is_cuda and os.environ.get("RUN_MODEL_TORCH_OPS") != "1":
         if topk_ids.numel() <= GEMV_MAX_PAIRS:
             return mxfp4_moe_gemv(x, w13, w2, topk_weights, topk_ids, activation)
-        return mxfp4_moe_triton(x, w13, w2, topk_weights, topk_ids, activation)
+        return mxfp4_moe_triton(x, w13, w2, topk_weights, topk_ids, activation, skip_negative_ids=skip_negative_ids)
     return mxfp4_moe_reference(x, w13, w2, topk_weights, topk_ids, activation)
 
 
@@ -133,10 +134,12 @@ def mxfp4_moe_reference(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk
     Matmuls and the activation run in fp32 on exactly dequantized weights; the intermediate is rounded to x's
     dtype, as the kernel stores it. Only the experts the batch routes to are dequantized."""
     num_tokens, top_k = topk_ids.shape
-    pair_out = torch.empty(num_tokens * top_k, w2.out_features, dtype=torch.float32, device=x.device)
+    num_experts = w13.blocks.shape[0]
+    pair_out = torch.zeros(num_tokens * top_k, w2.out_features, dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.flatten()
+    flat_ids = torch.where(flat_ids < 0, num_experts, flat_ids)      # negative ids sort last, never computed
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.blocks.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts].tolist()
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
@@ -299,7 +302,8 @@ class MoeTiles:
 
 
 def mxfp4_moe_triton(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, activation: GatedActivation, tiles: MoeTiles | None = None) -> torch.Tensor:
+                     topk_ids: torch.Tensor, activation: GatedActivation, tiles: MoeTiles | None = None,
+                     skip_negative_ids: bool = False) -> torch.Tensor:
     """The same function as `mxfp4_moe_reference`, as two grouped W4A16 GEMMs. x is bf16 on the GPU; the
     interpreter (TRITON_INTERPRET=1) runs fp32/fp16 at small sizes."""
     if triton is None:
@@ -329,7 +333,9 @@ def mxfp4_moe_triton(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_we
         INTERLEAVED=activation.interleaved, FP32=fp32,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    pair_out = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)     # [tokens * k, hidden]
+    # [tokens * k, hidden]; rows of left-out pairs (negative ids) are never written, so they start at zero
+    pair_out = (torch.zeros if skip_negative_ids else torch.empty)(num_pairs, hidden, dtype=torch.float32,
+                                                                   device=x.device)
     bias2 = w2.bias if w2.bias is not None else dummy_bias
     _moe_down_kernel[(num_blocks, triton.cdiv(hidden, tiles.block_n))](
         h, w2.blocks, w2.scales, bias2, pair_out, topk_weights.contiguous().flatten(),
@@ -398,6 +404,8 @@ if triton is not None:
         pair = tl.program_id(0)
         token = pair // top_k
         expert = tl.load(ids_ptr + pair).to(tl.int64)
+        valid = expert >= 0                              # negative: another rank's expert, nothing to read
+        expert = tl.maximum(expert, 0)
         r = tl.arange(0, 2 * BLOCK_N)
         n0 = tl.program_id(1) * BLOCK_N
         if INTERLEAVED:                                  # rows 2n (gate), 2n + 1 (up): one contiguous run
@@ -406,7 +414,7 @@ if triton is not None:
         else:                                            # gate rows n, then up rows N + n
             n_of_row = n0 + r % BLOCK_N
             rows = n_of_row + (r // BLOCK_N) * N
-        row_mask = n_of_row < N
+        row_mask = (n_of_row < N) & valid
         one = tl.full([1], 1, tl.int1)
         x_rows = (x_ptr + token.to(tl.int64) * stride_xm + tl.zeros([1], tl.int64))[:, None]
         row_bytes = (blocks_ptr + expert * stride_be + rows.to(tl.int64) * stride_br)[None, :, None]
@@ -437,9 +445,10 @@ if triton is not None:
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < N
         slots = tl.arange(0, BLOCK_SLOTS)
-        slot_mask = slots < top_k
         pairs = token * top_k + slots
-        experts = tl.load(ids_ptr + pairs, mask=slot_mask, other=0).to(tl.int64)
+        experts = tl.load(ids_ptr + pairs, mask=slots < top_k, other=-1).to(tl.int64)
+        slot_mask = experts >= 0                         # negative: another rank's expert, or past top_k
+        experts = tl.maximum(experts, 0)
         x_rows = (h_ptr + pairs.to(tl.int64) * stride_hm)[:, None]
         row_bytes = (blocks_ptr + experts[:, None] * stride_be + n.to(tl.int64)[None, :] * stride_br)[:, :, None]
         row_scales = (scales_ptr + experts[:, None] * stride_se + n.to(tl.int64)[None, :] * stride_sr)[:, :, None]
