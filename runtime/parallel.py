@@ -164,9 +164,9 @@ class RowParallelLinear(Linear):
         return out if self.bias is None else out + self.bias
 
 
-class VocabParallelEmbedding(nn.Module):
-    """The embedding table split by vocabulary rows: each rank looks up the ids in its range, zeros the
-    rest, and an all-reduce adds the shards. The vocabulary is padded to a multiple of the world size."""
+class _VocabShard(nn.Module):
+    """Rows [start, start + shard_size) of a [vocab, hidden] table; the vocabulary is padded to a multiple of
+    the world size (padded rows are zero)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelContext):
         super().__init__()
@@ -177,8 +177,13 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size))
 
     def load(self, tensor: Any) -> torch.Tensor:
-        """This rank's rows of a checkpoint's [vocab, hidden] table (padded rows are zero)."""
+        """This rank's rows of a checkpoint's [vocab, hidden] table."""
         return load_shard(tensor, 0, self.start, self.shard_size)
+
+
+class VocabParallelEmbedding(_VocabShard):
+    """The embedding table split by vocabulary rows: each rank looks up the ids in its range, zeros the
+    rest, and an all-reduce adds the shards."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.parallel.world_size == 1:
@@ -189,11 +194,11 @@ class VocabParallelEmbedding(nn.Module):
         return self.parallel.all_reduce(x.masked_fill(outside[:, None], 0.0))
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(_VocabShard):
     """The output projection split by vocabulary rows: local logits, all-gathered (every rank then holds the
     whole [rows, vocab] row, bit for bit the same, which replicated sampling relies on)."""
 
-    def compute(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden_states, self.weight)
         if self.parallel.world_size == 1:
             return logits

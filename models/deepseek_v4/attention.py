@@ -9,6 +9,7 @@ from torch import nn
 
 from runtime.forward import ForwardContext
 from runtime.ops import RMSNorm
+from runtime.parallel import SINGLE, ParallelContext, RowParallelLinear
 
 from .cache_ops import request_entries, write_entries
 from .compressor import Compressor, Indexer
@@ -61,13 +62,17 @@ def window_sparse_attention(q: torch.Tensor, positions: torch.Tensor, ctx: Forwa
 
 
 class DeepseekV4Attention(nn.Module):
-    def __init__(self, config, kind: AttentionKind, rope: TrailingRope):
+    """With tensor parallelism a rank keeps its share of the query heads (with their sinks) and of the output
+    groups; the single K=V head, the compressors and the indexer are replicated; wo_b sums the shards."""
+
+    def __init__(self, config, kind: AttentionKind, rope: TrailingRope, parallel: ParallelContext = SINGLE):
         super().__init__()
         self.kind = kind
-        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.num_heads = parallel.split(config.num_attention_heads, "the number of attention heads")
+        self.head_dim = config.head_dim
         self.window = config.sliding_window
         self.eps = config.rms_norm_eps
-        self.o_groups, self.o_rank = config.o_groups, config.o_lora_rank
+        self.o_groups, self.o_rank = parallel.split(config.o_groups, "o_groups"), config.o_lora_rank
         hidden = config.hidden_size
         self.wq_a = nn.Linear(hidden, config.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(config.q_lora_rank, self.eps, weight_in_fp32=True)
@@ -76,7 +81,7 @@ class DeepseekV4Attention(nn.Module):
         self.kv_norm = RMSNorm(self.head_dim, self.eps, weight_in_fp32=True)
         # block-diagonal: group g maps its heads' outputs [(heads / groups) * head_dim] to o_rank
         self.wo_a = nn.Linear(self.num_heads * self.head_dim // self.o_groups, self.o_groups * self.o_rank, bias=False)
-        self.wo_b = nn.Linear(self.o_groups * self.o_rank, hidden, bias=False)
+        self.wo_b = RowParallelLinear(config.o_groups * self.o_rank, hidden, False, parallel)
         self.attn_sink = nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32))
         self.rope = rope
         self.compressor = Compressor(hidden, self.head_dim, kind.ratio, kind.sparse, self.eps, rope) \

@@ -11,6 +11,7 @@ from runtime.config import EngineConfig
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheSpec
 from runtime.ops import RMSNorm
+from runtime.parallel import SINGLE, ParallelContext, ParallelLMHead, VocabParallelEmbedding
 
 from .attention import DeepseekV4Attention
 from .cache_ops import token_requests
@@ -22,10 +23,11 @@ from .weights import load_checkpoint
 
 
 class DeepseekV4Layer(nn.Module):
-    def __init__(self, config, kind: AttentionKind, rope: TrailingRope, hashed: bool):
+    def __init__(self, config, kind: AttentionKind, rope: TrailingRope, hashed: bool,
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
-        self.attn = DeepseekV4Attention(config, kind, rope)
-        self.ffn = MoE(config, hashed)
+        self.attn = DeepseekV4Attention(config, kind, rope, parallel)
+        self.ffn = MoE(config, hashed, parallel)
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
         self.hc_attn = HyperConnection(config)
@@ -42,19 +44,21 @@ class DeepseekV4Layer(nn.Module):
 
 
 class DeepseekV4ForCausalLM(nn.Module):
-    def __init__(self, config, cache_dtype: torch.dtype):
+    def __init__(self, config, cache_dtype: torch.dtype, parallel: ParallelContext = SINGLE):
         super().__init__()
         self.config = config
         self.cache_dtype = cache_dtype
+        self.parallel = parallel
         ropes = {kind: TrailingRope(config, kind, config.qk_rope_head_dim) for kind in ("main", "compress")}
         self.kinds = attention_kinds(config)
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel)
         self.layers = nn.ModuleList(
-            DeepseekV4Layer(config, kind, ropes["compress" if kind.compressed else "main"], hash_routed(config, i))
+            DeepseekV4Layer(config, kind, ropes["compress" if kind.compressed else "main"], hash_routed(config, i),
+                            parallel)
             for i, kind in enumerate(self.kinds))
         self.hc_head = HyperHead(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = ParallelLMHead(config.vocab_size, config.hidden_size, parallel)
         self._specs = self._assign_cache_layers()
 
     def _assign_cache_layers(self) -> list[CacheSpec]:
@@ -103,5 +107,5 @@ class DeepseekV4ForCausalLM(nn.Module):
         load_checkpoint(self, weights)
 
 
-def build_model(hf_config, engine_config: EngineConfig) -> DeepseekV4ForCausalLM:
-    return DeepseekV4ForCausalLM(hf_config, engine_config.torch_dtype)
+def build_model(hf_config, engine_config: EngineConfig, parallel: ParallelContext = SINGLE) -> DeepseekV4ForCausalLM:
+    return DeepseekV4ForCausalLM(hf_config, engine_config.torch_dtype, parallel)

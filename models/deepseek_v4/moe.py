@@ -9,6 +9,7 @@ from torch import nn
 
 from runtime.ops import fused_moe, score_topk
 from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
+from runtime.parallel import SINGLE, ParallelContext
 
 from .config import expert_format, num_experts
 
@@ -39,11 +40,19 @@ def _packed(*shape: int) -> nn.Parameter:
 
 class Experts(nn.Module):
     """All routed experts stacked: w13 [E, 2 * inter, hidden] (gate rows, then up rows), w2 [E, hidden, inter];
-    MXFP4 blocks / scales for the fp4 format, float otherwise."""
+    MXFP4 blocks / scales for the fp4 format, float otherwise. With tensor parallelism a rank holds experts
+    [first_expert, first_expert + E) whole (expert parallel; pairs routed elsewhere are skipped) or every
+    expert's share of the intermediate rows."""
 
-    def __init__(self, config):
+    def __init__(self, config, parallel: ParallelContext = SINGLE):
         super().__init__()
         e, hidden, inter = num_experts(config), config.hidden_size, config.moe_intermediate_size
+        self.parallel, self.first_expert = parallel, 0
+        if parallel.enable_expert_parallel:
+            self.first_expert = parallel.shard_range(e, "the number of experts")[0]
+            e = parallel.split(e, "the number of experts")
+        else:
+            inter = parallel.split(inter, "moe_intermediate_size")
         self.limit = config.swiglu_limit
         self.packed = expert_format(config) == "fp4"
         if self.packed:
@@ -60,16 +69,31 @@ class Experts(nn.Module):
             self.w2 = nn.Parameter(torch.zeros(e, hidden, inter))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        skip = self.parallel.enable_expert_parallel
+        if skip and self.parallel.world_size > 1:
+            ids = ids - self.first_expert
+            ids = ids.masked_fill((ids < 0) | (ids >= self.num_local_experts), -1)     # another rank's expert
         if self.packed:
             return mxfp4_moe(x, Mxfp4Linear(self.w13_blocks, self.w13_scales), Mxfp4Linear(self.w2_blocks, self.w2_scales),
-                             weights.to(x.dtype), ids, self.activation)
-        return fused_moe(x, self.w13, self.w2, weights.to(x.dtype), ids, swiglu_limit=self.limit)
+                             weights.to(x.dtype), ids, self.activation, skip_negative_ids=skip)
+        return fused_moe(x, self.w13, self.w2, weights.to(x.dtype), ids, swiglu_limit=self.limit,
+                         skip_negative_ids=skip)
+
+    @property
+    def num_local_experts(self) -> int:
+        return (self.w13_blocks if self.packed else self.w13).shape[0]
+
+    @property
+    def num_local_inter(self) -> int:
+        return (self.w13_blocks if self.packed else self.w13).shape[1] // 2
 
 
 class SharedExpert(nn.Module):
-    def __init__(self, config):
+    """Split by intermediate rows over tensor-parallel ranks (the MoE's all-reduce sums it)."""
+
+    def __init__(self, config, parallel: ParallelContext = SINGLE):
         super().__init__()
-        hidden, inter = config.hidden_size, config.moe_intermediate_size
+        hidden, inter = config.hidden_size, parallel.split(config.moe_intermediate_size, "moe_intermediate_size")
         self.w1 = nn.Linear(hidden, inter, bias=False)      # gate
         self.w3 = nn.Linear(hidden, inter, bias=False)      # up
         self.w2 = nn.Linear(inter, hidden, bias=False)      # down
@@ -82,12 +106,13 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config, hashed: bool):
+    def __init__(self, config, hashed: bool, parallel: ParallelContext = SINGLE):
         super().__init__()
-        self.gate = Gate(config, hashed)
-        self.experts = Experts(config)
-        self.shared_experts = SharedExpert(config)
+        self.parallel = parallel
+        self.gate = Gate(config, hashed)                  # replicated: every rank routes like one rank
+        self.experts = Experts(config, parallel)
+        self.shared_experts = SharedExpert(config, parallel)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x, input_ids)
-        return self.experts(x, weights, ids) + self.shared_experts(x)
+        return self.parallel.all_reduce(self.experts(x, weights, ids) + self.shared_experts(x))

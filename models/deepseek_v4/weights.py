@@ -19,6 +19,7 @@ from torch import nn
 from runtime.loader import check_loaded, copy_weight, unexpected_weight
 from runtime.ops.fp8 import fp8_block_dequantize, fp8_block_shape
 from runtime.ops.mxfp4 import MX_BLOCK, mxfp4_dequantize
+from runtime.parallel import SINGLE, load_shard, materialize
 
 # transformers name -> DeepSeek name, applied in order
 _TO_NATIVE = [(re.compile(a), b) for a, b in [
@@ -85,11 +86,15 @@ class _Loader:
             quantization = quantization.to_dict()
         block = quantization.get("weight_block_size")
         self.fp8_block = tuple(block) if block else None
+        self.parallel = getattr(model, "parallel", SINGLE)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         native = self.rename(native_name(name))
         if native is None:
             return                     # another module's tensor (the main model and its MTP drafter share files)
+        if self._other_ranks_expert(native):
+            return                     # expert parallel: never read
+        tensor = materialize(tensor)
         if native.endswith(".scale") and not _HC.search(native):
             self._pair(native[:-len(".scale")] + ".weight", "scale", name, tensor)
         elif tensor.dtype == torch.float8_e4m3fn or (tensor.dtype in _MXFP4_DTYPES and _EXPERT.match(native)):
@@ -135,8 +140,41 @@ class _Loader:
             target = _module_name(native)
             if target not in self.params:
                 raise unexpected_weight(disk_name)
-            copy_weight(self.params[target], disk_name, tensor)
+            copy_weight(self.params[target], disk_name, self._shard(target, tensor))
             self.loaded.add(target)
+
+    # ---- tensor parallelism: which part of a tensor this rank keeps ----------------------------------------
+
+    _SHARDED = re.compile(r"^(embed|head)\.weight$|\.attn\.(wq_b|wo_a|wo_b|attn_sink)|\.shared_experts\.(w[123])\.")
+
+    def _shard(self, target: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows (or columns) of a tensor whose parameter is split: the vocabulary, the query heads
+        and their sinks, the output groups, the shared expert's intermediate rows."""
+        if self.parallel.world_size == 1 or not (match := self._SHARDED.search(target)):
+            return tensor
+        param = self.params[target]
+        dim = 1 if match.group(2) == "wo_b" or match.group(3) == "w2" else 0
+        if match.group(1):
+            return self.model.get_submodule(match.group(1)).load(tensor)
+        return load_shard(tensor, dim, self.parallel.rank * param.shape[dim], param.shape[dim])
+
+    def _other_ranks_expert(self, native: str) -> bool:
+        match = _EXPERT.match(native.removesuffix(".scale") + ".weight" if native.endswith(".scale") else native)
+        if match is None or not self.parallel.enable_expert_parallel:
+            return False
+        experts = self.model.get_submodule(match.group(1))
+        return not 0 <= int(match.group(2)) - experts.first_expert < experts.num_local_experts
+
+    def _expert_part(self, experts: nn.Module, which: str, tensor: torch.Tensor, packed_k: bool) -> torch.Tensor:
+        """Without expert parallelism, this rank's intermediate rows (w1, w3) or columns (w2; in 32-element
+        blocks for MXFP4, `packed_k`) of one expert's tensor."""
+        if self.parallel.world_size == 1 or self.parallel.enable_expert_parallel:
+            return tensor
+        inter = experts.num_local_inter
+        if which != "w2":
+            return load_shard(tensor, 0, self.parallel.rank * inter, inter)
+        part = inter // MX_BLOCK if packed_k else inter
+        return load_shard(tensor, 1, self.parallel.rank * part, part)
 
     def _expert(self, match: re.Match, disk_name: str, tensor: torch.Tensor, scales: torch.Tensor | None = None) -> None:
         prefix, expert, which = match.group(1), int(match.group(2)), match.group(3)
@@ -144,7 +182,10 @@ class _Loader:
         if experts.packed != (scales is not None):
             raise ValueError(f"checkpoint tensor {disk_name!r} is {tensor.dtype}, but the config's experts are "
                              f"{'MXFP4' if experts.packed else 'not MXFP4'} (expert_dtype)")
-        inter = self.model.config.moe_intermediate_size
+        expert -= experts.first_expert
+        tensor = self._expert_part(experts, which, tensor, experts.packed)
+        scales = self._expert_part(experts, which, scales, True) if scales is not None else None
+        inter = experts.num_local_inter
         rows = {"w1": slice(0, inter), "w3": slice(inter, 2 * inter), "w2": slice(None)}[which]
         stack = "w2" if which == "w2" else "w13"
         if experts.packed:
@@ -159,6 +200,7 @@ class _Loader:
         if experts.packed:
             raise ValueError(f"checkpoint tensor {disk_name!r} holds unquantized experts, but the config says "
                              f"MXFP4 experts (expert_dtype fp4)")
+        tensor = self._stacked_part(experts, match.group(2), tensor)
         if match.group(2) == "gate_up_proj":
             copy_weight(experts.w13, disk_name, tensor)
             names = ("w1", "w3")
@@ -166,6 +208,19 @@ class _Loader:
             copy_weight(experts.w2, disk_name, tensor)
             names = ("w2",)
         self.loaded.update(f"{match.group(1)}.{e}.{w}" for e in range(tensor.shape[0]) for w in names)
+
+    def _stacked_part(self, experts: nn.Module, kind: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's experts, or every expert's intermediate share, of a stacked [E, ...] tensor."""
+        parallel = self.parallel
+        if parallel.world_size == 1:
+            return tensor
+        if parallel.enable_expert_parallel:
+            return load_shard(tensor, 0, experts.first_expert, experts.num_local_experts)
+        inter = experts.num_local_inter
+        if kind == "down_proj":
+            return load_shard(tensor, 2, parallel.rank * inter, inter)
+        return torch.cat([load_shard(tensor, 1, start + parallel.rank * inter, inter)       # gate rows, up rows
+                          for start in (0, inter * parallel.world_size)], dim=1)
 
     def finish(self) -> None:
         if self.pending:

@@ -180,7 +180,7 @@ class GptOssForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute(hidden_states).float()
+        return self.lm_head(hidden_states).float()
 
     def cache_specs(self) -> list[CacheSpec]:
         """Sliding layers form a window group (memory per request bounded by the window), full layers another."""

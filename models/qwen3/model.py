@@ -167,7 +167,7 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute(hidden_states).float()
+        return self.lm_head(hidden_states).float()
 
     def cache_specs(self) -> list[CacheSpec]:
         return [CacheSpec(entry_shape=(2, layer.self_attn.num_kv_heads, layer.self_attn.head_dim),

@@ -403,9 +403,7 @@ if triton is not None:
         """h[pair, n] = act(x[token] @ W13[e].T + b13[e]) for this program's BLOCK_N columns n."""
         pair = tl.program_id(0)
         token = pair // top_k
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        valid = expert >= 0                              # negative: another rank's expert, nothing to read
-        expert = tl.maximum(expert, 0)
+        expert = tl.load(ids_ptr + pair).to(tl.int64)    # negative: another rank's expert, nothing to read
         r = tl.arange(0, 2 * BLOCK_N)
         n0 = tl.program_id(1) * BLOCK_N
         if INTERLEAVED:                                  # rows 2n (gate), 2n + 1 (up): one contiguous run
@@ -414,7 +412,8 @@ if triton is not None:
         else:                                            # gate rows n, then up rows N + n
             n_of_row = n0 + r % BLOCK_N
             rows = n_of_row + (r // BLOCK_N) * N
-        row_mask = (n_of_row < N) & valid
+        row_mask = (n_of_row < N) & ((n_of_row * 0 + expert) >= 0)
+        expert = tl.maximum(expert, 0)
         one = tl.full([1], 1, tl.int1)
         x_rows = (x_ptr + token.to(tl.int64) * stride_xm + tl.zeros([1], tl.int64))[:, None]
         row_bytes = (blocks_ptr + expert * stride_be + rows.to(tl.int64) * stride_br)[None, :, None]
