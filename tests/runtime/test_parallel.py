@@ -1,0 +1,170 @@
+"""Tensor and expert parallelism on the CPU (gloo, 2 processes): the same tokens and logits as one rank through
+the real engine path, a dead worker surfaces as an error, and nothing is left running afterwards."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import torch
+
+from runtime import LLM, SamplingParams
+from runtime.ops.moe import fused_moe_ref
+from runtime.parallel import ParallelContext, WorkerDied, load_shard
+from tools.parity import make_tiny_checkpoint, random_prompts
+
+LOGIT_TOLERANCE = 1e-4
+PROMPT_LENGTHS = (3, 17, 40, 64, 99)
+MAX_TOKENS = 10
+
+# (package, tiny variant, config overrides, engine options of the sharded run)
+CASES = {
+    "qwen3-dense": ("qwen3", None, None, {}),
+    "qwen3-one-kv-head-replicated": ("qwen3", None, {"num_key_value_heads": 1}, {}),
+    "qwen3-moe-expert-parallel": ("qwen3", "moe", None, {"enable_expert_parallel": True}),
+    "gpt_oss-mxfp4-rows": ("gpt_oss", None, None, {}),
+    "deepseek_v4-expert-parallel": ("deepseek_v4", None, None, {"enable_expert_parallel": True}),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """Spawned workers inherit the environment: one intra-op thread each on a small shared box."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def _stress_options(package: str) -> dict:
+    """Small blocks, a 16-token budget (chunked prefill, mixed steps) and a cache too small for all five
+    prompts at once (preemption). DeepSeek's compressed caches need blocks of a multiple of 8."""
+    block_size = 8 if package == "deepseek_v4" else 4
+    return dict(device="cpu", dtype="float32", block_size=block_size, max_num_batched_tokens=16,
+                num_gpu_blocks=160 // block_size)
+
+
+def _generate(path, options: dict, vocab_size: int):
+    """(outputs, preemptions, prefill chunks); after a sharded run, checks that shutdown left no worker."""
+    llm = LLM(str(path), **options)
+    workers = _workers(llm) if llm.engine.workers is not None else []
+    try:
+        prompts = random_prompts(vocab_size, PROMPT_LENGTHS)
+        # every token's log-probability: the whole logits row up to a per-row constant
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=vocab_size)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.engine.scheduler.stats
+        return [o.outputs[0] for o in outputs], stats.num_preemptions, stats.num_prefill_chunks
+    finally:
+        llm.engine.shutdown()
+        assert all(_gone(w) for w in workers)
+        llm.engine.shutdown()                                   # idempotent
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_ranks_match_one_rank(case, tmp_path_factory):
+    package, variant, overrides, parallel_options = CASES[case]
+    path = make_tiny_checkpoint(package, tmp_path_factory.mktemp("tiny") / case, variant=variant,
+                                overrides=overrides)
+    vocab_size = 512 if package == "deepseek_v4" else 1024
+    options = _stress_options(package)
+    one, preemptions, chunks = _generate(path, options, vocab_size)
+    two, preemptions_2, chunks_2 = _generate(path, {**options, "tensor_parallel_size": 2, **parallel_options},
+                                             vocab_size)
+    assert preemptions > 0 and chunks > 0
+    assert (preemptions_2, chunks_2) == (preemptions, chunks)
+    worst = 0.0
+    for a, b in zip(one, two):
+        assert a.token_ids == b.token_ids
+        for row_a, row_b in zip(a.logprobs, b.logprobs):
+            assert row_a.keys() == row_b.keys()
+            worst = max(worst, max(abs(row_a[t] - row_b[t]) for t in row_a))
+    assert worst <= LOGIT_TOLERANCE
+
+
+def _workers(llm: LLM) -> list[psutil.Process]:
+    workers = [psutil.Process(p.pid) for p in llm.engine.workers.processes]
+    assert all(w.is_running() for w in workers)
+    return workers
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_worker_killed_mid_generation_makes_the_engine_raise_within_seconds(tiny_qwen3):
+    llm = LLM(str(tiny_qwen3), device="cpu", dtype="float32", tensor_parallel_size=2)
+    engine = llm.engine
+    engine.add_request("a", list(range(8, 40)), SamplingParams(max_tokens=200, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    os.kill(engine.workers.processes[0].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    with pytest.raises(WorkerDied, match="worker 1"):
+        while engine.has_unfinished():
+            engine.step()
+    assert time.monotonic() - killed < 10
+    assert all(_gone(w) for w in _workers_of(engine))      # the engine shut the other workers down
+
+
+def _workers_of(engine) -> list[psutil.Process]:
+    processes = []
+    for p in engine.workers.processes:
+        try:
+            processes.append(psutil.Process(p.pid))
+        except psutil.NoSuchProcess:
+            pass
+    return processes
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "openai")),
+                    reason="needs the server's packages")
+def test_server_with_workers_exits_0_on_sigterm_and_leaves_nothing(tiny_qwen3, tmp_path):
+    from tests.server.server_process import start_server
+    server = start_server(tiny_qwen3, tmp_path / "server.log", "--device", "cpu", "--tensor-parallel-size", "2")
+    try:
+        children = psutil.Process(server.process.pid).children(recursive=True)
+        assert any("spawn_main" in " ".join(c.cmdline()) for c in children), children   # the worker
+        reply = server.request("POST", "/v1/completions", {"model": "tiny-qwen3", "prompt": "Hello",
+                                                           "max_tokens": 4})
+        assert reply.status == 200, reply.body
+    finally:
+        code = server.stop(signal.SIGTERM, timeout=60)
+    assert code == 0, server.log()
+    deadline = time.monotonic() + 5
+    while not all(_gone(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(c) for c in children)
+
+
+# ---- the pieces ---------------------------------------------------------------------------------------
+
+
+def test_replicated_kv_heads_follow_their_query_heads():
+    """8 query heads over 4 ranks with 2 KV heads: ranks 0, 1 read head 0; ranks 2, 3 head 1."""
+    assert [ParallelContext(rank, 4).kv_heads(2, 8) for rank in range(4)] == [(0, 1), (0, 1), (1, 1), (1, 1)]
+    assert [ParallelContext(rank, 2).kv_heads(4, 8) for rank in range(2)] == [(0, 2), (2, 2)]
+    with pytest.raises(ValueError, match="not divisible"):
+        ParallelContext(0, 4).kv_heads(2, 6)
+
+
+def test_load_shard_reads_a_slice_and_pads_the_last_rank():
+    table = torch.arange(10 * 3).view(10, 3)
+    assert torch.equal(load_shard(table, 1, 1, 2), table[:, 1:3])
+    last = load_shard(table, 0, 8, 4)                                  # a vocabulary of 10 over 3 ranks of 4
+    assert torch.equal(last[:2], table[8:]) and not last[2:].any()
+
+
+def test_moe_skips_pairs_routed_to_another_ranks_experts():
+    """Negative ids (experts another rank holds) contribute nothing: the same as routing them with weight 0."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 16, generator=generator)
+    w13, w2 = torch.randn(4, 2 * 8, 16, generator=generator), torch.randn(4, 16, 8, generator=generator)
+    weights = torch.rand(7, 2, generator=generator)
+    ids = torch.randint(0, 4, (7, 2), generator=generator)
+    remote = torch.rand(7, 2, generator=generator) < 0.4
+    expected = fused_moe_ref(x, w13, w2, weights.masked_fill(remote, 0.0), ids)
+    torch.testing.assert_close(fused_moe_ref(x, w13, w2, weights, ids.masked_fill(remote, -1)), expected)
