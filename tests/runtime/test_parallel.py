@@ -168,3 +168,45 @@ def test_moe_skips_pairs_routed_to_another_ranks_experts():
     remote = torch.rand(7, 2, generator=generator) < 0.4
     expected = fused_moe_ref(x, w13, w2, weights.masked_fill(remote, 0.0), ids)
     torch.testing.assert_close(fused_moe_ref(x, w13, w2, weights, ids.masked_fill(remote, -1)), expected)
+
+
+def _interpreted() -> bool:
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from runtime.ops import moe
+    return isinstance(moe._moe_count_kernel, InterpretedFunction)
+
+
+def test_moe_kernels_skip_pairs_routed_to_another_rank_in_the_interpreter():
+    """The Triton MoE paths (bf16 grouped GEMM, MXFP4 grouped GEMM and decode GEMV) with negative ids equal
+    their references with those pairs' weights zeroed. fp32 activations, odd token counts."""
+    if not _interpreted():
+        pytest.skip("the kernels were built for a GPU (TRITON_INTERPRET unset)")
+    from runtime.ops.moe import fused_moe_triton
+    from runtime.ops.mxfp4 import GatedActivation, Mxfp4Linear, mxfp4_moe_gemv, mxfp4_moe_reference, mxfp4_moe_triton
+    generator = torch.Generator().manual_seed(3)
+    num_tokens, hidden, inter, experts, top_k = 5, 64, 32, 4, 2
+    x = torch.randn(num_tokens, hidden, generator=generator)
+    weights = torch.rand(num_tokens, top_k, generator=generator)
+    ids = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(num_tokens)])
+    remote = torch.rand(num_tokens, top_k, generator=generator) < 0.4
+    remote[0] = True                                        # a token with nothing local at all
+    local_ids, zeroed = ids.masked_fill(remote, -1), weights.masked_fill(remote, 0.0)
+
+    w13, w2 = torch.randn(experts, 2 * inter, hidden, generator=generator), torch.randn(experts, hidden, inter, generator=generator)
+    ours = fused_moe_triton(x, w13, w2, weights, local_ids, skip_negative_ids=True)
+    torch.testing.assert_close(ours, fused_moe_ref(x, w13, w2, zeroed, ids), rtol=1e-4, atol=1e-4)
+
+    def packed(rows: int, k: int) -> Mxfp4Linear:
+        blocks = torch.randint(0, 256, (experts, rows, k // 32, 16), generator=generator, dtype=torch.uint8)
+        scales = torch.randint(118, 126, (experts, rows, k // 32), generator=generator, dtype=torch.uint8)
+        return Mxfp4Linear(blocks, scales, torch.randn(experts, rows, generator=generator))
+    q13, q2 = packed(2 * inter, hidden), packed(hidden, inter)
+    activation = GatedActivation(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)
+    expected = mxfp4_moe_reference(x, q13, q2, zeroed, ids, activation)
+    torch.testing.assert_close(mxfp4_moe_reference(x, q13, q2, weights, local_ids, activation), expected)
+    torch.testing.assert_close(mxfp4_moe_triton(x, q13, q2, weights, local_ids, activation, skip_negative_ids=True),
+                               expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(mxfp4_moe_gemv(x, q13, q2, weights, local_ids, activation), expected,
+                               rtol=1e-4, atol=1e-3)
