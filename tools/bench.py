@@ -171,7 +171,8 @@ def _engine_options(args: argparse.Namespace) -> dict:
     return dict(arch=args.arch, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
                 skip_tokenizer_init=True,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization)
+                enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
+                tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
 
 
 def _timed_steps(engine, requests: list[tuple[list[int], "SamplingParams"]]) -> tuple[list[float], float]:
@@ -379,6 +380,9 @@ def _gpu_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="shard over this many GPUs (the roofline is then one rank's bytes per step)")
+    parser.add_argument("--enable-expert-parallel", action="store_true")
     parser.add_argument("--hf", action="store_true", help="also run transformers on the same workload")
     parser.add_argument("--hf-mode", default="static", choices=["default", "static", "compile"])
     parser.add_argument("--json", help="append the result as one JSON line to this file")
