@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import signal
@@ -302,6 +303,10 @@ class Workers:
         self.device = device
         self.parallel = _join(0, world_size, store, device)
         self._store = store
+        self._closing = threading.Event()
+        if device.startswith("cuda"):
+            threading.Thread(target=_abort_collectives_when_one_dies, args=(self.processes, self._closing),
+                             daemon=True, name="worker-watch").start()
 
     def wait_ready(self) -> None:
         """Block until every worker has built its engine (collectives at start-up pair them with ours)."""
@@ -358,9 +363,33 @@ class Workers:
                 raise WorkerDied(f"tensor-parallel worker {rank} is gone (its pipe closed)") from None
 
     def shutdown(self) -> None:
+        self._closing.set()
         self._finalizer()
-        if dist.is_initialized():
+        if not dist.is_initialized():
+            return
+        if self.device.startswith("cuda") and any(p.exitcode != 0 for p in self.processes):
+            _abort_collectives()          # a collective with a dead peer never ends: tearing it down would wait
+        else:
             dist.destroy_process_group()
+
+
+def _abort_collectives() -> None:
+    try:
+        dist.distributed_c10d._abort_process_group()
+    except Exception as exc:                             # best effort: the engine is failing already
+        logger.warning("could not abort the NCCL communicators: %s", exc)
+
+
+def _abort_collectives_when_one_dies(processes: list, closing: threading.Event) -> None:
+    """On the GPU a collective whose peer died spins forever, and so does any host sync behind it (the
+    step's wait polls worker liveness, but a model may sync elsewhere). When a worker exits while the
+    engine is not closing, give the engine a moment to notice by itself, then abort the communicators:
+    the stuck call returns, and the engine raises WorkerDied."""
+    multiprocessing.connection.wait([p.sentinel for p in processes])
+    if closing.wait(2.0):
+        return
+    logger.error("a tensor-parallel worker died; aborting the NCCL communicators")
+    _abort_collectives()
 
 
 def _shutdown(processes: list, pipes: list[Connection]) -> None:
