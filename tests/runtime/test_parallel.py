@@ -210,3 +210,51 @@ def test_moe_kernels_skip_pairs_routed_to_another_rank_in_the_interpreter():
                                expected, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(mxfp4_moe_gemv(x, q13, q2, weights, local_ids, activation), expected,
                                rtol=1e-4, atol=1e-3)
+
+
+class _RecordedSlice:
+    """A lazy checkpoint slice that records what was read of it."""
+
+    def __init__(self, name: str, lazy, reads: dict):
+        self.name, self.lazy, self.reads = name, lazy, reads
+
+    def get_shape(self):
+        return self.lazy.get_shape()
+
+    def __getitem__(self, index):
+        part = self.lazy[index]
+        self.reads[self.name] = self.reads.get(self.name, 0) + part.numel()
+        return part
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_a_rank_reads_only_its_slices_of_the_checkpoint(tiny_qwen3_moe, expert_parallel):
+    """Rank 1 of 2 builds and loads its shard in-process (loading needs no collective): it reads half of
+    every split tensor, none of another rank's experts, and holds exactly the matching slices."""
+    from runtime.config import EngineConfig
+    from runtime.loader import iterate_weights, load_hf_config
+    from runtime.registry import get_package
+    from safetensors.torch import load_file
+    hf_config = load_hf_config(tiny_qwen3_moe)
+    parallel = ParallelContext(rank=1, world_size=2, enable_expert_parallel=expert_parallel)
+    model = get_package("qwen3").build(hf_config, EngineConfig(device="cpu", dtype="float32"), parallel)
+    reads: dict[str, int] = {}
+    model.load_weights((name, _RecordedSlice(name, lazy, reads))
+                       for name, lazy in iterate_weights(tiny_qwen3_moe, lazy=True))
+    full = {}
+    for file in sorted(tiny_qwen3_moe.glob("*.safetensors")):
+        full.update(load_file(file))
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert reads[q_proj] == full[q_proj].numel() // 2
+    rows = full[q_proj].shape[0] // 2
+    torch.testing.assert_close(model.model.layers[0].self_attn.qkv_proj.weight[:rows], full[q_proj][rows:])
+    assert reads["model.embed_tokens.weight"] == full["model.embed_tokens.weight"].numel() // 2
+    experts = [name for name in full if ".experts." in name]
+    if expert_parallel:                                      # experts 4..7 whole, 0..3 never touched
+        for name in experts:
+            if ".experts.gate_up_proj" in name or ".experts.down_proj" in name:
+                assert reads[name] == full[name].numel() // 2
+            else:
+                assert reads.get(name, 0) == (full[name].numel() if int(name.split(".")[5]) >= 4 else 0)
+    else:
+        assert all(reads[name] == full[name].numel() // 2 for name in experts)
