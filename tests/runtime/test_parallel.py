@@ -258,3 +258,16 @@ def test_a_rank_reads_only_its_slices_of_the_checkpoint(tiny_qwen3_moe, expert_p
                 assert reads.get(name, 0) == (full[name].numel() if int(name.split(".")[5]) >= 4 else 0)
     else:
         assert all(reads[name] == full[name].numel() // 2 for name in experts)
+    # the same checkpoint with each layer's experts stacked ([E, 2 * inter, hidden] gate | up, [E, hidden,
+    # inter]), as newer transformers save it, loads into the same shard
+    stacked = {name: tensor for name, tensor in full.items() if ".experts." not in name}
+    for layer in range(hf_config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.mlp.experts"
+        per_expert = lambda proj: [full[f"{prefix}.{e}.{proj}.weight"] for e in range(hf_config.num_experts)]  # noqa: E731
+        stacked[f"{prefix}.gate_up_proj"] = torch.cat([torch.stack(per_expert("gate_proj")),
+                                                       torch.stack(per_expert("up_proj"))], dim=1)
+        stacked[f"{prefix}.down_proj"] = torch.stack(per_expert("down_proj"))
+    again = get_package("qwen3").build(hf_config, EngineConfig(device="cpu", dtype="float32"), parallel)
+    again.load_weights(stacked.items())
+    for (name, ours), theirs in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(ours, theirs), name
