@@ -16,7 +16,8 @@ from runtime.config import EngineConfig
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheSpec
 from runtime.loader import check_loaded, copy_weight, unexpected_weight
-from runtime.parallel import SINGLE, ParallelContext
+from runtime.parallel import SINGLE, ParallelContext, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, \
+    load_shard, materialize
 from runtime.ops import RMSNorm, RotaryEmbedding, fused_moe, gelu_tanh_and_mul, paged_attention, rms_norm, \
     rope_inv_freq, softmax_topk, write_kv
 
@@ -65,14 +66,19 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 class Gemma4Attention(nn.Module):
-    def __init__(self, text, layer: int, rotary: RotaryEmbedding, producer: int | None):
+    """With tensor parallelism a rank keeps its share of the query heads and the KV heads they read (one
+    replicated head when there are fewer KV heads than ranks); o_proj sums the shards."""
+
+    def __init__(self, text, layer: int, rotary: RotaryEmbedding, producer: int | None,
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
         self.layer_index = layer
         self.producer = producer                    # None: computes and caches its own K/V
         sliding = text.layer_types[layer] == SLIDING
         layer_config = text.per_layer_config[layer]
-        self.num_heads = text.num_attention_heads
-        self.num_kv_heads = layer_config.num_key_value_heads
+        self.num_heads = parallel.split(text.num_attention_heads, "the number of attention heads")
+        self.first_kv_head, self.num_kv_heads = parallel.kv_heads(layer_config.num_key_value_heads,
+                                                                  text.num_attention_heads)
         self.head_dim = layer_config.head_dim
         self.window = text.sliding_window if sliding else None
         hidden, eps = text.hidden_size, text.rms_norm_eps
@@ -87,7 +93,7 @@ class Gemma4Attention(nn.Module):
             self.v_norm = UnitRMSNorm(self.head_dim, eps)
         else:
             self.q_proj = nn.Linear(hidden, q_size, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.o_proj = RowParallelLinear(text.num_attention_heads * self.head_dim, hidden, False, parallel)
         self.rotary = rotary
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -107,10 +113,11 @@ class Gemma4Attention(nn.Module):
 
 
 class Gemma4MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, parallel: ParallelContext = SINGLE):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)     # gate_proj | up_proj
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        local = parallel.split(intermediate_size, "intermediate_size")
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * local, bias=False)                  # gate_proj | up_proj
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gelu_tanh_and_mul(self.gate_up_proj(x)))
@@ -135,23 +142,51 @@ class Gemma4Router(nn.Module):
 
 
 class Gemma4Experts(nn.Module):
-    def __init__(self, text):
+    """With tensor parallelism: experts [first_expert, first_expert + local) whole (expert parallel) or every
+    expert's share of the intermediate rows; an all-reduce sums the partial outputs."""
+
+    def __init__(self, text, parallel: ParallelContext = SINGLE):
         super().__init__()
         experts, hidden, inter = text.num_experts, text.hidden_size, text.moe_intermediate_size
+        self.parallel, self.first_expert = parallel, 0
+        if parallel.enable_expert_parallel:
+            self.first_expert = parallel.shard_range(experts, "the number of experts")[0]
+            experts = parallel.split(experts, "the number of experts")
+        else:
+            inter = parallel.split(inter, "moe_intermediate_size")
         self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * inter, hidden))      # gate rows, then up rows
         self.down_proj = nn.Parameter(torch.empty(experts, hidden, inter))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids, activation="gelu_tanh")
+        expert_parallel = self.parallel.enable_expert_parallel
+        if expert_parallel and self.parallel.world_size > 1:
+            ids = ids - self.first_expert
+            ids = ids.masked_fill((ids < 0) | (ids >= self.down_proj.shape[0]), -1)      # another rank's expert
+        return self.parallel.all_reduce(fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids,
+                                                  activation="gelu_tanh", skip_negative_ids=expert_parallel))
+
+    def load(self, kind: str, tensor) -> torch.Tensor:
+        """This rank's part of a stacked expert tensor (gate_up_proj or down_proj)."""
+        parallel, local = self.parallel, getattr(self, kind).shape
+        if parallel.world_size == 1:
+            return materialize(tensor)
+        if parallel.enable_expert_parallel:
+            return load_shard(tensor, 0, self.first_expert, local[0])
+        if kind == "down_proj":
+            return load_shard(tensor, 2, parallel.rank * local[2], local[2])
+        inter = local[1] // 2
+        return torch.cat([load_shard(tensor, 1, start + parallel.rank * inter, inter)      # gate rows, up rows
+                          for start in (0, inter * parallel.world_size)], dim=1)
 
 
 class Gemma4DecoderLayer(nn.Module):
-    def __init__(self, text, layer: int, rotary: RotaryEmbedding, producer: int | None):
+    def __init__(self, text, layer: int, rotary: RotaryEmbedding, producer: int | None,
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
         hidden, eps = text.hidden_size, text.rms_norm_eps
-        self.self_attn = Gemma4Attention(text, layer, rotary, producer)
+        self.self_attn = Gemma4Attention(text, layer, rotary, producer, parallel)
         double_wide = text.use_double_wide_mlp and producer is not None
-        self.mlp = Gemma4MLP(hidden, text.intermediate_size * (2 if double_wide else 1))
+        self.mlp = Gemma4MLP(hidden, text.intermediate_size * (2 if double_wide else 1), parallel)
         self.input_layernorm = _norm(hidden, eps)
         self.post_attention_layernorm = _norm(hidden, eps)
         self.pre_feedforward_layernorm = _norm(hidden, eps)
@@ -162,7 +197,7 @@ class Gemma4DecoderLayer(nn.Module):
         self.has_moe = bool(text.enable_moe_block)
         if self.has_moe:                                      # routed experts beside the dense MLP
             self.router = Gemma4Router(text)
-            self.experts = Gemma4Experts(text)
+            self.experts = Gemma4Experts(text, parallel)
             self.pre_feedforward_layernorm_2 = _norm(hidden, eps)
             self.post_feedforward_layernorm_1 = _norm(hidden, eps)
             self.post_feedforward_layernorm_2 = _norm(hidden, eps)
@@ -189,16 +224,16 @@ class Gemma4DecoderLayer(nn.Module):
 
 
 class Gemma4Model(nn.Module):
-    def __init__(self, text, max_positions: int):
+    def __init__(self, text, max_positions: int, parallel: ParallelContext = SINGLE):
         super().__init__()
         hidden = text.hidden_size
         self.num_layers = text.num_hidden_layers
-        self.embed_tokens = nn.Embedding(text.vocab_size, hidden)
+        self.embed_tokens = VocabParallelEmbedding(text.vocab_size, hidden, parallel)
         # transformers keeps sqrt(hidden) as a buffer in the model dtype: in bf16 the scale itself is rounded
         self.register_buffer("embed_scale", torch.tensor(hidden ** 0.5), persistent=False)
         rotary = {kind: self._rotary(text, kind, max_positions) for kind in sorted(set(text.layer_types))}
         producers = kv_producers(text.layer_types, text.num_kv_shared_layers)
-        self.layers = nn.ModuleList(Gemma4DecoderLayer(text, i, rotary[text.layer_types[i]], producers[i])
+        self.layers = nn.ModuleList(Gemma4DecoderLayer(text, i, rotary[text.layer_types[i]], producers[i], parallel)
                                     for i in range(self.num_layers))
         self.norm = _norm(hidden, text.rms_norm_eps)
         self.per_layer_width = text.hidden_size_per_layer_input
@@ -237,23 +272,24 @@ class Gemma4Model(nn.Module):
 
 
 class Gemma4ForCausalLM(nn.Module):
-    def __init__(self, text, max_positions: int, cache_dtype: torch.dtype):
+    def __init__(self, text, max_positions: int, cache_dtype: torch.dtype, parallel: ParallelContext = SINGLE):
         super().__init__()
         self.config = text
         self.cache_dtype = cache_dtype
-        self.model = Gemma4Model(text, max_positions)
+        self.parallel = parallel
+        self.model = Gemma4Model(text, max_positions, parallel)
         self.softcap = text.final_logit_softcapping
         self.tie_word_embeddings = text.tie_word_embeddings
         self.window_slack = 0             # extra positions sliding groups keep (an assistant reads one more)
-        if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size, parallel)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        logits = hidden_states @ weight.t()
+        logits = self.lm_head(hidden_states)
         if self.softcap:                                  # in the model dtype, as transformers does
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
@@ -290,11 +326,34 @@ class Gemma4ForCausalLM(nn.Module):
             if self._unused_kv_weight(name):
                 skipped_kv += 1
                 continue
-            loaded.add(load_fused(self, params, name, tensor))
+            loaded.add(load_fused(self, params, name, self._shard(name, tensor)))
         check_loaded(expected_shards(self, params), loaded)
         if skipped_towers or skipped_kv:
             logger.info("skipped %d vision/audio tower tensors (this package runs the text decoder) and %d K/V "
                         "tensors of KV-sharing layers", skipped_towers, skipped_kv)
+
+    def _shard(self, name: str, tensor) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor, read from disk only now (whole where every rank holds it)."""
+        *prefix, module, kind = name.split(".")
+        if module in ("embed_tokens", "lm_head") and kind == "weight":
+            return self.model.embed_tokens.load(tensor) if module == "embed_tokens" else self.lm_head.load(tensor)
+        if self.parallel.world_size == 1:
+            return materialize(tensor)
+        rank = self.parallel.rank
+        if module == "experts":
+            return self.get_submodule(".".join([*prefix, module])).load(kind, tensor)
+        if module in ("q_proj", "k_proj", "v_proj", "o_proj") and prefix[-1] == "self_attn":
+            attention = self.get_submodule(".".join(prefix))
+            d = attention.head_dim
+            if module == "o_proj":
+                return load_shard(tensor, 1, rank * attention.num_heads * d, attention.num_heads * d)
+            first, count = (rank * attention.num_heads, attention.num_heads) if module == "q_proj" else \
+                (attention.first_kv_head, attention.num_kv_heads)
+            return load_shard(tensor, 0, first * d, count * d)
+        if module in ("gate_proj", "up_proj", "down_proj") and prefix[-1] == "mlp":
+            inter = self.get_submodule(".".join(prefix)).down_proj.in_features
+            return load_shard(tensor, 1 if module == "down_proj" else 0, rank * inter, inter)
+        return materialize(tensor)
 
     def _unused_kv_weight(self, name: str) -> bool:
         parts = name.split(".")          # model.layers.N.self_attn.k_proj.weight
@@ -347,8 +406,6 @@ def expected_shards(module: nn.Module, params: dict[str, torch.Tensor]) -> set[s
 
 
 def build_model(hf_config, engine_config: EngineConfig, parallel: ParallelContext = SINGLE) -> Gemma4ForCausalLM:
-    if parallel.world_size > 1:
-        raise ValueError("gemma4 does not shard over tensor-parallel ranks yet; use --tensor-parallel-size 1")
     text = hf_config.get_text_config()
     max_positions = max(text.max_position_embeddings, engine_config.max_model_len or 0)
-    return Gemma4ForCausalLM(text, max_positions, engine_config.torch_dtype)
+    return Gemma4ForCausalLM(text, max_positions, engine_config.torch_dtype, parallel)

@@ -1,5 +1,6 @@
 """Tensor and expert parallelism on the CPU (gloo, 2 processes): the same tokens and logits as one rank through
-the real engine path, a dead worker surfaces as an error, and nothing is left running afterwards."""
+the real engine path, a dead worker surfaces as an error, and nothing is left running afterwards. (Each
+package's TP=1 parity with transformers is tested beside it, so TP=2 == TP=1 carries that over.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -27,6 +28,8 @@ CASES = {
     "qwen3-moe-expert-parallel": ("qwen3", "moe", None, {"enable_expert_parallel": True}),
     "gpt_oss-mxfp4-rows": ("gpt_oss", None, None, {}),
     "deepseek_v4-expert-parallel": ("deepseek_v4", None, None, {"enable_expert_parallel": True}),
+    # dense MLP beside experts, K=V global layers with one (replicated) KV head, logit softcap
+    "gemma4-moe-expert-parallel": ("gemma4", "moe", None, {"enable_expert_parallel": True}),
 }
 
 
@@ -66,7 +69,7 @@ def test_two_ranks_match_one_rank(case, tmp_path_factory):
     package, variant, overrides, parallel_options = CASES[case]
     path = make_tiny_checkpoint(package, tmp_path_factory.mktemp("tiny") / case, variant=variant,
                                 overrides=overrides)
-    vocab_size = 512 if package == "deepseek_v4" else 1024
+    vocab_size = 512 if package in ("deepseek_v4", "gemma4") else 1024
     options = _stress_options(package)
     one, preemptions, chunks = _generate(path, options, vocab_size)
     two, preemptions_2, chunks_2 = _generate(path, {**options, "tensor_parallel_size": 2, **parallel_options},
