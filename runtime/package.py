@@ -32,7 +32,9 @@ class CausalLM(Protocol):
 class ModelPackage:
     name: str                                                   # `run-model NAME`
     hf_architectures: tuple[str, ...]                           # config.json "architectures" it serves
-    build: Callable[[Any, EngineConfig], nn.Module]             # (hf_config, engine_config) -> CausalLM
+    # (hf_config, engine_config, parallel: runtime.parallel.ParallelContext) -> CausalLM, holding this rank's
+    # shard of every split layer; its load_weights may receive lazy slices (runtime.parallel.load_shard)
+    build: Callable[..., nn.Module]
     default_model: str | None = None                           # used when --model is omitted
     tiny_config: dict[str, Any] = field(default_factory=dict)   # an HF config.json for tests and --model tiny
     chat_template: str | None = None                            # jinja, written into tiny tokenizers
