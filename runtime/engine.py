@@ -93,9 +93,11 @@ class Engine:
             if self.workers is not None:
                 self.workers.wait_ready()
         except BaseException as exc:
-            dead = self.workers.find_dead(grace_s=1.0) if self.workers is not None else None
+            # a failed collective is explained by the worker that died; our own error speaks for itself
+            collective = isinstance(exc, RuntimeError) and not isinstance(exc, WorkerDied)
+            dead = self.workers.find_dead(grace_s=1.0) if self.workers is not None and collective else None
             self.shutdown()
-            if dead is not None and not isinstance(exc, WorkerDied):
+            if dead is not None:
                 raise WorkerDied(f"{dead}; start-up failed with {type(exc).__name__}: {exc}") from exc
             raise
 

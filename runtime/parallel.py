@@ -248,6 +248,7 @@ def worker_main(rank: int, world_size: int, config, store_port: int, plans: Conn
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     from runtime.engine import Engine                   # after spawn: the engine module imports this one
     device = _device_for(rank, config.device)
+    plans.send(("joining", None))
     parallel = _init_process_group(rank, world_size, store_port, device)
     try:
         engine = Engine(replace(config, device=device), parallel=parallel)
@@ -302,6 +303,11 @@ class Workers:
             self.pipes.append(ours)
         self._finalizer = weakref.finalize(self, _shutdown, self.processes, self.pipes)
         self.device = device
+        try:
+            self.wait_ready()                  # every worker is up (a crash at import surfaces here, not as a hang)
+        except BaseException:
+            self._finalizer()
+            raise
         self.parallel = _join(0, world_size, store, device)
         self._store = store
         self._closing = threading.Event()
@@ -310,7 +316,8 @@ class Workers:
                              daemon=True, name="worker-watch").start()
 
     def wait_ready(self) -> None:
-        """Block until every worker has built its engine (collectives at start-up pair them with ours)."""
+        """Block until every worker has sent its next start-up message ("joining" the process group, then
+        "ready" with its engine built), or raise if one died or failed."""
         for rank, pipe in enumerate(self.pipes, start=1):
             self._receive(rank, pipe)
 

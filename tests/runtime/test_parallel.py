@@ -123,6 +123,16 @@ def _workers_of(engine) -> list[psutil.Process]:
     return processes
 
 
+def test_a_model_that_cannot_be_split_fails_at_start_up_and_leaves_nothing(tiny_qwen3):
+    """4 heads over 3 ranks: every rank's build raises; the engine reports it instead of hanging."""
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    with pytest.raises(ValueError, match="not divisible by tensor_parallel_size 3"):
+        LLM(str(tiny_qwen3), device="cpu", dtype="float32", tensor_parallel_size=3)
+    left = [c for c in psutil.Process().children(recursive=True)
+            if c.pid not in before and not _gone(c) and "resource_tracker" not in " ".join(c.cmdline())]
+    assert not left                             # (multiprocessing's resource tracker stays until exit)
+
+
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "openai")),
                     reason="needs the server's packages")
 def test_server_with_workers_exits_0_on_sigterm_and_leaves_nothing(tiny_qwen3, tmp_path):
