@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.ops.sampling import (GREEDY_BELOW, apply_top_k_top_p_min_p, sample_rows, uniform_noise,  # noqa: F401
+                                  uniform_per_row)
 from runtime.structured import apply_bitmask, build_bitmask
-
-_M32 = 0xFFFFFFFF
-_GREEDY_BELOW = 1e-5    # temperatures under this sample greedily: logits / 1e-40 overflow to inf, softmax to NaN
 
 
 @dataclass(slots=True)
@@ -105,53 +104,6 @@ def apply_penalties(logits: torch.Tensor, penalties: tuple[torch.Tensor, ...]) -
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
 
 
-def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
-                            min_p: torch.Tensor | None) -> torch.Tensor:
-    """Mask (to -inf) the tokens each row's filters remove. top_k 0 = off; ties at the k-th value are kept.
-    top-p keeps the smallest prefix of tokens by descending probability whose mass reaches p."""
-    if top_k is not None:
-        k = torch.where(top_k > 0, top_k, logits.shape[-1])
-        kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = torch.cumsum(probs, dim=-1) - probs
-        # top_p 1 is off: the fp32 running sum can reach 1.0 before the tail ends, which would cut the tail.
-        remove_sorted = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
-        remove_sorted[:, 0] = False
-        logits = logits.masked_fill(torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted), float("-inf"))
-    if min_p is not None:
-        probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
-    return logits
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash on int64 tensors; multipliers stay below 2**31 so nothing overflows."""
-    x = x & _M32
-    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
-    x = ((x ^ (x >> 15)) * 0x5BD1E995) & _M32
-    return x ^ (x >> 16)
-
-
-def uniform_per_row(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """[rows] uniforms in (0, 1) for the acceptance test of speculative decoding, a pure function of
-    (seed, step) and independent of the token race's noise (a different salt)."""
-    key = _mix32(_mix32(seeds ^ (seeds >> 32)) ^ _mix32(steps + 0x7F4A7C15)) ^ 0x2545F491
-    return ((_mix32(key) >> 9).float() + 0.5) / float(1 << 23)          # 23 bits: never rounds to 1
-
-
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[rows, vocab] uniforms in (0, 1), a pure function of (seed, step, token id)."""
-    row_key = _mix32(_mix32(seeds ^ (seeds >> 32)) ^ _mix32(steps + 0x9E3779B9))[:, None]   # [rows, 1]
-    token_key = _mix32(torch.arange(vocab_size, device=seeds.device) + 0x632BE5AB)[None, :]  # [1, vocab]
-    # 23 bits, so that bits + 0.5 is exact in fp32: with 24, the top code word rounds up to u = 1, whose
-    # -log(u) = -0 turns a masked token's 0 probability into NaN, and argmax picks the NaN.
-    bits = _mix32(row_key ^ token_key) >> 9                                                # 23 random bits
-    return (bits.float() + 0.5) / float(1 << 23)
-
-
 def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor | None = None) -> SamplerOutput:
     """logits [rows, vocab] fp32 -> one token per row.
 
@@ -169,29 +121,22 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor |
         logits = logits.index_put(batch.banned, logits.new_full((), float("-inf")))
     if batch.grammar is not None:
         logits = apply_bitmask(logits, batch.grammar)
-    greedy_tokens = logits.argmax(dim=-1)
     has_draft = draft_ids >= 0 if draft_ids is not None else None
     if batch.all_greedy:
-        token_ids = greedy_tokens
+        token_ids = logits.argmax(dim=-1)
         if has_draft is not None:
-            accepted = has_draft & (greedy_tokens == draft_ids)
+            accepted = has_draft & (token_ids == draft_ids)
     else:
-        greedy_rows = batch.temperature < _GREEDY_BELOW
-        temperature = torch.where(greedy_rows, 1.0, batch.temperature)
-        scaled = apply_top_k_top_p_min_p(logits / temperature[:, None],
-                                         batch.top_k if batch.use_top_k else None,
-                                         batch.top_p if batch.use_top_p else None,
-                                         batch.min_p if batch.use_min_p else None)
-        probs = torch.softmax(scaled, dim=-1)
-        race = probs / -torch.log(uniform_noise(batch.seeds, batch.steps, logits.shape[-1]))
-        random_tokens = race.argmax(dim=-1)
+        greedy_rows = batch.temperature < GREEDY_BELOW
+        rows = sample_rows(logits, batch.temperature, batch.top_k if batch.use_top_k else None,
+                           batch.top_p if batch.use_top_p else None, batch.min_p if batch.use_min_p else None,
+                           batch.seeds, batch.steps, exclude=draft_ids)
+        random_tokens = rows.random                   # with a draft: the race without it (the residual)
         if has_draft is not None:
-            draft = draft_ids.clamp(min=0)[:, None]                                   # [rows, 1]
-            accept_random = uniform_per_row(batch.seeds, batch.steps) < probs.gather(1, draft).squeeze(1)
-            residual = race.scatter(1, draft, 0.0).argmax(dim=-1)                     # p without the draft
-            random_tokens = torch.where(has_draft, torch.where(accept_random, draft_ids, residual), random_tokens)
-            accepted = has_draft & torch.where(greedy_rows, greedy_tokens == draft_ids, accept_random)
-        token_ids = torch.where(greedy_rows, greedy_tokens, random_tokens)
+            accept_random = uniform_per_row(batch.seeds, batch.steps) < rows.excluded_prob
+            random_tokens = torch.where(has_draft & accept_random, draft_ids, random_tokens)
+            accepted = has_draft & torch.where(greedy_rows, rows.greedy == draft_ids, accept_random)
+        token_ids = torch.where(greedy_rows, rows.greedy, random_tokens)
     if raw_logprobs is not None:
         sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
         top_logprobs, top_ids = torch.topk(raw_logprobs, batch.max_logprobs, dim=-1)
