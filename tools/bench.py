@@ -7,8 +7,11 @@
     latency     batch 1, 128-token prompt, 256 new tokens: TTFT, TPOT, decode tok/s, vs the roofline
     throughput  256 requests, prompt and output lengths uniform in [100, 1024], seed 0, ignore_eos
                 (nano-vllm's / vLLM's protocol): output tok/s
+    sampling    the sampler alone on 256 rows x 152k vocabulary: greedy, the torch reference, the Triton kernel
 Both GPU workloads also run through transformers in the same process (--hf), and print the roofline:
 the bytes one decode step must read (weights touched + KV) over the copy bandwidth measured in the run.
+latency, throughput and profile run greedy and then the sampling workload (temperature 0.8, top-p 0.95,
+top-k 50), reported as the sampling_* fields (--sampling greedy|sampling|both).
 
     python tools/bench.py latency --model Qwen/Qwen3-8B --arch qwen3 --load-format dummy --hf
 """
@@ -163,6 +166,24 @@ def decode_step_bytes(model: torch.nn.Module, hf_config, batch: int, context_len
     return total + batch * context_len * kv_bytes_per_token
 
 
+SAMPLING_WORKLOAD = dict(temperature=0.8, top_p=0.95, top_k=50)
+
+
+def _modes(args: argparse.Namespace) -> list[str]:
+    return ["greedy", "sampling"] if args.sampling == "both" else [args.sampling]
+
+
+def _params(mode: str, **fields) -> "SamplingParams":
+    """The greedy workload, or the sampling one; its seed fixed so that runs repeat."""
+    if mode == "greedy":
+        return SamplingParams(temperature=0.0, **fields)
+    return SamplingParams(**SAMPLING_WORKLOAD, seed=0, **fields)
+
+
+def _prefixed(mode: str, result: dict) -> dict:
+    return result if mode == "greedy" else {f"sampling_{k}": v for k, v in result.items()}
+
+
 def _kv_bytes_per_token(engine) -> int:
     return sum(len(g.layers) * g.spec.entry_bytes // g.spec.tokens_per_entry for g in engine.kv.groups)
 
@@ -208,24 +229,26 @@ def hf_generate_seconds(hf_model, prompts: list[list[int]], max_new_tokens: int,
 
 
 def bench_latency(args: argparse.Namespace) -> dict:
-    from runtime import LLM, SamplingParams
+    from runtime import LLM
     llm = LLM(args.model, **_engine_options(args))
     engine = llm.engine
     rng = random.Random(0)
     prompt = [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(args.prompt_len)]
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    _timed_steps(engine, [(prompt, params)])                                       # warm-up
-    # TTFT: a request that stops after its first token; with async scheduling the first step only
-    # launches, so a step's duration is not a token's latency. TPOT: the rest of a full run, per token.
-    _, ttft = _timed_steps(engine, [(prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))])
-    _, total = _timed_steps(engine, [(prompt, params)])
-    tpot = (total - ttft) / (args.output_len - 1)
     bandwidth = copy_bandwidth(engine.device)
     step_bytes = decode_step_bytes(engine.model, engine.hf_config, 1, args.prompt_len + args.output_len // 2,
                                    _kv_bytes_per_token(engine))
-    result = dict(workload="latency", model=args.model, ttft_ms=ttft * 1e3, tpot_ms=tpot * 1e3,
-                  decode_tok_s=1.0 / tpot, bandwidth_tb_s=bandwidth / 1e12, step_gb=step_bytes / 1e9,
-                  roofline_tok_s=bandwidth / step_bytes, fraction_of_roofline=(step_bytes / bandwidth) / tpot)
+    result = dict(workload="latency", model=args.model, bandwidth_tb_s=bandwidth / 1e12, step_gb=step_bytes / 1e9,
+                  roofline_tok_s=bandwidth / step_bytes)
+    for mode in _modes(args):
+        params = _params(mode, max_tokens=args.output_len, ignore_eos=True)
+        _timed_steps(engine, [(prompt, params)])                                   # warm-up
+        # TTFT: a request that stops after its first token; with async scheduling the first step only
+        # launches, so a step's duration is not a token's latency. TPOT: the rest of a full run, per token.
+        _, ttft = _timed_steps(engine, [(prompt, _params(mode, max_tokens=1, ignore_eos=True))])
+        _, total = _timed_steps(engine, [(prompt, params)])
+        tpot = (total - ttft) / (args.output_len - 1)
+        result.update(_prefixed(mode, dict(ttft_ms=ttft * 1e3, tpot_ms=tpot * 1e3, decode_tok_s=1.0 / tpot,
+                                           fraction_of_roofline=(step_bytes / bandwidth) / tpot)))
     if args.hf:
         del llm, engine
         torch.cuda.empty_cache()
@@ -302,18 +325,21 @@ def throughput_workload(vocab_size: int, num_requests: int, low: int, high: int,
 
 
 def bench_throughput(args: argparse.Namespace) -> dict:
-    from runtime import LLM, SamplingParams
+    from runtime import LLM
     llm = LLM(args.model, **_engine_options(args))
     engine = llm.engine
     prompts, output_lens = throughput_workload(engine.vocab_size, args.num_requests, args.min_len, args.max_len)
-    requests = [(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, output_lens)]
-    _timed_steps(engine, requests[:8])                                             # warm-up
-    _, total = _timed_steps(engine, requests)
     output_tokens = sum(output_lens)
-    result = dict(workload="throughput", model=args.model, requests=len(requests), output_tokens=output_tokens,
-                  seconds=total, output_tok_s=output_tokens / total,
-                  total_tok_s=(output_tokens + sum(map(len, prompts))) / total,
-                  preemptions=engine.scheduler.stats.num_preemptions)
+    result = dict(workload="throughput", model=args.model, requests=len(prompts), output_tokens=output_tokens)
+    for mode in _modes(args):
+        requests = [(p, _params(mode, max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, output_lens)]
+        _timed_steps(engine, requests[:8])                                         # warm-up
+        preempted = engine.scheduler.stats.num_preemptions
+        _, total = _timed_steps(engine, requests)
+        result.update(_prefixed(mode, dict(
+            seconds=total, output_tok_s=output_tokens / total,
+            total_tok_s=(output_tokens + sum(map(len, prompts))) / total,
+            preemptions=engine.scheduler.stats.num_preemptions - preempted)))
     if args.hf:
         del llm, engine
         torch.cuda.empty_cache()
@@ -330,27 +356,44 @@ def bench_profile(args: argparse.Namespace) -> dict:
     it, and the kernels that take the time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from runtime import LLM, SamplingParams
+    from runtime import LLM
     llm = LLM(args.model, **_engine_options(args))
     engine = llm.engine
     rng = random.Random(0)
-    params = SamplingParams(temperature=0.0, max_tokens=args.steps + 64, ignore_eos=True)
-    for i in range(args.batch):
-        engine.add_request(f"p{i}", [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(args.prompt_len)],
-                           params)
-    while any(r.num_output_tokens < 8 for r in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()                                                          # prefill, then settle into decode
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            engine.step()
+    result = dict(workload="profile", model=args.model, batch=args.batch)
+    for mode in _modes(args):
+        params = _params(mode, max_tokens=args.steps + 64, ignore_eos=True)
+        for i in range(args.batch):
+            engine.add_request(f"{mode}{i}", [rng.randrange(1000, engine.vocab_size - 1000)
+                                              for _ in range(args.prompt_len)], params)
+        while any(r.num_output_tokens < 8 for r in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.step()                                                      # prefill, then settle into decode
         torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) / args.steps
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / args.steps
+        while engine.has_unfinished():
+            engine.step()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_per_step = _busy_seconds(kernels) / args.steps
+        print(f"--- {mode}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top))
+        if args.trace:
+            prof.export_chrome_trace(args.trace.replace(".json", f".{mode}.json"))
+        result.update(_prefixed(mode, dict(step_ms=wall * 1e3, gpu_busy_ms=busy_per_step * 1e3,
+                                           gpu_idle_fraction=1.0 - busy_per_step / wall,
+                                           kernels_per_step=len(kernels) / args.steps)))
+    return result
+
+
+def _busy_seconds(kernels: list) -> float:
+    """The union of the kernels' time intervals."""
     intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, current_start, current_end = 0.0, None, None
-    for begin, end in intervals:                                               # union of kernel intervals
+    for begin, end in intervals:
         if current_end is None or begin > current_end:
             if current_end is not None:
                 busy += current_end - current_start
@@ -359,13 +402,50 @@ def bench_profile(args: argparse.Namespace) -> dict:
             current_end = max(current_end, end)
     if current_end is not None:
         busy += current_end - current_start
-    busy_per_step = busy / 1e6 / args.steps                                    # us -> s
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top))
-    if args.trace:
-        prof.export_chrome_trace(args.trace)
-    return dict(workload="profile", model=args.model, batch=args.batch, step_ms=wall * 1e3,
-                gpu_busy_ms=busy_per_step * 1e3, gpu_idle_fraction=1.0 - busy_per_step / wall,
-                kernels_per_step=len(kernels) / args.steps)
+    return busy / 1e6                                                          # us -> s
+
+
+def bench_sampling(args: argparse.Namespace) -> dict:
+    """The sampler alone: `rows` x `vocab` fp32 logits (normal, std --scale), median device time of greedy
+    argmax, the torch reference and the Triton kernel per filter setting; the kernel's tokens must equal
+    the reference's (same hashed noise)."""
+    from runtime.ops.sampling import sample_rows_ref, sample_rows_triton
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(args.rows, args.vocab, device="cuda", generator=generator) * args.scale
+    rows = args.rows
+
+    def full(value, dtype):
+        return torch.full((rows,), value, dtype=dtype, device="cuda")
+
+    settings = {"t0.8 k50 p0.95": (50, 0.95, 0.0), "t0.8": (0, 1.0, 0.0), "t0.8 k50": (50, 1.0, 0.0),
+                "t0.8 p0.95": (0, 0.95, 0.0), "t0.8 min_p0.1": (0, 1.0, 0.1)}
+    result = dict(workload="sampling", rows=rows, vocab=args.vocab, scale=args.scale,
+                  greedy_ms=_device_ms(lambda: logits.argmax(dim=-1)))
+    seeds, steps = torch.arange(rows, device="cuda"), full(7, torch.int64)
+    for name, (k, p, min_p) in settings.items():
+        inputs = (logits, full(0.8, torch.float32), full(k, torch.int64) if k else None,
+                  full(p, torch.float32) if p < 1 else None, full(min_p, torch.float32) if min_p else None,
+                  seeds, steps)
+        reference = sample_rows_ref(*inputs)
+        kernel = sample_rows_triton(*inputs)
+        result[f"{name}: torch_ms"] = _device_ms(lambda: sample_rows_ref(*inputs))
+        result[f"{name}: triton_ms"] = _device_ms(lambda: sample_rows_triton(*inputs))
+        result[f"{name}: same_tokens"] = int((kernel.random == reference.random).sum())
+    return result
+
+
+def _device_ms(fn, repeats: int = 20) -> float:
+    """Median milliseconds of `fn` on the device (CUDA events), after two warm-up calls."""
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def _gpu_args(parser: argparse.ArgumentParser) -> None:
@@ -382,6 +462,8 @@ def _gpu_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", action="store_true", help="also run transformers on the same workload")
     parser.add_argument("--hf-mode", default="static", choices=["default", "static", "compile"])
     parser.add_argument("--json", help="append the result as one JSON line to this file")
+    parser.add_argument("--sampling", default="both", choices=["greedy", "sampling", "both"],
+                        help="greedy, the sampling workload (temperature 0.8, top-p 0.95, top-k 50), or both")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--steps", type=int, default=30)
     prof.add_argument("--top", type=int, default=20)
     prof.add_argument("--trace", help="write a chrome trace here")
+    sampling = sub.add_parser("sampling", help="the sampler alone, 256 x 152k: greedy, torch, Triton (GPU)")
+    sampling.add_argument("--rows", type=int, default=256)
+    sampling.add_argument("--vocab", type=int, default=151936)
+    sampling.add_argument("--scale", type=float, default=2.5, help="std of the random logits")
+    sampling.add_argument("--json", help="append the result as one JSON line to this file")
     bench_serve.add_arguments(sub.add_parser("serve", help="an OpenAI server under concurrent streaming clients"))
     return parser
 
@@ -427,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_gpu_workload(args: argparse.Namespace) -> dict:
     """One GPU workload (latency | spec | throughput | profile) -> its result record."""
     workloads = {"latency": bench_latency, "spec": bench_spec, "throughput": bench_throughput,
-                 "profile": bench_profile}
+                 "profile": bench_profile, "sampling": bench_sampling}
     result = workloads[args.command](args)
     result.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
                   command="python tools/bench.py " + " ".join(args.argv))
