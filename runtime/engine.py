@@ -298,7 +298,7 @@ class Engine:
         """Launch the next step plan; return outputs of finished prompts, and of streaming prompts that
         moved. With async scheduling the step launched here is read back by the next call, after it has
         launched its own, so the host work of one step overlaps the device work of the other. Steps that
-        verify drafts, and steps whose sampling reads token values on the host (penalties), are read back
+        verify drafts, and steps whose sampling reads token values on the host (grammars), are read back
         at once: the next plan depends on what they accept."""
         plan = self.scheduler.schedule()
         self.last_step_stats = StepStats()
@@ -308,7 +308,7 @@ class Engine:
         outputs = self._read_back(previous) if previous is not None else []
         if launched is None or not plan.request_ids:
             return outputs
-        overlap = self.config.async_scheduling and not launched.uses_penalties and not self.speculative
+        overlap = self.config.async_scheduling and not launched.reads_host_tokens and not self.speculative
         if overlap:
             # after _read_back: the tokens this plan computed are all real now, and only those get hashed
             self.scheduler.finish_step(plan)
@@ -379,15 +379,15 @@ class Engine:
 
     def _propose_drafts(self, out: StepOutput) -> None:
         """Drafts for the next step (the package drafter's, or ngram's), for every running request whose
-        next token is a decode. Requests
-        that read their own history when sampling (penalties), or follow a grammar (structured outputs: the
-        matcher cannot roll back rejected drafts yet), take no drafts: they decode one token at a time."""
+        next token is a decode. Requests that follow a grammar (structured outputs: the matcher cannot roll
+        back rejected drafts yet) take no drafts: they decode one token at a time. Penalties may: each
+        verification row counts the drafts before it."""
         spec = self.speculative
         model_drafts = dict(zip(out.request_ids, out.drafts or []))
         for request in self.scheduler.running:
             params = request.params
             room = min(params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
-            if (room < 1 or request.num_tokens - request.num_computed_tokens != 1 or params.has_penalties
+            if (room < 1 or request.num_tokens - request.num_computed_tokens != 1
                     or params.structured_outputs is not None):
                 continue
             k = min(spec.num_speculative_tokens, room)

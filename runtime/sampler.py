@@ -32,10 +32,12 @@ class SamplingBatch:
 
     @classmethod
     def from_requests(cls, requests: list, vocab_size: int, device: torch.device,
-                      step_offsets: list[int] | None = None) -> "SamplingBatch":
+                      step_offsets: list[int] | None = None,
+                      token_counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> "SamplingBatch":
         """One row per entry of `requests` (anything with params, seed, token ids and output counts). A
         request verifying k drafts appears k + 1 times, `step_offsets` 0..k: row i samples its output
-        token number num_output_tokens + i."""
+        token number num_output_tokens + i. Penalties read `token_counts` (output counts, seen), per row,
+        where the caller keeps them on the device; otherwise they are counted here from the token ids."""
         params = [r.params for r in requests]
         offsets = step_offsets or [0] * len(requests)
         pin = device.type == "cuda"
@@ -47,7 +49,11 @@ class SamplingBatch:
         all_greedy = all(p.greedy for p in params)
         top_k = [min(p.top_k, vocab_size) for p in params]
         penalties = None
-        if any(p.has_penalties for p in params):
+        if any(p.has_penalties for p in params) and token_counts is not None:
+            penalties = (as_tensor([p.presence_penalty for p in params], torch.float32),
+                         as_tensor([p.frequency_penalty for p in params], torch.float32),
+                         as_tensor([p.repetition_penalty for p in params], torch.float32), *token_counts)
+        elif any(p.has_penalties for p in params):
             counts = torch.zeros(len(requests), vocab_size, dtype=torch.float32, device=device)
             seen = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
             for row, r in enumerate(requests):
@@ -84,6 +90,53 @@ class SamplingBatch:
             banned=(as_tensor(banned_rows, torch.int64), as_tensor(banned_tokens, torch.int64)) if banned_rows else None,
             grammar=build_bitmask([getattr(r, "matcher", None) for r in requests], vocab_size, device),
         )
+
+
+class TokenCounts:
+    """What penalties read, per request row and on the device: how often each token was emitted
+    ([rows, vocab] fp32) and whether it is in the prompt or the output ([rows, vocab] bool). A row is
+    written from the request's history when it joins, then updated on the device from each step's emitted
+    tokens: sampling with penalties never waits for the host to learn the last tokens, so async scheduling
+    stays on. Allocated when the first request with penalties joins; one extra row takes the updates of
+    tokens that were not emitted (rejected verification rows)."""
+
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device):
+        self.max_rows, self.vocab_size, self.device = max_rows, vocab_size, device
+        self.counts: torch.Tensor | None = None       # [max_rows + 1, vocab] fp32
+        self.seen: torch.Tensor | None = None         # [max_rows + 1, vocab] bool
+
+    def reset(self, row: int, token_ids: list[int], num_prompt_tokens: int) -> None:
+        if self.counts is None:
+            shape = (self.max_rows + 1, self.vocab_size)
+            self.counts = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            self.seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        host = torch.tensor(token_ids, dtype=torch.int64)
+        ids = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        self.counts[row].zero_()
+        self.counts[row].index_add_(0, ids[num_prompt_tokens:], torch.ones_like(ids[num_prompt_tokens:],
+                                                                                 dtype=torch.float32))
+        self.seen[row].zero_()
+        self.seen[row, ids] = True
+
+    def add(self, rows: torch.Tensor, tokens: torch.Tensor, emitted: torch.Tensor | None = None) -> None:
+        """Count `tokens` [n] in `rows` [n]; where `emitted` is False, nowhere."""
+        if self.counts is None:
+            return
+        if emitted is not None:
+            rows = torch.where(emitted, rows, self.max_rows)
+        self.counts.index_put_((rows, tokens), self.counts.new_ones(()).expand(rows.shape), accumulate=True)
+        self.seen.index_put_((rows, tokens), self.seen.new_ones(()))
+
+    def gather(self, rows: torch.Tensor, extra_rows: torch.Tensor | None = None,
+               extra_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counts, seen) [len(rows), vocab] of `rows`, plus one emission of each (extra row, extra token):
+        a verification row also counts the drafts before it."""
+        counts, seen = self.counts.index_select(0, rows), self.seen.index_select(0, rows)
+        if extra_rows is not None and len(extra_rows):
+            counts.index_put_((extra_rows, extra_tokens), counts.new_ones(()).expand(extra_rows.shape),
+                              accumulate=True)
+            seen.index_put_((extra_rows, extra_tokens), seen.new_ones(()))
+        return counts, seen
 
 
 @dataclass(slots=True)

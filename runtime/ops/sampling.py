@@ -167,7 +167,7 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         temperature = tl.load(temperature_ptr + row)
         temperature = tl.where(temperature < greedy_below, 1.0, temperature)
-        k = tl.load(top_k_ptr + row).to(tl.int32)
+        k = tl.maximum(tl.load(top_k_ptr + row).to(tl.int32), 0)       # -1 is off too
         p = tl.load(top_p_ptr + row)
         min_p = tl.load(min_p_ptr + row)
         exclude = tl.load(exclude_ptr + row).to(tl.int32)
