@@ -5,6 +5,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,16 @@ from runtime.tiny import ensure_tiny
 from runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("run-model")
+
+
+def cpu_threads() -> int:
+    """Threads for the CPU path: RUN_MODEL_CPU_THREADS, else the cores this process may run on less one,
+    which the host side (the engine loop between ops, a server's event loop and tokenizer) keeps. A
+    thread pool wider than the free cores stalls at every op's barrier waiting for a descheduled thread."""
+    if os.environ.get("RUN_MODEL_CPU_THREADS"):
+        return max(1, int(os.environ["RUN_MODEL_CPU_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
 
 
 @contextlib.contextmanager
@@ -100,6 +111,8 @@ class Engine:
         self.max_model_len = config.resolve_max_model_len(text_config)
         self.vocab_size = text_config.vocab_size
         self.device, self.dtype = config.torch_device, config.torch_dtype
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads())
 
         with explain_wrong_architecture(self.package, self.hf_config, path), _default_dtype(self.dtype), self.device:
             model = self.package.build(self.hf_config, config)

@@ -8,6 +8,8 @@
     throughput  256 requests, prompt and output lengths uniform in [100, 1024], seed 0, ignore_eos
                 (nano-vllm's / vLLM's protocol): output tok/s
     sampling    the sampler alone on 256 rows x 152k vocabulary: greedy, the torch reference, the Triton kernel
+    cpu         the CPU path against transformers' generate in the same process (same config, dummy weights):
+                batch-1 decode after a 400-token prompt, and 8 mixed prompts at once vs one by one
 Both GPU workloads also run through transformers in the same process (--hf), and print the roofline:
 the bytes one decode step must read (weights touched + KV) over the copy bandwidth measured in the run.
 latency, throughput and profile run greedy and then the sampling workload (temperature 0.8, top-p 0.95,
@@ -434,6 +436,73 @@ def bench_sampling(args: argparse.Namespace) -> dict:
     return result
 
 
+def bench_cpu(args: argparse.Namespace) -> dict:
+    """Greedy, no early stop, same config and dtype for both; seconds of whole generate calls after a
+    warm-up (transformers' default dynamic cache and SDPA attention)."""
+    from transformers import AutoModelForCausalLM
+
+    from runtime import LLM
+    from runtime.loader import load_hf_config, resolve_model_path
+    if args.threads:
+        os.environ["RUN_MODEL_CPU_THREADS"] = str(args.threads)
+    llm = LLM(args.model, arch=args.arch, device="cpu", dtype=args.dtype, load_format="dummy",
+              skip_tokenizer_init=True, max_model_len=args.context_len + args.output_len + 64)
+    vocab = llm.engine.vocab_size
+    rng = random.Random(0)
+    low, high = min(1000, vocab // 4), max(vocab - 1000, vocab * 3 // 4)
+    prompt = [rng.randrange(low, high) for _ in range(args.context_len)]
+    mixed_lens = [rng.randint(16, args.context_len) for _ in range(args.num_prompts)]
+    mixed = [[rng.randrange(low, high) for _ in range(n)] for n in mixed_lens]
+    params = _params("greedy", max_tokens=args.output_len, ignore_eos=True)
+
+    def ours(prompts: list[list[int]]) -> float:
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    ours([prompt[:32]])                                                        # warm-up
+    # batch 1: decode time = the full request minus a 1-token request of the same prompt (its prefill)
+    single = ours([prompt])
+    prefill = _timed_prefill(llm, prompt)
+    result = dict(workload="cpu", model=args.model, dtype=args.dtype, threads=torch.get_num_threads(),
+                  context_len=args.context_len, output_len=args.output_len,
+                  decode_tok_s=(args.output_len - 1) / (single - prefill), mixed_prompt_lens=mixed_lens,
+                  mixed_seconds=ours(mixed))
+    del llm
+    config = load_hf_config(resolve_model_path(args.model))
+    hf_model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
+
+    def theirs(prompt_ids: list[int], new_tokens: int) -> float:
+        ids = torch.tensor([prompt_ids])
+        start = time.perf_counter()
+        with torch.inference_mode():
+            hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - start
+
+    theirs(prompt[:32], 4)                                                     # warm-up
+    hf_single, hf_prefill = theirs(prompt, args.output_len), theirs(prompt, 1)
+    result.update(hf_decode_tok_s=(args.output_len - 1) / (hf_single - hf_prefill),
+                  hf_mixed_seconds=sum(theirs(p, args.output_len) for p in mixed))
+    result.update(decode_speedup=result["decode_tok_s"] / result["hf_decode_tok_s"],
+                  mixed_speedup=result["hf_mixed_seconds"] / result["mixed_seconds"])
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def _timed_prefill(llm, prompt: list[int]) -> float:
+    start = time.perf_counter()
+    llm.generate([prompt], _params("greedy", max_tokens=1, ignore_eos=True), use_tqdm=False)
+    return time.perf_counter() - start
+
+
 def _device_ms(fn, repeats: int = 20) -> float:
     """Median milliseconds of `fn` on the device (CUDA events), after two warm-up calls."""
     fn(), fn()
@@ -507,6 +576,16 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--vocab", type=int, default=151936)
     sampling.add_argument("--scale", type=float, default=2.5, help="std of the random logits")
     sampling.add_argument("--json", help="append the result as one JSON line to this file")
+    cpu = sub.add_parser("cpu", help="the CPU path vs transformers' generate, same process (CPU)")
+    cpu.add_argument("--model", default=str(Path(__file__).resolve().parent / "configs" / "qwen3-0.6b"))
+    cpu.add_argument("--arch", default=None)
+    cpu.add_argument("--dtype", default="float32")
+    cpu.add_argument("--context-len", type=int, default=400)
+    cpu.add_argument("--output-len", type=int, default=32)
+    cpu.add_argument("--num-prompts", type=int, default=8)
+    cpu.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = the engine's choice, "
+                     "runtime.engine.cpu_threads)")
+    cpu.add_argument("--json", help="append the result as one JSON line to this file")
     bench_serve.add_arguments(sub.add_parser("serve", help="an OpenAI server under concurrent streaming clients"))
     return parser
 
@@ -531,6 +610,14 @@ def main() -> int:
         return 0
     if args.command == "kv":
         bench_kv(args)
+        return 0
+    if args.command == "cpu":
+        result = bench_cpu(args)
+        result.update(cpu=_cpu_name(), date=time.strftime("%Y-%m-%d"), command="python tools/bench.py " + " ".join(args.argv))
+        print(json.dumps(result))
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(result) + "\n")
         return 0
     if not torch.cuda.is_available():
         print(f"error: `bench.py {args.command}` measures a GPU, and this torch ({torch.__version__}) has no CUDA "
