@@ -452,9 +452,11 @@ def bench_sampling(args: argparse.Namespace) -> dict:
 
 
 def bench_cpu(args: argparse.Namespace) -> dict:
-    """Greedy, no early stop, same config and dtype for both; seconds of whole generate calls after a
-    warm-up (transformers' default dynamic cache and SDPA attention)."""
-    from transformers import AutoModelForCausalLM
+    """Greedy, no early stop, same config and dtype for both, both models built up front. Batch-1 decode:
+    seconds per token after the first (ours: the engine's steps; transformers: time stamps between its
+    tokens), best of --repeats alternating runs. Mixed: 8 prompts in one generate call against
+    transformers one by one (its default dynamic cache and SDPA attention)."""
+    from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
     from runtime import LLM
     from runtime.loader import load_hf_config, resolve_model_path
@@ -462,7 +464,9 @@ def bench_cpu(args: argparse.Namespace) -> dict:
         os.environ["RUN_MODEL_CPU_THREADS"] = str(args.threads)
     llm = LLM(args.model, arch=args.arch, device="cpu", dtype=args.dtype, load_format="dummy",
               skip_tokenizer_init=True, max_model_len=args.context_len + args.output_len + 64)
-    vocab = llm.engine.vocab_size
+    engine, vocab = llm.engine, llm.engine.vocab_size
+    config = load_hf_config(resolve_model_path(args.model))
+    hf_model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
     rng = random.Random(0)
     low, high = min(1000, vocab // 4), max(vocab - 1000, vocab * 3 // 4)
     prompt = [rng.randrange(low, high) for _ in range(args.context_len)]
@@ -470,38 +474,46 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     mixed = [[rng.randrange(low, high) for _ in range(n)] for n in mixed_lens]
     params = _params("greedy", max_tokens=args.output_len, ignore_eos=True)
 
-    def ours(prompts: list[list[int]]) -> float:
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - start
+    class Stamps(StoppingCriteria):
+        def __init__(self):
+            self.times = []
 
-    ours([prompt[:32]])                                                        # warm-up
-    # batch 1: decode time = the full request minus a 1-token request of the same prompt (its prefill)
-    single = ours([prompt])
-    prefill = _timed_prefill(llm, prompt)
-    result = dict(workload="cpu", model=args.model, dtype=args.dtype, threads=torch.get_num_threads(),
-                  context_len=args.context_len, output_len=args.output_len,
-                  decode_tok_s=(args.output_len - 1) / (single - prefill), mixed_prompt_lens=mixed_lens,
-                  mixed_seconds=ours(mixed))
-    del llm
-    config = load_hf_config(resolve_model_path(args.model))
-    hf_model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    def theirs(prompt_ids: list[int], new_tokens: int) -> float:
-        ids = torch.tensor([prompt_ids])
-        start = time.perf_counter()
+    def theirs(prompt_ids: list[int], new_tokens: int) -> list[float]:
+        """Time stamps of each new token."""
+        ids, stamps = torch.tensor([prompt_ids]), Stamps()
         with torch.inference_mode():
             hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - start
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                              stopping_criteria=StoppingCriteriaList([stamps]))
+        return stamps.times
 
-    theirs(prompt[:32], 4)                                                     # warm-up
-    hf_single, hf_prefill = theirs(prompt, args.output_len), theirs(prompt, 1)
-    result.update(hf_decode_tok_s=(args.output_len - 1) / (hf_single - hf_prefill),
-                  hf_mixed_seconds=sum(theirs(p, args.output_len) for p in mixed))
-    result.update(decode_speedup=result["decode_tok_s"] / result["hf_decode_tok_s"],
-                  mixed_speedup=result["hf_mixed_seconds"] / result["mixed_seconds"])
-    return result
+    llm.generate([prompt[:32]], params, use_tqdm=False)                        # warm-ups
+    theirs(prompt[:32], 4)
+    ours_per_token, theirs_per_token = [], []
+    for _ in range(args.repeats):
+        step_times = _timed_steps(engine, [(prompt, params)])[0]
+        ours_per_token.append(sum(step_times[1:]) / (args.output_len - 1))    # step 0: prefill + token 1
+        stamps = theirs(prompt, args.output_len)
+        theirs_per_token.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+    start = time.perf_counter()
+    llm.generate(mixed, params, use_tqdm=False)
+    mixed_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for p in mixed:
+        theirs(p, args.output_len)
+    hf_mixed_seconds = time.perf_counter() - start
+    return dict(workload="cpu", model=args.model, dtype=args.dtype, threads=torch.get_num_threads(),
+                context_len=args.context_len, output_len=args.output_len,
+                decode_tok_s=1 / min(ours_per_token), hf_decode_tok_s=1 / min(theirs_per_token),
+                decode_speedup=min(theirs_per_token) / min(ours_per_token), mixed_prompt_lens=mixed_lens,
+                mixed_seconds=mixed_seconds, hf_mixed_seconds=hf_mixed_seconds,
+                mixed_speedup=hf_mixed_seconds / mixed_seconds,
+                per_token_ms=[round(t * 1e3, 1) for t in ours_per_token],
+                hf_per_token_ms=[round(t * 1e3, 1) for t in theirs_per_token])
 
 
 def _cpu_name() -> str:
@@ -510,12 +522,6 @@ def _cpu_name() -> str:
         return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     except (OSError, StopIteration):
         return "unknown CPU"
-
-
-def _timed_prefill(llm, prompt: list[int]) -> float:
-    start = time.perf_counter()
-    llm.generate([prompt], _params("greedy", max_tokens=1, ignore_eos=True), use_tqdm=False)
-    return time.perf_counter() - start
 
 
 def _device_ms(fn, repeats: int = 20) -> float:
@@ -599,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--context-len", type=int, default=400)
     cpu.add_argument("--output-len", type=int, default=32)
     cpu.add_argument("--num-prompts", type=int, default=8)
+    cpu.add_argument("--repeats", type=int, default=2, help="alternating batch-1 runs of each; the best counts")
     cpu.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = the engine's choice, "
                      "runtime.engine.cpu_threads)")
     cpu.add_argument("--json", help="append the result as one JSON line to this file")
