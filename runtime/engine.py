@@ -5,6 +5,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,18 @@ from runtime.tiny import ensure_tiny
 from runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("run-model")
+
+
+def cpu_threads(world_size: int = 1) -> int:
+    """Threads for the CPU path: RUN_MODEL_CPU_THREADS or OMP_NUM_THREADS, else this rank's share of the
+    cores this process may run on, less one, which the host side (the engine loop between ops, a server's
+    event loop and tokenizer) keeps. A thread pool wider than the free cores stalls at every op's barrier
+    waiting for a descheduled thread."""
+    for name in ("RUN_MODEL_CPU_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(name, "").isdigit():
+            return max(1, int(os.environ[name]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // world_size - 1)
 
 
 @contextlib.contextmanager
@@ -125,6 +138,8 @@ class Engine:
                 self.speculative.method in self.package.drafter_methods:
             raise ValueError(f"speculative method {self.speculative.method!r} (the model's own drafter) does not "
                              "run with tensor parallelism yet; use ngram or --tensor-parallel-size 1")
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(parallel.world_size))
 
         with explain_wrong_architecture(self.package, self.hf_config, path), _default_dtype(self.dtype), self.device:
             model = self.package.build(self.hf_config, config, parallel)
@@ -327,7 +342,7 @@ class Engine:
         """Launch the next step plan; return outputs of finished prompts, and of streaming prompts that
         moved. With async scheduling the step launched here is read back by the next call, after it has
         launched its own, so the host work of one step overlaps the device work of the other. Steps that
-        verify drafts, and steps whose sampling reads token values on the host (penalties), are read back
+        verify drafts, and steps whose sampling reads token values on the host (grammars), are read back
         at once: the next plan depends on what they accept."""
         plan = self.scheduler.schedule()
         self.last_step_stats = StepStats()
@@ -337,7 +352,7 @@ class Engine:
         outputs = self._read_back(previous) if previous is not None else []
         if launched is None or not plan.request_ids:
             return outputs
-        overlap = self.config.async_scheduling and not launched.uses_penalties and not self.speculative
+        overlap = self.config.async_scheduling and not launched.reads_host_tokens and not self.speculative
         if overlap:
             # after _read_back: the tokens this plan computed are all real now, and only those get hashed
             self.scheduler.finish_step(plan)
@@ -444,9 +459,9 @@ class Engine:
 
     def _propose_drafts(self, out: StepOutput) -> None:
         """Drafts for the next step (the package drafter's, or ngram's), for every running request whose
-        next token is a decode. Requests that read their own history when sampling (penalties), or follow a
-        grammar (structured outputs: the matcher cannot roll back rejected drafts yet), take no drafts: they
-        decode one token at a time.
+        next token is a decode. Requests that follow a grammar (structured outputs: the matcher cannot roll
+        back rejected drafts yet) take no drafts: they decode one token at a time. Penalties may: each
+        verification row counts the drafts before it.
 
         With CUDA graphs (`pad_drafts`), once any request has drafts the others are padded to their full k
         with their last token repeated, so the step stays uniform (1 + k rows each) and replays a graph
@@ -459,7 +474,7 @@ class Engine:
         for request in self.scheduler.running:
             params = request.params
             room = min(params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
-            if (room < 1 or request.num_tokens - request.num_computed_tokens != 1 or params.has_penalties
+            if (room < 1 or request.num_tokens - request.num_computed_tokens != 1
                     or params.structured_outputs is not None):
                 continue
             k = min(spec.num_speculative_tokens, room)

@@ -244,8 +244,6 @@ def worker_main(rank: int, world_size: int, config, store_port: int, plans: Conn
     plan arrives, which gives the same inputs as the engine's overlapped schedule."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C is the engine's to handle
     _exit_with_parent(parent_pid)
-    if "OMP_NUM_THREADS" not in os.environ:           # the ranks share the host's cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     from runtime.engine import Engine                   # after spawn: the engine module imports this one
     device = _device_for(rank, config.device)
     plans.send(("joining", None))

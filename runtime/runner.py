@@ -23,7 +23,7 @@ from torch import nn
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheLayout, KVCacheManager, cdiv
 from runtime.request import PLACEHOLDER_TOKEN_ID, SamplingParams
-from runtime.sampler import SamplingBatch, SamplerOutput, sample
+from runtime.sampler import SamplingBatch, SamplerOutput, TokenCounts, sample
 from runtime.scheduler import StepPlan
 from runtime.spec_decode import DraftInputs
 from runtime.structured import GrammarCache, Matcher
@@ -74,8 +74,8 @@ class PendingStep:
     accepted: torch.Tensor | None        # [sample rows] bool host copy: the row's draft was accepted
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None   # host copies: sampled, top, top ids
     ready: torch.cuda.Event | None       # recorded after the copies; None on CPU, where nothing is deferred
-    uses_penalties: bool                 # its requests need host token values to sample again (penalties,
-                                         # or a grammar whose matcher must see the token before the next mask)
+    reads_host_tokens: bool              # its requests need host token values to sample again (a grammar
+                                         # whose matcher must see the token before the next mask)
     placeholder_at: list[int] | None = None   # per sampling request: index of its placeholder in the history
     drafts: torch.Tensor | None = None   # [sampling requests, k] host copy of a model drafter's proposals
     waited: bool = False
@@ -189,6 +189,8 @@ class ModelRunner:
         self.num_speculative_tokens = num_speculative_tokens
         self.drafter = drafter
         self.grammars: GrammarCache | None = None    # set by the engine: compiles structured outputs' grammars
+        self.token_counts = TokenCounts(max_reqs, vocab_size, device)     # what penalties read, per row
+        self._count_rows: torch.Tensor | None = None   # [logits rows] the step's request rows, with penalties
         # a model drafter writes its own cache k positions past the step's last token: they are allocated
         self.num_lookahead_tokens = num_speculative_tokens if drafter is not None else 0
         # (padded rows, query length per row) -> (graph, hidden, logits)
@@ -224,6 +226,8 @@ class ModelRunner:
             state = self.states[joining.request_id] = RequestState(
                 joining.request_id, joining.row, list(joining.token_ids), joining.num_prompt_tokens,
                 joining.params, joining.seed, joining.eos_token_ids)
+            if joining.params.has_penalties:
+                self.token_counts.reset(joining.row, joining.token_ids, joining.num_prompt_tokens)
             if joining.params.structured_outputs is not None:
                 state.matcher = self.grammars.matcher(joining.params.structured_outputs, state.output_token_ids)
         h = self.buffers.host
@@ -452,6 +456,12 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[ctx.logits_indices])       # [num_logits, vocab]
         draft_ids = self.buffers.upload("draft_ids", step.num_logits) if any(step.num_drafts) else None
         out = sample(logits[:, :self.vocab_size], sampling, draft_ids)
+        if sampling.penalties is not None:
+            emitted = None
+            if out.accepted is not None:
+                num_accepted, segment, offsets = self._accepted_per_request(step, out)
+                emitted = offsets <= num_accepted.index_select(0, segment)
+            self.token_counts.add(self._count_rows, out.token_ids, emitted)
         drafts = None
         if self.drafter is not None:
             target_hidden = self.graphs[key][1][:step.num_tokens] if key is not None else hidden
@@ -471,15 +481,7 @@ class ModelRunner:
         h["segment_start"][:num_sampling] = segment_start
         starts = up("segment_start", num_sampling)
         if out is not None and out.accepted is not None:
-            # accepted drafts per request: the first row in its segment that did not accept (bonus rows never do)
-            h["segment"][:step.num_logits] = np.repeat(np.arange(num_sampling), np.array(step.num_drafts) + 1)
-            h["offset_in_segment"][:step.num_logits] = np.arange(step.num_logits) - \
-                np.repeat(segment_start, np.array(step.num_drafts) + 1)
-            offsets = up("offset_in_segment", step.num_logits)
-            stops = torch.where(out.accepted, self.num_speculative_tokens + 1, offsets)
-            num_accepted = torch.full((num_sampling,), self.num_speculative_tokens + 1, dtype=torch.int64,
-                                      device=self.device).scatter_reduce(0, up("segment", step.num_logits),
-                                                                         stops, reduce="amin")
+            num_accepted, _, _ = self._accepted_per_request(step, out)
             last_logit_rows = starts + num_accepted
         else:
             last_logit_rows = starts
@@ -491,6 +493,23 @@ class ModelRunner:
         inputs = DraftInputs(target_hidden, next_ids, ctx.positions, ctx, last_rows, self.num_speculative_tokens,
                              lambda positions: self._draft_context(ctx, sampling_rows, positions, last_writable))
         return self.drafter.propose(inputs)
+
+    def _accepted_per_request(self, step: _HostStep, out: SamplerOutput) -> tuple[torch.Tensor, ...]:
+        """Drafts accepted per sampling request (the first row of its segment that did not accept; bonus
+        rows never do), and per logits row its request and its offset in the request's rows."""
+        up, h = self.buffers.upload, self.buffers.host
+        num_sampling = len(step.sampling)
+        rows_per_request = np.array(step.num_drafts) + 1
+        segment_start = np.zeros(num_sampling, dtype=np.int64)
+        np.cumsum(rows_per_request[:-1], out=segment_start[1:])
+        h["segment"][:step.num_logits] = np.repeat(np.arange(num_sampling), rows_per_request)
+        h["offset_in_segment"][:step.num_logits] = np.arange(step.num_logits) - np.repeat(segment_start,
+                                                                                          rows_per_request)
+        segment, offsets = up("segment", step.num_logits), up("offset_in_segment", step.num_logits)
+        stops = torch.where(out.accepted, self.num_speculative_tokens + 1, offsets)
+        num_accepted = torch.full((num_sampling,), self.num_speculative_tokens + 1, dtype=torch.int64,
+                                  device=self.device).scatter_reduce(0, segment, stops, reduce="amin")
+        return num_accepted, segment, offsets
 
     def _draft_context(self, ctx: ForwardContext, sampling_rows: torch.Tensor, positions: torch.Tensor,
                        last_writable: torch.Tensor) -> ForwardContext:
@@ -522,11 +541,30 @@ class ModelRunner:
 
     def _sampling_batch(self, step: _HostStep) -> SamplingBatch:
         """One sampling row per logits row: a request with k drafts samples tokens step, step+1, .., step+k."""
-        if not any(step.num_drafts):
-            return SamplingBatch.from_requests(step.sampling, self.vocab_size, self.device)
         rows = [s for s, k in zip(step.sampling, step.num_drafts) for _ in range(k + 1)]
         offsets = [i for k in step.num_drafts for i in range(k + 1)]
-        return SamplingBatch.from_requests(rows, self.vocab_size, self.device, offsets)
+        token_counts = None
+        if any(s.params.has_penalties for s in step.sampling):
+            token_counts = self._gather_token_counts(rows, offsets)
+        return SamplingBatch.from_requests(rows, self.vocab_size, self.device,
+                                           offsets if any(step.num_drafts) else None, token_counts)
+
+    def _gather_token_counts(self, rows: list[RequestState], offsets: list[int]) -> tuple[torch.Tensor, ...]:
+        """The penalties' counts of each logits row from the device copy; a verification row at offset i
+        also counts the i drafts before it (they are its output if it is reached)."""
+        draft_ids = self.buffers.host["draft_ids"]
+        extra_rows, extra_tokens = [], []
+        for j, offset in enumerate(offsets):
+            extra_rows += [j] * offset
+            extra_tokens += draft_ids[j - offset:j].tolist()
+        pin = self.device.type == "cuda"
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            host = torch.tensor(values, dtype=torch.int64)
+            return host.pin_memory().to(self.device, non_blocking=True) if pin else host
+
+        self._count_rows = as_tensor([s.row for s in rows])
+        return self.token_counts.gather(self._count_rows, as_tensor(extra_rows), as_tensor(extra_tokens))
 
     def _next_slot(self) -> None:
         self.slot = (self.slot + 1) % InputBuffers.NUM_SLOTS
@@ -564,8 +602,7 @@ class ModelRunner:
             for state in step.sampling:
                 state.token_ids.append(PLACEHOLDER_TOKEN_ID)
         pending = PendingStep(step.sampling, step.num_drafts, token_ids, accepted, logprobs, ready,
-                              uses_penalties=sampling is not None and (sampling.penalties is not None
-                                                                       or sampling.grammar is not None),
+                              reads_host_tokens=sampling is not None and sampling.grammar is not None,
                               placeholder_at=placeholder_at,
                               drafts=self._to_host(drafts) if drafts is not None else None)
         self.slot_step[self.slot] = pending

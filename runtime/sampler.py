@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.ops.sampling import (GREEDY_BELOW, apply_top_k_top_p_min_p, sample_rows, uniform_noise,  # noqa: F401
+                                  uniform_per_row)
 from runtime.structured import apply_bitmask, build_bitmask
-
-_M32 = 0xFFFFFFFF
-_GREEDY_BELOW = 1e-5    # temperatures under this sample greedily: logits / 1e-40 overflow to inf, softmax to NaN
 
 
 @dataclass(slots=True)
@@ -33,10 +32,12 @@ class SamplingBatch:
 
     @classmethod
     def from_requests(cls, requests: list, vocab_size: int, device: torch.device,
-                      step_offsets: list[int] | None = None) -> "SamplingBatch":
+                      step_offsets: list[int] | None = None,
+                      token_counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> "SamplingBatch":
         """One row per entry of `requests` (anything with params, seed, token ids and output counts). A
         request verifying k drafts appears k + 1 times, `step_offsets` 0..k: row i samples its output
-        token number num_output_tokens + i."""
+        token number num_output_tokens + i. Penalties read `token_counts` (output counts, seen), per row,
+        where the caller keeps them on the device; otherwise they are counted here from the token ids."""
         params = [r.params for r in requests]
         offsets = step_offsets or [0] * len(requests)
         pin = device.type == "cuda"
@@ -48,7 +49,11 @@ class SamplingBatch:
         all_greedy = all(p.greedy for p in params)
         top_k = [min(p.top_k, vocab_size) for p in params]
         penalties = None
-        if any(p.has_penalties for p in params):
+        if any(p.has_penalties for p in params) and token_counts is not None:
+            penalties = (as_tensor([p.presence_penalty for p in params], torch.float32),
+                         as_tensor([p.frequency_penalty for p in params], torch.float32),
+                         as_tensor([p.repetition_penalty for p in params], torch.float32), *token_counts)
+        elif any(p.has_penalties for p in params):
             counts = torch.zeros(len(requests), vocab_size, dtype=torch.float32, device=device)
             seen = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
             for row, r in enumerate(requests):
@@ -87,6 +92,53 @@ class SamplingBatch:
         )
 
 
+class TokenCounts:
+    """What penalties read, per request row and on the device: how often each token was emitted
+    ([rows, vocab] fp32) and whether it is in the prompt or the output ([rows, vocab] bool). A row is
+    written from the request's history when it joins, then updated on the device from each step's emitted
+    tokens: sampling with penalties never waits for the host to learn the last tokens, so async scheduling
+    stays on. Allocated when the first request with penalties joins; one extra row takes the updates of
+    tokens that were not emitted (rejected verification rows)."""
+
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device):
+        self.max_rows, self.vocab_size, self.device = max_rows, vocab_size, device
+        self.counts: torch.Tensor | None = None       # [max_rows + 1, vocab] fp32
+        self.seen: torch.Tensor | None = None         # [max_rows + 1, vocab] bool
+
+    def reset(self, row: int, token_ids: list[int], num_prompt_tokens: int) -> None:
+        if self.counts is None:
+            shape = (self.max_rows + 1, self.vocab_size)
+            self.counts = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            self.seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        host = torch.tensor(token_ids, dtype=torch.int64)
+        ids = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        self.counts[row].zero_()
+        self.counts[row].index_add_(0, ids[num_prompt_tokens:], torch.ones_like(ids[num_prompt_tokens:],
+                                                                                 dtype=torch.float32))
+        self.seen[row].zero_()
+        self.seen[row, ids] = True
+
+    def add(self, rows: torch.Tensor, tokens: torch.Tensor, emitted: torch.Tensor | None = None) -> None:
+        """Count `tokens` [n] in `rows` [n]; where `emitted` is False, nowhere."""
+        if self.counts is None:
+            return
+        if emitted is not None:
+            rows = torch.where(emitted, rows, self.max_rows)
+        self.counts.index_put_((rows, tokens), self.counts.new_ones(()).expand(rows.shape), accumulate=True)
+        self.seen.index_put_((rows, tokens), self.seen.new_ones(()))
+
+    def gather(self, rows: torch.Tensor, extra_rows: torch.Tensor | None = None,
+               extra_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counts, seen) [len(rows), vocab] of `rows`, plus one emission of each (extra row, extra token):
+        a verification row also counts the drafts before it."""
+        counts, seen = self.counts.index_select(0, rows), self.seen.index_select(0, rows)
+        if extra_rows is not None and len(extra_rows):
+            counts.index_put_((extra_rows, extra_tokens), counts.new_ones(()).expand(extra_rows.shape),
+                              accumulate=True)
+            seen.index_put_((extra_rows, extra_tokens), seen.new_ones(()))
+        return counts, seen
+
+
 @dataclass(slots=True)
 class SamplerOutput:
     token_ids: torch.Tensor                   # [rows]
@@ -103,53 +155,6 @@ def apply_penalties(logits: torch.Tensor, penalties: tuple[torch.Tensor, ...]) -
     rep = repetition[:, None].expand_as(logits)
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
-
-
-def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
-                            min_p: torch.Tensor | None) -> torch.Tensor:
-    """Mask (to -inf) the tokens each row's filters remove. top_k 0 = off; ties at the k-th value are kept.
-    top-p keeps the smallest prefix of tokens by descending probability whose mass reaches p."""
-    if top_k is not None:
-        k = torch.where(top_k > 0, top_k, logits.shape[-1])
-        kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = torch.cumsum(probs, dim=-1) - probs
-        # top_p 1 is off: the fp32 running sum can reach 1.0 before the tail ends, which would cut the tail.
-        remove_sorted = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
-        remove_sorted[:, 0] = False
-        logits = logits.masked_fill(torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted), float("-inf"))
-    if min_p is not None:
-        probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
-    return logits
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash on int64 tensors; multipliers stay below 2**31 so nothing overflows."""
-    x = x & _M32
-    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
-    x = ((x ^ (x >> 15)) * 0x5BD1E995) & _M32
-    return x ^ (x >> 16)
-
-
-def uniform_per_row(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """[rows] uniforms in (0, 1) for the acceptance test of speculative decoding, a pure function of
-    (seed, step) and independent of the token race's noise (a different salt)."""
-    key = _mix32(_mix32(seeds ^ (seeds >> 32)) ^ _mix32(steps + 0x7F4A7C15)) ^ 0x2545F491
-    return ((_mix32(key) >> 9).float() + 0.5) / float(1 << 23)          # 23 bits: never rounds to 1
-
-
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[rows, vocab] uniforms in (0, 1), a pure function of (seed, step, token id)."""
-    row_key = _mix32(_mix32(seeds ^ (seeds >> 32)) ^ _mix32(steps + 0x9E3779B9))[:, None]   # [rows, 1]
-    token_key = _mix32(torch.arange(vocab_size, device=seeds.device) + 0x632BE5AB)[None, :]  # [1, vocab]
-    # 23 bits, so that bits + 0.5 is exact in fp32: with 24, the top code word rounds up to u = 1, whose
-    # -log(u) = -0 turns a masked token's 0 probability into NaN, and argmax picks the NaN.
-    bits = _mix32(row_key ^ token_key) >> 9                                                # 23 random bits
-    return (bits.float() + 0.5) / float(1 << 23)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor | None = None) -> SamplerOutput:
@@ -169,29 +174,22 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor |
         logits = logits.index_put(batch.banned, logits.new_full((), float("-inf")))
     if batch.grammar is not None:
         logits = apply_bitmask(logits, batch.grammar)
-    greedy_tokens = logits.argmax(dim=-1)
     has_draft = draft_ids >= 0 if draft_ids is not None else None
     if batch.all_greedy:
-        token_ids = greedy_tokens
+        token_ids = logits.argmax(dim=-1)
         if has_draft is not None:
-            accepted = has_draft & (greedy_tokens == draft_ids)
+            accepted = has_draft & (token_ids == draft_ids)
     else:
-        greedy_rows = batch.temperature < _GREEDY_BELOW
-        temperature = torch.where(greedy_rows, 1.0, batch.temperature)
-        scaled = apply_top_k_top_p_min_p(logits / temperature[:, None],
-                                         batch.top_k if batch.use_top_k else None,
-                                         batch.top_p if batch.use_top_p else None,
-                                         batch.min_p if batch.use_min_p else None)
-        probs = torch.softmax(scaled, dim=-1)
-        race = probs / -torch.log(uniform_noise(batch.seeds, batch.steps, logits.shape[-1]))
-        random_tokens = race.argmax(dim=-1)
+        greedy_rows = batch.temperature < GREEDY_BELOW
+        rows = sample_rows(logits, batch.temperature, batch.top_k if batch.use_top_k else None,
+                           batch.top_p if batch.use_top_p else None, batch.min_p if batch.use_min_p else None,
+                           batch.seeds, batch.steps, exclude=draft_ids)
+        random_tokens = rows.random                   # with a draft: the race without it (the residual)
         if has_draft is not None:
-            draft = draft_ids.clamp(min=0)[:, None]                                   # [rows, 1]
-            accept_random = uniform_per_row(batch.seeds, batch.steps) < probs.gather(1, draft).squeeze(1)
-            residual = race.scatter(1, draft, 0.0).argmax(dim=-1)                     # p without the draft
-            random_tokens = torch.where(has_draft, torch.where(accept_random, draft_ids, residual), random_tokens)
-            accepted = has_draft & torch.where(greedy_rows, greedy_tokens == draft_ids, accept_random)
-        token_ids = torch.where(greedy_rows, greedy_tokens, random_tokens)
+            accept_random = uniform_per_row(batch.seeds, batch.steps) < rows.excluded_prob
+            random_tokens = torch.where(has_draft & accept_random, draft_ids, random_tokens)
+            accepted = has_draft & torch.where(greedy_rows, rows.greedy == draft_ids, accept_random)
+        token_ids = torch.where(greedy_rows, rows.greedy, random_tokens)
     if raw_logprobs is not None:
         sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
         top_logprobs, top_ids = torch.topk(raw_logprobs, batch.max_logprobs, dim=-1)

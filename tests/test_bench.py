@@ -13,7 +13,7 @@ from tools import bench
 BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
 
 
-@pytest.mark.parametrize("command", ["sched", "kv", "latency", "throughput", "profile", "serve"])
+@pytest.mark.parametrize("command", ["sched", "kv", "latency", "throughput", "profile", "sampling", "cpu", "serve"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.build_parser().parse_args([command, "--help"])

@@ -7,8 +7,13 @@
     latency     batch 1, 128-token prompt, 256 new tokens: TTFT, TPOT, decode tok/s, vs the roofline
     throughput  256 requests, prompt and output lengths uniform in [100, 1024], seed 0, ignore_eos
                 (nano-vllm's / vLLM's protocol): output tok/s
+    sampling    the sampler alone on 256 rows x 152k vocabulary: greedy, the torch reference, the Triton kernel
+    cpu         the CPU path against transformers' generate in the same process (same config, dummy weights):
+                batch-1 decode after a 400-token prompt, and 8 mixed prompts at once vs one by one
 Both GPU workloads also run through transformers in the same process (--hf), and print the roofline:
 the bytes one decode step must read (weights touched + KV) over the copy bandwidth measured in the run.
+latency, throughput and profile run greedy and then the sampling workload (temperature 0.8, top-p 0.95,
+top-k 50), reported as the sampling_* fields (--sampling greedy|sampling|both).
 
     python tools/bench.py latency --model Qwen/Qwen3-8B --arch qwen3 --load-format dummy --hf
 """
@@ -163,6 +168,24 @@ def decode_step_bytes(model: torch.nn.Module, hf_config, batch: int, context_len
     return total + batch * context_len * kv_bytes_per_token
 
 
+SAMPLING_WORKLOAD = dict(temperature=0.8, top_p=0.95, top_k=50)
+
+
+def _modes(args: argparse.Namespace) -> list[str]:
+    return ["greedy", "sampling"] if args.sampling == "both" else [args.sampling]
+
+
+def _params(mode: str, **fields) -> "SamplingParams":
+    """The greedy workload, or the sampling one; its seed fixed so that runs repeat."""
+    if mode == "greedy":
+        return SamplingParams(temperature=0.0, **fields)
+    return SamplingParams(**SAMPLING_WORKLOAD, seed=0, **fields)
+
+
+def _prefixed(mode: str, result: dict) -> dict:
+    return result if mode == "greedy" else {f"sampling_{k}": v for k, v in result.items()}
+
+
 def _kv_bytes_per_token(engine) -> int:
     return sum(len(g.layers) * g.spec.entry_bytes // g.spec.tokens_per_entry for g in engine.kv.groups)
 
@@ -209,24 +232,26 @@ def hf_generate_seconds(hf_model, prompts: list[list[int]], max_new_tokens: int,
 
 
 def bench_latency(args: argparse.Namespace) -> dict:
-    from runtime import LLM, SamplingParams
+    from runtime import LLM
     llm = LLM(args.model, **_engine_options(args))
     engine = llm.engine
     rng = random.Random(0)
     prompt = [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(args.prompt_len)]
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    _timed_steps(engine, [(prompt, params)])                                       # warm-up
-    # TTFT: a request that stops after its first token; with async scheduling the first step only
-    # launches, so a step's duration is not a token's latency. TPOT: the rest of a full run, per token.
-    _, ttft = _timed_steps(engine, [(prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))])
-    _, total = _timed_steps(engine, [(prompt, params)])
-    tpot = (total - ttft) / (args.output_len - 1)
     bandwidth = copy_bandwidth(engine.device)
     step_bytes = decode_step_bytes(engine.model, engine.hf_config, 1, args.prompt_len + args.output_len // 2,
                                    _kv_bytes_per_token(engine))
-    result = dict(workload="latency", model=args.model, ttft_ms=ttft * 1e3, tpot_ms=tpot * 1e3,
-                  decode_tok_s=1.0 / tpot, bandwidth_tb_s=bandwidth / 1e12, step_gb=step_bytes / 1e9,
-                  roofline_tok_s=bandwidth / step_bytes, fraction_of_roofline=(step_bytes / bandwidth) / tpot)
+    result = dict(workload="latency", model=args.model, bandwidth_tb_s=bandwidth / 1e12, step_gb=step_bytes / 1e9,
+                  roofline_tok_s=bandwidth / step_bytes)
+    for mode in _modes(args):
+        params = _params(mode, max_tokens=args.output_len, ignore_eos=True)
+        _timed_steps(engine, [(prompt, params)])                                   # warm-up
+        # TTFT: a request that stops after its first token; with async scheduling the first step only
+        # launches, so a step's duration is not a token's latency. TPOT: the rest of a full run, per token.
+        _, ttft = _timed_steps(engine, [(prompt, _params(mode, max_tokens=1, ignore_eos=True))])
+        _, total = _timed_steps(engine, [(prompt, params)])
+        tpot = (total - ttft) / (args.output_len - 1)
+        result.update(_prefixed(mode, dict(ttft_ms=ttft * 1e3, tpot_ms=tpot * 1e3, decode_tok_s=1.0 / tpot,
+                                           fraction_of_roofline=(step_bytes / bandwidth) / tpot)))
     if args.hf:
         del llm, engine
         torch.cuda.empty_cache()
@@ -318,18 +343,21 @@ def throughput_workload(vocab_size: int, num_requests: int, low: int, high: int,
 
 
 def bench_throughput(args: argparse.Namespace) -> dict:
-    from runtime import LLM, SamplingParams
+    from runtime import LLM
     llm = LLM(args.model, **_engine_options(args))
     engine = llm.engine
     prompts, output_lens = throughput_workload(engine.vocab_size, args.num_requests, args.min_len, args.max_len)
-    requests = [(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, output_lens)]
-    _timed_steps(engine, requests[:8])                                             # warm-up
-    _, total = _timed_steps(engine, requests)
     output_tokens = sum(output_lens)
-    result = dict(workload="throughput", model=args.model, requests=len(requests), output_tokens=output_tokens,
-                  seconds=total, output_tok_s=output_tokens / total,
-                  total_tok_s=(output_tokens + sum(map(len, prompts))) / total,
-                  preemptions=engine.scheduler.stats.num_preemptions)
+    result = dict(workload="throughput", model=args.model, requests=len(prompts), output_tokens=output_tokens)
+    for mode in _modes(args):
+        requests = [(p, _params(mode, max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, output_lens)]
+        _timed_steps(engine, requests[:8])                                         # warm-up
+        preempted = engine.scheduler.stats.num_preemptions
+        _, total = _timed_steps(engine, requests)
+        result.update(_prefixed(mode, dict(
+            seconds=total, output_tok_s=output_tokens / total,
+            total_tok_s=(output_tokens + sum(map(len, prompts))) / total,
+            preemptions=engine.scheduler.stats.num_preemptions - preempted)))
     if args.hf:
         del llm, engine
         torch.cuda.empty_cache()
@@ -346,27 +374,44 @@ def bench_profile(args: argparse.Namespace) -> dict:
     it, and the kernels that take the time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from runtime import LLM, SamplingParams
+    from runtime import LLM
     llm = LLM(args.model, **_engine_options(args))
     engine = llm.engine
     rng = random.Random(0)
-    params = SamplingParams(temperature=0.0, max_tokens=args.steps + 64, ignore_eos=True)
-    for i in range(args.batch):
-        engine.add_request(f"p{i}", [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(args.prompt_len)],
-                           params)
-    while any(r.num_output_tokens < 8 for r in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()                                                          # prefill, then settle into decode
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            engine.step()
+    result = dict(workload="profile", model=args.model, batch=args.batch)
+    for mode in _modes(args):
+        params = _params(mode, max_tokens=args.steps + 64, ignore_eos=True)
+        for i in range(args.batch):
+            engine.add_request(f"{mode}{i}", [rng.randrange(1000, engine.vocab_size - 1000)
+                                              for _ in range(args.prompt_len)], params)
+        while any(r.num_output_tokens < 8 for r in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.step()                                                      # prefill, then settle into decode
         torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) / args.steps
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / args.steps
+        while engine.has_unfinished():
+            engine.step()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_per_step = _busy_seconds(kernels) / args.steps
+        print(f"--- {mode}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top))
+        if args.trace:
+            prof.export_chrome_trace(args.trace.replace(".json", f".{mode}.json"))
+        result.update(_prefixed(mode, dict(step_ms=wall * 1e3, gpu_busy_ms=busy_per_step * 1e3,
+                                           gpu_idle_fraction=1.0 - busy_per_step / wall,
+                                           kernels_per_step=len(kernels) / args.steps)))
+    return result
+
+
+def _busy_seconds(kernels: list) -> float:
+    """The union of the kernels' time intervals."""
     intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, current_start, current_end = 0.0, None, None
-    for begin, end in intervals:                                               # union of kernel intervals
+    for begin, end in intervals:
         if current_end is None or begin > current_end:
             if current_end is not None:
                 busy += current_end - current_start
@@ -375,13 +420,123 @@ def bench_profile(args: argparse.Namespace) -> dict:
             current_end = max(current_end, end)
     if current_end is not None:
         busy += current_end - current_start
-    busy_per_step = busy / 1e6 / args.steps                                    # us -> s
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top))
-    if args.trace:
-        prof.export_chrome_trace(args.trace)
-    return dict(workload="profile", model=args.model, batch=args.batch, step_ms=wall * 1e3,
-                gpu_busy_ms=busy_per_step * 1e3, gpu_idle_fraction=1.0 - busy_per_step / wall,
-                kernels_per_step=len(kernels) / args.steps)
+    return busy / 1e6                                                          # us -> s
+
+
+def bench_sampling(args: argparse.Namespace) -> dict:
+    """The sampler alone: `rows` x `vocab` fp32 logits (normal, std --scale), median device time of greedy
+    argmax, the torch reference and the Triton kernel per filter setting; the kernel's tokens must equal
+    the reference's (same hashed noise)."""
+    from runtime.ops.sampling import sample_rows_ref, sample_rows_triton
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(args.rows, args.vocab, device="cuda", generator=generator) * args.scale
+    rows = args.rows
+
+    def full(value, dtype):
+        return torch.full((rows,), value, dtype=dtype, device="cuda")
+
+    settings = {"t0.8 k50 p0.95": (50, 0.95, 0.0), "t0.8": (0, 1.0, 0.0), "t0.8 k50": (50, 1.0, 0.0),
+                "t0.8 p0.95": (0, 0.95, 0.0), "t0.8 min_p0.1": (0, 1.0, 0.1)}
+    result = dict(workload="sampling", rows=rows, vocab=args.vocab, scale=args.scale,
+                  greedy_ms=_device_ms(lambda: logits.argmax(dim=-1)))
+    seeds, steps = torch.arange(rows, device="cuda"), full(7, torch.int64)
+    for name, (k, p, min_p) in settings.items():
+        inputs = (logits, full(0.8, torch.float32), full(k, torch.int64) if k else None,
+                  full(p, torch.float32) if p < 1 else None, full(min_p, torch.float32) if min_p else None,
+                  seeds, steps)
+        reference = sample_rows_ref(*inputs)
+        kernel = sample_rows_triton(*inputs)
+        result[f"{name}: torch_ms"] = _device_ms(lambda: sample_rows_ref(*inputs))
+        result[f"{name}: triton_ms"] = _device_ms(lambda: sample_rows_triton(*inputs))
+        result[f"{name}: same_tokens"] = int((kernel.random == reference.random).sum())
+    return result
+
+
+def bench_cpu(args: argparse.Namespace) -> dict:
+    """Greedy, no early stop, same config and dtype for both, both models built up front. Batch-1 decode:
+    seconds per token after the first (ours: the engine's steps; transformers: time stamps between its
+    tokens), best of --repeats alternating runs. Mixed: 8 prompts in one generate call against
+    transformers one by one (its default dynamic cache and SDPA attention)."""
+    from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
+
+    from runtime import LLM
+    from runtime.loader import load_hf_config, resolve_model_path
+    if args.threads:
+        os.environ["RUN_MODEL_CPU_THREADS"] = str(args.threads)
+    llm = LLM(args.model, arch=args.arch, device="cpu", dtype=args.dtype, load_format="dummy",
+              skip_tokenizer_init=True, max_model_len=args.context_len + args.output_len + 64)
+    engine, vocab = llm.engine, llm.engine.vocab_size
+    config = load_hf_config(resolve_model_path(args.model))
+    hf_model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
+    rng = random.Random(0)
+    low, high = min(1000, vocab // 4), max(vocab - 1000, vocab * 3 // 4)
+    prompt = [rng.randrange(low, high) for _ in range(args.context_len)]
+    mixed_lens = [rng.randint(16, args.context_len) for _ in range(args.num_prompts)]
+    mixed = [[rng.randrange(low, high) for _ in range(n)] for n in mixed_lens]
+    params = _params("greedy", max_tokens=args.output_len, ignore_eos=True)
+
+    class Stamps(StoppingCriteria):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def theirs(prompt_ids: list[int], new_tokens: int) -> list[float]:
+        """Time stamps of each new token."""
+        ids, stamps = torch.tensor([prompt_ids]), Stamps()
+        with torch.inference_mode():
+            hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                              stopping_criteria=StoppingCriteriaList([stamps]))
+        return stamps.times
+
+    llm.generate([prompt[:32]], params, use_tqdm=False)                        # warm-ups
+    theirs(prompt[:32], 4)
+    ours_per_token, theirs_per_token = [], []
+    for _ in range(args.repeats):
+        step_times = _timed_steps(engine, [(prompt, params)])[0]
+        ours_per_token.append(sum(step_times[1:]) / (args.output_len - 1))    # step 0: prefill + token 1
+        stamps = theirs(prompt, args.output_len)
+        theirs_per_token.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+    start = time.perf_counter()
+    llm.generate(mixed, params, use_tqdm=False)
+    mixed_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for p in mixed:
+        theirs(p, args.output_len)
+    hf_mixed_seconds = time.perf_counter() - start
+    return dict(workload="cpu", model=args.model, dtype=args.dtype, threads=torch.get_num_threads(),
+                context_len=args.context_len, output_len=args.output_len,
+                decode_tok_s=1 / min(ours_per_token), hf_decode_tok_s=1 / min(theirs_per_token),
+                decode_speedup=min(theirs_per_token) / min(ours_per_token), mixed_prompt_lens=mixed_lens,
+                mixed_seconds=mixed_seconds, hf_mixed_seconds=hf_mixed_seconds,
+                mixed_speedup=hf_mixed_seconds / mixed_seconds,
+                per_token_ms=[round(t * 1e3, 1) for t in ours_per_token],
+                hf_per_token_ms=[round(t * 1e3, 1) for t in theirs_per_token])
+
+
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def _device_ms(fn, repeats: int = 20) -> float:
+    """Median milliseconds of `fn` on the device (CUDA events), after two warm-up calls."""
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def _gpu_args(parser: argparse.ArgumentParser) -> None:
@@ -401,6 +556,8 @@ def _gpu_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", action="store_true", help="also run transformers on the same workload")
     parser.add_argument("--hf-mode", default="static", choices=["default", "static", "compile"])
     parser.add_argument("--json", help="append the result as one JSON line to this file")
+    parser.add_argument("--sampling", default="both", choices=["greedy", "sampling", "both"],
+                        help="greedy, the sampling workload (temperature 0.8, top-p 0.95, top-k 50), or both")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -440,6 +597,22 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--steps", type=int, default=30)
     prof.add_argument("--top", type=int, default=20)
     prof.add_argument("--trace", help="write a chrome trace here")
+    sampling = sub.add_parser("sampling", help="the sampler alone, 256 x 152k: greedy, torch, Triton (GPU)")
+    sampling.add_argument("--rows", type=int, default=256)
+    sampling.add_argument("--vocab", type=int, default=151936)
+    sampling.add_argument("--scale", type=float, default=2.5, help="std of the random logits")
+    sampling.add_argument("--json", help="append the result as one JSON line to this file")
+    cpu = sub.add_parser("cpu", help="the CPU path vs transformers' generate, same process (CPU)")
+    cpu.add_argument("--model", default=str(Path(__file__).resolve().parent / "configs" / "qwen3-0.6b"))
+    cpu.add_argument("--arch", default=None)
+    cpu.add_argument("--dtype", default="float32")
+    cpu.add_argument("--context-len", type=int, default=400)
+    cpu.add_argument("--output-len", type=int, default=32)
+    cpu.add_argument("--num-prompts", type=int, default=8)
+    cpu.add_argument("--repeats", type=int, default=2, help="alternating batch-1 runs of each; the best counts")
+    cpu.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = the engine's choice, "
+                     "runtime.engine.cpu_threads)")
+    cpu.add_argument("--json", help="append the result as one JSON line to this file")
     bench_serve.add_arguments(sub.add_parser("serve", help="an OpenAI server under concurrent streaming clients"))
     return parser
 
@@ -447,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_gpu_workload(args: argparse.Namespace) -> dict:
     """One GPU workload (latency | spec | throughput | profile) -> its result record."""
     workloads = {"latency": bench_latency, "spec": bench_spec, "throughput": bench_throughput,
-                 "profile": bench_profile}
+                 "profile": bench_profile, "sampling": bench_sampling}
     result = workloads[args.command](args)
     result.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
                   command="python tools/bench.py " + " ".join(args.argv))
@@ -464,6 +637,14 @@ def main() -> int:
         return 0
     if args.command == "kv":
         bench_kv(args)
+        return 0
+    if args.command == "cpu":
+        result = bench_cpu(args)
+        result.update(cpu=_cpu_name(), date=time.strftime("%Y-%m-%d"), command="python tools/bench.py " + " ".join(args.argv))
+        print(json.dumps(result))
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(result) + "\n")
         return 0
     if not torch.cuda.is_available():
         print(f"error: `bench.py {args.command}` measures a GPU, and this torch ({torch.__version__}) has no CUDA "

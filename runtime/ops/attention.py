@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from runtime.ops.attention_cpu import paged_attention_sdpa
+
 try:
     import triton
     import triton.language as tl
@@ -79,8 +81,12 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Ten
                     window: int | None = None, sinks: torch.Tensor | None = None,
                     softcap: float | None = None) -> torch.Tensor:
     """Attention of the step's queries over the paged cache (one entry point; `ctx` is the ForwardContext).
-    CUDA: the split-K decode kernel when every request brings one token, else the prefill kernel."""
+    CUDA: the split-K decode kernel when every request brings one token, else the prefill kernel. CPU:
+    torch's fused SDPA per request (the reference where sinks or softcapping need it)."""
     if not _use_triton(q):
+        if q.device.type == "cpu" and sinks is None and softcap is None:
+            return paged_attention_sdpa(q, cache, block_table, ctx.query_start_loc_host, ctx.seq_lens_host,
+                                        scale, window)
         return paged_attention_ref(q, cache, block_table, ctx.query_start_loc_host, ctx.seq_lens_host, scale,
                                    window, sinks, softcap)
     if ctx.is_decode:
