@@ -30,7 +30,8 @@ def rope_inv_freq(hf_config, rotary_dim: int, layer_type: str | None = None) -> 
         return inv_freq, 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     kwargs = {"layer_type": layer_type} if layer_type is not None else {}
-    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
+    with torch.device("cpu"):               # also under a meta default device (a model built only for its specs)
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
     return inv_freq.float(), float(scale)
 
 
