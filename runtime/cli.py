@@ -33,6 +33,11 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="wait for each step's tokens before scheduling the next (no host/device overlap)")
     group.add_argument("--no-prefix-caching", action="store_true")
     group.add_argument("--seed", type=int, default=defaults.seed)
+    group.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=["auto", "bfloat16", "fp8", "fp8_e4m3"],
+                       help="KV cache precision: auto (the model dtype) or fp8 e4m3 with a per-tensor scale "
+                            "(about twice the cache capacity)")
+    group.add_argument("--kv-cache-dtype-skip-layers", default="", choices=["", "sliding_window"],
+                       help="under --kv-cache-dtype fp8, keep these layers at the model dtype")
     group.add_argument("--speculative-config", help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' '
                        "(methods: ngram, and the model package's own, e.g. mtp)")
 
@@ -108,7 +113,8 @@ def engine_config(args: argparse.Namespace, package) -> EngineConfig:
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         num_gpu_blocks=args.num_gpu_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling, seed=args.seed,
-        speculative_config=args.speculative_config)
+        speculative_config=args.speculative_config, kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_dtype_skip_layers=args.kv_cache_dtype_skip_layers)
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

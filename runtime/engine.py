@@ -216,8 +216,9 @@ class Engine:
             if spec.tokens_per_entry > 1:
                 kind += f", 1 entry per {spec.tokens_per_entry} tokens"
             per_token = len(group.layers) * spec.entry_bytes / spec.tokens_per_entry
-            parts.append(f"group {g} ({len(group.layers)} layers, {kind}): {pool.num_blocks - 1} blocks "
-                         f"= {(pool.num_blocks - 1) * self.config.block_size} tokens, {per_token:g} B/token")
+            parts.append(f"group {g} ({len(group.layers)} layers, {kind}, {str(spec.dtype)[6:]}): "
+                         f"{pool.num_blocks - 1} blocks = {(pool.num_blocks - 1) * self.config.block_size} tokens, "
+                         f"{per_token:g} B/token")
         memory = f" ({self.memory_report})" if getattr(self, "memory_report", None) else ""
         return "KV cache " + "; ".join(parts) + memory
 

@@ -96,7 +96,9 @@ def bench_kv(args: argparse.Namespace) -> dict:
     package = get_package(args.arch) if args.arch else \
         package_for_architectures(getattr(hf_config, "architectures", None) or [])
     with torch.device("meta"):
-        model = package.build(hf_config, EngineConfig(device="cpu", dtype=args.dtype))
+        model = package.build(hf_config, EngineConfig(device="cpu", dtype=args.dtype,
+                                                      kv_cache_dtype=args.kv_cache_dtype,
+                                                      kv_cache_dtype_skip_layers=args.kv_cache_dtype_skip_layers))
     layout = group_cache_specs(model.cache_specs(), args.block_size)
     model_dtype = EngineConfig(device="cpu", dtype=args.dtype).torch_dtype
     growing = fixed = fixed_state = 0.0
@@ -114,8 +116,9 @@ def bench_kv(args: argparse.Namespace) -> dict:
         growing += per_token if spec.window is None else 0
         if spec.window is not None:
             # windows kept at another precision than the KV (recurrent state, e.g. compressor buffers)
-            fixed_state += total if spec.dtype != model_dtype else 0
-            fixed += total if spec.dtype == model_dtype else 0
+            is_kv = spec.dtype in (model_dtype, torch.float8_e4m3fn)
+            fixed_state += 0 if is_kv else total
+            fixed += total if is_kv else 0
     kv_bytes = growing * args.tokens + fixed
     print(f"long-context slope: {growing:,.0f} B/token")
     print(f"one request at {args.tokens:,} positions: {kv_bytes / 2**30:.4f} GiB of KV ({fixed / 2**20:.2f} MiB "
@@ -171,7 +174,8 @@ def _engine_options(args: argparse.Namespace) -> dict:
     return dict(arch=args.arch, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
                 skip_tokenizer_init=True,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization)
+                enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
+                kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _timed_steps(engine, requests: list[tuple[list[int], "SamplingParams"]]) -> tuple[list[float], float]:
@@ -379,6 +383,7 @@ def _gpu_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8", "fp8_e4m3"])
     parser.add_argument("--hf", action="store_true", help="also run transformers on the same workload")
     parser.add_argument("--hf-mode", default="static", choices=["default", "static", "compile"])
     parser.add_argument("--json", help="append the result as one JSON line to this file")
@@ -398,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--dtype", default="bfloat16")
     kv.add_argument("--block-size", type=int, default=256)
     kv.add_argument("--tokens", type=int, default=1 << 20)
+    kv.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8", "fp8_e4m3"])
+    kv.add_argument("--kv-cache-dtype-skip-layers", default="", choices=["", "sliding_window"])
     latency = sub.add_parser("latency", help="batch-1 decode vs transformers and the roofline (GPU)")
     _gpu_args(latency)
     latency.add_argument("--prompt-len", type=int, default=128)
