@@ -29,6 +29,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-gpu-blocks", type=int, help="force the number of KV blocks")
     group.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    group.add_argument("--piecewise-cuda-graphs", action="store_true",
+                       help="also replay prefill and mixed batches from graphs captured around attention")
     group.add_argument("--no-async-scheduling", action="store_true",
                        help="wait for each step's tokens before scheduling the next (no host/device overlap)")
     group.add_argument("--no-prefix-caching", action="store_true")
@@ -112,7 +114,8 @@ def engine_config(args: argparse.Namespace, package) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         num_gpu_blocks=args.num_gpu_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling, seed=args.seed,
+        enforce_eager=args.enforce_eager, piecewise_cuda_graphs=args.piecewise_cuda_graphs,
+        async_scheduling=not args.no_async_scheduling, seed=args.seed,
         speculative_config=args.speculative_config, kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_dtype_skip_layers=args.kv_cache_dtype_skip_layers)
 

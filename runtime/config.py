@@ -32,6 +32,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 1.0            # cache budget on the CPU path
     enforce_eager: bool = False
+    # prefill and mixed batches replay graphs of everything but attention, per token-count bucket
+    piecewise_cuda_graphs: bool = False
     async_scheduling: bool = True            # prepare step N+1 on the host while the device runs step N
     seed: int = 0
     # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, ...} (dict or its JSON)

@@ -20,7 +20,8 @@ from runtime.loader import init_dummy_weights, iterate_weights, load_hf_config, 
 from runtime.registry import explain_wrong_architecture, get_package, package_for_architectures
 from runtime.request import (PLACEHOLDER_TOKEN_ID, CompletionOutput, FinishReason, Request, RequestOutput,
                              SamplingParams)
-from runtime.runner import ModelRunner, PendingStep, StepOutput, allocate_caches, graph_batch_sizes
+from runtime.runner import (ModelRunner, PendingStep, StepOutput, allocate_caches, graph_batch_sizes,
+                            piecewise_token_buckets)
 from runtime.scheduler import Scheduler
 from runtime.spec_decode import SpeculativeConfig, ngram_propose
 from runtime.structured import GrammarCache
@@ -124,7 +125,8 @@ class Engine:
         caches = allocate_caches(layout, num_blocks, config.block_size, self.device)
         self.runner = ModelRunner(model, self.kv, caches, self.vocab_size, self.device,
                                   config.max_num_batched_tokens, use_cuda_graphs=not config.enforce_eager,
-                                  num_speculative_tokens=self.num_speculative_tokens, drafter=self.drafter)
+                                  num_speculative_tokens=self.num_speculative_tokens, drafter=self.drafter,
+                                  piecewise_cuda_graphs=config.piecewise_cuda_graphs)
         self.grammars = self.runner.grammars = GrammarCache(self.tokenizer.hf, self.vocab_size, list(
             self.eos_token_ids)) if self.tokenizer is not None else None
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
@@ -202,6 +204,8 @@ class Engine:
             free_before = torch.cuda.mem_get_info(self.device)[0]
             query_lens = [1] + ([1 + self.num_speculative_tokens] if self.num_speculative_tokens else [])
             runner.capture_graphs([max(graph_batch_sizes(config.max_num_seqs))], query_lens)
+            if config.piecewise_cuda_graphs:
+                runner.capture_piecewise([max(piecewise_token_buckets(runner.max_tokens))])
             graph_pool = free_before - torch.cuda.mem_get_info(self.device)[0]
         del runner, caches, kv
         torch.cuda.synchronize(self.device)

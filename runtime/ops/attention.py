@@ -131,8 +131,9 @@ def _paged_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
                      k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     if not _use_triton(q):
-        return paged_attention_ref(q, cache, block_table, ctx.query_start_loc_host, ctx.seq_lens_host, scale,
-                                   window, sinks, softcap, k_scale, v_scale)
+        result = paged_attention_ref(q, cache, block_table, ctx.query_start_loc_host, ctx.seq_lens_host, scale,
+                                     window, sinks, softcap, k_scale, v_scale)
+        return result if out is None else out.copy_(result)
     if ctx.is_decode:
         return paged_decode_triton(q, cache, block_table, ctx.seq_lens, ctx.max_seq_len, scale, window, sinks,
                                    softcap, k_scale=k_scale, v_scale=v_scale, out=out)
