@@ -5,6 +5,7 @@
     kv          the model built on the meta device: each cache group's bytes per token, and the cache of one
                 request at --tokens positions (CPU, no weights)
     latency     batch 1, 128-token prompt, 256 new tokens: TTFT, TPOT, decode tok/s, vs the roofline
+    longctx     steady decode at a 32K context for batch 1 and 4 (--kv-cache-dtype fp8 vs auto)
     throughput  256 requests, prompt and output lengths uniform in [100, 1024], seed 0, ignore_eos
                 (nano-vllm's / vLLM's protocol): output tok/s
 Both GPU workloads also run through transformers in the same process (--hf), and print the roofline:
@@ -285,6 +286,35 @@ def bench_spec(args: argparse.Namespace) -> dict:
     return result
 
 
+def bench_longctx(args: argparse.Namespace) -> dict:
+    """Steady decode at a long context: `batch` requests of `context` prompt tokens each, prefilled, then
+    `steps` decode steps timed (each step ends in a host sync of its tokens), per batch size."""
+    from runtime import LLM, SamplingParams
+    llm = LLM(args.model, **_engine_options(args))
+    engine = llm.engine
+    rng = random.Random(0)
+    result = dict(workload="longctx", model=args.model, context=args.context, kv_cache_dtype=args.kv_cache_dtype,
+                  kv_report=engine.cache_report())
+    for batch in args.batch:
+        params = SamplingParams(temperature=0.0, max_tokens=args.steps + 16, ignore_eos=True)
+        for i in range(batch):
+            prompt = [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(args.context)]
+            engine.add_request(f"long-{batch}-{i}", prompt, params)
+        while engine.scheduler.waiting or any(r.num_output_tokens < 4 for r in engine.scheduler.running):
+            engine.step()                                      # prefill, then settle into decode
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        tpot = (time.perf_counter() - start) / args.steps
+        result[f"batch{batch}_tpot_ms"] = tpot * 1e3
+        result[f"batch{batch}_tok_s"] = batch / tpot
+        while engine.has_unfinished():
+            engine.step()
+    return result
+
+
 def _hf_model_for(args: argparse.Namespace):
     from runtime.loader import load_hf_config, resolve_model_path
     from transformers import AutoModelForCausalLM
@@ -420,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--prompt-len", type=int, default=128)
     spec.add_argument("--output-len", type=int, default=256)
     spec.add_argument("-k", type=int, default=4)
+    longctx = sub.add_parser("longctx", help="steady decode at a long context, per batch size (GPU)")
+    _gpu_args(longctx)
+    longctx.add_argument("--context", type=int, default=32768)
+    longctx.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    longctx.add_argument("--steps", type=int, default=64)
     prof = sub.add_parser("profile", help="steady decode at a fixed batch under torch.profiler (GPU)")
     _gpu_args(prof)
     prof.add_argument("--batch", type=int, default=64)
@@ -434,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_gpu_workload(args: argparse.Namespace) -> dict:
     """One GPU workload (latency | spec | throughput | profile) -> its result record."""
     workloads = {"latency": bench_latency, "spec": bench_spec, "throughput": bench_throughput,
-                 "profile": bench_profile}
+                 "profile": bench_profile, "longctx": bench_longctx}
     result = workloads[args.command](args)
     result.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
                   command="python tools/bench.py " + " ".join(args.argv))
