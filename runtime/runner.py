@@ -118,7 +118,9 @@ class _PieceRecorder:
 
     def __init__(self, pool, out_buffers: dict[tuple, torch.Tensor]):
         self.pool = pool
-        self.out_buffers = out_buffers       # (row shape, dtype) -> [max bucket, *row shape], shared by all
+        # (row shape, dtype) -> [largest bucket, *row shape]: layers run one after another, so one buffer per
+        # shape serves every layer and bucket. Allocated outside any capture (the largest bucket comes first).
+        self.out_buffers = out_buffers
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.attention: list[tuple[Callable, torch.Tensor]] = []
 
@@ -132,9 +134,10 @@ class _PieceRecorder:
 
     def graph_break(self, q: torch.Tensor, attend: Callable) -> torch.Tensor:
         self.end()
-        # layers run one after another: one buffer per shape serves every layer and bucket
-        buffer = self.out_buffers[(tuple(q.shape[1:]), q.dtype)]
-        out = buffer[:q.shape[0]]
+        key = (tuple(q.shape[1:]), q.dtype)
+        if key not in self.out_buffers:
+            self.out_buffers[key] = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        out = self.out_buffers[key][:q.shape[0]]
         self.attention.append((attend, out))
         self.begin()
         return out
@@ -286,7 +289,7 @@ class ModelRunner:
     # ---- inputs ---------------------------------------------------------------------------------------
 
     def _fill_host(self, plan: StepPlan, num_writes: list[int], pad_to: int, query_len: int,
-                   pad_tokens: int = 0) -> _HostStep:
+                   pad_tokens_to: int = 0) -> _HostStep:
         """Write the step's inputs into the host buffers. Rows past the plan (graph padding) read the null
         block, write nothing (slot -1) and see `query_len` keys. Placeholder tokens are listed for the
         device fill."""
@@ -332,13 +335,13 @@ class ModelRunner:
             h["query_start_loc"][num_reqs:pad_to + 1] = num_tokens + query_len * np.arange(pad_to - num_reqs + 1)
             for g in range(self.num_groups):
                 h[f"slots{g}"][pad_tokens] = -1
-        if pad_tokens > padded_tokens:                # a piecewise bucket: tokens of no request, writing nothing
-            extra = slice(padded_tokens, pad_tokens)
+        if pad_tokens_to > padded_tokens:             # a piecewise bucket: tokens of no request, writing nothing
+            extra = slice(padded_tokens, pad_tokens_to)
             h["input_ids"][extra] = 0
             h["positions"][extra] = 0
             for g in range(self.num_groups):
                 h[f"slots{g}"][extra] = -1
-            padded_tokens = pad_tokens
+            padded_tokens = pad_tokens_to
         # logits rows: each sampling request's last token and its drafts; draft_ids = the token each verifies
         sampling, num_drafts, logits_rows, draft_ids, sampling_rows = [], [], [], [], []
         ends = query_start_loc[1:num_reqs + 1]
@@ -394,11 +397,11 @@ class ModelRunner:
         return len(dst)
 
     def prepare_inputs(self, plan: StepPlan, pad_to: int = 0, query_len: int = 1,
-                       pad_tokens: int = 0) -> tuple[torch.Tensor, ForwardContext, _HostStep]:
+                       pad_tokens_to: int = 0) -> tuple[torch.Tensor, ForwardContext, _HostStep]:
         """(input_ids, ctx, host facts) for one step; `pad_to` rows of `query_len` tokens for a graph, or
-        `pad_tokens` tokens in all (past the rows' own) for a piecewise bucket."""
+        `pad_tokens_to` tokens in all (past the rows' own) for a piecewise bucket."""
         num_writes = self.apply_plan(plan)
-        step = self._fill_host(plan, num_writes, pad_to, query_len, pad_tokens)
+        step = self._fill_host(plan, num_writes, pad_to, query_len, pad_tokens_to)
         num_reqs, num_tokens = step.num_reqs, step.num_tokens
         up = self.buffers.upload
         graphed = pad_to > 0
@@ -493,13 +496,13 @@ class ModelRunner:
         stream = torch.cuda.Stream()
         pool = None
         for bucket in sorted(buckets, reverse=True):
-            input_ids, ctx, _ = self.prepare_inputs(StepPlan(), pad_tokens=bucket)
+            input_ids, ctx, _ = self.prepare_inputs(StepPlan(), pad_tokens_to=bucket)
             ctx.graph_break = lambda q, attend: torch.zeros_like(q)   # no rows: attention has nothing to do
             for _ in range(2):                                    # warm up: compile kernels, settle allocator
                 self.model(input_ids, ctx.positions, ctx)
             torch.cuda.synchronize()
             recorder = _PieceRecorder(pool, self.piecewise_out)
-            ctx.graph_break = self._piecewise_break(recorder, bucket)
+            ctx.graph_break = recorder.graph_break
             with torch.cuda.stream(stream):
                 recorder.begin()
                 hidden = self.model(input_ids, ctx.positions, ctx)
@@ -513,14 +516,6 @@ class ModelRunner:
                                  "this model cannot be split at attention (run without --piecewise-cuda-graphs)")
             self.piecewise[bucket] = PiecewiseGraph(recorder.graphs, recorder.attention, hidden)
         self.piecewise = dict(sorted(self.piecewise.items()))
-
-    def _piecewise_break(self, recorder: _PieceRecorder, bucket: int) -> Callable:
-        def graph_break(q: torch.Tensor, attend: Callable) -> torch.Tensor:
-            key = (tuple(q.shape[1:]), q.dtype)
-            if key not in self.piecewise_out:                     # sized once, by the largest bucket
-                self.piecewise_out[key] = torch.zeros(bucket, *q.shape[1:], dtype=q.dtype, device=q.device)
-            return recorder.graph_break(q, attend)
-        return graph_break
 
     def _replay_piecewise(self, bucket: int, ctx: ForwardContext, num_tokens: int) -> torch.Tensor:
         """The bucket's pieces with attention in between, over the step's `num_tokens` real tokens."""
@@ -542,7 +537,8 @@ class ModelRunner:
         key = self._graph_key(plan)
         bucket = self._piecewise_bucket(plan) if key is None else None
         size, query_len = key if key is not None else (0, 1)
-        input_ids, ctx, step = self.prepare_inputs(plan, pad_to=size, query_len=query_len, pad_tokens=bucket or 0)
+        input_ids, ctx, step = self.prepare_inputs(plan, pad_to=size, query_len=query_len,
+                                                   pad_tokens_to=bucket or 0)
         # host work for the sampler before the launch, so that it overlaps the forward on the device
         sampling = self._sampling_batch(step) if step.sampling else None
         if key is not None:

@@ -298,15 +298,17 @@ def bench_longctx(args: argparse.Namespace) -> dict:
     for batch in args.batch:
         params = SamplingParams(temperature=0.0, max_tokens=args.steps + 16, ignore_eos=True)
         for i in range(batch):
-            prompt = [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(args.context)]
+            low = min(1000, engine.vocab_size // 4)
+            prompt = [rng.randrange(low, engine.vocab_size - low) for _ in range(args.context)]
             engine.add_request(f"long-{batch}-{i}", prompt, params)
         while engine.scheduler.waiting or any(r.num_output_tokens < 4 for r in engine.scheduler.running):
             engine.step()                                      # prefill, then settle into decode
-        torch.cuda.synchronize()
+        sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+        sync()
         start = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
-        torch.cuda.synchronize()
+        sync()
         tpot = (time.perf_counter() - start) / args.steps
         result[f"batch{batch}_tpot_ms"] = tpot * 1e3
         result[f"batch{batch}_tok_s"] = batch / tpot

@@ -106,6 +106,14 @@ def _run(engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, list
     return time.perf_counter() - start, [tokens[i] for i in ids]
 
 
+class _Figures(dict):
+    """The table's figures, each printed as it is measured (a run cut short still shows what it measured)."""
+
+    def __setitem__(self, name: str, value: float) -> None:
+        print(f"    measured {name}: {value:.3f}", flush=True)
+        super().__setitem__(name, value)
+
+
 class _Seeds:
     def __init__(self):
         self.next = 100
@@ -150,7 +158,7 @@ def speed_table(model: str, arch: str, sizes: SpeedSizes, device: str = "cuda",
                 gpu_memory_utilization=0.85)
     if device == "cuda":
         base["dtype"] = "bfloat16"
-    figures: dict[str, float] = {}
+    figures = _Figures()
     seed = _Seeds()
     c = sizes.concurrencies[len(sizes.concurrencies) // 2]
     for feature, options in [("default", {}), *features.items()]:
@@ -174,7 +182,7 @@ def speed_table(model: str, arch: str, sizes: SpeedSizes, device: str = "cuda",
                 engine, 1, sizes.long_context, sizes.long_output_len, seed)
         del llm, engine
         _free()
-    return figures
+    return dict(figures)
 
 
 def feature_parity(path: Path, device: str = "cuda", features: dict[str, dict] | None = None) -> dict[str, float]:

@@ -26,7 +26,7 @@ def test_forward_splits_at_every_attention_call(arch, tiny_checkpoint):
     llm = LLM(str(path), device="cpu", skip_tokenizer_init=True, block_size=4, max_num_batched_tokens=64)
     runner, model = llm.engine.runner, llm.engine.model
     plan = mixed_step(llm)
-    input_ids, ctx, _ = runner.prepare_inputs(plan, pad_tokens=64)        # a bucket: 21 pad tokens
+    input_ids, ctx, _ = runner.prepare_inputs(plan, pad_tokens_to=64)        # a bucket: 21 pad tokens
     num_tokens = plan.num_tokens
     with torch.inference_mode():
         real = replace(ctx, positions=ctx.positions[:num_tokens],
