@@ -35,7 +35,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="wait for each step's tokens before scheduling the next (no host/device overlap)")
     group.add_argument("--no-prefix-caching", action="store_true")
     group.add_argument("--seed", type=int, default=defaults.seed)
-    group.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=["auto", "bfloat16", "fp8", "fp8_e4m3"],
+    group.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype,
+                       choices=["auto", "bfloat16", "fp8", "fp8_e4m3"],
                        help="KV cache precision: auto (the model dtype) or fp8 e4m3 with a per-tensor scale "
                             "(about twice the cache capacity)")
     group.add_argument("--kv-cache-dtype-skip-layers", default="", choices=["", "sliding_window"],

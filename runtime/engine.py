@@ -117,6 +117,9 @@ class Engine:
         if config.block_size is None:
             config = self.config = replace(config, block_size=default_block_size(specs))
         layout = group_cache_specs(specs, config.block_size)
+        if config.kv_cache_dtype != "auto" and all(g.spec.dtype != config.kv_dtype() for g in layout.groups):
+            logger.warning("--kv-cache-dtype %s: the %s package keeps its own cache dtypes (%s)", config.kv_cache_dtype,
+                           self.package.name, ", ".join(sorted({str(g.spec.dtype)[6:] for g in layout.groups})))
         num_blocks = plan_num_blocks(layout.groups, config.block_size, self._kv_budget_bytes(layout),
                                      config.max_num_seqs, config.max_num_batched_tokens, forced=config.num_gpu_blocks)
         self.kv = KVCacheManager(layout, config.block_size, num_blocks, config.max_num_seqs, self.max_model_len,

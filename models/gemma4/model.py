@@ -265,7 +265,8 @@ class Gemma4ForCausalLM(nn.Module):
         for layer in self.model.layers:
             attn = layer.self_attn
             window = attn.window + self.window_slack if attn.window is not None else None
-            specs.append(CacheSpec(entry_shape=(2, attn.num_kv_heads, attn.head_dim), dtype=self.cache_dtype(attn.window),
+            specs.append(CacheSpec(entry_shape=(2, attn.num_kv_heads, attn.head_dim),
+                                   dtype=self.cache_dtype(attn.window),
                                    window=window, shared_with=attn.producer))
         return specs
 

@@ -163,8 +163,8 @@ def qkv_rope_write_kv_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin
     k_scale, v_scale, has_scale = kv_scales(cache, k_scale, v_scale)
     _qkv_rope_write_kv_kernel[(num_tokens,)](
         qkv, positions, cos_sin, q_norm_weight if has_norm else qkv, k_norm_weight if has_norm else qkv, q,
-        cache, slot_mapping, k_scale, v_scale, num_heads, num_kv_heads, eps, qkv.stride(0), cos_sin.stride(0), cache.stride(1),
-        cache.stride(2), HEAD_DIM=head_dim, HALF=head_dim // 2, GPTJ=style == "gptj", HAS_NORM=has_norm,
+        cache, slot_mapping, k_scale, v_scale, num_heads, num_kv_heads, eps, qkv.stride(0), cos_sin.stride(0),
+        cache.stride(1), cache.stride(2), HEAD_DIM=head_dim, HALF=head_dim // 2, GPTJ=style == "gptj", HAS_NORM=has_norm,
         BLOCK_Q_HEADS=triton.next_power_of_2(num_heads), BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
         BLOCK_KV=triton.next_power_of_2(num_kv_heads * head_dim), IS_FP8=is_fp8(cache.dtype),
         HAS_KV_SCALE=has_scale, num_warps=4, enable_fp_fusion=False)
