@@ -29,6 +29,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-gpu-blocks", type=int, help="force the number of KV blocks")
     group.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    group.add_argument("--piecewise-cuda-graphs", action="store_true",
+                       help="also replay prefill and mixed batches from graphs captured around attention")
     group.add_argument("--no-async-scheduling", action="store_true",
                        help="wait for each step's tokens before scheduling the next (no host/device overlap)")
     group.add_argument("--no-prefix-caching", action="store_true")
@@ -37,6 +39,12 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="shard the model over this many devices (one process each)")
     group.add_argument("--enable-expert-parallel", action="store_true",
                        help="MoE models: split the experts over the tensor-parallel ranks")
+    group.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype,
+                       choices=["auto", "bfloat16", "fp8", "fp8_e4m3"],
+                       help="KV cache precision: auto (the model dtype) or fp8 e4m3 with a per-tensor scale "
+                            "(about twice the cache capacity)")
+    group.add_argument("--kv-cache-dtype-skip-layers", default="", choices=["", "sliding_window"],
+                       help="under --kv-cache-dtype fp8, keep these layers at the model dtype")
     group.add_argument("--speculative-config", help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' '
                        "(methods: ngram, and the model package's own, e.g. mtp)")
 
@@ -111,8 +119,10 @@ def engine_config(args: argparse.Namespace, package) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         num_gpu_blocks=args.num_gpu_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling, seed=args.seed,
-        speculative_config=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=args.enforce_eager, piecewise_cuda_graphs=args.piecewise_cuda_graphs,
+        async_scheduling=not args.no_async_scheduling, seed=args.seed,
+        speculative_config=args.speculative_config, kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_dtype_skip_layers=args.kv_cache_dtype_skip_layers, tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel)
 
 

@@ -6,6 +6,12 @@ from dataclasses import dataclass, fields
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --kv-cache-dtype: "auto" keeps K/V at the model dtype; "fp8" (alias "fp8_e4m3") stores e4m3 with a
+# per-tensor scale per layer (1.0 unless the checkpoint ships k_scale / v_scale); "bfloat16" a bf16 cache
+# under any model dtype
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn,
+                   "fp8_e4m3": torch.float8_e4m3fn}
+KV_CACHE_SKIP_LAYERS = ("sliding_window",)
 
 
 @dataclass(slots=True)
@@ -26,12 +32,17 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 1.0            # cache budget on the CPU path
     enforce_eager: bool = False
+    # prefill and mixed batches replay graphs of everything but attention, per token-count bucket
+    piecewise_cuda_graphs: bool = False
     async_scheduling: bool = True            # prepare step N+1 on the host while the device runs step N
     seed: int = 0
     # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, ...} (dict or its JSON)
     speculative_config: dict | str | None = None
     tensor_parallel_size: int = 1            # ranks (processes, one device each) that shard the model
     enable_expert_parallel: bool = False     # MoE experts split over those ranks instead of each expert's rows
+    kv_cache_dtype: str = "auto"             # "auto" (the model dtype) | "bfloat16" | "fp8" | "fp8_e4m3"
+    # layer kinds that keep the model dtype under an fp8 cache: () or ("sliding_window",)
+    kv_cache_dtype_skip_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size <= 0:
@@ -53,6 +64,14 @@ class EngineConfig:
                              "model's own maximum)")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
+        if isinstance(self.kv_cache_dtype_skip_layers, str):
+            self.kv_cache_dtype_skip_layers = tuple(s for s in self.kv_cache_dtype_skip_layers.split(",") if s)
+        unknown = set(self.kv_cache_dtype_skip_layers) - set(KV_CACHE_SKIP_LAYERS)
+        if unknown:
+            raise ValueError(f"kv_cache_dtype_skip_layers accepts {', '.join(KV_CACHE_SKIP_LAYERS)}; got "
+                             f"{', '.join(sorted(unknown))}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}, but this torch ({torch.__version__}) has no CUDA device; "
                              "use --device cpu, or install a CUDA build of torch")
@@ -66,6 +85,14 @@ class EngineConfig:
             raise ValueError(f"max_model_len {self.max_model_len} is more than the {limit} positions the model "
                              "was trained for (max_position_embeddings); lower --max-model-len")
         return self.max_model_len
+
+    def kv_dtype(self, window: int | None = None) -> torch.dtype:
+        """The dtype of a layer's K/V cache entries (its CacheSpec dtype): the model dtype, or the one
+        --kv-cache-dtype names, except for sliding-window layers (`window` set) that the skip list keeps."""
+        dtype = KV_CACHE_DTYPES[self.kv_cache_dtype]
+        if dtype is None or (window is not None and "sliding_window" in self.kv_cache_dtype_skip_layers):
+            return self.torch_dtype
+        return dtype
 
     @classmethod
     def field_names(cls) -> list[str]:

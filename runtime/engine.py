@@ -22,7 +22,8 @@ from runtime.parallel import SINGLE, ParallelContext, WorkerDied, Workers
 from runtime.registry import explain_wrong_architecture, get_package, package_for_architectures
 from runtime.request import (PLACEHOLDER_TOKEN_ID, CompletionOutput, FinishReason, Request, RequestOutput,
                              SamplingParams)
-from runtime.runner import ModelRunner, PendingStep, StepOutput, allocate_caches, graph_batch_sizes
+from runtime.runner import (ModelRunner, PendingStep, StepOutput, allocate_caches, graph_batch_sizes,
+                            piecewise_token_buckets)
 from runtime.scheduler import Scheduler
 from runtime.spec_decode import SpeculativeConfig, ngram_propose
 from runtime.structured import GrammarCache
@@ -156,6 +157,9 @@ class Engine:
         if config.block_size is None:
             config = self.config = replace(config, block_size=default_block_size(specs))
         layout = group_cache_specs(specs, config.block_size)
+        if config.kv_cache_dtype != "auto" and all(g.spec.dtype != config.kv_dtype() for g in layout.groups):
+            logger.warning("--kv-cache-dtype %s: the %s package keeps its own cache dtypes (%s)", config.kv_cache_dtype,
+                           self.package.name, ", ".join(sorted({str(g.spec.dtype)[6:] for g in layout.groups})))
         num_blocks = plan_num_blocks(layout.groups, config.block_size, self._kv_budget_bytes(layout),
                                      config.max_num_seqs, config.max_num_batched_tokens, forced=config.num_gpu_blocks)
         num_blocks = parallel.all_reduce_min(num_blocks)         # every rank keeps the same block tables
@@ -165,7 +169,8 @@ class Engine:
         caches = allocate_caches(layout, num_blocks, config.block_size, self.device)
         self.runner = ModelRunner(model, self.kv, caches, self.vocab_size, self.device,
                                   config.max_num_batched_tokens, use_cuda_graphs=not config.enforce_eager,
-                                  num_speculative_tokens=self.num_speculative_tokens, drafter=self.drafter)
+                                  num_speculative_tokens=self.num_speculative_tokens, drafter=self.drafter,
+                                  piecewise_cuda_graphs=config.piecewise_cuda_graphs)
         if self.workers is not None:
             self.runner.liveness = self.workers.check_alive
         self.grammars = self.runner.grammars = GrammarCache(self.tokenizer.hf, self.vocab_size, list(
@@ -246,6 +251,8 @@ class Engine:
             free_before = torch.cuda.mem_get_info(self.device)[0]
             query_lens = [1] + ([1 + self.num_speculative_tokens] if self.num_speculative_tokens else [])
             runner.capture_graphs([max(graph_batch_sizes(config.max_num_seqs))], query_lens)
+            if config.piecewise_cuda_graphs:
+                runner.capture_piecewise([max(piecewise_token_buckets(runner.max_tokens))])
             graph_pool = free_before - torch.cuda.mem_get_info(self.device)[0]
         del runner, caches, kv
         torch.cuda.synchronize(self.device)
@@ -260,8 +267,9 @@ class Engine:
             if spec.tokens_per_entry > 1:
                 kind += f", 1 entry per {spec.tokens_per_entry} tokens"
             per_token = len(group.layers) * spec.entry_bytes / spec.tokens_per_entry
-            parts.append(f"group {g} ({len(group.layers)} layers, {kind}): {pool.num_blocks - 1} blocks "
-                         f"= {(pool.num_blocks - 1) * self.config.block_size} tokens, {per_token:g} B/token")
+            parts.append(f"group {g} ({len(group.layers)} layers, {kind}, {str(spec.dtype)[6:]}): "
+                         f"{pool.num_blocks - 1} blocks = {(pool.num_blocks - 1) * self.config.block_size} tokens, "
+                         f"{per_token:g} B/token")
         memory = f" ({self.memory_report})" if getattr(self, "memory_report", None) else ""
         return "KV cache " + "; ".join(parts) + memory
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ class ForwardContext:
     max_seq_len: int
     query_start_loc_host: np.ndarray     # host copies, for reference ops and kernel launch choices
     seq_lens_host: np.ndarray
+    # Set only while the runner captures piecewise CUDA graphs: graph_break(q, attend) ends the current
+    # piece and returns the fixed buffer that attend(live_ctx, out) fills on every replay, between pieces.
+    graph_break: Callable[[torch.Tensor, Callable], torch.Tensor] | None = None
 
     @property
     def num_reqs(self) -> int:

@@ -79,6 +79,17 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high
                 param.uniform_(low, high, generator=generators[param.device])
 
 
+def kv_scale_target(name: str) -> tuple[str, str] | None:
+    """(attention module path, "k_scale" | "v_scale") of a per-tensor FP8 KV-cache scale, under either name
+    checkpoints ship it by: `<attn>.k_scale` or `<attn>.k_proj.k_scale` (and v alike); None for other names."""
+    *prefix, last = name.split(".")
+    if last not in ("k_scale", "v_scale"):
+        return None
+    if prefix and prefix[-1] in ("k_proj", "v_proj", "attn"):
+        prefix = prefix[:-1]
+    return ".".join(prefix), last
+
+
 def check_loaded(expected: set[str], loaded: set[str]) -> None:
     """Raise if a parameter (or a shard of a fused one) received no checkpoint tensor."""
     missing = sorted(expected - loaded)

@@ -5,7 +5,9 @@ Inputs are built with numpy in host staging buffers (pinned on CUDA) and copied 
 into device buffers whose addresses never change. Block tables live on the device and change by the plan's
 staged writes. Uniform batches on CUDA (every request 1 token, or 1 + k when verifying k drafts) replay a
 CUDA graph captured for the next larger batch size; the rows past the real batch are padding that writes
-nothing.
+nothing. With piecewise graphs on, every other batch up to the token budget (prefill chunks, mixed steps)
+replays graphs captured per token-count bucket for everything but attention, which runs eagerly between
+the pieces on the live step's metadata (see `capture_piecewise`).
 
 A step is launched without waiting for it (`launch`), and waited on later (`wait`), so that the host can
 prepare the next step while the device runs this one. Tokens the host has not read yet appear in the next
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -96,6 +99,51 @@ def allocate_caches(layout: CacheLayout, num_blocks: list[int], block_size: int,
     return [group_tensors[g][slot] for g, slot in zip(layout.layer_group, layout.layer_slot)]
 
 
+def piecewise_token_buckets(max_tokens: int) -> list[int]:
+    """Token counts piecewise graphs are captured for: powers of two from 16, and the token budget."""
+    sizes = [16 << i for i in range(16) if 16 << i < max_tokens]
+    return sizes + [max_tokens]
+
+
+@dataclass(slots=True, eq=False)
+class PiecewiseGraph:
+    """One token-count bucket: the forward as graphs[0], attention[0], graphs[1], ..., graphs[-1]. Each
+    attention entry is (attend, out): attend(live ctx, out rows) fills the fixed buffer the next piece reads."""
+    graphs: list[torch.cuda.CUDAGraph]
+    attention: list[tuple[Callable, torch.Tensor]]
+    hidden: torch.Tensor                     # [bucket, hidden] the last piece's output
+
+
+class _PieceRecorder:
+    """Captures a forward as a chain of graphs, ending one at each attention call (ctx.graph_break)."""
+
+    def __init__(self, pool, out_buffers: dict[tuple, torch.Tensor]):
+        self.pool = pool
+        # (row shape, dtype) -> [largest bucket, *row shape]: layers run one after another, so one buffer per
+        # shape serves every layer and bucket. Allocated outside any capture (the largest bucket comes first).
+        self.out_buffers = out_buffers
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.attention: list[tuple[Callable, torch.Tensor]] = []
+
+    def begin(self) -> None:
+        self.graphs.append(torch.cuda.CUDAGraph())
+        self.graphs[-1].capture_begin(pool=self.pool)
+
+    def end(self) -> None:
+        self.graphs[-1].capture_end()
+        self.pool = self.graphs[-1].pool()
+
+    def graph_break(self, q: torch.Tensor, attend: Callable) -> torch.Tensor:
+        self.end()
+        key = (tuple(q.shape[1:]), q.dtype)
+        if key not in self.out_buffers:
+            self.out_buffers[key] = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        out = self.out_buffers[key][:q.shape[0]]
+        self.attention.append((attend, out))
+        self.begin()
+        return out
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 256, 16)) + list(range(256, 1025, 64))
     return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
@@ -170,7 +218,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, kv: KVCacheManager, caches: list[torch.Tensor], vocab_size: int,
                  device: torch.device, max_num_batched_tokens: int = 8192, use_cuda_graphs: bool = False,
-                 num_speculative_tokens: int = 0, drafter=None):
+                 num_speculative_tokens: int = 0, drafter=None, piecewise_cuda_graphs: bool = False):
         self.model = model
         self.caches = caches
         self.vocab_size = vocab_size
@@ -195,6 +243,8 @@ class ModelRunner:
         self.num_lookahead_tokens = num_speculative_tokens if drafter is not None else 0
         # (padded rows, query length per row) -> (graph, hidden, logits)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.piecewise: dict[int, PiecewiseGraph] = {}             # token bucket -> its pieces
+        self.piecewise_out: dict[tuple, torch.Tensor] = {}          # attention outputs the pieces read
         on_cuda = device.type == "cuda"
         # per host slot: where the step's sampled tokens land, the event that says they have, and its step
         self.sampled_host = [torch.zeros(self.max_tokens, dtype=torch.int64, pin_memory=on_cuda)
@@ -212,6 +262,8 @@ class ModelRunner:
         if use_cuda_graphs and on_cuda:
             query_lens = [1] + ([1 + num_speculative_tokens] if num_speculative_tokens else [])
             self.capture_graphs(graph_batch_sizes(max_reqs), query_lens)
+        if use_cuda_graphs and on_cuda and piecewise_cuda_graphs:
+            self.capture_piecewise(piecewise_token_buckets(self.max_tokens))
 
     # ---- the plan's bookkeeping -----------------------------------------------------------------------
 
@@ -244,7 +296,8 @@ class ModelRunner:
 
     # ---- inputs ---------------------------------------------------------------------------------------
 
-    def _fill_host(self, plan: StepPlan, num_writes: list[int], pad_to: int, query_len: int) -> _HostStep:
+    def _fill_host(self, plan: StepPlan, num_writes: list[int], pad_to: int, query_len: int,
+                   pad_tokens_to: int = 0) -> _HostStep:
         """Write the step's inputs into the host buffers. Rows past the plan (graph padding) read the null
         block, write nothing (slot -1) and see `query_len` keys. Placeholder tokens are listed for the
         device fill."""
@@ -290,6 +343,13 @@ class ModelRunner:
             h["query_start_loc"][num_reqs:pad_to + 1] = num_tokens + query_len * np.arange(pad_to - num_reqs + 1)
             for g in range(self.num_groups):
                 h[f"slots{g}"][pad_tokens] = -1
+        if pad_tokens_to > padded_tokens:             # a piecewise bucket: tokens of no request, writing nothing
+            extra = slice(padded_tokens, pad_tokens_to)
+            h["input_ids"][extra] = 0
+            h["positions"][extra] = 0
+            for g in range(self.num_groups):
+                h[f"slots{g}"][extra] = -1
+            padded_tokens = pad_tokens_to
         # logits rows: each sampling request's last token and its drafts; draft_ids = the token each verifies
         sampling, num_drafts, logits_rows, draft_ids, sampling_rows = [], [], [], [], []
         ends = query_start_loc[1:num_reqs + 1]
@@ -344,11 +404,12 @@ class ModelRunner:
         h["placeholder_src"][:len(dst)] = src
         return len(dst)
 
-    def prepare_inputs(self, plan: StepPlan, pad_to: int = 0,
-                       query_len: int = 1) -> tuple[torch.Tensor, ForwardContext, _HostStep]:
-        """(input_ids, ctx, host facts) for one step; `pad_to` rows of `query_len` tokens for a graph."""
+    def prepare_inputs(self, plan: StepPlan, pad_to: int = 0, query_len: int = 1,
+                       pad_tokens_to: int = 0) -> tuple[torch.Tensor, ForwardContext, _HostStep]:
+        """(input_ids, ctx, host facts) for one step; `pad_to` rows of `query_len` tokens for a graph, or
+        `pad_tokens_to` tokens in all (past the rows' own) for a piecewise bucket."""
         num_writes = self.apply_plan(plan)
-        step = self._fill_host(plan, num_writes, pad_to, query_len)
+        step = self._fill_host(plan, num_writes, pad_to, query_len, pad_tokens_to)
         num_reqs, num_tokens = step.num_reqs, step.num_tokens
         up = self.buffers.upload
         graphed = pad_to > 0
@@ -428,6 +489,51 @@ class ModelRunner:
                 self.graphs[(size, query_len)] = (graph, hidden, logits)
         self.graphs = dict(sorted(self.graphs.items()))
 
+    def _piecewise_bucket(self, plan: StepPlan) -> int | None:
+        if not self.piecewise or not plan.request_ids:
+            return None
+        return next((n for n in self.piecewise if n >= plan.num_tokens), None)
+
+    @torch.inference_mode()
+    def capture_piecewise(self, buckets: list[int]) -> None:
+        """Capture the forward of each token bucket (largest first, one memory pool) as pieces between
+        attention calls. The model's attention goes through `runtime.ops.paged_attention`, which hands
+        itself to `ctx.graph_break` while capturing; everything else in the forward may read only per-token
+        inputs (input ids, positions, slot mappings), whose buffers keep their addresses. Attention reads
+        the live step's tensors when replayed, so it serves any mix of prefill chunks and decodes."""
+        stream = torch.cuda.Stream()
+        pool = None
+        for bucket in sorted(buckets, reverse=True):
+            input_ids, ctx, _ = self.prepare_inputs(StepPlan(), pad_tokens_to=bucket)
+            ctx.graph_break = lambda q, attend: torch.zeros_like(q)   # no rows: attention has nothing to do
+            for _ in range(2):                                    # warm up: compile kernels, settle allocator
+                self.model(input_ids, ctx.positions, ctx)
+            torch.cuda.synchronize()
+            recorder = _PieceRecorder(pool, self.piecewise_out)
+            ctx.graph_break = recorder.graph_break
+            with torch.cuda.stream(stream):
+                recorder.begin()
+                hidden = self.model(input_ids, ctx.positions, ctx)
+                recorder.end()
+            torch.cuda.synchronize()
+            pool = recorder.pool
+            if len(recorder.attention) != len(self.caches):
+                self.piecewise.clear()
+                raise ValueError(f"piecewise CUDA graphs: the forward made {len(recorder.attention)} attention "
+                                 f"calls through runtime.ops.paged_attention for {len(self.caches)} cache layers; "
+                                 "this model cannot be split at attention (run without --piecewise-cuda-graphs)")
+            self.piecewise[bucket] = PiecewiseGraph(recorder.graphs, recorder.attention, hidden)
+        self.piecewise = dict(sorted(self.piecewise.items()))
+
+    def _replay_piecewise(self, bucket: int, ctx: ForwardContext, num_tokens: int) -> torch.Tensor:
+        """The bucket's pieces with attention in between, over the step's `num_tokens` real tokens."""
+        pieces = self.piecewise[bucket]
+        for graph, (attend, out) in zip(pieces.graphs, pieces.attention):
+            graph.replay()
+            attend(ctx, out[:num_tokens])
+        pieces.graphs[-1].replay()
+        return pieces.hidden[:num_tokens]
+
     # ---- the step -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -437,8 +543,10 @@ class ModelRunner:
         one reuses its buffers."""
         self._next_slot()
         key = self._graph_key(plan)
+        bucket = self._piecewise_bucket(plan) if key is None else None
         size, query_len = key if key is not None else (0, 1)
-        input_ids, ctx, step = self.prepare_inputs(plan, pad_to=size, query_len=query_len)
+        input_ids, ctx, step = self.prepare_inputs(plan, pad_to=size, query_len=query_len,
+                                                   pad_tokens_to=bucket or 0)
         # host work for the sampler before the launch, so that it overlaps the forward on the device
         sampling = self._sampling_batch(step) if step.sampling else None
         if key is not None:
@@ -448,7 +556,14 @@ class ModelRunner:
         else:
             if not plan.request_ids:
                 return self._pending(step, None, None, sampling)
-            hidden = self.model(input_ids, ctx.positions, ctx)                    # [num_tokens, hidden]
+            if bucket is not None:
+                num_tokens = int(ctx.query_start_loc_host[-1])
+                input_ids = input_ids[:num_tokens]
+                ctx.positions = ctx.positions[:num_tokens]
+                ctx.slot_mappings = [slots[:num_tokens] for slots in ctx.slot_mappings]
+                hidden = self._replay_piecewise(bucket, ctx, num_tokens)         # [num_tokens, hidden]
+            else:
+                hidden = self.model(input_ids, ctx.positions, ctx)                # [num_tokens, hidden]
             if not step.sampling:
                 if self.drafter is not None:                  # it still keeps its cache of these positions
                     self._propose(step, input_ids, ctx, hidden, None)

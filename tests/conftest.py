@@ -28,6 +28,19 @@ def _private_tiny_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(arch, variant=None) -> a tiny checkpoint's dir, written once per session."""
+    made = {}
+
+    def get(arch: str, variant: str | None = None):
+        if (arch, variant) not in made:
+            root = tmp_path_factory.mktemp("tiny")
+            made[(arch, variant)] = make_tiny_checkpoint(arch, root / f"{arch}-{variant or 'base'}", variant)
+        return made[(arch, variant)]
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory):
     return make_tiny_checkpoint("qwen3", tmp_path_factory.mktemp("tiny") / "qwen3")
 

@@ -5,6 +5,7 @@
     kv          the model built on the meta device: each cache group's bytes per token, and the cache of one
                 request at --tokens positions (CPU, no weights)
     latency     batch 1, 128-token prompt, 256 new tokens: TTFT, TPOT, decode tok/s, vs the roofline
+    longctx     steady decode at a 32K context for batch 1 and 4 (--kv-cache-dtype fp8 vs auto)
     throughput  256 requests, prompt and output lengths uniform in [100, 1024], seed 0, ignore_eos
                 (nano-vllm's / vLLM's protocol): output tok/s
     sampling    the sampler alone on 256 rows x 152k vocabulary: greedy, the torch reference, the Triton kernel
@@ -101,7 +102,9 @@ def bench_kv(args: argparse.Namespace) -> dict:
     package = get_package(args.arch) if args.arch else \
         package_for_architectures(getattr(hf_config, "architectures", None) or [])
     with torch.device("meta"):
-        model = package.build(hf_config, EngineConfig(device="cpu", dtype=args.dtype))
+        model = package.build(hf_config, EngineConfig(device="cpu", dtype=args.dtype,
+                                                      kv_cache_dtype=args.kv_cache_dtype,
+                                                      kv_cache_dtype_skip_layers=args.kv_cache_dtype_skip_layers))
     layout = group_cache_specs(model.cache_specs(), args.block_size)
     model_dtype = EngineConfig(device="cpu", dtype=args.dtype).torch_dtype
     growing = fixed = fixed_state = 0.0
@@ -119,8 +122,9 @@ def bench_kv(args: argparse.Namespace) -> dict:
         growing += per_token if spec.window is None else 0
         if spec.window is not None:
             # windows kept at another precision than the KV (recurrent state, e.g. compressor buffers)
-            fixed_state += total if spec.dtype != model_dtype else 0
-            fixed += total if spec.dtype == model_dtype else 0
+            is_kv = spec.dtype in (model_dtype, torch.float8_e4m3fn)
+            fixed_state += 0 if is_kv else total
+            fixed += total if is_kv else 0
     kv_bytes = growing * args.tokens + fixed
     print(f"long-context slope: {growing:,.0f} B/token")
     print(f"one request at {args.tokens:,} positions: {kv_bytes / 2**30:.4f} GiB of KV ({fixed / 2**20:.2f} MiB "
@@ -195,6 +199,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 skip_tokenizer_init=True,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
+                kv_cache_dtype=args.kv_cache_dtype,
                 tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
 
 
@@ -319,6 +324,37 @@ def bench_spec(args: argparse.Namespace) -> dict:
         name = f"ngram_batch{args.batch}_{'padded' if pad else 'ragged'}"
         result[f"{name}_tok_s"] = args.batch * args.output_len / seconds
         result[f"{name}_graph_steps"] = f"{sum(k is not None for k in graph_steps)}/{len(graph_steps)}"
+    return result
+
+
+def bench_longctx(args: argparse.Namespace) -> dict:
+    """Steady decode at a long context: `batch` requests of `context` prompt tokens each, prefilled, then
+    `steps` decode steps timed (each step ends in a host sync of its tokens), per batch size."""
+    from runtime import LLM, SamplingParams
+    llm = LLM(args.model, **_engine_options(args))
+    engine = llm.engine
+    rng = random.Random(0)
+    result = dict(workload="longctx", model=args.model, context=args.context, kv_cache_dtype=args.kv_cache_dtype,
+                  kv_report=engine.cache_report())
+    for batch in args.batch:
+        params = SamplingParams(temperature=0.0, max_tokens=args.steps + 16, ignore_eos=True)
+        for i in range(batch):
+            low = min(1000, engine.vocab_size // 4)
+            prompt = [rng.randrange(low, engine.vocab_size - low) for _ in range(args.context)]
+            engine.add_request(f"long-{batch}-{i}", prompt, params)
+        while engine.scheduler.waiting or any(r.num_output_tokens < 4 for r in engine.scheduler.running):
+            engine.step()                                      # prefill, then settle into decode
+        sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        sync()
+        tpot = (time.perf_counter() - start) / args.steps
+        result[f"batch{batch}_tpot_ms"] = tpot * 1e3
+        result[f"batch{batch}_tok_s"] = batch / tpot
+        while engine.has_unfinished():
+            engine.step()
     return result
 
 
@@ -553,6 +589,7 @@ def _gpu_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="shard over this many GPUs (the roofline is then one rank's bytes per step)")
     parser.add_argument("--enable-expert-parallel", action="store_true")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8", "fp8_e4m3"])
     parser.add_argument("--hf", action="store_true", help="also run transformers on the same workload")
     parser.add_argument("--hf-mode", default="static", choices=["default", "static", "compile"])
     parser.add_argument("--json", help="append the result as one JSON line to this file")
@@ -574,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--dtype", default="bfloat16")
     kv.add_argument("--block-size", type=int, default=256)
     kv.add_argument("--tokens", type=int, default=1 << 20)
+    kv.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8", "fp8_e4m3"])
+    kv.add_argument("--kv-cache-dtype-skip-layers", default="", choices=["", "sliding_window"])
     latency = sub.add_parser("latency", help="batch-1 decode vs transformers and the roofline (GPU)")
     _gpu_args(latency)
     latency.add_argument("--prompt-len", type=int, default=128)
@@ -590,6 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--output-len", type=int, default=256)
     spec.add_argument("-k", type=int, default=4)
     spec.add_argument("--batch", type=int, default=8, help="requests in the mixed ngram rows")
+    longctx = sub.add_parser("longctx", help="steady decode at a long context, per batch size (GPU)")
+    _gpu_args(longctx)
+    longctx.add_argument("--context", type=int, default=32768)
+    longctx.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    longctx.add_argument("--steps", type=int, default=64)
     prof = sub.add_parser("profile", help="steady decode at a fixed batch under torch.profiler (GPU)")
     _gpu_args(prof)
     prof.add_argument("--batch", type=int, default=64)
@@ -620,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_gpu_workload(args: argparse.Namespace) -> dict:
     """One GPU workload (latency | spec | throughput | profile) -> its result record."""
     workloads = {"latency": bench_latency, "spec": bench_spec, "throughput": bench_throughput,
-                 "profile": bench_profile, "sampling": bench_sampling}
+                 "profile": bench_profile, "sampling": bench_sampling, "longctx": bench_longctx}
     result = workloads[args.command](args)
     result.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
                   command="python tools/bench.py " + " ".join(args.argv))

@@ -80,3 +80,30 @@ def assert_parity(result: dict, moe: bool = False) -> None:
     else:
         assert result["min_cosine"] >= 0.999, result
         assert not result["unexplained_disagreements"], result
+
+
+def kv_cache_agreement(path, prompts, max_tokens: int, kv_cache_dtype: str = "fp8", **options) -> dict:
+    """Teacher-forced logits with a `kv_cache_dtype` cache against the bf16 cache on the same sequences
+    (prompts plus the bf16 engine's greedy continuations): per-row cosine and top-1 agreement."""
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.5,
+              **options)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+                           use_tqdm=False)
+    sequences = [o.prompt_token_ids + o.token_ids for o in outputs]
+    del llm
+    free_gpu()
+    logits = []
+    for dtype in ("auto", kv_cache_dtype):
+        llm = LLM(str(path), device="cuda", dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.5,
+                  kv_cache_dtype=dtype, **options)
+        recorder = _LogitRecorder(llm.engine.runner)
+        llm.generate(sequences, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+        logits.append({(r, p): row.float() for r, p, row in recorder.rows})
+        del recorder, llm
+        free_gpu()
+    reference, ours = logits
+    rows = sorted(set(reference) & set(ours))
+    cosine = torch.nn.functional.cosine_similarity
+    cosines = [cosine(ours[r], reference[r], dim=0).item() for r in rows]
+    top1 = sum(int(ours[r].argmax() == reference[r].argmax()) for r in rows) / len(rows)
+    return dict(rows=len(rows), min_cosine=min(cosines), median_cosine=sorted(cosines)[len(rows) // 2], top1=top1)

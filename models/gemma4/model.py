@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -272,7 +272,8 @@ class Gemma4Model(nn.Module):
 
 
 class Gemma4ForCausalLM(nn.Module):
-    def __init__(self, text, max_positions: int, cache_dtype: torch.dtype, parallel: ParallelContext = SINGLE):
+    def __init__(self, text, max_positions: int, cache_dtype: Callable[[int | None], torch.dtype],
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
         self.config = text
         self.cache_dtype = cache_dtype
@@ -302,7 +303,8 @@ class Gemma4ForCausalLM(nn.Module):
         for layer in self.model.layers:
             attn = layer.self_attn
             window = attn.window + self.window_slack if attn.window is not None else None
-            specs.append(CacheSpec(entry_shape=(2, attn.num_kv_heads, attn.head_dim), dtype=self.cache_dtype,
+            specs.append(CacheSpec(entry_shape=(2, attn.num_kv_heads, attn.head_dim),
+                                   dtype=self.cache_dtype(attn.window),
                                    window=window, shared_with=attn.producer))
         return specs
 
@@ -408,4 +410,4 @@ def expected_shards(module: nn.Module, params: dict[str, torch.Tensor]) -> set[s
 def build_model(hf_config, engine_config: EngineConfig, parallel: ParallelContext = SINGLE) -> Gemma4ForCausalLM:
     text = hf_config.get_text_config()
     max_positions = max(text.max_position_embeddings, engine_config.max_model_len or 0)
-    return Gemma4ForCausalLM(text, max_positions, engine_config.torch_dtype, parallel)
+    return Gemma4ForCausalLM(text, max_positions, engine_config.kv_dtype, parallel)

@@ -2,7 +2,7 @@
 whose MXFP4 experts apply a clamped, interleaved SwiGLU."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -10,7 +10,7 @@ from torch import nn
 from runtime.config import EngineConfig
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheSpec
-from runtime.loader import check_loaded, copy_weight, unexpected_weight
+from runtime.loader import check_loaded, copy_weight, kv_scale_target, unexpected_weight
 from runtime.ops import RMSNorm, RotaryEmbedding, paged_attention, rope_inv_freq
 from runtime.ops.linear import Linear
 from runtime.ops.qkv import qkv_rope_write_kv
@@ -40,6 +40,9 @@ class GptOssAttention(nn.Module):
                                         config.attention_bias, parallel)
         self.sinks = nn.Parameter(torch.empty(self.num_heads))       # one logit per query head
         self.rotary = rotary
+        # per-tensor scales of an fp8 KV cache (1.0 unless the checkpoint ships k_scale / v_scale)
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +52,9 @@ class GptOssAttention(nn.Module):
         cache, block_table, slot_mapping = ctx.layer_cache(self.layer_index)
         # RoPE and the K/V cache write in one pass; q [num_tokens, heads, head_dim]
         q = qkv_rope_write_kv(qkv, positions, self.rotary, cache, slot_mapping, self.num_heads,
-                              self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, cache, block_table, ctx, self.scale, window=self.window, sinks=self.sinks)
+                              self.num_kv_heads, self.head_dim, k_scale=self.k_scale, v_scale=self.v_scale)
+        out = paged_attention(q, cache, block_table, ctx, self.scale, window=self.window, sinks=self.sinks,
+                              k_scale=self.k_scale, v_scale=self.v_scale)
         return self.o_proj(out.flatten(1)), residual
 
 
@@ -168,7 +172,8 @@ class GptOssModel(nn.Module):
 
 
 class GptOssForCausalLM(nn.Module):
-    def __init__(self, config, max_positions: int, cache_dtype: torch.dtype, parallel: ParallelContext = SINGLE):
+    def __init__(self, config, max_positions: int, cache_dtype: Callable[[int | None], torch.dtype],
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
         self.config = config
         self.cache_dtype = cache_dtype
@@ -185,7 +190,8 @@ class GptOssForCausalLM(nn.Module):
     def cache_specs(self) -> list[CacheSpec]:
         """Sliding layers form a window group (memory per request bounded by the window), full layers another."""
         return [CacheSpec(entry_shape=(2, layer.self_attn.num_kv_heads, layer.self_attn.head_dim),
-                          dtype=self.cache_dtype, window=layer.self_attn.window) for layer in self.model.layers]
+                          dtype=self.cache_dtype(layer.self_attn.window), window=layer.self_attn.window)
+                for layer in self.model.layers]
 
     # ---- weights --------------------------------------------------------------------------------------
 
@@ -197,6 +203,9 @@ class GptOssForCausalLM(nn.Module):
         loaded: set[str] = set()
         for name, tensor in weights:
             if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if scale := kv_scale_target(name):               # an fp8 KV cache's per-tensor scale
+                getattr(self.get_submodule(scale[0]), scale[1]).copy_(tensor.reshape(1))
                 continue
             tensor = self._shard(name, tensor)
             _check_expert_tensor(name, tensor)
@@ -264,4 +273,4 @@ def _check_expert_tensor(name: str, tensor: torch.Tensor) -> None:
 
 def build_model(hf_config, engine_config: EngineConfig, parallel: ParallelContext = SINGLE) -> GptOssForCausalLM:
     max_positions = max(hf_config.max_position_embeddings, engine_config.max_model_len or 0)
-    return GptOssForCausalLM(hf_config, max_positions, engine_config.torch_dtype, parallel)
+    return GptOssForCausalLM(hf_config, max_positions, engine_config.kv_dtype, parallel)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -10,7 +10,7 @@ from torch import nn
 from runtime.config import EngineConfig
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheSpec
-from runtime.loader import check_loaded, copy_weight, unexpected_weight
+from runtime.loader import check_loaded, copy_weight, kv_scale_target, unexpected_weight
 from runtime.ops import RMSNorm, RotaryEmbedding, fused_moe, paged_attention, rope_inv_freq, softmax_topk
 from runtime.ops.linear import Linear
 from runtime.ops.qkv import qkv_rope_write_kv
@@ -40,6 +40,9 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary = rotary
+        # per-tensor scales of an fp8 KV cache (1.0 unless the checkpoint ships k_scale / v_scale)
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,8 +53,9 @@ class Qwen3Attention(nn.Module):
         # QK-norm, RoPE and the K/V cache write in one pass; q [num_tokens, heads, head_dim]
         q = qkv_rope_write_kv(qkv, positions, self.rotary, cache, slot_mapping, self.num_heads,
                               self.num_kv_heads, self.head_dim, self.q_norm.weight, self.k_norm.weight,
-                              self.q_norm.eps)
-        out = paged_attention(q, cache, block_table, ctx, self.scale, window=self.window)
+                              self.q_norm.eps, self.k_scale, self.v_scale)
+        out = paged_attention(q, cache, block_table, ctx, self.scale, window=self.window, k_scale=self.k_scale,
+                              v_scale=self.v_scale)
         return self.o_proj(out.flatten(1)), residual
 
 
@@ -152,7 +156,8 @@ class Qwen3Model(nn.Module):
 
 
 class Qwen3ForCausalLM(nn.Module):
-    def __init__(self, config, max_positions: int, cache_dtype: torch.dtype, parallel: ParallelContext = SINGLE):
+    def __init__(self, config, max_positions: int, cache_dtype: Callable[[int | None], torch.dtype],
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
         self.config = config
         self.cache_dtype = cache_dtype
@@ -171,7 +176,8 @@ class Qwen3ForCausalLM(nn.Module):
 
     def cache_specs(self) -> list[CacheSpec]:
         return [CacheSpec(entry_shape=(2, layer.self_attn.num_kv_heads, layer.self_attn.head_dim),
-                          dtype=self.cache_dtype, window=layer.self_attn.window) for layer in self.model.layers]
+                          dtype=self.cache_dtype(layer.self_attn.window), window=layer.self_attn.window)
+                for layer in self.model.layers]
 
     # ---- weights --------------------------------------------------------------------------------------
 
@@ -189,6 +195,9 @@ class Qwen3ForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue                                   # tied checkpoints may or may not carry it
+            if scale := kv_scale_target(name):               # an fp8 KV cache's per-tensor scale
+                getattr(self.get_submodule(scale[0]), scale[1]).copy_(tensor.reshape(1))
+                continue
             name, tensor = self._shard(name, tensor)
             if tensor is None:
                 continue                                   # an expert another rank holds
@@ -298,7 +307,7 @@ class Qwen3ForCausalLM(nn.Module):
 
 def build_model(hf_config, engine_config: EngineConfig, parallel: ParallelContext = SINGLE) -> Qwen3ForCausalLM:
     max_positions = max(hf_config.max_position_embeddings, engine_config.max_model_len or 0)
-    return Qwen3ForCausalLM(hf_config, max_positions, engine_config.torch_dtype, parallel)
+    return Qwen3ForCausalLM(hf_config, max_positions, engine_config.kv_dtype, parallel)
 
 
 def tiny_init(model: nn.Module) -> None:

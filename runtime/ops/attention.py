@@ -1,7 +1,12 @@
 """Paged attention: K/V live in a block-paged cache and are read through per-request block tables.
 
 Cache layout of one layer: [num_blocks, block_size, 2, kv_heads, head_dim] (K and V of a token together).
-Covers GQA, causal masking, an optional sliding window, learned sinks and logit softcapping."""
+Covers GQA, causal masking, an optional sliding window, learned sinks and logit softcapping.
+
+The cache may be fp8 (e4m3): K and V are stored as x / scale (saturated to the e4m3 range) and read back as
+stored * scale, with one fp32 scale per tensor (`k_scale`, `v_scale`, each a 1-element tensor; None = 1.0).
+The kernels widen the fp8 entries to the query dtype and fold the scales into the softmax scale and the
+output, so everything past the load is the bf16 path."""
 from __future__ import annotations
 
 import functools
@@ -18,17 +23,44 @@ except ImportError:     # the CPU path needs no triton
     triton = None
 
 
-def write_kv_ref(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store k, v [num_tokens, kv_heads, head_dim] at their slots; slot -1 writes nothing."""
+FP8_DTYPES = (torch.float8_e4m3fn,)
+FP8_MAX = 448.0                     # the largest finite e4m3fn value: stores saturate there
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8_DTYPES
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """What a cache of `dtype` stores for x: x itself, or x / scale saturated to e4m3."""
+    if not is_fp8(dtype):
+        return x.to(dtype)
+    x = x.float() if scale is None else x.float() / scale.float()
+    return x.clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def from_cache(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Cache entries in fp32: fp8 entries times their scale."""
+    if is_fp8(x.dtype) and scale is not None:
+        return x.float() * scale.float()
+    return x.float()
+
+
+def write_kv_ref(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+    """Store k, v [num_tokens, kv_heads, head_dim] at their slots; slot -1 writes nothing. Scales apply to
+    an fp8 cache only."""
     flat = cache.view(-1, *cache.shape[2:])                       # [num_blocks * block_size, 2, kv_heads, head_dim]
     keep = slot_mapping >= 0
-    flat[slot_mapping[keep]] = torch.stack([k, v], dim=1)[keep].to(cache.dtype)
+    kv = torch.stack([to_cache_dtype(k, cache.dtype, k_scale), to_cache_dtype(v, cache.dtype, v_scale)], dim=1)
+    flat[slot_mapping[keep]] = kv[keep]
 
 
 def paged_attention_ref(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
                     query_start_loc: list[int], seq_lens: list[int], scale: float,
                     window: int | None = None, sinks: torch.Tensor | None = None,
-                    softcap: float | None = None) -> torch.Tensor:
+                    softcap: float | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Torch reference. q [num_tokens, heads, head_dim] holds each request's newest tokens (the last
     `query_len` positions of its `seq_len`); returns [num_tokens, heads, head_dim] in q's dtype.
 
@@ -43,8 +75,8 @@ def paged_attention_ref(q: torch.Tensor, cache: torch.Tensor, block_table: torch
             continue
         num_blocks = -(-seq_len // block_size)
         kv = cache[block_table[b, :num_blocks].long()].flatten(0, 1)[:seq_len]   # [seq_len, 2, kv_heads, head_dim]
-        k = kv[:, 0].float().repeat_interleave(num_heads // kv_heads, dim=1)    # [seq_len, heads, head_dim]
-        v = kv[:, 1].float().repeat_interleave(num_heads // kv_heads, dim=1)
+        k = from_cache(kv[:, 0], k_scale).repeat_interleave(num_heads // kv_heads, dim=1)   # [seq_len, heads, head_dim]
+        v = from_cache(kv[:, 1], v_scale).repeat_interleave(num_heads // kv_heads, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale  # [heads, query_len, seq_len]
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
@@ -69,47 +101,79 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and os.environ.get("RUN_MODEL_TORCH_OPS") != "1"
 
 
-def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Store k, v [num_tokens, kv_heads, head_dim] at their slots; slot -1 writes nothing."""
     if _use_triton(k):
-        write_kv_triton(cache, k, v, slot_mapping)
+        write_kv_triton(cache, k, v, slot_mapping, k_scale, v_scale)
     else:
-        write_kv_ref(cache, k, v, slot_mapping)
+        write_kv_ref(cache, k, v, slot_mapping, k_scale, v_scale)
 
 
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, ctx, scale: float,
                     window: int | None = None, sinks: torch.Tensor | None = None,
-                    softcap: float | None = None) -> torch.Tensor:
+                    softcap: float | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the step's queries over the paged cache (one entry point; `ctx` is the ForwardContext).
-    CUDA: the split-K decode kernel when every request brings one token, else the prefill kernel. CPU:
-    torch's fused SDPA per request (the reference where sinks or softcapping need it)."""
+    CUDA: the split-K decode kernel when every request brings one token, else the prefill kernel. While the
+    runner captures piecewise CUDA graphs (`ctx.graph_break` set), the call is handed to it: attention runs
+    between the captured pieces, with the live step's metadata. CPU: torch's fused SDPA per request (the
+    reference where sinks, softcapping or an fp8 cache need it)."""
+    if ctx.graph_break is not None:
+        group = next((g for g, table in enumerate(ctx.block_tables) if table is block_table), None)
+        if group is None:
+            raise ValueError("piecewise CUDA graphs need the block table of ctx.layer_cache()")
+        return ctx.graph_break(q, lambda live, out: _paged_attention(
+            q[:out.shape[0]], cache, live.block_tables[group], live, scale, window, sinks, softcap, k_scale,
+            v_scale, out))
+    return _paged_attention(q, cache, block_table, ctx, scale, window, sinks, softcap, k_scale, v_scale)
+
+
+def _paged_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, ctx, scale: float,
+                     window: int | None, sinks: torch.Tensor | None, softcap: float | None,
+                     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     if not _use_triton(q):
-        if q.device.type == "cpu" and sinks is None and softcap is None:
-            return paged_attention_sdpa(q, cache, block_table, ctx.query_start_loc_host, ctx.seq_lens_host,
-                                        scale, window)
-        return paged_attention_ref(q, cache, block_table, ctx.query_start_loc_host, ctx.seq_lens_host, scale,
-                                   window, sinks, softcap)
+        if q.device.type == "cpu" and sinks is None and softcap is None and cache.dtype == q.dtype:
+            result = paged_attention_sdpa(q, cache, block_table, ctx.query_start_loc_host, ctx.seq_lens_host,
+                                          scale, window)
+            return result if out is None else out.copy_(result)
+        result = paged_attention_ref(q, cache, block_table, ctx.query_start_loc_host, ctx.seq_lens_host, scale,
+                                     window, sinks, softcap, k_scale, v_scale)
+        return result if out is None else out.copy_(result)
     if ctx.is_decode:
         return paged_decode_triton(q, cache, block_table, ctx.seq_lens, ctx.max_seq_len, scale, window, sinks,
-                                   softcap)
+                                   softcap, k_scale=k_scale, v_scale=v_scale, out=out)
     return paged_prefill_triton(q, cache, block_table, ctx.query_start_loc, ctx.seq_lens, ctx.max_query_len,
-                                scale, window, sinks, softcap)
+                                scale, window, sinks, softcap, k_scale=k_scale, v_scale=v_scale, out=out)
 
 
 if triton is not None:
     @triton.jit
-    def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_stride, v_stride, slot_stride, kv_stride,
-                         ROW: tl.constexpr, BLOCK: tl.constexpr):
+    def _to_cache(x, scale_ptr, dtype: tl.constexpr, IS_FP8: tl.constexpr, HAS_KV_SCALE: tl.constexpr):
+        """x as the cache stores it: x / scale saturated to e4m3 in an fp8 cache (as `to_cache_dtype`)."""
+        if IS_FP8:
+            x = x.to(tl.float32)
+            if HAS_KV_SCALE:
+                x = x / tl.load(scale_ptr)
+            x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+        return x.to(dtype)
+
+    @triton.jit
+    def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, k_stride, v_stride,
+                         slot_stride, kv_stride, ROW: tl.constexpr, BLOCK: tl.constexpr, IS_FP8: tl.constexpr,
+                         HAS_KV_SCALE: tl.constexpr):
         token = tl.program_id(0)
-        slot = tl.load(slot_ptr + token)
+        slot = tl.load(slot_ptr + token).to(tl.int64)
         if slot >= 0:
             offs = tl.arange(0, BLOCK)
             mask = offs < ROW
             dst = cache_ptr + slot * slot_stride + offs
+            dtype = cache_ptr.dtype.element_ty
             k = tl.load(k_ptr + token * k_stride + offs, mask=mask)
-            tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst, _to_cache(k, k_scale_ptr, dtype, IS_FP8, HAS_KV_SCALE), mask=mask)
             v = tl.load(v_ptr + token * v_stride + offs, mask=mask)
-            tl.store(dst + kv_stride, v.to(cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + kv_stride, _to_cache(v, v_scale_ptr, dtype, IS_FP8, HAS_KV_SCALE), mask=mask)
 
     @triton.jit
     def _softcapped(scores, softcap, HAS_SOFTCAP: tl.constexpr):
@@ -118,12 +182,12 @@ if triton is not None:
         return scores
 
     @triton.jit
-    def _decode_kernel(q_ptr, cache_ptr, table_ptr, seq_lens_ptr, part_acc_ptr, part_ml_ptr,
+    def _decode_kernel(q_ptr, cache_ptr, table_ptr, seq_lens_ptr, part_acc_ptr, part_ml_ptr, k_scale_ptr, v_scale_ptr,
                        q_stride_t, q_stride_h, table_stride, block_stride, token_stride, kv_stride, head_stride,
                        scale, softcap, window,
                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                       HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+                       HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KV_SCALE: tl.constexpr):
         req = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -142,6 +206,8 @@ if triton is not None:
         d_mask = d < HEAD_DIM
         q = tl.load(q_ptr + req * q_stride_t + heads[:, None] * q_stride_h + d[None, :],
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)                 # [BLOCK_G, BLOCK_D]
+        if HAS_KV_SCALE:                              # fp8 entries: k * k_scale folds into the softmax scale
+            scale = scale * tl.load(k_scale_ptr)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -151,8 +217,8 @@ if triton is not None:
             page = tl.load(table_ptr + req * table_stride + n // PAGE, mask=n_mask, other=0).to(tl.int64)
             row = cache_ptr + page * block_stride + (n % PAGE) * token_stride + kv_head * head_stride
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(row[:, None] + d[None, :], mask=kv_mask, other=0.0)            # [BLOCK_N, BLOCK_D]
-            v = tl.load(row[:, None] + kv_stride + d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+            v = tl.load(row[:, None] + kv_stride + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             scores = tl.dot(q, tl.trans(k)) * scale                                     # [BLOCK_G, BLOCK_N]
             scores = _softcapped(scores, softcap, HAS_SOFTCAP)
             scores = tl.where(n_mask[None, :], scores, float("-inf"))
@@ -162,6 +228,8 @@ if triton is not None:
             l = l * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
+        if HAS_KV_SCALE:
+            acc = acc * tl.load(v_scale_ptr)
         out = ((req * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split)
         tl.store(part_acc_ptr + out[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
         tl.store(part_ml_ptr + out * 2, m, mask=g_mask)
@@ -195,12 +263,12 @@ if triton is not None:
 
     @triton.jit
     def _prefill_kernel(q_ptr, cache_ptr, table_ptr, query_start_ptr, seq_lens_ptr, sinks_ptr, out_ptr,
-                        q_stride_t, q_stride_h, out_stride_t, out_stride_h,
+                        k_scale_ptr, v_scale_ptr, q_stride_t, q_stride_h, out_stride_t, out_stride_h,
                         table_stride, block_stride, token_stride, kv_stride, head_stride,
                         scale, softcap, window,
                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                        HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+                        HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KV_SCALE: tl.constexpr):
         m_block = tl.program_id(0)
         req = tl.program_id(1)
         head = tl.program_id(2)
@@ -217,6 +285,8 @@ if triton is not None:
             q = tl.load(q_ptr + (q_start + rows)[:, None] * q_stride_t + head * q_stride_h + d[None, :],
                         mask=row_mask[:, None] & d_mask[None, :], other=0.0)        # [BLOCK_M, BLOCK_D]
             kv_head = head // GROUP
+            if HAS_KV_SCALE:                          # fp8 entries: k * k_scale folds into the softmax scale
+                scale = scale * tl.load(k_scale_ptr)
             hi = tl.minimum(seq_len, computed + (m_block + 1) * BLOCK_M)
             lo = 0
             if HAS_WINDOW:
@@ -230,8 +300,8 @@ if triton is not None:
                 page = tl.load(table_ptr + req * table_stride + n // PAGE, mask=n_mask, other=0).to(tl.int64)
                 row = cache_ptr + page * block_stride + (n % PAGE) * token_stride + kv_head * head_stride
                 kv_mask = n_mask[:, None] & d_mask[None, :]
-                k = tl.load(row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(row[:, None] + kv_stride + d[None, :], mask=kv_mask, other=0.0)
+                k = tl.load(row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+                v = tl.load(row[:, None] + kv_stride + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
                 scores = tl.dot(q, tl.trans(k)) * scale                             # [BLOCK_M, BLOCK_N]
                 scores = _softcapped(scores, softcap, HAS_SOFTCAP)
                 visible = (n[None, :] <= positions[:, None]) & n_mask[None, :]
@@ -247,6 +317,8 @@ if triton is not None:
                 m = m_new
             if HAS_SINKS:
                 l += tl.exp(tl.load(sinks_ptr + head).to(tl.float32) - m)
+            if HAS_KV_SCALE:
+                acc = acc * tl.load(v_scale_ptr)
             out = acc / tl.where(row_mask, l, 1.0)[:, None]                        # padding rows: l == 0
             tl.store(out_ptr + (q_start + rows)[:, None] * out_stride_t + head * out_stride_h + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
@@ -257,13 +329,27 @@ def _check_cache_layout(cache: torch.Tensor) -> None:
         raise ValueError("the KV cache must be contiguous in its (kv_heads, head_dim) dims")
 
 
-def write_kv_triton(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def kv_scales(cache: torch.Tensor, k_scale: torch.Tensor | None,
+              v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Kernel arguments for the scales: (k_scale, v_scale, HAS_KV_SCALE); they apply to an fp8 cache only
+    (an unused pointer argument gets the cache)."""
+    if is_fp8(cache.dtype) and k_scale is not None and v_scale is not None:
+        return k_scale, v_scale, True
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("give both KV scales or neither")
+    return cache, cache, False
+
+
+def write_kv_triton(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     _check_cache_layout(cache)
     num_tokens, kv_heads, head_dim = k.shape
     assert k.stride(1) == head_dim and v.stride(1) == head_dim and k.stride(2) == 1 and v.stride(2) == 1
     row = kv_heads * head_dim
-    _write_kv_kernel[(num_tokens,)](k, v, cache, slot_mapping, k.stride(0), v.stride(0), cache.stride(1),
-                                    cache.stride(2), ROW=row, BLOCK=triton.next_power_of_2(row))
+    k_scale, v_scale, has_scale = kv_scales(cache, k_scale, v_scale)
+    _write_kv_kernel[(num_tokens,)](k, v, cache, slot_mapping, k_scale, v_scale, k.stride(0), v.stride(0),
+                                    cache.stride(1), cache.stride(2), ROW=row, BLOCK=triton.next_power_of_2(row),
+                                    IS_FP8=is_fp8(cache.dtype), HAS_KV_SCALE=has_scale)
 
 
 @functools.lru_cache(maxsize=None)
@@ -279,7 +365,9 @@ def decode_num_splits(num_reqs: int, kv_heads: int, max_seq_len: int, num_sms: i
 
 def paged_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                         max_seq_len: int, scale: float, window: int | None = None, sinks: torch.Tensor | None = None,
-                        softcap: float | None = None, num_splits: int | None = None) -> torch.Tensor:
+                        softcap: float | None = None, num_splits: int | None = None,
+                        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per request: split-K over the keys, then a reduction that adds the sink."""
     _check_cache_layout(cache)
     num_reqs, num_heads, head_dim = q.shape
@@ -292,14 +380,15 @@ def paged_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch
         num_splits = decode_num_splits(num_reqs, kv_heads, max_seq_len, num_sms, block_n)
     part_acc = torch.empty(num_reqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(num_reqs, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    k_scale, v_scale, has_scale = kv_scales(cache, k_scale, v_scale)
     _decode_kernel[(num_reqs, kv_heads, num_splits)](
-        q, cache, block_table, seq_lens, part_acc, part_ml,
+        q, cache, block_table, seq_lens, part_acc, part_ml, k_scale, v_scale,
         q.stride(0), q.stride(1), block_table.stride(0), cache.stride(0), cache.stride(1), cache.stride(2),
         cache.stride(3), scale, softcap or 0.0, window or 0,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, num_warps=4 if head_dim <= 128 else 8)
-    out = torch.empty_like(q)
+        HAS_SOFTCAP=softcap is not None, HAS_KV_SCALE=has_scale, num_warps=4 if head_dim <= 128 else 8)
+    out = torch.empty_like(q) if out is None else out
     _decode_reduce_kernel[(num_reqs, num_heads)](
         part_acc, part_ml, sinks if sinks is not None else part_ml, out, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
@@ -310,7 +399,8 @@ def paged_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch
 def paged_prefill_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
                          query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, scale: float,
                          window: int | None = None, sinks: torch.Tensor | None = None,
-                         softcap: float | None = None) -> torch.Tensor:
+                         softcap: float | None = None, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Queries of any length per request (chunked prefill, extends after prefix hits), causal."""
     _check_cache_layout(cache)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -318,15 +408,17 @@ def paged_prefill_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torc
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m = 64 if block_d <= 128 else 32 if block_d <= 256 else 16
     block_n = 64 if block_d <= 128 else 32
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     num_reqs = seq_lens.shape[0]
     grid = (triton.cdiv(max_query_len, block_m), num_reqs, num_heads)
+    k_scale, v_scale, has_scale = kv_scales(cache, k_scale, v_scale)
     _prefill_kernel[grid](
         q, cache, block_table, query_start_loc, seq_lens, sinks if sinks is not None else q, out,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_table.stride(0), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         scale, softcap or 0.0, window or 0,
         GROUP=num_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
         BLOCK_N=block_n, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
-        HAS_SOFTCAP=softcap is not None, num_warps=4 if block_d <= 128 else 8, num_stages=2)
+        HAS_SOFTCAP=softcap is not None, HAS_KV_SCALE=has_scale, num_warps=4 if block_d <= 128 else 8,
+        num_stages=2)
     return out

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from runtime.ops.attention import write_kv_ref
+from runtime.ops.attention import is_fp8, kv_scales, write_kv_ref
 from runtime.ops.norm import rms_norm_ref
 from runtime.ops.rope import RotaryEmbedding, apply_rope
 
@@ -25,24 +25,29 @@ except ImportError:                                  # the torch reference still
 def qkv_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, cache: torch.Tensor,
                       slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
                       q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
-                      eps: float = 1e-6) -> torch.Tensor:
+                      eps: float = 1e-6, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [num_tokens, (heads + 2 * kv_heads) * head_dim] -> q [num_tokens, heads, head_dim] (normed, rotated);
-    k (normed, rotated) and v are written to `cache` at `slot_mapping` (slot -1 writes nothing). The norm
-    weights are both given or both omitted. The Triton kernel on a GPU, the torch reference elsewhere."""
+    k (normed, rotated) and v are written to `cache` at `slot_mapping` (slot -1 writes nothing; an fp8 cache
+    stores them divided by k_scale / v_scale). The norm weights are both given or both omitted. The Triton
+    kernel on a GPU, the torch reference elsewhere."""
     if (q_norm_weight is None) != (k_norm_weight is None):
         raise ValueError("give both QK-norm weights or neither")
     if (qkv.is_cuda and triton is not None and os.environ.get("RUN_MODEL_TORCH_OPS") != "1"
             and rotary.rotary_dim == head_dim and (q_norm_weight is None or q_norm_weight.dtype == qkv.dtype)):
         return qkv_rope_write_kv_triton(qkv, positions, rotary.cos_sin, rotary.style, cache, slot_mapping,
-                                        num_heads, num_kv_heads, head_dim, q_norm_weight, k_norm_weight, eps)
+                                        num_heads, num_kv_heads, head_dim, q_norm_weight, k_norm_weight, eps,
+                                        k_scale, v_scale)
     return qkv_rope_write_kv_ref(qkv, positions, rotary.cos_sin, rotary.style, cache, slot_mapping,
-                                 num_heads, num_kv_heads, head_dim, q_norm_weight, k_norm_weight, eps)
+                                 num_heads, num_kv_heads, head_dim, q_norm_weight, k_norm_weight, eps,
+                                 k_scale, v_scale)
 
 
 def qkv_rope_write_kv_ref(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, style: str,
                           cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
                           head_dim: int, q_norm_weight: torch.Tensor | None = None,
-                          k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+                          k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                          k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
     q = q.view(-1, num_heads, head_dim)
@@ -53,7 +58,7 @@ def qkv_rope_write_kv_ref(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: t
         k = rms_norm_ref(k, k_norm_weight, eps)
     cos, sin = cos_sin[positions].chunk(2, dim=-1)
     q, k = apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
-    write_kv_ref(cache, k, v, slot_mapping)
+    write_kv_ref(cache, k, v, slot_mapping, k_scale, v_scale)
     return q
 
 
@@ -64,6 +69,8 @@ def qkv_rope_write_kv_ref(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: t
 # sum); compiled without FP fusion for the same reason as the RoPE kernel.
 
 if triton is not None:
+    from runtime.ops.attention import _to_cache
+
     @triton.jit
     def _norm_rope_heads(x_ptr, w_ptr, cos, sin, eps, num_heads,
                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, GPTJ: tl.constexpr, HAS_NORM: tl.constexpr,
@@ -94,11 +101,12 @@ if triton is not None:
 
     @triton.jit
     def _qkv_rope_write_kv_kernel(qkv_ptr, positions_ptr, cos_sin_ptr, q_norm_ptr, k_norm_ptr, q_out_ptr,
-                                  cache_ptr, slot_ptr, num_heads, num_kv_heads, eps,
+                                  cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, num_heads, num_kv_heads, eps,
                                   stride_qkv, stride_table, stride_slot, stride_kv,
                                   HEAD_DIM: tl.constexpr, HALF: tl.constexpr, GPTJ: tl.constexpr,
                                   HAS_NORM: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr,
-                                  BLOCK_KV_HEADS: tl.constexpr, BLOCK_KV: tl.constexpr):
+                                  BLOCK_KV_HEADS: tl.constexpr, BLOCK_KV: tl.constexpr, IS_FP8: tl.constexpr,
+                                  HAS_KV_SCALE: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         position = tl.load(positions_ptr + token).to(tl.int64)
         pairs = tl.arange(0, HALF)
@@ -118,18 +126,23 @@ if triton is not None:
                                                              HEAD_DIM, HALF, GPTJ, HAS_NORM, BLOCK_KV_HEADS)
             cache_row = cache_ptr + slot * stride_slot
             k_dst = cache_row + tl.arange(0, BLOCK_KV_HEADS)[:, None] * HEAD_DIM
-            tl.store(k_dst + first[None, :], k1.to(cache_ptr.dtype.element_ty), mask=k_mask)
-            tl.store(k_dst + second[None, :], k2.to(cache_ptr.dtype.element_ty), mask=k_mask)
+            cache_dtype = cache_ptr.dtype.element_ty
+            tl.store(k_dst + first[None, :], _to_cache(k1, k_scale_ptr, cache_dtype, IS_FP8, HAS_KV_SCALE),
+                     mask=k_mask)
+            tl.store(k_dst + second[None, :], _to_cache(k2, k_scale_ptr, cache_dtype, IS_FP8, HAS_KV_SCALE),
+                     mask=k_mask)
             offsets = tl.arange(0, BLOCK_KV)
             v_mask = offsets < num_kv_heads * HEAD_DIM
             v = tl.load(k_ptr + num_kv_heads * HEAD_DIM + offsets, mask=v_mask)
-            tl.store(cache_row + stride_kv + offsets, v.to(cache_ptr.dtype.element_ty), mask=v_mask)
+            tl.store(cache_row + stride_kv + offsets, _to_cache(v, v_scale_ptr, cache_dtype, IS_FP8, HAS_KV_SCALE),
+                     mask=v_mask)
 
 
 def qkv_rope_write_kv_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, style: str,
                              cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
                              head_dim: int, q_norm_weight: torch.Tensor | None = None,
-                             k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+                             k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The same function as `qkv_rope_write_kv_ref` (full rotary: cos_sin [positions, head_dim])."""
     if triton is None:
         raise RuntimeError("qkv_rope_write_kv_triton needs the triton package")
@@ -147,10 +160,12 @@ def qkv_rope_write_kv_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin
     if num_tokens == 0:
         return q
     has_norm = q_norm_weight is not None
+    k_scale, v_scale, has_scale = kv_scales(cache, k_scale, v_scale)
     _qkv_rope_write_kv_kernel[(num_tokens,)](
         qkv, positions, cos_sin, q_norm_weight if has_norm else qkv, k_norm_weight if has_norm else qkv, q,
-        cache, slot_mapping, num_heads, num_kv_heads, eps, qkv.stride(0), cos_sin.stride(0), cache.stride(1),
-        cache.stride(2), HEAD_DIM=head_dim, HALF=head_dim // 2, GPTJ=style == "gptj", HAS_NORM=has_norm,
+        cache, slot_mapping, k_scale, v_scale, num_heads, num_kv_heads, eps, qkv.stride(0), cos_sin.stride(0),
+        cache.stride(1), cache.stride(2), HEAD_DIM=head_dim, HALF=head_dim // 2, GPTJ=style == "gptj", HAS_NORM=has_norm,
         BLOCK_Q_HEADS=triton.next_power_of_2(num_heads), BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
-        BLOCK_KV=triton.next_power_of_2(num_kv_heads * head_dim), num_warps=4, enable_fp_fusion=False)
+        BLOCK_KV=triton.next_power_of_2(num_kv_heads * head_dim), IS_FP8=is_fp8(cache.dtype),
+        HAS_KV_SCALE=has_scale, num_warps=4, enable_fp_fusion=False)
     return q
