@@ -16,6 +16,7 @@ from torch import nn
 from runtime.forward import ForwardContext
 from runtime.ops import RMSNorm
 
+from . import kernels
 from .cache_ops import gather_entries, request_entries, write_entries
 from .rope import TrailingRope
 
@@ -42,6 +43,13 @@ class Compressor(nn.Module):
         kv = self.wkv(x)                                                          # [num_tokens, width]
         gate = self.wgate(x) + self.ape[positions % self.ratio].to(x.dtype)
         state, state_table, state_slots = ctx.layer_cache(self.state_layer)
+        if kernels.use_kernels(x):
+            # every token's state row, then every closing token's entry: two launches whatever the batch
+            kernels.store_rows(state, torch.stack([kv, gate], dim=1), state_slots)
+            cache, _, slots = ctx.layer_cache(self.entry_layer)
+            kernels.compress_entries(state, state_table, cache, slots, positions, requests, self.norm.weight,
+                                     self.norm.eps, self.rope.inv_freq, self.ratio, self.overlap, ctx.block_size)
+            return
         write_entries(state, torch.stack([kv, gate], dim=1), state_slots)
         closing = ((positions + 1) % self.ratio == 0).nonzero().flatten()
         if not len(closing):
@@ -82,13 +90,17 @@ class Indexer(nn.Module):
         return self.compressor.ratio
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
-                ctx: ForwardContext) -> list[torch.Tensor]:
-        """Per request: [query_len, k'] entry indices each query reads, -1 = none (k' = min(k, entries))."""
+                ctx: ForwardContext) -> list[torch.Tensor] | torch.Tensor:
+        """Per request: [query_len, k'] entry indices each query reads, -1 = none (k' = min(k, entries)).
+        The kernel path returns one [num_tokens, min(k, width)] int32 tensor instead, width being the most
+        entries any request of the step can have (fixed for a captured graph)."""
         self.compressor(x, positions, requests, ctx)
         q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
         q = self.rope(q, positions)                                               # [num_tokens, heads, head_dim]
         head_weights = self.weights_proj(x).float() * self.num_heads ** -0.5      # [num_tokens, heads]
         keys_cache, table, _ = ctx.layer_cache(self.compressor.entry_layer)
+        if kernels.use_kernels(x):
+            return self._select_kernels(q, head_weights, keys_cache, table, positions, requests, ctx)
         starts = ctx.query_start_loc_host
         selected = []
         for b in range(ctx.num_reqs):
@@ -103,3 +115,19 @@ class Indexer(nn.Module):
             top = scores.masked_fill(future, float("-inf")).topk(min(self.top_k, num_entries), dim=-1).indices
             selected.append(torch.where(top >= visible, -1, top))
         return selected
+
+    # scores of at most this many (query, entry) pairs at once (1 GiB of fp32): long prefill chunks go in parts
+    MAX_SCORES = 1 << 28
+
+    def _select_kernels(self, q: torch.Tensor, head_weights: torch.Tensor, keys_cache: torch.Tensor,
+                        table: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
+                        ctx: ForwardContext) -> torch.Tensor:
+        width = ctx.max_seq_len // self.ratio
+        rows = max(1, self.MAX_SCORES // max(width, 1))
+        picked = []
+        for start in range(0, q.shape[0], rows):
+            part = slice(start, start + rows)
+            scores = kernels.indexer_scores(q[part], head_weights[part], keys_cache, table, positions[part],
+                                            requests[part], self.ratio, width, ctx.block_size)
+            picked.append(kernels.indexer_topk(scores, positions[part], self.ratio, self.top_k))
+        return picked[0] if len(picked) == 1 else torch.cat(picked)
