@@ -73,6 +73,19 @@ class Compressor(nn.Module):
         write_entries(cache, entries, slots[closing])
 
 
+def indexer_scores_ref(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                       ratio: int) -> torch.Tensor:
+    """One request's queries q [query_len, heads, dim] (head_weights [query_len, heads]) against its entries
+    keys [entries, dim]: sum_h w_h * relu(q_h . k) / sqrt(dim), fp32 [query_len, entries], -inf at entries not
+    yet closed at the query's position."""
+    scores = torch.einsum("qhd,kd->qhk", q.float(), keys.float())                # [query_len, heads, entries]
+    scores = torch.relu(scores) * q.shape[-1] ** -0.5
+    scores = (scores * head_weights[:, :, None]).sum(dim=1)                      # [query_len, entries]
+    visible = (positions[:, None] + 1) // ratio                                   # entries closed at each query
+    future = torch.arange(keys.shape[0], device=q.device)[None, :] >= visible
+    return scores.masked_fill(future, float("-inf"))
+
+
 class Indexer(nn.Module):
     """Scores the compressed entries for each query, `sum_h w_h * relu(q_h . k)`, and keeps the top k."""
 
@@ -107,12 +120,9 @@ class Indexer(nn.Module):
             rows = slice(int(starts[b]), int(starts[b + 1]))
             num_entries = int(ctx.seq_lens_host[b]) // self.ratio
             keys = request_entries(keys_cache, table, b, 0, num_entries, ctx.block_size, self.ratio)
-            scores = torch.einsum("qhd,kd->qhk", q[rows].float(), keys.float())  # [query_len, heads, entries]
-            scores = torch.relu(scores) * self.head_dim ** -0.5
-            scores = (scores * head_weights[rows, :, None]).sum(dim=1)           # [query_len, entries]
+            scores = indexer_scores_ref(q[rows], head_weights[rows], keys, positions[rows], self.ratio)
             visible = (positions[rows, None] + 1) // self.ratio                  # entries closed at each query
-            future = torch.arange(num_entries, device=x.device)[None, :] >= visible
-            top = scores.masked_fill(future, float("-inf")).topk(min(self.top_k, num_entries), dim=-1).indices
+            top = scores.topk(min(self.top_k, num_entries), dim=-1).indices
             selected.append(torch.where(top >= visible, -1, top))
         return selected
 
