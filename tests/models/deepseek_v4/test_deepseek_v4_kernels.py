@@ -260,3 +260,74 @@ def test_padded_rows_with_context_length_zero_read_and_write_nothing(device):
                              torch.ones(sizes.rope_dim // 2, device=device), ratio, True, bs)
     kernels.store_rows(window_cache, q[:, 0], torch.tensor([-1, -1, -1], device=device))
     assert torch.equal(entry_cache, before)
+
+
+@pytest.mark.gpu
+def test_graph_replays_at_other_contexts_equal_eager():
+    """The indexer, its top-k, attention, the state insert and the compressor captured once in a CUDA graph
+    (contexts of one batch), replayed for batches whose contexts are longer and shorter than the capture's:
+    every replay equals the eager run on the same inputs, bit for bit. Nothing the kernels read is reset on
+    the host (no memset that a capture could skip): stale scores or state would show up here."""
+    sizes, dtype = RELEASE, torch.bfloat16
+    device = "cuda"
+    generator = torch.Generator().manual_seed(6)
+    batches = [[(130, 1), (2, 1), (0, 1)], [(3002, 1), (4095, 1), (127, 1)], [(5, 1), (1, 1), (259, 1)]]
+    longest = [(4096, 1)] * 3
+    num_blocks = _num_blocks(sizes, longest)
+    bs, ratio = sizes.block_size, sizes.ratio
+    window = torch.randn(num_blocks, bs, sizes.dim, generator=generator).to(device, dtype)
+    entries = torch.randn(num_blocks, bs // ratio, sizes.dim, generator=generator).to(device, dtype)
+    index_keys = torch.randn(num_blocks, bs // ratio, sizes.index_dim, generator=generator).to(device, dtype)
+    state = torch.randn(num_blocks, bs, 2, 2 * sizes.dim, generator=generator).to(device)
+    tables = _context(device, sizes, longest, [window, entries, index_keys, state], [1, ratio, ratio, 1])[0].block_tables
+    n = 3
+    q = torch.randn(n, sizes.heads, sizes.dim, generator=generator).to(device, dtype)
+    index_q = torch.randn(n, sizes.index_heads, sizes.index_dim, generator=generator).to(device, dtype)
+    weights = torch.randn(n, sizes.index_heads, generator=generator).to(device)
+    rows = torch.randn(n, 2, 2 * sizes.dim, generator=generator).to(device)
+    sinks = torch.randn(sizes.heads, generator=generator).to(device)
+    norm = torch.rand(sizes.dim, generator=generator).to(device) + 0.5
+    inv_freq = torch.rand(sizes.rope_dim // 2, generator=generator).to(device)
+    positions = torch.zeros(n, dtype=torch.int64, device=device)
+    state_slots = torch.zeros(n, dtype=torch.int64, device=device)
+    entry_slots = torch.zeros(n, dtype=torch.int64, device=device)
+    requests = torch.arange(n, device=device)
+    width = 4097 // ratio
+
+    def step():
+        kernels.store_rows(state, rows, state_slots)
+        kernels.compress_entries(state, tables[3], entries, entry_slots, positions, requests, norm, 1e-6, inv_freq,
+                                 ratio, True, bs)
+        scores = kernels.indexer_scores(index_q, weights, index_keys, tables[2], positions, requests, ratio, width, bs)
+        selected = kernels.indexer_topk(scores, positions, ratio, sizes.top_k)
+        return selected, kernels.sparse_attention(q, positions, requests, window, tables[0], sizes.window, entries,
+                                                  tables[1], ratio, selected, sinks, sizes.dim ** -0.5, bs, width)
+
+    def load(batch):
+        ctx, pos = _context(device, sizes, batch, [window, entries, index_keys, state], [1, ratio, ratio, 1], tables)
+        positions.copy_(pos)
+        state_slots.copy_(ctx.slot_mappings[3])
+        entry_slots.copy_(ctx.slot_mappings[1])
+
+    load(batches[0])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()                                                      # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    snapshot = (state.clone(), entries.clone())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_selected, graph_out = step()
+    for batch in batches[1:] + batches[:1] + batches[1:]:
+        load(batch)
+        state.copy_(snapshot[0])
+        entries.copy_(snapshot[1])
+        graph.replay()
+        replayed = (graph_selected.clone(), graph_out.clone(), state.clone(), entries.clone())
+        state.copy_(snapshot[0])
+        entries.copy_(snapshot[1])
+        eager_selected, eager_out = step()
+        assert torch.equal(replayed[0], eager_selected)
+        assert torch.equal(replayed[1], eager_out)
+        assert torch.equal(replayed[2], state) and torch.equal(replayed[3], entries)
