@@ -87,13 +87,17 @@ class DeepseekV4Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
+        fast = kernels.use_kernels(x)
         q_latent = self.q_norm(self.wq_a(x))                                      # [num_tokens, q_lora_rank]
         q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
-        q = self.rope(unweighted_rms_norm(q, self.eps), positions)                # [num_tokens, heads, head_dim]
-        kv = self.rope(self.kv_norm(self.wkv(x))[:, None], positions)[:, 0]      # [num_tokens, head_dim]
-        fast = kernels.use_kernels(x)
+        kv = self.kv_norm(self.wkv(x))[:, None]                                   # [num_tokens, 1, head_dim]
         cache, _, slots = ctx.layer_cache(self.window_layer)
-        (kernels.store_rows if fast else write_entries)(cache, kv, slots)
+        if fast:                      # one launch each: q's head norm + RoPE; K's RoPE + window insert
+            q = kernels.norm_rope(q, positions, self.rope.inv_freq, normalize=True, eps=self.eps)
+            kernels.norm_rope(kv, positions, self.rope.inv_freq, cache=cache, slots=slots)
+        else:
+            q = self.rope(unweighted_rms_norm(q, self.eps), positions)            # [num_tokens, heads, head_dim]
+            write_entries(cache, self.rope(kv, positions)[:, 0], slots)
         entry_layer, selected = None, None
         if self.compressor is not None:
             self.compressor(x, positions, requests, ctx)
@@ -105,7 +109,8 @@ class DeepseekV4Attention(nn.Module):
         else:
             out = window_sparse_attention(q, positions, ctx, self.window_layer, self.window, entry_layer,
                                           self.kind.ratio, selected, self.attn_sink, self.head_dim ** -0.5)
-        out = self.rope(out, positions, inverse=True)
+        out = kernels.norm_rope(out, positions, self.rope.inv_freq, inverse=True) if fast \
+            else self.rope(out, positions, inverse=True)
         grouped = out.reshape(-1, self.o_groups, out.shape[1] * self.head_dim // self.o_groups)   # [n, groups, in]
         weight = self.wo_a.weight.view(self.o_groups, self.o_rank, -1)           # [groups, o_rank, in]
         low_rank = torch.einsum("ngi,gri->ngr", grouped, weight).flatten(1)      # [num_tokens, groups * o_rank]

@@ -109,11 +109,12 @@ class Indexer(nn.Module):
         entries any request of the step can have (fixed for a captured graph)."""
         self.compressor(x, positions, requests, ctx)
         q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
-        q = self.rope(q, positions)                                               # [num_tokens, heads, head_dim]
         head_weights = self.weights_proj(x).float() * self.num_heads ** -0.5      # [num_tokens, heads]
         keys_cache, table, _ = ctx.layer_cache(self.compressor.entry_layer)
         if kernels.use_kernels(x):
+            q = kernels.norm_rope(q, positions, self.rope.inv_freq)
             return self._select_kernels(q, head_weights, keys_cache, table, positions, requests, ctx)
+        q = self.rope(q, positions)                                               # [num_tokens, heads, head_dim]
         starts = ctx.query_start_loc_host
         selected = []
         for b in range(ctx.num_reqs):

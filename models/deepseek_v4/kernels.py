@@ -260,11 +260,13 @@ if triton is not None:
                                  part_acc_ptr, part_ml_ptr,
                                  q_stride_t, q_stride_h, out_stride_t, out_stride_h,
                                  window_table_stride, entries_table_stride, selected_stride,
-                                 block_size, window, per_block, scale,
+                                 block_size, window, per_block, scale, num_selected, num_splits,
                                  HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM: tl.constexpr,
                                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
-                                 NUM_SELECTED: tl.constexpr, HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr,
-                                 NUM_SPLITS: tl.constexpr, FP32: tl.constexpr):
+                                 HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr, SPLIT: tl.constexpr,
+                                 FP32: tl.constexpr):
+        # sizes that change from step to step (selection width, splits) are arguments, not constants: a
+        # constant would compile a kernel per value
         token = tl.program_id(0).to(tl.int64)
         head_block = tl.program_id(1)
         split = tl.program_id(2)
@@ -272,14 +274,14 @@ if triton is not None:
         request = tl.load(requests_ptr + token).to(tl.int64)
         first = tl.maximum(position - window + 1, 0)
         num_window = tl.maximum(position + 1 - first, 0)              # 0 for a padded row (position < 0)
-        num_entries = 0
+        num_entries = position * 0
         if HAS_ENTRIES:
             if SELECTED:
-                num_entries = NUM_SELECTED
+                num_entries += num_selected
             else:
-                num_entries = tl.maximum(position + 1, 0) // RATIO
+                num_entries += tl.maximum(position + 1, 0) // RATIO
         total = num_window + num_entries
-        per_split = tl.cdiv(tl.cdiv(total, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        per_split = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
         lo = split * per_split
         hi = tl.minimum(lo + per_split, total)
 
@@ -335,7 +337,7 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p.to(keys.dtype), keys)
             m = m_new
         out_mask = h_mask[:, None] & d_mask[None, :]
-        if NUM_SPLITS == 1:
+        if not SPLIT:
             sink = tl.load(sinks_ptr + h, mask=h_mask, other=0.0).to(tl.float32)
             m_all = tl.maximum(m, sink)
             scale_acc = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
@@ -344,21 +346,21 @@ if triton is not None:
             tl.store(out_ptr + token * out_stride_t + h[:, None] * out_stride_h + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=out_mask)
         else:
-            part = (token * HEADS + h) * NUM_SPLITS + split                     # [BLOCK_H]
+            part = (token * HEADS + h) * num_splits + split                     # [BLOCK_H]
             tl.store(part_acc_ptr + part[:, None] * DIM + d[None, :], acc, mask=out_mask)
             tl.store(part_ml_ptr + part * 2, m, mask=h_mask)
             tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
 
     @triton.jit
     def _sparse_attention_reduce_kernel(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, out_stride_t, out_stride_h,
-                                        HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                                        num_splits, HEADS: tl.constexpr, DIM: tl.constexpr,
+                                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, BLOCK_D)
-        s_mask = s < NUM_SPLITS
-        base = (token * HEADS + head) * NUM_SPLITS
+        s_mask = s < num_splits
+        base = (token * HEADS + head) * num_splits
         m = tl.load(part_ml_ptr + (base + s) * 2, mask=s_mask, other=float("-inf"))
         l = tl.load(part_ml_ptr + (base + s) * 2 + 1, mask=s_mask, other=0.0)
         sink = tl.load(sinks_ptr + head).to(tl.float32)
@@ -373,6 +375,7 @@ if triton is not None:
 
 
 BLOCK_HEADS = 16
+MAX_SPLITS = 64
 TARGET_PROGRAMS = 264        # about two per SM on an H200: split the keys until a small batch fills it
 
 
@@ -380,7 +383,7 @@ def attention_splits(num_tokens: int, num_heads: int, max_keys: int, block_n: in
     """Key splits per (token, head block): 1 for batches that fill the GPU, more for small ones, each split
     at least a few key blocks long. Depends only on host sizes fixed for a captured graph."""
     programs = num_tokens * -(-num_heads // BLOCK_HEADS)
-    splits = min(-(-TARGET_PROGRAMS // max(programs, 1)), -(-max_keys // (4 * block_n)), 64)
+    splits = min(-(-TARGET_PROGRAMS // max(programs, 1)), -(-max_keys // (4 * block_n)), MAX_SPLITS)
     return max(1, splits)
 
 
@@ -415,12 +418,139 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         window_table.stride(0), entry_table.stride(0) if has_entries else 0,
         selected.stride(0) if selected is not None else 0,
-        block_size, window, block_size // max(ratio, 1), scale,
+        block_size, window, block_size // max(ratio, 1), scale, num_selected, splits,
         HEADS=heads, BLOCK_H=BLOCK_HEADS, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_N=block_n, RATIO=max(ratio, 1),
-        NUM_SELECTED=num_selected, HAS_ENTRIES=has_entries, SELECTED=selected is not None,
-        NUM_SPLITS=splits, FP32=q.dtype == torch.float32, num_warps=4 if dim <= 128 else 8)
+        HAS_ENTRIES=has_entries, SELECTED=selected is not None, SPLIT=splits > 1,
+        FP32=q.dtype == torch.float32, num_warps=4 if dim <= 128 else 8)
     if splits > 1:
         _sparse_attention_reduce_kernel[(n, heads)](
-            part_acc, part_ml, sinks, out, out.stride(0), out.stride(1),
-            HEADS=heads, DIM=dim, BLOCK_D=_pow2(dim), NUM_SPLITS=splits, BLOCK_S=_pow2(splits), num_warps=4)
+            part_acc, part_ml, sinks, out, out.stride(0), out.stride(1), splits,
+            HEADS=heads, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_S=MAX_SPLITS, num_warps=4)
     return out
+
+
+# ---- mHC: the connection's weights and the collapsed input in one program per token ----------------------
+
+if triton is not None:
+    @triton.jit
+    def _hc_pre_kernel(streams_ptr, mix_ptr, base_ptr, scale_ptr, post_ptr, comb_ptr, out_ptr,
+                       streams_stride, mix_stride, norm_eps, hc_eps, sinkhorn_iters,
+                       N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        k = tl.arange(0, N)
+        c = tl.arange(0, BLOCK)
+        row = streams_ptr + token * streams_stride
+        squares = tl.zeros([N, BLOCK], tl.float32)
+        for c0 in range(0, HIDDEN, BLOCK):                # RMS of all streams together
+            mask = (c0 + c) < HIDDEN
+            x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
+            squares += x * x
+        rms = tl.rsqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / (N * HIDDEN) + norm_eps)
+        mix = mix_ptr + token * mix_stride                 # the unnormalized projection; scaled here
+        pre = tl.load(mix + k) * rms * tl.load(scale_ptr) + tl.load(base_ptr + k)
+        pre = tl.sigmoid(pre) + hc_eps
+        post = tl.load(mix + N + k) * rms * tl.load(scale_ptr + 1) + tl.load(base_ptr + N + k)
+        tl.store(post_ptr + token * N + k, 2.0 * tl.sigmoid(post))
+        cells = k[:, None] * N + k[None, :]
+        comb = tl.load(mix + 2 * N + cells) * rms * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * N + cells)
+        comb = tl.exp(comb - tl.max(comb, axis=1)[:, None])
+        comb = comb / tl.sum(comb, axis=1)[:, None] + hc_eps
+        comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
+        for _ in range(sinkhorn_iters - 1):
+            comb = comb / (tl.sum(comb, axis=1)[:, None] + hc_eps)
+            comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
+        tl.store(comb_ptr + token * N * N + cells, comb)
+        for c0 in range(0, HIDDEN, BLOCK):                # the sublayer's input: the streams weighted by pre
+            mask = (c0 + c) < HIDDEN
+            x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
+            collapsed = tl.sum(x * pre[:, None], axis=0)
+            tl.store(out_ptr + token * HIDDEN + c0 + c, collapsed.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
+           hc_eps: float, sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same function as mhc.HyperConnection.pre: streams [n, hc, hidden] -> (post [n, hc], comb
+    [n, hc, hc], input [n, hidden]). The projection is one GEMM of the unnormalized streams (the RMS factor
+    is a per-token scalar, applied after it); all the rest, Sinkhorn included, is one program per token."""
+    n, hc, hidden = streams.shape
+    streams = streams.contiguous()
+    mix = torch.nn.functional.linear(streams.view(n, -1).float(), fn)           # [n, (2 + hc) * hc]
+    post = torch.empty(n, hc, dtype=torch.float32, device=streams.device)
+    comb = torch.empty(n, hc, hc, dtype=torch.float32, device=streams.device)
+    out = torch.empty(n, hidden, dtype=streams.dtype, device=streams.device)
+    if n:
+        _hc_pre_kernel[(n,)](streams, mix, base, scale, post, comb, out, streams.stride(0), mix.stride(0),
+                             norm_eps, hc_eps, sinkhorn_iters, N=hc, HIDDEN=hidden, BLOCK=min(1024, _pow2(hidden)),
+                             num_warps=4)
+    return post, comb, out
+
+
+# ---- per-head RMS norm + RoPE (+ insert into the window cache) ------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _norm_rope_kernel(x_ptr, out_ptr, positions_ptr, inv_freq_ptr, slots_ptr,
+                          x_stride_t, x_stride_h, out_stride_t, out_stride_h, eps,
+                          HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
+                          BLOCK_HALF: tl.constexpr, ROPE_HALF: tl.constexpr, NORMALIZE: tl.constexpr,
+                          INVERSE: tl.constexpr, TO_SLOTS: tl.constexpr, ROUND: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        i = tl.arange(0, BLOCK_HALF)
+        mask = (h < HEADS)[:, None] & (i < HALF)[None, :]
+        dtype = x_ptr.dtype.element_ty
+        src = x_ptr + token * x_stride_t + h[:, None] * x_stride_h
+        even = tl.load(src + 2 * i[None, :], mask=mask, other=0.0).to(tl.float32)
+        odd = tl.load(src + 2 * i[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
+        if NORMALIZE:                                      # unweighted: x * rsqrt(mean(x^2) + eps), in x's dtype
+            rms = tl.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / (2 * HALF) + eps)
+            rms = _rounded(rms, ROUND, dtype)[:, None]
+            even = _rounded(even * rms, ROUND, dtype)
+            odd = _rounded(odd * rms, ROUND, dtype)
+        freq = i - (HALF - ROPE_HALF)
+        is_rope = (freq >= 0) & (i < HALF)
+        inv_freq = tl.load(inv_freq_ptr + tl.maximum(freq, 0), mask=is_rope, other=0.0)
+        angle = tl.load(positions_ptr + token).to(tl.float32) * inv_freq
+        cos = _rounded(tl.cos(angle), ROUND, dtype)[None, :]
+        sin = _rounded(tl.sin(angle), ROUND, dtype)[None, :]
+        if INVERSE:
+            sin = -sin
+        r_even = _rounded(_rounded(even * cos, ROUND, dtype) - _rounded(odd * sin, ROUND, dtype), ROUND, dtype)
+        r_odd = _rounded(_rounded(odd * cos, ROUND, dtype) + _rounded(even * sin, ROUND, dtype), ROUND, dtype)
+        even = tl.where(is_rope[None, :], r_even, even)
+        odd = tl.where(is_rope[None, :], r_odd, odd)
+        if TO_SLOTS:                                       # one head, stored at the token's cache slot
+            slot = tl.load(slots_ptr + token).to(tl.int64)
+            if slot >= 0:
+                dst = out_ptr + slot * out_stride_t + h[:, None] * out_stride_h
+                tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            dst = out_ptr + token * out_stride_t + h[:, None] * out_stride_h
+            tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, normalize: bool = False,
+              eps: float = 0.0, inverse: bool = False, cache: torch.Tensor | None = None,
+              slots: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [n, heads, dim]: optionally the unweighted per-head RMS norm, then interleaved RoPE on the trailing
+    2 * len(inv_freq) dims at `positions` (by -position with `inverse`), rounding as the references
+    (attention.unweighted_rms_norm, rope.TrailingRope) do. Returns a new tensor, or with `cache` and `slots`
+    (one head) stores each token's row at its slot (-1: nowhere) and returns None."""
+    n, heads, dim = x.shape
+    to_slots = cache is not None
+    if to_slots:
+        out = cache.view(-1, 1, dim)
+    else:
+        out = torch.empty(n, heads, dim, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return None if to_slots else out
+    block_h = min(16, _pow2(heads))
+    _norm_rope_kernel[(n, triton.cdiv(heads, block_h))](
+        x, out, positions, inv_freq, slots if to_slots else positions,
+        x.stride(0), x.stride(1), dim if to_slots else out.stride(0), out.stride(1), eps,
+        HEADS=heads, BLOCK_H=block_h, HALF=dim // 2, BLOCK_HALF=_pow2(dim // 2), ROPE_HALF=inv_freq.shape[0],
+        NORMALIZE=normalize, INVERSE=inverse, TO_SLOTS=to_slots, ROUND=x.dtype != torch.float32,
+        num_warps=4, enable_fp_fusion=False)
+    return None if to_slots else out

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 
 def _unweighted_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
@@ -25,6 +27,9 @@ class HyperConnection(nn.Module):
 
     def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [num_tokens, n, hidden] -> (post [num_tokens, n], comb [num_tokens, n, n], input [num_tokens, hidden])."""
+        if kernels.use_kernels(streams):
+            return kernels.hc_pre(streams, self.fn, self.base, self.scale, self.norm_eps, self.hc_eps,
+                                  self.sinkhorn_iters)
         n = self.hc_mult
         mix = F.linear(_unweighted_norm(streams.flatten(1).float(), self.norm_eps), self.fn.float())
         pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)

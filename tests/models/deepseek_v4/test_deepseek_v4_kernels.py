@@ -95,9 +95,13 @@ def _random_selection(positions, ratio, top_k, generator) -> torch.Tensor:
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("splits", [None, 3], ids=["auto-splits", "3-splits"])
 @pytest.mark.parametrize("kind", ["window", "hca", "csa"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_sparse_attention_matches_reference(device, kind):
+def test_sparse_attention_matches_reference(device, kind, splits, monkeypatch):
+    """With the split count the batch gets, and with the keys split in 3 parts merged by the second kernel."""
+    if splits is not None:
+        monkeypatch.setattr(kernels, "attention_splits", lambda *args, **kwargs: splits)
     sizes, dtype, steps = _setup(device)
     generator = torch.Generator().manual_seed(0)
     ratio = {"window": 0, "hca": 16 if device == "cpu" else 128, "csa": sizes.ratio}[kind]
@@ -331,3 +335,52 @@ def test_graph_replays_at_other_contexts_equal_eager():
         assert torch.equal(replayed[0], eager_selected)
         assert torch.equal(replayed[1], eager_out)
         assert torch.equal(replayed[2], state) and torch.equal(replayed[3], entries)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hyper_connection_pre_kernel_matches_reference(device):
+    from models.deepseek_v4.mhc import HyperConnection
+    hidden = 64 if device == "cpu" else 4096
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+
+    class _Config:
+        hc_mult, hc_sinkhorn_iters, hc_eps, rms_norm_eps, hidden_size = 4, 20, 1e-6, 1e-6, hidden
+
+    generator = torch.Generator().manual_seed(7)
+    module = HyperConnection(_Config())
+    with torch.no_grad():
+        module.fn.copy_(torch.randn(module.fn.shape, generator=generator) * 0.1)
+        module.base.copy_(torch.randn(module.base.shape, generator=generator))
+        module.scale.copy_(torch.rand(3, generator=generator) + 0.5)
+    module = module.to(device)
+    streams = (torch.randn(37, 4, hidden, generator=generator) * 3).to(device, dtype)
+    ref = module.pre(streams)
+    out = kernels.hc_pre(streams, module.fn, module.base, module.scale, 1e-6, 1e-6, 20)
+    for got, want in zip(out, ref):
+        tolerance = 1e-5 if got.dtype == torch.float32 else 8e-3     # bf16 input: one rounding of the output
+        torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_rope_kernel_matches_reference(device):
+    """q's head norm + RoPE, the inverse RoPE of the output, and K's RoPE stored at its window slots."""
+    from models.deepseek_v4.attention import unweighted_rms_norm
+    sizes, dtype, _ = _setup(device)
+    rope = TrailingRope(_hf_config(sizes.dim, sizes.rope_dim), "compress", sizes.rope_dim).to(device)
+    generator = torch.Generator().manual_seed(8)
+    n = 29
+    x = (torch.randn(n, sizes.heads, sizes.dim, generator=generator) * 2).to(device, dtype)
+    positions = torch.randint(0, 1 << 20, (n,), generator=generator).to(device)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=8e-3)
+    torch.testing.assert_close(kernels.norm_rope(x, positions, rope.inv_freq, normalize=True, eps=1e-6),
+                               rope(unweighted_rms_norm(x, 1e-6), positions), **tolerance)
+    torch.testing.assert_close(kernels.norm_rope(x, positions, rope.inv_freq, inverse=True),
+                               rope(x, positions, inverse=True), **tolerance)
+    cache = torch.zeros(8, 16, sizes.dim, dtype=dtype, device=device)
+    slots = torch.randperm(8 * 16, generator=generator)[:n].to(device)
+    slots[3] = -1
+    kernels.norm_rope(x[:, :1], positions, rope.inv_freq, cache=cache, slots=slots)
+    expected = torch.zeros_like(cache).view(-1, sizes.dim)
+    keep = slots >= 0
+    expected[slots[keep]] = rope(x[:, :1], positions)[keep, 0]
+    torch.testing.assert_close(cache.view(-1, sizes.dim), expected, **tolerance)
