@@ -381,9 +381,9 @@ TARGET_PROGRAMS = 264        # about two per SM on an H200: split the keys until
 
 def attention_splits(num_tokens: int, num_heads: int, max_keys: int, block_n: int = 32) -> int:
     """Key splits per (token, head block): 1 for batches that fill the GPU, more for small ones, each split
-    at least a few key blocks long. Depends only on host sizes fixed for a captured graph."""
+    at least one key block long. Depends only on host sizes fixed for a captured graph."""
     programs = num_tokens * -(-num_heads // BLOCK_HEADS)
-    splits = min(-(-TARGET_PROGRAMS // max(programs, 1)), -(-max_keys // (4 * block_n)), MAX_SPLITS)
+    splits = min(-(-TARGET_PROGRAMS // max(programs, 1)), -(-max_keys // block_n), MAX_SPLITS)
     return max(1, splits)
 
 
@@ -546,7 +546,7 @@ def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
         out = torch.empty(n, heads, dim, dtype=x.dtype, device=x.device)
     if n == 0:
         return None if to_slots else out
-    block_h = min(16, _pow2(heads))
+    block_h = min(4, _pow2(heads))                     # many small programs: a decode step has few tokens
     _norm_rope_kernel[(n, triton.cdiv(heads, block_h))](
         x, out, positions, inv_freq, slots if to_slots else positions,
         x.stride(0), x.stride(1), dim if to_slots else out.stride(0), out.stride(1), eps,

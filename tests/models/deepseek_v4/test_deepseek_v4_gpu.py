@@ -13,11 +13,15 @@ from tools.parity import random_prompts
 pytestmark = pytest.mark.gpu
 
 VOCAB = 512
+# a fixed cache: sized by free memory, the tiny model's few bytes per block would give tens of millions of
+# blocks, and the host's block lists would take minutes to build
+BLOCKS = 512
 
 
 def test_tiny_bf16_parity_on_gpu(tiny_deepseek_v4):
     prompts = random_prompts(VOCAB, (3, 17, 40, 64, 99, 128, 150, 200))
-    result = teacher_forced(tiny_deepseek_v4, prompts, 32, block_size=16, max_num_batched_tokens=64)
+    result = teacher_forced(tiny_deepseek_v4, prompts, 32, block_size=16, max_num_batched_tokens=64,
+                            num_gpu_blocks=BLOCKS)
     print("tiny deepseek-v4", result)
     assert result["rows"] == 701 + 8 * 31        # every prompt token and every fed-back output token
     assert_parity(result, moe=True)
@@ -26,7 +30,8 @@ def test_tiny_bf16_parity_on_gpu(tiny_deepseek_v4):
 def test_released_ratios_bf16_parity_on_gpu(tiny_deepseek_v4_released):
     """Ratios 4 / 128, the 128-token window, prompts past it in unaligned chunks."""
     prompts = random_prompts(VOCAB, (5, 300, 77, 390), seed=1)
-    result = teacher_forced(tiny_deepseek_v4_released, prompts, 16, block_size=128, max_num_batched_tokens=96)
+    result = teacher_forced(tiny_deepseek_v4_released, prompts, 16, block_size=128, max_num_batched_tokens=96,
+                            num_gpu_blocks=BLOCKS)
     print("tiny deepseek-v4 released ratios", result)
     assert_parity(result, moe=True)
 
@@ -34,7 +39,7 @@ def test_released_ratios_bf16_parity_on_gpu(tiny_deepseek_v4_released):
 def _generate(path, prompts, eager: bool, **options) -> tuple[list[list[int]], list]:
     """Greedy tokens, and the graph key of every step (None = eager)."""
     llm = LLM(str(path), device="cuda", dtype="float32", enforce_eager=eager, skip_tokenizer_init=True,
-              gpu_memory_utilization=0.3, block_size=16, **options)
+              num_gpu_blocks=BLOCKS, block_size=16, **options)
     runner = llm.engine.runner
     assert bool(runner.graphs) is not eager
     keys = []
