@@ -554,3 +554,38 @@ def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
         NORMALIZE=normalize, INVERSE=inverse, TO_SLOTS=to_slots, ROUND=x.dtype != torch.float32,
         num_warps=4, enable_fp_fusion=False)
     return None if to_slots else out
+
+
+if triton is not None:
+    @triton.jit
+    def _hc_post_kernel(out_ptr, streams_ptr, post_ptr, comb_ptr, new_ptr, out_stride, streams_stride,
+                        N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = c < HIDDEN
+        k = tl.arange(0, N)
+        dtype = new_ptr.dtype.element_ty
+        streams = tl.load(streams_ptr + token * streams_stride + k[:, None] * HIDDEN + c[None, :],
+                          mask=mask[None, :], other=0.0).to(tl.float32)                 # [N, BLOCK]
+        comb = _rounded(tl.load(comb_ptr + token * N * N + k[:, None] * N + k[None, :]), ROUND, dtype)  # [j, k]
+        mixed = _rounded(tl.sum(comb[:, :, None] * streams[:, None, :], axis=0), ROUND, dtype)   # [k, BLOCK]
+        post = _rounded(tl.load(post_ptr + token * N + k), ROUND, dtype)
+        out = tl.load(out_ptr + token * out_stride + c, mask=mask, other=0.0).to(tl.float32)
+        new = _rounded(post[:, None] * out[None, :], ROUND, dtype) + mixed
+        tl.store(new_ptr + token * N * HIDDEN + k[:, None] * HIDDEN + c[None, :], new.to(dtype), mask=mask[None, :])
+
+
+def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """The same function as mhc.HyperConnection.post: new streams [n, hc, hidden], each
+    post_k * output + sum_j comb[j, k] * stream_j, in one launch."""
+    n, hc, hidden = streams.shape
+    streams = streams.contiguous()
+    output = output.contiguous()
+    new = torch.empty_like(streams)
+    if n:
+        block = min(512, _pow2(hidden))
+        _hc_post_kernel[(n, triton.cdiv(hidden, block))](
+            output, streams, post.contiguous(), comb.contiguous(), new, output.stride(0), streams.stride(0),
+            N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, num_warps=4,
+            enable_fp_fusion=False)
+    return new

@@ -48,6 +48,8 @@ class HyperConnection(nn.Module):
     @staticmethod
     def post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """New streams: each gets post_k * output plus sum_j comb[j, k] * stream_j."""
+        if kernels.use_kernels(streams):
+            return kernels.hc_post(output, streams, post, comb)
         dtype = streams.dtype
         return post.to(dtype).unsqueeze(-1) * output.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
 

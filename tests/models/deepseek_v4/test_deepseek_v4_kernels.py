@@ -338,7 +338,7 @@ def test_graph_replays_at_other_contexts_equal_eager():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_hyper_connection_pre_kernel_matches_reference(device):
+def test_hyper_connection_kernels_match_reference(device):
     from models.deepseek_v4.mhc import HyperConnection
     hidden = 64 if device == "cpu" else 4096
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -359,6 +359,11 @@ def test_hyper_connection_pre_kernel_matches_reference(device):
     for got, want in zip(out, ref):
         tolerance = 1e-5 if got.dtype == torch.float32 else 8e-3     # bf16 input: one rounding of the output
         torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
+    post, comb, collapsed = ref
+    output = torch.randn(collapsed.shape, generator=generator).to(device, dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2       # bf16: a rounding of the stream-scale sum
+    torch.testing.assert_close(kernels.hc_post(output, streams, post, comb).float(),
+                               HyperConnection.post(output, streams, post, comb).float(), atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("device", DEVICES)
