@@ -41,15 +41,15 @@ class Compressor(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor, ctx: ForwardContext) -> None:
         """x [num_tokens, hidden]: store each token's state, and write the entries whose window closes."""
         kv = self.wkv(x)                                                          # [num_tokens, width]
-        gate = self.wgate(x) + self.ape[positions % self.ratio].to(x.dtype)
         state, state_table, state_slots = ctx.layer_cache(self.state_layer)
         if kernels.use_kernels(x):
             # every token's state row, then every closing token's entry: two launches whatever the batch
-            kernels.store_rows(state, torch.stack([kv, gate], dim=1), state_slots)
+            kernels.store_state(state, kv, self.wgate(x), self.ape, positions, state_slots)
             cache, _, slots = ctx.layer_cache(self.entry_layer)
             kernels.compress_entries(state, state_table, cache, slots, positions, requests, self.norm.weight,
                                      self.norm.eps, self.rope.inv_freq, self.ratio, self.overlap, ctx.block_size)
             return
+        gate = self.wgate(x) + self.ape[positions % self.ratio].to(x.dtype)
         write_entries(state, torch.stack([kv, gate], dim=1), state_slots)
         closing = ((positions + 1) % self.ratio == 0).nonzero().flatten()
         if not len(closing):

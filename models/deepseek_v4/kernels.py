@@ -589,3 +589,38 @@ def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, com
             N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, num_warps=4,
             enable_fp_fusion=False)
     return new
+
+
+# ---- the compressor's per-token state: value, and gate logit + the window-position bias ------------------
+
+if triton is not None:
+    @triton.jit
+    def _store_state_kernel(kv_ptr, gate_ptr, ape_ptr, positions_ptr, slots_ptr, state_ptr, kv_stride, gate_stride,
+                            WIDTH: tl.constexpr, RATIO: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slots_ptr + token).to(tl.int64)
+        if slot >= 0:
+            c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+            mask = c < WIDTH
+            dtype = kv_ptr.dtype.element_ty
+            bias_row = tl.load(positions_ptr + token).to(tl.int64) % RATIO
+            kv = tl.load(kv_ptr + token * kv_stride + c, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(gate_ptr + token * gate_stride + c, mask=mask, other=0.0).to(tl.float32)
+            bias = _rounded(tl.load(ape_ptr + bias_row * WIDTH + c, mask=mask, other=0.0), ROUND, dtype)
+            tl.store(state_ptr + slot * 2 * WIDTH + c, kv, mask=mask)
+            tl.store(state_ptr + slot * 2 * WIDTH + WIDTH + c, _rounded(gate + bias, ROUND, dtype), mask=mask)
+
+
+def store_state(state: torch.Tensor, kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor,
+                positions: torch.Tensor, slots: torch.Tensor) -> None:
+    """state [blocks, block_size, 2, width] fp32: at each token's slot (-1: nowhere) its value kv [n, width] and
+    its gate logit plus the bias of its position in the window, ape [ratio, width] fp32 (added in kv's dtype,
+    as the reference does)."""
+    n, width = kv.shape
+    if n == 0:
+        return
+    block = min(1024, _pow2(width))
+    _store_state_kernel[(n, triton.cdiv(width, block))](
+        kv, gate, ape, positions, slots, state, kv.stride(0), gate.stride(0),
+        WIDTH=width, RATIO=ape.shape[0], BLOCK=block, ROUND=kv.dtype != torch.float32, num_warps=4,
+        enable_fp_fusion=False)
