@@ -39,7 +39,7 @@ def test_released_ratios_bf16_parity_on_gpu(tiny_deepseek_v4_released):
 def _generate(path, prompts, eager: bool, **options) -> tuple[list[list[int]], list]:
     """Greedy tokens, and the graph key of every step (None = eager)."""
     llm = LLM(str(path), device="cuda", dtype="float32", enforce_eager=eager, skip_tokenizer_init=True,
-              num_gpu_blocks=BLOCKS, block_size=16, **options)
+              num_gpu_blocks=BLOCKS, block_size=16, max_num_batched_tokens=256, **options)
     runner = llm.engine.runner
     assert bool(runner.graphs) is not eager
     keys = []
