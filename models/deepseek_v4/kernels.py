@@ -9,7 +9,12 @@ them can be captured in a CUDA graph:
   a top-k over a fixed width (reference: Indexer.forward);
 - `sparse_attention`: one softmax over the window, the selected (CSA) or all closed (HCA) compressed entries
   and the sink, one K=V head shared by all query heads, optionally split along the keys for small batches
-  (reference: attention.window_sparse_attention).
+  (reference: attention.window_sparse_attention);
+- `norm_rope`: q's per-head RMS norm + RoPE, K's RoPE + window insert, the output's inverse RoPE
+  (references: attention.unweighted_rms_norm, rope.TrailingRope);
+- `store_state`: the compressor's per-token state row, gate + window bias added (reference: Compressor.forward);
+- `hc_pre` / `hc_post`: mHC's connection weights with Sinkhorn and the collapse, and the streams' update
+  (reference: mhc.HyperConnection).
 
 Every program works unconditionally from its token's position: nothing is skipped on the host, no length is
 read there, and a padded row (position < 0, or slot -1) reads nothing past its own start and writes nothing.
