@@ -321,7 +321,9 @@ class KVCacheManager:
         computed = request.num_computed_tokens
         if computed + num_new_tokens <= state.num_covered_tokens and not self.has_window_groups:
             return True                                 # the common decode step: the last block has room
-        target = cdiv(computed + num_new_tokens, self.block_size)
+        # a drafter's lookahead may reach past max_model_len: those positions are never written (the runner
+        # masks draft writes past the table), so the table never grows past its width
+        target = min(cdiv(computed + num_new_tokens, self.block_size), self.max_blocks_per_seq)
         for g in range(len(self.groups)):
             self._recycle(g, state, computed)
         need = [max(0, target - len(blocks)) for blocks in state.blocks]

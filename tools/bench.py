@@ -6,6 +6,8 @@
                 request at --tokens positions (CPU, no weights)
     latency     batch 1, 128-token prompt, 256 new tokens: TTFT, TPOT, decode tok/s, vs the roofline
     longctx     steady decode at a 32K context for batch 1 and 4 (--kv-cache-dtype fp8 vs auto)
+    context     batch-1 decode step time with --contexts tokens already in the cache (their prefill is skipped:
+                the model is stubbed out while the cache blocks are allocated, so 1M-token contexts take seconds)
     throughput  256 requests, prompt and output lengths uniform in [100, 1024], seed 0, ignore_eos
                 (nano-vllm's / vLLM's protocol): output tok/s
     sampling    the sampler alone on 256 rows x 152k vocabulary: greedy, the torch reference, the Triton kernel
@@ -288,7 +290,7 @@ def bench_spec(args: argparse.Namespace) -> dict:
     vocab = engine.vocab_size
     del llm, engine
     torch.cuda.empty_cache()
-    llm = LLM(args.model, speculative_config={"method": "ngram", "num_speculative_tokens": args.k},
+    llm = LLM(args.model, speculative_config={"method": args.method, "num_speculative_tokens": args.k},
               **_engine_options(args))
     engine = llm.engine
     graph_steps = []
@@ -315,13 +317,13 @@ def bench_spec(args: argparse.Namespace) -> dict:
         result[f"{name}_tok_s"] = args.output_len / seconds
         result[f"{name}_accepted"] = engine.spec_stats.num_accepted_tokens - before
         result[f"{name}_graph_steps"] = f"{sum(k is not None for k in graph_steps)}/{len(graph_steps)}"
-    del engine._propose_drafts                                  # back to the engine's own ngram proposals
+    del engine._propose_drafts                                  # back to the drafter's own proposals
     for pad in (False, True):
         engine.pad_drafts = pad
         _timed_steps(engine, mixed_requests)                                          # warm-up
         graph_steps.clear()
         seconds = _timed_steps(engine, mixed_requests)[1]
-        name = f"ngram_batch{args.batch}_{'padded' if pad else 'ragged'}"
+        name = f"{args.method}_batch{args.batch}_{'padded' if pad else 'ragged'}"
         result[f"{name}_tok_s"] = args.batch * args.output_len / seconds
         result[f"{name}_graph_steps"] = f"{sum(k is not None for k in graph_steps)}/{len(graph_steps)}"
     return result
@@ -353,6 +355,56 @@ def bench_longctx(args: argparse.Namespace) -> dict:
         tpot = (time.perf_counter() - start) / args.steps
         result[f"batch{batch}_tpot_ms"] = tpot * 1e3
         result[f"batch{batch}_tok_s"] = batch / tpot
+        while engine.has_unfinished():
+            engine.step()
+    return result
+
+
+class _SkippedForward:
+    """Stands in for the model during a prefill whose result does not matter: allocates nothing, computes
+    nothing, returns zeros of the hidden width; logits still come from the model's head."""
+
+    def __init__(self, model: torch.nn.Module, width: int, dtype: torch.dtype):
+        self.model, self.width, self.dtype = model, width, dtype
+
+    def __call__(self, input_ids, positions, ctx):
+        return torch.zeros(input_ids.shape[0], self.width, dtype=self.dtype, device=input_ids.device)
+
+    def compute_logits(self, hidden):
+        return self.model.compute_logits(hidden)
+
+
+def bench_context(args: argparse.Namespace) -> dict:
+    """Decode step time of one request at each context length in --contexts (CUDA graphs): the prompt's
+    prefill is skipped (`_SkippedForward`), the decode steps read a cache of the full length."""
+    from runtime import LLM, SamplingParams
+    llm = LLM(args.model, **_engine_options(args))
+    engine = llm.engine
+    runner = engine.runner
+    if not runner.graphs:
+        raise SystemExit("bench.py context times CUDA-graph decode steps: drop --enforce-eager")
+    model = runner.model
+    width = next(iter(runner.graphs.values()))[1].shape[1]
+    rng = random.Random(0)
+    result = dict(workload="context", model=args.model, steps=args.steps)
+    for context in args.contexts:
+        prompt = [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(context)]
+        request_id = f"context-{context}"
+        engine.add_request(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=args.steps + 8,
+                                                              ignore_eos=True))
+        runner.model = _SkippedForward(model, width, engine.dtype)
+        while any(r.num_output_tokens < 2 for r in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.step()
+        runner.model = model
+        for _ in range(3):
+            engine.step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        result[f"step_ms_{context}"] = (time.perf_counter() - start) / args.steps * 1e3
+        engine.abort(request_id)
         while engine.has_unfinished():
             engine.step()
     return result
@@ -628,6 +680,12 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--prompt-len", type=int, default=128)
     spec.add_argument("--output-len", type=int, default=256)
     spec.add_argument("-k", type=int, default=4)
+    spec.add_argument("--method", default="ngram", help="the drafter that runs (its drafts are replaced by the "
+                      "replayed ones): ngram, or a package's own, e.g. mtp (then its cost is in the figures)")
+    context = sub.add_parser("context", help="batch-1 decode step time at long contexts, prefill skipped (GPU)")
+    _gpu_args(context)
+    context.add_argument("--contexts", type=int, nargs="+", default=[4096, 131072, 1048576])
+    context.add_argument("--steps", type=int, default=50)
     spec.add_argument("--batch", type=int, default=8, help="requests in the mixed ngram rows")
     longctx = sub.add_parser("longctx", help="steady decode at a long context, per batch size (GPU)")
     _gpu_args(longctx)
@@ -664,7 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_gpu_workload(args: argparse.Namespace) -> dict:
     """One GPU workload (latency | spec | throughput | profile) -> its result record."""
     workloads = {"latency": bench_latency, "spec": bench_spec, "throughput": bench_throughput,
-                 "profile": bench_profile, "sampling": bench_sampling, "longctx": bench_longctx}
+                 "profile": bench_profile, "sampling": bench_sampling, "longctx": bench_longctx,
+                 "context": bench_context}
     result = workloads[args.command](args)
     result.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
                   command="python tools/bench.py " + " ".join(args.argv))

@@ -25,9 +25,24 @@ def free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
+def _uniform_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A dequantized checkpoint loads mixed: what it stores in bf16 stays bf16, what it dequantizes may come
+    out fp32. fp32: everything fp32 (exact). bf16: every linear layer in bf16 (as the engine loads them); the
+    modules transformers keeps in fp32 (norms, sinks, ...) stay as they are."""
+    if dtype == torch.float32:
+        return model.float()
+    keep = [*(getattr(model, "_keep_in_fp32_modules", None) or []),
+            *(getattr(model, "_keep_in_fp32_modules_strict", None) or [])]
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype != dtype and not any(k in name for k in keep):
+            module.to(dtype)
+    return model
+
+
 def _hf_logits(path, dtype, sequences: dict) -> dict:
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **transformers_load_options(path)).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **transformers_load_options(path))
+    model = _uniform_dtype(model, dtype).cuda().eval()
     with torch.inference_mode():
         logits = {k: model(v).logits[0].float() for k, v in sequences.items()}
     del model

@@ -11,6 +11,7 @@ from runtime.forward import ForwardContext
 from runtime.ops import RMSNorm
 from runtime.parallel import SINGLE, ParallelContext, RowParallelLinear
 
+from . import kernels
 from .cache_ops import request_entries, write_entries
 from .compressor import Compressor, Indexer
 from .config import AttentionKind
@@ -91,22 +92,43 @@ class DeepseekV4Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
+        fast = kernels.use_kernels(x)
         q_latent = self.q_norm(self.wq_a(x))                                      # [num_tokens, q_lora_rank]
         q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
-        q = self.rope(unweighted_rms_norm(q, self.eps), positions)                # [num_tokens, heads, head_dim]
-        kv = self.rope(self.kv_norm(self.wkv(x))[:, None], positions)[:, 0]      # [num_tokens, head_dim]
+        kv = self.kv_norm(self.wkv(x))[:, None]                                   # [num_tokens, 1, head_dim]
         cache, _, slots = ctx.layer_cache(self.window_layer)
-        write_entries(cache, kv, slots)
+        if fast:                      # one launch each: q's head norm + RoPE; K's RoPE + window insert
+            q = kernels.norm_rope(q, positions, self.rope.inv_freq, normalize=True, eps=self.eps)
+            kernels.norm_rope(kv, positions, self.rope.inv_freq, cache=cache, slots=slots)
+        else:
+            q = self.rope(unweighted_rms_norm(q, self.eps), positions)            # [num_tokens, heads, head_dim]
+            write_entries(cache, self.rope(kv, positions)[:, 0], slots)
         entry_layer, selected = None, None
         if self.compressor is not None:
             self.compressor(x, positions, requests, ctx)
             entry_layer = self.compressor.entry_layer
         if self.indexer is not None:
             selected = self.indexer(x, q_latent, positions, requests, ctx)
-        out = window_sparse_attention(q, positions, ctx, self.window_layer, self.window, entry_layer,
-                                      self.kind.ratio, selected, self.attn_sink, self.head_dim ** -0.5)
-        out = self.rope(out, positions, inverse=True)
+        if fast:
+            out = self._attend_kernels(q, positions, requests, ctx, entry_layer, selected)
+        else:
+            out = window_sparse_attention(q, positions, ctx, self.window_layer, self.window, entry_layer,
+                                          self.kind.ratio, selected, self.attn_sink, self.head_dim ** -0.5)
+        out = kernels.norm_rope(out, positions, self.rope.inv_freq, inverse=True) if fast \
+            else self.rope(out, positions, inverse=True)
         grouped = out.reshape(-1, self.o_groups, out.shape[1] * self.head_dim // self.o_groups)   # [n, groups, in]
         weight = self.wo_a.weight.view(self.o_groups, self.o_rank, -1)           # [groups, o_rank, in]
         low_rank = torch.einsum("ngi,gri->ngr", grouped, weight).flatten(1)      # [num_tokens, groups * o_rank]
         return self.wo_b(low_rank)
+
+    def _attend_kernels(self, q: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
+                        ctx: ForwardContext, entry_layer: int | None, selected: torch.Tensor | None) -> torch.Tensor:
+        window_cache, window_table, _ = ctx.layer_cache(self.window_layer)
+        entry_cache = entry_table = None
+        if entry_layer is not None:
+            entry_cache, entry_table, _ = ctx.layer_cache(entry_layer)
+        ratio = self.kind.ratio
+        return kernels.sparse_attention(q, positions, requests, window_cache, window_table, self.window,
+                                        entry_cache, entry_table, ratio, selected, self.attn_sink,
+                                        self.head_dim ** -0.5, ctx.block_size,
+                                        ctx.max_seq_len // ratio if ratio else 0)

@@ -6,17 +6,17 @@ reads any of them through its request's block table; entry e of a ratio-r group 
 [e * r, e * r + r)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from runtime.forward import ForwardContext
 
 
 def token_requests(ctx: ForwardContext, num_tokens: int) -> torch.Tensor:
-    """[num_tokens] int64: the batch row of each token."""
-    starts = ctx.query_start_loc_host
-    lengths = np.diff(starts[:ctx.num_reqs + 1]).astype(np.int64)
-    return torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths)[:num_tokens])
+    """[num_tokens] int64 on the step's device: the batch row of each token, from the device's query starts
+    (no host read, so a CUDA graph can capture it)."""
+    starts = ctx.query_start_loc[1:ctx.num_reqs + 1]
+    tokens = torch.arange(num_tokens, dtype=starts.dtype, device=starts.device)
+    return torch.searchsorted(starts, tokens, right=True).clamp_(max=max(ctx.num_reqs - 1, 0))
 
 
 def write_entries(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from runtime.forward import ForwardContext
 from runtime.ops import RMSNorm
 
+from . import kernels
 from .cache_ops import gather_entries, request_entries, write_entries
 from .rope import TrailingRope
 
@@ -40,8 +41,15 @@ class Compressor(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor, ctx: ForwardContext) -> None:
         """x [num_tokens, hidden]: store each token's state, and write the entries whose window closes."""
         kv = self.wkv(x)                                                          # [num_tokens, width]
-        gate = self.wgate(x) + self.ape[positions % self.ratio].to(x.dtype)
         state, state_table, state_slots = ctx.layer_cache(self.state_layer)
+        if kernels.use_kernels(x):
+            # every token's state row, then every closing token's entry: two launches whatever the batch
+            kernels.store_state(state, kv, self.wgate(x), self.ape, positions, state_slots)
+            cache, _, slots = ctx.layer_cache(self.entry_layer)
+            kernels.compress_entries(state, state_table, cache, slots, positions, requests, self.norm.weight,
+                                     self.norm.eps, self.rope.inv_freq, self.ratio, self.overlap, ctx.block_size)
+            return
+        gate = self.wgate(x) + self.ape[positions % self.ratio].to(x.dtype)
         write_entries(state, torch.stack([kv, gate], dim=1), state_slots)
         closing = ((positions + 1) % self.ratio == 0).nonzero().flatten()
         if not len(closing):
@@ -65,6 +73,19 @@ class Compressor(nn.Module):
         write_entries(cache, entries, slots[closing])
 
 
+def indexer_scores_ref(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                       ratio: int) -> torch.Tensor:
+    """One request's queries q [query_len, heads, dim] (head_weights [query_len, heads]) against its entries
+    keys [entries, dim]: sum_h w_h * relu(q_h . k) / sqrt(dim), fp32 [query_len, entries], -inf at entries not
+    yet closed at the query's position."""
+    scores = torch.einsum("qhd,kd->qhk", q.float(), keys.float())                # [query_len, heads, entries]
+    scores = torch.relu(scores) * q.shape[-1] ** -0.5
+    scores = (scores * head_weights[:, :, None]).sum(dim=1)                      # [query_len, entries]
+    visible = (positions[:, None] + 1) // ratio                                   # entries closed at each query
+    future = torch.arange(keys.shape[0], device=q.device)[None, :] >= visible
+    return scores.masked_fill(future, float("-inf"))
+
+
 class Indexer(nn.Module):
     """Scores the compressed entries for each query, `sum_h w_h * relu(q_h . k)`, and keeps the top k."""
 
@@ -82,24 +103,42 @@ class Indexer(nn.Module):
         return self.compressor.ratio
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
-                ctx: ForwardContext) -> list[torch.Tensor]:
-        """Per request: [query_len, k'] entry indices each query reads, -1 = none (k' = min(k, entries))."""
+                ctx: ForwardContext) -> list[torch.Tensor] | torch.Tensor:
+        """Per request: [query_len, k'] entry indices each query reads, -1 = none (k' = min(k, entries)).
+        The kernel path returns one [num_tokens, min(k, width)] int32 tensor instead, width being the most
+        entries any request of the step can have (fixed for a captured graph)."""
         self.compressor(x, positions, requests, ctx)
         q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
-        q = self.rope(q, positions)                                               # [num_tokens, heads, head_dim]
         head_weights = self.weights_proj(x).float() * self.num_heads ** -0.5      # [num_tokens, heads]
         keys_cache, table, _ = ctx.layer_cache(self.compressor.entry_layer)
+        if kernels.use_kernels(x):
+            q = kernels.norm_rope(q, positions, self.rope.inv_freq)
+            return self._select_kernels(q, head_weights, keys_cache, table, positions, requests, ctx)
+        q = self.rope(q, positions)                                               # [num_tokens, heads, head_dim]
         starts = ctx.query_start_loc_host
         selected = []
         for b in range(ctx.num_reqs):
             rows = slice(int(starts[b]), int(starts[b + 1]))
             num_entries = int(ctx.seq_lens_host[b]) // self.ratio
             keys = request_entries(keys_cache, table, b, 0, num_entries, ctx.block_size, self.ratio)
-            scores = torch.einsum("qhd,kd->qhk", q[rows].float(), keys.float())  # [query_len, heads, entries]
-            scores = torch.relu(scores) * self.head_dim ** -0.5
-            scores = (scores * head_weights[rows, :, None]).sum(dim=1)           # [query_len, entries]
+            scores = indexer_scores_ref(q[rows], head_weights[rows], keys, positions[rows], self.ratio)
             visible = (positions[rows, None] + 1) // self.ratio                  # entries closed at each query
-            future = torch.arange(num_entries, device=x.device)[None, :] >= visible
-            top = scores.masked_fill(future, float("-inf")).topk(min(self.top_k, num_entries), dim=-1).indices
+            top = scores.topk(min(self.top_k, num_entries), dim=-1).indices
             selected.append(torch.where(top >= visible, -1, top))
         return selected
+
+    # scores of at most this many (query, entry) pairs at once (1 GiB of fp32): long prefill chunks go in parts
+    MAX_SCORES = 1 << 28
+
+    def _select_kernels(self, q: torch.Tensor, head_weights: torch.Tensor, keys_cache: torch.Tensor,
+                        table: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
+                        ctx: ForwardContext) -> torch.Tensor:
+        width = ctx.max_seq_len // self.ratio
+        rows = max(1, self.MAX_SCORES // max(width, 1))
+        picked = []
+        for start in range(0, q.shape[0], rows):
+            part = slice(start, start + rows)
+            scores = kernels.indexer_scores(q[part], head_weights[part], keys_cache, table, positions[part],
+                                            requests[part], self.ratio, width, ctx.block_size)
+            picked.append(kernels.indexer_topk(scores, positions[part], self.ratio, self.top_k))
+        return picked[0] if len(picked) == 1 else torch.cat(picked)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 
 def _unweighted_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
@@ -25,6 +27,9 @@ class HyperConnection(nn.Module):
 
     def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [num_tokens, n, hidden] -> (post [num_tokens, n], comb [num_tokens, n, n], input [num_tokens, hidden])."""
+        if kernels.use_kernels(streams):
+            return kernels.hc_pre(streams, self.fn, self.base, self.scale, self.norm_eps, self.hc_eps,
+                                  self.sinkhorn_iters)
         n = self.hc_mult
         mix = F.linear(_unweighted_norm(streams.flatten(1).float(), self.norm_eps), self.fn.float())
         pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
@@ -43,6 +48,8 @@ class HyperConnection(nn.Module):
     @staticmethod
     def post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """New streams: each gets post_k * output plus sum_j comb[j, k] * stream_j."""
+        if kernels.use_kernels(streams):
+            return kernels.hc_post(output, streams, post, comb)
         dtype = streams.dtype
         return post.to(dtype).unsqueeze(-1) * output.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
 

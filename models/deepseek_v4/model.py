@@ -13,6 +13,7 @@ from runtime.kv_cache import CacheSpec
 from runtime.ops import RMSNorm
 from runtime.parallel import SINGLE, ParallelContext, ParallelLMHead, VocabParallelEmbedding
 
+from . import kernels
 from .attention import DeepseekV4Attention
 from .cache_ops import token_requests
 from .config import AttentionKind, attention_kinds, hash_routed
@@ -89,10 +90,10 @@ class DeepseekV4ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """-> the residual streams after the last layer, flattened [num_tokens, hc_mult * hidden]: what the MTP
         drafter reads. The head collapses them only for the rows that need logits (compute_logits)."""
-        if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("DeepSeek V4 runs its torch reference ops, which read the batch layout on the "
-                               "host and cannot be captured in a CUDA graph: run with --enforce-eager")
-        requests = token_requests(ctx, input_ids.shape[0]).to(input_ids.device)
+        if input_ids.is_cuda and torch.cuda.is_current_stream_capturing() and not kernels.use_kernels(input_ids):
+            raise RuntimeError("DeepSeek V4's torch reference ops read the batch layout on the host and cannot "
+                               "be captured in a CUDA graph: unset RUN_MODEL_TORCH_OPS or run with --enforce-eager")
+        requests = token_requests(ctx, input_ids.shape[0])
         x = self.embed(input_ids)
         streams = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()   # [num_tokens, hc_mult, hidden]
         for layer in self.layers:

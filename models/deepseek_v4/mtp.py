@@ -77,7 +77,7 @@ class DeepseekV4MTP(nn.Module):
         embedded = self.enorm(self._target[0].embed(next_ids.clamp(min=0)))       # [num_tokens, hidden]
         previous = self.hnorm(target_streams.view(target_streams.shape[0], n, -1))  # [num_tokens, n, hidden]
         streams = self.e_proj(embedded).unsqueeze(1) + self.h_proj(previous)
-        requests = token_requests(ctx, next_ids.shape[0]).to(next_ids.device)
+        requests = token_requests(ctx, next_ids.shape[0])
         return self.layers[0](streams, next_ids.clamp(min=0), positions, requests, ctx).flatten(1)
 
     def compute_logits(self, streams: torch.Tensor) -> torch.Tensor:

@@ -78,11 +78,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     silu or ("gelu_tanh") gelu with the tanh approximation; with `swiglu_limit` (silu only), gate is clamped
     above and up both ways at the limit first.
     The Triton kernels on a GPU (no host sync, CUDA-graph safe), the torch reference elsewhere
-    (or everywhere with RUN_MODEL_TORCH_OPS=1). The kernels do not clamp yet: a limit takes the reference.
-    With `skip_negative_ids`, pairs whose id is negative (an expert another rank holds, under expert
-    parallelism) contribute nothing."""
-    if _use_triton(x) and swiglu_limit is None:
-        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation=activation,
+    (or everywhere with RUN_MODEL_TORCH_OPS=1). With `skip_negative_ids`, pairs whose id is negative (an
+    expert another rank holds, under expert parallelism) contribute nothing."""
+    if _use_triton(x):
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation=activation, swiglu_limit=swiglu_limit,
                                 skip_negative_ids=skip_negative_ids)
     return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, swiglu_limit, activation)
 
@@ -274,11 +273,12 @@ if triton is not None:
     @triton.jit
     def _moe_gate_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
                             num_pairs, top_k, K, N,
-                            stride_xm, stride_we, stride_wn, stride_hm,
-                            FP32: tl.constexpr, GELU_TANH: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            stride_xm, stride_we, stride_wn, stride_hm, limit,
+                            FP32: tl.constexpr, GELU_TANH: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """h[sorted row, n] = act(x[token] @ W13[e, n].T) * (x[token] @ W13[e, N + n].T), n in this program's
-        BLOCK_N columns of the intermediate; act is silu or gelu-tanh."""
+        BLOCK_N columns of the intermediate; act is silu or gelu-tanh. With HAS_LIMIT the gate is clamped
+        above and the up projection both ways at `limit` first."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.load(block_expert_ptr + pid_m)
@@ -302,8 +302,12 @@ if triton is not None:
             acc_up += _dot(a, tl.load(w_up + k[None, :], mask=n_mask[:, None] & k_mask, other=0.0), FP32)
         dtype = h_ptr.dtype.element_ty
         gate = acc_gate.to(dtype).to(tl.float32)
+        up = acc_up.to(dtype).to(tl.float32)
+        if HAS_LIMIT:
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
         act = gated_activation(gate, GELU_TANH).to(dtype).to(tl.float32)
-        h = act * acc_up.to(dtype).to(tl.float32)
+        h = act * up
         tl.store(h_ptr + rows[:, None].to(tl.int64) * stride_hm + n[None, :], h.to(dtype),
                  mask=row_mask[:, None] & n_mask[None, :])
 
@@ -384,12 +388,14 @@ class MoeTiles:
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, tiles: MoeTiles | None = None, activation: str = "silu",
-                     skip_negative_ids: bool = False) -> torch.Tensor:
+                     swiglu_limit: float | None = None, skip_negative_ids: bool = False) -> torch.Tensor:
     """The same function as `fused_moe_ref`, without a host sync: align, GEMM 1 + gated activation, GEMM 2 with
     the routing weights, sum over k. bf16 on the GPU; the interpreter (TRITON_INTERPRET=1) runs fp32/fp16."""
     if triton is None:
         raise RuntimeError("fused_moe_triton needs the triton package")
     _gated_activation(activation)
+    if swiglu_limit is not None and activation != "silu":
+        raise ValueError(f"swiglu_limit clamps a SiLU gate; it does not apply to activation {activation!r}")
     num_experts, two_inter, hidden = w13.shape
     inter = two_inter // 2
     if x.shape[-1] != hidden or w2.shape != (num_experts, hidden, inter) or two_inter % 2:
@@ -413,7 +419,8 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     h = torch.empty(num_blocks * tiles.block_m, inter, dtype=x.dtype, device=x.device)   # [sorted rows, inter]
     _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter, tiles.block_n))](
         x, w13, h, alignment.sorted_pair_ids, alignment.block_expert, num_pairs, top_k, hidden, inter,
-        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), GELU_TANH=activation == "gelu_tanh", **launch)
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), swiglu_limit or 0.0,
+        GELU_TANH=activation == "gelu_tanh", HAS_LIMIT=swiglu_limit is not None, **launch)
     # [tokens * k, hidden]; rows of left-out pairs are never written, so they start at zero
     pair_out = (torch.zeros if skip_negative_ids else torch.empty)(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _moe_down_kernel[(num_blocks, triton.cdiv(hidden, tiles.block_n))](

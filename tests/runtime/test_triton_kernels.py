@@ -342,6 +342,20 @@ def test_fused_moe_kernel_with_gelu_tanh_matches_reference(interpreter, dtype):
     assert (expected - silu).abs().max() > 0.01
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_moe_kernel_with_clamped_swiglu_matches_reference(interpreter, dtype):
+    """A limit low enough that many gates and ups are clamped (both signs of up)."""
+    x, w13, w2, weights, ids = moe_case(7, 6, 80, 48, 2, dtype, skip_experts=(1, 4))
+    x = x * 4
+    tiles = moe.MoeTiles(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
+    out = moe.fused_moe_triton(x, w13, w2, weights, ids, tiles, swiglu_limit=0.5)
+    expected = moe.fused_moe_ref(x, w13, w2, weights, ids, swiglu_limit=0.5)
+    unclamped = moe.fused_moe_ref(x, w13, w2, weights, ids)
+    atol = MOE_ATOL_ULPS[dtype] * torch.finfo(dtype).eps * expected.abs().max().item()
+    torch.testing.assert_close(out, expected, rtol=0, atol=atol)
+    assert (expected - unclamped).abs().max() > 10 * atol
+
+
 def test_fused_moe_kernel_matches_reference_for_a_prefill_sized_batch(interpreter):
     """300 tokens, top-2 of 6 experts: the large-batch tiles (block_m 64), several row blocks per expert."""
     x, w13, w2, weights, ids = moe_case(300, 6, 64, 32, 2, torch.float32, skip_experts=(5,))

@@ -34,3 +34,15 @@ def test_speculative_greedy_outputs_equal_plain_ones(tiny_deepseek_v4, plain_out
         assert stats.num_accepted_tokens > 0             # the caches really rewound past rejected drafts
     else:                                                # the random MTP layer rarely guesses right
         assert llm.engine.drafter.layers[0].attn.window_layer == len(llm.engine.model.cache_specs())
+
+
+def test_mtp_lookahead_past_max_model_len(tiny_deepseek_v4):
+    """A prompt one short of max_model_len with 2 drafts: the lookahead would need a block past the table's
+    width; the table stops at its width (those positions are never written) instead of overflowing."""
+    llm = LLM(str(tiny_deepseek_v4), device="cpu", dtype="float32", block_size=16, max_model_len=64,
+              speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    prompt = random_prompts(512, (63,), seed=9)
+    spec = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+    plain = LLM(str(tiny_deepseek_v4), device="cpu", dtype="float32", block_size=16, max_model_len=64).generate(
+        prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+    assert spec[0].outputs[0].token_ids == plain[0].outputs[0].token_ids

@@ -1,0 +1,631 @@
+"""Triton kernels of DeepSeek V4's attention path (the CUDA path). Each computes the same function as a torch
+reference beside it in the package, and reads the batch layout only from device tensors, so a step that uses
+them can be captured in a CUDA graph:
+
+- `store_rows`: rows into a paged cache at slot indices, -1 skipped (reference: cache_ops.write_entries);
+- `compress_entries`: at every token that closes an entry, gather its window's per-token state, softmax per
+  channel, sum, RMSNorm, RoPE at the window's first position, and store (reference: Compressor.forward);
+- `indexer_scores` + `indexer_topk`: `sum_h w_h relu(q_h . k)` over each query's closed compressed keys, then
+  a top-k over a fixed width (reference: Indexer.forward);
+- `sparse_attention`: one softmax over the window, the selected (CSA) or all closed (HCA) compressed entries
+  and the sink, one K=V head shared by all query heads, optionally split along the keys for small batches
+  (reference: attention.window_sparse_attention);
+- `norm_rope`: q's per-head RMS norm + RoPE, K's RoPE + window insert, the output's inverse RoPE
+  (references: attention.unweighted_rms_norm, rope.TrailingRope);
+- `store_state`: the compressor's per-token state row, gate + window bias added (reference: Compressor.forward);
+- `hc_pre` / `hc_post`: mHC's connection weights with Sinkhorn and the collapse, and the streams' update
+  (reference: mhc.HyperConnection).
+
+Every program works unconditionally from its token's position: nothing is skipped on the host, no length is
+read there, and a padded row (position < 0, or slot -1) reads nothing past its own start and writes nothing.
+Where the reference rounds to the activation dtype between ops (bf16), the kernels round at the same
+places (`ROUND`)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:     # the CPU path needs no triton
+    triton = None
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    """The kernels on a GPU (the CUDA-graph path), the torch references elsewhere or with
+    RUN_MODEL_TORCH_OPS=1. Tests patch this to run the kernels in Triton's interpreter on the CPU."""
+    return x.is_cuda and triton is not None and os.environ.get("RUN_MODEL_TORCH_OPS") != "1"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ---- rows into a paged cache --------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _store_rows_kernel(src_ptr, cache_ptr, slots_ptr, src_stride, ROW: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        slot = tl.load(slots_ptr + token).to(tl.int64)
+        if slot >= 0:
+            offs = chunk * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < ROW
+            row = tl.load(src_ptr + token * src_stride + offs, mask=mask)
+            tl.store(cache_ptr + slot * ROW + offs, row.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_rows(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+    """cache [blocks, entries_per_block, *entry]; rows [n, *entry] (any dtype, each row contiguous);
+    slots [n] flat entry index, -1 writes nothing."""
+    n = rows.shape[0]
+    if n == 0:
+        return
+    rows = rows.reshape(n, -1)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    row = rows.shape[1]
+    block = min(1024, _pow2(row))
+    _store_rows_kernel[(n, triton.cdiv(row, block))](rows, cache, slots, rows.stride(0), ROW=row, BLOCK=block)
+
+
+# ---- the compressor: entries at closing positions ------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _rounded(x, ROUND: tl.constexpr, DTYPE: tl.constexpr):
+        if ROUND:
+            x = x.to(DTYPE).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _state_row(state_ptr, table_ptr, request, table_stride, block_size, source,
+                   WIDTH: tl.constexpr):
+        """Pointer to the state row of position `source` (>= 0) of a request: [value | logit], 2 * WIDTH fp32."""
+        block = tl.load(table_ptr + request * table_stride + source // block_size).to(tl.int64)
+        return state_ptr + (block * block_size + source % block_size) * (2 * WIDTH)
+
+    @triton.jit
+    def _second_half(j, RATIO: tl.constexpr, HEAD_DIM: tl.constexpr, OVERLAP: tl.constexpr):
+        """Channel offset of window slot j: with overlap, the previous window's tokens (j < RATIO) give
+        their first half, this window's their second."""
+        if OVERLAP:
+            return (j // RATIO) * HEAD_DIM                  # j < 2 * RATIO
+        return 0
+
+    @triton.jit
+    def _compress_kernel(state_ptr, table_ptr, slots_ptr, positions_ptr, requests_ptr, norm_ptr, inv_freq_ptr,
+                         cache_ptr, table_stride, block_size, eps,
+                         HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                         ROPE_HALF: tl.constexpr, WIDTH: tl.constexpr, RATIO: tl.constexpr,
+                         WINDOW: tl.constexpr, OVERLAP: tl.constexpr, ROUND: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slots_ptr + token).to(tl.int64)
+        if slot >= 0:
+            position = tl.load(positions_ptr + token).to(tl.int64)
+            request = tl.load(requests_ptr + token).to(tl.int64)
+            dtype = cache_ptr.dtype.element_ty
+            i = tl.arange(0, BLOCK_HALF)
+            mask = i < HALF
+            # channels as (even, odd) pairs, so that RoPE can pair them without a shuffle
+            m_even = tl.full([BLOCK_HALF], float("-inf"), tl.float32)
+            m_odd = tl.full([BLOCK_HALF], float("-inf"), tl.float32)
+            for j in range(WINDOW):                     # pass 1: the max logit per channel
+                source = position - WINDOW + 1 + j
+                if source >= 0:
+                    row = _state_row(state_ptr, table_ptr, request, table_stride, block_size, source, WIDTH)
+                    offset = WIDTH + _second_half(j, RATIO, HEAD_DIM, OVERLAP)
+                    z_even = _rounded(tl.load(row + offset + 2 * i, mask=mask, other=0.0), ROUND, dtype)
+                    z_odd = _rounded(tl.load(row + offset + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+                    m_even = tl.maximum(m_even, z_even)
+                    m_odd = tl.maximum(m_odd, z_odd)
+            l_even = tl.zeros([BLOCK_HALF], tl.float32)
+            l_odd = tl.zeros([BLOCK_HALF], tl.float32)
+            for j in range(WINDOW):                     # pass 2: the softmax denominators
+                source = position - WINDOW + 1 + j
+                if source >= 0:
+                    row = _state_row(state_ptr, table_ptr, request, table_stride, block_size, source, WIDTH)
+                    offset = WIDTH + _second_half(j, RATIO, HEAD_DIM, OVERLAP)
+                    z_even = _rounded(tl.load(row + offset + 2 * i, mask=mask, other=0.0), ROUND, dtype)
+                    z_odd = _rounded(tl.load(row + offset + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+                    l_even += tl.exp(z_even - m_even)
+                    l_odd += tl.exp(z_odd - m_odd)
+            acc_even = tl.zeros([BLOCK_HALF], tl.float32)
+            acc_odd = tl.zeros([BLOCK_HALF], tl.float32)
+            for j in range(WINDOW):                     # pass 3: weights (rounded as the reference) times values
+                source = position - WINDOW + 1 + j
+                if source >= 0:
+                    row = _state_row(state_ptr, table_ptr, request, table_stride, block_size, source, WIDTH)
+                    offset = _second_half(j, RATIO, HEAD_DIM, OVERLAP)
+                    z_even = _rounded(tl.load(row + WIDTH + offset + 2 * i, mask=mask, other=0.0), ROUND, dtype)
+                    z_odd = _rounded(tl.load(row + WIDTH + offset + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+                    v_even = _rounded(tl.load(row + offset + 2 * i, mask=mask, other=0.0), ROUND, dtype)
+                    v_odd = _rounded(tl.load(row + offset + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+                    w_even = _rounded(tl.exp(z_even - m_even) / l_even, ROUND, dtype)
+                    w_odd = _rounded(tl.exp(z_odd - m_odd) / l_odd, ROUND, dtype)
+                    acc_even += _rounded(w_even * v_even, ROUND, dtype)
+                    acc_odd += _rounded(w_odd * v_odd, ROUND, dtype)
+            acc_even = tl.where(mask, _rounded(acc_even, ROUND, dtype), 0.0)
+            acc_odd = tl.where(mask, _rounded(acc_odd, ROUND, dtype), 0.0)
+            # RMSNorm with an fp32 weight, then the dtype
+            rms = tl.rsqrt((tl.sum(acc_even * acc_even, 0) + tl.sum(acc_odd * acc_odd, 0)) / HEAD_DIM + eps)
+            w_e = tl.load(norm_ptr + 2 * i, mask=mask, other=0.0).to(tl.float32)
+            w_o = tl.load(norm_ptr + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+            x_even = _rounded(w_e * (acc_even * rms), ROUND, dtype)
+            x_odd = _rounded(w_o * (acc_odd * rms), ROUND, dtype)
+            # interleaved RoPE on the trailing pairs at the window's first position, in the dtype
+            freq = i - (HALF - ROPE_HALF)
+            is_rope = (freq >= 0) & mask
+            inv_freq = tl.load(inv_freq_ptr + tl.maximum(freq, 0), mask=is_rope, other=0.0)
+            angle = (position + 1 - RATIO).to(tl.float32) * inv_freq
+            cos = _rounded(tl.cos(angle), ROUND, dtype)
+            sin = _rounded(tl.sin(angle), ROUND, dtype)
+            r_even = _rounded(x_even * cos, ROUND, dtype) - _rounded(x_odd * sin, ROUND, dtype)
+            r_odd = _rounded(x_odd * cos, ROUND, dtype) + _rounded(x_even * sin, ROUND, dtype)
+            out_even = tl.where(is_rope, r_even, x_even)
+            out_odd = tl.where(is_rope, r_odd, x_odd)
+            tl.store(cache_ptr + slot * HEAD_DIM + 2 * i, out_even.to(dtype), mask=mask)
+            tl.store(cache_ptr + slot * HEAD_DIM + 2 * i + 1, out_odd.to(dtype), mask=mask)
+
+
+def compress_entries(state: torch.Tensor, state_table: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
+                     positions: torch.Tensor, requests: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                     inv_freq: torch.Tensor, ratio: int, overlap: bool, block_size: int) -> None:
+    """state [blocks, block_size, 2, width] fp32 (value, logit + bias per token); cache [blocks, entries, dim];
+    slots [n] the entry slot of each token (-1 unless it closes an entry that is written)."""
+    n = positions.shape[0]
+    if n == 0:
+        return
+    head_dim = cache.shape[-1]
+    width = state.shape[-1]
+    rope_half = inv_freq.shape[0]
+    _compress_kernel[(n,)](
+        state, state_table, slots, positions, requests, norm_weight, inv_freq, cache,
+        state_table.stride(0), block_size, eps,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_HALF=_pow2(head_dim // 2), ROPE_HALF=rope_half,
+        WIDTH=width, RATIO=ratio, WINDOW=(2 if overlap else 1) * ratio, OVERLAP=overlap,
+        ROUND=cache.dtype != torch.float32, num_warps=4, enable_fp_fusion=False)
+
+
+# ---- the lightning indexer ---------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _indexer_kernel(q_ptr, weights_ptr, keys_ptr, table_ptr, positions_ptr, requests_ptr, out_ptr,
+                        q_stride_t, q_stride_h, weights_stride, table_stride, out_stride, width,
+                        per_block, scale,
+                        HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        RATIO: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        position = tl.load(positions_ptr + token).to(tl.int64)
+        visible = tl.maximum(position + 1, 0) // RATIO               # entries closed at this query
+        out_mask = n < width
+        scores = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        if tl.program_id(1) * BLOCK_N < visible:
+            request = tl.load(requests_ptr + token).to(tl.int64)
+            n_mask = n < visible
+            h = tl.arange(0, BLOCK_HEADS)
+            d = tl.arange(0, BLOCK_D)
+            h_mask = h < HEADS
+            d_mask = d < DIM
+            block = tl.load(table_ptr + request * table_stride + n // per_block, mask=n_mask, other=0).to(tl.int64)
+            rows = block * per_block + n % per_block
+            keys = tl.load(keys_ptr + rows[:, None] * DIM + d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                           other=0.0)                                  # [BLOCK_N, BLOCK_D]
+            q = tl.load(q_ptr + token * q_stride_t + h[:, None] * q_stride_h + d[None, :],
+                        mask=h_mask[:, None] & d_mask[None, :], other=0.0)   # [BLOCK_HEADS, BLOCK_D]
+            if FP32:
+                dots = tl.dot(q, tl.trans(keys), input_precision="ieee")
+            else:
+                dots = tl.dot(q, tl.trans(keys))                      # [BLOCK_HEADS, BLOCK_N] fp32
+            w = tl.load(weights_ptr + token * weights_stride + h, mask=h_mask, other=0.0).to(tl.float32)
+            per_head = tl.maximum(dots, 0.0) * scale * w[:, None]
+            scores = tl.where(n_mask, tl.sum(per_head, axis=0), float("-inf"))
+        tl.store(out_ptr + token * out_stride + n, scores, mask=out_mask)
+
+
+def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, table: torch.Tensor,
+                   positions: torch.Tensor, requests: torch.Tensor, ratio: int, width: int,
+                   block_size: int) -> torch.Tensor:
+    """q [n, heads, dim]; head_weights [n, heads] fp32; keys [blocks, block_size / ratio, dim] -> scores
+    [n, width] fp32: -inf at entries the query cannot see (not closed by its position, or past width)."""
+    n, heads, dim = q.shape
+    out = torch.empty(n, width, dtype=torch.float32, device=q.device)
+    if n == 0 or width == 0:
+        return out
+    block_n = 64
+    _indexer_kernel[(n, triton.cdiv(width, block_n))](
+        q, head_weights, keys, table, positions, requests, out,
+        q.stride(0), q.stride(1), head_weights.stride(0), table.stride(0), out.stride(0), width,
+        block_size // ratio, dim ** -0.5,
+        HEADS=heads, BLOCK_HEADS=max(16, _pow2(heads)), DIM=dim, BLOCK_D=max(16, _pow2(dim)), RATIO=ratio,
+        BLOCK_N=block_n, FP32=q.dtype == torch.float32, num_warps=4)
+    return out
+
+
+def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, top_k: int) -> torch.Tensor:
+    """[n, min(top_k, width)] int32 entry indices per query, -1 where fewer entries are visible. A fixed-shape
+    top-k: no length is read on the host, nothing is reset between calls (every score is written each call)."""
+    k = min(top_k, scores.shape[1])
+    top = torch.topk(scores, k, dim=-1, sorted=False).indices                  # [n, k]
+    visible = (positions.clamp(min=-1) + 1) // ratio
+    return torch.where(top >= visible[:, None], -1, top).to(torch.int32)
+
+
+# ---- sparse attention over window + compressed entries ----------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _sparse_attention_kernel(q_ptr, positions_ptr, requests_ptr, window_ptr, window_table_ptr,
+                                 entries_ptr, entries_table_ptr, selected_ptr, sinks_ptr, out_ptr,
+                                 part_acc_ptr, part_ml_ptr,
+                                 q_stride_t, q_stride_h, out_stride_t, out_stride_h,
+                                 window_table_stride, entries_table_stride, selected_stride,
+                                 block_size, window, per_block, scale, num_selected, num_splits,
+                                 HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM: tl.constexpr,
+                                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
+                                 HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr, SPLIT: tl.constexpr,
+                                 FP32: tl.constexpr):
+        # sizes that change from step to step (selection width, splits) are arguments, not constants: a
+        # constant would compile a kernel per value
+        token = tl.program_id(0).to(tl.int64)
+        head_block = tl.program_id(1)
+        split = tl.program_id(2)
+        position = tl.load(positions_ptr + token).to(tl.int64)
+        request = tl.load(requests_ptr + token).to(tl.int64)
+        first = tl.maximum(position - window + 1, 0)
+        num_window = tl.maximum(position + 1 - first, 0)              # 0 for a padded row (position < 0)
+        num_entries = position * 0
+        if HAS_ENTRIES:
+            if SELECTED:
+                num_entries += num_selected
+            else:
+                num_entries += tl.maximum(position + 1, 0) // RATIO
+        total = num_window + num_entries
+        per_split = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, total)
+
+        h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        h_mask = h < HEADS
+        d_mask = d < DIM
+        q = tl.load(q_ptr + token * q_stride_t + h[:, None] * q_stride_h + d[None, :],
+                    mask=h_mask[:, None] & d_mask[None, :], other=0.0)          # [BLOCK_H, BLOCK_D]
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        for u0 in range(lo, hi, BLOCK_N):
+            u = u0 + tl.arange(0, BLOCK_N)                                        # index into window ++ entries
+            in_range = u < hi
+            in_window = in_range & (u < num_window)
+            key_pos = first + tl.where(in_window, u, 0)
+            w_block = tl.load(window_table_ptr + request * window_table_stride + key_pos // block_size,
+                              mask=in_window, other=0).to(tl.int64)
+            w_rows = w_block * block_size + key_pos % block_size
+            keys = tl.load(window_ptr + w_rows[:, None] * DIM + d[None, :],
+                           mask=in_window[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+            valid = in_window
+            if HAS_ENTRIES:
+                c = u - num_window
+                in_entries = in_range & (c >= 0)
+                if SELECTED:
+                    entry = tl.load(selected_ptr + token * selected_stride + tl.where(in_entries, c, 0),
+                                    mask=in_entries, other=-1).to(tl.int64)
+                else:
+                    entry = c
+                in_entries = in_entries & (entry >= 0)
+                entry = tl.where(in_entries, entry, 0)
+                e_block = tl.load(entries_table_ptr + request * entries_table_stride + entry // per_block,
+                                  mask=in_entries, other=0).to(tl.int64)
+                e_rows = e_block * per_block + entry % per_block
+                keys += tl.load(entries_ptr + e_rows[:, None] * DIM + d[None, :],
+                                mask=in_entries[:, None] & d_mask[None, :], other=0.0)
+                valid = valid | in_entries
+            if FP32:
+                scores = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(q, tl.trans(keys)) * scale                      # [BLOCK_H, BLOCK_N]
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            l = l * alpha + tl.sum(p, axis=1)
+            if FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, keys, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(keys.dtype), keys)
+            m = m_new
+        out_mask = h_mask[:, None] & d_mask[None, :]
+        if not SPLIT:
+            sink = tl.load(sinks_ptr + h, mask=h_mask, other=0.0).to(tl.float32)
+            m_all = tl.maximum(m, sink)
+            scale_acc = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
+            denominator = l * scale_acc + tl.exp(sink - m_all)
+            out = acc * (scale_acc / denominator)[:, None]
+            tl.store(out_ptr + token * out_stride_t + h[:, None] * out_stride_h + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            part = (token * HEADS + h) * num_splits + split                     # [BLOCK_H]
+            tl.store(part_acc_ptr + part[:, None] * DIM + d[None, :], acc, mask=out_mask)
+            tl.store(part_ml_ptr + part * 2, m, mask=h_mask)
+            tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
+
+    @triton.jit
+    def _sparse_attention_reduce_kernel(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, out_stride_t, out_stride_h,
+                                        num_splits, HEADS: tl.constexpr, DIM: tl.constexpr,
+                                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        s_mask = s < num_splits
+        base = (token * HEADS + head) * num_splits
+        m = tl.load(part_ml_ptr + (base + s) * 2, mask=s_mask, other=float("-inf"))
+        l = tl.load(part_ml_ptr + (base + s) * 2 + 1, mask=s_mask, other=0.0)
+        sink = tl.load(sinks_ptr + head).to(tl.float32)
+        m_all = tl.maximum(tl.max(m, axis=0), sink)
+        weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
+        denominator = tl.sum(weight * l, axis=0) + tl.exp(sink - m_all)
+        acc = tl.load(part_acc_ptr + (base + s)[:, None] * DIM + d[None, :],
+                      mask=s_mask[:, None] & (d < DIM)[None, :], other=0.0)
+        out = tl.sum(acc * weight[:, None], axis=0) / denominator
+        tl.store(out_ptr + token * out_stride_t + head * out_stride_h + d, out.to(out_ptr.dtype.element_ty),
+                 mask=d < DIM)
+
+
+BLOCK_HEADS = 16
+MAX_SPLITS = 64
+TARGET_PROGRAMS = 264        # about two per SM on an H200: split the keys until a small batch fills it
+
+
+def attention_splits(num_tokens: int, num_heads: int, max_keys: int, block_n: int = 32) -> int:
+    """Key splits per (token, head block): 1 for batches that fill the GPU, more for small ones, each split
+    at least one key block long. Depends only on host sizes fixed for a captured graph."""
+    programs = num_tokens * -(-num_heads // BLOCK_HEADS)
+    splits = min(-(-TARGET_PROGRAMS // max(programs, 1)), -(-max_keys // block_n), MAX_SPLITS)
+    return max(1, splits)
+
+
+def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
+                     window_cache: torch.Tensor, window_table: torch.Tensor, window: int,
+                     entry_cache: torch.Tensor | None, entry_table: torch.Tensor | None, ratio: int,
+                     selected: torch.Tensor | None, sinks: torch.Tensor, scale: float, block_size: int,
+                     max_entries: int) -> torch.Tensor:
+    """q [n, heads, dim] -> [n, heads, dim]. Keys = values: the window entries (p - window, p] of the token's
+    request, then (CSA) the entries in `selected` [n, k] (-1 = none) or (HCA) every entry closed by p.
+    `max_entries` bounds the HCA entries (sizes the key splits only)."""
+    n, heads, dim = q.shape
+    out = torch.empty_like(q)
+    if n == 0:
+        return out
+    has_entries = entry_cache is not None
+    num_selected = selected.shape[1] if selected is not None else 0
+    max_keys = window + (num_selected if selected is not None else (max_entries if has_entries else 0))
+    block_n = 32
+    splits = attention_splits(n, heads, max_keys, block_n)
+    head_blocks = triton.cdiv(heads, BLOCK_HEADS)
+    if splits > 1:
+        part_acc = torch.empty(n * heads * splits, dim, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(n * heads * splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out
+    dummy = window_table
+    _sparse_attention_kernel[(n, head_blocks, splits)](
+        q, positions, requests, window_cache, window_table,
+        entry_cache if has_entries else window_cache, entry_table if has_entries else dummy,
+        selected if selected is not None else dummy, sinks, out, part_acc, part_ml,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        window_table.stride(0), entry_table.stride(0) if has_entries else 0,
+        selected.stride(0) if selected is not None else 0,
+        block_size, window, block_size // max(ratio, 1), scale, num_selected, splits,
+        HEADS=heads, BLOCK_H=BLOCK_HEADS, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_N=block_n, RATIO=max(ratio, 1),
+        HAS_ENTRIES=has_entries, SELECTED=selected is not None, SPLIT=splits > 1,
+        FP32=q.dtype == torch.float32, num_warps=4 if dim <= 128 else 8)
+    if splits > 1:
+        _sparse_attention_reduce_kernel[(n, heads)](
+            part_acc, part_ml, sinks, out, out.stride(0), out.stride(1), splits,
+            HEADS=heads, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_S=MAX_SPLITS, num_warps=4)
+    return out
+
+
+# ---- mHC: the connection's weights and the collapsed input in one program per token ----------------------
+
+if triton is not None:
+    @triton.jit
+    def _hc_pre_kernel(streams_ptr, mix_ptr, base_ptr, scale_ptr, post_ptr, comb_ptr, out_ptr,
+                       streams_stride, mix_stride, norm_eps, hc_eps, sinkhorn_iters,
+                       N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        k = tl.arange(0, N)
+        c = tl.arange(0, BLOCK)
+        row = streams_ptr + token * streams_stride
+        squares = tl.zeros([N, BLOCK], tl.float32)
+        for c0 in range(0, HIDDEN, BLOCK):                # RMS of all streams together
+            mask = (c0 + c) < HIDDEN
+            x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
+            squares += x * x
+        rms = tl.rsqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / (N * HIDDEN) + norm_eps)
+        mix = mix_ptr + token * mix_stride                 # the unnormalized projection; scaled here
+        pre = tl.load(mix + k) * rms * tl.load(scale_ptr) + tl.load(base_ptr + k)
+        pre = tl.sigmoid(pre) + hc_eps
+        post = tl.load(mix + N + k) * rms * tl.load(scale_ptr + 1) + tl.load(base_ptr + N + k)
+        tl.store(post_ptr + token * N + k, 2.0 * tl.sigmoid(post))
+        cells = k[:, None] * N + k[None, :]
+        comb = tl.load(mix + 2 * N + cells) * rms * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * N + cells)
+        comb = tl.exp(comb - tl.max(comb, axis=1)[:, None])
+        comb = comb / tl.sum(comb, axis=1)[:, None] + hc_eps
+        comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
+        for _ in range(sinkhorn_iters - 1):
+            comb = comb / (tl.sum(comb, axis=1)[:, None] + hc_eps)
+            comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
+        tl.store(comb_ptr + token * N * N + cells, comb)
+        for c0 in range(0, HIDDEN, BLOCK):                # the sublayer's input: the streams weighted by pre
+            mask = (c0 + c) < HIDDEN
+            x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
+            collapsed = tl.sum(x * pre[:, None], axis=0)
+            tl.store(out_ptr + token * HIDDEN + c0 + c, collapsed.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
+           hc_eps: float, sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same function as mhc.HyperConnection.pre: streams [n, hc, hidden] -> (post [n, hc], comb
+    [n, hc, hc], input [n, hidden]). The projection is one GEMM of the unnormalized streams (the RMS factor
+    is a per-token scalar, applied after it); all the rest, Sinkhorn included, is one program per token."""
+    n, hc, hidden = streams.shape
+    streams = streams.contiguous()
+    mix = torch.nn.functional.linear(streams.view(n, -1).float(), fn)           # [n, (2 + hc) * hc]
+    post = torch.empty(n, hc, dtype=torch.float32, device=streams.device)
+    comb = torch.empty(n, hc, hc, dtype=torch.float32, device=streams.device)
+    out = torch.empty(n, hidden, dtype=streams.dtype, device=streams.device)
+    if n:
+        _hc_pre_kernel[(n,)](streams, mix, base, scale, post, comb, out, streams.stride(0), mix.stride(0),
+                             norm_eps, hc_eps, sinkhorn_iters, N=hc, HIDDEN=hidden, BLOCK=min(1024, _pow2(hidden)),
+                             num_warps=4)
+    return post, comb, out
+
+
+# ---- per-head RMS norm + RoPE (+ insert into the window cache) ------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _norm_rope_kernel(x_ptr, out_ptr, positions_ptr, inv_freq_ptr, slots_ptr,
+                          x_stride_t, x_stride_h, out_stride_t, out_stride_h, eps,
+                          HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
+                          BLOCK_HALF: tl.constexpr, ROPE_HALF: tl.constexpr, NORMALIZE: tl.constexpr,
+                          INVERSE: tl.constexpr, TO_SLOTS: tl.constexpr, ROUND: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        i = tl.arange(0, BLOCK_HALF)
+        mask = (h < HEADS)[:, None] & (i < HALF)[None, :]
+        dtype = x_ptr.dtype.element_ty
+        src = x_ptr + token * x_stride_t + h[:, None] * x_stride_h
+        even = tl.load(src + 2 * i[None, :], mask=mask, other=0.0).to(tl.float32)
+        odd = tl.load(src + 2 * i[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
+        if NORMALIZE:                                      # unweighted: x * rsqrt(mean(x^2) + eps), in x's dtype
+            rms = tl.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / (2 * HALF) + eps)
+            rms = _rounded(rms, ROUND, dtype)[:, None]
+            even = _rounded(even * rms, ROUND, dtype)
+            odd = _rounded(odd * rms, ROUND, dtype)
+        freq = i - (HALF - ROPE_HALF)
+        is_rope = (freq >= 0) & (i < HALF)
+        inv_freq = tl.load(inv_freq_ptr + tl.maximum(freq, 0), mask=is_rope, other=0.0)
+        angle = tl.load(positions_ptr + token).to(tl.float32) * inv_freq
+        cos = _rounded(tl.cos(angle), ROUND, dtype)[None, :]
+        sin = _rounded(tl.sin(angle), ROUND, dtype)[None, :]
+        if INVERSE:
+            sin = -sin
+        r_even = _rounded(_rounded(even * cos, ROUND, dtype) - _rounded(odd * sin, ROUND, dtype), ROUND, dtype)
+        r_odd = _rounded(_rounded(odd * cos, ROUND, dtype) + _rounded(even * sin, ROUND, dtype), ROUND, dtype)
+        even = tl.where(is_rope[None, :], r_even, even)
+        odd = tl.where(is_rope[None, :], r_odd, odd)
+        if TO_SLOTS:                                       # one head, stored at the token's cache slot
+            slot = tl.load(slots_ptr + token).to(tl.int64)
+            if slot >= 0:
+                dst = out_ptr + slot * out_stride_t + h[:, None] * out_stride_h
+                tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            dst = out_ptr + token * out_stride_t + h[:, None] * out_stride_h
+            tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, normalize: bool = False,
+              eps: float = 0.0, inverse: bool = False, cache: torch.Tensor | None = None,
+              slots: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [n, heads, dim]: optionally the unweighted per-head RMS norm, then interleaved RoPE on the trailing
+    2 * len(inv_freq) dims at `positions` (by -position with `inverse`), rounding as the references
+    (attention.unweighted_rms_norm, rope.TrailingRope) do. Returns a new tensor, or with `cache` and `slots`
+    (one head) stores each token's row at its slot (-1: nowhere) and returns None."""
+    n, heads, dim = x.shape
+    to_slots = cache is not None
+    if to_slots:
+        out = cache.view(-1, 1, dim)
+    else:
+        out = torch.empty(n, heads, dim, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return None if to_slots else out
+    block_h = min(4, _pow2(heads))                     # many small programs: a decode step has few tokens
+    _norm_rope_kernel[(n, triton.cdiv(heads, block_h))](
+        x, out, positions, inv_freq, slots if to_slots else positions,
+        x.stride(0), x.stride(1), dim if to_slots else out.stride(0), out.stride(1), eps,
+        HEADS=heads, BLOCK_H=block_h, HALF=dim // 2, BLOCK_HALF=_pow2(dim // 2), ROPE_HALF=inv_freq.shape[0],
+        NORMALIZE=normalize, INVERSE=inverse, TO_SLOTS=to_slots, ROUND=x.dtype != torch.float32,
+        num_warps=4, enable_fp_fusion=False)
+    return None if to_slots else out
+
+
+if triton is not None:
+    @triton.jit
+    def _hc_post_kernel(out_ptr, streams_ptr, post_ptr, comb_ptr, new_ptr, out_stride, streams_stride,
+                        N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = c < HIDDEN
+        k = tl.arange(0, N)
+        dtype = new_ptr.dtype.element_ty
+        streams = tl.load(streams_ptr + token * streams_stride + k[:, None] * HIDDEN + c[None, :],
+                          mask=mask[None, :], other=0.0).to(tl.float32)                 # [N, BLOCK]
+        comb = _rounded(tl.load(comb_ptr + token * N * N + k[:, None] * N + k[None, :]), ROUND, dtype)  # [j, k]
+        mixed = _rounded(tl.sum(comb[:, :, None] * streams[:, None, :], axis=0), ROUND, dtype)   # [k, BLOCK]
+        post = _rounded(tl.load(post_ptr + token * N + k), ROUND, dtype)
+        out = tl.load(out_ptr + token * out_stride + c, mask=mask, other=0.0).to(tl.float32)
+        new = _rounded(post[:, None] * out[None, :], ROUND, dtype) + mixed
+        tl.store(new_ptr + token * N * HIDDEN + k[:, None] * HIDDEN + c[None, :], new.to(dtype), mask=mask[None, :])
+
+
+def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """The same function as mhc.HyperConnection.post: new streams [n, hc, hidden], each
+    post_k * output + sum_j comb[j, k] * stream_j, in one launch."""
+    n, hc, hidden = streams.shape
+    streams = streams.contiguous()
+    output = output.contiguous()
+    new = torch.empty_like(streams)
+    if n:
+        block = min(512, _pow2(hidden))
+        _hc_post_kernel[(n, triton.cdiv(hidden, block))](
+            output, streams, post.contiguous(), comb.contiguous(), new, output.stride(0), streams.stride(0),
+            N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, num_warps=4,
+            enable_fp_fusion=False)
+    return new
+
+
+# ---- the compressor's per-token state: value, and gate logit + the window-position bias ------------------
+
+if triton is not None:
+    @triton.jit
+    def _store_state_kernel(kv_ptr, gate_ptr, ape_ptr, positions_ptr, slots_ptr, state_ptr, kv_stride, gate_stride,
+                            WIDTH: tl.constexpr, RATIO: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slots_ptr + token).to(tl.int64)
+        if slot >= 0:
+            c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+            mask = c < WIDTH
+            dtype = kv_ptr.dtype.element_ty
+            bias_row = tl.load(positions_ptr + token).to(tl.int64) % RATIO
+            kv = tl.load(kv_ptr + token * kv_stride + c, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(gate_ptr + token * gate_stride + c, mask=mask, other=0.0).to(tl.float32)
+            bias = _rounded(tl.load(ape_ptr + bias_row * WIDTH + c, mask=mask, other=0.0), ROUND, dtype)
+            tl.store(state_ptr + slot * 2 * WIDTH + c, kv, mask=mask)
+            tl.store(state_ptr + slot * 2 * WIDTH + WIDTH + c, _rounded(gate + bias, ROUND, dtype), mask=mask)
+
+
+def store_state(state: torch.Tensor, kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor,
+                positions: torch.Tensor, slots: torch.Tensor) -> None:
+    """state [blocks, block_size, 2, width] fp32: at each token's slot (-1: nowhere) its value kv [n, width] and
+    its gate logit plus the bias of its position in the window, ape [ratio, width] fp32 (added in kv's dtype,
+    as the reference does)."""
+    n, width = kv.shape
+    if n == 0:
+        return
+    block = min(1024, _pow2(width))
+    _store_state_kernel[(n, triton.cdiv(width, block))](
+        kv, gate, ape, positions, slots, state, kv.stride(0), gate.stride(0),
+        WIDTH=width, RATIO=ape.shape[0], BLOCK=block, ROUND=kv.dtype != torch.float32, num_warps=4,
+        enable_fp_fusion=False)

@@ -1,0 +1,391 @@
+"""DeepSeek V4's Triton kernels against their torch references on random, ragged paged batches: contexts
+shorter than the window and than one compressed entry, top-k wider than the entries there are, blocks in
+random order. On the CPU they run in Triton's interpreter at small sizes; `-m gpu` runs the release's sizes
+(head dim 512, 64 heads, indexer 64 x 128) in bf16. A padded row (position -1, context length 0) whose block
+table points far outside the cache must read nothing and write nothing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from models.deepseek_v4 import kernels
+from models.deepseek_v4.attention import window_sparse_attention
+from models.deepseek_v4.cache_ops import request_entries, token_requests
+from models.deepseek_v4.compressor import Compressor, indexer_scores_ref
+from models.deepseek_v4.rope import TrailingRope
+from runtime.forward import ForwardContext
+
+
+@dataclass
+class Sizes:
+    heads: int
+    dim: int
+    window: int
+    ratio: int
+    block_size: int
+    top_k: int
+    index_heads: int
+    index_dim: int
+    rope_dim: int
+
+
+SMALL = Sizes(heads=4, dim=32, window=8, ratio=4, block_size=16, top_k=6, index_heads=16, index_dim=16, rope_dim=8)
+RELEASE = Sizes(heads=64, dim=512, window=128, ratio=4, block_size=256, top_k=512, index_heads=64, index_dim=128,
+                rope_dim=64)
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+def _setup(device: str) -> tuple[Sizes, torch.dtype, list[tuple[int, int]]]:
+    """(sizes, dtype, (tokens before the step, tokens in the step) per request)."""
+    if device == "cpu":
+        # a first chunk; inside the first window; one short of an entry; decodes past several entries
+        return SMALL, torch.float32, [(0, 5), (2, 1), (3, 4), (21, 1), (40, 3), (9, 7)]
+    return RELEASE, torch.bfloat16, [(0, 37), (100, 1), (2, 1), (3000, 1), (2047, 2), (700, 64), (127, 1), (5000, 3)]
+
+
+def _context(device, sizes: Sizes, steps, caches, ratios, tables=None) -> tuple[ForwardContext, torch.Tensor]:
+    """A ForwardContext over `caches` (one group each, block tables in shuffled block order unless given)
+    for requests with (num_computed, query_len) `steps`; -> (ctx, positions)."""
+    generator = torch.Generator().manual_seed(1)
+    bs = sizes.block_size
+    seq_lens = np.array([c + q for c, q in steps], dtype=np.int32)
+    max_blocks = int(-(-seq_lens.max() // bs))
+    query_start = np.zeros(len(steps) + 1, dtype=np.int32)
+    np.cumsum([q for _, q in steps], out=query_start[1:])
+    positions = torch.cat([torch.arange(c, c + q) for c, q in steps]).to(device)
+    given, tables, slots = tables, [], []
+    for g, (cache, ratio) in enumerate(zip(caches, ratios)):
+        if given is None:
+            num_blocks = cache.shape[0]
+            order = torch.randperm(num_blocks - 1, generator=generator)[:len(steps) * max_blocks] + 1
+            table = order.view(len(steps), max_blocks).to(torch.int32).to(device)
+        else:
+            table = given[g]
+        tables.append(table)
+        rows = torch.from_numpy(np.repeat(np.arange(len(steps)), [q for _, q in steps])).to(device)
+        block = table[rows, positions // bs].long()
+        slot = block * (bs // ratio) + (positions % bs) // ratio
+        if ratio > 1:
+            slot = torch.where((positions + 1) % ratio == 0, slot, -1)
+        slots.append(slot)
+    ctx = ForwardContext(
+        positions=positions, query_start_loc=torch.from_numpy(query_start).to(device),
+        seq_lens=torch.from_numpy(seq_lens).to(device), num_computed=torch.tensor([c for c, _ in steps]).to(device),
+        logits_indices=positions, block_tables=tables, slot_mappings=slots, caches=caches,
+        layer_group=list(range(len(caches))), block_size=bs, max_query_len=max(q for _, q in steps),
+        max_seq_len=int(seq_lens.max()), query_start_loc_host=query_start, seq_lens_host=seq_lens)
+    return ctx, positions
+
+
+def _num_blocks(sizes: Sizes, steps) -> int:
+    return len(steps) * -(-max(c + q for c, q in steps) // sizes.block_size) + 2
+
+
+def _random_selection(positions, ratio, top_k, generator) -> torch.Tensor:
+    """[n, top_k] distinct closed entries per query in random order, -1 padded (top_k may exceed them)."""
+    rows = []
+    for p in positions.tolist():
+        visible = (p + 1) // ratio
+        picked = torch.randperm(visible, generator=generator)[:top_k]
+        rows.append(torch.cat([picked, torch.full((top_k - len(picked),), -1)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("splits", [None, 3], ids=["auto-splits", "3-splits"])
+@pytest.mark.parametrize("kind", ["window", "hca", "csa"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_attention_matches_reference(device, kind, splits, monkeypatch):
+    """With the split count the batch gets, and with the keys split in 3 parts merged by the second kernel."""
+    if splits is not None:
+        monkeypatch.setattr(kernels, "attention_splits", lambda *args, **kwargs: splits)
+    sizes, dtype, steps = _setup(device)
+    generator = torch.Generator().manual_seed(0)
+    ratio = {"window": 0, "hca": 16 if device == "cpu" else 128, "csa": sizes.ratio}[kind]
+    num_blocks = _num_blocks(sizes, steps)
+    window_cache = torch.randn(num_blocks, sizes.block_size, sizes.dim, generator=generator).to(device, dtype)
+    caches, ratios = [window_cache], [1]
+    if ratio:
+        caches.append(torch.randn(num_blocks, sizes.block_size // ratio, sizes.dim, generator=generator).to(device, dtype))
+        ratios.append(ratio)
+    ctx, positions = _context(device, sizes, steps, caches, ratios)
+    n = positions.shape[0]
+    q = torch.randn(n, sizes.heads, sizes.dim, generator=generator).to(device, dtype)
+    sinks = torch.randn(sizes.heads, generator=generator).to(device)
+    selected = _random_selection(positions.cpu(), ratio, sizes.top_k, generator).to(device) if kind == "csa" else None
+    requests = token_requests(ctx, n)
+    scale = sizes.dim ** -0.5
+    out = kernels.sparse_attention(q, positions, requests, window_cache, ctx.block_tables[0], sizes.window,
+                                   caches[1] if ratio else None, ctx.block_tables[1] if ratio else None, ratio,
+                                   selected.to(torch.int32) if selected is not None else None, sinks, scale,
+                                   sizes.block_size, ctx.max_seq_len // ratio if ratio else 0)
+    # the reference in fp32 on the same (rounded) inputs
+    ref_ctx = ForwardContext(**{f: getattr(ctx, f) for f in ForwardContext.__dataclass_fields__})
+    ref_ctx.caches = [c.float() for c in caches]
+    per_request = None
+    if selected is not None:
+        per_request = [selected[int(a):int(b)] for a, b in zip(ctx.query_start_loc_host[:-1], ctx.query_start_loc_host[1:])]
+    ref = window_sparse_attention(q.float(), positions, ref_ctx, 0, sizes.window, 1 if ratio else None, ratio,
+                                  per_request, sinks, scale)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2        # bf16: the output's and P's roundings
+    torch.testing.assert_close(out.float(), ref, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_indexer_scores_and_topk_match_reference(device):
+    sizes, dtype, steps = _setup(device)
+    generator = torch.Generator().manual_seed(2)
+    num_blocks = _num_blocks(sizes, steps)
+    keys = torch.randn(num_blocks, sizes.block_size // sizes.ratio, sizes.index_dim, generator=generator)
+    keys = keys.to(device, dtype)
+    ctx, positions = _context(device, sizes, steps, [keys], [sizes.ratio])
+    n = positions.shape[0]
+    q = torch.randn(n, sizes.index_heads, sizes.index_dim, generator=generator).to(device, dtype)
+    weights = torch.randn(n, sizes.index_heads, generator=generator).to(device)
+    width = ctx.max_seq_len // sizes.ratio + 3                       # wider than any request's entries
+    scores = kernels.indexer_scores(q, weights, keys, ctx.block_tables[0], positions, token_requests(ctx, n),
+                                    sizes.ratio, width, sizes.block_size)
+    selected = kernels.indexer_topk(scores, positions, sizes.ratio, sizes.top_k)
+    starts = ctx.query_start_loc_host
+    for b in range(len(steps)):
+        rows = slice(int(starts[b]), int(starts[b + 1]))
+        num_entries = int(ctx.seq_lens_host[b]) // sizes.ratio
+        request_keys = request_entries(keys, ctx.block_tables[0], b, 0, num_entries, sizes.block_size, sizes.ratio)
+        ref = indexer_scores_ref(q[rows], weights[rows], request_keys, positions[rows], sizes.ratio)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-3
+        torch.testing.assert_close(scores[rows, :num_entries], ref, atol=tolerance, rtol=tolerance)
+        assert torch.isinf(scores[rows, num_entries:]).all()
+        for r in range(rows.start, rows.stop):           # the kept set: the top entries by the reference's scores
+            visible = (int(positions[r]) + 1) // sizes.ratio
+            kept = sorted(i for i in selected[r].tolist() if i >= 0)
+            assert len(kept) == min(sizes.top_k, visible) and len(set(kept)) == len(kept)
+            ref_row = ref[r - rows.start]
+            if kept:
+                threshold = ref_row[kept].min()
+                assert (ref_row[:visible] > threshold + tolerance).sum() <= len(kept)
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["csa", "hca"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_compressor_kernels_match_reference(device, overlap):
+    """Three steps (each request's history, a ragged step, one more token each) through the reference and
+    through the kernels: the state rows and the entries written agree."""
+    sizes, dtype, steps = _setup(device)
+    ratio = sizes.ratio if overlap else (16 if device == "cpu" else 128)
+    hidden = 64 if device == "cpu" else 4096
+    torch.manual_seed(3)
+    rope = TrailingRope(_hf_config(sizes.dim, sizes.rope_dim), "compress", sizes.rope_dim)
+    module = Compressor(hidden, sizes.dim, ratio, overlap, 1e-6, rope)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.05 if p.dim() > 1 else 0.5)
+        module.norm.weight.uniform_(0.5, 1.5)
+    module = module.to(device)
+    module.wkv.to(dtype)
+    module.wgate.to(dtype)
+    module.state_layer, module.entry_layer = 0, 1
+    width = module.wkv.out_features
+    final = [(c + q + 1, 0) for c, q in steps]
+    num_blocks = _num_blocks(sizes, final)
+    phases = [[(0, c) for c, _ in steps], list(steps), [(c + q, 1) for c, q in steps]]
+    results = []
+    for use in (False, True):
+        state = torch.zeros(num_blocks, sizes.block_size, 2, width, device=device)
+        entries = torch.zeros(num_blocks, sizes.block_size // ratio, sizes.dim, device=device, dtype=dtype)
+        tables = _context(device, sizes, final, [state, entries], [1, ratio])[0].block_tables
+        x_gen = torch.Generator().manual_seed(4)
+        original = kernels.use_kernels
+        kernels.use_kernels = lambda x: use
+        try:
+            for phase in phases:
+                ctx, positions = _context(device, sizes, phase, [state, entries], [1, ratio], tables)
+                n = positions.shape[0]
+                x = torch.randn(n, hidden, generator=x_gen).to(device, dtype)
+                with torch.no_grad():
+                    module(x, positions, token_requests(ctx, n), ctx)
+        finally:
+            kernels.use_kernels = original
+        results.append((state, entries))
+    (ref_state, ref_entries), (state, entries) = results
+    torch.testing.assert_close(state, ref_state, atol=0, rtol=0)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2       # bf16: a unit where an fp32 sum rounds otherwise
+    torch.testing.assert_close(entries.float(), ref_entries.float(), atol=tolerance, rtol=tolerance)
+    assert ref_entries.abs().sum() > 0
+
+
+def _hf_config(dim: int, rope_dim: int):
+    """The tiny config at another head / rope size (what TrailingRope reads its YaRN frequencies from)."""
+    from transformers import AutoConfig
+
+    from models.deepseek_v4 import PACKAGE
+    config = {k: v for k, v in PACKAGE.tiny_config.items() if k != "model_type"}
+    config.update(head_dim=dim, qk_rope_head_dim=rope_dim, index_head_dim=max(rope_dim, 16))
+    config["rope_scaling"] = dict(config["rope_scaling"])
+    return AutoConfig.for_model("deepseek_v4", **config)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_rows_with_context_length_zero_read_and_write_nothing(device):
+    """A padded row: position -1 (context length 0), slot -1, and a block table pointing far past the cache,
+    so any read through it would fault (GPU) or raise (interpreter). The indexer keeps nothing, attention
+    returns zeros (the sink alone), the compressor writes nothing; real rows beside it are unaffected."""
+    sizes, dtype, steps = _setup(device)
+    generator = torch.Generator().manual_seed(5)
+    bs, ratio = sizes.block_size, sizes.ratio
+    num_blocks = 4
+    window_cache = torch.randn(num_blocks, bs, sizes.dim, generator=generator).to(device, dtype)
+    entry_cache = torch.randn(num_blocks, bs // ratio, sizes.dim, generator=generator).to(device, dtype)
+    table = torch.tensor([[1, 2], [1 << 30, 1 << 30]], dtype=torch.int32, device=device)
+    positions = torch.tensor([bs + 3, -1, -1], device=device)
+    requests = torch.tensor([0, 1, 1], device=device)
+    q = torch.randn(3, sizes.heads, sizes.dim, generator=generator).to(device, dtype)
+    sinks = torch.randn(sizes.heads, generator=generator).to(device)
+    width = 2 * bs // ratio
+    index_q = torch.randn(3, sizes.index_heads, sizes.index_dim, generator=generator).to(device, dtype)
+    index_keys = torch.randn(num_blocks, bs // ratio, sizes.index_dim, generator=generator).to(device, dtype)
+    scores = kernels.indexer_scores(index_q, torch.ones(3, sizes.index_heads, device=device), index_keys, table,
+                                    positions, requests, ratio, width, bs)
+    selected = kernels.indexer_topk(scores, positions, ratio, sizes.top_k)
+    assert (selected[1:] == -1).all() and (selected[0] >= 0).sum() == min(sizes.top_k, (bs + 4) // ratio)
+    for sel, ratio_used in ((selected, ratio), (None, ratio), (None, 0)):
+        out = kernels.sparse_attention(q, positions, requests, window_cache, table, sizes.window,
+                                       entry_cache if ratio_used else None, table if ratio_used else None,
+                                       ratio_used, sel, sinks, sizes.dim ** -0.5, bs, width)
+        assert torch.isfinite(out).all()
+        assert (out[1:] == 0).all()
+        assert out[0].abs().sum() > 0
+    state = torch.zeros(num_blocks, bs, 2, 2 * sizes.dim, device=device)
+    before = entry_cache.clone()
+    kernels.compress_entries(state, table, entry_cache, torch.tensor([-1, -1, -1], device=device), positions,
+                             requests, torch.ones(sizes.dim, device=device), 1e-6,
+                             torch.ones(sizes.rope_dim // 2, device=device), ratio, True, bs)
+    kernels.store_rows(window_cache, q[:, 0], torch.tensor([-1, -1, -1], device=device))
+    assert torch.equal(entry_cache, before)
+
+
+@pytest.mark.gpu
+def test_graph_replays_at_other_contexts_equal_eager():
+    """The indexer, its top-k, attention, the state insert and the compressor captured once in a CUDA graph
+    (contexts of one batch), replayed for batches whose contexts are longer and shorter than the capture's:
+    every replay equals the eager run on the same inputs, bit for bit. Nothing the kernels read is reset on
+    the host (no memset that a capture could skip): stale scores or state would show up here."""
+    sizes, dtype = RELEASE, torch.bfloat16
+    device = "cuda"
+    generator = torch.Generator().manual_seed(6)
+    batches = [[(130, 1), (2, 1), (0, 1)], [(3002, 1), (4095, 1), (127, 1)], [(5, 1), (1, 1), (259, 1)]]
+    longest = [(4096, 1)] * 3
+    num_blocks = _num_blocks(sizes, longest)
+    bs, ratio = sizes.block_size, sizes.ratio
+    window = torch.randn(num_blocks, bs, sizes.dim, generator=generator).to(device, dtype)
+    entries = torch.randn(num_blocks, bs // ratio, sizes.dim, generator=generator).to(device, dtype)
+    index_keys = torch.randn(num_blocks, bs // ratio, sizes.index_dim, generator=generator).to(device, dtype)
+    state = torch.randn(num_blocks, bs, 2, 2 * sizes.dim, generator=generator).to(device)
+    tables = _context(device, sizes, longest, [window, entries, index_keys, state], [1, ratio, ratio, 1])[0].block_tables
+    n = 3
+    q = torch.randn(n, sizes.heads, sizes.dim, generator=generator).to(device, dtype)
+    index_q = torch.randn(n, sizes.index_heads, sizes.index_dim, generator=generator).to(device, dtype)
+    weights = torch.randn(n, sizes.index_heads, generator=generator).to(device)
+    rows = torch.randn(n, 2, 2 * sizes.dim, generator=generator).to(device)
+    sinks = torch.randn(sizes.heads, generator=generator).to(device)
+    norm = torch.rand(sizes.dim, generator=generator).to(device) + 0.5
+    inv_freq = torch.rand(sizes.rope_dim // 2, generator=generator).to(device)
+    positions = torch.zeros(n, dtype=torch.int64, device=device)
+    state_slots = torch.zeros(n, dtype=torch.int64, device=device)
+    entry_slots = torch.zeros(n, dtype=torch.int64, device=device)
+    requests = torch.arange(n, device=device)
+    width = 4097 // ratio
+
+    def step():
+        kernels.store_rows(state, rows, state_slots)
+        kernels.compress_entries(state, tables[3], entries, entry_slots, positions, requests, norm, 1e-6, inv_freq,
+                                 ratio, True, bs)
+        scores = kernels.indexer_scores(index_q, weights, index_keys, tables[2], positions, requests, ratio, width, bs)
+        selected = kernels.indexer_topk(scores, positions, ratio, sizes.top_k)
+        return selected, kernels.sparse_attention(q, positions, requests, window, tables[0], sizes.window, entries,
+                                                  tables[1], ratio, selected, sinks, sizes.dim ** -0.5, bs, width)
+
+    def load(batch):
+        ctx, pos = _context(device, sizes, batch, [window, entries, index_keys, state], [1, ratio, ratio, 1], tables)
+        positions.copy_(pos)
+        state_slots.copy_(ctx.slot_mappings[3])
+        entry_slots.copy_(ctx.slot_mappings[1])
+
+    load(batches[0])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()                                                      # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    snapshot = (state.clone(), entries.clone())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_selected, graph_out = step()
+    for batch in batches[1:] + batches[:1] + batches[1:]:
+        load(batch)
+        state.copy_(snapshot[0])
+        entries.copy_(snapshot[1])
+        graph.replay()
+        replayed = (graph_selected.clone(), graph_out.clone(), state.clone(), entries.clone())
+        state.copy_(snapshot[0])
+        entries.copy_(snapshot[1])
+        eager_selected, eager_out = step()
+        assert torch.equal(replayed[0], eager_selected)
+        assert torch.equal(replayed[1], eager_out)
+        assert torch.equal(replayed[2], state) and torch.equal(replayed[3], entries)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hyper_connection_kernels_match_reference(device):
+    from models.deepseek_v4.mhc import HyperConnection
+    hidden = 64 if device == "cpu" else 4096
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+
+    class _Config:
+        hc_mult, hc_sinkhorn_iters, hc_eps, rms_norm_eps, hidden_size = 4, 20, 1e-6, 1e-6, hidden
+
+    generator = torch.Generator().manual_seed(7)
+    module = HyperConnection(_Config())
+    with torch.no_grad():
+        module.fn.copy_(torch.randn(module.fn.shape, generator=generator) * 0.1)
+        module.base.copy_(torch.randn(module.base.shape, generator=generator))
+        module.scale.copy_(torch.rand(3, generator=generator) + 0.5)
+    module = module.to(device)
+    streams = (torch.randn(37, 4, hidden, generator=generator) * 3).to(device, dtype)
+    ref = module.pre(streams)
+    out = kernels.hc_pre(streams, module.fn, module.base, module.scale, 1e-6, 1e-6, 20)
+    for got, want in zip(out, ref):
+        tolerance = 1e-5 if got.dtype == torch.float32 else 8e-3     # bf16 input: one rounding of the output
+        torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
+    post, comb, collapsed = ref
+    output = torch.randn(collapsed.shape, generator=generator).to(device, dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2       # bf16: a rounding of the stream-scale sum
+    torch.testing.assert_close(kernels.hc_post(output, streams, post, comb).float(),
+                               HyperConnection.post(output, streams, post, comb).float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_rope_kernel_matches_reference(device):
+    """q's head norm + RoPE, the inverse RoPE of the output, and K's RoPE stored at its window slots."""
+    from models.deepseek_v4.attention import unweighted_rms_norm
+    sizes, dtype, _ = _setup(device)
+    rope = TrailingRope(_hf_config(sizes.dim, sizes.rope_dim), "compress", sizes.rope_dim).to(device)
+    generator = torch.Generator().manual_seed(8)
+    n = 29
+    x = (torch.randn(n, sizes.heads, sizes.dim, generator=generator) * 2).to(device, dtype)
+    positions = torch.randint(0, 1 << 20, (n,), generator=generator).to(device)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=8e-3)
+    torch.testing.assert_close(kernels.norm_rope(x, positions, rope.inv_freq, normalize=True, eps=1e-6),
+                               rope(unweighted_rms_norm(x, 1e-6), positions), **tolerance)
+    torch.testing.assert_close(kernels.norm_rope(x, positions, rope.inv_freq, inverse=True),
+                               rope(x, positions, inverse=True), **tolerance)
+    cache = torch.zeros(8, 16, sizes.dim, dtype=dtype, device=device)
+    slots = torch.randperm(8 * 16, generator=generator)[:n].to(device)
+    slots[3] = -1
+    kernels.norm_rope(x[:, :1], positions, rope.inv_freq, cache=cache, slots=slots)
+    expected = torch.zeros_like(cache).view(-1, sizes.dim)
+    keep = slots >= 0
+    expected[slots[keep]] = rope(x[:, :1], positions)[keep, 0]
+    torch.testing.assert_close(cache.view(-1, sizes.dim), expected, **tolerance)
