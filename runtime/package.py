@@ -47,8 +47,9 @@ class ModelPackage:
     # (reasoning_content or None, content); it must be prefix-monotonic so streams can send its deltas.
     render_chat: Callable[[Any, list[dict[str, Any]], dict[str, Any]], list[int]] | None = None
     reasoning_parser: Callable[[Any, list[int]], tuple[str | None, str]] | None = None
-    # tool_parser(content) -> (content before the calls or None, [(function name, arguments JSON text)])
-    tool_parser: Callable[[str], tuple[str | None, list[tuple[str, str]]]] | None = None
+    # tool_parser(tokenizer, output ids, finished) -> runtime.tool_calls.ParsedOutput: reasoning, content and
+    # tool calls of the output so far, each only as far as later tokens cannot change it
+    tool_parser: Callable[[Any, list[int], bool], Any] | None = None
     # tool_call_grammar(tools, name or None for "required") -> EBNF of an answer made of calls in the
     # family's format: how tool_choice required / a named function is enforced
     tool_call_grammar: Callable[[list[dict[str, Any]], str | None, bool], str] | None = None
