@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.tool_calls import ParsedOutput, ToolCallPiece, canonical_json
+
 # The tiny tokenizer's specials, ids 0..8 in this order; the released tokenizer has them at 199998..200012.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|startoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>",
                   "<|end|>", "<|message|>", "<|call|>")
@@ -300,3 +302,21 @@ def _decode(hf: Any, ids: list[int]) -> str:
 def _hf(tokenizer: Any) -> Any:
     """The transformers tokenizer inside runtime.tokenizer.Tokenizer, or the tokenizer itself."""
     return getattr(tokenizer, "hf", tokenizer)
+
+
+def parse_output(tokenizer: Any, output_ids: list[int], final: bool) -> ParsedOutput:
+    """The tool-calling hook: analysis is reasoning, final and preamble (commentary to no one) messages are
+    content, a commentary message to `functions.NAME` is a call whose message is the JSON arguments. Other
+    recipients (built-in tools this server does not run) stay reasoning."""
+    reasoning, content, calls = [], [], []
+    for message in parse_completion(tokenizer, output_ids):
+        recipient = message.recipient or ""
+        if recipient.startswith("functions."):
+            arguments, complete = canonical_json(message.content, final or message.complete)
+            calls.append(ToolCallPiece(recipient[len("functions."):], arguments, message.complete or final))
+        elif message.channel == "analysis" or recipient:
+            reasoning.append(message.content)
+        elif not calls:
+            content.append(message.content)
+    return ParsedOutput("\n".join(reasoning) if reasoning else None, "\n".join(content).rstrip() if calls
+                        else "\n".join(content), calls)
