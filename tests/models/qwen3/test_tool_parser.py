@@ -1,9 +1,11 @@
-"""Qwen3's tool-call parser: whole outputs and streams cut at every position, with reasoning."""
+"""Qwen3's tool calling: the tiny template's rendering of tools, calls and results, and the parser on whole
+outputs and streams cut at every position, with reasoning."""
 from __future__ import annotations
 
 import pytest
 
 from models.qwen3.chat import parse_output
+from runtime.tokenizer import Tokenizer
 from tests.runtime.tool_stream import CharTokenizer, final_message, streamed_message
 
 TOKENIZER = CharTokenizer(("<think>", "</think>", "<|im_end|>"))
@@ -45,3 +47,37 @@ def test_a_malformed_call_leaves_the_answer_as_content():
     text = 'Hi <tool_call>\n{"name": "f", "arguments": {"a": }}\n</tool_call>'
     message = final_message(parse_output, TOKENIZER, TOKENIZER.encode(text))
     assert message["calls"] == [] and message["content"] == text
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "reasoning_content": "Look it up.", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny.", "reasoning_content": "Easy."},
+        {"role": "user", "content": "Thanks"}]
+# The checkpoint template's rules (shared/specs/chat_tools_structured.md section 2): tools in the system turn, the
+# call as JSON in <tool_call> tags, the result as a user turn, reasoning dropped before the last real query.
+RENDERED = (
+    '<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'
+    'You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{"type": "function", '
+    '"function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": '
+    '{"city": {"type": "string"}}}}}\n</tools>\n\nFor each function call, return a json object with function name and '
+    'arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+    '<args-json-object>}\n</tool_call><|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n'
+    '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    '<|im_end|>\n<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n'
+    'Sunny.<|im_end|>\n<|im_start|>user\nThanks<|im_end|>\n<|im_start|>assistant\n')
+
+
+def test_a_conversation_with_tools_renders_like_the_checkpoint_template(tiny_qwen3):
+    hf = Tokenizer(str(tiny_qwen3)).hf
+    assert hf.apply_chat_template(CHAT, tools=[WEATHER_TOOL], tokenize=False, add_generation_prompt=True) == RENDERED
+    # after the last real query, the turns keep their reasoning; two results share one user turn
+    tail = CHAT[:3] + [CHAT[3], {**CHAT[3], "content": "windy"}]
+    rendered = hf.apply_chat_template(tail, tools=[WEATHER_TOOL], tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith('<|im_start|>assistant\n<think>\nLook it up.\n</think>\n\n<tool_call>\n{"name": '
+                             '"get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n<|im_start|>'
+                             'user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\nwindy\n'
+                             '</tool_response><|im_end|>\n<|im_start|>assistant\n')
