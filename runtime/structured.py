@@ -66,6 +66,37 @@ def json_schema_ebnf(schema: str | dict, separators: tuple[str, str] | None = No
         _LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
 
 
+def tool_calls_ebnf(calls: list[list[str | dict | tuple[str, str]]], repeat: bool, separator: str = "",
+                    before: str = '""', after: str = "") -> str:
+    """EBNF of one tool call, or (repeat) one or more separated by `separator`, between the EBNF expression
+    `before` and the text `after`. Each entry of `calls` is one allowed call, spelled as pieces in order: a
+    str is literal text, a dict a JSON value following that schema (compact, canonical separators),
+    ("regex", pattern) text matching the pattern."""
+    import xgrammar as xgr
+
+    def piece(part: str | dict | tuple[str, str]):
+        if isinstance(part, str):
+            return xgr.Grammar.from_ebnf(f"root ::= {_ebnf_literal(part)}")
+        if isinstance(part, dict):
+            return xgr.Grammar.from_json_schema(json.dumps(part), any_whitespace=False, separators=(", ", ": "))
+        return xgr.Grammar.from_regex(part[1])
+    alternatives = [xgr.Grammar.concat(*(piece(p) for p in call if p != "")) for call in calls]
+    one_call = str(xgr.Grammar.union(*alternatives) if len(alternatives) > 1 else alternatives[0])
+    body = one_call.replace("root ::= ", "tool_call ::= ", 1).replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
+    more = f" ({_ebnf_literal(separator) + ' ' if separator else ''}tool_call)*" if repeat else ""
+    return f"root ::= {before} tool_call{more}{' ' + _ebnf_literal(after) if after else ''}\n{body}"
+
+
+def regex_literal(text: str) -> str:
+    """A regex matching exactly `text`."""
+    return "".join("\\" + c if c in "\\.^$|?*+()[]{}/-" else c for c in text)
+
+
+def _ebnf_literal(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return f'"{escaped}"'
+
+
 class GrammarCache:
     """Compiles grammars against one tokenizer (lazily: engines that never see a constraint pay nothing)
     and keeps them by key."""

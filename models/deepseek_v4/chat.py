@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+from runtime.structured import regex_literal, tool_calls_ebnf
 from runtime.tool_calls import ParsedOutput, ToolCallPiece, canonical_json, settled_content
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -215,3 +216,32 @@ def _parameter_value(raw: str, is_string: bool) -> str:
         if complete and value:
             return value
     return json.dumps(raw, ensure_ascii=False)
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool = True) -> str:
+    """EBNF for an answer that is only a DSML tool-call block (after closing the thought, when the prompt
+    opened one): one call to `name`, or (name None, tool_choice "required") calls to any of the tools, several
+    when `parallel`. Each invoke writes the required parameters in schema order, string ones raw (an enum's
+    values, or text without `<` within the length bounds), the others as JSON following their schema."""
+    calls = []
+    for function in (t["function"] for t in tools if name is None or t["function"]["name"] == name):
+        parameters = function.get("parameters") or {}
+        properties = parameters.get("properties") or {}
+        pieces: list[Any] = [f'<{DSML}invoke name="{function["name"]}">\n']
+        for key in parameters.get("required") or []:
+            schema = properties.get(key) or {}
+            if schema.get("type") == "string" or (schema.get("enum") and all(isinstance(v, str) for v in schema["enum"])):
+                pieces += [f'<{DSML}parameter name="{key}" string="true">', ("regex", _string_pattern(schema))]
+            else:
+                pieces += [f'<{DSML}parameter name="{key}" string="false">', schema]
+            pieces.append(f"{PARAMETER_END}\n")
+        calls.append(pieces + [INVOKE_END])
+    return tool_calls_ebnf(calls, parallel and name is None, "\n", before=f'("{THINK_END}")? "\\n\\n{TOOL_CALLS_START}\\n"',
+                           after=f"\n{TOOL_CALLS_END}")
+
+
+def _string_pattern(schema: dict[str, Any]) -> str:
+    if schema.get("enum"):
+        return "(" + "|".join(regex_literal(v) for v in schema["enum"]) + ")"
+    low, high = schema.get("minLength", 0), schema.get("maxLength")
+    return f"[^<]{{{low},{'' if high is None else high}}}"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from runtime.package import ModelPackage
 
-from .chat import SPECIAL_TOKENS, parse_output, parse_reasoning
+from .chat import SPECIAL_TOKENS, parse_output, parse_reasoning, tool_call_grammar
 from .drafter import build_drafter
 from .model import build_model
 from .tiny import tiny_init, tiny_save
@@ -60,6 +60,7 @@ PACKAGE = ModelPackage(
     },
     reasoning_parser=parse_reasoning,
     tool_parser=parse_output,
+    tool_call_grammar=tool_call_grammar,
     aliases=("gemma-4",),
     drafter_methods=("draft_model",),            # the assistant checkpoints (spec section 6)
     build_drafter=build_drafter,

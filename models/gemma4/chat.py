@@ -9,6 +9,7 @@ import json
 import re
 from typing import Any, Iterator
 
+from runtime.structured import tool_calls_ebnf
 from runtime.tool_calls import (JsonToken, ParsedOutput, ToolCallPiece, canonical_value, is_json_object, json_tokens,
                                 settled_content)
 
@@ -164,3 +165,12 @@ def _is_json_scalar(word: str) -> bool:
         return True
     except json.JSONDecodeError:
         return False
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool = True) -> str:
+    """EBNF for an answer that is only tool calls, from its first token (no thought block): one call to `name`,
+    or (name None) calls to any of the tools, several when `parallel`; arguments as JSON following the tool's
+    schema, which the parser reads like Gemma's own notation."""
+    calls = [[f"{TOOL_CALL_START}call:{t['function']['name']}", t["function"].get("parameters") or {"type": "object"},
+              TOOL_CALL_END] for t in tools if name is None or t["function"]["name"] == name]
+    return tool_calls_ebnf(calls, parallel and name is None)

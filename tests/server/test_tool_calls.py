@@ -9,6 +9,16 @@ import pytest
 from tests.runtime.test_structured_outputs import validate
 from tests.server.server_process import MODEL, error_of
 
+@pytest.fixture(scope="module")
+def server(tools_server):
+    return tools_server
+
+
+@pytest.fixture(scope="module")
+def client(tools_server):
+    return tools_server.client()
+
+
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
                                             "days": {"type": "integer", "minimum": 1, "maximum": 7}},
            "required": ["city", "days"]}

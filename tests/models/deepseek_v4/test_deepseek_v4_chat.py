@@ -9,6 +9,7 @@ import pytest
 from models.deepseek_v4.chat import SPECIAL_TOKENS, parse_output, parse_reasoning, render_prompt
 from runtime import LLM, SamplingParams
 from runtime.tokenizer import Tokenizer
+from tests.runtime.forced_tools import check_forced_tool_calls
 from tests.runtime.tool_stream import CharTokenizer, final_message, streamed_message
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -101,3 +102,7 @@ def test_llm_chat_answers_on_the_tiny_model(tiny_deepseek_v4):
     outputs = llm.chat([[{"role": "user", "content": "Hello there"}]],
                        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     assert len(outputs[0].outputs[0].token_ids) == 6
+
+
+def test_forced_tool_choice_returns_valid_calls(tiny_deepseek_v4):
+    check_forced_tool_calls(tiny_deepseek_v4, "deepseek_v4")

@@ -9,6 +9,7 @@ import pytest
 from models.gemma4.chat import SPECIAL_TOKENS, parse_output, parse_reasoning
 from runtime import LLM
 from runtime.tokenizer import Tokenizer
+from tests.runtime.forced_tools import check_forced_tool_calls
 from tests.runtime.tool_stream import CharTokenizer, final_message, streamed_message
 
 
@@ -119,3 +120,7 @@ def test_a_call_in_an_unclosed_thought_ends_it_and_json_arguments_are_accepted()
     ids = CHARS.encode('<|channel>thought\nhm<|tool_call>call:f{"city": "Oslo", days:2}<tool_call|>')
     message = streamed_message(parse_output, CHARS, ids)
     assert message["reasoning"] == "hm" and message["calls"] == [("f", '{"city": "Oslo", "days": 2}')]
+
+
+def test_forced_tool_choice_returns_valid_calls(tiny_gemma4):
+    check_forced_tool_calls(tiny_gemma4, "gemma4")

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 from models.gpt_oss.harmony import (SPECIAL_TOKENS, ChatOptions, parse_completion, parse_output, reasoning_parser,
                                     render_chat, render_prompt)
 from runtime import LLM
+from tests.runtime.forced_tools import check_forced_tool_calls
 from tests.runtime.tool_stream import CharTokenizer, final_message, streamed_message
 
 DATE = {"current_date": "2025-06-28"}
@@ -201,3 +202,7 @@ def test_a_preamble_before_the_call_is_content():
                         "<|message|>Checking.<|end|><|start|>assistant<|channel|>commentary to")
     message = streamed_message(parse_output, CHARS, CHARS.encode(text))
     assert message["content"] == "Checking." and [n for n, _ in message["calls"]] == ["get_weather"]
+
+
+def test_forced_tool_choice_returns_valid_calls(tiny_gpt_oss):
+    check_forced_tool_calls(tiny_gpt_oss, "gpt_oss")

@@ -6,6 +6,7 @@ import pytest
 
 from models.qwen3.chat import parse_output
 from runtime.tokenizer import Tokenizer
+from tests.runtime.forced_tools import check_forced_tool_calls
 from tests.runtime.tool_stream import CharTokenizer, final_message, streamed_message
 
 TOKENIZER = CharTokenizer(("<think>", "</think>", "<|im_end|>"))
@@ -81,3 +82,7 @@ def test_a_conversation_with_tools_renders_like_the_checkpoint_template(tiny_qwe
                              '"get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n<|im_start|>'
                              'user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\nwindy\n'
                              '</tool_response><|im_end|>\n<|im_start|>assistant\n')
+
+
+def test_forced_tool_choice_returns_valid_calls(tiny_qwen3):
+    check_forced_tool_calls(tiny_qwen3, "qwen3")
