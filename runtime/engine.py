@@ -380,15 +380,15 @@ class Engine:
     def _propose_drafts(self, out: StepOutput) -> None:
         """Drafts for the next step (the package drafter's, or ngram's), for every running request whose
         next token is a decode. Requests
-        that read their own history when sampling (penalties), or follow a grammar (structured outputs: the
-        matcher cannot roll back rejected drafts yet), take no drafts: they decode one token at a time."""
+        that read their own history when sampling (penalties) take no drafts: they decode one token at a
+        time. Requests that follow a grammar take them: the runner masks each verification row as the grammar
+        stands after the drafts before it."""
         spec = self.speculative
         model_drafts = dict(zip(out.request_ids, out.drafts or []))
         for request in self.scheduler.running:
             params = request.params
             room = min(params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
-            if (room < 1 or request.num_tokens - request.num_computed_tokens != 1 or params.has_penalties
-                    or params.structured_outputs is not None):
+            if room < 1 or request.num_tokens - request.num_computed_tokens != 1 or params.has_penalties:
                 continue
             k = min(spec.num_speculative_tokens, room)
             if self.drafter is not None:

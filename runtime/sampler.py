@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.structured import apply_bitmask, build_bitmask
+from runtime.structured import apply_bitmask
 
 _M32 = 0xFFFFFFFF
 _GREEDY_BELOW = 1e-5    # temperatures under this sample greedily: logits / 1e-40 overflow to inf, softmax to NaN
@@ -29,7 +29,8 @@ class SamplingBatch:
     penalties: tuple[torch.Tensor, ...] | None  # (presence [rows], frequency [rows], repetition [rows],
                                                 #  output counts [rows, vocab], seen in prompt or output [rows, vocab])
     banned: tuple[torch.Tensor, torch.Tensor] | None   # (row, token) pairs masked out (min_tokens)
-    grammar: tuple[torch.Tensor, torch.Tensor] | None = None   # (token bitmasks, their rows): structured outputs
+    # (token bitmasks, their rows): structured outputs; set by the runner once the forward is queued
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_requests(cls, requests: list, vocab_size: int, device: torch.device,
@@ -83,7 +84,6 @@ class SamplingBatch:
             max_logprobs=max(wanted) if wanted else None,
             penalties=penalties,
             banned=(as_tensor(banned_rows, torch.int64), as_tensor(banned_tokens, torch.int64)) if banned_rows else None,
-            grammar=build_bitmask([getattr(r, "matcher", None) for r in requests], vocab_size, device),
         )
 
 

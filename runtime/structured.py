@@ -158,18 +158,47 @@ class Matcher:
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
+    def fill_along(self, bitmask: torch.Tensor, row: int, drafts: list[int]) -> int:
+        """Fill rows row.. for the grammar now and after each draft in turn, until a draft it refuses (or
+        its end); returns how many drafts it advanced over, which the caller rolls back."""
+        walked = 0
+        for draft in [*drafts, None]:
+            if walked and self._matcher.is_terminated():          # a draft stop token ends the output there
+                break
+            self.fill(bitmask, row + walked)
+            if draft is None or not self._matcher.accept_token(draft):
+                break
+            walked += 1
+        return walked
 
-def build_bitmask(matchers: list[Matcher | None], vocab_size: int, device: torch.device
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens:
+            self._matcher.rollback(num_tokens)
+
+
+def build_bitmask(requests: list[tuple["Matcher | None", list[int]]], vocab_size: int, device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """([constrained rows, ceil(vocab / 32)] int32 masks, [constrained rows] their logits rows), filled on
-    the host and on their way to the device; None when no row is constrained."""
-    rows = [i for i, m in enumerate(matchers) if m is not None]
+    the host and on their way to the device; None when no row is constrained. Each request is (its matcher
+    or None, the drafts it verifies): it has one logits row per draft plus one, row j masked as the grammar
+    stands after drafts 0..j-1 (the matcher walks the drafts and rolls back). Rows after a draft the grammar
+    refuses allow everything: verification stops at that draft."""
+    rows, row = [], 0
+    for matcher, drafts in requests:
+        if matcher is not None:
+            rows.extend(range(row, row + len(drafts) + 1))
+        row += len(drafts) + 1
     if not rows:
         return None
     import xgrammar as xgr
-    bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)
-    for i, row in enumerate(rows):
-        matchers[row].fill(bitmask, i)
+    bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)          # all allowed
+    at = 0
+    for matcher, drafts in requests:
+        if matcher is None:
+            continue
+        walked = matcher.fill_along(bitmask, at, drafts)
+        at += len(drafts) + 1
+        matcher.rollback(walked)
     index = torch.tensor(rows, dtype=torch.int64)
     if device.type == "cuda":
         bitmask = bitmask.pin_memory().to(device, non_blocking=True)

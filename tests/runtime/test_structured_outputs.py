@@ -4,6 +4,7 @@ batch sample exactly as without the constrained rows; invalid constraints are re
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import re
 
 import pytest
@@ -96,15 +97,26 @@ def test_unconstrained_rows_are_unchanged(llm):
     validate(json.loads(mixed[1].text), SCHEMA)
 
 
-def test_grammar_requests_take_no_drafts_and_still_hold(tiny_qwen3):
-    llm = LLM(str(tiny_qwen3), device="cpu", dtype="float32", block_size=8,
-              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+def test_grammar_requests_take_drafts_and_decode_as_without_them(tiny_qwen3):
+    """Speculative decoding under a grammar: each verification row is masked as the grammar stands after the
+    drafts before it and the matcher rolls back what the target rejects, so greedy outputs are those of
+    plain decoding."""
     prompt = [5, 6, 7, 8] * 6
-    outputs = llm.generate([prompt, prompt], [
-        constrained(StructuredOutputsParams(regex=r"(ab){2,5}c"), 3),
-        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)], use_tqdm=False)
-    assert re.fullmatch(r"(ab){2,5}c", outputs[0].text)
-    assert llm.engine.spec_stats.num_drafts > 0                # the free row still speculated
+    params = [constrained(StructuredOutputsParams(regex=r"[ab]{8,40}c"), 0),
+              constrained(StructuredOutputsParams(json=SCHEMA), 0),
+              constrained(StructuredOutputsParams(choice=["abab", "abba", "baab"]), 0)]
+    params = [replace(p, temperature=0.0, max_tokens=40) for p in params]
+    plain = LLM(str(tiny_qwen3), device="cpu", dtype="float32", block_size=8)
+    expected = [o.outputs[0].token_ids for o in plain.generate([prompt] * 3, params, use_tqdm=False)]
+    for k in (3,):
+        spec = LLM(str(tiny_qwen3), device="cpu", dtype="float32", block_size=8,
+                   speculative_config={"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1})
+        outputs = spec.generate([prompt] * 3, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+        stats = spec.engine.spec_stats
+        assert stats.num_drafts > 0 and stats.num_accepted_tokens > 0        # only grammar rows here
+    assert re.fullmatch(r"[ab]{8,40}c", outputs[0].outputs[0].text)
+    assert outputs[2].outputs[0].text in ("abab", "abba", "baab")
 
 
 @pytest.mark.parametrize("so, message", [
