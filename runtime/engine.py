@@ -125,8 +125,11 @@ class Engine:
         self.runner = ModelRunner(model, self.kv, caches, self.vocab_size, self.device,
                                   config.max_num_batched_tokens, use_cuda_graphs=not config.enforce_eager,
                                   num_speculative_tokens=self.num_speculative_tokens, drafter=self.drafter)
-        self.grammars = self.runner.grammars = GrammarCache(self.tokenizer.hf, self.vocab_size, list(
-            self.eos_token_ids)) if self.tokenizer is not None else None
+        gate = self.package.reasoning_gate
+        self.grammars = self.runner.grammars = GrammarCache(
+            self.tokenizer.hf, self.vocab_size, list(self.eos_token_ids),
+            (lambda prompt_ids: gate(self.tokenizer, prompt_ids)) if gate is not None else None,
+        ) if self.tokenizer is not None else None
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    num_lookahead_tokens=self.runner.num_lookahead_tokens)
         self.groups: dict[str, _Group] = {}

@@ -53,6 +53,9 @@ class ModelPackage:
     # tool_call_grammar(tools, name or None for "required") -> EBNF of an answer made of calls in the
     # family's format: how tool_choice required / a named function is enforced
     tool_call_grammar: Callable[[list[dict[str, Any]], str | None, bool], str] | None = None
+    # reasoning_gate(tokenizer, prompt ids) -> runtime.structured.ReasoningGate: where the output starts with
+    # respect to reasoning, so that response_format constrains only the answer after it
+    reasoning_gate: Callable[[Any, list[int]], Any] | None = None
     aliases: tuple[str, ...] = ()
     # Speculative decoding with the package's own drafter (runtime/spec_decode.py, Drafter):
     # build_drafter(target_model, hf_config, engine_config, speculative_config) -> Drafter, for the

@@ -221,7 +221,8 @@ class ModelRunner:
                 joining.request_id, joining.row, list(joining.token_ids), joining.num_prompt_tokens,
                 joining.params, joining.seed, joining.eos_token_ids)
             if joining.params.structured_outputs is not None:
-                state.matcher = self.grammars.matcher(joining.params.structured_outputs, state.output_token_ids)
+                state.matcher = self.grammars.matcher(joining.params.structured_outputs, state.output_token_ids,
+                                                      state.token_ids[:state.num_prompt_tokens])
         h = self.buffers.host
         num_writes = []
         for g, writes in enumerate(plan.block_writes):

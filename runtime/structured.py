@@ -6,20 +6,33 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 
 @dataclass(slots=True, frozen=True)
+class ReasoningGate:
+    """Where a request's output stands with respect to reasoning, from its prompt (ModelPackage.reasoning_gate):
+    "reasoning" (the prompt opened it: free until the `end` ids), "open" (the first token may be `start`,
+    which opens it; any other starts the answer) or "answer"."""
+    state: str
+    end: tuple[int, ...] = ()
+    start: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
 class StructuredOutputsParams:
     """Exactly one constraint: `json` (a schema, as a dict or its JSON text), `json_object` (any JSON object),
-    `regex`, `choice` (one of these strings) or `grammar` (EBNF)."""
+    `regex`, `choice` (one of these strings) or `grammar` (EBNF). On a model that reasons first (its package
+    has a reasoning_gate), the constraint applies once the reasoning has ended, unless `in_reasoning`: then
+    from the first generated token (how forced tool calls skip the reasoning)."""
     json: dict | str | None = None
     json_object: bool = False
     regex: str | None = None
     choice: tuple[str, ...] | list[str] | None = None
     grammar: str | None = None
+    in_reasoning: bool = False
 
     def __post_init__(self) -> None:
         given = [name for name, value in (("json", self.json), ("json_object", self.json_object or None),
@@ -101,8 +114,10 @@ class GrammarCache:
     """Compiles grammars against one tokenizer (lazily: engines that never see a constraint pay nothing)
     and keeps them by key."""
 
-    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int]):
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int],
+                 reasoning_gate: Callable[[list[int]], ReasoningGate] | None = None):
         self._hf_tokenizer, self.vocab_size, self.stop_token_ids = hf_tokenizer, vocab_size, stop_token_ids
+        self.reasoning_gate = reasoning_gate
         self._compiler = None
         self._compiled: dict[tuple[str, str], Any] = {}
 
@@ -134,46 +149,82 @@ class GrammarCache:
         self._compiled[key] = compiled
         return compiled
 
-    def matcher(self, params: StructuredOutputsParams, output_token_ids: list[int]) -> "Matcher":
+    def matcher(self, params: StructuredOutputsParams, output_token_ids: list[int],
+                prompt_token_ids: list[int] = ()) -> "Matcher":
         """A fresh matcher, advanced over the tokens already generated (a request rejoining after preemption)."""
         import xgrammar as xgr
-        matcher = Matcher(xgr.GrammarMatcher(self.compile(params)))
+        gate = ReasoningGate("answer")
+        if self.reasoning_gate is not None and not params.in_reasoning:
+            gate = self.reasoning_gate(list(prompt_token_ids))
+        matcher = Matcher(xgr.GrammarMatcher(self.compile(params)), gate)
         for token in output_token_ids:
             matcher.accept(token)
         return matcher
 
 
 class Matcher:
-    """One request's grammar state."""
+    """One request's grammar state, behind its reasoning: while the model reasons its rows are free (all
+    ones); the grammar sees the tokens after the reasoning's end marker."""
 
-    def __init__(self, matcher: Any):
-        self._matcher = matcher
+    def __init__(self, matcher: Any, gate: ReasoningGate = ReasoningGate("answer")):
+        self._matcher, self._gate, self._state = matcher, gate, gate.state
+        self._history: list[tuple[str, bool]] = []     # per accepted token: the state before it, grammar fed
+        self._tail: list[int] = []                      # the last tokens while reasoning, to spot the end
 
-    def accept(self, token_id: int) -> None:
-        # a token the mask forbade can only come from outside the sampler (it never samples one); after a
-        # finished grammar the request stops on the stop token, so later tokens are not fed
-        if not self._matcher.is_terminated():
-            self._matcher.accept_token(token_id)
+    def accept(self, token_id: int) -> bool:
+        """Advance over a generated token; False when the grammar refuses it."""
+        state, fed, ok = self._state, False, True
+        if state == "open" and token_id == self._gate.start:
+            self._state = "reasoning"
+        elif state == "reasoning":
+            self._tail = (self._tail + [token_id])[-len(self._gate.end):]
+            if tuple(self._tail) == self._gate.end:
+                self._state, self._tail = "answer", []
+        elif not self._matcher.is_terminated():
+            # a token the mask forbade can only come from outside the sampler (it never samples one); after
+            # a finished grammar the request stops on the stop token, so later tokens are not fed
+            ok = fed = self._matcher.accept_token(token_id)
+            self._state = "answer"
+        self._history.append((state, fed))
+        return ok
+
+    def rollback(self, num_tokens: int) -> None:
+        grammar_tokens = 0
+        for _ in range(num_tokens):
+            self._state, fed = self._history.pop()
+            grammar_tokens += fed
+        if self._state == "reasoning":           # the end marker's tail is rebuilt from scratch (rare: drafts)
+            self._tail = []
+        if grammar_tokens:
+            self._matcher.rollback(grammar_tokens)
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        if self._state == "reasoning":
+            bitmask[row] = -1
+            return
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        if self._state == "open" and self._gate.start is not None:
+            bitmask[row, self._gate.start // 32] |= _bit(self._gate.start % 32)
 
     def fill_along(self, bitmask: torch.Tensor, row: int, drafts: list[int]) -> int:
         """Fill rows row.. for the grammar now and after each draft in turn, until a draft it refuses (or
-        its end); returns how many drafts it advanced over, which the caller rolls back."""
-        walked = 0
-        for draft in [*drafts, None]:
-            if walked and self._matcher.is_terminated():          # a draft stop token ends the output there
+        its end); returns how many drafts it went over, which the caller rolls back."""
+        accepted = 0
+        for i, draft in enumerate([*drafts, None]):
+            if i and self._matcher.is_terminated():               # a draft stop token ends the output there
                 break
-            self.fill(bitmask, row + walked)
-            if draft is None or not self._matcher.accept_token(draft):
+            self.fill(bitmask, row + i)
+            if draft is None:
                 break
-            walked += 1
-        return walked
+            accepted += 1
+            if not self.accept(draft):
+                break
+        return accepted
 
-    def rollback(self, num_tokens: int) -> None:
-        if num_tokens:
-            self._matcher.rollback(num_tokens)
+
+def _bit(position: int) -> int:
+    """The int32 word with only bit `position` set."""
+    return (1 << position) - (1 << 32) * (position == 31)
 
 
 def build_bitmask(requests: list[tuple["Matcher | None", list[int]]], vocab_size: int, device: torch.device

@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from runtime.structured import regex_literal, tool_calls_ebnf
+from runtime.structured import ReasoningGate, regex_literal, tool_calls_ebnf
 from runtime.tool_calls import ParsedOutput, ToolCallPiece, canonical_json, settled_content
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -245,3 +245,12 @@ def _string_pattern(schema: dict[str, Any]) -> str:
         return "(" + "|".join(regex_literal(v) for v in schema["enum"]) + ")"
     low, high = schema.get("minLength", 0), schema.get("maxLength")
     return f"[^<]{{{low},{'' if high is None else high}}}"
+
+
+def reasoning_gate(tokenizer: Any, prompt_token_ids: list[int]) -> ReasoningGate:
+    """Thinking mode opened `<think>` at the prompt's end: the answer follows `</think>`; chat mode closed it."""
+    hf = getattr(tokenizer, "hf", tokenizer)
+    start, end = hf.convert_tokens_to_ids(THINK_START), hf.convert_tokens_to_ids(THINK_END)
+    if prompt_token_ids and prompt_token_ids[-1] == start:
+        return ReasoningGate("reasoning", (end,))
+    return ReasoningGate("answer")

@@ -9,7 +9,7 @@ import json
 import re
 from typing import Any, Iterator
 
-from runtime.structured import tool_calls_ebnf
+from runtime.structured import ReasoningGate, tool_calls_ebnf
 from runtime.tool_calls import (JsonToken, ParsedOutput, ToolCallPiece, canonical_value, is_json_object, json_tokens,
                                 settled_content)
 
@@ -174,3 +174,11 @@ def tool_call_grammar(tools: list[dict[str, Any]], name: str | None, parallel: b
     calls = [[f"{TOOL_CALL_START}call:{t['function']['name']}", t["function"].get("parameters") or {"type": "object"},
               TOOL_CALL_END] for t in tools if name is None or t["function"]["name"] == name]
     return tool_calls_ebnf(calls, parallel and name is None)
+
+
+def reasoning_gate(tokenizer: Any, prompt_token_ids: list[int]) -> ReasoningGate:
+    """A thought block, when the model writes one, is the answer's first token `<|channel>` up to `<channel|>`."""
+    start, end = _token_id(tokenizer, CHANNEL_START), _token_id(tokenizer, CHANNEL_END)
+    if start is None or end is None:
+        return ReasoningGate("answer")
+    return ReasoningGate("open", (end,), start)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from runtime.package import ModelPackage
 
-from .harmony import SPECIAL_TOKENS, parse_output, reasoning_parser, render_chat, tool_call_grammar
+from .harmony import SPECIAL_TOKENS, parse_output, reasoning_gate, reasoning_parser, render_chat, tool_call_grammar
 from .model import build_model
 from .tiny import tiny_init, tiny_save
 
@@ -39,5 +39,6 @@ PACKAGE = ModelPackage(
     reasoning_parser=reasoning_parser,
     tool_parser=parse_output,
     tool_call_grammar=tool_call_grammar,
+    reasoning_gate=reasoning_gate,
     aliases=("gpt-oss",),
 )

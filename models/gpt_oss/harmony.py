@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.structured import tool_calls_ebnf
+from runtime.structured import ReasoningGate, tool_calls_ebnf
 from runtime.tool_calls import ParsedOutput, ToolCallPiece, canonical_json
 
 # The tiny tokenizer's specials, ids 0..8 in this order; the released tokenizer has them at 199998..200012.
@@ -335,3 +335,11 @@ def tool_call_grammar(tools: list[dict[str, Any]], name: str | None, parallel: b
               t["function"].get("parameters") or {"type": "object"}]
              for t in tools if name is None or t["function"]["name"] == name]
     return tool_calls_ebnf(calls, False)
+
+
+def reasoning_gate(tokenizer: Any, prompt_token_ids: list[int]) -> ReasoningGate:
+    """The answer is the final channel's message: a grammar applies after `<|channel|>final<|message|>`."""
+    hf = _hf(tokenizer)
+    end = (hf.convert_tokens_to_ids("<|channel|>"), *hf.encode("final", add_special_tokens=False),
+           hf.convert_tokens_to_ids("<|message|>"))
+    return ReasoningGate("reasoning", end)

@@ -9,7 +9,7 @@ import json
 import re
 from typing import Any
 
-from runtime.structured import json_schema_ebnf
+from runtime.structured import ReasoningGate, json_schema_ebnf
 from runtime.tool_calls import (ParsedOutput, ToolCallPiece, canonical_json, canonical_value, is_json_object,
                                 json_tokens, settled_content)
 
@@ -134,3 +134,24 @@ def tool_call_grammar(tools: list[dict[str, Any]], name: str | None, parallel: b
     repeat = "" if name is not None or not parallel else ' ("\\n" tool_call)*'
     return (f'root ::= tool_call{repeat}\n'
             f'tool_call ::= "<tool_call>\\n" tool_call_json "\\n</tool_call>"\n' + body)
+
+
+def reasoning_gate(tokenizer: Any, prompt_token_ids: list[int]) -> ReasoningGate:
+    """Qwen3 thinks when its answer opens with `<think>`: a prompt that closed an empty think block at its end
+    (enable_thinking=False) answers at once, one that opened it (thinking-only checkpoints) reasons first, and
+    a prompt that is no assistant turn's start (a plain completion) answers at once."""
+    start, end = _token_id(tokenizer, THINK_START), _token_id(tokenizer, THINK_END)
+    if start is None or end is None:
+        return ReasoningGate("answer")
+    last_start, last_end = _last_index(prompt_token_ids, start), _last_index(prompt_token_ids, end)
+    if last_start > last_end:
+        return ReasoningGate("reasoning", (end,))
+    at_turn_start = tokenizer.decode(prompt_token_ids[-16:], skip_special_tokens=False).endswith(
+        "<|im_start|>assistant\n")
+    if last_end >= len(prompt_token_ids) - 4 or not at_turn_start:
+        return ReasoningGate("answer")
+    return ReasoningGate("open", (end,), start)
+
+
+def _last_index(ids: list[int], token: int) -> int:
+    return max((i for i in range(len(ids) - 1, -1, -1) if ids[i] == token), default=-1)

@@ -59,7 +59,7 @@ def _tool_calling(ctx: ServingContext, body: ChatBody, params):
             raise ApiError(400, "tool_choice required or a named function cannot be combined with "
                            "response_format or structured_outputs", param="tool_choice")
         grammar = package.tool_call_grammar(body.tools, name, body.parallel_tool_calls)
-        params = replace(params, structured_outputs=StructuredOutputsParams(grammar=grammar))
+        params = replace(params, structured_outputs=StructuredOutputsParams(grammar=grammar, in_reasoning=True))
     return params, package.tool_parser
 
 

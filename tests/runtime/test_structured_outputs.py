@@ -4,13 +4,15 @@ batch sample exactly as without the constrained rows; invalid constraints are re
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import re
+from dataclasses import replace
 
 import pytest
+import torch
 
 from runtime import LLM, SamplingParams
 from runtime.structured import StructuredOutputsParams
+from runtime.tokenizer import Tokenizer
 from tools.parity import random_prompts
 
 SCHEMA = {
@@ -135,3 +137,42 @@ def test_exactly_one_constraint():
         StructuredOutputsParams(regex="a", choice=["a"])
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputsParams()
+
+
+def test_on_a_reasoning_model_the_grammar_starts_after_the_reasoning(tiny_qwen3):
+    """Qwen3's gate: the first token may open a think block (besides what the grammar allows); inside it rows
+    are free; after `</think>` the grammar applies from its start. Drafts roll back across the boundary.
+    A forced constraint (in_reasoning) applies from the first token."""
+    from models.qwen3.chat import reasoning_gate
+    from runtime.structured import GrammarCache
+    tokenizer = Tokenizer(str(tiny_qwen3))
+    hf = tokenizer.hf
+    think, end = hf.convert_tokens_to_ids("<think>"), hf.convert_tokens_to_ids("</think>")
+    cache = GrammarCache(hf, len(hf), [hf.convert_tokens_to_ids("<|im_end|>")],
+                         lambda prompt: reasoning_gate(tokenizer, prompt))
+    so = StructuredOutputsParams(regex=r"[ab]{2}c")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    masks = torch.zeros(4, (len(hf) + 31) // 32, dtype=torch.int32)
+
+    def allowed(row: int) -> set[int]:
+        bits = (masks[row].unsqueeze(1) >> torch.arange(32)) & 1
+        return set(bits.flatten()[:len(hf)].nonzero().flatten().tolist())
+    plain = cache.matcher(replace(so, in_reasoning=True), [], prompt)
+    plain.fill(masks, 0)
+    grammar_start = allowed(0)
+    assert think not in grammar_start and len(grammar_start) < 20
+    gated = cache.matcher(so, [], prompt)
+    gated.fill(masks, 1)
+    assert allowed(1) == grammar_start | {think}
+    thought = [think] + hf.encode("hmm", add_special_tokens=False) + [end]
+    assert gated.fill_along(masks, 0, thought[:3]) == 3
+    assert allowed(1) == set(range(len(hf)))              # inside the thought: free
+    gated.rollback(3)
+    for token in thought:
+        gated.accept(token)
+    gated.fill(masks, 3)
+    assert allowed(3) == grammar_start
+    closed = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], enable_thinking=False)
+    answer = cache.matcher(so, [], closed)
+    answer.fill(masks, 2)
+    assert allowed(2) == grammar_start                    # enable_thinking=False: the answer comes at once
