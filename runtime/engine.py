@@ -140,6 +140,7 @@ class Engine:
         self._last_token_time: dict[Request, float] = {}
         self._in_flight: PendingStep | None = None     # launched, tokens not yet read (async scheduling)
         self.last_step_stats = StepStats()
+        self.pad_drafts = bool(self.runner.graphs)     # uniform spec steps replay graphs (_propose_drafts)
         self.spec_stats = StepStats()                  # speculative decoding totals (the draft fields)
         logger.info("model %s (%s) on %s/%s; %s", path, self.package.name, self.device, str(self.dtype)[6:],
                     self.cache_report())
@@ -382,12 +383,18 @@ class Engine:
 
     def _propose_drafts(self, out: StepOutput) -> None:
         """Drafts for the next step (the package drafter's, or ngram's), for every running request whose
-        next token is a decode. Requests
-        that read their own history when sampling (penalties) take no drafts: they decode one token at a
-        time. Requests that follow a grammar take them: the runner masks each verification row as the grammar
-        stands after the drafts before it."""
+        next token is a decode. Requests that read their own history when sampling (penalties) take no
+        drafts: they decode one token at a time. Requests that follow a grammar take them: the runner masks
+        each verification row as the grammar stands after the drafts before it.
+
+        With CUDA graphs (`pad_drafts`), once any request has drafts the others are padded to their full k
+        with their last token repeated, so the step stays uniform (1 + k rows each) and replays a graph
+        instead of running eagerly. Padding is lossless: verification treats any draft token like a
+        deterministic drafter's, accepting it only where the target would have produced it. The spec metrics
+        then count the padding among the drafts: it was verified like them."""
         spec = self.speculative
         model_drafts = dict(zip(out.request_ids, out.drafts or []))
+        proposed = []
         for request in self.scheduler.running:
             params = request.params
             room = min(params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
@@ -399,6 +406,11 @@ class Engine:
             else:
                 request.draft_token_ids = ngram_propose(request.token_ids, k, spec.prompt_lookup_min,
                                                         spec.prompt_lookup_max)
+            proposed.append((request, k))
+        if self.pad_drafts and any(request.draft_token_ids for request, _ in proposed):
+            for request, k in proposed:
+                drafts = request.draft_token_ids
+                drafts += [drafts[-1] if drafts else request.token_ids[-1]] * (k - len(drafts))
 
     def _outputs(self, touched: Iterable[_Group], now: float) -> list[RequestOutput]:
         """Outputs of the groups that moved: finished ones (forgotten here), and streaming ones."""

@@ -250,6 +250,12 @@ def bench_spec(args: argparse.Namespace) -> dict:
     reference = llm.generate([prompt], params, use_tqdm=False)[0].token_ids           # also the warm-up
     plain_seconds = _timed_steps(engine, [(prompt, params)])[1]
     result = dict(workload="spec", model=args.model, k=args.k, plain_tok_s=args.output_len / plain_seconds)
+    # a batch where only some requests find ngram drafts: half repeat a short period, half are random
+    mixed = [[rng.randrange(1000, engine.vocab_size - 1000) for _ in range(args.prompt_len)]
+             if i % 2 else [1000 + i, 2000 + i, 3000 + i] * (args.prompt_len // 3) for i in range(args.batch)]
+    mixed_requests = [(p, params) for p in mixed]
+    _timed_steps(engine, mixed_requests)                                              # warm-up
+    result[f"plain_batch{args.batch}_tok_s"] = args.batch * args.output_len / _timed_steps(engine, mixed_requests)[1]
     vocab = engine.vocab_size
     del llm, engine
     torch.cuda.empty_cache()
@@ -279,6 +285,15 @@ def bench_spec(args: argparse.Namespace) -> dict:
         seconds = _timed_steps(engine, [(prompt, params)])[1]
         result[f"{name}_tok_s"] = args.output_len / seconds
         result[f"{name}_accepted"] = engine.spec_stats.num_accepted_tokens - before
+        result[f"{name}_graph_steps"] = f"{sum(k is not None for k in graph_steps)}/{len(graph_steps)}"
+    del engine._propose_drafts                                  # back to the engine's own ngram proposals
+    for pad in (False, True):
+        engine.pad_drafts = pad
+        _timed_steps(engine, mixed_requests)                                          # warm-up
+        graph_steps.clear()
+        seconds = _timed_steps(engine, mixed_requests)[1]
+        name = f"ngram_batch{args.batch}_{'padded' if pad else 'ragged'}"
+        result[f"{name}_tok_s"] = args.batch * args.output_len / seconds
         result[f"{name}_graph_steps"] = f"{sum(k is not None for k in graph_steps)}/{len(graph_steps)}"
     return result
 
@@ -454,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--prompt-len", type=int, default=128)
     spec.add_argument("--output-len", type=int, default=256)
     spec.add_argument("-k", type=int, default=4)
+    spec.add_argument("--batch", type=int, default=8, help="requests in the mixed ngram rows")
     prof = sub.add_parser("profile", help="steady decode at a fixed batch under torch.profiler (GPU)")
     _gpu_args(prof)
     prof.add_argument("--batch", type=int, default=64)

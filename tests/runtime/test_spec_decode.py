@@ -77,6 +77,35 @@ def test_ngram_greedy_outputs_equal_plain_decoding(checkpoint, plain_outputs, k)
     assert engine.kv.stats.hits > 0 and forced.count > 0
 
 
+def test_padded_drafts_keep_greedy_outputs_and_make_steps_uniform(tiny_qwen3):
+    """With graphs the engine pads every request's drafts to k once any request has some (so the step replays
+    a graph): forced on here, outputs stay those of plain decoding and every verification step is uniform."""
+    k = 3
+    llm = LLM(str(tiny_qwen3), speculative_config={"method": "ngram", "num_speculative_tokens": k}, **STRESS)
+    engine = llm.engine
+    engine.pad_drafts = True
+    plain = LLM(str(tiny_qwen3), **STRESS)
+    prompts = workload(engine.vocab_size)
+    expected = [o.token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)]
+    uniform, schedule = [], engine.scheduler.schedule
+
+    def recorded():
+        plan = schedule()
+        drafted = [len(d) for d, samples in zip(plan.draft_token_ids, plan.samples) if samples]
+        if any(drafted):
+            uniform.append(all(n == k for n in drafted))
+        return plan
+    engine.scheduler.schedule = recorded
+
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+
+    assert [o.token_ids for o in outputs] == expected
+    assert uniform.count(True) > 10, uniform
+    # a request whose budget cut its drafts short (a chunked row, or the room left before max_tokens) is the
+    # only way a drafted step is not uniform
+    assert engine.spec_stats.num_accepted_tokens > 0
+
+
 def test_step_plans_survive_pickle(tiny_qwen3):
     """The runner steps from unpickled copies of every plan (what a worker process will receive)."""
     spec = {"method": "ngram", "num_speculative_tokens": 3}
