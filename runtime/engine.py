@@ -173,8 +173,11 @@ class Engine:
                                   piecewise_cuda_graphs=config.piecewise_cuda_graphs)
         if self.workers is not None:
             self.runner.liveness = self.workers.check_alive
-        self.grammars = self.runner.grammars = GrammarCache(self.tokenizer.hf, self.vocab_size, list(
-            self.eos_token_ids)) if self.tokenizer is not None else None
+        gate = self.package.reasoning_gate
+        self.grammars = self.runner.grammars = GrammarCache(
+            self.tokenizer.hf, self.vocab_size, list(self.eos_token_ids),
+            (lambda prompt_ids: gate(self.tokenizer, prompt_ids)) if gate is not None else None,
+        ) if self.tokenizer is not None else None
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    num_lookahead_tokens=self.runner.num_lookahead_tokens)
         self.groups: dict[str, _Group] = {}
@@ -467,9 +470,9 @@ class Engine:
 
     def _propose_drafts(self, out: StepOutput) -> None:
         """Drafts for the next step (the package drafter's, or ngram's), for every running request whose
-        next token is a decode. Requests that follow a grammar (structured outputs: the matcher cannot roll
-        back rejected drafts yet) take no drafts: they decode one token at a time. Penalties may: each
-        verification row counts the drafts before it.
+        next token is a decode. Penalty requests take drafts (each verification row counts the drafts before
+        it), and so do grammar requests (the runner masks each verification row as the grammar stands after
+        the drafts before it).
 
         With CUDA graphs (`pad_drafts`), once any request has drafts the others are padded to their full k
         with their last token repeated, so the step stays uniform (1 + k rows each) and replays a graph
@@ -482,8 +485,7 @@ class Engine:
         for request in self.scheduler.running:
             params = request.params
             room = min(params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
-            if (room < 1 or request.num_tokens - request.num_computed_tokens != 1
-                    or params.structured_outputs is not None):
+            if room < 1 or request.num_tokens - request.num_computed_tokens != 1:
                 continue
             k = min(spec.num_speculative_tokens, room)
             if self.drafter is not None:

@@ -49,11 +49,15 @@ class ModelPackage:
     # (reasoning_content or None, content); it must be prefix-monotonic so streams can send its deltas.
     render_chat: Callable[[Any, list[dict[str, Any]], dict[str, Any]], list[int]] | None = None
     reasoning_parser: Callable[[Any, list[int]], tuple[str | None, str]] | None = None
-    # tool_parser(content) -> (content before the calls or None, [(function name, arguments JSON text)])
-    tool_parser: Callable[[str], tuple[str | None, list[tuple[str, str]]]] | None = None
+    # tool_parser(tokenizer, output ids, finished) -> runtime.tool_calls.ParsedOutput: reasoning, content and
+    # tool calls of the output so far, each only as far as later tokens cannot change it
+    tool_parser: Callable[[Any, list[int], bool], Any] | None = None
     # tool_call_grammar(tools, name or None for "required") -> EBNF of an answer made of calls in the
     # family's format: how tool_choice required / a named function is enforced
     tool_call_grammar: Callable[[list[dict[str, Any]], str | None, bool], str] | None = None
+    # reasoning_gate(tokenizer, prompt ids) -> runtime.structured.ReasoningGate: where the output starts with
+    # respect to reasoning, so that response_format constrains only the answer after it
+    reasoning_gate: Callable[[Any, list[int]], Any] | None = None
     aliases: tuple[str, ...] = ()
     # Speculative decoding with the package's own drafter (runtime/spec_decode.py, Drafter):
     # build_drafter(target_model, hf_config, engine_config, speculative_config) -> Drafter, for the

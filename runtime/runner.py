@@ -29,7 +29,7 @@ from runtime.request import PLACEHOLDER_TOKEN_ID, SamplingParams
 from runtime.sampler import SamplingBatch, SamplerOutput, TokenCounts, sample
 from runtime.scheduler import StepPlan
 from runtime.spec_decode import DraftInputs
-from runtime.structured import GrammarCache, Matcher
+from runtime.structured import GrammarCache, Matcher, build_bitmask
 
 
 @dataclass(slots=True, eq=False)
@@ -281,7 +281,8 @@ class ModelRunner:
             if joining.params.has_penalties:
                 self.token_counts.reset(joining.row, joining.token_ids, joining.num_prompt_tokens)
             if joining.params.structured_outputs is not None:
-                state.matcher = self.grammars.matcher(joining.params.structured_outputs, state.output_token_ids)
+                state.matcher = self.grammars.matcher(joining.params.structured_outputs, state.output_token_ids,
+                                                      state.token_ids[:state.num_prompt_tokens])
         h = self.buffers.host
         num_writes = []
         for g, writes in enumerate(plan.block_writes):
@@ -569,6 +570,9 @@ class ModelRunner:
                     self._propose(step, input_ids, ctx, hidden, None)
                 return self._pending(step, None, None, sampling)
             logits = self.model.compute_logits(hidden[ctx.logits_indices])       # [num_logits, vocab]
+        # the grammar masks are filled on the host while the device runs the forward queued above
+        if sampling is not None:
+            sampling.grammar = self._grammar_bitmask(plan, step)
         draft_ids = self.buffers.upload("draft_ids", step.num_logits) if any(step.num_drafts) else None
         out = sample(logits[:, :self.vocab_size], sampling, draft_ids)
         if sampling.penalties is not None:
@@ -680,6 +684,14 @@ class ModelRunner:
 
         self._count_rows = as_tensor([s.row for s in rows])
         return self.token_counts.gather(self._count_rows, as_tensor(extra_rows), as_tensor(extra_tokens))
+
+    def _grammar_bitmask(self, plan: StepPlan, step: _HostStep) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Structured outputs' token masks for the step's logits rows (see structured.build_bitmask)."""
+        if all(state.matcher is None for state in step.sampling):
+            return None
+        drafts = [d for d, sample in zip(plan.draft_token_ids, plan.samples) if sample]
+        return build_bitmask([(state.matcher, d) for state, d in zip(step.sampling, drafts)], self.vocab_size,
+                             self.device)
 
     def _next_slot(self) -> None:
         self.slot = (self.slot + 1) % InputBuffers.NUM_SLOTS

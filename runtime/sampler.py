@@ -9,7 +9,7 @@ import torch
 
 from runtime.ops.sampling import (GREEDY_BELOW, apply_top_k_top_p_min_p, sample_rows, uniform_noise,  # noqa: F401
                                   uniform_per_row)
-from runtime.structured import apply_bitmask, build_bitmask
+from runtime.structured import apply_bitmask
 
 
 @dataclass(slots=True)
@@ -28,7 +28,8 @@ class SamplingBatch:
     penalties: tuple[torch.Tensor, ...] | None  # (presence [rows], frequency [rows], repetition [rows],
                                                 #  output counts [rows, vocab], seen in prompt or output [rows, vocab])
     banned: tuple[torch.Tensor, torch.Tensor] | None   # (row, token) pairs masked out (min_tokens)
-    grammar: tuple[torch.Tensor, torch.Tensor] | None = None   # (token bitmasks, their rows): structured outputs
+    # (token bitmasks, their rows): structured outputs; set by the runner once the forward is queued
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_requests(cls, requests: list, vocab_size: int, device: torch.device,
@@ -88,7 +89,6 @@ class SamplingBatch:
             max_logprobs=max(wanted) if wanted else None,
             penalties=penalties,
             banned=(as_tensor(banned_rows, torch.int64), as_tensor(banned_tokens, torch.int64)) if banned_rows else None,
-            grammar=build_bitmask([getattr(r, "matcher", None) for r in requests], vocab_size, device),
         )
 
 

@@ -6,20 +6,33 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 
 @dataclass(slots=True, frozen=True)
+class ReasoningGate:
+    """Where a request's output stands with respect to reasoning, from its prompt (ModelPackage.reasoning_gate):
+    "reasoning" (the prompt opened it: free until the `end` ids), "open" (the first token may be `start`,
+    which opens it; any other starts the answer) or "answer"."""
+    state: str
+    end: tuple[int, ...] = ()
+    start: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
 class StructuredOutputsParams:
     """Exactly one constraint: `json` (a schema, as a dict or its JSON text), `json_object` (any JSON object),
-    `regex`, `choice` (one of these strings) or `grammar` (EBNF)."""
+    `regex`, `choice` (one of these strings) or `grammar` (EBNF). On a model that reasons first (its package
+    has a reasoning_gate), the constraint applies once the reasoning has ended, unless `in_reasoning`: then
+    from the first generated token (how forced tool calls skip the reasoning)."""
     json: dict | str | None = None
     json_object: bool = False
     regex: str | None = None
     choice: tuple[str, ...] | list[str] | None = None
     grammar: str | None = None
+    in_reasoning: bool = False
 
     def __post_init__(self) -> None:
         given = [name for name, value in (("json", self.json), ("json_object", self.json_object or None),
@@ -66,12 +79,45 @@ def json_schema_ebnf(schema: str | dict, separators: tuple[str, str] | None = No
         _LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
 
 
+def tool_calls_ebnf(calls: list[list[str | dict | tuple[str, str]]], repeat: bool, separator: str = "",
+                    before: str = '""', after: str = "") -> str:
+    """EBNF of one tool call, or (repeat) one or more separated by `separator`, between the EBNF expression
+    `before` and the text `after`. Each entry of `calls` is one allowed call, spelled as pieces in order: a
+    str is literal text, a dict a JSON value following that schema (compact, canonical separators),
+    ("regex", pattern) text matching the pattern."""
+    import xgrammar as xgr
+
+    def piece(part: str | dict | tuple[str, str]):
+        if isinstance(part, str):
+            return xgr.Grammar.from_ebnf(f"root ::= {_ebnf_literal(part)}")
+        if isinstance(part, dict):
+            return xgr.Grammar.from_json_schema(json.dumps(part), any_whitespace=False, separators=(", ", ": "))
+        return xgr.Grammar.from_regex(part[1])
+    alternatives = [xgr.Grammar.concat(*(piece(p) for p in call if p != "")) for call in calls]
+    one_call = str(xgr.Grammar.union(*alternatives) if len(alternatives) > 1 else alternatives[0])
+    body = one_call.replace("root ::= ", "tool_call ::= ", 1).replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
+    more = f" ({_ebnf_literal(separator) + ' ' if separator else ''}tool_call)*" if repeat else ""
+    return f"root ::= {before} tool_call{more}{' ' + _ebnf_literal(after) if after else ''}\n{body}"
+
+
+def regex_literal(text: str) -> str:
+    """A regex matching exactly `text`."""
+    return "".join("\\" + c if c in "\\.^$|?*+()[]{}/-" else c for c in text)
+
+
+def _ebnf_literal(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return f'"{escaped}"'
+
+
 class GrammarCache:
     """Compiles grammars against one tokenizer (lazily: engines that never see a constraint pay nothing)
     and keeps them by key."""
 
-    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int]):
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int],
+                 reasoning_gate: Callable[[list[int]], ReasoningGate] | None = None):
         self._hf_tokenizer, self.vocab_size, self.stop_token_ids = hf_tokenizer, vocab_size, stop_token_ids
+        self.reasoning_gate = reasoning_gate
         self._compiler = None
         self._compiled: dict[tuple[str, str], Any] = {}
 
@@ -103,42 +149,107 @@ class GrammarCache:
         self._compiled[key] = compiled
         return compiled
 
-    def matcher(self, params: StructuredOutputsParams, output_token_ids: list[int]) -> "Matcher":
+    def matcher(self, params: StructuredOutputsParams, output_token_ids: list[int],
+                prompt_token_ids: list[int] = ()) -> "Matcher":
         """A fresh matcher, advanced over the tokens already generated (a request rejoining after preemption)."""
         import xgrammar as xgr
-        matcher = Matcher(xgr.GrammarMatcher(self.compile(params)))
+        gate = ReasoningGate("answer")
+        if self.reasoning_gate is not None and not params.in_reasoning:
+            gate = self.reasoning_gate(list(prompt_token_ids))
+        matcher = Matcher(xgr.GrammarMatcher(self.compile(params)), gate)
         for token in output_token_ids:
             matcher.accept(token)
         return matcher
 
 
 class Matcher:
-    """One request's grammar state."""
+    """One request's grammar state, behind its reasoning: while the model reasons its rows are free (all
+    ones); the grammar sees the tokens after the reasoning's end marker."""
 
-    def __init__(self, matcher: Any):
-        self._matcher = matcher
+    def __init__(self, matcher: Any, gate: ReasoningGate = ReasoningGate("answer")):
+        self._matcher, self._gate, self._state = matcher, gate, gate.state
+        self._history: list[tuple[str, bool]] = []     # per accepted token: the state before it, grammar fed
+        self._tail: list[int] = []                      # the last tokens while reasoning, to spot the end
 
-    def accept(self, token_id: int) -> None:
-        # a token the mask forbade can only come from outside the sampler (it never samples one); after a
-        # finished grammar the request stops on the stop token, so later tokens are not fed
-        if not self._matcher.is_terminated():
-            self._matcher.accept_token(token_id)
+    def accept(self, token_id: int) -> bool:
+        """Advance over a generated token; False when the grammar refuses it."""
+        state, fed, ok = self._state, False, True
+        if state == "open" and token_id == self._gate.start:
+            self._state = "reasoning"
+        elif state == "reasoning":
+            self._tail = (self._tail + [token_id])[-len(self._gate.end):]
+            if tuple(self._tail) == self._gate.end:
+                self._state, self._tail = "answer", []
+        elif not self._matcher.is_terminated():
+            # a token the mask forbade can only come from outside the sampler (it never samples one); after
+            # a finished grammar the request stops on the stop token, so later tokens are not fed
+            ok = fed = self._matcher.accept_token(token_id)
+            self._state = "answer"
+        self._history.append((state, fed))
+        return ok
+
+    def rollback(self, num_tokens: int) -> None:
+        grammar_tokens = 0
+        for _ in range(num_tokens):
+            self._state, fed = self._history.pop()
+            grammar_tokens += fed
+        if self._state == "reasoning":           # the end marker's tail is rebuilt from scratch (rare: drafts)
+            self._tail = []
+        if grammar_tokens:
+            self._matcher.rollback(grammar_tokens)
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        if self._state == "reasoning":
+            bitmask[row] = -1
+            return
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        if self._state == "open" and self._gate.start is not None:
+            bitmask[row, self._gate.start // 32] |= _bit(self._gate.start % 32)
+
+    def fill_along(self, bitmask: torch.Tensor, row: int, drafts: list[int]) -> int:
+        """Fill rows row.. for the grammar now and after each draft in turn, until a draft it refuses (or
+        its end); returns how many drafts it went over, which the caller rolls back."""
+        accepted = 0
+        for i, draft in enumerate([*drafts, None]):
+            if i and self._matcher.is_terminated():               # a draft stop token ends the output there
+                break
+            self.fill(bitmask, row + i)
+            if draft is None:
+                break
+            accepted += 1
+            if not self.accept(draft):
+                break
+        return accepted
 
 
-def build_bitmask(matchers: list[Matcher | None], vocab_size: int, device: torch.device
+def _bit(position: int) -> int:
+    """The int32 word with only bit `position` set."""
+    return (1 << position) - (1 << 32) * (position == 31)
+
+
+def build_bitmask(requests: list[tuple["Matcher | None", list[int]]], vocab_size: int, device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """([constrained rows, ceil(vocab / 32)] int32 masks, [constrained rows] their logits rows), filled on
-    the host and on their way to the device; None when no row is constrained."""
-    rows = [i for i, m in enumerate(matchers) if m is not None]
+    the host and on their way to the device; None when no row is constrained. Each request is (its matcher
+    or None, the drafts it verifies): it has one logits row per draft plus one, row j masked as the grammar
+    stands after drafts 0..j-1 (the matcher walks the drafts and rolls back). Rows after a draft the grammar
+    refuses allow everything: verification stops at that draft."""
+    rows, row = [], 0
+    for matcher, drafts in requests:
+        if matcher is not None:
+            rows.extend(range(row, row + len(drafts) + 1))
+        row += len(drafts) + 1
     if not rows:
         return None
     import xgrammar as xgr
-    bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)
-    for i, row in enumerate(rows):
-        matchers[row].fill(bitmask, i)
+    bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)          # all allowed
+    at = 0
+    for matcher, drafts in requests:
+        if matcher is None:
+            continue
+        walked = matcher.fill_along(bitmask, at, drafts)
+        at += len(drafts) + 1
+        matcher.rollback(walked)
     index = torch.tensor(rows, dtype=torch.int64)
     if device.type == "cuda":
         bitmask = bitmask.pin_memory().to(device, non_blocking=True)

@@ -13,6 +13,8 @@
     sampling    the sampler alone on 256 rows x 152k vocabulary: greedy, the torch reference, the Triton kernel
     cpu         the CPU path against transformers' generate in the same process (same config, dummy weights):
                 batch-1 decode after a 400-token prompt, and 8 mixed prompts at once vs one by one
+    structured  N concurrent requests under a JSON-schema grammar vs the same requests unconstrained, on
+                the CPU by default (a tiny random model unless --model): output tok/s of each and the ratio
 Both GPU workloads also run through transformers in the same process (--hf), and print the roofline:
 the bytes one decode step must read (weights touched + KV) over the copy bandwidth measured in the run.
 latency, throughput and profile run greedy and then the sampling workload (temperature 0.8, top-p 0.95,
@@ -649,6 +651,45 @@ def _gpu_args(parser: argparse.ArgumentParser) -> None:
                         help="greedy, the sampling workload (temperature 0.8, top-p 0.95, top-k 50), or both")
 
 
+# Long enough that every constrained request runs to --output-len, as the unconstrained ones do (ignore_eos).
+LONG_JSON = {"type": "object", "properties": {"items": {"type": "array", "minItems": 200, "items": {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                     "n": {"type": "integer", "minimum": 0, "maximum": 999},
+                                     "kind": {"enum": ["cat", "dog", "fox"]}},
+    "required": ["name", "n", "kind"]}}}, "required": ["items"]}
+
+
+def bench_structured(args: argparse.Namespace) -> dict:
+    """Output tok/s of N concurrent requests with and without a grammar (best of --repeats each)."""
+    import tempfile
+    from runtime import LLM
+    from runtime.structured import StructuredOutputsParams
+    from tools.parity import make_tiny_checkpoint
+    torch.set_num_threads(args.threads)
+    model = args.model or str(make_tiny_checkpoint(args.arch, Path(tempfile.mkdtemp()) / args.arch))
+    llm = LLM(model, device=args.device, dtype=args.dtype, max_model_len=args.prompt_len + args.output_len + 8)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10, 500) for _ in range(args.prompt_len)] for _ in range(args.num_requests)]
+    grammar = StructuredOutputsParams(json=LONG_JSON)
+    workloads = {"free": [SamplingParams(temperature=1.0, seed=i, max_tokens=args.output_len, ignore_eos=True)
+                          for i in range(args.num_requests)],
+                 "grammar": [SamplingParams(temperature=1.0, seed=i, max_tokens=args.output_len,
+                                            structured_outputs=grammar) for i in range(args.num_requests)]}
+    result = {"command": "python tools/bench.py " + " ".join(args.argv), "date": time.strftime("%Y-%m-%d"),
+              "device": args.device, "threads": args.threads, "requests": args.num_requests}
+    llm.generate(prompts[:2], workloads["grammar"][:2], use_tqdm=False)            # compile, warm up
+    for repeat in range(args.repeats):
+        for name, params in workloads.items():
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            elapsed = time.perf_counter() - start
+            tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+            result[f"{name}_tok_s"] = max(result.get(f"{name}_tok_s", 0.0), round(tokens / elapsed, 1))
+            result[f"{name}_tokens"] = tokens
+    result["ratio"] = round(result["grammar_tok_s"] / result["free_tok_s"], 3)
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -715,6 +756,16 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = the engine's choice, "
                      "runtime.engine.cpu_threads)")
     cpu.add_argument("--json", help="append the result as one JSON line to this file")
+    structured = sub.add_parser("structured", help="concurrent grammar-constrained vs free requests (CPU)")
+    structured.add_argument("--model", default=None, help="a checkpoint; default: a tiny random --arch model")
+    structured.add_argument("--arch", default="qwen3")
+    structured.add_argument("--device", default="cpu")
+    structured.add_argument("--dtype", default="float32")
+    structured.add_argument("--threads", type=int, default=2)
+    structured.add_argument("--num-requests", type=int, default=16)
+    structured.add_argument("--prompt-len", type=int, default=32)
+    structured.add_argument("--output-len", type=int, default=128)
+    structured.add_argument("--repeats", type=int, default=2)
     bench_serve.add_arguments(sub.add_parser("serve", help="an OpenAI server under concurrent streaming clients"))
     return parser
 
@@ -748,6 +799,8 @@ def main() -> int:
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(result) + "\n")
+    if args.command == "structured":
+        print(json.dumps(bench_structured(args)))
         return 0
     if not torch.cuda.is_available():
         print(f"error: `bench.py {args.command}` measures a GPU, and this torch ({torch.__version__}) has no CUDA "

@@ -1,7 +1,7 @@
 """DeepSeek V4 (Flash, Pro and their Base checkpoints): hybrid compressed attention, mHC, hash/score-routed MoE."""
 from runtime.package import ModelPackage
 
-from .chat import SPECIAL_TOKENS, parse_reasoning, render_chat
+from .chat import SPECIAL_TOKENS, parse_output, parse_reasoning, reasoning_gate, render_chat, tool_call_grammar
 from .model import build_model
 from .mtp import build_drafter
 from .tiny import tiny_init, tiny_save
@@ -55,6 +55,9 @@ PACKAGE = ModelPackage(
     build_drafter=build_drafter,
     render_chat=render_chat,
     reasoning_parser=parse_reasoning,
+    tool_parser=parse_output,
+    tool_call_grammar=tool_call_grammar,
+    reasoning_gate=reasoning_gate,
     tiny_variants={"released-ratios": _TINY_RELEASED_RATIOS, "base": _TINY_BASE},
     aliases=("deepseek-v4",),
 )

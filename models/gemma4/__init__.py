@@ -4,7 +4,7 @@ from pathlib import Path
 
 from runtime.package import ModelPackage
 
-from .chat import SPECIAL_TOKENS, parse_reasoning
+from .chat import SPECIAL_TOKENS, parse_output, parse_reasoning, reasoning_gate, tool_call_grammar
 from .drafter import build_drafter
 from .model import build_model
 from .tiny import tiny_init, tiny_save
@@ -59,6 +59,9 @@ PACKAGE = ModelPackage(
         "dense": {"text_config": _TEXT_DENSE},
     },
     reasoning_parser=parse_reasoning,
+    tool_parser=parse_output,
+    tool_call_grammar=tool_call_grammar,
+    reasoning_gate=reasoning_gate,
     aliases=("gemma-4",),
     drafter_methods=("draft_model",),            # the assistant checkpoints (spec section 6)
     build_drafter=build_drafter,

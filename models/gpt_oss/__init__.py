@@ -3,7 +3,7 @@ from pathlib import Path
 
 from runtime.package import ModelPackage
 
-from .harmony import SPECIAL_TOKENS, reasoning_parser, render_chat
+from .harmony import SPECIAL_TOKENS, parse_output, reasoning_gate, reasoning_parser, render_chat, tool_call_grammar
 from .model import build_model
 from .tiny import tiny_init, tiny_save
 
@@ -37,5 +37,8 @@ PACKAGE = ModelPackage(
     tiny_save=tiny_save,
     render_chat=render_chat,
     reasoning_parser=reasoning_parser,
+    tool_parser=parse_output,
+    tool_call_grammar=tool_call_grammar,
+    reasoning_gate=reasoning_gate,
     aliases=("gpt-oss",),
 )

@@ -13,6 +13,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.structured import ReasoningGate, tool_calls_ebnf
+from runtime.tool_calls import ParsedOutput, ToolCallPiece, canonical_json
+
 # The tiny tokenizer's specials, ids 0..8 in this order; the released tokenizer has them at 199998..200012.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|startoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>",
                   "<|end|>", "<|message|>", "<|call|>")
@@ -300,3 +303,43 @@ def _decode(hf: Any, ids: list[int]) -> str:
 def _hf(tokenizer: Any) -> Any:
     """The transformers tokenizer inside runtime.tokenizer.Tokenizer, or the tokenizer itself."""
     return getattr(tokenizer, "hf", tokenizer)
+
+
+def parse_output(tokenizer: Any, output_ids: list[int], final: bool) -> ParsedOutput:
+    """The tool-calling hook: analysis is reasoning, final and preamble (commentary to no one) messages are
+    content, a commentary message to `functions.NAME` is a call whose message is the JSON arguments. Other
+    recipients (built-in tools this server does not run) stay reasoning. The ids are read back from their
+    text, so that markers a grammar let the model spell in pieces count as the special tokens they spell."""
+    hf = _hf(tokenizer)
+    text = _decode(hf, output_ids)
+    output_ids = hf.encode(text if final else text.rstrip("\ufffd"), add_special_tokens=False)
+    reasoning, content, calls = [], [], []
+    for message in parse_completion(tokenizer, output_ids):
+        recipient = message.recipient or ""
+        if recipient.startswith("functions."):
+            arguments, complete = canonical_json(message.content, final or message.complete)
+            calls.append(ToolCallPiece(recipient[len("functions."):], arguments, message.complete or final))
+        elif message.channel == "analysis" or recipient:
+            reasoning.append(message.content)
+        elif not calls:
+            content.append(message.content)
+    return ParsedOutput("\n".join(reasoning) if reasoning else None, "\n".join(content).rstrip() if calls
+                        else "\n".join(content), calls)
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool = True) -> str:
+    """EBNF for an answer that is one call, from its first token (no analysis first): a commentary message to
+    `functions.NAME` whose JSON arguments follow the tool's schema (`<|call|>` ends it and the turn: one call
+    per completion, whatever `parallel` says)."""
+    calls = [[f"<|channel|>commentary to=functions.{t['function']['name']} <|constrain|>json<|message|>",
+              t["function"].get("parameters") or {"type": "object"}]
+             for t in tools if name is None or t["function"]["name"] == name]
+    return tool_calls_ebnf(calls, False)
+
+
+def reasoning_gate(tokenizer: Any, prompt_token_ids: list[int]) -> ReasoningGate:
+    """The answer is the final channel's message: a grammar applies after `<|channel|>final<|message|>`."""
+    hf = _hf(tokenizer)
+    end = (hf.convert_tokens_to_ids("<|channel|>"), *hf.encode("final", add_special_tokens=False),
+           hf.convert_tokens_to_ids("<|message|>"))
+    return ReasoningGate("reasoning", end)

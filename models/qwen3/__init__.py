@@ -3,7 +3,7 @@ from pathlib import Path
 
 from runtime.package import ModelPackage
 
-from .chat import parse_reasoning, parse_tool_calls, tool_call_grammar
+from .chat import parse_output, parse_reasoning, reasoning_gate, tool_call_grammar
 from .model import build_model, tiny_init
 
 _TINY = {
@@ -33,7 +33,8 @@ PACKAGE = ModelPackage(
     tiny_init=tiny_init,
     tiny_variants={"moe": _TINY_MOE},
     reasoning_parser=parse_reasoning,
-    tool_parser=parse_tool_calls,
+    tool_parser=parse_output,
     tool_call_grammar=tool_call_grammar,
+    reasoning_gate=reasoning_gate,
 )
 

@@ -9,7 +9,9 @@ import json
 import re
 from typing import Any
 
-from runtime.structured import json_schema_ebnf
+from runtime.structured import ReasoningGate, json_schema_ebnf
+from runtime.tool_calls import (ParsedOutput, ToolCallPiece, canonical_json, canonical_value, is_json_object,
+                                json_tokens, settled_content)
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -42,34 +44,80 @@ def _token_id(tokenizer: Any, token: str) -> int | None:
     return None if token_id is None or token_id == tokenizer.hf.unk_token_id else token_id
 
 
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 
 
-def parse_tool_calls(content: str) -> tuple[str | None, list[tuple[str, str]]]:
-    """(content before the first call or None when empty, [(name, arguments as JSON text)]) of an answer
-    (reasoning already split off). Qwen3 writes each call as `<tool_call>\n{"name": N, "arguments": {...}}
-    \n</tool_call>`, parallel calls one after the other; the last may lack its closing tag (cut by a stop).
-    When any call is not that JSON the answer is left as plain content, with no calls."""
-    if "<tool_call>" not in content:
-        return content, []
+def parse_output(tokenizer: Any, output_token_ids: list[int], final: bool) -> ParsedOutput:
+    """The tool-calling hook: reasoning, the answer before its calls, and the calls. Qwen3 writes each call
+    as `<tool_call>\n{"name": N, "arguments": {...}}\n</tool_call>`, parallel calls one after the other; the
+    last may lack its closing tag (cut by a stop). A finished answer whose calls are not that JSON is plain
+    content, with no calls."""
+    reasoning, content = parse_reasoning(tokenizer, output_token_ids)
+    return ParsedOutput(reasoning, *parse_tool_calls(content if final else content.rstrip("\ufffd"), final))
+
+
+def parse_tool_calls(content: str, final: bool = True) -> tuple[str, list[ToolCallPiece]]:
+    """(the text before the first call, the calls) of an answer with the reasoning split off."""
+    first = content.find(TOOL_CALL_START)
+    if first < 0:
+        return settled_content(content, (TOOL_CALL_START,), final), []
     calls = []
-    for match in _TOOL_CALL.finditer(content):
-        body = (match.group(1) if match.group(1) is not None else match.group(2)).strip()
-        try:
-            call = json.loads(body)
-        except json.JSONDecodeError:
-            return content, []
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return content, []
-        arguments = call.get("arguments", {})
-        if isinstance(arguments, str):          # some fine-tunes write the arguments as a JSON string
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except json.JSONDecodeError:
+    for body in content[first + len(TOOL_CALL_START):].split(TOOL_CALL_START):
+        closed = TOOL_CALL_END in body
+        call = _call_json(body.split(TOOL_CALL_END)[0], final or closed)
+        if call is None:
+            if final:
                 return content, []
-        calls.append((call["name"], json.dumps(arguments, ensure_ascii=False)))
-    before = content[:content.index("<tool_call>")]
-    return (before if before.strip() else None), calls
+            break
+        calls.append(call)
+        if not call.complete:
+            break
+    return content[:first].rstrip(), calls
+
+
+def _call_json(body: str, closed: bool) -> ToolCallPiece | None:
+    """The call in `{"name": N, "arguments": {...}}` so far; None when it is malformed (or, while it is still
+    arriving, its name is not complete)."""
+    tokens = list(json_tokens(body, closed))
+    if not tokens or tokens[0].value != "{":
+        return None
+    name, arguments, arguments_done, i = None, "", False, 1
+    while i + 2 < len(tokens) and tokens[i].kind == "string" and tokens[i].complete and tokens[i + 1].value == ":":
+        key, value = tokens[i].value, tokens[i + 2]
+        end = _value_end(tokens, i + 2)
+        if key == "name" and value.kind == "string" and value.complete:
+            name = value.value
+        elif key == "arguments":
+            if value.kind == "string":          # some fine-tunes write the arguments as a JSON string
+                arguments, arguments_done = canonical_json(value.value, True) if value.complete else ("", False)
+            else:
+                arguments, arguments_done = canonical_value(tokens[i + 2:end])
+        if end is None or end >= len(tokens) or tokens[end].value != ",":
+            break
+        i = end + 1
+    if name is None:
+        return None
+    if closed and not arguments:
+        arguments, arguments_done = "{}", True
+    if closed and not (arguments_done and is_json_object(arguments)):
+        return None
+    return ToolCallPiece(name, arguments, closed)
+
+
+def _value_end(tokens: list, start: int) -> int | None:
+    """The index after the JSON value that starts at tokens[start]; None when it is not complete."""
+    depth = 0
+    for i in range(start, len(tokens)):
+        token = tokens[i]
+        if not token.complete:
+            return None
+        if token.kind == "punct" and token.value in "{[":
+            depth += 1
+        elif token.kind == "punct" and token.value in "}]":
+            depth -= 1
+        if depth == 0:
+            return i + 1
+    return None
 
 
 def tool_call_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool = True) -> str:
@@ -86,3 +134,24 @@ def tool_call_grammar(tools: list[dict[str, Any]], name: str | None, parallel: b
     repeat = "" if name is not None or not parallel else ' ("\\n" tool_call)*'
     return (f'root ::= tool_call{repeat}\n'
             f'tool_call ::= "<tool_call>\\n" tool_call_json "\\n</tool_call>"\n' + body)
+
+
+def reasoning_gate(tokenizer: Any, prompt_token_ids: list[int]) -> ReasoningGate:
+    """Qwen3 thinks when its answer opens with `<think>`: a prompt that closed an empty think block at its end
+    (enable_thinking=False) answers at once, one that opened it (thinking-only checkpoints) reasons first, and
+    a prompt that is no assistant turn's start (a plain completion) answers at once."""
+    start, end = _token_id(tokenizer, THINK_START), _token_id(tokenizer, THINK_END)
+    if start is None or end is None:
+        return ReasoningGate("answer")
+    last_start, last_end = _last_index(prompt_token_ids, start), _last_index(prompt_token_ids, end)
+    if last_start > last_end:
+        return ReasoningGate("reasoning", (end,))
+    at_turn_start = tokenizer.decode(prompt_token_ids[-16:], skip_special_tokens=False).endswith(
+        "<|im_start|>assistant\n")
+    if last_end >= len(prompt_token_ids) - 4 or not at_turn_start:
+        return ReasoningGate("answer")
+    return ReasoningGate("open", (end,), start)
+
+
+def _last_index(ids: list[int], token: int) -> int:
+    return max((i for i in range(len(ids) - 1, -1, -1) if ids[i] == token), default=-1)

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from runtime.request import RequestOutput
+from runtime.request import CompletionOutput, RequestOutput
 from runtime.serve.protocol import ApiError, ChatBody, reject_unsupported, sampling_params, wants_usage_chunk
 from runtime.serve.render import ChoiceRenderer, Delta, Job, StreamProgress, clamp_logprob, ranked, token_text, usage
 from runtime.serve.serving import ServingContext, respond
 from runtime.structured import StructuredOutputsParams
+from runtime.tool_calls import ParsedOutput
 from runtime.tokenizer import Tokenizer
 
 
@@ -38,8 +39,8 @@ async def create_chat_completion(ctx: ServingContext, body: ChatBody, request: R
         options["tools"] = body.tools
     prompt = await ctx.render_chat(body.template_messages(), options)
     job = await ctx.start_job("chatcmpl", model, [prompt], params, body.stream, arrival)
-    fmt = ChatFormat(job, ChoiceRenderer(ctx.tokenizer, ctx.package.reasoning_parser, params), ctx.tokenizer,
-                     tool_parser)
+    tools = ToolCallStreams(tool_parser, ctx.tokenizer, body.parallel_tool_calls) if tool_parser else None
+    fmt = ChatFormat(job, ChoiceRenderer(ctx.tokenizer, ctx.package.reasoning_parser, params), ctx.tokenizer, tools)
     return await respond(ctx.engine_client, job, fmt, body.stream, include_usage, request)
 
 
@@ -53,14 +54,12 @@ def _tool_calling(ctx: ServingContext, body: ChatBody, params):
     package = ctx.package
     if package.tool_parser is None or (forced and package.tool_call_grammar is None):
         raise ApiError(400, f"tool calling is not supported for {package.name} models yet", param="tools")
-    if body.stream:
-        raise ApiError(400, "streaming tool calls is not supported by this server yet", param="stream")
     if forced:
         if params.structured_outputs is not None:
             raise ApiError(400, "tool_choice required or a named function cannot be combined with "
                            "response_format or structured_outputs", param="tool_choice")
         grammar = package.tool_call_grammar(body.tools, name, body.parallel_tool_calls)
-        params = replace(params, structured_outputs=StructuredOutputsParams(grammar=grammar))
+        params = replace(params, structured_outputs=StructuredOutputsParams(grammar=grammar, in_reasoning=True))
     return params, package.tool_parser
 
 
@@ -68,10 +67,10 @@ class ChatFormat:
     """/v1/chat/completions objects: `chat.completion`, or `chat.completion.chunk`s whose deltas carry
     `reasoning_content` and `content` separately."""
 
-    def __init__(self, job: Job, renderer: ChoiceRenderer, tokenizer: Tokenizer,
-                 tool_parser: Callable[[str], tuple[str | None, list[tuple[str, str]]]] | None = None):
-        self.job, self.renderer, self.tokenizer, self.tool_parser = job, renderer, tokenizer, tool_parser
+    def __init__(self, job: Job, renderer: ChoiceRenderer, tokenizer: Tokenizer, tools: ToolCallStreams | None = None):
+        self.job, self.renderer, self.tokenizer, self.tools = job, renderer, tokenizer, tools
         self.sent: dict[tuple[str, int], StreamProgress] = {}
+        self.tool_progress: dict[tuple[str, int], ToolCallProgress] = {}
 
     def opening(self) -> list[dict[str, Any]]:
         return [self.envelope([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -80,15 +79,22 @@ class ChatFormat:
     def chunks(self, newest: dict[str, RequestOutput]) -> Iterator[dict[str, Any]]:
         for request_id, output in newest.items():
             for completion in output.outputs:
-                progress = self.sent.setdefault((request_id, completion.index), StreamProgress())
-                delta = self.renderer.delta(completion, progress)
+                if self.tools is not None:
+                    progress = self.tool_progress.setdefault((request_id, completion.index), ToolCallProgress())
+                    delta = self.tools.delta(completion, progress)
+                else:
+                    delta = self.renderer.delta(completion, self.sent.setdefault((request_id, completion.index),
+                                                                                 StreamProgress()))
                 if delta is None:
                     continue
-                message: dict[str, str] = {}
+                message: dict[str, Any] = {}
                 if delta.reasoning:
                     message["reasoning_content"] = delta.reasoning
-                if delta.content or not delta.reasoning:
+                tool_calls = getattr(delta, "tool_calls", None)
+                if delta.content or not (delta.reasoning or tool_calls):
                     message["content"] = delta.content
+                if tool_calls:
+                    message["tool_calls"] = tool_calls
                 yield self.envelope([{"index": self.job.choice_index(request_id, completion), "delta": message,
                                       "logprobs": self._logprobs(delta), "finish_reason": delta.finish_reason}], None)
 
@@ -96,18 +102,17 @@ class ChatFormat:
         choices = []
         for request_id in self.job.request_ids:
             for completion in final[request_id].outputs:
-                delta = self.renderer.delta(completion, StreamProgress())
+                if self.tools is not None:
+                    delta = self.tools.delta(completion, ToolCallProgress())
+                else:
+                    delta = self.renderer.delta(completion, StreamProgress())
                 message = {"role": "assistant", "content": delta.content, "reasoning_content": delta.reasoning or None}
-                finish_reason = delta.finish_reason
-                if self.tool_parser is not None:
-                    content, calls = self.tool_parser(delta.content or "")
-                    if calls:
-                        message["content"] = content
-                        message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                                                  "function": {"name": n, "arguments": a}} for n, a in calls]
-                        finish_reason = "tool_calls"
+                if getattr(delta, "tool_calls", None):
+                    message["content"] = delta.content or None
+                    message["tool_calls"] = [{"id": call["id"], "type": "function", "function": call["function"]}
+                                             for call in delta.tool_calls]
                 choices.append({"index": self.job.choice_index(request_id, completion), "message": message,
-                                "logprobs": self._logprobs(delta), "finish_reason": finish_reason})
+                                "logprobs": self._logprobs(delta), "finish_reason": delta.finish_reason})
         return {**self.envelope(choices, usage(self.job, final)), "object": "chat.completion"}
 
     def envelope(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
@@ -115,7 +120,7 @@ class ChatFormat:
         return {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model,
                 "choices": choices, "usage": usage}
 
-    def _logprobs(self, delta: Delta) -> dict[str, Any] | None:
+    def _logprobs(self, delta: Delta | ToolCallDelta) -> dict[str, Any] | None:
         if delta.logprobs is None:
             return None
         top_n = self.renderer.params.logprobs
@@ -125,3 +130,77 @@ class ChatFormat:
             return {"token": text, "logprob": clamp_logprob(logprob), "bytes": list(text.encode())}
         return {"content": [{**token(t, entry[t]), "top_logprobs": [token(a, lp) for a, lp in ranked(entry, top_n)]}
                             for t, entry in zip(delta.token_ids, delta.logprobs)]}
+
+
+@dataclass(slots=True)
+class ToolCallProgress:
+    """What a stream has already sent of one choice, when the answer may hold tool calls."""
+    reasoning: str = ""
+    content: str = ""
+    call_ids: list[str] = field(default_factory=list)
+    arguments: list[str] = field(default_factory=list)    # per call, the argument text sent
+    num_tokens: int = 0
+    finished: bool = False
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    reasoning: str
+    content: str
+    tool_calls: list[dict[str, Any]]
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+
+
+class ToolCallStreams:
+    """Choices of a request with tools, through the package's output parser (ModelPackage.tool_parser): each
+    update re-parses the whole output, whose parse only grows, and sends what is new. A call's first chunk
+    carries its index, id, type and name; later ones add to its arguments; the pieces add up to the
+    arguments of the finished parse."""
+
+    def __init__(self, parser: Callable[[Any, list[int], bool], ParsedOutput], tokenizer: Tokenizer,
+                 parallel: bool):
+        self.parser, self.tokenizer, self.parallel = parser, tokenizer, parallel
+
+    def delta(self, completion: CompletionOutput, sent: ToolCallProgress) -> ToolCallDelta | None:
+        if sent.finished:
+            return None
+        finished = completion.finish_reason is not None
+        parsed = self.parser(self.tokenizer, completion.token_ids, finished)
+        calls = parsed.calls if self.parallel else parsed.calls[:1]
+        reasoning = parsed.reasoning or ""
+        if not finished:
+            reasoning = reasoning.rstrip("\ufffd")
+        new_reasoning = _suffix_after(sent.reasoning, reasoning)
+        new_content = _suffix_after(sent.content, parsed.content)
+        tool_calls = []
+        for index, call in enumerate(calls):
+            if index == len(sent.call_ids):
+                sent.call_ids.append(f"call_{uuid.uuid4().hex[:24]}")
+                sent.arguments.append("")
+                tool_calls.append({"index": index, "id": sent.call_ids[index], "type": "function",
+                                   "function": {"name": call.name, "arguments": ""}})
+            piece = _suffix_after(sent.arguments[index], call.arguments)
+            if piece:
+                sent.arguments[index] += piece
+                if tool_calls and tool_calls[-1]["index"] == index:
+                    tool_calls[-1]["function"]["arguments"] += piece
+                else:
+                    tool_calls.append({"index": index, "function": {"arguments": piece}})
+        token_ids = completion.token_ids[sent.num_tokens:]
+        logprobs = completion.logprobs[sent.num_tokens:] if completion.logprobs is not None else None
+        if not (new_reasoning or new_content or tool_calls or finished or (token_ids and logprobs is not None)):
+            return None
+        sent.reasoning += new_reasoning
+        sent.content += new_content
+        sent.num_tokens = len(completion.token_ids)
+        sent.finished = finished
+        finish_reason = completion.finish_reason
+        if calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        return ToolCallDelta(new_reasoning, new_content, tool_calls, token_ids, logprobs, finish_reason)
+
+
+def _suffix_after(sent: str, now: str) -> str:
+    return now[len(sent):] if now.startswith(sent) else ""

@@ -148,14 +148,40 @@ class ChatBody(GenerationBody):
         return True, name
 
     def template_messages(self) -> list[dict[str, Any]]:
-        """Messages as chat templates expect them: content as one string."""
+        """Messages as chat templates expect them: content as one string, tool-call arguments as objects (a
+        client sends them as JSON text), no empty tool_calls, reasoning under both of its names."""
         messages = []
-        for message in self.messages:
+        for i, message in enumerate(self.messages):
             data = message.model_dump(exclude_none=True)
             content = message.content
             data["content"] = "".join(p.text for p in content) if isinstance(content, list) else (content or "")
+            if "tool_calls" in data:
+                data["tool_calls"] = _parsed_tool_calls(data["tool_calls"], f"messages.{i}.tool_calls")
+                if not data["tool_calls"]:
+                    del data["tool_calls"]
+            reasoning = data.get("reasoning_content", data.get("reasoning"))
+            if isinstance(reasoning, str):
+                data["reasoning_content"] = data["reasoning"] = reasoning
             messages.append(data)
         return messages
+
+
+def _parsed_tool_calls(calls: Any, param: str) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{param} must be a list", param=param)
+    parsed = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ApiError(400, f"{param} entries need function.name", param=param)
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                raise ApiError(400, f"{param}: function.arguments is not JSON", param=param) from None
+        parsed.append({**call, "function": {**function, "arguments": arguments if arguments is not None else {}}})
+    return parsed
 
 
 class TokenizeBody(_Body):

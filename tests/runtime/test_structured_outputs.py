@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
+import torch
 
 from runtime import LLM, SamplingParams
 from runtime.structured import StructuredOutputsParams
+from runtime.tokenizer import Tokenizer
 from tools.parity import random_prompts
 
 SCHEMA = {
@@ -96,15 +99,26 @@ def test_unconstrained_rows_are_unchanged(llm):
     validate(json.loads(mixed[1].text), SCHEMA)
 
 
-def test_grammar_requests_take_no_drafts_and_still_hold(tiny_qwen3):
-    llm = LLM(str(tiny_qwen3), device="cpu", dtype="float32", block_size=8,
-              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+def test_grammar_requests_take_drafts_and_decode_as_without_them(tiny_qwen3):
+    """Speculative decoding under a grammar: each verification row is masked as the grammar stands after the
+    drafts before it and the matcher rolls back what the target rejects, so greedy outputs are those of
+    plain decoding."""
     prompt = [5, 6, 7, 8] * 6
-    outputs = llm.generate([prompt, prompt], [
-        constrained(StructuredOutputsParams(regex=r"(ab){2,5}c"), 3),
-        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)], use_tqdm=False)
-    assert re.fullmatch(r"(ab){2,5}c", outputs[0].text)
-    assert llm.engine.spec_stats.num_drafts > 0                # the free row still speculated
+    params = [constrained(StructuredOutputsParams(regex=r"[ab]{8,40}c"), 0),
+              constrained(StructuredOutputsParams(json=SCHEMA), 0),
+              constrained(StructuredOutputsParams(choice=["abab", "abba", "baab"]), 0)]
+    params = [replace(p, temperature=0.0, max_tokens=40) for p in params]
+    plain = LLM(str(tiny_qwen3), device="cpu", dtype="float32", block_size=8)
+    expected = [o.outputs[0].token_ids for o in plain.generate([prompt] * 3, params, use_tqdm=False)]
+    for k in (3,):
+        spec = LLM(str(tiny_qwen3), device="cpu", dtype="float32", block_size=8,
+                   speculative_config={"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1})
+        outputs = spec.generate([prompt] * 3, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+        stats = spec.engine.spec_stats
+        assert stats.num_drafts > 0 and stats.num_accepted_tokens > 0        # only grammar rows here
+    assert re.fullmatch(r"[ab]{8,40}c", outputs[0].outputs[0].text)
+    assert outputs[2].outputs[0].text in ("abab", "abba", "baab")
 
 
 @pytest.mark.parametrize("so, message", [
@@ -123,3 +137,42 @@ def test_exactly_one_constraint():
         StructuredOutputsParams(regex="a", choice=["a"])
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputsParams()
+
+
+def test_on_a_reasoning_model_the_grammar_starts_after_the_reasoning(tiny_qwen3):
+    """Qwen3's gate: the first token may open a think block (besides what the grammar allows); inside it rows
+    are free; after `</think>` the grammar applies from its start. Drafts roll back across the boundary.
+    A forced constraint (in_reasoning) applies from the first token."""
+    from models.qwen3.chat import reasoning_gate
+    from runtime.structured import GrammarCache
+    tokenizer = Tokenizer(str(tiny_qwen3))
+    hf = tokenizer.hf
+    think, end = hf.convert_tokens_to_ids("<think>"), hf.convert_tokens_to_ids("</think>")
+    cache = GrammarCache(hf, len(hf), [hf.convert_tokens_to_ids("<|im_end|>")],
+                         lambda prompt: reasoning_gate(tokenizer, prompt))
+    so = StructuredOutputsParams(regex=r"[ab]{2}c")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    masks = torch.zeros(4, (len(hf) + 31) // 32, dtype=torch.int32)
+
+    def allowed(row: int) -> set[int]:
+        bits = (masks[row].unsqueeze(1) >> torch.arange(32)) & 1
+        return set(bits.flatten()[:len(hf)].nonzero().flatten().tolist())
+    plain = cache.matcher(replace(so, in_reasoning=True), [], prompt)
+    plain.fill(masks, 0)
+    grammar_start = allowed(0)
+    assert think not in grammar_start and len(grammar_start) < 20
+    gated = cache.matcher(so, [], prompt)
+    gated.fill(masks, 1)
+    assert allowed(1) == grammar_start | {think}
+    thought = [think] + hf.encode("hmm", add_special_tokens=False) + [end]
+    assert gated.fill_along(masks, 0, thought[:3]) == 3
+    assert allowed(1) == set(range(len(hf)))              # inside the thought: free
+    gated.rollback(3)
+    for token in thought:
+        gated.accept(token)
+    gated.fill(masks, 3)
+    assert allowed(3) == grammar_start
+    closed = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], enable_thinking=False)
+    answer = cache.matcher(so, [], closed)
+    answer.fill(masks, 2)
+    assert allowed(2) == grammar_start                    # enable_thinking=False: the answer comes at once

@@ -10,12 +10,23 @@ import torch
 from runtime import LLM
 from tests.server.server_process import MAX_MODEL_LEN, start_server
 
+TOOLS_MAX_MODEL_LEN = 2048
+
 
 @pytest.fixture(scope="session")
 def server(tiny_qwen3, tmp_path_factory):
     """The shared server (no API key), started as `run-model serve PATH`. Tests must leave it healthy and
     idle."""
     handle = start_server(tiny_qwen3, tmp_path_factory.mktemp("server") / "server.log", arch=None)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def tools_server(tiny_qwen3, tmp_path_factory):
+    """A second server with room for tool definitions, which the tiny tokenizer spells in many tokens."""
+    handle = start_server(tiny_qwen3, tmp_path_factory.mktemp("tools-server") / "server.log", "--max-model-len",
+                          str(TOOLS_MAX_MODEL_LEN), arch=None)
     yield handle
     handle.stop()
 

@@ -1,4 +1,4 @@
-"""Qwen3 tool calling through the server with the official openai client (non-streaming): tool_choice
+"""Qwen3 tool calling through the server with the official openai client, streaming and not: tool_choice
 required / named are enforced by the grammar, so even the tiny random model returns valid calls."""
 from __future__ import annotations
 
@@ -8,6 +8,16 @@ import pytest
 
 from tests.runtime.test_structured_outputs import validate
 from tests.server.server_process import MODEL, error_of
+
+@pytest.fixture(scope="module")
+def server(tools_server):
+    return tools_server
+
+
+@pytest.fixture(scope="module")
+def client(tools_server):
+    return tools_server.client()
+
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
                                             "days": {"type": "integer", "minimum": 1, "maximum": 7}},
@@ -50,6 +60,35 @@ def test_required_returns_a_call_to_one_of_the_tools(client):
     assert names <= set(SCHEMAS)
 
 
+def streamed_calls(stream) -> tuple[list[tuple[str, str, str]], str | None, str]:
+    """(id, name, arguments) per call index, the finish reason and the content, from stream chunks; a
+    call's first chunk must carry its id, type and name."""
+    calls, finish, content = {}, None, ""
+    for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+            for piece in choice.delta.tool_calls or []:
+                if piece.index not in calls:
+                    assert piece.id and piece.type == "function" and piece.function.name
+                    calls[piece.index] = [piece.id, piece.function.name, ""]
+                calls[piece.index][2] += piece.function.arguments or ""
+    return [tuple(calls[i]) for i in sorted(calls)], finish, content
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_streamed_calls_match_the_whole_response(client, tool_choice):
+    for seed in range(2):
+        whole = ask(client, seed=seed, tool_choice=tool_choice).choices[0]
+        calls, finish, content = streamed_calls(ask(client, seed=seed, tool_choice=tool_choice, stream=True))
+        assert finish == whole.finish_reason == "tool_calls" and content == ""
+        assert [(name, arguments) for _, name, arguments in calls] == \
+            [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+        assert len({call_id for call_id, _, _ in calls}) == len(calls)
+        for _, name, arguments in calls:
+            validate(json.loads(arguments), SCHEMAS[name])
+
+
 def test_none_returns_no_calls_and_a_tool_result_conversation_is_accepted(client):
     reply = ask(client, seed=1, tool_choice="none", max_tokens=8)
     assert not reply.choices[0].message.tool_calls and reply.choices[0].finish_reason in ("stop", "length")
@@ -62,7 +101,6 @@ def test_none_returns_no_calls_and_a_tool_result_conversation_is_accepted(client
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"tool_choice": "required", "stream": True}, "stream"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": [{"type": "function"}]}, "tools"),

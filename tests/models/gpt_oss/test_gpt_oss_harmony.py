@@ -7,8 +7,11 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from models.gpt_oss.harmony import ChatOptions, parse_completion, reasoning_parser, render_chat, render_prompt
+from models.gpt_oss.harmony import (SPECIAL_TOKENS, ChatOptions, parse_completion, parse_output, reasoning_parser,
+                                    render_chat, render_prompt)
 from runtime import LLM
+from tests.runtime.forced_tools import check_forced_tool_calls
+from tests.runtime.tool_stream import CharTokenizer, final_message, streamed_message
 
 DATE = {"current_date": "2025-06-28"}
 SYSTEM = ("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
@@ -177,3 +180,29 @@ def test_offline_chat_renders_harmony_not_the_jinja_template(tiny_gpt_oss):
     output = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=1), use_tqdm=False)[0]
     prompt = llm.tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False)
     assert prompt.endswith("<|start|>user<|message|>Hi<|end|><|start|>assistant")
+
+
+CALL = ('<|channel|>analysis<|message|>A<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather '
+        '<|constrain|>json<|message|>{"location":"SF","days":[1, 2]}<|call|>')
+CHARS = CharTokenizer(SPECIAL_TOKENS)
+
+
+@pytest.mark.parametrize("text", [CALL, CALL.replace("<|channel|>commentary to=functions.get_weather",
+                                                     " to=functions.get_weather<|channel|>commentary")])
+def test_a_commentary_message_to_a_function_is_a_tool_call(text):
+    message = final_message(parse_output, CHARS, CHARS.encode(text))
+    assert message == {"reasoning": "A", "content": "", "finish_reason": "tool_calls",
+                       "calls": [("get_weather", '{"location": "SF", "days": [1, 2]}')]}
+    for step in (1, 4):
+        assert streamed_message(parse_output, CHARS, CHARS.encode(text), step) == message
+
+
+def test_a_preamble_before_the_call_is_content():
+    text = CALL.replace("<|start|>assistant<|channel|>commentary to", "<|start|>assistant<|channel|>commentary"
+                        "<|message|>Checking.<|end|><|start|>assistant<|channel|>commentary to")
+    message = streamed_message(parse_output, CHARS, CHARS.encode(text))
+    assert message["content"] == "Checking." and [n for n, _ in message["calls"]] == ["get_weather"]
+
+
+def test_forced_tool_choice_returns_valid_calls(tiny_gpt_oss):
+    check_forced_tool_calls(tiny_gpt_oss, "gpt_oss")
