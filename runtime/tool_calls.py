@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Callable, Iterator
+
+from runtime.request import CompletionOutput
+from runtime.tokenizer import Tokenizer
 
 
 @dataclass(slots=True)
@@ -160,3 +164,77 @@ def is_json_object(text: str) -> bool:
         return isinstance(json.loads(text), dict)
     except json.JSONDecodeError:
         return False
+
+
+@dataclass(slots=True)
+class ToolCallProgress:
+    """What a stream has already sent of one choice, when the answer may hold tool calls."""
+    reasoning: str = ""
+    content: str = ""
+    call_ids: list[str] = field(default_factory=list)
+    arguments: list[str] = field(default_factory=list)    # per call, the argument text sent
+    num_tokens: int = 0
+    finished: bool = False
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    reasoning: str
+    content: str
+    tool_calls: list[dict[str, Any]]
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+
+
+class ToolCallStreams:
+    """Choices of a request with tools, through the package's output parser (ModelPackage.tool_parser): each
+    update re-parses the whole output, whose parse only grows, and sends what is new. A call's first chunk
+    carries its index, id, type and name; later ones add to its arguments; the pieces add up to the
+    arguments of the finished parse."""
+
+    def __init__(self, parser: Callable[[Any, list[int], bool], ParsedOutput], tokenizer: Tokenizer,
+                 parallel: bool):
+        self.parser, self.tokenizer, self.parallel = parser, tokenizer, parallel
+
+    def delta(self, completion: CompletionOutput, sent: ToolCallProgress) -> ToolCallDelta | None:
+        if sent.finished:
+            return None
+        finished = completion.finish_reason is not None
+        parsed = self.parser(self.tokenizer, completion.token_ids, finished)
+        calls = parsed.calls if self.parallel else parsed.calls[:1]
+        reasoning = parsed.reasoning or ""
+        if not finished:
+            reasoning = reasoning.rstrip("\ufffd")
+        new_reasoning = _suffix_after(sent.reasoning, reasoning)
+        new_content = _suffix_after(sent.content, parsed.content)
+        tool_calls = []
+        for index, call in enumerate(calls):
+            if index == len(sent.call_ids):
+                sent.call_ids.append(f"call_{uuid.uuid4().hex[:24]}")
+                sent.arguments.append("")
+                tool_calls.append({"index": index, "id": sent.call_ids[index], "type": "function",
+                                   "function": {"name": call.name, "arguments": ""}})
+            piece = _suffix_after(sent.arguments[index], call.arguments)
+            if piece:
+                sent.arguments[index] += piece
+                if tool_calls and tool_calls[-1]["index"] == index:
+                    tool_calls[-1]["function"]["arguments"] += piece
+                else:
+                    tool_calls.append({"index": index, "function": {"arguments": piece}})
+        token_ids = completion.token_ids[sent.num_tokens:]
+        logprobs = completion.logprobs[sent.num_tokens:] if completion.logprobs is not None else None
+        if not (new_reasoning or new_content or tool_calls or finished or (token_ids and logprobs is not None)):
+            return None
+        sent.reasoning += new_reasoning
+        sent.content += new_content
+        sent.num_tokens = len(completion.token_ids)
+        sent.finished = finished
+        finish_reason = completion.finish_reason
+        if calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        return ToolCallDelta(new_reasoning, new_content, tool_calls, token_ids, logprobs, finish_reason)
+
+
+def _suffix_after(sent: str, now: str) -> str:
+    return now[len(sent):] if now.startswith(sent) else ""

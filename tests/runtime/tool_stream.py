@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from runtime.request import CompletionOutput
-from runtime.serve.chat import ToolCallProgress, ToolCallStreams
+from runtime.tool_calls import ToolCallProgress, ToolCallStreams
 
 
 class CharTokenizer:

@@ -16,7 +16,7 @@ from tests.server.server_process import MAX_MODEL_LEN, MODEL, start_server
 def test_startup_reports_model_cache_and_url(server, tiny_qwen3):
     log = server.log()
     assert str(tiny_qwen3) in log
-    assert "KV cache group 0 (4 layers, full):" in log
+    assert "KV cache group 0 (4 layers, full, float32):" in log
     assert re.search(rf"KV cache \d+\.\d\d GiB \(\d+ tokens\); maximum concurrency for {MAX_MODEL_LEN} tokens per "
                      r"request: \d+\.\d\dx", log)
     assert f"http://127.0.0.1:{server.port}/v1" in log
