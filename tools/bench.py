@@ -406,6 +406,7 @@ def bench_context(args: argparse.Namespace) -> dict:
             engine.step()
         torch.cuda.synchronize()
         result[f"step_ms_{context}"] = (time.perf_counter() - start) / args.steps * 1e3
+        print(f"context {context:,}: {result[f'step_ms_{context}']:.2f} ms a step", flush=True)
         engine.abort(request_id)
         while engine.has_unfinished():
             engine.step()

@@ -146,7 +146,9 @@ if triton is not None:
         """Entries at rows [n] of a cache, channels d [dims] -> [n, dims] in OUT (masked: 0). FP8: dequantized
         exactly (cache_ops.dequantize_entries); else the cache's rows of ENTRY values as stored."""
         if FP8:
-            base = cache_ptr + rows[:, None] * ENTRY
+            # an entry starts only ENTRY & -ENTRY bytes aligned (584: 8, 132: 4): say so, or Triton may infer
+            # more from how `rows` was formed (a run of entry indices) and issue misaligned vector loads
+            base = cache_ptr + tl.multiple_of(rows[:, None] * ENTRY, [ENTRY & -ENTRY, ENTRY & -ENTRY])   # [n, 1]
             is_fp8 = (d < NOPE)[None, :]
             values = tl.load(base + d[None, :], mask=mask & is_fp8, other=0.0).to(tl.float32)
             exponent = tl.load(base.to(tl.pointer_type(tl.uint8)) + SCALES_AT + (d // QBLOCK)[None, :],

@@ -66,17 +66,17 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, g
 
 
 # ---- the few-row GEMV over FP8 block-scaled weights ----------------------------------------------------
-# One program owns BLOCK_N output columns for every input row and walks K in steps of one scale block's width
-# (BLOCK_K = block_in): it loads a [BLOCK_N, BLOCK_K] e4m3 tile (16-byte loads along K) and the BLOCK_N scales
-# of that step, widens the tile times its scale in fp32, and accumulates [BLOCK_M, BLOCK_N, BLOCK_K] partial
-# products, reduced over K once at the end. With GROUPS > 1 the weight is block-diagonal: output column n reads
+# One program owns BLOCK_N output columns for every input row and walks K in steps of KSTEPS scale blocks: per
+# scale block (BLOCK_K = block_in) it loads a [BLOCK_N, BLOCK_K] e4m3 tile (16-byte loads along K) and the
+# BLOCK_N scales, widens the tile times its scale in fp32, and accumulates [BLOCK_M, BLOCK_N, BLOCK_K] partial
+# products, reduced over K once at the end (KSTEPS > 1: more loads in flight per iteration). With GROUPS > 1 the weight is block-diagonal: output column n reads
 # input columns of group n // (N / GROUPS) (BLOCK_N divides N / GROUPS).
 
 if triton is not None:
     @triton.jit
     def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                          n_per_group, BLOCK_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+                         BLOCK_K: tl.constexpr, KSTEPS: tl.constexpr):
         pid = tl.program_id(0)
         m = tl.arange(0, BLOCK_M)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,12 +87,14 @@ if triton is not None:
         s_rows = s_ptr + (n // BLOCK_OUT).to(tl.int64) * stride_sn
         x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm + group * K
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k_start in range(0, K, BLOCK_K):
-            k = k_start + tl.arange(0, BLOCK_K)
-            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
-            scale = tl.load(s_rows + k_start // BLOCK_K, mask=n_mask, other=0.0)                  # [BLOCK_N]
-            a = tl.load(x_rows + k[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)       # [BLOCK_M, BLOCK_K]
-            acc += a[:, None, :] * (w.to(tl.float32) * scale[:, None])[None, :, :]
+        for k_outer in range(0, K, KSTEPS * BLOCK_K):
+            for j in tl.static_range(KSTEPS):
+                k_start = k_outer + j * BLOCK_K
+                k = k_start + tl.arange(0, BLOCK_K)
+                w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
+                scale = tl.load(s_rows + k_start // BLOCK_K, mask=n_mask, other=0.0)              # [BLOCK_N]
+                a = tl.load(x_rows + k[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)   # [BLOCK_M, BLOCK_K]
+                acc += a[:, None, :] * (w.to(tl.float32) * scale[:, None])[None, :, :]
         out = tl.sum(acc, axis=2)                                              # [BLOCK_M, BLOCK_N]
         tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
@@ -107,13 +109,13 @@ def fp8_gemv_tiles(rows: int, n_per_group: int) -> int:
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1,
-             block_n: int | None = None) -> torch.Tensor:
+             block_n: int | None = None, ksteps: int = 1, num_warps: int = 4) -> torch.Tensor:
     """The same function as `fp8_linear_ref` for a few rows: weight float8_e4m3fn [groups * out, in], scale an
     fp32 grid [groups * out / bo, in / bi] with bi a power of two that divides in."""
     rows = x.shape[0]
     n, k = weight.shape
     block_out, block_in = fp8_block_shape(tuple(weight.shape), tuple(scale.shape))
-    if x.shape[1] != groups * k or n % groups or block_in & (block_in - 1):
+    if x.shape[1] != groups * k or n % groups or block_in & (block_in - 1) or k % (ksteps * block_in):
         raise ValueError(f"fp8_gemv: input {tuple(x.shape)}, weight {tuple(weight.shape)} in {groups} groups, "
                          f"blocks {block_out}x{block_in}")
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -123,5 +125,5 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups:
         _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
             x, weight, scale, out, rows, n, k, x.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
             n // groups, BLOCK_OUT=block_out, BLOCK_M=max(1, triton.next_power_of_2(rows)), BLOCK_N=block_n,
-            BLOCK_K=block_in, num_warps=4)
+            BLOCK_K=block_in, KSTEPS=ksteps, num_warps=num_warps)
     return out
