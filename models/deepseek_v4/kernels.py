@@ -316,14 +316,25 @@ if triton is not None:
             d_mask = d < DIM
             block = tl.load(table_ptr + request * table_stride + n // per_block, mask=n_mask, other=0).to(tl.int64)
             rows = block * per_block + n % per_block
-            keys = _load_entries(keys_ptr, rows, d, n_mask[:, None] & d_mask[None, :], FP8, NOPE, QBLOCK, SCALES_AT,
-                                 ENTRY, q_ptr.dtype.element_ty)       # [BLOCK_N, BLOCK_D]
+            key_scale = tl.full([BLOCK_N], 1.0, tl.float32)
+            if FP8 and NOPE == DIM and NUM_SCALES == 1:
+                # every dim e4m3 under one scale (the indexer's keys): the e4m3 values into the dot, the scale
+                # (a power of two, so exactly) onto its result
+                base = keys_ptr + tl.multiple_of(rows * ENTRY, ENTRY & -ENTRY)                      # [BLOCK_N]
+                keys = tl.load(base[:, None] + d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                               other=0.0).to(q_ptr.dtype.element_ty)                                # [BLOCK_N, BLOCK_D]
+                exponent = tl.load(base.to(tl.pointer_type(tl.uint8)) + SCALES_AT, mask=n_mask, other=127)
+                key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            else:
+                keys = _load_entries(keys_ptr, rows, d, n_mask[:, None] & d_mask[None, :], FP8, NOPE, QBLOCK,
+                                     SCALES_AT, ENTRY, q_ptr.dtype.element_ty)                     # [BLOCK_N, BLOCK_D]
             q = tl.load(q_ptr + token * q_stride_t + h[:, None] * q_stride_h + d[None, :],
                         mask=h_mask[:, None] & d_mask[None, :], other=0.0)   # [BLOCK_HEADS, BLOCK_D]
             if FP32:
                 dots = tl.dot(q, tl.trans(keys), input_precision="ieee")
             else:
                 dots = tl.dot(q, tl.trans(keys))                      # [BLOCK_HEADS, BLOCK_N] fp32
+            dots = dots * key_scale[None, :]
             w = tl.load(weights_ptr + token * weights_stride + h, mask=h_mask, other=0.0).to(tl.float32)
             per_head = tl.maximum(dots, 0.0) * scale * w[:, None]
             scores = tl.where(n_mask, tl.sum(per_head, axis=0), float("-inf"))

@@ -347,7 +347,8 @@ def test_graph_replays_at_other_contexts_equal_eager(fp8):
         eager_selected, eager_out = step()
         assert torch.equal(replayed[0], eager_selected)
         assert torch.equal(replayed[1], eager_out)
-        assert torch.equal(replayed[2], state) and torch.equal(replayed[3], entries)
+        # bytes: an FP8 entry's bf16 and scale bytes read as e4m3 may be NaN patterns
+        assert torch.equal(replayed[2], state) and torch.equal(replayed[3].view(torch.uint8), entries.view(torch.uint8))
 
 
 @pytest.mark.parametrize("device", DEVICES)
