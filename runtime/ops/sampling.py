@@ -206,7 +206,7 @@ if triton is not None:
         row, chunk = tl.program_id(0), tl.program_id(1)
         base = logits_ptr + row.to(tl.int64) * stride
         temperature = _row_temperature(temperature_ptr, row, greedy_below)
-        best, _ = _row_max(part_max_ptr, part_arg_ptr, row, NUM_CHUNKS, V, CHUNKS_P2)
+        best = _row_max(part_max_ptr, part_arg_ptr, row, NUM_CHUNKS, V, CHUNKS_P2)[0]
         scaled_max = best / temperature
         levels = tl.arange(0, NUM_LEVELS)
         offs = tl.arange(0, LEVEL_BLOCK)
@@ -225,7 +225,7 @@ if triton is not None:
             # with the very thresholds _row_plan and the gather compare against
             lo = tl.zeros([LEVEL_BLOCK], dtype=tl.int32)
             hi = tl.full([LEVEL_BLOCK], NUM_LEVELS, dtype=tl.int32)
-            for _ in tl.static_range(LEVEL_STEPS):
+            for bisection_step in tl.static_range(LEVEL_STEPS):
                 mid = (lo + hi) // 2
                 above = s >= scaled_max - tl.exp2((mid.to(tl.float32) - LEVEL_SHIFT) * 0.5)
                 hi = tl.where(above, mid, hi)
