@@ -265,6 +265,7 @@ class ModelRunner:
         self.num_speculative_tokens = num_speculative_tokens
         self.drafter = drafter
         self.grammars: GrammarCache | None = None    # set by the engine: compiles structured outputs' grammars
+        self.wants_prompt_logprobs: set[str] = set()  # requests (in `states`) that asked for prompt logprobs
         self.token_counts = TokenCounts(max_reqs, vocab_size, device)     # what penalties read, per row
         self._count_rows: torch.Tensor | None = None   # [logits rows] the step's request rows, with penalties
         # a model drafter writes its own cache k positions past the step's last token: they are allocated
@@ -300,6 +301,7 @@ class ModelRunner:
         copy now, device twin staged for the upload); returns the staged writes per group."""
         for request_id in (*plan.finished_ids, *plan.preempted_ids):
             self.states.pop(request_id, None)
+            self.wants_prompt_logprobs.discard(request_id)
         for joining in plan.joining:
             if PLACEHOLDER_TOKEN_ID in joining.token_ids:
                 raise RuntimeError(f"request {joining.request_id} joins with a token the host has not read")
@@ -308,6 +310,8 @@ class ModelRunner:
                 joining.params, joining.seed, joining.eos_token_ids)
             if joining.params.has_penalties:
                 self.token_counts.reset(joining.row, joining.token_ids, joining.num_prompt_tokens)
+            if joining.params.prompt_logprobs is not None:
+                self.wants_prompt_logprobs.add(joining.request_id)
             if joining.params.structured_outputs is not None:
                 state.matcher = self.grammars.matcher(joining.params.structured_outputs, state.output_token_ids,
                                                       state.token_ids[:state.num_prompt_tokens])
@@ -621,12 +625,16 @@ class ModelRunner:
         """Prompt logprobs of the rows this step computed, for the requests that asked for them: the hidden
         state at position p gives the logprob of prompt token p + 1 (a replayed graph never holds such rows:
         every row there is a request's last known token). Chunks of PROMPT_LOGPROB_ROWS rows at a time."""
+        if not self.wants_prompt_logprobs:
+            return None
         requests, rows, targets = [], [], []
         starts = self.buffers.host["query_start_loc"]
         for i, (request_id, start, n) in enumerate(zip(plan.request_ids, plan.num_computed, plan.num_new_tokens)):
+            if request_id not in self.wants_prompt_logprobs:
+                continue
             state = self.states[request_id]
             end = min(start + n, state.num_prompt_tokens - 1)    # positions start..end-1 predict a prompt token
-            if state.params.prompt_logprobs is None or end <= start:
+            if end <= start:
                 continue
             first_row = int(starts[i])
             rows.extend(range(first_row, first_row + end - start))
@@ -640,11 +648,11 @@ class ModelRunner:
         parts = []
         for at in range(0, len(rows), PROMPT_LOGPROB_ROWS):
             piece = slice(at, at + PROMPT_LOGPROB_ROWS)
-            logits = self.model.compute_logits(hidden.index_select(0, rows_on_device[piece]))
-            logprobs = torch.log_softmax(logits[:, :self.vocab_size].float(), dim=-1)
-            token_lp = logprobs.gather(1, targets_on_device[piece, None]).squeeze(1)
-            rank = (logprobs > token_lp[:, None]).sum(dim=-1) + 1
-            top_lp, top_ids = torch.topk(logprobs, top_n, dim=-1)
+            logits = self.model.compute_logits(hidden.index_select(0, rows_on_device[piece]))   # [rows, vocab]
+            logprobs = torch.log_softmax(logits[:, :self.vocab_size].float(), dim=-1)          # [rows, vocab]
+            token_lp = logprobs.gather(1, targets_on_device[piece, None]).squeeze(1)           # [rows]
+            rank = (logprobs > token_lp[:, None]).sum(dim=-1) + 1                              # [rows]
+            top_lp, top_ids = torch.topk(logprobs, top_n, dim=-1)                              # [rows, top_n]
             parts.append((token_lp, rank, top_lp, top_ids))
         host = tuple(self._to_host(torch.cat(column)) for column in zip(*parts))
         return PromptLogprobRows(requests, (*host, torch.tensor(targets)))
