@@ -111,7 +111,7 @@ def bench_kv(args: argparse.Namespace) -> dict:
     layout = group_cache_specs(model.cache_specs(), args.block_size)
     model_dtype = EngineConfig(device="cpu", dtype=args.dtype).torch_dtype
     growing = fixed = fixed_state = 0.0
-    print(f"{'group':>5} {'layers':>6} {'entry':>14} {'dtype':>8} {'per entry':>9} {'kind':>22} {'B/token':>9} "
+    print(f"{'group':>5} {'layers':>6} {'entry':>14} {'dtype':>13} {'per entry':>9} {'kind':>22} {'B/token':>9} "
           f"{'at ' + str(args.tokens):>14}")
     for g, group in enumerate(layout.groups):
         spec = group.spec
@@ -120,7 +120,7 @@ def bench_kv(args: argparse.Namespace) -> dict:
         total = len(group.layers) * spec.entry_bytes * -(-positions // spec.tokens_per_entry)
         kind = f"window {spec.window}" if spec.window else "grows"
         kind += f", 1 per {spec.tokens_per_entry}" if spec.tokens_per_entry > 1 else ""
-        print(f"{g:>5} {len(group.layers):>6} {str(spec.entry_shape):>14} {str(spec.dtype)[6:]:>8} "
+        print(f"{g:>5} {len(group.layers):>6} {str(spec.entry_shape):>14} {str(spec.dtype)[6:]:>13} "
               f"{spec.entry_bytes:>9} {kind:>22} {per_token if spec.window is None else 0:>9.1f} {total:>14,}")
         growing += per_token if spec.window is None else 0
         if spec.window is not None:
@@ -379,6 +379,7 @@ def bench_context(args: argparse.Namespace) -> dict:
             prefix = "" if batch == 1 else f"batch{batch}_"
             result[f"{prefix}step_ms_{context}"] = step_ms
             result[f"{prefix}tok_s_{context}"] = batch / step_ms * 1e3
+            print(f"batch {batch}, context {context:,}: {step_ms:.2f} ms a step", flush=True)
             for i in range(batch):
                 engine.abort(f"context-{context}-{batch}-{i}")
             while engine.has_unfinished():

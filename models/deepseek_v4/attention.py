@@ -12,7 +12,7 @@ from runtime.ops import RMSNorm
 from runtime.parallel import SINGLE, ParallelContext, RowParallelLinear
 
 from . import kernels
-from .cache_ops import request_entries, write_entries
+from .cache_ops import Fp8Entry, dequantize_entries, request_entries, write_entries
 from .compressor import Compressor, Indexer
 from .config import AttentionKind
 from .rope import TrailingRope
@@ -24,10 +24,12 @@ def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def window_sparse_attention(q: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, window_layer: int,
                             window: int, entry_layer: int | None, ratio: int, selected: list[torch.Tensor] | None,
-                            sinks: torch.Tensor, scale: float) -> torch.Tensor:
+                            sinks: torch.Tensor, scale: float, window_format: Fp8Entry | None = None,
+                            entry_format: Fp8Entry | None = None) -> torch.Tensor:
     """Torch reference. q [num_tokens, heads, dim]; a query at position p reads the window entries
     (p - window, p] and compressed entries: those in `selected` (per request [query_len, k], -1 = none), else
-    every entry closed by p. One softmax over both and the sink; values are the keys. -> [num_tokens, heads, dim]."""
+    every entry closed by p. One softmax over both and the sink; values are the keys. -> [num_tokens, heads, dim].
+    A cache with a format holds FP8 entries, dequantized as they are read."""
     window_cache, window_table, _ = ctx.layer_cache(window_layer)
     out = torch.empty_like(q)
     starts = ctx.query_start_loc_host
@@ -38,13 +40,17 @@ def window_sparse_attention(q: torch.Tensor, positions: torch.Tensor, ctx: Forwa
         seq_len = int(ctx.seq_lens_host[b])
         p = positions[rows, None]                                                 # [query_len, 1]
         first = max(0, int(positions[rows.start]) - window + 1)
-        keys = request_entries(window_cache, window_table, b, first, seq_len, ctx.block_size)   # [n, dim]
+        keys = request_entries(window_cache, window_table, b, first, seq_len, ctx.block_size)
+        if window_format is not None:
+            keys = dequantize_entries(keys, window_format, q.dtype)             # [n, dim]
         key_pos = torch.arange(first, seq_len, device=q.device)[None, :]
         visible = (key_pos <= p) & (key_pos > p - window)                         # [query_len, n]
         if entry_layer is not None:
             cache, table, _ = ctx.layer_cache(entry_layer)
             num_entries = seq_len // ratio
             entries = request_entries(cache, table, b, 0, num_entries, ctx.block_size, ratio)
+            if entry_format is not None:
+                entries = dequantize_entries(entries, entry_format, q.dtype)
             if selected is not None:
                 picked = torch.zeros(p.shape[0], num_entries + 1, dtype=torch.bool, device=q.device)
                 picked.scatter_(1, torch.where(selected[b] >= 0, selected[b], num_entries), True)
@@ -89,6 +95,7 @@ class DeepseekV4Attention(nn.Module):
             if kind.compressed else None
         self.indexer = Indexer(config, rope) if kind.sparse else None
         self.window_layer = -1                                                    # cache layer, set by the model
+        self.window_format: Fp8Entry | None = None                              # FP8 window entries, set by the model
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
@@ -99,10 +106,10 @@ class DeepseekV4Attention(nn.Module):
         cache, _, slots = ctx.layer_cache(self.window_layer)
         if fast:                      # one launch each: q's head norm + RoPE; K's RoPE + window insert
             q = kernels.norm_rope(q, positions, self.rope.inv_freq, normalize=True, eps=self.eps)
-            kernels.norm_rope(kv, positions, self.rope.inv_freq, cache=cache, slots=slots)
+            kernels.norm_rope(kv, positions, self.rope.inv_freq, cache=cache, slots=slots, fmt=self.window_format)
         else:
             q = self.rope(unweighted_rms_norm(q, self.eps), positions)            # [num_tokens, heads, head_dim]
-            write_entries(cache, self.rope(kv, positions)[:, 0], slots)
+            write_entries(cache, self.rope(kv, positions)[:, 0], slots, self.window_format)
         entry_layer, selected = None, None
         if self.compressor is not None:
             self.compressor(x, positions, requests, ctx)
@@ -113,13 +120,18 @@ class DeepseekV4Attention(nn.Module):
             out = self._attend_kernels(q, positions, requests, ctx, entry_layer, selected)
         else:
             out = window_sparse_attention(q, positions, ctx, self.window_layer, self.window, entry_layer,
-                                          self.kind.ratio, selected, self.attn_sink, self.head_dim ** -0.5)
+                                          self.kind.ratio, selected, self.attn_sink, self.head_dim ** -0.5,
+                                          self.window_format, self._entry_format)
         out = kernels.norm_rope(out, positions, self.rope.inv_freq, inverse=True) if fast \
             else self.rope(out, positions, inverse=True)
         grouped = out.reshape(-1, self.o_groups, out.shape[1] * self.head_dim // self.o_groups)   # [n, groups, in]
         weight = self.wo_a.weight.view(self.o_groups, self.o_rank, -1)           # [groups, o_rank, in]
         low_rank = torch.einsum("ngi,gri->ngr", grouped, weight).flatten(1)      # [num_tokens, groups * o_rank]
         return self.wo_b(low_rank)
+
+    @property
+    def _entry_format(self) -> Fp8Entry | None:
+        return self.compressor.entry_format if self.compressor is not None else None
 
     def _attend_kernels(self, q: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
                         ctx: ForwardContext, entry_layer: int | None, selected: torch.Tensor | None) -> torch.Tensor:
@@ -131,4 +143,5 @@ class DeepseekV4Attention(nn.Module):
         return kernels.sparse_attention(q, positions, requests, window_cache, window_table, self.window,
                                         entry_cache, entry_table, ratio, selected, self.attn_sink,
                                         self.head_dim ** -0.5, ctx.block_size,
-                                        ctx.max_seq_len // ratio if ratio else 0)
+                                        ctx.max_seq_len // ratio if ratio else 0, self.window_format,
+                                        self._entry_format)

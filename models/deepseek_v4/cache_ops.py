@@ -3,12 +3,79 @@
 Every cache of a layer is a runtime cache group: the 128-token K=V window, the compressed entries (one per
 `ratio` positions), the indexer keys, and each compressor's per-token state (a small window group). A layer
 reads any of them through its request's block table; entry e of a ratio-r group covers positions
-[e * r, e * r + r)."""
+[e * r, e * r + r).
+
+With `--kv-cache-dtype fp8` the K=V entries (window and compressed) and the indexer keys are stored as bytes
+(`Fp8Entry`): the leading dims in e4m3 with a power-of-two (UE8M0) scale per block of them, the trailing RoPE
+dims in bf16, then the scale bytes. A write quantizes, a read dequantizes exactly (e4m3 times a power of two
+is a bf16 number)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from runtime.forward import ForwardContext
+
+E4M3_MAX = 448.0
+AMAX_FLOOR = 2.0 ** -64                  # an all-zero block still gets a finite scale
+
+
+@dataclass(frozen=True, slots=True)
+class Fp8Entry:
+    """One entry of `dim` values as bytes: [dim - bf16_tail e4m3 | bf16_tail bf16 | one UE8M0 scale per
+    `block` e4m3 dims | pad to 4 bytes]. The release's K=V entry (512 dims, 64 RoPE dims in bf16, blocks of
+    64) is 448 + 128 + 7 + 1 = 584 bytes; its indexer key (128 dims, one scale) 128 + 1 + 3 = 132."""
+    dim: int
+    bf16_tail: int
+    block: int
+
+    @property
+    def nope(self) -> int:
+        return self.dim - self.bf16_tail
+
+    @property
+    def num_scales(self) -> int:
+        return -(-self.nope // self.block)
+
+    @property
+    def scales_at(self) -> int:
+        return self.nope + 2 * self.bf16_tail
+
+    @property
+    def num_bytes(self) -> int:
+        return -(-(self.scales_at + self.num_scales) // 4) * 4
+
+
+def scale_exponents(amax: torch.Tensor) -> torch.Tensor:
+    """The smallest k with amax / 2^k <= 448 (int32): amax = m * 2^e with m in [0.5, 1), 448 = 0.875 * 2^9.
+    Exact (no log2 rounding), as the kernels compute it from the float's bits."""
+    mantissa, exponent = torch.frexp(amax.float().clamp(min=AMAX_FLOOR))
+    return exponent - 9 + (mantissa > E4M3_MAX / 512).int()
+
+
+def quantize_entries(x: torch.Tensor, fmt: Fp8Entry) -> torch.Tensor:
+    """x [n, dim] -> [n, fmt.num_bytes] float8_e4m3fn holding the byte layout of `Fp8Entry`."""
+    n = x.shape[0]
+    out = torch.zeros(n, fmt.num_bytes, dtype=torch.uint8, device=x.device)
+    padded = fmt.num_scales * fmt.block
+    blocks = torch.nn.functional.pad(x[:, :fmt.nope].float(), (0, padded - fmt.nope)).view(n, fmt.num_scales, -1)
+    k = scale_exponents(blocks.abs().amax(dim=-1))                            # [n, num_scales]
+    scaled = torch.ldexp(blocks, -k[..., None].float()).flatten(1)[:, :fmt.nope]
+    out[:, :fmt.nope] = scaled.to(torch.float8_e4m3fn).view(torch.uint8)
+    out[:, fmt.nope:fmt.scales_at] = x[:, fmt.nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
+    out[:, fmt.scales_at:fmt.scales_at + fmt.num_scales] = (k + 127).to(torch.uint8)
+    return out.view(torch.float8_e4m3fn)
+
+
+def dequantize_entries(raw: torch.Tensor, fmt: Fp8Entry, dtype: torch.dtype) -> torch.Tensor:
+    """[..., fmt.num_bytes] -> [..., fmt.dim] in `dtype` (exact in bf16 and fp32)."""
+    raw = raw.view(torch.uint8)
+    k = raw[..., fmt.scales_at:fmt.scales_at + fmt.num_scales].int() - 127    # [..., num_scales]
+    exponents = k.repeat_interleave(fmt.block, dim=-1)[..., :fmt.nope]
+    nope = torch.ldexp(raw[..., :fmt.nope].view(torch.float8_e4m3fn).float(), exponents.float())
+    tail = raw[..., fmt.nope:fmt.scales_at].contiguous().view(torch.bfloat16).float()
+    return torch.cat([nope, tail], dim=-1).to(dtype)
 
 
 def token_requests(ctx: ForwardContext, num_tokens: int) -> torch.Tensor:
@@ -19,11 +86,13 @@ def token_requests(ctx: ForwardContext, num_tokens: int) -> torch.Tensor:
     return torch.searchsorted(starts, tokens, right=True).clamp_(max=max(ctx.num_reqs - 1, 0))
 
 
-def write_entries(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store values [n, *entry] at flat entry slots [n]; slot -1 writes nothing."""
+def write_entries(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, fmt: Fp8Entry | None = None) -> None:
+    """Store values [n, *entry] at flat entry slots [n]; slot -1 writes nothing. With `fmt`, values [n, dim]
+    are quantized into its byte layout."""
     flat = cache.view(-1, *cache.shape[2:])
     keep = slots >= 0
-    flat[slots[keep]] = values[keep].to(cache.dtype)
+    values = values[keep]
+    flat[slots[keep]] = quantize_entries(values, fmt) if fmt is not None else values.to(cache.dtype)
 
 
 def gather_entries(cache: torch.Tensor, block_table: torch.Tensor, requests: torch.Tensor,

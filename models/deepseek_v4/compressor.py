@@ -17,7 +17,7 @@ from runtime.forward import ForwardContext
 from runtime.ops import RMSNorm
 
 from . import kernels
-from .cache_ops import gather_entries, request_entries, write_entries
+from .cache_ops import Fp8Entry, dequantize_entries, gather_entries, request_entries, write_entries
 from .rope import TrailingRope
 
 
@@ -32,6 +32,7 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(head_dim, eps, weight_in_fp32=True)
         self.rope = rope
         self.state_layer = self.entry_layer = -1                                  # cache layers, set by the model
+        self.entry_format: Fp8Entry | None = None                                # FP8 entries, set by the model
 
     @property
     def window(self) -> int:
@@ -47,7 +48,8 @@ class Compressor(nn.Module):
             kernels.store_state(state, kv, self.wgate(x), self.ape, positions, state_slots)
             cache, _, slots = ctx.layer_cache(self.entry_layer)
             kernels.compress_entries(state, state_table, cache, slots, positions, requests, self.norm.weight,
-                                     self.norm.eps, self.rope.inv_freq, self.ratio, self.overlap, ctx.block_size)
+                                     self.norm.eps, self.rope.inv_freq, self.ratio, self.overlap, ctx.block_size,
+                                     self.entry_format, x.dtype)
             return
         gate = self.wgate(x) + self.ape[positions % self.ratio].to(x.dtype)
         write_entries(state, torch.stack([kv, gate], dim=1), state_slots)
@@ -70,7 +72,7 @@ class Compressor(nn.Module):
         entries = self.norm((values * weights).sum(dim=1))                        # [num_entries, head_dim]
         entries = self.rope(entries[:, None], ends + 1 - self.ratio)[:, 0]       # at the window's first token
         cache, _, slots = ctx.layer_cache(self.entry_layer)
-        write_entries(cache, entries, slots[closing])
+        write_entries(cache, entries, slots[closing], self.entry_format)
 
 
 def indexer_scores_ref(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
@@ -114,6 +116,7 @@ class Indexer(nn.Module):
         if kernels.use_kernels(x):
             q = kernels.norm_rope(q, positions, self.rope.inv_freq)
             return self._select_kernels(q, head_weights, keys_cache, table, positions, requests, ctx)
+        key_format = self.compressor.entry_format
         q = self.rope(q, positions)                                               # [num_tokens, heads, head_dim]
         starts = ctx.query_start_loc_host
         selected = []
@@ -121,6 +124,8 @@ class Indexer(nn.Module):
             rows = slice(int(starts[b]), int(starts[b + 1]))
             num_entries = int(ctx.seq_lens_host[b]) // self.ratio
             keys = request_entries(keys_cache, table, b, 0, num_entries, ctx.block_size, self.ratio)
+            if key_format is not None:
+                keys = dequantize_entries(keys, key_format, q.dtype)
             scores = indexer_scores_ref(q[rows], head_weights[rows], keys, positions[rows], self.ratio)
             visible = (positions[rows, None] + 1) // self.ratio                  # entries closed at each query
             top = scores.topk(min(self.top_k, num_entries), dim=-1).indices
@@ -139,6 +144,7 @@ class Indexer(nn.Module):
         for start in range(0, q.shape[0], rows):
             part = slice(start, start + rows)
             scores = kernels.indexer_scores(q[part], head_weights[part], keys_cache, table, positions[part],
-                                            requests[part], self.ratio, width, ctx.block_size)
+                                            requests[part], self.ratio, width, ctx.block_size,
+                                            self.compressor.entry_format)
             picked.append(kernels.indexer_topk(scores, positions[part], self.ratio, self.top_k))
         return picked[0] if len(picked) == 1 else torch.cat(picked)

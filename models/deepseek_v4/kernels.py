@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from .cache_ops import Fp8Entry
+
 try:
     import triton
     import triton.language as tl
@@ -72,6 +74,93 @@ def store_rows(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> 
     _store_rows_kernel[(n, triton.cdiv(row, block))](rows, cache, slots, rows.stride(0), ROW=row, BLOCK=block)
 
 
+# ---- FP8 cache entries (the layout of cache_ops.Fp8Entry) -----------------------------------------------
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _fp8_layout(fmt: Fp8Entry | None, dim: int) -> dict:
+    """The constants the kernels read an entry layout from: bf16 / fp32 rows of `dim` without `fmt`."""
+    if fmt is None:
+        return dict(NOPE=dim, QBLOCK=dim, NUM_SCALES=1, SCALES_AT=dim, ENTRY=dim)
+    if fmt.dim != dim:
+        raise ValueError(f"an FP8 entry of {fmt.dim} dims for rows of {dim}")
+    return dict(NOPE=fmt.nope, QBLOCK=fmt.block, NUM_SCALES=fmt.num_scales, SCALES_AT=fmt.scales_at,
+                ENTRY=fmt.num_bytes)
+
+
+if triton is not None:
+    @triton.jit
+    def _e4m3_round(v):
+        """v (|v| <= 448) rounded to the nearest e4m3 number, ties to even, by fp32 adds: at |v| the spacing is
+        2^s, s = max(exponent, -6) - 3, and adding then subtracting 1.5 * 2^(23 + s) rounds to it. The cast to
+        e4m3 after is then exact (Triton's interpreter rounds that cast wrongly; the GPU agrees with this)."""
+        a = tl.abs(v)
+        step = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6) - 3
+        magic = (((step + 150) << 23) | 0x400000).to(tl.float32, bitcast=True)
+        r = (a + magic) - magic
+        return tl.where(v < 0, -r, r)
+
+    @triton.jit
+    def _bf16_round(v):
+        """v rounded to bf16 (to nearest, ties to even) and kept in fp32, on its bits: the interpreter's own
+        cast truncates."""
+        bits = v.to(tl.int32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _scale_exponent(amax):
+        """cache_ops.scale_exponents from the float's bits: the smallest k with amax / 2^k <= 448 (amax
+        floored at 2^-64). amax = 1.f * 2^(E - 127); 448 = 1.75 * 2^8."""
+        bits = tl.maximum(amax, 5.421010862427522e-20).to(tl.int32, bitcast=True)
+        return ((bits >> 23) & 0xFF) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+
+    @triton.jit
+    def _store_fp8_entries(dst, even, odd, i, mask, row_mask, NOPE: tl.constexpr, QBLOCK: tl.constexpr,
+                           NUM_SCALES: tl.constexpr, SCALES_AT: tl.constexpr):
+        """Entries given as channel pairs (even, odd) fp32 [rows, pairs] (pair index i [pairs]) stored at their
+        entries' first bytes dst [rows, 1] (an e4m3 pointer): the first NOPE channels in e4m3 with a UE8M0 scale
+        per QBLOCK of them, the rest in bf16, then the scales (cache_ops.quantize_entries)."""
+        is_fp8 = mask & (2 * i < NOPE)[None, :]
+        magnitude = tl.where(is_fp8, tl.maximum(tl.abs(even), tl.abs(odd)), 0.0)
+        group = ((2 * i) // QBLOCK)[None, :]
+        scale_bytes = dst.to(tl.pointer_type(tl.uint8)) + SCALES_AT
+        inverse = tl.zeros_like(even)
+        for b in tl.static_range(NUM_SCALES):
+            k = _scale_exponent(tl.max(tl.where(group == b, magnitude, 0.0), axis=1))[:, None]   # [rows, 1]
+            tl.store(scale_bytes + b, (k + 127).to(tl.uint8), mask=row_mask)
+            inverse = tl.where(group == b, ((127 - k) << 23).to(tl.float32, bitcast=True), inverse)
+        fp8 = dst.dtype.element_ty
+        tl.store(dst + 2 * i[None, :], _e4m3_round(even * inverse).to(fp8), mask=is_fp8)
+        tl.store(dst + 2 * i[None, :] + 1, _e4m3_round(odd * inverse).to(fp8), mask=is_fp8)
+        tail = (dst + NOPE).to(tl.pointer_type(tl.bfloat16))
+        j = tl.maximum(2 * i - NOPE, 0)[None, :]
+        is_tail = mask & (2 * i >= NOPE)[None, :]
+        tl.store(tail + j, _bf16_round(even).to(tl.bfloat16), mask=is_tail)
+        tl.store(tail + j + 1, _bf16_round(odd).to(tl.bfloat16), mask=is_tail)
+
+    @triton.jit
+    def _load_entries(cache_ptr, rows, d, mask, FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr,
+                      SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, OUT: tl.constexpr):
+        """Entries at rows [n] of a cache, channels d [dims] -> [n, dims] in OUT (masked: 0). FP8: dequantized
+        exactly (cache_ops.dequantize_entries); else the cache's rows of ENTRY values as stored."""
+        if FP8:
+            # an entry starts only ENTRY & -ENTRY bytes aligned (584: 8, 132: 4): say so, or Triton may infer
+            # more from how `rows` was formed (a run of entry indices) and issue misaligned vector loads
+            base = cache_ptr + tl.multiple_of(rows[:, None] * ENTRY, [ENTRY & -ENTRY, ENTRY & -ENTRY])   # [n, 1]
+            is_fp8 = (d < NOPE)[None, :]
+            values = tl.load(base + d[None, :], mask=mask & is_fp8, other=0.0).to(tl.float32)
+            exponent = tl.load(base.to(tl.pointer_type(tl.uint8)) + SCALES_AT + (d // QBLOCK)[None, :],
+                               mask=mask & is_fp8, other=127).to(tl.int32)
+            tail = tl.load((base + NOPE).to(tl.pointer_type(tl.bfloat16)) + tl.maximum(d - NOPE, 0)[None, :],
+                           mask=mask & ~is_fp8, other=0.0).to(tl.float32)
+            out = tl.where(is_fp8, values * (exponent << 23).to(tl.float32, bitcast=True), tail).to(OUT)
+        else:
+            out = tl.load(cache_ptr + rows[:, None] * ENTRY + d[None, :], mask=mask, other=0.0)
+        return out
+
+
 # ---- the compressor: entries at closing positions ------------------------------------------------------
 
 if triton is not None:
@@ -101,13 +190,15 @@ if triton is not None:
                          cache_ptr, table_stride, block_size, eps,
                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                          ROPE_HALF: tl.constexpr, WIDTH: tl.constexpr, RATIO: tl.constexpr,
-                         WINDOW: tl.constexpr, OVERLAP: tl.constexpr, ROUND: tl.constexpr):
+                         WINDOW: tl.constexpr, OVERLAP: tl.constexpr, ROUND: tl.constexpr, DTYPE: tl.constexpr,
+                         FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
+                         SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         slot = tl.load(slots_ptr + token).to(tl.int64)
         if slot >= 0:
             position = tl.load(positions_ptr + token).to(tl.int64)
             request = tl.load(requests_ptr + token).to(tl.int64)
-            dtype = cache_ptr.dtype.element_ty
+            dtype = DTYPE                               # the activations' (the cache may be FP8)
             i = tl.arange(0, BLOCK_HALF)
             mask = i < HALF
             # channels as (even, odd) pairs, so that RoPE can pair them without a shuffle
@@ -167,19 +258,27 @@ if triton is not None:
             r_odd = _rounded(x_odd * cos, ROUND, dtype) + _rounded(x_even * sin, ROUND, dtype)
             out_even = tl.where(is_rope, r_even, x_even)
             out_odd = tl.where(is_rope, r_odd, x_odd)
-            tl.store(cache_ptr + slot * HEAD_DIM + 2 * i, out_even.to(dtype), mask=mask)
-            tl.store(cache_ptr + slot * HEAD_DIM + 2 * i + 1, out_odd.to(dtype), mask=mask)
+            if FP8:                                     # the entry in the dtype, then quantized
+                _store_fp8_entries(cache_ptr + slot * ENTRY + tl.zeros([1, 1], tl.int64),
+                                   _rounded(out_even, ROUND, dtype)[None, :], _rounded(out_odd, ROUND, dtype)[None, :],
+                                   i, mask[None, :], tl.full([1, 1], 1, tl.int1), NOPE, QBLOCK, NUM_SCALES, SCALES_AT)
+            else:
+                tl.store(cache_ptr + slot * HEAD_DIM + 2 * i, out_even.to(dtype), mask=mask)
+                tl.store(cache_ptr + slot * HEAD_DIM + 2 * i + 1, out_odd.to(dtype), mask=mask)
 
 
 def compress_entries(state: torch.Tensor, state_table: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
                      positions: torch.Tensor, requests: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                     inv_freq: torch.Tensor, ratio: int, overlap: bool, block_size: int) -> None:
-    """state [blocks, block_size, 2, width] fp32 (value, logit + bias per token); cache [blocks, entries, dim];
-    slots [n] the entry slot of each token (-1 unless it closes an entry that is written)."""
+                     inv_freq: torch.Tensor, ratio: int, overlap: bool, block_size: int,
+                     fmt: Fp8Entry | None = None, dtype: torch.dtype | None = None) -> None:
+    """state [blocks, block_size, 2, width] fp32 (value, logit + bias per token); cache [blocks, entries, dim],
+    or with `fmt` [blocks, entries, fmt.num_bytes] FP8 entries of `dtype` activations (default: the cache's
+    dtype); slots [n] the entry slot of each token (-1 unless it closes an entry that is written)."""
     n = positions.shape[0]
     if n == 0:
         return
-    head_dim = cache.shape[-1]
+    dtype = dtype or cache.dtype
+    head_dim = fmt.dim if fmt is not None else cache.shape[-1]
     width = state.shape[-1]
     rope_half = inv_freq.shape[0]
     _compress_kernel[(n,)](
@@ -187,7 +286,8 @@ def compress_entries(state: torch.Tensor, state_table: torch.Tensor, cache: torc
         state_table.stride(0), block_size, eps,
         HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_HALF=_pow2(head_dim // 2), ROPE_HALF=rope_half,
         WIDTH=width, RATIO=ratio, WINDOW=(2 if overlap else 1) * ratio, OVERLAP=overlap,
-        ROUND=cache.dtype != torch.float32, num_warps=4, enable_fp_fusion=False)
+        ROUND=dtype != torch.float32, DTYPE=_tl_dtype(dtype), FP8=fmt is not None, **_fp8_layout(fmt, head_dim),
+        num_warps=4, enable_fp_fusion=False)
 
 
 # ---- the lightning indexer ---------------------------------------------------------------------------
@@ -198,7 +298,9 @@ if triton is not None:
                         q_stride_t, q_stride_h, weights_stride, table_stride, out_stride, width,
                         per_block, scale,
                         HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        RATIO: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr):
+                        RATIO: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr,
+                        FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
+                        SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         position = tl.load(positions_ptr + token).to(tl.int64)
@@ -214,14 +316,25 @@ if triton is not None:
             d_mask = d < DIM
             block = tl.load(table_ptr + request * table_stride + n // per_block, mask=n_mask, other=0).to(tl.int64)
             rows = block * per_block + n % per_block
-            keys = tl.load(keys_ptr + rows[:, None] * DIM + d[None, :], mask=n_mask[:, None] & d_mask[None, :],
-                           other=0.0)                                  # [BLOCK_N, BLOCK_D]
+            key_scale = tl.full([BLOCK_N], 1.0, tl.float32)
+            if FP8 and NOPE == DIM and NUM_SCALES == 1:
+                # every dim e4m3 under one scale (the indexer's keys): the e4m3 values into the dot, the scale
+                # (a power of two, so exactly) onto its result
+                base = keys_ptr + tl.multiple_of(rows * ENTRY, ENTRY & -ENTRY)                      # [BLOCK_N]
+                keys = tl.load(base[:, None] + d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                               other=0.0).to(q_ptr.dtype.element_ty)                                # [BLOCK_N, BLOCK_D]
+                exponent = tl.load(base.to(tl.pointer_type(tl.uint8)) + SCALES_AT, mask=n_mask, other=127)
+                key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            else:
+                keys = _load_entries(keys_ptr, rows, d, n_mask[:, None] & d_mask[None, :], FP8, NOPE, QBLOCK,
+                                     SCALES_AT, ENTRY, q_ptr.dtype.element_ty)                     # [BLOCK_N, BLOCK_D]
             q = tl.load(q_ptr + token * q_stride_t + h[:, None] * q_stride_h + d[None, :],
                         mask=h_mask[:, None] & d_mask[None, :], other=0.0)   # [BLOCK_HEADS, BLOCK_D]
             if FP32:
                 dots = tl.dot(q, tl.trans(keys), input_precision="ieee")
             else:
                 dots = tl.dot(q, tl.trans(keys))                      # [BLOCK_HEADS, BLOCK_N] fp32
+            dots = dots * key_scale[None, :]
             w = tl.load(weights_ptr + token * weights_stride + h, mask=h_mask, other=0.0).to(tl.float32)
             per_head = tl.maximum(dots, 0.0) * scale * w[:, None]
             scores = tl.where(n_mask, tl.sum(per_head, axis=0), float("-inf"))
@@ -230,9 +343,10 @@ if triton is not None:
 
 def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, table: torch.Tensor,
                    positions: torch.Tensor, requests: torch.Tensor, ratio: int, width: int,
-                   block_size: int) -> torch.Tensor:
-    """q [n, heads, dim]; head_weights [n, heads] fp32; keys [blocks, block_size / ratio, dim] -> scores
-    [n, width] fp32: -inf at entries the query cannot see (not closed by its position, or past width)."""
+                   block_size: int, key_format: Fp8Entry | None = None) -> torch.Tensor:
+    """q [n, heads, dim]; head_weights [n, heads] fp32; keys [blocks, block_size / ratio, dim] (or FP8 entries
+    of `key_format`, dequantized to q's dtype) -> scores [n, width] fp32: -inf at entries the query cannot see
+    (not closed by its position, or past width)."""
     n, heads, dim = q.shape
     out = torch.empty(n, width, dtype=torch.float32, device=q.device)
     if n == 0 or width == 0:
@@ -243,7 +357,8 @@ def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tens
         q.stride(0), q.stride(1), head_weights.stride(0), table.stride(0), out.stride(0), width,
         block_size // ratio, dim ** -0.5,
         HEADS=heads, BLOCK_HEADS=max(16, _pow2(heads)), DIM=dim, BLOCK_D=max(16, _pow2(dim)), RATIO=ratio,
-        BLOCK_N=block_n, FP32=q.dtype == torch.float32, num_warps=4)
+        BLOCK_N=block_n, FP32=q.dtype == torch.float32, FP8=key_format is not None, **_fp8_layout(key_format, dim),
+        num_warps=4)
     return out
 
 
@@ -269,7 +384,9 @@ if triton is not None:
                                  HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM: tl.constexpr,
                                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
                                  HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr, SPLIT: tl.constexpr,
-                                 FP32: tl.constexpr):
+                                 FP32: tl.constexpr, WINDOW_FP8: tl.constexpr, ENTRY_FP8: tl.constexpr,
+                                 NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
+                                 SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
         # sizes that change from step to step (selection width, splits) are arguments, not constants: a
         # constant would compile a kernel per value
         token = tl.program_id(0).to(tl.int64)
@@ -307,8 +424,8 @@ if triton is not None:
             w_block = tl.load(window_table_ptr + request * window_table_stride + key_pos // block_size,
                               mask=in_window, other=0).to(tl.int64)
             w_rows = w_block * block_size + key_pos % block_size
-            keys = tl.load(window_ptr + w_rows[:, None] * DIM + d[None, :],
-                           mask=in_window[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+            keys = _load_entries(window_ptr, w_rows, d, in_window[:, None] & d_mask[None, :], WINDOW_FP8, NOPE,
+                                 QBLOCK, SCALES_AT, ENTRY if WINDOW_FP8 else DIM, q.dtype)   # [BLOCK_N, BLOCK_D]
             valid = in_window
             if HAS_ENTRIES:
                 c = u - num_window
@@ -323,8 +440,8 @@ if triton is not None:
                 e_block = tl.load(entries_table_ptr + request * entries_table_stride + entry // per_block,
                                   mask=in_entries, other=0).to(tl.int64)
                 e_rows = e_block * per_block + entry % per_block
-                keys += tl.load(entries_ptr + e_rows[:, None] * DIM + d[None, :],
-                                mask=in_entries[:, None] & d_mask[None, :], other=0.0)
+                keys += _load_entries(entries_ptr, e_rows, d, in_entries[:, None] & d_mask[None, :], ENTRY_FP8, NOPE,
+                                      QBLOCK, SCALES_AT, ENTRY if ENTRY_FP8 else DIM, q.dtype)
                 valid = valid | in_entries
             if FP32:
                 scores = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
@@ -396,10 +513,12 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
                      window_cache: torch.Tensor, window_table: torch.Tensor, window: int,
                      entry_cache: torch.Tensor | None, entry_table: torch.Tensor | None, ratio: int,
                      selected: torch.Tensor | None, sinks: torch.Tensor, scale: float, block_size: int,
-                     max_entries: int) -> torch.Tensor:
+                     max_entries: int, window_format: Fp8Entry | None = None,
+                     entry_format: Fp8Entry | None = None) -> torch.Tensor:
     """q [n, heads, dim] -> [n, heads, dim]. Keys = values: the window entries (p - window, p] of the token's
     request, then (CSA) the entries in `selected` [n, k] (-1 = none) or (HCA) every entry closed by p.
-    `max_entries` bounds the HCA entries (sizes the key splits only)."""
+    `max_entries` bounds the HCA entries (sizes the key splits only). A cache with a format holds FP8 entries,
+    dequantized to q's dtype as they are read."""
     n, heads, dim = q.shape
     out = torch.empty_like(q)
     if n == 0:
@@ -426,7 +545,9 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         block_size, window, block_size // max(ratio, 1), scale, num_selected, splits,
         HEADS=heads, BLOCK_H=BLOCK_HEADS, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_N=block_n, RATIO=max(ratio, 1),
         HAS_ENTRIES=has_entries, SELECTED=selected is not None, SPLIT=splits > 1,
-        FP32=q.dtype == torch.float32, num_warps=4 if dim <= 128 else 8)
+        FP32=q.dtype == torch.float32, WINDOW_FP8=window_format is not None,
+        ENTRY_FP8=has_entries and entry_format is not None, **_fp8_layout(window_format or entry_format, dim),
+        num_warps=4 if dim <= 128 else 8)
     if splits > 1:
         _sparse_attention_reduce_kernel[(n, heads)](
             part_acc, part_ml, sinks, out, out.stride(0), out.stride(1), splits,
@@ -498,7 +619,9 @@ if triton is not None:
                           x_stride_t, x_stride_h, out_stride_t, out_stride_h, eps,
                           HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
                           BLOCK_HALF: tl.constexpr, ROPE_HALF: tl.constexpr, NORMALIZE: tl.constexpr,
-                          INVERSE: tl.constexpr, TO_SLOTS: tl.constexpr, ROUND: tl.constexpr):
+                          INVERSE: tl.constexpr, TO_SLOTS: tl.constexpr, ROUND: tl.constexpr,
+                          FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
+                          SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         i = tl.arange(0, BLOCK_HALF)
@@ -528,8 +651,12 @@ if triton is not None:
             slot = tl.load(slots_ptr + token).to(tl.int64)
             if slot >= 0:
                 dst = out_ptr + slot * out_stride_t + h[:, None] * out_stride_h
-                tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
-                tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
+                if FP8:
+                    _store_fp8_entries(dst, even, odd, i, mask, (h < HEADS)[:, None], NOPE, QBLOCK, NUM_SCALES,
+                                       SCALES_AT)
+                else:
+                    tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
+                    tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             dst = out_ptr + token * out_stride_t + h[:, None] * out_stride_h
             tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
@@ -538,15 +665,17 @@ if triton is not None:
 
 def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, normalize: bool = False,
               eps: float = 0.0, inverse: bool = False, cache: torch.Tensor | None = None,
-              slots: torch.Tensor | None = None) -> torch.Tensor | None:
+              slots: torch.Tensor | None = None, fmt: Fp8Entry | None = None) -> torch.Tensor | None:
     """x [n, heads, dim]: optionally the unweighted per-head RMS norm, then interleaved RoPE on the trailing
     2 * len(inv_freq) dims at `positions` (by -position with `inverse`), rounding as the references
     (attention.unweighted_rms_norm, rope.TrailingRope) do. Returns a new tensor, or with `cache` and `slots`
-    (one head) stores each token's row at its slot (-1: nowhere) and returns None."""
+    (one head) stores each token's row at its slot (-1: nowhere), quantized into `fmt` if given, and returns
+    None."""
     n, heads, dim = x.shape
     to_slots = cache is not None
+    layout = _fp8_layout(fmt, dim)
     if to_slots:
-        out = cache.view(-1, 1, dim)
+        out = cache.view(-1, 1, layout["ENTRY"])
     else:
         out = torch.empty(n, heads, dim, dtype=x.dtype, device=x.device)
     if n == 0:
@@ -554,10 +683,10 @@ def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
     block_h = min(4, _pow2(heads))                     # many small programs: a decode step has few tokens
     _norm_rope_kernel[(n, triton.cdiv(heads, block_h))](
         x, out, positions, inv_freq, slots if to_slots else positions,
-        x.stride(0), x.stride(1), dim if to_slots else out.stride(0), out.stride(1), eps,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
         HEADS=heads, BLOCK_H=block_h, HALF=dim // 2, BLOCK_HALF=_pow2(dim // 2), ROPE_HALF=inv_freq.shape[0],
         NORMALIZE=normalize, INVERSE=inverse, TO_SLOTS=to_slots, ROUND=x.dtype != torch.float32,
-        num_warps=4, enable_fp_fusion=False)
+        FP8=fmt is not None, **layout, num_warps=4, enable_fp_fusion=False)
     return None if to_slots else out
 
 

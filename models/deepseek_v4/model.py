@@ -2,7 +2,7 @@
 MoE. Module and parameter names follow the released checkpoint (`layers.N.attn.wq_a`, `ffn.gate.tid2eid`, ...)."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from runtime.parallel import SINGLE, ParallelContext, ParallelLMHead, VocabParal
 
 from . import kernels
 from .attention import DeepseekV4Attention
-from .cache_ops import token_requests
+from .cache_ops import Fp8Entry, token_requests
 from .config import AttentionKind, attention_kinds, hash_routed
 from .mhc import HyperConnection, HyperHead
 from .moe import MoE
@@ -44,11 +44,19 @@ class DeepseekV4Layer(nn.Module):
         return HyperConnection.post(x, streams, post, comb)
 
 
+FP8_BLOCK = 64                               # e4m3 dims per scale in a K=V entry
+
+
 class DeepseekV4ForCausalLM(nn.Module):
-    def __init__(self, config, cache_dtype: torch.dtype, parallel: ParallelContext = SINGLE):
+    """`kv_dtype(window)` names each cache's dtype (EngineConfig.kv_dtype): FP8 stores the K=V entries and the
+    indexer keys as cache_ops.Fp8Entry bytes; anything else keeps them in the model dtype `cache_dtype`."""
+
+    def __init__(self, config, cache_dtype: torch.dtype, parallel: ParallelContext = SINGLE,
+                 kv_dtype: Callable[[int | None], torch.dtype] | None = None):
         super().__init__()
         self.config = config
         self.cache_dtype = cache_dtype
+        self.kv_dtype = kv_dtype or (lambda window: cache_dtype)
         self.parallel = parallel
         ropes = {kind: TrailingRope(config, kind, config.qk_rope_head_dim) for kind in ("main", "compress")}
         self.kinds = attention_kinds(config)
@@ -73,16 +81,31 @@ class DeepseekV4ForCausalLM(nn.Module):
         window = self.config.sliding_window
         for layer in self.layers:
             attn = layer.attn
-            attn.window_layer = add(CacheSpec((attn.head_dim,), self.cache_dtype, window=window))
+            attn.window_format = self.entry_format(attn.head_dim, window)
+            attn.window_layer = add(self.entry_spec(attn.window_format, attn.head_dim, window=window))
             compressors = [attn.compressor] + ([attn.indexer.compressor] if attn.indexer is not None else [])
             for compressor in filter(None, compressors):
                 width = compressor.wkv.out_features
                 # per token: its projected value and gate logit (+ window bias), fp32, for as many positions
                 # as an entry reads; then the entries themselves, one per `ratio` positions
                 compressor.state_layer = add(CacheSpec((2, width), torch.float32, window=compressor.window))
-                compressor.entry_layer = add(CacheSpec((compressor.head_dim,), self.cache_dtype,
-                                                       tokens_per_entry=compressor.ratio))
+                compressor.entry_format = self.entry_format(compressor.head_dim, None,
+                                                            key=compressor is not attn.compressor)
+                compressor.entry_layer = add(self.entry_spec(compressor.entry_format, compressor.head_dim,
+                                                             tokens_per_entry=compressor.ratio))
         return specs
+
+    def entry_format(self, dim: int, window: int | None, key: bool = False) -> Fp8Entry | None:
+        """The FP8 layout of a cache's entries, or None for the model dtype. K=V entries: e4m3 with a scale
+        per 64 dims, the RoPE dims in bf16; indexer keys (`key`): every dim in e4m3 under one scale."""
+        if self.kv_dtype(window) != torch.float8_e4m3fn:
+            return None
+        return Fp8Entry(dim, 0, dim) if key else Fp8Entry(dim, self.config.qk_rope_head_dim, FP8_BLOCK)
+
+    def entry_spec(self, fmt: Fp8Entry | None, dim: int, **kind) -> CacheSpec:
+        if fmt is None:
+            return CacheSpec((dim,), self.cache_dtype, **kind)
+        return CacheSpec((fmt.num_bytes,), torch.float8_e4m3fn, **kind)
 
     def cache_specs(self) -> list[CacheSpec]:
         return list(self._specs)
@@ -109,4 +132,4 @@ class DeepseekV4ForCausalLM(nn.Module):
 
 
 def build_model(hf_config, engine_config: EngineConfig, parallel: ParallelContext = SINGLE) -> DeepseekV4ForCausalLM:
-    return DeepseekV4ForCausalLM(hf_config, engine_config.torch_dtype, parallel)
+    return DeepseekV4ForCausalLM(hf_config, engine_config.torch_dtype, parallel, engine_config.kv_dtype)

@@ -59,13 +59,14 @@ class DeepseekV4MTP(nn.Module):
         self.layers = nn.ModuleList([DeepseekV4Layer(config, AttentionKind(SLIDING, 0), rope, hashed=False)])
         self.hc_head = HyperHead(config)
         self.norm = RMSNorm(hidden, eps, weight_in_fp32=True)
-        self.layers[0].attn.window_layer = first_cache_layer
-        self.cache_dtype = target.cache_dtype
+        attn = self.layers[0].attn
+        attn.window_layer = first_cache_layer
+        attn.window_format = target.entry_format(attn.head_dim, attn.window)
+        self._spec = target.entry_spec(attn.window_format, attn.head_dim, window=attn.window)
 
     def cache_specs(self) -> list[CacheSpec]:
-        """Its own 128-token K=V window (no compressor)."""
-        attn = self.layers[0].attn
-        return [CacheSpec((attn.head_dim,), self.cache_dtype, window=attn.window)]
+        """Its own 128-token K=V window (no compressor), in the target's window format."""
+        return [self._spec]
 
     def forward(self, target_streams: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:

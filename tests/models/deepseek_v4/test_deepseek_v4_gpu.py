@@ -51,13 +51,14 @@ def _generate(path, prompts, eager: bool, **options) -> tuple[list[list[int]], l
     return [o.token_ids for o in outputs], keys
 
 
-def test_cuda_graphs_match_eager_greedy_tokens(tiny_deepseek_v4):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_cuda_graphs_match_eager_greedy_tokens(tiny_deepseek_v4, kv_cache_dtype):
     """4 requests (a captured size) of 3..200 tokens: each replay's contexts (windows, HCA entries, CSA
     selections, compressor states closing at other positions) differ from the capture's; fp32, so that the
-    comparison is exact rather than subject to bf16 near ties."""
+    comparison is exact rather than subject to bf16 near ties. Also with FP8 entries."""
     prompts = random_prompts(VOCAB, (3, 40, 200, 77), seed=2)
-    eager, _ = _generate(tiny_deepseek_v4, prompts, True, max_num_seqs=4)
-    graphs, keys = _generate(tiny_deepseek_v4, prompts, False, max_num_seqs=4)
+    eager, _ = _generate(tiny_deepseek_v4, prompts, True, max_num_seqs=4, kv_cache_dtype=kv_cache_dtype)
+    graphs, keys = _generate(tiny_deepseek_v4, prompts, False, max_num_seqs=4, kv_cache_dtype=kv_cache_dtype)
     assert sum(k is not None for k in keys) >= 30
     assert graphs == eager
 

@@ -267,21 +267,32 @@ def test_padded_rows_with_context_length_zero_read_and_write_nothing(device):
 
 
 @pytest.mark.gpu
-def test_graph_replays_at_other_contexts_equal_eager():
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-cache", "fp8-cache"])
+def test_graph_replays_at_other_contexts_equal_eager(fp8):
     """The indexer, its top-k, attention, the state insert and the compressor captured once in a CUDA graph
     (contexts of one batch), replayed for batches whose contexts are longer and shorter than the capture's:
     every replay equals the eager run on the same inputs, bit for bit. Nothing the kernels read is reset on
-    the host (no memset that a capture could skip): stale scores or state would show up here."""
+    the host (no memset that a capture could skip): stale scores or state would show up here. With `fp8`, the
+    entries and indexer keys are FP8 (the compressor quantizes what it writes)."""
+    from models.deepseek_v4.cache_ops import Fp8Entry, quantize_entries
     sizes, dtype = RELEASE, torch.bfloat16
+    kv_format = Fp8Entry(sizes.dim, sizes.rope_dim, 64) if fp8 else None
+    key_format = Fp8Entry(sizes.index_dim, 0, sizes.index_dim) if fp8 else None
+
+    def cache(values: torch.Tensor, fmt) -> torch.Tensor:
+        if fmt is None:
+            return values.to(device, dtype)
+        return quantize_entries(values.flatten(0, 1), fmt).view(*values.shape[:2], -1).to(device)
+
     device = "cuda"
     generator = torch.Generator().manual_seed(6)
     batches = [[(130, 1), (2, 1), (0, 1)], [(3002, 1), (4095, 1), (127, 1)], [(5, 1), (1, 1), (259, 1)]]
     longest = [(4096, 1)] * 3
     num_blocks = _num_blocks(sizes, longest)
     bs, ratio = sizes.block_size, sizes.ratio
-    window = torch.randn(num_blocks, bs, sizes.dim, generator=generator).to(device, dtype)
-    entries = torch.randn(num_blocks, bs // ratio, sizes.dim, generator=generator).to(device, dtype)
-    index_keys = torch.randn(num_blocks, bs // ratio, sizes.index_dim, generator=generator).to(device, dtype)
+    window = cache(torch.randn(num_blocks, bs, sizes.dim, generator=generator), kv_format)
+    entries = cache(torch.randn(num_blocks, bs // ratio, sizes.dim, generator=generator), kv_format)
+    index_keys = cache(torch.randn(num_blocks, bs // ratio, sizes.index_dim, generator=generator), key_format)
     state = torch.randn(num_blocks, bs, 2, 2 * sizes.dim, generator=generator).to(device)
     tables = _context(device, sizes, longest, [window, entries, index_keys, state], [1, ratio, ratio, 1])[0].block_tables
     n = 3
@@ -301,11 +312,13 @@ def test_graph_replays_at_other_contexts_equal_eager():
     def step():
         kernels.store_rows(state, rows, state_slots)
         kernels.compress_entries(state, tables[3], entries, entry_slots, positions, requests, norm, 1e-6, inv_freq,
-                                 ratio, True, bs)
-        scores = kernels.indexer_scores(index_q, weights, index_keys, tables[2], positions, requests, ratio, width, bs)
+                                 ratio, True, bs, kv_format, dtype)
+        scores = kernels.indexer_scores(index_q, weights, index_keys, tables[2], positions, requests, ratio, width, bs,
+                                        key_format)
         selected = kernels.indexer_topk(scores, positions, ratio, sizes.top_k)
         return selected, kernels.sparse_attention(q, positions, requests, window, tables[0], sizes.window, entries,
-                                                  tables[1], ratio, selected, sinks, sizes.dim ** -0.5, bs, width)
+                                                  tables[1], ratio, selected, sinks, sizes.dim ** -0.5, bs, width,
+                                                  kv_format, kv_format)
 
     def load(batch):
         ctx, pos = _context(device, sizes, batch, [window, entries, index_keys, state], [1, ratio, ratio, 1], tables)
@@ -334,7 +347,8 @@ def test_graph_replays_at_other_contexts_equal_eager():
         eager_selected, eager_out = step()
         assert torch.equal(replayed[0], eager_selected)
         assert torch.equal(replayed[1], eager_out)
-        assert torch.equal(replayed[2], state) and torch.equal(replayed[3], entries)
+        # bytes: an FP8 entry's bf16 and scale bytes read as e4m3 may be NaN patterns
+        assert torch.equal(replayed[2], state) and torch.equal(replayed[3].view(torch.uint8), entries.view(torch.uint8))
 
 
 @pytest.mark.parametrize("device", DEVICES)
