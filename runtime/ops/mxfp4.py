@@ -387,23 +387,51 @@ if triton is not None:
         x3, x7 = tl.split(b1_11)
         return x0, x1, x2, x3, x4, x5, x6, x7
 
+    # The same eight patterns from one word in PTX, two codes at a time: codes i and i + 4 sit 16 bits apart,
+    # so one shift-and-mask pair places both as bf16 patterns (halves of one register); widening a bf16
+    # half to fp32 is one more shift or mask. About 3 integer operations per element instead of 4.
+    _E2M1_PAIRS_PTX = tl.constexpr("""{
+    .reg .b32 a, b, p;
+    shl.b32 a, $8, 6;  and.b32 a, a, 0x01C001C0;  shl.b32 b, $8, 12;  and.b32 b, b, 0x80008000;  or.b32 p, a, b;
+    shl.b32 $0, p, 16;  and.b32 $4, p, 0xFFFF0000;
+    shl.b32 a, $8, 2;  and.b32 a, a, 0x01C001C0;  shl.b32 b, $8, 8;  and.b32 b, b, 0x80008000;  or.b32 p, a, b;
+    shl.b32 $1, p, 16;  and.b32 $5, p, 0xFFFF0000;
+    shr.b32 a, $8, 2;  and.b32 a, a, 0x01C001C0;  shl.b32 b, $8, 4;  and.b32 b, b, 0x80008000;  or.b32 p, a, b;
+    shl.b32 $2, p, 16;  and.b32 $6, p, 0xFFFF0000;
+    shr.b32 a, $8, 6;  and.b32 a, a, 0x01C001C0;  and.b32 b, $8, 0x80008000;  or.b32 p, a, b;
+    shl.b32 $3, p, 16;  and.b32 $7, p, 0xFFFF0000;
+    }""")
+
     @triton.jit
-    def _mxfp4_gemv_step(words, xs, BLOCK_G: tl.constexpr):
+    def _mxfp4_gemv_step(words, xs, BLOCK_G: tl.constexpr, PTX_DECODE: tl.constexpr):
         """[ROWS, BLOCK_G, 4] packed words x [BLOCK_G, 32] scaled activations -> [ROWS, BLOCK_G] block sums."""
         x0, x1, x2, x3, x4, x5, x6, x7 = _split_by_word_position(xs, BLOCK_G)
-        sums = _e2m1_times_2_pow_m126(words, 0) * x0[None, :, :]
-        sums += _e2m1_times_2_pow_m126(words, 1) * x1[None, :, :]
-        sums += _e2m1_times_2_pow_m126(words, 2) * x2[None, :, :]
-        sums += _e2m1_times_2_pow_m126(words, 3) * x3[None, :, :]
-        sums += _e2m1_times_2_pow_m126(words, 4) * x4[None, :, :]
-        sums += _e2m1_times_2_pow_m126(words, 5) * x5[None, :, :]
-        sums += _e2m1_times_2_pow_m126(words, 6) * x6[None, :, :]
-        sums += _e2m1_times_2_pow_m126(words, 7) * x7[None, :, :]
+        if PTX_DECODE:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _E2M1_PAIRS_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], dtype=(tl.float32,) * 8, is_pure=True,
+                pack=1)
+        else:
+            w0 = _e2m1_times_2_pow_m126(words, 0)
+            w1 = _e2m1_times_2_pow_m126(words, 1)
+            w2 = _e2m1_times_2_pow_m126(words, 2)
+            w3 = _e2m1_times_2_pow_m126(words, 3)
+            w4 = _e2m1_times_2_pow_m126(words, 4)
+            w5 = _e2m1_times_2_pow_m126(words, 5)
+            w6 = _e2m1_times_2_pow_m126(words, 6)
+            w7 = _e2m1_times_2_pow_m126(words, 7)
+        sums = w0 * x0[None, :, :]
+        sums += w1 * x1[None, :, :]
+        sums += w2 * x2[None, :, :]
+        sums += w3 * x3[None, :, :]
+        sums += w4 * x4[None, :, :]
+        sums += w5 * x5[None, :, :]
+        sums += w6 * x6[None, :, :]
+        sums += w7 * x7[None, :, :]
         return tl.sum(sums, axis=2)
 
     @triton.jit
     def _mxfp4_gemv_rows(x_row, words_ptr, scales_ptr, row_groups, row_scales, row_mask, K,
-                         ROWS: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr):
+                         ROWS: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, PTX_DECODE: tl.constexpr):
         """[ROWS] fp32 dot products of one activation row (pointer x_row, K elements) with weight rows whose
         first 16-byte block is row_groups [ROWS] (int64, counted in blocks) and first scale row_scales."""
         num_groups = K // 32
@@ -424,7 +452,7 @@ if triton is not None:
                 words = tl.load(word_ptrs + g_start * 4, mask=row_mask[:, None, None] & group_mask[None, :, None],
                                 other=0, eviction_policy="evict_first")
             xs = tl.load(x_ptrs + g_start * 32, mask=group_mask[:, None], other=0.0).to(tl.float32)
-            sums = _mxfp4_gemv_step(words, xs * 18446744073709551616.0, BLOCK_G)      # x * 2^64
+            sums = _mxfp4_gemv_step(words, xs * 18446744073709551616.0, BLOCK_G, PTX_DECODE)   # x * 2^64
             scale_bits = tl.load(scales_ptr + row_scales[:, None] + group[None, :],
                                  mask=row_mask[:, None] & group_mask[None, :], other=0).to(tl.int32)
             scale = (scale_bits << 23).to(tl.float32, bitcast=True)             # 2^(s - 127); s = 0 gives 0
@@ -438,7 +466,8 @@ if triton is not None:
                                    stride_xm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_hm,
                                    alpha, limit, up_offset,
                                    HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERLEAVED: tl.constexpr,
-                                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr):
+                                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr,
+                                   PTX_DECODE: tl.constexpr):
         """h[pair, n] = act(x[token] @ W13[e].T + b13[e]) for this program's BLOCK_N columns n. Weight strides
         (stride_be, stride_br) count 16-byte blocks."""
         pair = tl.program_id(0)
@@ -457,7 +486,7 @@ if triton is not None:
         acc = _mxfp4_gemv_rows(x_ptr + token.to(tl.int64) * stride_xm, words_ptr, scales_ptr,
                                expert * stride_be + rows.to(tl.int64) * stride_br,
                                expert * stride_se + rows.to(tl.int64) * stride_sr, row_mask, K,
-                               2 * BLOCK_N, BLOCK_G, PREFETCH)                     # [2 * BLOCK_N]
+                               2 * BLOCK_N, BLOCK_G, PREFETCH, PTX_DECODE)         # [2 * BLOCK_N]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + expert * stride_bias + rows, mask=row_mask, other=0.0).to(tl.float32)
         if INTERLEAVED:
@@ -475,7 +504,7 @@ if triton is not None:
     def _mxfp4_gemv_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr,
                                 top_k, K, N, stride_hm, stride_be, stride_br, stride_se, stride_sr, stride_bias,
                                 stride_om, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr):
+                                BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, PTX_DECODE: tl.constexpr):
         """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n], pair = token * top_k + k,
         summed in slot order."""
         token = tl.program_id(0)
@@ -489,7 +518,7 @@ if triton is not None:
                 y = _mxfp4_gemv_rows(h_ptr + pair.to(tl.int64) * stride_hm, words_ptr, scales_ptr,
                                      expert * stride_be + n.to(tl.int64) * stride_br,
                                      expert * stride_se + n.to(tl.int64) * stride_sr, n_mask, K,
-                                     BLOCK_N, BLOCK_G, PREFETCH)
+                                     BLOCK_N, BLOCK_G, PREFETCH, PTX_DECODE)
                 if HAS_BIAS:
                     y += tl.load(bias_ptr + expert * stride_bias + n, mask=n_mask, other=0.0).to(tl.float32)
                 out += y * tl.load(weights_ptr + pair).to(tl.float32)
@@ -499,10 +528,13 @@ if triton is not None:
 @dataclass(frozen=True, slots=True)
 class GemvTiles:
     block_n_gate_up: int = 16          # intermediate columns per program: 2x as many gate/up weight rows
-    block_n_down: int = 16             # output columns (weight rows) per program
-    block_g: int = 8                   # 16-byte blocks (32 elements) of each row per K step
+    block_n_down: int = 8              # output columns (weight rows) per program
+    block_g: int = 8                   # 16-byte blocks (32 elements) of each row per K step, gate/up
     num_warps: int = 4
     prefetch: bool = True              # load step i + 1 before decoding step i
+    ptx_decode: bool = True            # the PTX pair decode (GPU only; the interpreter runs the Triton one)
+    block_g_down: int = 32             # K step of the down GEMV: its grid is small, so each program reads deep
+    num_warps_down: int = 4
 
     @staticmethod
     def for_shape(hidden: int, inter: int) -> "GemvTiles":
@@ -514,9 +546,54 @@ class GemvTiles:
 
 # From the tools/decode_kernels.py sweep on an H200 (2026-11-29; figures in docs/PERFORMANCE.md).
 GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {
-    (2880, 2880): GemvTiles(16, 16, 8, 4),
-    (4096, 2048): GemvTiles(16, 16, 8, 4),
+    (2880, 2880): GemvTiles(),
+    (4096, 2048): GemvTiles(),
 }
+
+
+def _check_gemv_weights(w: Mxfp4Linear) -> None:
+    if w.blocks.stride(-1) != 1 or w.blocks.stride(-2) != 16 or w.scales.stride(-1) != 1 \
+            or w.blocks.stride(0) % 16 or w.blocks.stride(1) % 16 or w.blocks.storage_offset() % 16:
+        raise ValueError("MXFP4 GEMV needs each weight row's blocks and scales contiguous, 16-byte aligned")
+
+
+def mxfp4_gemv_gate_up(x: torch.Tensor, w13: Mxfp4Linear, topk_ids: torch.Tensor, activation: GatedActivation,
+                       tiles: GemvTiles) -> torch.Tensor:
+    """h [pairs, inter] = act(x[token] @ W13[e].T + b13[e]) for every (token, slot) pair, in x's dtype."""
+    _check_gemv_weights(w13)
+    num_tokens, top_k = topk_ids.shape
+    inter = w13.out_features // 2
+    x = x.contiguous()
+    h = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)           # [pairs, inter]
+    bias = w13.bias if w13.bias is not None else torch.zeros(1, dtype=torch.float32, device=x.device)
+    # int32 words over the same bytes (4 per 16-byte block); weight strides passed in 16-byte blocks
+    _mxfp4_gemv_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, tiles.block_n_gate_up))](
+        x, w13.blocks.view(torch.int32), w13.scales, bias, h, topk_ids.contiguous().view(-1), top_k,
+        x.shape[1], inter, x.stride(0), w13.blocks.stride(0) // 16, w13.blocks.stride(1) // 16,
+        w13.scales.stride(0), w13.scales.stride(1), bias.stride(0) if w13.bias is not None else 0, h.stride(0),
+        activation.alpha, activation.limit or 0.0, activation.up_offset,
+        HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None, INTERLEAVED=activation.interleaved,
+        BLOCK_N=tiles.block_n_gate_up, BLOCK_G=tiles.block_g, PREFETCH=tiles.prefetch,
+        PTX_DECODE=tiles.ptx_decode and x.is_cuda, num_warps=tiles.num_warps)
+    return h
+
+
+def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    tiles: GemvTiles) -> torch.Tensor:
+    """out [tokens, hidden] = sum_k weight_k * (h[pair] @ W2[e].T + b2[e]), in h's dtype."""
+    _check_gemv_weights(w2)
+    num_tokens, top_k = topk_ids.shape
+    hidden = w2.out_features
+    out = torch.empty(num_tokens, hidden, dtype=h.dtype, device=h.device)
+    bias = w2.bias if w2.bias is not None else torch.zeros(1, dtype=torch.float32, device=h.device)
+    _mxfp4_gemv_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down))](
+        h, w2.blocks.view(torch.int32), w2.scales, bias, out, topk_weights.contiguous().view(-1),
+        topk_ids.contiguous().view(-1), top_k, h.shape[1], hidden, h.stride(0), w2.blocks.stride(0) // 16,
+        w2.blocks.stride(1) // 16, w2.scales.stride(0), w2.scales.stride(1),
+        bias.stride(0) if w2.bias is not None else 0, out.stride(0),
+        HAS_BIAS=w2.bias is not None, BLOCK_N=tiles.block_n_down, BLOCK_G=tiles.block_g_down,
+        PREFETCH=tiles.prefetch, PTX_DECODE=tiles.ptx_decode and h.is_cuda, num_warps=tiles.num_warps_down)
+    return out
 
 
 def mxfp4_moe_gemv(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weights: torch.Tensor,
@@ -529,35 +606,8 @@ def mxfp4_moe_gemv(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weig
     if w13.in_features != hidden or w13.out_features != 2 * inter or w2.out_features != hidden:
         raise ValueError(f"expert shapes do not chain: x [.., {hidden}], w13 [{w13.out_features}, "
                          f"{w13.in_features}], w2 [{w2.out_features}, {w2.in_features}]")
-    for w in (w13, w2):
-        if w.blocks.stride(-1) != 1 or w.blocks.stride(-2) != 16 or w.scales.stride(-1) != 1 \
-                or w.blocks.stride(0) % 16 or w.blocks.stride(1) % 16 or w.blocks.storage_offset() % 16:
-            raise ValueError("MXFP4 GEMV needs each weight row's blocks and scales contiguous, 16-byte aligned")
+    if topk_ids.numel() == 0:
+        return torch.zeros(topk_ids.shape[0], hidden, dtype=x.dtype, device=x.device)
     tiles = tiles or GemvTiles.for_shape(hidden, inter)
-    x = x.contiguous()
-    num_tokens, top_k = topk_ids.shape
-    num_pairs = num_tokens * top_k
-    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
-    if num_pairs == 0:
-        return out.zero_()
-    ids = topk_ids.contiguous().view(-1)
-    h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)             # [pairs, inter]
-    dummy_bias = torch.zeros(1, dtype=torch.float32, device=x.device)
-    bias13 = w13.bias if w13.bias is not None else dummy_bias
-    # int32 words over the same bytes (4 per 16-byte block); weight strides passed in 16-byte blocks
-    words13, words2 = (w.blocks.view(torch.int32) for w in (w13, w2))
-    _mxfp4_gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, tiles.block_n_gate_up))](
-        x, words13, w13.scales, bias13, h, ids, top_k, hidden, inter,
-        x.stride(0), w13.blocks.stride(0) // 16, w13.blocks.stride(1) // 16, w13.scales.stride(0),
-        w13.scales.stride(1), bias13.stride(0) if w13.bias is not None else 0, h.stride(0),
-        activation.alpha, activation.limit or 0.0, activation.up_offset,
-        HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None, INTERLEAVED=activation.interleaved,
-        BLOCK_N=tiles.block_n_gate_up, BLOCK_G=tiles.block_g, PREFETCH=tiles.prefetch, num_warps=tiles.num_warps)
-    bias2 = w2.bias if w2.bias is not None else dummy_bias
-    _mxfp4_gemv_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down))](
-        h, words2, w2.scales, bias2, out, topk_weights.contiguous().view(-1), ids, top_k, inter, hidden,
-        h.stride(0), w2.blocks.stride(0) // 16, w2.blocks.stride(1) // 16, w2.scales.stride(0), w2.scales.stride(1),
-        bias2.stride(0) if w2.bias is not None else 0, out.stride(0),
-        HAS_BIAS=w2.bias is not None, BLOCK_N=tiles.block_n_down, BLOCK_G=tiles.block_g, PREFETCH=tiles.prefetch,
-        num_warps=tiles.num_warps)
-    return out
+    h = mxfp4_gemv_gate_up(x, w13, topk_ids, activation, tiles)
+    return mxfp4_gemv_down(h, w2, topk_weights, topk_ids, tiles)
