@@ -106,12 +106,12 @@ MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, ac
     "deepseek-v4": (32, 4096, 2048, 6, False, GatedActivation(limit=10.0)),     # 32 of its 256 experts
 }
 # (block_n, block_g, num_warps [, prefetch, ptx_decode]) of each GEMV: the sweep beside the table's tiles
-GATE_UP_VARIANTS = [(16, 8, 4), (32, 8, 4), (8, 8, 4), (16, 16, 4), (64, 4, 8), (32, 8, 8),
-                    (16, 8, 4, True, False), (16, 8, 4, False, True)]
-DOWN_VARIANTS = [(8, 32, 4), (16, 16, 4), (4, 64, 4), (16, 32, 8), (8, 16, 4), (32, 8, 4), (8, 32, 4, True, False)]
+# (the first of each list is the reference for the decode choice: it runs with either decode)
+GATE_UP_VARIANTS = [(16, 8, 4), (32, 8, 4), (8, 8, 4), (16, 16, 4), (64, 4, 8), (16, 8, 4, True, False)]
+DOWN_VARIANTS = [(8, 32, 4), (16, 16, 4), (4, 64, 4), (8, 16, 4), (16, 32, 8), (8, 32, 4, True, False)]
 
 
-def bench_mxfp4(bandwidth: float, before=None) -> None:
+def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> None:
     """The MoE of each expert shape at 1 and 4 tokens: the module `before` (an older runtime.ops.mxfp4, its
     default tiles), the table's tiles (whole MoE, then each GEMV alone) and a sweep of each GEMV's tiles."""
     from dataclasses import replace
@@ -142,7 +142,8 @@ def bench_mxfp4(bandwidth: float, before=None) -> None:
             up_mb, down_mb = unique * w13_bytes / 1e6, unique * w2_bytes / 1e6
             tbs = lambda mb, us: mb / us                                            # noqa: E731  MB/us = TB/s
             want = mxfp4_moe_reference(x, *layers[0], weights, ids, activation)
-            grouped = timed_us(lambda i: mxfp4_moe_triton(x, *layers[i], weights, ids, activation), len(layers))
+            grouped = timed_us(lambda i: mxfp4_moe_triton(x, *layers[i], weights, ids, activation), len(layers)) \
+                if with_grouped else float("nan")
             t_before = float("nan")
             if before is not None:
                 t_before = timed_us(lambda i: before.mxfp4_moe_gemv(
@@ -157,7 +158,7 @@ def bench_mxfp4(bandwidth: float, before=None) -> None:
             print(f"{tokens:>6}{unique:>8}{up_mb + down_mb:>7.1f}{grouped:>11.1f}{t_before:>10.1f}"
                   f"{tbs(up_mb + down_mb, t_before):>6.2f}{t_after:>9.1f}{tbs(up_mb + down_mb, t_after):>6.2f}"
                   f"{t_up:>11.1f}{tbs(up_mb, t_up):>6.2f}{t_down:>8.1f}{tbs(down_mb, t_down):>6.2f}{err:>9.1e}")
-            record = dict(kind="mxfp4", shape=name, tokens=tokens, experts=unique, grouped_us=grouped,
+            record = dict(kind="mxfp4", shape=name, hidden=hidden, inter=inter, tokens=tokens, experts=unique, grouped_us=grouped,
                           before_us=t_before, after_us=t_after, gate_up_us=t_up, down_us=t_down, err=err,
                           gate_up_mb=up_mb, down_mb=down_mb, sweep={})
             for block_n, block_g, warps, *flags in GATE_UP_VARIANTS:
@@ -183,6 +184,42 @@ def bench_mxfp4(bandwidth: float, before=None) -> None:
                                                         for us, k, tb, e in ranked[:4]))
             RECORDS.append(record)
         del layers
+
+
+def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
+    """Per expert shape, the sweep's fastest gate_up and down tiles, weighting 1 token fully and 4 tokens by
+    a quarter; the decode (PTX or Triton) by the two GEMVs' reference tiles. Returns GemvTiles(...) sources."""
+    chosen = {}
+    for shape in {(r["hidden"], r["inter"]) for r in records if r["kind"] == "mxfp4"}:
+        cost: dict[str, float] = {}
+        for r in records:
+            if r["kind"] == "mxfp4" and (r["hidden"], r["inter"]) == shape:
+                for key, (us, _, err) in r["sweep"].items():
+                    weight = 1.0 if r["tokens"] == 1 else 0.25
+                    cost[key] = cost.get(key, 0.0) + (weight * us if err < 1e-2 else float("inf"))
+        parse = lambda key: [int(part.lstrip("ngwpftx")) for part in key.split()[1:]]     # noqa: E731
+        ref_up, ref_down = (f"{kernel} n{v[0]} g{v[1]} w{v[2]} pf1" for kernel, v in
+                            (("gate_up", GATE_UP_VARIANTS[0]), ("down", DOWN_VARIANTS[0])))
+        ptx = cost[ref_up + " ptx1"] + cost[ref_down + " ptx1"] <= cost[ref_up + " ptx0"] + cost[ref_down + " ptx0"]
+        best = {kernel: parse(min((k for k in cost if k.startswith(kernel) and k.endswith(f"ptx{int(ptx)}")),
+                                  key=cost.__getitem__)) for kernel in ("gate_up", "down")}
+        (n_up, g_up, w_up, pf_up, _), (n_down, g_down, w_down, pf_down, _) = best["gate_up"], best["down"]
+        chosen[shape] = (f"GemvTiles({n_up}, {n_down}, {g_up}, {w_up}, prefetch={bool(pf_up and pf_down)}, "
+                         f"ptx_decode={ptx}, block_g_down={g_down}, num_warps_down={w_down})")
+    return chosen
+
+
+def write_tile_table(chosen: dict[tuple[int, int], str]) -> None:
+    """Rewrite the GEMV_TILE_TABLE rows of runtime/ops/mxfp4.py for the shapes swept."""
+    import re
+    path = Path(__file__).resolve().parents[1] / "runtime" / "ops" / "mxfp4.py"
+    text = path.read_text()
+    for (hidden, inter), tiles in chosen.items():
+        text, count = re.subn(rf"^    \({hidden}, {inter}\): GemvTiles\(.*\),$", f"    ({hidden}, {inter}): {tiles},",
+                              text, flags=re.M)
+        if count != 1:
+            raise SystemExit(f"no GEMV_TILE_TABLE row for ({hidden}, {inter}) in {path}")
+    path.write_text(text)
 
 
 def bench_qkv() -> None:
@@ -231,6 +268,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="gemv,mxfp4,qkv")
     parser.add_argument("--json")
+    parser.add_argument("--no-grouped", action="store_true", help="skip the grouped GEMM column")
+    parser.add_argument("--write-table", action="store_true",
+                        help="write the sweep's choice into GEMV_TILE_TABLE in runtime/ops/mxfp4.py")
     parser.add_argument("--before", help="a module with an older mxfp4_moe_gemv to time beside this one "
                                          "(e.g. a copy of the previous runtime/ops/mxfp4.py)")
     args = parser.parse_args()
@@ -241,7 +281,12 @@ def main() -> int:
     if "qkv" in only:
         bench_qkv()
     if "mxfp4" in only:
-        bench_mxfp4(bandwidth, importlib.import_module(args.before) if args.before else None)
+        bench_mxfp4(bandwidth, importlib.import_module(args.before) if args.before else None, not args.no_grouped)
+        chosen = choose_gemv_tiles(RECORDS)
+        for shape, tiles in sorted(chosen.items()):
+            print(f"chosen for {shape}: {tiles}")
+        if args.write_table:
+            write_tile_table(chosen)
     if "gemv" in only:
         bench_gemv(bandwidth)
     if args.json:
