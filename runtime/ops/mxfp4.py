@@ -364,7 +364,7 @@ def mxfp4_moe_triton(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_we
 # the gated activation; the intermediate is stored per pair (no sorting, no alignment pass).
 # GEMM 2: one program per (token, BLOCK_N output columns) walks the token's k experts in order and sums their
 # weighted rows in fp32, so the k-way sum needs no extra launch and is deterministic.
-# Each program loads the next K step's words before decoding the current one (two steps in flight).
+# Each program loads the next K step's words, activations and scales before decoding the current one.
 
 if triton is not None:
     @triton.jit
@@ -430,6 +430,18 @@ if triton is not None:
         return tl.sum(sums, axis=2)
 
     @triton.jit
+    def _mxfp4_gemv_load(word_ptrs, x_ptrs, scale_ptrs, row_mask, g_start, num_groups, BLOCK_G: tl.constexpr):
+        """One K step's operands: words [ROWS, BLOCK_G, 4] int32, activations [BLOCK_G, 32] fp32 * 2^64 and
+        scale bytes [ROWS, BLOCK_G] int32 (zero past the row's end)."""
+        group = g_start + tl.arange(0, BLOCK_G)
+        group_mask = group < num_groups
+        words = tl.load(word_ptrs + g_start * 4, mask=row_mask[:, None, None] & group_mask[None, :, None], other=0,
+                        eviction_policy="evict_first")
+        xs = tl.load(x_ptrs + g_start * 32, mask=group_mask[:, None], other=0.0).to(tl.float32)
+        scale_bits = tl.load(scale_ptrs + g_start, mask=row_mask[:, None] & group_mask[None, :], other=0)
+        return words, xs * 18446744073709551616.0, scale_bits.to(tl.int32)
+
+    @triton.jit
     def _mxfp4_gemv_rows(x_row, words_ptr, scales_ptr, row_groups, row_scales, row_mask, K,
                          ROWS: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, PTX_DECODE: tl.constexpr):
         """[ROWS] fp32 dot products of one activation row (pointer x_row, K elements) with weight rows whose
@@ -438,27 +450,22 @@ if triton is not None:
         g = tl.arange(0, BLOCK_G)
         word_ptrs = words_ptr + (row_groups[:, None, None] + g[None, :, None]) * 4 + tl.arange(0, 4)[None, None, :]
         x_ptrs = x_row + g[:, None] * 32 + tl.arange(0, 32)[None, :]                    # [BLOCK_G, 32]
+        scale_ptrs = scales_ptr + row_scales[:, None] + g[None, :]                       # [ROWS, BLOCK_G]
         acc = tl.zeros([ROWS, BLOCK_G], dtype=tl.float32)
-        words = tl.load(word_ptrs, mask=row_mask[:, None, None] & (g < num_groups)[None, :, None], other=0,
-                        eviction_policy="evict_first")
+        if PREFETCH:
+            words, xs, scale_bits = _mxfp4_gemv_load(word_ptrs, x_ptrs, scale_ptrs, row_mask, 0, num_groups, BLOCK_G)
         for g_start in range(0, num_groups, BLOCK_G):
-            group = g_start + g
-            group_mask = group < num_groups
-            if PREFETCH:                     # the next step's words are in flight while this one decodes
-                next_mask = row_mask[:, None, None] & ((group + BLOCK_G) < num_groups)[None, :, None]
-                next_words = tl.load(word_ptrs + (g_start + BLOCK_G) * 4, mask=next_mask, other=0,
-                                     eviction_policy="evict_first")
+            if PREFETCH:                     # the next step's operands are in flight while this one decodes
+                next_words, next_xs, next_scale_bits = _mxfp4_gemv_load(word_ptrs, x_ptrs, scale_ptrs, row_mask,
+                                                                        g_start + BLOCK_G, num_groups, BLOCK_G)
             else:
-                words = tl.load(word_ptrs + g_start * 4, mask=row_mask[:, None, None] & group_mask[None, :, None],
-                                other=0, eviction_policy="evict_first")
-            xs = tl.load(x_ptrs + g_start * 32, mask=group_mask[:, None], other=0.0).to(tl.float32)
-            sums = _mxfp4_gemv_step(words, xs * 18446744073709551616.0, BLOCK_G, PTX_DECODE)   # x * 2^64
-            scale_bits = tl.load(scales_ptr + row_scales[:, None] + group[None, :],
-                                 mask=row_mask[:, None] & group_mask[None, :], other=0).to(tl.int32)
+                words, xs, scale_bits = _mxfp4_gemv_load(word_ptrs, x_ptrs, scale_ptrs, row_mask, g_start,
+                                                         num_groups, BLOCK_G)
+            sums = _mxfp4_gemv_step(words, xs, BLOCK_G, PTX_DECODE)                      # x scaled by 2^64
             scale = (scale_bits << 23).to(tl.float32, bitcast=True)             # 2^(s - 127); s = 0 gives 0
             acc += (sums * 4611686018427387904.0) * scale                         # * 2^62 undoes 2^64 * 2^-126
             if PREFETCH:
-                words = next_words
+                words, xs, scale_bits = next_words, next_xs, next_scale_bits
         return tl.sum(acc, axis=1)
 
     @triton.jit
@@ -546,8 +553,8 @@ class GemvTiles:
 
 # From the tools/decode_kernels.py sweep on an H200 (2026-11-29; figures in docs/PERFORMANCE.md).
 GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {
-    (2880, 2880): GemvTiles(),
-    (4096, 2048): GemvTiles(),
+    (2880, 2880): GemvTiles(8, 8, 8, 4, prefetch=True, ptx_decode=True, block_g_down=32, num_warps_down=4),
+    (4096, 2048): GemvTiles(8, 8, 8, 4, prefetch=True, ptx_decode=True, block_g_down=32, num_warps_down=4),
 }
 
 
