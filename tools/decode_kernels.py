@@ -107,8 +107,8 @@ MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, ac
 }
 # (block_n, block_g, num_warps [, prefetch, ptx_decode]) of each GEMV: the sweep beside the table's tiles
 # (the first of each list is the reference for the decode choice: it runs with either decode)
-GATE_UP_VARIANTS = [(8, 8, 4), (16, 8, 4), (8, 32, 4), (16, 32, 8), (32, 16, 8), (8, 16, 2), (8, 8, 4, True, False)]
-DOWN_VARIANTS = [(8, 32, 4), (16, 32, 8), (16, 16, 4), (4, 64, 4), (8, 64, 8), (32, 32, 8), (8, 32, 4, True, False)]
+GATE_UP_VARIANTS = [(16, 8, 4), (32, 8, 4), (8, 8, 4), (16, 16, 4), (64, 4, 8), (16, 8, 4, True, False)]
+DOWN_VARIANTS = [(8, 32, 4), (16, 16, 4), (4, 64, 4), (8, 16, 4), (16, 32, 8), (8, 32, 4, True, False)]
 
 
 def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> None:
