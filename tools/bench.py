@@ -5,9 +5,8 @@
     kv          the model built on the meta device: each cache group's bytes per token, and the cache of one
                 request at --tokens positions (CPU, no weights)
     latency     batch 1, 128-token prompt, 256 new tokens: TTFT, TPOT, decode tok/s, vs the roofline
-    longctx     steady decode at a 32K context for batch 1 and 4 (--kv-cache-dtype fp8 vs auto)
-    context     batch-1 decode step time with --contexts tokens already in the cache (their prefill is skipped:
-                the model is stubbed out while the cache blocks are allocated, so 1M-token contexts take seconds)
+    context     decode step time per --batch size with --contexts tokens already in each cache (their prefill
+                is skipped: the model is stubbed out while the blocks are allocated, so 1M tokens take seconds)
     throughput  256 requests, prompt and output lengths uniform in [100, 1024], seed 0, ignore_eos
                 (nano-vllm's / vLLM's protocol): output tok/s
     sampling    the sampler alone on 256 rows x 152k vocabulary: greedy, the torch reference, the Triton kernel
@@ -331,37 +330,6 @@ def bench_spec(args: argparse.Namespace) -> dict:
     return result
 
 
-def bench_longctx(args: argparse.Namespace) -> dict:
-    """Steady decode at a long context: `batch` requests of `context` prompt tokens each, prefilled, then
-    `steps` decode steps timed (each step ends in a host sync of its tokens), per batch size."""
-    from runtime import LLM, SamplingParams
-    llm = LLM(args.model, **_engine_options(args))
-    engine = llm.engine
-    rng = random.Random(0)
-    result = dict(workload="longctx", model=args.model, context=args.context, kv_cache_dtype=args.kv_cache_dtype,
-                  kv_report=engine.cache_report())
-    for batch in args.batch:
-        params = SamplingParams(temperature=0.0, max_tokens=args.steps + 16, ignore_eos=True)
-        for i in range(batch):
-            low = min(1000, engine.vocab_size // 4)
-            prompt = [rng.randrange(low, engine.vocab_size - low) for _ in range(args.context)]
-            engine.add_request(f"long-{batch}-{i}", prompt, params)
-        while engine.scheduler.waiting or any(r.num_output_tokens < 4 for r in engine.scheduler.running):
-            engine.step()                                      # prefill, then settle into decode
-        sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            engine.step()
-        sync()
-        tpot = (time.perf_counter() - start) / args.steps
-        result[f"batch{batch}_tpot_ms"] = tpot * 1e3
-        result[f"batch{batch}_tok_s"] = batch / tpot
-        while engine.has_unfinished():
-            engine.step()
-    return result
-
-
 class _SkippedForward:
     """Stands in for the model during a prefill whose result does not matter: allocates nothing, computes
     nothing, returns zeros of the hidden width; logits still come from the model's head."""
@@ -377,8 +345,8 @@ class _SkippedForward:
 
 
 def bench_context(args: argparse.Namespace) -> dict:
-    """Decode step time of one request at each context length in --contexts (CUDA graphs): the prompt's
-    prefill is skipped (`_SkippedForward`), the decode steps read a cache of the full length."""
+    """Decode step time at each context length in --contexts, for each batch size in --batch (CUDA graphs):
+    the prompts' prefill is skipped (`_SkippedForward`), the decode steps read caches of the full length."""
     from runtime import LLM, SamplingParams
     llm = LLM(args.model, **_engine_options(args))
     engine = llm.engine
@@ -388,27 +356,33 @@ def bench_context(args: argparse.Namespace) -> dict:
     model = runner.model
     width = next(iter(runner.graphs.values()))[1].shape[1]
     rng = random.Random(0)
-    result = dict(workload="context", model=args.model, steps=args.steps)
-    for context in args.contexts:
-        prompt = [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(context)]
-        request_id = f"context-{context}"
-        engine.add_request(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=args.steps + 8,
-                                                              ignore_eos=True))
-        runner.model = _SkippedForward(model, width, engine.dtype)
-        while any(r.num_output_tokens < 2 for r in engine.scheduler.running) or engine.scheduler.waiting:
-            engine.step()
-        runner.model = model
-        for _ in range(3):
-            engine.step()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            engine.step()
-        torch.cuda.synchronize()
-        result[f"step_ms_{context}"] = (time.perf_counter() - start) / args.steps * 1e3
-        engine.abort(request_id)
-        while engine.has_unfinished():
-            engine.step()
+    result = dict(workload="context", model=args.model, steps=args.steps, kv_cache_dtype=args.kv_cache_dtype,
+                  kv_report=engine.cache_report())
+    params = SamplingParams(temperature=0.0, max_tokens=args.steps + 8, ignore_eos=True)
+    for batch in args.batch:
+        for context in args.contexts:
+            for i in range(batch):
+                prompt = [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(context)]
+                engine.add_request(f"context-{context}-{batch}-{i}", prompt, params)
+            runner.model = _SkippedForward(model, width, engine.dtype)
+            while any(r.num_output_tokens < 2 for r in engine.scheduler.running) or engine.scheduler.waiting:
+                engine.step()
+            runner.model = model
+            for _ in range(3):
+                engine.step()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            torch.cuda.synchronize()
+            step_ms = (time.perf_counter() - start) / args.steps * 1e3
+            prefix = "" if batch == 1 else f"batch{batch}_"
+            result[f"{prefix}step_ms_{context}"] = step_ms
+            result[f"{prefix}tok_s_{context}"] = batch / step_ms * 1e3
+            for i in range(batch):
+                engine.abort(f"context-{context}-{batch}-{i}")
+            while engine.has_unfinished():
+                engine.step()
     return result
 
 
@@ -460,8 +434,10 @@ def bench_throughput(args: argparse.Namespace) -> dict:
 
 
 def bench_profile(args: argparse.Namespace) -> dict:
-    """Steady decode at a fixed batch under torch.profiler: how long the device is busy per step, what idles
-    it, and the kernels that take the time."""
+    """Steady decode at a fixed batch: the step's wall time without a profiler, then the same steps under
+    torch.profiler for how long the device is busy per step and the kernels that take the time. The idle
+    share is 1 - busy / the unprofiled step: the profiler's own host cost (it records every op) would
+    otherwise count as idle device time."""
     from torch.profiler import ProfilerActivity, profile
 
     from runtime import LLM
@@ -470,19 +446,24 @@ def bench_profile(args: argparse.Namespace) -> dict:
     rng = random.Random(0)
     result = dict(workload="profile", model=args.model, batch=args.batch)
     for mode in _modes(args):
-        params = _params(mode, max_tokens=args.steps + 64, ignore_eos=True)
+        params = _params(mode, max_tokens=2 * args.steps + 64, ignore_eos=True)
         for i in range(args.batch):
             engine.add_request(f"{mode}{i}", [rng.randrange(1000, engine.vocab_size - 1000)
                                               for _ in range(args.prompt_len)], params)
         while any(r.num_output_tokens < 8 for r in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()                                                      # prefill, then settle into decode
         torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / args.steps
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
             for _ in range(args.steps):
                 engine.step()
             torch.cuda.synchronize()
-            wall = (time.perf_counter() - start) / args.steps
+            profiled_wall = (time.perf_counter() - start) / args.steps
         while engine.has_unfinished():
             engine.step()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -491,7 +472,8 @@ def bench_profile(args: argparse.Namespace) -> dict:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top))
         if args.trace:
             prof.export_chrome_trace(args.trace.replace(".json", f".{mode}.json"))
-        result.update(_prefixed(mode, dict(step_ms=wall * 1e3, gpu_busy_ms=busy_per_step * 1e3,
+        result.update(_prefixed(mode, dict(step_ms=wall * 1e3, profiled_step_ms=profiled_wall * 1e3,
+                                           gpu_busy_ms=busy_per_step * 1e3,
                                            gpu_idle_fraction=1.0 - busy_per_step / wall,
                                            kernels_per_step=len(kernels) / args.steps)))
     return result
@@ -723,16 +705,12 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("-k", type=int, default=4)
     spec.add_argument("--method", default="ngram", help="the drafter that runs (its drafts are replaced by the "
                       "replayed ones): ngram, or a package's own, e.g. mtp (then its cost is in the figures)")
-    context = sub.add_parser("context", help="batch-1 decode step time at long contexts, prefill skipped (GPU)")
+    context = sub.add_parser("context", help="decode step time at long contexts per batch size, prefill skipped (GPU)")
     _gpu_args(context)
     context.add_argument("--contexts", type=int, nargs="+", default=[4096, 131072, 1048576])
+    context.add_argument("--batch", type=int, nargs="+", default=[1])
     context.add_argument("--steps", type=int, default=50)
     spec.add_argument("--batch", type=int, default=8, help="requests in the mixed ngram rows")
-    longctx = sub.add_parser("longctx", help="steady decode at a long context, per batch size (GPU)")
-    _gpu_args(longctx)
-    longctx.add_argument("--context", type=int, default=32768)
-    longctx.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    longctx.add_argument("--steps", type=int, default=64)
     prof = sub.add_parser("profile", help="steady decode at a fixed batch under torch.profiler (GPU)")
     _gpu_args(prof)
     prof.add_argument("--batch", type=int, default=64)
@@ -773,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_gpu_workload(args: argparse.Namespace) -> dict:
     """One GPU workload (latency | spec | throughput | profile) -> its result record."""
     workloads = {"latency": bench_latency, "spec": bench_spec, "throughput": bench_throughput,
-                 "profile": bench_profile, "sampling": bench_sampling, "longctx": bench_longctx,
+                 "profile": bench_profile, "sampling": bench_sampling,
                  "context": bench_context}
     result = workloads[args.command](args)
     result.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),

@@ -112,17 +112,21 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     return sample_rows_ref(logits, temperature, top_k, top_p, min_p, seeds, steps, exclude)
 
 
-# ---- Triton kernel --------------------------------------------------------------------------------------
-# One program per row, streaming the row in blocks; no sort of the vocabulary.
-#   pass 1: max and argmax of the raw logits (the argmax is the greedy token; max / T the scaled max M).
-#   pass 2: the softmax sum Z over s = x / T, and per level j (gap d_j = 2^((j - LEVEL_SHIFT) / 2) below M)
-#           the count and the mass of tokens with s >= M - d_j.
-#   From those the lowest gap that certainly holds every survivor (>= k tokens above it; or mass >= p;
-#   or exp(-d) below min_p) bounds the candidates. If they fit in CAP:
-#   pass 3: copy the candidates (value, id) to a scratch row, then filter and race in registers: a sort of
-#           CAP values gives the k-th value and the top-p cut; ties at the cut are kept by ascending id.
-#   Otherwise (filters off, or too many candidates) exact bisections over the order-preserving integer keys
-#   of the values find the k-th value and the top-p cut, then one pass races over the whole row.
+# ---- Triton kernels -------------------------------------------------------------------------------------
+# Each row is split into chunks of CHUNK tokens, one program per (row, chunk) for the passes over the
+# vocabulary, so that a few hundred rows still fill the GPU; a last program per row decides and draws.
+#   1 (row, chunk): max and argmax of the raw logits (the argmax is the greedy token; max / T the scaled max M).
+#   2 (row, chunk): the softmax sum Z over s = x / T, and per level j (gap d_j = 2^((j - LEVEL_SHIFT) / 2)
+#     below M) the count and the mass of tokens with s >= M - d_j.
+#     From those the lowest gap that certainly holds every survivor (>= k tokens above it; or mass >= p;
+#     or exp(-d) below min_p) bounds the candidates: every program of the row works it out alike.
+#   3 (row, chunk): if the candidates fit in CAP, copy the chunk's (value, id) to the row's scratch at the
+#     chunk's offset (the counts of the chunks before it at that level); with no filter at all, race over
+#     the chunk instead (argmax of prob / -log(u)).
+#   4 (row): filter and race the candidates in registers (a sort of CAP values gives the k-th value and the
+#     top-p cut; ties at the cut kept by ascending id), or reduce the chunks' races. Otherwise (too many
+#     candidates, or top-p on a flat row) exact bisections over the order-preserving integer keys of the
+#     values find the k-th value and the top-p cut, then one pass races over the whole row (slow, rare).
 
 if triton is not None:
 
@@ -157,76 +161,198 @@ if triton is not None:
         return tl.load(base + offs, mask=offs < V, other=float("-inf")) / temperature
 
     @triton.jit
-    def _sample_rows_kernel(logits_ptr, stride, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seeds_ptr,
-                            steps_ptr, exclude_ptr, random_out, greedy_out, excluded_prob_out, cand_val_ptr,
-                            cand_id_ptr, V, greedy_below,
-                            BLOCK: tl.constexpr, LEVEL_BLOCK: tl.constexpr, NUM_LEVELS: tl.constexpr,
-                            LEVEL_SHIFT: tl.constexpr, CAP: tl.constexpr):
-        row = tl.program_id(0)
+    def _chunk_max_kernel(logits_ptr, stride, V, part_max_ptr, part_arg_ptr, NUM_CHUNKS,
+                          CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        row, chunk = tl.program_id(0), tl.program_id(1)
         base = logits_ptr + row.to(tl.int64) * stride
         offs = tl.arange(0, BLOCK)
-        temperature = tl.load(temperature_ptr + row)
-        temperature = tl.where(temperature < greedy_below, 1.0, temperature)
-        k = tl.maximum(tl.load(top_k_ptr + row).to(tl.int32), 0)       # -1 is off too
-        p = tl.load(top_p_ptr + row)
-        min_p = tl.load(min_p_ptr + row)
-        exclude = tl.load(exclude_ptr + row).to(tl.int32)
-        seed = tl.load(seeds_ptr + row)
-        step = tl.load(steps_ptr + row)
-        row_key = _mix32_u32(_mix32_u32((seed ^ (seed >> 32)).to(tl.uint32))
-                             ^ _mix32_u32((step + 0x9E3779B9).to(tl.uint32)))
-
-        # pass 1: argmax (first index on ties) and max
+        end = tl.minimum(V, chunk * CHUNK + CHUNK)
         best = float("-inf")
-        best_id = 0
-        for start in range(0, V, BLOCK):
-            x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf"))
+        best_id = chunk * CHUNK
+        for start in range(chunk * CHUNK, end, BLOCK):                   # first index on ties
+            x = tl.load(base + start + offs, mask=start + offs < end, other=float("-inf"))
             block_max = tl.max(x, axis=0)
             block_id = tl.min(tl.where(x == block_max, start + offs, V), axis=0)
             best_id = tl.where(block_max > best, block_id, best_id)
             best = tl.maximum(best, block_max)
-        tl.store(greedy_out + row, best_id.to(tl.int64))
-        scaled_max = best / temperature
+        tl.store(part_max_ptr + row * NUM_CHUNKS + chunk, best)
+        tl.store(part_arg_ptr + row * NUM_CHUNKS + chunk, best_id)
 
-        # pass 2: softmax sum and the levels
+    @triton.jit
+    def _row_max(part_max_ptr, part_arg_ptr, row, NUM_CHUNKS, V, CHUNKS_P2: tl.constexpr):
+        """The row's max and its first index, from the chunks' (a lower chunk wins a tie)."""
+        chunks = tl.arange(0, CHUNKS_P2)
+        inside = chunks < NUM_CHUNKS
+        maxima = tl.load(part_max_ptr + row * NUM_CHUNKS + chunks, mask=inside, other=float("-inf"))
+        best = tl.max(maxima, axis=0)
+        args = tl.load(part_arg_ptr + row * NUM_CHUNKS + chunks, mask=inside, other=V)
+        return best, tl.min(tl.where(inside & (maxima == best), args, V), axis=0)
+
+    @triton.jit
+    def _row_temperature(temperature_ptr, row, greedy_below):
+        temperature = tl.load(temperature_ptr + row)
+        return tl.where(temperature < greedy_below, 1.0, temperature)
+
+    @triton.jit
+    def _level_gaps(NUM_LEVELS: tl.constexpr, LEVEL_SHIFT: tl.constexpr):
         levels = tl.arange(0, NUM_LEVELS)
-        gaps = tl.exp2((levels.to(tl.float32) - LEVEL_SHIFT) * 0.5)                     # [NUM_LEVELS]
-        thresholds = scaled_max - gaps
-        level_offs = tl.arange(0, LEVEL_BLOCK)
-        z_full = 0.0
-        counts = tl.zeros([NUM_LEVELS], dtype=tl.int32)
+        return levels, tl.exp2((levels.to(tl.float32) - LEVEL_SHIFT) * 0.5)
+
+    @triton.jit
+    def _chunk_levels_kernel(logits_ptr, stride, V, temperature_ptr, top_k_ptr, top_p_ptr, greedy_below,
+                             part_max_ptr, part_arg_ptr, part_z_ptr, part_count_ptr, part_mass_ptr, NUM_CHUNKS,
+                             CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, LEVEL_BLOCK: tl.constexpr,
+                             NUM_LEVELS: tl.constexpr, LEVEL_SHIFT: tl.constexpr, LEVEL_STEPS: tl.constexpr):
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        base = logits_ptr + row.to(tl.int64) * stride
+        temperature = _row_temperature(temperature_ptr, row, greedy_below)
+        best = _row_max(part_max_ptr, part_arg_ptr, row, NUM_CHUNKS, V, CHUNKS_P2)[0]
+        scaled_max = best / temperature
+        levels = tl.arange(0, NUM_LEVELS)
+        offs = tl.arange(0, LEVEL_BLOCK)
+        end = tl.minimum(V, chunk * CHUNK + CHUNK)
+        k = tl.load(top_k_ptr + row)
+        p = tl.load(top_p_ptr + row)
+        need_mass = (k <= 0) & (p < 1.0)                 # the mass per level only decides for top-p alone
+        z = 0.0
+        histogram = tl.zeros([2 * NUM_LEVELS], dtype=tl.int32)
         masses = tl.zeros([NUM_LEVELS], dtype=tl.float32)
-        for start in range(0, V, LEVEL_BLOCK):
-            s = _scaled(base, start + level_offs, V, temperature)
+        for start in range(chunk * CHUNK, end, LEVEL_BLOCK):
+            s = _scaled(base, start + offs, end, temperature)
             e = tl.exp(s - scaled_max)
-            z_full += tl.sum(e, axis=0)
-            above = s[:, None] >= thresholds[None, :]                                   # [LEVEL_BLOCK, LEVELS]
-            counts += tl.sum(above.to(tl.int32), axis=0)
-            masses += tl.sum(tl.where(above, e[:, None], 0.0), axis=0)
+            z += tl.sum(e, axis=0)
+            # each token's level: the smallest j with s >= M - d_j (NUM_LEVELS if none), by bisection over j
+            # with the very thresholds _row_plan and the gather compare against
+            lo = tl.zeros([LEVEL_BLOCK], dtype=tl.int32)
+            hi = tl.full([LEVEL_BLOCK], NUM_LEVELS, dtype=tl.int32)
+            for bisection_step in tl.static_range(LEVEL_STEPS):
+                mid = (lo + hi) // 2
+                above = s >= scaled_max - tl.exp2((mid.to(tl.float32) - LEVEL_SHIFT) * 0.5)
+                hi = tl.where(above, mid, hi)
+                lo = tl.where(above, lo, mid + 1)
+            level = tl.where(start + offs < end, lo, NUM_LEVELS)
+            histogram += tl.histogram(level, 2 * NUM_LEVELS)
+            if need_mass:
+                masses += tl.sum(tl.where(level[:, None] <= levels[None, :], e[:, None], 0.0), axis=0)
+        counts = tl.cumsum(histogram, axis=0)                   # tokens at or above each level
+        bins = tl.arange(0, 2 * NUM_LEVELS)
+        at = row * NUM_CHUNKS + chunk
+        tl.store(part_z_ptr + at, z)
+        tl.store(part_count_ptr + at * NUM_LEVELS + bins, counts, mask=bins < NUM_LEVELS)
+        tl.store(part_mass_ptr + at * NUM_LEVELS + levels, masses)
+
+    @triton.jit
+    def _row_plan(part_max_ptr, part_arg_ptr, part_z_ptr, part_count_ptr, part_mass_ptr, temperature_ptr,
+                  top_k_ptr, top_p_ptr, min_p_ptr, row, NUM_CHUNKS, V, greedy_below, CHUNKS_P2: tl.constexpr,
+                  NUM_LEVELS: tl.constexpr, LEVEL_SHIFT: tl.constexpr, CAP: tl.constexpr):
+        """What every program of a row agrees on: the scaled max, Z, the level bounding the candidates and
+        whether they fit in CAP (`fast`), or whether no filter is on (`plain`)."""
+        temperature = _row_temperature(temperature_ptr, row, greedy_below)
+        k = tl.maximum(tl.load(top_k_ptr + row).to(tl.int32), 0)       # -1 is off too
+        p = tl.load(top_p_ptr + row)
+        min_p = tl.load(min_p_ptr + row)
+        best, best_id = _row_max(part_max_ptr, part_arg_ptr, row, NUM_CHUNKS, V, CHUNKS_P2)
+        scaled_max = best / temperature
+        chunks = tl.arange(0, CHUNKS_P2)
+        inside = chunks < NUM_CHUNKS
+        z_full = tl.sum(tl.load(part_z_ptr + row * NUM_CHUNKS + chunks, mask=inside, other=0.0), axis=0)
+        levels, gaps = _level_gaps(NUM_LEVELS, LEVEL_SHIFT)
+        at = (row * NUM_CHUNKS + chunks)[:, None] * NUM_LEVELS + levels[None, :]    # [CHUNKS_P2, LEVELS]
+        counts = tl.sum(tl.load(part_count_ptr + at, mask=inside[:, None], other=0), axis=0)
+        masses = tl.sum(tl.load(part_mass_ptr + at, mask=inside[:, None], other=0.0), axis=0)
         valid = (k > 0) & (counts >= k)
         valid |= (k == 0) & (p < 1.0) & (masses >= p * z_full * 1.0001)
         valid |= (k == 0) & (min_p > 0.0) & (gaps >= -tl.log(min_p) * 1.0001 + 1e-6)
         level = tl.min(tl.where(valid, levels, NUM_LEVELS), axis=0)
-        bound = tl.sum(tl.where(levels == level, thresholds, 0.0), axis=0)
+        bound = tl.sum(tl.where(levels == level, scaled_max - gaps, 0.0), axis=0)
         num_candidates = tl.sum(tl.where(levels == level, counts, 0), axis=0)
         small_vocab = V <= CAP
         bound = tl.where(small_vocab, float("-inf"), bound)
         num_candidates = tl.where(small_vocab, V, num_candidates)
         fast = small_vocab | ((level < NUM_LEVELS) & (num_candidates <= CAP))
+        plain = ~fast & (k == 0) & (p >= 1.0) & (min_p <= 0.0)
+        return (temperature, k, p, min_p, best_id, scaled_max, z_full, level, bound, num_candidates, fast,
+                plain)
 
+    @triton.jit
+    def _row_key(seeds_ptr, steps_ptr, row):
+        seed = tl.load(seeds_ptr + row)
+        step = tl.load(steps_ptr + row)
+        return _mix32_u32(_mix32_u32((seed ^ (seed >> 32)).to(tl.uint32))
+                          ^ _mix32_u32((step + 0x9E3779B9).to(tl.uint32)))
+
+    @triton.jit
+    def _chunk_gather_kernel(logits_ptr, stride, V, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seeds_ptr,
+                             steps_ptr, exclude_ptr, greedy_below, part_max_ptr, part_arg_ptr, part_z_ptr,
+                             part_count_ptr, part_mass_ptr, part_race_ptr, part_winner_ptr, part_excluded_ptr,
+                             cand_val_ptr, cand_id_ptr, NUM_CHUNKS, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
+                             BLOCK: tl.constexpr, NUM_LEVELS: tl.constexpr, LEVEL_SHIFT: tl.constexpr,
+                             CAP: tl.constexpr):
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        base = logits_ptr + row.to(tl.int64) * stride
+        offs = tl.arange(0, BLOCK)
+        end = tl.minimum(V, chunk * CHUNK + CHUNK)
+        (temperature, k, p, min_p, best_id, scaled_max, z_full, level, bound, num_candidates, fast,
+         plain) = _row_plan(part_max_ptr, part_arg_ptr, part_z_ptr, part_count_ptr, part_mass_ptr,
+                            temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, row, NUM_CHUNKS, V, greedy_below,
+                            CHUNKS_P2, NUM_LEVELS, LEVEL_SHIFT, CAP)
         if fast:
-            # pass 3: the candidates, in id order, to this row's scratch
+            # the chunk's candidates, in id order, after those of the chunks before it
+            chunks = tl.arange(0, CHUNKS_P2)
+            levels = tl.arange(0, NUM_LEVELS)
+            at = (row * NUM_CHUNKS + chunks)[:, None] * NUM_LEVELS + levels[None, :]
+            before = (chunks < chunk)[:, None] & (levels == level)[None, :]
+            count = tl.sum(tl.sum(tl.load(part_count_ptr + at, mask=before, other=0), axis=1), axis=0)
+            count = tl.where(V <= CAP, chunk * CHUNK, count)
             cand_val = cand_val_ptr + row.to(tl.int64) * CAP
             cand_id = cand_id_ptr + row.to(tl.int64) * CAP
-            count = 0
-            for start in range(0, V, BLOCK):
-                s = _scaled(base, start + offs, V, temperature)
-                take = (s >= bound) & (start + offs < V)
-                at = count + tl.cumsum(take.to(tl.int32), axis=0) - 1
-                tl.store(cand_val + at, s, mask=take & (at < CAP))
-                tl.store(cand_id + at, start + offs, mask=take & (at < CAP))
+            for start in range(chunk * CHUNK, end, BLOCK):
+                s = _scaled(base, start + offs, end, temperature)
+                take = (s >= bound) & (start + offs < end)
+                slot = count + tl.cumsum(take.to(tl.int32), axis=0) - 1
+                tl.store(cand_val + slot, s, mask=take & (slot < CAP))
+                tl.store(cand_id + slot, start + offs, mask=take & (slot < CAP))
                 count += tl.sum(take.to(tl.int32), axis=0)
-            tl.debug_barrier()                       # the scratch written above is read by other threads
+        elif plain:
+            row_key = _row_key(seeds_ptr, steps_ptr, row)
+            exclude = tl.load(exclude_ptr + row).to(tl.int32)
+            best_race = -1.0
+            winner = V
+            excluded_prob = 0.0
+            for start in range(chunk * CHUNK, end, BLOCK):
+                ids = start + offs
+                probs = tl.where(ids < end, tl.exp(_scaled(base, ids, end, temperature) - scaled_max) / z_full, 0.0)
+                race = probs / _exponential(row_key, ids)
+                block_best, block_winner = _race_winner(race, ids, (ids < end) & (ids != exclude), V)
+                winner = tl.where(block_best > best_race, block_winner, winner)
+                best_race = tl.maximum(best_race, block_best)
+                excluded_prob += tl.sum(tl.where(ids == exclude, probs, 0.0), axis=0)
+            at = row * NUM_CHUNKS + chunk
+            tl.store(part_race_ptr + at, best_race)
+            tl.store(part_winner_ptr + at, winner)
+            tl.store(part_excluded_ptr + at, excluded_prob)
+
+    @triton.jit
+    def _sample_rows_kernel(logits_ptr, stride, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seeds_ptr,
+                            steps_ptr, exclude_ptr, random_out, greedy_out, excluded_prob_out, part_max_ptr,
+                            part_arg_ptr, part_z_ptr, part_count_ptr, part_mass_ptr, part_race_ptr,
+                            part_winner_ptr, part_excluded_ptr, cand_val_ptr, cand_id_ptr, V, greedy_below,
+                            NUM_CHUNKS, CHUNKS_P2: tl.constexpr, BLOCK: tl.constexpr, NUM_LEVELS: tl.constexpr,
+                            LEVEL_SHIFT: tl.constexpr, CAP: tl.constexpr):
+        row = tl.program_id(0)
+        base = logits_ptr + row.to(tl.int64) * stride
+        offs = tl.arange(0, BLOCK)
+        exclude = tl.load(exclude_ptr + row).to(tl.int32)
+        row_key = _row_key(seeds_ptr, steps_ptr, row)
+        (temperature, k, p, min_p, best_id, scaled_max, z_full, level, bound, num_candidates, fast,
+         plain) = _row_plan(part_max_ptr, part_arg_ptr, part_z_ptr, part_count_ptr, part_mass_ptr,
+                            temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, row, NUM_CHUNKS, V, greedy_below,
+                            CHUNKS_P2, NUM_LEVELS, LEVEL_SHIFT, CAP)
+        tl.store(greedy_out + row, best_id.to(tl.int64))
+        if fast:
+            count = num_candidates
+            cand_val = cand_val_ptr + row.to(tl.int64) * CAP
+            cand_id = cand_id_ptr + row.to(tl.int64) * CAP
             slots = tl.arange(0, CAP)
             vals = tl.load(cand_val + slots, mask=slots < count, other=float("-inf"))
             ids = tl.load(cand_id + slots, mask=slots < count, other=V)
@@ -252,6 +378,15 @@ if triton is not None:
             race = (e / z) / _exponential(row_key, ids)
             _, winner = _race_winner(race, ids, keep & (ids != exclude), V)
             excluded_prob = tl.sum(tl.where(ids == exclude, e / z, 0.0), axis=0)
+        elif plain:
+            chunks = tl.arange(0, CHUNKS_P2)
+            inside = chunks < NUM_CHUNKS
+            races = tl.load(part_race_ptr + row * NUM_CHUNKS + chunks, mask=inside, other=-1.0)
+            winners = tl.load(part_winner_ptr + row * NUM_CHUNKS + chunks, mask=inside, other=V)
+            best_race = tl.max(races, axis=0)
+            winner = tl.min(tl.where(races == best_race, winners, V), axis=0)
+            excluded_prob = tl.sum(tl.load(part_excluded_ptr + row * NUM_CHUNKS + chunks, mask=inside, other=0.0),
+                                   axis=0)
         else:
             no_key = tl.full([], -2139095041, tl.int64)    # the key of -inf: below every value's
             kth_key = no_key
@@ -352,12 +487,15 @@ if triton is not None:
 
 def sample_rows_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
                        top_p: torch.Tensor | None, min_p: torch.Tensor | None, seeds: torch.Tensor,
-                       steps: torch.Tensor, exclude: torch.Tensor | None = None, block: int = 2048,
-                       level_block: int = 128, num_levels: int = 32, cap: int = 1024,
-                       num_warps: int = 8) -> SampledRows:
-    """Triton twin of `sample_rows_ref` (arguments as there; the rest are the kernel's tile sizes)."""
+                       steps: torch.Tensor, exclude: torch.Tensor | None = None, block: int = 1024,
+                       level_block: int = 128, chunk: int = 4096, num_levels: int = 32, cap: int = 1024,
+                       num_warps: int = 4) -> SampledRows:
+    """Triton twin of `sample_rows_ref` (arguments as there; the rest are the kernels' tile sizes: `chunk`,
+    the tokens of a row one program reads, is a multiple of `block` and `level_block`)."""
     rows, vocab = logits.shape
     device = logits.device
+    chunk = max(chunk, block, level_block)
+    assert chunk % block == 0 and chunk % level_block == 0, (chunk, block, level_block)
     top_k = top_k if top_k is not None else torch.zeros(rows, dtype=torch.int64, device=device)
     top_p = top_p if top_p is not None else torch.ones(rows, dtype=torch.float32, device=device)
     min_p = min_p if min_p is not None else torch.zeros(rows, dtype=torch.float32, device=device)
@@ -366,11 +504,33 @@ def sample_rows_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
     random = torch.empty(rows, dtype=torch.int64, device=device)
     greedy = torch.empty(rows, dtype=torch.int64, device=device)
     excluded_prob = torch.empty(rows, dtype=torch.float32, device=device)
+    num_chunks = -(-vocab // chunk)
+    part_max = torch.empty(rows, num_chunks, dtype=torch.float32, device=device)       # per (row, chunk)
+    part_arg, part_winner = (torch.empty(rows, num_chunks, dtype=torch.int32, device=device) for _ in range(2))
+    part_z, part_race, part_excluded = (torch.empty(rows, num_chunks, dtype=torch.float32, device=device)
+                                        for _ in range(3))
+    part_count = torch.empty(rows, num_chunks, num_levels, dtype=torch.int32, device=device)
+    part_mass = torch.empty(rows, num_chunks, num_levels, dtype=torch.float32, device=device)
     cand_val = torch.empty(rows, cap, dtype=torch.float32, device=device)               # [rows, cap] scratch
     cand_id = torch.empty(rows, cap, dtype=torch.int32, device=device)
     if rows:
+        chunks_p2 = triton.next_power_of_2(num_chunks)
+        grid = (rows, num_chunks)
+        _chunk_max_kernel[grid](logits, logits.stride(0), vocab, part_max, part_arg, num_chunks, CHUNK=chunk,
+                                BLOCK=block, num_warps=num_warps)
+        _chunk_levels_kernel[grid](
+            logits, logits.stride(0), vocab, temperature, top_k, top_p, GREEDY_BELOW, part_max, part_arg, part_z,
+            part_count, part_mass, num_chunks, CHUNKS_P2=chunks_p2, CHUNK=chunk, LEVEL_BLOCK=level_block,
+            NUM_LEVELS=num_levels, LEVEL_SHIFT=num_levels // 2, LEVEL_STEPS=num_levels.bit_length(),
+            num_warps=num_warps)
+        parts = (part_max, part_arg, part_z, part_count, part_mass, part_race, part_winner, part_excluded,
+                 cand_val, cand_id)
+        _chunk_gather_kernel[grid](
+            logits, logits.stride(0), vocab, temperature, top_k, top_p, min_p, seeds, steps, exclude, GREEDY_BELOW,
+            *parts, num_chunks, CHUNKS_P2=chunks_p2, CHUNK=chunk, BLOCK=block, NUM_LEVELS=num_levels,
+            LEVEL_SHIFT=num_levels // 2, CAP=cap, num_warps=num_warps)
         _sample_rows_kernel[(rows,)](
             logits, logits.stride(0), temperature, top_k, top_p, min_p, seeds, steps, exclude, random, greedy,
-            excluded_prob, cand_val, cand_id, vocab, GREEDY_BELOW, BLOCK=block, LEVEL_BLOCK=level_block,
-            NUM_LEVELS=num_levels, LEVEL_SHIFT=num_levels // 4, CAP=cap, num_warps=num_warps)
+            excluded_prob, *parts, vocab, GREEDY_BELOW, num_chunks, CHUNKS_P2=chunks_p2, BLOCK=block,
+            NUM_LEVELS=num_levels, LEVEL_SHIFT=num_levels // 2, CAP=cap, num_warps=8)
     return SampledRows(random, greedy, None if no_exclude else excluded_prob)

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 from runtime.engine import Engine
 from runtime.kv_cache import cdiv
-from runtime.metrics import ServerMetrics
+from runtime.serve.metrics import ServerMetrics
 from runtime.serve.chat import create_chat_completion
 from runtime.serve.completions import create_completion
 from runtime.serve.engine_client import EngineClient

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.engine import Engine
-from runtime.metrics import EngineSnapshot, ServerMetrics
+from runtime.serve.metrics import EngineSnapshot, ServerMetrics
 from runtime.request import RequestOutput, SamplingParams
 from runtime.serve.protocol import ApiError
 

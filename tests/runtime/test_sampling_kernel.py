@@ -73,19 +73,21 @@ def assert_same_draws(case: dict, **tiles) -> None:
                                rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("vocab, cap, seed", [(37, 64, 1), (300, 16, 2), (500, 128, 3)])
-def test_kernel_draws_the_reference_tokens_on_ragged_rows(vocab, cap, seed):
+@pytest.mark.parametrize("vocab, cap, seed, chunk", [(37, 64, 1, 128), (300, 16, 2, 128), (500, 128, 3, 128)])
+def test_kernel_draws_the_reference_tokens_on_ragged_rows(vocab, cap, seed, chunk):
     # vocab <= cap runs the candidate path for every row; past it, rows whose filters bound few enough
-    # candidates take it, the rest (filters off, flat rows, small cap) bisect over the whole row
-    assert_same_draws(random_rows(15, vocab, seed), block=128, level_block=32, cap=cap)
+    # candidates take it, rows with no filter race chunk by chunk, the rest (flat rows, small cap) bisect
+    # over the whole row. Several chunks per row, the last one partial, except for the first case.
+    assert_same_draws(random_rows(15, vocab, seed), block=64, level_block=64, chunk=chunk, cap=cap)
 
 
 def test_kernel_takes_both_paths_for_the_same_row_alike():
     case = random_rows(6, 300, seed=5)
     case["top_k"][:] = 40
     case["top_p"][:3] = 1.0
+    case["top_k"][5], case["top_p"][5], case["min_p"][5] = 0, 1.0, 0.0      # no filter: a race per chunk
     for cap in (512, 64, 8):                 # every row fits / the levels bound them / none fits
-        assert_same_draws(case, block=128, level_block=32, cap=cap)
+        assert_same_draws(case, block=64, level_block=64, chunk=128, cap=cap)
 
 
 def test_top_p_ties_at_the_cut_keep_the_lowest_ids_like_a_stable_sort():
@@ -99,7 +101,7 @@ def test_top_p_ties_at_the_cut_keep_the_lowest_ids_like_a_stable_sort():
                 seeds=torch.arange(8), steps=torch.zeros(8, dtype=torch.int64), exclude=None)
     for cap in (16, 4):
         ours = sample_rows_triton(**{n: v.to(DEVICE) if v is not None else None for n, v in case.items()},
-                                  block=4, level_block=4, cap=cap)
+                                  block=4, level_block=4, chunk=4, cap=cap)   # ties across chunks
         assert set(ours.random.tolist()) <= {0, 1, 2, 5}
         assert torch.equal(ours.random.cpu(), sample_rows_ref(**case).random)
 

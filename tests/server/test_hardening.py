@@ -13,7 +13,7 @@ import pytest
 from runtime import SamplingParams
 from runtime.engine import Engine
 from runtime.config import EngineConfig
-from runtime.metrics import ServerMetrics
+from runtime.serve.metrics import ServerMetrics
 from runtime.serve.engine_client import EngineClient
 from tests.server.server_process import MAX_MODEL_LEN, MODEL, error_of
 
