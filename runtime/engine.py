@@ -331,6 +331,9 @@ class Engine:
             raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {self.vocab_size})")
         if params.logprobs is not None and params.logprobs > self.vocab_size:
             raise ValueError(f"logprobs is {params.logprobs} but the vocabulary has {self.vocab_size} tokens")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > self.vocab_size:
+            raise ValueError(f"prompt_logprobs is {params.prompt_logprobs} but the vocabulary has "
+                             f"{self.vocab_size} tokens")
 
     def abort(self, request_id: str) -> None:
         group = self.groups.pop(request_id, None)
@@ -433,6 +436,7 @@ class Engine:
         now = time.monotonic()
         touched: dict[str, _Group] = {}
         stats = self.last_step_stats
+        self._add_prompt_logprobs(out)
         for request_id, tokens, num_drafts, logprobs in zip(out.request_ids, out.token_ids, out.num_drafts,
                                                             out.logprobs):
             request = self.scheduler.requests.get(request_id)
@@ -457,6 +461,17 @@ class Engine:
             touched[group.request_id] = group
             self._record_token_time(group, request, now)
         return self._outputs(touched.values(), now)
+
+    def _add_prompt_logprobs(self, out: StepOutput) -> None:
+        """Append the prompt logprobs a step computed; after a preemption the prompt is computed again, and
+        the positions a request already has are skipped."""
+        for request_id, (first, entries) in (out.prompt_logprobs or {}).items():
+            request = self.scheduler.requests.get(request_id)
+            if request is None or request.finished or request.prompt_logprobs is None:
+                continue
+            have = len(request.prompt_logprobs)
+            if first <= have:
+                request.prompt_logprobs.extend(entries[have - first:])
 
     def _count_drafts(self, num_drafts: int, num_accepted: int) -> None:
         for stats in (self.last_step_stats, self.spec_stats):          # this step's, and the running totals
@@ -574,7 +589,9 @@ class Engine:
                                     logprobs=list(r.logprobs) if r.logprobs is not None else None)
                    for i, r in enumerate(group.children)]
         return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, outputs, finished,
-                             num_cached_tokens=first.num_cached_tokens)
+                             num_cached_tokens=first.num_cached_tokens,
+                             prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None
+                             else None)
 
 
 class LLM:

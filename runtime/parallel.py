@@ -299,7 +299,7 @@ class Workers:
             theirs.close()
             self.processes.append(process)
             self.pipes.append(ours)
-        self._finalizer = weakref.finalize(self, _shutdown, self.processes, self.pipes)
+        self._finalizer = weakref.finalize(self, _shutdown, self.processes, self.pipes, device)
         self.device = device
         try:
             self.wait_ready()                  # every worker is up (a crash at import surfaces here, not as a hang)
@@ -371,12 +371,6 @@ class Workers:
     def shutdown(self) -> None:
         self._closing.set()
         self._finalizer()
-        if not dist.is_initialized():
-            return
-        if self.device.startswith("cuda") and any(p.exitcode != 0 for p in self.processes):
-            _abort_collectives()          # a collective with a dead peer never ends: tearing it down would wait
-        else:
-            dist.destroy_process_group()
 
 
 def _abort_collectives() -> None:
@@ -398,8 +392,9 @@ def _abort_collectives_when_one_dies(processes: list, closing: threading.Event) 
     _abort_collectives()
 
 
-def _shutdown(processes: list, pipes: list[Connection]) -> None:
-    """Ask every worker to leave, give them a few seconds, kill those still there, and reap them all."""
+def _shutdown(processes: list, pipes: list[Connection], device: str) -> None:
+    """Ask every worker to leave, give them a few seconds, kill those still there, and reap them all; then
+    leave the process group (also at interpreter exit, where NCCL warns about a group left behind)."""
     stop = pickle.dumps(None)
     for pipe in pipes:
         try:
@@ -415,3 +410,9 @@ def _shutdown(processes: list, pipes: list[Connection]) -> None:
             process.join(1.0)
     for pipe in pipes:
         pipe.close()
+    if not dist.is_initialized():
+        return
+    if device.startswith("cuda") and any(p.exitcode != 0 for p in processes):
+        _abort_collectives()              # a collective with a dead peer never ends: tearing it down would wait
+    else:
+        dist.destroy_process_group()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from runtime.structured import StructuredOutputsParams
 
@@ -26,6 +27,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None              # top-n logprobs per generated token (plus the sampled one)
+    prompt_logprobs: int | None = None       # top-n logprobs per prompt token (plus the prompt's own token)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -55,6 +57,8 @@ class SamplingParams:
             (self.max_tokens is None or self.min_tokens <= self.max_tokens,
              f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+             f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}"),
             (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
@@ -71,6 +75,18 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+class Logprob(NamedTuple):
+    """A prompt token's log-probability under the model, and its rank among the vocabulary (1 = the most
+    likely token)."""
+    logprob: float
+    rank: int
+
+
+# One entry per prompt token: None for the first (nothing predicts it), then {token: Logprob} holding the
+# prompt's own token and the top-n alternatives at that position
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 class FinishReason(str, enum.Enum):
@@ -101,6 +117,7 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: PromptLogprobs | None = None   # filled as prefill chunks run; kept across preemptions
     text: str = ""
     num_preemptions: int = 0
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of full token blocks
@@ -110,6 +127,8 @@ class Request:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -152,6 +171,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None   # with SamplingParams.prompt_logprobs
 
     @property
     def text(self) -> str:

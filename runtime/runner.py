@@ -25,7 +25,7 @@ from torch import nn
 
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheLayout, KVCacheManager, cdiv
-from runtime.request import PLACEHOLDER_TOKEN_ID, SamplingParams
+from runtime.request import PLACEHOLDER_TOKEN_ID, Logprob, SamplingParams
 from runtime.sampler import SamplingBatch, SamplerOutput, TokenCounts, sample
 from runtime.scheduler import StepPlan
 from runtime.spec_decode import DraftInputs
@@ -66,6 +66,8 @@ class StepOutput:
     num_drafts: list[int]                   # per row: drafts it verified
     logprobs: list[list[dict[int, float]] | None]   # per row: one entry per emitted token, or None
     drafts: list[list[int]] | None = None   # per row: a model drafter's proposals for the next step
+    # per request that asked for them: (position of the first prompt token covered, one entry per token)
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, Logprob]]]] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -81,11 +83,37 @@ class PendingStep:
                                          # whose matcher must see the token before the next mask)
     placeholder_at: list[int] | None = None   # per sampling request: index of its placeholder in the history
     drafts: torch.Tensor | None = None   # [sampling requests, k] host copy of a model drafter's proposals
+    prompt_logprobs: PromptLogprobRows | None = None
     waited: bool = False
 
     @property
     def speculative(self) -> bool:
         return any(self.num_drafts)
+
+
+@dataclass(slots=True)
+class PromptLogprobRows:
+    """The prompt logprobs a step computed: per request (id, position of the first prompt token covered,
+    tokens covered, top n), and host copies of the token's logprob and rank and the top n, row by row."""
+    requests: list[tuple[str, int, int, int]]
+    host: tuple[torch.Tensor, ...]       # logprob [rows], rank [rows], top logprobs [rows, n], top ids [rows, n]
+
+    def entries(self) -> dict[str, tuple[int, list[dict[int, Logprob]]]]:
+        token_lp, rank, top_lp, top_ids, targets = (t.tolist() for t in self.host)
+        out, at = {}, 0
+        for request_id, first, count, n in self.requests:
+            entries = []
+            for row in range(at, at + count):
+                entry = {targets[row]: Logprob(token_lp[row], rank[row])}
+                for r, (token, lp) in enumerate(zip(top_ids[row][:n], top_lp[row][:n]), start=1):
+                    entry.setdefault(token, Logprob(lp, r))
+                entries.append(entry)
+            out[request_id] = (first, entries)
+            at += count
+        return out
+
+
+PROMPT_LOGPROB_ROWS = 512            # logits rows computed at once for prompt logprobs (bounds the memory)
 
 
 def allocate_caches(layout: CacheLayout, num_blocks: list[int], block_size: int,
@@ -237,6 +265,7 @@ class ModelRunner:
         self.num_speculative_tokens = num_speculative_tokens
         self.drafter = drafter
         self.grammars: GrammarCache | None = None    # set by the engine: compiles structured outputs' grammars
+        self.wants_prompt_logprobs: set[str] = set()  # requests (in `states`) that asked for prompt logprobs
         self.token_counts = TokenCounts(max_reqs, vocab_size, device)     # what penalties read, per row
         self._count_rows: torch.Tensor | None = None   # [logits rows] the step's request rows, with penalties
         # a model drafter writes its own cache k positions past the step's last token: they are allocated
@@ -272,6 +301,7 @@ class ModelRunner:
         copy now, device twin staged for the upload); returns the staged writes per group."""
         for request_id in (*plan.finished_ids, *plan.preempted_ids):
             self.states.pop(request_id, None)
+            self.wants_prompt_logprobs.discard(request_id)
         for joining in plan.joining:
             if PLACEHOLDER_TOKEN_ID in joining.token_ids:
                 raise RuntimeError(f"request {joining.request_id} joins with a token the host has not read")
@@ -280,6 +310,8 @@ class ModelRunner:
                 joining.params, joining.seed, joining.eos_token_ids)
             if joining.params.has_penalties:
                 self.token_counts.reset(joining.row, joining.token_ids, joining.num_prompt_tokens)
+            if joining.params.prompt_logprobs is not None:
+                self.wants_prompt_logprobs.add(joining.request_id)
             if joining.params.structured_outputs is not None:
                 state.matcher = self.grammars.matcher(joining.params.structured_outputs, state.output_token_ids,
                                                       state.token_ids[:state.num_prompt_tokens])
@@ -550,6 +582,7 @@ class ModelRunner:
                                                    pad_tokens_to=bucket or 0)
         # host work for the sampler before the launch, so that it overlaps the forward on the device
         sampling = self._sampling_batch(step) if step.sampling else None
+        prompt_logprobs = None
         if key is not None:
             graph, _, graph_logits = self.graphs[key]
             graph.replay()
@@ -565,10 +598,11 @@ class ModelRunner:
                 hidden = self._replay_piecewise(bucket, ctx, num_tokens)         # [num_tokens, hidden]
             else:
                 hidden = self.model(input_ids, ctx.positions, ctx)                # [num_tokens, hidden]
+            prompt_logprobs = self._prompt_logprobs(plan, hidden)
             if not step.sampling:
                 if self.drafter is not None:                  # it still keeps its cache of these positions
                     self._propose(step, input_ids, ctx, hidden, None)
-                return self._pending(step, None, None, sampling)
+                return self._pending(step, None, None, sampling, prompt_logprobs=prompt_logprobs)
             logits = self.model.compute_logits(hidden[ctx.logits_indices])       # [num_logits, vocab]
         # the grammar masks are filled on the host while the device runs the forward queued above
         if sampling is not None:
@@ -585,7 +619,43 @@ class ModelRunner:
         if self.drafter is not None:
             target_hidden = self.graphs[key][1][:step.num_tokens] if key is not None else hidden
             drafts = self._propose(step, input_ids, ctx, target_hidden, out)
-        return self._pending(step, out, draft_ids, sampling, drafts)
+        return self._pending(step, out, draft_ids, sampling, drafts, prompt_logprobs)
+
+    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor) -> PromptLogprobRows | None:
+        """Prompt logprobs of the rows this step computed, for the requests that asked for them: the hidden
+        state at position p gives the logprob of prompt token p + 1 (a replayed graph never holds such rows:
+        every row there is a request's last known token). Chunks of PROMPT_LOGPROB_ROWS rows at a time."""
+        if not self.wants_prompt_logprobs:
+            return None
+        requests, rows, targets = [], [], []
+        starts = self.buffers.host["query_start_loc"]
+        for i, (request_id, start, n) in enumerate(zip(plan.request_ids, plan.num_computed, plan.num_new_tokens)):
+            if request_id not in self.wants_prompt_logprobs:
+                continue
+            state = self.states[request_id]
+            end = min(start + n, state.num_prompt_tokens - 1)    # positions start..end-1 predict a prompt token
+            if end <= start:
+                continue
+            first_row = int(starts[i])
+            rows.extend(range(first_row, first_row + end - start))
+            targets.extend(state.token_ids[start + 1:end + 1])
+            requests.append((request_id, start + 1, end - start, state.params.prompt_logprobs))
+        if not requests:
+            return None
+        top_n = max(n for *_, n in requests)
+        as_device = lambda values: torch.tensor(values, dtype=torch.int64).to(self.device)  # noqa: E731
+        rows_on_device, targets_on_device = as_device(rows), as_device(targets)
+        parts = []
+        for at in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+            piece = slice(at, at + PROMPT_LOGPROB_ROWS)
+            logits = self.model.compute_logits(hidden.index_select(0, rows_on_device[piece]))   # [rows, vocab]
+            logprobs = torch.log_softmax(logits[:, :self.vocab_size].float(), dim=-1)          # [rows, vocab]
+            token_lp = logprobs.gather(1, targets_on_device[piece, None]).squeeze(1)           # [rows]
+            rank = (logprobs > token_lp[:, None]).sum(dim=-1) + 1                              # [rows]
+            top_lp, top_ids = torch.topk(logprobs, top_n, dim=-1)                              # [rows, top_n]
+            parts.append((token_lp, rank, top_lp, top_ids))
+        host = tuple(self._to_host(torch.cat(column)) for column in zip(*parts))
+        return PromptLogprobRows(requests, (*host, torch.tensor(targets)))
 
     def _propose(self, step: _HostStep, input_ids: torch.Tensor, ctx: ForwardContext,
                  target_hidden: torch.Tensor, out: SamplerOutput | None) -> torch.Tensor:
@@ -703,10 +773,12 @@ class ModelRunner:
                 previous.ready.synchronize()
             previous.waited = True
             previous.states, previous.token_ids, previous.logprobs = [], None, None
+            previous.prompt_logprobs = None
         self.buffers.use_slot(self.slot)
 
     def _pending(self, step: _HostStep, out: SamplerOutput | None, draft_ids: torch.Tensor | None,
-                 sampling: SamplingBatch | None, drafts: torch.Tensor | None = None) -> PendingStep:
+                 sampling: SamplingBatch | None, drafts: torch.Tensor | None = None,
+                 prompt_logprobs: PromptLogprobRows | None = None) -> PendingStep:
         """Start the copies of the sampled tokens (and logprobs) to the host, and mark when they land. The
         tokens of a step without drafts are owed to the next step before the host reads them: they enter
         each request's history as placeholders, filled on the device."""
@@ -731,7 +803,8 @@ class ModelRunner:
         pending = PendingStep(step.sampling, step.num_drafts, token_ids, accepted, logprobs, ready,
                               reads_host_tokens=sampling is not None and sampling.grammar is not None,
                               placeholder_at=placeholder_at,
-                              drafts=self._to_host(drafts) if drafts is not None else None)
+                              drafts=self._to_host(drafts) if drafts is not None else None,
+                              prompt_logprobs=prompt_logprobs)
         self.slot_step[self.slot] = pending
         return pending
 
@@ -750,8 +823,9 @@ class ModelRunner:
         if step.ready is not None:
             self._synchronize(step.ready)
         step.waited = True
+        prompt_logprobs = step.prompt_logprobs.entries() if step.prompt_logprobs is not None else None
         if step.token_ids is None:
-            return StepOutput([], [], [], [])
+            return StepOutput([], [], [], [], prompt_logprobs=prompt_logprobs)
         flat = step.token_ids.tolist()
         accepted = step.accepted.tolist() if step.accepted is not None else None
         per_row: list[list[int]] = []
@@ -773,7 +847,8 @@ class ModelRunner:
             at += k + 1
         logprobs = self._logprobs(step.logprobs, step.states, per_row, first_rows)
         drafts = step.drafts.tolist() if step.drafts is not None else None
-        return StepOutput([s.request_id for s in step.states], per_row, list(step.num_drafts), logprobs, drafts)
+        return StepOutput([s.request_id for s in step.states], per_row, list(step.num_drafts), logprobs, drafts,
+                          prompt_logprobs)
 
     def _synchronize(self, event: torch.cuda.Event) -> None:
         if self.liveness is None:

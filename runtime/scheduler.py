@@ -117,7 +117,8 @@ class Scheduler:
         # New requests only when nobody was preempted: their blocks would be taken right back.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             request = self.waiting[0]
-            looked_up = request.num_computed_tokens == 0
+            # prompt logprobs come from the prompt's own forward: a request that wants them takes no cache hits
+            looked_up = request.num_computed_tokens == 0 and request.params.prompt_logprobs is None
             if looked_up:
                 request.num_computed_tokens = self.kv.match_prefix(request)
                 if request.num_preemptions == 0:

@@ -169,7 +169,7 @@ class Matcher:
     def __init__(self, matcher: Any, gate: ReasoningGate = ReasoningGate("answer")):
         self._matcher, self._gate, self._state = matcher, gate, gate.state
         self._history: list[tuple[str, bool]] = []     # per accepted token: the state before it, grammar fed
-        self._tail: list[int] = []                      # the last tokens while reasoning, to spot the end
+        self._reasoning: list[int] = []                 # the tokens accepted while reasoning, to spot the end
 
     def accept(self, token_id: int) -> bool:
         """Advance over a generated token; False when the grammar refuses it."""
@@ -177,9 +177,9 @@ class Matcher:
         if state == "open" and token_id == self._gate.start:
             self._state = "reasoning"
         elif state == "reasoning":
-            self._tail = (self._tail + [token_id])[-len(self._gate.end):]
-            if tuple(self._tail) == self._gate.end:
-                self._state, self._tail = "answer", []
+            self._reasoning.append(token_id)
+            if tuple(self._reasoning[-len(self._gate.end):]) == self._gate.end:
+                self._state = "answer"
         elif not self._matcher.is_terminated():
             # a token the mask forbade can only come from outside the sampler (it never samples one); after
             # a finished grammar the request stops on the stop token, so later tokens are not fed
@@ -193,8 +193,8 @@ class Matcher:
         for _ in range(num_tokens):
             self._state, fed = self._history.pop()
             grammar_tokens += fed
-        if self._state == "reasoning":           # the end marker's tail is rebuilt from scratch (rare: drafts)
-            self._tail = []
+            if self._state == "reasoning":
+                self._reasoning.pop()
         if grammar_tokens:
             self._matcher.rollback(grammar_tokens)
 

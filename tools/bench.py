@@ -649,7 +649,9 @@ def bench_structured(args: argparse.Namespace) -> dict:
     from tools.parity import make_tiny_checkpoint
     torch.set_num_threads(args.threads)
     model = args.model or str(make_tiny_checkpoint(args.arch, Path(tempfile.mkdtemp()) / args.arch))
-    llm = LLM(model, device=args.device, dtype=args.dtype, max_model_len=args.prompt_len + args.output_len + 8)
+    llm = LLM(model, device=args.device, dtype=args.dtype, max_model_len=args.prompt_len + args.output_len + 8,
+              load_format=args.load_format, tokenizer=args.tokenizer,
+              max_num_seqs=max(args.num_requests, 1))
     rng = random.Random(0)
     prompts = [[rng.randrange(10, 500) for _ in range(args.prompt_len)] for _ in range(args.num_requests)]
     grammar = StructuredOutputsParams(json=LONG_JSON)
@@ -669,7 +671,49 @@ def bench_structured(args: argparse.Namespace) -> dict:
             result[f"{name}_tok_s"] = max(result.get(f"{name}_tok_s", 0.0), round(tokens / elapsed, 1))
             result[f"{name}_tokens"] = tokens
     result["ratio"] = round(result["grammar_tok_s"] / result["free_tok_s"], 3)
+    for name in workloads:           # every request decodes --output-len tokens together: one step per token
+        result[f"{name}_step_ms"] = round(1000 * args.num_requests / result[f"{name}_tok_s"], 3)
+    result.update(_mask_cost(llm, grammar, args.num_requests))
     return result
+
+
+def _mask_cost(llm, grammar, rows: int) -> dict:
+    """The grammar's parts of one decode step of `rows` constrained rows, apart: the host fill of the token
+    bitmasks (and their copy queued), and on the device the copy plus the masking of [rows, vocab] fp32
+    logits (mean of 200; CUDA events on a GPU)."""
+    from runtime.structured import apply_bitmask, build_bitmask
+    engine = llm.engine
+    device, vocab = engine.device, engine.vocab_size
+    matchers = [engine.grammars.matcher(grammar, []) for _ in range(rows)]
+    for matcher in matchers:                         # a few tokens in, past the grammar's first literal
+        for token in llm.tokenizer.encode('{"items": [', add_special_tokens=False):
+            matcher.accept(token)
+    on_cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    logits = torch.randn(rows, vocab, device=device)
+    masks = build_bitmask([(m, []) for m in matchers], vocab, device)
+    for _ in range(10):
+        apply_bitmask(logits, masks)
+    sync()
+    start = time.perf_counter()
+    for _ in range(50):
+        build_bitmask([(m, []) for m in matchers], vocab, device)
+    fill_ms = (time.perf_counter() - start) / 50 * 1000
+    host = masks[0].cpu().pin_memory() if on_cuda else masks[0].clone()
+    sync()
+    start = time.perf_counter()
+    if on_cuda:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+    for _ in range(200):
+        masks[0].copy_(host, non_blocking=True)
+        apply_bitmask(logits, masks)
+    if on_cuda:
+        end.record()
+    sync()
+    device_ms = begin.elapsed_time(end) / 200 if on_cuda else (time.perf_counter() - start) / 200 * 1000
+    return {"mask_host_fill_ms": round(fill_ms, 4), "mask_device_ms": round(device_ms, 4),
+            "gpu": torch.cuda.get_device_name() if on_cuda else None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -744,6 +788,8 @@ def build_parser() -> argparse.ArgumentParser:
     structured.add_argument("--prompt-len", type=int, default=32)
     structured.add_argument("--output-len", type=int, default=128)
     structured.add_argument("--repeats", type=int, default=2)
+    structured.add_argument("--load-format", default="auto", help="dummy: random weights (a config-only --model)")
+    structured.add_argument("--tokenizer", default=None, help="a tokenizer for a config-only --model")
     bench_serve.add_arguments(sub.add_parser("serve", help="an OpenAI server under concurrent streaming clients"))
     return parser
 

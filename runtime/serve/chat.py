@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -15,7 +15,7 @@ from runtime.serve.protocol import ApiError, ChatBody, reject_unsupported, sampl
 from runtime.serve.render import ChoiceRenderer, Delta, Job, StreamProgress, clamp_logprob, ranked, token_text, usage
 from runtime.serve.serving import ServingContext, respond
 from runtime.structured import StructuredOutputsParams
-from runtime.tool_calls import ToolCallDelta, ToolCallProgress, ToolCallStreams
+from runtime.tool_calls import ParsedOutput, ToolCallDelta, ToolCallProgress, ToolCallStreams
 from runtime.tokenizer import Tokenizer
 
 
@@ -37,9 +37,12 @@ async def create_chat_completion(ctx: ServingContext, body: ChatBody, request: R
         params, tool_parser = _tool_calling(ctx, body, params)
         options["tools"] = body.tools
     prompt = await ctx.render_chat(body.template_messages(), options)
+    reasoning_parser = ctx.package.reasoning_parser
+    if _answers_at_once(ctx, prompt):
+        reasoning_parser, tool_parser = None, _answer_only(tool_parser) if tool_parser else None
     job = await ctx.start_job("chatcmpl", model, [prompt], params, body.stream, arrival)
     tools = ToolCallStreams(tool_parser, ctx.tokenizer, body.parallel_tool_calls) if tool_parser else None
-    fmt = ChatFormat(job, ChoiceRenderer(ctx.tokenizer, ctx.package.reasoning_parser, params), ctx.tokenizer, tools)
+    fmt = ChatFormat(job, ChoiceRenderer(ctx.tokenizer, reasoning_parser, params), ctx.tokenizer, tools)
     return await respond(ctx.engine_client, job, fmt, body.stream, include_usage, request)
 
 
@@ -60,6 +63,22 @@ def _tool_calling(ctx: ServingContext, body: ChatBody, params):
         grammar = package.tool_call_grammar(body.tools, name, body.parallel_tool_calls)
         params = replace(params, structured_outputs=StructuredOutputsParams(grammar=grammar, in_reasoning=True))
     return params, package.tool_parser
+
+
+def _answers_at_once(ctx: ServingContext, prompt: list[int]) -> bool:
+    """Whether the prompt closed the reasoning (a chat mode, thinking off): then the whole output is the answer,
+    whatever a parser written for the reasoning mode would take for reasoning."""
+    gate = ctx.package.reasoning_gate
+    return gate is not None and gate(ctx.tokenizer, prompt).state == "answer"
+
+
+def _answer_only(parser: Callable[[Any, list[int], bool], ParsedOutput]) -> Callable[[Any, list[int], bool],
+                                                                                      ParsedOutput]:
+    """The package's output parser with what it reads as reasoning put back into the content."""
+    def parse(tokenizer: Any, token_ids: list[int], final: bool) -> ParsedOutput:
+        parsed = parser(tokenizer, token_ids, final)
+        return replace(parsed, reasoning=None, content=(parsed.reasoning or "") + parsed.content)
+    return parse
 
 
 class ChatFormat:

@@ -78,6 +78,7 @@ class CompletionBody(GenerationBody):
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)    # vLLM's extra
     suffix: str | None = None
     best_of: int | None = None
 
@@ -294,7 +295,8 @@ def _field_path(location: tuple) -> str | None:
 
 def sampling_params(body: GenerationBody, max_tokens: int | None, logprobs: int | None,
                     renames: dict[str, str], vocab_size: int,
-                    response_format: dict[str, Any] | None = None) -> SamplingParams:
+                    response_format: dict[str, Any] | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """The request's sampling parameters. SamplingParams checks the ranges; its messages start with the
     field's name, which becomes the error's `param` (under the request's name for it)."""
     for token_id in body.stop_token_ids or []:
@@ -306,7 +308,8 @@ def sampling_params(body: GenerationBody, max_tokens: int | None, logprobs: int 
             n=body.n, temperature=_or(body.temperature, 1.0), top_p=_or(body.top_p, 1.0),
             top_k=_or(body.top_k, 0), min_p=_or(body.min_p, 0.0), seed=body.seed, max_tokens=max_tokens,
             min_tokens=body.min_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
-            ignore_eos=body.ignore_eos, logprobs=logprobs, presence_penalty=_or(body.presence_penalty, 0.0),
+            ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            presence_penalty=_or(body.presence_penalty, 0.0),
             frequency_penalty=_or(body.frequency_penalty, 0.0),
             repetition_penalty=_or(body.repetition_penalty, 1.0),
             include_stop_str_in_output=body.include_stop_str_in_output,

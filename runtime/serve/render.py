@@ -32,6 +32,7 @@ class StreamProgress:
     content: str = ""
     num_tokens: int = 0          # tokens whose logprobs went out
     text_offset: int = 0         # completions logprobs: characters of token text so far
+    prompt_sent: bool = False    # completions: the echoed prompt and prompt logprobs went out
     finished: bool = False
 
 

@@ -176,3 +176,40 @@ def test_on_a_reasoning_model_the_grammar_starts_after_the_reasoning(tiny_qwen3)
     answer = cache.matcher(so, [], closed)
     answer.fill(masks, 2)
     assert allowed(2) == grammar_start                    # enable_thinking=False: the answer comes at once
+
+
+def test_an_end_marker_of_several_tokens_ends_the_reasoning_across_fills_and_rollbacks(tiny_qwen3):
+    """The engine fills every step's mask (and rolls back the drafts it walked, none without drafts) between
+    the tokens it accepts: a marker of several tokens (gpt-oss' `<|channel|>final<|message|>`) must still be
+    seen, also when drafts cross it and are rolled back."""
+    from runtime.structured import GrammarCache, ReasoningGate
+    hf = Tokenizer(str(tiny_qwen3)).hf
+    end = tuple(hf.encode("final answer:", add_special_tokens=False))
+    assert len(end) >= 3
+    cache = GrammarCache(hf, len(hf), [hf.convert_tokens_to_ids("<|im_end|>")],
+                         lambda prompt: ReasoningGate("reasoning", end))
+    so = StructuredOutputsParams(regex=r"[ab]{2}c")
+    masks = torch.zeros(len(end) + 2, (len(hf) + 31) // 32, dtype=torch.int32)
+
+    def allowed(row: int) -> set[int]:
+        bits = (masks[row].unsqueeze(1) >> torch.arange(32)) & 1
+        return set(bits.flatten()[:len(hf)].nonzero().flatten().tolist())
+    cache.matcher(replace(so, in_reasoning=True), []).fill(masks, 0)
+    grammar_start = allowed(0)
+    gated = cache.matcher(so, [])
+    for token in hf.encode("so", add_special_tokens=False) + list(end):
+        gated.fill(masks, 1)
+        assert allowed(1) == set(range(len(hf)))           # free until the whole marker is in
+        gated.rollback(0)
+        gated.accept(token)
+    gated.fill(masks, 1)
+    assert allowed(1) == grammar_start
+    crossing = cache.matcher(so, [])
+    assert crossing.fill_along(masks, 0, [*end, min(grammar_start)]) == len(end) + 1
+    assert allowed(len(end) - 1) == set(range(len(hf)))     # the marker's last token is still reasoning
+    assert allowed(len(end)) == grammar_start               # the row after the marker: the grammar's start
+    crossing.rollback(len(end) + 1)
+    for token in end:
+        crossing.accept(token)
+    crossing.fill(masks, 2)
+    assert allowed(2) == grammar_start

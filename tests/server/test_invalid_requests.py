@@ -60,7 +60,7 @@ BAD_REQUESTS = [
     ("empty prompt list", COMPLETIONS, completion(prompt=[]), 400, "prompt"),
     ("stream_options without stream", COMPLETIONS, completion(stream_options={"include_usage": True}), 400,
      "stream_options"),
-    ("echo", COMPLETIONS, completion(echo=True), 400, "echo"),
+    ("negative prompt_logprobs", COMPLETIONS, completion(prompt_logprobs=-1), 400, "prompt_logprobs"),
     ("unknown named tool", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}],
                                       tool_choice={"type": "function", "function": {"name": "g"}}), 400, "tool_choice"),
     ("bad template kwargs", CHAT, chat(chat_template_kwargs={"tokenize": True}), 400, "messages"),
