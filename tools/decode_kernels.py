@@ -9,6 +9,7 @@ copies that L2 cannot hold them (each copy read once per replay).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -100,58 +101,125 @@ def bench_gemv(bandwidth: float) -> None:
     print(f"(separate: cuBLAS after the norm / SiLU-and-mul kernel; copy bandwidth {bandwidth / 1e9:.0f} GB/s)")
 
 
-def bench_mxfp4(bandwidth: float) -> None:
-    experts, hidden, inter, top_k = 32, 2880, 2880, 4
-    activation = GatedActivation(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)
+MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, activation
+    "gpt-oss-20b": (32, 2880, 2880, 4, True, GatedActivation(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)),
+    "deepseek-v4": (32, 4096, 2048, 6, False, GatedActivation(limit=10.0)),     # 32 of its 256 experts
+}
+# (block_n, block_g, num_warps [, prefetch, ptx_decode]) of each GEMV: the sweep beside the table's tiles
+# (the first of each list is the reference for the decode choice: it runs with either decode)
+GATE_UP_VARIANTS = [(16, 8, 4), (32, 8, 4), (8, 8, 4), (16, 16, 4), (64, 4, 8), (16, 8, 4, True, False)]
+DOWN_VARIANTS = [(8, 32, 4), (16, 16, 4), (4, 64, 4), (8, 16, 4), (16, 32, 8), (8, 32, 4, True, False)]
 
-    def layer():
-        g = torch.Generator(device="cuda").manual_seed(len(layers))
-        w13 = Mxfp4Linear(torch.randint(0, 256, (experts, 2 * inter, hidden // 32, 16), generator=g,
-                                        device="cuda", dtype=torch.uint8),
-                          torch.randint(118, 124, (experts, 2 * inter, hidden // 32), generator=g, device="cuda",
-                                        dtype=torch.uint8),
-                          torch.randn(experts, 2 * inter, generator=g, device="cuda"))
-        w2 = Mxfp4Linear(torch.randint(0, 256, (experts, hidden, inter // 32, 16), generator=g, device="cuda",
-                                       dtype=torch.uint8),
-                         torch.randint(116, 122, (experts, hidden, inter // 32), generator=g, device="cuda",
-                                       dtype=torch.uint8),
-                         torch.randn(experts, hidden, generator=g, device="cuda"))
-        return w13, w2
 
-    layers: list = []
-    for _ in range(4):                                       # 4 x 420 MB: far past L2
-        layers.append(layer())
-    expert_bytes = sum(t.numel() for t in (layers[0][0].blocks[0], layers[0][0].scales[0],
-                                           layers[0][1].blocks[0], layers[0][1].scales[0]))
-    variants = [GemvTiles(), GemvTiles(8, 4, 8, 4), GemvTiles(16, 8, 8, 8), GemvTiles(8, 8, 16, 4),
-                GemvTiles(4, 4, 8, 4), GemvTiles(8, 8, 4, 4), GemvTiles(16, 16, 8, 8)]
-    print(f"\n{'MXFP4 MoE':<10}{'pairs':>6}{'experts':>8}{'MB':>7}{'grouped us':>11}{'TB/s':>6}"
-          f"{'gemv us':>9}{'TB/s':>6}{'best variant':>28}{'us':>8}{'TB/s':>6}{'err':>9}")
-    for tokens in (1, 4, 8, 16):
-        g = torch.Generator(device="cuda").manual_seed(tokens)
-        x = torch.randn(tokens, hidden, generator=g, device="cuda").to(torch.bfloat16)
-        ids = torch.stack([torch.randperm(experts, generator=g, device="cuda")[:top_k] for _ in range(tokens)])
-        weights = torch.softmax(torch.randn(tokens, top_k, generator=g, device="cuda"), -1).to(torch.bfloat16)
-        nbytes = ids.unique().numel() * expert_bytes
-        want = mxfp4_moe_reference(x, *layers[0], weights, ids, activation)
-        grouped = timed_us(lambda i: mxfp4_moe_triton(x, *layers[i], weights, ids, activation), len(layers))
-        results = {}
-        for tiles in variants:
-            try:
-                err = rel_error(mxfp4_moe_gemv(x, *layers[0], weights, ids, activation, tiles), want)
-                us = timed_us(lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation, tiles), len(layers))
-                results[tiles] = (us, err)
-            except Exception as e:                                               # noqa: BLE001
-                print(f"  tokens {tokens} {tiles}: {type(e).__name__}: {str(e)[:80]}")
-        best = min(results, key=lambda t: results[t][0])
-        t_default, err = results[variants[0]]
-        tbs = lambda us: nbytes / (us * 1e-6) / 1e12                             # noqa: E731
-        short = lambda t: f"{t.block_n_gate_up}/{t.block_n_down}/g{t.block_g}/w{t.num_warps}"  # noqa: E731
-        print(f"{'':<10}{tokens * top_k:>6}{ids.unique().numel():>8}{nbytes / 1e6:>7.1f}{grouped:>11.1f}"
-              f"{tbs(grouped):>6.2f}{t_default:>9.1f}{tbs(t_default):>6.2f}{short(best):>28}{results[best][0]:>8.1f}"
-              f"{tbs(results[best][0]):>6.2f}{max(r[1] for r in results.values()):>9.1e}")
-        RECORDS.append(dict(kind="mxfp4", tokens=tokens, grouped_us=grouped, mb=nbytes / 1e6,
-                            all={short(t): r for t, r in results.items()}))
+def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> None:
+    """The MoE of each expert shape at 1 and 4 tokens: the module `before` (an older runtime.ops.mxfp4, its
+    default tiles), the table's tiles (whole MoE, then each GEMV alone) and a sweep of each GEMV's tiles."""
+    from dataclasses import replace
+
+    from runtime.ops.mxfp4 import mxfp4_gemv_down, mxfp4_gemv_gate_up
+    for name, (experts, hidden, inter, top_k, bias, activation) in MXFP4_SHAPES.items():
+        def layer(seed):
+            g = torch.Generator(device="cuda").manual_seed(seed)
+            packed = lambda rows, k, lo: Mxfp4Linear(                              # noqa: E731
+                torch.randint(0, 256, (experts, rows, k // 32, 16), generator=g, device="cuda", dtype=torch.uint8),
+                torch.randint(lo, lo + 6, (experts, rows, k // 32), generator=g, device="cuda", dtype=torch.uint8),
+                torch.randn(experts, rows, generator=g, device="cuda") if bias else None)
+            return packed(2 * inter, hidden, 118), packed(hidden, inter, 116)
+
+        layers = [layer(i) for i in range(4)]                                    # 4 x 400 MB: far past L2
+        w13_bytes = 2 * inter * hidden // 2 * 17 // 16                          # blocks + scales per expert
+        w2_bytes = hidden * inter // 2 * 17 // 16
+        table = GemvTiles.for_shape(hidden, inter)
+        print(f"\nMXFP4 MoE {name} (hidden {hidden}, intermediate {inter}, top-{top_k}); table tiles {table}")
+        print(f"{'tokens':>6}{'experts':>8}{'MB':>7}{'grouped us':>11}{'before us':>10}{'TB/s':>6}{'after us':>9}"
+              f"{'TB/s':>6}{'gate_up us':>11}{'TB/s':>6}{'down us':>8}{'TB/s':>6}{'err':>9}")
+        for tokens in (1, 4):
+            g = torch.Generator(device="cuda").manual_seed(tokens)
+            x = torch.randn(tokens, hidden, generator=g, device="cuda").to(torch.bfloat16)
+            ids = torch.stack([torch.randperm(experts, generator=g, device="cuda")[:top_k] for _ in range(tokens)])
+            weights = torch.softmax(torch.randn(tokens, top_k, generator=g, device="cuda"), -1).to(torch.bfloat16)
+            unique = ids.unique().numel()
+            up_mb, down_mb = unique * w13_bytes / 1e6, unique * w2_bytes / 1e6
+            tbs = lambda mb, us: mb / us                                            # noqa: E731  MB/us = TB/s
+            want = mxfp4_moe_reference(x, *layers[0], weights, ids, activation)
+            grouped = timed_us(lambda i: mxfp4_moe_triton(x, *layers[i], weights, ids, activation), len(layers)) \
+                if with_grouped else float("nan")
+            t_before = float("nan")
+            if before is not None:
+                t_before = timed_us(lambda i: before.mxfp4_moe_gemv(
+                    x, *(before.Mxfp4Linear(w.blocks, w.scales, w.bias) for w in layers[i]), weights, ids,
+                    before.GatedActivation(activation.alpha, activation.limit, activation.up_offset,
+                                           activation.interleaved)), len(layers))
+            err = rel_error(mxfp4_moe_gemv(x, *layers[0], weights, ids, activation), want)
+            t_after = timed_us(lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation), len(layers))
+            h = mxfp4_gemv_gate_up(x, layers[0][0], ids, activation, table)
+            t_up = timed_us(lambda i: mxfp4_gemv_gate_up(x, layers[i][0], ids, activation, table), len(layers))
+            t_down = timed_us(lambda i: mxfp4_gemv_down(h, layers[i][1], weights, ids, table), len(layers))
+            print(f"{tokens:>6}{unique:>8}{up_mb + down_mb:>7.1f}{grouped:>11.1f}{t_before:>10.1f}"
+                  f"{tbs(up_mb + down_mb, t_before):>6.2f}{t_after:>9.1f}{tbs(up_mb + down_mb, t_after):>6.2f}"
+                  f"{t_up:>11.1f}{tbs(up_mb, t_up):>6.2f}{t_down:>8.1f}{tbs(down_mb, t_down):>6.2f}{err:>9.1e}")
+            record = dict(kind="mxfp4", shape=name, hidden=hidden, inter=inter, tokens=tokens, experts=unique, grouped_us=grouped,
+                          before_us=t_before, after_us=t_after, gate_up_us=t_up, down_us=t_down, err=err,
+                          gate_up_mb=up_mb, down_mb=down_mb, sweep={})
+            for block_n, block_g, warps, *flags in GATE_UP_VARIANTS:
+                prefetch, ptx = flags or (True, True)
+                tiles = replace(table, block_n_gate_up=block_n, block_g=block_g, num_warps=warps, prefetch=prefetch,
+                                ptx_decode=ptx)
+                e = rel_error(mxfp4_gemv_gate_up(x, layers[0][0], ids, activation, tiles), h)
+                us = timed_us(lambda i: mxfp4_gemv_gate_up(x, layers[i][0], ids, activation, tiles), len(layers))
+                record["sweep"][f"gate_up n{block_n} g{block_g} w{warps} pf{int(prefetch)} ptx{int(ptx)}"] = \
+                    (us, tbs(up_mb, us), e)
+            for block_n, block_g, warps, *flags in DOWN_VARIANTS:
+                prefetch, ptx = flags or (True, True)
+                tiles = replace(table, block_n_down=block_n, block_g_down=block_g, num_warps_down=warps,
+                                prefetch=prefetch, ptx_decode=ptx)
+                e = rel_error(mxfp4_gemv_down(h, layers[0][1], weights, ids, tiles),
+                              mxfp4_gemv_down(h, layers[0][1], weights, ids, table))
+                us = timed_us(lambda i: mxfp4_gemv_down(h, layers[i][1], weights, ids, tiles), len(layers))
+                record["sweep"][f"down n{block_n} g{block_g} w{warps} pf{int(prefetch)} ptx{int(ptx)}"] = \
+                    (us, tbs(down_mb, us), e)
+            for kernel in ("gate_up", "down"):
+                ranked = sorted((v[0], k, v[1], v[2]) for k, v in record["sweep"].items() if k.startswith(kernel))
+                print(f"    {kernel} best: " + "; ".join(f"{k[len(kernel) + 1:]} {us:.1f} us {tb:.2f} TB/s (err {e:.0e})"
+                                                        for us, k, tb, e in ranked[:4]))
+            RECORDS.append(record)
+        del layers
+
+
+def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
+    """Per expert shape, the sweep's fastest gate_up and down tiles, weighting 1 token fully and 4 tokens by
+    a quarter; the decode (PTX or Triton) by the two GEMVs' reference tiles. Returns GemvTiles(...) sources."""
+    chosen = {}
+    for shape in {(r["hidden"], r["inter"]) for r in records if r["kind"] == "mxfp4"}:
+        cost: dict[str, float] = {}
+        for r in records:
+            if r["kind"] == "mxfp4" and (r["hidden"], r["inter"]) == shape:
+                for key, (us, _, err) in r["sweep"].items():
+                    weight = 1.0 if r["tokens"] == 1 else 0.25
+                    cost[key] = cost.get(key, 0.0) + (weight * us if err < 1e-2 else float("inf"))
+        parse = lambda key: [int(part.lstrip("ngwpftx")) for part in key.split()[1:]]     # noqa: E731
+        ref_up, ref_down = (f"{kernel} n{v[0]} g{v[1]} w{v[2]} pf1" for kernel, v in
+                            (("gate_up", GATE_UP_VARIANTS[0]), ("down", DOWN_VARIANTS[0])))
+        ptx = cost[ref_up + " ptx1"] + cost[ref_down + " ptx1"] <= cost[ref_up + " ptx0"] + cost[ref_down + " ptx0"]
+        best = {kernel: parse(min((k for k in cost if k.startswith(kernel) and k.endswith(f"ptx{int(ptx)}")),
+                                  key=cost.__getitem__)) for kernel in ("gate_up", "down")}
+        (n_up, g_up, w_up, pf_up, _), (n_down, g_down, w_down, pf_down, _) = best["gate_up"], best["down"]
+        chosen[shape] = (f"GemvTiles({n_up}, {n_down}, {g_up}, {w_up}, prefetch={bool(pf_up and pf_down)}, "
+                         f"ptx_decode={ptx}, block_g_down={g_down}, num_warps_down={w_down})")
+    return chosen
+
+
+def write_tile_table(chosen: dict[tuple[int, int], str]) -> None:
+    """Rewrite the GEMV_TILE_TABLE rows of runtime/ops/mxfp4.py for the shapes swept."""
+    import re
+    path = Path(__file__).resolve().parents[1] / "runtime" / "ops" / "mxfp4.py"
+    text = path.read_text()
+    for (hidden, inter), tiles in chosen.items():
+        text, count = re.subn(rf"^    \({hidden}, {inter}\): GemvTiles\(.*\),$", f"    ({hidden}, {inter}): {tiles},",
+                              text, flags=re.M)
+        if count != 1:
+            raise SystemExit(f"no GEMV_TILE_TABLE row for ({hidden}, {inter}) in {path}")
+    path.write_text(text)
 
 
 def bench_qkv() -> None:
@@ -200,6 +268,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="gemv,mxfp4,qkv")
     parser.add_argument("--json")
+    parser.add_argument("--no-grouped", action="store_true", help="skip the grouped GEMM column")
+    parser.add_argument("--write-table", action="store_true",
+                        help="write the sweep's choice into GEMV_TILE_TABLE in runtime/ops/mxfp4.py")
+    parser.add_argument("--before", help="a module with an older mxfp4_moe_gemv to time beside this one "
+                                         "(e.g. a copy of the previous runtime/ops/mxfp4.py)")
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -208,7 +281,12 @@ def main() -> int:
     if "qkv" in only:
         bench_qkv()
     if "mxfp4" in only:
-        bench_mxfp4(bandwidth)
+        bench_mxfp4(bandwidth, importlib.import_module(args.before) if args.before else None, not args.no_grouped)
+        chosen = choose_gemv_tiles(RECORDS)
+        for shape, tiles in sorted(chosen.items()):
+            print(f"chosen for {shape}: {tiles}")
+        if args.write_table:
+            write_tile_table(chosen)
     if "gemv" in only:
         bench_gemv(bandwidth)
     if args.json:

@@ -11,7 +11,7 @@ from runtime.config import EngineConfig
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheSpec
 from runtime.loader import check_loaded, copy_weight, kv_scale_target, unexpected_weight
-from runtime.ops import RMSNorm, RotaryEmbedding, paged_attention, rope_inv_freq
+from runtime.ops import RMSNorm, RotaryEmbedding, paged_attention, rope_inv_freq, softmax_topk
 from runtime.ops.linear import Linear
 from runtime.ops.qkv import qkv_rope_write_kv
 from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
@@ -126,9 +126,9 @@ class GptOssMoE(nn.Module):
         self.experts = GptOssExperts(config, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # top-k on the raw logits, then a softmax over the k chosen ones only
-        top_logits, topk_ids = torch.topk(self.router(x), self.top_k, dim=-1)
-        return self.experts(x, torch.softmax(top_logits, dim=-1), topk_ids)
+        # top-k on the raw logits, then a softmax over the k chosen ones only (one launch on a GPU)
+        topk_weights, topk_ids = softmax_topk(self.router(x), self.top_k, renormalize=False, softmax_after_topk=True)
+        return self.experts(x, topk_weights, topk_ids)
 
 
 def _layer_window(config, layer: int) -> int | None:

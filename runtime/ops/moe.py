@@ -23,19 +23,26 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 
 def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
-                 expert_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 expert_scale: torch.Tensor | None = None,
+                 softmax_after_topk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts in fp32, keep the top k, optionally renormalize them to sum to one, and
     optionally multiply each by its expert's learned scale (`expert_scale` [experts]).
+    With `softmax_after_topk` the top k are taken from the logits and the softmax runs over those k only
+    (the same weights as renormalizing, rounded differently).
     Returns (weights [num_tokens, k] in the logits' dtype, expert ids [num_tokens, k] int64)."""
     if _use_triton(router_logits):
-        return softmax_topk_triton(router_logits, top_k, renormalize, expert_scale)
-    return softmax_topk_ref(router_logits, top_k, renormalize, expert_scale)
+        return softmax_topk_triton(router_logits, top_k, renormalize, expert_scale, softmax_after_topk)
+    return softmax_topk_ref(router_logits, top_k, renormalize, expert_scale, softmax_after_topk)
 
 
 def softmax_topk_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool,
-                     expert_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
+                     expert_scale: torch.Tensor | None = None,
+                     softmax_after_topk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    if softmax_after_topk:
+        top_logits, ids = torch.topk(router_logits.float(), top_k, dim=-1)
+        weights = torch.softmax(top_logits, dim=-1)
+    else:
+        weights, ids = torch.topk(torch.softmax(router_logits.float(), dim=-1), top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     if expert_scale is not None:
@@ -186,7 +193,8 @@ def align_by_expert_triton(topk_ids: torch.Tensor, num_experts: int, block_m: in
 
 
 # ---- Triton kernels ---------------------------------------------------------------------------------
-# Routing: one program per token, softmax in fp32, then k rounds of argmax (ties go to the lower expert id).
+# Routing: one program per token, softmax in fp32, then k rounds of argmax (ties go to the lower expert id);
+# or (softmax after top-k) k rounds of argmax over the logits, then a softmax over the k chosen.
 # Alignment: count pairs per expert (atomics); then every program lays out the padded runs from the counts
 # (a cumsum over experts) and either moves pairs to their expert's next free row or marks the rows of some
 # blocks that no pair fills, and the blocks' experts. Rows within a run are in no particular order; each row
@@ -200,22 +208,29 @@ if triton is not None:
     @triton.jit
     def _softmax_topk_kernel(logits_ptr, scale_ptr, weights_ptr, ids_ptr, num_experts, stride_logits,
                              TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             BLOCK_E: tl.constexpr, BLOCK_TOP_K: tl.constexpr):
+                             SOFTMAX_AFTER_TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOP_K: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         experts = tl.arange(0, BLOCK_E)
         logits = tl.load(logits_ptr + token * stride_logits + experts, mask=experts < num_experts,
                          other=float("-inf")).to(tl.float32)
-        exp = tl.exp(logits - tl.max(logits, axis=0))
-        probs = exp / tl.sum(exp, axis=0)
-        probs = tl.where(experts < num_experts, probs, -1.0)         # padding lanes are never picked
+        if SOFTMAX_AFTER_TOPK:                                       # choose on the logits themselves
+            scores = logits
+        else:
+            exp = tl.exp(logits - tl.max(logits, axis=0))
+            scores = exp / tl.sum(exp, axis=0)
+        scores = tl.where(experts < num_experts, scores, float("-inf"))   # padding lanes are never picked
         slots = tl.arange(0, BLOCK_TOP_K)
         top_weights = tl.zeros([BLOCK_TOP_K], dtype=tl.float32)
         top_ids = tl.zeros([BLOCK_TOP_K], dtype=tl.int32)
         for slot in tl.static_range(TOP_K):
-            best = tl.argmax(probs, axis=0, tie_break_left=True)
-            top_weights = tl.where(slots == slot, tl.max(probs, axis=0), top_weights)
+            best = tl.argmax(scores, axis=0, tie_break_left=True)
+            top_weights = tl.where(slots == slot, tl.max(scores, axis=0), top_weights)
             top_ids = tl.where(slots == slot, best, top_ids)
-            probs = tl.where(experts == best, -1.0, probs)
+            scores = tl.where(experts == best, float("-inf"), scores)
+        if SOFTMAX_AFTER_TOPK:
+            top_logits = tl.where(slots < TOP_K, top_weights, float("-inf"))
+            top_exp = tl.exp(top_logits - tl.max(top_logits, axis=0))            # 0 past TOP_K
+            top_weights = top_exp / tl.sum(top_exp, axis=0)
         if RENORMALIZE:
             top_weights = top_weights / tl.sum(top_weights, axis=0)     # slots past TOP_K hold 0
         if HAS_SCALE:
@@ -343,7 +358,8 @@ if triton is not None:
 
 
 def softmax_topk_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool,
-                        expert_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        expert_scale: torch.Tensor | None = None,
+                        softmax_after_topk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The same function as `softmax_topk_ref`, in one launch. Ties go to the lower expert id (torch.topk
     does not promise an order among equal probabilities)."""
     if triton is None:
@@ -359,6 +375,7 @@ def softmax_topk_triton(router_logits: torch.Tensor, top_k: int, renormalize: bo
         _softmax_topk_kernel[(num_tokens,)](logits, scale, weights, ids, num_experts, logits.stride(0),
                                             TOP_K=top_k, RENORMALIZE=renormalize,
                                             HAS_SCALE=expert_scale is not None,
+                                            SOFTMAX_AFTER_TOPK=softmax_after_topk,
                                             BLOCK_E=triton.next_power_of_2(num_experts),
                                             BLOCK_TOP_K=triton.next_power_of_2(top_k), num_warps=4)
     return weights, ids

@@ -350,57 +350,126 @@ def mxfp4_moe_triton(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_we
 
 # ---- decode GEMV ------------------------------------------------------------------------------------
 # For a few tokens each token-expert pair reads its expert's weights once and nothing is worth a tensor-core
-# tile: a GEMV that moves the packed bytes at the copy bandwidth needs a cheap decode, a few integer
-# operations per element. An E2M1 code `s e1 e0 m` is turned into the fp16 bit pattern
-# `s 0 0 0 e1 e0 m 0...0` (sign to bit 15, exponent+mantissa to bits 11..9): for e > 0 that is
-# 2^(e - 15) * (1 + m / 2), for e = 0 the fp16 subnormal m * 2^-15, i.e. the E2M1 value times 2^-14 in
-# every case, exactly. fp16 -> fp32 is exact (subnormals included), so the products with the activations
-# stay normal fp32 numbers; the 2^14 and the block's E8M0 scale are applied once per 32-element block,
-# to the block's partial sum. Both nibbles of a byte decode from shifts and masks of the byte, no table.
+# tile: a GEMV that moves the packed bytes at the copy bandwidth needs a decode of a few integer operations
+# per element. The bytes are read as int32 words, 8 E2M1 codes each (a 16-byte block = 4 words = 32
+# elements sharing one scale), and code i of a word, `s e1 e0 m`, becomes the fp32 bit pattern with the
+# sign at bit 31 and `e1 e0 m` at bits 24..22 (the low exponent bits and the top mantissa bit): a shift and
+# a mask for each field. That pattern is the E2M1 value times 2^-126 in every case, the subnormal code 1
+# landing on the fp32 subnormal 2^-127, exactly. The activations are scaled by 2^64 as they are loaded, so
+# every product with a weight is a normal fp32 number (the FMA takes subnormal operands at full rate; the
+# kernels are compiled without flush-to-zero) and one FMA per element accumulates; each block's sum is
+# multiplied back by 2^62 and by its E8M0 scale. No conversion instruction, no table.
 #
-# GEMM 1: one program per (pair, BLOCK_N intermediate columns) reads its 2 * BLOCK_N gate/up rows and
-# applies the gated activation; the intermediate is stored per pair (no sorting, no alignment pass).
-# GEMM 2: one program per (token, BLOCK_N output columns) reads the token's k experts side by side and sums
-# their weighted rows in fp32, so the k-way sum needs no extra launch and is deterministic.
-# The activations are loaded contiguously and split into even/odd elements in registers.
+# GEMM 1: one program per (pair, BLOCK_N intermediate columns) reads its 2 * BLOCK_N gate/up rows and applies
+# the gated activation; the intermediate is stored per pair (no sorting, no alignment pass).
+# GEMM 2: one program per (token, BLOCK_N output columns) walks the token's k experts in order and sums their
+# weighted rows in fp32, so the k-way sum needs no extra launch and is deterministic.
+# Each program loads the next K step's words before decoding the current one (two steps in flight).
 
 if triton is not None:
     @triton.jit
-    def _mxfp4_gemv_tile(x_rows, row_bytes, row_scales, slot_mask, row_mask, K,
-                         SLOTS: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr):
-        """[SLOTS, ROWS] fp32 dot products: slot s's activation row (pointers x_rows [SLOTS, 1], K elements)
-        with the weight rows whose packed bytes / scales start at row_bytes / row_scales [SLOTS, ROWS, 1]."""
-        BYTES: tl.constexpr = BLOCK_G * 16
-        acc = tl.zeros([SLOTS, ROWS, BLOCK_G], dtype=tl.float32)
-        mask = slot_mask[:, None, None] & row_mask
-        for g_start in range(0, K // 32, BLOCK_G):
-            byte = g_start * 16 + tl.arange(0, BYTES)
-            packed = tl.load(row_bytes + byte[None, None, :], mask=mask & (byte < K // 2)[None, None, :], other=0,
-                             eviction_policy="evict_first").to(tl.int32)
-            element = g_start * 32 + tl.arange(0, 2 * BYTES)                     # contiguous, then split
-            xs = tl.load(x_rows + element[None, :], mask=slot_mask[:, None] & (element < K)[None, :],
-                         other=0.0).to(tl.float32)
-            x_even, x_odd = tl.split(tl.reshape(xs, [SLOTS, BYTES, 2]))
-            low = (((packed & 0x07) << 9) | ((packed & 0x08) << 12)).to(tl.int16)
-            high = (((packed & 0x70) << 5) | ((packed & 0x80) << 8)).to(tl.int16)
-            w_even = low.to(tl.float16, bitcast=True).to(tl.float32)            # value * 2^-14
-            w_odd = high.to(tl.float16, bitcast=True).to(tl.float32)
-            products = w_even * x_even[:, None, :] + w_odd * x_odd[:, None, :]    # [SLOTS, ROWS, BYTES]
-            group_sums = tl.sum(tl.reshape(products, [SLOTS, ROWS, BLOCK_G, 16]), axis=3)
-            group = g_start + tl.arange(0, BLOCK_G)
-            scale_bits = tl.load(row_scales + group[None, None, :], mask=mask & (group < K // 32)[None, None, :],
-                                 other=0).to(tl.int32)
-            scale = (scale_bits << 23).to(tl.float32, bitcast=True) * 16384.0       # 2^(s - 127) * 2^14
-            acc += group_sums * scale
-        return tl.sum(acc, axis=2)
+    def _e2m1_times_2_pow_m126(words, NIBBLE: tl.constexpr):
+        """Code NIBBLE (0 = lowest bits) of each int32 word -> its E2M1 value * 2^-126, as fp32."""
+        magnitude = (words >> (4 * NIBBLE)) & 7
+        sign = (words >> (4 * NIBBLE + 3)) & 1
+        return ((magnitude << 22) | (sign << 31)).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _mxfp4_gemv_gate_up_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, h_ptr, ids_ptr, top_k, K, N,
+    def _split_by_word_position(xs, BLOCK_G: tl.constexpr):
+        """[BLOCK_G, 32] activations -> eight [BLOCK_G, 4] tensors, the i-th holding element 8 * word + i."""
+        # element 8 * word + 4 * b2 + 2 * b1 + b0: each split peels off the lowest remaining bit
+        b0_0, b0_1 = tl.split(tl.reshape(xs, [BLOCK_G, 4, 2, 2, 2]))
+        b1_00, b1_01 = tl.split(b0_0)
+        b1_10, b1_11 = tl.split(b0_1)
+        x0, x4 = tl.split(b1_00)
+        x2, x6 = tl.split(b1_01)
+        x1, x5 = tl.split(b1_10)
+        x3, x7 = tl.split(b1_11)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    # The same eight patterns from one word in PTX, two codes at a time: codes i and i + 4 sit 16 bits apart,
+    # so one shift-and-mask pair places both as bf16 patterns (halves of one register); widening a bf16
+    # half to fp32 is one more shift or mask. About 3 integer operations per element instead of 4.
+    _E2M1_PAIRS_PTX = tl.constexpr("""{
+    .reg .b32 a, b, p;
+    shl.b32 a, $8, 6;  and.b32 a, a, 0x01C001C0;  shl.b32 b, $8, 12;  and.b32 b, b, 0x80008000;  or.b32 p, a, b;
+    shl.b32 $0, p, 16;  and.b32 $4, p, 0xFFFF0000;
+    shl.b32 a, $8, 2;  and.b32 a, a, 0x01C001C0;  shl.b32 b, $8, 8;  and.b32 b, b, 0x80008000;  or.b32 p, a, b;
+    shl.b32 $1, p, 16;  and.b32 $5, p, 0xFFFF0000;
+    shr.b32 a, $8, 2;  and.b32 a, a, 0x01C001C0;  shl.b32 b, $8, 4;  and.b32 b, b, 0x80008000;  or.b32 p, a, b;
+    shl.b32 $2, p, 16;  and.b32 $6, p, 0xFFFF0000;
+    shr.b32 a, $8, 6;  and.b32 a, a, 0x01C001C0;  and.b32 b, $8, 0x80008000;  or.b32 p, a, b;
+    shl.b32 $3, p, 16;  and.b32 $7, p, 0xFFFF0000;
+    }""")
+
+    @triton.jit
+    def _mxfp4_gemv_step(words, xs, BLOCK_G: tl.constexpr, PTX_DECODE: tl.constexpr):
+        """[ROWS, BLOCK_G, 4] packed words x [BLOCK_G, 32] scaled activations -> [ROWS, BLOCK_G] block sums."""
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split_by_word_position(xs, BLOCK_G)
+        if PTX_DECODE:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _E2M1_PAIRS_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], dtype=(tl.float32,) * 8, is_pure=True,
+                pack=1)
+        else:
+            w0 = _e2m1_times_2_pow_m126(words, 0)
+            w1 = _e2m1_times_2_pow_m126(words, 1)
+            w2 = _e2m1_times_2_pow_m126(words, 2)
+            w3 = _e2m1_times_2_pow_m126(words, 3)
+            w4 = _e2m1_times_2_pow_m126(words, 4)
+            w5 = _e2m1_times_2_pow_m126(words, 5)
+            w6 = _e2m1_times_2_pow_m126(words, 6)
+            w7 = _e2m1_times_2_pow_m126(words, 7)
+        sums = w0 * x0[None, :, :]
+        sums += w1 * x1[None, :, :]
+        sums += w2 * x2[None, :, :]
+        sums += w3 * x3[None, :, :]
+        sums += w4 * x4[None, :, :]
+        sums += w5 * x5[None, :, :]
+        sums += w6 * x6[None, :, :]
+        sums += w7 * x7[None, :, :]
+        return tl.sum(sums, axis=2)
+
+    @triton.jit
+    def _mxfp4_gemv_rows(x_row, words_ptr, scales_ptr, row_groups, row_scales, row_mask, K,
+                         ROWS: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, PTX_DECODE: tl.constexpr):
+        """[ROWS] fp32 dot products of one activation row (pointer x_row, K elements) with weight rows whose
+        first 16-byte block is row_groups [ROWS] (int64, counted in blocks) and first scale row_scales."""
+        num_groups = K // 32
+        g = tl.arange(0, BLOCK_G)
+        word_ptrs = words_ptr + (row_groups[:, None, None] + g[None, :, None]) * 4 + tl.arange(0, 4)[None, None, :]
+        x_ptrs = x_row + g[:, None] * 32 + tl.arange(0, 32)[None, :]                    # [BLOCK_G, 32]
+        acc = tl.zeros([ROWS, BLOCK_G], dtype=tl.float32)
+        words = tl.load(word_ptrs, mask=row_mask[:, None, None] & (g < num_groups)[None, :, None], other=0,
+                        eviction_policy="evict_first")
+        for g_start in range(0, num_groups, BLOCK_G):
+            group = g_start + g
+            group_mask = group < num_groups
+            if PREFETCH:                     # the next step's words are in flight while this one decodes
+                next_mask = row_mask[:, None, None] & ((group + BLOCK_G) < num_groups)[None, :, None]
+                next_words = tl.load(word_ptrs + (g_start + BLOCK_G) * 4, mask=next_mask, other=0,
+                                     eviction_policy="evict_first")
+            else:
+                words = tl.load(word_ptrs + g_start * 4, mask=row_mask[:, None, None] & group_mask[None, :, None],
+                                other=0, eviction_policy="evict_first")
+            xs = tl.load(x_ptrs + g_start * 32, mask=group_mask[:, None], other=0.0).to(tl.float32)
+            sums = _mxfp4_gemv_step(words, xs * 18446744073709551616.0, BLOCK_G, PTX_DECODE)   # x * 2^64
+            scale_bits = tl.load(scales_ptr + row_scales[:, None] + group[None, :],
+                                 mask=row_mask[:, None] & group_mask[None, :], other=0).to(tl.int32)
+            scale = (scale_bits << 23).to(tl.float32, bitcast=True)             # 2^(s - 127); s = 0 gives 0
+            acc += (sums * 4611686018427387904.0) * scale                         # * 2^62 undoes 2^64 * 2^-126
+            if PREFETCH:
+                words = next_words
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _mxfp4_gemv_gate_up_kernel(x_ptr, words_ptr, scales_ptr, bias_ptr, h_ptr, ids_ptr, top_k, K, N,
                                    stride_xm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_hm,
                                    alpha, limit, up_offset,
                                    HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERLEAVED: tl.constexpr,
-                                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-        """h[pair, n] = act(x[token] @ W13[e].T + b13[e]) for this program's BLOCK_N columns n."""
+                                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr,
+                                   PTX_DECODE: tl.constexpr):
+        """h[pair, n] = act(x[token] @ W13[e].T + b13[e]) for this program's BLOCK_N columns n. Weight strides
+        (stride_be, stride_br) count 16-byte blocks."""
         pair = tl.program_id(0)
         token = pair // top_k
         expert = tl.load(ids_ptr + pair).to(tl.int64)    # negative: another rank's expert, nothing to read
@@ -414,12 +483,10 @@ if triton is not None:
             rows = n_of_row + (r // BLOCK_N) * N
         row_mask = (n_of_row < N) & ((n_of_row * 0 + expert) >= 0)
         expert = tl.maximum(expert, 0)
-        one = tl.full([1], 1, tl.int1)
-        x_rows = (x_ptr + token.to(tl.int64) * stride_xm + tl.zeros([1], tl.int64))[:, None]
-        row_bytes = (blocks_ptr + expert * stride_be + rows.to(tl.int64) * stride_br)[None, :, None]
-        row_scales = (scales_ptr + expert * stride_se + rows.to(tl.int64) * stride_sr)[None, :, None]
-        acc = tl.reshape(_mxfp4_gemv_tile(x_rows, row_bytes, row_scales, one, row_mask[None, :, None], K,
-                                          1, 2 * BLOCK_N, BLOCK_G), [2 * BLOCK_N])
+        acc = _mxfp4_gemv_rows(x_ptr + token.to(tl.int64) * stride_xm, words_ptr, scales_ptr,
+                               expert * stride_be + rows.to(tl.int64) * stride_br,
+                               expert * stride_se + rows.to(tl.int64) * stride_sr, row_mask, K,
+                               2 * BLOCK_N, BLOCK_G, PREFETCH, PTX_DECODE)         # [2 * BLOCK_N]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + expert * stride_bias + rows, mask=row_mask, other=0.0).to(tl.float32)
         if INTERLEAVED:
@@ -434,40 +501,99 @@ if triton is not None:
         tl.store(h_ptr + pair * stride_hm + n, h.to(h_ptr.dtype.element_ty), mask=n < N)
 
     @triton.jit
-    def _mxfp4_gemv_down_kernel(h_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr,
+    def _mxfp4_gemv_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr,
                                 top_k, K, N, stride_hm, stride_be, stride_br, stride_se, stride_sr, stride_bias,
-                                stride_om, HAS_BIAS: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-        """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n], pair = token * top_k + k; the
-        token's k experts are read side by side (more bytes in flight per program)."""
+                                stride_om, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, PTX_DECODE: tl.constexpr):
+        """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n], pair = token * top_k + k,
+        summed in slot order."""
         token = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < N
-        slots = tl.arange(0, BLOCK_SLOTS)
-        pairs = token * top_k + slots
-        experts = tl.load(ids_ptr + pairs, mask=slots < top_k, other=-1).to(tl.int64)
-        slot_mask = experts >= 0                         # negative: another rank's expert, or past top_k
-        experts = tl.maximum(experts, 0)
-        x_rows = (h_ptr + pairs.to(tl.int64) * stride_hm)[:, None]
-        row_bytes = (blocks_ptr + experts[:, None] * stride_be + n.to(tl.int64)[None, :] * stride_br)[:, :, None]
-        row_scales = (scales_ptr + experts[:, None] * stride_se + n.to(tl.int64)[None, :] * stride_sr)[:, :, None]
-        acc = _mxfp4_gemv_tile(x_rows, row_bytes, row_scales, slot_mask, n_mask[None, :, None], K,
-                               BLOCK_SLOTS, BLOCK_N, BLOCK_G)                      # [slots, BLOCK_N]
-        both = slot_mask[:, None] & n_mask[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + experts[:, None] * stride_bias + n[None, :], mask=both, other=0.0).to(tl.float32)
-        weight = tl.load(weights_ptr + pairs, mask=slot_mask, other=0.0).to(tl.float32)
-        out = tl.sum(tl.where(both, acc * weight[:, None], 0.0), axis=0)
+        out = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for slot in range(0, top_k):
+            pair = token * top_k + slot
+            expert = tl.load(ids_ptr + pair).to(tl.int64)
+            if expert >= 0:                              # negative: another rank's expert
+                y = _mxfp4_gemv_rows(h_ptr + pair.to(tl.int64) * stride_hm, words_ptr, scales_ptr,
+                                     expert * stride_be + n.to(tl.int64) * stride_br,
+                                     expert * stride_se + n.to(tl.int64) * stride_sr, n_mask, K,
+                                     BLOCK_N, BLOCK_G, PREFETCH, PTX_DECODE)
+                if HAS_BIAS:
+                    y += tl.load(bias_ptr + expert * stride_bias + n, mask=n_mask, other=0.0).to(tl.float32)
+                out += y * tl.load(weights_ptr + pair).to(tl.float32)
         tl.store(out_ptr + token * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 @dataclass(frozen=True, slots=True)
 class GemvTiles:
-    """Tiles from the tools/decode_kernels.py sweep on an H200 (2026-11-29; expert shapes in PERFORMANCE.md)."""
-    block_n_gate_up: int = 8
-    block_n_down: int = 8
-    block_g: int = 8                   # 32-element blocks per K step: 128 bytes of each row
+    block_n_gate_up: int = 16          # intermediate columns per program: 2x as many gate/up weight rows
+    block_n_down: int = 8              # output columns (weight rows) per program
+    block_g: int = 8                   # 16-byte blocks (32 elements) of each row per K step, gate/up
     num_warps: int = 4
+    prefetch: bool = True              # load step i + 1 before decoding step i
+    ptx_decode: bool = True            # the PTX pair decode (GPU only; the interpreter runs the Triton one)
+    block_g_down: int = 32             # K step of the down GEMV: its grid is small, so each program reads deep
+    num_warps_down: int = 4
+
+    @staticmethod
+    def for_shape(hidden: int, inter: int) -> "GemvTiles":
+        """The table below, keyed by expert shape (hidden, intermediate); the nearest row by weight bytes
+        for other shapes. Chosen once per call from the shapes: nothing is tuned inside a graph."""
+        key = min(GEMV_TILE_TABLE, key=lambda shape: abs(shape[0] * shape[1] - hidden * inter))
+        return GEMV_TILE_TABLE[key]
+
+
+# From the tools/decode_kernels.py sweep on an H200 (2026-11-29; figures in docs/PERFORMANCE.md).
+GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {
+    (2880, 2880): GemvTiles(8, 8, 8, 4, prefetch=True, ptx_decode=True, block_g_down=32, num_warps_down=4),
+    (4096, 2048): GemvTiles(8, 8, 8, 4, prefetch=True, ptx_decode=True, block_g_down=32, num_warps_down=4),
+}
+
+
+def _check_gemv_weights(w: Mxfp4Linear) -> None:
+    if w.blocks.stride(-1) != 1 or w.blocks.stride(-2) != 16 or w.scales.stride(-1) != 1 \
+            or w.blocks.stride(0) % 16 or w.blocks.stride(1) % 16 or w.blocks.storage_offset() % 16:
+        raise ValueError("MXFP4 GEMV needs each weight row's blocks and scales contiguous, 16-byte aligned")
+
+
+def mxfp4_gemv_gate_up(x: torch.Tensor, w13: Mxfp4Linear, topk_ids: torch.Tensor, activation: GatedActivation,
+                       tiles: GemvTiles) -> torch.Tensor:
+    """h [pairs, inter] = act(x[token] @ W13[e].T + b13[e]) for every (token, slot) pair, in x's dtype."""
+    _check_gemv_weights(w13)
+    num_tokens, top_k = topk_ids.shape
+    inter = w13.out_features // 2
+    x = x.contiguous()
+    h = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)           # [pairs, inter]
+    bias = w13.bias if w13.bias is not None else torch.zeros(1, dtype=torch.float32, device=x.device)
+    # int32 words over the same bytes (4 per 16-byte block); weight strides passed in 16-byte blocks
+    _mxfp4_gemv_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, tiles.block_n_gate_up))](
+        x, w13.blocks.view(torch.int32), w13.scales, bias, h, topk_ids.contiguous().view(-1), top_k,
+        x.shape[1], inter, x.stride(0), w13.blocks.stride(0) // 16, w13.blocks.stride(1) // 16,
+        w13.scales.stride(0), w13.scales.stride(1), bias.stride(0) if w13.bias is not None else 0, h.stride(0),
+        activation.alpha, activation.limit or 0.0, activation.up_offset,
+        HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None, INTERLEAVED=activation.interleaved,
+        BLOCK_N=tiles.block_n_gate_up, BLOCK_G=tiles.block_g, PREFETCH=tiles.prefetch,
+        PTX_DECODE=tiles.ptx_decode and x.is_cuda, num_warps=tiles.num_warps)
+    return h
+
+
+def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    tiles: GemvTiles) -> torch.Tensor:
+    """out [tokens, hidden] = sum_k weight_k * (h[pair] @ W2[e].T + b2[e]), in h's dtype."""
+    _check_gemv_weights(w2)
+    num_tokens, top_k = topk_ids.shape
+    hidden = w2.out_features
+    out = torch.empty(num_tokens, hidden, dtype=h.dtype, device=h.device)
+    bias = w2.bias if w2.bias is not None else torch.zeros(1, dtype=torch.float32, device=h.device)
+    _mxfp4_gemv_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down))](
+        h, w2.blocks.view(torch.int32), w2.scales, bias, out, topk_weights.contiguous().view(-1),
+        topk_ids.contiguous().view(-1), top_k, h.shape[1], hidden, h.stride(0), w2.blocks.stride(0) // 16,
+        w2.blocks.stride(1) // 16, w2.scales.stride(0), w2.scales.stride(1),
+        bias.stride(0) if w2.bias is not None else 0, out.stride(0),
+        HAS_BIAS=w2.bias is not None, BLOCK_N=tiles.block_n_down, BLOCK_G=tiles.block_g_down,
+        PREFETCH=tiles.prefetch, PTX_DECODE=tiles.ptx_decode and h.is_cuda, num_warps=tiles.num_warps_down)
+    return out
 
 
 def mxfp4_moe_gemv(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weights: torch.Tensor,
@@ -480,32 +606,8 @@ def mxfp4_moe_gemv(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weig
     if w13.in_features != hidden or w13.out_features != 2 * inter or w2.out_features != hidden:
         raise ValueError(f"expert shapes do not chain: x [.., {hidden}], w13 [{w13.out_features}, "
                          f"{w13.in_features}], w2 [{w2.out_features}, {w2.in_features}]")
-    for w in (w13, w2):
-        if w.blocks.stride(-1) != 1 or w.blocks.stride(-2) != 16 or w.scales.stride(-1) != 1:
-            raise ValueError("MXFP4 GEMV needs each weight row's blocks and scales contiguous")
-    tiles = tiles or GemvTiles()
-    x = x.contiguous()
-    num_tokens, top_k = topk_ids.shape
-    num_pairs = num_tokens * top_k
-    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
-    if num_pairs == 0:
-        return out.zero_()
-    ids = topk_ids.contiguous().view(-1)
-    h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    dummy_bias = torch.zeros(1, dtype=torch.float32, device=x.device)
-    bias13 = w13.bias if w13.bias is not None else dummy_bias
-    _mxfp4_gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, tiles.block_n_gate_up))](
-        x, w13.blocks, w13.scales, bias13, h, ids, top_k, hidden, inter,
-        x.stride(0), w13.blocks.stride(0), w13.blocks.stride(1), w13.scales.stride(0), w13.scales.stride(1),
-        bias13.stride(0) if w13.bias is not None else 0, h.stride(0),
-        activation.alpha, activation.limit or 0.0, activation.up_offset,
-        HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None, INTERLEAVED=activation.interleaved,
-        BLOCK_N=tiles.block_n_gate_up, BLOCK_G=tiles.block_g, num_warps=tiles.num_warps)
-    bias2 = w2.bias if w2.bias is not None else dummy_bias
-    _mxfp4_gemv_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down))](
-        h, w2.blocks, w2.scales, bias2, out, topk_weights.contiguous().view(-1), ids, top_k, inter, hidden,
-        h.stride(0), w2.blocks.stride(0), w2.blocks.stride(1), w2.scales.stride(0), w2.scales.stride(1),
-        bias2.stride(0) if w2.bias is not None else 0, out.stride(0),
-        HAS_BIAS=w2.bias is not None, BLOCK_SLOTS=triton.next_power_of_2(top_k), BLOCK_N=tiles.block_n_down,
-        BLOCK_G=tiles.block_g, num_warps=tiles.num_warps)
-    return out
+    if topk_ids.numel() == 0:
+        return torch.zeros(topk_ids.shape[0], hidden, dtype=x.dtype, device=x.device)
+    tiles = tiles or GemvTiles.for_shape(hidden, inter)
+    h = mxfp4_gemv_gate_up(x, w13, topk_ids, activation, tiles)
+    return mxfp4_gemv_down(h, w2, topk_weights, topk_ids, tiles)

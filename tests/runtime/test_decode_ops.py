@@ -149,3 +149,21 @@ def test_qkv_rope_write_kv_matches_reference_in_bf16_on_gpu(heads, kv_heads, hea
         mismatched = (got != want).float().mean().item()
         assert mismatched < 1e-3, mismatched
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+# ---- routing ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 4, 300])
+def test_softmax_after_topk_matches_reference_in_bf16_on_gpu(num_tokens):
+    """The decode routing of a 32-expert, top-4 router (bf16 logits), one launch against topk + softmax."""
+    _gpu()
+    from runtime.ops.moe import softmax_topk_ref, softmax_topk_triton
+    generator = torch.Generator().manual_seed(num_tokens)
+    ranks = torch.stack([torch.randperm(32, generator=generator) for _ in range(num_tokens)])
+    logits = ((ranks.float() - 16) / 4).to(torch.bfloat16).cuda()        # distinct in bf16: a unique top 4
+    weights, ids = softmax_topk_triton(logits, 4, False, softmax_after_topk=True)
+    expected_weights, expected_ids = softmax_topk_ref(logits, 4, False, softmax_after_topk=True)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights.float(), expected_weights.float(), rtol=0, atol=2 ** -8)   # 1 bf16 ulp

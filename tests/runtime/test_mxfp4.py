@@ -180,7 +180,8 @@ def test_triton_moe_matches_reference_in_bf16_on_gpu(num_tokens):
 
 
 @triton_case
-@pytest.mark.parametrize("tiles", [GemvTiles(8, 16, 2, 4), GemvTiles(4, 8, 4, 4)])
+@pytest.mark.parametrize("tiles", [GemvTiles(8, 16, 2, 4, block_g_down=2),
+                                   GemvTiles(4, 8, 4, 4, prefetch=False, block_g_down=4)])
 def test_gemv_moe_matches_reference_in_the_interpreter(num_tokens, activation, bias, tiles):
     """fp32 activations; hidden 96 / inter 160 are not multiples of the K step (BLOCK_G * 32), nor of
     BLOCK_N; every byte value (so every E2M1 code and both signs of zero) occurs."""
@@ -201,16 +202,47 @@ def test_gemv_moe_matches_reference_in_the_interpreter(num_tokens, activation, b
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 2, 4])
-def test_gemv_moe_matches_reference_in_bf16_on_gpu(num_tokens):
-    """gpt-oss-20b expert shapes, bf16 activations, the tiles the dispatcher uses."""
+@pytest.mark.parametrize("shape", ["2880x2880 top-4, biases, interleaved", "4096x2048 top-6, halves"])
+@pytest.mark.parametrize("ptx_decode", [True, False])
+def test_gemv_moe_matches_reference_in_bf16_on_gpu(num_tokens, shape, ptx_decode):
+    """The two expert shapes of the tile table, bf16 activations, the table's tiles with either decode."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    from dataclasses import replace
+
     from runtime.ops.mxfp4 import mxfp4_moe_gemv
-    num_experts, hidden, inter, top_k = 32, 2880, 2880, 4
-    w13, w2 = make_experts(num_experts, hidden, inter, seed=20)
-    w13, w2 = (Mxfp4Linear(w.blocks.cuda(), w.scales.cuda(), w.bias.cuda()) for w in (w13, w2))
+    if shape.startswith("2880"):
+        num_experts, hidden, inter, top_k, bias, activation = 32, 2880, 2880, 4, True, GPT_OSS_ACTIVATION
+    else:
+        num_experts, hidden, inter, top_k, bias, activation = 16, 4096, 2048, 6, False, GatedActivation(limit=10.0)
+    w13, w2 = make_experts(num_experts, hidden, inter, seed=20, bias=bias)
+    w13, w2 = (Mxfp4Linear(w.blocks.cuda(), w.scales.cuda(), w.bias.cuda() if bias else None) for w in (w13, w2))
     weights, ids = make_routing(num_tokens, num_experts, top_k, seed=21)
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16).cuda()
-    expected = mxfp4_moe_reference(x, w13, w2, weights.cuda(), ids.cuda(), GPT_OSS_ACTIVATION)
-    ours = mxfp4_moe_gemv(x, w13, w2, weights.cuda(), ids.cuda(), GPT_OSS_ACTIVATION)
+    expected = mxfp4_moe_reference(x, w13, w2, weights.cuda(), ids.cuda(), activation)
+    tiles = replace(GemvTiles.for_shape(hidden, inter), ptx_decode=ptx_decode)
+    ours = mxfp4_moe_gemv(x, w13, w2, weights.cuda(), ids.cuda(), activation, tiles)
     torch.testing.assert_close(ours.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gemv_decodes_every_code_exactly_on_gpu():
+    """One-hot activations pick single weight columns: the GEMV must return the dequantized weights bit for
+    bit (every byte value, so every E2M1 code incl. the subnormal 0.5 and -0, under scales 2^-9..2^2)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from dataclasses import replace
+
+    from runtime.ops.mxfp4 import mxfp4_gemv_gate_up
+    hidden, inter, rows = 256, 32, 64
+    generator = torch.Generator().manual_seed(23)
+    blocks, scales = random_mxfp4(1, rows, hidden, generator=generator, scale_range=(118, 130))
+    w13 = Mxfp4Linear(blocks.cuda(), scales.cuda())
+    dense = mxfp4_dequantize(blocks, scales)[0]                                      # [rows, hidden]
+    x = torch.eye(hidden, dtype=torch.float32, device="cuda")                         # token t picks column t
+    ids = torch.zeros(hidden, 1, dtype=torch.int64, device="cuda")
+    identity = GatedActivation(alpha=0.0, up_offset=0.0)        # gate * sigmoid(0) * up = gate * up / 2
+    for ptx_decode in (True, False):
+        tiles = replace(GemvTiles.for_shape(hidden, inter), ptx_decode=ptx_decode)
+        h = mxfp4_gemv_gate_up(x, w13, ids, identity, tiles)                         # [hidden, inter]
+        torch.testing.assert_close(h.cpu(), (dense[:inter] * dense[inter:] / 2).t(), rtol=0, atol=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ def compiled_module(relative_path: str):
         name = "compile_check_" + relative_path.replace("/", "_").removesuffix(".py")
         spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module                  # dataclasses look their module up while they are built
         spec.loader.exec_module(module)
         return module
     finally:
@@ -61,3 +63,38 @@ def test_sampling_kernels_compile_for_hopper(kernel, constexprs):
     module = compiled_module("runtime/ops/sampling.py")
     compiled = compile_for_hopper(getattr(module, kernel), SAMPLING_TYPES, constexprs)
     assert ".entry " + kernel in compiled.asm["ptx"]
+
+
+MXFP4_GEMV_TYPES = {
+    "x_ptr": "*bf16", "h_ptr": "*bf16", "words_ptr": "*i32", "scales_ptr": "*u8", "bias_ptr": "*fp32",
+    "out_ptr": "*bf16", "weights_ptr": "*bf16", "ids_ptr": "*i64", "alpha": "fp32", "limit": "fp32",
+    "up_offset": "fp32",
+}
+
+
+@pytest.mark.parametrize("ptx_decode", [True, False])
+@pytest.mark.parametrize("kernel, constexprs", [
+    ("_mxfp4_gemv_gate_up_kernel", dict(HAS_BIAS=True, HAS_LIMIT=True, INTERLEAVED=True, BLOCK_N=8, BLOCK_G=8,
+                                        PREFETCH=True)),
+    ("_mxfp4_gemv_gate_up_kernel", dict(HAS_BIAS=False, HAS_LIMIT=True, INTERLEAVED=False, BLOCK_N=16, BLOCK_G=8,
+                                        PREFETCH=False)),
+    ("_mxfp4_gemv_down_kernel", dict(HAS_BIAS=True, BLOCK_N=8, BLOCK_G=32, PREFETCH=True)),
+])
+def test_mxfp4_gemv_kernels_compile_for_hopper(kernel, constexprs, ptx_decode, monkeypatch):
+    """The PTX decode never runs in the interpreter: compiling it is the CPU-side check that ptxas takes it."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)      # read again while the kernel body is built
+    module = compiled_module("runtime/ops/mxfp4.py")
+    compiled = compile_for_hopper(getattr(module, kernel), MXFP4_GEMV_TYPES, dict(constexprs, PTX_DECODE=ptx_decode))
+    assert ".entry " + kernel in compiled.asm["ptx"]
+    assert ("shl.b32 a, " in compiled.asm["ptx"]) == ptx_decode
+
+
+@pytest.mark.parametrize("softmax_after_topk", [True, False])
+def test_softmax_topk_kernel_compiles_for_hopper(softmax_after_topk, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    module = compiled_module("runtime/ops/moe.py")
+    compiled = compile_for_hopper(module._softmax_topk_kernel, {"logits_ptr": "*bf16", "scale_ptr": "*fp32",
+                                                                 "weights_ptr": "*bf16", "ids_ptr": "*i64"},
+                                  dict(TOP_K=4, RENORMALIZE=False, HAS_SCALE=False, BLOCK_E=32, BLOCK_TOP_K=4,
+                                       SOFTMAX_AFTER_TOPK=softmax_after_topk))
+    assert ".entry _softmax_topk_kernel" in compiled.asm["ptx"]

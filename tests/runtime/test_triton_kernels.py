@@ -216,6 +216,18 @@ def test_softmax_topk_kernel_matches_reference(interpreter, num_tokens, num_expe
     assert_rounds_like(weights, expected_weights, **ROUNDED[torch.float32])
 
 
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 10, 1), (7, 10, 3), (33, 60, 8)])
+def test_softmax_after_topk_kernel_matches_reference(interpreter, num_tokens, num_experts, top_k):
+    """Top k of the logits, softmax over those k only; the logits are negative and positive."""
+    logits = distinct_logits(num_tokens, num_experts, torch.float32, seed=11)
+    weights, ids = moe.softmax_topk_triton(logits, top_k, False, softmax_after_topk=True)
+    expected_weights, expected_ids = moe.softmax_topk_ref(logits, top_k, False, softmax_after_topk=True)
+    assert torch.equal(ids, expected_ids)
+    assert_rounds_like(weights, expected_weights, **ROUNDED[torch.float32])
+    chosen = torch.topk(logits, top_k, dim=-1).values
+    torch.testing.assert_close(expected_weights, torch.softmax(chosen, dim=-1), rtol=0, atol=0)
+
+
 def test_softmax_topk_kernel_applies_per_expert_scales(interpreter):
     logits = distinct_logits(7, 10, torch.float32, seed=9)
     expert_scale = 1.0 + randn(10, seed=3)
