@@ -22,6 +22,7 @@ from runtime import LLM, SamplingParams
 from runtime.forward import ForwardContext
 from tests.models.deepseek_v4.test_deepseek_v4_kernels import (DEVICES, _context, _hf_config, _num_blocks,
                                                                _random_selection, _setup)
+from tests.triton_compile import Case, compile_for_hopper
 from tools.parity import _LogitRecorder, random_prompts
 
 VOCAB = 512
@@ -317,48 +318,30 @@ KV_LAYOUT = dict(NOPE=448, QBLOCK=64, NUM_SCALES=7, SCALES_AT=576, ENTRY=584)
 KEY_LAYOUT = dict(NOPE=128, QBLOCK=128, NUM_SCALES=1, SCALES_AT=128, ENTRY=132)
 
 
-def compile_fp8_kernels_for_hopper() -> None:
-    """Compile the FP8 variants at the release's sizes for sm_90 (nothing is launched). Run where Triton was
-    imported without TRITON_INTERPRET: under it, triton.language's own jit helpers (tl.sum, ...) are
-    interpreter functions that the compiler cannot inline."""
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    pointers = {"q_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "weights_ptr": "*fp32", "keys_ptr": "*fp8e4nv",
+FP8_POINTERS = {"q_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "weights_ptr": "*fp32", "keys_ptr": "*fp8e4nv",
                 "window_ptr": "*fp8e4nv", "entries_ptr": "*fp8e4nv", "cache_ptr": "*fp8e4nv", "state_ptr": "*fp32",
                 "sinks_ptr": "*fp32", "norm_ptr": "*fp32", "inv_freq_ptr": "*fp32", "part_acc_ptr": "*fp32",
                 "part_ml_ptr": "*fp32", "scale": "fp32", "eps": "fp32"}
-    cases = [
-        (kernels._indexer_kernel, dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4, BLOCK_N=64,
-                                       FP32=False, FP8=True, **KEY_LAYOUT), {"out_ptr": "*fp32"}),
-        (kernels._sparse_attention_kernel, dict(HEADS=64, BLOCK_H=16, DIM=512, BLOCK_D=512, BLOCK_N=32, RATIO=4,
-                                                HAS_ENTRIES=True, SELECTED=True, SPLIT=True, FP32=False,
-                                                WINDOW_FP8=True, ENTRY_FP8=True, **KV_LAYOUT), {}),
-        (kernels._compress_kernel, dict(HEAD_DIM=512, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, WIDTH=1024, RATIO=4,
-                                        WINDOW=8, OVERLAP=True, ROUND=True, DTYPE=tl.bfloat16, FP8=True,
-                                        **KV_LAYOUT), {}),
-        (kernels._norm_rope_kernel, dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, NORMALIZE=False,
-                                         INVERSE=False, TO_SLOTS=True, ROUND=True, FP8=True, **KV_LAYOUT), {}),
-    ]
-    for fn, constexprs, types in cases:
-        types = {**pointers, **types}
-        signature = {name: types.get(name, "*i64" if name.endswith("_ptr") else "i32")
-                     for name in fn.arg_names if name not in constexprs}
-        triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+KERNELS = "models.deepseek_v4.kernels"
+FP8_CASES = [
+    Case(KERNELS, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4, BLOCK_N=64,
+                                          FP32=False, FP8=True, **KEY_LAYOUT), {**FP8_POINTERS, "out_ptr": "*fp32"}),
+    Case(KERNELS, "_sparse_attention_kernel", dict(HEADS=64, BLOCK_H=16, DIM=512, BLOCK_D=512, BLOCK_N=32, RATIO=4,
+                                                   HAS_ENTRIES=True, SELECTED=True, SPLIT=True, FP32=False,
+                                                   WINDOW_FP8=True, ENTRY_FP8=True, **KV_LAYOUT), FP8_POINTERS),
+    Case(KERNELS, "_compress_kernel", dict(HEAD_DIM=512, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, WIDTH=1024, RATIO=4,
+                                           WINDOW=8, OVERLAP=True, ROUND=True, DTYPE="tl.bfloat16", FP8=True,
+                                           **KV_LAYOUT), FP8_POINTERS),
+    Case(KERNELS, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, NORMALIZE=False,
+                                            INVERSE=False, TO_SLOTS=True, ROUND=True, FP8=True, **KV_LAYOUT),
+         FP8_POINTERS),
+]
 
 
-def test_fp8_kernels_compile_for_hopper(tmp_path):
-    """The interpreter accepts code the compiler rejects: the FP8 kernels compile for sm_90, in a process of
-    their own (see compile_fp8_kernels_for_hopper), with a fresh Triton cache."""
+def test_fp8_kernels_compile_for_hopper():
+    """The interpreter accepts code the compiler rejects: the FP8 variants at the release's sizes compile for
+    sm_90 (tests/triton_compile.py; nothing is launched)."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    script = ("from tests.models.deepseek_v4.test_deepseek_v4_fp8_kv import compile_fp8_kernels_for_hopper as c; c()")
-    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[3], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    for case, result in zip(FP8_CASES, compile_for_hopper(FP8_CASES)):
+        assert result["error"] is None, f"{case.kernel}: {result['error']}"
+        assert f".entry {case.kernel}" in result["ptx"]
