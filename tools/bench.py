@@ -244,7 +244,9 @@ def bench_latency(args: argparse.Namespace) -> dict:
     llm = LLM(args.model, **_engine_options(args))
     engine = llm.engine
     rng = random.Random(0)
-    prompt = [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(args.prompt_len)]
+
+    def fresh_prompt() -> list[int]:                # a new prompt per run: no prefix-cache hit skews TTFT
+        return [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(args.prompt_len)]
     bandwidth = copy_bandwidth(engine.device)
     step_bytes = decode_step_bytes(engine.model, engine.hf_config, 1, args.prompt_len + args.output_len // 2,
                                    _kv_bytes_per_token(engine))
@@ -252,11 +254,13 @@ def bench_latency(args: argparse.Namespace) -> dict:
                   roofline_tok_s=bandwidth / step_bytes)
     for mode in _modes(args):
         params = _params(mode, max_tokens=args.output_len, ignore_eos=True)
-        _timed_steps(engine, [(prompt, params)])                                   # warm-up
+        first_only = _params(mode, max_tokens=1, ignore_eos=True)
+        for warm_up in (params, first_only):                 # both request shapes: nothing compiles when timed
+            _timed_steps(engine, [(fresh_prompt(), warm_up)])
         # TTFT: a request that stops after its first token; with async scheduling the first step only
         # launches, so a step's duration is not a token's latency. TPOT: the rest of a full run, per token.
-        _, ttft = _timed_steps(engine, [(prompt, _params(mode, max_tokens=1, ignore_eos=True))])
-        _, total = _timed_steps(engine, [(prompt, params)])
+        _, ttft = _timed_steps(engine, [(fresh_prompt(), first_only)])
+        _, total = _timed_steps(engine, [(fresh_prompt(), params)])
         tpot = (total - ttft) / (args.output_len - 1)
         result.update(_prefixed(mode, dict(ttft_ms=ttft * 1e3, tpot_ms=tpot * 1e3, decode_tok_s=1.0 / tpot,
                                            fraction_of_roofline=(step_bytes / bandwidth) / tpot)))
@@ -264,7 +268,7 @@ def bench_latency(args: argparse.Namespace) -> dict:
         del llm, engine
         torch.cuda.empty_cache()
         hf_model = _hf_model_for(args)
-        seconds = hf_generate_seconds(hf_model, [prompt], args.output_len, args.hf_mode)
+        seconds = hf_generate_seconds(hf_model, [fresh_prompt()], args.output_len, args.hf_mode)
         result.update(hf_mode=args.hf_mode, hf_tok_s=args.output_len / seconds)
     return result
 

@@ -90,20 +90,25 @@ def _prompts(vocab_size: int, count: int, length: int, seed: int) -> list[list[i
     return [[rng.randrange(low, vocab_size - low) for _ in range(length)] for _ in range(count)]
 
 
-def _run(engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
-    """Seconds to finish every prompt (greedy, ignore_eos), and the tokens."""
+def _run(engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]], float]:
+    """Seconds to finish every prompt (greedy, ignore_eos), the tokens, and the seconds until every prompt had
+    its first token (launched, with async scheduling)."""
     from runtime import SamplingParams
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     ids = [f"regress-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
     for request_id, prompt in zip(ids, prompts):
         engine.add_request(request_id, prompt, params)
     tokens: dict[str, list[int]] = {}
+    first_tokens = None
     start = time.perf_counter()
     while engine.has_unfinished():
         for output in engine.step():
             if output.finished:
                 tokens[output.request_id] = output.token_ids
-    return time.perf_counter() - start, [tokens[i] for i in ids]
+        if first_tokens is None and all(request_id in tokens or engine.scheduler.requests[request_id].num_output_tokens
+                                        for request_id in ids):
+            first_tokens = time.perf_counter() - start
+    return time.perf_counter() - start, [tokens[i] for i in ids], first_tokens
 
 
 class _Figures(dict):
@@ -124,18 +129,18 @@ class _Seeds:
 
 
 def decode_tpot(engine, concurrency: int, prompt_len: int, output_len: int, seed: _Seeds) -> float:
-    """Seconds per output token of `concurrency` requests decoding together: a full run less a run of the
-    same prefill that stops at the first token, over the remaining tokens (fresh prompts each run)."""
+    """Seconds per output token of `concurrency` requests decoding together: from the step that gave every
+    request its first token to the end of the same run, over the remaining tokens (fresh prompts each run;
+    one run, so the figure never mixes two runs' noise)."""
     vocab = engine.vocab_size
     _run(engine, _prompts(vocab, concurrency, prompt_len, seed()), 4)                       # warm-up
-    ttft, _ = _run(engine, _prompts(vocab, concurrency, prompt_len, seed()), 1)
-    total, _ = _run(engine, _prompts(vocab, concurrency, prompt_len, seed()), output_len)
-    return (total - ttft) / (output_len - 1)
+    total, _, first_tokens = _run(engine, _prompts(vocab, concurrency, prompt_len, seed()), output_len)
+    return (total - first_tokens) / (output_len - 1)
 
 
 def prefill_tok_s(engine, prompt_len: int, seed: _Seeds) -> float:
     _run(engine, _prompts(engine.vocab_size, 1, prompt_len, seed()), 1)                     # warm-up
-    seconds, _ = _run(engine, _prompts(engine.vocab_size, 1, prompt_len, seed()), 1)
+    seconds, _, _ = _run(engine, _prompts(engine.vocab_size, 1, prompt_len, seed()), 1)
     return prompt_len / seconds
 
 
@@ -199,7 +204,7 @@ def feature_parity(path: Path, device: str = "cuda", features: dict[str, dict] |
     reference = None
     for feature, options in [("default", {}), *features.items()]:
         llm = LLM(str(path), **{**base, **options})
-        _, tokens = _run(llm.engine, prompts, 32)
+        _, tokens, _ = _run(llm.engine, prompts, 32)
         del llm
         _free()
         if reference is None:
