@@ -161,6 +161,17 @@ if triton is not None:
         return tl.load(base + offs, mask=offs < V, other=float("-inf")) / temperature
 
     @triton.jit
+    def _kept_block(base, ids, V, temperature, scaled_max, cut_key, num_tied, seen_at_cut):
+        """The bisection path's survivors among `ids`: values above the cut, and the first `num_tied` tokens
+        at it in id order (`seen_at_cut` of them came before this block). (s, e, keep, seen_at_cut after)."""
+        s = _scaled(base, ids, V, temperature)
+        key = _order_key(s)
+        tied = (key == cut_key) & (ids < V)
+        tie_rank = seen_at_cut + tl.cumsum(tied.to(tl.int32), axis=0) - 1
+        keep = ((key > cut_key) | (tied & (tie_rank < num_tied))) & (ids < V)
+        return s, tl.exp(s - scaled_max), keep, seen_at_cut + tl.sum(tied.to(tl.int32), axis=0)
+
+    @triton.jit
     def _chunk_max_kernel(logits_ptr, stride, V, part_max_ptr, part_arg_ptr, NUM_CHUNKS,
                           CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         row, chunk = tl.program_id(0), tl.program_id(1)
@@ -441,25 +452,17 @@ if triton is not None:
             z = 0.0
             seen_at_cut = 0
             for start in range(0, V, BLOCK):
-                s = _scaled(base, start + offs, V, temperature)
-                key = _order_key(s)
-                tied = (key == cut_key) & (start + offs < V)
-                tie_rank = seen_at_cut + tl.cumsum(tied.to(tl.int32), axis=0) - 1
-                seen_at_cut += tl.sum(tied.to(tl.int32), axis=0)
-                keep = (key > cut_key) | (tied & (tie_rank < num_tied))
-                z += tl.sum(tl.where(keep, tl.exp(s - scaled_max), 0.0), axis=0)
+                s, e, keep, seen_at_cut = _kept_block(base, start + offs, V, temperature, scaled_max, cut_key,
+                                                      num_tied, seen_at_cut)
+                z += tl.sum(tl.where(keep, e, 0.0), axis=0)
             z_min_p = z
             if min_p > 0.0:
                 z = 0.0
                 seen_at_cut = 0
                 for start in range(0, V, BLOCK):
-                    s = _scaled(base, start + offs, V, temperature)
-                    key = _order_key(s)
-                    tied = (key == cut_key) & (start + offs < V)
-                    tie_rank = seen_at_cut + tl.cumsum(tied.to(tl.int32), axis=0) - 1
-                    seen_at_cut += tl.sum(tied.to(tl.int32), axis=0)
-                    e = tl.exp(s - scaled_max)
-                    keep = ((key > cut_key) | (tied & (tie_rank < num_tied))) & ~(e / z_min_p < min_p * (1.0 / z_min_p))
+                    s, e, keep, seen_at_cut = _kept_block(base, start + offs, V, temperature, scaled_max, cut_key,
+                                                          num_tied, seen_at_cut)
+                    keep &= ~(e / z_min_p < min_p * (1.0 / z_min_p))
                     z += tl.sum(tl.where(keep, e, 0.0), axis=0)
             best_race = -1.0
             winner = V
@@ -467,13 +470,8 @@ if triton is not None:
             seen_at_cut = 0
             for start in range(0, V, BLOCK):
                 ids = start + offs
-                s = _scaled(base, ids, V, temperature)
-                key = _order_key(s)
-                tied = (key == cut_key) & (ids < V)
-                tie_rank = seen_at_cut + tl.cumsum(tied.to(tl.int32), axis=0) - 1
-                seen_at_cut += tl.sum(tied.to(tl.int32), axis=0)
-                e = tl.exp(s - scaled_max)
-                keep = ((key > cut_key) | (tied & (tie_rank < num_tied))) & (ids < V)
+                s, e, keep, seen_at_cut = _kept_block(base, ids, V, temperature, scaled_max, cut_key, num_tied,
+                                                      seen_at_cut)
                 keep &= ~(e / z_min_p < min_p * (1.0 / z_min_p))
                 probs = tl.where(keep, e / z, 0.0)
                 race = probs / _exponential(row_key, ids)
