@@ -134,8 +134,13 @@ def test_sparse_attention_matches_reference(device, kind, splits, monkeypatch):
     torch.testing.assert_close(out.float(), ref, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("programs", [None, 1], ids=["auto-programs", "one-program-a-query"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_indexer_scores_and_topk_match_reference(device):
+def test_indexer_scores_and_topk_match_reference(device, programs, monkeypatch):
+    """With the programs per query the batch gets (one key tile each at these widths), and with one program
+    per query walking every tile."""
+    if programs is not None:
+        monkeypatch.setattr(kernels, "INDEXER_PROGRAMS", programs)
     sizes, dtype, steps = _setup(device)
     generator = torch.Generator().manual_seed(2)
     num_blocks = _num_blocks(sizes, steps)
