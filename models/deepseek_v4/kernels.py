@@ -303,7 +303,7 @@ if triton is not None:
     @triton.jit
     def _indexer_kernel(q_ptr, weights_ptr, keys_ptr, table_ptr, positions_ptr, requests_ptr, out_ptr,
                         q_stride_t, q_stride_h, weights_stride, table_stride, out_stride, width,
-                        per_block, scale, num_programs,
+                        scale, num_programs, PER_BLOCK: tl.constexpr,
                         HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         RATIO: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr,
                         FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
@@ -311,7 +311,7 @@ if triton is not None:
         # a program scores the key tiles pid, pid + num_programs, ... of its query: q and the head weights are
         # loaded once for all of them
         token = tl.program_id(0).to(tl.int64)
-        position = tl.load(positions_ptr + token).to(tl.int64)
+        position = tl.load(positions_ptr + token).to(tl.int32)        # < 2^31: index math in 32 bits
         visible = tl.maximum(position + 1, 0) // RATIO               # entries closed at this query
         request = tl.load(requests_ptr + token).to(tl.int64)
         h = tl.arange(0, BLOCK_HEADS)
@@ -326,9 +326,9 @@ if triton is not None:
             scores = tl.full([BLOCK_N], float("-inf"), tl.float32)
             if tile * BLOCK_N < visible:
                 n_mask = n < visible
-                block = tl.load(table_ptr + request * table_stride + n // per_block, mask=n_mask,
+                block = tl.load(table_ptr + request * table_stride + n // PER_BLOCK, mask=n_mask,
                                 other=0).to(tl.int64)
-                rows = block * per_block + n % per_block
+                rows = block * PER_BLOCK + n % PER_BLOCK
                 key_scale = tl.full([BLOCK_N], 1.0, tl.float32)
                 if FP8 and NOPE == DIM and NUM_SCALES == 1:
                     # every dim e4m3 under one scale (the indexer's keys): the e4m3 values into the dot, the
@@ -351,7 +351,7 @@ if triton is not None:
 
 
 INDEXER_BLOCK_N = 64
-INDEXER_PROGRAMS = 1056      # about eight per SM on an H200: each scores a run of key tiles with q loaded once
+INDEXER_PROGRAMS = 528       # four per SM on an H200 (as many as their registers allow): each walks a run of tiles
 
 
 def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, table: torch.Tensor,
@@ -370,7 +370,7 @@ def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tens
     _indexer_kernel[(n, programs)](
         q, head_weights, keys, table, positions, requests, out,
         q.stride(0), q.stride(1), head_weights.stride(0), table.stride(0), out.stride(0), width,
-        block_size // ratio, dim ** -0.5, programs,
+        dim ** -0.5, programs, PER_BLOCK=block_size // ratio,
         HEADS=heads, BLOCK_HEADS=max(16, _pow2(heads)), DIM=dim, BLOCK_D=max(16, _pow2(dim)), RATIO=ratio,
         BLOCK_N=block_n, FP32=q.dtype == torch.float32, FP8=key_format is not None, **_fp8_layout(key_format, dim),
         num_warps=4)
@@ -395,9 +395,10 @@ if triton is not None:
                                  part_acc_ptr, part_ml_ptr,
                                  q_stride_t, q_stride_h, out_stride_t, out_stride_h,
                                  window_table_stride, entries_table_stride, selected_stride,
-                                 block_size, window, per_block, scale, num_selected, num_splits,
+                                 window, scale, num_selected, num_splits,
                                  HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM: tl.constexpr,
                                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
+                                 BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
                                  HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr, SPLIT: tl.constexpr,
                                  FP32: tl.constexpr, WINDOW_FP8: tl.constexpr, ENTRY_FP8: tl.constexpr,
                                  NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
@@ -408,7 +409,8 @@ if triton is not None:
         token = tl.program_id(0).to(tl.int64)
         head_block = tl.program_id(1)
         split = tl.program_id(2)
-        position = tl.load(positions_ptr + token).to(tl.int64)
+        # index math in 32 bits (positions < 2^31; divisions by the constant block sizes), offsets in 64
+        position = tl.load(positions_ptr + token).to(tl.int32)
         request = tl.load(requests_ptr + token).to(tl.int64)
         first = tl.maximum(position - window + 1, 0)
         num_window = tl.maximum(position + 1 - first, 0)              # 0 for a padded row (position < 0)
@@ -432,7 +434,7 @@ if triton is not None:
                                   sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                                   m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                                   out_stride_h, window_table_stride, entries_table_stride, selected_stride,
-                                  block_size, per_block, scale, num_splits, HEADS, BLOCK_H, DIM, BLOCK_N,
+                                  scale, num_splits, BLOCK_SIZE, PER_BLOCK, HEADS, BLOCK_H, DIM, BLOCK_N,
                                   HAS_ENTRIES, SELECTED, SPLIT, FP32, NOPE, QBLOCK, NUM_SCALES, SCALES_AT, ENTRY,
                                   GROUPS, GROUP_D, TAIL_D)
         else:
@@ -440,22 +442,22 @@ if triton is not None:
                                    sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                                    m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                                    out_stride_h, window_table_stride, entries_table_stride, selected_stride,
-                                   block_size, per_block, scale, num_splits, HEADS, BLOCK_H, DIM, BLOCK_D,
+                                   scale, num_splits, BLOCK_SIZE, PER_BLOCK, HEADS, BLOCK_H, DIM, BLOCK_D,
                                    BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, WINDOW_FP8, ENTRY_FP8, NOPE, QBLOCK,
                                    SCALES_AT, ENTRY)
 
     @triton.jit
     def _key_rows(window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
-                  window_table_stride, entries_table_stride, selected_stride, block_size, per_block,
-                  HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr):
+                  window_table_stride, entries_table_stride, selected_stride, BLOCK_SIZE: tl.constexpr,
+                  PER_BLOCK: tl.constexpr, HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr):
         """Keys u [BLOCK_N] of a query (the window's, then its compressed entries) -> (in_window, window rows,
         in_entries, entry rows): rows are indices into the caches' flat entries, 0 where not in."""
         in_range = u < hi
         in_window = in_range & (u < num_window)
         key_pos = first + tl.where(in_window, u, 0)
-        w_block = tl.load(window_table_ptr + request * window_table_stride + key_pos // block_size,
+        w_block = tl.load(window_table_ptr + request * window_table_stride + key_pos // BLOCK_SIZE,
                           mask=in_window, other=0).to(tl.int64)
-        w_rows = w_block * block_size + key_pos % block_size
+        w_rows = w_block * BLOCK_SIZE + key_pos % BLOCK_SIZE
         in_entries = u < 0
         e_rows = w_rows * 0
         if HAS_ENTRIES:
@@ -463,14 +465,14 @@ if triton is not None:
             in_entries = in_range & (c >= 0)
             if SELECTED:
                 entry = tl.load(selected_ptr + token * selected_stride + tl.where(in_entries, c, 0),
-                                mask=in_entries, other=-1).to(tl.int64)
+                                mask=in_entries, other=-1)
             else:
                 entry = c
             in_entries = in_entries & (entry >= 0)
             entry = tl.where(in_entries, entry, 0)
-            e_block = tl.load(entries_table_ptr + request * entries_table_stride + entry // per_block,
+            e_block = tl.load(entries_table_ptr + request * entries_table_stride + entry // PER_BLOCK,
                               mask=in_entries, other=0).to(tl.int64)
-            e_rows = e_block * per_block + entry % per_block
+            e_rows = e_block * PER_BLOCK + entry % PER_BLOCK
         return in_window, w_rows, in_entries, e_rows
 
     @triton.jit
@@ -486,7 +488,8 @@ if triton is not None:
                                sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                                m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                                out_stride_h, window_table_stride, entries_table_stride, selected_stride,
-                               block_size, per_block, scale, num_splits, HEADS: tl.constexpr,
+                               scale, num_splits, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
+                               HEADS: tl.constexpr,
                                BLOCK_H: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr,
                                SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr,
                                WINDOW_FP8: tl.constexpr, ENTRY_FP8: tl.constexpr, NOPE: tl.constexpr,
@@ -501,7 +504,7 @@ if triton is not None:
             u = u0 + tl.arange(0, BLOCK_N)                                        # index into window ++ entries
             in_window, w_rows, in_entries, e_rows = _key_rows(
                 window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
-                window_table_stride, entries_table_stride, selected_stride, block_size, per_block, HAS_ENTRIES,
+                window_table_stride, entries_table_stride, selected_stride, BLOCK_SIZE, PER_BLOCK, HAS_ENTRIES,
                 SELECTED)
             keys = _load_entries(window_ptr, w_rows, d, in_window[:, None] & d_mask[None, :], WINDOW_FP8, NOPE,
                                  QBLOCK, SCALES_AT, ENTRY if WINDOW_FP8 else DIM, q.dtype)   # [BLOCK_N, BLOCK_D]
@@ -541,7 +544,8 @@ if triton is not None:
                               sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                               m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                               out_stride_h, window_table_stride, entries_table_stride, selected_stride,
-                              block_size, per_block, scale, num_splits, HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+                              scale, num_splits, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
+                              HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
                               DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr,
                               SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, NOPE: tl.constexpr,
                               QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr, SCALES_AT: tl.constexpr,
@@ -572,7 +576,7 @@ if triton is not None:
             u = u0 + tl.arange(0, BLOCK_N)                                      # index into window ++ entries
             in_window, w_rows, in_entries, e_rows = _key_rows(
                 window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
-                window_table_stride, entries_table_stride, selected_stride, block_size, per_block, HAS_ENTRIES,
+                window_table_stride, entries_table_stride, selected_stride, BLOCK_SIZE, PER_BLOCK, HAS_ENTRIES,
                 SELECTED)
             entry = window_ptr + tl.multiple_of(w_rows * ENTRY, ALIGN)           # [BLOCK_N] the entries' first bytes
             valid = in_window
@@ -647,7 +651,8 @@ if triton is not None:
 
 BLOCK_HEADS = 16
 MAX_SPLITS = 64
-TARGET_PROGRAMS = 264        # about two per SM on an H200: split the keys until a small batch fills it
+TARGET_PROGRAMS = 132        # one per SM on an H200 (a program takes most of its registers): split the keys until a
+                             # small batch fills it
 
 
 def attention_splits(num_tokens: int, num_heads: int, max_keys: int, block_n: int = 32) -> int:
@@ -692,8 +697,9 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         window_table.stride(0), entry_table.stride(0) if has_entries else 0,
         selected.stride(0) if selected is not None else 0,
-        block_size, window, block_size // max(ratio, 1), scale, num_selected, splits,
+        window, scale, num_selected, splits,
         HEADS=heads, BLOCK_H=BLOCK_HEADS, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_N=block_n, RATIO=max(ratio, 1),
+        BLOCK_SIZE=block_size, PER_BLOCK=block_size // max(ratio, 1),
         HAS_ENTRIES=has_entries, SELECTED=selected is not None, SPLIT=splits > 1,
         FP32=q.dtype == torch.float32, WINDOW_FP8=window_format is not None,
         ENTRY_FP8=has_entries and entry_format is not None, **layout, **_fp8_groups(layout, dim),

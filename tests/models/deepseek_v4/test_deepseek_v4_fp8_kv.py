@@ -328,9 +328,10 @@ FP8_POINTERS = {"q_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "weights
                 "part_ml_ptr": "*fp32", "scale": "fp32", "eps": "fp32"}
 KERNELS = "models.deepseek_v4.kernels"
 FP8_CASES = [
-    Case(KERNELS, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4, BLOCK_N=64,
+    Case(KERNELS, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4, BLOCK_N=64, PER_BLOCK=64,
                                           FP32=False, FP8=True, **KEY_LAYOUT), {**FP8_POINTERS, "out_ptr": "*fp32"}),
     Case(KERNELS, "_sparse_attention_kernel", dict(HEADS=64, BLOCK_H=16, DIM=512, BLOCK_D=512, BLOCK_N=32, RATIO=4,
+                                                   BLOCK_SIZE=256, PER_BLOCK=64,
                                                    HAS_ENTRIES=True, SELECTED=True, SPLIT=True, FP32=False,
                                                    WINDOW_FP8=True, ENTRY_FP8=True, **KV_LAYOUT, **KV_GROUPS),
          FP8_POINTERS),
