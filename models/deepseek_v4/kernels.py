@@ -630,21 +630,30 @@ if triton is not None:
     def _sparse_attention_reduce_kernel(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, out_stride_t, out_stride_h,
                                         num_splits, HEADS: tl.constexpr, DIM: tl.constexpr,
                                         BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        # the splits BLOCK_S at a time (a [splits, dim] tile of all 64 would spill): their largest max first,
+        # then the weighted sums
         token = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, BLOCK_D)
-        s_mask = s < num_splits
         base = (token * HEADS + head) * num_splits
-        m = tl.load(part_ml_ptr + (base + s) * 2, mask=s_mask, other=float("-inf"))
-        l = tl.load(part_ml_ptr + (base + s) * 2 + 1, mask=s_mask, other=0.0)
         sink = tl.load(sinks_ptr + head).to(tl.float32)
-        m_all = tl.maximum(tl.max(m, axis=0), sink)
-        weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
-        denominator = tl.sum(weight * l, axis=0) + tl.exp(sink - m_all)
-        acc = tl.load(part_acc_ptr + (base + s)[:, None] * DIM + d[None, :],
-                      mask=s_mask[:, None] & (d < DIM)[None, :], other=0.0)
-        out = tl.sum(acc * weight[:, None], axis=0) / denominator
+        m_all = sink
+        for s0 in range(0, num_splits, BLOCK_S):
+            m = tl.load(part_ml_ptr + (base + s0 + s) * 2, mask=s0 + s < num_splits, other=float("-inf"))
+            m_all = tl.maximum(m_all, tl.max(m, axis=0))
+        denominator = tl.exp(sink - m_all)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, num_splits, BLOCK_S):
+            s_mask = s0 + s < num_splits
+            m = tl.load(part_ml_ptr + (base + s0 + s) * 2, mask=s_mask, other=float("-inf"))
+            l = tl.load(part_ml_ptr + (base + s0 + s) * 2 + 1, mask=s_mask, other=0.0)
+            weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
+            denominator += tl.sum(weight * l, axis=0)
+            part = tl.load(part_acc_ptr + (base + s0 + s)[:, None] * DIM + d[None, :],
+                           mask=s_mask[:, None] & (d < DIM)[None, :], other=0.0)
+            acc += tl.sum(part * weight[:, None], axis=0)
+        out = acc / denominator
         tl.store(out_ptr + token * out_stride_t + head * out_stride_h + d, out.to(out_ptr.dtype.element_ty),
                  mask=d < DIM)
 
@@ -707,7 +716,7 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
     if splits > 1:
         _sparse_attention_reduce_kernel[(n, heads)](
             part_acc, part_ml, sinks, out, out.stride(0), out.stride(1), splits,
-            HEADS=heads, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_S=MAX_SPLITS, num_warps=4)
+            HEADS=heads, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_S=8, num_warps=4)
     return out
 
 
