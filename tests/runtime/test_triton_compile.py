@@ -53,17 +53,18 @@ for after in (True, False):
              dict(TOP_K=4, RENORMALIZE=False, HAS_SCALE=False, BLOCK_E=32, BLOCK_TOP_K=4, SOFTMAX_AFTER_TOPK=after),
              {"logits_ptr": "*bf16", "scale_ptr": "*fp32", "weights_ptr": "*bf16", "ids_ptr": "*i64"}), None, None)
 
-FP8_TYPES = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32",
+FP8_TYPES = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32",
              "count_ptr": "*i32"}
 for split in (1, 4):
     CASES[f"fp8-gemv-split{split}"] = (
         Case("runtime.ops.fp8", "_fp8_gemv_kernel", dict(BLOCK_OUT=128, BLOCK_IN=128, BLOCK_M=1, BLOCK_N=16,
                                                         BLOCK_K=512, SPLIT_K=split), FP8_TYPES),
         "atom" if split > 1 else None, None)
-CASES["fp8-gemv-4-rows"] = (Case("runtime.ops.fp8", "_fp8_gemv_kernel", dict(
-    BLOCK_OUT=128, BLOCK_IN=128, BLOCK_M=4, BLOCK_N=8, BLOCK_K=256, SPLIT_K=2), FP8_TYPES), None, None)
-CASES["fp8-gemm"] = (Case("runtime.ops.fp8", "_fp8_gemm_kernel", dict(
-    BLOCK_OUT=128, BLOCK_IN=128, BLOCK_M=128, BLOCK_N=128, GROUP_M=8), FP8_TYPES), None, None)
+for rows in (2, 4):
+    CASES[f"fp8-gemv-{rows}-rows"] = (Case("runtime.ops.fp8", "_fp8_gemv_kernel", dict(
+        BLOCK_OUT=128, BLOCK_IN=128, BLOCK_M=rows, BLOCK_N=8, BLOCK_K=256, SPLIT_K=2), FP8_TYPES), None, None)
+CASES["fp8-dequantize"] = (Case("runtime.ops.fp8", "_fp8_dequantize_kernel", dict(
+    BLOCK_OUT=128, BLOCK_IN=128, BLOCK_R=32, BLOCK_C=256), dict(FP8_TYPES, w_ptr="*fp8e4nv")), None, None)
 
 
 @pytest.fixture(scope="module")
