@@ -272,28 +272,28 @@ FP8_SHAPES = {"wq_a": (1024, 4096, 1), "wq_b": (32768, 1024, 1), "wkv": (512, 40
 
 
 def fp8_gemv_variants(n: int, k: int) -> list:
-    """GEMV tiles worth timing for one group's [n, k]: 16-byte loads, 1-8 K splits, a few hundred to a few
-    thousand programs."""
+    """GEMV tiles worth timing for one group's [n, k]: 1-8 K splits, a few hundred to a few thousand
+    programs (the H200 has 132 SMs)."""
     from runtime.ops.fp8 import Fp8GemvTiles
     variants = []
     for block_n in (8, 16, 32):
         for block_k in (512, 1024):
             for split in (1, 2, 4, 8):
                 programs = n // block_n * split
-                if n % block_n or k % block_k or k // block_k < split or not 256 <= programs <= 2048:
+                if n % block_n or k % block_k or k // block_k < split or not 128 <= programs <= 2048:
                     continue
                 variants.append(Fp8GemvTiles(block_n, block_k, split, 4))
     variants += [Fp8GemvTiles(v.block_n, v.block_k, v.split_k, 8) for v in variants if v.block_n == 32]
     return variants
 
 
-def bench_fp8(bandwidth: float) -> None:
+def bench_fp8(bandwidth: float) -> dict:
     """Each FP8 linear of DeepSeek V4 Flash: cuBLAS on the dequantized bf16 weight (what the model ran) against
-    the FP8 GEMV at 1, 2 and 4 rows (a sweep of its tiles at 1 row) and the FP8 GEMM at more rows."""
-    from runtime.ops.fp8 import (FP8_GEMV_MAX_ROWS, Fp8GemmTiles, Fp8GemvTiles, fp8_block_dequantize, fp8_gemm,
-                                 fp8_gemv, fp8_linear, fp8_linear_ref)
-    print(f"\n{'FP8 linear':<14}{'N x K':>14}{'rows':>5}{'bf16 us':>9}{'TB/s':>6}{'fp8 us':>8}{'TB/s':>6}"
-          f"{'x bf16':>7}{'err':>9}  best tiles (1 row)")
+    the FP8 GEMV (1, 2, 4 rows; a sweep of its tiles at 1 row) and, for more rows, dequantize + cuBLAS.
+    Returns the sweep's fastest 1-row tiles per (out, in)."""
+    from runtime.ops.fp8 import Fp8GemvTiles, fp8_block_dequantize, fp8_gemv, fp8_linear, fp8_linear_ref
+    print(f"\n{'FP8 linear':<14}{'N x K':>12}{'rows':>5}{'bf16 us':>8}{'TB/s':>6}{'fp8 us':>8}{'TB/s':>6}"
+          f"{'speedup':>8}{'err':>9}  best tiles (1 row): us")
     chosen = {}
     for name, (n, k, groups) in FP8_SHAPES.items():
         nbytes = groups * n * k
@@ -311,7 +311,7 @@ def bench_fp8(bandwidth: float) -> None:
                 return F.linear(x, dense[i])
             return torch.einsum("ngi,gri->ngr", x.view(x.shape[0], groups, k), dense[i].view(groups, n, k)).flatten(1)
 
-        for rows in (1, 2, 4, 8, 16, 128, 2048):
+        for rows in (1, 2, 4, 16, 2048):
             x = torch.randn(rows, groups * k, generator=g, device="cuda").to(torch.bfloat16)
             want = fp8_linear_ref(x.float(), weights[0], scales[0], groups)
             t_bf16 = timed_us(lambda i: cublas(i, x), copies, 20)
@@ -320,23 +320,6 @@ def bench_fp8(bandwidth: float) -> None:
             record = dict(kind="fp8", name=name, n=n, k=k, groups=groups, rows=rows, bf16_us=t_bf16, fp8_us=t_fp8,
                           err=err, sweep={})
             note = ""
-            if rows <= 8:             # the GEMV at this row count beside the path fp8_linear takes
-                record["gemv_us"] = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, None, counters),
-                                             copies, 20)
-                note = f"gemv {record['gemv_us']:.1f} us"
-            if 8 <= rows <= 16:
-                record["gemm_us"] = timed_us(lambda i: fp8_gemm(x, weights[i], scales[i], groups), copies, 20)
-                note += f" gemm {record['gemm_us']:.1f} us"
-            if rows == 2048 and name in ("wq_b", "wo_a", "wo_b", "shared w1|w3"):
-                for tiles in (Fp8GemmTiles(128, 128, 8, 3), Fp8GemmTiles(128, 128, 4, 4), Fp8GemmTiles(64, 128, 4, 4),
-                              Fp8GemmTiles(128, 64, 4, 4), Fp8GemmTiles(128, 128, 8, 4)):
-                    if n % tiles.block_n:
-                        continue
-                    e = rel_error(fp8_gemm(x, weights[0], scales[0], groups, tiles), want)
-                    us = timed_us(lambda i: fp8_gemm(x, weights[i], scales[i], groups, tiles), copies, 20)
-                    record["sweep"][str(tiles)] = (us, e)
-                best = min(record["sweep"].items(), key=lambda kv: kv[1][0])
-                note = f"gemm best {best[0]} {best[1][0]:.1f} us"
             if rows == 1:
                 for tiles in fp8_gemv_variants(n, k):
                     e = rel_error(fp8_gemv(x, weights[0], scales[0], groups, tiles, counters), want)
@@ -344,17 +327,33 @@ def bench_fp8(bandwidth: float) -> None:
                     record["sweep"][str(tiles)] = (us, e)
                 ranked = sorted((us, key) for key, (us, e) in record["sweep"].items() if e < 1e-2)
                 chosen[(n, k)] = ranked[0][1]
-                note = "; ".join(f"{key[len('Fp8GemvTiles'):]} {us:.1f}" for us, key in ranked[:3])
+                note = "; ".join(f"{key[len('Fp8GemvTiles('):-1]}: {us:.1f}" for us, key in ranked[:3])
+            elif rows <= 4:                              # the best 1-row tiles at this row count
+                best = eval(chosen[(n, k)], {"Fp8GemvTiles": Fp8GemvTiles})                  # noqa: S307
+                for tiles in {best, Fp8GemvTiles.for_shape(n, k, rows)}:
+                    us = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, tiles, counters), copies, 20)
+                    note += f"{tiles.block_n}/{tiles.block_k}/{tiles.split_k}/{tiles.num_warps}: {us:.1f}  "
+                    record["sweep"][str(tiles)] = (us, 0.0)
             tbs = lambda b, us: b / us / 1e6                                        # noqa: E731
-            print(f"{name:<14}{f'{groups * n}x{k}':>14}{rows:>5}{t_bf16:>9.1f}{tbs(2 * nbytes, t_bf16):>6.2f}"
-                  f"{t_fp8:>8.1f}{tbs(nbytes, t_fp8):>6.2f}{t_bf16 / t_fp8:>7.2f}{err:>9.1e}  {note}")
+            print(f"{name:<14}{f'{groups * n}x{k}':>12}{rows:>5}{t_bf16:>8.1f}{tbs(2 * nbytes, t_bf16):>6.2f}"
+                  f"{t_fp8:>8.1f}{tbs(nbytes, t_fp8):>6.2f}{t_bf16 / t_fp8:>8.2f}{err:>9.1e}  {note}")
             RECORDS.append(record)
         del weights, scales, dense
-    print(f"(TB/s of each format's weight bytes; copy bandwidth {bandwidth / 1e12:.2f} TB/s; fp8 = fp8_linear: the "
-          f"GEMV up to {FP8_GEMV_MAX_ROWS} rows, the GEMM past that)")
-    for (n, k), tiles in chosen.items():
-        print(f"    ({n}, {k}): {tiles},")
+    print(f"(TB/s of each format's weight bytes, copy bandwidth {bandwidth / 1e12:.2f} TB/s; fp8 = fp8_linear: the "
+          f"GEMV up to 4 rows at the table's tiles, dequantize + cuBLAS past that)")
+    return chosen
 
+
+def write_fp8_tile_table(chosen: dict) -> None:
+    """Rewrite FP8_GEMV_TILE_TABLE in runtime/ops/fp8.py with the sweep's choice."""
+    path = Path(__file__).resolve().parents[1] / "runtime" / "ops" / "fp8.py"
+    text = path.read_text()
+    head = "FP8_GEMV_TILE_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {\n"
+    start = text.index(head) + len(head)
+    end = text.index("}\n", start)
+    rows = "".join(f"    ({n}, {k}): {tiles},\n" for (n, k), tiles in sorted(chosen.items()))
+    path.write_text(text[:start] + rows + text[end:])
+    print("FP8_GEMV_TILE_TABLE:\n" + rows)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -362,7 +361,8 @@ def main() -> int:
     parser.add_argument("--json")
     parser.add_argument("--no-grouped", action="store_true", help="skip the grouped GEMM column")
     parser.add_argument("--write-table", action="store_true",
-                        help="write the sweep's choice into GEMV_TILE_TABLE in runtime/ops/mxfp4.py")
+                        help="write the sweep's choice into GEMV_TILE_TABLE in runtime/ops/mxfp4.py (with "
+                             "fp8: FP8_GEMV_TILE_TABLE in runtime/ops/fp8.py)")
     parser.add_argument("--before", help="a module with an older mxfp4_moe_gemv to time beside this one "
                                          "(e.g. a copy of the previous runtime/ops/mxfp4.py)")
     args = parser.parse_args()
@@ -382,7 +382,9 @@ def main() -> int:
     if "gemv" in only:
         bench_gemv(bandwidth)
     if "fp8" in only:
-        bench_fp8(bandwidth)
+        chosen = bench_fp8(bandwidth)
+        if args.write_table:
+            write_fp8_tile_table(chosen)
     if args.json:
         with open(args.json, "w") as f:
             for record in RECORDS:
