@@ -290,7 +290,9 @@ def fp8_gemv_variants(n: int, k: int) -> list:
 def bench_fp8(bandwidth: float) -> dict:
     """Each FP8 linear of DeepSeek V4 Flash: cuBLAS on the dequantized bf16 weight (what the model ran) against
     the FP8 GEMV (1, 2, 4 rows; a sweep of its tiles at 1 row) and, for more rows, dequantize + cuBLAS.
-    Returns the sweep's fastest 1-row tiles per (out, in)."""
+    Returns the sweep's fastest 1-row tiles per whole weight (out, in)."""
+    from dataclasses import replace
+
     from runtime.ops.fp8 import Fp8GemvTiles, fp8_block_dequantize, fp8_gemv, fp8_linear, fp8_linear_ref
     print(f"\n{'FP8 linear':<14}{'N x K':>12}{'rows':>5}{'bf16 us':>8}{'TB/s':>6}{'fp8 us':>8}{'TB/s':>6}"
           f"{'speedup':>8}{'err':>9}  best tiles (1 row): us")
@@ -326,11 +328,11 @@ def bench_fp8(bandwidth: float) -> dict:
                     us = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, tiles, counters), copies, 20)
                     record["sweep"][str(tiles)] = (us, e)
                 ranked = sorted((us, key) for key, (us, e) in record["sweep"].items() if e < 1e-2)
-                chosen[(n, k)] = ranked[0][1]
+                chosen[(groups * n, k)] = ranked[0][1]
                 note = "; ".join(f"{key[len('Fp8GemvTiles('):-1]}: {us:.1f}" for us, key in ranked[:3])
             elif rows <= 4:                              # the best 1-row tiles at this row count
-                best = eval(chosen[(n, k)], {"Fp8GemvTiles": Fp8GemvTiles})                  # noqa: S307
-                for tiles in {best, Fp8GemvTiles.for_shape(n, k, rows)}:
+                best = eval(chosen[(groups * n, k)], {"Fp8GemvTiles": Fp8GemvTiles})         # noqa: S307
+                for tiles in {best, replace(best, block_n=max(4, best.block_n // 2))}:
                     us = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, tiles, counters), copies, 20)
                     note += f"{tiles.block_n}/{tiles.block_k}/{tiles.split_k}/{tiles.num_warps}: {us:.1f}  "
                     record["sweep"][str(tiles)] = (us, 0.0)

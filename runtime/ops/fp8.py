@@ -10,7 +10,7 @@ weight in its 1-byte format on a GPU: `fp8_gemv` multiplies a few rows by it (de
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -213,10 +213,10 @@ class Fp8GemvTiles:
     num_warps: int = 4
 
     @staticmethod
-    def for_shape(n: int, k: int, rows: int = 1) -> "Fp8GemvTiles":
-        """The table below for one group's [n, k] weight at `rows` <= 2 rows (4 rows: half the block_n);
-        otherwise enough programs to cover an H200's 132 SMs about four times. A function of the shape only
-        (eager runs and graph replays agree)."""
+    def for_shape(n: int, k: int) -> "Fp8GemvTiles":
+        """The table below for a weight of [n, k] (every group's rows); otherwise enough programs to cover an
+        H200's 132 SMs a few times. A function of the shape only (eager runs and graph replays agree); the
+        same tiles at 1 to 4 rows (narrower tiles measured slower at 4 rows)."""
         tiles = FP8_GEMV_TILE_TABLE.get((n, k))
         if tiles is None:
             block_n = 16
@@ -226,17 +226,25 @@ class Fp8GemvTiles:
             while split < 8 and (n // block_n) * split < 512 and k // (2 * split) >= 1024:
                 split *= 2
             tiles = Fp8GemvTiles(block_n, 512, split, 4)
-        if rows > 2 and tiles.block_n > 4:
-            tiles = replace(tiles, block_n=tiles.block_n // 2)
         return tiles
 
 
-# From the tools/decode_kernels.py FP8 sweep on an H200; keyed by one group's (out, in).
+# From the tools/decode_kernels.py FP8 sweep on an H200 at one row (2026-11-29, docs/PERFORMANCE.md); keyed by
+# the whole weight's [out, in] (DeepSeek V4 Flash's linears; wo_a is the 8-group one).
 FP8_GEMV_TILE_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
+    (512, 4096): Fp8GemvTiles(block_n=32, block_k=512, split_k=8, num_warps=4),
+    (1024, 4096): Fp8GemvTiles(block_n=8, block_k=1024, split_k=1, num_warps=4),
+    (2048, 4096): Fp8GemvTiles(block_n=8, block_k=1024, split_k=1, num_warps=4),
+    (4096, 2048): Fp8GemvTiles(block_n=16, block_k=512, split_k=1, num_warps=4),
+    (4096, 4096): Fp8GemvTiles(block_n=16, block_k=512, split_k=1, num_warps=4),
+    (4096, 8192): Fp8GemvTiles(block_n=16, block_k=512, split_k=2, num_warps=4),
+    (8192, 1024): Fp8GemvTiles(block_n=16, block_k=512, split_k=1, num_warps=4),
+    (8192, 4096): Fp8GemvTiles(block_n=8, block_k=512, split_k=1, num_warps=4),
+    (32768, 1024): Fp8GemvTiles(block_n=16, block_k=512, split_k=1, num_warps=4),
 }
 
 
-FP8_GEMV_MAX_ROWS = 4               # the GEMV's limit; past it, dequantize + cuBLAS
+FP8_GEMV_MAX_ROWS = 4               # the GEMV's limit (it beat dequantize + cuBLAS up to 4 rows on the H200)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int) -> tuple[int, int]:
@@ -264,7 +272,9 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups:
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if not rows or not n:
         return out
-    tiles = tiles or Fp8GemvTiles.for_shape(n // groups, k, rows)
+    tiles = tiles or Fp8GemvTiles.for_shape(n, k)
+    if (n // groups) % tiles.block_n:
+        raise ValueError(f"fp8_gemv: {tiles.block_n} columns a program do not divide a group's {n // groups}")
     block_k = tiles.block_k                            # a power of two >= 16 that divides K
     while k % block_k:
         block_k //= 2
