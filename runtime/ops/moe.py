@@ -62,10 +62,18 @@ def score_topk(router_logits: torch.Tensor, top_k: int, scoring: str, selection_
     """Routing by per-expert scores (`scoring`: softmax, sigmoid or sqrtsoftplus of the logits, in their dtype).
     The experts are the top k of `scores + selection_bias` (the bias only chooses, it never weights), or
     `fixed_ids` [num_tokens, k] when a table decides them. Weights are the chosen scores renormalized to sum
-    to one, times `scaling`. Returns (weights [num_tokens, k], ids [num_tokens, k] int64). Torch on every
-    device: a [num_tokens, experts] elementwise op and a top-k, next to the expert GEMMs."""
+    to one, times `scaling`. Returns (weights [num_tokens, k], ids [num_tokens, k] int64). One Triton launch
+    on a GPU, torch elsewhere."""
     if scoring not in _SCORE_FUNCTIONS:
         raise ValueError(f"unknown routing score {scoring!r}; expected one of {', '.join(_SCORE_FUNCTIONS)}")
+    if _use_triton(router_logits):
+        return score_topk_triton(router_logits, top_k, scoring, selection_bias, fixed_ids, scaling)
+    return score_topk_ref(router_logits, top_k, scoring, selection_bias, fixed_ids, scaling)
+
+
+def score_topk_ref(router_logits: torch.Tensor, top_k: int, scoring: str,
+                   selection_bias: torch.Tensor | None = None, fixed_ids: torch.Tensor | None = None,
+                   scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     scores = _SCORE_FUNCTIONS[scoring](router_logits)                              # [num_tokens, experts]
     if fixed_ids is not None:
         ids = fixed_ids.long()
@@ -193,7 +201,8 @@ def align_by_expert_triton(topk_ids: torch.Tensor, num_experts: int, block_m: in
 
 
 # ---- Triton kernels ---------------------------------------------------------------------------------
-# Routing: one program per token, softmax in fp32, then k rounds of argmax (ties go to the lower expert id);
+# Routing: one program per token, scores in fp32 (softmax, sigmoid, sqrt(softplus)), then k rounds of argmax over
+# the scores, optionally plus a selection-only bias (ties go to the lower expert id), or a table's experts;
 # or (softmax after top-k) k rounds of argmax over the logits, then a softmax over the k chosen.
 # Alignment: count pairs per expert (atomics); then every program lays out the padded runs from the counts
 # (a cumsum over experts) and either moves pairs to their expert's next free row or marks the rows of some
@@ -206,37 +215,69 @@ def align_by_expert_triton(topk_ids: torch.Tensor, num_experts: int, block_m: in
 
 if triton is not None:
     @triton.jit
-    def _softmax_topk_kernel(logits_ptr, scale_ptr, weights_ptr, ids_ptr, num_experts, stride_logits,
-                             TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             SOFTMAX_AFTER_TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOP_K: tl.constexpr):
+    def _route_topk_kernel(logits_ptr, scale_ptr, bias_ptr, fixed_ids_ptr, weights_ptr, ids_ptr, num_experts,
+                           stride_logits, renorm_eps, scaling,
+                           TOP_K: tl.constexpr, SCORE: tl.constexpr, RENORMALIZE: tl.constexpr,
+                           HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FIXED_IDS: tl.constexpr,
+                           ROUND: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOP_K: tl.constexpr):
+        """SCORE: 0 softmax over all experts, 1 the logits themselves with a softmax over the k chosen (softmax
+        after top-k), 2 sigmoid, 3 sqrt(softplus). ROUND rounds each step to the weights' dtype where a torch
+        expression in that dtype would (the scores, their sum, the quotient, the scaled weight)."""
         token = tl.program_id(0).to(tl.int64)
+        dtype = weights_ptr.dtype.element_ty
         experts = tl.arange(0, BLOCK_E)
-        logits = tl.load(logits_ptr + token * stride_logits + experts, mask=experts < num_experts,
-                         other=float("-inf")).to(tl.float32)
-        if SOFTMAX_AFTER_TOPK:                                       # choose on the logits themselves
-            scores = logits
-        else:
-            exp = tl.exp(logits - tl.max(logits, axis=0))
+        valid = experts < num_experts
+        logits = tl.load(logits_ptr + token * stride_logits + experts, mask=valid, other=0.0).to(tl.float32)
+        if SCORE == 0:
+            exp = tl.exp(tl.where(valid, logits, float("-inf")) - tl.max(tl.where(valid, logits, float("-inf")), axis=0))
             scores = exp / tl.sum(exp, axis=0)
-        scores = tl.where(experts < num_experts, scores, float("-inf"))   # padding lanes are never picked
+        elif SCORE == 1:
+            scores = logits
+        elif SCORE == 2:
+            scores = 1.0 / (1.0 + tl.exp(-logits))
+        else:                      # torch's softplus: log1p(exp(x)), linear above 20; log1p by Kahan's trick
+            exp = tl.exp(tl.minimum(logits, 20.0))
+            one_plus = 1.0 + exp
+            log1p = tl.where(one_plus == 1.0, exp, tl.log(one_plus) * (exp / (one_plus - 1.0)))
+            softplus = tl.where(logits > 20.0, logits, log1p)
+            if ROUND:
+                softplus = softplus.to(dtype).to(tl.float32)
+            scores = tl.sqrt(softplus)
+        if ROUND:
+            scores = scores.to(dtype).to(tl.float32)
+        scores = tl.where(valid, scores, float("-inf"))             # padding lanes are never picked
         slots = tl.arange(0, BLOCK_TOP_K)
-        top_weights = tl.zeros([BLOCK_TOP_K], dtype=tl.float32)
-        top_ids = tl.zeros([BLOCK_TOP_K], dtype=tl.int32)
-        for slot in tl.static_range(TOP_K):
-            best = tl.argmax(scores, axis=0, tie_break_left=True)
-            top_weights = tl.where(slots == slot, tl.max(scores, axis=0), top_weights)
-            top_ids = tl.where(slots == slot, best, top_ids)
-            scores = tl.where(experts == best, float("-inf"), scores)
-        if SOFTMAX_AFTER_TOPK:
+        if FIXED_IDS:                                                # a table chose the experts
+            top_ids = tl.load(fixed_ids_ptr + token * TOP_K + slots, mask=slots < TOP_K, other=0).to(tl.int32)
+            chosen = (experts[None, :] == top_ids[:, None]) & (slots < TOP_K)[:, None]
+            top_weights = tl.sum(tl.where(chosen, scores[None, :], 0.0), axis=1)
+        else:
+            choice = scores + tl.load(bias_ptr + experts, mask=valid, other=0.0).to(tl.float32) if HAS_BIAS \
+                else scores
+            top_weights = tl.zeros([BLOCK_TOP_K], dtype=tl.float32)
+            top_ids = tl.zeros([BLOCK_TOP_K], dtype=tl.int32)
+            for slot in tl.static_range(TOP_K):
+                best = tl.argmax(choice, axis=0, tie_break_left=True)
+                top_weights = tl.where(slots == slot, tl.sum(tl.where(experts == best, scores, 0.0), axis=0),
+                                       top_weights)
+                top_ids = tl.where(slots == slot, best, top_ids)
+                choice = tl.where(experts == best, float("-inf"), choice)
+        if SCORE == 1:
             top_logits = tl.where(slots < TOP_K, top_weights, float("-inf"))
             top_exp = tl.exp(top_logits - tl.max(top_logits, axis=0))            # 0 past TOP_K
             top_weights = top_exp / tl.sum(top_exp, axis=0)
-        if RENORMALIZE:
-            top_weights = top_weights / tl.sum(top_weights, axis=0)     # slots past TOP_K hold 0
+        if RENORMALIZE:                                              # slots past TOP_K hold 0
+            total = tl.sum(top_weights, axis=0)
+            if ROUND:
+                total = total.to(dtype).to(tl.float32)
+                total = (total + renorm_eps).to(dtype).to(tl.float32)
+                top_weights = (top_weights / total).to(dtype).to(tl.float32)
+            else:
+                top_weights = top_weights / (total + renorm_eps)
         if HAS_SCALE:
             top_weights *= tl.load(scale_ptr + top_ids, mask=slots < TOP_K, other=0.0).to(tl.float32)
-        tl.store(weights_ptr + token * TOP_K + slots, top_weights.to(weights_ptr.dtype.element_ty),
-                 mask=slots < TOP_K)
+        top_weights = top_weights * scaling
+        tl.store(weights_ptr + token * TOP_K + slots, top_weights.to(dtype), mask=slots < TOP_K)
         tl.store(ids_ptr + token * TOP_K + slots, top_ids.to(tl.int64), mask=slots < TOP_K)
 
     @triton.jit
@@ -362,22 +403,43 @@ def softmax_topk_triton(router_logits: torch.Tensor, top_k: int, renormalize: bo
                         softmax_after_topk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The same function as `softmax_topk_ref`, in one launch. Ties go to the lower expert id (torch.topk
     does not promise an order among equal probabilities)."""
+    return _route_topk(router_logits, top_k, 1 if softmax_after_topk else 0, renormalize, expert_scale=expert_scale)
+
+
+def score_topk_triton(router_logits: torch.Tensor, top_k: int, scoring: str,
+                      selection_bias: torch.Tensor | None = None, fixed_ids: torch.Tensor | None = None,
+                      scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same function as `score_topk_ref`, in one launch, rounding where it rounds. The k experts come in
+    order of falling choice (the reference's order is unspecified); ties go to the lower expert id."""
+    score = {"softmax": 0, "sigmoid": 2, "sqrtsoftplus": 3}[scoring]
+    return _route_topk(router_logits, top_k, score, True, selection_bias=selection_bias, fixed_ids=fixed_ids,
+                       scaling=scaling, rounded=True)
+
+
+def _route_topk(router_logits: torch.Tensor, top_k: int, score: int, renormalize: bool,
+                expert_scale: torch.Tensor | None = None, selection_bias: torch.Tensor | None = None,
+                fixed_ids: torch.Tensor | None = None, scaling: float = 1.0,
+                rounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     if triton is None:
-        raise RuntimeError("softmax_topk_triton needs the triton package")
+        raise RuntimeError("the Triton routing kernel needs the triton package")
     num_tokens, num_experts = router_logits.shape
     if not 0 < top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}] (the number of experts), got {top_k}")
+    if fixed_ids is not None and tuple(fixed_ids.shape) != (num_tokens, top_k):
+        raise ValueError(f"fixed_ids must be [{num_tokens}, {top_k}], got {list(fixed_ids.shape)}")
     logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
     weights = torch.empty(num_tokens, top_k, dtype=router_logits.dtype, device=router_logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=router_logits.device)
     if num_tokens:
-        scale = logits if expert_scale is None else expert_scale.contiguous()    # unread without a scale
-        _softmax_topk_kernel[(num_tokens,)](logits, scale, weights, ids, num_experts, logits.stride(0),
-                                            TOP_K=top_k, RENORMALIZE=renormalize,
-                                            HAS_SCALE=expert_scale is not None,
-                                            SOFTMAX_AFTER_TOPK=softmax_after_topk,
-                                            BLOCK_E=triton.next_power_of_2(num_experts),
-                                            BLOCK_TOP_K=triton.next_power_of_2(top_k), num_warps=4)
+        unread = logits                                                         # a pointer for absent operands
+        _route_topk_kernel[(num_tokens,)](
+            logits, unread if expert_scale is None else expert_scale.contiguous(),
+            unread if selection_bias is None else selection_bias.contiguous(),
+            unread if fixed_ids is None else fixed_ids.contiguous(), weights, ids, num_experts, logits.stride(0),
+            1e-20 if rounded else 0.0, scaling,
+            TOP_K=top_k, SCORE=score, RENORMALIZE=renormalize, HAS_SCALE=expert_scale is not None,
+            HAS_BIAS=selection_bias is not None, FIXED_IDS=fixed_ids is not None, ROUND=rounded,
+            BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_TOP_K=triton.next_power_of_2(top_k), num_warps=4)
     return weights, ids
 
 

@@ -362,9 +362,9 @@ def mxfp4_moe_triton(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_we
 #
 # GEMM 1: one program per (pair, BLOCK_N intermediate columns) reads its 2 * BLOCK_N gate/up rows and applies
 # the gated activation; the intermediate is stored per pair (no sorting, no alignment pass).
-# GEMM 2: one program per (token, BLOCK_N output columns) walks the token's k experts in order and sums their
-# weighted rows in fp32, so the k-way sum needs no extra launch and is deterministic.
-# Each program loads the next K step's words before decoding the current one (two steps in flight).
+# GEMM 2: one program per (token, BLOCK_N output columns) walks the token's k experts and their K steps as one
+# sequence and sums the weighted rows in fp32, so the k-way sum needs no extra launch and is deterministic.
+# Each program loads the next K step's words, activations and scales before decoding the current one.
 
 if triton is not None:
     @triton.jit
@@ -430,6 +430,18 @@ if triton is not None:
         return tl.sum(sums, axis=2)
 
     @triton.jit
+    def _mxfp4_gemv_load(word_ptrs, x_ptrs, scale_ptrs, row_mask, g_start, num_groups, BLOCK_G: tl.constexpr):
+        """One K step's operands: words [ROWS, BLOCK_G, 4] int32, activations [BLOCK_G, 32] fp32 * 2^64 and
+        scale bytes [ROWS, BLOCK_G] int32 (zero past the row's end)."""
+        group = g_start + tl.arange(0, BLOCK_G)
+        group_mask = group < num_groups
+        words = tl.load(word_ptrs + g_start * 4, mask=row_mask[:, None, None] & group_mask[None, :, None], other=0,
+                        eviction_policy="evict_first")
+        xs = tl.load(x_ptrs + g_start * 32, mask=group_mask[:, None], other=0.0).to(tl.float32)
+        scale_bits = tl.load(scale_ptrs + g_start, mask=row_mask[:, None] & group_mask[None, :], other=0)
+        return words, xs * 18446744073709551616.0, scale_bits.to(tl.int32)
+
+    @triton.jit
     def _mxfp4_gemv_rows(x_row, words_ptr, scales_ptr, row_groups, row_scales, row_mask, K,
                          ROWS: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, PTX_DECODE: tl.constexpr):
         """[ROWS] fp32 dot products of one activation row (pointer x_row, K elements) with weight rows whose
@@ -438,27 +450,22 @@ if triton is not None:
         g = tl.arange(0, BLOCK_G)
         word_ptrs = words_ptr + (row_groups[:, None, None] + g[None, :, None]) * 4 + tl.arange(0, 4)[None, None, :]
         x_ptrs = x_row + g[:, None] * 32 + tl.arange(0, 32)[None, :]                    # [BLOCK_G, 32]
+        scale_ptrs = scales_ptr + row_scales[:, None] + g[None, :]                       # [ROWS, BLOCK_G]
         acc = tl.zeros([ROWS, BLOCK_G], dtype=tl.float32)
-        words = tl.load(word_ptrs, mask=row_mask[:, None, None] & (g < num_groups)[None, :, None], other=0,
-                        eviction_policy="evict_first")
+        if PREFETCH:
+            words, xs, scale_bits = _mxfp4_gemv_load(word_ptrs, x_ptrs, scale_ptrs, row_mask, 0, num_groups, BLOCK_G)
         for g_start in range(0, num_groups, BLOCK_G):
-            group = g_start + g
-            group_mask = group < num_groups
-            if PREFETCH:                     # the next step's words are in flight while this one decodes
-                next_mask = row_mask[:, None, None] & ((group + BLOCK_G) < num_groups)[None, :, None]
-                next_words = tl.load(word_ptrs + (g_start + BLOCK_G) * 4, mask=next_mask, other=0,
-                                     eviction_policy="evict_first")
+            if PREFETCH:                     # the next step's operands are in flight while this one decodes
+                next_words, next_xs, next_scale_bits = _mxfp4_gemv_load(word_ptrs, x_ptrs, scale_ptrs, row_mask,
+                                                                        g_start + BLOCK_G, num_groups, BLOCK_G)
             else:
-                words = tl.load(word_ptrs + g_start * 4, mask=row_mask[:, None, None] & group_mask[None, :, None],
-                                other=0, eviction_policy="evict_first")
-            xs = tl.load(x_ptrs + g_start * 32, mask=group_mask[:, None], other=0.0).to(tl.float32)
-            sums = _mxfp4_gemv_step(words, xs * 18446744073709551616.0, BLOCK_G, PTX_DECODE)   # x * 2^64
-            scale_bits = tl.load(scales_ptr + row_scales[:, None] + group[None, :],
-                                 mask=row_mask[:, None] & group_mask[None, :], other=0).to(tl.int32)
+                words, xs, scale_bits = _mxfp4_gemv_load(word_ptrs, x_ptrs, scale_ptrs, row_mask, g_start,
+                                                         num_groups, BLOCK_G)
+            sums = _mxfp4_gemv_step(words, xs, BLOCK_G, PTX_DECODE)                      # x scaled by 2^64
             scale = (scale_bits << 23).to(tl.float32, bitcast=True)             # 2^(s - 127); s = 0 gives 0
             acc += (sums * 4611686018427387904.0) * scale                         # * 2^62 undoes 2^64 * 2^-126
             if PREFETCH:
-                words = next_words
+                words, xs, scale_bits = next_words, next_xs, next_scale_bits
         return tl.sum(acc, axis=1)
 
     @triton.jit
@@ -501,27 +508,67 @@ if triton is not None:
         tl.store(h_ptr + pair * stride_hm + n, h.to(h_ptr.dtype.element_ty), mask=n < N)
 
     @triton.jit
+    def _mxfp4_gemv_down_load(h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step, steps, top_k,
+                              n, n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr,
+                              BLOCK_G: tl.constexpr):
+        """Operands of step `step` of the down GEMV's walk: slot step // steps, K step step % steps. Steps past
+        the last slot, and slots of another rank's expert, load nothing (their weight is 0)."""
+        slot = step // steps
+        g_start = (step % steps) * BLOCK_G
+        pair = token * top_k + tl.minimum(slot, top_k - 1)
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        valid = (slot < top_k) & (expert >= 0)
+        row_mask = n_mask & ((n * 0 + slot) < top_k) & ((n * 0 + expert) >= 0)
+        expert = tl.maximum(expert, 0)
+        g = tl.arange(0, BLOCK_G)
+        row_groups = expert * stride_be + n.to(tl.int64) * stride_br
+        word_ptrs = words_ptr + (row_groups[:, None, None] + g[None, :, None]) * 4 + tl.arange(0, 4)[None, None, :]
+        x_ptrs = h_ptr + pair.to(tl.int64) * stride_hm + g[:, None] * 32 + tl.arange(0, 32)[None, :]
+        scale_ptrs = scales_ptr + (expert * stride_se + n.to(tl.int64) * stride_sr)[:, None] + g[None, :]
+        words, xs, scale_bits = _mxfp4_gemv_load(word_ptrs, x_ptrs, scale_ptrs, row_mask, g_start,
+                                                 num_groups, BLOCK_G)
+        weight = tl.where(valid, tl.load(weights_ptr + pair).to(tl.float32), 0.0)
+        return words, xs, scale_bits, weight
+
+    @triton.jit
     def _mxfp4_gemv_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr,
                                 top_k, K, N, stride_hm, stride_be, stride_br, stride_se, stride_sr, stride_bias,
                                 stride_om, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, PTX_DECODE: tl.constexpr):
-        """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n], pair = token * top_k + k,
-        summed in slot order."""
+        """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n], pair = token * top_k + k. The
+        token's k experts and their K steps form one walk, so the prefetch runs across expert boundaries;
+        the routing weight is folded into each block's scale (a power of two times the weight: exact)."""
         token = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < N
-        out = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for slot in range(0, top_k):
-            pair = token * top_k + slot
-            expert = tl.load(ids_ptr + pair).to(tl.int64)
-            if expert >= 0:                              # negative: another rank's expert
-                y = _mxfp4_gemv_rows(h_ptr + pair.to(tl.int64) * stride_hm, words_ptr, scales_ptr,
-                                     expert * stride_be + n.to(tl.int64) * stride_br,
-                                     expert * stride_se + n.to(tl.int64) * stride_sr, n_mask, K,
-                                     BLOCK_N, BLOCK_G, PREFETCH, PTX_DECODE)
-                if HAS_BIAS:
-                    y += tl.load(bias_ptr + expert * stride_bias + n, mask=n_mask, other=0.0).to(tl.float32)
-                out += y * tl.load(weights_ptr + pair).to(tl.float32)
+        num_groups = K // 32
+        steps = tl.cdiv(num_groups, BLOCK_G)
+        acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+        if PREFETCH:
+            words, xs, scale_bits, weight = _mxfp4_gemv_down_load(
+                h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, 0, steps, top_k, n, n_mask, num_groups,
+                stride_hm, stride_be, stride_br, stride_se, stride_sr, BLOCK_G)
+        for step in range(0, top_k * steps):
+            if PREFETCH:
+                next_words, next_xs, next_scale_bits, next_weight = _mxfp4_gemv_down_load(
+                    h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step + 1, steps, top_k, n, n_mask,
+                    num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, BLOCK_G)
+            else:
+                words, xs, scale_bits, weight = _mxfp4_gemv_down_load(
+                    h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step, steps, top_k, n, n_mask,
+                    num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, BLOCK_G)
+            sums = _mxfp4_gemv_step(words, xs, BLOCK_G, PTX_DECODE)
+            scale = (scale_bits << 23).to(tl.float32, bitcast=True) * weight
+            acc += (sums * 4611686018427387904.0) * scale
+            if PREFETCH:
+                words, xs, scale_bits, weight = next_words, next_xs, next_scale_bits, next_weight
+        out = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            for slot in range(0, top_k):
+                expert = tl.load(ids_ptr + token * top_k + slot).to(tl.int64)
+                if expert >= 0:
+                    bias = tl.load(bias_ptr + expert * stride_bias + n, mask=n_mask, other=0.0).to(tl.float32)
+                    out += bias * tl.load(weights_ptr + token * top_k + slot).to(tl.float32)
         tl.store(out_ptr + token * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 

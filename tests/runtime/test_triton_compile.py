@@ -47,11 +47,17 @@ for ptx_decode in (True, False):
             ("down", DOWN, dict(HAS_BIAS=True, BLOCK_N=8, BLOCK_G=32, PREFETCH=True))):
         CASES[f"mxfp4-{name}-{'ptx' if ptx_decode else 'triton'}-decode"] = (
             Case("runtime.ops.mxfp4", kernel, dict(constexprs, PTX_DECODE=ptx_decode), MXFP4_GEMV_TYPES), *marks)
-for after in (True, False):
-    CASES[f"softmax-topk-softmax-after-{after}"] = (
-        Case("runtime.ops.moe", "_softmax_topk_kernel",
-             dict(TOP_K=4, RENORMALIZE=False, HAS_SCALE=False, BLOCK_E=32, BLOCK_TOP_K=4, SOFTMAX_AFTER_TOPK=after),
-             {"logits_ptr": "*bf16", "scale_ptr": "*fp32", "weights_ptr": "*bf16", "ids_ptr": "*i64"}), None, None)
+ROUTING_TYPES = {"logits_ptr": "*bf16", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "fixed_ids_ptr": "*i64",
+                 "weights_ptr": "*bf16", "ids_ptr": "*i64", "renorm_eps": "fp32", "scaling": "fp32"}
+for name, constexprs in (("softmax", dict(SCORE=0, RENORMALIZE=True, HAS_BIAS=False, FIXED_IDS=False, ROUND=False)),
+                         ("softmax-after-topk", dict(SCORE=1, RENORMALIZE=False, HAS_BIAS=False, FIXED_IDS=False,
+                                                     ROUND=False)),
+                         ("sqrtsoftplus-bias", dict(SCORE=3, RENORMALIZE=True, HAS_BIAS=True, FIXED_IDS=False, ROUND=True)),
+                         ("sqrtsoftplus-table", dict(SCORE=3, RENORMALIZE=True, HAS_BIAS=False, FIXED_IDS=True,
+                                                     ROUND=True))):
+    CASES[f"route-topk-{name}"] = (
+        Case("runtime.ops.moe", "_route_topk_kernel", dict(constexprs, TOP_K=6, HAS_SCALE=False, BLOCK_E=256,
+                                                           BLOCK_TOP_K=8), ROUTING_TYPES), None, None)
 
 FP8_TYPES = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32",
              "count_ptr": "*i32"}

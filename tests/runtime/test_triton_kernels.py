@@ -247,6 +247,48 @@ def test_softmax_topk_kernel_returns_weights_in_the_logits_dtype(interpreter):
     assert_rounds_like(weights, expected_weights, **ROUNDED[torch.float16])
 
 
+def _by_expert(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's (ids, weights) sorted by expert id: score_topk's reference returns the k in no set order."""
+    order = ids.argsort(dim=-1)
+    return ids.gather(1, order), weights.gather(1, order)
+
+
+def router_logits(num_tokens: int, num_experts: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Logits over softplus's three regimes: far below zero, around it, above its linear threshold of 20."""
+    logits = randn(num_tokens, num_experts, seed=seed, scale=4.0)
+    logits[:, 0], logits[:, -1] = -30.0 + logits[:, 0], 25.0 + logits[:, -1]
+    return logits.to(dtype)
+
+
+@pytest.mark.parametrize("scoring", ["sqrtsoftplus", "sigmoid", "softmax"])
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 10, 1), (7, 24, 6), (33, 60, 8)])
+def test_score_topk_kernel_matches_reference(interpreter, scoring, num_tokens, num_experts, top_k):
+    """The experts chosen by score + an fp32 selection-only bias (distinct sums), the weights renormalized from
+    the unbiased scores and scaled. fp32 here: the interpreter truncates fp32 -> bf16 where the GPU rounds to
+    nearest, so the rounding steps in bf16 are checked on the GPU (below)."""
+    dtype = torch.float32
+    logits = router_logits(num_tokens, num_experts, dtype, seed=21)
+    bias = randn(num_experts, seed=22)
+    weights, ids = moe.score_topk_triton(logits, top_k, scoring, selection_bias=bias, scaling=2.5)
+    expected_weights, expected_ids = moe.score_topk_ref(logits, top_k, scoring, selection_bias=bias, scaling=2.5)
+    ids, weights = _by_expert(weights, ids)
+    expected_ids, expected_weights = _by_expert(expected_weights, expected_ids)
+    assert weights.dtype == dtype and torch.equal(ids, expected_ids)
+    assert_rounds_like(weights, expected_weights, **ROUNDED[dtype])
+    unbiased = moe.score_topk_ref(logits, top_k, scoring, scaling=2.5)[1].sort(dim=-1).values
+    assert top_k == 1 or not torch.equal(unbiased, expected_ids)        # the bias changed some choices
+
+
+def test_score_topk_kernel_takes_the_experts_of_a_table(interpreter):
+    dtype = torch.float32
+    logits = router_logits(9, 16, dtype, seed=23)
+    table = routing_ids(9, 16, 3, seed=24)
+    weights, ids = moe.score_topk_triton(logits, 3, "sqrtsoftplus", fixed_ids=table, scaling=1.5)
+    expected_weights, expected_ids = moe.score_topk_ref(logits, 3, "sqrtsoftplus", fixed_ids=table, scaling=1.5)
+    assert torch.equal(ids, table) and torch.equal(expected_ids, table)
+    assert_rounds_like(weights, expected_weights, **ROUNDED[dtype])
+
+
 # ---- MoE alignment ----------------------------------------------------------------------------------
 
 
@@ -445,6 +487,20 @@ def test_softmax_topk_kernel_bf16_on_gpu(num_tokens, renormalize):
     logits = distinct_logits(num_tokens, 128, torch.bfloat16, seed=19, device="cuda")
     weights, ids = moe.softmax_topk_triton(logits, 8, renormalize)
     expected_weights, expected_ids = moe.softmax_topk_ref(logits, 8, renormalize)
+    assert torch.equal(ids, expected_ids)
+    assert_rounds_like(weights, expected_weights, max_ulps=1, max_mismatch=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", GPU_TOKENS)
+def test_score_topk_kernel_bf16_on_gpu(num_tokens):
+    """DeepSeek V4's router shape: 256 experts, 6 chosen by sqrt(softplus) + a selection bias."""
+    needs_cuda()
+    logits = router_logits(num_tokens, 256, torch.bfloat16, seed=25).cuda()
+    bias = randn(256, seed=26, device="cuda")
+    ids, weights = _by_expert(*moe.score_topk_triton(logits, 6, "sqrtsoftplus", selection_bias=bias, scaling=2.5))
+    expected_ids, expected_weights = _by_expert(*moe.score_topk_ref(logits, 6, "sqrtsoftplus", selection_bias=bias,
+                                                                    scaling=2.5))
     assert torch.equal(ids, expected_ids)
     assert_rounds_like(weights, expected_weights, max_ulps=1, max_mismatch=1e-2)
 
