@@ -37,7 +37,8 @@ SPEED_TOLERANCE = 0.05          # a figure may drop this much below its baseline
 BASELINES = Path(__file__).resolve().parent / "baselines"
 CONFIGS = Path(__file__).resolve().parent / "configs"
 # the real shapes the speed table runs at, per package (dummy weights)
-SPEED_MODELS = {"qwen3": "qwen3-0.6b", "gpt_oss": "gpt-oss-20b", "gemma4": "gemma4-e4b"}
+SPEED_MODELS = {"qwen3": "qwen3-0.6b", "gpt_oss": "gpt-oss-20b", "gemma4": "gemma4-e4b",
+                "deepseek_v4": "deepseek-v4-flash-24l"}
 # small blocks (4 positions, or the smallest multiple of a model's compression ratios), a 16-token budget
 # (chunked prefill), and a cache of 320 positions, too small for all 8 prompts (preemption)
 STRESS = dict(block_size=4, max_num_batched_tokens=16, cache_tokens=320)
