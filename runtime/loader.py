@@ -67,8 +67,9 @@ def iterate_weights(path: Path, device: torch.device | str = "cpu", prefixes: tu
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high: float = 1e-3) -> None:
-    """Random weights at the real shapes (for benchmarks): small uniform values keep activations finite. Each
-    parameter draws from its own seed, so a parameter every tensor-parallel rank holds whole is the same on all."""
+    """Random weights at the real shapes (for benchmarks): small uniform values keep activations finite (an
+    FP8 weight draws in [-1, 1]; its scale grid, an fp32 parameter, the small values). Each parameter draws
+    from its own seed, so a parameter every tensor-parallel rank holds whole is the same on all."""
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for index, param in enumerate(model.parameters()):
@@ -76,7 +77,11 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high
                 if param.device not in generators:
                     generators[param.device] = torch.Generator(device=param.device)
                 generators[param.device].manual_seed(seed * 100003 + index)
-                param.uniform_(low, high, generator=generators[param.device])
+                if param.element_size() == 1:       # FP8: values in [-1, 1], their block scales set the size
+                    param.copy_(torch.empty(param.shape, device=param.device).uniform_(
+                        -1.0, 1.0, generator=generators[param.device]))
+                else:
+                    param.uniform_(low, high, generator=generators[param.device])
 
 
 def kv_scale_target(name: str) -> tuple[str, str] | None:

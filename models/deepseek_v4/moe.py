@@ -12,6 +12,7 @@ from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
 from runtime.parallel import SINGLE, ParallelContext
 
 from .config import expert_format, num_experts
+from .linear import DENSE, Linears
 
 
 class Gate(nn.Module):
@@ -91,12 +92,12 @@ class Experts(nn.Module):
 class SharedExpert(nn.Module):
     """Split by intermediate rows over tensor-parallel ranks (the MoE's all-reduce sums it)."""
 
-    def __init__(self, config, parallel: ParallelContext = SINGLE):
+    def __init__(self, config, parallel: ParallelContext = SINGLE, linears: Linears = DENSE):
         super().__init__()
         hidden, inter = config.hidden_size, parallel.split(config.moe_intermediate_size, "moe_intermediate_size")
-        self.w1 = nn.Linear(hidden, inter, bias=False)      # gate
-        self.w3 = nn.Linear(hidden, inter, bias=False)      # up
-        self.w2 = nn.Linear(inter, hidden, bias=False)      # down
+        self.w1 = linears(hidden, inter)      # gate
+        self.w3 = linears(hidden, inter)      # up
+        self.w2 = linears(inter, hidden)      # down
         self.limit = config.swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,12 +107,12 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config, hashed: bool, parallel: ParallelContext = SINGLE):
+    def __init__(self, config, hashed: bool, parallel: ParallelContext = SINGLE, linears: Linears = DENSE):
         super().__init__()
         self.parallel = parallel
         self.gate = Gate(config, hashed)                  # replicated: every rank routes like one rank
         self.experts = Experts(config, parallel)
-        self.shared_experts = SharedExpert(config, parallel)
+        self.shared_experts = SharedExpert(config, parallel, linears)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x, input_ids)
