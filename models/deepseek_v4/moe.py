@@ -28,6 +28,13 @@ class Gate(nn.Module):
         self.top_k, self.scaling = config.num_experts_per_tok, config.routed_scaling_factor
         self.scoring = config.scoring_func
 
+    def init_dummy_(self, generator: torch.Generator) -> None:
+        """Dummy weights: each token's table row is k distinct random experts (as a released table has)."""
+        if self.hashed:
+            draws = torch.rand(self.tid2eid.shape[0], self.weight.shape[0], generator=generator,
+                               device=self.tid2eid.device)
+            self.tid2eid.copy_(draws.topk(self.top_k, dim=-1).indices)
+
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x, self.weight)                                        # [num_tokens, experts]
         if self.hashed:
