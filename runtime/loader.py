@@ -67,16 +67,34 @@ def iterate_weights(path: Path, device: torch.device | str = "cpu", prefixes: tu
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high: float = 1e-3) -> None:
-    """Random weights at the real shapes (for benchmarks): small uniform values keep activations finite. Each
-    parameter draws from its own seed, so a parameter every tensor-parallel rank holds whole is the same on all."""
+    """Random weights at the real shapes (for benchmarks): small uniform values keep activations finite (an
+    FP8 weight draws in [-1, 1]; its scale grid, an fp32 parameter, the small values). Packed MXFP4 tensors
+    draw random codes (`*blocks`) and power-of-two scales 2^-9..2^-4 (`*scales`, E8M0: never the NaN byte).
+    A module whose other non-float parameters need valid values (an index table) defines
+    `init_dummy_(generator)`, called after its parameters are drawn. Each parameter draws from its own seed, so
+    a parameter every tensor-parallel rank holds whole is the same on all."""
     generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(device: torch.device, index: int) -> torch.Generator:
+        if device not in generators:
+            generators[device] = torch.Generator(device=device)
+        return generators[device].manual_seed(seed * 100003 + index)
+
     with torch.no_grad():
-        for index, param in enumerate(model.parameters()):
+        for index, (name, param) in enumerate(model.named_parameters()):
+            g = generator(param.device, index)
             if param.is_floating_point():
-                if param.device not in generators:
-                    generators[param.device] = torch.Generator(device=param.device)
-                generators[param.device].manual_seed(seed * 100003 + index)
-                param.uniform_(low, high, generator=generators[param.device])
+                if param.element_size() == 1:       # FP8: values in [-1, 1], their block scales set the size
+                    param.copy_(torch.empty(param.shape, device=param.device).uniform_(-1.0, 1.0, generator=g))
+                else:
+                    param.uniform_(low, high, generator=g)
+            elif param.dtype == torch.uint8 and name.endswith("blocks"):
+                param.random_(0, 256, generator=g)
+            elif param.dtype == torch.uint8 and name.endswith("scales"):
+                param.random_(127 - 9, 127 - 3, generator=g)
+        for index, module in enumerate(model.modules()):
+            if hasattr(module, "init_dummy_"):
+                module.init_dummy_(generator(next(module.parameters()).device, 1_000_000 + index))
 
 
 def kv_scale_target(name: str) -> tuple[str, str] | None:

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Check and time the decode kernels on the GPU: the dense GEMV against cuBLAS, the MXFP4 decode GEMV against
-the grouped GEMM, the fused QKV step against the separate ops. Prints one table per family; every variant is
+the grouped GEMM, the fused QKV step against the separate ops, the FP8
+block-scaled GEMV/GEMM against cuBLAS on the dequantized weights. Prints one table per family; every variant is
 checked against its torch reference first (relative error) and timed from a CUDA graph, over enough weight
 copies that L2 cannot hold them (each copy read once per replay).
 
-    python tools/decode_kernels.py [--only gemv,mxfp4,qkv] [--json out.jsonl]
+    python tools/decode_kernels.py [--only gemv,mxfp4,qkv,fp8] [--json out.jsonl]
 """
 from __future__ import annotations
 
@@ -29,12 +30,12 @@ L2_BYTES = 60 << 20
 RECORDS: list[dict] = []
 
 
-def timed_us(fn, copies: int) -> float:
+def timed_us(fn, copies: int, rep: int = 50) -> float:
     """Median microseconds of one call of fn(i) for i in range(copies), all captured in one graph."""
     def run():
         for i in range(copies):
             fn(i)
-    return triton.testing.do_bench_cudagraph(run, rep=50, return_mode="median") * 1e3 / copies
+    return triton.testing.do_bench_cudagraph(run, rep=rep, return_mode="median") * 1e3 / copies
 
 
 def copies_for(nbytes: int) -> int:
@@ -264,13 +265,106 @@ def bench_qkv() -> None:
                                 mismatch=mismatch, max_diff=diff))
 
 
+# DeepSeek V4 Flash's FP8 linears: name -> (out per group, in, groups)
+FP8_SHAPES = {"wq_a": (1024, 4096, 1), "wq_b": (32768, 1024, 1), "wkv": (512, 4096, 1), "wo_a": (1024, 4096, 8),
+              "wo_b": (4096, 8192, 1), "indexer wq_b": (8192, 1024, 1), "shared w1|w3": (2048, 4096, 1),
+              "shared w2": (4096, 2048, 1), "mtp e_proj": (4096, 4096, 1)}
+
+
+def fp8_gemv_variants(n: int, k: int) -> list:
+    """GEMV tiles worth timing for one group's [n, k]: 1-8 K splits, a few hundred to a few thousand
+    programs (the H200 has 132 SMs)."""
+    from runtime.ops.fp8 import Fp8GemvTiles
+    variants = []
+    for block_n in (8, 16, 32):
+        for block_k in (512, 1024):
+            for split in (1, 2, 4, 8):
+                programs = n // block_n * split
+                if n % block_n or k % block_k or k // block_k < split or not 128 <= programs <= 2048:
+                    continue
+                variants.append(Fp8GemvTiles(block_n, block_k, split, 4))
+    variants += [Fp8GemvTiles(v.block_n, v.block_k, v.split_k, 8) for v in variants if v.block_n == 32]
+    return variants
+
+
+def bench_fp8(bandwidth: float) -> dict:
+    """Each FP8 linear of DeepSeek V4 Flash: cuBLAS on the dequantized bf16 weight (what the model ran) against
+    the FP8 GEMV (1, 2, 4 rows; a sweep of its tiles at 1 row) and, for more rows, dequantize + cuBLAS.
+    Returns the sweep's fastest 1-row tiles per whole weight (out, in)."""
+    from dataclasses import replace
+
+    from runtime.ops.fp8 import Fp8GemvTiles, fp8_block_dequantize, fp8_gemv, fp8_linear, fp8_linear_ref
+    print(f"\n{'FP8 linear':<14}{'N x K':>12}{'rows':>5}{'bf16 us':>8}{'TB/s':>6}{'fp8 us':>8}{'TB/s':>6}"
+          f"{'speedup':>8}{'err':>9}  best tiles (1 row): us")
+    chosen = {}
+    for name, (n, k, groups) in FP8_SHAPES.items():
+        nbytes = groups * n * k
+        copies = copies_for(nbytes)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        weights = [torch.randn(groups * n, k, generator=g, device="cuda").mul(0.25).to(torch.float8_e4m3fn)
+                   for _ in range(copies)]
+        scales = [torch.exp2(torch.randint(-8, -4, (groups * n // 128, k // 128), generator=g, device="cuda").float())
+                  for _ in range(copies)]
+        dense = [fp8_block_dequantize(w, s, torch.bfloat16) for w, s in zip(weights, scales)]
+        counters = torch.zeros(groups * n, dtype=torch.int32, device="cuda")
+
+        def cublas(i, x):
+            if groups == 1:
+                return F.linear(x, dense[i])
+            return torch.einsum("ngi,gri->ngr", x.view(x.shape[0], groups, k), dense[i].view(groups, n, k)).flatten(1)
+
+        for rows in (1, 2, 4, 16, 2048):
+            x = torch.randn(rows, groups * k, generator=g, device="cuda").to(torch.bfloat16)
+            want = fp8_linear_ref(x.float(), weights[0], scales[0], groups)
+            t_bf16 = timed_us(lambda i: cublas(i, x), copies, 20)
+            t_fp8 = timed_us(lambda i: fp8_linear(x, weights[i], scales[i], groups, counters), copies, 20)
+            err = rel_error(fp8_linear(x, weights[0], scales[0], groups, counters), want)
+            record = dict(kind="fp8", name=name, n=n, k=k, groups=groups, rows=rows, bf16_us=t_bf16, fp8_us=t_fp8,
+                          err=err, sweep={})
+            note = ""
+            if rows == 1:
+                for tiles in fp8_gemv_variants(n, k):
+                    e = rel_error(fp8_gemv(x, weights[0], scales[0], groups, tiles, counters), want)
+                    us = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, tiles, counters), copies, 20)
+                    record["sweep"][str(tiles)] = (us, e)
+                ranked = sorted((us, key) for key, (us, e) in record["sweep"].items() if e < 1e-2)
+                chosen[(groups * n, k)] = ranked[0][1]
+                note = "; ".join(f"{key[len('Fp8GemvTiles('):-1]}: {us:.1f}" for us, key in ranked[:3])
+            elif rows <= 4:                              # the best 1-row tiles at this row count
+                best = eval(chosen[(groups * n, k)], {"Fp8GemvTiles": Fp8GemvTiles})         # noqa: S307
+                for tiles in {best, replace(best, block_n=max(4, best.block_n // 2))}:
+                    us = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, tiles, counters), copies, 20)
+                    note += f"{tiles.block_n}/{tiles.block_k}/{tiles.split_k}/{tiles.num_warps}: {us:.1f}  "
+                    record["sweep"][str(tiles)] = (us, 0.0)
+            tbs = lambda b, us: b / us / 1e6                                        # noqa: E731
+            print(f"{name:<14}{f'{groups * n}x{k}':>12}{rows:>5}{t_bf16:>8.1f}{tbs(2 * nbytes, t_bf16):>6.2f}"
+                  f"{t_fp8:>8.1f}{tbs(nbytes, t_fp8):>6.2f}{t_bf16 / t_fp8:>8.2f}{err:>9.1e}  {note}")
+            RECORDS.append(record)
+        del weights, scales, dense
+    print(f"(TB/s of each format's weight bytes, copy bandwidth {bandwidth / 1e12:.2f} TB/s; fp8 = fp8_linear: the "
+          f"GEMV up to 4 rows at the table's tiles, dequantize + cuBLAS past that)")
+    return chosen
+
+
+def write_fp8_tile_table(chosen: dict) -> None:
+    """Rewrite FP8_GEMV_TILE_TABLE in runtime/ops/fp8.py with the sweep's choice."""
+    path = Path(__file__).resolve().parents[1] / "runtime" / "ops" / "fp8.py"
+    text = path.read_text()
+    head = "FP8_GEMV_TILE_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {\n"
+    start = text.index(head) + len(head)
+    end = text.index("}\n", start)
+    rows = "".join(f"    ({n}, {k}): {tiles},\n" for (n, k), tiles in sorted(chosen.items()))
+    path.write_text(text[:start] + rows + text[end:])
+    print("FP8_GEMV_TILE_TABLE:\n" + rows)
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="gemv,mxfp4,qkv")
     parser.add_argument("--json")
     parser.add_argument("--no-grouped", action="store_true", help="skip the grouped GEMM column")
     parser.add_argument("--write-table", action="store_true",
-                        help="write the sweep's choice into GEMV_TILE_TABLE in runtime/ops/mxfp4.py")
+                        help="write the sweep's choice into GEMV_TILE_TABLE in runtime/ops/mxfp4.py (with "
+                             "fp8: FP8_GEMV_TILE_TABLE in runtime/ops/fp8.py)")
     parser.add_argument("--before", help="a module with an older mxfp4_moe_gemv to time beside this one "
                                          "(e.g. a copy of the previous runtime/ops/mxfp4.py)")
     args = parser.parse_args()
@@ -289,6 +383,10 @@ def main() -> int:
             write_tile_table(chosen)
     if "gemv" in only:
         bench_gemv(bandwidth)
+    if "fp8" in only:
+        chosen = bench_fp8(bandwidth)
+        if args.write_table:
+            write_fp8_tile_table(chosen)
     if args.json:
         with open(args.json, "w") as f:
             for record in RECORDS:

@@ -9,12 +9,13 @@ from torch import nn
 
 from runtime.forward import ForwardContext
 from runtime.ops import RMSNorm
-from runtime.parallel import SINGLE, ParallelContext, RowParallelLinear
+from runtime.parallel import SINGLE, ParallelContext
 
 from . import kernels
 from .cache_ops import Fp8Entry, dequantize_entries, request_entries, write_entries
 from .compressor import Compressor, Indexer
 from .config import AttentionKind
+from .linear import DENSE, Linears
 from .rope import TrailingRope
 
 
@@ -72,7 +73,8 @@ class DeepseekV4Attention(nn.Module):
     """With tensor parallelism a rank keeps its share of the query heads (with their sinks) and of the output
     groups; the single K=V head, the compressors and the indexer are replicated; wo_b sums the shards."""
 
-    def __init__(self, config, kind: AttentionKind, rope: TrailingRope, parallel: ParallelContext = SINGLE):
+    def __init__(self, config, kind: AttentionKind, rope: TrailingRope, parallel: ParallelContext = SINGLE,
+                 linears: Linears = DENSE):
         super().__init__()
         self.kind = kind
         self.num_heads = parallel.split(config.num_attention_heads, "the number of attention heads")
@@ -81,19 +83,19 @@ class DeepseekV4Attention(nn.Module):
         self.eps = config.rms_norm_eps
         self.o_groups, self.o_rank = parallel.split(config.o_groups, "o_groups"), config.o_lora_rank
         hidden = config.hidden_size
-        self.wq_a = nn.Linear(hidden, config.q_lora_rank, bias=False)
+        self.wq_a = linears(hidden, config.q_lora_rank)
         self.q_norm = RMSNorm(config.q_lora_rank, self.eps, weight_in_fp32=True)
-        self.wq_b = nn.Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
-        self.wkv = nn.Linear(hidden, self.head_dim, bias=False)
+        self.wq_b = linears(config.q_lora_rank, self.num_heads * self.head_dim)
+        self.wkv = linears(hidden, self.head_dim)
         self.kv_norm = RMSNorm(self.head_dim, self.eps, weight_in_fp32=True)
         # block-diagonal: group g maps its heads' outputs [(heads / groups) * head_dim] to o_rank
-        self.wo_a = nn.Linear(self.num_heads * self.head_dim // self.o_groups, self.o_groups * self.o_rank, bias=False)
-        self.wo_b = RowParallelLinear(config.o_groups * self.o_rank, hidden, False, parallel)
+        self.wo_a = linears(self.num_heads * self.head_dim // self.o_groups, self.o_groups * self.o_rank, self.o_groups)
+        self.wo_b = linears.row_parallel(config.o_groups * self.o_rank, hidden, parallel)
         self.attn_sink = nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32))
         self.rope = rope
         self.compressor = Compressor(hidden, self.head_dim, kind.ratio, kind.sparse, self.eps, rope) \
             if kind.compressed else None
-        self.indexer = Indexer(config, rope) if kind.sparse else None
+        self.indexer = Indexer(config, rope, linears) if kind.sparse else None
         self.window_layer = -1                                                    # cache layer, set by the model
         self.window_format: Fp8Entry | None = None                              # FP8 window entries, set by the model
 
@@ -124,9 +126,7 @@ class DeepseekV4Attention(nn.Module):
                                           self.window_format, self._entry_format)
         out = kernels.norm_rope(out, positions, self.rope.inv_freq, inverse=True) if fast \
             else self.rope(out, positions, inverse=True)
-        grouped = out.reshape(-1, self.o_groups, out.shape[1] * self.head_dim // self.o_groups)   # [n, groups, in]
-        weight = self.wo_a.weight.view(self.o_groups, self.o_rank, -1)           # [groups, o_rank, in]
-        low_rank = torch.einsum("ngi,gri->ngr", grouped, weight).flatten(1)      # [num_tokens, groups * o_rank]
+        low_rank = self.wo_a(out.flatten(1))                                      # [num_tokens, groups * o_rank]
         return self.wo_b(low_rank)
 
     @property

@@ -18,6 +18,7 @@ from runtime.ops import RMSNorm
 
 from . import kernels
 from .cache_ops import Fp8Entry, dequantize_entries, gather_entries, request_entries, write_entries
+from .linear import DENSE, Linears
 from .rope import TrailingRope
 
 
@@ -91,11 +92,11 @@ def indexer_scores_ref(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.
 class Indexer(nn.Module):
     """Scores the compressed entries for each query, `sum_h w_h * relu(q_h . k)`, and keeps the top k."""
 
-    def __init__(self, config, rope: TrailingRope):
+    def __init__(self, config, rope: TrailingRope, linears: Linears = DENSE):
         super().__init__()
         self.num_heads, self.head_dim = config.index_n_heads, config.index_head_dim
         self.top_k = config.index_topk
-        self.wq_b = nn.Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
+        self.wq_b = linears(config.q_lora_rank, self.num_heads * self.head_dim)
         self.weights_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
         self.compressor = Compressor(config.hidden_size, self.head_dim, 4, True, config.rms_norm_eps, rope)
         self.rope = rope

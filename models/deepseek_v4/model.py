@@ -17,6 +17,7 @@ from . import kernels
 from .attention import DeepseekV4Attention
 from .cache_ops import Fp8Entry, token_requests
 from .config import AttentionKind, attention_kinds, hash_routed
+from .linear import DENSE, Linears, linears_for
 from .mhc import HyperConnection, HyperHead
 from .moe import MoE
 from .rope import TrailingRope
@@ -25,10 +26,10 @@ from .weights import load_checkpoint
 
 class DeepseekV4Layer(nn.Module):
     def __init__(self, config, kind: AttentionKind, rope: TrailingRope, hashed: bool,
-                 parallel: ParallelContext = SINGLE):
+                 parallel: ParallelContext = SINGLE, linears: Linears = DENSE):
         super().__init__()
-        self.attn = DeepseekV4Attention(config, kind, rope, parallel)
-        self.ffn = MoE(config, hashed, parallel)
+        self.attn = DeepseekV4Attention(config, kind, rope, parallel, linears)
+        self.ffn = MoE(config, hashed, parallel, linears)
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
         self.hc_attn = HyperConnection(config)
@@ -49,12 +50,14 @@ FP8_BLOCK = 64                               # e4m3 dims per scale in a K=V entr
 
 class DeepseekV4ForCausalLM(nn.Module):
     """`kv_dtype(window)` names each cache's dtype (EngineConfig.kv_dtype): FP8 stores the K=V entries and the
-    indexer keys as cache_ops.Fp8Entry bytes; anything else keeps them in the model dtype `cache_dtype`."""
+    indexer keys as cache_ops.Fp8Entry bytes; anything else keeps them in the model dtype `cache_dtype`.
+    `linears` builds the checkpoint's FP8 linears (kept FP8, or dense: dequantized at load)."""
 
     def __init__(self, config, cache_dtype: torch.dtype, parallel: ParallelContext = SINGLE,
-                 kv_dtype: Callable[[int | None], torch.dtype] | None = None):
+                 kv_dtype: Callable[[int | None], torch.dtype] | None = None, linears: Linears = DENSE):
         super().__init__()
         self.config = config
+        self.linears = linears
         self.cache_dtype = cache_dtype
         self.kv_dtype = kv_dtype or (lambda window: cache_dtype)
         self.parallel = parallel
@@ -63,7 +66,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel)
         self.layers = nn.ModuleList(
             DeepseekV4Layer(config, kind, ropes["compress" if kind.compressed else "main"], hash_routed(config, i),
-                            parallel)
+                            parallel, linears)
             for i, kind in enumerate(self.kinds))
         self.hc_head = HyperHead(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_in_fp32=True)
@@ -132,4 +135,5 @@ class DeepseekV4ForCausalLM(nn.Module):
 
 
 def build_model(hf_config, engine_config: EngineConfig, parallel: ParallelContext = SINGLE) -> DeepseekV4ForCausalLM:
-    return DeepseekV4ForCausalLM(hf_config, engine_config.torch_dtype, parallel, engine_config.kv_dtype)
+    return DeepseekV4ForCausalLM(hf_config, engine_config.torch_dtype, parallel, engine_config.kv_dtype,
+                                 linears_for(hf_config, engine_config.torch_device))

@@ -12,6 +12,7 @@ from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
 from runtime.parallel import SINGLE, ParallelContext
 
 from .config import expert_format, num_experts
+from .linear import DENSE, Linears
 
 
 class Gate(nn.Module):
@@ -26,6 +27,13 @@ class Gate(nn.Module):
         self.hashed = hashed
         self.top_k, self.scaling = config.num_experts_per_tok, config.routed_scaling_factor
         self.scoring = config.scoring_func
+
+    def init_dummy_(self, generator: torch.Generator) -> None:
+        """Dummy weights: each token's table row is k distinct random experts (as a released table has)."""
+        if self.hashed:
+            draws = torch.rand(self.tid2eid.shape[0], self.weight.shape[0], generator=generator,
+                               device=self.tid2eid.device)
+            self.tid2eid.copy_(draws.topk(self.top_k, dim=-1).indices)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x, self.weight)                                        # [num_tokens, experts]
@@ -91,12 +99,12 @@ class Experts(nn.Module):
 class SharedExpert(nn.Module):
     """Split by intermediate rows over tensor-parallel ranks (the MoE's all-reduce sums it)."""
 
-    def __init__(self, config, parallel: ParallelContext = SINGLE):
+    def __init__(self, config, parallel: ParallelContext = SINGLE, linears: Linears = DENSE):
         super().__init__()
         hidden, inter = config.hidden_size, parallel.split(config.moe_intermediate_size, "moe_intermediate_size")
-        self.w1 = nn.Linear(hidden, inter, bias=False)      # gate
-        self.w3 = nn.Linear(hidden, inter, bias=False)      # up
-        self.w2 = nn.Linear(inter, hidden, bias=False)      # down
+        self.w1 = linears(hidden, inter)      # gate
+        self.w3 = linears(hidden, inter)      # up
+        self.w2 = linears(inter, hidden)      # down
         self.limit = config.swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,12 +114,12 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config, hashed: bool, parallel: ParallelContext = SINGLE):
+    def __init__(self, config, hashed: bool, parallel: ParallelContext = SINGLE, linears: Linears = DENSE):
         super().__init__()
         self.parallel = parallel
         self.gate = Gate(config, hashed)                  # replicated: every rank routes like one rank
         self.experts = Experts(config, parallel)
-        self.shared_experts = SharedExpert(config, parallel)
+        self.shared_experts = SharedExpert(config, parallel, linears)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x, input_ids)

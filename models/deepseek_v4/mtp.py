@@ -53,10 +53,11 @@ class DeepseekV4MTP(nn.Module):
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.enorm = RMSNorm(hidden, eps, weight_in_fp32=True)
         self.hnorm = RMSNorm(hidden, eps, weight_in_fp32=True)
-        self.e_proj = nn.Linear(hidden, hidden, bias=False)
-        self.h_proj = nn.Linear(hidden, hidden, bias=False)
+        self.e_proj = target.linears(hidden, hidden)
+        self.h_proj = target.linears(hidden, hidden)
         rope = TrailingRope(config, "main", config.qk_rope_head_dim)
-        self.layers = nn.ModuleList([DeepseekV4Layer(config, AttentionKind(SLIDING, 0), rope, hashed=False)])
+        self.layers = nn.ModuleList([DeepseekV4Layer(config, AttentionKind(SLIDING, 0), rope, hashed=False,
+                                                     linears=target.linears)])
         self.hc_head = HyperHead(config)
         self.norm = RMSNorm(hidden, eps, weight_in_fp32=True)
         attn = self.layers[0].attn

@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from runtime.loader import check_loaded, copy_weight, unexpected_weight
-from runtime.ops.fp8 import fp8_block_dequantize, fp8_block_shape
+from runtime.ops.fp8 import Fp8Linear, fp8_block_dequantize, fp8_block_shape
 from runtime.ops.mxfp4 import MX_BLOCK, mxfp4_dequantize
 from runtime.parallel import SINGLE, load_shard, materialize
+
+from .linear import fp8_weight_block
 
 # transformers name -> DeepSeek name, applied in order
 _TO_NATIVE = [(re.compile(a), b) for a, b in [
@@ -81,11 +83,7 @@ class _Loader:
         self.params = dict(model.named_parameters())
         self.loaded: set[str] = set()
         self.pending: dict[str, dict[str, torch.Tensor]] = {}     # weight name -> {"weight", "scale"} so far
-        quantization = getattr(model.config, "quantization_config", None) or {}
-        if not isinstance(quantization, dict):
-            quantization = quantization.to_dict()
-        block = quantization.get("weight_block_size")
-        self.fp8_block = tuple(block) if block else None
+        self.fp8_block = fp8_weight_block(model.config)
         self.parallel = getattr(model, "parallel", SINGLE)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -116,7 +114,11 @@ class _Loader:
             if self.fp8_block is not None and block != self.fp8_block:
                 raise ValueError(f"checkpoint tensor {name!r}: its scale {tuple(scale.shape)} implies [out, in] "
                                  f"blocks of {list(block)}, the config's weight_block_size is {list(self.fp8_block)}")
-            self._assign(native, name, fp8_block_dequantize(weight, scale, torch.float32, name))
+            if isinstance(self._fp8_module(native), Fp8Linear):      # kept FP8: both, as they are
+                self._assign(native, name, weight)
+                self._assign(native[:-len("weight")] + "scale", entry["scale_name"], scale.float())
+            else:
+                self._assign(native, name, fp8_block_dequantize(weight, scale, torch.float32, name))
             return
         out, packed_in = weight.shape
         blocks = weight.view(torch.uint8).reshape(out, -1, MX_BLOCK // 2) if packed_in % (MX_BLOCK // 2) == 0 else None
@@ -131,6 +133,15 @@ class _Loader:
         else:
             self._assign(native, name, mxfp4_dequantize(blocks, scales))
 
+    def _fp8_module(self, native: str) -> nn.Module | None:
+        """The module a `.weight` name belongs to (None for experts and for names of no module)."""
+        if _EXPERT.match(native):
+            return None
+        try:
+            return self.model.get_submodule(native.rsplit(".", 1)[0])
+        except AttributeError:
+            return None
+
     def _assign(self, native: str, disk_name: str, tensor: torch.Tensor) -> None:
         if match := _EXPERT.match(native):
             self._expert(match, disk_name, tensor)
@@ -140,6 +151,9 @@ class _Loader:
             target = _module_name(native)
             if target not in self.params:
                 raise unexpected_weight(disk_name)
+            if self.params[target].dtype == torch.float8_e4m3fn and tensor.dtype != torch.float8_e4m3fn:
+                raise ValueError(f"checkpoint tensor {disk_name!r} is {tensor.dtype}, but the config's "
+                                 f"quantization_config makes it an FP8 linear (weight_block_size)")
             copy_weight(self.params[target], disk_name, self._shard(target, tensor))
             self.loaded.add(target)
 
@@ -149,7 +163,8 @@ class _Loader:
 
     def _shard(self, target: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's rows (or columns) of a tensor whose parameter is split: the vocabulary, the query heads
-        and their sinks, the output groups, the shared expert's intermediate rows."""
+        and their sinks, the output groups, the shared expert's intermediate rows. A kept FP8 weight's scale
+        grid splits the same way, in blocks (the FP8 module exists only where a rank's share is whole blocks)."""
         if self.parallel.world_size == 1 or not (match := self._SHARDED.search(target)):
             return tensor
         param = self.params[target]

@@ -3,11 +3,17 @@
 A weight [out, in] is stored as float8_e4m3fn with a scale grid [out / block_out, in / block_in]; each scale
 multiplies one block_out x block_in tile. Scales are UE8M0 (`float8_e8m0fnu`, value 2^(byte - 127)) or fp32.
 The block shape is read from the grid, so every dimension must divide evenly (as transformers requires).
-`fp8_block_dequantize` is the CPU path; `fp8_block_quantize` writes test checkpoints; `fp8_gemv` multiplies a
-few rows by such a weight without widening it (the weight is read once, in its 1-byte format)."""
+`fp8_block_dequantize` is the CPU path; `fp8_block_quantize` writes test checkpoints. `Fp8Linear` keeps such a
+weight in its 1-byte format on a GPU: `fp8_gemv` multiplies a few rows by it (decode: one pass over the bytes),
+`fp8_gemm` many rows (prefill: widened tile by tile on the tensor cores); `fp8_linear_ref` is the torch reference
+(and the CPU path) of both."""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 try:
     import triton
@@ -66,64 +72,297 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, g
 
 
 # ---- the few-row GEMV over FP8 block-scaled weights ----------------------------------------------------
-# One program owns BLOCK_N output columns for every input row and walks K in steps of KSTEPS scale blocks: per
-# scale block (BLOCK_K = block_in) it loads a [BLOCK_N, BLOCK_K] e4m3 tile (16-byte loads along K) and the
-# BLOCK_N scales, widens the tile times its scale in fp32, and accumulates [BLOCK_M, BLOCK_N, BLOCK_K] partial
-# products, reduced over K once at the end (KSTEPS > 1: more loads in flight per iteration). With GROUPS > 1 the weight is block-diagonal: output column n reads
-# input columns of group n // (N / GROUPS) (BLOCK_N divides N / GROUPS).
+# A decode GEMV is a pass over the weight, bound by the instructions it spends per weight byte once enough
+# bytes are in flight. The weight is read as int32 words, 16 bytes (4 words) per thread per load, the next
+# step's words loading while this step's are decoded. An E4M3 byte becomes an fp32 bit pattern with integer
+# operations only: bytes 0 and 2 of a word (16 bits apart) are placed by one shift-and-mask pair as two bf16
+# patterns (magnitude bits to 4..10, sign to 15), bytes 1 and 3 by another; widening a bf16 half to fp32 is a
+# shift or a mask. The pattern is the E4M3 value times 2^-120 (exact, subnormals included: both formats'
+# subnormals scale the same way). The activations are pre-scaled by 2^64, so the products stay normal, and one
+# FMA per weight accumulates. Each thread sums its 16 bytes in registers; their block scale multiplies that
+# sum once; the sums are reduced across threads once, at the end, and times 2^56 undoes both powers of two.
+#
+# Program (n, s) owns BLOCK_N output columns for every input row and the s-th of SPLIT_K slices of K. With
+# SPLIT_K > 1 each program writes its fp32 partial sums to `part` and bumps its column tile's arrival counter;
+# the last to arrive adds the partials in split order (the same sum whatever the arrival order), writes the
+# output and resets the counter to 0 for the next launch (so a CUDA graph replays it with no memset). With
+# GROUPS > 1 the weight is block-diagonal: output column n reads the input columns of group n // n_per_group.
 
 if triton is not None:
     @triton.jit
-    def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
-                         n_per_group, BLOCK_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, KSTEPS: tl.constexpr):
-        pid = tl.program_id(0)
-        m = tl.arange(0, BLOCK_M)
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = m < M
+    def _e4m3_pairs(words, ODD: tl.constexpr):
+        """Bytes (0, 2) of each int32 word (ODD: bytes (1, 3)) -> two fp32 tensors, the E4M3 values * 2^-120."""
+        if ODD:
+            pair = ((words >> 4) & 0x07F007F0) | (words & -2147450880)            # sign mask 0x80008000
+        else:
+            pair = ((words << 4) & 0x07F007F0) | ((words << 8) & -2147450880)
+        low = (pair << 16).to(tl.float32, bitcast=True)
+        high = (pair & -65536).to(tl.float32, bitcast=True)                        # 0xFFFF0000
+        return low, high
+
+    @triton.jit
+    def _fp8_gemv_row(w0, w1, w2, w3, x_ptrs, row, M, scale, acc):
+        """acc [BLOCK_N, G] + the group sums of one activation row (x_ptrs [G, 4]: the first element of each
+        word) times the decoded weights w0..w3 [BLOCK_N, G, 4] (byte p of each word), times their scales. Each
+        activation is loaded in the layout of the weight byte it multiplies (no shuffle; they stay in L1)."""
+        mask = (tl.zeros_like(x_ptrs.to(tl.int64, bitcast=True)) + row) < M                 # [G, 4]
+        x0 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32) * 18446744073709551616.0       # x * 2^64
+        sums = w0 * x0[None, :, :]
+        x1 = tl.load(x_ptrs + 1, mask=mask, other=0.0).to(tl.float32) * 18446744073709551616.0
+        sums += w1 * x1[None, :, :]
+        x2 = tl.load(x_ptrs + 2, mask=mask, other=0.0).to(tl.float32) * 18446744073709551616.0
+        sums += w2 * x2[None, :, :]
+        x3 = tl.load(x_ptrs + 3, mask=mask, other=0.0).to(tl.float32) * 18446744073709551616.0
+        sums += w3 * x3[None, :, :]
+        return acc + tl.sum(sums, axis=2) * scale
+
+    @triton.jit
+    def _fp8_gemv_store(acc, row, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K: tl.constexpr):
+        """One row's [BLOCK_N] result (times 2^56, undoing 2^64 * 2^-120): the output, or this split's partial."""
+        result = tl.sum(acc, axis=1) * 72057594037927936.0
+        mask = n_mask & ((n * 0 + row) < M)
+        if SPLIT_K == 1:
+            tl.store(out_ptr + row * stride_om + n, result.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(part_ptr + (pid_k * M + row).to(tl.int64) * N + n, result, mask=mask)
+
+    @triton.jit
+    def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn,
+                         stride_sn, stride_om, n_per_group, words_per_split,
+                         BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        # BLOCK_M rows (at most 4) in separate accumulators: every tensor stays 3-D in the weights' layout
+        G: tl.constexpr = BLOCK_K // 16
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        g = tl.arange(0, G)
         n_mask = n < N
-        group = (pid * BLOCK_N) // n_per_group
-        w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
-        s_rows = s_ptr + (n // BLOCK_OUT).to(tl.int64) * stride_sn
-        x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm + group * K
-        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k_outer in range(0, K, KSTEPS * BLOCK_K):
-            for j in tl.static_range(KSTEPS):
-                k_start = k_outer + j * BLOCK_K
-                k = k_start + tl.arange(0, BLOCK_K)
-                w = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
-                scale = tl.load(s_rows + k_start // BLOCK_K, mask=n_mask, other=0.0)              # [BLOCK_N]
-                a = tl.load(x_rows + k[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)   # [BLOCK_M, BLOCK_K]
-                acc += a[:, None, :] * (w.to(tl.float32) * scale[:, None])[None, :, :]
-        out = tl.sum(acc, axis=2)                                              # [BLOCK_M, BLOCK_N]
-        tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+        group = (pid_n * BLOCK_N) // n_per_group
+        # offsets along K in int32 words (4 weights); stride_wn counts words; each group of 4 words is one
+        # 16-byte load
+        word_ptrs = w_ptr + n.to(tl.int64)[:, None, None] * stride_wn + g[None, :, None] * 4 \
+            + tl.arange(0, 4)[None, None, :]
+        x_ptrs = x_ptr + group * K + g[:, None] * 16 + tl.arange(0, 4)[None, :] * 4          # [G, 4]
+        s_rows = s_ptr + (n // BLOCK_OUT).to(tl.int64)[:, None] * stride_sn             # [BLOCK_N, 1]
+        acc0 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+        w_begin = pid_k * words_per_split
+        w_end = tl.minimum(w_begin + words_per_split, K // 4)
+        words = tl.load(word_ptrs + w_begin, mask=n_mask[:, None, None], other=0, eviction_policy="evict_first")
+        for w_start in range(w_begin, w_end, BLOCK_K // 4):
+            w_next = w_start + BLOCK_K // 4
+            next_words = tl.load(word_ptrs + w_next,
+                                 mask=n_mask[:, None, None] & ((w_next + g * 4) < w_end)[None, :, None],
+                                 other=0, eviction_policy="evict_first")
+            w0, w2 = _e4m3_pairs(words, False)
+            w1, w3 = _e4m3_pairs(words, True)
+            scale = tl.load(s_rows + ((w_start + g * 4) // (BLOCK_IN // 4))[None, :], mask=n_mask[:, None],
+                            other=0.0)                                                  # [BLOCK_N, G]
+            x_step = x_ptrs + w_start * 4
+            acc0 = _fp8_gemv_row(w0, w1, w2, w3, x_step, 0, M, scale, acc0)
+            if BLOCK_M > 1:
+                acc1 = _fp8_gemv_row(w0, w1, w2, w3, x_step + stride_xm, 1, M, scale, acc1)
+            if BLOCK_M > 2:
+                acc2 = _fp8_gemv_row(w0, w1, w2, w3, x_step + 2 * stride_xm, 2, M, scale, acc2)
+                acc3 = _fp8_gemv_row(w0, w1, w2, w3, x_step + 3 * stride_xm, 3, M, scale, acc3)
+            words = next_words
+        _fp8_gemv_store(acc0, 0, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K)
+        if BLOCK_M > 1:
+            _fp8_gemv_store(acc1, 1, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K)
+        if BLOCK_M > 2:
+            _fp8_gemv_store(acc2, 2, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K)
+            _fp8_gemv_store(acc3, 3, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K)
+        if SPLIT_K > 1:
+            tl.debug_barrier()                                  # every thread's partial before the arrival
+            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                m = tl.arange(0, BLOCK_M)
+                mask = (m < M)[:, None] & n_mask[None, :]
+                parts = part_ptr + m.to(tl.int64)[:, None] * N + n[None, :]            # part [SPLIT_K, M, N]
+                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for split in tl.static_range(SPLIT_K):
+                    total += tl.load(parts + split * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :],
+                         total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+    # Many rows: the weight dequantized into the activation dtype (one pass: 1 byte read, 2 written per
+    # weight), then cuBLAS. (A Triton GEMM widening tiles in registers ran 2.5-3x slower than cuBLAS on the
+    # H200, tools/decode_kernels.py 2026-11-29.)
+    @triton.jit
+    def _fp8_dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_sn, BLOCK_OUT: tl.constexpr,
+                               BLOCK_IN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (r < N)[:, None] & (c < K)[None, :]
+        offsets = r.to(tl.int64)[:, None] * K + c[None, :]
+        w = tl.load(w_ptr + offsets, mask=mask, other=0.0)
+        scale = tl.load(s_ptr + (r // BLOCK_OUT).to(tl.int64)[:, None] * stride_sn + (c // BLOCK_IN)[None, :],
+                        mask=mask, other=0.0)
+        tl.store(out_ptr + offsets, (w.to(tl.float32) * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def fp8_gemv_tiles(rows: int, n_per_group: int) -> int:
-    """BLOCK_N: enough programs to cover an H200's 132 SMs several times over, dividing a group's columns."""
-    block_n = 16 if rows <= 2 else 8
-    while block_n > 2 and (n_per_group % block_n or n_per_group // block_n < 512):
-        block_n //= 2
-    return block_n
+@dataclass(frozen=True, slots=True)
+class Fp8GemvTiles:
+    block_n: int = 16                  # output columns (weight rows) per program
+    block_k: int = 512                 # bytes of each weight row per loop step (a power of two >= 16)
+    split_k: int = 1                   # programs along K (the last to finish adds their sums)
+    num_warps: int = 4
+
+    @staticmethod
+    def for_shape(n: int, k: int) -> "Fp8GemvTiles":
+        """The table below for a weight of [n, k] (every group's rows); otherwise enough programs to cover an
+        H200's 132 SMs a few times. A function of the shape only (eager runs and graph replays agree); the
+        same tiles at 1 to 4 rows (narrower tiles measured slower at 4 rows)."""
+        tiles = FP8_GEMV_TILE_TABLE.get((n, k))
+        if tiles is None:
+            block_n = 16
+            while block_n > 4 and n // block_n < 512:
+                block_n //= 2
+            split = 1
+            while split < 8 and (n // block_n) * split < 512 and k // (2 * split) >= 1024:
+                split *= 2
+            tiles = Fp8GemvTiles(block_n, 512, split, 4)
+        return tiles
+
+
+# From the tools/decode_kernels.py FP8 sweep on an H200 at one row (2026-11-29, docs/PERFORMANCE.md); keyed by
+# the whole weight's [out, in] (DeepSeek V4 Flash's linears; wo_a is the 8-group one).
+FP8_GEMV_TILE_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
+    (512, 4096): Fp8GemvTiles(block_n=32, block_k=512, split_k=8, num_warps=4),
+    (1024, 4096): Fp8GemvTiles(block_n=8, block_k=1024, split_k=1, num_warps=4),
+    (2048, 4096): Fp8GemvTiles(block_n=8, block_k=1024, split_k=1, num_warps=4),
+    (4096, 2048): Fp8GemvTiles(block_n=16, block_k=512, split_k=1, num_warps=4),
+    (4096, 4096): Fp8GemvTiles(block_n=16, block_k=512, split_k=1, num_warps=4),
+    (4096, 8192): Fp8GemvTiles(block_n=16, block_k=512, split_k=2, num_warps=4),
+    (8192, 1024): Fp8GemvTiles(block_n=16, block_k=512, split_k=1, num_warps=4),
+    (8192, 4096): Fp8GemvTiles(block_n=8, block_k=512, split_k=1, num_warps=4),
+    (32768, 1024): Fp8GemvTiles(block_n=16, block_k=512, split_k=1, num_warps=4),
+}
+
+
+FP8_GEMV_MAX_ROWS = 4               # the GEMV's limit (it beat dequantize + cuBLAS up to 4 rows on the H200)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int) -> tuple[int, int]:
+    block_out, block_in = fp8_block_shape(tuple(weight.shape), tuple(scale.shape))
+    n, k = weight.shape
+    if x.dim() != 2 or x.shape[1] != groups * k or n % groups or block_in & (block_in - 1) or block_in < 16 \
+            or weight.stride(-1) != 1 or weight.stride(0) % 16 or scale.dtype != torch.float32:
+        raise ValueError(f"FP8 linear: input {tuple(x.shape)}, weight {tuple(weight.shape)} in {groups} groups, "
+                         f"blocks {block_out}x{block_in} (along K a power of two >= 16), rows 16-byte aligned, "
+                         f"scale {scale.dtype} (fp32)")
+    return block_out, block_in
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1,
-             block_n: int | None = None, ksteps: int = 1, num_warps: int = 4) -> torch.Tensor:
+             tiles: Fp8GemvTiles | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """The same function as `fp8_linear_ref` for a few rows: weight float8_e4m3fn [groups * out, in], scale an
-    fp32 grid [groups * out / bo, in / bi] with bi a power of two that divides in."""
+    fp32 grid [groups * out / bo, in / bi]. `counters`: int32 zeros, one per column tile, that split-K
+    programs count their arrivals in (left at zero); made here when not given."""
+    block_out, block_in = _check(x, weight, scale, groups)
     rows = x.shape[0]
     n, k = weight.shape
-    block_out, block_in = fp8_block_shape(tuple(weight.shape), tuple(scale.shape))
-    if x.shape[1] != groups * k or n % groups or block_in & (block_in - 1) or k % (ksteps * block_in):
-        raise ValueError(f"fp8_gemv: input {tuple(x.shape)}, weight {tuple(weight.shape)} in {groups} groups, "
-                         f"blocks {block_out}x{block_in}")
+    if rows > FP8_GEMV_MAX_ROWS:
+        raise ValueError(f"fp8_gemv takes at most {FP8_GEMV_MAX_ROWS} rows, got {rows}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    if rows and n:
-        block_n = block_n or fp8_gemv_tiles(rows, n // groups)
-        _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
-            x, weight, scale, out, rows, n, k, x.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
-            n // groups, BLOCK_OUT=block_out, BLOCK_M=max(1, triton.next_power_of_2(rows)), BLOCK_N=block_n,
-            BLOCK_K=block_in, KSTEPS=ksteps, num_warps=num_warps)
+    if not rows or not n:
+        return out
+    tiles = tiles or Fp8GemvTiles.for_shape(n, k)
+    if (n // groups) % tiles.block_n:
+        raise ValueError(f"fp8_gemv: {tiles.block_n} columns a program do not divide a group's {n // groups}")
+    block_k = tiles.block_k                            # a power of two >= 16 that divides K
+    while k % block_k:
+        block_k //= 2
+    steps = k // block_k
+    split = max(1, min(tiles.split_k, steps))
+    k_per_split = -(-steps // split) * block_k
+    split = -(-k // k_per_split)
+    grid = (triton.cdiv(n, tiles.block_n), split)
+    if split > 1:
+        part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
+        if counters is None:
+            counters = torch.zeros(grid[0], dtype=torch.int32, device=x.device)
+        elif counters.numel() < grid[0]:
+            raise ValueError(f"fp8_gemv: {counters.numel()} counters for {grid[0]} column tiles")
+    else:
+        part = counters = out
+    _fp8_gemv_kernel[grid](
+        x, weight.view(torch.int32), scale, out, part, counters, rows, n, k, x.stride(0), weight.stride(0) // 4,
+        scale.stride(0),
+        out.stride(0), n // groups, k_per_split // 4, BLOCK_OUT=block_out, BLOCK_IN=block_in,
+        BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=tiles.block_n, BLOCK_K=block_k, SPLIT_K=split,
+        num_warps=tiles.num_warps)
     return out
+
+
+def fp8_dequantize_triton(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`fp8_block_dequantize` in one launch: weight float8_e4m3fn [out, in], scale fp32 -> [out, in] in dtype."""
+    block_out, block_in = fp8_block_shape(tuple(weight.shape), tuple(scale.shape))
+    n, k = weight.shape
+    weight = weight.contiguous()
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    if n and k:
+        _fp8_dequantize_kernel[(triton.cdiv(n, 32), triton.cdiv(k, 256))](
+            weight, scale, out, n, k, scale.stride(0), BLOCK_OUT=block_out, BLOCK_IN=block_in, BLOCK_R=32,
+            BLOCK_C=256, num_warps=4)
+    return out
+
+
+def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """The same function as `fp8_linear_ref` for many rows: the weight dequantized for the call, then cuBLAS."""
+    w = fp8_dequantize_triton(weight, scale, x.dtype)
+    if groups == 1:
+        return torch.nn.functional.linear(x, w)
+    rows = x.shape[0]
+    return torch.einsum("ngi,goi->ngo", x.view(rows, groups, -1), w.view(groups, -1, w.shape[1])).reshape(rows, -1)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1,
+               counters: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., groups * in] -> [..., groups * out]: on a GPU (bf16/fp16) the GEMV for a few rows, dequantize
+    then cuBLAS for more; `fp8_linear_ref` elsewhere (the weight dequantized for the call, in x's dtype)."""
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
+    if x.is_cuda and triton is not None and x.dtype in (torch.bfloat16, torch.float16) \
+            and os.environ.get("RUN_MODEL_TORCH_OPS") != "1":
+        if x.shape[0] <= FP8_GEMV_MAX_ROWS:
+            out = fp8_gemv(x, weight, scale, groups, counters=counters)
+        else:
+            out = fp8_matmul(x, weight, scale, groups)
+    else:
+        out = fp8_linear_ref(x, weight, scale, groups)
+    return out.view(*lead, out.shape[-1])
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer (no bias) that keeps its weight in FP8: `weight` float8_e4m3fn [out, in] and `scale`, the
+    fp32 block-scale grid [out / block_out, in / block_in]. With `groups` > 1 it is block-diagonal: the input is
+    `groups` slices of `in` features, slice g feeding output rows [g * out / groups, (g + 1) * out / groups)
+    (the weight is [out, in], out counting every group)."""
+
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int], groups: int = 1):
+        super().__init__()
+        block_out, block_in = block
+        if out_features % (groups * block_out) or in_features % block_in:
+            raise ValueError(f"FP8 linear [{out_features}, {in_features}] in {groups} groups does not tile into "
+                             f"blocks of {list(block)}")
+        self.in_features, self.out_features, self.groups, self.block = in_features, out_features, groups, block
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
+                                   requires_grad=False)
+        self.scale = nn.Parameter(torch.empty(out_features // block_out, in_features // block_in,
+                                              dtype=torch.float32), requires_grad=False)
+        # split-K arrival counters of the GEMV, one per column tile (at least 4 columns a tile); always zero
+        # between launches
+        self.register_buffer("counters", torch.zeros(-(-out_features // 4), dtype=torch.int32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.scale, self.groups, self.counters)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, block={list(self.block)}"
+                + (f", groups={self.groups}" if self.groups > 1 else ""))

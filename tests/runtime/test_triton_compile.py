@@ -59,6 +59,19 @@ for name, constexprs in (("softmax", dict(SCORE=0, RENORMALIZE=True, HAS_BIAS=Fa
         Case("runtime.ops.moe", "_route_topk_kernel", dict(constexprs, TOP_K=6, HAS_SCALE=False, BLOCK_E=256,
                                                            BLOCK_TOP_K=8), ROUTING_TYPES), None, None)
 
+FP8_TYPES = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32",
+             "count_ptr": "*i32"}
+for split in (1, 4):
+    CASES[f"fp8-gemv-split{split}"] = (
+        Case("runtime.ops.fp8", "_fp8_gemv_kernel", dict(BLOCK_OUT=128, BLOCK_IN=128, BLOCK_M=1, BLOCK_N=16,
+                                                        BLOCK_K=512, SPLIT_K=split), FP8_TYPES),
+        "atom" if split > 1 else None, None)
+for rows in (2, 4):
+    CASES[f"fp8-gemv-{rows}-rows"] = (Case("runtime.ops.fp8", "_fp8_gemv_kernel", dict(
+        BLOCK_OUT=128, BLOCK_IN=128, BLOCK_M=rows, BLOCK_N=8, BLOCK_K=256, SPLIT_K=2), FP8_TYPES), None, None)
+CASES["fp8-dequantize"] = (Case("runtime.ops.fp8", "_fp8_dequantize_kernel", dict(
+    BLOCK_OUT=128, BLOCK_IN=128, BLOCK_R=32, BLOCK_C=256), dict(FP8_TYPES, w_ptr="*fp8e4nv")), None, None)
+
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, dict]:
