@@ -90,6 +90,13 @@ def _fp8_layout(fmt: Fp8Entry | None, dim: int) -> dict:
                 ENTRY=fmt.num_bytes)
 
 
+def _fp8_groups(layout: dict, dim: int) -> dict:
+    """The tiles sparse attention reads an FP8 entry in: GROUPS scale groups of GROUP_D e4m3 dims, TAIL_D bf16
+    dims (each at least 16 wide, a dot's smallest; the dims past the entry's masked)."""
+    return dict(GROUPS=_pow2(layout["NUM_SCALES"]), GROUP_D=max(16, _pow2(min(layout["QBLOCK"], layout["NOPE"]))),
+                TAIL_D=max(16, _pow2(dim - layout["NOPE"])))
+
+
 if triton is not None:
     @triton.jit
     def _e4m3_round(v):
@@ -296,49 +303,55 @@ if triton is not None:
     @triton.jit
     def _indexer_kernel(q_ptr, weights_ptr, keys_ptr, table_ptr, positions_ptr, requests_ptr, out_ptr,
                         q_stride_t, q_stride_h, weights_stride, table_stride, out_stride, width,
-                        per_block, scale,
+                        scale, num_programs, PER_BLOCK: tl.constexpr,
                         HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         RATIO: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr,
                         FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                         SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+        # a program scores the key tiles pid, pid + num_programs, ... of its query: q and the head weights are
+        # loaded once for all of them
         token = tl.program_id(0).to(tl.int64)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        position = tl.load(positions_ptr + token).to(tl.int64)
+        position = tl.load(positions_ptr + token).to(tl.int32)        # < 2^31: index math in 32 bits
         visible = tl.maximum(position + 1, 0) // RATIO               # entries closed at this query
-        out_mask = n < width
-        scores = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        if tl.program_id(1) * BLOCK_N < visible:
-            request = tl.load(requests_ptr + token).to(tl.int64)
-            n_mask = n < visible
-            h = tl.arange(0, BLOCK_HEADS)
-            d = tl.arange(0, BLOCK_D)
-            h_mask = h < HEADS
-            d_mask = d < DIM
-            block = tl.load(table_ptr + request * table_stride + n // per_block, mask=n_mask, other=0).to(tl.int64)
-            rows = block * per_block + n % per_block
-            key_scale = tl.full([BLOCK_N], 1.0, tl.float32)
-            if FP8 and NOPE == DIM and NUM_SCALES == 1:
-                # every dim e4m3 under one scale (the indexer's keys): the e4m3 values into the dot, the scale
-                # (a power of two, so exactly) onto its result
-                base = keys_ptr + tl.multiple_of(rows * ENTRY, ENTRY & -ENTRY)                      # [BLOCK_N]
-                keys = tl.load(base[:, None] + d[None, :], mask=n_mask[:, None] & d_mask[None, :],
-                               other=0.0).to(q_ptr.dtype.element_ty)                                # [BLOCK_N, BLOCK_D]
-                exponent = tl.load(base.to(tl.pointer_type(tl.uint8)) + SCALES_AT, mask=n_mask, other=127)
-                key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            else:
-                keys = _load_entries(keys_ptr, rows, d, n_mask[:, None] & d_mask[None, :], FP8, NOPE, QBLOCK,
-                                     SCALES_AT, ENTRY, q_ptr.dtype.element_ty)                     # [BLOCK_N, BLOCK_D]
-            q = tl.load(q_ptr + token * q_stride_t + h[:, None] * q_stride_h + d[None, :],
-                        mask=h_mask[:, None] & d_mask[None, :], other=0.0)   # [BLOCK_HEADS, BLOCK_D]
-            if FP32:
-                dots = tl.dot(q, tl.trans(keys), input_precision="ieee")
-            else:
-                dots = tl.dot(q, tl.trans(keys))                      # [BLOCK_HEADS, BLOCK_N] fp32
-            dots = dots * key_scale[None, :]
-            w = tl.load(weights_ptr + token * weights_stride + h, mask=h_mask, other=0.0).to(tl.float32)
-            per_head = tl.maximum(dots, 0.0) * scale * w[:, None]
-            scores = tl.where(n_mask, tl.sum(per_head, axis=0), float("-inf"))
-        tl.store(out_ptr + token * out_stride + n, scores, mask=out_mask)
+        request = tl.load(requests_ptr + token).to(tl.int64)
+        h = tl.arange(0, BLOCK_HEADS)
+        d = tl.arange(0, BLOCK_D)
+        h_mask = h < HEADS
+        d_mask = d < DIM
+        q = tl.load(q_ptr + token * q_stride_t + h[:, None] * q_stride_h + d[None, :],
+                    mask=h_mask[:, None] & d_mask[None, :], other=0.0)       # [BLOCK_HEADS, BLOCK_D]
+        w = tl.load(weights_ptr + token * weights_stride + h, mask=h_mask, other=0.0).to(tl.float32)
+        for tile in range(tl.program_id(1), tl.cdiv(width, BLOCK_N), num_programs):
+            n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            scores = tl.full([BLOCK_N], float("-inf"), tl.float32)
+            if tile * BLOCK_N < visible:
+                n_mask = n < visible
+                block = tl.load(table_ptr + request * table_stride + n // PER_BLOCK, mask=n_mask,
+                                other=0).to(tl.int64)
+                rows = block * PER_BLOCK + n % PER_BLOCK
+                key_scale = tl.full([BLOCK_N], 1.0, tl.float32)
+                if FP8 and NOPE == DIM and NUM_SCALES == 1:
+                    # every dim e4m3 under one scale (the indexer's keys): the e4m3 values into the dot, the
+                    # scale (a power of two, so exactly) onto its result
+                    base = keys_ptr + tl.multiple_of(rows * ENTRY, ENTRY & -ENTRY)                  # [BLOCK_N]
+                    keys = tl.load(base[:, None] + d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                                   other=0.0).to(q_ptr.dtype.element_ty)                            # [BLOCK_N, BLOCK_D]
+                    exponent = tl.load(base.to(tl.pointer_type(tl.uint8)) + SCALES_AT, mask=n_mask, other=127)
+                    key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+                else:
+                    keys = _load_entries(keys_ptr, rows, d, n_mask[:, None] & d_mask[None, :], FP8, NOPE, QBLOCK,
+                                         SCALES_AT, ENTRY, q_ptr.dtype.element_ty)                 # [BLOCK_N, BLOCK_D]
+                if FP32:
+                    dots = tl.dot(q, tl.trans(keys), input_precision="ieee")
+                else:
+                    dots = tl.dot(q, tl.trans(keys))                  # [BLOCK_HEADS, BLOCK_N] fp32
+                per_head = tl.maximum(dots * key_scale[None, :], 0.0) * scale * w[:, None]
+                scores = tl.where(n_mask, tl.sum(per_head, axis=0), float("-inf"))
+            tl.store(out_ptr + token * out_stride + n, scores, mask=n < width)
+
+
+INDEXER_BLOCK_N = 64
+INDEXER_PROGRAMS = 528       # four per SM on an H200 (as many as their registers allow): each walks a run of tiles
 
 
 def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, table: torch.Tensor,
@@ -351,11 +364,13 @@ def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tens
     out = torch.empty(n, width, dtype=torch.float32, device=q.device)
     if n == 0 or width == 0:
         return out
-    block_n = 64
-    _indexer_kernel[(n, triton.cdiv(width, block_n))](
+    block_n = INDEXER_BLOCK_N
+    tiles = triton.cdiv(width, block_n)
+    programs = max(1, min(tiles, triton.cdiv(INDEXER_PROGRAMS, n)))     # host sizes only: fixed for a graph
+    _indexer_kernel[(n, programs)](
         q, head_weights, keys, table, positions, requests, out,
         q.stride(0), q.stride(1), head_weights.stride(0), table.stride(0), out.stride(0), width,
-        block_size // ratio, dim ** -0.5,
+        dim ** -0.5, programs, PER_BLOCK=block_size // ratio,
         HEADS=heads, BLOCK_HEADS=max(16, _pow2(heads)), DIM=dim, BLOCK_D=max(16, _pow2(dim)), RATIO=ratio,
         BLOCK_N=block_n, FP32=q.dtype == torch.float32, FP8=key_format is not None, **_fp8_layout(key_format, dim),
         num_warps=4)
@@ -380,19 +395,22 @@ if triton is not None:
                                  part_acc_ptr, part_ml_ptr,
                                  q_stride_t, q_stride_h, out_stride_t, out_stride_h,
                                  window_table_stride, entries_table_stride, selected_stride,
-                                 block_size, window, per_block, scale, num_selected, num_splits,
+                                 window, scale, num_selected, num_splits,
                                  HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM: tl.constexpr,
                                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
+                                 BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
                                  HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr, SPLIT: tl.constexpr,
                                  FP32: tl.constexpr, WINDOW_FP8: tl.constexpr, ENTRY_FP8: tl.constexpr,
                                  NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
-                                 SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+                                 SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, GROUPS: tl.constexpr,
+                                 GROUP_D: tl.constexpr, TAIL_D: tl.constexpr):
         # sizes that change from step to step (selection width, splits) are arguments, not constants: a
         # constant would compile a kernel per value
         token = tl.program_id(0).to(tl.int64)
         head_block = tl.program_id(1)
         split = tl.program_id(2)
-        position = tl.load(positions_ptr + token).to(tl.int64)
+        # index math in 32 bits (positions < 2^31; divisions by the constant block sizes), offsets in 64
+        position = tl.load(positions_ptr + token).to(tl.int32)
         request = tl.load(requests_ptr + token).to(tl.int64)
         first = tl.maximum(position - window + 1, 0)
         num_window = tl.maximum(position + 1 - first, 0)              # 0 for a padded row (position < 0)
@@ -408,38 +426,90 @@ if triton is not None:
         hi = tl.minimum(lo + per_split, total)
 
         h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
-        d = tl.arange(0, BLOCK_D)
         h_mask = h < HEADS
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_H], tl.float32)
+        if WINDOW_FP8 and (ENTRY_FP8 or not HAS_ENTRIES):
+            _sparse_attention_fp8(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
+                                  sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
+                                  m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
+                                  out_stride_h, window_table_stride, entries_table_stride, selected_stride,
+                                  scale, num_splits, BLOCK_SIZE, PER_BLOCK, HEADS, BLOCK_H, DIM, BLOCK_N,
+                                  HAS_ENTRIES, SELECTED, SPLIT, FP32, NOPE, QBLOCK, NUM_SCALES, SCALES_AT, ENTRY,
+                                  GROUPS, GROUP_D, TAIL_D)
+        else:
+            _sparse_attention_wide(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
+                                   sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
+                                   m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
+                                   out_stride_h, window_table_stride, entries_table_stride, selected_stride,
+                                   scale, num_splits, BLOCK_SIZE, PER_BLOCK, HEADS, BLOCK_H, DIM, BLOCK_D,
+                                   BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, WINDOW_FP8, ENTRY_FP8, NOPE, QBLOCK,
+                                   SCALES_AT, ENTRY)
+
+    @triton.jit
+    def _key_rows(window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
+                  window_table_stride, entries_table_stride, selected_stride, BLOCK_SIZE: tl.constexpr,
+                  PER_BLOCK: tl.constexpr, HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr):
+        """Keys u [BLOCK_N] of a query (the window's, then its compressed entries) -> (in_window, window rows,
+        in_entries, entry rows): rows are indices into the caches' flat entries, 0 where not in."""
+        in_range = u < hi
+        in_window = in_range & (u < num_window)
+        key_pos = first + tl.where(in_window, u, 0)
+        w_block = tl.load(window_table_ptr + request * window_table_stride + key_pos // BLOCK_SIZE,
+                          mask=in_window, other=0).to(tl.int64)
+        w_rows = w_block * BLOCK_SIZE + key_pos % BLOCK_SIZE
+        in_entries = u < 0
+        e_rows = w_rows * 0
+        if HAS_ENTRIES:
+            c = u - num_window
+            in_entries = in_range & (c >= 0)
+            if SELECTED:
+                entry = tl.load(selected_ptr + token * selected_stride + tl.where(in_entries, c, 0),
+                                mask=in_entries, other=-1)
+            else:
+                entry = c
+            in_entries = in_entries & (entry >= 0)
+            entry = tl.where(in_entries, entry, 0)
+            e_block = tl.load(entries_table_ptr + request * entries_table_stride + entry // PER_BLOCK,
+                              mask=in_entries, other=0).to(tl.int64)
+            e_rows = e_block * PER_BLOCK + entry % PER_BLOCK
+        return in_window, w_rows, in_entries, e_rows
+
+    @triton.jit
+    def _sink_factor(sinks_ptr, h, h_mask, m, l):
+        """[BLOCK_H] what one program's accumulator is multiplied by: one softmax over its keys and the sink."""
+        sink = tl.load(sinks_ptr + h, mask=h_mask, other=0.0).to(tl.float32)
+        m_all = tl.maximum(m, sink)
+        scale_acc = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
+        return scale_acc / (l * scale_acc + tl.exp(sink - m_all))
+
+    @triton.jit
+    def _sparse_attention_wide(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
+                               sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
+                               m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
+                               out_stride_h, window_table_stride, entries_table_stride, selected_stride,
+                               scale, num_splits, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
+                               HEADS: tl.constexpr,
+                               BLOCK_H: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr,
+                               SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr,
+                               WINDOW_FP8: tl.constexpr, ENTRY_FP8: tl.constexpr, NOPE: tl.constexpr,
+                               QBLOCK: tl.constexpr, SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+        """Keys in the model dtype (or one of the two caches FP8, dequantized element by element)."""
+        d = tl.arange(0, BLOCK_D)
         d_mask = d < DIM
         q = tl.load(q_ptr + token * q_stride_t + h[:, None] * q_stride_h + d[None, :],
                     mask=h_mask[:, None] & d_mask[None, :], other=0.0)          # [BLOCK_H, BLOCK_D]
-        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
         for u0 in range(lo, hi, BLOCK_N):
             u = u0 + tl.arange(0, BLOCK_N)                                        # index into window ++ entries
-            in_range = u < hi
-            in_window = in_range & (u < num_window)
-            key_pos = first + tl.where(in_window, u, 0)
-            w_block = tl.load(window_table_ptr + request * window_table_stride + key_pos // block_size,
-                              mask=in_window, other=0).to(tl.int64)
-            w_rows = w_block * block_size + key_pos % block_size
+            in_window, w_rows, in_entries, e_rows = _key_rows(
+                window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
+                window_table_stride, entries_table_stride, selected_stride, BLOCK_SIZE, PER_BLOCK, HAS_ENTRIES,
+                SELECTED)
             keys = _load_entries(window_ptr, w_rows, d, in_window[:, None] & d_mask[None, :], WINDOW_FP8, NOPE,
                                  QBLOCK, SCALES_AT, ENTRY if WINDOW_FP8 else DIM, q.dtype)   # [BLOCK_N, BLOCK_D]
             valid = in_window
             if HAS_ENTRIES:
-                c = u - num_window
-                in_entries = in_range & (c >= 0)
-                if SELECTED:
-                    entry = tl.load(selected_ptr + token * selected_stride + tl.where(in_entries, c, 0),
-                                    mask=in_entries, other=-1).to(tl.int64)
-                else:
-                    entry = c
-                in_entries = in_entries & (entry >= 0)
-                entry = tl.where(in_entries, entry, 0)
-                e_block = tl.load(entries_table_ptr + request * entries_table_stride + entry // per_block,
-                                  mask=in_entries, other=0).to(tl.int64)
-                e_rows = e_block * per_block + entry % per_block
                 keys += _load_entries(entries_ptr, e_rows, d, in_entries[:, None] & d_mask[None, :], ENTRY_FP8, NOPE,
                                       QBLOCK, SCALES_AT, ENTRY if ENTRY_FP8 else DIM, q.dtype)
                 valid = valid | in_entries
@@ -460,11 +530,7 @@ if triton is not None:
             m = m_new
         out_mask = h_mask[:, None] & d_mask[None, :]
         if not SPLIT:
-            sink = tl.load(sinks_ptr + h, mask=h_mask, other=0.0).to(tl.float32)
-            m_all = tl.maximum(m, sink)
-            scale_acc = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
-            denominator = l * scale_acc + tl.exp(sink - m_all)
-            out = acc * (scale_acc / denominator)[:, None]
+            out = acc * _sink_factor(sinks_ptr, h, h_mask, m, l)[:, None]
             tl.store(out_ptr + token * out_stride_t + h[:, None] * out_stride_h + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=out_mask)
         else:
@@ -474,31 +540,128 @@ if triton is not None:
             tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
 
     @triton.jit
+    def _sparse_attention_fp8(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
+                              sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
+                              m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
+                              out_stride_h, window_table_stride, entries_table_stride, selected_stride,
+                              scale, num_splits, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
+                              HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+                              DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr,
+                              SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, NOPE: tl.constexpr,
+                              QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr, SCALES_AT: tl.constexpr,
+                              ENTRY: tl.constexpr, GROUPS: tl.constexpr, GROUP_D: tl.constexpr,
+                              TAIL_D: tl.constexpr):
+        """Every key an FP8 entry (cache_ops.Fp8Entry): the e4m3 dims read as bytes in groups of QBLOCK
+        [GROUPS, BLOCK_N, GROUP_D], their scales once per group and key [GROUPS, BLOCK_N], the RoPE dims as one
+        bf16 tile [BLOCK_N, TAIL_D]. Scores: per group the dot of q's dims with the e4m3 values, times the
+        group's scale, summed, plus the RoPE dims' dot. Values: per group P times the scale (a power of two, so
+        exactly the product with the dequantized entry) dotted with the e4m3 values, one accumulator per group."""
+        dtype = q_ptr.dtype.element_ty
+        g = tl.arange(0, GROUPS)
+        j = tl.arange(0, GROUP_D)
+        t = tl.arange(0, TAIL_D)
+        col = g[:, None] * QBLOCK + j[None, :]                                  # [GROUPS, GROUP_D] e4m3 dim
+        col_mask = (col < NOPE) & (j < QBLOCK)[None, :]
+        tail_mask = t < DIM - NOPE
+        q_row = q_ptr + token * q_stride_t + h * q_stride_h                     # [BLOCK_H]
+        q_groups = tl.load(q_row[None, :, None] + col[:, None, :], mask=h_mask[None, :, None] & col_mask[:, None, :],
+                           other=0.0)                                           # [GROUPS, BLOCK_H, GROUP_D]
+        q_tail = tl.load(q_row[:, None] + NOPE + t[None, :], mask=h_mask[:, None] & tail_mask[None, :],
+                         other=0.0)                                             # [BLOCK_H, TAIL_D]
+        acc = tl.zeros([GROUPS, BLOCK_H, GROUP_D], tl.float32)
+        acc_tail = tl.zeros([BLOCK_H, TAIL_D], tl.float32)
+        # an entry starts only ENTRY & -ENTRY bytes aligned (584: 8): say so (see _load_entries)
+        ALIGN: tl.constexpr = ENTRY & -ENTRY
+        for u0 in range(lo, hi, BLOCK_N):
+            u = u0 + tl.arange(0, BLOCK_N)                                      # index into window ++ entries
+            in_window, w_rows, in_entries, e_rows = _key_rows(
+                window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
+                window_table_stride, entries_table_stride, selected_stride, BLOCK_SIZE, PER_BLOCK, HAS_ENTRIES,
+                SELECTED)
+            entry = window_ptr + tl.multiple_of(w_rows * ENTRY, ALIGN)           # [BLOCK_N] the entries' first bytes
+            valid = in_window
+            if HAS_ENTRIES:
+                entry = tl.multiple_of(tl.where(in_entries, entries_ptr + e_rows * ENTRY, entry), ALIGN)
+                valid = valid | in_entries
+            keys = tl.load(entry[None, :, None] + col[:, None, :], mask=valid[None, :, None] & col_mask[:, None, :],
+                           other=0.0).to(dtype)                                 # [GROUPS, BLOCK_N, GROUP_D]
+            exponent = tl.load(entry.to(tl.pointer_type(tl.uint8))[None, :] + SCALES_AT + g[:, None],
+                               mask=valid[None, :] & (g < NUM_SCALES)[:, None], other=127)
+            key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [GROUPS, BLOCK_N]
+            tail = tl.load((entry + NOPE).to(tl.pointer_type(tl.bfloat16))[:, None] + t[None, :],
+                           mask=valid[:, None] & tail_mask[None, :], other=0.0).to(dtype)   # [BLOCK_N, TAIL_D]
+            if FP32:
+                partial = tl.dot(q_groups, tl.permute(keys, (0, 2, 1)), input_precision="ieee")
+                scores = tl.dot(q_tail, tl.trans(tail), input_precision="ieee")
+            else:
+                partial = tl.dot(q_groups, tl.permute(keys, (0, 2, 1)))        # [GROUPS, BLOCK_H, BLOCK_N] fp32
+                scores = tl.dot(q_tail, tl.trans(tail))                         # [BLOCK_H, BLOCK_N]
+            scores = (scores + tl.sum(partial * key_scale[:, None, :], axis=0)) * scale
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            l = l * alpha + tl.sum(p, axis=1)
+            scaled_p = p[None, :, :] * key_scale[:, None, :]                    # [GROUPS, BLOCK_H, BLOCK_N]
+            if FP32:
+                acc = acc * alpha[None, :, None] + tl.dot(scaled_p, keys, input_precision="ieee")
+                acc_tail = acc_tail * alpha[:, None] + tl.dot(p, tail, input_precision="ieee")
+            else:
+                acc = acc * alpha[None, :, None] + tl.dot(scaled_p.to(dtype), keys)
+                acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(dtype), tail)
+            m = m_new
+        group_mask = h_mask[None, :, None] & col_mask[:, None, :]
+        tail_out_mask = h_mask[:, None] & tail_mask[None, :]
+        if not SPLIT:
+            factor = _sink_factor(sinks_ptr, h, h_mask, m, l)
+            out_row = out_ptr + token * out_stride_t + h * out_stride_h          # [BLOCK_H]
+            tl.store(out_row[None, :, None] + col[:, None, :], (acc * factor[None, :, None]).to(dtype), mask=group_mask)
+            tl.store(out_row[:, None] + NOPE + t[None, :], (acc_tail * factor[:, None]).to(dtype), mask=tail_out_mask)
+        else:
+            part = (token * HEADS + h) * num_splits + split                     # [BLOCK_H]
+            part_row = part_acc_ptr + part * DIM
+            tl.store(part_row[None, :, None] + col[:, None, :], acc, mask=group_mask)
+            tl.store(part_row[:, None] + NOPE + t[None, :], acc_tail, mask=tail_out_mask)
+            tl.store(part_ml_ptr + part * 2, m, mask=h_mask)
+            tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
+
+    @triton.jit
     def _sparse_attention_reduce_kernel(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, out_stride_t, out_stride_h,
                                         num_splits, HEADS: tl.constexpr, DIM: tl.constexpr,
                                         BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        # the splits BLOCK_S at a time (a [splits, dim] tile of all 64 would spill): their largest max first,
+        # then the weighted sums
         token = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, BLOCK_D)
-        s_mask = s < num_splits
         base = (token * HEADS + head) * num_splits
-        m = tl.load(part_ml_ptr + (base + s) * 2, mask=s_mask, other=float("-inf"))
-        l = tl.load(part_ml_ptr + (base + s) * 2 + 1, mask=s_mask, other=0.0)
         sink = tl.load(sinks_ptr + head).to(tl.float32)
-        m_all = tl.maximum(tl.max(m, axis=0), sink)
-        weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
-        denominator = tl.sum(weight * l, axis=0) + tl.exp(sink - m_all)
-        acc = tl.load(part_acc_ptr + (base + s)[:, None] * DIM + d[None, :],
-                      mask=s_mask[:, None] & (d < DIM)[None, :], other=0.0)
-        out = tl.sum(acc * weight[:, None], axis=0) / denominator
+        m_all = sink
+        for s0 in range(0, num_splits, BLOCK_S):
+            m = tl.load(part_ml_ptr + (base + s0 + s) * 2, mask=s0 + s < num_splits, other=float("-inf"))
+            m_all = tl.maximum(m_all, tl.max(m, axis=0))
+        denominator = tl.exp(sink - m_all)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, num_splits, BLOCK_S):
+            s_mask = s0 + s < num_splits
+            m = tl.load(part_ml_ptr + (base + s0 + s) * 2, mask=s_mask, other=float("-inf"))
+            l = tl.load(part_ml_ptr + (base + s0 + s) * 2 + 1, mask=s_mask, other=0.0)
+            weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
+            denominator += tl.sum(weight * l, axis=0)
+            part = tl.load(part_acc_ptr + (base + s0 + s)[:, None] * DIM + d[None, :],
+                           mask=s_mask[:, None] & (d < DIM)[None, :], other=0.0)
+            acc += tl.sum(part * weight[:, None], axis=0)
+        out = acc / denominator
         tl.store(out_ptr + token * out_stride_t + head * out_stride_h + d, out.to(out_ptr.dtype.element_ty),
                  mask=d < DIM)
 
 
 BLOCK_HEADS = 16
 MAX_SPLITS = 64
-TARGET_PROGRAMS = 264        # about two per SM on an H200: split the keys until a small batch fills it
+TARGET_PROGRAMS = 132        # one per SM on an H200 (a program takes most of its registers): split the keys until a
+                             # small batch fills it
 
 
 def attention_splits(num_tokens: int, num_heads: int, max_keys: int, block_n: int = 32) -> int:
@@ -535,6 +698,7 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
     else:
         part_acc = part_ml = out
     dummy = window_table
+    layout = _fp8_layout(window_format or entry_format, dim)
     _sparse_attention_kernel[(n, head_blocks, splits)](
         q, positions, requests, window_cache, window_table,
         entry_cache if has_entries else window_cache, entry_table if has_entries else dummy,
@@ -542,16 +706,17 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         window_table.stride(0), entry_table.stride(0) if has_entries else 0,
         selected.stride(0) if selected is not None else 0,
-        block_size, window, block_size // max(ratio, 1), scale, num_selected, splits,
+        window, scale, num_selected, splits,
         HEADS=heads, BLOCK_H=BLOCK_HEADS, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_N=block_n, RATIO=max(ratio, 1),
+        BLOCK_SIZE=block_size, PER_BLOCK=block_size // max(ratio, 1),
         HAS_ENTRIES=has_entries, SELECTED=selected is not None, SPLIT=splits > 1,
         FP32=q.dtype == torch.float32, WINDOW_FP8=window_format is not None,
-        ENTRY_FP8=has_entries and entry_format is not None, **_fp8_layout(window_format or entry_format, dim),
+        ENTRY_FP8=has_entries and entry_format is not None, **layout, **_fp8_groups(layout, dim),
         num_warps=4 if dim <= 128 else 8)
     if splits > 1:
         _sparse_attention_reduce_kernel[(n, heads)](
             part_acc, part_ml, sinks, out, out.stride(0), out.stride(1), splits,
-            HEADS=heads, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_S=MAX_SPLITS, num_warps=4)
+            HEADS=heads, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_S=8, num_warps=4)
     return out
 
 

@@ -165,8 +165,11 @@ def test_sparse_attention_on_fp8_caches_matches_reference(device, kind):
     torch.testing.assert_close(out.float(), ref, atol=tolerance * ref.abs().max().item(), rtol=tolerance)
 
 
+@pytest.mark.parametrize("programs", [None, 1], ids=["auto-programs", "one-program-a-query"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_indexer_scores_on_fp8_keys_match_reference(device):
+def test_indexer_scores_on_fp8_keys_match_reference(device, programs, monkeypatch):
+    if programs is not None:
+        monkeypatch.setattr(kernels, "INDEXER_PROGRAMS", programs)
     sizes, dtype, steps = _setup(device)
     _, key_format = _formats(device, sizes)
     generator = torch.Generator().manual_seed(3)
@@ -316,6 +319,7 @@ def test_mtp_drafts_with_an_fp8_cache_are_lossless(tiny_deepseek_v4):
 # the release's layouts: K=V entries of 584 bytes, indexer keys of 132
 KV_LAYOUT = dict(NOPE=448, QBLOCK=64, NUM_SCALES=7, SCALES_AT=576, ENTRY=584)
 KEY_LAYOUT = dict(NOPE=128, QBLOCK=128, NUM_SCALES=1, SCALES_AT=128, ENTRY=132)
+KV_GROUPS = dict(GROUPS=8, GROUP_D=64, TAIL_D=64)          # the tiles sparse attention reads an entry in
 
 
 FP8_POINTERS = {"q_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "weights_ptr": "*fp32", "keys_ptr": "*fp8e4nv",
@@ -324,11 +328,14 @@ FP8_POINTERS = {"q_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "weights
                 "part_ml_ptr": "*fp32", "scale": "fp32", "eps": "fp32"}
 KERNELS = "models.deepseek_v4.kernels"
 FP8_CASES = [
-    Case(KERNELS, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4, BLOCK_N=64,
+    Case(KERNELS, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4, BLOCK_N=64, PER_BLOCK=64,
                                           FP32=False, FP8=True, **KEY_LAYOUT), {**FP8_POINTERS, "out_ptr": "*fp32"}),
     Case(KERNELS, "_sparse_attention_kernel", dict(HEADS=64, BLOCK_H=16, DIM=512, BLOCK_D=512, BLOCK_N=32, RATIO=4,
+                                                   BLOCK_SIZE=256, PER_BLOCK=64,
                                                    HAS_ENTRIES=True, SELECTED=True, SPLIT=True, FP32=False,
-                                                   WINDOW_FP8=True, ENTRY_FP8=True, **KV_LAYOUT), FP8_POINTERS),
+                                                   WINDOW_FP8=True, ENTRY_FP8=True, **KV_LAYOUT, **KV_GROUPS),
+         FP8_POINTERS),
+    Case(KERNELS, "_sparse_attention_reduce_kernel", dict(HEADS=64, DIM=512, BLOCK_D=512, BLOCK_S=8), FP8_POINTERS),
     Case(KERNELS, "_compress_kernel", dict(HEAD_DIM=512, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, WIDTH=1024, RATIO=4,
                                            WINDOW=8, OVERLAP=True, ROUND=True, DTYPE="tl.bfloat16", FP8=True,
                                            **KV_LAYOUT), FP8_POINTERS),

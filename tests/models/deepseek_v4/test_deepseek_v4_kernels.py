@@ -134,8 +134,13 @@ def test_sparse_attention_matches_reference(device, kind, splits, monkeypatch):
     torch.testing.assert_close(out.float(), ref, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("programs", [None, 1], ids=["auto-programs", "one-program-a-query"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_indexer_scores_and_topk_match_reference(device):
+def test_indexer_scores_and_topk_match_reference(device, programs, monkeypatch):
+    """With the programs per query the batch gets (one key tile each at these widths), and with one program
+    per query walking every tile."""
+    if programs is not None:
+        monkeypatch.setattr(kernels, "INDEXER_PROGRAMS", programs)
     sizes, dtype, steps = _setup(device)
     generator = torch.Generator().manual_seed(2)
     num_blocks = _num_blocks(sizes, steps)
@@ -227,17 +232,28 @@ def _hf_config(dim: int, rope_dim: int):
     return AutoConfig.for_model("deepseek_v4", **config)
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["model-dtype-cache", "fp8-cache"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_padded_rows_with_context_length_zero_read_and_write_nothing(device):
+def test_padded_rows_with_context_length_zero_read_and_write_nothing(device, fp8):
     """A padded row: position -1 (context length 0), slot -1, and a block table pointing far past the cache,
     so any read through it would fault (GPU) or raise (interpreter). The indexer keeps nothing, attention
-    returns zeros (the sink alone), the compressor writes nothing; real rows beside it are unaffected."""
+    returns zeros (the sink alone), the compressor and the K insert write nothing; real rows beside it are
+    unaffected. With `fp8`, every cache holds FP8 entries (the kernels' FP8 tiles)."""
+    from models.deepseek_v4.cache_ops import Fp8Entry, quantize_entries
     sizes, dtype, steps = _setup(device)
+    kv_format = Fp8Entry(sizes.dim, sizes.rope_dim, 8 if device == "cpu" else 64) if fp8 else None
+    key_format = Fp8Entry(sizes.index_dim, 0, sizes.index_dim) if fp8 else None
+
+    def cache(values: torch.Tensor, fmt) -> torch.Tensor:
+        if fmt is None:
+            return values.to(device, dtype)
+        return quantize_entries(values.flatten(0, 1), fmt).view(*values.shape[:2], -1).to(device)
+
     generator = torch.Generator().manual_seed(5)
     bs, ratio = sizes.block_size, sizes.ratio
     num_blocks = 4
-    window_cache = torch.randn(num_blocks, bs, sizes.dim, generator=generator).to(device, dtype)
-    entry_cache = torch.randn(num_blocks, bs // ratio, sizes.dim, generator=generator).to(device, dtype)
+    window_cache = cache(torch.randn(num_blocks, bs, sizes.dim, generator=generator), kv_format)
+    entry_cache = cache(torch.randn(num_blocks, bs // ratio, sizes.dim, generator=generator), kv_format)
     table = torch.tensor([[1, 2], [1 << 30, 1 << 30]], dtype=torch.int32, device=device)
     positions = torch.tensor([bs + 3, -1, -1], device=device)
     requests = torch.tensor([0, 1, 1], device=device)
@@ -245,25 +261,31 @@ def test_padded_rows_with_context_length_zero_read_and_write_nothing(device):
     sinks = torch.randn(sizes.heads, generator=generator).to(device)
     width = 2 * bs // ratio
     index_q = torch.randn(3, sizes.index_heads, sizes.index_dim, generator=generator).to(device, dtype)
-    index_keys = torch.randn(num_blocks, bs // ratio, sizes.index_dim, generator=generator).to(device, dtype)
+    index_keys = cache(torch.randn(num_blocks, bs // ratio, sizes.index_dim, generator=generator), key_format)
     scores = kernels.indexer_scores(index_q, torch.ones(3, sizes.index_heads, device=device), index_keys, table,
-                                    positions, requests, ratio, width, bs)
+                                    positions, requests, ratio, width, bs, key_format)
     selected = kernels.indexer_topk(scores, positions, ratio, sizes.top_k)
     assert (selected[1:] == -1).all() and (selected[0] >= 0).sum() == min(sizes.top_k, (bs + 4) // ratio)
     for sel, ratio_used in ((selected, ratio), (None, ratio), (None, 0)):
         out = kernels.sparse_attention(q, positions, requests, window_cache, table, sizes.window,
                                        entry_cache if ratio_used else None, table if ratio_used else None,
-                                       ratio_used, sel, sinks, sizes.dim ** -0.5, bs, width)
+                                       ratio_used, sel, sinks, sizes.dim ** -0.5, bs, width, kv_format,
+                                       kv_format if ratio_used else None)
         assert torch.isfinite(out).all()
         assert (out[1:] == 0).all()
         assert out[0].abs().sum() > 0
     state = torch.zeros(num_blocks, bs, 2, 2 * sizes.dim, device=device)
-    before = entry_cache.clone()
+    before = (window_cache.view(torch.uint8).clone(), entry_cache.view(torch.uint8).clone())
     kernels.compress_entries(state, table, entry_cache, torch.tensor([-1, -1, -1], device=device), positions,
                              requests, torch.ones(sizes.dim, device=device), 1e-6,
-                             torch.ones(sizes.rope_dim // 2, device=device), ratio, True, bs)
-    kernels.store_rows(window_cache, q[:, 0], torch.tensor([-1, -1, -1], device=device))
-    assert torch.equal(entry_cache, before)
+                             torch.ones(sizes.rope_dim // 2, device=device), ratio, True, bs, kv_format, dtype)
+    if fp8:
+        kernels.norm_rope(q[:, :1], positions, torch.ones(sizes.rope_dim // 2, device=device), cache=window_cache,
+                          slots=torch.tensor([-1, -1, -1], device=device), fmt=kv_format)
+    else:
+        kernels.store_rows(window_cache, q[:, 0], torch.tensor([-1, -1, -1], device=device))
+    assert torch.equal(window_cache.view(torch.uint8), before[0])
+    assert torch.equal(entry_cache.view(torch.uint8), before[1])
 
 
 @pytest.mark.gpu
