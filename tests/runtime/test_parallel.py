@@ -66,11 +66,26 @@ def _generate(path, options: dict, vocab_size: int):
 
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks_match_one_rank(case, tmp_path_factory):
+    _check_two_ranks_match_one(case, tmp_path_factory, _stress_options(CASES[case][0]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["qwen3-dense", "qwen3-moe-expert-parallel", "gpt_oss-mxfp4-rows",
+                                  "deepseek_v4-expert-parallel"])
+def test_two_gpus_match_one_over_nccl(case, tmp_path_factory):
+    """The same comparison on CUDA over NCCL, with CUDA graphs, in fp32 (the tolerance stays 1e-4). Runs on a
+    machine with two or more GPUs (`pytest -m gpu tests/runtime/test_parallel.py`); one GPU cannot host it."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two GPUs, this machine has {torch.cuda.device_count()}")
+    options = {**_stress_options(CASES[case][0]), "device": "cuda"}
+    _check_two_ranks_match_one(case, tmp_path_factory, options)
+
+
+def _check_two_ranks_match_one(case: str, tmp_path_factory, options: dict) -> None:
     package, variant, overrides, parallel_options = CASES[case]
     path = make_tiny_checkpoint(package, tmp_path_factory.mktemp("tiny") / case, variant=variant,
                                 overrides=overrides)
     vocab_size = 512 if package in ("deepseek_v4", "gemma4") else 1024
-    options = _stress_options(package)
     one, preemptions, chunks = _generate(path, options, vocab_size)
     two, preemptions_2, chunks_2 = _generate(path, {**options, "tensor_parallel_size": 2, **parallel_options},
                                              vocab_size)
