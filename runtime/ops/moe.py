@@ -229,7 +229,8 @@ if triton is not None:
         valid = experts < num_experts
         logits = tl.load(logits_ptr + token * stride_logits + experts, mask=valid, other=0.0).to(tl.float32)
         if SCORE == 0:
-            exp = tl.exp(tl.where(valid, logits, float("-inf")) - tl.max(tl.where(valid, logits, float("-inf")), axis=0))
+            masked = tl.where(valid, logits, float("-inf"))
+            exp = tl.exp(masked - tl.max(masked, axis=0))
             scores = exp / tl.sum(exp, axis=0)
         elif SCORE == 1:
             scores = logits
