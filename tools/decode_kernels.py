@@ -271,31 +271,41 @@ FP8_SHAPES = {"wq_a": (1024, 4096, 1), "wq_b": (32768, 1024, 1), "wkv": (512, 40
               "shared w2": (4096, 2048, 1), "mtp e_proj": (4096, 4096, 1)}
 
 
-def fp8_gemv_variants(n: int, k: int) -> list:
-    """GEMV tiles worth timing for one group's [n, k]: 1-8 K splits, a few hundred to a few thousand
-    programs (the H200 has 132 SMs)."""
+# The FP8 GEMV's tiles before the K-major layout (2026-11-29 sweep; integer decode, warps along N): the "before"
+# column of the comparison.
+FP8_GEMV_TILES_BEFORE = {(512, 4096): (32, 512, 8), (1024, 4096): (8, 1024, 1), (2048, 4096): (8, 1024, 1),
+                         (4096, 2048): (16, 512, 1), (4096, 4096): (16, 512, 1), (4096, 8192): (16, 512, 2),
+                         (8192, 1024): (16, 512, 1), (8192, 4096): (8, 512, 1), (32768, 1024): (16, 512, 1)}
+
+
+def fp8_gemv_variants(n: int, k: int, rows: int) -> list:
+    """K-major GEMV tiles worth timing for one group's [n, k]: 8 bytes a thread, the 4 warps' 1024 bytes a step
+    along K, 4-16 rows a program, 1-8 K splits, a few hundred to a few thousand programs (132 SMs); the
+    hardware's E4M3 widening and the integer decode."""
     from runtime.ops.fp8 import Fp8GemvTiles
     variants = []
-    for block_n in (8, 16, 32):
-        for block_k in (512, 1024):
-            for split in (1, 2, 4, 8):
-                programs = n // block_n * split
-                if n % block_n or k % block_k or k // block_k < split or not 128 <= programs <= 2048:
-                    continue
-                variants.append(Fp8GemvTiles(block_n, block_k, split, 4))
-    variants += [Fp8GemvTiles(v.block_n, v.block_k, v.split_k, 8) for v in variants if v.block_n == 32]
+    for block_n in ((8, 16) if rows == 1 else (4, 8)):
+        for split in (1, 2, 4, 8):
+            programs = n // block_n * split
+            if n % block_n or k // 1024 < split or not 128 <= programs <= 8192:
+                continue
+            variants.append(Fp8GemvTiles(block_n, 1024, split, 4, layout_k=True, vec=8, cvt=True))
     return variants
 
 
-def bench_fp8(bandwidth: float) -> dict:
-    """Each FP8 linear of DeepSeek V4 Flash: cuBLAS on the dequantized bf16 weight (what the model ran) against
-    the FP8 GEMV (1, 2, 4 rows; a sweep of its tiles at 1 row) and, for more rows, dequantize + cuBLAS.
-    Returns the sweep's fastest 1-row tiles per whole weight (out, in)."""
+def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 16, 64, 256, 2048)) -> dict:
+    """Each FP8 linear of DeepSeek V4 Flash at each row count: the path before this change against the one
+    `fp8_linear` takes now, cuBLAS on the dequantized bf16 weight beside them. 1-4 rows: the GEMV before (integer
+    decode, warps along N, FP8_GEMV_TILES_BEFORE) against the K-major GEMV (a sweep of its tiles, the best kept;
+    the integer decode at the best tiles too); more rows: dequantize + cuBLAS against the W8A8 GEMM (activations
+    quantized per 1 x 128, cuBLAS's block-scaled FP8 GEMM), whose activation quantization is also timed alone.
+    Returns the sweep's fastest K-major tiles per whole weight (out, in), measured at 1 row."""
     from dataclasses import replace
 
-    from runtime.ops.fp8 import Fp8GemvTiles, fp8_block_dequantize, fp8_gemv, fp8_linear, fp8_linear_ref
-    print(f"\n{'FP8 linear':<14}{'N x K':>12}{'rows':>5}{'bf16 us':>8}{'TB/s':>6}{'fp8 us':>8}{'TB/s':>6}"
-          f"{'speedup':>8}{'err':>9}  best tiles (1 row): us")
+    from runtime.ops.fp8 import (Fp8GemvTiles, fp8_act_quant, fp8_block_dequantize, fp8_gemv, fp8_linear_ref,
+                                 fp8_matmul, fp8_w8a8_matmul, fp8_w8a8_ref)
+    print(f"\n{'FP8 linear':<14}{'N x K':>12}{'rows':>5}{'bf16 us':>8}{'before us':>10}{'TB/s':>6}{'after us':>9}"
+          f"{'TB/s':>6}{'x':>6}{'err':>9}  notes")
     chosen = {}
     for name, (n, k, groups) in FP8_SHAPES.items():
         nbytes = groups * n * k
@@ -313,36 +323,52 @@ def bench_fp8(bandwidth: float) -> dict:
                 return F.linear(x, dense[i])
             return torch.einsum("ngi,gri->ngr", x.view(x.shape[0], groups, k), dense[i].view(groups, n, k)).flatten(1)
 
-        for rows in (1, 2, 4, 16, 2048):
+        best = None
+        for rows in rows_list:
             x = torch.randn(rows, groups * k, generator=g, device="cuda").to(torch.bfloat16)
-            want = fp8_linear_ref(x.float(), weights[0], scales[0], groups)
             t_bf16 = timed_us(lambda i: cublas(i, x), copies, 20)
-            t_fp8 = timed_us(lambda i: fp8_linear(x, weights[i], scales[i], groups, counters), copies, 20)
-            err = rel_error(fp8_linear(x, weights[0], scales[0], groups, counters), want)
-            record = dict(kind="fp8", name=name, n=n, k=k, groups=groups, rows=rows, bf16_us=t_bf16, fp8_us=t_fp8,
-                          err=err, sweep={})
             note = ""
-            if rows == 1:
-                for tiles in fp8_gemv_variants(n, k):
+            if rows <= 4:
+                want = fp8_linear_ref(x.float(), weights[0], scales[0], groups)
+                before = Fp8GemvTiles(*FP8_GEMV_TILES_BEFORE[(groups * n, k)], 4)
+                t_before = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, before, counters), copies, 20)
+                timings = {}
+                candidates = fp8_gemv_variants(n, k, rows) if rows == 1 else \
+                    list({best, replace(best, block_n=max(4, best.block_n // 2))})
+                for tiles in candidates:
                     e = rel_error(fp8_gemv(x, weights[0], scales[0], groups, tiles, counters), want)
-                    us = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, tiles, counters), copies, 20)
-                    record["sweep"][str(tiles)] = (us, e)
-                ranked = sorted((us, key) for key, (us, e) in record["sweep"].items() if e < 1e-2)
-                chosen[(groups * n, k)] = ranked[0][1]
-                note = "; ".join(f"{key[len('Fp8GemvTiles('):-1]}: {us:.1f}" for us, key in ranked[:3])
-            elif rows <= 4:                              # the best 1-row tiles at this row count
-                best = eval(chosen[(groups * n, k)], {"Fp8GemvTiles": Fp8GemvTiles})         # noqa: S307
-                for tiles in {best, replace(best, block_n=max(4, best.block_n // 2))}:
-                    us = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, tiles, counters), copies, 20)
-                    note += f"{tiles.block_n}/{tiles.block_k}/{tiles.split_k}/{tiles.num_warps}: {us:.1f}  "
-                    record["sweep"][str(tiles)] = (us, 0.0)
+                    assert e < 1e-2, (name, rows, tiles, e)
+                    timings[tiles] = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, tiles, counters),
+                                              copies, 20)
+                ranked = sorted(timings.items(), key=lambda item: item[1])
+                if rows == 1:
+                    best = ranked[0][0]
+                    chosen[(groups * n, k)] = best
+                tiles, t_after = ranked[0]
+                integer = replace(tiles, cvt=False)
+                t_int = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, integer, counters), copies, 20)
+                err = rel_error(fp8_gemv(x, weights[0], scales[0], groups, tiles, counters), want)
+                note = (f"int decode {t_int:.1f}; " + "; ".join(
+                    f"{t.block_n}/{t.split_k}: {us:.1f}" for t, us in ranked[:4]))
+                record = dict(tiles=str(tiles), sweep={str(t): us for t, us in ranked}, int_us=t_int)
+            else:
+                want = fp8_w8a8_ref(x.float(), weights[0], scales[0], groups)
+                t_before = timed_us(lambda i: fp8_matmul(x, weights[i], scales[i], groups), copies, 20)
+                t_after = timed_us(lambda i: fp8_w8a8_matmul(x, weights[i], scales[i], groups), copies, 20)
+                m_pad = -(-rows // 16) * 16
+                t_quant = timed_us(lambda i: fp8_act_quant(x, groups, m_pad), 1, 20)
+                err = rel_error(fp8_w8a8_matmul(x, weights[0], scales[0], groups), want)
+                note = f"act quant {t_quant:.1f}"
+                record = dict(quant_us=t_quant)
             tbs = lambda b, us: b / us / 1e6                                        # noqa: E731
-            print(f"{name:<14}{f'{groups * n}x{k}':>12}{rows:>5}{t_bf16:>8.1f}{tbs(2 * nbytes, t_bf16):>6.2f}"
-                  f"{t_fp8:>8.1f}{tbs(nbytes, t_fp8):>6.2f}{t_bf16 / t_fp8:>8.2f}{err:>9.1e}  {note}")
-            RECORDS.append(record)
+            print(f"{name:<14}{f'{groups * n}x{k}':>12}{rows:>5}{t_bf16:>8.1f}{t_before:>10.1f}"
+                  f"{tbs(nbytes, t_before):>6.2f}{t_after:>9.1f}{tbs(nbytes, t_after):>6.2f}{t_before / t_after:>6.2f}"
+                  f"{err:>9.1e}  {note}", flush=True)
+            RECORDS.append(dict(kind="fp8", name=name, n=n, k=k, groups=groups, rows=rows, bf16_us=t_bf16,
+                                before_us=t_before, after_us=t_after, err=err, **record))
         del weights, scales, dense
-    print(f"(TB/s of each format's weight bytes, copy bandwidth {bandwidth / 1e12:.2f} TB/s; fp8 = fp8_linear: the "
-          f"GEMV up to 4 rows at the table's tiles, dequantize + cuBLAS past that)")
+    print(f"(TB/s of the FP8 weight bytes, copy bandwidth {bandwidth / 1e12:.2f} TB/s; err: against the fp32 torch "
+          f"reference of the same numerics: unquantized activations up to 4 rows, W8A8 past that)")
     return chosen
 
 
@@ -353,7 +379,7 @@ def write_fp8_tile_table(chosen: dict) -> None:
     head = "FP8_GEMV_TILE_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {\n"
     start = text.index(head) + len(head)
     end = text.index("}\n", start)
-    rows = "".join(f"    ({n}, {k}): {tiles},\n" for (n, k), tiles in sorted(chosen.items()))
+    rows = "".join(f"    ({n}, {k}): {tiles!r},\n" for (n, k), tiles in sorted(chosen.items()))
     path.write_text(text[:start] + rows + text[end:])
     print("FP8_GEMV_TILE_TABLE:\n" + rows)
 
@@ -361,6 +387,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="gemv,mxfp4,qkv")
     parser.add_argument("--json")
+    parser.add_argument("--fp8-rows", default="1,2,4,16,64,256,2048", help="fp8: the row counts timed")
     parser.add_argument("--no-grouped", action="store_true", help="skip the grouped GEMM column")
     parser.add_argument("--write-table", action="store_true",
                         help="write the sweep's choice into GEMV_TILE_TABLE in runtime/ops/mxfp4.py (with "
@@ -384,7 +411,7 @@ def main() -> int:
     if "gemv" in only:
         bench_gemv(bandwidth)
     if "fp8" in only:
-        chosen = bench_fp8(bandwidth)
+        chosen = bench_fp8(bandwidth, tuple(int(r) for r in args.fp8_rows.split(",")))
         if args.write_table:
             write_fp8_tile_table(chosen)
     if args.json:

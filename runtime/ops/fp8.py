@@ -117,9 +117,82 @@ if triton is not None:
         return acc + tl.sum(sums, axis=2) * scale
 
     @triton.jit
-    def _fp8_gemv_store(acc, row, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K: tl.constexpr):
-        """One row's [BLOCK_N] result (times 2^56, undoing 2^64 * 2^-120): the output, or this split's partial."""
-        result = tl.sum(acc, axis=1) * 72057594037927936.0
+    def _e4m3_word_cvt(words):
+        """The 4 E4M3 bytes of each int32 word -> 4 fp32 tensors (byte 0 first), widened by the hardware:
+        cvt e4m3x2 -> f16x2 twice, then f16 -> f32."""
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b16 lo, hi, a, b, c, d;
+            .reg .b32 h01, h23;
+            mov.b32 {lo, hi}, $4;
+            cvt.rn.f16x2.e4m3x2 h01, lo;
+            cvt.rn.f16x2.e4m3x2 h23, hi;
+            mov.b32 {a, b}, h01;
+            mov.b32 {c, d}, h23;
+            cvt.f32.f16 $0, a;
+            cvt.f32.f16 $1, b;
+            cvt.f32.f16 $2, c;
+            cvt.f32.f16 $3, d;
+            }""",
+            "=r,=r,=r,=r,r", [words], dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True,
+            pack=1)
+
+    @triton.jit
+    def _e4m3_word_bytes(words):
+        """`_e4m3_word_cvt` by Triton's own casts (what the interpreter runs)."""
+        w0 = (words & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        w1 = ((words >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        w2 = ((words >> 16) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        w3 = ((words >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        return w0, w1, w2, w3
+
+    @triton.jit
+    def _fp8_gemv_row_k(w0, w1, w2, w3, x_ptrs, x_stride, row, M, scale, acc, SHARED_SCALE: tl.constexpr,
+                        X_PACKED: tl.constexpr, INT_DECODE: tl.constexpr):
+        """acc [BLOCK_N, GV, W] + one activation row times the decoded weights w0..w3 [BLOCK_N, GV, W] (byte p of
+        each word; with INT_DECODE times 2^-120), scale [1 or BLOCK_N, GV, 1]. X_PACKED: x_ptrs [1, GV, W] address the 4 activations of each
+        word as one 64-bit load (1: bf16, 2: fp16); 0: x_ptrs address the first of them (fp32, 4 loads)."""
+        mask = (tl.zeros_like(x_ptrs.to(tl.int64, bitcast=True)) + row) < M
+        if X_PACKED == 1:                                              # bf16: the halves placed by shifts
+            packed = tl.load(x_ptrs + row * x_stride, mask=mask, other=0)                    # int64
+            x0 = (packed << 16).to(tl.int32).to(tl.float32, bitcast=True)
+            x1 = (packed & 0xFFFF0000).to(tl.int32).to(tl.float32, bitcast=True)
+            x2 = ((packed >> 16) & 0xFFFF0000).to(tl.int32).to(tl.float32, bitcast=True)
+            x3 = ((packed >> 32) & 0xFFFF0000).to(tl.int32).to(tl.float32, bitcast=True)
+        elif X_PACKED == 2:                                            # fp16
+            packed = tl.load(x_ptrs + row * x_stride, mask=mask, other=0)
+            x0 = packed.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            x1 = (packed >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            x2 = (packed >> 32).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            x3 = (packed >> 48).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            first = x_ptrs + row * x_stride
+            x0 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+            x1 = tl.load(first + 1, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(first + 2, mask=mask, other=0.0).to(tl.float32)
+            x3 = tl.load(first + 3, mask=mask, other=0.0).to(tl.float32)
+        if SHARED_SCALE:                                     # the scale (and 2^64) folded into the activations
+            if INT_DECODE:
+                scale = scale * 18446744073709551616.0
+            acc = acc + w0 * (x0 * scale)
+            acc = acc + w1 * (x1 * scale)
+            acc = acc + w2 * (x2 * scale)
+            acc = acc + w3 * (x3 * scale)
+        else:
+            if INT_DECODE:                                   # products of normal numbers (see _e4m3_pairs)
+                x0, x1, x2, x3 = (x0 * 18446744073709551616.0, x1 * 18446744073709551616.0,
+                                  x2 * 18446744073709551616.0, x3 * 18446744073709551616.0)
+            acc = acc + (w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3) * scale
+        return acc
+
+    @triton.jit
+    def _fp8_gemv_store(acc, row, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K: tl.constexpr,
+                        EXACT: tl.constexpr):
+        """One row's [BLOCK_N] result (with the integer decode times 2^56, undoing 2^64 * 2^-120): the output, or
+        this split's partial."""
+        result = tl.sum(acc, axis=1)
+        if not EXACT:
+            result = result * 72057594037927936.0
         mask = n_mask & ((n * 0 + row) < M)
         if SPLIT_K == 1:
             tl.store(out_ptr + row * stride_om + n, result.to(out_ptr.dtype.element_ty), mask=mask)
@@ -130,51 +203,109 @@ if triton is not None:
     def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn,
                          stride_sn, stride_om, n_per_group, words_per_split,
                          BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-        # BLOCK_M rows (at most 4) in separate accumulators: every tensor stays 3-D in the weights' layout
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                         LAYOUT_K: tl.constexpr = False, W: tl.constexpr = 2, CVT_DECODE: tl.constexpr = False,
+                         INTERPRET_DECODE: tl.constexpr = False, SHARED_SCALE: tl.constexpr = False,
+                         X_PACKED: tl.constexpr = 0):
+        # BLOCK_M rows (at most 4) in separate accumulators: every tensor stays 3-D in the weights' layout.
+        # LAYOUT_K: see below; CVT_DECODE: the hardware widens E4M3 (else the integer decode, or with
+        # INTERPRET_DECODE Triton's casts); X_PACKED: the activations' dtype (1 bf16, 2 fp16, 0 fp32).
         G: tl.constexpr = BLOCK_K // 16
+        GV: tl.constexpr = BLOCK_K // (4 * W)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         g = tl.arange(0, G)
         n_mask = n < N
         group = (pid_n * BLOCK_N) // n_per_group
-        # offsets along K in int32 words (4 weights); stride_wn counts words; each group of 4 words is one
-        # 16-byte load
-        word_ptrs = w_ptr + n.to(tl.int64)[:, None, None] * stride_wn + g[None, :, None] * 4 \
-            + tl.arange(0, 4)[None, None, :]
-        x_ptrs = x_ptr + group * K + g[:, None] * 16 + tl.arange(0, 4)[None, :] * 4          # [G, 4]
         s_rows = s_ptr + (n // BLOCK_OUT).to(tl.int64)[:, None] * stride_sn             # [BLOCK_N, 1]
-        acc0 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
         w_begin = pid_k * words_per_split
         w_end = tl.minimum(w_begin + words_per_split, K // 4)
-        words = tl.load(word_ptrs + w_begin, mask=n_mask[:, None, None], other=0, eviction_policy="evict_first")
-        for w_start in range(w_begin, w_end, BLOCK_K // 4):
-            w_next = w_start + BLOCK_K // 4
-            next_words = tl.load(word_ptrs + w_next,
-                                 mask=n_mask[:, None, None] & ((w_next + g * 4) < w_end)[None, :, None],
-                                 other=0, eviction_policy="evict_first")
-            w0, w2 = _e4m3_pairs(words, False)
-            w1, w3 = _e4m3_pairs(words, True)
-            scale = tl.load(s_rows + ((w_start + g * 4) // (BLOCK_IN // 4))[None, :], mask=n_mask[:, None],
-                            other=0.0)                                                  # [BLOCK_N, G]
-            x_step = x_ptrs + w_start * 4
-            acc0 = _fp8_gemv_row(w0, w1, w2, w3, x_step, 0, M, scale, acc0)
-            if BLOCK_M > 1:
-                acc1 = _fp8_gemv_row(w0, w1, w2, w3, x_step + stride_xm, 1, M, scale, acc1)
-            if BLOCK_M > 2:
-                acc2 = _fp8_gemv_row(w0, w1, w2, w3, x_step + 2 * stride_xm, 2, M, scale, acc2)
-                acc3 = _fp8_gemv_row(w0, w1, w2, w3, x_step + 3 * stride_xm, 3, M, scale, acc3)
-            words = next_words
-        _fp8_gemv_store(acc0, 0, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K)
+        if LAYOUT_K:
+            # W words (4 weights each) of a weight row per thread per step, the warps side by side along K: the
+            # activations, their scales and the weights share one layout (no layout conversion in the loop)
+            words_k = (tl.arange(0, GV) * W)[None, :, None] + tl.arange(0, W)[None, None, :]    # [1, GV, W]
+            k_thread = (tl.arange(0, GV) * (4 * W))[None, :, None]                              # [1, GV, 1]
+            word_ptrs = w_ptr + n.to(tl.int64)[:, None, None] * stride_wn + words_k             # [BLOCK_N, GV, W]
+            if X_PACKED:
+                x_vec = x_ptr.to(tl.pointer_type(tl.int64)) + (group * K) // 4 + words_k       # 4 activations
+                x_stride = stride_xm // 4
+            else:
+                x_vec = x_ptr + group * K + words_k * 4
+                x_stride = stride_xm
+            if SHARED_SCALE:                             # the program's rows share one scale row
+                s_vec = s_ptr + ((pid_n * BLOCK_N) // BLOCK_OUT) * stride_sn + k_thread * 0      # [1, GV, 1]
+            else:
+                s_vec = s_ptr + (n // BLOCK_OUT).to(tl.int64)[:, None, None] * stride_sn + k_thread * 0
+            n_mask3 = n_mask[:, None, None]
+            INT_DECODE: tl.constexpr = not CVT_DECODE and not INTERPRET_DECODE
+            h0 = tl.zeros([BLOCK_N, GV, W], dtype=tl.float32)
+            h1 = tl.zeros([BLOCK_N, GV, W], dtype=tl.float32)
+            h2 = tl.zeros([BLOCK_N, GV, W], dtype=tl.float32)
+            h3 = tl.zeros([BLOCK_N, GV, W], dtype=tl.float32)
+            k_begin = w_begin * 4
+            k_end = w_end * 4
+            words = tl.load(word_ptrs + w_begin, mask=n_mask3 & (k_begin + k_thread < k_end), other=0,
+                            eviction_policy="evict_first")
+            for w_start in range(w_begin, w_end, BLOCK_K // 4):
+                w_next = w_start + BLOCK_K // 4
+                next_words = tl.load(word_ptrs + w_next, mask=n_mask3 & (4 * w_next + k_thread < k_end), other=0,
+                                     eviction_policy="evict_first")
+                if CVT_DECODE:
+                    w0, w1, w2, w3 = _e4m3_word_cvt(words)
+                elif INTERPRET_DECODE:
+                    w0, w1, w2, w3 = _e4m3_word_bytes(words)
+                else:                                      # the E4M3 values * 2^-120 (x below * 2^64)
+                    w0, w2 = _e4m3_pairs(words, False)
+                    w1, w3 = _e4m3_pairs(words, True)
+                k_here = 4 * w_start + k_thread
+                scale = tl.load(s_vec + k_here // BLOCK_IN, mask=k_here < k_end, other=0.0)
+                x_step = x_vec + w_start if X_PACKED else x_vec + w_start * 4
+                h0 = _fp8_gemv_row_k(w0, w1, w2, w3, x_step, x_stride, 0, M, scale, h0, SHARED_SCALE, X_PACKED, INT_DECODE)
+                if BLOCK_M > 1:
+                    h1 = _fp8_gemv_row_k(w0, w1, w2, w3, x_step, x_stride, 1, M, scale, h1, SHARED_SCALE, X_PACKED, INT_DECODE)
+                if BLOCK_M > 2:
+                    h2 = _fp8_gemv_row_k(w0, w1, w2, w3, x_step, x_stride, 2, M, scale, h2, SHARED_SCALE, X_PACKED, INT_DECODE)
+                    h3 = _fp8_gemv_row_k(w0, w1, w2, w3, x_step, x_stride, 3, M, scale, h3, SHARED_SCALE, X_PACKED, INT_DECODE)
+                words = next_words
+            acc0 = tl.sum(h0, axis=2)
+            acc1 = tl.sum(h1, axis=2)
+            acc2 = tl.sum(h2, axis=2)
+            acc3 = tl.sum(h3, axis=2)
+        else:
+            # offsets along K in int32 words (4 weights); stride_wn counts words; each group of 4 words is one
+            # 16-byte load
+            word_ptrs = w_ptr + n.to(tl.int64)[:, None, None] * stride_wn + g[None, :, None] * 4 \
+                + tl.arange(0, 4)[None, None, :]
+            x_ptrs = x_ptr + group * K + g[:, None] * 16 + tl.arange(0, 4)[None, :] * 4          # [G, 4]
+            acc0 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+            acc1 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+            acc3 = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+            words = tl.load(word_ptrs + w_begin, mask=n_mask[:, None, None], other=0, eviction_policy="evict_first")
+            for w_start in range(w_begin, w_end, BLOCK_K // 4):
+                w_next = w_start + BLOCK_K // 4
+                next_words = tl.load(word_ptrs + w_next,
+                                     mask=n_mask[:, None, None] & ((w_next + g * 4) < w_end)[None, :, None],
+                                     other=0, eviction_policy="evict_first")
+                w0, w2 = _e4m3_pairs(words, False)
+                w1, w3 = _e4m3_pairs(words, True)
+                scale = tl.load(s_rows + ((w_start + g * 4) // (BLOCK_IN // 4))[None, :], mask=n_mask[:, None],
+                                other=0.0)                                                  # [BLOCK_N, G]
+                x_step = x_ptrs + w_start * 4
+                acc0 = _fp8_gemv_row(w0, w1, w2, w3, x_step, 0, M, scale, acc0)
+                if BLOCK_M > 1:
+                    acc1 = _fp8_gemv_row(w0, w1, w2, w3, x_step + stride_xm, 1, M, scale, acc1)
+                if BLOCK_M > 2:
+                    acc2 = _fp8_gemv_row(w0, w1, w2, w3, x_step + 2 * stride_xm, 2, M, scale, acc2)
+                    acc3 = _fp8_gemv_row(w0, w1, w2, w3, x_step + 3 * stride_xm, 3, M, scale, acc3)
+                words = next_words
+        _fp8_gemv_store(acc0, 0, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, LAYOUT_K and (CVT_DECODE or INTERPRET_DECODE))
         if BLOCK_M > 1:
-            _fp8_gemv_store(acc1, 1, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K)
+            _fp8_gemv_store(acc1, 1, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, LAYOUT_K and (CVT_DECODE or INTERPRET_DECODE))
         if BLOCK_M > 2:
-            _fp8_gemv_store(acc2, 2, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K)
-            _fp8_gemv_store(acc3, 3, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K)
+            _fp8_gemv_store(acc2, 2, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, LAYOUT_K and (CVT_DECODE or INTERPRET_DECODE))
+            _fp8_gemv_store(acc3, 3, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, LAYOUT_K and (CVT_DECODE or INTERPRET_DECODE))
         if SPLIT_K > 1:
             tl.debug_barrier()                                  # every thread's partial before the arrival
             arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -205,12 +336,62 @@ if triton is not None:
         tl.store(out_ptr + offsets, (w.to(tl.float32) * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    # W8A8: each activation row quantized per BLOCK_IN columns to E4M3 with a power-of-two fp32 scale (the
+    # smallest 2^e >= amax / 448, amax at least 1e-4: the UE8M0 activation scales of the checkpoints' own FP8
+    # GEMMs), for the tensor cores' block-scaled FP8 GEMM. Row m, column block c: q goes to group
+    # c // blocks_per_group's [m_pad, in / groups] slab, its scale to s[c, m] (column-major per group, the
+    # layout the GEMM takes). Rows m in [M, m_pad) are written as zeros (scale 2^-22).
+    @triton.jit
+    def _round_to_e4m3(v):
+        """fp32 values of magnitude <= 448 rounded to the nearest E4M3 value (ties to even), still fp32. The cast
+        that follows is then exact on every backend (the interpreter's emulated cast drops the carry of a
+        mantissa that rounds up into the next power of two, e.g. 31.5 -> 16)."""
+        bits = v.to(tl.int32, bitcast=True)
+        sign = bits & -2147483648                                                        # 0x80000000
+        magnitude = bits & 0x7FFFFFFF
+        # normal E4M3 (>= 2^-6): 3 fraction bits kept, the 20 below rounded half to even
+        normal = (magnitude + 0x7FFFF + ((magnitude >> 20) & 1)) & 0x7FF00000
+        # subnormal E4M3: multiples of 2^-9, rounded by the fp32 addition at 1.5 * 2^14 (whose ulp is 2^-9)
+        absolute = magnitude.to(tl.float32, bitcast=True)
+        subnormal = ((absolute + 24576.0) - 24576.0).to(tl.int32, bitcast=True)
+        rounded = tl.where(magnitude < 0x3C800000, subnormal, normal)                     # 0x3C800000 = 2^-6
+        return (rounded | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fp8_act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, m_pad, blocks_per_group,
+                              BLOCK_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)                          # column blocks
+        j = tl.arange(0, BLOCK_IN)
+        col = c[None, :, None] * BLOCK_IN + j[None, None, :]                           # [1, BLOCKS, BLOCK_IN]
+        in_k = col < K
+        x = tl.load(x_ptr + m.to(tl.int64)[:, None, None] * stride_xm + col,
+                    mask=(m < M)[:, None, None] & in_k, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=2), 1e-4)                           # [BLOCK_M, BLOCKS]
+        # amax = 1.f * 2^E: amax / 448 (448 = 1.75 * 2^8) needs 2^(E - 8), or 2^(E - 7) when 1.f > 1.75
+        bits = amax.to(tl.int32, bitcast=True)
+        exponent = ((bits >> 23) & 0xFF) - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)        # biased
+        scale = (exponent << 23).to(tl.float32, bitcast=True)
+        inverse = ((254 - exponent) << 23).to(tl.float32, bitcast=True)            # 1 / scale, exact
+        q = _round_to_e4m3(x * inverse[:, :, None]).to(tl.float8e4nv)                 # |values| <= 448
+        group = c // blocks_per_group
+        k_group = blocks_per_group * BLOCK_IN
+        q_offsets = (group.to(tl.int64)[None, :, None] * m_pad + m[:, None, None]) * k_group \
+            + (c % blocks_per_group)[None, :, None] * BLOCK_IN + j[None, None, :]
+        tl.store(q_ptr + q_offsets, q, mask=(m < m_pad)[:, None, None] & in_k)
+        tl.store(s_ptr + c.to(tl.int64)[None, :] * m_pad + m[:, None], scale,
+                 mask=(m < m_pad)[:, None] & (c * BLOCK_IN < K)[None, :])
+
+
 @dataclass(frozen=True, slots=True)
 class Fp8GemvTiles:
     block_n: int = 16                  # output columns (weight rows) per program
     block_k: int = 512                 # bytes of each weight row per loop step (a power of two >= 16)
     split_k: int = 1                   # programs along K (the last to finish adds their sums)
     num_warps: int = 4
+    layout_k: bool = False             # each thread `vec` bytes of each of its rows, the warps along K
+    vec: int = 16
+    cvt: bool = False                  # (layout_k) E4M3 widened by the hardware instead of the integer decode
 
     @staticmethod
     def for_shape(n: int, k: int) -> "Fp8GemvTiles":
@@ -291,11 +472,16 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups:
             raise ValueError(f"fp8_gemv: {counters.numel()} counters for {grid[0]} column tiles")
     else:
         part = counters = out
+    x_packed = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0) if tiles.layout_k else 0
+    if x_packed and (x.data_ptr() % 8 or x.stride(0) % 4):                 # 64-bit loads of 4 activations
+        x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
     _fp8_gemv_kernel[grid](
         x, weight.view(torch.int32), scale, out, part, counters, rows, n, k, x.stride(0), weight.stride(0) // 4,
-        scale.stride(0),
-        out.stride(0), n // groups, k_per_split // 4, BLOCK_OUT=block_out, BLOCK_IN=block_in,
+        scale.stride(0), out.stride(0), n // groups, k_per_split // 4, BLOCK_OUT=block_out, BLOCK_IN=block_in,
         BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=tiles.block_n, BLOCK_K=block_k, SPLIT_K=split,
+        LAYOUT_K=tiles.layout_k, W=max(1, min(tiles.vec // 4, block_k // 4)), CVT_DECODE=tiles.cvt and x.is_cuda,
+        INTERPRET_DECODE=tiles.cvt and not x.is_cuda, SHARED_SCALE=block_out % tiles.block_n == 0,
+        X_PACKED=x_packed,
         num_warps=tiles.num_warps)
     return out
 
@@ -322,6 +508,92 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group
     return torch.einsum("ngi,goi->ngo", x.view(rows, groups, -1), w.view(groups, -1, w.shape[1])).reshape(rows, -1)
 
 
+FP8_ACT_BLOCK = 128                 # activation columns a scale covers (the block-scaled GEMM's 1 x 128)
+W8A8_ROW_MULTIPLE = 16              # rows padded to this for the GEMM (its scale layout's leading dimension)
+
+
+def fp8_act_quant_ref(x: torch.Tensor, block_in: int = FP8_ACT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of `fp8_act_quant`: x [rows, in] -> (float8_e4m3fn [rows, in], fp32 [rows, in / block_in]).
+    Each row's block of `block_in` columns is divided by the smallest power of two >= max(amax, 1e-4) / 448."""
+    rows, k = x.shape
+    tiles = x.float().view(rows, k // block_in, block_in)
+    mantissa, exponent = torch.frexp(tiles.abs().amax(-1).clamp(min=1e-4) / FP8_MAX)      # mantissa in [0.5, 1)
+    scale = torch.exp2((exponent - (mantissa == 0.5).to(exponent.dtype)).float())
+    return (tiles / scale[..., None]).to(torch.float8_e4m3fn).view(rows, k), scale
+
+
+def fp8_w8a8_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Torch reference of `fp8_w8a8_matmul`: `fp8_linear_ref` of the activations quantized by
+    `fp8_act_quant_ref` (per 1 x 128) and dequantized, in fp32, cast to x's dtype."""
+    rows, k = x.shape
+    q, x_scale = fp8_act_quant_ref(x)
+    dequantized = (q.float().view(rows, -1, FP8_ACT_BLOCK) * x_scale[..., None]).view(rows, k)
+    return fp8_linear_ref(dequantized, weight, scale, groups).to(x.dtype)
+
+
+def fp8_act_quant(x: torch.Tensor, groups: int = 1, m_pad: int | None = None, block_in: int = FP8_ACT_BLOCK
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp8_act_quant_ref` in one launch, in the layout of the block-scaled GEMM: x [rows, groups * k] ->
+    q float8_e4m3fn [groups, m_pad, k] (group g's columns, rows past `rows` zero) and scales fp32
+    [groups * k / block_in, m_pad] (column block c of row m at [c, m]; group g's rows of it, transposed, are its
+    column-major [m_pad, k / block_in] scales)."""
+    rows, width = x.shape
+    m_pad = rows if m_pad is None else m_pad
+    if width % (groups * block_in) or block_in & (block_in - 1) or m_pad < rows:
+        raise ValueError(f"fp8_act_quant: input {tuple(x.shape)} in {groups} groups of {block_in}-column blocks, "
+                         f"{m_pad} rows")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    q = torch.empty(groups, m_pad, width // groups, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(width // block_in, m_pad, dtype=torch.float32, device=x.device)
+    if m_pad and width:
+        blocks = min(triton.next_power_of_2(width // block_in), max(1, 1024 // block_in))
+        grid = (triton.cdiv(m_pad, 4), triton.cdiv(width // block_in, blocks))
+        _fp8_act_quant_kernel[grid](x, q, scales, rows, width, x.stride(0), m_pad, width // groups // block_in,
+                                    BLOCK_IN=block_in, BLOCK_M=4, BLOCKS=blocks, num_warps=4)
+    return q, scales
+
+
+def fp8_w8a8_supported(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether `fp8_w8a8_matmul` runs here: a Hopper GPU (cuBLAS's block-scaled FP8 GEMM), 128 x 128 weight
+    blocks, a contiguous weight."""
+    return x.is_cuda and triton is not None and hasattr(torch, "_scaled_mm") and _is_hopper(x.device) \
+        and fp8_block_shape(tuple(weight.shape), tuple(scale.shape)) == (128, 128) and weight.is_contiguous() \
+        and scale.is_contiguous()
+
+
+_HOPPER: dict[int, bool] = {}
+
+
+def _is_hopper(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _HOPPER:
+        _HOPPER[index] = torch.cuda.get_device_capability(index)[0] == 9
+    return _HOPPER[index]
+
+
+def fp8_w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """The same function as `fp8_w8a8_ref` (see `fp8_w8a8_supported`): the activations quantized per 1 x 128
+    (`fp8_act_quant`), then `torch._scaled_mm` with both block scales (fp32 sums), one call per group."""
+    rows = x.shape[0]
+    n, k = weight.shape
+    m_pad = -(-rows // W8A8_ROW_MULTIPLE) * W8A8_ROW_MULTIPLE
+    q, x_scales = fp8_act_quant(x, groups, m_pad)
+    if groups == 1:
+        out = torch._scaled_mm(q[0], weight.t(), scale_a=x_scales.t(), scale_b=scale.t(), out_dtype=x.dtype)
+        return out[:rows]
+    n_group, k_blocks, n_blocks = n // groups, k // FP8_ACT_BLOCK, n // groups // 128
+    parts = [torch._scaled_mm(q[g], weight[g * n_group:(g + 1) * n_group].t(),
+                              scale_a=x_scales[g * k_blocks:(g + 1) * k_blocks].t(),
+                              scale_b=scale[g * n_blocks:(g + 1) * n_blocks].t(), out_dtype=x.dtype)
+             for g in range(groups)]
+    return torch.cat(parts, dim=1)[:rows]
+
+
+def fp8_w8a8_preferred(rows: int, n: int, k: int, groups: int) -> bool:
+    """Whether the W8A8 GEMM beats dequantize + cuBLAS at this shape (H200 measurements)."""
+    return True
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1,
                counters: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., groups * in] -> [..., groups * out]: on a GPU (bf16/fp16) the GEMV for a few rows, dequantize
@@ -332,6 +604,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group
             and os.environ.get("RUN_MODEL_TORCH_OPS") != "1":
         if x.shape[0] <= FP8_GEMV_MAX_ROWS:
             out = fp8_gemv(x, weight, scale, groups, counters=counters)
+        elif os.environ.get("RUN_MODEL_FP8_W8A8") != "0" and fp8_w8a8_supported(x, weight, scale) \
+                and fp8_w8a8_preferred(x.shape[0], weight.shape[0], weight.shape[1], groups):
+            out = fp8_w8a8_matmul(x, weight, scale, groups)
         else:
             out = fp8_matmul(x, weight, scale, groups)
     else:

@@ -11,8 +11,9 @@ from runtime.ops.fp8 import Fp8Linear, fp8_block_quantize, fp8_linear, fp8_linea
 
 triton = pytest.importorskip("triton")
 
-from runtime.ops.fp8 import (Fp8GemvTiles, fp8_block_dequantize, fp8_dequantize_triton,  # noqa: E402
-                             fp8_gemv, fp8_matmul)
+from runtime.ops.fp8 import (Fp8GemvTiles, fp8_act_quant, fp8_act_quant_ref, fp8_block_dequantize,  # noqa: E402
+                             fp8_dequantize_triton, fp8_gemv, fp8_matmul, fp8_w8a8_matmul, fp8_w8a8_preferred,
+                             fp8_w8a8_ref, fp8_w8a8_supported)
 
 # (rows, out per group, in, groups, [out, in] block)
 GEMV_CASES = {
@@ -20,8 +21,16 @@ GEMV_CASES = {
     "cuda": [(1, 1024, 4096, 1, (128, 128)), (1, 32768, 1024, 1, (128, 128)), (1, 1024, 4096, 8, (128, 128)),
              (4, 4096, 8192, 1, (128, 128)), (3, 512, 4096, 1, (128, 128)), (2, 2048, 4096, 1, (128, 128))],
 }
-GEMV_TILES = [None, Fp8GemvTiles(8, 64, 1, 4), Fp8GemvTiles(4, 64, 3, 4), Fp8GemvTiles(16, 128, 8, 4),
-              Fp8GemvTiles(8, 16, 2, 4)]
+# the table's tiles, the N-major layout (integer decode) and the K-major one (integer decode or the hardware's)
+GEMV_TILES = {
+    "cpu": [None, Fp8GemvTiles(8, 64, 1, 4), Fp8GemvTiles(4, 64, 3, 4), Fp8GemvTiles(16, 128, 8, 4),
+            Fp8GemvTiles(8, 16, 2, 4), Fp8GemvTiles(8, 64, 1, 4, layout_k=True, vec=8),
+            Fp8GemvTiles(4, 32, 3, 4, layout_k=True, vec=4, cvt=True),
+            Fp8GemvTiles(16, 128, 2, 4, layout_k=True, vec=16, cvt=True)],
+    "cuda": [None, Fp8GemvTiles(16, 512, 2, 4), Fp8GemvTiles(16, 1024, 2, 4, layout_k=True, vec=8, cvt=True),
+             Fp8GemvTiles(8, 1024, 3, 4, layout_k=True, vec=8), Fp8GemvTiles(4, 256, 1, 4, layout_k=True, vec=4,
+                                                                             cvt=True)],
+}
 GEMM_CASES = {
     "cpu": [(20, 32, 64, 1, (16, 32)), (33, 16, 96, 2, (16, 32)), (7, 64, 32, 1, (32, 16)), (5, 24, 48, 1, (8, 16))],
     "cuda": [(300, 1024, 4096, 1, (128, 128)), (77, 32768, 1024, 1, (128, 128)), (129, 1024, 4096, 8, (128, 128)),
@@ -48,7 +57,7 @@ def test_fp8_gemv_matches_reference(device):
     for seed, (rows, out, inputs, groups, block) in enumerate(GEMV_CASES[device]):
         x, weight, scale = _layer(rows, out, inputs, groups, block, device, dtype, seed)
         want = fp8_linear_ref(x.float(), weight, scale, groups)
-        for tiles in GEMV_TILES:
+        for tiles in GEMV_TILES[device]:
             if tiles is not None and out % tiles.block_n:
                 continue
             counters = torch.zeros(groups * out, dtype=torch.int32, device=device)
@@ -95,3 +104,111 @@ def test_grouped_reference_is_block_diagonal():
     full = fp8_linear_ref(x, weight, scale, 2)
     dense = fp8_linear_ref(x[:, 32:], weight[16:], scale[2:])
     torch.testing.assert_close(full[:, 16:], dense)
+
+
+ACT_QUANT_CASES = [(1, 128, 1, 128, None), (5, 384, 1, 128, 16), (7, 256, 2, 128, 8), (3, 96, 3, 32, 4),
+                   (9, 64 * 6, 2, 64, 9)]                          # (rows, width, groups, block_in, m_pad)
+
+
+def _act_rows(rows, width, seed):
+    """Rows whose magnitudes span many powers of two, a zero row, an exact 448 * 2^e block maximum."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=generator) * torch.exp2(torch.randint(-12, 12, (rows, 1),
+                                                                                generator=generator).float())
+    x[0, :16] = 0.0 if rows > 2 else x[0, :16]
+    x[-1] = 0.0 if rows > 1 else x[-1]
+    x[0, 1] = 448.0 * 2.0 ** -3 if rows > 2 else x[0, 1]
+    return x
+
+
+def test_fp8_act_quant_ref_scales_are_powers_of_two():
+    x = _act_rows(6, 256, 0)
+    q, scale = fp8_act_quant_ref(x)
+    mantissa, _ = torch.frexp(scale)
+    assert (mantissa == 0.5).all() and scale[-1].eq(2.0 ** -22).all()       # a zero row: amax 1e-4
+    blocks = x.view(6, 2, 128).abs().amax(-1)
+    assert (blocks <= 448 * scale).all() and ((blocks.clamp(min=1e-4) > 224 * scale) | (blocks == 0)).all()
+    assert q.float().abs().max() <= 448
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp8_act_quant_matches_reference(device):
+    """The Triton quantization is exact: the reference's E4M3 bytes in each group's slab, its scales column-major,
+    padding rows zero (scale 2^-22)."""
+    for seed, (rows, width, groups, block_in, m_pad) in enumerate(ACT_QUANT_CASES):
+        x = _act_rows(rows, width, seed)
+        for dtype in (torch.float32, torch.bfloat16):
+            x_in = x.to(dtype)
+            want_q, want_s = fp8_act_quant_ref(x_in, block_in)
+            q, scales = fp8_act_quant(x_in.to(device), groups, m_pad, block_in)
+            pad = rows if m_pad is None else m_pad
+            assert q.shape == (groups, pad, width // groups) and scales.shape == (width // block_in, pad)
+            q, scales = q.cpu(), scales.cpu()
+            assert torch.equal(q[:, :rows].transpose(0, 1).reshape(rows, width).view(torch.uint8),
+                               want_q.view(torch.uint8))
+            assert torch.equal(scales[:, :rows].t(), want_s)
+            assert not q[:, rows:].float().any() and scales[:, rows:].eq(2.0 ** -22).all()
+
+
+def test_fp8_act_quant_rounds_ties_and_subnormals_like_the_cast():
+    """A block whose maximum is 448 (scale 1): ties to even, mantissas that round up into the next power of two,
+    subnormals (multiples of 2^-9) and their ties, negative values that round to -0."""
+    values = [448.0, 432.0, 31.5, -31.5, 30.5, 15.9, 0.0146, 2.0 ** -10, 3 * 2.0 ** -10, -2.0 ** -11, -1e-30,
+              2.0 ** -6 - 2.0 ** -12, 5.5 * 2.0 ** -9, 6.5 * 2.0 ** -9, 1.0 + 2.0 ** -4, 1.0 + 3 * 2.0 ** -4]
+    x = torch.zeros(2, 128)
+    x[0, :len(values)] = torch.tensor(values)
+    x[1] = -x[0]
+    q, scales = fp8_act_quant(x, 1, 2)
+    assert scales.eq(1.0).all()
+    assert torch.equal(q[0].view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+# (rows, out per group, in, groups): ragged rows (padded to 16 for the GEMM), DeepSeek V4 Flash's shapes on the GPU
+W8A8_CASES = {
+    "cpu": [(5, 256, 384, 1), (17, 128, 256, 3), (2, 128, 128, 1)],
+    "cuda": [(5, 1024, 4096, 1), (16, 32768, 1024, 1), (33, 1024, 4096, 8), (300, 4096, 8192, 1),
+             (2048, 512, 4096, 1), (7, 4096, 2048, 1), (129, 1024, 4096, 8)],
+}
+
+
+def _scaled_mm_emulated(a, b, scale_a, scale_b, out_dtype):
+    """torch._scaled_mm's 1 x 128 / 128 x 128 block-scaled product in fp32, with the layouts cuBLAS takes (a
+    row-major, b column-major, scale_a column-major, scale_b a transposed contiguous grid)."""
+    (m, k), n = a.shape, b.shape[1]
+    assert a.is_contiguous() and b.stride(0) == 1 and b.stride(1) == k
+    assert scale_a.shape == (m, k // 128) and scale_a.stride() == (1, m)
+    assert scale_b.shape == (k // 128, n // 128) and scale_b.stride() == (1, k // 128)
+    a_full = a.float() * scale_a.repeat_interleave(128, 1)
+    b_full = b.float() * scale_b.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    return (a_full @ b_full).to(out_dtype)
+
+
+def test_fp8_w8a8_matmul_layouts_with_an_emulated_gemm(monkeypatch):
+    """On the CPU, torch._scaled_mm replaced by its fp32 emulation that checks the operand layouts: the quantized
+    activations, their scales and each group's slices reach the GEMM as it takes them, and give the reference."""
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, scale_a, scale_b, out_dtype:
+                        _scaled_mm_emulated(a, b, scale_a, scale_b, out_dtype), raising=False)
+    for seed, (rows, out, inputs, groups) in enumerate(W8A8_CASES["cpu"]):
+        x, weight, scale = _layer(rows, out, inputs, groups, (128, 128), "cpu", torch.float32, seed)
+        got = fp8_w8a8_matmul(x, weight, scale, groups)
+        assert got.shape == (rows, groups * out)
+        torch.testing.assert_close(got, fp8_w8a8_ref(x, weight, scale, groups), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_fp8_w8a8_matmul_matches_reference():
+    """cuBLAS's block-scaled FP8 GEMM on the activations quantized per 1 x 128 against the torch reference of the
+    same quantization (bf16 output rounding); `fp8_linear` takes it past the GEMV's rows where preferred. Its
+    distance to the unquantized activations is the activations' E4M3 rounding (printed)."""
+    for seed, (rows, out, inputs, groups) in enumerate(W8A8_CASES["cuda"]):
+        x, weight, scale = _layer(rows, out, inputs, groups, (128, 128), "cuda", torch.bfloat16, seed)
+        assert fp8_w8a8_supported(x, weight, scale)
+        want = fp8_w8a8_ref(x.float(), weight, scale, groups)
+        got = fp8_w8a8_matmul(x, weight, scale, groups)
+        assert got.shape == (rows, groups * out) and got.dtype == torch.bfloat16
+        _close(got, want, torch.bfloat16)
+        unquantized = fp8_linear_ref(x.float(), weight, scale, groups)
+        print(f"W8A8 {rows}x{groups * inputs} -> {groups * out}: rel. distance to unquantized activations "
+              f"{((got.float() - unquantized).norm() / unquantized.norm()).item():.2e}")
+        if fp8_w8a8_preferred(rows, groups * out, inputs, groups):
+            assert torch.equal(fp8_linear(x, weight, scale, groups), got)

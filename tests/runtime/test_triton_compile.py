@@ -61,14 +61,25 @@ for name, constexprs in (("softmax", dict(SCORE=0, RENORMALIZE=True, HAS_BIAS=Fa
 
 FP8_TYPES = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32",
              "count_ptr": "*i32"}
+FP8_N_MAJOR = dict(LAYOUT_K=False, W=2, CVT_DECODE=False, INTERPRET_DECODE=False, SHARED_SCALE=False, X_PACKED=0)
 for split in (1, 4):
     CASES[f"fp8-gemv-split{split}"] = (
         Case("runtime.ops.fp8", "_fp8_gemv_kernel", dict(BLOCK_OUT=128, BLOCK_IN=128, BLOCK_M=1, BLOCK_N=16,
-                                                        BLOCK_K=512, SPLIT_K=split), FP8_TYPES),
+                                                        BLOCK_K=512, SPLIT_K=split, **FP8_N_MAJOR), FP8_TYPES),
         "atom" if split > 1 else None, None)
 for rows in (2, 4):
     CASES[f"fp8-gemv-{rows}-rows"] = (Case("runtime.ops.fp8", "_fp8_gemv_kernel", dict(
-        BLOCK_OUT=128, BLOCK_IN=128, BLOCK_M=rows, BLOCK_N=8, BLOCK_K=256, SPLIT_K=2), FP8_TYPES), None, None)
+        BLOCK_OUT=128, BLOCK_IN=128, BLOCK_M=rows, BLOCK_N=8, BLOCK_K=256, SPLIT_K=2, **FP8_N_MAJOR), FP8_TYPES),
+        None, None)
+for rows, split, cvt in ((1, 1, True), (1, 4, True), (4, 2, True), (2, 1, False)):
+    CASES[f"fp8-gemv-k-major-{'cvt' if cvt else 'int'}-{rows}-rows-split{split}"] = (
+        Case("runtime.ops.fp8", "_fp8_gemv_kernel", dict(
+            BLOCK_OUT=128, BLOCK_IN=128, BLOCK_M=rows, BLOCK_N=8, BLOCK_K=1024, SPLIT_K=split, LAYOUT_K=True, W=2,
+            CVT_DECODE=cvt, INTERPRET_DECODE=False, SHARED_SCALE=True, X_PACKED=1), FP8_TYPES),
+        "cvt.rn.f16x2.e4m3x2" if cvt else None, None if cvt else "cvt.rn.f16x2.e4m3x2")
+for name, x_type in (("bf16", "*bf16"), ("fp32", "*fp32")):
+    CASES[f"fp8-act-quant-{name}"] = (Case("runtime.ops.fp8", "_fp8_act_quant_kernel", dict(
+        BLOCK_IN=128, BLOCK_M=4, BLOCKS=8), dict(x_ptr=x_type, q_ptr="*fp8e4nv", s_ptr="*fp32")), None, None)
 CASES["fp8-dequantize"] = (Case("runtime.ops.fp8", "_fp8_dequantize_kernel", dict(
     BLOCK_OUT=128, BLOCK_IN=128, BLOCK_R=32, BLOCK_C=256), dict(FP8_TYPES, w_ptr="*fp8e4nv")), None, None)
 
