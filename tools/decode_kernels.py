@@ -279,11 +279,18 @@ FP8_GEMV_TILES_BEFORE = {(512, 4096): (32, 512, 8), (1024, 4096): (8, 1024, 1), 
 
 
 def fp8_gemv_variants(n: int, k: int, rows: int) -> list:
-    """K-major GEMV tiles worth timing for one group's [n, k]: 8 bytes a thread, the 4 warps' 1024 bytes a step
-    along K, 4-16 rows a program, 1-8 K splits, a few hundred to a few thousand programs (132 SMs); the
-    hardware's E4M3 widening and the integer decode."""
+    """GEMV tiles worth timing for one group's [n, k] at `rows` rows: a few hundred to a few thousand programs
+    (the H200 has 132 SMs), 1-8 K splits; the N-major layout (integer decode, 512 or 1024 bytes of a row a
+    step) and the K-major one (8 bytes a thread, the 4 warps' 1024 bytes a step, the hardware's E4M3 widening)."""
     from runtime.ops.fp8 import Fp8GemvTiles
     variants = []
+    for block_n in (8, 16, 32):
+        for block_k in (512, 1024):
+            for split in (1, 2, 4, 8):
+                programs = n // block_n * split
+                if n % block_n or k % block_k or k // block_k < split or not 128 <= programs <= 2048:
+                    continue
+                variants.append(Fp8GemvTiles(block_n, block_k, split, 4))
     for block_n in ((8, 16) if rows == 1 else (4, 8)):
         for split in (1, 2, 4, 8):
             programs = n // block_n * split
@@ -296,14 +303,14 @@ def fp8_gemv_variants(n: int, k: int, rows: int) -> list:
 def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 16, 64, 256, 2048)) -> dict:
     """Each FP8 linear of DeepSeek V4 Flash at each row count: the path before this change against the one
     `fp8_linear` takes now, cuBLAS on the dequantized bf16 weight beside them. 1-4 rows: the GEMV before (integer
-    decode, warps along N, FP8_GEMV_TILES_BEFORE) against the K-major GEMV (a sweep of its tiles, the best kept;
-    the integer decode at the best tiles too); more rows: dequantize + cuBLAS against the W8A8 GEMM (activations
+    decode, warps along N, FP8_GEMV_TILES_BEFORE) against the best of a sweep over both layouts (the K-major
+    layout's integer decode at the best tiles too); more rows: dequantize + cuBLAS against the W8A8 GEMM (activations
     quantized per 1 x 128, cuBLAS's block-scaled FP8 GEMM), whose activation quantization is also timed alone.
-    Returns the sweep's fastest K-major tiles per whole weight (out, in), measured at 1 row."""
+    Returns the sweep's fastest tiles per whole weight (out, in) and row count."""
     from dataclasses import replace
 
     from runtime.ops.fp8 import (Fp8GemvTiles, fp8_act_quant, fp8_block_dequantize, fp8_gemv, fp8_linear_ref,
-                                 fp8_matmul, fp8_w8a8_matmul, fp8_w8a8_ref)
+                                 fp8_matmul, fp8_w8a8_matmul, fp8_w8a8_preferred, fp8_w8a8_ref)
     print(f"\n{'FP8 linear':<14}{'N x K':>12}{'rows':>5}{'bf16 us':>8}{'before us':>10}{'TB/s':>6}{'after us':>9}"
           f"{'TB/s':>6}{'x':>6}{'err':>9}  notes")
     chosen = {}
@@ -323,7 +330,6 @@ def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 16, 64, 256, 2048)) -> dict:
                 return F.linear(x, dense[i])
             return torch.einsum("ngi,gri->ngr", x.view(x.shape[0], groups, k), dense[i].view(groups, n, k)).flatten(1)
 
-        best = None
         for rows in rows_list:
             x = torch.randn(rows, groups * k, generator=g, device="cuda").to(torch.bfloat16)
             t_bf16 = timed_us(lambda i: cublas(i, x), copies, 20)
@@ -333,33 +339,35 @@ def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 16, 64, 256, 2048)) -> dict:
                 before = Fp8GemvTiles(*FP8_GEMV_TILES_BEFORE[(groups * n, k)], 4)
                 t_before = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, before, counters), copies, 20)
                 timings = {}
-                candidates = fp8_gemv_variants(n, k, rows) if rows == 1 else \
-                    list({best, replace(best, block_n=max(4, best.block_n // 2))})
-                for tiles in candidates:
+                for tiles in fp8_gemv_variants(n, k, rows):
                     e = rel_error(fp8_gemv(x, weights[0], scales[0], groups, tiles, counters), want)
                     assert e < 1e-2, (name, rows, tiles, e)
                     timings[tiles] = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, tiles, counters),
                                               copies, 20)
                 ranked = sorted(timings.items(), key=lambda item: item[1])
-                if rows == 1:
-                    best = ranked[0][0]
-                    chosen[(groups * n, k)] = best
                 tiles, t_after = ranked[0]
-                integer = replace(tiles, cvt=False)
-                t_int = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, integer, counters), copies, 20)
+                chosen[(groups * n, k, rows)] = tiles
+                t_int = float("nan")
+                if tiles.layout_k:
+                    integer = replace(tiles, cvt=False)
+                    t_int = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, integer, counters),
+                                     copies, 20)
                 err = rel_error(fp8_gemv(x, weights[0], scales[0], groups, tiles, counters), want)
-                note = (f"int decode {t_int:.1f}; " + "; ".join(
-                    f"{t.block_n}/{t.split_k}: {us:.1f}" for t, us in ranked[:4]))
+                note = f"K-major int decode {t_int:.1f}; " + "; ".join(
+                    f"{'K' if t.layout_k else 'N'} {t.block_n}/{t.block_k}/{t.split_k}: {us:.1f}"
+                    for t, us in ranked[:4])
                 record = dict(tiles=str(tiles), sweep={str(t): us for t, us in ranked}, int_us=t_int)
             else:
                 want = fp8_w8a8_ref(x.float(), weights[0], scales[0], groups)
                 t_before = timed_us(lambda i: fp8_matmul(x, weights[i], scales[i], groups), copies, 20)
-                t_after = timed_us(lambda i: fp8_w8a8_matmul(x, weights[i], scales[i], groups), copies, 20)
+                t_w8a8 = timed_us(lambda i: fp8_w8a8_matmul(x, weights[i], scales[i], groups), copies, 20)
                 m_pad = -(-rows // 16) * 16
                 t_quant = timed_us(lambda i: fp8_act_quant(x, groups, m_pad), 1, 20)
                 err = rel_error(fp8_w8a8_matmul(x, weights[0], scales[0], groups), want)
-                note = f"act quant {t_quant:.1f}"
-                record = dict(quant_us=t_quant)
+                w8a8 = fp8_w8a8_preferred(rows, groups * n, k, groups)
+                t_after = t_w8a8 if w8a8 else t_before
+                note = f"W8A8 {t_w8a8:.1f} (act quant {t_quant:.1f}); fp8_linear: {'W8A8' if w8a8 else 'dequantize'}"
+                record = dict(quant_us=t_quant, w8a8_us=t_w8a8, w8a8=w8a8)
             tbs = lambda b, us: b / us / 1e6                                        # noqa: E731
             print(f"{name:<14}{f'{groups * n}x{k}':>12}{rows:>5}{t_bf16:>8.1f}{t_before:>10.1f}"
                   f"{tbs(nbytes, t_before):>6.2f}{t_after:>9.1f}{tbs(nbytes, t_after):>6.2f}{t_before / t_after:>6.2f}"
@@ -368,20 +376,27 @@ def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 16, 64, 256, 2048)) -> dict:
                                 before_us=t_before, after_us=t_after, err=err, **record))
         del weights, scales, dense
     print(f"(TB/s of the FP8 weight bytes, copy bandwidth {bandwidth / 1e12:.2f} TB/s; err: against the fp32 torch "
-          f"reference of the same numerics: unquantized activations up to 4 rows, W8A8 past that)")
+          f"reference of the same numerics: unquantized activations up to 4 rows, W8A8 past that; after = what "
+          f"fp8_linear runs)")
     return chosen
 
 
 def write_fp8_tile_table(chosen: dict) -> None:
-    """Rewrite FP8_GEMV_TILE_TABLE in runtime/ops/fp8.py with the sweep's choice."""
+    """Rewrite FP8_GEMV_TILE_TABLE (1 row) and FP8_GEMV_FEW_ROWS_TABLE (the 4-row choice, where it is K-major) in
+    runtime/ops/fp8.py with the sweep's choice."""
     path = Path(__file__).resolve().parents[1] / "runtime" / "ops" / "fp8.py"
     text = path.read_text()
-    head = "FP8_GEMV_TILE_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {\n"
-    start = text.index(head) + len(head)
-    end = text.index("}\n", start)
-    rows = "".join(f"    ({n}, {k}): {tiles!r},\n" for (n, k), tiles in sorted(chosen.items()))
-    path.write_text(text[:start] + rows + text[end:])
-    print("FP8_GEMV_TILE_TABLE:\n" + rows)
+    one = {(n, k): t for (n, k, rows), t in chosen.items() if rows == 1}
+    few = {(n, k): t for (n, k, rows), t in chosen.items() if rows == 4 and t.layout_k}
+    for name, table in (("FP8_GEMV_TILE_TABLE", one), ("FP8_GEMV_FEW_ROWS_TABLE", few)):
+        head = f"{name}: dict[tuple[int, int], Fp8GemvTiles] = {{\n"
+        start = text.index(head) + len(head)
+        end = text.index("}\n", start)
+        rows = "".join(f"    ({n}, {k}): {tiles!r},\n" for (n, k), tiles in sorted(table.items()))
+        text = text[:start] + rows + text[end:]
+        print(f"{name}:\n" + rows)
+    path.write_text(text)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)

@@ -1,7 +1,8 @@
 """The linear layers the release ships in FP8 (wq_a, wq_b, wkv, wo_a, wo_b, the indexer's wq_b, the shared
 expert, the MTP projections): kept in FP8 with their block scales (runtime.ops.fp8.Fp8Linear) on a GPU, where
-decode reads each weight byte once, or dequantized at load into plain linears elsewhere (the CPU keeps the
-fp32 numerics the parity tests compare with transformers)."""
+decode reads each weight byte once and more rows run the checkpoint's own W8A8 GEMM (activations quantized per
+1 x 128) where that is faster, or dequantized at load into plain linears elsewhere (the CPU keeps the fp32
+numerics the parity tests compare with transformers)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,9 +4,11 @@ A weight [out, in] is stored as float8_e4m3fn with a scale grid [out / block_out
 multiplies one block_out x block_in tile. Scales are UE8M0 (`float8_e8m0fnu`, value 2^(byte - 127)) or fp32.
 The block shape is read from the grid, so every dimension must divide evenly (as transformers requires).
 `fp8_block_dequantize` is the CPU path; `fp8_block_quantize` writes test checkpoints. `Fp8Linear` keeps such a
-weight in its 1-byte format on a GPU: `fp8_gemv` multiplies a few rows by it (decode: one pass over the bytes),
-`fp8_gemm` many rows (prefill: widened tile by tile on the tensor cores); `fp8_linear_ref` is the torch reference
-(and the CPU path) of both."""
+weight in its 1-byte format on a GPU: `fp8_gemv` multiplies a few rows by it (decode: one pass over the bytes,
+activations unquantized; `fp8_linear_ref` is its torch reference and the CPU path); more rows go to
+`fp8_w8a8_matmul` (activations quantized per 1 x 128 to E4M3 with power-of-two scales, then cuBLAS's
+block-scaled FP8 GEMM on Hopper; reference `fp8_w8a8_ref`) where that measured faster, else to `fp8_matmul`
+(the weight dequantized for the call, then cuBLAS)."""
 from __future__ import annotations
 
 import os
@@ -87,6 +89,14 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, g
 # the last to arrive adds the partials in split order (the same sum whatever the arrival order), writes the
 # output and resets the counter to 0 for the next launch (so a CUDA graph replays it with no memset). With
 # GROUPS > 1 the weight is block-diagonal: output column n reads the input columns of group n // n_per_group.
+#
+# Two layouts of a program's [BLOCK_N, BLOCK_K] step. N-major (above): each thread 16 bytes of one row, the
+# warps over rows; its activations and scales are loaded in other layouts and moved into the weights' layout
+# through shared memory (barriers) every step. K-major (LAYOUT_K): each thread 4 * W bytes of every one of the
+# program's rows, the warps side by side along K, the activations read as one 64-bit load of 4 (bf16/fp16) in
+# the weights' own layout, so the loop has no barrier; its E4M3 bytes are widened by the hardware (cvt e4m3x2
+# -> f16x2, f16 -> f32: 1.5 instructions a weight, the N-major integer decode about 3). Measured on an H200,
+# the N-major layout is faster at one row and the K-major one at 2-4 rows (the tile tables below).
 
 if triton is not None:
     @triton.jit
@@ -150,8 +160,9 @@ if triton is not None:
     def _fp8_gemv_row_k(w0, w1, w2, w3, x_ptrs, x_stride, row, M, scale, acc, SHARED_SCALE: tl.constexpr,
                         X_PACKED: tl.constexpr, INT_DECODE: tl.constexpr):
         """acc [BLOCK_N, GV, W] + one activation row times the decoded weights w0..w3 [BLOCK_N, GV, W] (byte p of
-        each word; with INT_DECODE times 2^-120), scale [1 or BLOCK_N, GV, 1]. X_PACKED: x_ptrs [1, GV, W] address the 4 activations of each
-        word as one 64-bit load (1: bf16, 2: fp16); 0: x_ptrs address the first of them (fp32, 4 loads)."""
+        each word; with INT_DECODE times 2^-120), scale [1 or BLOCK_N, GV, 1]. X_PACKED (1: bf16, 2: fp16): x_ptrs
+        [1, GV, W] address the 4 activations of each word as one 64-bit load; 0: the first of them (fp32, 4
+        loads)."""
         mask = (tl.zeros_like(x_ptrs.to(tl.int64, bitcast=True)) + row) < M
         if X_PACKED == 1:                                              # bf16: the halves placed by shifts
             packed = tl.load(x_ptrs + row * x_stride, mask=mask, other=0)                    # int64
@@ -212,13 +223,12 @@ if triton is not None:
         # INTERPRET_DECODE Triton's casts); X_PACKED: the activations' dtype (1 bf16, 2 fp16, 0 fp32).
         G: tl.constexpr = BLOCK_K // 16
         GV: tl.constexpr = BLOCK_K // (4 * W)
+        EXACT: tl.constexpr = LAYOUT_K and (CVT_DECODE or INTERPRET_DECODE)      # sums not scaled by 2^56
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        g = tl.arange(0, G)
         n_mask = n < N
         group = (pid_n * BLOCK_N) // n_per_group
-        s_rows = s_ptr + (n // BLOCK_OUT).to(tl.int64)[:, None] * stride_sn             # [BLOCK_N, 1]
         w_begin = pid_k * words_per_split
         w_end = tl.minimum(w_begin + words_per_split, K // 4)
         if LAYOUT_K:
@@ -261,12 +271,16 @@ if triton is not None:
                 k_here = 4 * w_start + k_thread
                 scale = tl.load(s_vec + k_here // BLOCK_IN, mask=k_here < k_end, other=0.0)
                 x_step = x_vec + w_start if X_PACKED else x_vec + w_start * 4
-                h0 = _fp8_gemv_row_k(w0, w1, w2, w3, x_step, x_stride, 0, M, scale, h0, SHARED_SCALE, X_PACKED, INT_DECODE)
+                h0 = _fp8_gemv_row_k(w0, w1, w2, w3, x_step, x_stride, 0, M, scale, h0, SHARED_SCALE, X_PACKED,
+                                     INT_DECODE)
                 if BLOCK_M > 1:
-                    h1 = _fp8_gemv_row_k(w0, w1, w2, w3, x_step, x_stride, 1, M, scale, h1, SHARED_SCALE, X_PACKED, INT_DECODE)
+                    h1 = _fp8_gemv_row_k(w0, w1, w2, w3, x_step, x_stride, 1, M, scale, h1, SHARED_SCALE,
+                                         X_PACKED, INT_DECODE)
                 if BLOCK_M > 2:
-                    h2 = _fp8_gemv_row_k(w0, w1, w2, w3, x_step, x_stride, 2, M, scale, h2, SHARED_SCALE, X_PACKED, INT_DECODE)
-                    h3 = _fp8_gemv_row_k(w0, w1, w2, w3, x_step, x_stride, 3, M, scale, h3, SHARED_SCALE, X_PACKED, INT_DECODE)
+                    h2 = _fp8_gemv_row_k(w0, w1, w2, w3, x_step, x_stride, 2, M, scale, h2, SHARED_SCALE,
+                                         X_PACKED, INT_DECODE)
+                    h3 = _fp8_gemv_row_k(w0, w1, w2, w3, x_step, x_stride, 3, M, scale, h3, SHARED_SCALE,
+                                         X_PACKED, INT_DECODE)
                 words = next_words
             acc0 = tl.sum(h0, axis=2)
             acc1 = tl.sum(h1, axis=2)
@@ -275,6 +289,8 @@ if triton is not None:
         else:
             # offsets along K in int32 words (4 weights); stride_wn counts words; each group of 4 words is one
             # 16-byte load
+            g = tl.arange(0, G)
+            s_rows = s_ptr + (n // BLOCK_OUT).to(tl.int64)[:, None] * stride_sn             # [BLOCK_N, 1]
             word_ptrs = w_ptr + n.to(tl.int64)[:, None, None] * stride_wn + g[None, :, None] * 4 \
                 + tl.arange(0, 4)[None, None, :]
             x_ptrs = x_ptr + group * K + g[:, None] * 16 + tl.arange(0, 4)[None, :] * 4          # [G, 4]
@@ -300,12 +316,12 @@ if triton is not None:
                     acc2 = _fp8_gemv_row(w0, w1, w2, w3, x_step + 2 * stride_xm, 2, M, scale, acc2)
                     acc3 = _fp8_gemv_row(w0, w1, w2, w3, x_step + 3 * stride_xm, 3, M, scale, acc3)
                 words = next_words
-        _fp8_gemv_store(acc0, 0, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, LAYOUT_K and (CVT_DECODE or INTERPRET_DECODE))
+        _fp8_gemv_store(acc0, 0, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, EXACT)
         if BLOCK_M > 1:
-            _fp8_gemv_store(acc1, 1, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, LAYOUT_K and (CVT_DECODE or INTERPRET_DECODE))
+            _fp8_gemv_store(acc1, 1, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, EXACT)
         if BLOCK_M > 2:
-            _fp8_gemv_store(acc2, 2, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, LAYOUT_K and (CVT_DECODE or INTERPRET_DECODE))
-            _fp8_gemv_store(acc3, 3, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, LAYOUT_K and (CVT_DECODE or INTERPRET_DECODE))
+            _fp8_gemv_store(acc2, 2, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, EXACT)
+            _fp8_gemv_store(acc3, 3, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, EXACT)
         if SPLIT_K > 1:
             tl.debug_barrier()                                  # every thread's partial before the arrival
             arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -394,11 +410,13 @@ class Fp8GemvTiles:
     cvt: bool = False                  # (layout_k) E4M3 widened by the hardware instead of the integer decode
 
     @staticmethod
-    def for_shape(n: int, k: int) -> "Fp8GemvTiles":
-        """The table below for a weight of [n, k] (every group's rows); otherwise enough programs to cover an
-        H200's 132 SMs a few times. A function of the shape only (eager runs and graph replays agree); the
-        same tiles at 1 to 4 rows (narrower tiles measured slower at 4 rows)."""
-        tiles = FP8_GEMV_TILE_TABLE.get((n, k))
+    def for_shape(n: int, k: int, rows: int = 1) -> "Fp8GemvTiles":
+        """The tables below for a weight of [n, k] (every group's rows) at `rows` rows; otherwise enough
+        programs to cover an H200's 132 SMs a few times. A function of the shape and the row count only (eager
+        runs and graph replays agree)."""
+        tiles = (FP8_GEMV_TILE_TABLE if rows == 1 else FP8_GEMV_FEW_ROWS_TABLE).get((n, k))
+        if tiles is None and rows > 1:
+            tiles = FP8_GEMV_TILE_TABLE.get((n, k))
         if tiles is None:
             block_n = 16
             while block_n > 4 and n // block_n < 512:
@@ -410,8 +428,9 @@ class Fp8GemvTiles:
         return tiles
 
 
-# From the tools/decode_kernels.py FP8 sweep on an H200 at one row (2026-11-29, docs/PERFORMANCE.md); keyed by
-# the whole weight's [out, in] (DeepSeek V4 Flash's linears; wo_a is the 8-group one).
+# From the tools/decode_kernels.py FP8 sweep on an H200 (2026-11-29, docs/PERFORMANCE.md); keyed by the whole
+# weight's [out, in] (DeepSeek V4 Flash's linears; wo_a is the 8-group one). One row: the N-major layout (the
+# K-major one measured 0.6-0.96x of it there).
 FP8_GEMV_TILE_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
     (512, 4096): Fp8GemvTiles(block_n=32, block_k=512, split_k=8, num_warps=4),
     (1024, 4096): Fp8GemvTiles(block_n=8, block_k=1024, split_k=1, num_warps=4),
@@ -422,6 +441,17 @@ FP8_GEMV_TILE_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
     (8192, 1024): Fp8GemvTiles(block_n=16, block_k=512, split_k=1, num_warps=4),
     (8192, 4096): Fp8GemvTiles(block_n=8, block_k=512, split_k=1, num_warps=4),
     (32768, 1024): Fp8GemvTiles(block_n=16, block_k=512, split_k=1, num_warps=4),
+}
+
+# 2-4 rows: the K-major layout where it measured faster (1.05-1.9x; the 1024-wide weights keep the table above).
+FP8_GEMV_FEW_ROWS_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
+    (512, 4096): Fp8GemvTiles(block_n=4, block_k=1024, split_k=4, num_warps=4, layout_k=True, vec=8, cvt=True),
+    (1024, 4096): Fp8GemvTiles(block_n=4, block_k=1024, split_k=1, num_warps=4, layout_k=True, vec=8, cvt=True),
+    (2048, 4096): Fp8GemvTiles(block_n=4, block_k=1024, split_k=1, num_warps=4, layout_k=True, vec=8, cvt=True),
+    (4096, 2048): Fp8GemvTiles(block_n=4, block_k=1024, split_k=1, num_warps=4, layout_k=True, vec=8, cvt=True),
+    (4096, 4096): Fp8GemvTiles(block_n=4, block_k=1024, split_k=1, num_warps=4, layout_k=True, vec=8, cvt=True),
+    (4096, 8192): Fp8GemvTiles(block_n=4, block_k=1024, split_k=1, num_warps=4, layout_k=True, vec=8, cvt=True),
+    (8192, 4096): Fp8GemvTiles(block_n=4, block_k=1024, split_k=1, num_warps=4, layout_k=True, vec=8, cvt=True),
 }
 
 
@@ -453,7 +483,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups:
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if not rows or not n:
         return out
-    tiles = tiles or Fp8GemvTiles.for_shape(n, k)
+    tiles = tiles or Fp8GemvTiles.for_shape(n, k, rows)
     if (n // groups) % tiles.block_n:
         raise ValueError(f"fp8_gemv: {tiles.block_n} columns a program do not divide a group's {n // groups}")
     block_k = tiles.block_k                            # a power of two >= 16 that divides K
@@ -590,14 +620,20 @@ def fp8_w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
 
 
 def fp8_w8a8_preferred(rows: int, n: int, k: int, groups: int) -> bool:
-    """Whether the W8A8 GEMM beats dequantize + cuBLAS at this shape (H200 measurements)."""
-    return True
+    """Whether the W8A8 GEMM beats dequantize + cuBLAS at this shape, from the H200 measurements of
+    tools/decode_kernels.py (docs/PERFORMANCE.md): cuBLAS's block-scaled GEMM costs about 16 us at any row
+    count for narrow weights with a long K (no split K: [512 or 1024, 4096] lose to dequantize + cuBLAS below
+    a thousand rows), and the grouped weight runs one GEMM a group."""
+    out_per_group = n // groups
+    return out_per_group >= 4096 or (out_per_group >= 2048 and rows >= 256) \
+        or (out_per_group >= 1024 and rows >= 1024)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1,
                counters: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., groups * in] -> [..., groups * out]: on a GPU (bf16/fp16) the GEMV for a few rows, dequantize
-    then cuBLAS for more; `fp8_linear_ref` elsewhere (the weight dequantized for the call, in x's dtype)."""
+    """x [..., groups * in] -> [..., groups * out]: on a GPU (bf16/fp16) the GEMV for a few rows; for more, the
+    W8A8 GEMM where supported and measured faster (RUN_MODEL_FP8_W8A8=0 turns it off), else dequantize then
+    cuBLAS; `fp8_linear_ref` elsewhere (the weight dequantized for the call, in x's dtype)."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     if x.is_cuda and triton is not None and x.dtype in (torch.bfloat16, torch.float16) \
