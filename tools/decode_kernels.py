@@ -366,7 +366,7 @@ def bench_attention(bandwidth: float) -> None:
     from runtime.ops.attention import DecodeTiles, decode_tiles, paged_decode_triton
     heads, kv_heads, dim, page = 32, 8, 128, 16
     print(f"\n{'decode attention':<18}{'cache':>7}{'batch':>6}{'context':>8}{'default us':>11}{'TB/s':>6}"
-          f"{'best us':>9}{'TB/s':>6}  best tiles (block_n, warps, stages, programs/SM); next two")
+          f"{'best us':>9}{'TB/s':>6}  best tiles (block_n/warps/stages/programs per SM[/fp16 dot]); next two")
     for dtype, (batch, context) in product((torch.bfloat16, torch.float8_e4m3fn),
                                            ((1, 32768), (4, 32768), (8, 32768), (64, 4096))):
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -382,8 +382,10 @@ def bench_attention(bandwidth: float) -> None:
         default = decode_tiles(dim, dtype)
         want = paged_decode_triton(q, cache, table, lens, context, scale, tiles=default)
         timings = {}
-        for block_n, warps, stages, per_sm in product((32, 64, 128), (4, 8), (2, 3), (2, 4, 8)):
-            tiles = DecodeTiles(block_n, warps, stages, per_sm)
+        fp8 = dtype == torch.float8_e4m3fn
+        for block_n, warps, stages, per_sm, fp16 in product((32, 64, 128), (4,) if fp8 else (4, 8), (2, 3),
+                                                            (2, 4, 8), (False, True) if fp8 else (False,)):
+            tiles = DecodeTiles(block_n, warps, stages, per_sm, fp16)
             try:
                 err = rel_error(paged_decode_triton(q, cache, table, lens, context, scale, tiles=tiles), want)
                 if err > 1e-2:
@@ -396,7 +398,8 @@ def bench_attention(bandwidth: float) -> None:
         ranked = sorted((us, t) for t, us in timings.items())
         t_default = timings.get(default, float("nan"))
         tbs = lambda us: nbytes / us / 1e6                                         # noqa: E731
-        short = lambda t: f"{t.block_n}/{t.num_warps}/{t.num_stages}/{t.programs_per_sm}"  # noqa: E731
+        short = lambda t: (f"{t.block_n}/{t.num_warps}/{t.num_stages}/{t.programs_per_sm}"   # noqa: E731
+                           + ("/fp16" if t.fp16_dot else ""))
         print(f"{'':<18}{str(dtype).split('.')[-1][:7]:>7}{batch:>6}{context:>8}{t_default:>11.1f}"
               f"{tbs(t_default):>6.2f}{ranked[0][0]:>9.1f}{tbs(ranked[0][0]):>6.2f}  "
               + "; ".join(f"{short(t)}: {us:.1f}" for us, t in ranked[:3]))
