@@ -357,7 +357,7 @@ def write_fp8_tile_table(chosen: dict) -> None:
     path.write_text(text[:start] + rows + text[end:])
     print("FP8_GEMV_TILE_TABLE:\n" + rows)
 
-def bench_attention(bandwidth: float) -> None:
+def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "float8_e4m3fn")) -> None:
     """The split-K paged decode kernel at long contexts (Qwen3-8B's heads: 32 query, 8 KV, dim 128, 16-token
     pages scattered over the cache) in bf16 and fp8: the default tiles against a sweep of keys per step,
     warps, pipeline stages and programs per SM. KV TB/s counts the cache bytes one call reads."""
@@ -367,7 +367,7 @@ def bench_attention(bandwidth: float) -> None:
     heads, kv_heads, dim, page = 32, 8, 128, 16
     print(f"\n{'decode attention':<18}{'cache':>7}{'batch':>6}{'context':>8}{'default us':>11}{'TB/s':>6}"
           f"{'best us':>9}{'TB/s':>6}  best tiles (block_n/warps/stages/programs per SM[/fp16 dot]); next two")
-    for dtype, (batch, context) in product((torch.bfloat16, torch.float8_e4m3fn),
+    for dtype, (batch, context) in product([getattr(torch, name) for name in dtypes],
                                            ((1, 32768), (4, 32768), (8, 32768), (64, 4096))):
         g = torch.Generator(device="cuda").manual_seed(0)
         pages_per_seq = context // page
@@ -419,6 +419,7 @@ def main() -> int:
                              "fp8: FP8_GEMV_TILE_TABLE in runtime/ops/fp8.py)")
     parser.add_argument("--before", help="a module with an older mxfp4_moe_gemv to time beside this one "
                                          "(e.g. a copy of the previous runtime/ops/mxfp4.py)")
+    parser.add_argument("--attention-dtypes", default="bfloat16,float8_e4m3fn", help="KV cache dtypes to sweep")
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -436,7 +437,7 @@ def main() -> int:
     if "gemv" in only:
         bench_gemv(bandwidth)
     if "attention" in only:
-        bench_attention(bandwidth)
+        bench_attention(bandwidth, tuple(args.attention_dtypes.split(",")))
     if "fp8" in only:
         chosen = bench_fp8(bandwidth)
         if args.write_table:
