@@ -15,6 +15,7 @@ from torch import nn
 
 from runtime.forward import ForwardContext
 from runtime.ops import RMSNorm
+from runtime.ops.linear import Linear
 
 from . import kernels
 from .cache_ops import Fp8Entry, dequantize_entries, gather_entries, request_entries, write_entries
@@ -27,8 +28,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.head_dim, self.ratio, self.overlap = head_dim, ratio, overlap
         width = (2 if overlap else 1) * head_dim
-        self.wkv = nn.Linear(hidden_size, width, bias=False)
-        self.wgate = nn.Linear(hidden_size, width, bias=False)
+        self.wkv = Linear(hidden_size, width, bias=False)        # bf16 as released: the GEMV at one token
+        self.wgate = Linear(hidden_size, width, bias=False)
         self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))   # bias per position in a window
         self.norm = RMSNorm(head_dim, eps, weight_in_fp32=True)
         self.rope = rope
@@ -97,7 +98,7 @@ class Indexer(nn.Module):
         self.num_heads, self.head_dim = config.index_n_heads, config.index_head_dim
         self.top_k = config.index_topk
         self.wq_b = linears(config.q_lora_rank, self.num_heads * self.head_dim)
-        self.weights_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+        self.weights_proj = Linear(config.hidden_size, self.num_heads, bias=False)
         self.compressor = Compressor(config.hidden_size, self.head_dim, 4, True, config.rms_norm_eps, rope)
         self.rope = rope
 

@@ -377,10 +377,56 @@ def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tens
     return out
 
 
+if triton is not None:
+    @triton.jit
+    def _indexer_topk_kernel(scores_ptr, positions_ptr, out_ptr, scores_stride, out_stride, width,
+                             RATIO: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
+        # one program a query. With at most K entries visible it keeps them all (no score is read); else the
+        # K-th largest score is found bit by bit on order-preserving integer keys (32 counts over the row,
+        # held in registers), and the entries above it, then the first of its ties, are written in index order
+        token = tl.program_id(0).to(tl.int64)
+        visible = tl.maximum(tl.load(positions_ptr + token).to(tl.int32) + 1, 0) // RATIO
+        out = out_ptr + token * out_stride
+        if visible <= K:
+            j = tl.arange(0, BLOCK_K)
+            tl.store(out + j, tl.where(j < visible, j, -1), mask=j < K)
+        else:
+            w = tl.arange(0, BLOCK_W)
+            seen = (w < visible) & (w < width)
+            bits = tl.load(scores_ptr + token * scores_stride + w, mask=seen, other=0.0).to(tl.int32, bitcast=True)
+            # float order as integer order: negative floats have their magnitude bits flipped; then offset to
+            # [0, 2^32) so that 0 is below every key (the entries not visible)
+            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+            key = tl.where(seen, key, 0)
+            threshold = tl.zeros([], tl.int64)
+            for b in tl.static_range(31, -1, -1):         # the largest t with count(key >= t) >= K
+                candidate = threshold | (1 << b)
+                count = tl.sum((key >= candidate).to(tl.int32), axis=0)
+                threshold = tl.where(count >= K, candidate, threshold)
+            above = key > threshold
+            ties = key == threshold
+            room = K - tl.sum(above.to(tl.int32), axis=0)
+            take = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= room))
+            slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+            tl.store(out + slot, w, mask=take)
+
+
+TOPK_MAX_WIDTH = 8192        # the kernel keeps a row in registers; wider rows go to torch.topk
+
+
 def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, top_k: int) -> torch.Tensor:
-    """[n, min(top_k, width)] int32 entry indices per query, -1 where fewer entries are visible. A fixed-shape
-    top-k: no length is read on the host, nothing is reset between calls (every score is written each call)."""
-    k = min(top_k, scores.shape[1])
+    """[n, min(top_k, width)] int32 entry indices per query (in no particular order), -1 where fewer entries
+    are visible. A fixed-shape top-k: no length is read on the host, nothing is reset between calls (every
+    score is written each call). One launch on a GPU up to TOPK_MAX_WIDTH entries, torch.topk beyond."""
+    n, width = scores.shape
+    k = min(top_k, width)
+    if use_kernels(scores) and width <= TOPK_MAX_WIDTH:
+        out = torch.empty(n, k, dtype=torch.int32, device=scores.device)
+        if n and k:
+            _indexer_topk_kernel[(n,)](scores, positions, out, scores.stride(0), out.stride(0), width,
+                                       RATIO=ratio, K=k, BLOCK_K=_pow2(k), BLOCK_W=_pow2(width),
+                                       num_warps=8 if width > 2048 else 4)
+        return out
     top = torch.topk(scores, k, dim=-1, sorted=False).indices                  # [n, k]
     visible = (positions.clamp(min=-1) + 1) // ratio
     return torch.where(top >= visible[:, None], -1, top).to(torch.int32)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.ops import fused_moe, score_topk
+from runtime.ops.linear import linear
 from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
 from runtime.parallel import SINGLE, ParallelContext
 
@@ -36,7 +37,7 @@ class Gate(nn.Module):
             self.tid2eid.copy_(draws.topk(self.top_k, dim=-1).indices)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x, self.weight)                                        # [num_tokens, experts]
+        logits = linear(x, self.weight)                                             # [num_tokens, experts]
         if self.hashed:
             return score_topk(logits, self.top_k, self.scoring, fixed_ids=self.tid2eid[input_ids], scaling=self.scaling)
         return score_topk(logits, self.top_k, self.scoring, selection_bias=self.bias, scaling=self.scaling)

@@ -173,6 +173,37 @@ def test_indexer_scores_and_topk_match_reference(device, programs, monkeypatch):
                 assert (ref_row[:visible] > threshold + tolerance).sum() <= len(kept)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_kernel_keeps_the_references_set(device, monkeypatch):
+    """The top-k kernel against torch.topk on ragged rows: fewer visible entries than k (all kept, no score
+    read), exactly k, and more (the largest, whatever order), with ties at the threshold (scores on a coarse
+    grid), negative scores, -inf past the visible entries and a padded row (position -1)."""
+    monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
+    ratio, top_k = 4, (12 if device == "cpu" else 512)
+    width = 40 if device == "cpu" else 2048
+    visible = [0, 3, top_k, top_k + 1, width - 1, width, 17, width // 2]
+    positions = torch.tensor([-1] + [v * ratio + ratio - 2 for v in visible[1:]])     # just short of one more
+    generator = torch.Generator().manual_seed(5)
+    scores = (torch.randn(len(visible), width, generator=generator) * 4).round() / 4   # many ties
+    scores[:, ::7] = -scores[:, ::7].abs() - 1                                          # some negative
+    scores.masked_fill_(torch.arange(width)[None, :] >= torch.tensor(visible)[:, None], float("-inf"))
+    scores, positions = scores.to(device), positions.to(device)
+    got = kernels.indexer_topk(scores, positions, ratio, top_k)
+    monkeypatch.setattr(kernels, "use_kernels", lambda x: False)
+    want = kernels.indexer_topk(scores, positions, ratio, top_k)
+    assert got.shape == want.shape == (len(visible), top_k) and got.dtype == torch.int32
+    for r, v in enumerate(visible):
+        kept = [i for i in got[r].tolist() if i >= 0]
+        ref = [i for i in want[r].tolist() if i >= 0]
+        assert len(kept) == len(ref) == min(top_k, v) and len(set(kept)) == len(kept)
+        assert all(0 <= i < v for i in kept)
+        if v <= top_k:                                  # every visible entry
+            assert sorted(kept) == list(range(v))
+        elif kept:                                      # the same scores as the reference's (ties aside)
+            row = scores[r].cpu()
+            assert torch.equal(row[kept].sort().values, row[ref].sort().values)
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["csa", "hca"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_compressor_kernels_match_reference(device, overlap):
