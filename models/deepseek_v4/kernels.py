@@ -770,26 +770,41 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
 
 if triton is not None:
     @triton.jit
-    def _hc_pre_kernel(streams_ptr, mix_ptr, base_ptr, scale_ptr, post_ptr, comb_ptr, out_ptr,
-                       streams_stride, mix_stride, norm_eps, hc_eps, sinkhorn_iters,
-                       N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr):
+    def _hc_pre_kernel(streams_ptr, mix_ptr, base_ptr, scale_ptr, post_ptr, comb_ptr, out_ptr, norm_ptr,
+                       streams_stride, mix_stride, norm_eps, hc_eps, sinkhorn_iters, out_eps,
+                       N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, PARTIALS: tl.constexpr,
+                       M: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr, NORM: tl.constexpr,
+                       WEIGHT_IN_FP32: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         k = tl.arange(0, N)
         c = tl.arange(0, BLOCK)
-        row = streams_ptr + token * streams_stride
-        squares = tl.zeros([N, BLOCK], tl.float32)
-        for c0 in range(0, HIDDEN, BLOCK):                # RMS of all streams together
-            mask = (c0 + c) < HIDDEN
-            x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
-            squares += x * x
-        rms = tl.rsqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / (N * HIDDEN) + norm_eps)
-        mix = mix_ptr + token * mix_stride                 # the unnormalized projection; scaled here
-        pre = tl.load(mix + k) * rms * tl.load(scale_ptr) + tl.load(base_ptr + k)
-        pre = tl.sigmoid(pre) + hc_eps
-        post = tl.load(mix + N + k) * rms * tl.load(scale_ptr + 1) + tl.load(base_ptr + N + k)
-        tl.store(post_ptr + token * N + k, 2.0 * tl.sigmoid(post))
         cells = k[:, None] * N + k[None, :]
-        comb = tl.load(mix + 2 * N + cells) * rms * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * N + cells)
+        row = streams_ptr + token * streams_stride
+        if PARTIALS:        # per chunk of channels: the projection's share and the sum of squares (hc_post's MIX)
+            ch = tl.arange(0, BLOCK_C)
+            ch_mask = ch < CHUNKS
+            parts = mix_ptr + token * mix_stride + ch * M        # [BLOCK_C] rows of M + 1 partial sums, padded
+            squares = tl.sum(tl.load(parts + (2 + N) * N, mask=ch_mask, other=0.0), axis=0)
+            pre_w = tl.sum(tl.load(parts[:, None] + k[None, :], mask=ch_mask[:, None], other=0.0), axis=0)
+            post_w = tl.sum(tl.load(parts[:, None] + N + k[None, :], mask=ch_mask[:, None], other=0.0), axis=0)
+            comb_w = tl.sum(tl.load(parts[:, None, None] + 2 * N + cells[None, :, :], mask=ch_mask[:, None, None],
+                                    other=0.0), axis=0)
+        else:               # the projection of the unnormalized streams from a GEMM; the squares here
+            acc = tl.zeros([N, BLOCK], tl.float32)
+            for c0 in range(0, HIDDEN, BLOCK):
+                mask = (c0 + c) < HIDDEN
+                x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
+                acc += x * x
+            squares = tl.sum(tl.sum(acc, axis=1), axis=0)
+            mix = mix_ptr + token * mix_stride
+            pre_w = tl.load(mix + k)
+            post_w = tl.load(mix + N + k)
+            comb_w = tl.load(mix + 2 * N + cells)
+        rms = tl.rsqrt(squares / (N * HIDDEN) + norm_eps)   # RMS of all streams together, applied after the GEMM
+        pre = tl.sigmoid(pre_w * rms * tl.load(scale_ptr) + tl.load(base_ptr + k)) + hc_eps
+        post = post_w * rms * tl.load(scale_ptr + 1) + tl.load(base_ptr + N + k)
+        tl.store(post_ptr + token * N + k, 2.0 * tl.sigmoid(post))
+        comb = comb_w * rms * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * N + cells)
         comb = tl.exp(comb - tl.max(comb, axis=1)[:, None])
         comb = comb / tl.sum(comb, axis=1)[:, None] + hc_eps
         comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
@@ -797,28 +812,55 @@ if triton is not None:
             comb = comb / (tl.sum(comb, axis=1)[:, None] + hc_eps)
             comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
         tl.store(comb_ptr + token * N * N + cells, comb)
+        dtype = out_ptr.dtype.element_ty
+        inv_rms = 1.0
+        if NORM:            # the sublayer's RMSNorm of the collapsed row: its sum of squares first
+            total = tl.zeros([BLOCK], tl.float32)
+            for c0 in range(0, HIDDEN, BLOCK):
+                mask = (c0 + c) < HIDDEN
+                x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
+                collapsed = tl.sum(x * pre[:, None], axis=0).to(dtype).to(tl.float32)
+                total += collapsed * collapsed
+            inv_rms = tl.rsqrt(tl.sum(total, axis=0) / HIDDEN + out_eps)
         for c0 in range(0, HIDDEN, BLOCK):                # the sublayer's input: the streams weighted by pre
             mask = (c0 + c) < HIDDEN
             x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
             collapsed = tl.sum(x * pre[:, None], axis=0)
-            tl.store(out_ptr + token * HIDDEN + c0 + c, collapsed.to(out_ptr.dtype.element_ty), mask=mask)
+            if NORM:        # as runtime.ops.rms_norm_ref: on the rounded row, the weight before or after the cast
+                normed = collapsed.to(dtype).to(tl.float32) * inv_rms
+                weight = tl.load(norm_ptr + c0 + c, mask=mask, other=0.0).to(tl.float32)
+                if WEIGHT_IN_FP32:
+                    collapsed = weight * normed
+                else:
+                    collapsed = weight * normed.to(dtype).to(tl.float32)
+            tl.store(out_ptr + token * HIDDEN + c0 + c, collapsed.to(dtype), mask=mask)
 
 
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
-           hc_eps: float, sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           hc_eps: float, sinkhorn_iters: int, mix: torch.Tensor | None = None,
+           norm: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same function as mhc.HyperConnection.pre: streams [n, hc, hidden] -> (post [n, hc], comb
-    [n, hc, hc], input [n, hidden]). The projection is one GEMM of the unnormalized streams (the RMS factor
-    is a per-token scalar, applied after it); all the rest, Sinkhorn included, is one program per token."""
+    [n, hc, hc], input [n, hidden]), the input through `norm` (a runtime RMSNorm) if given. The projection is
+    the sum of `mix`, hc_post's partial projections of these streams (`next_fn`), or else one GEMM of the
+    unnormalized streams (the RMS factor is a per-token scalar, applied after it); all the rest, Sinkhorn
+    included, is one program per token."""
     n, hc, hidden = streams.shape
     streams = streams.contiguous()
-    mix = torch.nn.functional.linear(streams.view(n, -1).float(), fn)           # [n, (2 + hc) * hc]
+    if mix is None:
+        mix = torch.nn.functional.linear(streams.view(n, -1).float(), fn)       # [n, (2 + hc) * hc]
+        chunks, width = 1, mix.shape[1]
+    else:
+        chunks, width = mix.shape[1], mix.shape[2]
     post = torch.empty(n, hc, dtype=torch.float32, device=streams.device)
     comb = torch.empty(n, hc, hc, dtype=torch.float32, device=streams.device)
     out = torch.empty(n, hidden, dtype=streams.dtype, device=streams.device)
     if n:
-        _hc_pre_kernel[(n,)](streams, mix, base, scale, post, comb, out, streams.stride(0), mix.stride(0),
-                             norm_eps, hc_eps, sinkhorn_iters, N=hc, HIDDEN=hidden, BLOCK=min(1024, _pow2(hidden)),
-                             num_warps=4)
+        _hc_pre_kernel[(n,)](streams, mix, base, scale, post, comb, out, norm.weight if norm is not None else base,
+                             streams.stride(0), mix.stride(0), norm_eps, hc_eps, sinkhorn_iters,
+                             norm.eps if norm is not None else 0.0,
+                             N=hc, HIDDEN=hidden, BLOCK=min(1024, _pow2(hidden)), PARTIALS=mix.dim() == 3,
+                             M=width, CHUNKS=chunks, BLOCK_C=_pow2(chunks), NORM=norm is not None,
+                             WEIGHT_IN_FP32=norm is not None and norm.weight_in_fp32, num_warps=4)
     return post, comb, out
 
 
@@ -826,10 +868,11 @@ def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: t
 
 if triton is not None:
     @triton.jit
-    def _norm_rope_kernel(x_ptr, out_ptr, positions_ptr, inv_freq_ptr, slots_ptr,
+    def _norm_rope_kernel(x_ptr, out_ptr, positions_ptr, inv_freq_ptr, slots_ptr, weight_ptr,
                           x_stride_t, x_stride_h, out_stride_t, out_stride_h, eps,
                           HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
                           BLOCK_HALF: tl.constexpr, ROPE_HALF: tl.constexpr, NORMALIZE: tl.constexpr,
+                          WEIGHTED: tl.constexpr,
                           INVERSE: tl.constexpr, TO_SLOTS: tl.constexpr, ROUND: tl.constexpr,
                           FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                           SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
@@ -841,11 +884,17 @@ if triton is not None:
         src = x_ptr + token * x_stride_t + h[:, None] * x_stride_h
         even = tl.load(src + 2 * i[None, :], mask=mask, other=0.0).to(tl.float32)
         odd = tl.load(src + 2 * i[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
-        if NORMALIZE:                                      # unweighted: x * rsqrt(mean(x^2) + eps), in x's dtype
+        if NORMALIZE:
             rms = tl.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / (2 * HALF) + eps)
-            rms = _rounded(rms, ROUND, dtype)[:, None]
-            even = _rounded(even * rms, ROUND, dtype)
-            odd = _rounded(odd * rms, ROUND, dtype)
+            if WEIGHTED:        # an RMSNorm whose fp32 weight multiplies in fp32, then the dtype
+                w_even = tl.load(weight_ptr + 2 * i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+                w_odd = tl.load(weight_ptr + 2 * i + 1, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+                even = _rounded(w_even * (even * rms[:, None]), ROUND, dtype)
+                odd = _rounded(w_odd * (odd * rms[:, None]), ROUND, dtype)
+            else:               # unweighted: x * rsqrt(mean(x^2) + eps), in x's dtype
+                rms = _rounded(rms, ROUND, dtype)[:, None]
+                even = _rounded(even * rms, ROUND, dtype)
+                odd = _rounded(odd * rms, ROUND, dtype)
         freq = i - (HALF - ROPE_HALF)
         is_rope = (freq >= 0) & (i < HALF)
         inv_freq = tl.load(inv_freq_ptr + tl.maximum(freq, 0), mask=is_rope, other=0.0)
@@ -876,10 +925,12 @@ if triton is not None:
 
 def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, normalize: bool = False,
               eps: float = 0.0, inverse: bool = False, cache: torch.Tensor | None = None,
-              slots: torch.Tensor | None = None, fmt: Fp8Entry | None = None) -> torch.Tensor | None:
-    """x [n, heads, dim]: optionally the unweighted per-head RMS norm, then interleaved RoPE on the trailing
+              slots: torch.Tensor | None = None, fmt: Fp8Entry | None = None,
+              weight: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [n, heads, dim]: optionally the per-head RMS norm (unweighted, or with `weight` [dim] that of a
+    runtime RMSNorm with weight_in_fp32), then interleaved RoPE on the trailing
     2 * len(inv_freq) dims at `positions` (by -position with `inverse`), rounding as the references
-    (attention.unweighted_rms_norm, rope.TrailingRope) do. Returns a new tensor, or with `cache` and `slots`
+    (attention.unweighted_rms_norm, RMSNorm, rope.TrailingRope) do. Returns a new tensor, or with `cache` and `slots`
     (one head) stores each token's row at its slot (-1: nowhere), quantized into `fmt` if given, and returns
     None."""
     n, heads, dim = x.shape
@@ -893,20 +944,22 @@ def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
         return None if to_slots else out
     block_h = min(4, _pow2(heads))                     # many small programs: a decode step has few tokens
     _norm_rope_kernel[(n, triton.cdiv(heads, block_h))](
-        x, out, positions, inv_freq, slots if to_slots else positions,
+        x, out, positions, inv_freq, slots if to_slots else positions, weight if weight is not None else inv_freq,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
         HEADS=heads, BLOCK_H=block_h, HALF=dim // 2, BLOCK_HALF=_pow2(dim // 2), ROPE_HALF=inv_freq.shape[0],
-        NORMALIZE=normalize, INVERSE=inverse, TO_SLOTS=to_slots, ROUND=x.dtype != torch.float32,
+        NORMALIZE=normalize or weight is not None, WEIGHTED=weight is not None, INVERSE=inverse, TO_SLOTS=to_slots, ROUND=x.dtype != torch.float32,
         FP8=fmt is not None, **layout, num_warps=4, enable_fp_fusion=False)
     return None if to_slots else out
 
 
 if triton is not None:
     @triton.jit
-    def _hc_post_kernel(out_ptr, streams_ptr, post_ptr, comb_ptr, new_ptr, out_stride, streams_stride,
-                        N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+    def _hc_post_kernel(out_ptr, streams_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, mix_ptr, out_stride,
+                        streams_stride, N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
+                        ROUND: tl.constexpr, MIX: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        chunk = tl.program_id(1)
+        c = chunk * BLOCK + tl.arange(0, BLOCK)
         mask = c < HIDDEN
         k = tl.arange(0, N)
         dtype = new_ptr.dtype.element_ty
@@ -916,24 +969,47 @@ if triton is not None:
         mixed = _rounded(tl.sum(comb[:, :, None] * streams[:, None, :], axis=0), ROUND, dtype)   # [k, BLOCK]
         post = _rounded(tl.load(post_ptr + token * N + k), ROUND, dtype)
         out = tl.load(out_ptr + token * out_stride + c, mask=mask, other=0.0).to(tl.float32)
-        new = _rounded(post[:, None] * out[None, :], ROUND, dtype) + mixed
-        tl.store(new_ptr + token * N * HIDDEN + k[:, None] * HIDDEN + c[None, :], new.to(dtype), mask=mask[None, :])
+        new = (_rounded(post[:, None] * out[None, :], ROUND, dtype) + mixed).to(dtype)
+        tl.store(new_ptr + token * N * HIDDEN + k[:, None] * HIDDEN + c[None, :], new, mask=mask[None, :])
+        if MIX:
+            # the next connection's projection of these channels of the new streams (unnormalized) and their
+            # sum of squares: M + 1 partial sums a chunk, which hc_pre adds up (no GEMM, no fp32 copy)
+            x = new.to(tl.float32)                                                      # 0 past HIDDEN
+            m = tl.arange(0, BLOCK_M)
+            w = tl.load(fn_ptr + m[:, None, None] * (N * HIDDEN) + k[None, :, None] * HIDDEN + c[None, None, :],
+                        mask=(m < M)[:, None, None] & mask[None, None, :], other=0.0)  # [BLOCK_M, N, BLOCK]
+            partial = tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)
+            partial = tl.where(m == M, tl.sum(tl.sum(x * x, axis=1), axis=0), partial)
+            tl.store(mix_ptr + (token * tl.num_programs(1) + chunk) * BLOCK_M + m, partial)
 
 
-def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+HC_MIX_BLOCK = 64            # channels a program of hc_post projects for the next connection (64 programs at 4096)
+HC_MIX_MAX_TOKENS = 8        # past this a GEMM reads the connection's weight once for all tokens
+
+
+def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+            next_fn: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The same function as mhc.HyperConnection.post: new streams [n, hc, hidden], each
-    post_k * output + sum_j comb[j, k] * stream_j, in one launch."""
+    post_k * output + sum_j comb[j, k] * stream_j, in one launch. With `next_fn` (the next connection's
+    [(2 + hc) * hc, hc * hidden] fp32 projection) also -> the partial sums hc_pre reads as `mix`
+    [n, chunks, pow2((2 + hc) * hc + 1)]: each chunk's projection of the new streams and sum of squares."""
     n, hc, hidden = streams.shape
     streams = streams.contiguous()
     output = output.contiguous()
     new = torch.empty_like(streams)
+    m = (2 + hc) * hc
+    block = HC_MIX_BLOCK if next_fn is not None else min(512, _pow2(hidden))
+    chunks = triton.cdiv(hidden, block)
+    mix = torch.empty(n, chunks, _pow2(m + 1), dtype=torch.float32, device=streams.device) \
+        if next_fn is not None else None
     if n:
-        block = min(512, _pow2(hidden))
-        _hc_post_kernel[(n, triton.cdiv(hidden, block))](
-            output, streams, post.contiguous(), comb.contiguous(), new, output.stride(0), streams.stride(0),
-            N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, num_warps=4,
-            enable_fp_fusion=False)
-    return new
+        _hc_post_kernel[(n, chunks)](
+            output, streams, post.contiguous(), comb.contiguous(), new,
+            next_fn if next_fn is not None else post, mix if mix is not None else post,
+            output.stride(0), streams.stride(0),
+            N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, MIX=next_fn is not None,
+            M=m, BLOCK_M=_pow2(m + 1), num_warps=4, enable_fp_fusion=False)
+    return new if next_fn is None else (new, mix)
 
 
 # ---- the compressor's per-token state: value, and gate logit + the window-position bias ------------------

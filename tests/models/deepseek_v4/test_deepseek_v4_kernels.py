@@ -17,6 +17,8 @@ from models.deepseek_v4.cache_ops import request_entries, token_requests
 from models.deepseek_v4.compressor import Compressor, indexer_scores_ref
 from models.deepseek_v4.rope import TrailingRope
 from runtime.forward import ForwardContext
+from runtime.ops import RMSNorm
+from runtime.ops.norm import rms_norm_ref
 
 
 @dataclass
@@ -429,8 +431,30 @@ def test_hyper_connection_kernels_match_reference(device):
     post, comb, collapsed = ref
     output = torch.randn(collapsed.shape, generator=generator).to(device, dtype)
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2       # bf16: a rounding of the stream-scale sum
-    torch.testing.assert_close(kernels.hc_post(output, streams, post, comb).float(),
-                               HyperConnection.post(output, streams, post, comb).float(), atol=tolerance, rtol=tolerance)
+    new_ref = HyperConnection.post(output, streams, post, comb)[0]
+    torch.testing.assert_close(kernels.hc_post(output, streams, post, comb).float(), new_ref.float(),
+                               atol=tolerance, rtol=tolerance)
+    # the following connection: its projection summed from hc_post's partials, its sublayer's RMSNorm fused
+    # (fp32 weight, and the dtype's), against the reference's GEMM + norm of the streams hc_post wrote
+    following = HyperConnection(_Config())
+    with torch.no_grad():
+        following.fn.copy_(torch.randn(following.fn.shape, generator=generator) * 0.1)
+        following.base.copy_(torch.randn(following.base.shape, generator=generator))
+    following = following.to(device)
+    new, mix = kernels.hc_post(output, streams, post, comb, following.fn)
+    assert mix.shape == (37, hidden // kernels.HC_MIX_BLOCK, 32)
+    torch.testing.assert_close(new.float(), new_ref.float(), atol=tolerance, rtol=tolerance)
+    for weight_in_fp32 in (True, False):
+        norm = RMSNorm(hidden, 1e-6, weight_in_fp32=weight_in_fp32)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(hidden, generator=generator) + 0.5)
+        norm = norm.to(device, torch.float32 if weight_in_fp32 else dtype)
+        want = following.pre(new, norm)
+        for got in (kernels.hc_pre(new, following.fn, following.base, following.scale, 1e-6, 1e-6, 20, mix, norm),
+                    kernels.hc_pre(new, following.fn, following.base, following.scale, 1e-6, 1e-6, 20, None, norm)):
+            for a, b in zip(got, want):
+                tol = 1e-5 if a.dtype == torch.float32 else 2e-2   # bf16 input: roundings of the normed output
+                torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -456,3 +480,42 @@ def test_norm_rope_kernel_matches_reference(device):
     keep = slots >= 0
     expected[slots[keep]] = rope(x[:, :1], positions)[keep, 0]
     torch.testing.assert_close(cache.view(-1, sizes.dim), expected, **tolerance)
+    # K's RMSNorm (fp32 weight, multiplied before the cast) fused ahead of its RoPE and insert
+    weight = (torch.rand(sizes.dim, generator=generator) + 0.5).to(device)
+    cache.zero_()
+    kernels.norm_rope(x[:, :1], positions, rope.inv_freq, eps=1e-6, cache=cache, slots=slots, weight=weight)
+    normed = rms_norm_ref(x[:, :1], weight, 1e-6, weight_in_fp32=True)
+    expected[slots[keep]] = rope(normed, positions)[keep, 0]
+    torch.testing.assert_close(cache.view(-1, sizes.dim), expected, **tolerance)
+
+
+HC_TYPES = {"streams_ptr": "*bf16", "mix_ptr": "*fp32", "base_ptr": "*fp32", "scale_ptr": "*fp32", "post_ptr": "*fp32",
+            "comb_ptr": "*fp32", "out_ptr": "*bf16", "norm_ptr": "*fp32", "new_ptr": "*bf16", "fn_ptr": "*fp32",
+            "norm_eps": "fp32", "hc_eps": "fp32", "out_eps": "fp32"}
+
+
+def test_decode_kernels_compile_for_hopper():
+    """The interpreter accepts code the compiler rejects: the top-k and mHC variants a decode step runs, at the
+    release's sizes, compile for sm_90 (tests/triton_compile.py; nothing is launched)."""
+    pytest.importorskip("triton")
+    from tests.triton_compile import Case, compile_for_hopper
+    module = "models.deepseek_v4.kernels"
+    hc = dict(N=4, HIDDEN=4096, BLOCK=1024)
+    cases = [Case(module, "_indexer_topk_kernel", dict(RATIO=4, K=512, BLOCK_K=512, BLOCK_W=width),
+                  {"scores_ptr": "*fp32", "out_ptr": "*i32"}) for width in (2048, kernels.TOPK_MAX_WIDTH)]
+    cases += [Case(module, "_hc_pre_kernel", dict(hc, PARTIALS=partials, M=32 if partials else 24,
+                                                  CHUNKS=64 if partials else 1, BLOCK_C=64 if partials else 1,
+                                                  NORM=norm, WEIGHT_IN_FP32=True), HC_TYPES)
+              for partials, norm in ((True, True), (False, True), (False, False))]
+    cases += [Case(module, "_hc_post_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, ROUND=True, MIX=mix, M=24,
+                                                   BLOCK_M=32), HC_TYPES)
+              for block, mix in ((kernels.HC_MIX_BLOCK, True), (512, False))]
+    cases.append(Case(module, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32,
+                                                        NORMALIZE=True, WEIGHTED=True, INVERSE=False, TO_SLOTS=True,
+                                                        ROUND=True, FP8=False, NOPE=512, QBLOCK=512, NUM_SCALES=1,
+                                                        SCALES_AT=512, ENTRY=512),
+                      {"x_ptr": "*bf16", "out_ptr": "*bf16", "inv_freq_ptr": "*fp32", "weight_ptr": "*fp32",
+                       "eps": "fp32"}))
+    for case, result in zip(cases, compile_for_hopper(cases)):
+        assert result["error"] is None, f"{case.kernel} {case.constexprs}: {result['error']}"
+        assert f".entry {case.kernel}" in result["ptx"]
