@@ -120,14 +120,13 @@ class DeepseekV4Attention(nn.Module):
             entry_layer = self.compressor.entry_layer
         if self.indexer is not None:
             selected = self.indexer(x, q_latent, positions, requests, ctx)
-        if fast:
+        if fast:              # the inverse RoPE inside the attention's split reduction
             out = self._attend_kernels(q, positions, requests, ctx, entry_layer, selected)
         else:
             out = window_sparse_attention(q, positions, ctx, self.window_layer, self.window, entry_layer,
                                           self.kind.ratio, selected, self.attn_sink, self.head_dim ** -0.5,
                                           self.window_format, self._entry_format)
-        out = kernels.norm_rope(out, positions, self.rope.inv_freq, inverse=True) if fast \
-            else self.rope(out, positions, inverse=True)
+            out = self.rope(out, positions, inverse=True)
         low_rank = self.wo_a(out.flatten(1))                                      # [num_tokens, groups * o_rank]
         return self.wo_b(low_rank)
 
@@ -146,4 +145,4 @@ class DeepseekV4Attention(nn.Module):
                                         entry_cache, entry_table, ratio, selected, self.attn_sink,
                                         self.head_dim ** -0.5, ctx.block_size,
                                         ctx.max_seq_len // ratio if ratio else 0, self.window_format,
-                                        self._entry_format)
+                                        self._entry_format, self.rope.inv_freq)

@@ -168,6 +168,26 @@ if triton is not None:
         return out
 
 
+if triton is not None:
+    @triton.jit
+    def _rope_pairs(even, odd, i, position, inv_freq_ptr, HALF: tl.constexpr, ROPE_HALF: tl.constexpr,
+                    INVERSE: tl.constexpr, ROUND: tl.constexpr, dtype: tl.constexpr):
+        """Interleaved RoPE on channel pairs (even, odd) [rows, pairs] (pair index i [pairs]) at `position`,
+        the trailing ROPE_HALF pairs of HALF rotated (by -position with INVERSE), rounding as rope.TrailingRope
+        does in the dtype."""
+        freq = i - (HALF - ROPE_HALF)
+        is_rope = (freq >= 0) & (i < HALF)
+        inv_freq = tl.load(inv_freq_ptr + tl.maximum(freq, 0), mask=is_rope, other=0.0)
+        angle = position.to(tl.float32) * inv_freq
+        cos = _rounded(tl.cos(angle), ROUND, dtype)[None, :]
+        sin = _rounded(tl.sin(angle), ROUND, dtype)[None, :]
+        if INVERSE:
+            sin = -sin
+        r_even = _rounded(_rounded(even * cos, ROUND, dtype) - _rounded(odd * sin, ROUND, dtype), ROUND, dtype)
+        r_odd = _rounded(_rounded(odd * cos, ROUND, dtype) + _rounded(even * sin, ROUND, dtype), ROUND, dtype)
+        return tl.where(is_rope[None, :], r_even, even), tl.where(is_rope[None, :], r_odd, odd)
+
+
 # ---- the compressor: entries at closing positions ------------------------------------------------------
 
 if triton is not None:
@@ -673,15 +693,18 @@ if triton is not None:
             tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
 
     @triton.jit
-    def _sparse_attention_reduce_kernel(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, out_stride_t, out_stride_h,
-                                        num_splits, HEADS: tl.constexpr, DIM: tl.constexpr,
-                                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _sparse_attention_reduce_kernel(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, positions_ptr,
+                                        inv_freq_ptr, out_stride_t, out_stride_h, num_splits,
+                                        HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                        BLOCK_S: tl.constexpr, ROPE: tl.constexpr, ROPE_HALF: tl.constexpr,
+                                        ROUND: tl.constexpr):
         # the splits BLOCK_S at a time (a [splits, dim] tile of all 64 would spill): their largest max first,
-        # then the weighted sums
+        # then the weighted sums; channels as (even, odd) pairs, so the inverse RoPE (ROPE) needs no shuffle
         token = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         s = tl.arange(0, BLOCK_S)
-        d = tl.arange(0, BLOCK_D)
+        i = tl.arange(0, BLOCK_D // 2)
+        i_mask = i < DIM // 2
         base = (token * HEADS + head) * num_splits
         sink = tl.load(sinks_ptr + head).to(tl.float32)
         m_all = sink
@@ -689,19 +712,30 @@ if triton is not None:
             m = tl.load(part_ml_ptr + (base + s0 + s) * 2, mask=s0 + s < num_splits, other=float("-inf"))
             m_all = tl.maximum(m_all, tl.max(m, axis=0))
         denominator = tl.exp(sink - m_all)
-        acc = tl.zeros([BLOCK_D], tl.float32)
+        acc_even = tl.zeros([BLOCK_D // 2], tl.float32)
+        acc_odd = tl.zeros([BLOCK_D // 2], tl.float32)
         for s0 in range(0, num_splits, BLOCK_S):
             s_mask = s0 + s < num_splits
             m = tl.load(part_ml_ptr + (base + s0 + s) * 2, mask=s_mask, other=float("-inf"))
             l = tl.load(part_ml_ptr + (base + s0 + s) * 2 + 1, mask=s_mask, other=0.0)
             weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
             denominator += tl.sum(weight * l, axis=0)
-            part = tl.load(part_acc_ptr + (base + s0 + s)[:, None] * DIM + d[None, :],
-                           mask=s_mask[:, None] & (d < DIM)[None, :], other=0.0)
-            acc += tl.sum(part * weight[:, None], axis=0)
-        out = acc / denominator
-        tl.store(out_ptr + token * out_stride_t + head * out_stride_h + d, out.to(out_ptr.dtype.element_ty),
-                 mask=d < DIM)
+            part = part_acc_ptr + (base + s0 + s)[:, None] * DIM + 2 * i[None, :]
+            part_mask = s_mask[:, None] & i_mask[None, :]
+            acc_even += tl.sum(tl.load(part, mask=part_mask, other=0.0) * weight[:, None], axis=0)
+            acc_odd += tl.sum(tl.load(part + 1, mask=part_mask, other=0.0) * weight[:, None], axis=0)
+        dtype = out_ptr.dtype.element_ty
+        even = acc_even / denominator
+        odd = acc_odd / denominator
+        if ROPE:            # the output rounded as stored, then rotated back as norm_rope(inverse=True) does
+            even, odd = _rope_pairs(_rounded(even, ROUND, dtype)[None, :], _rounded(odd, ROUND, dtype)[None, :],
+                                    i, tl.load(positions_ptr + token), inv_freq_ptr, DIM // 2, ROPE_HALF, True,
+                                    ROUND, dtype)
+            even = tl.reshape(even, [BLOCK_D // 2])
+            odd = tl.reshape(odd, [BLOCK_D // 2])
+        dst = out_ptr + token * out_stride_t + head * out_stride_h + 2 * i
+        tl.store(dst, even.to(dtype), mask=i_mask)
+        tl.store(dst + 1, odd.to(dtype), mask=i_mask)
 
 
 BLOCK_HEADS = 16
@@ -723,9 +757,11 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
                      entry_cache: torch.Tensor | None, entry_table: torch.Tensor | None, ratio: int,
                      selected: torch.Tensor | None, sinks: torch.Tensor, scale: float, block_size: int,
                      max_entries: int, window_format: Fp8Entry | None = None,
-                     entry_format: Fp8Entry | None = None) -> torch.Tensor:
+                     entry_format: Fp8Entry | None = None, inverse_rope: torch.Tensor | None = None) -> torch.Tensor:
     """q [n, heads, dim] -> [n, heads, dim]. Keys = values: the window entries (p - window, p] of the token's
     request, then (CSA) the entries in `selected` [n, k] (-1 = none) or (HCA) every entry closed by p.
+    With `inverse_rope` (inv_freq) the output is rotated back by -p as norm_rope(inverse=True) does, inside the
+    split reduction when there is one.
     `max_entries` bounds the HCA entries (sizes the key splits only). A cache with a format holds FP8 entries,
     dequantized to q's dtype as they are read."""
     n, heads, dim = q.shape
@@ -761,8 +797,13 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         num_warps=4 if dim <= 128 else 8)
     if splits > 1:
         _sparse_attention_reduce_kernel[(n, heads)](
-            part_acc, part_ml, sinks, out, out.stride(0), out.stride(1), splits,
-            HEADS=heads, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_S=8, num_warps=4)
+            part_acc, part_ml, sinks, out, positions, inverse_rope if inverse_rope is not None else sinks,
+            out.stride(0), out.stride(1), splits,
+            HEADS=heads, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_S=8, ROPE=inverse_rope is not None,
+            ROPE_HALF=inverse_rope.shape[0] if inverse_rope is not None else 0, ROUND=q.dtype != torch.float32,
+            num_warps=4, enable_fp_fusion=False)
+    elif inverse_rope is not None:
+        out = norm_rope(out, positions, inverse_rope, inverse=True)
     return out
 
 
@@ -895,18 +936,8 @@ if triton is not None:
                 rms = _rounded(rms, ROUND, dtype)[:, None]
                 even = _rounded(even * rms, ROUND, dtype)
                 odd = _rounded(odd * rms, ROUND, dtype)
-        freq = i - (HALF - ROPE_HALF)
-        is_rope = (freq >= 0) & (i < HALF)
-        inv_freq = tl.load(inv_freq_ptr + tl.maximum(freq, 0), mask=is_rope, other=0.0)
-        angle = tl.load(positions_ptr + token).to(tl.float32) * inv_freq
-        cos = _rounded(tl.cos(angle), ROUND, dtype)[None, :]
-        sin = _rounded(tl.sin(angle), ROUND, dtype)[None, :]
-        if INVERSE:
-            sin = -sin
-        r_even = _rounded(_rounded(even * cos, ROUND, dtype) - _rounded(odd * sin, ROUND, dtype), ROUND, dtype)
-        r_odd = _rounded(_rounded(odd * cos, ROUND, dtype) + _rounded(even * sin, ROUND, dtype), ROUND, dtype)
-        even = tl.where(is_rope[None, :], r_even, even)
-        odd = tl.where(is_rope[None, :], r_odd, odd)
+        even, odd = _rope_pairs(even, odd, i, tl.load(positions_ptr + token), inv_freq_ptr, HALF, ROPE_HALF, INVERSE,
+                                ROUND, dtype)
         if TO_SLOTS:                                       # one head, stored at the token's cache slot
             slot = tl.load(slots_ptr + token).to(tl.int64)
             if slot >= 0:

@@ -338,12 +338,13 @@ FP8_CASES = [
                                                    HAS_ENTRIES=True, SELECTED=True, SPLIT=True, FP32=False,
                                                    WINDOW_FP8=True, ENTRY_FP8=True, **KV_LAYOUT, **KV_GROUPS),
          FP8_POINTERS),
-    Case(KERNELS, "_sparse_attention_reduce_kernel", dict(HEADS=64, DIM=512, BLOCK_D=512, BLOCK_S=8), FP8_POINTERS),
+    Case(KERNELS, "_sparse_attention_reduce_kernel", dict(HEADS=64, DIM=512, BLOCK_D=512, BLOCK_S=8, ROPE=True,
+                                                          ROPE_HALF=32, ROUND=True), FP8_POINTERS),
     Case(KERNELS, "_compress_kernel", dict(HEAD_DIM=512, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, WIDTH=1024, RATIO=4,
                                            WINDOW=8, OVERLAP=True, ROUND=True, DTYPE="tl.bfloat16", FP8=True,
                                            **KV_LAYOUT), FP8_POINTERS),
-    Case(KERNELS, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, NORMALIZE=False, WEIGHTED=False,
-                                            INVERSE=False, TO_SLOTS=True, ROUND=True, FP8=True, **KV_LAYOUT),
+    Case(KERNELS, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, NORMALIZE=False,
+                                            WEIGHTED=False, INVERSE=False, TO_SLOTS=True, ROUND=True, FP8=True, **KV_LAYOUT),
          FP8_POINTERS),
 ]
 

@@ -134,6 +134,16 @@ def test_sparse_attention_matches_reference(device, kind, splits, monkeypatch):
                                   per_request, sinks, scale)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2        # bf16: the output's and P's roundings
     torch.testing.assert_close(out.float(), ref, atol=tolerance, rtol=tolerance)
+    # the inverse RoPE inside the split reduction (or after the kernel, unsplit): as norm_rope on the output
+    rope = TrailingRope(_hf_config(sizes.dim, sizes.rope_dim), "compress", sizes.rope_dim).to(device)
+    rotated = kernels.sparse_attention(q, positions, requests, window_cache, ctx.block_tables[0], sizes.window,
+                                       caches[1] if ratio else None, ctx.block_tables[1] if ratio else None, ratio,
+                                       selected.to(torch.int32) if selected is not None else None, sinks, scale,
+                                       sizes.block_size, ctx.max_seq_len // ratio if ratio else 0,
+                                       inverse_rope=rope.inv_freq)
+    torch.testing.assert_close(rotated, kernels.norm_rope(out, positions, rope.inv_freq, inverse=True),
+                               atol=tolerance / 2, rtol=tolerance / 2)
+    torch.testing.assert_close(rotated.float(), rope(ref, positions, inverse=True), atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("programs", [None, 1], ids=["auto-programs", "one-program-a-query"])
@@ -529,6 +539,10 @@ def test_decode_kernels_compile_for_hopper():
                                                         SCALES_AT=512, ENTRY=512),
                       {"x_ptr": "*bf16", "out_ptr": "*bf16", "inv_freq_ptr": "*fp32", "weight_ptr": "*fp32",
                        "eps": "fp32"}))
+    cases += [Case(module, "_sparse_attention_reduce_kernel", dict(HEADS=64, DIM=512, BLOCK_D=512, BLOCK_S=8, ROPE=rope,
+                                                                   ROPE_HALF=32, ROUND=True),
+                   {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "sinks_ptr": "*fp32", "out_ptr": "*bf16",
+                    "inv_freq_ptr": "*fp32"}) for rope in (True, False)]
     cases.append(Case(module, "_clamped_swiglu_kernel", dict(WIDTH=2048, BLOCK=1024),
                       {"gate_ptr": "*bf16", "up_ptr": "*bf16", "out_ptr": "*bf16", "limit": "fp32"}))
     for case, result in zip(cases, compile_for_hopper(cases)):
