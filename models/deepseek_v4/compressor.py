@@ -113,11 +113,12 @@ class Indexer(nn.Module):
         entries any request of the step can have (fixed for a captured graph)."""
         self.compressor(x, positions, requests, ctx)
         q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
-        head_weights = self.weights_proj(x).float() * self.num_heads ** -0.5      # [num_tokens, heads]
+        head_weights = self.weights_proj(x)                                      # [num_tokens, heads]
         keys_cache, table, _ = ctx.layer_cache(self.compressor.entry_layer)
-        if kernels.use_kernels(x):
+        if kernels.use_kernels(x):    # the fp32 weights and their scale formed in the scoring kernel
             q = kernels.norm_rope(q, positions, self.rope.inv_freq)
             return self._select_kernels(q, head_weights, keys_cache, table, positions, requests, ctx)
+        head_weights = head_weights.float() * self.num_heads ** -0.5
         key_format = self.compressor.entry_format
         q = self.rope(q, positions)                                               # [num_tokens, heads, head_dim]
         starts = ctx.query_start_loc_host
@@ -147,6 +148,6 @@ class Indexer(nn.Module):
             part = slice(start, start + rows)
             scores = kernels.indexer_scores(q[part], head_weights[part], keys_cache, table, positions[part],
                                             requests[part], self.ratio, width, ctx.block_size,
-                                            self.compressor.entry_format)
+                                            self.compressor.entry_format, self.num_heads ** -0.5)
             picked.append(kernels.indexer_topk(scores, positions[part], self.ratio, self.top_k))
         return picked[0] if len(picked) == 1 else torch.cat(picked)

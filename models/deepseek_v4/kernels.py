@@ -323,7 +323,7 @@ if triton is not None:
     @triton.jit
     def _indexer_kernel(q_ptr, weights_ptr, keys_ptr, table_ptr, positions_ptr, requests_ptr, out_ptr,
                         q_stride_t, q_stride_h, weights_stride, table_stride, out_stride, width,
-                        scale, num_programs, PER_BLOCK: tl.constexpr,
+                        scale, weight_scale, num_programs, PER_BLOCK: tl.constexpr,
                         HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         RATIO: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr,
                         FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
@@ -340,7 +340,7 @@ if triton is not None:
         d_mask = d < DIM
         q = tl.load(q_ptr + token * q_stride_t + h[:, None] * q_stride_h + d[None, :],
                     mask=h_mask[:, None] & d_mask[None, :], other=0.0)       # [BLOCK_HEADS, BLOCK_D]
-        w = tl.load(weights_ptr + token * weights_stride + h, mask=h_mask, other=0.0).to(tl.float32)
+        w = tl.load(weights_ptr + token * weights_stride + h, mask=h_mask, other=0.0).to(tl.float32) * weight_scale
         for tile in range(tl.program_id(1), tl.cdiv(width, BLOCK_N), num_programs):
             n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             scores = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -376,8 +376,8 @@ INDEXER_PROGRAMS = 528       # four per SM on an H200 (as many as their register
 
 def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, table: torch.Tensor,
                    positions: torch.Tensor, requests: torch.Tensor, ratio: int, width: int,
-                   block_size: int, key_format: Fp8Entry | None = None) -> torch.Tensor:
-    """q [n, heads, dim]; head_weights [n, heads] fp32; keys [blocks, block_size / ratio, dim] (or FP8 entries
+                   block_size: int, key_format: Fp8Entry | None = None, weight_scale: float = 1.0) -> torch.Tensor:
+    """q [n, heads, dim]; head_weights [n, heads] (any float dtype, times `weight_scale` in fp32); keys [blocks, block_size / ratio, dim] (or FP8 entries
     of `key_format`, dequantized to q's dtype) -> scores [n, width] fp32: -inf at entries the query cannot see
     (not closed by its position, or past width)."""
     n, heads, dim = q.shape
@@ -390,7 +390,7 @@ def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tens
     _indexer_kernel[(n, programs)](
         q, head_weights, keys, table, positions, requests, out,
         q.stride(0), q.stride(1), head_weights.stride(0), table.stride(0), out.stride(0), width,
-        dim ** -0.5, programs, PER_BLOCK=block_size // ratio,
+        dim ** -0.5, weight_scale, programs, PER_BLOCK=block_size // ratio,
         HEADS=heads, BLOCK_HEADS=max(16, _pow2(heads)), DIM=dim, BLOCK_D=max(16, _pow2(dim)), RATIO=ratio,
         BLOCK_N=block_n, FP32=q.dtype == torch.float32, FP8=key_format is not None, **_fp8_layout(key_format, dim),
         num_warps=4)

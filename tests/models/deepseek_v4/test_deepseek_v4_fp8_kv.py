@@ -328,7 +328,7 @@ KV_GROUPS = dict(GROUPS=8, GROUP_D=64, TAIL_D=64)          # the tiles sparse at
 FP8_POINTERS = {"q_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "weights_ptr": "*fp32", "keys_ptr": "*fp8e4nv",
                 "window_ptr": "*fp8e4nv", "entries_ptr": "*fp8e4nv", "cache_ptr": "*fp8e4nv", "state_ptr": "*fp32",
                 "sinks_ptr": "*fp32", "norm_ptr": "*fp32", "inv_freq_ptr": "*fp32", "part_acc_ptr": "*fp32",
-                "part_ml_ptr": "*fp32", "scale": "fp32", "eps": "fp32"}
+                "part_ml_ptr": "*fp32", "scale": "fp32", "eps": "fp32", "weight_scale": "fp32"}
 KERNELS = "models.deepseek_v4.kernels"
 FP8_CASES = [
     Case(KERNELS, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4, BLOCK_N=64, PER_BLOCK=64,

@@ -161,10 +161,11 @@ def test_indexer_scores_and_topk_match_reference(device, programs, monkeypatch):
     ctx, positions = _context(device, sizes, steps, [keys], [sizes.ratio])
     n = positions.shape[0]
     q = torch.randn(n, sizes.index_heads, sizes.index_dim, generator=generator).to(device, dtype)
-    weights = torch.randn(n, sizes.index_heads, generator=generator).to(device)
+    weights = torch.randn(n, sizes.index_heads, generator=generator).to(device, dtype)     # the projection's
     width = ctx.max_seq_len // sizes.ratio + 3                       # wider than any request's entries
     scores = kernels.indexer_scores(q, weights, keys, ctx.block_tables[0], positions, token_requests(ctx, n),
-                                    sizes.ratio, width, sizes.block_size)
+                                    sizes.ratio, width, sizes.block_size, weight_scale=0.125)
+    weights = weights.float() * 0.125                                # as the reference path forms them
     selected = kernels.indexer_topk(scores, positions, sizes.ratio, sizes.top_k)
     starts = ctx.query_start_loc_host
     for b in range(len(steps)):
