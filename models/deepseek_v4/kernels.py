@@ -813,23 +813,29 @@ if triton is not None:
     @triton.jit
     def _hc_pre_kernel(streams_ptr, mix_ptr, base_ptr, scale_ptr, post_ptr, comb_ptr, out_ptr, norm_ptr,
                        streams_stride, mix_stride, norm_eps, hc_eps, sinkhorn_iters, out_eps,
-                       N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, PARTIALS: tl.constexpr,
-                       M: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr, NORM: tl.constexpr,
-                       WEIGHT_IN_FP32: tl.constexpr):
+                       N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, SPAN: tl.constexpr,
+                       PARTIALS: tl.constexpr, M: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr,
+                       NORM: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr):
+        # a program per token and SPAN channels of its input: with PARTIALS (hc_post's sums) every program
+        # forms the token's weights itself (a few hundred floats from L2) and collapses its channels; without,
+        # one program a token walks the row for the RMS and collapses all of it (SPAN = HIDDEN)
         token = tl.program_id(0).to(tl.int64)
+        part = tl.program_id(1)
         k = tl.arange(0, N)
         c = tl.arange(0, BLOCK)
         cells = k[:, None] * N + k[None, :]
         row = streams_ptr + token * streams_stride
-        if PARTIALS:        # per chunk of channels: the projection's share and the sum of squares (hc_post's MIX)
+        if PARTIALS:        # per chunk of channels: the projection's share and the streams' Gram matrix
             ch = tl.arange(0, BLOCK_C)
             ch_mask = ch < CHUNKS
-            parts = mix_ptr + token * mix_stride + ch * M        # [BLOCK_C] rows of M + 1 partial sums, padded
-            squares = tl.sum(tl.load(parts + (2 + N) * N, mask=ch_mask, other=0.0), axis=0)
+            parts = mix_ptr + token * mix_stride + ch * M        # [BLOCK_C] rows of partial sums
             pre_w = tl.sum(tl.load(parts[:, None] + k[None, :], mask=ch_mask[:, None], other=0.0), axis=0)
             post_w = tl.sum(tl.load(parts[:, None] + N + k[None, :], mask=ch_mask[:, None], other=0.0), axis=0)
             comb_w = tl.sum(tl.load(parts[:, None, None] + 2 * N + cells[None, :, :], mask=ch_mask[:, None, None],
                                     other=0.0), axis=0)
+            gram = tl.sum(tl.load(parts[:, None, None] + (2 + N) * N + cells[None, :, :],
+                                  mask=ch_mask[:, None, None], other=0.0), axis=0)        # [N, N]
+            squares = tl.sum(tl.sum(tl.where(k[:, None] == k[None, :], gram, 0.0), axis=1), axis=0)
         else:               # the projection of the unnormalized streams from a GEMM; the squares here
             acc = tl.zeros([N, BLOCK], tl.float32)
             for c0 in range(0, HIDDEN, BLOCK):
@@ -844,7 +850,6 @@ if triton is not None:
         rms = tl.rsqrt(squares / (N * HIDDEN) + norm_eps)   # RMS of all streams together, applied after the GEMM
         pre = tl.sigmoid(pre_w * rms * tl.load(scale_ptr) + tl.load(base_ptr + k)) + hc_eps
         post = post_w * rms * tl.load(scale_ptr + 1) + tl.load(base_ptr + N + k)
-        tl.store(post_ptr + token * N + k, 2.0 * tl.sigmoid(post))
         comb = comb_w * rms * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * N + cells)
         comb = tl.exp(comb - tl.max(comb, axis=1)[:, None])
         comb = comb / tl.sum(comb, axis=1)[:, None] + hc_eps
@@ -852,18 +857,25 @@ if triton is not None:
         for _ in range(sinkhorn_iters - 1):
             comb = comb / (tl.sum(comb, axis=1)[:, None] + hc_eps)
             comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
-        tl.store(comb_ptr + token * N * N + cells, comb)
+        if part == 0:
+            tl.store(post_ptr + token * N + k, 2.0 * tl.sigmoid(post))
+            tl.store(comb_ptr + token * N * N + cells, comb)
         dtype = out_ptr.dtype.element_ty
         inv_rms = 1.0
         if NORM:            # the sublayer's RMSNorm of the collapsed row: its sum of squares first
-            total = tl.zeros([BLOCK], tl.float32)
-            for c0 in range(0, HIDDEN, BLOCK):
-                mask = (c0 + c) < HIDDEN
-                x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
-                collapsed = tl.sum(x * pre[:, None], axis=0).to(dtype).to(tl.float32)
-                total += collapsed * collapsed
-            inv_rms = tl.rsqrt(tl.sum(total, axis=0) / HIDDEN + out_eps)
-        for c0 in range(0, HIDDEN, BLOCK):                # the sublayer's input: the streams weighted by pre
+            if PARTIALS:    # pre^T G pre: the collapsed row's squares before its rounding to the dtype
+                total = tl.sum(tl.sum(pre[:, None] * gram * pre[None, :], axis=1), axis=0)
+            else:           # of the rounded row, as the reference
+                acc_total = tl.zeros([BLOCK], tl.float32)
+                for c0 in range(0, HIDDEN, BLOCK):
+                    mask = (c0 + c) < HIDDEN
+                    x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :],
+                                other=0.0).to(tl.float32)
+                    collapsed = tl.sum(x * pre[:, None], axis=0).to(dtype).to(tl.float32)
+                    acc_total += collapsed * collapsed
+                total = tl.sum(acc_total, axis=0)
+            inv_rms = tl.rsqrt(total / HIDDEN + out_eps)
+        for c0 in range(part * SPAN, part * SPAN + SPAN, BLOCK):   # the sublayer's input: streams weighted by pre
             mask = (c0 + c) < HIDDEN
             x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
             collapsed = tl.sum(x * pre[:, None], axis=0)
@@ -877,31 +889,40 @@ if triton is not None:
             tl.store(out_ptr + token * HIDDEN + c0 + c, collapsed.to(dtype), mask=mask)
 
 
+HC_PRE_SPAN = 256            # channels a program of hc_pre collapses when hc_post summed the projection for it
+
+
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
            hc_eps: float, sinkhorn_iters: int, mix: torch.Tensor | None = None,
            norm: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same function as mhc.HyperConnection.pre: streams [n, hc, hidden] -> (post [n, hc], comb
     [n, hc, hc], input [n, hidden]), the input through `norm` (a runtime RMSNorm) if given. The projection is
-    the sum of `mix`, hc_post's partial projections of these streams (`next_fn`), or else one GEMM of the
-    unnormalized streams (the RMS factor is a per-token scalar, applied after it); all the rest, Sinkhorn
-    included, is one program per token."""
+    the sum of `mix`, hc_post's partial sums for these streams (`next_fn`: then the norm's sum of squares comes
+    from their Gram matrix, before the row's rounding to the dtype, and a program collapses HC_PRE_SPAN
+    channels), or else one GEMM of the unnormalized streams (the RMS factor is a per-token scalar, applied
+    after it) and a program a token. Sinkhorn included, all the rest is that one launch."""
     n, hc, hidden = streams.shape
     streams = streams.contiguous()
-    if mix is None:
+    partials = mix is not None
+    if partials:
+        chunks, width = mix.shape[1], mix.shape[2]
+        span = min(HC_PRE_SPAN, _pow2(hidden))
+        block = span
+    else:
         mix = torch.nn.functional.linear(streams.view(n, -1).float(), fn)       # [n, (2 + hc) * hc]
         chunks, width = 1, mix.shape[1]
-    else:
-        chunks, width = mix.shape[1], mix.shape[2]
+        block = min(1024, _pow2(hidden))
+        span = triton.cdiv(hidden, block) * block
     post = torch.empty(n, hc, dtype=torch.float32, device=streams.device)
     comb = torch.empty(n, hc, hc, dtype=torch.float32, device=streams.device)
     out = torch.empty(n, hidden, dtype=streams.dtype, device=streams.device)
     if n:
-        _hc_pre_kernel[(n,)](streams, mix, base, scale, post, comb, out, norm.weight if norm is not None else base,
-                             streams.stride(0), mix.stride(0), norm_eps, hc_eps, sinkhorn_iters,
-                             norm.eps if norm is not None else 0.0,
-                             N=hc, HIDDEN=hidden, BLOCK=min(1024, _pow2(hidden)), PARTIALS=mix.dim() == 3,
-                             M=width, CHUNKS=chunks, BLOCK_C=_pow2(chunks), NORM=norm is not None,
-                             WEIGHT_IN_FP32=norm is not None and norm.weight_in_fp32, num_warps=4)
+        _hc_pre_kernel[(n, triton.cdiv(hidden, span))](
+            streams, mix, base, scale, post, comb, out, norm.weight if norm is not None else base,
+            streams.stride(0), mix.stride(0), norm_eps, hc_eps, sinkhorn_iters, norm.eps if norm is not None else 0.0,
+            N=hc, HIDDEN=hidden, BLOCK=block, SPAN=span, PARTIALS=partials, M=width, CHUNKS=chunks,
+            BLOCK_C=_pow2(chunks), NORM=norm is not None, WEIGHT_IN_FP32=norm is not None and norm.weight_in_fp32,
+            num_warps=4 if not partials else 2)
     return post, comb, out
 
 
@@ -1004,14 +1025,17 @@ if triton is not None:
         tl.store(new_ptr + token * N * HIDDEN + k[:, None] * HIDDEN + c[None, :], new, mask=mask[None, :])
         if MIX:
             # the next connection's projection of these channels of the new streams (unnormalized) and their
-            # sum of squares: M + 1 partial sums a chunk, which hc_pre adds up (no GEMM, no fp32 copy)
+            # Gram matrix (its trace: the sum of squares): M + N * N partial sums a chunk, which hc_pre adds up
+            # (no GEMM, no fp32 copy)
             x = new.to(tl.float32)                                                      # 0 past HIDDEN
             m = tl.arange(0, BLOCK_M)
             w = tl.load(fn_ptr + m[:, None, None] * (N * HIDDEN) + k[None, :, None] * HIDDEN + c[None, None, :],
                         mask=(m < M)[:, None, None] & mask[None, None, :], other=0.0)  # [BLOCK_M, N, BLOCK]
             partial = tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)
-            partial = tl.where(m == M, tl.sum(tl.sum(x * x, axis=1), axis=0), partial)
-            tl.store(mix_ptr + (token * tl.num_programs(1) + chunk) * BLOCK_M + m, partial)
+            dst = mix_ptr + (token * tl.num_programs(1) + chunk) * BLOCK_M
+            tl.store(dst + m, partial, mask=m < M)
+            gram = tl.sum(x[:, None, :] * x[None, :, :], axis=2)                       # [N, N]
+            tl.store(dst + M + k[:, None] * N + k[None, :], gram)
 
 
 HC_MIX_BLOCK = 64            # channels a program of hc_post projects for the next connection (64 programs at 4096)
@@ -1023,7 +1047,8 @@ def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, com
     """The same function as mhc.HyperConnection.post: new streams [n, hc, hidden], each
     post_k * output + sum_j comb[j, k] * stream_j, in one launch. With `next_fn` (the next connection's
     [(2 + hc) * hc, hc * hidden] fp32 projection) also -> the partial sums hc_pre reads as `mix`
-    [n, chunks, pow2((2 + hc) * hc + 1)]: each chunk's projection of the new streams and sum of squares."""
+    [n, chunks, pow2((2 + hc) * hc + hc * hc)]: each chunk's projection of the new streams and their Gram
+    matrix."""
     n, hc, hidden = streams.shape
     streams = streams.contiguous()
     output = output.contiguous()
@@ -1031,7 +1056,7 @@ def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, com
     m = (2 + hc) * hc
     block = HC_MIX_BLOCK if next_fn is not None else min(512, _pow2(hidden))
     chunks = triton.cdiv(hidden, block)
-    mix = torch.empty(n, chunks, _pow2(m + 1), dtype=torch.float32, device=streams.device) \
+    mix = torch.empty(n, chunks, _pow2(m + hc * hc), dtype=torch.float32, device=streams.device) \
         if next_fn is not None else None
     if n:
         _hc_post_kernel[(n, chunks)](
@@ -1039,7 +1064,7 @@ def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, com
             next_fn if next_fn is not None else post, mix if mix is not None else post,
             output.stride(0), streams.stride(0),
             N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, MIX=next_fn is not None,
-            M=m, BLOCK_M=_pow2(m + 1), num_warps=4, enable_fp_fusion=False)
+            M=m, BLOCK_M=_pow2(m + hc * hc), num_warps=4, enable_fp_fusion=False)
     return new if next_fn is None else (new, mix)
 
 

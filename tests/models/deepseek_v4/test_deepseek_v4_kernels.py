@@ -224,7 +224,7 @@ def test_compressor_kernels_match_reference(device, overlap):
     through the kernels: the state rows and the entries written agree."""
     sizes, dtype, steps = _setup(device)
     ratio = sizes.ratio if overlap else (16 if device == "cpu" else 128)
-    hidden = 64 if device == "cpu" else 4096
+    hidden = 320 if device == "cpu" else 4096          # on the CPU: chunks of hc_post / hc_pre past the row's end
     torch.manual_seed(3)
     rope = TrailingRope(_hf_config(sizes.dim, sizes.rope_dim), "compress", sizes.rope_dim)
     module = Compressor(hidden, sizes.dim, ratio, overlap, 1e-6, rope)
@@ -420,7 +420,7 @@ def test_graph_replays_at_other_contexts_equal_eager(fp8):
 @pytest.mark.parametrize("device", DEVICES)
 def test_hyper_connection_kernels_match_reference(device):
     from models.deepseek_v4.mhc import HyperConnection
-    hidden = 64 if device == "cpu" else 4096
+    hidden = 320 if device == "cpu" else 4096          # on the CPU: chunks of hc_post / hc_pre past the row's end
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
 
     class _Config:
@@ -453,7 +453,7 @@ def test_hyper_connection_kernels_match_reference(device):
         following.base.copy_(torch.randn(following.base.shape, generator=generator))
     following = following.to(device)
     new, mix = kernels.hc_post(output, streams, post, comb, following.fn)
-    assert mix.shape == (37, hidden // kernels.HC_MIX_BLOCK, 32)
+    assert mix.shape == (37, -(-hidden // kernels.HC_MIX_BLOCK), 64)
     torch.testing.assert_close(new.float(), new_ref.float(), atol=tolerance, rtol=tolerance)
     for weight_in_fp32 in (True, False):
         norm = RMSNorm(hidden, 1e-6, weight_in_fp32=weight_in_fp32)
@@ -524,13 +524,14 @@ def test_decode_kernels_compile_for_hopper():
     pytest.importorskip("triton")
     from tests.triton_compile import Case, compile_for_hopper
     module = "models.deepseek_v4.kernels"
-    hc = dict(N=4, HIDDEN=4096, BLOCK=1024)
     cases = [Case(module, "_indexer_topk_kernel", dict(RATIO=4, K=512, BLOCK_K=512, BLOCK_W=width),
                   {"scores_ptr": "*fp32", "out_ptr": "*i32"}) for width in (2048, kernels.TOPK_MAX_WIDTH)]
-    cases += [Case(module, "_hc_pre_kernel", dict(hc, PARTIALS=partials, M=32 if partials else 24,
-                                                  CHUNKS=64 if partials else 1, BLOCK_C=64 if partials else 1,
-                                                  NORM=norm, WEIGHT_IN_FP32=True), HC_TYPES)
-              for partials, norm in ((True, True), (False, True), (False, False))]
+    cases += [Case(module, "_hc_pre_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, SPAN=span, PARTIALS=partials,
+                                                  M=64 if partials else 24, CHUNKS=64 if partials else 1,
+                                                  BLOCK_C=64 if partials else 1, NORM=norm, WEIGHT_IN_FP32=True),
+                   HC_TYPES)
+              for partials, norm, block, span in ((True, True, kernels.HC_PRE_SPAN, kernels.HC_PRE_SPAN),
+                                                  (False, True, 1024, 4096), (False, False, 1024, 4096))]
     cases += [Case(module, "_hc_post_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, ROUND=True, MIX=mix, M=24,
                                                    BLOCK_M=32), HC_TYPES)
               for block, mix in ((kernels.HC_MIX_BLOCK, True), (512, False))]
