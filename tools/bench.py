@@ -152,9 +152,11 @@ def copy_bandwidth(device: torch.device, num_bytes: int = 2 << 30) -> float:
     return 20 * num_bytes / (start.elapsed_time(end) / 1e3)
 
 
-def decode_step_bytes(model: torch.nn.Module, hf_config, batch: int, context_len: int, kv_bytes_per_token: int) -> int:
+def decode_step_bytes(model: torch.nn.Module, hf_config, batch: int, context_len: int, kv_bytes_per_token: int,
+                      expert_shards: int = 1) -> int:
     """Bytes one decode step must read: every weight it touches (an embedding table only through its rows,
-    unless tied to the LM head; a stacked expert tensor only for the experts the batch can reach) + the KV."""
+    unless tied to the LM head; a stacked expert tensor only for the experts the batch can reach) + the KV.
+    With expert parallelism over `expert_shards` ranks a rank stacks experts / expert_shards of them."""
     experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None)
     top_k = getattr(hf_config, "num_experts_per_tok", 1)
     touched_fraction = 1.0
@@ -169,7 +171,7 @@ def decode_step_bytes(model: torch.nn.Module, hf_config, batch: int, context_len
         size = param.numel() * param.element_size()
         if "embed_tokens" in name and not getattr(hf_config, "tie_word_embeddings", False):
             size = batch * param.shape[-1] * param.element_size()
-        elif experts and param.dim() >= 3 and param.shape[0] == experts:      # stacked (or packed) experts
+        elif experts and param.dim() >= 3 and param.shape[0] * expert_shards == experts:   # stacked experts
             size = int(size * touched_fraction)
         total += size
     return total + batch * context_len * kv_bytes_per_token
@@ -249,7 +251,8 @@ def bench_latency(args: argparse.Namespace) -> dict:
         return [rng.randrange(1000, engine.vocab_size - 1000) for _ in range(args.prompt_len)]
     bandwidth = copy_bandwidth(engine.device)
     step_bytes = decode_step_bytes(engine.model, engine.hf_config, 1, args.prompt_len + args.output_len // 2,
-                                   _kv_bytes_per_token(engine))
+                                   _kv_bytes_per_token(engine),
+                                   args.tensor_parallel_size if args.enable_expert_parallel else 1)
     result = dict(workload="latency", model=args.model, bandwidth_tb_s=bandwidth / 1e12, step_gb=step_bytes / 1e9,
                   roofline_tok_s=bandwidth / step_bytes)
     for mode in _modes(args):

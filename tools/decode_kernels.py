@@ -5,7 +5,7 @@ block-scaled GEMV/GEMM against cuBLAS on the dequantized weights. Prints one tab
 checked against its torch reference first (relative error) and timed from a CUDA graph, over enough weight
 copies that L2 cannot hold them (each copy read once per replay).
 
-    python tools/decode_kernels.py [--only gemv,mxfp4,qkv,fp8] [--json out.jsonl]
+    python tools/decode_kernels.py [--only gemv,mxfp4,qkv,fp8,attention] [--json out.jsonl]
 """
 from __future__ import annotations
 
@@ -357,6 +357,58 @@ def write_fp8_tile_table(chosen: dict) -> None:
     path.write_text(text[:start] + rows + text[end:])
     print("FP8_GEMV_TILE_TABLE:\n" + rows)
 
+def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "float8_e4m3fn")) -> None:
+    """The split-K paged decode kernel at long contexts (Qwen3-8B's heads: 32 query, 8 KV, dim 128, 16-token
+    pages scattered over the cache) in bf16 and fp8: the default tiles against a sweep of keys per step,
+    warps, pipeline stages and programs per SM. KV TB/s counts the cache bytes one call reads."""
+    from itertools import product
+
+    from runtime.ops.attention import DecodeTiles, decode_tiles, paged_decode_triton
+    heads, kv_heads, dim, page = 32, 8, 128, 16
+    print(f"\n{'decode attention':<18}{'cache':>7}{'batch':>6}{'context':>8}{'default us':>11}{'TB/s':>6}"
+          f"{'best us':>9}{'TB/s':>6}  best tiles (block_n/warps/stages/programs per SM[/fp16 dot]); next two")
+    for dtype, (batch, context) in product([getattr(torch, name) for name in dtypes],
+                                           ((1, 32768), (4, 32768), (8, 32768), (64, 4096))):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        pages_per_seq = context // page
+        num_pages = batch * pages_per_seq + 1
+        cache = torch.randn(num_pages, page, 2, kv_heads, dim, generator=g, device="cuda").mul(0.5).to(dtype)
+        table = torch.randperm(num_pages - 1, generator=g, device="cuda")[:batch * pages_per_seq]
+        table = table.view(batch, pages_per_seq).to(torch.int32)
+        lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, heads, dim, generator=g, device="cuda").to(torch.bfloat16)
+        scale = dim ** -0.5
+        nbytes = batch * context * 2 * kv_heads * dim * cache.element_size()
+        default = decode_tiles(dim, dtype)
+        want = paged_decode_triton(q, cache, table, lens, context, scale, tiles=default)
+        timings = {}
+        fp8 = dtype == torch.float8_e4m3fn
+        for block_n, warps, stages, per_sm, fp16 in product((32, 64, 128), (4,) if fp8 else (4, 8), (2, 3),
+                                                            (2, 4, 8), (False, True) if fp8 else (False,)):
+            tiles = DecodeTiles(block_n, warps, stages, per_sm, fp16)
+            try:
+                err = rel_error(paged_decode_triton(q, cache, table, lens, context, scale, tiles=tiles), want)
+                if err > 1e-2:
+                    print(f"  {tiles}: rel error {err:.1e}: dropped")
+                    continue
+                timings[tiles] = timed_us(lambda i, t=tiles: paged_decode_triton(q, cache, table, lens, context,
+                                                                                scale, tiles=t), 1, 20)
+            except Exception as e:                      # e.g. out of shared memory at 128 keys x 8 stages
+                print(f"  {tiles}: {type(e).__name__}")
+        ranked = sorted((us, t) for t, us in timings.items())
+        t_default = timings.get(default, float("nan"))
+        tbs = lambda us: nbytes / us / 1e6                                         # noqa: E731
+        short = lambda t: (f"{t.block_n}/{t.num_warps}/{t.num_stages}/{t.programs_per_sm}"   # noqa: E731
+                           + ("/fp16" if t.fp16_dot else ""))
+        print(f"{'':<18}{str(dtype).split('.')[-1][:7]:>7}{batch:>6}{context:>8}{t_default:>11.1f}"
+              f"{tbs(t_default):>6.2f}{ranked[0][0]:>9.1f}{tbs(ranked[0][0]):>6.2f}  "
+              + "; ".join(f"{short(t)}: {us:.1f}" for us, t in ranked[:3]))
+        RECORDS.append(dict(kind="attention", dtype=str(dtype), batch=batch, context=context,
+                            default_us=t_default, sweep={short(t): us for t, us in timings.items()}))
+        del cache
+    print(f"(copy bandwidth {bandwidth / 1e12:.2f} TB/s)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="gemv,mxfp4,qkv")
@@ -367,6 +419,7 @@ def main() -> int:
                              "fp8: FP8_GEMV_TILE_TABLE in runtime/ops/fp8.py)")
     parser.add_argument("--before", help="a module with an older mxfp4_moe_gemv to time beside this one "
                                          "(e.g. a copy of the previous runtime/ops/mxfp4.py)")
+    parser.add_argument("--attention-dtypes", default="bfloat16,float8_e4m3fn", help="KV cache dtypes to sweep")
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -383,6 +436,8 @@ def main() -> int:
             write_tile_table(chosen)
     if "gemv" in only:
         bench_gemv(bandwidth)
+    if "attention" in only:
+        bench_attention(bandwidth, tuple(args.attention_dtypes.split(",")))
     if "fp8" in only:
         chosen = bench_fp8(bandwidth)
         if args.write_table:

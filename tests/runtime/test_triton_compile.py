@@ -72,6 +72,16 @@ for rows in (2, 4):
 CASES["fp8-dequantize"] = (Case("runtime.ops.fp8", "_fp8_dequantize_kernel", dict(
     BLOCK_OUT=128, BLOCK_IN=128, BLOCK_R=32, BLOCK_C=256), dict(FP8_TYPES, w_ptr="*fp8e4nv")), None, None)
 
+DECODE_TYPES = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "table_ptr": "*i32", "seq_lens_ptr": "*i32",
+                "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+                "scale": "fp32", "softcap": "fp32"}
+DECODE = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, PAGE=16, HAS_WINDOW=False, HAS_SOFTCAP=False)
+CASES["decode-attention-bf16"] = (Case("runtime.ops.attention", "_decode_kernel", dict(
+    DECODE, BLOCK_N=64, HAS_KV_SCALE=False, FP16_DOT=False), DECODE_TYPES), None, None)
+for fp16 in (False, True):     # fp8 entries widened to fp16: one hardware conversion per pair
+    CASES[f"decode-attention-fp8{'-fp16-dot' if fp16 else ''}"] = (Case("runtime.ops.attention", "_decode_kernel", dict(
+        DECODE, BLOCK_N=128, HAS_KV_SCALE=True, FP16_DOT=fp16), dict(DECODE_TYPES, cache_ptr="*fp8e4nv")),
+        "cvt.rn.f16x2.e4m3x2" if fp16 else None, None)
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, dict]:
