@@ -377,9 +377,9 @@ INDEXER_PROGRAMS = 528       # four per SM on an H200 (as many as their register
 def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, table: torch.Tensor,
                    positions: torch.Tensor, requests: torch.Tensor, ratio: int, width: int,
                    block_size: int, key_format: Fp8Entry | None = None, weight_scale: float = 1.0) -> torch.Tensor:
-    """q [n, heads, dim]; head_weights [n, heads] (any float dtype, times `weight_scale` in fp32); keys [blocks, block_size / ratio, dim] (or FP8 entries
-    of `key_format`, dequantized to q's dtype) -> scores [n, width] fp32: -inf at entries the query cannot see
-    (not closed by its position, or past width)."""
+    """q [n, heads, dim]; head_weights [n, heads] (any float dtype, times `weight_scale` in fp32); keys
+    [blocks, block_size / ratio, dim] (or FP8 entries of `key_format`, dequantized to q's dtype) -> scores
+    [n, width] fp32: -inf at entries the query cannot see (not closed by its position, or past width)."""
     n, heads, dim = q.shape
     out = torch.empty(n, width, dtype=torch.float32, device=q.device)
     if n == 0 or width == 0:
@@ -999,7 +999,8 @@ def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
         x, out, positions, inv_freq, slots if to_slots else positions, weight if weight is not None else inv_freq,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
         HEADS=heads, BLOCK_H=block_h, HALF=dim // 2, BLOCK_HALF=_pow2(dim // 2), ROPE_HALF=inv_freq.shape[0],
-        NORMALIZE=normalize or weight is not None, WEIGHTED=weight is not None, INVERSE=inverse, TO_SLOTS=to_slots, ROUND=x.dtype != torch.float32,
+        NORMALIZE=normalize or weight is not None, WEIGHTED=weight is not None, INVERSE=inverse, TO_SLOTS=to_slots,
+        ROUND=x.dtype != torch.float32,
         FP8=fmt is not None, **layout, num_warps=4, enable_fp_fusion=False)
     return None if to_slots else out
 

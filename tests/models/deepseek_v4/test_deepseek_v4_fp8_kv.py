@@ -344,7 +344,8 @@ FP8_CASES = [
                                            WINDOW=8, OVERLAP=True, ROUND=True, DTYPE="tl.bfloat16", FP8=True,
                                            **KV_LAYOUT), FP8_POINTERS),
     Case(KERNELS, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, NORMALIZE=False,
-                                            WEIGHTED=False, INVERSE=False, TO_SLOTS=True, ROUND=True, FP8=True, **KV_LAYOUT),
+                                            WEIGHTED=False, INVERSE=False, TO_SLOTS=True, ROUND=True, FP8=True,
+                                            **KV_LAYOUT),
          FP8_POINTERS),
 ]
 
