@@ -104,12 +104,14 @@ class DeepseekV4Attention(nn.Module):
         fast = kernels.use_kernels(x)
         q_latent = self.q_norm(self.wq_a(x))                                      # [num_tokens, q_lora_rank]
         q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
-        kv = self.kv_norm(self.wkv(x))[:, None]                                   # [num_tokens, 1, head_dim]
+        kv = self.wkv(x)[:, None]                                                 # [num_tokens, 1, head_dim]
         cache, _, slots = ctx.layer_cache(self.window_layer)
-        if fast:                      # one launch each: q's head norm + RoPE; K's RoPE + window insert
+        if fast:                      # one launch each: q's head norm + RoPE; K's norm + RoPE + window insert
             q = kernels.norm_rope(q, positions, self.rope.inv_freq, normalize=True, eps=self.eps)
-            kernels.norm_rope(kv, positions, self.rope.inv_freq, cache=cache, slots=slots, fmt=self.window_format)
+            kernels.norm_rope(kv, positions, self.rope.inv_freq, eps=self.kv_norm.eps, cache=cache, slots=slots,
+                              fmt=self.window_format, weight=self.kv_norm.weight)
         else:
+            kv = self.kv_norm(kv)
             q = self.rope(unweighted_rms_norm(q, self.eps), positions)            # [num_tokens, heads, head_dim]
             write_entries(cache, self.rope(kv, positions)[:, 0], slots, self.window_format)
         entry_layer, selected = None, None
@@ -118,14 +120,13 @@ class DeepseekV4Attention(nn.Module):
             entry_layer = self.compressor.entry_layer
         if self.indexer is not None:
             selected = self.indexer(x, q_latent, positions, requests, ctx)
-        if fast:
+        if fast:              # the inverse RoPE inside the attention's split reduction
             out = self._attend_kernels(q, positions, requests, ctx, entry_layer, selected)
         else:
             out = window_sparse_attention(q, positions, ctx, self.window_layer, self.window, entry_layer,
                                           self.kind.ratio, selected, self.attn_sink, self.head_dim ** -0.5,
                                           self.window_format, self._entry_format)
-        out = kernels.norm_rope(out, positions, self.rope.inv_freq, inverse=True) if fast \
-            else self.rope(out, positions, inverse=True)
+            out = self.rope(out, positions, inverse=True)
         low_rank = self.wo_a(out.flatten(1))                                      # [num_tokens, groups * o_rank]
         return self.wo_b(low_rank)
 
@@ -144,4 +145,4 @@ class DeepseekV4Attention(nn.Module):
                                         entry_cache, entry_table, ratio, selected, self.attn_sink,
                                         self.head_dim ** -0.5, ctx.block_size,
                                         ctx.max_seq_len // ratio if ratio else 0, self.window_format,
-                                        self._entry_format)
+                                        self._entry_format, self.rope.inv_freq)

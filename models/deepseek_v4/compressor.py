@@ -15,6 +15,7 @@ from torch import nn
 
 from runtime.forward import ForwardContext
 from runtime.ops import RMSNorm
+from runtime.ops.linear import Linear
 
 from . import kernels
 from .cache_ops import Fp8Entry, dequantize_entries, gather_entries, request_entries, write_entries
@@ -27,8 +28,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.head_dim, self.ratio, self.overlap = head_dim, ratio, overlap
         width = (2 if overlap else 1) * head_dim
-        self.wkv = nn.Linear(hidden_size, width, bias=False)
-        self.wgate = nn.Linear(hidden_size, width, bias=False)
+        self.wkv = Linear(hidden_size, width, bias=False)        # bf16 as released: the GEMV at one token
+        self.wgate = Linear(hidden_size, width, bias=False)
         self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))   # bias per position in a window
         self.norm = RMSNorm(head_dim, eps, weight_in_fp32=True)
         self.rope = rope
@@ -97,7 +98,7 @@ class Indexer(nn.Module):
         self.num_heads, self.head_dim = config.index_n_heads, config.index_head_dim
         self.top_k = config.index_topk
         self.wq_b = linears(config.q_lora_rank, self.num_heads * self.head_dim)
-        self.weights_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+        self.weights_proj = Linear(config.hidden_size, self.num_heads, bias=False)
         self.compressor = Compressor(config.hidden_size, self.head_dim, 4, True, config.rms_norm_eps, rope)
         self.rope = rope
 
@@ -112,11 +113,12 @@ class Indexer(nn.Module):
         entries any request of the step can have (fixed for a captured graph)."""
         self.compressor(x, positions, requests, ctx)
         q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
-        head_weights = self.weights_proj(x).float() * self.num_heads ** -0.5      # [num_tokens, heads]
+        head_weights = self.weights_proj(x)                                      # [num_tokens, heads]
         keys_cache, table, _ = ctx.layer_cache(self.compressor.entry_layer)
-        if kernels.use_kernels(x):
+        if kernels.use_kernels(x):    # the fp32 weights and their scale formed in the scoring kernel
             q = kernels.norm_rope(q, positions, self.rope.inv_freq)
             return self._select_kernels(q, head_weights, keys_cache, table, positions, requests, ctx)
+        head_weights = head_weights.float() * self.num_heads ** -0.5
         key_format = self.compressor.entry_format
         q = self.rope(q, positions)                                               # [num_tokens, heads, head_dim]
         starts = ctx.query_start_loc_host
@@ -146,6 +148,6 @@ class Indexer(nn.Module):
             part = slice(start, start + rows)
             scores = kernels.indexer_scores(q[part], head_weights[part], keys_cache, table, positions[part],
                                             requests[part], self.ratio, width, ctx.block_size,
-                                            self.compressor.entry_format)
+                                            self.compressor.entry_format, self.num_heads ** -0.5)
             picked.append(kernels.indexer_topk(scores, positions[part], self.ratio, self.top_k))
         return picked[0] if len(picked) == 1 else torch.cat(picked)

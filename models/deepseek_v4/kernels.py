@@ -168,6 +168,26 @@ if triton is not None:
         return out
 
 
+if triton is not None:
+    @triton.jit
+    def _rope_pairs(even, odd, i, position, inv_freq_ptr, HALF: tl.constexpr, ROPE_HALF: tl.constexpr,
+                    INVERSE: tl.constexpr, ROUND: tl.constexpr, dtype: tl.constexpr):
+        """Interleaved RoPE on channel pairs (even, odd) [rows, pairs] (pair index i [pairs]) at `position`,
+        the trailing ROPE_HALF pairs of HALF rotated (by -position with INVERSE), rounding as rope.TrailingRope
+        does in the dtype."""
+        freq = i - (HALF - ROPE_HALF)
+        is_rope = (freq >= 0) & (i < HALF)
+        inv_freq = tl.load(inv_freq_ptr + tl.maximum(freq, 0), mask=is_rope, other=0.0)
+        angle = position.to(tl.float32) * inv_freq
+        cos = _rounded(tl.cos(angle), ROUND, dtype)[None, :]
+        sin = _rounded(tl.sin(angle), ROUND, dtype)[None, :]
+        if INVERSE:
+            sin = -sin
+        r_even = _rounded(_rounded(even * cos, ROUND, dtype) - _rounded(odd * sin, ROUND, dtype), ROUND, dtype)
+        r_odd = _rounded(_rounded(odd * cos, ROUND, dtype) + _rounded(even * sin, ROUND, dtype), ROUND, dtype)
+        return tl.where(is_rope[None, :], r_even, even), tl.where(is_rope[None, :], r_odd, odd)
+
+
 # ---- the compressor: entries at closing positions ------------------------------------------------------
 
 if triton is not None:
@@ -303,7 +323,7 @@ if triton is not None:
     @triton.jit
     def _indexer_kernel(q_ptr, weights_ptr, keys_ptr, table_ptr, positions_ptr, requests_ptr, out_ptr,
                         q_stride_t, q_stride_h, weights_stride, table_stride, out_stride, width,
-                        scale, num_programs, PER_BLOCK: tl.constexpr,
+                        scale, weight_scale, num_programs, PER_BLOCK: tl.constexpr,
                         HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         RATIO: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr,
                         FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
@@ -320,7 +340,7 @@ if triton is not None:
         d_mask = d < DIM
         q = tl.load(q_ptr + token * q_stride_t + h[:, None] * q_stride_h + d[None, :],
                     mask=h_mask[:, None] & d_mask[None, :], other=0.0)       # [BLOCK_HEADS, BLOCK_D]
-        w = tl.load(weights_ptr + token * weights_stride + h, mask=h_mask, other=0.0).to(tl.float32)
+        w = tl.load(weights_ptr + token * weights_stride + h, mask=h_mask, other=0.0).to(tl.float32) * weight_scale
         for tile in range(tl.program_id(1), tl.cdiv(width, BLOCK_N), num_programs):
             n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             scores = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -356,10 +376,10 @@ INDEXER_PROGRAMS = 528       # four per SM on an H200 (as many as their register
 
 def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, table: torch.Tensor,
                    positions: torch.Tensor, requests: torch.Tensor, ratio: int, width: int,
-                   block_size: int, key_format: Fp8Entry | None = None) -> torch.Tensor:
-    """q [n, heads, dim]; head_weights [n, heads] fp32; keys [blocks, block_size / ratio, dim] (or FP8 entries
-    of `key_format`, dequantized to q's dtype) -> scores [n, width] fp32: -inf at entries the query cannot see
-    (not closed by its position, or past width)."""
+                   block_size: int, key_format: Fp8Entry | None = None, weight_scale: float = 1.0) -> torch.Tensor:
+    """q [n, heads, dim]; head_weights [n, heads] (any float dtype, times `weight_scale` in fp32); keys
+    [blocks, block_size / ratio, dim] (or FP8 entries of `key_format`, dequantized to q's dtype) -> scores
+    [n, width] fp32: -inf at entries the query cannot see (not closed by its position, or past width)."""
     n, heads, dim = q.shape
     out = torch.empty(n, width, dtype=torch.float32, device=q.device)
     if n == 0 or width == 0:
@@ -370,17 +390,63 @@ def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tens
     _indexer_kernel[(n, programs)](
         q, head_weights, keys, table, positions, requests, out,
         q.stride(0), q.stride(1), head_weights.stride(0), table.stride(0), out.stride(0), width,
-        dim ** -0.5, programs, PER_BLOCK=block_size // ratio,
+        dim ** -0.5, weight_scale, programs, PER_BLOCK=block_size // ratio,
         HEADS=heads, BLOCK_HEADS=max(16, _pow2(heads)), DIM=dim, BLOCK_D=max(16, _pow2(dim)), RATIO=ratio,
         BLOCK_N=block_n, FP32=q.dtype == torch.float32, FP8=key_format is not None, **_fp8_layout(key_format, dim),
         num_warps=4)
     return out
 
 
+if triton is not None:
+    @triton.jit
+    def _indexer_topk_kernel(scores_ptr, positions_ptr, out_ptr, scores_stride, out_stride, width,
+                             RATIO: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
+        # one program a query. With at most K entries visible it keeps them all (no score is read); else the
+        # K-th largest score is found bit by bit on order-preserving integer keys (32 counts over the row,
+        # held in registers), and the entries above it, then the first of its ties, are written in index order
+        token = tl.program_id(0).to(tl.int64)
+        visible = tl.maximum(tl.load(positions_ptr + token).to(tl.int32) + 1, 0) // RATIO
+        out = out_ptr + token * out_stride
+        if visible <= K:
+            j = tl.arange(0, BLOCK_K)
+            tl.store(out + j, tl.where(j < visible, j, -1), mask=j < K)
+        else:
+            w = tl.arange(0, BLOCK_W)
+            seen = (w < visible) & (w < width)
+            bits = tl.load(scores_ptr + token * scores_stride + w, mask=seen, other=0.0).to(tl.int32, bitcast=True)
+            # float order as integer order: negative floats have their magnitude bits flipped; then offset to
+            # [0, 2^32) so that 0 is below every key (the entries not visible)
+            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+            key = tl.where(seen, key, 0)
+            threshold = tl.zeros([], tl.int64)
+            for b in tl.static_range(31, -1, -1):         # the largest t with count(key >= t) >= K
+                candidate = threshold | (1 << b)
+                count = tl.sum((key >= candidate).to(tl.int32), axis=0)
+                threshold = tl.where(count >= K, candidate, threshold)
+            above = key > threshold
+            ties = key == threshold
+            room = K - tl.sum(above.to(tl.int32), axis=0)
+            take = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= room))
+            slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+            tl.store(out + slot, w, mask=take)
+
+
+TOPK_MAX_WIDTH = 8192        # the kernel keeps a row in registers; wider rows go to torch.topk
+
+
 def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, top_k: int) -> torch.Tensor:
-    """[n, min(top_k, width)] int32 entry indices per query, -1 where fewer entries are visible. A fixed-shape
-    top-k: no length is read on the host, nothing is reset between calls (every score is written each call)."""
-    k = min(top_k, scores.shape[1])
+    """[n, min(top_k, width)] int32 entry indices per query (in no particular order), -1 where fewer entries
+    are visible. A fixed-shape top-k: no length is read on the host, nothing is reset between calls (every
+    score is written each call). One launch on a GPU up to TOPK_MAX_WIDTH entries, torch.topk beyond."""
+    n, width = scores.shape
+    k = min(top_k, width)
+    if use_kernels(scores) and width <= TOPK_MAX_WIDTH:
+        out = torch.empty(n, k, dtype=torch.int32, device=scores.device)
+        if n and k:
+            _indexer_topk_kernel[(n,)](scores, positions, out, scores.stride(0), out.stride(0), width,
+                                       RATIO=ratio, K=k, BLOCK_K=_pow2(k), BLOCK_W=_pow2(width),
+                                       num_warps=8 if width > 2048 else 4)
+        return out
     top = torch.topk(scores, k, dim=-1, sorted=False).indices                  # [n, k]
     visible = (positions.clamp(min=-1) + 1) // ratio
     return torch.where(top >= visible[:, None], -1, top).to(torch.int32)
@@ -627,15 +693,18 @@ if triton is not None:
             tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
 
     @triton.jit
-    def _sparse_attention_reduce_kernel(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, out_stride_t, out_stride_h,
-                                        num_splits, HEADS: tl.constexpr, DIM: tl.constexpr,
-                                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _sparse_attention_reduce_kernel(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, positions_ptr,
+                                        inv_freq_ptr, out_stride_t, out_stride_h, num_splits,
+                                        HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                        BLOCK_S: tl.constexpr, ROPE: tl.constexpr, ROPE_HALF: tl.constexpr,
+                                        ROUND: tl.constexpr):
         # the splits BLOCK_S at a time (a [splits, dim] tile of all 64 would spill): their largest max first,
-        # then the weighted sums
+        # then the weighted sums; channels as (even, odd) pairs, so the inverse RoPE (ROPE) needs no shuffle
         token = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         s = tl.arange(0, BLOCK_S)
-        d = tl.arange(0, BLOCK_D)
+        i = tl.arange(0, BLOCK_D // 2)
+        i_mask = i < DIM // 2
         base = (token * HEADS + head) * num_splits
         sink = tl.load(sinks_ptr + head).to(tl.float32)
         m_all = sink
@@ -643,19 +712,30 @@ if triton is not None:
             m = tl.load(part_ml_ptr + (base + s0 + s) * 2, mask=s0 + s < num_splits, other=float("-inf"))
             m_all = tl.maximum(m_all, tl.max(m, axis=0))
         denominator = tl.exp(sink - m_all)
-        acc = tl.zeros([BLOCK_D], tl.float32)
+        acc_even = tl.zeros([BLOCK_D // 2], tl.float32)
+        acc_odd = tl.zeros([BLOCK_D // 2], tl.float32)
         for s0 in range(0, num_splits, BLOCK_S):
             s_mask = s0 + s < num_splits
             m = tl.load(part_ml_ptr + (base + s0 + s) * 2, mask=s_mask, other=float("-inf"))
             l = tl.load(part_ml_ptr + (base + s0 + s) * 2 + 1, mask=s_mask, other=0.0)
             weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
             denominator += tl.sum(weight * l, axis=0)
-            part = tl.load(part_acc_ptr + (base + s0 + s)[:, None] * DIM + d[None, :],
-                           mask=s_mask[:, None] & (d < DIM)[None, :], other=0.0)
-            acc += tl.sum(part * weight[:, None], axis=0)
-        out = acc / denominator
-        tl.store(out_ptr + token * out_stride_t + head * out_stride_h + d, out.to(out_ptr.dtype.element_ty),
-                 mask=d < DIM)
+            part = part_acc_ptr + (base + s0 + s)[:, None] * DIM + 2 * i[None, :]
+            part_mask = s_mask[:, None] & i_mask[None, :]
+            acc_even += tl.sum(tl.load(part, mask=part_mask, other=0.0) * weight[:, None], axis=0)
+            acc_odd += tl.sum(tl.load(part + 1, mask=part_mask, other=0.0) * weight[:, None], axis=0)
+        dtype = out_ptr.dtype.element_ty
+        even = acc_even / denominator
+        odd = acc_odd / denominator
+        if ROPE:            # the output rounded as stored, then rotated back as norm_rope(inverse=True) does
+            even, odd = _rope_pairs(_rounded(even, ROUND, dtype)[None, :], _rounded(odd, ROUND, dtype)[None, :],
+                                    i, tl.load(positions_ptr + token), inv_freq_ptr, DIM // 2, ROPE_HALF, True,
+                                    ROUND, dtype)
+            even = tl.reshape(even, [BLOCK_D // 2])
+            odd = tl.reshape(odd, [BLOCK_D // 2])
+        dst = out_ptr + token * out_stride_t + head * out_stride_h + 2 * i
+        tl.store(dst, even.to(dtype), mask=i_mask)
+        tl.store(dst + 1, odd.to(dtype), mask=i_mask)
 
 
 BLOCK_HEADS = 16
@@ -677,9 +757,11 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
                      entry_cache: torch.Tensor | None, entry_table: torch.Tensor | None, ratio: int,
                      selected: torch.Tensor | None, sinks: torch.Tensor, scale: float, block_size: int,
                      max_entries: int, window_format: Fp8Entry | None = None,
-                     entry_format: Fp8Entry | None = None) -> torch.Tensor:
+                     entry_format: Fp8Entry | None = None, inverse_rope: torch.Tensor | None = None) -> torch.Tensor:
     """q [n, heads, dim] -> [n, heads, dim]. Keys = values: the window entries (p - window, p] of the token's
     request, then (CSA) the entries in `selected` [n, k] (-1 = none) or (HCA) every entry closed by p.
+    With `inverse_rope` (inv_freq) the output is rotated back by -p as norm_rope(inverse=True) does, inside the
+    split reduction when there is one.
     `max_entries` bounds the HCA entries (sizes the key splits only). A cache with a format holds FP8 entries,
     dequantized to q's dtype as they are read."""
     n, heads, dim = q.shape
@@ -715,8 +797,13 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         num_warps=4 if dim <= 128 else 8)
     if splits > 1:
         _sparse_attention_reduce_kernel[(n, heads)](
-            part_acc, part_ml, sinks, out, out.stride(0), out.stride(1), splits,
-            HEADS=heads, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_S=8, num_warps=4)
+            part_acc, part_ml, sinks, out, positions, inverse_rope if inverse_rope is not None else sinks,
+            out.stride(0), out.stride(1), splits,
+            HEADS=heads, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_S=8, ROPE=inverse_rope is not None,
+            ROPE_HALF=inverse_rope.shape[0] if inverse_rope is not None else 0, ROUND=q.dtype != torch.float32,
+            num_warps=4, enable_fp_fusion=False)
+    elif inverse_rope is not None:
+        out = norm_rope(out, positions, inverse_rope, inverse=True)
     return out
 
 
@@ -724,55 +811,118 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
 
 if triton is not None:
     @triton.jit
-    def _hc_pre_kernel(streams_ptr, mix_ptr, base_ptr, scale_ptr, post_ptr, comb_ptr, out_ptr,
-                       streams_stride, mix_stride, norm_eps, hc_eps, sinkhorn_iters,
-                       N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr):
+    def _hc_pre_kernel(streams_ptr, mix_ptr, base_ptr, scale_ptr, post_ptr, comb_ptr, out_ptr, norm_ptr,
+                       streams_stride, mix_stride, norm_eps, hc_eps, sinkhorn_iters, out_eps,
+                       N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, SPAN: tl.constexpr,
+                       PARTIALS: tl.constexpr, M: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr,
+                       NORM: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr):
+        # a program per token and SPAN channels of its input: with PARTIALS (hc_post's sums) every program
+        # forms the token's weights itself (a few hundred floats from L2) and collapses its channels; without,
+        # one program a token walks the row for the RMS and collapses all of it (SPAN = HIDDEN)
         token = tl.program_id(0).to(tl.int64)
+        part = tl.program_id(1)
         k = tl.arange(0, N)
         c = tl.arange(0, BLOCK)
-        row = streams_ptr + token * streams_stride
-        squares = tl.zeros([N, BLOCK], tl.float32)
-        for c0 in range(0, HIDDEN, BLOCK):                # RMS of all streams together
-            mask = (c0 + c) < HIDDEN
-            x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
-            squares += x * x
-        rms = tl.rsqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / (N * HIDDEN) + norm_eps)
-        mix = mix_ptr + token * mix_stride                 # the unnormalized projection; scaled here
-        pre = tl.load(mix + k) * rms * tl.load(scale_ptr) + tl.load(base_ptr + k)
-        pre = tl.sigmoid(pre) + hc_eps
-        post = tl.load(mix + N + k) * rms * tl.load(scale_ptr + 1) + tl.load(base_ptr + N + k)
-        tl.store(post_ptr + token * N + k, 2.0 * tl.sigmoid(post))
         cells = k[:, None] * N + k[None, :]
-        comb = tl.load(mix + 2 * N + cells) * rms * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * N + cells)
+        row = streams_ptr + token * streams_stride
+        if PARTIALS:        # per chunk of channels: the projection's share and the streams' Gram matrix
+            ch = tl.arange(0, BLOCK_C)
+            ch_mask = ch < CHUNKS
+            parts = mix_ptr + token * mix_stride + ch * M        # [BLOCK_C] rows of partial sums
+            pre_w = tl.sum(tl.load(parts[:, None] + k[None, :], mask=ch_mask[:, None], other=0.0), axis=0)
+            post_w = tl.sum(tl.load(parts[:, None] + N + k[None, :], mask=ch_mask[:, None], other=0.0), axis=0)
+            comb_w = tl.sum(tl.load(parts[:, None, None] + 2 * N + cells[None, :, :], mask=ch_mask[:, None, None],
+                                    other=0.0), axis=0)
+            gram = tl.sum(tl.load(parts[:, None, None] + (2 + N) * N + cells[None, :, :],
+                                  mask=ch_mask[:, None, None], other=0.0), axis=0)        # [N, N]
+            squares = tl.sum(tl.sum(tl.where(k[:, None] == k[None, :], gram, 0.0), axis=1), axis=0)
+        else:               # the projection of the unnormalized streams from a GEMM; the squares here
+            acc = tl.zeros([N, BLOCK], tl.float32)
+            for c0 in range(0, HIDDEN, BLOCK):
+                mask = (c0 + c) < HIDDEN
+                x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
+                acc += x * x
+            squares = tl.sum(tl.sum(acc, axis=1), axis=0)
+            mix = mix_ptr + token * mix_stride
+            pre_w = tl.load(mix + k)
+            post_w = tl.load(mix + N + k)
+            comb_w = tl.load(mix + 2 * N + cells)
+        rms = tl.rsqrt(squares / (N * HIDDEN) + norm_eps)   # RMS of all streams together, applied after the GEMM
+        pre = tl.sigmoid(pre_w * rms * tl.load(scale_ptr) + tl.load(base_ptr + k)) + hc_eps
+        post = post_w * rms * tl.load(scale_ptr + 1) + tl.load(base_ptr + N + k)
+        comb = comb_w * rms * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * N + cells)
         comb = tl.exp(comb - tl.max(comb, axis=1)[:, None])
         comb = comb / tl.sum(comb, axis=1)[:, None] + hc_eps
         comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
         for _ in range(sinkhorn_iters - 1):
             comb = comb / (tl.sum(comb, axis=1)[:, None] + hc_eps)
             comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
-        tl.store(comb_ptr + token * N * N + cells, comb)
-        for c0 in range(0, HIDDEN, BLOCK):                # the sublayer's input: the streams weighted by pre
+        if part == 0:
+            tl.store(post_ptr + token * N + k, 2.0 * tl.sigmoid(post))
+            tl.store(comb_ptr + token * N * N + cells, comb)
+        dtype = out_ptr.dtype.element_ty
+        inv_rms = 1.0
+        if NORM:            # the sublayer's RMSNorm of the collapsed row: its sum of squares first
+            if PARTIALS:    # pre^T G pre: the collapsed row's squares before its rounding to the dtype
+                total = tl.sum(tl.sum(pre[:, None] * gram * pre[None, :], axis=1), axis=0)
+            else:           # of the rounded row, as the reference
+                acc_total = tl.zeros([BLOCK], tl.float32)
+                for c0 in range(0, HIDDEN, BLOCK):
+                    mask = (c0 + c) < HIDDEN
+                    x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :],
+                                other=0.0).to(tl.float32)
+                    collapsed = tl.sum(x * pre[:, None], axis=0).to(dtype).to(tl.float32)
+                    acc_total += collapsed * collapsed
+                total = tl.sum(acc_total, axis=0)
+            inv_rms = tl.rsqrt(total / HIDDEN + out_eps)
+        for c0 in range(part * SPAN, part * SPAN + SPAN, BLOCK):   # the sublayer's input: streams weighted by pre
             mask = (c0 + c) < HIDDEN
             x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
             collapsed = tl.sum(x * pre[:, None], axis=0)
-            tl.store(out_ptr + token * HIDDEN + c0 + c, collapsed.to(out_ptr.dtype.element_ty), mask=mask)
+            if NORM:        # as runtime.ops.rms_norm_ref: on the rounded row, the weight before or after the cast
+                normed = collapsed.to(dtype).to(tl.float32) * inv_rms
+                weight = tl.load(norm_ptr + c0 + c, mask=mask, other=0.0).to(tl.float32)
+                if WEIGHT_IN_FP32:
+                    collapsed = weight * normed
+                else:
+                    collapsed = weight * normed.to(dtype).to(tl.float32)
+            tl.store(out_ptr + token * HIDDEN + c0 + c, collapsed.to(dtype), mask=mask)
+
+
+HC_PRE_SPAN = 256            # channels a program of hc_pre collapses when hc_post summed the projection for it
 
 
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
-           hc_eps: float, sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           hc_eps: float, sinkhorn_iters: int, mix: torch.Tensor | None = None,
+           norm: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same function as mhc.HyperConnection.pre: streams [n, hc, hidden] -> (post [n, hc], comb
-    [n, hc, hc], input [n, hidden]). The projection is one GEMM of the unnormalized streams (the RMS factor
-    is a per-token scalar, applied after it); all the rest, Sinkhorn included, is one program per token."""
+    [n, hc, hc], input [n, hidden]), the input through `norm` (a runtime RMSNorm) if given. The projection is
+    the sum of `mix`, hc_post's partial sums for these streams (`next_fn`: then the norm's sum of squares comes
+    from their Gram matrix, before the row's rounding to the dtype, and a program collapses HC_PRE_SPAN
+    channels), or else one GEMM of the unnormalized streams (the RMS factor is a per-token scalar, applied
+    after it) and a program a token. Sinkhorn included, all the rest is that one launch."""
     n, hc, hidden = streams.shape
     streams = streams.contiguous()
-    mix = torch.nn.functional.linear(streams.view(n, -1).float(), fn)           # [n, (2 + hc) * hc]
+    partials = mix is not None
+    if partials:
+        chunks, width = mix.shape[1], mix.shape[2]
+        span = min(HC_PRE_SPAN, _pow2(hidden))
+        block = span
+    else:
+        mix = torch.nn.functional.linear(streams.view(n, -1).float(), fn)       # [n, (2 + hc) * hc]
+        chunks, width = 1, mix.shape[1]
+        block = min(1024, _pow2(hidden))
+        span = triton.cdiv(hidden, block) * block
     post = torch.empty(n, hc, dtype=torch.float32, device=streams.device)
     comb = torch.empty(n, hc, hc, dtype=torch.float32, device=streams.device)
     out = torch.empty(n, hidden, dtype=streams.dtype, device=streams.device)
     if n:
-        _hc_pre_kernel[(n,)](streams, mix, base, scale, post, comb, out, streams.stride(0), mix.stride(0),
-                             norm_eps, hc_eps, sinkhorn_iters, N=hc, HIDDEN=hidden, BLOCK=min(1024, _pow2(hidden)),
-                             num_warps=4)
+        _hc_pre_kernel[(n, triton.cdiv(hidden, span))](
+            streams, mix, base, scale, post, comb, out, norm.weight if norm is not None else base,
+            streams.stride(0), mix.stride(0), norm_eps, hc_eps, sinkhorn_iters, norm.eps if norm is not None else 0.0,
+            N=hc, HIDDEN=hidden, BLOCK=block, SPAN=span, PARTIALS=partials, M=width, CHUNKS=chunks,
+            BLOCK_C=_pow2(chunks), NORM=norm is not None, WEIGHT_IN_FP32=norm is not None and norm.weight_in_fp32,
+            num_warps=4 if not partials else 2)
     return post, comb, out
 
 
@@ -780,10 +930,11 @@ def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: t
 
 if triton is not None:
     @triton.jit
-    def _norm_rope_kernel(x_ptr, out_ptr, positions_ptr, inv_freq_ptr, slots_ptr,
+    def _norm_rope_kernel(x_ptr, out_ptr, positions_ptr, inv_freq_ptr, slots_ptr, weight_ptr,
                           x_stride_t, x_stride_h, out_stride_t, out_stride_h, eps,
                           HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
                           BLOCK_HALF: tl.constexpr, ROPE_HALF: tl.constexpr, NORMALIZE: tl.constexpr,
+                          WEIGHTED: tl.constexpr,
                           INVERSE: tl.constexpr, TO_SLOTS: tl.constexpr, ROUND: tl.constexpr,
                           FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                           SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
@@ -795,23 +946,19 @@ if triton is not None:
         src = x_ptr + token * x_stride_t + h[:, None] * x_stride_h
         even = tl.load(src + 2 * i[None, :], mask=mask, other=0.0).to(tl.float32)
         odd = tl.load(src + 2 * i[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
-        if NORMALIZE:                                      # unweighted: x * rsqrt(mean(x^2) + eps), in x's dtype
+        if NORMALIZE:
             rms = tl.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / (2 * HALF) + eps)
-            rms = _rounded(rms, ROUND, dtype)[:, None]
-            even = _rounded(even * rms, ROUND, dtype)
-            odd = _rounded(odd * rms, ROUND, dtype)
-        freq = i - (HALF - ROPE_HALF)
-        is_rope = (freq >= 0) & (i < HALF)
-        inv_freq = tl.load(inv_freq_ptr + tl.maximum(freq, 0), mask=is_rope, other=0.0)
-        angle = tl.load(positions_ptr + token).to(tl.float32) * inv_freq
-        cos = _rounded(tl.cos(angle), ROUND, dtype)[None, :]
-        sin = _rounded(tl.sin(angle), ROUND, dtype)[None, :]
-        if INVERSE:
-            sin = -sin
-        r_even = _rounded(_rounded(even * cos, ROUND, dtype) - _rounded(odd * sin, ROUND, dtype), ROUND, dtype)
-        r_odd = _rounded(_rounded(odd * cos, ROUND, dtype) + _rounded(even * sin, ROUND, dtype), ROUND, dtype)
-        even = tl.where(is_rope[None, :], r_even, even)
-        odd = tl.where(is_rope[None, :], r_odd, odd)
+            if WEIGHTED:        # an RMSNorm whose fp32 weight multiplies in fp32, then the dtype
+                w_even = tl.load(weight_ptr + 2 * i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+                w_odd = tl.load(weight_ptr + 2 * i + 1, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+                even = _rounded(w_even * (even * rms[:, None]), ROUND, dtype)
+                odd = _rounded(w_odd * (odd * rms[:, None]), ROUND, dtype)
+            else:               # unweighted: x * rsqrt(mean(x^2) + eps), in x's dtype
+                rms = _rounded(rms, ROUND, dtype)[:, None]
+                even = _rounded(even * rms, ROUND, dtype)
+                odd = _rounded(odd * rms, ROUND, dtype)
+        even, odd = _rope_pairs(even, odd, i, tl.load(positions_ptr + token), inv_freq_ptr, HALF, ROPE_HALF, INVERSE,
+                                ROUND, dtype)
         if TO_SLOTS:                                       # one head, stored at the token's cache slot
             slot = tl.load(slots_ptr + token).to(tl.int64)
             if slot >= 0:
@@ -830,10 +977,12 @@ if triton is not None:
 
 def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, normalize: bool = False,
               eps: float = 0.0, inverse: bool = False, cache: torch.Tensor | None = None,
-              slots: torch.Tensor | None = None, fmt: Fp8Entry | None = None) -> torch.Tensor | None:
-    """x [n, heads, dim]: optionally the unweighted per-head RMS norm, then interleaved RoPE on the trailing
+              slots: torch.Tensor | None = None, fmt: Fp8Entry | None = None,
+              weight: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [n, heads, dim]: optionally the per-head RMS norm (unweighted, or with `weight` [dim] that of a
+    runtime RMSNorm with weight_in_fp32), then interleaved RoPE on the trailing
     2 * len(inv_freq) dims at `positions` (by -position with `inverse`), rounding as the references
-    (attention.unweighted_rms_norm, rope.TrailingRope) do. Returns a new tensor, or with `cache` and `slots`
+    (attention.unweighted_rms_norm, RMSNorm, rope.TrailingRope) do. Returns a new tensor, or with `cache` and `slots`
     (one head) stores each token's row at its slot (-1: nowhere), quantized into `fmt` if given, and returns
     None."""
     n, heads, dim = x.shape
@@ -847,20 +996,23 @@ def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
         return None if to_slots else out
     block_h = min(4, _pow2(heads))                     # many small programs: a decode step has few tokens
     _norm_rope_kernel[(n, triton.cdiv(heads, block_h))](
-        x, out, positions, inv_freq, slots if to_slots else positions,
+        x, out, positions, inv_freq, slots if to_slots else positions, weight if weight is not None else inv_freq,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
         HEADS=heads, BLOCK_H=block_h, HALF=dim // 2, BLOCK_HALF=_pow2(dim // 2), ROPE_HALF=inv_freq.shape[0],
-        NORMALIZE=normalize, INVERSE=inverse, TO_SLOTS=to_slots, ROUND=x.dtype != torch.float32,
+        NORMALIZE=normalize or weight is not None, WEIGHTED=weight is not None, INVERSE=inverse, TO_SLOTS=to_slots,
+        ROUND=x.dtype != torch.float32,
         FP8=fmt is not None, **layout, num_warps=4, enable_fp_fusion=False)
     return None if to_slots else out
 
 
 if triton is not None:
     @triton.jit
-    def _hc_post_kernel(out_ptr, streams_ptr, post_ptr, comb_ptr, new_ptr, out_stride, streams_stride,
-                        N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+    def _hc_post_kernel(out_ptr, streams_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, mix_ptr, out_stride,
+                        streams_stride, N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
+                        ROUND: tl.constexpr, MIX: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        chunk = tl.program_id(1)
+        c = chunk * BLOCK + tl.arange(0, BLOCK)
         mask = c < HIDDEN
         k = tl.arange(0, N)
         dtype = new_ptr.dtype.element_ty
@@ -870,24 +1022,51 @@ if triton is not None:
         mixed = _rounded(tl.sum(comb[:, :, None] * streams[:, None, :], axis=0), ROUND, dtype)   # [k, BLOCK]
         post = _rounded(tl.load(post_ptr + token * N + k), ROUND, dtype)
         out = tl.load(out_ptr + token * out_stride + c, mask=mask, other=0.0).to(tl.float32)
-        new = _rounded(post[:, None] * out[None, :], ROUND, dtype) + mixed
-        tl.store(new_ptr + token * N * HIDDEN + k[:, None] * HIDDEN + c[None, :], new.to(dtype), mask=mask[None, :])
+        new = (_rounded(post[:, None] * out[None, :], ROUND, dtype) + mixed).to(dtype)
+        tl.store(new_ptr + token * N * HIDDEN + k[:, None] * HIDDEN + c[None, :], new, mask=mask[None, :])
+        if MIX:
+            # the next connection's projection of these channels of the new streams (unnormalized) and their
+            # Gram matrix (its trace: the sum of squares): M + N * N partial sums a chunk, which hc_pre adds up
+            # (no GEMM, no fp32 copy)
+            x = new.to(tl.float32)                                                      # 0 past HIDDEN
+            m = tl.arange(0, BLOCK_M)
+            w = tl.load(fn_ptr + m[:, None, None] * (N * HIDDEN) + k[None, :, None] * HIDDEN + c[None, None, :],
+                        mask=(m < M)[:, None, None] & mask[None, None, :], other=0.0)  # [BLOCK_M, N, BLOCK]
+            partial = tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)
+            dst = mix_ptr + (token * tl.num_programs(1) + chunk) * BLOCK_M
+            tl.store(dst + m, partial, mask=m < M)
+            gram = tl.sum(x[:, None, :] * x[None, :, :], axis=2)                       # [N, N]
+            tl.store(dst + M + k[:, None] * N + k[None, :], gram)
 
 
-def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+HC_MIX_BLOCK = 64            # channels a program of hc_post projects for the next connection (64 programs at 4096)
+HC_MIX_MAX_TOKENS = 8        # past this a GEMM reads the connection's weight once for all tokens
+
+
+def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+            next_fn: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The same function as mhc.HyperConnection.post: new streams [n, hc, hidden], each
-    post_k * output + sum_j comb[j, k] * stream_j, in one launch."""
+    post_k * output + sum_j comb[j, k] * stream_j, in one launch. With `next_fn` (the next connection's
+    [(2 + hc) * hc, hc * hidden] fp32 projection) also -> the partial sums hc_pre reads as `mix`
+    [n, chunks, pow2((2 + hc) * hc + hc * hc)]: each chunk's projection of the new streams and their Gram
+    matrix."""
     n, hc, hidden = streams.shape
     streams = streams.contiguous()
     output = output.contiguous()
     new = torch.empty_like(streams)
+    m = (2 + hc) * hc
+    block = HC_MIX_BLOCK if next_fn is not None else min(512, _pow2(hidden))
+    chunks = triton.cdiv(hidden, block)
+    mix = torch.empty(n, chunks, _pow2(m + hc * hc), dtype=torch.float32, device=streams.device) \
+        if next_fn is not None else None
     if n:
-        block = min(512, _pow2(hidden))
-        _hc_post_kernel[(n, triton.cdiv(hidden, block))](
-            output, streams, post.contiguous(), comb.contiguous(), new, output.stride(0), streams.stride(0),
-            N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, num_warps=4,
-            enable_fp_fusion=False)
-    return new
+        _hc_post_kernel[(n, chunks)](
+            output, streams, post.contiguous(), comb.contiguous(), new,
+            next_fn if next_fn is not None else post, mix if mix is not None else post,
+            output.stride(0), streams.stride(0),
+            N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, MIX=next_fn is not None,
+            M=m, BLOCK_M=_pow2(m + hc * hc), num_warps=4, enable_fp_fusion=False)
+    return new if next_fn is None else (new, mix)
 
 
 # ---- the compressor's per-token state: value, and gate logit + the window-position bias ------------------
@@ -923,3 +1102,32 @@ def store_state(state: torch.Tensor, kv: torch.Tensor, gate: torch.Tensor, ape: 
         kv, gate, ape, positions, slots, state, kv.stride(0), gate.stride(0),
         WIDTH=width, RATIO=ape.shape[0], BLOCK=block, ROUND=kv.dtype != torch.float32, num_warps=4,
         enable_fp_fusion=False)
+
+
+# ---- the shared expert's clamped SwiGLU --------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _clamped_swiglu_kernel(gate_ptr, up_ptr, out_ptr, gate_stride, up_stride, limit,
+                               WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = c < WIDTH
+        dtype = out_ptr.dtype.element_ty
+        gate = tl.minimum(tl.load(gate_ptr + token * gate_stride + c, mask=mask, other=0.0).to(tl.float32), limit)
+        up = tl.load(up_ptr + token * up_stride + c, mask=mask, other=0.0).to(tl.float32)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)     # silu rounded to the dtype, as torch
+        tl.store(out_ptr + token * WIDTH + c, (act * up).to(dtype), mask=mask)
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """The same function as moe.clamped_swiglu_ref: silu(min(gate, limit)) * clamp(up, -limit, limit) for
+    gate, up [n, width], in one launch (torch takes four)."""
+    n, width = gate.shape
+    out = torch.empty(n, width, dtype=gate.dtype, device=gate.device)
+    if n and width:
+        block = min(1024, _pow2(width))
+        _clamped_swiglu_kernel[(n, triton.cdiv(width, block))](
+            gate, up, out, gate.stride(0), up.stride(0), limit, WIDTH=width, BLOCK=block, num_warps=4)
+    return out

@@ -25,11 +25,14 @@ class HyperConnection(nn.Module):
         self.base = nn.Parameter(torch.zeros((2 + n) * n, dtype=torch.float32))
         self.scale = nn.Parameter(torch.ones(3, dtype=torch.float32))
 
-    def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """streams [num_tokens, n, hidden] -> (post [num_tokens, n], comb [num_tokens, n, n], input [num_tokens, hidden])."""
+    def pre(self, streams: torch.Tensor, norm: nn.Module | None = None,
+            mix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """streams [num_tokens, n, hidden] -> (post [num_tokens, n], comb [num_tokens, n, n], input
+        [num_tokens, hidden]), the input through the sublayer's `norm` if given. `mix`: the partial projections
+        the previous `post` computed for this connection (kernels.hc_post), else the kernel path runs a GEMM."""
         if kernels.use_kernels(streams):
             return kernels.hc_pre(streams, self.fn, self.base, self.scale, self.norm_eps, self.hc_eps,
-                                  self.sinkhorn_iters)
+                                  self.sinkhorn_iters, mix, norm)
         n = self.hc_mult
         mix = F.linear(_unweighted_norm(streams.flatten(1).float(), self.norm_eps), self.fn.float())
         pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
@@ -43,15 +46,21 @@ class HyperConnection(nn.Module):
             comb = comb / (comb.sum(dim=-1, keepdim=True) + self.hc_eps)
             comb = comb / (comb.sum(dim=-2, keepdim=True) + self.hc_eps)
         collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
-        return post, comb, collapsed
+        return post, comb, norm(collapsed) if norm is not None else collapsed
 
     @staticmethod
-    def post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        """New streams: each gets post_k * output plus sum_j comb[j, k] * stream_j."""
+    def post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+             following: HyperConnection | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """New streams: each gets post_k * output plus sum_j comb[j, k] * stream_j. -> (streams, mix): with the
+        `following` connection (a few tokens on the kernel path), `mix` is its partial projections of the new
+        streams, computed in the same launch, for its `pre`; else None."""
         if kernels.use_kernels(streams):
-            return kernels.hc_post(output, streams, post, comb)
+            if following is not None and streams.shape[0] <= kernels.HC_MIX_MAX_TOKENS:
+                return kernels.hc_post(output, streams, post, comb, following.fn)
+            return kernels.hc_post(output, streams, post, comb), None
         dtype = streams.dtype
-        return post.to(dtype).unsqueeze(-1) * output.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+        return post.to(dtype).unsqueeze(-1) * output.unsqueeze(-2) + \
+            torch.matmul(comb.to(dtype).transpose(-1, -2), streams), None
 
 
 class HyperHead(nn.Module):

@@ -36,13 +36,16 @@ class DeepseekV4Layer(nn.Module):
         self.hc_ffn = HyperConnection(config)
 
     def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
-                requests: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        post, comb, x = self.hc_attn.pre(streams)
-        x = self.attn(self.attn_norm(x), positions, requests, ctx)
-        streams = HyperConnection.post(x, streams, post, comb)
-        post, comb, x = self.hc_ffn.pre(streams)
-        x = self.ffn(self.ffn_norm(x), input_ids)
-        return HyperConnection.post(x, streams, post, comb)
+                requests: torch.Tensor, ctx: ForwardContext, mix: torch.Tensor | None = None,
+                following: HyperConnection | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (streams, mix): `mix` as HyperConnection.post gives it for the `following` layer's first
+        connection (None: that layer projects its streams itself); `mix` in is this layer's."""
+        post, comb, x = self.hc_attn.pre(streams, self.attn_norm, mix)
+        x = self.attn(x, positions, requests, ctx)
+        streams, mix = HyperConnection.post(x, streams, post, comb, self.hc_ffn)
+        post, comb, x = self.hc_ffn.pre(streams, self.ffn_norm, mix)
+        x = self.ffn(x, input_ids)
+        return HyperConnection.post(x, streams, post, comb, following)
 
 
 FP8_BLOCK = 64                               # e4m3 dims per scale in a K=V entry
@@ -122,8 +125,10 @@ class DeepseekV4ForCausalLM(nn.Module):
         requests = token_requests(ctx, input_ids.shape[0])
         x = self.embed(input_ids)
         streams = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()   # [num_tokens, hc_mult, hidden]
-        for layer in self.layers:
-            streams = layer(streams, input_ids, positions, requests, ctx)
+        mix = None
+        for i, layer in enumerate(self.layers):
+            following = self.layers[i + 1].hc_attn if i + 1 < len(self.layers) else None
+            streams, mix = layer(streams, input_ids, positions, requests, ctx, mix, following)
         return streams.flatten(1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.ops import fused_moe, score_topk
+from runtime.ops.linear import linear
 from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
 from runtime.parallel import SINGLE, ParallelContext
 
+from . import kernels
 from .config import expert_format, num_experts
 from .linear import DENSE, Linears
 
@@ -36,7 +38,7 @@ class Gate(nn.Module):
             self.tid2eid.copy_(draws.topk(self.top_k, dim=-1).indices)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x, self.weight)                                        # [num_tokens, experts]
+        logits = linear(x, self.weight)                                             # [num_tokens, experts]
         if self.hashed:
             return score_topk(logits, self.top_k, self.scoring, fixed_ids=self.tid2eid[input_ids], scaling=self.scaling)
         return score_topk(logits, self.top_k, self.scoring, selection_bias=self.bias, scaling=self.scaling)
@@ -108,9 +110,15 @@ class SharedExpert(nn.Module):
         self.limit = config.swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.w1(x).clamp(max=self.limit)
-        up = self.w3(x).clamp(min=-self.limit, max=self.limit)
-        return self.w2(F.silu(gate) * up)
+        gate, up = self.w1(x), self.w3(x)
+        if kernels.use_kernels(x):
+            return self.w2(kernels.clamped_swiglu(gate, up, self.limit))
+        return self.w2(clamped_swiglu_ref(gate, up, self.limit))
+
+
+def clamped_swiglu_ref(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(gate clamped above at limit) * (up clamped to [-limit, limit]): the shared expert's activation."""
+    return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
 
 
 class MoE(nn.Module):

@@ -80,7 +80,7 @@ class DeepseekV4MTP(nn.Module):
         previous = self.hnorm(target_streams.view(target_streams.shape[0], n, -1))  # [num_tokens, n, hidden]
         streams = self.e_proj(embedded).unsqueeze(1) + self.h_proj(previous)
         requests = token_requests(ctx, next_ids.shape[0])
-        return self.layers[0](streams, next_ids.clamp(min=0), positions, requests, ctx).flatten(1)
+        return self.layers[0](streams, next_ids.clamp(min=0), positions, requests, ctx)[0].flatten(1)
 
     def compute_logits(self, streams: torch.Tensor) -> torch.Tensor:
         collapsed = self.hc_head(streams.view(streams.shape[0], self.config.hc_mult, -1))

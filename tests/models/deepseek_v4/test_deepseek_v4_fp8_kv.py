@@ -328,7 +328,7 @@ KV_GROUPS = dict(GROUPS=8, GROUP_D=64, TAIL_D=64)          # the tiles sparse at
 FP8_POINTERS = {"q_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "weights_ptr": "*fp32", "keys_ptr": "*fp8e4nv",
                 "window_ptr": "*fp8e4nv", "entries_ptr": "*fp8e4nv", "cache_ptr": "*fp8e4nv", "state_ptr": "*fp32",
                 "sinks_ptr": "*fp32", "norm_ptr": "*fp32", "inv_freq_ptr": "*fp32", "part_acc_ptr": "*fp32",
-                "part_ml_ptr": "*fp32", "scale": "fp32", "eps": "fp32"}
+                "part_ml_ptr": "*fp32", "scale": "fp32", "eps": "fp32", "weight_scale": "fp32"}
 KERNELS = "models.deepseek_v4.kernels"
 FP8_CASES = [
     Case(KERNELS, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4, BLOCK_N=64, PER_BLOCK=64,
@@ -338,12 +338,14 @@ FP8_CASES = [
                                                    HAS_ENTRIES=True, SELECTED=True, SPLIT=True, FP32=False,
                                                    WINDOW_FP8=True, ENTRY_FP8=True, **KV_LAYOUT, **KV_GROUPS),
          FP8_POINTERS),
-    Case(KERNELS, "_sparse_attention_reduce_kernel", dict(HEADS=64, DIM=512, BLOCK_D=512, BLOCK_S=8), FP8_POINTERS),
+    Case(KERNELS, "_sparse_attention_reduce_kernel", dict(HEADS=64, DIM=512, BLOCK_D=512, BLOCK_S=8, ROPE=True,
+                                                          ROPE_HALF=32, ROUND=True), FP8_POINTERS),
     Case(KERNELS, "_compress_kernel", dict(HEAD_DIM=512, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, WIDTH=1024, RATIO=4,
                                            WINDOW=8, OVERLAP=True, ROUND=True, DTYPE="tl.bfloat16", FP8=True,
                                            **KV_LAYOUT), FP8_POINTERS),
     Case(KERNELS, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, NORMALIZE=False,
-                                            INVERSE=False, TO_SLOTS=True, ROUND=True, FP8=True, **KV_LAYOUT),
+                                            WEIGHTED=False, INVERSE=False, TO_SLOTS=True, ROUND=True, FP8=True,
+                                            **KV_LAYOUT),
          FP8_POINTERS),
 ]
 

@@ -17,6 +17,8 @@ from models.deepseek_v4.cache_ops import request_entries, token_requests
 from models.deepseek_v4.compressor import Compressor, indexer_scores_ref
 from models.deepseek_v4.rope import TrailingRope
 from runtime.forward import ForwardContext
+from runtime.ops import RMSNorm
+from runtime.ops.norm import rms_norm_ref
 
 
 @dataclass
@@ -132,6 +134,16 @@ def test_sparse_attention_matches_reference(device, kind, splits, monkeypatch):
                                   per_request, sinks, scale)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2        # bf16: the output's and P's roundings
     torch.testing.assert_close(out.float(), ref, atol=tolerance, rtol=tolerance)
+    # the inverse RoPE inside the split reduction (or after the kernel, unsplit): as norm_rope on the output
+    rope = TrailingRope(_hf_config(sizes.dim, sizes.rope_dim), "compress", sizes.rope_dim).to(device)
+    rotated = kernels.sparse_attention(q, positions, requests, window_cache, ctx.block_tables[0], sizes.window,
+                                       caches[1] if ratio else None, ctx.block_tables[1] if ratio else None, ratio,
+                                       selected.to(torch.int32) if selected is not None else None, sinks, scale,
+                                       sizes.block_size, ctx.max_seq_len // ratio if ratio else 0,
+                                       inverse_rope=rope.inv_freq)
+    torch.testing.assert_close(rotated, kernels.norm_rope(out, positions, rope.inv_freq, inverse=True),
+                               atol=tolerance / 2, rtol=tolerance / 2)
+    torch.testing.assert_close(rotated.float(), rope(ref, positions, inverse=True), atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("programs", [None, 1], ids=["auto-programs", "one-program-a-query"])
@@ -149,10 +161,11 @@ def test_indexer_scores_and_topk_match_reference(device, programs, monkeypatch):
     ctx, positions = _context(device, sizes, steps, [keys], [sizes.ratio])
     n = positions.shape[0]
     q = torch.randn(n, sizes.index_heads, sizes.index_dim, generator=generator).to(device, dtype)
-    weights = torch.randn(n, sizes.index_heads, generator=generator).to(device)
+    weights = torch.randn(n, sizes.index_heads, generator=generator).to(device, dtype)     # the projection's
     width = ctx.max_seq_len // sizes.ratio + 3                       # wider than any request's entries
     scores = kernels.indexer_scores(q, weights, keys, ctx.block_tables[0], positions, token_requests(ctx, n),
-                                    sizes.ratio, width, sizes.block_size)
+                                    sizes.ratio, width, sizes.block_size, weight_scale=0.125)
+    weights = weights.float() * 0.125                                # as the reference path forms them
     selected = kernels.indexer_topk(scores, positions, sizes.ratio, sizes.top_k)
     starts = ctx.query_start_loc_host
     for b in range(len(steps)):
@@ -173,6 +186,37 @@ def test_indexer_scores_and_topk_match_reference(device, programs, monkeypatch):
                 assert (ref_row[:visible] > threshold + tolerance).sum() <= len(kept)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_kernel_keeps_the_references_set(device, monkeypatch):
+    """The top-k kernel against torch.topk on ragged rows: fewer visible entries than k (all kept, no score
+    read), exactly k, and more (the largest, whatever order), with ties at the threshold (scores on a coarse
+    grid), negative scores, -inf past the visible entries and a padded row (position -1)."""
+    monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
+    ratio, top_k = 4, (12 if device == "cpu" else 512)
+    width = 40 if device == "cpu" else 2048
+    visible = [0, 3, top_k, top_k + 1, width - 1, width, 17, width // 2]
+    positions = torch.tensor([-1] + [v * ratio + ratio - 2 for v in visible[1:]])     # just short of one more
+    generator = torch.Generator().manual_seed(5)
+    scores = (torch.randn(len(visible), width, generator=generator) * 4).round() / 4   # many ties
+    scores[:, ::7] = -scores[:, ::7].abs() - 1                                          # some negative
+    scores.masked_fill_(torch.arange(width)[None, :] >= torch.tensor(visible)[:, None], float("-inf"))
+    scores, positions = scores.to(device), positions.to(device)
+    got = kernels.indexer_topk(scores, positions, ratio, top_k)
+    monkeypatch.setattr(kernels, "use_kernels", lambda x: False)
+    want = kernels.indexer_topk(scores, positions, ratio, top_k)
+    assert got.shape == want.shape == (len(visible), top_k) and got.dtype == torch.int32
+    for r, v in enumerate(visible):
+        kept = [i for i in got[r].tolist() if i >= 0]
+        ref = [i for i in want[r].tolist() if i >= 0]
+        assert len(kept) == len(ref) == min(top_k, v) and len(set(kept)) == len(kept)
+        assert all(0 <= i < v for i in kept)
+        if v <= top_k:                                  # every visible entry
+            assert sorted(kept) == list(range(v))
+        elif kept:                                      # the same scores as the reference's (ties aside)
+            row = scores[r].cpu()
+            assert torch.equal(row[kept].sort().values, row[ref].sort().values)
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["csa", "hca"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_compressor_kernels_match_reference(device, overlap):
@@ -180,7 +224,7 @@ def test_compressor_kernels_match_reference(device, overlap):
     through the kernels: the state rows and the entries written agree."""
     sizes, dtype, steps = _setup(device)
     ratio = sizes.ratio if overlap else (16 if device == "cpu" else 128)
-    hidden = 64 if device == "cpu" else 4096
+    hidden = 320 if device == "cpu" else 4096          # on the CPU: chunks of hc_post / hc_pre past the row's end
     torch.manual_seed(3)
     rope = TrailingRope(_hf_config(sizes.dim, sizes.rope_dim), "compress", sizes.rope_dim)
     module = Compressor(hidden, sizes.dim, ratio, overlap, 1e-6, rope)
@@ -376,7 +420,7 @@ def test_graph_replays_at_other_contexts_equal_eager(fp8):
 @pytest.mark.parametrize("device", DEVICES)
 def test_hyper_connection_kernels_match_reference(device):
     from models.deepseek_v4.mhc import HyperConnection
-    hidden = 64 if device == "cpu" else 4096
+    hidden = 320 if device == "cpu" else 4096          # on the CPU: chunks of hc_post / hc_pre past the row's end
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
 
     class _Config:
@@ -398,8 +442,30 @@ def test_hyper_connection_kernels_match_reference(device):
     post, comb, collapsed = ref
     output = torch.randn(collapsed.shape, generator=generator).to(device, dtype)
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2       # bf16: a rounding of the stream-scale sum
-    torch.testing.assert_close(kernels.hc_post(output, streams, post, comb).float(),
-                               HyperConnection.post(output, streams, post, comb).float(), atol=tolerance, rtol=tolerance)
+    new_ref = HyperConnection.post(output, streams, post, comb)[0]
+    torch.testing.assert_close(kernels.hc_post(output, streams, post, comb).float(), new_ref.float(),
+                               atol=tolerance, rtol=tolerance)
+    # the following connection: its projection summed from hc_post's partials, its sublayer's RMSNorm fused
+    # (fp32 weight, and the dtype's), against the reference's GEMM + norm of the streams hc_post wrote
+    following = HyperConnection(_Config())
+    with torch.no_grad():
+        following.fn.copy_(torch.randn(following.fn.shape, generator=generator) * 0.1)
+        following.base.copy_(torch.randn(following.base.shape, generator=generator))
+    following = following.to(device)
+    new, mix = kernels.hc_post(output, streams, post, comb, following.fn)
+    assert mix.shape == (37, -(-hidden // kernels.HC_MIX_BLOCK), 64)
+    torch.testing.assert_close(new.float(), new_ref.float(), atol=tolerance, rtol=tolerance)
+    for weight_in_fp32 in (True, False):
+        norm = RMSNorm(hidden, 1e-6, weight_in_fp32=weight_in_fp32)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(hidden, generator=generator) + 0.5)
+        norm = norm.to(device, torch.float32 if weight_in_fp32 else dtype)
+        want = following.pre(new, norm)
+        for got in (kernels.hc_pre(new, following.fn, following.base, following.scale, 1e-6, 1e-6, 20, mix, norm),
+                    kernels.hc_pre(new, following.fn, following.base, following.scale, 1e-6, 1e-6, 20, None, norm)):
+            for a, b in zip(got, want):
+                tol = 1e-5 if a.dtype == torch.float32 else 2e-2   # bf16 input: roundings of the normed output
+                torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -425,3 +491,62 @@ def test_norm_rope_kernel_matches_reference(device):
     keep = slots >= 0
     expected[slots[keep]] = rope(x[:, :1], positions)[keep, 0]
     torch.testing.assert_close(cache.view(-1, sizes.dim), expected, **tolerance)
+    # K's RMSNorm (fp32 weight, multiplied before the cast) fused ahead of its RoPE and insert
+    weight = (torch.rand(sizes.dim, generator=generator) + 0.5).to(device)
+    cache.zero_()
+    kernels.norm_rope(x[:, :1], positions, rope.inv_freq, eps=1e-6, cache=cache, slots=slots, weight=weight)
+    normed = rms_norm_ref(x[:, :1], weight, 1e-6, weight_in_fp32=True)
+    expected[slots[keep]] = rope(normed, positions)[keep, 0]
+    torch.testing.assert_close(cache.view(-1, sizes.dim), expected, **tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clamped_swiglu_kernel_matches_reference(device):
+    """Rows of a width that no block divides, values on both sides of the limit (and of -limit)."""
+    from models.deepseek_v4.moe import clamped_swiglu_ref
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    width = 100 if device == "cpu" else 2048 + 48
+    generator = torch.Generator().manual_seed(9)
+    gate, up = ((torch.randn(2, 7, width, generator=generator) * 8).to(device, dtype)).unbind(0)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2             # bf16: one rounding of silu's exp
+    torch.testing.assert_close(kernels.clamped_swiglu(gate, up, 10.0).float(),
+                               clamped_swiglu_ref(gate, up, 10.0).float(), atol=tolerance, rtol=tolerance)
+
+
+HC_TYPES = {"streams_ptr": "*bf16", "mix_ptr": "*fp32", "base_ptr": "*fp32", "scale_ptr": "*fp32", "post_ptr": "*fp32",
+            "comb_ptr": "*fp32", "out_ptr": "*bf16", "norm_ptr": "*fp32", "new_ptr": "*bf16", "fn_ptr": "*fp32",
+            "norm_eps": "fp32", "hc_eps": "fp32", "out_eps": "fp32"}
+
+
+def test_decode_kernels_compile_for_hopper():
+    """The interpreter accepts code the compiler rejects: the top-k and mHC variants a decode step runs, at the
+    release's sizes, compile for sm_90 (tests/triton_compile.py; nothing is launched)."""
+    pytest.importorskip("triton")
+    from tests.triton_compile import Case, compile_for_hopper
+    module = "models.deepseek_v4.kernels"
+    cases = [Case(module, "_indexer_topk_kernel", dict(RATIO=4, K=512, BLOCK_K=512, BLOCK_W=width),
+                  {"scores_ptr": "*fp32", "out_ptr": "*i32"}) for width in (2048, kernels.TOPK_MAX_WIDTH)]
+    cases += [Case(module, "_hc_pre_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, SPAN=span, PARTIALS=partials,
+                                                  M=64 if partials else 24, CHUNKS=64 if partials else 1,
+                                                  BLOCK_C=64 if partials else 1, NORM=norm, WEIGHT_IN_FP32=True),
+                   HC_TYPES)
+              for partials, norm, block, span in ((True, True, kernels.HC_PRE_SPAN, kernels.HC_PRE_SPAN),
+                                                  (False, True, 1024, 4096), (False, False, 1024, 4096))]
+    cases += [Case(module, "_hc_post_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, ROUND=True, MIX=mix, M=24,
+                                                   BLOCK_M=32), HC_TYPES)
+              for block, mix in ((kernels.HC_MIX_BLOCK, True), (512, False))]
+    cases.append(Case(module, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32,
+                                                        NORMALIZE=True, WEIGHTED=True, INVERSE=False, TO_SLOTS=True,
+                                                        ROUND=True, FP8=False, NOPE=512, QBLOCK=512, NUM_SCALES=1,
+                                                        SCALES_AT=512, ENTRY=512),
+                      {"x_ptr": "*bf16", "out_ptr": "*bf16", "inv_freq_ptr": "*fp32", "weight_ptr": "*fp32",
+                       "eps": "fp32"}))
+    cases += [Case(module, "_sparse_attention_reduce_kernel", dict(HEADS=64, DIM=512, BLOCK_D=512, BLOCK_S=8, ROPE=rope,
+                                                                   ROPE_HALF=32, ROUND=True),
+                   {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "sinks_ptr": "*fp32", "out_ptr": "*bf16",
+                    "inv_freq_ptr": "*fp32"}) for rope in (True, False)]
+    cases.append(Case(module, "_clamped_swiglu_kernel", dict(WIDTH=2048, BLOCK=1024),
+                      {"gate_ptr": "*bf16", "up_ptr": "*bf16", "out_ptr": "*bf16", "limit": "fp32"}))
+    for case, result in zip(cases, compile_for_hopper(cases)):
+        assert result["error"] is None, f"{case.kernel} {case.constexprs}: {result['error']}"
+        assert f".entry {case.kernel}" in result["ptx"]
