@@ -30,6 +30,20 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """silu(gate) * up for two [n, d] halves from separate projections; with `limit` the clamped SwiGLU:
+    silu(min(gate, limit)) * clamp(up, -limit, limit)."""
+    if _use_triton(gate):
+        return silu_mul_triton(gate, up, limit)
+    return silu_mul_ref(gate, up, limit)
+
+
+def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
+
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[..., 2 * d] (gate | up) -> gelu_tanh(gate) * up [..., d] (GeGLU with the tanh approximation)."""
     if _use_triton(x):
@@ -60,15 +74,20 @@ if triton is not None:
         return gate_f / (1.0 + tl.exp(-gate_f))
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr, GELU_TANH: tl.constexpr):
+    def _silu_and_mul_kernel(gate_ptr, up_ptr, out_ptr, d, stride_gate, stride_up, limit, BLOCK: tl.constexpr,
+                             GELU_TANH: tl.constexpr, HAS_LIMIT: tl.constexpr):
+        """out[row] = act(gate[row]) * up[row] over d columns; the halves may be one tensor's (gate | up)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < d
-        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
+        gate = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0)
+        up_f = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
         gate_f = gate.to(tl.float32)
+        if HAS_LIMIT:                       # a limit the dtype holds exactly: the clamps round nothing
+            gate_f = tl.minimum(gate_f, limit)
+            up_f = tl.minimum(tl.maximum(up_f, -limit), limit)
         act = gated_activation(gate_f, GELU_TANH).to(gate.dtype)
-        out = act.to(tl.float32) * up.to(tl.float32)
+        out = act.to(tl.float32) * up_f
         tl.store(out_ptr + row * d + cols, out.to(gate.dtype), mask=mask)
 
 
@@ -88,7 +107,26 @@ def silu_and_mul_triton(x: torch.Tensor, activation: str = "silu") -> torch.Tens
     out = torch.empty(*x.shape[:-1], d, dtype=x.dtype, device=x.device)
     if rows.shape[0] == 0 or d == 0:
         return out
-    block = min(triton.next_power_of_2(d), 1024)
-    _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](rows, out, d, rows.stride(0), BLOCK=block,
-                                                                 GELU_TANH=activation == "gelu_tanh", num_warps=4)
+    _launch(rows, rows[:, d:], out, d, rows.stride(0), rows.stride(0), None, activation == "gelu_tanh")
     return out
+
+
+def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """The same function as `silu_mul_ref` for gate, up [n, d] (rows of unit column stride); a new [n, d]."""
+    if triton is None:
+        raise RuntimeError("silu_mul_triton needs the triton package")
+    if gate.shape != up.shape or gate.dim() != 2 or gate.stride(-1) != 1 or up.stride(-1) != 1:
+        raise ValueError(f"silu_mul needs two [n, d] halves with unit column stride, got {tuple(gate.shape)} "
+                         f"and {tuple(up.shape)}")
+    n, d = gate.shape
+    out = torch.empty(n, d, dtype=gate.dtype, device=gate.device)
+    if n and d:
+        _launch(gate, up, out, d, gate.stride(0), up.stride(0), limit, False)
+    return out
+
+
+def _launch(gate, up, out, d: int, stride_gate: int, stride_up: int, limit: float | None, gelu_tanh: bool) -> None:
+    block = min(triton.next_power_of_2(d), 1024)
+    _silu_and_mul_kernel[(gate.shape[0], triton.cdiv(d, block))](
+        gate, up, out, d, stride_gate, stride_up, limit if limit is not None else 0.0, BLOCK=block,
+        GELU_TANH=gelu_tanh, HAS_LIMIT=limit is not None, num_warps=4)

@@ -182,6 +182,21 @@ def test_silu_and_mul_kernel_matches_reference(interpreter, shape, dtype):
     assert_rounds_like(out, expected, **ROUNDED[dtype])
 
 
+@pytest.mark.parametrize("limit", [None, 7.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_mul_kernel_on_separate_halves_matches_reference(interpreter, limit, dtype):
+    """Gate and up from separate projections (up a strided view), with and without the clamped SwiGLU's limit
+    (scale 6: a share of both halves past it)."""
+    gate = randn(9, 1500, seed=21, dtype=dtype, scale=6.0)
+    up = randn(9, 2 * 1500, seed=22, dtype=dtype, scale=6.0)[:, 1500:]
+    out = activation.silu_mul_triton(gate, up, limit)
+    expected = activation.silu_mul_ref(gate, up, limit)
+    assert out.shape == expected.shape
+    if limit is not None:
+        assert (gate > limit).any() and (up.abs() > limit).any()
+    assert_rounds_like(out, expected, **ROUNDED[dtype])
+
+
 @pytest.mark.parametrize("shape", [(7, 200), (2, 5, 2 * 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gelu_tanh_and_mul_kernel_matches_reference(interpreter, shape, dtype):
@@ -477,6 +492,16 @@ def test_silu_and_mul_kernel_bf16_on_gpu(inter, num_tokens):
     needs_cuda()
     x = randn(num_tokens, 2 * inter, seed=18, dtype=torch.bfloat16, device="cuda", scale=3.0)
     assert_rounds_like(activation.silu_and_mul_triton(x), activation.silu_and_mul_ref(x), **ROUNDED[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", GPU_TOKENS)
+def test_clamped_silu_mul_kernel_bf16_on_gpu(num_tokens):
+    needs_cuda()
+    gate = randn(num_tokens, 2048, seed=23, dtype=torch.bfloat16, device="cuda", scale=12.0)
+    up = randn(num_tokens, 2048, seed=24, dtype=torch.bfloat16, device="cuda", scale=12.0)
+    assert_rounds_like(activation.silu_mul_triton(gate, up, 10.0), activation.silu_mul_ref(gate, up, 10.0),
+                       **ROUNDED[torch.bfloat16])
 
 
 @pytest.mark.gpu
