@@ -1102,32 +1102,3 @@ def store_state(state: torch.Tensor, kv: torch.Tensor, gate: torch.Tensor, ape: 
         kv, gate, ape, positions, slots, state, kv.stride(0), gate.stride(0),
         WIDTH=width, RATIO=ape.shape[0], BLOCK=block, ROUND=kv.dtype != torch.float32, num_warps=4,
         enable_fp_fusion=False)
-
-
-# ---- the shared expert's clamped SwiGLU --------------------------------------------------------------------
-
-if triton is not None:
-    @triton.jit
-    def _clamped_swiglu_kernel(gate_ptr, up_ptr, out_ptr, gate_stride, up_stride, limit,
-                               WIDTH: tl.constexpr, BLOCK: tl.constexpr):
-        token = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = c < WIDTH
-        dtype = out_ptr.dtype.element_ty
-        gate = tl.minimum(tl.load(gate_ptr + token * gate_stride + c, mask=mask, other=0.0).to(tl.float32), limit)
-        up = tl.load(up_ptr + token * up_stride + c, mask=mask, other=0.0).to(tl.float32)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)     # silu rounded to the dtype, as torch
-        tl.store(out_ptr + token * WIDTH + c, (act * up).to(dtype), mask=mask)
-
-
-def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    """The same function as moe.clamped_swiglu_ref: silu(min(gate, limit)) * clamp(up, -limit, limit) for
-    gate, up [n, width], in one launch (torch takes four)."""
-    n, width = gate.shape
-    out = torch.empty(n, width, dtype=gate.dtype, device=gate.device)
-    if n and width:
-        block = min(1024, _pow2(width))
-        _clamped_swiglu_kernel[(n, triton.cdiv(width, block))](
-            gate, up, out, gate.stride(0), up.stride(0), limit, WIDTH=width, BLOCK=block, num_warps=4)
-    return out

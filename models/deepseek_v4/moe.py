@@ -4,15 +4,13 @@ released, or float) plus one shared expert of the same width."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from runtime.ops import fused_moe, score_topk
+from runtime.ops import fused_moe, score_topk, silu_mul
 from runtime.ops.linear import linear
 from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
 from runtime.parallel import SINGLE, ParallelContext
 
-from . import kernels
 from .config import expert_format, num_experts
 from .linear import DENSE, Linears
 
@@ -110,15 +108,7 @@ class SharedExpert(nn.Module):
         self.limit = config.swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w1(x), self.w3(x)
-        if kernels.use_kernels(x):
-            return self.w2(kernels.clamped_swiglu(gate, up, self.limit))
-        return self.w2(clamped_swiglu_ref(gate, up, self.limit))
-
-
-def clamped_swiglu_ref(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    """silu(gate clamped above at limit) * (up clamped to [-limit, limit]): the shared expert's activation."""
-    return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+        return self.w2(silu_mul(self.w1(x), self.w3(x), self.limit))        # the clamped SwiGLU, one launch
 
 
 class MoE(nn.Module):
