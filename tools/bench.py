@@ -355,8 +355,10 @@ def bench_context(args: argparse.Namespace) -> dict:
     """Decode step time at each context length in --contexts, for each batch size in --batch (CUDA graphs):
     the prompts' prefill is skipped (`_SkippedForward`), the decode steps read caches of the full length."""
     from runtime import LLM, SamplingParams
+    started = time.perf_counter()
     llm = LLM(args.model, **_engine_options(args))
     engine = llm.engine
+    print(f"engine ready in {time.perf_counter() - started:.0f} s: {engine.cache_report()}", flush=True)
     runner = engine.runner
     if not runner.graphs:
         raise SystemExit("bench.py context times CUDA-graph decode steps: drop --enforce-eager")
