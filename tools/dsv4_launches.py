@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Count the kernel launches of one DeepSeek V4 decode step on the CPU, without a GPU: the layer mix of a
 config (default: the truncated Flash shape, tools/configs/deepseek-v4-flash-24l) at small widths, through the
-engine (dummy weights, batch 1), with the model's CUDA path taken but nothing launched. Each Triton launch is
-recorded by kernel name instead of run; each torch op that would launch a kernel on a GPU (not a view, not an
-allocation) is recorded by op name; each linear layer counts as one launch (a GEMV at one row on a GPU: FP8
-or bf16), the routed experts as two (the MXFP4 decode GEMVs). Prints launches per step, by component
-(`attn.indexer`, `ffn.gate`, ...) and by kernel.
+engine (dummy weights, FP8 linears kept, batch 1), with the model's CUDA path taken but nothing launched:
+the package's kernels, the runtime's routing, norms and activations, its bf16 GEMV, FP8 GEMV and MXFP4 expert
+GEMVs, chosen as on a GPU. Each Triton launch is recorded by kernel name instead of run (its outputs keep
+whatever the allocation held); each torch op that would launch a kernel on a GPU (not a view, not an
+allocation) is recorded by op name. Prints launches per step, by component (`attn.indexer`, `ffn.gate`, ...)
+and by kernel.
 
     python tools/dsv4_launches.py [--config tools/configs/deepseek-v4-flash-24l] [--context 300]
 
@@ -76,29 +77,15 @@ def _component(name: str) -> str:
 
 
 def _instrument(model: nn.Module, launches: Launches) -> None:
-    from models.deepseek_v4.linear import GroupedLinear
-    whole = (nn.Linear, GroupedLinear)
-
     for name, module in model.named_modules():
         if not name:
             continue
-        if isinstance(module, whole):
-            owner = _component(name.rsplit(".", 1)[0]) if "." in name else "model"
 
-            def enter(mod, args, owner=owner, leaf=name.rsplit(".", 1)[-1]):
-                launches.where.append(owner)
-                launches.record(f"linear ({leaf})")
-                launches.suspended += 1
+        def enter(mod, args, label=_component(name)):
+            launches.where.append(label)
 
-            def leave(mod, args, output):
-                launches.suspended -= 1
-                launches.where.pop()
-        else:
-            def enter(mod, args, label=_component(name)):
-                launches.where.append(label)
-
-            def leave(mod, args, output):
-                launches.where.pop()
+        def leave(mod, args, output):
+            launches.where.pop()
         module.register_forward_pre_hook(enter)
         module.register_forward_hook(leave)
 
@@ -108,7 +95,7 @@ def _patch_launches(launches: Launches) -> None:
     import triton.runtime.jit as jit
 
     from models.deepseek_v4 import kernels, moe
-    from runtime.ops import activation, norm
+    from runtime.ops import activation, fp8, linear, mxfp4, norm
     from runtime.ops import moe as runtime_moe
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -117,16 +104,44 @@ def _patch_launches(launches: Launches) -> None:
 
     jit.JITFunction.run = run
     kernels.use_kernels = lambda x: True
-    activation._use_triton = lambda x: True
-    norm._use_triton = lambda x: True
-    runtime_moe._use_triton = lambda x: True
+    for module in (activation, norm, runtime_moe):
+        module._use_triton = lambda x: True
+    on_gpu = linear._use_gemv.__globals__["os"].environ.get("RUN_MODEL_TORCH_OPS") != "1"
+    gemv = linear._use_gemv
 
-    def routed_experts(x, *args, **kwargs):                    # the decode GEMVs: gate-up, then down
-        launches.record("_mxfp4_gemv_gate_up_kernel")
-        launches.record("_mxfp4_gemv_down_kernel")
-        return torch.empty_like(x)
+    def use_gemv(x, weight, fused):            # as on a GPU: the test without `x.is_cuda`
+        return on_gpu and gemv(_Cuda(x), weight, fused)
+
+    linear._use_gemv = use_gemv
+
+    def fp8_linear(x, weight, scale, groups=1, counters=None):
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[0] > fp8.FP8_GEMV_MAX_ROWS:
+            raise ValueError("a decode step of one token has one row")
+        out = fp8.fp8_gemv(x, weight, scale, groups, counters=counters)
+        return out.view(*lead, out.shape[-1])
+
+    fp8.fp8_linear = fp8_linear
+
+    def routed_experts(x, w13, w2, topk_weights, topk_ids, activation, skip_negative_ids=False):
+        if topk_ids.numel() > mxfp4.GEMV_MAX_PAIRS:
+            raise ValueError("a decode step of one token routes to a few experts")
+        return mxfp4.mxfp4_moe_gemv(x, w13, w2, topk_weights, topk_ids, activation)
 
     moe.mxfp4_moe = routed_experts
+
+
+class _Cuda:
+    """A tensor that says it is on a GPU (for dispatch tests that read only its metadata)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._tensor = tensor
+
+    is_cuda = True
+
+    def __getattr__(self, name):
+        return getattr(self._tensor, name)
 
 
 def small_config(path: Path, out: Path) -> Path:
@@ -140,9 +155,11 @@ def small_config(path: Path, out: Path) -> Path:
 
 def count_decode_step(config_dir: Path, context: int) -> tuple[collections.Counter, int]:
     """-> (launches by (component, kernel) of the decode step at position `context`, number of layers)."""
+    from models.deepseek_v4 import linear
     from runtime import LLM, SamplingParams
 
     launches = Launches()
+    linear.FP8_DEVICES = ("cuda", "cpu")                                          # FP8 linears kept, as on a GPU
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(str(small_config(config_dir, Path(tmp) / "model")), device="cpu", dtype="bfloat16",
                   load_format="dummy", skip_tokenizer_init=True, block_size=128, max_model_len=context + 128,

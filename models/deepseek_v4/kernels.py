@@ -3,8 +3,9 @@ reference beside it in the package, and reads the batch layout only from device 
 them can be captured in a CUDA graph:
 
 - `store_rows`: rows into a paged cache at slot indices, -1 skipped (reference: cache_ops.write_entries);
-- `compress_entries`: at every token that closes an entry, gather its window's per-token state, softmax per
-  channel, sum, RMSNorm, RoPE at the window's first position, and store (reference: Compressor.forward);
+- `compress`: every token's compressor state row (value, gate + window bias), and at every token that closes an
+  entry its window's rows gathered, softmax per channel, summed, RMSNorm, RoPE at the window's first position,
+  stored (reference: Compressor.forward);
 - `indexer_scores` + `indexer_topk`: `sum_h w_h relu(q_h . k)` over each query's closed compressed keys, then
   a top-k over a fixed width (reference: Indexer.forward);
 - `sparse_attention`: one softmax over the window, the selected (CSA) or all closed (HCA) compressed entries
@@ -12,7 +13,6 @@ them can be captured in a CUDA graph:
   (reference: attention.window_sparse_attention);
 - `norm_rope`: q's per-head RMS norm + RoPE, K's RoPE + window insert, the output's inverse RoPE
   (references: attention.unweighted_rms_norm, rope.TrailingRope);
-- `store_state`: the compressor's per-token state row, gate + window bias added (reference: Compressor.forward);
 - `hc_pre` / `hc_post`: mHC's connection weights with Sinkhorn and the collapse, and the streams' update
   (reference: mhc.HyperConnection).
 
@@ -187,6 +187,26 @@ if triton is not None:
         r_odd = _rounded(_rounded(odd * cos, ROUND, dtype) + _rounded(even * sin, ROUND, dtype), ROUND, dtype)
         return tl.where(is_rope[None, :], r_even, even), tl.where(is_rope[None, :], r_odd, odd)
 
+    @triton.jit
+    def _rope_in_place(x, rows, d, mask, position, inv_freq_ptr, DIM: tl.constexpr, ROPE_HALF: tl.constexpr,
+                       ROUND: tl.constexpr):
+        """x [rows, dims] (loaded from rows[:, None] + d[None, :], dims in order) with interleaved RoPE at
+        `position` on the trailing 2 * ROPE_HALF of DIM dims, as _rope_pairs rounds it: each dim's partner
+        (d ^ 1) is loaded again rather than shuffled in. -> x's dtype."""
+        dtype = x.dtype
+        partner = tl.load(rows + (d ^ 1)[None, :], mask=mask, other=0.0).to(tl.float32)
+        freq = d // 2 - (DIM // 2 - ROPE_HALF)
+        is_rope = (freq >= 0) & (d < DIM)
+        inv_freq = tl.load(inv_freq_ptr + tl.maximum(freq, 0), mask=is_rope, other=0.0)
+        angle = position.to(tl.float32) * inv_freq
+        cos = _rounded(tl.cos(angle), ROUND, dtype)[None, :]
+        sin = _rounded(tl.sin(angle), ROUND, dtype)[None, :]
+        sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]                  # even: e cos - o sin; odd: o cos + e sin
+        value = x.to(tl.float32)
+        rotated = _rounded(_rounded(value * cos, ROUND, dtype) + sign * _rounded(partner * sin, ROUND, dtype),
+                           ROUND, dtype)
+        return tl.where(is_rope[None, :], rotated, value).to(dtype)
+
 
 # ---- the compressor: entries at closing positions ------------------------------------------------------
 
@@ -213,19 +233,70 @@ if triton is not None:
         return 0
 
     @triton.jit
-    def _compress_kernel(state_ptr, table_ptr, slots_ptr, positions_ptr, requests_ptr, norm_ptr, inv_freq_ptr,
-                         cache_ptr, table_stride, block_size, eps,
+    def _gate_logit(gate, bias, ROUND: tl.constexpr, dtype: tl.constexpr):
+        """A state row's logit: the gate projection plus the window-position bias, added in the dtype."""
+        return _rounded(gate.to(tl.float32) + _rounded(bias, ROUND, dtype), ROUND, dtype)
+
+    @triton.jit
+    def _window_row(proj_ptr, proj_stride, ape_ptr, state_ptr, table_ptr, request, table_stride, block_size,
+                    source, step_first, step_row, offset, i, mask, WIDTH: tl.constexpr, RATIO: tl.constexpr,
+                    ROUND: tl.constexpr, dtype: tl.constexpr, VALUES: tl.constexpr):
+        """(value, logit) channel pairs (even, odd) at `offset` of position `source`'s state row: for a position
+        of this step (>= step_first, the request's first in the step, at batch row step_row) formed from its
+        projection as the state row stored in this launch is, else read from the state cache. Without VALUES
+        the values are zeros (not read)."""
+        v_even = tl.zeros_like(i).to(tl.float32)
+        v_odd = tl.zeros_like(i).to(tl.float32)
+        if source >= step_first:
+            projected = proj_ptr + (step_row + (source - step_first)) * proj_stride + offset
+            bias = ape_ptr + (source % RATIO) * WIDTH + offset
+            z_even = _gate_logit(tl.load(projected + WIDTH + 2 * i, mask=mask, other=0.0),
+                                 tl.load(bias + 2 * i, mask=mask, other=0.0), ROUND, dtype)
+            z_odd = _gate_logit(tl.load(projected + WIDTH + 2 * i + 1, mask=mask, other=0.0),
+                                tl.load(bias + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+            if VALUES:
+                v_even = tl.load(projected + 2 * i, mask=mask, other=0.0).to(tl.float32)
+                v_odd = tl.load(projected + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+        else:
+            stored = _state_row(state_ptr, table_ptr, request, table_stride, block_size, source, WIDTH) + offset
+            z_even = _rounded(tl.load(stored + WIDTH + 2 * i, mask=mask, other=0.0), ROUND, dtype)
+            z_odd = _rounded(tl.load(stored + WIDTH + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+            if VALUES:
+                v_even = _rounded(tl.load(stored + 2 * i, mask=mask, other=0.0), ROUND, dtype)
+                v_odd = _rounded(tl.load(stored + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+        return v_even, v_odd, z_even, z_odd
+
+    @triton.jit
+    def _compress_kernel(proj_ptr, ape_ptr, state_ptr, state_slots_ptr, table_ptr, slots_ptr, positions_ptr,
+                         requests_ptr, query_start_ptr, norm_ptr, inv_freq_ptr, cache_ptr, proj_stride,
+                         table_stride, block_size, eps,
                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                         ROPE_HALF: tl.constexpr, WIDTH: tl.constexpr, RATIO: tl.constexpr,
+                         ROPE_HALF: tl.constexpr, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, RATIO: tl.constexpr,
                          WINDOW: tl.constexpr, OVERLAP: tl.constexpr, ROUND: tl.constexpr, DTYPE: tl.constexpr,
                          FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                          SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+        # a program a token: its state row, then, if it closes an entry, the entry; the window's rows of
+        # positions in this step come from the projection (another program stores them in this launch)
         token = tl.program_id(0).to(tl.int64)
+        dtype = DTYPE                                   # the activations' (the cache may be FP8)
+        state_slot = tl.load(state_slots_ptr + token).to(tl.int64)
+        if state_slot >= 0:
+            position = tl.load(positions_ptr + token).to(tl.int64)
+            c = tl.arange(0, BLOCK_W)
+            c_mask = c < WIDTH
+            row = proj_ptr + token * proj_stride
+            value = tl.load(row + c, mask=c_mask, other=0.0).to(tl.float32)
+            logit = _gate_logit(tl.load(row + WIDTH + c, mask=c_mask, other=0.0),
+                                tl.load(ape_ptr + (position % RATIO) * WIDTH + c, mask=c_mask, other=0.0),
+                                ROUND, dtype)
+            tl.store(state_ptr + state_slot * 2 * WIDTH + c, value, mask=c_mask)
+            tl.store(state_ptr + state_slot * 2 * WIDTH + WIDTH + c, logit, mask=c_mask)
         slot = tl.load(slots_ptr + token).to(tl.int64)
         if slot >= 0:
             position = tl.load(positions_ptr + token).to(tl.int64)
             request = tl.load(requests_ptr + token).to(tl.int64)
-            dtype = DTYPE                               # the activations' (the cache may be FP8)
+            step_row = tl.load(query_start_ptr + request).to(tl.int64)
+            step_first = tl.load(positions_ptr + step_row).to(tl.int64)
             i = tl.arange(0, BLOCK_HALF)
             mask = i < HALF
             # channels as (even, odd) pairs, so that RoPE can pair them without a shuffle
@@ -234,10 +305,10 @@ if triton is not None:
             for j in range(WINDOW):                     # pass 1: the max logit per channel
                 source = position - WINDOW + 1 + j
                 if source >= 0:
-                    row = _state_row(state_ptr, table_ptr, request, table_stride, block_size, source, WIDTH)
-                    offset = WIDTH + _second_half(j, RATIO, HEAD_DIM, OVERLAP)
-                    z_even = _rounded(tl.load(row + offset + 2 * i, mask=mask, other=0.0), ROUND, dtype)
-                    z_odd = _rounded(tl.load(row + offset + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+                    _, _, z_even, z_odd = _window_row(
+                        proj_ptr, proj_stride, ape_ptr, state_ptr, table_ptr, request, table_stride, block_size,
+                        source, step_first, step_row, _second_half(j, RATIO, HEAD_DIM, OVERLAP), i, mask, WIDTH,
+                        RATIO, ROUND, dtype, False)
                     m_even = tl.maximum(m_even, z_even)
                     m_odd = tl.maximum(m_odd, z_odd)
             l_even = tl.zeros([BLOCK_HALF], tl.float32)
@@ -245,10 +316,10 @@ if triton is not None:
             for j in range(WINDOW):                     # pass 2: the softmax denominators
                 source = position - WINDOW + 1 + j
                 if source >= 0:
-                    row = _state_row(state_ptr, table_ptr, request, table_stride, block_size, source, WIDTH)
-                    offset = WIDTH + _second_half(j, RATIO, HEAD_DIM, OVERLAP)
-                    z_even = _rounded(tl.load(row + offset + 2 * i, mask=mask, other=0.0), ROUND, dtype)
-                    z_odd = _rounded(tl.load(row + offset + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+                    _, _, z_even, z_odd = _window_row(
+                        proj_ptr, proj_stride, ape_ptr, state_ptr, table_ptr, request, table_stride, block_size,
+                        source, step_first, step_row, _second_half(j, RATIO, HEAD_DIM, OVERLAP), i, mask, WIDTH,
+                        RATIO, ROUND, dtype, False)
                     l_even += tl.exp(z_even - m_even)
                     l_odd += tl.exp(z_odd - m_odd)
             acc_even = tl.zeros([BLOCK_HALF], tl.float32)
@@ -256,12 +327,10 @@ if triton is not None:
             for j in range(WINDOW):                     # pass 3: weights (rounded as the reference) times values
                 source = position - WINDOW + 1 + j
                 if source >= 0:
-                    row = _state_row(state_ptr, table_ptr, request, table_stride, block_size, source, WIDTH)
-                    offset = _second_half(j, RATIO, HEAD_DIM, OVERLAP)
-                    z_even = _rounded(tl.load(row + WIDTH + offset + 2 * i, mask=mask, other=0.0), ROUND, dtype)
-                    z_odd = _rounded(tl.load(row + WIDTH + offset + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
-                    v_even = _rounded(tl.load(row + offset + 2 * i, mask=mask, other=0.0), ROUND, dtype)
-                    v_odd = _rounded(tl.load(row + offset + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+                    v_even, v_odd, z_even, z_odd = _window_row(
+                        proj_ptr, proj_stride, ape_ptr, state_ptr, table_ptr, request, table_stride, block_size,
+                        source, step_first, step_row, _second_half(j, RATIO, HEAD_DIM, OVERLAP), i, mask, WIDTH,
+                        RATIO, ROUND, dtype, True)
                     w_even = _rounded(tl.exp(z_even - m_even) / l_even, ROUND, dtype)
                     w_odd = _rounded(tl.exp(z_odd - m_odd) / l_odd, ROUND, dtype)
                     acc_even += _rounded(w_even * v_even, ROUND, dtype)
@@ -294,25 +363,33 @@ if triton is not None:
                 tl.store(cache_ptr + slot * HEAD_DIM + 2 * i + 1, out_odd.to(dtype), mask=mask)
 
 
-def compress_entries(state: torch.Tensor, state_table: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
-                     positions: torch.Tensor, requests: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                     inv_freq: torch.Tensor, ratio: int, overlap: bool, block_size: int,
-                     fmt: Fp8Entry | None = None, dtype: torch.dtype | None = None) -> None:
-    """state [blocks, block_size, 2, width] fp32 (value, logit + bias per token); cache [blocks, entries, dim],
-    or with `fmt` [blocks, entries, fmt.num_bytes] FP8 entries of `dtype` activations (default: the cache's
-    dtype); slots [n] the entry slot of each token (-1 unless it closes an entry that is written)."""
+def compress(projected: torch.Tensor, ape: torch.Tensor, state: torch.Tensor, state_table: torch.Tensor,
+             state_slots: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+             requests: torch.Tensor, query_start: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+             inv_freq: torch.Tensor, ratio: int, overlap: bool, block_size: int,
+             fmt: Fp8Entry | None = None) -> None:
+    """The compressor's step in one launch (reference: Compressor.forward). projected [n, 2 * width] each
+    token's value | gate projection (rows of any stride); ape [ratio, width] fp32 the window-position bias of
+    the gate. Every token's state row (value, gate + bias; fp32 [blocks, block_size, 2, width]) goes to its
+    state slot (-1: nowhere); every token with an entry slot (-1 unless it closes an entry that is written)
+    gathers its window's rows, softmax per channel, sums, RMSNorm, RoPE at the window's first position, and
+    stores the entry: cache [blocks, entries, dim] in the activations' dtype, or with `fmt` FP8 entries.
+    query_start: the batch's first row per request (the positions of this step's rows come from
+    `projected`, not from the state another program is storing)."""
     n = positions.shape[0]
     if n == 0:
         return
-    dtype = dtype or cache.dtype
+    dtype = projected.dtype
     head_dim = fmt.dim if fmt is not None else cache.shape[-1]
     width = state.shape[-1]
+    if projected.shape[1] != 2 * width or projected.stride(1) != 1:
+        raise ValueError(f"projected rows must be value | gate, 2 x {width} contiguous columns")
     rope_half = inv_freq.shape[0]
     _compress_kernel[(n,)](
-        state, state_table, slots, positions, requests, norm_weight, inv_freq, cache,
-        state_table.stride(0), block_size, eps,
+        projected, ape, state, state_slots, state_table, slots, positions, requests, query_start, norm_weight,
+        inv_freq, cache, projected.stride(0), state_table.stride(0), block_size, eps,
         HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_HALF=_pow2(head_dim // 2), ROPE_HALF=rope_half,
-        WIDTH=width, RATIO=ratio, WINDOW=(2 if overlap else 1) * ratio, OVERLAP=overlap,
+        WIDTH=width, BLOCK_W=_pow2(width), RATIO=ratio, WINDOW=(2 if overlap else 1) * ratio, OVERLAP=overlap,
         ROUND=dtype != torch.float32, DTYPE=_tl_dtype(dtype), FP8=fmt is not None, **_fp8_layout(fmt, head_dim),
         num_warps=4, enable_fp_fusion=False)
 
@@ -321,15 +398,15 @@ def compress_entries(state: torch.Tensor, state_table: torch.Tensor, cache: torc
 
 if triton is not None:
     @triton.jit
-    def _indexer_kernel(q_ptr, weights_ptr, keys_ptr, table_ptr, positions_ptr, requests_ptr, out_ptr,
+    def _indexer_kernel(q_ptr, weights_ptr, keys_ptr, table_ptr, positions_ptr, requests_ptr, out_ptr, inv_freq_ptr,
                         q_stride_t, q_stride_h, weights_stride, table_stride, out_stride, width,
                         scale, weight_scale, num_programs, PER_BLOCK: tl.constexpr,
                         HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        RATIO: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr,
+                        RATIO: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr, ROPE_HALF: tl.constexpr,
                         FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                         SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
-        # a program scores the key tiles pid, pid + num_programs, ... of its query: q and the head weights are
-        # loaded once for all of them
+        # a program scores the key tiles pid, pid + num_programs, ... of its query: q (rotated here with
+        # ROPE_HALF) and the head weights are loaded once for all of them
         token = tl.program_id(0).to(tl.int64)
         position = tl.load(positions_ptr + token).to(tl.int32)        # < 2^31: index math in 32 bits
         visible = tl.maximum(position + 1, 0) // RATIO               # entries closed at this query
@@ -338,8 +415,11 @@ if triton is not None:
         d = tl.arange(0, BLOCK_D)
         h_mask = h < HEADS
         d_mask = d < DIM
-        q = tl.load(q_ptr + token * q_stride_t + h[:, None] * q_stride_h + d[None, :],
-                    mask=h_mask[:, None] & d_mask[None, :], other=0.0)       # [BLOCK_HEADS, BLOCK_D]
+        q_rows = q_ptr + token * q_stride_t + h[:, None] * q_stride_h
+        q = tl.load(q_rows + d[None, :], mask=h_mask[:, None] & d_mask[None, :], other=0.0)   # [BLOCK_HEADS, BLOCK_D]
+        if ROPE_HALF > 0:
+            q = _rope_in_place(q, q_rows, d, h_mask[:, None] & d_mask[None, :], position, inv_freq_ptr, DIM,
+                               ROPE_HALF, not FP32)
         w = tl.load(weights_ptr + token * weights_stride + h, mask=h_mask, other=0.0).to(tl.float32) * weight_scale
         for tile in range(tl.program_id(1), tl.cdiv(width, BLOCK_N), num_programs):
             n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -376,10 +456,12 @@ INDEXER_PROGRAMS = 528       # four per SM on an H200 (as many as their register
 
 def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, table: torch.Tensor,
                    positions: torch.Tensor, requests: torch.Tensor, ratio: int, width: int,
-                   block_size: int, key_format: Fp8Entry | None = None, weight_scale: float = 1.0) -> torch.Tensor:
+                   block_size: int, key_format: Fp8Entry | None = None, weight_scale: float = 1.0,
+                   rope: torch.Tensor | None = None) -> torch.Tensor:
     """q [n, heads, dim]; head_weights [n, heads] (any float dtype, times `weight_scale` in fp32); keys
     [blocks, block_size / ratio, dim] (or FP8 entries of `key_format`, dequantized to q's dtype) -> scores
-    [n, width] fp32: -inf at entries the query cannot see (not closed by its position, or past width)."""
+    [n, width] fp32: -inf at entries the query cannot see (not closed by its position, or past width). With
+    `rope` (inv_freq) q is rotated at its position first, as norm_rope(q, positions, rope) would."""
     n, heads, dim = q.shape
     out = torch.empty(n, width, dtype=torch.float32, device=q.device)
     if n == 0 or width == 0:
@@ -388,12 +470,12 @@ def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tens
     tiles = triton.cdiv(width, block_n)
     programs = max(1, min(tiles, triton.cdiv(INDEXER_PROGRAMS, n)))     # host sizes only: fixed for a graph
     _indexer_kernel[(n, programs)](
-        q, head_weights, keys, table, positions, requests, out,
+        q, head_weights, keys, table, positions, requests, out, rope if rope is not None else out,
         q.stride(0), q.stride(1), head_weights.stride(0), table.stride(0), out.stride(0), width,
         dim ** -0.5, weight_scale, programs, PER_BLOCK=block_size // ratio,
         HEADS=heads, BLOCK_HEADS=max(16, _pow2(heads)), DIM=dim, BLOCK_D=max(16, _pow2(dim)), RATIO=ratio,
-        BLOCK_N=block_n, FP32=q.dtype == torch.float32, FP8=key_format is not None, **_fp8_layout(key_format, dim),
-        num_warps=4)
+        BLOCK_N=block_n, FP32=q.dtype == torch.float32, ROPE_HALF=rope.shape[0] if rope is not None else 0,
+        FP8=key_format is not None, **_fp8_layout(key_format, dim), num_warps=4)
     return out
 
 
@@ -1067,38 +1149,3 @@ def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, com
             N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, MIX=next_fn is not None,
             M=m, BLOCK_M=_pow2(m + hc * hc), num_warps=4, enable_fp_fusion=False)
     return new if next_fn is None else (new, mix)
-
-
-# ---- the compressor's per-token state: value, and gate logit + the window-position bias ------------------
-
-if triton is not None:
-    @triton.jit
-    def _store_state_kernel(kv_ptr, gate_ptr, ape_ptr, positions_ptr, slots_ptr, state_ptr, kv_stride, gate_stride,
-                            WIDTH: tl.constexpr, RATIO: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
-        token = tl.program_id(0).to(tl.int64)
-        slot = tl.load(slots_ptr + token).to(tl.int64)
-        if slot >= 0:
-            c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-            mask = c < WIDTH
-            dtype = kv_ptr.dtype.element_ty
-            bias_row = tl.load(positions_ptr + token).to(tl.int64) % RATIO
-            kv = tl.load(kv_ptr + token * kv_stride + c, mask=mask, other=0.0).to(tl.float32)
-            gate = tl.load(gate_ptr + token * gate_stride + c, mask=mask, other=0.0).to(tl.float32)
-            bias = _rounded(tl.load(ape_ptr + bias_row * WIDTH + c, mask=mask, other=0.0), ROUND, dtype)
-            tl.store(state_ptr + slot * 2 * WIDTH + c, kv, mask=mask)
-            tl.store(state_ptr + slot * 2 * WIDTH + WIDTH + c, _rounded(gate + bias, ROUND, dtype), mask=mask)
-
-
-def store_state(state: torch.Tensor, kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor,
-                positions: torch.Tensor, slots: torch.Tensor) -> None:
-    """state [blocks, block_size, 2, width] fp32: at each token's slot (-1: nowhere) its value kv [n, width] and
-    its gate logit plus the bias of its position in the window, ape [ratio, width] fp32 (added in kv's dtype,
-    as the reference does)."""
-    n, width = kv.shape
-    if n == 0:
-        return
-    block = min(1024, _pow2(width))
-    _store_state_kernel[(n, triton.cdiv(width, block))](
-        kv, gate, ape, positions, slots, state, kv.stride(0), gate.stride(0),
-        WIDTH=width, RATIO=ape.shape[0], BLOCK=block, ROUND=kv.dtype != torch.float32, num_warps=4,
-        enable_fp_fusion=False)

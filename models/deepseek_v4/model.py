@@ -91,7 +91,7 @@ class DeepseekV4ForCausalLM(nn.Module):
             attn.window_layer = add(self.entry_spec(attn.window_format, attn.head_dim, window=window))
             compressors = [attn.compressor] + ([attn.indexer.compressor] if attn.indexer is not None else [])
             for compressor in filter(None, compressors):
-                width = compressor.wkv.out_features
+                width = compressor.width
                 # per token: its projected value and gate logit (+ window bias), fp32, for as many positions
                 # as an entry reads; then the entries themselves, one per `ratio` positions
                 compressor.state_layer = add(CacheSpec((2, width), torch.float32, window=compressor.window))

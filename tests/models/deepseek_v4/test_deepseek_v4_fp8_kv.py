@@ -105,9 +105,13 @@ def test_store_kernels_quantize_exactly_as_the_reference(device):
         norm = (torch.rand(fmt.dim, generator=generator) + 0.5).to(device)
         inv_freq = rope.inv_freq if fmt.bf16_tail else rope.inv_freq[:fmt.dim // 4]
         requests = token_requests(ctx, positions.shape[0])
+        projected = (_spread((positions.shape[0], 2 * width), generator) * 2).to(device, dtype)
+        ape = _spread((ratio, width), generator).to(device)
+        nowhere = torch.full_like(positions, -1)                # the state stays as drawn
         for cache, entry_format in ((wide, None), (fp8, fmt)):
-            kernels.compress_entries(state, ctx.block_tables[0], cache, ctx.slot_mappings[1], positions, requests,
-                                     norm, 1e-6, inv_freq, ratio, overlap, sizes.block_size, entry_format, dtype)
+            kernels.compress(projected, ape, state, ctx.block_tables[0], nowhere, cache, ctx.slot_mappings[1],
+                             positions, requests, ctx.query_start_loc, norm, 1e-6, inv_freq, ratio, overlap,
+                             sizes.block_size, entry_format)
         _assert_same_entries(fp8, wide, fmt)
 
 
@@ -328,11 +332,13 @@ KV_GROUPS = dict(GROUPS=8, GROUP_D=64, TAIL_D=64)          # the tiles sparse at
 FP8_POINTERS = {"q_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "weights_ptr": "*fp32", "keys_ptr": "*fp8e4nv",
                 "window_ptr": "*fp8e4nv", "entries_ptr": "*fp8e4nv", "cache_ptr": "*fp8e4nv", "state_ptr": "*fp32",
                 "sinks_ptr": "*fp32", "norm_ptr": "*fp32", "inv_freq_ptr": "*fp32", "part_acc_ptr": "*fp32",
-                "part_ml_ptr": "*fp32", "scale": "fp32", "eps": "fp32", "weight_scale": "fp32"}
+                "part_ml_ptr": "*fp32", "scale": "fp32", "eps": "fp32", "weight_scale": "fp32", "proj_ptr": "*bf16",
+                "ape_ptr": "*fp32", "query_start_ptr": "*i32"}
 KERNELS = "models.deepseek_v4.kernels"
 FP8_CASES = [
     Case(KERNELS, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4, BLOCK_N=64, PER_BLOCK=64,
-                                          FP32=False, FP8=True, **KEY_LAYOUT), {**FP8_POINTERS, "out_ptr": "*fp32"}),
+                                          FP32=False, ROPE_HALF=32, FP8=True, **KEY_LAYOUT),
+         {**FP8_POINTERS, "out_ptr": "*fp32"}),
     Case(KERNELS, "_sparse_attention_kernel", dict(HEADS=64, BLOCK_H=16, DIM=512, BLOCK_D=512, BLOCK_N=32, RATIO=4,
                                                    BLOCK_SIZE=256, PER_BLOCK=64,
                                                    HAS_ENTRIES=True, SELECTED=True, SPLIT=True, FP32=False,
@@ -340,8 +346,9 @@ FP8_CASES = [
          FP8_POINTERS),
     Case(KERNELS, "_sparse_attention_reduce_kernel", dict(HEADS=64, DIM=512, BLOCK_D=512, BLOCK_S=8, ROPE=True,
                                                           ROPE_HALF=32, ROUND=True), FP8_POINTERS),
-    Case(KERNELS, "_compress_kernel", dict(HEAD_DIM=512, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, WIDTH=1024, RATIO=4,
-                                           WINDOW=8, OVERLAP=True, ROUND=True, DTYPE="tl.bfloat16", FP8=True,
+    Case(KERNELS, "_compress_kernel", dict(HEAD_DIM=512, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, WIDTH=1024,
+                                           BLOCK_W=1024, RATIO=4, WINDOW=8, OVERLAP=True, ROUND=True,
+                                           DTYPE="tl.bfloat16", FP8=True,
                                            **KV_LAYOUT), FP8_POINTERS),
     Case(KERNELS, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, NORMALIZE=False,
                                             WEIGHTED=False, INVERSE=False, TO_SLOTS=True, ROUND=True, FP8=True,

@@ -14,7 +14,7 @@ import torch
 from models.deepseek_v4 import kernels
 from models.deepseek_v4.attention import window_sparse_attention
 from models.deepseek_v4.cache_ops import request_entries, token_requests
-from models.deepseek_v4.compressor import Compressor, indexer_scores_ref
+from models.deepseek_v4.compressor import Compressor, Projection, indexer_scores_ref
 from models.deepseek_v4.rope import TrailingRope
 from runtime.forward import ForwardContext
 from runtime.ops import RMSNorm
@@ -150,7 +150,8 @@ def test_sparse_attention_matches_reference(device, kind, splits, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_indexer_scores_and_topk_match_reference(device, programs, monkeypatch):
     """With the programs per query the batch gets (one key tile each at these widths), and with one program
-    per query walking every tile."""
+    per query walking every tile. The kernel rotates q (RoPE at its position) as the reference path does
+    before scoring."""
     if programs is not None:
         monkeypatch.setattr(kernels, "INDEXER_PROGRAMS", programs)
     sizes, dtype, steps = _setup(device)
@@ -163,9 +164,11 @@ def test_indexer_scores_and_topk_match_reference(device, programs, monkeypatch):
     q = torch.randn(n, sizes.index_heads, sizes.index_dim, generator=generator).to(device, dtype)
     weights = torch.randn(n, sizes.index_heads, generator=generator).to(device, dtype)     # the projection's
     width = ctx.max_seq_len // sizes.ratio + 3                       # wider than any request's entries
+    rope = TrailingRope(_hf_config(sizes.index_dim, sizes.rope_dim), "compress", sizes.rope_dim).to(device)
     scores = kernels.indexer_scores(q, weights, keys, ctx.block_tables[0], positions, token_requests(ctx, n),
-                                    sizes.ratio, width, sizes.block_size, weight_scale=0.125)
+                                    sizes.ratio, width, sizes.block_size, weight_scale=0.125, rope=rope.inv_freq)
     weights = weights.float() * 0.125                                # as the reference path forms them
+    q = rope(q, positions)
     selected = kernels.indexer_topk(scores, positions, sizes.ratio, sizes.top_k)
     starts = ctx.query_start_loc_host
     for b in range(len(steps)):
@@ -221,22 +224,24 @@ def test_topk_kernel_keeps_the_references_set(device, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_compressor_kernels_match_reference(device, overlap):
     """Three steps (each request's history, a ragged step, one more token each) through the reference and
-    through the kernels: the state rows and the entries written agree."""
+    through the kernel: the state rows and the entries written agree. The kernel stores a step's state rows
+    and reads the same step's window rows from the projection; the projection is a column slice of a wider
+    one (the layer's, with other blocks around it)."""
     sizes, dtype, steps = _setup(device)
     ratio = sizes.ratio if overlap else (16 if device == "cpu" else 128)
-    hidden = 320 if device == "cpu" else 4096          # on the CPU: chunks of hc_post / hc_pre past the row's end
+    hidden = 320 if device == "cpu" else 4096
     torch.manual_seed(3)
     rope = TrailingRope(_hf_config(sizes.dim, sizes.rope_dim), "compress", sizes.rope_dim)
-    module = Compressor(hidden, sizes.dim, ratio, overlap, 1e-6, rope)
+    module = Compressor(sizes.dim, ratio, overlap, 1e-6, rope)
+    width = module.width
+    projection = Projection(hidden, {"before": 16, "wkv": width, "wgate": width, "after": 8})
     with torch.no_grad():
-        for p in module.parameters():
+        for p in (*module.parameters(), projection.weight):
             p.normal_(0, 0.05 if p.dim() > 1 else 0.5)
         module.norm.weight.uniform_(0.5, 1.5)
     module = module.to(device)
-    module.wkv.to(dtype)
-    module.wgate.to(dtype)
+    projection = projection.to(device, dtype)
     module.state_layer, module.entry_layer = 0, 1
-    width = module.wkv.out_features
     final = [(c + q + 1, 0) for c, q in steps]
     num_blocks = _num_blocks(sizes, final)
     phases = [[(0, c) for c, _ in steps], list(steps), [(c + q, 1) for c, q in steps]]
@@ -254,7 +259,8 @@ def test_compressor_kernels_match_reference(device, overlap):
                 n = positions.shape[0]
                 x = torch.randn(n, hidden, generator=x_gen).to(device, dtype)
                 with torch.no_grad():
-                    module(x, positions, token_requests(ctx, n), ctx)
+                    projected = projection.columns(projection(x), "wkv", "wgate")
+                    module(projected, positions, token_requests(ctx, n), ctx)
         finally:
             kernels.use_kernels = original
         results.append((state, entries))
@@ -320,9 +326,12 @@ def test_padded_rows_with_context_length_zero_read_and_write_nothing(device, fp8
         assert out[0].abs().sum() > 0
     state = torch.zeros(num_blocks, bs, 2, 2 * sizes.dim, device=device)
     before = (window_cache.view(torch.uint8).clone(), entry_cache.view(torch.uint8).clone())
-    kernels.compress_entries(state, table, entry_cache, torch.tensor([-1, -1, -1], device=device), positions,
-                             requests, torch.ones(sizes.dim, device=device), 1e-6,
-                             torch.ones(sizes.rope_dim // 2, device=device), ratio, True, bs, kv_format, dtype)
+    nowhere = torch.tensor([-1, -1, -1], device=device)
+    kernels.compress(torch.randn(3, 4 * sizes.dim, generator=generator).to(device, dtype),
+                     torch.zeros(ratio, 2 * sizes.dim, device=device), state, table, nowhere, entry_cache, nowhere,
+                     positions, requests, torch.tensor([0, 1], dtype=torch.int32, device=device),
+                     torch.ones(sizes.dim, device=device), 1e-6, torch.ones(sizes.rope_dim // 2, device=device),
+                     ratio, True, bs, kv_format)
     if fp8:
         kernels.norm_rope(q[:, :1], positions, torch.ones(sizes.rope_dim // 2, device=device), cache=window_cache,
                           slots=torch.tensor([-1, -1, -1], device=device), fmt=kv_format)
@@ -330,6 +339,7 @@ def test_padded_rows_with_context_length_zero_read_and_write_nothing(device, fp8
         kernels.store_rows(window_cache, q[:, 0], torch.tensor([-1, -1, -1], device=device))
     assert torch.equal(window_cache.view(torch.uint8), before[0])
     assert torch.equal(entry_cache.view(torch.uint8), before[1])
+    assert (state == 0).all()
 
 
 @pytest.mark.gpu
