@@ -1089,9 +1089,10 @@ def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
 
 if triton is not None:
     @triton.jit
-    def _hc_post_kernel(out_ptr, streams_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, mix_ptr, out_stride,
-                        streams_stride, N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
-                        ROUND: tl.constexpr, MIX: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr):
+    def _hc_post_kernel(out_ptr, addend_ptr, streams_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, mix_ptr, out_stride,
+                        addend_stride, streams_stride, N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
+                        ROUND: tl.constexpr, ADD: tl.constexpr, MIX: tl.constexpr, M: tl.constexpr,
+                        BLOCK_M: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         c = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -1104,6 +1105,9 @@ if triton is not None:
         mixed = _rounded(tl.sum(comb[:, :, None] * streams[:, None, :], axis=0), ROUND, dtype)   # [k, BLOCK]
         post = _rounded(tl.load(post_ptr + token * N + k), ROUND, dtype)
         out = tl.load(out_ptr + token * out_stride + c, mask=mask, other=0.0).to(tl.float32)
+        if ADD:             # the sublayer's output is the sum of two, added in the dtype
+            out = _rounded(out + tl.load(addend_ptr + token * addend_stride + c, mask=mask, other=0.0).to(tl.float32),
+                           ROUND, dtype)
         new = (_rounded(post[:, None] * out[None, :], ROUND, dtype) + mixed).to(dtype)
         tl.store(new_ptr + token * N * HIDDEN + k[:, None] * HIDDEN + c[None, :], new, mask=mask[None, :])
         if MIX:
@@ -1126,15 +1130,17 @@ HC_MIX_MAX_TOKENS = 8        # past this a GEMM reads the connection's weight on
 
 
 def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
-            next_fn: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            next_fn: torch.Tensor | None = None,
+            addend: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The same function as mhc.HyperConnection.post: new streams [n, hc, hidden], each
-    post_k * output + sum_j comb[j, k] * stream_j, in one launch. With `next_fn` (the next connection's
-    [(2 + hc) * hc, hc * hidden] fp32 projection) also -> the partial sums hc_pre reads as `mix`
-    [n, chunks, pow2((2 + hc) * hc + hc * hc)]: each chunk's projection of the new streams and their Gram
-    matrix."""
+    post_k * output + sum_j comb[j, k] * stream_j, in one launch; with `addend` the output is output + addend
+    (added in their dtype). With `next_fn` (the next connection's [(2 + hc) * hc, hc * hidden] fp32
+    projection) also -> the partial sums hc_pre reads as `mix` [n, chunks, pow2((2 + hc) * hc + hc * hc)]:
+    each chunk's projection of the new streams and their Gram matrix."""
     n, hc, hidden = streams.shape
     streams = streams.contiguous()
     output = output.contiguous()
+    addend = addend.contiguous() if addend is not None else None
     new = torch.empty_like(streams)
     m = (2 + hc) * hc
     block = HC_MIX_BLOCK if next_fn is not None else min(512, _pow2(hidden))
@@ -1143,9 +1149,9 @@ def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, com
         if next_fn is not None else None
     if n:
         _hc_post_kernel[(n, chunks)](
-            output, streams, post.contiguous(), comb.contiguous(), new,
+            output, addend if addend is not None else output, streams, post.contiguous(), comb.contiguous(), new,
             next_fn if next_fn is not None else post, mix if mix is not None else post,
-            output.stride(0), streams.stride(0),
-            N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, MIX=next_fn is not None,
-            M=m, BLOCK_M=_pow2(m + hc * hc), num_warps=4, enable_fp_fusion=False)
+            output.stride(0), addend.stride(0) if addend is not None else 0, streams.stride(0),
+            N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, ADD=addend is not None,
+            MIX=next_fn is not None, M=m, BLOCK_M=_pow2(m + hc * hc), num_warps=4, enable_fp_fusion=False)
     return new if next_fn is None else (new, mix)

@@ -44,6 +44,9 @@ class DeepseekV4Layer(nn.Module):
         x = self.attn(x, positions, requests, ctx)
         streams, mix = HyperConnection.post(x, streams, post, comb, self.hc_ffn)
         post, comb, x = self.hc_ffn.pre(streams, self.ffn_norm, mix)
+        if self.ffn.parallel.world_size == 1:           # the experts' and the shared expert's sum in hc_post
+            routed, shared = self.ffn.parts(x, input_ids)
+            return HyperConnection.post(routed, streams, post, comb, following, addend=shared)
         x = self.ffn(x, input_ids)
         return HyperConnection.post(x, streams, post, comb, following)
 

@@ -465,6 +465,16 @@ def test_hyper_connection_kernels_match_reference(device):
     new, mix = kernels.hc_post(output, streams, post, comb, following.fn)
     assert mix.shape == (37, -(-hidden // kernels.HC_MIX_BLOCK), 64)
     torch.testing.assert_close(new.float(), new_ref.float(), atol=tolerance, rtol=tolerance)
+    # a sublayer output given as two parts (the MoE's routed and shared experts), added in the launch
+    addend = torch.randn(collapsed.shape, generator=generator).to(device, dtype)
+    summed_ref = HyperConnection.post(output, streams, post, comb, addend=addend)[0]
+    assert not torch.equal(summed_ref, new_ref)
+    summed, summed_mix = kernels.hc_post(output, streams, post, comb, following.fn, addend)
+    for got in (summed, kernels.hc_post(output, streams, post, comb, addend=addend)):
+        torch.testing.assert_close(got.float(), summed_ref.float(), atol=tolerance, rtol=tolerance)
+    written = 6 * 4 + 4 * 4                                   # the projection's sums, then the Gram matrix
+    torch.testing.assert_close(summed_mix[..., :written],
+                               kernels.hc_post(output + addend, streams, post, comb, following.fn)[1][..., :written])
     for weight_in_fp32 in (True, False):
         norm = RMSNorm(hidden, 1e-6, weight_in_fp32=weight_in_fp32)
         with torch.no_grad():
@@ -529,9 +539,10 @@ def test_decode_kernels_compile_for_hopper():
                    HC_TYPES)
               for partials, norm, block, span in ((True, True, kernels.HC_PRE_SPAN, kernels.HC_PRE_SPAN),
                                                   (False, True, 1024, 4096), (False, False, 1024, 4096))]
-    cases += [Case(module, "_hc_post_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, ROUND=True, MIX=mix, M=24,
-                                                   BLOCK_M=32), HC_TYPES)
-              for block, mix in ((kernels.HC_MIX_BLOCK, True), (512, False))]
+    cases += [Case(module, "_hc_post_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, ROUND=True, ADD=add, MIX=mix,
+                                                   M=24, BLOCK_M=64), {**HC_TYPES, "addend_ptr": "*bf16"})
+              for block, mix, add in ((kernels.HC_MIX_BLOCK, True, True), (kernels.HC_MIX_BLOCK, True, False),
+                                      (512, False, False))]
     cases.append(Case(module, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32,
                                                         NORMALIZE=True, WEIGHTED=True, INVERSE=False, TO_SLOTS=True,
                                                         ROUND=True, FP8=False, NOPE=512, QBLOCK=512, NUM_SCALES=1,
@@ -542,6 +553,18 @@ def test_decode_kernels_compile_for_hopper():
                                                                    ROPE_HALF=32, ROUND=True),
                    {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "sinks_ptr": "*fp32", "out_ptr": "*bf16",
                     "inv_freq_ptr": "*fp32"}) for rope in (True, False)]
+    cases += [Case(module, "_compress_kernel", dict(HEAD_DIM=512, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, WIDTH=width,
+                                                    BLOCK_W=width, RATIO=ratio, WINDOW=window, OVERLAP=overlap,
+                                                    ROUND=True, DTYPE="tl.bfloat16", FP8=False, NOPE=512, QBLOCK=512,
+                                                    NUM_SCALES=1, SCALES_AT=512, ENTRY=512),
+                   {"proj_ptr": "*bf16", "ape_ptr": "*fp32", "state_ptr": "*fp32", "query_start_ptr": "*i32",
+                    "norm_ptr": "*fp32", "inv_freq_ptr": "*fp32", "cache_ptr": "*bf16", "eps": "fp32"})
+              for width, ratio, window, overlap in ((1024, 4, 8, True), (512, 128, 128, False))]
+    cases.append(Case(module, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4,
+                                                      BLOCK_N=64, PER_BLOCK=64, FP32=False, ROPE_HALF=32, FP8=False,
+                                                      NOPE=128, QBLOCK=128, NUM_SCALES=1, SCALES_AT=128, ENTRY=128),
+                      {"q_ptr": "*bf16", "weights_ptr": "*bf16", "keys_ptr": "*bf16", "out_ptr": "*fp32",
+                       "inv_freq_ptr": "*fp32", "scale": "fp32", "weight_scale": "fp32"}))
     for case, result in zip(cases, compile_for_hopper(cases)):
         assert result["error"] is None, f"{case.kernel} {case.constexprs}: {result['error']}"
         assert f".entry {case.kernel}" in result["ptx"]
