@@ -125,8 +125,7 @@ class DeepseekV4Attention(nn.Module):
         q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
         kv = self.wkv(x)[:, None]                                                 # [num_tokens, 1, head_dim]
         cache, _, slots = ctx.layer_cache(self.window_layer)
-        if fast:                      # one launch each: q's head norm + RoPE; K's norm + RoPE + window insert
-            q = kernels.norm_rope(q, positions, self.rope.inv_freq, normalize=True, eps=self.eps)
+        if fast:      # K's norm + RoPE + window insert in one launch; q's head norm + RoPE in the attention's
             kernels.norm_rope(kv, positions, self.rope.inv_freq, eps=self.kv_norm.eps, cache=cache, slots=slots,
                               fmt=self.window_format, weight=self.kv_norm.weight)
         else:
@@ -141,7 +140,7 @@ class DeepseekV4Attention(nn.Module):
             selected = self.indexer(self.wx.columns(projected, "indexer.compressor.wkv", "indexer.compressor.wgate"),
                                     self.wx.columns(projected, "indexer.weights_proj"), q_latent, positions,
                                     requests, ctx)
-        if fast:              # the inverse RoPE inside the attention's split reduction
+        if fast:              # q's norm + RoPE as the attention loads it, the inverse RoPE in its split reduction
             out = self._attend_kernels(q, positions, requests, ctx, entry_layer, selected)
         else:
             out = window_sparse_attention(q, positions, ctx, self.window_layer, self.window, entry_layer,
@@ -166,4 +165,4 @@ class DeepseekV4Attention(nn.Module):
                                         entry_cache, entry_table, ratio, selected, self.attn_sink,
                                         self.head_dim ** -0.5, ctx.block_size,
                                         ctx.max_seq_len // ratio if ratio else 0, self.window_format,
-                                        self._entry_format, self.rope.inv_freq)
+                                        self._entry_format, self.rope.inv_freq, self.rope.inv_freq, self.eps)

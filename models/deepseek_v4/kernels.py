@@ -188,13 +188,24 @@ if triton is not None:
         return tl.where(is_rope[None, :], r_even, even), tl.where(is_rope[None, :], r_odd, odd)
 
     @triton.jit
-    def _rope_in_place(x, rows, d, mask, position, inv_freq_ptr, DIM: tl.constexpr, ROPE_HALF: tl.constexpr,
-                       ROUND: tl.constexpr):
+    def _unweighted_rms(squares, size, eps, ROUND: tl.constexpr, dtype: tl.constexpr):
+        """attention.unweighted_rms_norm's factor from a row's sum of squares: rsqrt(mean + eps) in the dtype."""
+        return _rounded(tl.rsqrt(squares / size + eps), ROUND, dtype)
+
+    @triton.jit
+    def _rope_in_place(x, rows, d, mask, position, inv_freq_ptr, rms, DIM: tl.constexpr, ROPE_HALF: tl.constexpr,
+                       NORMALIZE: tl.constexpr, ROUND: tl.constexpr):
         """x [rows, dims] (loaded from rows[:, None] + d[None, :], dims in order) with interleaved RoPE at
         `position` on the trailing 2 * ROPE_HALF of DIM dims, as _rope_pairs rounds it: each dim's partner
-        (d ^ 1) is loaded again rather than shuffled in. -> x's dtype."""
+        (d ^ 1) is loaded again rather than shuffled in. With NORMALIZE, x and the partners are first
+        multiplied by rms [rows] (_unweighted_rms) and rounded, as norm_rope(normalize=True) does. -> x's
+        dtype."""
         dtype = x.dtype
+        value = x.to(tl.float32)
         partner = tl.load(rows + (d ^ 1)[None, :], mask=mask, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            value = _rounded(value * rms[:, None], ROUND, dtype)
+            partner = _rounded(partner * rms[:, None], ROUND, dtype)
         freq = d // 2 - (DIM // 2 - ROPE_HALF)
         is_rope = (freq >= 0) & (d < DIM)
         inv_freq = tl.load(inv_freq_ptr + tl.maximum(freq, 0), mask=is_rope, other=0.0)
@@ -202,7 +213,6 @@ if triton is not None:
         cos = _rounded(tl.cos(angle), ROUND, dtype)[None, :]
         sin = _rounded(tl.sin(angle), ROUND, dtype)[None, :]
         sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]                  # even: e cos - o sin; odd: o cos + e sin
-        value = x.to(tl.float32)
         rotated = _rounded(_rounded(value * cos, ROUND, dtype) + sign * _rounded(partner * sin, ROUND, dtype),
                            ROUND, dtype)
         return tl.where(is_rope[None, :], rotated, value).to(dtype)
@@ -418,8 +428,8 @@ if triton is not None:
         q_rows = q_ptr + token * q_stride_t + h[:, None] * q_stride_h
         q = tl.load(q_rows + d[None, :], mask=h_mask[:, None] & d_mask[None, :], other=0.0)   # [BLOCK_HEADS, BLOCK_D]
         if ROPE_HALF > 0:
-            q = _rope_in_place(q, q_rows, d, h_mask[:, None] & d_mask[None, :], position, inv_freq_ptr, DIM,
-                               ROPE_HALF, not FP32)
+            q = _rope_in_place(q, q_rows, d, h_mask[:, None] & d_mask[None, :], position, inv_freq_ptr, 1.0, DIM,
+                               ROPE_HALF, False, not FP32)
         w = tl.load(weights_ptr + token * weights_stride + h, mask=h_mask, other=0.0).to(tl.float32) * weight_scale
         for tile in range(tl.program_id(1), tl.cdiv(width, BLOCK_N), num_programs):
             n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -540,10 +550,10 @@ if triton is not None:
     @triton.jit
     def _sparse_attention_kernel(q_ptr, positions_ptr, requests_ptr, window_ptr, window_table_ptr,
                                  entries_ptr, entries_table_ptr, selected_ptr, sinks_ptr, out_ptr,
-                                 part_acc_ptr, part_ml_ptr,
+                                 part_acc_ptr, part_ml_ptr, q_inv_freq_ptr,
                                  q_stride_t, q_stride_h, out_stride_t, out_stride_h,
                                  window_table_stride, entries_table_stride, selected_stride,
-                                 window, scale, num_selected, num_splits,
+                                 window, scale, num_selected, num_splits, q_eps,
                                  HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM: tl.constexpr,
                                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
                                  BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
@@ -551,9 +561,10 @@ if triton is not None:
                                  FP32: tl.constexpr, WINDOW_FP8: tl.constexpr, ENTRY_FP8: tl.constexpr,
                                  NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                                  SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, GROUPS: tl.constexpr,
-                                 GROUP_D: tl.constexpr, TAIL_D: tl.constexpr):
+                                 GROUP_D: tl.constexpr, TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr):
         # sizes that change from step to step (selection width, splits) are arguments, not constants: a
-        # constant would compile a kernel per value
+        # constant would compile a kernel per value. With Q_ROPE_HALF q is raw: each program normalizes its
+        # heads (unweighted RMS) and rotates them at the token's position as it loads them
         token = tl.program_id(0).to(tl.int64)
         head_block = tl.program_id(1)
         split = tl.program_id(2)
@@ -582,17 +593,17 @@ if triton is not None:
                                   sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                                   m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                                   out_stride_h, window_table_stride, entries_table_stride, selected_stride,
-                                  scale, num_splits, BLOCK_SIZE, PER_BLOCK, HEADS, BLOCK_H, DIM, BLOCK_N,
-                                  HAS_ENTRIES, SELECTED, SPLIT, FP32, NOPE, QBLOCK, NUM_SCALES, SCALES_AT, ENTRY,
-                                  GROUPS, GROUP_D, TAIL_D)
+                                  scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE, PER_BLOCK, HEADS,
+                                  BLOCK_H, DIM, BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, NOPE, QBLOCK, NUM_SCALES,
+                                  SCALES_AT, ENTRY, GROUPS, GROUP_D, TAIL_D, Q_ROPE_HALF)
         else:
             _sparse_attention_wide(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
                                    sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                                    m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                                    out_stride_h, window_table_stride, entries_table_stride, selected_stride,
-                                   scale, num_splits, BLOCK_SIZE, PER_BLOCK, HEADS, BLOCK_H, DIM, BLOCK_D,
-                                   BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, WINDOW_FP8, ENTRY_FP8, NOPE, QBLOCK,
-                                   SCALES_AT, ENTRY)
+                                   scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE, PER_BLOCK, HEADS,
+                                   BLOCK_H, DIM, BLOCK_D, BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, WINDOW_FP8,
+                                   ENTRY_FP8, NOPE, QBLOCK, SCALES_AT, ENTRY, Q_ROPE_HALF)
 
     @triton.jit
     def _key_rows(window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
@@ -636,17 +647,23 @@ if triton is not None:
                                sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                                m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                                out_stride_h, window_table_stride, entries_table_stride, selected_stride,
-                               scale, num_splits, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
-                               HEADS: tl.constexpr,
-                               BLOCK_H: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr,
+                               scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE: tl.constexpr,
+                               PER_BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr,
                                SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr,
                                WINDOW_FP8: tl.constexpr, ENTRY_FP8: tl.constexpr, NOPE: tl.constexpr,
-                               QBLOCK: tl.constexpr, SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+                               QBLOCK: tl.constexpr, SCALES_AT: tl.constexpr, ENTRY: tl.constexpr,
+                               Q_ROPE_HALF: tl.constexpr):
         """Keys in the model dtype (or one of the two caches FP8, dequantized element by element)."""
         d = tl.arange(0, BLOCK_D)
         d_mask = d < DIM
-        q = tl.load(q_ptr + token * q_stride_t + h[:, None] * q_stride_h + d[None, :],
-                    mask=h_mask[:, None] & d_mask[None, :], other=0.0)          # [BLOCK_H, BLOCK_D]
+        q_rows = q_ptr + token * q_stride_t + h[:, None] * q_stride_h
+        q_mask = h_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)              # [BLOCK_H, BLOCK_D]
+        if Q_ROPE_HALF > 0:
+            q_f = q.to(tl.float32)
+            rms = _unweighted_rms(tl.sum(q_f * q_f, axis=1), DIM, q_eps, not FP32, q.dtype)
+            q = _rope_in_place(q, q_rows, d, q_mask, position, q_inv_freq_ptr, rms, DIM, Q_ROPE_HALF, True, not FP32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
         for u0 in range(lo, hi, BLOCK_N):
             u = u0 + tl.arange(0, BLOCK_N)                                        # index into window ++ entries
@@ -692,13 +709,13 @@ if triton is not None:
                               sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                               m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                               out_stride_h, window_table_stride, entries_table_stride, selected_stride,
-                              scale, num_splits, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
-                              HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+                              scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE: tl.constexpr,
+                              PER_BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
                               DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr,
                               SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, NOPE: tl.constexpr,
                               QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr, SCALES_AT: tl.constexpr,
                               ENTRY: tl.constexpr, GROUPS: tl.constexpr, GROUP_D: tl.constexpr,
-                              TAIL_D: tl.constexpr):
+                              TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr):
         """Every key an FP8 entry (cache_ops.Fp8Entry): the e4m3 dims read as bytes in groups of QBLOCK
         [GROUPS, BLOCK_N, GROUP_D], their scales once per group and key [GROUPS, BLOCK_N], the RoPE dims as one
         bf16 tile [BLOCK_N, TAIL_D]. Scores: per group the dot of q's dims with the e4m3 values, times the
@@ -716,6 +733,14 @@ if triton is not None:
                            other=0.0)                                           # [GROUPS, BLOCK_H, GROUP_D]
         q_tail = tl.load(q_row[:, None] + NOPE + t[None, :], mask=h_mask[:, None] & tail_mask[None, :],
                          other=0.0)                                             # [BLOCK_H, TAIL_D]
+        if Q_ROPE_HALF > 0:       # the RoPE dims are the bf16 tail (sparse_attention checks)
+            g_f = q_groups.to(tl.float32)
+            t_f = q_tail.to(tl.float32)
+            squares = tl.sum(tl.sum(g_f * g_f, axis=2), axis=0) + tl.sum(t_f * t_f, axis=1)   # [BLOCK_H]
+            rms = _unweighted_rms(squares, DIM, q_eps, not FP32, dtype)
+            q_groups = _rounded(g_f * rms[None, :, None], not FP32, dtype).to(dtype)
+            q_tail = _rope_in_place(q_tail, q_row[:, None] + NOPE, t, h_mask[:, None] & tail_mask[None, :], position,
+                                    q_inv_freq_ptr, rms, DIM - NOPE, Q_ROPE_HALF, True, not FP32)
         acc = tl.zeros([GROUPS, BLOCK_H, GROUP_D], tl.float32)
         acc_tail = tl.zeros([BLOCK_H, TAIL_D], tl.float32)
         # an entry starts only ENTRY & -ENTRY bytes aligned (584: 8): say so (see _load_entries)
@@ -839,9 +864,12 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
                      entry_cache: torch.Tensor | None, entry_table: torch.Tensor | None, ratio: int,
                      selected: torch.Tensor | None, sinks: torch.Tensor, scale: float, block_size: int,
                      max_entries: int, window_format: Fp8Entry | None = None,
-                     entry_format: Fp8Entry | None = None, inverse_rope: torch.Tensor | None = None) -> torch.Tensor:
+                     entry_format: Fp8Entry | None = None, inverse_rope: torch.Tensor | None = None,
+                     q_rope: torch.Tensor | None = None, q_eps: float = 0.0) -> torch.Tensor:
     """q [n, heads, dim] -> [n, heads, dim]. Keys = values: the window entries (p - window, p] of the token's
     request, then (CSA) the entries in `selected` [n, k] (-1 = none) or (HCA) every entry closed by p.
+    With `q_rope` (inv_freq) q is raw: normalized per head (unweighted RMS, `q_eps`) and rotated at p as
+    norm_rope(q, positions, q_rope, normalize=True, eps=q_eps) would, as the kernel loads it.
     With `inverse_rope` (inv_freq) the output is rotated back by -p as norm_rope(inverse=True) does, inside the
     split reduction when there is one.
     `max_entries` bounds the HCA entries (sizes the key splits only). A cache with a format holds FP8 entries,
@@ -863,20 +891,28 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         part_acc = part_ml = out
     dummy = window_table
     layout = _fp8_layout(window_format or entry_format, dim)
+    q_rope_half = q_rope.shape[0] if q_rope is not None else 0
+    fp8_tiles = window_format is not None and (entry_format is not None or not has_entries)
+    if q_rope_half and fp8_tiles and dim - layout["NOPE"] != 2 * q_rope_half:
+        raise ValueError(f"q's RoPE in the FP8 tiles needs the entries' bf16 tail ({dim - layout['NOPE']} dims) "
+                         f"to be the RoPE dims ({2 * q_rope_half})")
+    if q.stride(2) != 1:
+        q = q.contiguous()
     _sparse_attention_kernel[(n, head_blocks, splits)](
         q, positions, requests, window_cache, window_table,
         entry_cache if has_entries else window_cache, entry_table if has_entries else dummy,
         selected if selected is not None else dummy, sinks, out, part_acc, part_ml,
+        q_rope if q_rope is not None else sinks,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         window_table.stride(0), entry_table.stride(0) if has_entries else 0,
         selected.stride(0) if selected is not None else 0,
-        window, scale, num_selected, splits,
+        window, scale, num_selected, splits, q_eps,
         HEADS=heads, BLOCK_H=BLOCK_HEADS, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_N=block_n, RATIO=max(ratio, 1),
         BLOCK_SIZE=block_size, PER_BLOCK=block_size // max(ratio, 1),
         HAS_ENTRIES=has_entries, SELECTED=selected is not None, SPLIT=splits > 1,
         FP32=q.dtype == torch.float32, WINDOW_FP8=window_format is not None,
         ENTRY_FP8=has_entries and entry_format is not None, **layout, **_fp8_groups(layout, dim),
-        num_warps=4 if dim <= 128 else 8)
+        Q_ROPE_HALF=q_rope_half, num_warps=4 if dim <= 128 else 8)
     if splits > 1:
         _sparse_attention_reduce_kernel[(n, heads)](
             part_acc, part_ml, sinks, out, positions, inverse_rope if inverse_rope is not None else sinks,

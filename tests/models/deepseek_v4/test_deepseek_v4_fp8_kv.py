@@ -167,6 +167,17 @@ def test_sparse_attention_on_fp8_caches_matches_reference(device, kind):
                                   per_request, sinks, scale, window_format, kv_format if ratio else None)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref, atol=tolerance * ref.abs().max().item(), rtol=tolerance)
+    # q raw: its head norm and RoPE (on the entries' bf16 tail) as the kernel loads it, as norm_rope before it
+    rope = TrailingRope(_hf_config(sizes.dim, sizes.rope_dim), "compress", sizes.rope_dim).to(device)
+    fused = kernels.sparse_attention(q, positions, token_requests(ctx, n), caches[0], ctx.block_tables[0],
+                                     sizes.window, caches[1] if ratio else None, ctx.block_tables[1] if ratio else None,
+                                     ratio, selected.to(torch.int32) if selected is not None else None, sinks, scale,
+                                     sizes.block_size, ctx.max_seq_len // ratio if ratio else 0, window_format,
+                                     kv_format if ratio else None, q_rope=rope.inv_freq, q_eps=1e-6)
+    prepared = kernels.norm_rope(q, positions, rope.inv_freq, normalize=True, eps=1e-6)
+    ref = window_sparse_attention(prepared.float(), positions, ref_ctx, 0, sizes.window, 1 if ratio else None, ratio,
+                                  per_request, sinks, scale, window_format, kv_format if ratio else None)
+    torch.testing.assert_close(fused.float(), ref, atol=tolerance * ref.abs().max().item(), rtol=tolerance)
 
 
 @pytest.mark.parametrize("programs", [None, 1], ids=["auto-programs", "one-program-a-query"])
@@ -333,7 +344,7 @@ FP8_POINTERS = {"q_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "weights
                 "window_ptr": "*fp8e4nv", "entries_ptr": "*fp8e4nv", "cache_ptr": "*fp8e4nv", "state_ptr": "*fp32",
                 "sinks_ptr": "*fp32", "norm_ptr": "*fp32", "inv_freq_ptr": "*fp32", "part_acc_ptr": "*fp32",
                 "part_ml_ptr": "*fp32", "scale": "fp32", "eps": "fp32", "weight_scale": "fp32", "proj_ptr": "*bf16",
-                "ape_ptr": "*fp32", "query_start_ptr": "*i32"}
+                "ape_ptr": "*fp32", "query_start_ptr": "*i32", "q_inv_freq_ptr": "*fp32", "q_eps": "fp32"}
 KERNELS = "models.deepseek_v4.kernels"
 FP8_CASES = [
     Case(KERNELS, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4, BLOCK_N=64, PER_BLOCK=64,
@@ -342,8 +353,8 @@ FP8_CASES = [
     Case(KERNELS, "_sparse_attention_kernel", dict(HEADS=64, BLOCK_H=16, DIM=512, BLOCK_D=512, BLOCK_N=32, RATIO=4,
                                                    BLOCK_SIZE=256, PER_BLOCK=64,
                                                    HAS_ENTRIES=True, SELECTED=True, SPLIT=True, FP32=False,
-                                                   WINDOW_FP8=True, ENTRY_FP8=True, **KV_LAYOUT, **KV_GROUPS),
-         FP8_POINTERS),
+                                                   WINDOW_FP8=True, ENTRY_FP8=True, **KV_LAYOUT, **KV_GROUPS,
+                                                   Q_ROPE_HALF=32), FP8_POINTERS),
     Case(KERNELS, "_sparse_attention_reduce_kernel", dict(HEADS=64, DIM=512, BLOCK_D=512, BLOCK_S=8, ROPE=True,
                                                           ROPE_HALF=32, ROUND=True), FP8_POINTERS),
     Case(KERNELS, "_compress_kernel", dict(HEAD_DIM=512, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, WIDTH=1024,

@@ -144,6 +144,17 @@ def test_sparse_attention_matches_reference(device, kind, splits, monkeypatch):
     torch.testing.assert_close(rotated, kernels.norm_rope(out, positions, rope.inv_freq, inverse=True),
                                atol=tolerance / 2, rtol=tolerance / 2)
     torch.testing.assert_close(rotated.float(), rope(ref, positions, inverse=True), atol=tolerance, rtol=tolerance)
+    # q raw (the projection's output): its head norm and RoPE as the kernel loads it, as norm_rope before it
+    raw = (torch.randn(n, sizes.heads, sizes.dim, generator=generator) * 4).to(device, dtype)
+    fused = kernels.sparse_attention(raw, positions, requests, window_cache, ctx.block_tables[0], sizes.window,
+                                     caches[1] if ratio else None, ctx.block_tables[1] if ratio else None, ratio,
+                                     selected.to(torch.int32) if selected is not None else None, sinks, scale,
+                                     sizes.block_size, ctx.max_seq_len // ratio if ratio else 0,
+                                     q_rope=rope.inv_freq, q_eps=1e-6)
+    prepared = kernels.norm_rope(raw, positions, rope.inv_freq, normalize=True, eps=1e-6)
+    torch.testing.assert_close(fused.float(), window_sparse_attention(
+        prepared.float(), positions, ref_ctx, 0, sizes.window, 1 if ratio else None, ratio, per_request, sinks, scale),
+        atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("programs", [None, 1], ids=["auto-programs", "one-program-a-query"])
@@ -565,6 +576,15 @@ def test_decode_kernels_compile_for_hopper():
                                                       NOPE=128, QBLOCK=128, NUM_SCALES=1, SCALES_AT=128, ENTRY=128),
                       {"q_ptr": "*bf16", "weights_ptr": "*bf16", "keys_ptr": "*bf16", "out_ptr": "*fp32",
                        "inv_freq_ptr": "*fp32", "scale": "fp32", "weight_scale": "fp32"}))
+    cases += [Case(module, "_sparse_attention_kernel", dict(HEADS=64, BLOCK_H=16, DIM=512, BLOCK_D=512, BLOCK_N=32,
+                                                            RATIO=ratio, BLOCK_SIZE=256, PER_BLOCK=256 // ratio,
+                                                            HAS_ENTRIES=True, SELECTED=ratio == 4, SPLIT=True,
+                                                            FP32=False, WINDOW_FP8=False, ENTRY_FP8=False, NOPE=512,
+                                                            QBLOCK=512, NUM_SCALES=1, SCALES_AT=512, ENTRY=512,
+                                                            GROUPS=1, GROUP_D=512, TAIL_D=16, Q_ROPE_HALF=32),
+                   {"q_ptr": "*bf16", "window_ptr": "*bf16", "entries_ptr": "*bf16", "sinks_ptr": "*fp32",
+                    "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_inv_freq_ptr": "*fp32",
+                    "scale": "fp32", "q_eps": "fp32"}) for ratio in (4, 128)]
     for case, result in zip(cases, compile_for_hopper(cases)):
         assert result["error"] is None, f"{case.kernel} {case.constexprs}: {result['error']}"
         assert f".entry {case.kernel}" in result["ptx"]
