@@ -121,14 +121,17 @@ class DeepseekV4Attention(nn.Module):
                 ctx: ForwardContext) -> torch.Tensor:
         fast = kernels.use_kernels(x)
         projected = self.wx(x) if self.wx is not None else None                  # [num_tokens, parts]
-        q_latent = self.q_norm(self.wq_a(x))                                      # [num_tokens, q_lora_rank]
-        q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
+        q_latent = self.wq_a(x)                                                   # [num_tokens, q_lora_rank]
         kv = self.wkv(x)[:, None]                                                 # [num_tokens, 1, head_dim]
         cache, _, slots = ctx.layer_cache(self.window_layer)
-        if fast:      # K's norm + RoPE + window insert in one launch; q's head norm + RoPE in the attention's
-            kernels.norm_rope(kv, positions, self.rope.inv_freq, eps=self.kv_norm.eps, cache=cache, slots=slots,
-                              fmt=self.window_format, weight=self.kv_norm.weight)
+        if fast:      # one launch: K's norm + RoPE + window insert, and q's latent norm
+            q_latent = kernels.norm_rope(kv, positions, self.rope.inv_freq, eps=self.kv_norm.eps, cache=cache,
+                                         slots=slots, fmt=self.window_format, weight=self.kv_norm.weight,
+                                         latent=(q_latent, self.q_norm))
+            q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)      # normed and rotated in attention
         else:
+            q_latent = self.q_norm(q_latent)
+            q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
             kv = self.kv_norm(kv)
             q = self.rope(unweighted_rms_norm(q, self.eps), positions)            # [num_tokens, heads, head_dim]
             write_entries(cache, self.rope(kv, positions)[:, 0], slots, self.window_format)

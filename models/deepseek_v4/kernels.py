@@ -1048,61 +1048,82 @@ def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: t
 
 if triton is not None:
     @triton.jit
+    def _latent_norm(x_ptr, out_ptr, weight_ptr, eps, DIM: tl.constexpr, BLOCK: tl.constexpr):
+        """One row's RMSNorm with an fp32 weight multiplied before the cast (runtime RMSNorm, weight_in_fp32)."""
+        c = tl.arange(0, BLOCK)
+        mask = c < DIM
+        x = tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
+        weight = tl.load(weight_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + c, (weight * (x * inv_rms)).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _norm_rope_kernel(x_ptr, out_ptr, positions_ptr, inv_freq_ptr, slots_ptr, weight_ptr,
-                          x_stride_t, x_stride_h, out_stride_t, out_stride_h, eps,
+                          latent_ptr, latent_out_ptr, latent_weight_ptr,
+                          x_stride_t, x_stride_h, out_stride_t, out_stride_h, latent_stride, eps, latent_eps,
                           HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
                           BLOCK_HALF: tl.constexpr, ROPE_HALF: tl.constexpr, NORMALIZE: tl.constexpr,
                           WEIGHTED: tl.constexpr,
                           INVERSE: tl.constexpr, TO_SLOTS: tl.constexpr, ROUND: tl.constexpr,
                           FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
-                          SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+                          SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, LATENT_DIM: tl.constexpr,
+                          BLOCK_LATENT: tl.constexpr):
+        # with LATENT_DIM the last program of a token normalizes its row of another tensor (the q latent's
+        # RMSNorm riding along with K's insert); the others take their heads
         token = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        i = tl.arange(0, BLOCK_HALF)
-        mask = (h < HEADS)[:, None] & (i < HALF)[None, :]
-        dtype = x_ptr.dtype.element_ty
-        src = x_ptr + token * x_stride_t + h[:, None] * x_stride_h
-        even = tl.load(src + 2 * i[None, :], mask=mask, other=0.0).to(tl.float32)
-        odd = tl.load(src + 2 * i[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
-        if NORMALIZE:
-            rms = tl.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / (2 * HALF) + eps)
-            if WEIGHTED:        # an RMSNorm whose fp32 weight multiplies in fp32, then the dtype
-                w_even = tl.load(weight_ptr + 2 * i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
-                w_odd = tl.load(weight_ptr + 2 * i + 1, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
-                even = _rounded(w_even * (even * rms[:, None]), ROUND, dtype)
-                odd = _rounded(w_odd * (odd * rms[:, None]), ROUND, dtype)
-            else:               # unweighted: x * rsqrt(mean(x^2) + eps), in x's dtype
-                rms = _rounded(rms, ROUND, dtype)[:, None]
-                even = _rounded(even * rms, ROUND, dtype)
-                odd = _rounded(odd * rms, ROUND, dtype)
-        even, odd = _rope_pairs(even, odd, i, tl.load(positions_ptr + token), inv_freq_ptr, HALF, ROPE_HALF, INVERSE,
-                                ROUND, dtype)
-        if TO_SLOTS:                                       # one head, stored at the token's cache slot
-            slot = tl.load(slots_ptr + token).to(tl.int64)
-            if slot >= 0:
-                dst = out_ptr + slot * out_stride_t + h[:, None] * out_stride_h
-                if FP8:
-                    _store_fp8_entries(dst, even, odd, i, mask, (h < HEADS)[:, None], NOPE, QBLOCK, NUM_SCALES,
-                                       SCALES_AT)
-                else:
-                    tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
-                    tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
+        if tl.program_id(1) >= (HEADS + BLOCK_H - 1) // BLOCK_H:         # launched only with LATENT_DIM
+            if LATENT_DIM > 0:
+                _latent_norm(latent_ptr + token * latent_stride, latent_out_ptr + token * LATENT_DIM,
+                             latent_weight_ptr, latent_eps, LATENT_DIM, BLOCK_LATENT)
         else:
-            dst = out_ptr + token * out_stride_t + h[:, None] * out_stride_h
-            tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
+            h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+            i = tl.arange(0, BLOCK_HALF)
+            mask = (h < HEADS)[:, None] & (i < HALF)[None, :]
+            dtype = x_ptr.dtype.element_ty
+            src = x_ptr + token * x_stride_t + h[:, None] * x_stride_h
+            even = tl.load(src + 2 * i[None, :], mask=mask, other=0.0).to(tl.float32)
+            odd = tl.load(src + 2 * i[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
+            if NORMALIZE:
+                rms = tl.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / (2 * HALF) + eps)
+                if WEIGHTED:        # an RMSNorm whose fp32 weight multiplies in fp32, then the dtype
+                    w_even = tl.load(weight_ptr + 2 * i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+                    w_odd = tl.load(weight_ptr + 2 * i + 1, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+                    even = _rounded(w_even * (even * rms[:, None]), ROUND, dtype)
+                    odd = _rounded(w_odd * (odd * rms[:, None]), ROUND, dtype)
+                else:               # unweighted: x * rsqrt(mean(x^2) + eps), in x's dtype
+                    rms = _rounded(rms, ROUND, dtype)[:, None]
+                    even = _rounded(even * rms, ROUND, dtype)
+                    odd = _rounded(odd * rms, ROUND, dtype)
+            even, odd = _rope_pairs(even, odd, i, tl.load(positions_ptr + token), inv_freq_ptr, HALF, ROPE_HALF, INVERSE,
+                                    ROUND, dtype)
+            if TO_SLOTS:                                       # one head, stored at the token's cache slot
+                slot = tl.load(slots_ptr + token).to(tl.int64)
+                if slot >= 0:
+                    dst = out_ptr + slot * out_stride_t + h[:, None] * out_stride_h
+                    if FP8:
+                        _store_fp8_entries(dst, even, odd, i, mask, (h < HEADS)[:, None], NOPE, QBLOCK, NUM_SCALES,
+                                           SCALES_AT)
+                    else:
+                        tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
+                        tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                dst = out_ptr + token * out_stride_t + h[:, None] * out_stride_h
+                tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, normalize: bool = False,
               eps: float = 0.0, inverse: bool = False, cache: torch.Tensor | None = None,
               slots: torch.Tensor | None = None, fmt: Fp8Entry | None = None,
-              weight: torch.Tensor | None = None) -> torch.Tensor | None:
+              weight: torch.Tensor | None = None,
+              latent: tuple[torch.Tensor, torch.nn.Module] | None = None) -> torch.Tensor | None:
     """x [n, heads, dim]: optionally the per-head RMS norm (unweighted, or with `weight` [dim] that of a
     runtime RMSNorm with weight_in_fp32), then interleaved RoPE on the trailing
     2 * len(inv_freq) dims at `positions` (by -position with `inverse`), rounding as the references
     (attention.unweighted_rms_norm, RMSNorm, rope.TrailingRope) do. Returns a new tensor, or with `cache` and `slots`
     (one head) stores each token's row at its slot (-1: nowhere), quantized into `fmt` if given, and returns
-    None."""
+    None. With `latent` (rows [n, d], a runtime RMSNorm with weight_in_fp32) the same launch also normalizes
+    those rows, and returns them (a new tensor) instead of None."""
     n, heads, dim = x.shape
     to_slots = cache is not None
     layout = _fp8_layout(fmt, dim)
@@ -1110,17 +1131,28 @@ def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
         out = cache.view(-1, 1, layout["ENTRY"])
     else:
         out = torch.empty(n, heads, dim, dtype=x.dtype, device=x.device)
+    latent_out = None
+    if latent is not None:
+        rows, latent_norm = latent
+        if not to_slots or not latent_norm.weight_in_fp32 or rows.stride(-1) != 1:
+            raise ValueError("a latent norm rides with a cache insert: an fp32-weight RMSNorm of contiguous rows")
+        latent_out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
     if n == 0:
-        return None if to_slots else out
+        return latent_out if to_slots else out
     block_h = min(4, _pow2(heads))                     # many small programs: a decode step has few tokens
-    _norm_rope_kernel[(n, triton.cdiv(heads, block_h))](
+    latent_dim = latent_out.shape[1] if latent is not None else 0
+    _norm_rope_kernel[(n, triton.cdiv(heads, block_h) + (latent is not None))](
         x, out, positions, inv_freq, slots if to_slots else positions, weight if weight is not None else inv_freq,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
+        rows if latent is not None else x, latent_out if latent is not None else out,
+        latent_norm.weight if latent is not None else inv_freq,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1), rows.stride(0) if latent is not None else 0,
+        eps, latent_norm.eps if latent is not None else 0.0,
         HEADS=heads, BLOCK_H=block_h, HALF=dim // 2, BLOCK_HALF=_pow2(dim // 2), ROPE_HALF=inv_freq.shape[0],
         NORMALIZE=normalize or weight is not None, WEIGHTED=weight is not None, INVERSE=inverse, TO_SLOTS=to_slots,
         ROUND=x.dtype != torch.float32,
-        FP8=fmt is not None, **layout, num_warps=4, enable_fp_fusion=False)
-    return None if to_slots else out
+        FP8=fmt is not None, **layout, LATENT_DIM=latent_dim, BLOCK_LATENT=_pow2(max(latent_dim, 1)),
+        num_warps=4, enable_fp_fusion=False)
+    return latent_out if to_slots else out
 
 
 if triton is not None:

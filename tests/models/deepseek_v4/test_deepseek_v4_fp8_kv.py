@@ -344,7 +344,8 @@ FP8_POINTERS = {"q_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "weights
                 "window_ptr": "*fp8e4nv", "entries_ptr": "*fp8e4nv", "cache_ptr": "*fp8e4nv", "state_ptr": "*fp32",
                 "sinks_ptr": "*fp32", "norm_ptr": "*fp32", "inv_freq_ptr": "*fp32", "part_acc_ptr": "*fp32",
                 "part_ml_ptr": "*fp32", "scale": "fp32", "eps": "fp32", "weight_scale": "fp32", "proj_ptr": "*bf16",
-                "ape_ptr": "*fp32", "query_start_ptr": "*i32", "q_inv_freq_ptr": "*fp32", "q_eps": "fp32"}
+                "ape_ptr": "*fp32", "query_start_ptr": "*i32", "q_inv_freq_ptr": "*fp32", "q_eps": "fp32",
+                "latent_ptr": "*bf16", "latent_out_ptr": "*bf16", "latent_weight_ptr": "*fp32", "latent_eps": "fp32"}
 KERNELS = "models.deepseek_v4.kernels"
 FP8_CASES = [
     Case(KERNELS, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4, BLOCK_N=64, PER_BLOCK=64,
@@ -363,7 +364,7 @@ FP8_CASES = [
                                            **KV_LAYOUT), FP8_POINTERS),
     Case(KERNELS, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, NORMALIZE=False,
                                             WEIGHTED=False, INVERSE=False, TO_SLOTS=True, ROUND=True, FP8=True,
-                                            **KV_LAYOUT),
+                                            **KV_LAYOUT, LATENT_DIM=1024, BLOCK_LATENT=1024),
          FP8_POINTERS),
 ]
 

@@ -529,6 +529,18 @@ def test_norm_rope_kernel_matches_reference(device):
     normed = rms_norm_ref(x[:, :1], weight, 1e-6, weight_in_fp32=True)
     expected[slots[keep]] = rope(normed, positions)[keep, 0]
     torch.testing.assert_close(cache.view(-1, sizes.dim), expected, **tolerance)
+    # q's latent RMSNorm in the same launch (a row wider than a head, read from a strided view)
+    latent_norm = RMSNorm(3 * sizes.dim + 8, 1e-5, weight_in_fp32=True)
+    with torch.no_grad():
+        latent_norm.weight.uniform_(0.5, 1.5, generator=generator)
+    latent_norm = latent_norm.to(device)
+    latent = (torch.randn(n, 4 * sizes.dim, generator=generator) * 3).to(device, dtype)[:, :3 * sizes.dim + 8]
+    cache.zero_()
+    normed_latent = kernels.norm_rope(x[:, :1], positions, rope.inv_freq, eps=1e-6, cache=cache, slots=slots,
+                                      weight=weight, latent=(latent, latent_norm))
+    torch.testing.assert_close(cache.view(-1, sizes.dim), expected, **tolerance)
+    torch.testing.assert_close(normed_latent, rms_norm_ref(latent, latent_norm.weight, 1e-5, weight_in_fp32=True),
+                               **tolerance)
 
 
 HC_TYPES = {"streams_ptr": "*bf16", "mix_ptr": "*fp32", "base_ptr": "*fp32", "scale_ptr": "*fp32", "post_ptr": "*fp32",
@@ -554,12 +566,14 @@ def test_decode_kernels_compile_for_hopper():
                                                    M=24, BLOCK_M=64), {**HC_TYPES, "addend_ptr": "*bf16"})
               for block, mix, add in ((kernels.HC_MIX_BLOCK, True, True), (kernels.HC_MIX_BLOCK, True, False),
                                       (512, False, False))]
-    cases.append(Case(module, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32,
-                                                        NORMALIZE=True, WEIGHTED=True, INVERSE=False, TO_SLOTS=True,
-                                                        ROUND=True, FP8=False, NOPE=512, QBLOCK=512, NUM_SCALES=1,
-                                                        SCALES_AT=512, ENTRY=512),
-                      {"x_ptr": "*bf16", "out_ptr": "*bf16", "inv_freq_ptr": "*fp32", "weight_ptr": "*fp32",
-                       "eps": "fp32"}))
+    cases += [Case(module, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32,
+                                                     NORMALIZE=True, WEIGHTED=True, INVERSE=False, TO_SLOTS=True,
+                                                     ROUND=True, FP8=False, NOPE=512, QBLOCK=512, NUM_SCALES=1,
+                                                     SCALES_AT=512, ENTRY=512, LATENT_DIM=latent,
+                                                     BLOCK_LATENT=max(latent, 1)),
+                   {"x_ptr": "*bf16", "out_ptr": "*bf16", "inv_freq_ptr": "*fp32", "weight_ptr": "*fp32",
+                    "latent_ptr": "*bf16", "latent_out_ptr": "*bf16", "latent_weight_ptr": "*fp32", "eps": "fp32",
+                    "latent_eps": "fp32"}) for latent in (1024, 0)]
     cases += [Case(module, "_sparse_attention_reduce_kernel", dict(HEADS=64, DIM=512, BLOCK_D=512, BLOCK_S=8, ROPE=rope,
                                                                    ROPE_HALF=32, ROUND=True),
                    {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "sinks_ptr": "*fp32", "out_ptr": "*bf16",
