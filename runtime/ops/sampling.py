@@ -211,8 +211,8 @@ if triton is not None:
 
     @triton.jit
     def _chunk_levels_kernel(logits_ptr, stride, V, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
-                             greedy_below, part_max_ptr, part_arg_ptr, part_z_ptr, part_count_ptr, part_mass_ptr, NUM_CHUNKS,
-                             CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, LEVEL_BLOCK: tl.constexpr,
+                             greedy_below, part_max_ptr, part_arg_ptr, part_z_ptr, part_count_ptr, part_mass_ptr,
+                             NUM_CHUNKS, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, LEVEL_BLOCK: tl.constexpr,
                              NUM_LEVELS: tl.constexpr, LEVEL_SHIFT: tl.constexpr, LEVEL_STEPS: tl.constexpr):
         row, chunk = tl.program_id(0), tl.program_id(1)
         base = logits_ptr + row.to(tl.int64) * stride
