@@ -324,10 +324,12 @@ if triton is not None:
             for start in range(chunk * CHUNK, end, BLOCK):
                 s = _scaled(base, start + offs, end, temperature)
                 take = (s >= bound) & (start + offs < end)
-                slot = count + tl.cumsum(take.to(tl.int32), axis=0) - 1
-                tl.store(cand_val + slot, s, mask=take & (slot < CAP))
-                tl.store(cand_id + slot, start + offs, mask=take & (slot < CAP))
-                count += tl.sum(take.to(tl.int32), axis=0)
+                taken = tl.sum(take.to(tl.int32), axis=0)
+                if taken > 0:                       # most blocks hold no candidate: no scan, no store for them
+                    slot = count + tl.cumsum(take.to(tl.int32), axis=0) - 1
+                    tl.store(cand_val + slot, s, mask=take & (slot < CAP))
+                    tl.store(cand_id + slot, start + offs, mask=take & (slot < CAP))
+                count += taken
         elif plain:
             row_key = _row_key(seeds_ptr, steps_ptr, row)
             exclude = tl.load(exclude_ptr + row).to(tl.int32)
