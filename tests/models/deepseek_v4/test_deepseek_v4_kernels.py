@@ -356,11 +356,12 @@ def test_padded_rows_with_context_length_zero_read_and_write_nothing(device, fp8
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-cache", "fp8-cache"])
 def test_graph_replays_at_other_contexts_equal_eager(fp8):
-    """The indexer, its top-k, attention, the state insert and the compressor captured once in a CUDA graph
-    (contexts of one batch), replayed for batches whose contexts are longer and shorter than the capture's:
-    every replay equals the eager run on the same inputs, bit for bit. Nothing the kernels read is reset on
-    the host (no memset that a capture could skip): stale scores or state would show up here. With `fp8`, the
-    entries and indexer keys are FP8 (the compressor quantizes what it writes)."""
+    """The indexer (q rotated inside), its top-k, attention (q normalized and rotated inside), the compressor
+    (state rows and entries) captured once in a CUDA graph (contexts of one batch), replayed for batches whose
+    contexts are longer and shorter than the capture's: every replay equals the eager run on the same inputs,
+    bit for bit. Nothing the kernels read is reset on the host (no memset that a capture could skip): stale
+    scores or state would show up here. With `fp8`, the entries and indexer keys are FP8 (the compressor
+    quantizes what it writes)."""
     from models.deepseek_v4.cache_ops import Fp8Entry, quantize_entries
     sizes, dtype = RELEASE, torch.bfloat16
     kv_format = Fp8Entry(sizes.dim, sizes.rope_dim, 64) if fp8 else None
@@ -386,7 +387,9 @@ def test_graph_replays_at_other_contexts_equal_eager(fp8):
     q = torch.randn(n, sizes.heads, sizes.dim, generator=generator).to(device, dtype)
     index_q = torch.randn(n, sizes.index_heads, sizes.index_dim, generator=generator).to(device, dtype)
     weights = torch.randn(n, sizes.index_heads, generator=generator).to(device)
-    rows = torch.randn(n, 2, 2 * sizes.dim, generator=generator).to(device)
+    projected = torch.randn(n, 4 * sizes.dim, generator=generator).to(device, dtype)     # value | gate
+    ape = torch.randn(ratio, 2 * sizes.dim, generator=generator).to(device)
+    query_start = torch.arange(n + 1, dtype=torch.int32, device=device)                # a token a request
     sinks = torch.randn(sizes.heads, generator=generator).to(device)
     norm = torch.rand(sizes.dim, generator=generator).to(device) + 0.5
     inv_freq = torch.rand(sizes.rope_dim // 2, generator=generator).to(device)
@@ -397,15 +400,14 @@ def test_graph_replays_at_other_contexts_equal_eager(fp8):
     width = 4097 // ratio
 
     def step():
-        kernels.store_rows(state, rows, state_slots)
-        kernels.compress_entries(state, tables[3], entries, entry_slots, positions, requests, norm, 1e-6, inv_freq,
-                                 ratio, True, bs, kv_format, dtype)
+        kernels.compress(projected, ape, state, tables[3], state_slots, entries, entry_slots, positions, requests,
+                         query_start, norm, 1e-6, inv_freq, ratio, True, bs, kv_format)
         scores = kernels.indexer_scores(index_q, weights, index_keys, tables[2], positions, requests, ratio, width, bs,
-                                        key_format)
+                                        key_format, rope=inv_freq)
         selected = kernels.indexer_topk(scores, positions, ratio, sizes.top_k)
         return selected, kernels.sparse_attention(q, positions, requests, window, tables[0], sizes.window, entries,
                                                   tables[1], ratio, selected, sinks, sizes.dim ** -0.5, bs, width,
-                                                  kv_format, kv_format)
+                                                  kv_format, kv_format, inv_freq, inv_freq, 1e-6)
 
     def load(batch):
         ctx, pos = _context(device, sizes, batch, [window, entries, index_keys, state], [1, ratio, ratio, 1], tables)
