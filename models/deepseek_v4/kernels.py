@@ -6,15 +6,17 @@ them can be captured in a CUDA graph:
 - `compress`: every token's compressor state row (value, gate + window bias), and at every token that closes an
   entry its window's rows gathered, softmax per channel, summed, RMSNorm, RoPE at the window's first position,
   stored (reference: Compressor.forward);
-- `indexer_scores` + `indexer_topk`: `sum_h w_h relu(q_h . k)` over each query's closed compressed keys, then
-  a top-k over a fixed width (reference: Indexer.forward);
+- `indexer_scores` + `indexer_topk`: `sum_h w_h relu(q_h . k)` over each query's closed compressed keys (q
+  rotated as it is loaded), then a top-k over a fixed width (reference: Indexer.forward);
 - `sparse_attention`: one softmax over the window, the selected (CSA) or all closed (HCA) compressed entries
-  and the sink, one K=V head shared by all query heads, optionally split along the keys for small batches
-  (reference: attention.window_sparse_attention);
-- `norm_rope`: q's per-head RMS norm + RoPE, K's RoPE + window insert, the output's inverse RoPE
-  (references: attention.unweighted_rms_norm, rope.TrailingRope);
-- `hc_pre` / `hc_post`: mHC's connection weights with Sinkhorn and the collapse, and the streams' update
-  (reference: mhc.HyperConnection).
+  and the sink, one K=V head shared by all query heads, optionally split along the keys for small batches; q's
+  head norm + RoPE as it is loaded, the output's inverse RoPE in the split reduction (reference:
+  attention.window_sparse_attention);
+- `norm_rope`: a per-head RMS norm + RoPE (q's, outside the decode path), K's norm + RoPE + window insert with
+  the q latent's RMSNorm in the same launch, the output's inverse RoPE (references:
+  attention.unweighted_rms_norm, RMSNorm, rope.TrailingRope);
+- `hc_pre` / `hc_post`: mHC's connection weights with Sinkhorn and the collapse, and the streams' update, the
+  sublayer's output optionally given as two parts to add (reference: mhc.HyperConnection).
 
 Every program works unconditionally from its token's position: nothing is skipped on the host, no length is
 read there, and a padded row (position < 0, or slot -1) reads nothing past its own start and writes nothing.
