@@ -1164,7 +1164,7 @@ if triton is not None:
     def _hc_post_kernel(out_ptr, addend_ptr, streams_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, mix_ptr, out_stride,
                         addend_stride, streams_stride, N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
                         ROUND: tl.constexpr, ADD: tl.constexpr, MIX: tl.constexpr, M: tl.constexpr,
-                        BLOCK_M: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_FN: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         c = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -1187,9 +1187,9 @@ if triton is not None:
             # Gram matrix (its trace: the sum of squares): M + N * N partial sums a chunk, which hc_pre adds up
             # (no GEMM, no fp32 copy)
             x = new.to(tl.float32)                                                      # 0 past HIDDEN
-            m = tl.arange(0, BLOCK_M)
+            m = tl.arange(0, BLOCK_FN)                  # the projection's rows (a mix row is BLOCK_M wide)
             w = tl.load(fn_ptr + m[:, None, None] * (N * HIDDEN) + k[None, :, None] * HIDDEN + c[None, None, :],
-                        mask=(m < M)[:, None, None] & mask[None, None, :], other=0.0)  # [BLOCK_M, N, BLOCK]
+                        mask=(m < M)[:, None, None] & mask[None, None, :], other=0.0)  # [BLOCK_FN, N, BLOCK]
             partial = tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)
             dst = mix_ptr + (token * tl.num_programs(1) + chunk) * BLOCK_M
             tl.store(dst + m, partial, mask=m < M)
@@ -1225,5 +1225,6 @@ def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, com
             next_fn if next_fn is not None else post, mix if mix is not None else post,
             output.stride(0), addend.stride(0) if addend is not None else 0, streams.stride(0),
             N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, ADD=addend is not None,
-            MIX=next_fn is not None, M=m, BLOCK_M=_pow2(m + hc * hc), num_warps=4, enable_fp_fusion=False)
+            MIX=next_fn is not None, M=m, BLOCK_M=_pow2(m + hc * hc), BLOCK_FN=_pow2(m), num_warps=4,
+            enable_fp_fusion=False)
     return new if next_fn is None else (new, mix)

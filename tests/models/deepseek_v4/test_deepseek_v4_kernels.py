@@ -565,7 +565,7 @@ def test_decode_kernels_compile_for_hopper():
               for partials, norm, block, span in ((True, True, kernels.HC_PRE_SPAN, kernels.HC_PRE_SPAN),
                                                   (False, True, 1024, 4096), (False, False, 1024, 4096))]
     cases += [Case(module, "_hc_post_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, ROUND=True, ADD=add, MIX=mix,
-                                                   M=24, BLOCK_M=64), {**HC_TYPES, "addend_ptr": "*bf16"})
+                                                   M=24, BLOCK_M=64, BLOCK_FN=32), {**HC_TYPES, "addend_ptr": "*bf16"})
               for block, mix, add in ((kernels.HC_MIX_BLOCK, True, True), (kernels.HC_MIX_BLOCK, True, False),
                                       (512, False, False))]
     cases += [Case(module, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32,
