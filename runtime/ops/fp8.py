@@ -100,12 +100,19 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, g
 
 if triton is not None:
     @triton.jit
-    def _e4m3_pairs(words, ODD: tl.constexpr):
-        """Bytes (0, 2) of each int32 word (ODD: bytes (1, 3)) -> two fp32 tensors, the E4M3 values * 2^-120."""
+    def _e4m3_pair_bits(words, ODD: tl.constexpr):
+        """Bytes (0, 2) of each int32 word (ODD: bytes (1, 3)) -> one int32 holding them as two bf16 patterns (byte
+        0 or 1 in the low half), the E4M3 values * 2^-120."""
         if ODD:
             pair = ((words >> 4) & 0x07F007F0) | (words & -2147450880)            # sign mask 0x80008000
         else:
             pair = ((words << 4) & 0x07F007F0) | ((words << 8) & -2147450880)
+        return pair
+
+    @triton.jit
+    def _e4m3_pairs(words, ODD: tl.constexpr):
+        """Bytes (0, 2) of each int32 word (ODD: bytes (1, 3)) -> two fp32 tensors, the E4M3 values * 2^-120."""
+        pair = _e4m3_pair_bits(words, ODD)
         low = (pair << 16).to(tl.float32, bitcast=True)
         high = (pair & -65536).to(tl.float32, bitcast=True)                        # 0xFFFF0000
         return low, high
@@ -323,18 +330,188 @@ if triton is not None:
             _fp8_gemv_store(acc2, 2, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, EXACT)
             _fp8_gemv_store(acc3, 3, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, EXACT)
         if SPLIT_K > 1:
-            tl.debug_barrier()                                  # every thread's partial before the arrival
-            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
-                m = tl.arange(0, BLOCK_M)
-                mask = (m < M)[:, None] & n_mask[None, :]
-                parts = part_ptr + m.to(tl.int64)[:, None] * N + n[None, :]            # part [SPLIT_K, M, N]
-                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for split in tl.static_range(SPLIT_K):
-                    total += tl.load(parts + split * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-                tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :],
-                         total.to(out_ptr.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            _fp8_split_k_finish(part_ptr, count_ptr, out_ptr, pid_n, n, n_mask, M, N, stride_om, SPLIT_K, BLOCK_M,
+                                BLOCK_N)
+
+    @triton.jit
+    def _fp8_split_k_finish(part_ptr, count_ptr, out_ptr, pid_n, n, n_mask, M, N, stride_om, SPLIT_K: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """After a program wrote its split's partial sums of columns n: count its arrival; the last of the column
+        tile's SPLIT_K programs adds the partials in split order, writes the output and resets the counter."""
+        tl.debug_barrier()                                      # every thread's partial before the arrival
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            m = tl.arange(0, BLOCK_M)
+            mask = (m < M)[:, None] & n_mask[None, :]
+            parts = part_ptr + m.to(tl.int64)[:, None] * N + n[None, :]                # part [SPLIT_K, M, N]
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):
+                total += tl.load(parts + split * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :],
+                     total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+    # ---- the tensor-core GEMV (up to 8 rows) ----
+    # The N-major loop above spends ~5.5 instructions a weight byte (decode, widening, FMA, activations moved
+    # through shared memory with barriers). Here the K-reduction runs on the tensor cores (mma.sync m16n8k16, bf16
+    # in, fp32 sums): the integer decode's bf16 pairs (bytes 0 and 2, 1 and 3 of a word, `_e4m3_pair_bits`) are the
+    # A fragments as they are (no widening, no FMA), about 2 instructions a weight in all. Lane (r, c) =
+    # (lane // 4, lane % 4) of a warp loads 16 bytes (4 words) of weight rows r and r + 8 of its 16-row tile at
+    # byte 16c of a 64-byte chunk; word j's pairs are the fragment's k = (2c, 2c + 1) and (2c + 8, 2c + 9) of the
+    # j-th mma (the K order inside an mma is free: the activations are permuted to match). The B fragment is
+    # activation row n = lane // 4 (rows past M zero, so up to 8 rows cost the same), its bf16 pairs (x[4j],
+    # x[4j + 2]) and (x[4j + 1], x[4j + 3]) times 2^64 (exact) built once a chunk and shared by the warp's tiles;
+    # D's 4 fp32 sums per lane are rows (r, r + 8) x activation rows (2c, 2c + 1). One inline-asm call does a
+    # lane's 4 mma of a chunk (operands packed by 4: the 4 words of a lane are consecutive registers), so no
+    # data crosses lanes outside the tensor core: no shared memory, no barrier, no shuffle. Two chunks (128
+    # bytes, inside one scale block) chain in the accumulator, then their block scale multiplies once. The next
+    # step's words and activations load before this step's decode. The interpreter runs `_mma_emulated`.
+
+    _MMA_PTX = tl.constexpr("""{
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $8, $12, $16}, {$20, $24}, {$28, $29, $30, $31};
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$5, $9, $13, $17}, {$21, $25}, {$0, $1, $2, $3};
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$6, $10, $14, $18}, {$22, $26}, {$0, $1, $2, $3};
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$7, $11, $15, $19}, {$23, $27}, {$0, $1, $2, $3};
+    }""")
+
+    _MMA_CONSTRAINTS = tl.constexpr(",".join(["=&r"] * 4 + ["r"] * 28))     # early clobber: D chains in place
+
+    # activation words (x[2i], x[2i + 1]) for i = 0..7 of a lane's 16 -> B pairs of word j, times 2^64
+    _MMA_B_PTX = tl.constexpr("""{
+    .reg .b32 s, p;
+    mov.b32 s, 0x5F805F80;
+    prmt.b32 p, $8, $9, 0x5410;  mul.rn.bf16x2 $0, p, s;
+    prmt.b32 p, $8, $9, 0x7632;  mul.rn.bf16x2 $4, p, s;
+    prmt.b32 p, $10, $11, 0x5410;  mul.rn.bf16x2 $1, p, s;
+    prmt.b32 p, $10, $11, 0x7632;  mul.rn.bf16x2 $5, p, s;
+    prmt.b32 p, $12, $13, 0x5410;  mul.rn.bf16x2 $2, p, s;
+    prmt.b32 p, $12, $13, 0x7632;  mul.rn.bf16x2 $6, p, s;
+    prmt.b32 p, $14, $15, 0x5410;  mul.rn.bf16x2 $3, p, s;
+    prmt.b32 p, $14, $15, 0x7632;  mul.rn.bf16x2 $7, p, s;
+    }""")
+    _MMA_B_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
+
+    @triton.jit
+    def _bf16_halves(pairs):
+        """int32 bf16 pairs -> (low half, high half) as fp32."""
+        return (pairs << 16).to(tl.float32, bitcast=True), (pairs & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _mma_b_emulated(x_lo, x_hi):
+        """`_MMA_B_PTX` in Triton ops (the interpreter): the pairs unscaled (`_mma_emulated` applies 2^64)."""
+        rows: tl.constexpr = x_lo.shape[0]
+        words = tl.permute(tl.join(x_lo, x_hi), [0, 1, 2, 4, 3])                     # [.., c, lo / hi, i % 4]
+        even, odd = tl.split(tl.reshape(words, [rows, 8, 4, 4, 2]))                  # words 2j, 2j + 1
+        return (even & 0xFFFF) | (odd << 16), ((even >> 16) & 0xFFFF) | (odd & -65536)
+
+    @triton.jit
+    def _mma_rows_emulated(a02, a13, b01, b23):
+        """[T, 8 (r), 8 (n)]: the sums over (c, j) of rows r's pairs times activation rows n's pairs."""
+        a0, a2 = _bf16_halves(a02)
+        a1, a3 = _bf16_halves(a13)
+        b0, b2 = _bf16_halves(b01)
+        b1, b3 = _bf16_halves(b23)
+        products = a0[:, :, None, :, :] * b0[:, None, :, :, :] + a2[:, :, None, :, :] * b2[:, None, :, :, :] \
+            + a1[:, :, None, :, :] * b1[:, None, :, :, :] + a3[:, :, None, :, :] * b3[:, None, :, :, :]
+        return tl.sum(tl.sum(products, axis=4), axis=3) * 18446744073709551616.0
+
+    @triton.jit
+    def _mma_emulated(a02_lo, a02_hi, a13_lo, a13_hi, b01, b23, acc):
+        """`_MMA_PTX`'s function: acc [T, 8, 4, 4] (lane (r, c)'s e-th sum: row r + 8 * (e // 2), activation row
+        2c + e % 2) plus the products of the chunk."""
+        tiles: tl.constexpr = acc.shape[0]
+        low = tl.reshape(_mma_rows_emulated(a02_lo, a13_lo, b01, b23), [tiles, 8, 4, 2])
+        high = tl.reshape(_mma_rows_emulated(a02_hi, a13_hi, b01, b23), [tiles, 8, 4, 2])
+        return acc + tl.reshape(tl.permute(tl.join(low, high), [0, 1, 2, 4, 3]), [tiles, 8, 4, 4])
+
+    @triton.jit
+    def _fp8_mma_chunk(w_lo, w_hi, x_lo, x_hi, acc, EMULATE: tl.constexpr):
+        """acc + one 64-byte chunk: w_lo / w_hi [R, W, 8, 4, 4] the words of rows r / r + 8, x_lo / x_hi
+        [1, W or 1, 8, 4, 4] activation words 0-3 / 4-7 of each lane's 16."""
+        a02_lo = _e4m3_pair_bits(w_lo, False)
+        a13_lo = _e4m3_pair_bits(w_lo, True)
+        a02_hi = _e4m3_pair_bits(w_hi, False)
+        a13_hi = _e4m3_pair_bits(w_hi, True)
+        if EMULATE:                                          # 4-D: [R * W, 8, 4, 4] and x [1, 8, 4, 4]
+            shape: tl.constexpr = [acc.shape[0] * acc.shape[1], 8, 4, 4]
+            b01, b23 = _mma_b_emulated(tl.reshape(x_lo, [1, 8, 4, 4]), tl.reshape(x_hi, [1, 8, 4, 4]))
+            sums = _mma_emulated(tl.reshape(a02_lo, shape), tl.reshape(a02_hi, shape), tl.reshape(a13_lo, shape),
+                                 tl.reshape(a13_hi, shape), b01, b23, tl.reshape(acc, shape))
+            return tl.reshape(sums, acc.shape)
+        b01, b23 = tl.inline_asm_elementwise(_MMA_B_PTX, _MMA_B_CONSTRAINTS, [x_lo, x_hi],
+                                             dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(_MMA_PTX, _MMA_CONSTRAINTS, [a02_lo, a02_hi, a13_lo, a13_hi, b01, b23, acc],
+                                         dtype=tl.float32, is_pure=True, pack=4)
+
+    @triton.jit
+    def _fp8_mma_load(w_lo_ptrs, stride_wn, x_ptrs, row_mask, x_mask, w_start, w_end):
+        """One step's operands (two chunks): words of rows r and r + 8, activation words (zero past w_end)."""
+        k_words = tl.zeros_like(row_mask.to(tl.int32)) + w_start             # (a tensor: the interpreter's mask)
+        mask0 = row_mask & (k_words < w_end)
+        mask1 = row_mask & (k_words + 16 < w_end)
+        lo0 = tl.load(w_lo_ptrs + w_start, mask=mask0, other=0, eviction_policy="evict_first")
+        hi0 = tl.load(w_lo_ptrs + 8 * stride_wn + w_start, mask=mask0, other=0, eviction_policy="evict_first")
+        lo1 = tl.load(w_lo_ptrs + w_start + 16, mask=mask1, other=0, eviction_policy="evict_first")
+        hi1 = tl.load(w_lo_ptrs + 8 * stride_wn + w_start + 16, mask=mask1, other=0, eviction_policy="evict_first")
+        x_words = tl.zeros_like(x_mask.to(tl.int32)) + w_start
+        xm0 = x_mask & (x_words < w_end)
+        xm1 = x_mask & (x_words + 16 < w_end)
+        xl0 = tl.load(x_ptrs + 2 * w_start, mask=xm0, other=0)
+        xh0 = tl.load(x_ptrs + 2 * w_start + 4, mask=xm0, other=0)
+        xl1 = tl.load(x_ptrs + 2 * w_start + 32, mask=xm1, other=0)
+        xh1 = tl.load(x_ptrs + 2 * w_start + 36, mask=xm1, other=0)
+        return lo0, hi0, lo1, hi1, xl0, xh0, xl1, xh1
+
+    @triton.jit
+    def _fp8_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn,
+                             stride_sn, stride_om, n_per_group, words_per_split, x_group_words,
+                             BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, REPEAT: tl.constexpr,
+                             WARPS: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+        # REPEAT x WARPS 16-row tiles a program (WARPS = num_warps: the tensors are [REPEAT, WARPS, 8, 4, 4], one
+        # warp a tile, the activations [1, WARPS, 8, 4, 4] in the same layout, broadcast over REPEAT), all in one
+        # BLOCK_OUT row block (one scale a step); words_per_split a multiple of 32 (128 bytes); x the bf16
+        # activations as int32 pairs (stride_xm and x_group_words = K / 2 count them); M <= 8; BLOCK_IN % 128 == 0.
+        BLOCK_N: tl.constexpr = 16 * REPEAT * WARPS
+        XW: tl.constexpr = 1 if EMULATE else WARPS
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        t = tl.arange(0, REPEAT)[:, None, None, None, None] * WARPS + tl.arange(0, WARPS)[None, :, None, None, None]
+        r = tl.arange(0, 8)[None, None, :, None, None]             # weight row in the tile; activation row
+        c = tl.arange(0, 4)[None, None, None, :, None]
+        j = tl.arange(0, 4)[None, None, None, None, :]
+        rows = pid_n * BLOCK_N + 16 * t + r                         # [R, W, 8, 1, 1]; rows + 8 the other half
+        row_mask = (rows < N) & (c >= 0) & (j >= 0)
+        w_lo_ptrs = w_ptr + rows.to(tl.int64) * stride_wn + 4 * c + j
+        group = (pid_n * BLOCK_N) // n_per_group
+        x_w = tl.arange(0, XW)[None, :, None, None, None]
+        x_ptrs = x_ptr + group * x_group_words + r * stride_xm + 8 * c + j + 0 * x_w        # [1, XW, 8, 4, 4]
+        x_mask = (r < M) & (c >= 0) & (j >= 0) & (x_w >= 0)
+        s_row = s_ptr + ((pid_n * BLOCK_N) // BLOCK_OUT).to(tl.int64) * stride_sn
+        w_begin = pid_k * words_per_split
+        w_end = tl.minimum(w_begin + words_per_split, K // 4)
+        acc = tl.zeros([REPEAT, WARPS, 8, 4, 4], dtype=tl.float32)
+        lo0, hi0, lo1, hi1, xl0, xh0, xl1, xh1 = _fp8_mma_load(w_lo_ptrs, stride_wn, x_ptrs, row_mask, x_mask,
+                                                               w_begin, w_end)
+        for w_start in range(w_begin, w_end, 32):
+            n_lo0, n_hi0, n_lo1, n_hi1, n_xl0, n_xh0, n_xl1, n_xh1 = _fp8_mma_load(
+                w_lo_ptrs, stride_wn, x_ptrs, row_mask, x_mask, w_start + 32, w_end)
+            scale = tl.load(s_row + (4 * w_start) // BLOCK_IN)
+            sums = _fp8_mma_chunk(lo0, hi0, xl0, xh0, tl.zeros([REPEAT, WARPS, 8, 4, 4], dtype=tl.float32), EMULATE)
+            sums = _fp8_mma_chunk(lo1, hi1, xl1, xh1, sums, EMULATE)
+            acc += sums * scale
+            lo0, hi0, lo1, hi1, xl0, xh0, xl1, xh1 = n_lo0, n_hi0, n_lo1, n_hi1, n_xl0, n_xh0, n_xl1, n_xh1
+        # lane (r, c)'s sum e: row rows + 8 * (e // 2), activation row 2c + e % 2; * 2^56 undoes 2^64 * 2^-120
+        out_rows = rows + 8 * (j // 2)
+        m = 2 * c + j % 2
+        mask = (out_rows < N) & (m < M)
+        result = acc * 72057594037927936.0
+        if SPLIT_K == 1:
+            tl.store(out_ptr + m * stride_om + out_rows, result.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(part_ptr + (pid_k * M + m).to(tl.int64) * N + out_rows, result, mask=mask)
+            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            _fp8_split_k_finish(part_ptr, count_ptr, out_ptr, pid_n, n, n < N, M, N, stride_om, SPLIT_K, 8,
+                                BLOCK_N)
 
     # Many rows: the weight dequantized into the activation dtype (one pass: 1 byte read, 2 written per
     # weight), then cuBLAS. (A Triton GEMM widening tiles in registers ran 2.5-3x slower than cuBLAS on the
@@ -408,15 +585,24 @@ class Fp8GemvTiles:
     layout_k: bool = False             # each thread `vec` bytes of each of its rows, the warps along K
     vec: int = 16
     cvt: bool = False                  # (layout_k) E4M3 widened by the hardware instead of the integer decode
+    mma: bool = False                  # the tensor-core GEMV: block_n = 16 * repeat * num_warps, 128 bytes a step
+
+    @property
+    def repeat(self) -> int:
+        """(mma) 16-row tiles a warp."""
+        return max(1, self.block_n // (16 * self.num_warps))
 
     @staticmethod
-    def for_shape(n: int, k: int, rows: int = 1) -> "Fp8GemvTiles":
+    def for_shape(n: int, k: int, rows: int = 1, mma: bool = True) -> "Fp8GemvTiles":
         """The tables below for a weight of [n, k] (every group's rows) at `rows` rows; otherwise enough
         programs to cover an H200's 132 SMs a few times. A function of the shape and the row count only (eager
-        runs and graph replays agree)."""
+        runs and graph replays agree). mma=False: the CUDA-core GEMV's tiles (where the tensor-core one does
+        not fit the call)."""
         tiles = (FP8_GEMV_TILE_TABLE if rows == 1 else FP8_GEMV_FEW_ROWS_TABLE).get((n, k))
         if tiles is None and rows > 1:
             tiles = FP8_GEMV_TILE_TABLE.get((n, k))
+        if tiles is not None and tiles.mma and not mma:
+            tiles = FP8_GEMV_CUDA_CORE_TABLE.get((n, k))
         if tiles is None:
             block_n = 16
             while block_n > 4 and n // block_n < 512:
@@ -454,6 +640,9 @@ FP8_GEMV_FEW_ROWS_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
     (8192, 4096): Fp8GemvTiles(block_n=4, block_k=1024, split_k=1, num_warps=4, layout_k=True, vec=8, cvt=True),
 }
 
+# The CUDA-core GEMV's 1-row tiles, where a table entry is the tensor-core GEMV but the call does not fit it.
+FP8_GEMV_CUDA_CORE_TABLE: dict[tuple[int, int], Fp8GemvTiles] = dict(FP8_GEMV_TILE_TABLE)
+
 
 FP8_GEMV_MAX_ROWS = 4               # the GEMV's limit (it beat dequantize + cuBLAS up to 4 rows on the H200)
 
@@ -477,13 +666,18 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups:
     block_out, block_in = _check(x, weight, scale, groups)
     rows = x.shape[0]
     n, k = weight.shape
-    if rows > FP8_GEMV_MAX_ROWS:
-        raise ValueError(f"fp8_gemv takes at most {FP8_GEMV_MAX_ROWS} rows, got {rows}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if not rows or not n:
         return out
     tiles = tiles or Fp8GemvTiles.for_shape(n, k, rows)
+    if tiles.mma:
+        if fp8_gemv_mma_fits(x, weight, scale, groups, tiles):
+            return _fp8_gemv_mma(x, weight, scale, groups, tiles, counters, out)
+        tiles = Fp8GemvTiles.for_shape(n, k, rows, mma=False)
+    if rows > FP8_GEMV_MAX_ROWS:
+        raise ValueError(f"fp8_gemv takes at most {FP8_GEMV_MAX_ROWS} rows here ({FP8_GEMV_MMA_MAX_ROWS} on the "
+                         f"tensor-core path), got {rows}")
     if (n // groups) % tiles.block_n:
         raise ValueError(f"fp8_gemv: {tiles.block_n} columns a program do not divide a group's {n // groups}")
     block_k = tiles.block_k                            # a power of two >= 16 that divides K
@@ -512,6 +706,49 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups:
         LAYOUT_K=tiles.layout_k, W=max(1, min(tiles.vec // 4, block_k // 4)), CVT_DECODE=tiles.cvt and x.is_cuda,
         INTERPRET_DECODE=tiles.cvt and not x.is_cuda, SHARED_SCALE=block_out % tiles.block_n == 0,
         X_PACKED=x_packed,
+        num_warps=tiles.num_warps)
+    return out
+
+
+FP8_GEMV_MMA_MAX_ROWS = 8           # the activation rows of one mma's B operand
+
+
+def fp8_gemv_mma_fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int,
+                      tiles: Fp8GemvTiles) -> bool:
+    """Whether the tensor-core GEMV takes this call: bf16 activations, at most 8 rows, 128-byte steps inside
+    one scale block, a program's 16 * repeat * num_warps rows inside one scale row block and one group."""
+    block_out, block_in = fp8_block_shape(tuple(weight.shape), tuple(scale.shape))
+    block_n = 16 * tiles.repeat * tiles.num_warps
+    return x.dtype == torch.bfloat16 and x.shape[0] <= FP8_GEMV_MMA_MAX_ROWS and block_in % 128 == 0 \
+        and block_out % block_n == 0 and (weight.shape[0] // groups) % block_n == 0
+
+
+def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, tiles: Fp8GemvTiles,
+                  counters: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    block_out, block_in = fp8_block_shape(tuple(weight.shape), tuple(scale.shape))
+    rows = x.shape[0]
+    n, k = weight.shape
+    if x.data_ptr() % 16 or x.stride(0) % 8:                       # 16-byte loads of activation pairs
+        x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+    block_n = 16 * tiles.repeat * tiles.num_warps
+    steps = k // 128
+    split = max(1, min(tiles.split_k, steps))
+    words_per_split = -(-steps // split) * 32
+    split = -(-(k // 4) // words_per_split)
+    grid = (n // block_n, split)
+    if split > 1:
+        part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
+        if counters is None:
+            counters = torch.zeros(grid[0], dtype=torch.int32, device=x.device)
+        elif counters.numel() < grid[0]:
+            raise ValueError(f"fp8_gemv: {counters.numel()} counters for {grid[0]} column tiles")
+    else:
+        part = counters = out
+    _fp8_gemv_mma_kernel[grid](
+        x.view(torch.int32), weight.view(torch.int32), scale, out, part, counters, rows, n, k, x.stride(0) // 2,
+        weight.stride(0) // 4, scale.stride(0), out.stride(0), n // groups, words_per_split, k // 2,
+        BLOCK_OUT=block_out, BLOCK_IN=block_in,
+        REPEAT=tiles.repeat, WARPS=tiles.num_warps, SPLIT_K=split, EMULATE=not x.is_cuda,
         num_warps=tiles.num_warps)
     return out
 
