@@ -424,14 +424,29 @@ if triton is not None:
         high = tl.reshape(_mma_rows_emulated(a02_hi, a13_hi, b01, b23), [tiles, 8, 4, 2])
         return acc + tl.reshape(tl.permute(tl.join(low, high), [0, 1, 2, 4, 3]), [tiles, 8, 4, 4])
 
+    # `_e4m3_pair_bits` of both pairs in 6 instructions instead of 7: prmt places each byte of a pair in the low
+    # byte of its half with the byte's sign replicated above it; << 4 and a mask keep the sign (bit 15) and the
+    # 7 magnitude bits (10..4).
+    _E4M3_PAIRS_PTX = tl.constexpr("""{
+    .reg .b32 t;
+    prmt.b32 t, $2, 0, 0xA280;  shl.b32 t, t, 4;  and.b32 $0, t, 0x87F087F0;
+    prmt.b32 t, $2, 0, 0xB391;  shl.b32 t, t, 4;  and.b32 $1, t, 0x87F087F0;
+    }""")
+
     @triton.jit
-    def _fp8_mma_chunk(w_lo, w_hi, x_lo, x_hi, acc, EMULATE: tl.constexpr):
+    def _e4m3_both_pairs(words, PRMT: tl.constexpr):
+        """(`_e4m3_pair_bits(words, False)`, `_e4m3_pair_bits(words, True)`); PRMT: by `_E4M3_PAIRS_PTX`."""
+        if PRMT:
+            return tl.inline_asm_elementwise(_E4M3_PAIRS_PTX, "=r,=r,r", [words], dtype=(tl.int32, tl.int32),
+                                             is_pure=True, pack=1)
+        return _e4m3_pair_bits(words, False), _e4m3_pair_bits(words, True)
+
+    @triton.jit
+    def _fp8_mma_chunk(w_lo, w_hi, x_lo, x_hi, acc, EMULATE: tl.constexpr, PRMT: tl.constexpr):
         """acc + one 64-byte chunk: w_lo / w_hi [R, W, 8, 4, 4] the words of rows r / r + 8, x_lo / x_hi
         [1, W or 1, 8, 4, 4] activation words 0-3 / 4-7 of each lane's 16."""
-        a02_lo = _e4m3_pair_bits(w_lo, False)
-        a13_lo = _e4m3_pair_bits(w_lo, True)
-        a02_hi = _e4m3_pair_bits(w_hi, False)
-        a13_hi = _e4m3_pair_bits(w_hi, True)
+        a02_lo, a13_lo = _e4m3_both_pairs(w_lo, PRMT and not EMULATE)
+        a02_hi, a13_hi = _e4m3_both_pairs(w_hi, PRMT and not EMULATE)
         if EMULATE:                                          # 4-D: [R * W, 8, 4, 4] and x [1, 8, 4, 4]
             shape: tl.constexpr = [acc.shape[0] * acc.shape[1], 8, 4, 4]
             b01, b23 = _mma_b_emulated(tl.reshape(x_lo, [1, 8, 4, 4]), tl.reshape(x_hi, [1, 8, 4, 4]))
@@ -444,32 +459,39 @@ if triton is not None:
                                          dtype=tl.float32, is_pure=True, pack=4)
 
     @triton.jit
-    def _fp8_mma_load(w_lo_ptrs, stride_wn, x_ptrs, row_mask, x_mask, w_start, w_end):
-        """One step's operands (two chunks): words of rows r and r + 8, activation words (zero past w_end)."""
-        k_words = tl.zeros_like(row_mask.to(tl.int32)) + w_start             # (a tensor: the interpreter's mask)
-        mask0 = row_mask & (k_words < w_end)
-        mask1 = row_mask & (k_words + 16 < w_end)
-        lo0 = tl.load(w_lo_ptrs + w_start, mask=mask0, other=0, eviction_policy="evict_first")
-        hi0 = tl.load(w_lo_ptrs + 8 * stride_wn + w_start, mask=mask0, other=0, eviction_policy="evict_first")
-        lo1 = tl.load(w_lo_ptrs + w_start + 16, mask=mask1, other=0, eviction_policy="evict_first")
-        hi1 = tl.load(w_lo_ptrs + 8 * stride_wn + w_start + 16, mask=mask1, other=0, eviction_policy="evict_first")
-        x_words = tl.zeros_like(x_mask.to(tl.int32)) + w_start
-        xm0 = x_mask & (x_words < w_end)
-        xm1 = x_mask & (x_words + 16 < w_end)
-        xl0 = tl.load(x_ptrs + 2 * w_start, mask=xm0, other=0)
-        xh0 = tl.load(x_ptrs + 2 * w_start + 4, mask=xm0, other=0)
-        xl1 = tl.load(x_ptrs + 2 * w_start + 32, mask=xm1, other=0)
-        xh1 = tl.load(x_ptrs + 2 * w_start + 36, mask=xm1, other=0)
+    def _fp8_mma_load(w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_start, w_end):
+        """One step's operands (two chunks): words of rows r and r + 8, activation words. Unmasked: a step past
+        w_end reloads the last one (cached; its scale is zero)."""
+        w_at = tl.minimum(w_start, w_end - 32)
+        lo0 = tl.load(w_ptr + w_offsets + w_at, eviction_policy="evict_first")
+        hi0 = tl.load(w_ptr + w_offsets + hi_offset + w_at, eviction_policy="evict_first")
+        lo1 = tl.load(w_ptr + w_offsets + w_at + 16, eviction_policy="evict_first")
+        hi1 = tl.load(w_ptr + w_offsets + hi_offset + w_at + 16, eviction_policy="evict_first")
+        xl0 = tl.load(x_ptr + x_offsets + 2 * w_at)
+        xh0 = tl.load(x_ptr + x_offsets + 2 * w_at + 4)
+        xl1 = tl.load(x_ptr + x_offsets + 2 * w_at + 32)
+        xh1 = tl.load(x_ptr + x_offsets + 2 * w_at + 36)
         return lo0, hi0, lo1, hi1, xl0, xh0, xl1, xh1
+
+    @triton.jit
+    def _fp8_mma_step(lo0, hi0, lo1, hi1, xl0, xh0, xl1, xh1, acc, s_row, w_start, w_end, BLOCK_IN: tl.constexpr,
+                      EMULATE: tl.constexpr, PRMT: tl.constexpr):
+        """acc + one step (two chunks, 128 bytes of K at word w_start) times its block scale (0 past w_end)."""
+        scale = tl.load(s_row + (4 * w_start) // BLOCK_IN, mask=w_start < w_end, other=0.0)
+        sums = _fp8_mma_chunk(lo0, hi0, xl0, xh0, tl.zeros_like(acc), EMULATE, PRMT)
+        sums = _fp8_mma_chunk(lo1, hi1, xl1, xh1, sums, EMULATE, PRMT)
+        return acc + sums * scale
 
     @triton.jit
     def _fp8_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn,
                              stride_sn, stride_om, n_per_group, words_per_split, x_group_words,
                              BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, REPEAT: tl.constexpr,
-                             WARPS: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+                             WARPS: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr,
+                             PRMT: tl.constexpr = False):
         # REPEAT x WARPS 16-row tiles a program (WARPS = num_warps: the tensors are [REPEAT, WARPS, 8, 4, 4], one
         # warp a tile, the activations [1, WARPS, 8, 4, 4] in the same layout, broadcast over REPEAT), all in one
-        # BLOCK_OUT row block (one scale a step); words_per_split a multiple of 32 (128 bytes); x the bf16
+        # BLOCK_OUT row block (one scale a step), N a multiple of BLOCK_N; words_per_split a multiple of 32
+        # (128 bytes); x the bf16
         # activations as int32 pairs (stride_xm and x_group_words = K / 2 count them); M <= 8; BLOCK_IN % 128 == 0.
         BLOCK_N: tl.constexpr = 16 * REPEAT * WARPS
         XW: tl.constexpr = 1 if EMULATE else WARPS
@@ -480,30 +502,33 @@ if triton is not None:
         c = tl.arange(0, 4)[None, None, None, :, None]
         j = tl.arange(0, 4)[None, None, None, None, :]
         rows = pid_n * BLOCK_N + 16 * t + r                         # [R, W, 8, 1, 1]; rows + 8 the other half
-        row_mask = (rows < N) & (c >= 0) & (j >= 0)
-        w_lo_ptrs = w_ptr + rows.to(tl.int64) * stride_wn + 4 * c + j
+        w_offsets = rows.to(tl.int64) * stride_wn + 4 * c + j                           # N % BLOCK_N == 0
+        hi_offset = 8 * stride_wn.to(tl.int64)
         group = (pid_n * BLOCK_N) // n_per_group
         x_w = tl.arange(0, XW)[None, :, None, None, None]
-        x_ptrs = x_ptr + group * x_group_words + r * stride_xm + 8 * c + j + 0 * x_w        # [1, XW, 8, 4, 4]
-        x_mask = (r < M) & (c >= 0) & (j >= 0) & (x_w >= 0)
+        # activation rows past M repeat row M - 1: they only make sums of rows that are not stored
+        x_offsets = group * x_group_words + tl.minimum(r, M - 1) * stride_xm + 8 * c + j + 0 * x_w
         s_row = s_ptr + ((pid_n * BLOCK_N) // BLOCK_OUT).to(tl.int64) * stride_sn
         w_begin = pid_k * words_per_split
         w_end = tl.minimum(w_begin + words_per_split, K // 4)
         acc = tl.zeros([REPEAT, WARPS, 8, 4, 4], dtype=tl.float32)
-        lo0, hi0, lo1, hi1, xl0, xh0, xl1, xh1 = _fp8_mma_load(w_lo_ptrs, stride_wn, x_ptrs, row_mask, x_mask,
-                                                               w_begin, w_end)
-        for w_start in range(w_begin, w_end, 32):
-            n_lo0, n_hi0, n_lo1, n_hi1, n_xl0, n_xh0, n_xl1, n_xh1 = _fp8_mma_load(
-                w_lo_ptrs, stride_wn, x_ptrs, row_mask, x_mask, w_start + 32, w_end)
-            scale = tl.load(s_row + (4 * w_start) // BLOCK_IN)
-            sums = _fp8_mma_chunk(lo0, hi0, xl0, xh0, tl.zeros([REPEAT, WARPS, 8, 4, 4], dtype=tl.float32), EMULATE)
-            sums = _fp8_mma_chunk(lo1, hi1, xl1, xh1, sums, EMULATE)
-            acc += sums * scale
-            lo0, hi0, lo1, hi1, xl0, xh0, xl1, xh1 = n_lo0, n_hi0, n_lo1, n_hi1, n_xl0, n_xh0, n_xl1, n_xh1
+        # two steps an iteration, their operands in two sets of registers (no copies): set A loads step s + 2
+        # while set B's step s + 1 computes
+        a_lo0, a_hi0, a_lo1, a_hi1, a_xl0, a_xh0, a_xl1, a_xh1 = _fp8_mma_load(
+            w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_begin, w_end)
+        for w_start in range(w_begin, w_end, 64):
+            b_lo0, b_hi0, b_lo1, b_hi1, b_xl0, b_xh0, b_xl1, b_xh1 = _fp8_mma_load(
+                w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_start + 32, w_end)
+            acc = _fp8_mma_step(a_lo0, a_hi0, a_lo1, a_hi1, a_xl0, a_xh0, a_xl1, a_xh1, acc, s_row, w_start, w_end,
+                                BLOCK_IN, EMULATE, PRMT)
+            a_lo0, a_hi0, a_lo1, a_hi1, a_xl0, a_xh0, a_xl1, a_xh1 = _fp8_mma_load(
+                w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_start + 64, w_end)
+            acc = _fp8_mma_step(b_lo0, b_hi0, b_lo1, b_hi1, b_xl0, b_xh0, b_xl1, b_xh1, acc, s_row, w_start + 32,
+                                w_end, BLOCK_IN, EMULATE, PRMT)
         # lane (r, c)'s sum e: row rows + 8 * (e // 2), activation row 2c + e % 2; * 2^56 undoes 2^64 * 2^-120
         out_rows = rows + 8 * (j // 2)
         m = 2 * c + j % 2
-        mask = (out_rows < N) & (m < M)
+        mask = (m < M) & (out_rows >= 0)
         result = acc * 72057594037927936.0
         if SPLIT_K == 1:
             tl.store(out_ptr + m * stride_om + out_rows, result.to(out_ptr.dtype.element_ty), mask=mask)
@@ -724,12 +749,17 @@ def fp8_gemv_mma_fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 
 
 def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, tiles: Fp8GemvTiles,
-                  counters: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+                  counters: torch.Tensor | None, out: torch.Tensor, prmt: bool = True) -> torch.Tensor:
     block_out, block_in = fp8_block_shape(tuple(weight.shape), tuple(scale.shape))
     rows = x.shape[0]
     n, k = weight.shape
-    if x.data_ptr() % 16 or x.stride(0) % 8:                       # 16-byte loads of activation pairs
+    # Each lane's 4 words must be one 16-byte load, or the asm's packs of 4 would not be a lane's words j: the
+    # launch specializes the strides as multiples of 16 words (x is copied where its row stride is not) and
+    # the pointers as 16-byte aligned.
+    if x.data_ptr() % 16 or x.stride(0) % 32:
         x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+    if weight.data_ptr() % 16 or weight.stride(0) % 64 or scale.stride(-1) != 1:
+        raise ValueError("fp8_gemv: the tensor-core path needs 16-byte aligned weight rows")
     block_n = 16 * tiles.repeat * tiles.num_warps
     steps = k // 128
     split = max(1, min(tiles.split_k, steps))
@@ -748,7 +778,7 @@ def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
         x.view(torch.int32), weight.view(torch.int32), scale, out, part, counters, rows, n, k, x.stride(0) // 2,
         weight.stride(0) // 4, scale.stride(0), out.stride(0), n // groups, words_per_split, k // 2,
         BLOCK_OUT=block_out, BLOCK_IN=block_in,
-        REPEAT=tiles.repeat, WARPS=tiles.num_warps, SPLIT_K=split, EMULATE=not x.is_cuda,
+        REPEAT=tiles.repeat, WARPS=tiles.num_warps, SPLIT_K=split, EMULATE=not x.is_cuda, PRMT=prmt,
         num_warps=tiles.num_warps)
     return out
 
