@@ -443,13 +443,13 @@ if triton is not None:
 
     @triton.jit
     def _fp8_mma_chunk(w_lo, w_hi, x_lo, x_hi, acc, EMULATE: tl.constexpr, PRMT: tl.constexpr):
-        """acc + one 64-byte chunk: w_lo / w_hi [R, W, 8, 4, 4] the words of rows r / r + 8, x_lo / x_hi
-        [1, W or 1, 8, 4, 4] activation words 0-3 / 4-7 of each lane's 16."""
+        """acc + one 64-byte chunk: w_lo / w_hi [32 W, 4] the words of rows r / r + 8, x_lo / x_hi [32 W, 4]
+        activation words 0-3 / 4-7 of each lane's 16 (lane 32 w + 4 r + c; its 4 words j in its registers)."""
         a02_lo, a13_lo = _e4m3_both_pairs(w_lo, PRMT and not EMULATE)
         a02_hi, a13_hi = _e4m3_both_pairs(w_hi, PRMT and not EMULATE)
-        if EMULATE:                                          # 4-D: [R * W, 8, 4, 4] and x [1, 8, 4, 4]
-            shape: tl.constexpr = [acc.shape[0] * acc.shape[1], 8, 4, 4]
-            b01, b23 = _mma_b_emulated(tl.reshape(x_lo, [1, 8, 4, 4]), tl.reshape(x_hi, [1, 8, 4, 4]))
+        if EMULATE:                                          # as [W, 8 (r), 4 (c), 4]
+            shape: tl.constexpr = [acc.shape[0] // 32, 8, 4, 4]
+            b01, b23 = _mma_b_emulated(tl.reshape(x_lo, shape), tl.reshape(x_hi, shape))
             sums = _mma_emulated(tl.reshape(a02_lo, shape), tl.reshape(a02_hi, shape), tl.reshape(a13_lo, shape),
                                  tl.reshape(a13_hi, shape), b01, b23, tl.reshape(acc, shape))
             return tl.reshape(sums, acc.shape)
@@ -485,33 +485,31 @@ if triton is not None:
     @triton.jit
     def _fp8_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn,
                              stride_sn, stride_om, n_per_group, words_per_split, x_group_words,
-                             BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, REPEAT: tl.constexpr,
-                             WARPS: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr,
-                             PRMT: tl.constexpr = False):
-        # REPEAT x WARPS 16-row tiles a program (WARPS = num_warps: the tensors are [REPEAT, WARPS, 8, 4, 4], one
-        # warp a tile, the activations [1, WARPS, 8, 4, 4] in the same layout, broadcast over REPEAT), all in one
-        # BLOCK_OUT row block (one scale a step), N a multiple of BLOCK_N; words_per_split a multiple of 32
-        # (128 bytes); x the bf16
+                             BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, WARPS: tl.constexpr,
+                             SPLIT_K: tl.constexpr, EMULATE: tl.constexpr, PRMT: tl.constexpr = False):
+        # One 16-row tile a warp (WARPS = num_warps), all of a program's rows in one BLOCK_OUT row block (one
+        # scale a step), N a multiple of BLOCK_N; words_per_split a multiple of 32 (128 bytes); x the bf16
         # activations as int32 pairs (stride_xm and x_group_words = K / 2 count them); M <= 8; BLOCK_IN % 128 == 0.
-        BLOCK_N: tl.constexpr = 16 * REPEAT * WARPS
-        XW: tl.constexpr = 1 if EMULATE else WARPS
+        # Every tensor is [32 * WARPS, 4]: 2-D with 4 contiguous words a row, whose blocked layout (a row a lane,
+        # 32 rows a warp, the 4 words in the lane's registers) is the same whatever the compiler version orders
+        # dimensions by: the mma needs lane 4r + c of warp w to hold row i = 32w + 4r + c.
+        BLOCK_N: tl.constexpr = 16 * WARPS
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        t = tl.arange(0, REPEAT)[:, None, None, None, None] * WARPS + tl.arange(0, WARPS)[None, :, None, None, None]
-        r = tl.arange(0, 8)[None, None, :, None, None]             # weight row in the tile; activation row
-        c = tl.arange(0, 4)[None, None, None, :, None]
-        j = tl.arange(0, 4)[None, None, None, None, :]
-        rows = pid_n * BLOCK_N + 16 * t + r                         # [R, W, 8, 1, 1]; rows + 8 the other half
+        i = tl.arange(0, 32 * WARPS)[:, None]
+        j = tl.arange(0, 4)[None, :]
+        r = (i % 32) // 4                                           # weight row in the tile; activation row
+        c = i % 4
+        rows = pid_n * BLOCK_N + 16 * (i // 32) + r                 # [32 W, 1]; rows + 8 the other half
         w_offsets = rows.to(tl.int64) * stride_wn + 4 * c + j                           # N % BLOCK_N == 0
         hi_offset = 8 * stride_wn.to(tl.int64)
         group = (pid_n * BLOCK_N) // n_per_group
-        x_w = tl.arange(0, XW)[None, :, None, None, None]
         # activation rows past M repeat row M - 1: they only make sums of rows that are not stored
-        x_offsets = group * x_group_words + tl.minimum(r, M - 1) * stride_xm + 8 * c + j + 0 * x_w
+        x_offsets = group * x_group_words + tl.minimum(r, M - 1) * stride_xm + 8 * c + j
         s_row = s_ptr + ((pid_n * BLOCK_N) // BLOCK_OUT).to(tl.int64) * stride_sn
         w_begin = pid_k * words_per_split
         w_end = tl.minimum(w_begin + words_per_split, K // 4)
-        acc = tl.zeros([REPEAT, WARPS, 8, 4, 4], dtype=tl.float32)
+        acc = tl.zeros([32 * WARPS, 4], dtype=tl.float32)
         # two steps an iteration, their operands in two sets of registers (no copies): set A loads step s + 2
         # while set B's step s + 1 computes
         a_lo0, a_hi0, a_lo1, a_hi1, a_xl0, a_xh0, a_xl1, a_xh1 = _fp8_mma_load(
@@ -525,7 +523,7 @@ if triton is not None:
                 w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_start + 64, w_end)
             acc = _fp8_mma_step(b_lo0, b_hi0, b_lo1, b_hi1, b_xl0, b_xh0, b_xl1, b_xh1, acc, s_row, w_start + 32,
                                 w_end, BLOCK_IN, EMULATE, PRMT)
-        # lane (r, c)'s sum e: row rows + 8 * (e // 2), activation row 2c + e % 2; * 2^56 undoes 2^64 * 2^-120
+        # lane (r, c)'s sum e = j: row rows + 8 * (e // 2), activation row 2c + e % 2; * 2^56 undoes 2^64 * 2^-120
         out_rows = rows + 8 * (j // 2)
         m = 2 * c + j % 2
         mask = (m < M) & (out_rows >= 0)
@@ -610,12 +608,7 @@ class Fp8GemvTiles:
     layout_k: bool = False             # each thread `vec` bytes of each of its rows, the warps along K
     vec: int = 16
     cvt: bool = False                  # (layout_k) E4M3 widened by the hardware instead of the integer decode
-    mma: bool = False                  # the tensor-core GEMV: block_n = 16 * repeat * num_warps, 128 bytes a step
-
-    @property
-    def repeat(self) -> int:
-        """(mma) 16-row tiles a warp."""
-        return max(1, self.block_n // (16 * self.num_warps))
+    mma: bool = False                  # the tensor-core GEMV: block_n = 16 * num_warps, 128 bytes of K a step
 
     @staticmethod
     def for_shape(n: int, k: int, rows: int = 1, mma: bool = True) -> "Fp8GemvTiles":
@@ -741,10 +734,10 @@ FP8_GEMV_MMA_MAX_ROWS = 8           # the activation rows of one mma's B operand
 def fp8_gemv_mma_fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int,
                       tiles: Fp8GemvTiles) -> bool:
     """Whether the tensor-core GEMV takes this call: bf16 activations, at most 8 rows, 128-byte steps inside
-    one scale block, a program's 16 * repeat * num_warps rows inside one scale row block and one group."""
+    one scale block, a program's 16 * num_warps rows (block_n) inside one scale row block and one group."""
     block_out, block_in = fp8_block_shape(tuple(weight.shape), tuple(scale.shape))
-    block_n = 16 * tiles.repeat * tiles.num_warps
-    return x.dtype == torch.bfloat16 and x.shape[0] <= FP8_GEMV_MMA_MAX_ROWS and block_in % 128 == 0 \
+    block_n = 16 * tiles.num_warps
+    return tiles.block_n == block_n and x.dtype == torch.bfloat16 and x.shape[0] <= FP8_GEMV_MMA_MAX_ROWS and block_in % 128 == 0 \
         and block_out % block_n == 0 and (weight.shape[0] // groups) % block_n == 0
 
 
@@ -760,7 +753,7 @@ def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
         x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
     if weight.data_ptr() % 16 or weight.stride(0) % 64 or scale.stride(-1) != 1:
         raise ValueError("fp8_gemv: the tensor-core path needs 16-byte aligned weight rows")
-    block_n = 16 * tiles.repeat * tiles.num_warps
+    block_n = tiles.block_n
     steps = k // 128
     split = max(1, min(tiles.split_k, steps))
     words_per_split = -(-steps // split) * 32
@@ -778,7 +771,7 @@ def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
         x.view(torch.int32), weight.view(torch.int32), scale, out, part, counters, rows, n, k, x.stride(0) // 2,
         weight.stride(0) // 4, scale.stride(0), out.stride(0), n // groups, words_per_split, k // 2,
         BLOCK_OUT=block_out, BLOCK_IN=block_in,
-        REPEAT=tiles.repeat, WARPS=tiles.num_warps, SPLIT_K=split, EMULATE=not x.is_cuda, PRMT=prmt,
+        WARPS=tiles.num_warps, SPLIT_K=split, EMULATE=not x.is_cuda, PRMT=prmt,
         num_warps=tiles.num_warps)
     return out
 

@@ -73,11 +73,11 @@ def test_fp8_gemv_matches_reference(device):
 MMA_CASES = {
     "cpu": [(1, 64, 384, 1, (64, 128), Fp8GemvTiles(64, split_k=1, num_warps=4, mma=True)),
             (3, 32, 640, 2, (32, 128), Fp8GemvTiles(32, split_k=2, num_warps=2, mma=True)),
-            (8, 128, 512, 1, (128, 256), Fp8GemvTiles(64, split_k=3, num_warps=2, mma=True)),
+            (8, 128, 512, 1, (128, 256), Fp8GemvTiles(32, split_k=3, num_warps=2, mma=True)),
             (5, 48, 256, 1, (16, 128), Fp8GemvTiles(16, split_k=1, num_warps=1, mma=True)),
             (2, 40, 256, 1, (8, 128), Fp8GemvTiles(16, split_k=1, num_warps=1, mma=True))],     # falls back
     "cuda": [(1, 1024, 4096, 1, (128, 128), Fp8GemvTiles(64, split_k=8, num_warps=4, mma=True)),
-             (1, 32768, 1024, 1, (128, 128), Fp8GemvTiles(128, split_k=1, num_warps=4, mma=True)),
+             (1, 32768, 1024, 1, (128, 128), Fp8GemvTiles(128, split_k=1, num_warps=8, mma=True)),
              (8, 1024, 4096, 8, (128, 128), Fp8GemvTiles(128, split_k=2, num_warps=8, mma=True)),
              (3, 4096, 8192, 1, (128, 128), Fp8GemvTiles(64, split_k=5, num_warps=4, mma=True)),
              (6, 512, 4096, 1, (128, 128), Fp8GemvTiles(64, split_k=16, num_warps=4, mma=True))],
@@ -112,7 +112,8 @@ def test_fp8_gemv_tensor_core_decodes_every_code_exactly():
         x = torch.randn(rows, 128, device="cuda").to(torch.bfloat16)
         want = fp8_linear_ref(x.float(), weight, scale).to(torch.bfloat16)
         for tiles in (Fp8GemvTiles(64, split_k=1, num_warps=4, mma=True),
-                      Fp8GemvTiles(128, split_k=1, num_warps=8, mma=True)):
+                      Fp8GemvTiles(128, split_k=1, num_warps=8, mma=True),
+                      Fp8GemvTiles(32, split_k=1, num_warps=2, mma=True)):
             assert torch.equal(fp8_gemv(x, weight, scale, 1, tiles), want)
 
 
