@@ -5,10 +5,10 @@ multiplies one block_out x block_in tile. Scales are UE8M0 (`float8_e8m0fnu`, va
 The block shape is read from the grid, so every dimension must divide evenly (as transformers requires).
 `fp8_block_dequantize` is the CPU path; `fp8_block_quantize` writes test checkpoints. `Fp8Linear` keeps such a
 weight in its 1-byte format on a GPU: `fp8_gemv` multiplies a few rows by it (decode: one pass over the bytes,
-activations unquantized; `fp8_linear_ref` is its torch reference and the CPU path); more rows go to
-`fp8_w8a8_matmul` (activations quantized per 1 x 128 to E4M3 with power-of-two scales, then cuBLAS's
-block-scaled FP8 GEMM on Hopper; reference `fp8_w8a8_ref`) where that measured faster, else to `fp8_matmul`
-(the weight dequantized for the call, then cuBLAS)."""
+activations unquantized, up to 8 rows on the tensor cores; `fp8_linear_ref` is its torch reference and the CPU
+path); more rows go to `fp8_w8a8_matmul` (activations quantized per 1 x 128 to E4M3 with power-of-two scales,
+then cuBLAS's block-scaled FP8 GEMM on Hopper; reference `fp8_w8a8_ref`) where that measured faster, else to
+`fp8_matmul` (the weight dequantized for the call, then cuBLAS)."""
 from __future__ import annotations
 
 import os
@@ -352,26 +352,33 @@ if triton is not None:
             tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
     # ---- the tensor-core GEMV (up to 8 rows) ----
-    # The N-major loop above spends ~5.5 instructions a weight byte (decode, widening, FMA, activations moved
-    # through shared memory with barriers). Here the K-reduction runs on the tensor cores (mma.sync m16n8k16, bf16
-    # in, fp32 sums): the integer decode's bf16 pairs (bytes 0 and 2, 1 and 3 of a word, `_e4m3_pair_bits`) are the
-    # A fragments as they are (no widening, no FMA), about 2 instructions a weight in all. Lane (r, c) =
-    # (lane // 4, lane % 4) of a warp loads 16 bytes (4 words) of weight rows r and r + 8 of its 16-row tile at
-    # byte 16c of a 64-byte chunk; word j's pairs are the fragment's k = (2c, 2c + 1) and (2c + 8, 2c + 9) of the
-    # j-th mma (the K order inside an mma is free: the activations are permuted to match). The B fragment is
-    # activation row n = lane // 4 (rows past M zero, so up to 8 rows cost the same), its bf16 pairs (x[4j],
-    # x[4j + 2]) and (x[4j + 1], x[4j + 3]) times 2^64 (exact) built once a chunk and shared by the warp's tiles;
-    # D's 4 fp32 sums per lane are rows (r, r + 8) x activation rows (2c, 2c + 1). One inline-asm call does a
-    # lane's 4 mma of a chunk (operands packed by 4: the 4 words of a lane are consecutive registers), so no
-    # data crosses lanes outside the tensor core: no shared memory, no barrier, no shuffle. Two chunks (128
-    # bytes, inside one scale block) chain in the accumulator, then their block scale multiplies once. The next
-    # step's words and activations load before this step's decode. The interpreter runs `_mma_emulated`.
+    # The N-major loop above spends ~5.5 SASS instructions a weight byte (decode, widening, FMA, activations moved
+    # through shared memory with barriers every step) and streamed at most 1.94 TB/s on the H200. Here the
+    # K-reduction runs on the tensor cores (mma.sync m16n8k16, bf16 in, fp32 sums): the integer decode's bf16
+    # pairs (bytes 0 and 2, 1 and 3 of a word: value * 2^-120, exact, subnormals included) are the A fragments
+    # as they are, no widening and no FMA: ~2.6 instructions a byte in all (sm_90 SASS of the loop: 336 a
+    # 128-byte step), 3.0 TB/s for the 32 MB weight. Lane (r, c) = (lane // 4, lane % 4) of warp w loads 16
+    # bytes (4 words) of rows r and r + 8 of the warp's 16-row tile at byte 16c of a 64-byte chunk; word j's
+    # pairs are k = (2c, 2c + 1) and (2c + 8, 2c + 9) of the chunk's j-th mma (the K order inside an mma is
+    # free: the activations are permuted to match). The B fragment is activation row n = lane // 4 (rows past M
+    # repeat row M - 1 and their sums are not stored, so 1-8 rows cost the same): its bf16 pairs (x[4j],
+    # x[4j + 2]) and (x[4j + 1], x[4j + 3]) times 2^64 (exact; the products stay normal). D's 4 fp32 sums per
+    # lane are rows (r, r + 8) x activation rows (2c, 2c + 1). One inline-asm call does a lane's 4 mma of a
+    # chunk, its operands packed by 4 (a lane's 4 words, consecutive registers of the [32 warps, 4] layout), so
+    # no data crosses lanes outside the tensor core: no shared memory, barrier or shuffle in the loop. Two
+    # chunks (128 bytes, inside one scale block) chain in the accumulator, then their block scale multiplies
+    # once. Each step's words and activations load one step ahead, into two alternating register sets. The
+    # interpreter runs `_mma_emulated` (the same sums, from the same lanes' operands).
 
     _MMA_PTX = tl.constexpr("""{
-    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $8, $12, $16}, {$20, $24}, {$28, $29, $30, $31};
-    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$5, $9, $13, $17}, {$21, $25}, {$0, $1, $2, $3};
-    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$6, $10, $14, $18}, {$22, $26}, {$0, $1, $2, $3};
-    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$7, $11, $15, $19}, {$23, $27}, {$0, $1, $2, $3};
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+        {$0, $1, $2, $3}, {$4, $8, $12, $16}, {$20, $24}, {$28, $29, $30, $31};
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+        {$0, $1, $2, $3}, {$5, $9, $13, $17}, {$21, $25}, {$0, $1, $2, $3};
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+        {$0, $1, $2, $3}, {$6, $10, $14, $18}, {$22, $26}, {$0, $1, $2, $3};
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+        {$0, $1, $2, $3}, {$7, $11, $15, $19}, {$23, $27}, {$0, $1, $2, $3};
     }""")
 
     _MMA_CONSTRAINTS = tl.constexpr(",".join(["=&r"] * 4 + ["r"] * 28))     # early clobber: D chains in place
@@ -426,7 +433,7 @@ if triton is not None:
 
     # `_e4m3_pair_bits` of both pairs in 6 instructions instead of 7: prmt places each byte of a pair in the low
     # byte of its half with the byte's sign replicated above it; << 4 and a mask keep the sign (bit 15) and the
-    # 7 magnitude bits (10..4).
+    # 7 magnitude bits (10..4). 4-15% faster than the Triton ops on the H200 at every shape measured.
     _E4M3_PAIRS_PTX = tl.constexpr("""{
     .reg .b32 t;
     prmt.b32 t, $2, 0, 0xA280;  shl.b32 t, t, 4;  and.b32 $0, t, 0x87F087F0;
@@ -612,15 +619,16 @@ class Fp8GemvTiles:
 
     @staticmethod
     def for_shape(n: int, k: int, rows: int = 1, mma: bool = True) -> "Fp8GemvTiles":
-        """The tables below for a weight of [n, k] (every group's rows) at `rows` rows; otherwise enough
-        programs to cover an H200's 132 SMs a few times. A function of the shape and the row count only (eager
-        runs and graph replays agree). mma=False: the CUDA-core GEMV's tiles (where the tensor-core one does
-        not fit the call)."""
+        """The tables below for a weight of [n, k] (every group's rows) at `rows` rows: the tensor-core GEMV's
+        (FP8_GEMV_MMA_TABLE, from FP8_GEMV_MMA_MIN_ROWS rows), else the CUDA-core one's; otherwise the
+        tensor-core GEMV with about 512 programs (`mma_for_shape`), or with mma=False (a call it does not fit)
+        enough CUDA-core programs to cover an H200's 132 SMs a few times. A function of the shape and the row
+        count only (eager runs and graph replays agree)."""
+        if mma and rows >= FP8_GEMV_MMA_MIN_ROWS.get((n, k), 1):
+            return FP8_GEMV_MMA_TABLE.get((n, k)) or Fp8GemvTiles.mma_for_shape(n, k)
         tiles = (FP8_GEMV_TILE_TABLE if rows == 1 else FP8_GEMV_FEW_ROWS_TABLE).get((n, k))
         if tiles is None and rows > 1:
             tiles = FP8_GEMV_TILE_TABLE.get((n, k))
-        if tiles is not None and tiles.mma and not mma:
-            tiles = FP8_GEMV_CUDA_CORE_TABLE.get((n, k))
         if tiles is None:
             block_n = 16
             while block_n > 4 and n // block_n < 512:
@@ -630,6 +638,15 @@ class Fp8GemvTiles:
                 split *= 2
             tiles = Fp8GemvTiles(block_n, 512, split, 4)
         return tiles
+
+    @staticmethod
+    def mma_for_shape(n: int, k: int) -> "Fp8GemvTiles":
+        """The tensor-core GEMV's tiles for a weight outside the table: 64 rows a program (4 warps), K split until
+        about 512 programs run (at least two 128-byte steps a split), the shape of most of the table's entries."""
+        split = 1
+        while split < 32 and (n // 64) * split < 512 and k // 128 >= 4 * split:
+            split *= 2
+        return Fp8GemvTiles(64, split_k=split, num_warps=4, mma=True)
 
 
 # From the tools/decode_kernels.py FP8 sweep on an H200 (2026-11-29, docs/PERFORMANCE.md); keyed by the whole
@@ -658,11 +675,27 @@ FP8_GEMV_FEW_ROWS_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
     (8192, 4096): Fp8GemvTiles(block_n=4, block_k=1024, split_k=1, num_warps=4, layout_k=True, vec=8, cvt=True),
 }
 
-# The CUDA-core GEMV's 1-row tiles, where a table entry is the tensor-core GEMV but the call does not fit it.
-FP8_GEMV_CUDA_CORE_TABLE: dict[tuple[int, int], Fp8GemvTiles] = dict(FP8_GEMV_TILE_TABLE)
+# The tensor-core GEMV, 1-8 rows (its cost does not depend on the row count), from the H200 sweep of
+# 2026-11-29 16:08 UTC (docs/PERFORMANCE.md, "FP8 GEMV on the tensor cores"): the fastest at one row, which also
+# beat the path taken before at 2, 4 and 8 rows for every weight here.
+FP8_GEMV_MMA_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
+    (512, 4096): Fp8GemvTiles(block_n=64, split_k=16, num_warps=4, mma=True),
+    (1024, 4096): Fp8GemvTiles(block_n=64, split_k=16, num_warps=4, mma=True),
+    (2048, 4096): Fp8GemvTiles(block_n=128, split_k=16, num_warps=8, mma=True),
+    (4096, 2048): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True),
+    (4096, 4096): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True),
+    (4096, 8192): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True),
+    (8192, 1024): Fp8GemvTiles(block_n=64, split_k=4, num_warps=4, mma=True),
+    (8192, 4096): Fp8GemvTiles(block_n=64, split_k=4, num_warps=4, mma=True),
+    (32768, 1024): Fp8GemvTiles(block_n=128, split_k=1, num_warps=8, mma=True),
+}
+# where the CUDA-core GEMV measured faster at fewer rows: the row count from which the tensor-core one is taken
+# (the 512 x 4096 weight at one row: 4.4 against 4.6 us, both latency-bound)
+FP8_GEMV_MMA_MIN_ROWS: dict[tuple[int, int], int] = {(512, 4096): 2}
 
 
-FP8_GEMV_MAX_ROWS = 4               # the GEMV's limit (it beat dequantize + cuBLAS up to 4 rows on the H200)
+FP8_GEMV_MAX_ROWS = 4               # the CUDA-core GEMV's limit (it beat dequantize + cuBLAS up to 4 rows)
+FP8_GEMV_MMA_MAX_ROWS = 8           # the tensor-core GEMV's: the activation rows of one mma's B operand
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int) -> tuple[int, int]:
@@ -679,8 +712,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: i
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1,
              tiles: Fp8GemvTiles | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """The same function as `fp8_linear_ref` for a few rows: weight float8_e4m3fn [groups * out, in], scale an
-    fp32 grid [groups * out / bo, in / bi]. `counters`: int32 zeros, one per column tile, that split-K
-    programs count their arrivals in (left at zero); made here when not given."""
+    fp32 grid [groups * out / bo, in / bi]. Tensor-core tiles (`tiles.mma`) run `_fp8_gemv_mma_kernel` where
+    the call fits it (`fp8_gemv_mma_fits`: bf16, up to 8 rows), else the CUDA-core kernel (up to 4 rows).
+    `counters`: int32 zeros, one per column tile, that split-K programs count their arrivals in (left at
+    zero); made here when not given."""
     block_out, block_in = _check(x, weight, scale, groups)
     rows = x.shape[0]
     n, k = weight.shape
@@ -728,31 +763,30 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups:
     return out
 
 
-FP8_GEMV_MMA_MAX_ROWS = 8           # the activation rows of one mma's B operand
-
-
 def fp8_gemv_mma_fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int,
                       tiles: Fp8GemvTiles) -> bool:
     """Whether the tensor-core GEMV takes this call: bf16 activations, at most 8 rows, 128-byte steps inside
-    one scale block, a program's 16 * num_warps rows (block_n) inside one scale row block and one group."""
+    one scale block, a program's 16 * num_warps rows (block_n) inside one scale row block and one group,
+    16-byte aligned weight rows."""
     block_out, block_in = fp8_block_shape(tuple(weight.shape), tuple(scale.shape))
-    block_n = 16 * tiles.num_warps
-    return tiles.block_n == block_n and x.dtype == torch.bfloat16 and x.shape[0] <= FP8_GEMV_MMA_MAX_ROWS and block_in % 128 == 0 \
-        and block_out % block_n == 0 and (weight.shape[0] // groups) % block_n == 0
+    block_n = tiles.block_n
+    return tiles.mma and block_n == 16 * tiles.num_warps and x.dtype == torch.bfloat16 \
+        and x.shape[0] <= FP8_GEMV_MMA_MAX_ROWS and block_in % 128 == 0 and block_out % block_n == 0 \
+        and (weight.shape[0] // groups) % block_n == 0 and weight.data_ptr() % 16 == 0 \
+        and weight.stride(0) % 128 == 0 and scale.stride(-1) == 1
 
 
 def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, tiles: Fp8GemvTiles,
                   counters: torch.Tensor | None, out: torch.Tensor, prmt: bool = True) -> torch.Tensor:
+    """`fp8_gemv` on the tensor cores (see `fp8_gemv_mma_fits`); prmt=False: the 7-instruction pair decode."""
     block_out, block_in = fp8_block_shape(tuple(weight.shape), tuple(scale.shape))
     rows = x.shape[0]
     n, k = weight.shape
     # Each lane's 4 words must be one 16-byte load, or the asm's packs of 4 would not be a lane's words j: the
-    # launch specializes the strides as multiples of 16 words (x is copied where its row stride is not) and
-    # the pointers as 16-byte aligned.
+    # launch specializes the strides as multiples of 16 words (x is copied where its row stride is not; the
+    # weight's, K / 4, is a multiple of 32) and the pointers as 16-byte aligned.
     if x.data_ptr() % 16 or x.stride(0) % 32:
         x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
-    if weight.data_ptr() % 16 or weight.stride(0) % 64 or scale.stride(-1) != 1:
-        raise ValueError("fp8_gemv: the tensor-core path needs 16-byte aligned weight rows")
     block_n = tiles.block_n
     steps = k // 128
     split = max(1, min(tiles.split_k, steps))
@@ -891,15 +925,18 @@ def fp8_w8a8_preferred(rows: int, n: int, k: int, groups: int) -> bool:
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1,
                counters: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., groups * in] -> [..., groups * out]: on a GPU (bf16/fp16) the GEMV for a few rows; for more, the
-    W8A8 GEMM where supported and measured faster (RUN_MODEL_FP8_W8A8=0 turns it off), else dequantize then
-    cuBLAS; `fp8_linear_ref` elsewhere (the weight dequantized for the call, in x's dtype)."""
+    """x [..., groups * in] -> [..., groups * out]: on a GPU (bf16/fp16) the GEMV for a few rows (up to 8 where the
+    tensor-core GEMV takes the call, else 4); for more, the W8A8 GEMM where supported and measured faster
+    (RUN_MODEL_FP8_W8A8=0 turns it off), else dequantize then cuBLAS; `fp8_linear_ref` elsewhere (the weight
+    dequantized for the call, in x's dtype)."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     if x.is_cuda and triton is not None and x.dtype in (torch.bfloat16, torch.float16) \
             and os.environ.get("RUN_MODEL_TORCH_OPS") != "1":
-        if x.shape[0] <= FP8_GEMV_MAX_ROWS:
-            out = fp8_gemv(x, weight, scale, groups, counters=counters)
+        rows = x.shape[0]
+        tiles = Fp8GemvTiles.for_shape(*weight.shape, rows) if rows <= FP8_GEMV_MMA_MAX_ROWS else None
+        if rows <= FP8_GEMV_MAX_ROWS or (tiles is not None and fp8_gemv_mma_fits(x, weight, scale, groups, tiles)):
+            out = fp8_gemv(x, weight, scale, groups, tiles, counters)
         elif os.environ.get("RUN_MODEL_FP8_W8A8") != "0" and fp8_w8a8_supported(x, weight, scale) \
                 and fp8_w8a8_preferred(x.shape[0], weight.shape[0], weight.shape[1], groups):
             out = fp8_w8a8_matmul(x, weight, scale, groups)
