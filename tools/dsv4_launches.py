@@ -114,12 +114,13 @@ def _patch_launches(launches: Launches) -> None:
 
     linear._use_gemv = use_gemv
 
-    def fp8_linear(x, weight, scale, groups=1, counters=None):
+    def fp8_linear(x, weight, scale, groups=1, counters=None):      # the GEMV a row takes on a GPU
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         if x.shape[0] > fp8.FP8_GEMV_MAX_ROWS:
             raise ValueError("a decode step of one token has one row")
-        out = fp8.fp8_gemv(x, weight, scale, groups, counters=counters)
+        out = fp8.fp8_gemv(x, weight, scale, groups, fp8.Fp8GemvTiles.for_shape(*weight.shape, x.shape[0]),
+                           counters)
         return out.view(*lead, out.shape[-1])
 
     fp8.fp8_linear = fp8_linear
