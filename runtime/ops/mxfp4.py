@@ -469,14 +469,19 @@ if triton is not None:
         return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _mxfp4_gemv_gate_up_kernel(x_ptr, words_ptr, scales_ptr, bias_ptr, h_ptr, ids_ptr, top_k, K, N,
+    def _mxfp4_gemv_gate_up_kernel(x_ptr, words_ptr, scales_ptr, bias_ptr, h_ptr, ids_ptr, count_ptr, num_counts,
+                                   top_k, K, N,
                                    stride_xm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_hm,
                                    alpha, limit, up_offset,
                                    HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERLEAVED: tl.constexpr,
                                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr,
                                    PTX_DECODE: tl.constexpr):
         """h[pair, n] = act(x[token] @ W13[e].T + b13[e]) for this program's BLOCK_N columns n. Weight strides
-        (stride_be, stride_br) count 16-byte blocks."""
+        (stride_be, stride_br) count 16-byte blocks. Program (0, 0) also zeroes num_counts int32 counters at
+        count_ptr (the split down GEMV's, which runs next)."""
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            for c in range(0, num_counts, 256):
+                tl.store(count_ptr + c + tl.arange(0, 256), 0, mask=c + tl.arange(0, 256) < num_counts)
         pair = tl.program_id(0)
         token = pair // top_k
         expert = tl.load(ids_ptr + pair).to(tl.int64)    # negative: another rank's expert, nothing to read
@@ -586,6 +591,9 @@ try:
     from triton.experimental.gluon import language as gl
 except ImportError:                                    # older Triton: the Triton kernels only
     gluon = None
+
+if gluon is not None:
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier       # renamed after Triton 3.6
 
 if gluon is not None:
     @gluon.jit
@@ -713,15 +721,20 @@ if gluon is not None:
         return words, scale_bits
 
     @gluon.jit
-    def _gl_gate_up_kernel(x_ptr, words_ptr, scales_ptr, bias_ptr, h_ptr, ids_ptr, top_k, K, N,
+    def _gl_gate_up_kernel(x_ptr, words_ptr, scales_ptr, bias_ptr, h_ptr, ids_ptr, count_ptr, num_counts, top_k, K, N,
                            stride_xm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_hm,
                            alpha, limit, up_offset,
                            HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, INTERLEAVED: gl.constexpr,
                            BLOCK_N: gl.constexpr, GV: gl.constexpr, X_PACKED: gl.constexpr, NUM_WARPS: gl.constexpr):
         """`_mxfp4_gemv_gate_up_kernel` with explicit layouts: the gate and the up rows of BLOCK_N columns as two
-        row sets sharing each K step's activations."""
+        row sets sharing each K step's activations. Program (0, 0) zeroes the split down GEMV's counters."""
         L3: gl.constexpr = _gl_layout(BLOCK_N, GV, NUM_WARPS)
         RL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
+        if (gl.program_id(0) == 0) & (gl.program_id(1) == 0):
+            CL: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+            for c in range(0, num_counts, 32 * NUM_WARPS):
+                offsets = c + gl.arange(0, 32 * NUM_WARPS, layout=CL)
+                gl.store(count_ptr + offsets, gl.zeros([32 * NUM_WARPS], gl.int32, layout=CL), mask=offsets < num_counts)
         pair = gl.program_id(0)
         token = pair // top_k
         expert = gl.load(ids_ptr + pair).to(gl.int64)
@@ -767,16 +780,17 @@ if gluon is not None:
         gl.store(h_ptr + pair * stride_hm + n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
 
     @gluon.jit
-    def _gl_down_load(h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step, steps, top_k, n, n_mask,
-                      num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr,
+    def _gl_down_load(h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step, steps, slot_end, top_k, n,
+                      n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr,
                       GV: gl.constexpr, X_PACKED: gl.constexpr, L3: gl.constexpr):
-        """The operands of step `step` of the down GEMV's walk (slot step // steps, K step step % steps)."""
+        """The operands of step `step` of the down GEMV's walk (slot step // steps, K step step % steps); slots
+        from slot_end on, and another rank's experts, load nothing (their weight is 0)."""
         slot = step // steps
         g_start = (step % steps) * GV
         pair = token * top_k + gl.minimum(slot, top_k - 1)
         expert = gl.load(ids_ptr + pair).to(gl.int64)
-        valid = (slot < top_k) & (expert >= 0)
-        row_mask = n_mask & ((n * 0 + slot) < top_k) & ((n * 0 + expert) >= 0)
+        valid = (slot < slot_end) & (expert >= 0)
+        row_mask = n_mask & ((n * 0 + slot) < slot_end) & ((n * 0 + expert) >= 0)
         expert = gl.maximum(expert, 0)
         word_ptrs, scale_ptrs = _gl_w_ptrs(words_ptr, scales_ptr, expert * stride_be + n.to(gl.int64) * stride_br,
                                            expert * stride_se + n.to(gl.int64) * stride_sr, GV, L3)
@@ -787,31 +801,58 @@ if gluon is not None:
         return words, scale_bits, xa, xb, xc, xd, weight
 
     @gluon.jit
-    def _gl_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr,
+    def _gl_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr, part_ptr, count_ptr,
                         top_k, K, N, stride_hm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_om,
                         HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, GV: gl.constexpr, X_PACKED: gl.constexpr,
-                        NUM_WARPS: gl.constexpr):
-        """`_mxfp4_gemv_down_kernel` with explicit layouts."""
+                        SPLIT: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """`_mxfp4_gemv_down_kernel` with explicit layouts. With SPLIT > 1 the token's slots are divided among
+        SPLIT programs (more programs, shorter walks); each writes its fp32 partial and the last to arrive at
+        the column tile's counter (int32, zero before the launch) sums them in a fixed order: deterministic."""
         L3: gl.constexpr = _gl_layout(BLOCK_N, GV, NUM_WARPS)
         RL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
         token = gl.program_id(0)
-        n = gl.program_id(1) * BLOCK_N + gl.arange(0, BLOCK_N, layout=RL)
+        pid_n = gl.program_id(1)
+        split = gl.program_id(2)
+        n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=RL)
         n_mask = n < N
         num_groups = K // 32
         steps = gl.cdiv(num_groups, GV)
+        slots = gl.cdiv(top_k, SPLIT)
+        slot_begin = split * slots
+        slot_end = gl.minimum(slot_begin + slots, top_k)
         acc = gl.zeros([BLOCK_N, GV], gl.float32, layout=gl.SliceLayout(2, L3))
         words, scale_bits, xa, xb, xc, xd, weight = _gl_down_load(
-            h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, 0, steps, top_k, n, n_mask, num_groups,
-            stride_hm, stride_be, stride_br, stride_se, stride_sr, GV, X_PACKED, L3)
-        for step in range(0, top_k * steps):
+            h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, slot_begin * steps, steps, slot_end, top_k, n,
+            n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, GV, X_PACKED, L3)
+        for step in range(slot_begin * steps, slot_end * steps):
             next_words, next_scale_bits, next_xa, next_xb, next_xc, next_xd, next_weight = _gl_down_load(
-                h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step + 1, steps, top_k, n, n_mask,
-                num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, GV, X_PACKED, L3)
+                h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step + 1, steps, slot_end, top_k, n,
+                n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, GV, X_PACKED, L3)
             x0, x1, x2, x3, x4, x5, x6, x7 = _gl_activations(xa, xb, xc, xd, X_PACKED)
             acc += _gl_block_sums(words, x0, x1, x2, x3, x4, x5, x6, x7, scale_bits, weight)
             words, scale_bits, xa, xb, xc, xd, weight = (next_words, next_scale_bits, next_xa, next_xb, next_xc,
                                                          next_xd, next_weight)
         out = gl.sum(acc, axis=1)
+        if SPLIT > 1:
+            gl.store(part_ptr + (split * gl.num_programs(0) + token).to(gl.int64) * N + n, out, mask=n_mask)
+            _cta_barrier()                                       # every thread's partial before the arrival
+            count = count_ptr + token * gl.num_programs(1) + pid_n
+            arrived = gl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT - 1:
+                out = gl.zeros([BLOCK_N], gl.float32, layout=RL)
+                for other in range(0, SPLIT):
+                    out += gl.load(part_ptr + (other * gl.num_programs(0) + token).to(gl.int64) * N + n, mask=n_mask,
+                                   other=0.0, cache_modifier=".cg")
+                _gl_down_store(out, bias_ptr, out_ptr, weights_ptr, ids_ptr, token, top_k, n, n_mask, stride_bias,
+                               stride_om, HAS_BIAS)
+        else:
+            _gl_down_store(out, bias_ptr, out_ptr, weights_ptr, ids_ptr, token, top_k, n, n_mask, stride_bias,
+                           stride_om, HAS_BIAS)
+
+    @gluon.jit
+    def _gl_down_store(out, bias_ptr, out_ptr, weights_ptr, ids_ptr, token, top_k, n, n_mask, stride_bias, stride_om,
+                       HAS_BIAS: gl.constexpr):
+        """The token's row: out plus the weighted biases of its experts, in the output's dtype."""
         if HAS_BIAS:
             for slot in range(0, top_k):
                 expert = gl.load(ids_ptr + token * top_k + slot).to(gl.int64)
@@ -833,6 +874,7 @@ class GemvTiles:
     num_warps_down: int = 4
     gluon: bool = False                # gate/up by the explicit-layout kernel (block_g: lanes along K, <= 32)
     gluon_down: bool = False           # the down GEMV by it (block_g_down likewise)
+    split_down: int = 1                # with gluon_down: the token's slots divided among this many programs
 
     @staticmethod
     def for_shape(hidden: int, inter: int) -> "GemvTiles":
@@ -867,61 +909,71 @@ def _check_gemv_weights(w: Mxfp4Linear) -> None:
         raise ValueError("MXFP4 GEMV needs each weight row's blocks and scales contiguous, 16-byte aligned")
 
 
+def _down_counts(num_tokens: int, hidden: int, tiles: GemvTiles) -> int:
+    """How many arrival counters the split down GEMV needs (0 without a split)."""
+    return num_tokens * triton.cdiv(hidden, tiles.block_n_down) if tiles.gluon_down and tiles.split_down > 1 else 0
+
+
 def mxfp4_gemv_gate_up(x: torch.Tensor, w13: Mxfp4Linear, topk_ids: torch.Tensor, activation: GatedActivation,
-                       tiles: GemvTiles) -> torch.Tensor:
-    """h [pairs, inter] = act(x[token] @ W13[e].T + b13[e]) for every (token, slot) pair, in x's dtype."""
+                       tiles: GemvTiles, counters: torch.Tensor | None = None) -> torch.Tensor:
+    """h [pairs, inter] = act(x[token] @ W13[e].T + b13[e]) for every (token, slot) pair, in x's dtype.
+    `counters` (int32), when given, are zeroed by the launch for the split down GEMV that follows."""
     _check_gemv_weights(w13)
     num_tokens, top_k = topk_ids.shape
     inter = w13.out_features // 2
     x = x.contiguous()
     h = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)           # [pairs, inter]
     bias = w13.bias if w13.bias is not None else torch.zeros(1, dtype=torch.float32, device=x.device)
+    num_counts = 0 if counters is None else counters.numel()
+    counters = h if counters is None else counters
+    grid = (num_tokens * top_k, triton.cdiv(inter, tiles.block_n_gate_up))
     if _use_gluon(tiles.gluon, x):
         x, x_packed = _activations_for_gemv(x)
-        _gl_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, tiles.block_n_gate_up))](
-            x, w13.blocks.view(torch.int32), w13.scales, bias, h, topk_ids.contiguous().view(-1), top_k,
-            x.shape[1], inter, x.stride(0), w13.blocks.stride(0) // 16, w13.blocks.stride(1) // 16,
-            w13.scales.stride(0), w13.scales.stride(1), bias.stride(0) if w13.bias is not None else 0, h.stride(0),
-            activation.alpha, activation.limit or 0.0, activation.up_offset,
-            HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None,
-            INTERLEAVED=activation.interleaved, BLOCK_N=tiles.block_n_gate_up, GV=tiles.block_g, X_PACKED=x_packed,
-            NUM_WARPS=tiles.num_warps, num_warps=tiles.num_warps)
-        return h
+        kernel, options = _gl_gate_up_kernel, dict(GV=tiles.block_g, X_PACKED=x_packed, NUM_WARPS=tiles.num_warps)
+    else:
+        kernel, options = _mxfp4_gemv_gate_up_kernel, dict(BLOCK_G=tiles.block_g, PREFETCH=tiles.prefetch,
+                                                           PTX_DECODE=tiles.ptx_decode and x.is_cuda)
     # int32 words over the same bytes (4 per 16-byte block); weight strides passed in 16-byte blocks
-    _mxfp4_gemv_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, tiles.block_n_gate_up))](
-        x, w13.blocks.view(torch.int32), w13.scales, bias, h, topk_ids.contiguous().view(-1), top_k,
-        x.shape[1], inter, x.stride(0), w13.blocks.stride(0) // 16, w13.blocks.stride(1) // 16,
+    kernel[grid](
+        x, w13.blocks.view(torch.int32), w13.scales, bias, h, topk_ids.contiguous().view(-1), counters, num_counts,
+        top_k, x.shape[1], inter, x.stride(0), w13.blocks.stride(0) // 16, w13.blocks.stride(1) // 16,
         w13.scales.stride(0), w13.scales.stride(1), bias.stride(0) if w13.bias is not None else 0, h.stride(0),
         activation.alpha, activation.limit or 0.0, activation.up_offset,
         HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None, INTERLEAVED=activation.interleaved,
-        BLOCK_N=tiles.block_n_gate_up, BLOCK_G=tiles.block_g, PREFETCH=tiles.prefetch,
-        PTX_DECODE=tiles.ptx_decode and x.is_cuda, num_warps=tiles.num_warps)
+        BLOCK_N=tiles.block_n_gate_up, num_warps=tiles.num_warps, **options)
     return h
 
 
 def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                    tiles: GemvTiles) -> torch.Tensor:
-    """out [tokens, hidden] = sum_k weight_k * (h[pair] @ W2[e].T + b2[e]), in h's dtype."""
+                    tiles: GemvTiles, counters: torch.Tensor | None = None) -> torch.Tensor:
+    """out [tokens, hidden] = sum_k weight_k * (h[pair] @ W2[e].T + b2[e]), in h's dtype. A split launch
+    counts its programs' arrivals in `counters` (int32 zeros, `_down_counts` of them; made here if not given)."""
     _check_gemv_weights(w2)
     num_tokens, top_k = topk_ids.shape
     hidden = w2.out_features
     out = torch.empty(num_tokens, hidden, dtype=h.dtype, device=h.device)
     bias = w2.bias if w2.bias is not None else torch.zeros(1, dtype=torch.float32, device=h.device)
+    weights, ids = topk_weights.contiguous().view(-1), topk_ids.contiguous().view(-1)
+    strides = (h.stride(0), w2.blocks.stride(0) // 16, w2.blocks.stride(1) // 16, w2.scales.stride(0),
+               w2.scales.stride(1), bias.stride(0) if w2.bias is not None else 0, out.stride(0))
     if _use_gluon(tiles.gluon_down, h):
         h, h_packed = _activations_for_gemv(h)
-        _gl_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down))](
-            h, w2.blocks.view(torch.int32), w2.scales, bias, out, topk_weights.contiguous().view(-1),
-            topk_ids.contiguous().view(-1), top_k, h.shape[1], hidden, h.stride(0), w2.blocks.stride(0) // 16,
-            w2.blocks.stride(1) // 16, w2.scales.stride(0), w2.scales.stride(1),
-            bias.stride(0) if w2.bias is not None else 0, out.stride(0),
-            HAS_BIAS=w2.bias is not None, BLOCK_N=tiles.block_n_down, GV=tiles.block_g_down, X_PACKED=h_packed,
-            NUM_WARPS=tiles.num_warps_down, num_warps=tiles.num_warps_down)
+        strides = (h.stride(0),) + strides[1:]
+        split = max(1, min(tiles.split_down, top_k))
+        part = out
+        if split > 1:
+            part = torch.empty(split, num_tokens, hidden, dtype=torch.float32, device=h.device)
+            if counters is None:
+                counters = torch.zeros(_down_counts(num_tokens, hidden, tiles), dtype=torch.int32, device=h.device)
+        else:
+            counters = out
+        _gl_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down), split)](
+            h, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, part, counters, top_k, h.shape[1],
+            hidden, *strides, HAS_BIAS=w2.bias is not None, BLOCK_N=tiles.block_n_down, GV=tiles.block_g_down,
+            X_PACKED=h_packed, SPLIT=split, NUM_WARPS=tiles.num_warps_down, num_warps=tiles.num_warps_down)
         return out
     _mxfp4_gemv_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down))](
-        h, w2.blocks.view(torch.int32), w2.scales, bias, out, topk_weights.contiguous().view(-1),
-        topk_ids.contiguous().view(-1), top_k, h.shape[1], hidden, h.stride(0), w2.blocks.stride(0) // 16,
-        w2.blocks.stride(1) // 16, w2.scales.stride(0), w2.scales.stride(1),
-        bias.stride(0) if w2.bias is not None else 0, out.stride(0),
+        h, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, top_k, h.shape[1], hidden, *strides,
         HAS_BIAS=w2.bias is not None, BLOCK_N=tiles.block_n_down, BLOCK_G=tiles.block_g_down,
         PREFETCH=tiles.prefetch, PTX_DECODE=tiles.ptx_decode and h.is_cuda, num_warps=tiles.num_warps_down)
     return out
@@ -940,5 +992,8 @@ def mxfp4_moe_gemv(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weig
     if topk_ids.numel() == 0:
         return torch.zeros(topk_ids.shape[0], hidden, dtype=x.dtype, device=x.device)
     tiles = tiles or GemvTiles.for_shape(hidden, inter)
-    h = mxfp4_gemv_gate_up(x, w13, topk_ids, activation, tiles)
-    return mxfp4_gemv_down(h, w2, topk_weights, topk_ids, tiles)
+    num_counts = _down_counts(topk_ids.shape[0], hidden, tiles) if x.is_cuda else 0
+    # the split down GEMV's counters: zeroed by the gate/up launch, so no memset of their own
+    counters = torch.empty(num_counts, dtype=torch.int32, device=x.device) if num_counts else None
+    h = mxfp4_gemv_gate_up(x, w13, topk_ids, activation, tiles, counters)
+    return mxfp4_gemv_down(h, w2, topk_weights, topk_ids, tiles, counters)
