@@ -126,6 +126,18 @@ DOWN_VARIANTS = {
 }
 
 
+def checked_timing(error, call, copies: int, mb: float) -> tuple[float, float, float]:
+    """(us, TB/s, relative error) of one variant; a variant that fails to compile or run is reported and
+    costs infinity, so one broken variant does not end the sweep."""
+    try:
+        err = error()
+        us = timed_us(call, copies)
+    except Exception as exc:                            # noqa: BLE001  reported, then skipped by the choice
+        print(f"    variant failed: {type(exc).__name__}: {str(exc)[:300]}")
+        return float("inf"), 0.0, float("inf")
+    return us, mb / us, err
+
+
 def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> None:
     """The MoE of each expert shape at 1 and 4 tokens: the module `before` (an older runtime.ops.mxfp4, its
     default tiles), the table's tiles (whole MoE, then each GEMV alone) and a sweep of each GEMV's tiles."""
@@ -183,15 +195,15 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> Non
                           gate_up_mb=up_mb, down_mb=down_mb, sweep={})
             for key, fields in GATE_UP_VARIANTS.items():
                 tiles = replace(table, ptx_decode=True, prefetch=True, **fields)
-                e = rel_error(mxfp4_gemv_gate_up(x, layers[0][0], ids, activation, tiles), h)
-                us = timed_us(lambda i: mxfp4_gemv_gate_up(x, layers[i][0], ids, activation, tiles), len(layers))
-                record["sweep"][f"gate_up {key}"] = (us, tbs(up_mb, us), e)
+                record["sweep"][f"gate_up {key}"] = checked_timing(
+                    lambda: rel_error(mxfp4_gemv_gate_up(x, layers[0][0], ids, activation, tiles), h),
+                    lambda i: mxfp4_gemv_gate_up(x, layers[i][0], ids, activation, tiles), len(layers), up_mb)
             for key, fields in DOWN_VARIANTS.items():
                 tiles = replace(table, ptx_decode=True, prefetch=True, **fields)
-                e = rel_error(mxfp4_gemv_down(h, layers[0][1], weights, ids, tiles),
-                              mxfp4_gemv_down(h, layers[0][1], weights, ids, table))
-                us = timed_us(lambda i: mxfp4_gemv_down(h, layers[i][1], weights, ids, tiles), len(layers))
-                record["sweep"][f"down {key}"] = (us, tbs(down_mb, us), e)
+                record["sweep"][f"down {key}"] = checked_timing(
+                    lambda: rel_error(mxfp4_gemv_down(h, layers[0][1], weights, ids, tiles),
+                                      mxfp4_gemv_down(h, layers[0][1], weights, ids, table)),
+                    lambda i: mxfp4_gemv_down(h, layers[i][1], weights, ids, tiles), len(layers), down_mb)
             for kernel in ("gate_up", "down"):
                 ranked = sorted((v[0], k, v[1], v[2]) for k, v in record["sweep"].items() if k.startswith(kernel))
                 print(f"    {kernel} best: " + "; ".join(f"{k[len(kernel) + 1:]} {us:.1f} us {tb:.2f} TB/s (err {e:.0e})"
@@ -204,10 +216,11 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> Non
         print(f"  chosen {source}")
         for record in shape_records:
             x, ids, weights = inputs(record["tokens"])
-            err = rel_error(mxfp4_moe_gemv(x, *layers[0], weights, ids, activation, chosen),
-                            mxfp4_moe_reference(x, *layers[0], weights, ids, activation))
-            us = timed_us(lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation, chosen), len(layers))
             mb = record["gate_up_mb"] + record["down_mb"]
+            us, _, err = checked_timing(
+                lambda: rel_error(mxfp4_moe_gemv(x, *layers[0], weights, ids, activation, chosen),
+                                  mxfp4_moe_reference(x, *layers[0], weights, ids, activation)),
+                lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation, chosen), len(layers), mb)
             record.update(chosen_us=us, chosen_err=err, chosen=source)
             print(f"  {record['tokens']} tokens: before {record['before_us']:.1f} us ({mb / record['before_us']:.2f} TB/s)"
                   f" -> chosen {us:.1f} us ({mb / us:.2f} TB/s), err {err:.1e}")
