@@ -198,12 +198,13 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> Non
                 record["sweep"][f"gate_up {key}"] = checked_timing(
                     lambda: rel_error(mxfp4_gemv_gate_up(x, layers[0][0], ids, activation, tiles), h),
                     lambda i: mxfp4_gemv_gate_up(x, layers[i][0], ids, activation, tiles), len(layers), up_mb)
+            counters = torch.zeros(tokens * hidden, dtype=torch.int32, device="cuda")  # the split's, left at 0
             for key, fields in DOWN_VARIANTS.items():
                 tiles = replace(table, ptx_decode=True, prefetch=True, **fields)
                 record["sweep"][f"down {key}"] = checked_timing(
-                    lambda: rel_error(mxfp4_gemv_down(h, layers[0][1], weights, ids, tiles),
+                    lambda: rel_error(mxfp4_gemv_down(h, layers[0][1], weights, ids, tiles, counters),
                                       mxfp4_gemv_down(h, layers[0][1], weights, ids, table)),
-                    lambda i: mxfp4_gemv_down(h, layers[i][1], weights, ids, tiles), len(layers), down_mb)
+                    lambda i: mxfp4_gemv_down(h, layers[i][1], weights, ids, tiles, counters), len(layers), down_mb)
             for kernel in ("gate_up", "down"):
                 ranked = sorted((v[0], k, v[1], v[2]) for k, v in record["sweep"].items() if k.startswith(kernel))
                 print(f"    {kernel} best: " + "; ".join(f"{k[len(kernel) + 1:]} {us:.1f} us {tb:.2f} TB/s (err {e:.0e})"

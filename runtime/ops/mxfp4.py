@@ -807,7 +807,8 @@ if gluon is not None:
                         SPLIT: gl.constexpr, NUM_WARPS: gl.constexpr):
         """`_mxfp4_gemv_down_kernel` with explicit layouts. With SPLIT > 1 the token's slots are divided among
         SPLIT programs (more programs, shorter walks); each writes its fp32 partial and the last to arrive at
-        the column tile's counter (int32, zero before the launch) sums them in a fixed order: deterministic."""
+        the column tile's counter (int32, zero before the launch, zero again after it) sums them in a fixed
+        order: deterministic."""
         L3: gl.constexpr = _gl_layout(BLOCK_N, GV, NUM_WARPS)
         RL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
         token = gl.program_id(0)
@@ -845,6 +846,7 @@ if gluon is not None:
                                    other=0.0, cache_modifier=".cg")
                 _gl_down_store(out, bias_ptr, out_ptr, weights_ptr, ids_ptr, token, top_k, n, n_mask, stride_bias,
                                stride_om, HAS_BIAS)
+                gl.store(count, 0)                               # left at zero for a caller that keeps them
         else:
             _gl_down_store(out, bias_ptr, out_ptr, weights_ptr, ids_ptr, token, top_k, n, n_mask, stride_bias,
                            stride_om, HAS_BIAS)
