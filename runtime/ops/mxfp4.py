@@ -888,8 +888,8 @@ class GemvTiles:
 
 # From the tools/decode_kernels.py sweep on an H200 (2026-11-29; figures in docs/PERFORMANCE.md).
 GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {
-    (2880, 2880): GemvTiles(8, 8, 8, 4, prefetch=True, ptx_decode=True, block_g_down=32, num_warps_down=4),
-    (4096, 2048): GemvTiles(8, 8, 8, 4, prefetch=True, ptx_decode=True, block_g_down=32, num_warps_down=4),
+    (2880, 2880): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=2),
+    (4096, 2048): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=1),
 }
 
 
