@@ -108,7 +108,8 @@ MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, ac
 }
 # Each GEMV's variants swept beside the table's tiles: name -> GemvTiles fields. "t..." = the Triton kernels
 # (block_n, block_g, warps; PTX decode, prefetching), "gl..." = the explicit-layout (Gluon) kernels (block_n,
-# lanes along K, warps; the down GEMV's slot split: "s8" splits a token's slots one per program).
+# lanes along K, warps; the down GEMV's slot split: "s8" splits a token's slots one per program; "h": the token's
+# expert ids and weights loaded before the walk instead of at each step).
 GATE_UP_VARIANTS = {
     "t n8 g8 w4": dict(block_n_gate_up=8, block_g=8, num_warps=4, gluon=False),
     "gl n16 g32 w4": dict(block_n_gate_up=16, block_g=32, num_warps=4, gluon=True),
@@ -123,6 +124,10 @@ DOWN_VARIANTS = {
     "gl n4 g32 w1 s8": dict(block_n_down=4, block_g_down=32, num_warps_down=1, gluon_down=True, split_down=8),
     "gl n16 g32 w4 s2": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=2),
     "gl n16 g32 w4 s1": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=1),
+    "gl n16 g32 w4 s2 h": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=2,
+                               hoist_ids=True),
+    "gl n16 g32 w4 s1 h": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=1,
+                               hoist_ids=True),
 }
 
 
@@ -243,6 +248,7 @@ def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
         down = min(DOWN_VARIANTS, key=lambda k: cost[f"down {k}"])
         t = GemvTiles(**GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down])
         flags = (", gluon=True" if t.gluon else "") + (f", gluon_down=True, split_down={t.split_down}" if t.gluon_down else "")
+        flags += ", hoist_ids=True" if t.hoist_ids else ""
         chosen[shape] = (f"GemvTiles({t.block_n_gate_up}, {t.block_n_down}, {t.block_g}, {t.num_warps}, "
                          f"block_g_down={t.block_g_down}, num_warps_down={t.num_warps_down}{flags})")
     return chosen

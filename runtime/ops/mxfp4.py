@@ -781,14 +781,19 @@ if gluon is not None:
 
     @gluon.jit
     def _gl_down_load(h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step, steps, slot_end, top_k, n,
-                      n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr,
-                      GV: gl.constexpr, X_PACKED: gl.constexpr, L3: gl.constexpr):
+                      n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, slots, slot_ids,
+                      slot_weights, GV: gl.constexpr, X_PACKED: gl.constexpr, HOIST: gl.constexpr, L3: gl.constexpr):
         """The operands of step `step` of the down GEMV's walk (slot step // steps, K step step % steps); slots
-        from slot_end on, and another rank's experts, load nothing (their weight is 0)."""
+        from slot_end on, and another rank's experts, load nothing (their weight is 0). With HOIST the slot's
+        expert and weight come from the token's ids and weights loaded before the walk (`slot_ids`,
+        `slot_weights` at `slots`), so the next step's word loads do not wait on a load of the id."""
         slot = step // steps
         g_start = (step % steps) * GV
         pair = token * top_k + gl.minimum(slot, top_k - 1)
-        expert = gl.load(ids_ptr + pair).to(gl.int64)
+        if HOIST:
+            expert = gl.sum(gl.where(slots == slot, slot_ids, 0), axis=0).to(gl.int64)
+        else:
+            expert = gl.load(ids_ptr + pair).to(gl.int64)
         valid = (slot < slot_end) & (expert >= 0)
         row_mask = n_mask & ((n * 0 + slot) < slot_end) & ((n * 0 + expert) >= 0)
         expert = gl.maximum(expert, 0)
@@ -797,18 +802,22 @@ if gluon is not None:
         words, scale_bits = _gl_w_load(word_ptrs, scale_ptrs, row_mask, g_start, num_groups, GV, L3)
         x_vec = _gl_x_ptrs(h_ptr + pair.to(gl.int64) * stride_hm, X_PACKED, GV, L3)
         xa, xb, xc, xd = _gl_x_load(x_vec, g_start, num_groups, X_PACKED, GV, L3)
-        weight = gl.where(valid, gl.load(weights_ptr + pair).to(gl.float32), 0.0)
+        if HOIST:
+            weight = gl.where(valid, gl.sum(gl.where(slots == slot, slot_weights, 0.0), axis=0), 0.0)
+        else:
+            weight = gl.where(valid, gl.load(weights_ptr + pair).to(gl.float32), 0.0)
         return words, scale_bits, xa, xb, xc, xd, weight
 
     @gluon.jit
     def _gl_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr, part_ptr, count_ptr,
                         top_k, K, N, stride_hm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_om,
                         HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, GV: gl.constexpr, X_PACKED: gl.constexpr,
-                        SPLIT: gl.constexpr, NUM_WARPS: gl.constexpr):
+                        SPLIT: gl.constexpr, HOIST_SLOTS: gl.constexpr, NUM_WARPS: gl.constexpr):
         """`_mxfp4_gemv_down_kernel` with explicit layouts. With SPLIT > 1 the token's slots are divided among
         SPLIT programs (more programs, shorter walks); each writes its fp32 partial and the last to arrive at
         the column tile's counter (int32, zero before the launch, zero again after it) sums them in a fixed
-        order: deterministic."""
+        order: deterministic. HOIST_SLOTS (a power of two >= top_k; 0: off) loads the token's ids and weights
+        once, before the walk."""
         L3: gl.constexpr = _gl_layout(BLOCK_N, GV, NUM_WARPS)
         RL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
         token = gl.program_id(0)
@@ -818,17 +827,27 @@ if gluon is not None:
         n_mask = n < N
         num_groups = K // 32
         steps = gl.cdiv(num_groups, GV)
-        slots = gl.cdiv(top_k, SPLIT)
-        slot_begin = split * slots
-        slot_end = gl.minimum(slot_begin + slots, top_k)
+        slots_per_split = gl.cdiv(top_k, SPLIT)
+        slot_begin = split * slots_per_split
+        slot_end = gl.minimum(slot_begin + slots_per_split, top_k)
         acc = gl.zeros([BLOCK_N, GV], gl.float32, layout=gl.SliceLayout(2, L3))
+        HOIST: gl.constexpr = HOIST_SLOTS > 0
+        if HOIST:                            # every thread holds all of the token's ids and weights
+            VL: gl.constexpr = gl.BlockedLayout([HOIST_SLOTS], [32], [NUM_WARPS], [0])
+            slots = gl.arange(0, HOIST_SLOTS, layout=VL)
+            slot_ids = gl.load(ids_ptr + token * top_k + slots, mask=slots < top_k, other=-1).to(gl.int32)
+            slot_weights = gl.load(weights_ptr + token * top_k + slots, mask=slots < top_k, other=0.0).to(gl.float32)
+        else:
+            slots, slot_ids, slot_weights = 0, 0, 0.0
         words, scale_bits, xa, xb, xc, xd, weight = _gl_down_load(
             h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, slot_begin * steps, steps, slot_end, top_k, n,
-            n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, GV, X_PACKED, L3)
+            n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, slots, slot_ids, slot_weights,
+            GV, X_PACKED, HOIST, L3)
         for step in range(slot_begin * steps, slot_end * steps):
             next_words, next_scale_bits, next_xa, next_xb, next_xc, next_xd, next_weight = _gl_down_load(
                 h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step + 1, steps, slot_end, top_k, n,
-                n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, GV, X_PACKED, L3)
+                n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, slots, slot_ids,
+                slot_weights, GV, X_PACKED, HOIST, L3)
             x0, x1, x2, x3, x4, x5, x6, x7 = _gl_activations(xa, xb, xc, xd, X_PACKED)
             acc += _gl_block_sums(words, x0, x1, x2, x3, x4, x5, x6, x7, scale_bits, weight)
             words, scale_bits, xa, xb, xc, xd, weight = (next_words, next_scale_bits, next_xa, next_xb, next_xc,
@@ -877,6 +896,7 @@ class GemvTiles:
     gluon: bool = False                # gate/up by the explicit-layout kernel (block_g: lanes along K, <= 32)
     gluon_down: bool = False           # the down GEMV by it (block_g_down likewise)
     split_down: int = 1                # with gluon_down: the token's slots divided among this many programs
+    hoist_ids: bool = False            # with gluon_down: the token's expert ids and weights loaded before the walk
 
     @staticmethod
     def for_shape(hidden: int, inter: int) -> "GemvTiles":
@@ -972,7 +992,8 @@ def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor
         _gl_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down), split)](
             h, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, part, counters, top_k, h.shape[1],
             hidden, *strides, HAS_BIAS=w2.bias is not None, BLOCK_N=tiles.block_n_down, GV=tiles.block_g_down,
-            X_PACKED=h_packed, SPLIT=split, NUM_WARPS=tiles.num_warps_down, num_warps=tiles.num_warps_down)
+            X_PACKED=h_packed, SPLIT=split, NUM_WARPS=tiles.num_warps_down, num_warps=tiles.num_warps_down,
+            HOIST_SLOTS=triton.next_power_of_2(top_k) if tiles.hoist_ids else 0)
         return out
     _mxfp4_gemv_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down))](
         h, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, top_k, h.shape[1], hidden, *strides,

@@ -208,6 +208,8 @@ GPU_VARIANTS = {
                         block_g_down=32, num_warps_down=4, split_down=8),
     "gluon": dict(gluon=True, gluon_down=True, block_n_gate_up=16, block_g=16, num_warps=4, block_n_down=16,
                   block_g_down=32, num_warps_down=4, split_down=1),
+    "gluon-hoist": dict(gluon=True, gluon_down=True, block_n_gate_up=16, block_g=32, num_warps=4, block_n_down=16,
+                        block_g_down=32, num_warps_down=4, split_down=2, hoist_ids=True),
 }
 
 

@@ -119,8 +119,12 @@ for name, kernel, constexprs, warps in (
                                                     X_PACKED=1), 4),
         ("gate-up-fp32-halves", "_gl_gate_up_kernel", dict(HAS_BIAS=False, HAS_LIMIT=True, INTERLEAVED=False,
                                                           BLOCK_N=8, GV=16, X_PACKED=0), 4),
-        ("down-split", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=4), 4),
-        ("down-one-warp", "_gl_down_kernel", dict(HAS_BIAS=False, BLOCK_N=4, GV=32, X_PACKED=1, SPLIT=1), 1)):
+        ("down-split", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=4,
+                                               HOIST_SLOTS=0), 4),
+        ("down-one-warp", "_gl_down_kernel", dict(HAS_BIAS=False, BLOCK_N=4, GV=32, X_PACKED=1, SPLIT=1,
+                                                  HOIST_SLOTS=0), 1),
+        ("down-hoisted-ids", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=2,
+                                                     HOIST_SLOTS=8), 4)):
     CASES[f"mxfp4-gluon-{name}"] = (
         Case("runtime.ops.mxfp4", kernel, dict(constexprs, NUM_WARPS=warps), MXFP4_GL_TYPES, {"num_warps": warps}),
         "mul.lo.u32 p, t, 4160", None)
