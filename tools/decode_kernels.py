@@ -228,7 +228,8 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> Non
                                   mxfp4_moe_reference(x, *layers[0], weights, ids, activation)),
                 lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation, chosen), len(layers), mb)
             record.update(chosen_us=us, chosen_err=err, chosen=source)
-            print(f"  {record['tokens']} tokens: before {record['before_us']:.1f} us ({mb / record['before_us']:.2f} TB/s)"
+            before_us = record["before_us"]
+            print(f"  {record['tokens']} tokens: before {before_us:.1f} us ({mb / before_us:.2f} TB/s)"
                   f" -> chosen {us:.1f} us ({mb / us:.2f} TB/s), err {err:.1e}")
         del layers
 
@@ -247,7 +248,8 @@ def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
         up = min(GATE_UP_VARIANTS, key=lambda k: cost[f"gate_up {k}"])
         down = min(DOWN_VARIANTS, key=lambda k: cost[f"down {k}"])
         t = GemvTiles(**GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down])
-        flags = (", gluon=True" if t.gluon else "") + (f", gluon_down=True, split_down={t.split_down}" if t.gluon_down else "")
+        flags = ", gluon=True" if t.gluon else ""
+        flags += f", gluon_down=True, split_down={t.split_down}" if t.gluon_down else ""
         flags += ", hoist_ids=True" if t.hoist_ids else ""
         chosen[shape] = (f"GemvTiles({t.block_n_gate_up}, {t.block_n_down}, {t.block_g}, {t.num_warps}, "
                          f"block_g_down={t.block_g_down}, num_warps_down={t.num_warps_down}{flags})")

@@ -734,7 +734,8 @@ if gluon is not None:
             CL: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
             for c in range(0, num_counts, 32 * NUM_WARPS):
                 offsets = c + gl.arange(0, 32 * NUM_WARPS, layout=CL)
-                gl.store(count_ptr + offsets, gl.zeros([32 * NUM_WARPS], gl.int32, layout=CL), mask=offsets < num_counts)
+                gl.store(count_ptr + offsets, gl.zeros([32 * NUM_WARPS], gl.int32, layout=CL),
+                         mask=offsets < num_counts)
         pair = gl.program_id(0)
         token = pair // top_k
         expert = gl.load(ids_ptr + pair).to(gl.int64)
@@ -747,7 +748,8 @@ if gluon is not None:
             gate_rows, up_rows = n, n + N
         num_groups = K // 32
         x_vec = _gl_x_ptrs(x_ptr + token.to(gl.int64) * stride_xm, X_PACKED, GV, L3)
-        gate_ptrs, gate_scale_ptrs = _gl_w_ptrs(words_ptr, scales_ptr, expert * stride_be + gate_rows.to(gl.int64) * stride_br,
+        gate_ptrs, gate_scale_ptrs = _gl_w_ptrs(words_ptr, scales_ptr,
+                                                expert * stride_be + gate_rows.to(gl.int64) * stride_br,
                                                 expert * stride_se + gate_rows.to(gl.int64) * stride_sr, GV, L3)
         up_ptrs, up_scale_ptrs = _gl_w_ptrs(words_ptr, scales_ptr, expert * stride_be + up_rows.to(gl.int64) * stride_br,
                                             expert * stride_se + up_rows.to(gl.int64) * stride_sr, GV, L3)
@@ -765,7 +767,8 @@ if gluon is not None:
             x0, x1, x2, x3, x4, x5, x6, x7 = _gl_activations(xa, xb, xc, xd, X_PACKED)
             acc_gate += _gl_block_sums(gate_words, x0, x1, x2, x3, x4, x5, x6, x7, gate_scales, 1.0)
             acc_up += _gl_block_sums(up_words, x0, x1, x2, x3, x4, x5, x6, x7, up_scales, 1.0)
-            gate_words, gate_scales, up_words, up_scales = next_gate_words, next_gate_scales, next_up_words, next_up_scales
+            gate_words, gate_scales = next_gate_words, next_gate_scales
+            up_words, up_scales = next_up_words, next_up_scales
             xa, xb, xc, xd = next_xa, next_xb, next_xc, next_xd
         gate = gl.sum(acc_gate, axis=1)
         up = gl.sum(acc_up, axis=1)
