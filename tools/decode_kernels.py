@@ -326,10 +326,20 @@ FP8_GEMV_TILES_BEFORE = {(512, 4096): (32, 512, 8), (1024, 4096): (8, 1024, 1), 
 
 def fp8_gemv_variants(n: int, k: int, rows: int) -> list:
     """GEMV tiles worth timing for one group's [n, k] at `rows` rows: a few hundred to a few thousand programs
-    (the H200 has 132 SMs), 1-8 K splits; the N-major layout (integer decode, 512 or 1024 bytes of a row a
-    step) and the K-major one (8 bytes a thread, the 4 warps' 1024 bytes a step, the hardware's E4M3 widening)."""
+    (the H200 has 132 SMs), 1-32 K splits. The tensor-core GEMV (1-8 rows: 16 rows a warp, 2/4/8 warps, 128
+    bytes of K a step); up to 4 rows the CUDA-core one too: the N-major layout (integer decode, 512 or 1024 bytes
+    of a row a step) and the K-major one (8 bytes a thread, the 4 warps' 1024 bytes a step, the hardware's E4M3
+    widening)."""
     from runtime.ops.fp8 import Fp8GemvTiles
     variants = []
+    for warps in (2, 4, 8):
+        for split in (1, 2, 4, 8, 16, 32):
+            programs = n // (16 * warps) * split
+            if n % (16 * warps) or k // 128 < 2 * split or not (120 <= programs <= 1100 or split == 1):
+                continue
+            variants.append(Fp8GemvTiles(16 * warps, split_k=split, num_warps=warps, mma=True))
+    if rows > 4:
+        return variants
     for block_n in (8, 16, 32):
         for block_k in (512, 1024):
             for split in (1, 2, 4, 8):
@@ -346,17 +356,19 @@ def fp8_gemv_variants(n: int, k: int, rows: int) -> list:
     return variants
 
 
-def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 16, 64, 256, 2048)) -> dict:
-    """Each FP8 linear of DeepSeek V4 Flash at each row count: the path before this change against the one
-    `fp8_linear` takes now, cuBLAS on the dequantized bf16 weight beside them. 1-4 rows: the GEMV before (integer
-    decode, warps along N, FP8_GEMV_TILES_BEFORE) against the best of a sweep over both layouts (the K-major
-    layout's integer decode at the best tiles too); more rows: dequantize + cuBLAS against the W8A8 GEMM (activations
-    quantized per 1 x 128, cuBLAS's block-scaled FP8 GEMM), whose activation quantization is also timed alone.
-    Returns the sweep's fastest tiles per whole weight (out, in) and row count."""
+def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 8, 16, 64, 256, 2048)) -> dict:
+    """Each FP8 linear of DeepSeek V4 Flash at each row count: the path before the tensor-core GEMV against the
+    best of the sweep, cuBLAS on the dequantized bf16 weight beside them. 1-8 rows: before = the CUDA-core GEMV
+    (integer decode, warps along N, FP8_GEMV_TILES_BEFORE) up to 4 rows, W8A8 or dequantize + cuBLAS past that
+    (as `fp8_linear` chose), against the best of `fp8_gemv_variants` (the K-major layout's integer decode and the
+    tensor-core GEMV's 7-instruction decode at the best tiles too); more rows: dequantize + cuBLAS against the
+    W8A8 GEMM (activations quantized per 1 x 128, cuBLAS's block-scaled FP8 GEMM), whose activation quantization
+    is also timed alone. Returns the sweep's fastest tiles per whole weight (out, in) and row count."""
     from dataclasses import replace
 
-    from runtime.ops.fp8 import (Fp8GemvTiles, fp8_act_quant, fp8_block_dequantize, fp8_gemv, fp8_linear_ref,
-                                 fp8_matmul, fp8_w8a8_matmul, fp8_w8a8_preferred, fp8_w8a8_ref)
+    from runtime.ops.fp8 import (FP8_GEMV_MMA_MAX_ROWS, Fp8GemvTiles, _fp8_gemv_mma, fp8_act_quant,
+                                 fp8_block_dequantize, fp8_gemv, fp8_linear_ref, fp8_matmul, fp8_w8a8_matmul,
+                                 fp8_w8a8_preferred, fp8_w8a8_ref)
     print(f"\n{'FP8 linear':<14}{'N x K':>12}{'rows':>5}{'bf16 us':>8}{'before us':>10}{'TB/s':>6}{'after us':>9}"
           f"{'TB/s':>6}{'x':>6}{'err':>9}  notes")
     chosen = {}
@@ -380,10 +392,16 @@ def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 16, 64, 256, 2048)) -> dict:
             x = torch.randn(rows, groups * k, generator=g, device="cuda").to(torch.bfloat16)
             t_bf16 = timed_us(lambda i: cublas(i, x), copies, 20)
             note = ""
-            if rows <= 4:
+            if rows <= FP8_GEMV_MMA_MAX_ROWS:
                 want = fp8_linear_ref(x.float(), weights[0], scales[0], groups)
-                before = Fp8GemvTiles(*FP8_GEMV_TILES_BEFORE[(groups * n, k)], 4)
-                t_before = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, before, counters), copies, 20)
+                if rows <= 4:
+                    before = Fp8GemvTiles(*FP8_GEMV_TILES_BEFORE[(groups * n, k)], 4)
+                    t_before = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, before, counters),
+                                        copies, 20)
+                elif fp8_w8a8_preferred(rows, groups * n, k, groups):
+                    t_before = timed_us(lambda i: fp8_w8a8_matmul(x, weights[i], scales[i], groups), copies, 20)
+                else:
+                    t_before = timed_us(lambda i: fp8_matmul(x, weights[i], scales[i], groups), copies, 20)
                 timings = {}
                 for tiles in fp8_gemv_variants(n, k, rows):
                     e = rel_error(fp8_gemv(x, weights[0], scales[0], groups, tiles, counters), want)
@@ -398,9 +416,13 @@ def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 16, 64, 256, 2048)) -> dict:
                     integer = replace(tiles, cvt=False)
                     t_int = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, integer, counters),
                                      copies, 20)
+                elif tiles.mma:                               # the 7-instruction pair decode instead of prmt
+                    t_int = timed_us(lambda i: _fp8_gemv_mma(x, weights[i], scales[i], groups, tiles, counters,
+                                                             torch.empty(rows, groups * n, dtype=x.dtype,
+                                                                         device="cuda"), False), copies, 20)
                 err = rel_error(fp8_gemv(x, weights[0], scales[0], groups, tiles, counters), want)
-                note = f"K-major int decode {t_int:.1f}; " + "; ".join(
-                    f"{'K' if t.layout_k else 'N'} {t.block_n}/{t.block_k}/{t.split_k}: {us:.1f}"
+                note = f"int decode {t_int:.1f}; " + "; ".join(
+                    f"{'T' if t.mma else 'K' if t.layout_k else 'N'} {t.block_n}/{t.block_k}/{t.split_k}: {us:.1f}"
                     for t, us in ranked[:4])
                 record = dict(tiles=str(tiles), sweep={str(t): us for t, us in ranked}, int_us=t_int)
             else:
@@ -422,25 +444,41 @@ def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 16, 64, 256, 2048)) -> dict:
                                 before_us=t_before, after_us=t_after, err=err, **record))
         del weights, scales, dense
     print(f"(TB/s of the FP8 weight bytes, copy bandwidth {bandwidth / 1e12:.2f} TB/s; err: against the fp32 torch "
-          f"reference of the same numerics: unquantized activations up to 4 rows, W8A8 past that; after = what "
-          f"fp8_linear runs)")
+          f"reference of the same numerics: unquantized activations up to 8 rows, W8A8 past that; T = tensor-core "
+          f"GEMV, N / K = CUDA-core GEMV N- / K-major)")
     return chosen
 
 
 def write_fp8_tile_table(chosen: dict) -> None:
-    """Rewrite FP8_GEMV_TILE_TABLE (1 row) and FP8_GEMV_FEW_ROWS_TABLE (the 4-row choice, where it is K-major) in
-    runtime/ops/fp8.py with the sweep's choice."""
+    """Rewrite the GEMV tables in runtime/ops/fp8.py with the sweep's choice: FP8_GEMV_MMA_TABLE, the tensor-core
+    tiles chosen at one row, else at 2 or 4 rows (then FP8_GEMV_MMA_MIN_ROWS says from which row count);
+    FP8_GEMV_TILE_TABLE (1 row) and FP8_GEMV_FEW_ROWS_TABLE (4 rows, K-major) where the CUDA-core GEMV won."""
     path = Path(__file__).resolve().parents[1] / "runtime" / "ops" / "fp8.py"
     text = path.read_text()
-    one = {(n, k): t for (n, k, rows), t in chosen.items() if rows == 1}
+    weights = sorted({(n, k) for n, k, _ in chosen})
+    mma, min_rows = {}, {}
+    for n, k in weights:
+        for rows in (1, 2, 4, 8):
+            tiles = chosen.get((n, k, rows))
+            if tiles is not None and tiles.mma:
+                mma[(n, k)] = tiles
+                if rows > 1:
+                    min_rows[(n, k)] = rows
+                break
+    one = {(n, k): t for (n, k, rows), t in chosen.items() if rows == 1 and not t.mma}
     few = {(n, k): t for (n, k, rows), t in chosen.items() if rows == 4 and t.layout_k}
-    for name, table in (("FP8_GEMV_TILE_TABLE", one), ("FP8_GEMV_FEW_ROWS_TABLE", few)):
+    for name, table in (("FP8_GEMV_MMA_TABLE", mma), ("FP8_GEMV_TILE_TABLE", one), ("FP8_GEMV_FEW_ROWS_TABLE", few)):
         head = f"{name}: dict[tuple[int, int], Fp8GemvTiles] = {{\n"
         start = text.index(head) + len(head)
         end = text.index("}\n", start)
         rows = "".join(f"    ({n}, {k}): {tiles!r},\n" for (n, k), tiles in sorted(table.items()))
         text = text[:start] + rows + text[end:]
         print(f"{name}:\n" + rows)
+    head = "FP8_GEMV_MMA_MIN_ROWS: dict[tuple[int, int], int] = "
+    start = text.index(head) + len(head)
+    end = text.index("\n", start)
+    text = text[:start] + repr(min_rows) + text[end:]
+    print(f"FP8_GEMV_MMA_MIN_ROWS: {min_rows}")
     path.write_text(text)
 
 
@@ -500,7 +538,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="gemv,mxfp4,qkv")
     parser.add_argument("--json")
-    parser.add_argument("--fp8-rows", default="1,2,4,16,64,256,2048", help="fp8: the row counts timed")
+    parser.add_argument("--fp8-rows", default="1,2,4,8,16,64,256,2048", help="fp8: the row counts timed")
     parser.add_argument("--no-grouped", action="store_true", help="skip the grouped GEMM column")
     parser.add_argument("--write-table", action="store_true",
                         help="write the sweep's choice into GEMV_TILE_TABLE in runtime/ops/mxfp4.py (with "

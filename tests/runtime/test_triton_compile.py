@@ -28,7 +28,7 @@ CASES = {
     "sampling-chunk-max": (Case("runtime.ops.sampling", "_chunk_max_kernel", dict(CHUNK=4096, BLOCK=1024),
                                 SAMPLING_TYPES), None, None),
     "sampling-chunk-levels": (Case("runtime.ops.sampling", "_chunk_levels_kernel",
-                                   dict(CHUNKS_P2=64, CHUNK=4096, LEVEL_BLOCK=128, **LEVELS),
+                                   dict(CHUNKS_P2=64, CHUNK=4096, LEVEL_BLOCK=128, LEVEL_STEPS=6, **LEVELS),
                                    SAMPLING_TYPES), None, None),
     "sampling-chunk-gather": (Case("runtime.ops.sampling", "_chunk_gather_kernel",
                                    dict(CHUNKS_P2=64, CHUNK=4096, BLOCK=1024, CAP=1024, **LEVELS), SAMPLING_TYPES),
@@ -93,6 +93,12 @@ for fp16 in (False, True):     # fp8 entries widened to fp16: one hardware conve
     CASES[f"decode-attention-fp8{'-fp16-dot' if fp16 else ''}"] = (Case("runtime.ops.attention", "_decode_kernel", dict(
         DECODE, BLOCK_N=128, HAS_KV_SCALE=True, FP16_DOT=fp16), dict(DECODE_TYPES, cache_ptr="*fp8e4nv")),
         "cvt.rn.f16x2.e4m3x2" if fp16 else None, None)
+# the tensor-core FP8 GEMV (its inline asm never runs in the interpreter): both pair decodes, split-K
+for warps, split, prmt in ((4, 1, True), (8, 4, False)):
+    CASES[f"fp8-gemv-mma-w{warps}-split{split}{'-prmt' if prmt else ''}"] = (
+        Case("runtime.ops.fp8", "_fp8_gemv_mma_kernel", dict(
+            BLOCK_OUT=128, BLOCK_IN=128, WARPS=warps, SPLIT_K=split, EMULATE=False, PRMT=prmt),
+            dict(FP8_TYPES, x_ptr="*i32")), "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", None)
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, dict]:
