@@ -27,6 +27,7 @@ class Case:
     kernel: str
     constexprs: dict
     types: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)     # compile options, e.g. {"num_warps": 8}
 
 
 def compile_for_hopper(cases: list[Case]) -> list[dict]:
@@ -55,9 +56,12 @@ def _compile_all(cases: list[dict]) -> list[dict]:
                       for name, value in case["constexprs"].items()}
         signature = {name: case["types"].get(name, "*i64" if name.endswith("_ptr") else "i32")
                      for name in fn.arg_names if name not in constexprs}
+        source = ASTSource
+        if getattr(fn, "is_gluon", lambda: False)():         # a Gluon kernel (explicit layouts)
+            from triton.experimental.gluon._runtime import GluonASTSource as source
         try:
-            compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", 90, 32))
+            compiled = triton.compile(source(fn, signature=signature, constexprs=constexprs),
+                                      target=GPUTarget("cuda", 90, 32), options=case.get("options") or {})
             results.append({"error": None, "ptx": compiled.asm["ptx"]})
         except Exception as exc:                         # reported per case, so every case gets its verdict
             results.append({"error": f"{type(exc).__name__}: {exc}"[-3000:], "ptx": ""})

@@ -106,10 +106,41 @@ MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, ac
     "gpt-oss-20b": (32, 2880, 2880, 4, True, GatedActivation(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)),
     "deepseek-v4": (32, 4096, 2048, 6, False, GatedActivation(limit=10.0)),     # 32 of its 256 experts
 }
-# (block_n, block_g, num_warps [, prefetch, ptx_decode]) of each GEMV: the sweep beside the table's tiles
-# (the first of each list is the reference for the decode choice: it runs with either decode)
-GATE_UP_VARIANTS = [(16, 8, 4), (32, 8, 4), (8, 8, 4), (16, 16, 4), (64, 4, 8), (16, 8, 4, True, False)]
-DOWN_VARIANTS = [(8, 32, 4), (16, 16, 4), (4, 64, 4), (8, 16, 4), (16, 32, 8), (8, 32, 4, True, False)]
+# Each GEMV's variants swept beside the table's tiles: name -> GemvTiles fields. "t..." = the Triton kernels
+# (block_n, block_g, warps; PTX decode, prefetching), "gl..." = the explicit-layout (Gluon) kernels (block_n,
+# lanes along K, warps; the down GEMV's slot split: "s8" splits a token's slots one per program; "h": the token's
+# expert ids and weights loaded before the walk instead of at each step).
+GATE_UP_VARIANTS = {
+    "t n8 g8 w4": dict(block_n_gate_up=8, block_g=8, num_warps=4, gluon=False),
+    "gl n16 g32 w4": dict(block_n_gate_up=16, block_g=32, num_warps=4, gluon=True),
+    "gl n8 g32 w4": dict(block_n_gate_up=8, block_g=32, num_warps=4, gluon=True),
+    "gl n32 g32 w8": dict(block_n_gate_up=32, block_g=32, num_warps=8, gluon=True),
+    "gl n16 g16 w4": dict(block_n_gate_up=16, block_g=16, num_warps=4, gluon=True),
+}
+DOWN_VARIANTS = {
+    "t n8 g32 w4": dict(block_n_down=8, block_g_down=32, num_warps_down=4, gluon_down=False),
+    "gl n16 g32 w4 s8": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=8),
+    "gl n8 g32 w2 s8": dict(block_n_down=8, block_g_down=32, num_warps_down=2, gluon_down=True, split_down=8),
+    "gl n4 g32 w1 s8": dict(block_n_down=4, block_g_down=32, num_warps_down=1, gluon_down=True, split_down=8),
+    "gl n16 g32 w4 s2": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=2),
+    "gl n16 g32 w4 s1": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=1),
+    "gl n16 g32 w4 s2 h": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=2,
+                               hoist_ids=True),
+    "gl n16 g32 w4 s1 h": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=1,
+                               hoist_ids=True),
+}
+
+
+def checked_timing(error, call, copies: int, mb: float) -> tuple[float, float, float]:
+    """(us, TB/s, relative error) of one variant; a variant that fails to compile or run is reported and
+    costs infinity, so one broken variant does not end the sweep."""
+    try:
+        err = error()
+        us = timed_us(call, copies)
+    except Exception as exc:                            # noqa: BLE001  reported, then skipped by the choice
+        print(f"    variant failed: {type(exc).__name__}: {str(exc)[:300]}")
+        return float("inf"), 0.0, float("inf")
+    return us, mb / us, err
 
 
 def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> None:
@@ -134,11 +165,16 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> Non
         print(f"\nMXFP4 MoE {name} (hidden {hidden}, intermediate {inter}, top-{top_k}); table tiles {table}")
         print(f"{'tokens':>6}{'experts':>8}{'MB':>7}{'grouped us':>11}{'before us':>10}{'TB/s':>6}{'after us':>9}"
               f"{'TB/s':>6}{'gate_up us':>11}{'TB/s':>6}{'down us':>8}{'TB/s':>6}{'err':>9}")
-        for tokens in (1, 4):
+        def inputs(tokens):
             g = torch.Generator(device="cuda").manual_seed(tokens)
             x = torch.randn(tokens, hidden, generator=g, device="cuda").to(torch.bfloat16)
             ids = torch.stack([torch.randperm(experts, generator=g, device="cuda")[:top_k] for _ in range(tokens)])
             weights = torch.softmax(torch.randn(tokens, top_k, generator=g, device="cuda"), -1).to(torch.bfloat16)
+            return x, ids, weights
+
+        shape_records = []
+        for tokens in (1, 4):
+            x, ids, weights = inputs(tokens)
             unique = ids.unique().numel()
             up_mb, down_mb = unique * w13_bytes / 1e6, unique * w2_bytes / 1e6
             tbs = lambda mb, us: mb / us                                            # noqa: E731  MB/us = TB/s
@@ -162,34 +198,45 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> Non
             record = dict(kind="mxfp4", shape=name, hidden=hidden, inter=inter, tokens=tokens, experts=unique, grouped_us=grouped,
                           before_us=t_before, after_us=t_after, gate_up_us=t_up, down_us=t_down, err=err,
                           gate_up_mb=up_mb, down_mb=down_mb, sweep={})
-            for block_n, block_g, warps, *flags in GATE_UP_VARIANTS:
-                prefetch, ptx = flags or (True, True)
-                tiles = replace(table, block_n_gate_up=block_n, block_g=block_g, num_warps=warps, prefetch=prefetch,
-                                ptx_decode=ptx)
-                e = rel_error(mxfp4_gemv_gate_up(x, layers[0][0], ids, activation, tiles), h)
-                us = timed_us(lambda i: mxfp4_gemv_gate_up(x, layers[i][0], ids, activation, tiles), len(layers))
-                record["sweep"][f"gate_up n{block_n} g{block_g} w{warps} pf{int(prefetch)} ptx{int(ptx)}"] = \
-                    (us, tbs(up_mb, us), e)
-            for block_n, block_g, warps, *flags in DOWN_VARIANTS:
-                prefetch, ptx = flags or (True, True)
-                tiles = replace(table, block_n_down=block_n, block_g_down=block_g, num_warps_down=warps,
-                                prefetch=prefetch, ptx_decode=ptx)
-                e = rel_error(mxfp4_gemv_down(h, layers[0][1], weights, ids, tiles),
-                              mxfp4_gemv_down(h, layers[0][1], weights, ids, table))
-                us = timed_us(lambda i: mxfp4_gemv_down(h, layers[i][1], weights, ids, tiles), len(layers))
-                record["sweep"][f"down n{block_n} g{block_g} w{warps} pf{int(prefetch)} ptx{int(ptx)}"] = \
-                    (us, tbs(down_mb, us), e)
+            for key, fields in GATE_UP_VARIANTS.items():
+                tiles = replace(table, ptx_decode=True, prefetch=True, **fields)
+                record["sweep"][f"gate_up {key}"] = checked_timing(
+                    lambda: rel_error(mxfp4_gemv_gate_up(x, layers[0][0], ids, activation, tiles), h),
+                    lambda i: mxfp4_gemv_gate_up(x, layers[i][0], ids, activation, tiles), len(layers), up_mb)
+            counters = torch.zeros(tokens * hidden, dtype=torch.int32, device="cuda")  # the split's, left at 0
+            for key, fields in DOWN_VARIANTS.items():
+                tiles = replace(table, ptx_decode=True, prefetch=True, **fields)
+                record["sweep"][f"down {key}"] = checked_timing(
+                    lambda: rel_error(mxfp4_gemv_down(h, layers[0][1], weights, ids, tiles, counters),
+                                      mxfp4_gemv_down(h, layers[0][1], weights, ids, table)),
+                    lambda i: mxfp4_gemv_down(h, layers[i][1], weights, ids, tiles, counters), len(layers), down_mb)
             for kernel in ("gate_up", "down"):
                 ranked = sorted((v[0], k, v[1], v[2]) for k, v in record["sweep"].items() if k.startswith(kernel))
                 print(f"    {kernel} best: " + "; ".join(f"{k[len(kernel) + 1:]} {us:.1f} us {tb:.2f} TB/s (err {e:.0e})"
                                                         for us, k, tb, e in ranked[:4]))
             RECORDS.append(record)
+            shape_records.append(record)
+        # the whole MoE at the tiles the sweep chose, beside `before` (what --write-table would make the table)
+        source = choose_gemv_tiles(shape_records)[(hidden, inter)]
+        chosen = eval(source, {"GemvTiles": GemvTiles})
+        print(f"  chosen {source}")
+        for record in shape_records:
+            x, ids, weights = inputs(record["tokens"])
+            mb = record["gate_up_mb"] + record["down_mb"]
+            us, _, err = checked_timing(
+                lambda: rel_error(mxfp4_moe_gemv(x, *layers[0], weights, ids, activation, chosen),
+                                  mxfp4_moe_reference(x, *layers[0], weights, ids, activation)),
+                lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation, chosen), len(layers), mb)
+            record.update(chosen_us=us, chosen_err=err, chosen=source)
+            before_us = record["before_us"]
+            print(f"  {record['tokens']} tokens: before {before_us:.1f} us ({mb / before_us:.2f} TB/s)"
+                  f" -> chosen {us:.1f} us ({mb / us:.2f} TB/s), err {err:.1e}")
         del layers
 
 
 def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
-    """Per expert shape, the sweep's fastest gate_up and down tiles, weighting 1 token fully and 4 tokens by
-    a quarter; the decode (PTX or Triton) by the two GEMVs' reference tiles. Returns GemvTiles(...) sources."""
+    """Per expert shape, the sweep's fastest gate_up and down variants (relative error < 1e-2), weighting 1
+    token fully and 4 tokens by a quarter. Returns GemvTiles(...) sources (PTX decode, prefetching)."""
     chosen = {}
     for shape in {(r["hidden"], r["inter"]) for r in records if r["kind"] == "mxfp4"}:
         cost: dict[str, float] = {}
@@ -198,15 +245,14 @@ def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
                 for key, (us, _, err) in r["sweep"].items():
                     weight = 1.0 if r["tokens"] == 1 else 0.25
                     cost[key] = cost.get(key, 0.0) + (weight * us if err < 1e-2 else float("inf"))
-        parse = lambda key: [int(part.lstrip("ngwpftx")) for part in key.split()[1:]]     # noqa: E731
-        ref_up, ref_down = (f"{kernel} n{v[0]} g{v[1]} w{v[2]} pf1" for kernel, v in
-                            (("gate_up", GATE_UP_VARIANTS[0]), ("down", DOWN_VARIANTS[0])))
-        ptx = cost[ref_up + " ptx1"] + cost[ref_down + " ptx1"] <= cost[ref_up + " ptx0"] + cost[ref_down + " ptx0"]
-        best = {kernel: parse(min((k for k in cost if k.startswith(kernel) and k.endswith(f"ptx{int(ptx)}")),
-                                  key=cost.__getitem__)) for kernel in ("gate_up", "down")}
-        (n_up, g_up, w_up, pf_up, _), (n_down, g_down, w_down, pf_down, _) = best["gate_up"], best["down"]
-        chosen[shape] = (f"GemvTiles({n_up}, {n_down}, {g_up}, {w_up}, prefetch={bool(pf_up and pf_down)}, "
-                         f"ptx_decode={ptx}, block_g_down={g_down}, num_warps_down={w_down})")
+        up = min(GATE_UP_VARIANTS, key=lambda k: cost[f"gate_up {k}"])
+        down = min(DOWN_VARIANTS, key=lambda k: cost[f"down {k}"])
+        t = GemvTiles(**GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down])
+        flags = ", gluon=True" if t.gluon else ""
+        flags += f", gluon_down=True, split_down={t.split_down}" if t.gluon_down else ""
+        flags += ", hoist_ids=True" if t.hoist_ids else ""
+        chosen[shape] = (f"GemvTiles({t.block_n_gate_up}, {t.block_n_down}, {t.block_g}, {t.num_warps}, "
+                         f"block_g_down={t.block_g_down}, num_warps_down={t.num_warps_down}{flags})")
     return chosen
 
 

@@ -116,3 +116,30 @@ def test_kernel_compiles_for_hopper(case_id, compiled):
         assert must_have in result["ptx"]
     if must_not_have:
         assert must_not_have not in result["ptx"]
+
+# the explicit-layout (Gluon) MXFP4 GEMVs: the fused word-dot PTX, the split down GEMV's arrival counter, and no
+# barrier inside the K loop (the only bar.sync are the split's, after it)
+MXFP4_GL_TYPES = dict(MXFP4_GEMV_TYPES, count_ptr="*i32", part_ptr="*fp32")
+for name, kernel, constexprs, warps in (
+        ("gate-up-bf16", "_gl_gate_up_kernel", dict(HAS_BIAS=True, HAS_LIMIT=True, INTERLEAVED=True, BLOCK_N=16, GV=32,
+                                                    X_PACKED=1), 4),
+        ("gate-up-fp32-halves", "_gl_gate_up_kernel", dict(HAS_BIAS=False, HAS_LIMIT=True, INTERLEAVED=False,
+                                                          BLOCK_N=8, GV=16, X_PACKED=0), 4),
+        ("down-split", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=4,
+                                               HOIST_SLOTS=0), 4),
+        ("down-one-warp", "_gl_down_kernel", dict(HAS_BIAS=False, BLOCK_N=4, GV=32, X_PACKED=1, SPLIT=1,
+                                                  HOIST_SLOTS=0), 1),
+        ("down-hoisted-ids", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=2,
+                                                     HOIST_SLOTS=8), 4)):
+    CASES[f"mxfp4-gluon-{name}"] = (
+        Case("runtime.ops.mxfp4", kernel, dict(constexprs, NUM_WARPS=warps), MXFP4_GL_TYPES, {"num_warps": warps}),
+        "mul.lo.u32 p, t, 4160", None)
+
+
+def test_gluon_mxfp4_split_down_synchronizes_only_after_its_loop(compiled):
+    ptx = compiled["mxfp4-gluon-down-split"]["ptx"]
+    assert "atom.global.gpu.acq_rel.add" in ptx
+    last_weight_load = ptx.rindex("evict_first")                   # the K loop's last word load
+    assert "bar.sync" in ptx and "bar.sync" not in ptx[:last_weight_load]
+    assert "bar.sync" not in compiled["mxfp4-gluon-down-one-warp"]["ptx"]
+
