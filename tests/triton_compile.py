@@ -27,6 +27,10 @@ class Case:
     kernel: str
     constexprs: dict
     types: dict = field(default_factory=dict)
+    divisible_by_16: tuple = ()              # arguments the launch sees as multiples of 16 (Triton's JIT specializes
+                                             # every such pointer and integer; that decides vector widths and
+                                             # whether loads become cp.async)
+    options: dict = field(default_factory=dict)   # num_warps, num_stages
 
 
 def compile_for_hopper(cases: list[Case]) -> list[dict]:
@@ -56,8 +60,9 @@ def _compile_all(cases: list[dict]) -> list[dict]:
         signature = {name: case["types"].get(name, "*i64" if name.endswith("_ptr") else "i32")
                      for name in fn.arg_names if name not in constexprs}
         try:
-            compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", 90, 32))
+            attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in case["divisible_by_16"]}
+            compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", 90, 32), options=case["options"])
             results.append({"error": None, "ptx": compiled.asm["ptx"]})
         except Exception as exc:                         # reported per case, so every case gets its verdict
             results.append({"error": f"{type(exc).__name__}: {exc}"[-3000:], "ptx": ""})
