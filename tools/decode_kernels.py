@@ -403,9 +403,9 @@ def write_fp8_tile_table(chosen: dict) -> None:
 ATTENTION_VARIANTS = {
     "bfloat16": [(64, 4, 3, 4, False), (32, 4, 3, 4, False), (64, 4, 3, 8, False), (32, 4, 2, 8, False),
                  (64, 4, 2, 4, False), (128, 4, 3, 2, False)],
-    "float8_e4m3fn": [(64, 4, 2, 2, True), (64, 4, 2, 4, True), (64, 4, 2, 8, True), (128, 4, 2, 2, True),
-                      (128, 4, 2, 4, True), (32, 4, 2, 4, True), (32, 4, 2, 8, True), (64, 4, 3, 4, True),
-                      (64, 8, 2, 4, True), (128, 8, 2, 2, True), (64, 2, 2, 8, True), (128, 4, 2, 2, False)],
+    "float8_e4m3fn": [(64, 4, 1, 3, True), (64, 4, 1, 2, True), (64, 4, 1, 6, True), (32, 4, 1, 5, True),
+                      (32, 4, 1, 4, True), (128, 4, 1, 2, True), (128, 8, 1, 2, True), (64, 8, 1, 2, True),
+                      (32, 8, 1, 3, True), (32, 2, 1, 6, True), (128, 4, 2, 2, False)],
 }
 ATTENTION_SHAPES = ((1, 32768), (4, 32768), (8, 32768), (1, 4096), (64, 4096))      # (batch, context)
 

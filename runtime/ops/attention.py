@@ -203,6 +203,32 @@ if triton is not None:
         return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BLOCK_N, BLOCK_D))
 
     @triton.jit
+    def _load_words(cache_ptr, page, n, hi, words, w_mask, block_stride, token_stride, kv_stride, head,
+                    PAGE: tl.constexpr):
+        """K and V of keys n (in pages `page`) as int32 words [len(n), len(words)]; keys >= hi read nothing."""
+        row = cache_ptr + page.to(tl.int64) * block_stride + (n % PAGE) * token_stride + head
+        mask = (n < hi)[:, None] & w_mask[None, :]
+        k = tl.load(row.to(tl.pointer_type(tl.int32), bitcast=True)[:, None] + words[None, :], mask=mask, other=0)
+        v = tl.load((row + kv_stride).to(tl.pointer_type(tl.int32), bitcast=True)[:, None] + words[None, :],
+                    mask=mask, other=0)
+        return k, v
+
+    @triton.jit
+    def _online_softmax_step(scores, n_mask, v, m, l, acc, LOG2: tl.constexpr):
+        """Fold one key tile into the running max m, sum l and output acc; LOG2: scores are in log2 units."""
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        if LOG2:
+            p = tl.exp2(scores - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+        else:
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l, acc
+
+    @triton.jit
     def _dot_operand_fence(x, ASM: tl.constexpr):
         """x unchanged, through a volatile move. Triton sizes a dot's operand fragments by the narrowest load
         it finds behind either operand (here the e4m3 bytes); that layout does not fit the 16-bit operands'
@@ -250,39 +276,40 @@ if triton is not None:
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = n < hi
-            page = tl.load(table_ptr + req * table_stride + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-            row = cache_ptr + page * block_stride + (n % PAGE) * token_stride + kv_head * head_stride
-            if FP16_DOT:
-                word_mask = n_mask[:, None] & w_mask[None, :]
-                k_words = row.to(tl.pointer_type(tl.int32), bitcast=True)[:, None] + words[None, :]
-                v_words = (row + kv_stride).to(tl.pointer_type(tl.int32), bitcast=True)[:, None] + words[None, :]
-                k = _e4m3_words_to_f16(tl.load(k_words, mask=word_mask, other=0), BLOCK_N, BLOCK_D, ASM)
-                v = _e4m3_words_to_f16(tl.load(v_words, mask=word_mask, other=0), BLOCK_N, BLOCK_D, ASM)
-                k = _dot_operand_fence(k, ASM)                                          # [BLOCK_N, BLOCK_D]
-                v = _dot_operand_fence(v, ASM)
+        table_row = table_ptr + req * table_stride
+        if FP16_DOT:
+            # A software pipeline by hand (run with num_stages=1): Triton's own waits for a tile's copies right
+            # after issuing them, so here tile i+1's words and tile i+2's page numbers load while tile i computes.
+            keys = tl.arange(0, BLOCK_N)
+            head = kv_head * head_stride
+            page = tl.load(table_row + (lo + keys) // PAGE, mask=lo + keys < hi, other=0)
+            k_words, v_words = _load_words(cache_ptr, page, lo + keys, hi, words, w_mask, block_stride,
+                                           token_stride, kv_stride, head, PAGE)
+            page = tl.load(table_row + (lo + BLOCK_N + keys) // PAGE, mask=lo + BLOCK_N + keys < hi, other=0)
+            for n0 in range(lo, hi, BLOCK_N):
+                n = n0 + keys
+                next_k, next_v = _load_words(cache_ptr, page, n + BLOCK_N, hi, words, w_mask, block_stride,
+                                             token_stride, kv_stride, head, PAGE)
+                page = tl.load(table_row + (n + 2 * BLOCK_N) // PAGE, mask=n + 2 * BLOCK_N < hi, other=0)
+                k = _dot_operand_fence(_e4m3_words_to_f16(k_words, BLOCK_N, BLOCK_D, ASM), ASM)  # [BLOCK_N, BLOCK_D]
+                v = _dot_operand_fence(_e4m3_words_to_f16(v_words, BLOCK_N, BLOCK_D, ASM), ASM)
                 scores = tl.dot(q, tl.trans(k))                                         # [BLOCK_G, BLOCK_N]
                 if HAS_SOFTCAP:                                                         # in natural units
                     scores = _softcapped(scores * 0.6931471805599453, softcap, HAS_SOFTCAP) * 1.4426950408889634
-            else:
+                m, l, acc = _online_softmax_step(scores, n < hi, v, m, l, acc, True)
+                k_words, v_words = next_k, next_v
+        else:
+            for n0 in range(lo, hi, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                n_mask = n < hi
+                page = tl.load(table_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+                row = cache_ptr + page * block_stride + (n % PAGE) * token_stride + kv_head * head_stride
                 kv_mask = n_mask[:, None] & d_mask[None, :]
                 k = tl.load(row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
                 v = tl.load(row[:, None] + kv_stride + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
                 scores = tl.dot(q, tl.trans(k)) * scale                                 # [BLOCK_G, BLOCK_N]
                 scores = _softcapped(scores, softcap, HAS_SOFTCAP)
-            scores = tl.where(n_mask[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            if FP16_DOT:
-                p = tl.exp2(scores - m_new[:, None])
-                alpha = tl.exp2(m - m_new)
-            else:
-                p = tl.exp(scores - m_new[:, None])
-                alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+                m, l, acc = _online_softmax_step(scores, n_mask, v, m, l, acc, False)
         if HAS_KV_SCALE:
             acc = acc * tl.load(v_scale_ptr)
         if FP16_DOT:                                  # the reduction takes maxima in natural units
@@ -432,7 +459,7 @@ def decode_tiles(head_dim: int, cache_dtype: torch.dtype) -> DecodeTiles:
     if head_dim > 128:
         return DecodeTiles(block_n=16 if head_dim > 256 else 32, num_warps=8, num_stages=3, programs_per_sm=2)
     if is_fp8(cache_dtype):
-        return DecodeTiles(block_n=64, num_warps=4, num_stages=2, programs_per_sm=4, fp16_dot=True)
+        return DecodeTiles(block_n=64, num_warps=4, num_stages=1, programs_per_sm=3, fp16_dot=True)
     return DecodeTiles(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
 
 
