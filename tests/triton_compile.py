@@ -8,6 +8,7 @@ session other modules set TRITON_INTERPRET before Triton is imported, which turn
 helpers (tl.sum, ...) into interpreter functions that the compiler cannot inline."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -57,6 +58,9 @@ def _compile_all(cases: list[dict]) -> list[dict]:
         fn = getattr(importlib.import_module(case["module"]), case["kernel"])
         constexprs = {name: getattr(tl, value[3:]) if isinstance(value, str) and value.startswith("tl.") else value
                       for name, value in case["constexprs"].items()}
+        for param in fn.params:                          # a constexpr left out takes its default, as at a launch
+            if param.is_constexpr and param.name not in constexprs and param.default is not inspect.Parameter.empty:
+                constexprs[param.name] = param.default
         signature = {name: case["types"].get(name, "*i64" if name.endswith("_ptr") else "i32")
                      for name in fn.arg_names if name not in constexprs}
         try:

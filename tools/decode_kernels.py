@@ -399,13 +399,15 @@ def write_fp8_tile_table(chosen: dict) -> None:
 
 
 # Decode attention launch shapes timed beside each dtype's default: (block_n, num_warps, num_stages, programs per
-# SM, fp16_dot). fp8 with fp16_dot reads K/V as words widened in registers; without, entries widen to q's dtype.
+# SM, fp16_dot[, l2_ahead]). fp8 with fp16_dot reads K/V as words widened in registers; without, entries widen to
+# q's dtype; l2_ahead also asks L2 for the key tile that many steps ahead.
 ATTENTION_VARIANTS = {
     "bfloat16": [(64, 4, 3, 4, False), (32, 4, 3, 4, False), (64, 4, 3, 8, False), (32, 4, 2, 8, False),
                  (64, 4, 2, 4, False), (128, 4, 3, 2, False)],
-    "float8_e4m3fn": [(64, 4, 1, 3, True), (64, 4, 1, 2, True), (64, 4, 1, 6, True), (32, 4, 1, 5, True),
-                      (32, 4, 1, 4, True), (128, 4, 1, 2, True), (128, 8, 1, 2, True), (64, 8, 1, 2, True),
-                      (32, 8, 1, 3, True), (32, 2, 1, 6, True), (128, 4, 2, 2, False)],
+    "float8_e4m3fn": [(32, 2, 1, 6, True), (64, 4, 1, 3, True), (64, 4, 1, 2, True), (32, 4, 1, 5, True),
+                      (128, 4, 1, 2, True), (32, 2, 1, 6, True, 2), (32, 2, 1, 6, True, 4), (32, 2, 1, 6, True, 8),
+                      (32, 2, 1, 4, True, 4), (64, 4, 1, 3, True, 2), (64, 4, 1, 3, True, 4),
+                      (64, 4, 1, 2, True, 4), (128, 4, 1, 2, True, 2), (128, 4, 2, 2, False)],
 }
 ATTENTION_SHAPES = ((1, 32768), (4, 32768), (8, 32768), (1, 4096), (64, 4096))      # (batch, context)
 
@@ -417,16 +419,16 @@ def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "fl
     counts the cache bytes one call reads. `before`: a module with an older paged_decode_triton / decode_tiles /
     DecodeTiles (e.g. a copy of main's runtime/ops/attention.py), timed at its default tiles (for fp8 also with
     its fp16_dot) as the first columns."""
-    from dataclasses import astuple, replace
+    from dataclasses import replace
     from itertools import product
 
     from runtime.ops.attention import DecodeTiles, decode_tiles, paged_attention_ref, paged_decode_triton
     heads, kv_heads, dim, page = 32, 8, 128, 16
     short = lambda t: (f"{t.block_n}/{t.num_warps}/{t.num_stages}/{t.programs_per_sm}"   # noqa: E731
-                       + ("/fp16" if t.fp16_dot else ""))
+                       + ("/fp16" if t.fp16_dot else "") + (f"/L2+{t.l2_ahead}" if getattr(t, "l2_ahead", 0) else ""))
     print(f"\n{'decode attention':<18}{'cache':>7}{'batch':>6}{'context':>8}{'before us':>10}{'TB/s':>6}"
           f"{'default us':>11}{'TB/s':>6}{'best us':>9}{'TB/s':>6}  default tiles; best (block_n/warps/stages/"
-          f"programs per SM[/fp16 dot]): us")
+          f"programs per SM[/fp16 dot][/L2 steps ahead]): us")
     for name, (batch, context) in product(dtypes, shapes):
         dtype = getattr(torch, name)
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -458,9 +460,7 @@ def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "fl
                 old = replace(old, fp16_dot=True)
                 before_us[short(old) + " (before)"] = timed(before.paged_decode_triton, old)
         timings = {}
-        for variant in dict.fromkeys([astuple(default)]
-                                     + ATTENTION_VARIANTS[name]):
-            tiles = DecodeTiles(*variant)
+        for tiles in dict.fromkeys([default] + [DecodeTiles(*variant) for variant in ATTENTION_VARIANTS[name]]):
             try:
                 timings[tiles] = timed(paged_decode_triton, tiles)
             except Exception as e:                      # e.g. out of shared memory

@@ -214,6 +214,16 @@ if triton is not None:
         return k, v
 
     @triton.jit
+    def _prefetch_l2(cache_ptr, page, n, block_stride, token_stride, kv_stride, head, PAGE: tl.constexpr,
+                     ASM: tl.constexpr):
+        """Ask L2 for the first 128-byte line of the K and V rows of keys n (a whole row at head_dim 128 in
+        fp8); keys past the split come with page 0, the null block, and fetch nothing anyone reads."""
+        if ASM:
+            row = cache_ptr + page.to(tl.int64) * block_stride + (n % PAGE) * token_stride + head
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; prefetch.global.L2 [$2]; mov.u32 $0, 0;",
+                                      "=r,l,l", [row, row + kv_stride], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _online_softmax_step(scores, n_mask, v, m, l, acc, LOG2: tl.constexpr):
         """Fold one key tile into the running max m, sum l and output acc; LOG2: scores are in log2 units."""
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
@@ -245,10 +255,11 @@ if triton is not None:
                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, HAS_KV_SCALE: tl.constexpr, FP16_DOT: tl.constexpr,
-                       ASM: tl.constexpr = True):
+                       ASM: tl.constexpr = True, L2_AHEAD: tl.constexpr = 0):
         """FP16_DOT (an fp8 cache, 16-bit queries): K and V are read as int32 words, widened to fp16 in
         registers and fed to fp16 dots; q carries the softmax scale (with k_scale and log2(e)), so the scores
-        come out of the dot in log2 units and exp2 needs no multiply. Otherwise entries widen to q's dtype."""
+        come out of the dot in log2 units and exp2 needs no multiply. Otherwise entries widen to q's dtype.
+        L2_AHEAD (FP16_DOT, > 1): also ask L2 for the key tile that many steps ahead."""
         req = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -286,11 +297,23 @@ if triton is not None:
             k_words, v_words = _load_words(cache_ptr, page, lo + keys, hi, words, w_mask, block_stride,
                                            token_stride, kv_stride, head, PAGE)
             page = tl.load(table_row + (lo + BLOCK_N + keys) // PAGE, mask=lo + BLOCK_N + keys < hi, other=0)
+            if L2_AHEAD > 1:                          # the tiles before the loop's first L2 request
+                for t in tl.static_range(2, L2_AHEAD):
+                    far = lo + t * BLOCK_N + keys
+                    _prefetch_l2(cache_ptr, tl.load(table_row + far // PAGE, mask=far < hi, other=0), far,
+                                 block_stride, token_stride, kv_stride, head, PAGE, ASM)
+                far = lo + L2_AHEAD * BLOCK_N + keys
+                far_page = tl.load(table_row + far // PAGE, mask=far < hi, other=0)
             for n0 in range(lo, hi, BLOCK_N):
                 n = n0 + keys
                 next_k, next_v = _load_words(cache_ptr, page, n + BLOCK_N, hi, words, w_mask, block_stride,
                                              token_stride, kv_stride, head, PAGE)
                 page = tl.load(table_row + (n + 2 * BLOCK_N) // PAGE, mask=n + 2 * BLOCK_N < hi, other=0)
+                if L2_AHEAD > 1:
+                    _prefetch_l2(cache_ptr, far_page, n + L2_AHEAD * BLOCK_N, block_stride, token_stride,
+                                 kv_stride, head, PAGE, ASM)
+                    far = n + (L2_AHEAD + 1) * BLOCK_N
+                    far_page = tl.load(table_row + far // PAGE, mask=far < hi, other=0)
                 k = _dot_operand_fence(_e4m3_words_to_f16(k_words, BLOCK_N, BLOCK_D, ASM), ASM)  # [BLOCK_N, BLOCK_D]
                 v = _dot_operand_fence(_e4m3_words_to_f16(v_words, BLOCK_N, BLOCK_D, ASM), ASM)
                 scores = tl.dot(q, tl.trans(k))                                         # [BLOCK_G, BLOCK_N]
@@ -450,6 +473,7 @@ class DecodeTiles:
     programs_per_sm: int       # splits are chosen so the grid covers the chip about this many times
     fp16_dot: bool = False     # an fp8 cache and 16-bit queries: entries read as words, widened to fp16 in
                                # registers, fp16 dots (q and p in fp16) rather than q's dtype
+    l2_ahead: int = 0          # with fp16_dot: also ask L2 for the key tile this many steps ahead (0: no)
 
 
 def decode_tiles(head_dim: int, cache_dtype: torch.dtype) -> DecodeTiles:
@@ -500,8 +524,8 @@ def paged_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch
         cache.stride(3), scale, softcap or 0.0, window or 0, num_splits,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=tiles.block_n, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
-        HAS_KV_SCALE=has_scale, FP16_DOT=fp16_dot, ASM=q.is_cuda, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        HAS_KV_SCALE=has_scale, FP16_DOT=fp16_dot, ASM=q.is_cuda, L2_AHEAD=tiles.l2_ahead if fp16_dot else 0,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     out = torch.empty_like(q) if out is None else out
     _decode_reduce_kernel[(num_reqs, num_heads)](
         part_acc, part_ml, sinks if sinks is not None else part_ml, out, out.stride(0), out.stride(1), num_splits,

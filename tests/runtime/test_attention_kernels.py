@@ -110,8 +110,9 @@ def test_decode_kernel_fp8_cache_fp16_dots_interpreted(variant, head_dim):
     scale = head_dim ** -0.5
     expected = paged_attention_ref(q.float(), cache, table, list(range(5)), seq_lens, scale, k_scale=k_scale,
                                    v_scale=v_scale, **options)
-    tiles = DecodeTiles(block_n=16, num_warps=4, num_stages=2, programs_per_sm=2, fp16_dot=True)
-    for splits in (1, 3):
+    for splits, l2_ahead in ((1, 0), (3, 3)):      # l2_ahead: the page numbers it reads (the L2 request is GPU-only)
+        tiles = DecodeTiles(block_n=16, num_warps=4, num_stages=1, programs_per_sm=2, fp16_dot=True,
+                            l2_ahead=l2_ahead)
         out = paged_decode_triton(q, cache, table, lens, max(seq_lens), scale, num_splits=splits, k_scale=k_scale,
                                   v_scale=v_scale, tiles=tiles, **options)
         torch.testing.assert_close(out.float(), expected, atol=1e-3, rtol=1e-3)
@@ -179,3 +180,16 @@ def test_decode_kernel_reads_every_e4m3_value_exactly_on_gpu():
                               head_dim ** -0.5, k_scale=k_scale.cuda(), v_scale=v_scale.cuda())
     expected = (v_bytes.view(FP8).float() * 2.0).repeat_interleave(4, dim=1)                 # [2, heads, head_dim]
     assert torch.equal(out.float().cpu(), expected)
+
+
+@pytest.mark.gpu
+def test_fp8_decode_l2_requests_change_no_bit_on_gpu():
+    """Asking L2 for tiles ahead is a hint: the same bits as without, on ragged lengths and empty splits."""
+    seq_lens = [1, 100, 1000, 4097, 31]
+    q, cache, table, _, lens, _ = paged_case(seq_lens, [1] * 5, 32, 8, 128, 16, torch.float32, "cpu")
+    k_scale, v_scale = torch.tensor([0.5]).cuda(), torch.tensor([2.0]).cuda()
+    cache = to_fp8_cache(cache, k_scale.cpu(), v_scale.cpu()).cuda()
+    q, table, lens = q.to(torch.bfloat16).cuda(), table.cuda(), lens.cuda()
+    outs = [paged_decode_triton(q, cache, table, lens, 8192, 128 ** -0.5, k_scale=k_scale, v_scale=v_scale,
+                                tiles=DecodeTiles(32, 2, 1, 6, fp16_dot=True, l2_ahead=ahead)) for ahead in (0, 4)]
+    assert torch.equal(outs[0], outs[1])
