@@ -5,8 +5,9 @@ Covers GQA, causal masking, an optional sliding window, learned sinks and logit 
 
 The cache may be fp8 (e4m3): K and V are stored as x / scale (saturated to the e4m3 range) and read back as
 stored * scale, with one fp32 scale per tensor (`k_scale`, `v_scale`, each a 1-element tensor; None = 1.0).
-The kernels widen the fp8 entries to the query dtype and fold the scales into the softmax scale and the
-output, so everything past the load is the bf16 path."""
+The kernels fold the scales into the softmax scale and the output. Prefill widens the fp8 entries to the query
+dtype (everything past the load is the bf16 path); decode with 16-bit queries reads them as int32 words, widens
+them to fp16 in registers and runs fp16 dots (`DecodeTiles.fp16_dot`)."""
 from __future__ import annotations
 
 import functools
