@@ -28,7 +28,7 @@ CASES = {
     "sampling-chunk-max": (Case("runtime.ops.sampling", "_chunk_max_kernel", dict(CHUNK=4096, BLOCK=1024),
                                 SAMPLING_TYPES), None, None),
     "sampling-chunk-levels": (Case("runtime.ops.sampling", "_chunk_levels_kernel",
-                                   dict(CHUNKS_P2=64, CHUNK=4096, LEVEL_BLOCK=128, LEVEL_STEPS=6, **LEVELS),
+                                   dict(CHUNKS_P2=64, CHUNK=4096, LEVEL_BLOCK=128, **LEVELS),
                                    SAMPLING_TYPES), None, None),
     "sampling-chunk-gather": (Case("runtime.ops.sampling", "_chunk_gather_kernel",
                                    dict(CHUNKS_P2=64, CHUNK=4096, BLOCK=1024, CAP=1024, **LEVELS), SAMPLING_TYPES),
