@@ -259,8 +259,10 @@ if triton is not None:
                        ASM: tl.constexpr = True, L2_AHEAD: tl.constexpr = 0):
         """FP16_DOT (an fp8 cache, 16-bit queries): K and V are read as int32 words, widened to fp16 in
         registers and fed to fp16 dots; q carries the softmax scale (with k_scale and log2(e)), so the scores
-        come out of the dot in log2 units and exp2 needs no multiply. Otherwise entries widen to q's dtype.
-        L2_AHEAD (FP16_DOT, > 1): also ask L2 for the key tile that many steps ahead."""
+        come out of the dot in log2 units and exp2 needs no multiply (fp16 rounds each q element by at most
+        2^-11 relative or 2^-25 absolute: against e4m3 keys, |k| <= 448, under 2e-3 on any logit). Otherwise
+        entries widen to q's dtype. L2_AHEAD (FP16_DOT, >= 2): also ask L2 for the key tile that many steps
+        ahead."""
         req = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -474,7 +476,7 @@ class DecodeTiles:
     programs_per_sm: int       # splits are chosen so the grid covers the chip about this many times
     fp16_dot: bool = False     # an fp8 cache and 16-bit queries: entries read as words, widened to fp16 in
                                # registers, fp16 dots (q and p in fp16) rather than q's dtype
-    l2_ahead: int = 0          # with fp16_dot: also ask L2 for the key tile this many steps ahead (0: no)
+    l2_ahead: int = 0          # with fp16_dot: also ask L2 for the key tile this many steps ahead (0, 1: no)
 
 
 def decode_tiles(head_dim: int, cache_dtype: torch.dtype) -> DecodeTiles:
