@@ -8,6 +8,7 @@ session other modules set TRITON_INTERPRET before Triton is imported, which turn
 helpers (tl.sum, ...) into interpreter functions that the compiler cannot inline."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -27,7 +28,10 @@ class Case:
     kernel: str
     constexprs: dict
     types: dict = field(default_factory=dict)
-    options: dict = field(default_factory=dict)     # compile options, e.g. {"num_warps": 8}
+    divisible_by_16: tuple = ()              # arguments the launch sees as multiples of 16 (Triton's JIT specializes
+                                             # every such pointer and integer; that decides vector widths and
+                                             # whether loads become cp.async)
+    options: dict = field(default_factory=dict)   # num_warps, num_stages
 
 
 def compile_for_hopper(cases: list[Case]) -> list[dict]:
@@ -54,14 +58,18 @@ def _compile_all(cases: list[dict]) -> list[dict]:
         fn = getattr(importlib.import_module(case["module"]), case["kernel"])
         constexprs = {name: getattr(tl, value[3:]) if isinstance(value, str) and value.startswith("tl.") else value
                       for name, value in case["constexprs"].items()}
+        for param in fn.params:                          # a constexpr left out takes its default, as at a launch
+            if param.is_constexpr and param.name not in constexprs and param.default is not inspect.Parameter.empty:
+                constexprs[param.name] = param.default
         signature = {name: case["types"].get(name, "*i64" if name.endswith("_ptr") else "i32")
                      for name in fn.arg_names if name not in constexprs}
         source = ASTSource
         if getattr(fn, "is_gluon", lambda: False)():         # a Gluon kernel (explicit layouts)
             from triton.experimental.gluon._runtime import GluonASTSource as source
         try:
-            compiled = triton.compile(source(fn, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", 90, 32), options=case.get("options") or {})
+            attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in case["divisible_by_16"]}
+            compiled = triton.compile(source(fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", 90, 32), options=case["options"])
             results.append({"error": None, "ptx": compiled.asm["ptx"]})
         except Exception as exc:                         # reported per case, so every case gets its verdict
             results.append({"error": f"{type(exc).__name__}: {exc}"[-3000:], "ptx": ""})

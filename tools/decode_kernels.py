@@ -482,18 +482,39 @@ def write_fp8_tile_table(chosen: dict) -> None:
     path.write_text(text)
 
 
-def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "float8_e4m3fn")) -> None:
+# Decode attention launch shapes timed beside each dtype's default: (block_n, num_warps, num_stages, programs per
+# SM, fp16_dot[, l2_ahead]). fp8 with fp16_dot reads K/V as words widened in registers; without, entries widen to
+# q's dtype; l2_ahead also asks L2 for the key tile that many steps ahead.
+ATTENTION_VARIANTS = {
+    "bfloat16": [(64, 4, 3, 4, False), (32, 4, 3, 4, False), (64, 4, 3, 8, False), (32, 4, 2, 8, False),
+                 (64, 4, 2, 4, False), (128, 4, 3, 2, False)],
+    "float8_e4m3fn": [(32, 2, 1, 6, True), (64, 4, 1, 3, True), (64, 4, 1, 2, True), (32, 4, 1, 5, True),
+                      (128, 4, 1, 2, True), (32, 2, 1, 6, True, 2), (32, 2, 1, 6, True, 4), (32, 2, 1, 6, True, 8),
+                      (32, 2, 1, 4, True, 4), (64, 4, 1, 3, True, 2), (64, 4, 1, 3, True, 4),
+                      (64, 4, 1, 2, True, 4), (128, 4, 1, 2, True, 2), (128, 4, 2, 2, False)],
+}
+ATTENTION_SHAPES = ((1, 32768), (4, 32768), (8, 32768), (1, 4096), (64, 4096))      # (batch, context)
+
+
+def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "float8_e4m3fn"),
+                    shapes=ATTENTION_SHAPES, before=None) -> None:
     """The split-K paged decode kernel at long contexts (Qwen3-8B's heads: 32 query, 8 KV, dim 128, 16-token
-    pages scattered over the cache) in bf16 and fp8: the default tiles against a sweep of keys per step,
-    warps, pipeline stages and programs per SM. KV TB/s counts the cache bytes one call reads."""
+    pages scattered over the cache) in bf16 and fp8: the default tiles against ATTENTION_VARIANTS. KV TB/s
+    counts the cache bytes one call reads. `before`: a module with an older paged_decode_triton / decode_tiles /
+    DecodeTiles (e.g. a copy of main's runtime/ops/attention.py), timed at its default tiles (for fp8 also with
+    its fp16_dot) as the first columns."""
+    from dataclasses import replace
     from itertools import product
 
-    from runtime.ops.attention import DecodeTiles, decode_tiles, paged_decode_triton
+    from runtime.ops.attention import DecodeTiles, decode_tiles, paged_attention_ref, paged_decode_triton
     heads, kv_heads, dim, page = 32, 8, 128, 16
-    print(f"\n{'decode attention':<18}{'cache':>7}{'batch':>6}{'context':>8}{'default us':>11}{'TB/s':>6}"
-          f"{'best us':>9}{'TB/s':>6}  best tiles (block_n/warps/stages/programs per SM[/fp16 dot]); next two")
-    for dtype, (batch, context) in product([getattr(torch, name) for name in dtypes],
-                                           ((1, 32768), (4, 32768), (8, 32768), (64, 4096))):
+    short = lambda t: (f"{t.block_n}/{t.num_warps}/{t.num_stages}/{t.programs_per_sm}"   # noqa: E731
+                       + ("/fp16" if t.fp16_dot else "") + (f"/L2+{t.l2_ahead}" if getattr(t, "l2_ahead", 0) else ""))
+    print(f"\n{'decode attention':<18}{'cache':>7}{'batch':>6}{'context':>8}{'before us':>10}{'TB/s':>6}"
+          f"{'default us':>11}{'TB/s':>6}{'best us':>9}{'TB/s':>6}  default tiles; best (block_n/warps/stages/"
+          f"programs per SM[/fp16 dot][/L2 steps ahead]): us")
+    for name, (batch, context) in product(dtypes, shapes):
+        dtype = getattr(torch, name)
         g = torch.Generator(device="cuda").manual_seed(0)
         pages_per_seq = context // page
         num_pages = batch * pages_per_seq + 1
@@ -504,33 +525,42 @@ def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "fl
         q = torch.randn(batch, heads, dim, generator=g, device="cuda").to(torch.bfloat16)
         scale = dim ** -0.5
         nbytes = batch * context * 2 * kv_heads * dim * cache.element_size()
-        default = decode_tiles(dim, dtype)
-        want = paged_decode_triton(q, cache, table, lens, context, scale, tiles=default)
-        timings = {}
-        fp8 = dtype == torch.float8_e4m3fn
-        for block_n, warps, stages, per_sm, fp16 in product((32, 64, 128), (4,) if fp8 else (4, 8), (2, 3),
-                                                            (2, 4, 8), (False, True) if fp8 else (False,)):
-            tiles = DecodeTiles(block_n, warps, stages, per_sm, fp16)
-            try:
-                err = rel_error(paged_decode_triton(q, cache, table, lens, context, scale, tiles=tiles), want)
-                if err > 1e-2:
-                    print(f"  {tiles}: rel error {err:.1e}: dropped")
-                    continue
-                timings[tiles] = timed_us(lambda i, t=tiles: paged_decode_triton(q, cache, table, lens, context,
-                                                                                scale, tiles=t), 1, 20)
-            except Exception as e:                      # e.g. out of shared memory at 128 keys x 8 stages
-                print(f"  {tiles}: {type(e).__name__}")
-        ranked = sorted((us, t) for t, us in timings.items())
-        t_default = timings.get(default, float("nan"))
         tbs = lambda us: nbytes / us / 1e6                                         # noqa: E731
-        short = lambda t: (f"{t.block_n}/{t.num_warps}/{t.num_stages}/{t.programs_per_sm}"   # noqa: E731
-                           + ("/fp16" if t.fp16_dot else ""))
-        print(f"{'':<18}{str(dtype).split('.')[-1][:7]:>7}{batch:>6}{context:>8}{t_default:>11.1f}"
-              f"{tbs(t_default):>6.2f}{ranked[0][0]:>9.1f}{tbs(ranked[0][0]):>6.2f}  "
-              + "; ".join(f"{short(t)}: {us:.1f}" for us, t in ranked[:3]))
-        RECORDS.append(dict(kind="attention", dtype=str(dtype), batch=batch, context=context,
-                            default_us=t_default, sweep={short(t): us for t, us in timings.items()}))
-        del cache
+        want = paged_attention_ref(q, cache, table, list(range(batch + 1)), [context] * batch, scale)
+        default = decode_tiles(dim, dtype)
+
+        def timed(decode, tiles) -> float:
+            err = rel_error(decode(q, cache, table, lens, context, scale, tiles=tiles), want)
+            if err > 1e-2:
+                print(f"  {short(tiles)}: rel error {err:.1e}: dropped")
+                return float("nan")
+            return timed_us(lambda i: decode(q, cache, table, lens, context, scale, tiles=tiles), 1, 20)
+
+        before_us = {}
+        if before is not None:
+            old = before.decode_tiles(dim, dtype)
+            before_us[short(old)] = timed(before.paged_decode_triton, old)
+            if dtype == torch.float8_e4m3fn:
+                old = replace(old, fp16_dot=True)
+                before_us[short(old) + " (before)"] = timed(before.paged_decode_triton, old)
+        timings = {}
+        for tiles in dict.fromkeys([default] + [DecodeTiles(*variant) for variant in ATTENTION_VARIANTS[name]]):
+            try:
+                timings[tiles] = timed(paged_decode_triton, tiles)
+            except Exception as e:                      # e.g. out of shared memory
+                print(f"  {short(tiles)}: {type(e).__name__}: {str(e)[:200]}")
+        ranked = sorted((us, short(t)) for t, us in timings.items() if us == us)
+        t_default = timings.get(default, float("nan"))
+        t_before = next(iter(before_us.values()), float("nan"))
+        print(f"{'':<18}{name[:7]:>7}{batch:>6}{context:>8}{t_before:>10.1f}{tbs(t_before):>6.2f}{t_default:>11.1f}"
+              f"{tbs(t_default):>6.2f}{ranked[0][0]:>9.1f}{tbs(ranked[0][0]):>6.2f}  {short(default)}; "
+              + "; ".join(f"{t}: {us:.1f}" for us, t in ranked[:4]))
+        if len(before_us) > 1:
+            print(f"{'':<18}before: " + "; ".join(f"{t}: {us:.1f}" for t, us in before_us.items()))
+        RECORDS.append(dict(kind="attention", dtype=name, batch=batch, context=context, default=short(default),
+                            default_us=t_default, before=before_us,
+                            sweep={short(t): us for t, us in timings.items()}))
+        del cache, want
     print(f"(copy bandwidth {bandwidth / 1e12:.2f} TB/s)")
 
 
@@ -546,6 +576,11 @@ def main() -> int:
     parser.add_argument("--before", help="a module with an older mxfp4_moe_gemv to time beside this one "
                                          "(e.g. a copy of the previous runtime/ops/mxfp4.py)")
     parser.add_argument("--attention-dtypes", default="bfloat16,float8_e4m3fn", help="KV cache dtypes to sweep")
+    parser.add_argument("--attention-shapes", default=",".join(f"{b}x{c}" for b, c in ATTENTION_SHAPES),
+                        help="attention: BATCHxCONTEXT list")
+    parser.add_argument("--attention-before", help="attention: a module with an older paged_decode_triton to "
+                                                   "time at its default tiles (e.g. a copy of main's "
+                                                   "runtime/ops/attention.py)")
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -563,7 +598,9 @@ def main() -> int:
     if "gemv" in only:
         bench_gemv(bandwidth)
     if "attention" in only:
-        bench_attention(bandwidth, tuple(args.attention_dtypes.split(",")))
+        shapes = tuple(tuple(int(x) for x in shape.split("x")) for shape in args.attention_shapes.split(","))
+        bench_attention(bandwidth, tuple(args.attention_dtypes.split(",")), shapes,
+                        importlib.import_module(args.attention_before) if args.attention_before else None)
     if "fp8" in only:
         chosen = bench_fp8(bandwidth, tuple(int(r) for r in args.fp8_rows.split(",")))
         if args.write_table:

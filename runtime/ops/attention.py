@@ -5,8 +5,9 @@ Covers GQA, causal masking, an optional sliding window, learned sinks and logit 
 
 The cache may be fp8 (e4m3): K and V are stored as x / scale (saturated to the e4m3 range) and read back as
 stored * scale, with one fp32 scale per tensor (`k_scale`, `v_scale`, each a 1-element tensor; None = 1.0).
-The kernels widen the fp8 entries to the query dtype and fold the scales into the softmax scale and the
-output, so everything past the load is the bf16 path."""
+The kernels fold the scales into the softmax scale and the output. Prefill widens the fp8 entries to the query
+dtype (everything past the load is the bf16 path); decode with 16-bit queries reads them as int32 words, widens
+them to fp16 in registers and runs fp16 dots (`DecodeTiles.fp16_dot`)."""
 from __future__ import annotations
 
 import functools
@@ -183,12 +184,85 @@ if triton is not None:
         return scores
 
     @triton.jit
+    def _e4m3_words_to_f16(words, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ASM: tl.constexpr):
+        """[BLOCK_N, BLOCK_D // 4] int32 words of 4 e4m3 entries -> [BLOCK_N, BLOCK_D] fp16 (exact: fp16 holds
+        every e4m3 value). ASM: the paired hardware conversion (cvt e4m3x2 -> f16x2, one instruction per two
+        entries); else Triton's casts (what the interpreter runs)."""
+        if ASM:
+            b0, b1, b2, b3 = tl.inline_asm_elementwise(
+                "{ .reg .b16 lo, hi; .reg .b32 h01, h23; mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 h01, lo;"
+                " cvt.rn.f16x2.e4m3x2 h23, hi; mov.b32 {$0, $1}, h01; mov.b32 {$2, $3}, h23; }",
+                "=h,=h,=h,=h,r", [words], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True,
+                pack=1)
+        else:
+            b0 = (words & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32).to(tl.float16)
+            b1 = ((words >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32).to(tl.float16)
+            b2 = ((words >> 16) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32).to(tl.float16)
+            b3 = ((words >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32).to(tl.float16)
+        # byte j of word w is entry 4w + j; join's new axis is the last, so pair (0, 2) with (1, 3) to flatten
+        # into the order 0, 1, 2, 3
+        return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BLOCK_N, BLOCK_D))
+
+    @triton.jit
+    def _load_words(cache_ptr, page, n, hi, words, w_mask, block_stride, token_stride, kv_stride, head,
+                    PAGE: tl.constexpr):
+        """K and V of keys n (in pages `page`) as int32 words [len(n), len(words)]; keys >= hi read nothing."""
+        row = cache_ptr + page.to(tl.int64) * block_stride + (n % PAGE) * token_stride + head
+        mask = (n < hi)[:, None] & w_mask[None, :]
+        k = tl.load(row.to(tl.pointer_type(tl.int32), bitcast=True)[:, None] + words[None, :], mask=mask, other=0)
+        v = tl.load((row + kv_stride).to(tl.pointer_type(tl.int32), bitcast=True)[:, None] + words[None, :],
+                    mask=mask, other=0)
+        return k, v
+
+    @triton.jit
+    def _prefetch_l2(cache_ptr, page, n, block_stride, token_stride, kv_stride, head, PAGE: tl.constexpr,
+                     ASM: tl.constexpr):
+        """Ask L2 for the first 128-byte line of the K and V rows of keys n (a whole row at head_dim 128 in
+        fp8); keys past the split come with page 0, the null block, and fetch nothing anyone reads."""
+        if ASM:
+            row = cache_ptr + page.to(tl.int64) * block_stride + (n % PAGE) * token_stride + head
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; prefetch.global.L2 [$2]; mov.u32 $0, 0;",
+                                      "=r,l,l", [row, row + kv_stride], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _online_softmax_step(scores, n_mask, v, m, l, acc, LOG2: tl.constexpr):
+        """Fold one key tile into the running max m, sum l and output acc; LOG2: scores are in log2 units."""
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        if LOG2:
+            p = tl.exp2(scores - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+        else:
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l, acc
+
+    @triton.jit
+    def _dot_operand_fence(x, ASM: tl.constexpr):
+        """x unchanged, through a volatile move. Triton sizes a dot's operand fragments by the narrowest load
+        it finds behind either operand (here the e4m3 bytes); that layout does not fit the 16-bit operands'
+        shared-memory matrix loads (ldmatrix) and costs register shuffles of q and a shared-memory round trip
+        of p every step. The volatile move ends that search, so the operands are laid out as 16-bit ones."""
+        if ASM:
+            x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float16, is_pure=False, pack=2)
+        return x
+
+    @triton.jit
     def _decode_kernel(q_ptr, cache_ptr, table_ptr, seq_lens_ptr, part_acc_ptr, part_ml_ptr, k_scale_ptr, v_scale_ptr,
                        q_stride_t, q_stride_h, table_stride, block_stride, token_stride, kv_stride, head_stride,
                        scale, softcap, window, num_splits,
                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                       HAS_SOFTCAP: tl.constexpr, HAS_KV_SCALE: tl.constexpr, FP16_DOT: tl.constexpr):
+                       HAS_SOFTCAP: tl.constexpr, HAS_KV_SCALE: tl.constexpr, FP16_DOT: tl.constexpr,
+                       ASM: tl.constexpr = True, L2_AHEAD: tl.constexpr = 0):
+        """FP16_DOT (an fp8 cache, 16-bit queries): K and V are read as int32 words, widened to fp16 in
+        registers and fed to fp16 dots; q carries the softmax scale (with k_scale and log2(e)), so the scores
+        come out of the dot in log2 units and exp2 needs no multiply (fp16 rounds each q element by at most
+        2^-11 relative or 2^-25 absolute: against e4m3 keys, |k| <= 448, under 2e-3 on any logit). Otherwise
+        entries widen to q's dtype. L2_AHEAD (FP16_DOT, >= 2): also ask L2 for the key tile that many steps
+        ahead."""
         req = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -207,32 +281,65 @@ if triton is not None:
         d_mask = d < HEAD_DIM
         q = tl.load(q_ptr + req * q_stride_t + heads[:, None] * q_stride_h + d[None, :],
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)                 # [BLOCK_G, BLOCK_D]
-        if FP16_DOT:                                  # fp8 entries widen to fp16 in one conversion
-            q = q.to(tl.float16)
         if HAS_KV_SCALE:                              # fp8 entries: k * k_scale folds into the softmax scale
             scale = scale * tl.load(k_scale_ptr)
+        if FP16_DOT:
+            q = (q.to(tl.float32) * (scale * 1.4426950408889634)).to(tl.float16)
+            words = tl.arange(0, BLOCK_D // 4)
+            w_mask = words < HEAD_DIM // 4
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = n < hi
-            page = tl.load(table_ptr + req * table_stride + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-            row = cache_ptr + page * block_stride + (n % PAGE) * token_stride + kv_head * head_stride
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-            v = tl.load(row[:, None] + kv_stride + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-            scores = tl.dot(q, tl.trans(k)) * scale                                     # [BLOCK_G, BLOCK_N]
-            scores = _softcapped(scores, softcap, HAS_SOFTCAP)
-            scores = tl.where(n_mask[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+        table_row = table_ptr + req * table_stride
+        if FP16_DOT:
+            # A software pipeline by hand (run with num_stages=1): Triton's own waits for a tile's copies right
+            # after issuing them, so here tile i+1's words and tile i+2's page numbers load while tile i computes.
+            keys = tl.arange(0, BLOCK_N)
+            head = kv_head * head_stride
+            page = tl.load(table_row + (lo + keys) // PAGE, mask=lo + keys < hi, other=0)
+            k_words, v_words = _load_words(cache_ptr, page, lo + keys, hi, words, w_mask, block_stride,
+                                           token_stride, kv_stride, head, PAGE)
+            page = tl.load(table_row + (lo + BLOCK_N + keys) // PAGE, mask=lo + BLOCK_N + keys < hi, other=0)
+            if L2_AHEAD > 1:                          # the tiles before the loop's first L2 request
+                for t in tl.static_range(2, L2_AHEAD):
+                    far = lo + t * BLOCK_N + keys
+                    _prefetch_l2(cache_ptr, tl.load(table_row + far // PAGE, mask=far < hi, other=0), far,
+                                 block_stride, token_stride, kv_stride, head, PAGE, ASM)
+                far = lo + L2_AHEAD * BLOCK_N + keys
+                far_page = tl.load(table_row + far // PAGE, mask=far < hi, other=0)
+            for n0 in range(lo, hi, BLOCK_N):
+                n = n0 + keys
+                next_k, next_v = _load_words(cache_ptr, page, n + BLOCK_N, hi, words, w_mask, block_stride,
+                                             token_stride, kv_stride, head, PAGE)
+                page = tl.load(table_row + (n + 2 * BLOCK_N) // PAGE, mask=n + 2 * BLOCK_N < hi, other=0)
+                if L2_AHEAD > 1:
+                    _prefetch_l2(cache_ptr, far_page, n + L2_AHEAD * BLOCK_N, block_stride, token_stride,
+                                 kv_stride, head, PAGE, ASM)
+                    far = n + (L2_AHEAD + 1) * BLOCK_N
+                    far_page = tl.load(table_row + far // PAGE, mask=far < hi, other=0)
+                k = _dot_operand_fence(_e4m3_words_to_f16(k_words, BLOCK_N, BLOCK_D, ASM), ASM)  # [BLOCK_N, BLOCK_D]
+                v = _dot_operand_fence(_e4m3_words_to_f16(v_words, BLOCK_N, BLOCK_D, ASM), ASM)
+                scores = tl.dot(q, tl.trans(k))                                         # [BLOCK_G, BLOCK_N]
+                if HAS_SOFTCAP:                                                         # in natural units
+                    scores = _softcapped(scores * 0.6931471805599453, softcap, HAS_SOFTCAP) * 1.4426950408889634
+                m, l, acc = _online_softmax_step(scores, n < hi, v, m, l, acc, True)
+                k_words, v_words = next_k, next_v
+        else:
+            for n0 in range(lo, hi, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                n_mask = n < hi
+                page = tl.load(table_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+                row = cache_ptr + page * block_stride + (n % PAGE) * token_stride + kv_head * head_stride
+                kv_mask = n_mask[:, None] & d_mask[None, :]
+                k = tl.load(row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+                v = tl.load(row[:, None] + kv_stride + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+                scores = tl.dot(q, tl.trans(k)) * scale                                 # [BLOCK_G, BLOCK_N]
+                scores = _softcapped(scores, softcap, HAS_SOFTCAP)
+                m, l, acc = _online_softmax_step(scores, n_mask, v, m, l, acc, False)
         if HAS_KV_SCALE:
             acc = acc * tl.load(v_scale_ptr)
+        if FP16_DOT:                                  # the reduction takes maxima in natural units
+            m = m * 0.6931471805599453
         out = ((req * (GROUP * tl.num_programs(1)) + heads) * num_splits + split)
         tl.store(part_acc_ptr + out[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
         tl.store(part_ml_ptr + out * 2, m, mask=g_mask)
@@ -367,17 +474,22 @@ class DecodeTiles:
     num_warps: int
     num_stages: int            # Triton's software pipelining depth of the key loop
     programs_per_sm: int       # splits are chosen so the grid covers the chip about this many times
-    fp16_dot: bool = False     # an fp8 cache: widen entries (and q, p) to fp16 rather than to q's dtype
+    fp16_dot: bool = False     # an fp8 cache and 16-bit queries: entries read as words, widened to fp16 in
+                               # registers, fp16 dots (q and p in fp16) rather than q's dtype
+    l2_ahead: int = 0          # with fp16_dot: also ask L2 for the key tile this many steps ahead (0, 1: no)
 
 
 def decode_tiles(head_dim: int, cache_dtype: torch.dtype) -> DecodeTiles:
     """From the `tools/decode_kernels.py --only attention` sweep on an H200 (dim 128, 8 KV heads, contexts 4K
     and 32K): bf16 entries stream at 3.4-4.4 TB/s with 64-key steps and 4 programs per SM (2.1-2.5 TB/s with the
-    earlier 32 and 2); fp8 entries are fastest in 128-key steps. Wider heads keep the earlier shape."""
+    earlier 32 and 2). fp8 entries (words widened in registers, the next tile prefetched by hand) are fastest in
+    small programs, many per SM (32 keys, 2 warps, 6 per SM: 2.5 TB/s of fp8 bytes at 4 x 32K, 1.8 TB/s before);
+    each waits on its own prefetch, so bytes in flight grow with programs per SM. Wider heads keep the earlier
+    shape."""
     if head_dim > 128:
         return DecodeTiles(block_n=16 if head_dim > 256 else 32, num_warps=8, num_stages=3, programs_per_sm=2)
     if is_fp8(cache_dtype):
-        return DecodeTiles(block_n=128, num_warps=4, num_stages=2, programs_per_sm=2)
+        return DecodeTiles(block_n=32, num_warps=2, num_stages=1, programs_per_sm=6, fp16_dot=True)
     return DecodeTiles(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
 
 
@@ -407,14 +519,16 @@ def paged_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch
     part_acc = torch.empty(num_reqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(num_reqs, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     k_scale, v_scale, has_scale = kv_scales(cache, k_scale, v_scale)
+    fp16_dot = (tiles.fp16_dot and is_fp8(cache.dtype) and q.dtype in (torch.bfloat16, torch.float16)
+                and head_dim % 4 == 0)
     _decode_kernel[(num_reqs, kv_heads, num_splits)](
         q, cache, block_table, seq_lens, part_acc, part_ml, k_scale, v_scale,
         q.stride(0), q.stride(1), block_table.stride(0), cache.stride(0), cache.stride(1), cache.stride(2),
         cache.stride(3), scale, softcap or 0.0, window or 0, num_splits,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=tiles.block_n, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
-        HAS_KV_SCALE=has_scale, FP16_DOT=tiles.fp16_dot and is_fp8(cache.dtype), num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        HAS_KV_SCALE=has_scale, FP16_DOT=fp16_dot, ASM=q.is_cuda, L2_AHEAD=tiles.l2_ahead if fp16_dot else 0,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     out = torch.empty_like(q) if out is None else out
     _decode_reduce_kernel[(num_reqs, num_heads)](
         part_acc, part_ml, sinks if sinks is not None else part_ml, out, out.stride(0), out.stride(1), num_splits,

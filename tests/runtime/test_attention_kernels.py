@@ -9,8 +9,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from runtime.ops.attention import (paged_attention_ref, paged_decode_triton, paged_prefill_triton,  # noqa: E402
-                                   write_kv_ref, write_kv_triton)
+from runtime.ops.attention import (DecodeTiles, paged_attention_ref, paged_decode_triton,  # noqa: E402
+                                   paged_prefill_triton, to_cache_dtype, write_kv_ref, write_kv_triton)
 
 INTERPRETED = not torch.cuda.is_available()
 
@@ -87,6 +87,37 @@ def test_write_kv_kernel_matches_reference_interpreted():
     assert torch.equal(out, expected)
 
 
+FP8 = torch.float8_e4m3fn
+
+
+def to_fp8_cache(cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
+    return torch.stack([to_cache_dtype(cache[:, :, 0], FP8, k_scale), to_cache_dtype(cache[:, :, 1], FP8, v_scale)],
+                       dim=2)
+
+
+@pytest.mark.parametrize("head_dim", [32, 48])                # 48: words past the head masked
+@pytest.mark.parametrize("variant", ["causal", "all"])
+def test_decode_kernel_fp8_cache_fp16_dots_interpreted(variant, head_dim):
+    """fp16 queries over an e4m3 cache with scales (K 0.5, V 2), K and V read as int32 words and widened in
+    registers (here by Triton's casts, the interpreter's stand-in for the hardware conversion). The fp16 dots
+    round q * scale and the probabilities to fp16 (2^-11 relative): within 1e-3 of the fp32 reference, where a
+    misplaced byte or a lost scale errs by ~1."""
+    seq_lens = [1, 5, 17, 33]
+    q, cache, table, _, lens, sinks = paged_case(seq_lens, [1] * 4, 8, 2, head_dim, 4, torch.float32, "cpu", seed=3)
+    k_scale, v_scale = torch.tensor([0.5]), torch.tensor([2.0])
+    cache, q = to_fp8_cache(cache, k_scale, v_scale), q.half()
+    options = _options(variant, sinks)
+    scale = head_dim ** -0.5
+    expected = paged_attention_ref(q.float(), cache, table, list(range(5)), seq_lens, scale, k_scale=k_scale,
+                                   v_scale=v_scale, **options)
+    for splits, l2_ahead in ((1, 0), (3, 3)):      # l2_ahead: the page numbers it reads (the L2 request is GPU-only)
+        tiles = DecodeTiles(block_n=16, num_warps=4, num_stages=1, programs_per_sm=2, fp16_dot=True,
+                            l2_ahead=l2_ahead)
+        out = paged_decode_triton(q, cache, table, lens, max(seq_lens), scale, num_splits=splits, k_scale=k_scale,
+                                  v_scale=v_scale, tiles=tiles, **options)
+        torch.testing.assert_close(out.float(), expected, atol=1e-3, rtol=1e-3)
+
+
 # ---- GPU: compiled, bf16, real shapes --------------------------------------------------------------------
 
 GPU_SHAPES = [(16, 8, 128), (32, 8, 128), (64, 8, 64), (8, 1, 512), (8, 4, 256)]   # heads, kv_heads, head_dim
@@ -130,3 +161,35 @@ def test_write_kv_kernel_on_gpu():
     write_kv_ref(expected, k, v, slots)
     write_kv_triton(out, k, v, slots)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+def test_decode_kernel_reads_every_e4m3_value_exactly_on_gpu():
+    """One key per request, so its probability is exactly 1 and the output is V times v_scale, exact in bf16:
+    every finite e4m3 byte (the subnormals included), at every byte position of a word, through the hardware
+    conversion of the default fp8 tiles."""
+    kv_heads, head_dim, page = 8, 128, 16
+    finite = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)     # 0x7F/0xFF: NaN
+    cache = torch.randn(3, page, 2, kv_heads, head_dim).to(FP8)
+    v_bytes = finite[(torch.arange(2 * kv_heads * head_dim) * 37) % len(finite)].view(2, kv_heads, head_dim)
+    cache[1:, 0, 1] = v_bytes.view(FP8)                          # block 1: request 0's key, block 2: request 1's
+    table = torch.tensor([[1], [2]], dtype=torch.int32)
+    q = torch.randn(2, 4 * kv_heads, head_dim).to(torch.bfloat16)
+    k_scale, v_scale = torch.tensor([0.25]), torch.tensor([2.0])
+    out = paged_decode_triton(q.cuda(), cache.cuda(), table.cuda(), torch.ones(2, dtype=torch.int32).cuda(), 1,
+                              head_dim ** -0.5, k_scale=k_scale.cuda(), v_scale=v_scale.cuda())
+    expected = (v_bytes.view(FP8).float() * 2.0).repeat_interleave(4, dim=1)                 # [2, heads, head_dim]
+    assert torch.equal(out.float().cpu(), expected)
+
+
+@pytest.mark.gpu
+def test_fp8_decode_l2_requests_change_no_bit_on_gpu():
+    """Asking L2 for tiles ahead is a hint: the same bits as without, on ragged lengths and empty splits."""
+    seq_lens = [1, 100, 1000, 4097, 31]
+    q, cache, table, _, lens, _ = paged_case(seq_lens, [1] * 5, 32, 8, 128, 16, torch.float32, "cpu")
+    k_scale, v_scale = torch.tensor([0.5]).cuda(), torch.tensor([2.0]).cuda()
+    cache = to_fp8_cache(cache, k_scale.cpu(), v_scale.cpu()).cuda()
+    q, table, lens = q.to(torch.bfloat16).cuda(), table.cuda(), lens.cuda()
+    outs = [paged_decode_triton(q, cache, table, lens, 8192, 128 ** -0.5, k_scale=k_scale, v_scale=v_scale,
+                                tiles=DecodeTiles(32, 2, 1, 6, fp16_dot=True, l2_ahead=ahead)) for ahead in (0, 4)]
+    assert torch.equal(outs[0], outs[1])

@@ -132,7 +132,8 @@ for name, kernel, constexprs, warps in (
         ("down-hoisted-ids", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=2,
                                                      HOIST_SLOTS=8), 4)):
     CASES[f"mxfp4-gluon-{name}"] = (
-        Case("runtime.ops.mxfp4", kernel, dict(constexprs, NUM_WARPS=warps), MXFP4_GL_TYPES, {"num_warps": warps}),
+        Case("runtime.ops.mxfp4", kernel, dict(constexprs, NUM_WARPS=warps), MXFP4_GL_TYPES,
+             options={"num_warps": warps}),
         "mul.lo.u32 p, t, 4160", None)
 
 
@@ -143,3 +144,32 @@ def test_gluon_mxfp4_split_down_synchronizes_only_after_its_loop(compiled):
     assert "bar.sync" in ptx and "bar.sync" not in ptx[:last_weight_load]
     assert "bar.sync" not in compiled["mxfp4-gluon-down-one-warp"]["ptx"]
 
+
+# The fp8 decode attention read as int32 words into fp16 dots, compiled as a launch specializes it (pointers and
+# strides multiples of 16): K/V words load 16 bytes at a time into registers (prefetched by hand, no cp.async), the
+# bytes widen in hardware pairs, V is transposed by ldmatrix, q and p stay 16-bit operands, and no shared-memory
+# byte loads are left (the old path had 128 a step).
+DECODE_DIVISIBLE = ("q_ptr", "cache_ptr", "table_ptr", "seq_lens_ptr", "part_acc_ptr", "part_ml_ptr", "k_scale_ptr",
+                    "v_scale_ptr", "q_stride_t", "q_stride_h", "block_stride", "token_stride", "kv_stride",
+                    "head_stride")
+FP8_WORDS_DECODE = []
+for dim, block_n, softcap in ((128, 64, False), (128, 128, False), (96, 32, True), (64, 64, False)):
+    case_id = f"decode-attention-fp8-words-dim{dim}-keys{block_n}{'-softcap' if softcap else ''}"
+    CASES[case_id] = (Case("runtime.ops.attention", "_decode_kernel", dict(
+        DECODE, HEAD_DIM=dim, BLOCK_D=128 if dim > 64 else 64, BLOCK_N=block_n, HAS_WINDOW=softcap,
+        HAS_SOFTCAP=softcap, HAS_KV_SCALE=True, FP16_DOT=True, ASM=True),
+        dict(DECODE_TYPES, cache_ptr="*fp8e4nv"), DECODE_DIVISIBLE, dict(num_warps=4, num_stages=1)),
+        "cvt.rn.f16x2.e4m3x2", "ld.shared.b8")
+    FP8_WORDS_DECODE.append(case_id)
+CASES["decode-attention-fp8-words-l2-ahead"] = (Case("runtime.ops.attention", "_decode_kernel", dict(
+    DECODE, BLOCK_N=32, HAS_KV_SCALE=True, FP16_DOT=True, ASM=True, L2_AHEAD=4), dict(DECODE_TYPES,
+    cache_ptr="*fp8e4nv"), DECODE_DIVISIBLE, dict(num_warps=2, num_stages=1)), "prefetch.global.L2", None)
+
+
+@pytest.mark.parametrize("case_id", FP8_WORDS_DECODE)
+def test_fp8_decode_attention_widens_words_in_registers(case_id, compiled):
+    ptx = compiled[case_id]["ptx"]
+    assert "ld.global.v4.b32" in ptx and "cp.async" not in ptx
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in ptx
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
+    assert "ld.shared.b8" not in ptx and "ld.shared.u8" not in ptx
