@@ -321,7 +321,7 @@ def mxfp4_moe_triton(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_we
     num_blocks = alignment.block_expert.numel()
     fp32 = x.dtype == torch.float32
     h = torch.empty(num_blocks * tiles.block_m, inter, dtype=x.dtype, device=x.device)
-    dummy_bias = torch.zeros(1, dtype=torch.float32, device=x.device)
+    dummy_bias = torch.empty(1, dtype=torch.float32, device=x.device)
     bias13 = w13.bias if w13.bias is not None else dummy_bias
     _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter, tiles.block_n))](
         x, w13.blocks, w13.scales, bias13, h, alignment.sorted_pair_ids, alignment.block_expert,
@@ -948,7 +948,7 @@ def mxfp4_gemv_gate_up(x: torch.Tensor, w13: Mxfp4Linear, topk_ids: torch.Tensor
     inter = w13.out_features // 2
     x = x.contiguous()
     h = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)           # [pairs, inter]
-    bias = w13.bias if w13.bias is not None else torch.zeros(1, dtype=torch.float32, device=x.device)
+    bias = w13.bias if w13.bias is not None else torch.empty(1, dtype=torch.float32, device=x.device)
     num_counts = 0 if counters is None else counters.numel()
     counters = h if counters is None else counters
     grid = (num_tokens * top_k, triton.cdiv(inter, tiles.block_n_gate_up))
@@ -977,7 +977,7 @@ def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor
     num_tokens, top_k = topk_ids.shape
     hidden = w2.out_features
     out = torch.empty(num_tokens, hidden, dtype=h.dtype, device=h.device)
-    bias = w2.bias if w2.bias is not None else torch.zeros(1, dtype=torch.float32, device=h.device)
+    bias = w2.bias if w2.bias is not None else torch.empty(1, dtype=torch.float32, device=h.device)
     weights, ids = topk_weights.contiguous().view(-1), topk_ids.contiguous().view(-1)
     strides = (h.stride(0), w2.blocks.stride(0) // 16, w2.blocks.stride(1) // 16, w2.scales.stride(0),
                w2.scales.stride(1), bias.stride(0) if w2.bias is not None else 0, out.stride(0))
