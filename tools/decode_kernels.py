@@ -106,10 +106,41 @@ MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, ac
     "gpt-oss-20b": (32, 2880, 2880, 4, True, GatedActivation(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)),
     "deepseek-v4": (32, 4096, 2048, 6, False, GatedActivation(limit=10.0)),     # 32 of its 256 experts
 }
-# (block_n, block_g, num_warps [, prefetch, ptx_decode]) of each GEMV: the sweep beside the table's tiles
-# (the first of each list is the reference for the decode choice: it runs with either decode)
-GATE_UP_VARIANTS = [(16, 8, 4), (32, 8, 4), (8, 8, 4), (16, 16, 4), (64, 4, 8), (16, 8, 4, True, False)]
-DOWN_VARIANTS = [(8, 32, 4), (16, 16, 4), (4, 64, 4), (8, 16, 4), (16, 32, 8), (8, 32, 4, True, False)]
+# Each GEMV's variants swept beside the table's tiles: name -> GemvTiles fields. "t..." = the Triton kernels
+# (block_n, block_g, warps; PTX decode, prefetching), "gl..." = the explicit-layout (Gluon) kernels (block_n,
+# lanes along K, warps; the down GEMV's slot split: "s8" splits a token's slots one per program; "h": the token's
+# expert ids and weights loaded before the walk instead of at each step).
+GATE_UP_VARIANTS = {
+    "t n8 g8 w4": dict(block_n_gate_up=8, block_g=8, num_warps=4, gluon=False),
+    "gl n16 g32 w4": dict(block_n_gate_up=16, block_g=32, num_warps=4, gluon=True),
+    "gl n8 g32 w4": dict(block_n_gate_up=8, block_g=32, num_warps=4, gluon=True),
+    "gl n32 g32 w8": dict(block_n_gate_up=32, block_g=32, num_warps=8, gluon=True),
+    "gl n16 g16 w4": dict(block_n_gate_up=16, block_g=16, num_warps=4, gluon=True),
+}
+DOWN_VARIANTS = {
+    "t n8 g32 w4": dict(block_n_down=8, block_g_down=32, num_warps_down=4, gluon_down=False),
+    "gl n16 g32 w4 s8": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=8),
+    "gl n8 g32 w2 s8": dict(block_n_down=8, block_g_down=32, num_warps_down=2, gluon_down=True, split_down=8),
+    "gl n4 g32 w1 s8": dict(block_n_down=4, block_g_down=32, num_warps_down=1, gluon_down=True, split_down=8),
+    "gl n16 g32 w4 s2": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=2),
+    "gl n16 g32 w4 s1": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=1),
+    "gl n16 g32 w4 s2 h": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=2,
+                               hoist_ids=True),
+    "gl n16 g32 w4 s1 h": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=1,
+                               hoist_ids=True),
+}
+
+
+def checked_timing(error, call, copies: int, mb: float) -> tuple[float, float, float]:
+    """(us, TB/s, relative error) of one variant; a variant that fails to compile or run is reported and
+    costs infinity, so one broken variant does not end the sweep."""
+    try:
+        err = error()
+        us = timed_us(call, copies)
+    except Exception as exc:                            # noqa: BLE001  reported, then skipped by the choice
+        print(f"    variant failed: {type(exc).__name__}: {str(exc)[:300]}")
+        return float("inf"), 0.0, float("inf")
+    return us, mb / us, err
 
 
 def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> None:
@@ -134,11 +165,16 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> Non
         print(f"\nMXFP4 MoE {name} (hidden {hidden}, intermediate {inter}, top-{top_k}); table tiles {table}")
         print(f"{'tokens':>6}{'experts':>8}{'MB':>7}{'grouped us':>11}{'before us':>10}{'TB/s':>6}{'after us':>9}"
               f"{'TB/s':>6}{'gate_up us':>11}{'TB/s':>6}{'down us':>8}{'TB/s':>6}{'err':>9}")
-        for tokens in (1, 4):
+        def inputs(tokens):
             g = torch.Generator(device="cuda").manual_seed(tokens)
             x = torch.randn(tokens, hidden, generator=g, device="cuda").to(torch.bfloat16)
             ids = torch.stack([torch.randperm(experts, generator=g, device="cuda")[:top_k] for _ in range(tokens)])
             weights = torch.softmax(torch.randn(tokens, top_k, generator=g, device="cuda"), -1).to(torch.bfloat16)
+            return x, ids, weights
+
+        shape_records = []
+        for tokens in (1, 4):
+            x, ids, weights = inputs(tokens)
             unique = ids.unique().numel()
             up_mb, down_mb = unique * w13_bytes / 1e6, unique * w2_bytes / 1e6
             tbs = lambda mb, us: mb / us                                            # noqa: E731  MB/us = TB/s
@@ -162,34 +198,45 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> Non
             record = dict(kind="mxfp4", shape=name, hidden=hidden, inter=inter, tokens=tokens, experts=unique, grouped_us=grouped,
                           before_us=t_before, after_us=t_after, gate_up_us=t_up, down_us=t_down, err=err,
                           gate_up_mb=up_mb, down_mb=down_mb, sweep={})
-            for block_n, block_g, warps, *flags in GATE_UP_VARIANTS:
-                prefetch, ptx = flags or (True, True)
-                tiles = replace(table, block_n_gate_up=block_n, block_g=block_g, num_warps=warps, prefetch=prefetch,
-                                ptx_decode=ptx)
-                e = rel_error(mxfp4_gemv_gate_up(x, layers[0][0], ids, activation, tiles), h)
-                us = timed_us(lambda i: mxfp4_gemv_gate_up(x, layers[i][0], ids, activation, tiles), len(layers))
-                record["sweep"][f"gate_up n{block_n} g{block_g} w{warps} pf{int(prefetch)} ptx{int(ptx)}"] = \
-                    (us, tbs(up_mb, us), e)
-            for block_n, block_g, warps, *flags in DOWN_VARIANTS:
-                prefetch, ptx = flags or (True, True)
-                tiles = replace(table, block_n_down=block_n, block_g_down=block_g, num_warps_down=warps,
-                                prefetch=prefetch, ptx_decode=ptx)
-                e = rel_error(mxfp4_gemv_down(h, layers[0][1], weights, ids, tiles),
-                              mxfp4_gemv_down(h, layers[0][1], weights, ids, table))
-                us = timed_us(lambda i: mxfp4_gemv_down(h, layers[i][1], weights, ids, tiles), len(layers))
-                record["sweep"][f"down n{block_n} g{block_g} w{warps} pf{int(prefetch)} ptx{int(ptx)}"] = \
-                    (us, tbs(down_mb, us), e)
+            for key, fields in GATE_UP_VARIANTS.items():
+                tiles = replace(table, ptx_decode=True, prefetch=True, **fields)
+                record["sweep"][f"gate_up {key}"] = checked_timing(
+                    lambda: rel_error(mxfp4_gemv_gate_up(x, layers[0][0], ids, activation, tiles), h),
+                    lambda i: mxfp4_gemv_gate_up(x, layers[i][0], ids, activation, tiles), len(layers), up_mb)
+            counters = torch.zeros(tokens * hidden, dtype=torch.int32, device="cuda")  # the split's, left at 0
+            for key, fields in DOWN_VARIANTS.items():
+                tiles = replace(table, ptx_decode=True, prefetch=True, **fields)
+                record["sweep"][f"down {key}"] = checked_timing(
+                    lambda: rel_error(mxfp4_gemv_down(h, layers[0][1], weights, ids, tiles, counters),
+                                      mxfp4_gemv_down(h, layers[0][1], weights, ids, table)),
+                    lambda i: mxfp4_gemv_down(h, layers[i][1], weights, ids, tiles, counters), len(layers), down_mb)
             for kernel in ("gate_up", "down"):
                 ranked = sorted((v[0], k, v[1], v[2]) for k, v in record["sweep"].items() if k.startswith(kernel))
                 print(f"    {kernel} best: " + "; ".join(f"{k[len(kernel) + 1:]} {us:.1f} us {tb:.2f} TB/s (err {e:.0e})"
                                                         for us, k, tb, e in ranked[:4]))
             RECORDS.append(record)
+            shape_records.append(record)
+        # the whole MoE at the tiles the sweep chose, beside `before` (what --write-table would make the table)
+        source = choose_gemv_tiles(shape_records)[(hidden, inter)]
+        chosen = eval(source, {"GemvTiles": GemvTiles})
+        print(f"  chosen {source}")
+        for record in shape_records:
+            x, ids, weights = inputs(record["tokens"])
+            mb = record["gate_up_mb"] + record["down_mb"]
+            us, _, err = checked_timing(
+                lambda: rel_error(mxfp4_moe_gemv(x, *layers[0], weights, ids, activation, chosen),
+                                  mxfp4_moe_reference(x, *layers[0], weights, ids, activation)),
+                lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation, chosen), len(layers), mb)
+            record.update(chosen_us=us, chosen_err=err, chosen=source)
+            before_us = record["before_us"]
+            print(f"  {record['tokens']} tokens: before {before_us:.1f} us ({mb / before_us:.2f} TB/s)"
+                  f" -> chosen {us:.1f} us ({mb / us:.2f} TB/s), err {err:.1e}")
         del layers
 
 
 def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
-    """Per expert shape, the sweep's fastest gate_up and down tiles, weighting 1 token fully and 4 tokens by
-    a quarter; the decode (PTX or Triton) by the two GEMVs' reference tiles. Returns GemvTiles(...) sources."""
+    """Per expert shape, the sweep's fastest gate_up and down variants (relative error < 1e-2), weighting 1
+    token fully and 4 tokens by a quarter. Returns GemvTiles(...) sources (PTX decode, prefetching)."""
     chosen = {}
     for shape in {(r["hidden"], r["inter"]) for r in records if r["kind"] == "mxfp4"}:
         cost: dict[str, float] = {}
@@ -198,15 +245,14 @@ def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
                 for key, (us, _, err) in r["sweep"].items():
                     weight = 1.0 if r["tokens"] == 1 else 0.25
                     cost[key] = cost.get(key, 0.0) + (weight * us if err < 1e-2 else float("inf"))
-        parse = lambda key: [int(part.lstrip("ngwpftx")) for part in key.split()[1:]]     # noqa: E731
-        ref_up, ref_down = (f"{kernel} n{v[0]} g{v[1]} w{v[2]} pf1" for kernel, v in
-                            (("gate_up", GATE_UP_VARIANTS[0]), ("down", DOWN_VARIANTS[0])))
-        ptx = cost[ref_up + " ptx1"] + cost[ref_down + " ptx1"] <= cost[ref_up + " ptx0"] + cost[ref_down + " ptx0"]
-        best = {kernel: parse(min((k for k in cost if k.startswith(kernel) and k.endswith(f"ptx{int(ptx)}")),
-                                  key=cost.__getitem__)) for kernel in ("gate_up", "down")}
-        (n_up, g_up, w_up, pf_up, _), (n_down, g_down, w_down, pf_down, _) = best["gate_up"], best["down"]
-        chosen[shape] = (f"GemvTiles({n_up}, {n_down}, {g_up}, {w_up}, prefetch={bool(pf_up and pf_down)}, "
-                         f"ptx_decode={ptx}, block_g_down={g_down}, num_warps_down={w_down})")
+        up = min(GATE_UP_VARIANTS, key=lambda k: cost[f"gate_up {k}"])
+        down = min(DOWN_VARIANTS, key=lambda k: cost[f"down {k}"])
+        t = GemvTiles(**GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down])
+        flags = ", gluon=True" if t.gluon else ""
+        flags += f", gluon_down=True, split_down={t.split_down}" if t.gluon_down else ""
+        flags += ", hoist_ids=True" if t.hoist_ids else ""
+        chosen[shape] = (f"GemvTiles({t.block_n_gate_up}, {t.block_n_down}, {t.block_g}, {t.num_warps}, "
+                         f"block_g_down={t.block_g_down}, num_warps_down={t.num_warps_down}{flags})")
     return chosen
 
 
@@ -280,10 +326,20 @@ FP8_GEMV_TILES_BEFORE = {(512, 4096): (32, 512, 8), (1024, 4096): (8, 1024, 1), 
 
 def fp8_gemv_variants(n: int, k: int, rows: int) -> list:
     """GEMV tiles worth timing for one group's [n, k] at `rows` rows: a few hundred to a few thousand programs
-    (the H200 has 132 SMs), 1-8 K splits; the N-major layout (integer decode, 512 or 1024 bytes of a row a
-    step) and the K-major one (8 bytes a thread, the 4 warps' 1024 bytes a step, the hardware's E4M3 widening)."""
+    (the H200 has 132 SMs), 1-32 K splits. The tensor-core GEMV (1-8 rows: 16 rows a warp, 2/4/8 warps, 128
+    bytes of K a step); up to 4 rows the CUDA-core one too: the N-major layout (integer decode, 512 or 1024 bytes
+    of a row a step) and the K-major one (8 bytes a thread, the 4 warps' 1024 bytes a step, the hardware's E4M3
+    widening)."""
     from runtime.ops.fp8 import Fp8GemvTiles
     variants = []
+    for warps in (2, 4, 8):
+        for split in (1, 2, 4, 8, 16, 32):
+            programs = n // (16 * warps) * split
+            if n % (16 * warps) or k // 128 < 2 * split or not (120 <= programs <= 1100 or split == 1):
+                continue
+            variants.append(Fp8GemvTiles(16 * warps, split_k=split, num_warps=warps, mma=True))
+    if rows > 4:
+        return variants
     for block_n in (8, 16, 32):
         for block_k in (512, 1024):
             for split in (1, 2, 4, 8):
@@ -300,17 +356,19 @@ def fp8_gemv_variants(n: int, k: int, rows: int) -> list:
     return variants
 
 
-def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 16, 64, 256, 2048)) -> dict:
-    """Each FP8 linear of DeepSeek V4 Flash at each row count: the path before this change against the one
-    `fp8_linear` takes now, cuBLAS on the dequantized bf16 weight beside them. 1-4 rows: the GEMV before (integer
-    decode, warps along N, FP8_GEMV_TILES_BEFORE) against the best of a sweep over both layouts (the K-major
-    layout's integer decode at the best tiles too); more rows: dequantize + cuBLAS against the W8A8 GEMM (activations
-    quantized per 1 x 128, cuBLAS's block-scaled FP8 GEMM), whose activation quantization is also timed alone.
-    Returns the sweep's fastest tiles per whole weight (out, in) and row count."""
+def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 8, 16, 64, 256, 2048)) -> dict:
+    """Each FP8 linear of DeepSeek V4 Flash at each row count: the path before the tensor-core GEMV against the
+    best of the sweep, cuBLAS on the dequantized bf16 weight beside them. 1-8 rows: before = the CUDA-core GEMV
+    (integer decode, warps along N, FP8_GEMV_TILES_BEFORE) up to 4 rows, W8A8 or dequantize + cuBLAS past that
+    (as `fp8_linear` chose), against the best of `fp8_gemv_variants` (the K-major layout's integer decode and the
+    tensor-core GEMV's 7-instruction decode at the best tiles too); more rows: dequantize + cuBLAS against the
+    W8A8 GEMM (activations quantized per 1 x 128, cuBLAS's block-scaled FP8 GEMM), whose activation quantization
+    is also timed alone. Returns the sweep's fastest tiles per whole weight (out, in) and row count."""
     from dataclasses import replace
 
-    from runtime.ops.fp8 import (Fp8GemvTiles, fp8_act_quant, fp8_block_dequantize, fp8_gemv, fp8_linear_ref,
-                                 fp8_matmul, fp8_w8a8_matmul, fp8_w8a8_preferred, fp8_w8a8_ref)
+    from runtime.ops.fp8 import (FP8_GEMV_MMA_MAX_ROWS, Fp8GemvTiles, _fp8_gemv_mma, fp8_act_quant,
+                                 fp8_block_dequantize, fp8_gemv, fp8_linear_ref, fp8_matmul, fp8_w8a8_matmul,
+                                 fp8_w8a8_preferred, fp8_w8a8_ref)
     print(f"\n{'FP8 linear':<14}{'N x K':>12}{'rows':>5}{'bf16 us':>8}{'before us':>10}{'TB/s':>6}{'after us':>9}"
           f"{'TB/s':>6}{'x':>6}{'err':>9}  notes")
     chosen = {}
@@ -334,10 +392,16 @@ def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 16, 64, 256, 2048)) -> dict:
             x = torch.randn(rows, groups * k, generator=g, device="cuda").to(torch.bfloat16)
             t_bf16 = timed_us(lambda i: cublas(i, x), copies, 20)
             note = ""
-            if rows <= 4:
+            if rows <= FP8_GEMV_MMA_MAX_ROWS:
                 want = fp8_linear_ref(x.float(), weights[0], scales[0], groups)
-                before = Fp8GemvTiles(*FP8_GEMV_TILES_BEFORE[(groups * n, k)], 4)
-                t_before = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, before, counters), copies, 20)
+                if rows <= 4:
+                    before = Fp8GemvTiles(*FP8_GEMV_TILES_BEFORE[(groups * n, k)], 4)
+                    t_before = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, before, counters),
+                                        copies, 20)
+                elif fp8_w8a8_preferred(rows, groups * n, k, groups):
+                    t_before = timed_us(lambda i: fp8_w8a8_matmul(x, weights[i], scales[i], groups), copies, 20)
+                else:
+                    t_before = timed_us(lambda i: fp8_matmul(x, weights[i], scales[i], groups), copies, 20)
                 timings = {}
                 for tiles in fp8_gemv_variants(n, k, rows):
                     e = rel_error(fp8_gemv(x, weights[0], scales[0], groups, tiles, counters), want)
@@ -352,9 +416,13 @@ def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 16, 64, 256, 2048)) -> dict:
                     integer = replace(tiles, cvt=False)
                     t_int = timed_us(lambda i: fp8_gemv(x, weights[i], scales[i], groups, integer, counters),
                                      copies, 20)
+                elif tiles.mma:                               # the 7-instruction pair decode instead of prmt
+                    t_int = timed_us(lambda i: _fp8_gemv_mma(x, weights[i], scales[i], groups, tiles, counters,
+                                                             torch.empty(rows, groups * n, dtype=x.dtype,
+                                                                         device="cuda"), False), copies, 20)
                 err = rel_error(fp8_gemv(x, weights[0], scales[0], groups, tiles, counters), want)
-                note = f"K-major int decode {t_int:.1f}; " + "; ".join(
-                    f"{'K' if t.layout_k else 'N'} {t.block_n}/{t.block_k}/{t.split_k}: {us:.1f}"
+                note = f"int decode {t_int:.1f}; " + "; ".join(
+                    f"{'T' if t.mma else 'K' if t.layout_k else 'N'} {t.block_n}/{t.block_k}/{t.split_k}: {us:.1f}"
                     for t, us in ranked[:4])
                 record = dict(tiles=str(tiles), sweep={str(t): us for t, us in ranked}, int_us=t_int)
             else:
@@ -376,25 +444,41 @@ def bench_fp8(bandwidth: float, rows_list=(1, 2, 4, 16, 64, 256, 2048)) -> dict:
                                 before_us=t_before, after_us=t_after, err=err, **record))
         del weights, scales, dense
     print(f"(TB/s of the FP8 weight bytes, copy bandwidth {bandwidth / 1e12:.2f} TB/s; err: against the fp32 torch "
-          f"reference of the same numerics: unquantized activations up to 4 rows, W8A8 past that; after = what "
-          f"fp8_linear runs)")
+          f"reference of the same numerics: unquantized activations up to 8 rows, W8A8 past that; T = tensor-core "
+          f"GEMV, N / K = CUDA-core GEMV N- / K-major)")
     return chosen
 
 
 def write_fp8_tile_table(chosen: dict) -> None:
-    """Rewrite FP8_GEMV_TILE_TABLE (1 row) and FP8_GEMV_FEW_ROWS_TABLE (the 4-row choice, where it is K-major) in
-    runtime/ops/fp8.py with the sweep's choice."""
+    """Rewrite the GEMV tables in runtime/ops/fp8.py with the sweep's choice: FP8_GEMV_MMA_TABLE, the tensor-core
+    tiles chosen at one row, else at 2 or 4 rows (then FP8_GEMV_MMA_MIN_ROWS says from which row count);
+    FP8_GEMV_TILE_TABLE (1 row) and FP8_GEMV_FEW_ROWS_TABLE (4 rows, K-major) where the CUDA-core GEMV won."""
     path = Path(__file__).resolve().parents[1] / "runtime" / "ops" / "fp8.py"
     text = path.read_text()
-    one = {(n, k): t for (n, k, rows), t in chosen.items() if rows == 1}
+    weights = sorted({(n, k) for n, k, _ in chosen})
+    mma, min_rows = {}, {}
+    for n, k in weights:
+        for rows in (1, 2, 4, 8):
+            tiles = chosen.get((n, k, rows))
+            if tiles is not None and tiles.mma:
+                mma[(n, k)] = tiles
+                if rows > 1:
+                    min_rows[(n, k)] = rows
+                break
+    one = {(n, k): t for (n, k, rows), t in chosen.items() if rows == 1 and not t.mma}
     few = {(n, k): t for (n, k, rows), t in chosen.items() if rows == 4 and t.layout_k}
-    for name, table in (("FP8_GEMV_TILE_TABLE", one), ("FP8_GEMV_FEW_ROWS_TABLE", few)):
+    for name, table in (("FP8_GEMV_MMA_TABLE", mma), ("FP8_GEMV_TILE_TABLE", one), ("FP8_GEMV_FEW_ROWS_TABLE", few)):
         head = f"{name}: dict[tuple[int, int], Fp8GemvTiles] = {{\n"
         start = text.index(head) + len(head)
         end = text.index("}\n", start)
         rows = "".join(f"    ({n}, {k}): {tiles!r},\n" for (n, k), tiles in sorted(table.items()))
         text = text[:start] + rows + text[end:]
         print(f"{name}:\n" + rows)
+    head = "FP8_GEMV_MMA_MIN_ROWS: dict[tuple[int, int], int] = "
+    start = text.index(head) + len(head)
+    end = text.index("\n", start)
+    text = text[:start] + repr(min_rows) + text[end:]
+    print(f"FP8_GEMV_MMA_MIN_ROWS: {min_rows}")
     path.write_text(text)
 
 
@@ -484,7 +568,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="gemv,mxfp4,qkv")
     parser.add_argument("--json")
-    parser.add_argument("--fp8-rows", default="1,2,4,16,64,256,2048", help="fp8: the row counts timed")
+    parser.add_argument("--fp8-rows", default="1,2,4,8,16,64,256,2048", help="fp8: the row counts timed")
     parser.add_argument("--no-grouped", action="store_true", help="skip the grouped GEMM column")
     parser.add_argument("--write-table", action="store_true",
                         help="write the sweep's choice into GEMV_TILE_TABLE in runtime/ops/mxfp4.py (with "

@@ -13,7 +13,7 @@ from runtime.parallel import SINGLE, ParallelContext
 
 from . import kernels
 from .cache_ops import Fp8Entry, dequantize_entries, request_entries, write_entries
-from .compressor import Compressor, Indexer
+from .compressor import Compressor, Indexer, Projection, Rows
 from .config import AttentionKind
 from .linear import DENSE, Linears
 from .rope import TrailingRope
@@ -93,34 +93,57 @@ class DeepseekV4Attention(nn.Module):
         self.wo_b = linears.row_parallel(config.o_groups * self.o_rank, hidden, parallel)
         self.attn_sink = nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32))
         self.rope = rope
-        self.compressor = Compressor(hidden, self.head_dim, kind.ratio, kind.sparse, self.eps, rope) \
+        self.compressor = Compressor(self.head_dim, kind.ratio, kind.sparse, self.eps, rope) \
             if kind.compressed else None
         self.indexer = Indexer(config, rope, linears) if kind.sparse else None
+        self.wx = self._projection(hidden)
         self.window_layer = -1                                                    # cache layer, set by the model
         self.window_format: Fp8Entry | None = None                              # FP8 window entries, set by the model
+
+    def _projection(self, hidden: int) -> Projection | None:
+        """The bf16 projections of x (compressors' value and gate, the indexer's head weights) as one weight."""
+        widths = {}
+        if self.compressor is not None:
+            widths.update({"compressor.wkv": self.compressor.width, "compressor.wgate": self.compressor.width})
+        if self.indexer is not None:
+            width = self.indexer.compressor.width
+            widths.update({"indexer.compressor.wkv": width, "indexer.compressor.wgate": width,
+                           "indexer.weights_proj": self.indexer.num_heads})
+        if not widths:
+            return None
+        projection = Projection(hidden, widths)
+        for name in widths:                                   # the checkpoint's modules: their rows
+            owner, attribute = name.rsplit(".", 1)
+            setattr(self.get_submodule(owner), attribute, Rows(projection, name))
+        return projection
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         fast = kernels.use_kernels(x)
-        q_latent = self.q_norm(self.wq_a(x))                                      # [num_tokens, q_lora_rank]
-        q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
+        projected = self.wx(x) if self.wx is not None else None                  # [num_tokens, parts]
+        q_latent = self.wq_a(x)                                                   # [num_tokens, q_lora_rank]
         kv = self.wkv(x)[:, None]                                                 # [num_tokens, 1, head_dim]
         cache, _, slots = ctx.layer_cache(self.window_layer)
-        if fast:                      # one launch each: q's head norm + RoPE; K's norm + RoPE + window insert
-            q = kernels.norm_rope(q, positions, self.rope.inv_freq, normalize=True, eps=self.eps)
-            kernels.norm_rope(kv, positions, self.rope.inv_freq, eps=self.kv_norm.eps, cache=cache, slots=slots,
-                              fmt=self.window_format, weight=self.kv_norm.weight)
+        if fast:      # one launch: K's norm + RoPE + window insert, and q's latent norm
+            q_latent = kernels.norm_rope(kv, positions, self.rope.inv_freq, eps=self.kv_norm.eps, cache=cache,
+                                         slots=slots, fmt=self.window_format, weight=self.kv_norm.weight,
+                                         latent=(q_latent, self.q_norm))
+            q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)      # normed and rotated in attention
         else:
+            q_latent = self.q_norm(q_latent)
+            q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
             kv = self.kv_norm(kv)
             q = self.rope(unweighted_rms_norm(q, self.eps), positions)            # [num_tokens, heads, head_dim]
             write_entries(cache, self.rope(kv, positions)[:, 0], slots, self.window_format)
         entry_layer, selected = None, None
         if self.compressor is not None:
-            self.compressor(x, positions, requests, ctx)
+            self.compressor(self.wx.columns(projected, "compressor.wkv", "compressor.wgate"), positions, requests, ctx)
             entry_layer = self.compressor.entry_layer
         if self.indexer is not None:
-            selected = self.indexer(x, q_latent, positions, requests, ctx)
-        if fast:              # the inverse RoPE inside the attention's split reduction
+            selected = self.indexer(self.wx.columns(projected, "indexer.compressor.wkv", "indexer.compressor.wgate"),
+                                    self.wx.columns(projected, "indexer.weights_proj"), q_latent, positions,
+                                    requests, ctx)
+        if fast:              # q's norm + RoPE as the attention loads it, the inverse RoPE in its split reduction
             out = self._attend_kernels(q, positions, requests, ctx, entry_layer, selected)
         else:
             out = window_sparse_attention(q, positions, ctx, self.window_layer, self.window, entry_layer,
@@ -145,4 +168,4 @@ class DeepseekV4Attention(nn.Module):
                                         entry_cache, entry_table, ratio, selected, self.attn_sink,
                                         self.head_dim ** -0.5, ctx.block_size,
                                         ctx.max_seq_len // ratio if ratio else 0, self.window_format,
-                                        self._entry_format, self.rope.inv_freq)
+                                        self._entry_format, self.rope.inv_freq, self.rope.inv_freq, self.eps)

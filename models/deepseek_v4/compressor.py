@@ -23,16 +23,53 @@ from .linear import DENSE, Linears
 from .rope import TrailingRope
 
 
+class Projection(Linear):
+    """The layer's bf16 projections of its input, as one weight over named row blocks (`parts`: checkpoint
+    module name -> rows): the compressors' value and gate projections and the indexer's head weights. One GEMV
+    at decode instead of one a block; the loader fills the blocks (a concatenation at load, not a view: the
+    weight is one tensor)."""
+
+    def __init__(self, in_features: int, widths: dict[str, int]):
+        super().__init__(in_features, sum(widths.values()), bias=False)
+        self.parts: dict[str, slice] = {}
+        start = 0
+        for name, width in widths.items():
+            self.parts[name] = slice(start, start + width)
+            start += width
+
+    def columns(self, y: torch.Tensor, first: str, last: str | None = None) -> torch.Tensor:
+        """The output columns of parts first .. last (adjacent blocks), a view of y [n, out_features]."""
+        return y[:, self.parts[first].start:self.parts[last or first].stop]
+
+
+class Rows:
+    """A block of a Projection under the name the checkpoint gives it: its weight rows, read when asked (not a
+    module, so there is no second tensor for `.to()` to split off)."""
+
+    def __init__(self, projection: Projection, name: str):
+        self.projection, self.name = projection, name
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.projection.weight[self.projection.parts[self.name]]
+
+    @property
+    def out_features(self) -> int:
+        rows = self.projection.parts[self.name]
+        return rows.stop - rows.start
+
+
 class Compressor(nn.Module):
-    def __init__(self, hidden_size: int, head_dim: int, ratio: int, overlap: bool, eps: float, rope: TrailingRope):
+    """Reads its value and gate projections from the layer's Projection (`wkv` / `wgate`: those rows)."""
+
+    def __init__(self, head_dim: int, ratio: int, overlap: bool, eps: float, rope: TrailingRope):
         super().__init__()
         self.head_dim, self.ratio, self.overlap = head_dim, ratio, overlap
-        width = (2 if overlap else 1) * head_dim
-        self.wkv = Linear(hidden_size, width, bias=False)        # bf16 as released: the GEMV at one token
-        self.wgate = Linear(hidden_size, width, bias=False)
-        self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))   # bias per position in a window
+        self.width = (2 if overlap else 1) * head_dim
+        self.ape = nn.Parameter(torch.zeros(ratio, self.width, dtype=torch.float32))   # bias per position in a window
         self.norm = RMSNorm(head_dim, eps, weight_in_fp32=True)
         self.rope = rope
+        self.wkv = self.wgate = None                                              # Rows, set by the owner
         self.state_layer = self.entry_layer = -1                                  # cache layers, set by the model
         self.entry_format: Fp8Entry | None = None                                # FP8 entries, set by the model
 
@@ -41,28 +78,29 @@ class Compressor(nn.Module):
         """Token positions an entry reads: its window, and with overlap the window before."""
         return (2 if self.overlap else 1) * self.ratio
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor, ctx: ForwardContext) -> None:
-        """x [num_tokens, hidden]: store each token's state, and write the entries whose window closes."""
-        kv = self.wkv(x)                                                          # [num_tokens, width]
+    def forward(self, projected: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
+                ctx: ForwardContext) -> None:
+        """projected [num_tokens, 2 * width]: each token's value | gate projection. Store each token's state,
+        and write the entries whose window closes."""
         state, state_table, state_slots = ctx.layer_cache(self.state_layer)
-        if kernels.use_kernels(x):
-            # every token's state row, then every closing token's entry: two launches whatever the batch
-            kernels.store_state(state, kv, self.wgate(x), self.ape, positions, state_slots)
-            cache, _, slots = ctx.layer_cache(self.entry_layer)
-            kernels.compress_entries(state, state_table, cache, slots, positions, requests, self.norm.weight,
-                                     self.norm.eps, self.rope.inv_freq, self.ratio, self.overlap, ctx.block_size,
-                                     self.entry_format, x.dtype)
+        cache, _, slots = ctx.layer_cache(self.entry_layer)
+        if kernels.use_kernels(projected):       # every state row and every closing entry: one launch
+            kernels.compress(projected, self.ape, state, state_table, state_slots, cache, slots, positions, requests,
+                             ctx.query_start_loc, self.norm.weight, self.norm.eps, self.rope.inv_freq, self.ratio,
+                             self.overlap, ctx.block_size, self.entry_format)
             return
-        gate = self.wgate(x) + self.ape[positions % self.ratio].to(x.dtype)
+        kv, gate = projected[:, :self.width], projected[:, self.width:]
+        gate = gate + self.ape[positions % self.ratio].to(gate.dtype)
         write_entries(state, torch.stack([kv, gate], dim=1), state_slots)
         closing = ((positions + 1) % self.ratio == 0).nonzero().flatten()
         if not len(closing):
             return
+        dtype = projected.dtype
         ends = positions[closing]                                                 # [num_entries]
-        source = ends[:, None] - self.window + 1 + torch.arange(self.window, device=x.device)   # [num_entries, window]
-        valid = source >= 0
+        source = ends[:, None] - self.window + 1 + torch.arange(self.window, device=positions.device)
+        valid = source >= 0                                                       # [num_entries, window]
         rows = gather_entries(state, state_table, requests[closing, None].expand_as(source),
-                              source.clamp(min=0), ctx.block_size).to(x.dtype)   # [num_entries, window, 2, width]
+                              source.clamp(min=0), ctx.block_size).to(dtype)     # [num_entries, window, 2, width]
         values, logits = rows[:, :, 0], rows[:, :, 1]
         if self.overlap:                  # previous window: first half; this window: second half
             d, r = self.head_dim, self.ratio
@@ -73,7 +111,6 @@ class Compressor(nn.Module):
         weights = logits.softmax(dim=1, dtype=torch.float32).to(values.dtype)
         entries = self.norm((values * weights).sum(dim=1))                        # [num_entries, head_dim]
         entries = self.rope(entries[:, None], ends + 1 - self.ratio)[:, 0]       # at the window's first token
-        cache, _, slots = ctx.layer_cache(self.entry_layer)
         write_entries(cache, entries, slots[closing], self.entry_format)
 
 
@@ -98,25 +135,25 @@ class Indexer(nn.Module):
         self.num_heads, self.head_dim = config.index_n_heads, config.index_head_dim
         self.top_k = config.index_topk
         self.wq_b = linears(config.q_lora_rank, self.num_heads * self.head_dim)
-        self.weights_proj = Linear(config.hidden_size, self.num_heads, bias=False)
-        self.compressor = Compressor(config.hidden_size, self.head_dim, 4, True, config.rms_norm_eps, rope)
+        self.weights_proj = None                                                  # Rows, set by the owner
+        self.compressor = Compressor(self.head_dim, 4, True, config.rms_norm_eps, rope)
         self.rope = rope
 
     @property
     def ratio(self) -> int:
         return self.compressor.ratio
 
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
-                ctx: ForwardContext) -> list[torch.Tensor] | torch.Tensor:
-        """Per request: [query_len, k'] entry indices each query reads, -1 = none (k' = min(k, entries)).
-        The kernel path returns one [num_tokens, min(k, width)] int32 tensor instead, width being the most
-        entries any request of the step can have (fixed for a captured graph)."""
-        self.compressor(x, positions, requests, ctx)
+    def forward(self, projected: torch.Tensor, head_weights: torch.Tensor, q_latent: torch.Tensor,
+                positions: torch.Tensor, requests: torch.Tensor, ctx: ForwardContext) -> list[torch.Tensor] | torch.Tensor:
+        """projected [num_tokens, 2 * width] its compressor's value | gate projections, head_weights
+        [num_tokens, heads] (the layer's Projection gives both). Per request: [query_len, k'] entry indices
+        each query reads, -1 = none (k' = min(k, entries)). The kernel path returns one [num_tokens,
+        min(k, width)] int32 tensor instead, width being the most entries any request of the step can have
+        (fixed for a captured graph)."""
+        self.compressor(projected, positions, requests, ctx)
         q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
-        head_weights = self.weights_proj(x)                                      # [num_tokens, heads]
         keys_cache, table, _ = ctx.layer_cache(self.compressor.entry_layer)
-        if kernels.use_kernels(x):    # the fp32 weights and their scale formed in the scoring kernel
-            q = kernels.norm_rope(q, positions, self.rope.inv_freq)
+        if kernels.use_kernels(q):    # q's RoPE, the fp32 weights and their scale in the scoring kernel
             return self._select_kernels(q, head_weights, keys_cache, table, positions, requests, ctx)
         head_weights = head_weights.float() * self.num_heads ** -0.5
         key_format = self.compressor.entry_format
@@ -148,6 +185,6 @@ class Indexer(nn.Module):
             part = slice(start, start + rows)
             scores = kernels.indexer_scores(q[part], head_weights[part], keys_cache, table, positions[part],
                                             requests[part], self.ratio, width, ctx.block_size,
-                                            self.compressor.entry_format, self.num_heads ** -0.5)
+                                            self.compressor.entry_format, self.num_heads ** -0.5, self.rope.inv_freq)
             picked.append(kernels.indexer_topk(scores, positions[part], self.ratio, self.top_k))
         return picked[0] if len(picked) == 1 else torch.cat(picked)

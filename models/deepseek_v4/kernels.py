@@ -3,18 +3,20 @@ reference beside it in the package, and reads the batch layout only from device 
 them can be captured in a CUDA graph:
 
 - `store_rows`: rows into a paged cache at slot indices, -1 skipped (reference: cache_ops.write_entries);
-- `compress_entries`: at every token that closes an entry, gather its window's per-token state, softmax per
-  channel, sum, RMSNorm, RoPE at the window's first position, and store (reference: Compressor.forward);
-- `indexer_scores` + `indexer_topk`: `sum_h w_h relu(q_h . k)` over each query's closed compressed keys, then
-  a top-k over a fixed width (reference: Indexer.forward);
+- `compress`: every token's compressor state row (value, gate + window bias), and at every token that closes an
+  entry its window's rows gathered, softmax per channel, summed, RMSNorm, RoPE at the window's first position,
+  stored (reference: Compressor.forward);
+- `indexer_scores` + `indexer_topk`: `sum_h w_h relu(q_h . k)` over each query's closed compressed keys (q
+  rotated as it is loaded), then a top-k over a fixed width (reference: Indexer.forward);
 - `sparse_attention`: one softmax over the window, the selected (CSA) or all closed (HCA) compressed entries
-  and the sink, one K=V head shared by all query heads, optionally split along the keys for small batches
-  (reference: attention.window_sparse_attention);
-- `norm_rope`: q's per-head RMS norm + RoPE, K's RoPE + window insert, the output's inverse RoPE
-  (references: attention.unweighted_rms_norm, rope.TrailingRope);
-- `store_state`: the compressor's per-token state row, gate + window bias added (reference: Compressor.forward);
-- `hc_pre` / `hc_post`: mHC's connection weights with Sinkhorn and the collapse, and the streams' update
-  (reference: mhc.HyperConnection).
+  and the sink, one K=V head shared by all query heads, optionally split along the keys for small batches; q's
+  head norm + RoPE as it is loaded, the output's inverse RoPE in the split reduction (reference:
+  attention.window_sparse_attention);
+- `norm_rope`: a per-head RMS norm + RoPE (q's, outside the decode path), K's norm + RoPE + window insert with
+  the q latent's RMSNorm in the same launch, the output's inverse RoPE (references:
+  attention.unweighted_rms_norm, RMSNorm, rope.TrailingRope);
+- `hc_pre` / `hc_post`: mHC's connection weights with Sinkhorn and the collapse, and the streams' update, the
+  sublayer's output optionally given as two parts to add (reference: mhc.HyperConnection).
 
 Every program works unconditionally from its token's position: nothing is skipped on the host, no length is
 read there, and a padded row (position < 0, or slot -1) reads nothing past its own start and writes nothing.
@@ -187,6 +189,36 @@ if triton is not None:
         r_odd = _rounded(_rounded(odd * cos, ROUND, dtype) + _rounded(even * sin, ROUND, dtype), ROUND, dtype)
         return tl.where(is_rope[None, :], r_even, even), tl.where(is_rope[None, :], r_odd, odd)
 
+    @triton.jit
+    def _unweighted_rms(squares, size, eps, ROUND: tl.constexpr, dtype: tl.constexpr):
+        """attention.unweighted_rms_norm's factor from a row's sum of squares: rsqrt(mean + eps) in the dtype."""
+        return _rounded(tl.rsqrt(squares / size + eps), ROUND, dtype)
+
+    @triton.jit
+    def _rope_in_place(x, rows, d, mask, position, inv_freq_ptr, rms, DIM: tl.constexpr, ROPE_HALF: tl.constexpr,
+                       NORMALIZE: tl.constexpr, ROUND: tl.constexpr):
+        """x [rows, dims] (loaded from rows[:, None] + d[None, :], dims in order) with interleaved RoPE at
+        `position` on the trailing 2 * ROPE_HALF of DIM dims, as _rope_pairs rounds it: each dim's partner
+        (d ^ 1) is loaded again rather than shuffled in. With NORMALIZE, x and the partners are first
+        multiplied by rms [rows] (_unweighted_rms) and rounded, as norm_rope(normalize=True) does. -> x's
+        dtype."""
+        dtype = x.dtype
+        value = x.to(tl.float32)
+        partner = tl.load(rows + (d ^ 1)[None, :], mask=mask, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            value = _rounded(value * rms[:, None], ROUND, dtype)
+            partner = _rounded(partner * rms[:, None], ROUND, dtype)
+        freq = d // 2 - (DIM // 2 - ROPE_HALF)
+        is_rope = (freq >= 0) & (d < DIM)
+        inv_freq = tl.load(inv_freq_ptr + tl.maximum(freq, 0), mask=is_rope, other=0.0)
+        angle = position.to(tl.float32) * inv_freq
+        cos = _rounded(tl.cos(angle), ROUND, dtype)[None, :]
+        sin = _rounded(tl.sin(angle), ROUND, dtype)[None, :]
+        sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]                  # even: e cos - o sin; odd: o cos + e sin
+        rotated = _rounded(_rounded(value * cos, ROUND, dtype) + sign * _rounded(partner * sin, ROUND, dtype),
+                           ROUND, dtype)
+        return tl.where(is_rope[None, :], rotated, value).to(dtype)
+
 
 # ---- the compressor: entries at closing positions ------------------------------------------------------
 
@@ -213,19 +245,70 @@ if triton is not None:
         return 0
 
     @triton.jit
-    def _compress_kernel(state_ptr, table_ptr, slots_ptr, positions_ptr, requests_ptr, norm_ptr, inv_freq_ptr,
-                         cache_ptr, table_stride, block_size, eps,
+    def _gate_logit(gate, bias, ROUND: tl.constexpr, dtype: tl.constexpr):
+        """A state row's logit: the gate projection plus the window-position bias, added in the dtype."""
+        return _rounded(gate.to(tl.float32) + _rounded(bias, ROUND, dtype), ROUND, dtype)
+
+    @triton.jit
+    def _window_row(proj_ptr, proj_stride, ape_ptr, state_ptr, table_ptr, request, table_stride, block_size,
+                    source, step_first, step_row, offset, i, mask, WIDTH: tl.constexpr, RATIO: tl.constexpr,
+                    ROUND: tl.constexpr, dtype: tl.constexpr, VALUES: tl.constexpr):
+        """(value, logit) channel pairs (even, odd) at `offset` of position `source`'s state row: for a position
+        of this step (>= step_first, the request's first in the step, at batch row step_row) formed from its
+        projection as the state row stored in this launch is, else read from the state cache. Without VALUES
+        the values are zeros (not read)."""
+        v_even = tl.zeros_like(i).to(tl.float32)
+        v_odd = tl.zeros_like(i).to(tl.float32)
+        if source >= step_first:
+            projected = proj_ptr + (step_row + (source - step_first)) * proj_stride + offset
+            bias = ape_ptr + (source % RATIO) * WIDTH + offset
+            z_even = _gate_logit(tl.load(projected + WIDTH + 2 * i, mask=mask, other=0.0),
+                                 tl.load(bias + 2 * i, mask=mask, other=0.0), ROUND, dtype)
+            z_odd = _gate_logit(tl.load(projected + WIDTH + 2 * i + 1, mask=mask, other=0.0),
+                                tl.load(bias + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+            if VALUES:
+                v_even = tl.load(projected + 2 * i, mask=mask, other=0.0).to(tl.float32)
+                v_odd = tl.load(projected + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+        else:
+            stored = _state_row(state_ptr, table_ptr, request, table_stride, block_size, source, WIDTH) + offset
+            z_even = _rounded(tl.load(stored + WIDTH + 2 * i, mask=mask, other=0.0), ROUND, dtype)
+            z_odd = _rounded(tl.load(stored + WIDTH + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+            if VALUES:
+                v_even = _rounded(tl.load(stored + 2 * i, mask=mask, other=0.0), ROUND, dtype)
+                v_odd = _rounded(tl.load(stored + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+        return v_even, v_odd, z_even, z_odd
+
+    @triton.jit
+    def _compress_kernel(proj_ptr, ape_ptr, state_ptr, state_slots_ptr, table_ptr, slots_ptr, positions_ptr,
+                         requests_ptr, query_start_ptr, norm_ptr, inv_freq_ptr, cache_ptr, proj_stride,
+                         table_stride, block_size, eps,
                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                         ROPE_HALF: tl.constexpr, WIDTH: tl.constexpr, RATIO: tl.constexpr,
+                         ROPE_HALF: tl.constexpr, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, RATIO: tl.constexpr,
                          WINDOW: tl.constexpr, OVERLAP: tl.constexpr, ROUND: tl.constexpr, DTYPE: tl.constexpr,
                          FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                          SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+        # a program a token: its state row, then, if it closes an entry, the entry; the window's rows of
+        # positions in this step come from the projection (another program stores them in this launch)
         token = tl.program_id(0).to(tl.int64)
+        dtype = DTYPE                                   # the activations' (the cache may be FP8)
+        state_slot = tl.load(state_slots_ptr + token).to(tl.int64)
+        if state_slot >= 0:
+            position = tl.load(positions_ptr + token).to(tl.int64)
+            c = tl.arange(0, BLOCK_W)
+            c_mask = c < WIDTH
+            row = proj_ptr + token * proj_stride
+            value = tl.load(row + c, mask=c_mask, other=0.0).to(tl.float32)
+            logit = _gate_logit(tl.load(row + WIDTH + c, mask=c_mask, other=0.0),
+                                tl.load(ape_ptr + (position % RATIO) * WIDTH + c, mask=c_mask, other=0.0),
+                                ROUND, dtype)
+            tl.store(state_ptr + state_slot * 2 * WIDTH + c, value, mask=c_mask)
+            tl.store(state_ptr + state_slot * 2 * WIDTH + WIDTH + c, logit, mask=c_mask)
         slot = tl.load(slots_ptr + token).to(tl.int64)
         if slot >= 0:
             position = tl.load(positions_ptr + token).to(tl.int64)
             request = tl.load(requests_ptr + token).to(tl.int64)
-            dtype = DTYPE                               # the activations' (the cache may be FP8)
+            step_row = tl.load(query_start_ptr + request).to(tl.int64)
+            step_first = tl.load(positions_ptr + step_row).to(tl.int64)
             i = tl.arange(0, BLOCK_HALF)
             mask = i < HALF
             # channels as (even, odd) pairs, so that RoPE can pair them without a shuffle
@@ -234,10 +317,10 @@ if triton is not None:
             for j in range(WINDOW):                     # pass 1: the max logit per channel
                 source = position - WINDOW + 1 + j
                 if source >= 0:
-                    row = _state_row(state_ptr, table_ptr, request, table_stride, block_size, source, WIDTH)
-                    offset = WIDTH + _second_half(j, RATIO, HEAD_DIM, OVERLAP)
-                    z_even = _rounded(tl.load(row + offset + 2 * i, mask=mask, other=0.0), ROUND, dtype)
-                    z_odd = _rounded(tl.load(row + offset + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+                    _, _, z_even, z_odd = _window_row(
+                        proj_ptr, proj_stride, ape_ptr, state_ptr, table_ptr, request, table_stride, block_size,
+                        source, step_first, step_row, _second_half(j, RATIO, HEAD_DIM, OVERLAP), i, mask, WIDTH,
+                        RATIO, ROUND, dtype, False)
                     m_even = tl.maximum(m_even, z_even)
                     m_odd = tl.maximum(m_odd, z_odd)
             l_even = tl.zeros([BLOCK_HALF], tl.float32)
@@ -245,10 +328,10 @@ if triton is not None:
             for j in range(WINDOW):                     # pass 2: the softmax denominators
                 source = position - WINDOW + 1 + j
                 if source >= 0:
-                    row = _state_row(state_ptr, table_ptr, request, table_stride, block_size, source, WIDTH)
-                    offset = WIDTH + _second_half(j, RATIO, HEAD_DIM, OVERLAP)
-                    z_even = _rounded(tl.load(row + offset + 2 * i, mask=mask, other=0.0), ROUND, dtype)
-                    z_odd = _rounded(tl.load(row + offset + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+                    _, _, z_even, z_odd = _window_row(
+                        proj_ptr, proj_stride, ape_ptr, state_ptr, table_ptr, request, table_stride, block_size,
+                        source, step_first, step_row, _second_half(j, RATIO, HEAD_DIM, OVERLAP), i, mask, WIDTH,
+                        RATIO, ROUND, dtype, False)
                     l_even += tl.exp(z_even - m_even)
                     l_odd += tl.exp(z_odd - m_odd)
             acc_even = tl.zeros([BLOCK_HALF], tl.float32)
@@ -256,12 +339,10 @@ if triton is not None:
             for j in range(WINDOW):                     # pass 3: weights (rounded as the reference) times values
                 source = position - WINDOW + 1 + j
                 if source >= 0:
-                    row = _state_row(state_ptr, table_ptr, request, table_stride, block_size, source, WIDTH)
-                    offset = _second_half(j, RATIO, HEAD_DIM, OVERLAP)
-                    z_even = _rounded(tl.load(row + WIDTH + offset + 2 * i, mask=mask, other=0.0), ROUND, dtype)
-                    z_odd = _rounded(tl.load(row + WIDTH + offset + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
-                    v_even = _rounded(tl.load(row + offset + 2 * i, mask=mask, other=0.0), ROUND, dtype)
-                    v_odd = _rounded(tl.load(row + offset + 2 * i + 1, mask=mask, other=0.0), ROUND, dtype)
+                    v_even, v_odd, z_even, z_odd = _window_row(
+                        proj_ptr, proj_stride, ape_ptr, state_ptr, table_ptr, request, table_stride, block_size,
+                        source, step_first, step_row, _second_half(j, RATIO, HEAD_DIM, OVERLAP), i, mask, WIDTH,
+                        RATIO, ROUND, dtype, True)
                     w_even = _rounded(tl.exp(z_even - m_even) / l_even, ROUND, dtype)
                     w_odd = _rounded(tl.exp(z_odd - m_odd) / l_odd, ROUND, dtype)
                     acc_even += _rounded(w_even * v_even, ROUND, dtype)
@@ -294,25 +375,33 @@ if triton is not None:
                 tl.store(cache_ptr + slot * HEAD_DIM + 2 * i + 1, out_odd.to(dtype), mask=mask)
 
 
-def compress_entries(state: torch.Tensor, state_table: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
-                     positions: torch.Tensor, requests: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                     inv_freq: torch.Tensor, ratio: int, overlap: bool, block_size: int,
-                     fmt: Fp8Entry | None = None, dtype: torch.dtype | None = None) -> None:
-    """state [blocks, block_size, 2, width] fp32 (value, logit + bias per token); cache [blocks, entries, dim],
-    or with `fmt` [blocks, entries, fmt.num_bytes] FP8 entries of `dtype` activations (default: the cache's
-    dtype); slots [n] the entry slot of each token (-1 unless it closes an entry that is written)."""
+def compress(projected: torch.Tensor, ape: torch.Tensor, state: torch.Tensor, state_table: torch.Tensor,
+             state_slots: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+             requests: torch.Tensor, query_start: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+             inv_freq: torch.Tensor, ratio: int, overlap: bool, block_size: int,
+             fmt: Fp8Entry | None = None) -> None:
+    """The compressor's step in one launch (reference: Compressor.forward). projected [n, 2 * width] each
+    token's value | gate projection (rows of any stride); ape [ratio, width] fp32 the window-position bias of
+    the gate. Every token's state row (value, gate + bias; fp32 [blocks, block_size, 2, width]) goes to its
+    state slot (-1: nowhere); every token with an entry slot (-1 unless it closes an entry that is written)
+    gathers its window's rows, softmax per channel, sums, RMSNorm, RoPE at the window's first position, and
+    stores the entry: cache [blocks, entries, dim] in the activations' dtype, or with `fmt` FP8 entries.
+    query_start: the batch's first row per request (the positions of this step's rows come from
+    `projected`, not from the state another program is storing)."""
     n = positions.shape[0]
     if n == 0:
         return
-    dtype = dtype or cache.dtype
+    dtype = projected.dtype
     head_dim = fmt.dim if fmt is not None else cache.shape[-1]
     width = state.shape[-1]
+    if projected.shape[1] != 2 * width or projected.stride(1) != 1:
+        raise ValueError(f"projected rows must be value | gate, 2 x {width} contiguous columns")
     rope_half = inv_freq.shape[0]
     _compress_kernel[(n,)](
-        state, state_table, slots, positions, requests, norm_weight, inv_freq, cache,
-        state_table.stride(0), block_size, eps,
+        projected, ape, state, state_slots, state_table, slots, positions, requests, query_start, norm_weight,
+        inv_freq, cache, projected.stride(0), state_table.stride(0), block_size, eps,
         HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_HALF=_pow2(head_dim // 2), ROPE_HALF=rope_half,
-        WIDTH=width, RATIO=ratio, WINDOW=(2 if overlap else 1) * ratio, OVERLAP=overlap,
+        WIDTH=width, BLOCK_W=_pow2(width), RATIO=ratio, WINDOW=(2 if overlap else 1) * ratio, OVERLAP=overlap,
         ROUND=dtype != torch.float32, DTYPE=_tl_dtype(dtype), FP8=fmt is not None, **_fp8_layout(fmt, head_dim),
         num_warps=4, enable_fp_fusion=False)
 
@@ -321,15 +410,15 @@ def compress_entries(state: torch.Tensor, state_table: torch.Tensor, cache: torc
 
 if triton is not None:
     @triton.jit
-    def _indexer_kernel(q_ptr, weights_ptr, keys_ptr, table_ptr, positions_ptr, requests_ptr, out_ptr,
+    def _indexer_kernel(q_ptr, weights_ptr, keys_ptr, table_ptr, positions_ptr, requests_ptr, out_ptr, inv_freq_ptr,
                         q_stride_t, q_stride_h, weights_stride, table_stride, out_stride, width,
                         scale, weight_scale, num_programs, PER_BLOCK: tl.constexpr,
                         HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        RATIO: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr,
+                        RATIO: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr, ROPE_HALF: tl.constexpr,
                         FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                         SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
-        # a program scores the key tiles pid, pid + num_programs, ... of its query: q and the head weights are
-        # loaded once for all of them
+        # a program scores the key tiles pid, pid + num_programs, ... of its query: q (rotated here with
+        # ROPE_HALF) and the head weights are loaded once for all of them
         token = tl.program_id(0).to(tl.int64)
         position = tl.load(positions_ptr + token).to(tl.int32)        # < 2^31: index math in 32 bits
         visible = tl.maximum(position + 1, 0) // RATIO               # entries closed at this query
@@ -338,8 +427,11 @@ if triton is not None:
         d = tl.arange(0, BLOCK_D)
         h_mask = h < HEADS
         d_mask = d < DIM
-        q = tl.load(q_ptr + token * q_stride_t + h[:, None] * q_stride_h + d[None, :],
-                    mask=h_mask[:, None] & d_mask[None, :], other=0.0)       # [BLOCK_HEADS, BLOCK_D]
+        q_rows = q_ptr + token * q_stride_t + h[:, None] * q_stride_h
+        q = tl.load(q_rows + d[None, :], mask=h_mask[:, None] & d_mask[None, :], other=0.0)   # [BLOCK_HEADS, BLOCK_D]
+        if ROPE_HALF > 0:
+            q = _rope_in_place(q, q_rows, d, h_mask[:, None] & d_mask[None, :], position, inv_freq_ptr, 1.0, DIM,
+                               ROPE_HALF, False, not FP32)
         w = tl.load(weights_ptr + token * weights_stride + h, mask=h_mask, other=0.0).to(tl.float32) * weight_scale
         for tile in range(tl.program_id(1), tl.cdiv(width, BLOCK_N), num_programs):
             n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -376,10 +468,12 @@ INDEXER_PROGRAMS = 528       # four per SM on an H200 (as many as their register
 
 def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, table: torch.Tensor,
                    positions: torch.Tensor, requests: torch.Tensor, ratio: int, width: int,
-                   block_size: int, key_format: Fp8Entry | None = None, weight_scale: float = 1.0) -> torch.Tensor:
+                   block_size: int, key_format: Fp8Entry | None = None, weight_scale: float = 1.0,
+                   rope: torch.Tensor | None = None) -> torch.Tensor:
     """q [n, heads, dim]; head_weights [n, heads] (any float dtype, times `weight_scale` in fp32); keys
     [blocks, block_size / ratio, dim] (or FP8 entries of `key_format`, dequantized to q's dtype) -> scores
-    [n, width] fp32: -inf at entries the query cannot see (not closed by its position, or past width)."""
+    [n, width] fp32: -inf at entries the query cannot see (not closed by its position, or past width). With
+    `rope` (inv_freq) q is rotated at its position first, as norm_rope(q, positions, rope) would."""
     n, heads, dim = q.shape
     out = torch.empty(n, width, dtype=torch.float32, device=q.device)
     if n == 0 or width == 0:
@@ -388,12 +482,12 @@ def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tens
     tiles = triton.cdiv(width, block_n)
     programs = max(1, min(tiles, triton.cdiv(INDEXER_PROGRAMS, n)))     # host sizes only: fixed for a graph
     _indexer_kernel[(n, programs)](
-        q, head_weights, keys, table, positions, requests, out,
+        q, head_weights, keys, table, positions, requests, out, rope if rope is not None else out,
         q.stride(0), q.stride(1), head_weights.stride(0), table.stride(0), out.stride(0), width,
         dim ** -0.5, weight_scale, programs, PER_BLOCK=block_size // ratio,
         HEADS=heads, BLOCK_HEADS=max(16, _pow2(heads)), DIM=dim, BLOCK_D=max(16, _pow2(dim)), RATIO=ratio,
-        BLOCK_N=block_n, FP32=q.dtype == torch.float32, FP8=key_format is not None, **_fp8_layout(key_format, dim),
-        num_warps=4)
+        BLOCK_N=block_n, FP32=q.dtype == torch.float32, ROPE_HALF=rope.shape[0] if rope is not None else 0,
+        FP8=key_format is not None, **_fp8_layout(key_format, dim), num_warps=4)
     return out
 
 
@@ -458,10 +552,10 @@ if triton is not None:
     @triton.jit
     def _sparse_attention_kernel(q_ptr, positions_ptr, requests_ptr, window_ptr, window_table_ptr,
                                  entries_ptr, entries_table_ptr, selected_ptr, sinks_ptr, out_ptr,
-                                 part_acc_ptr, part_ml_ptr,
+                                 part_acc_ptr, part_ml_ptr, q_inv_freq_ptr,
                                  q_stride_t, q_stride_h, out_stride_t, out_stride_h,
                                  window_table_stride, entries_table_stride, selected_stride,
-                                 window, scale, num_selected, num_splits,
+                                 window, scale, num_selected, num_splits, q_eps,
                                  HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM: tl.constexpr,
                                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr,
                                  BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
@@ -469,9 +563,10 @@ if triton is not None:
                                  FP32: tl.constexpr, WINDOW_FP8: tl.constexpr, ENTRY_FP8: tl.constexpr,
                                  NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                                  SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, GROUPS: tl.constexpr,
-                                 GROUP_D: tl.constexpr, TAIL_D: tl.constexpr):
+                                 GROUP_D: tl.constexpr, TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr):
         # sizes that change from step to step (selection width, splits) are arguments, not constants: a
-        # constant would compile a kernel per value
+        # constant would compile a kernel per value. With Q_ROPE_HALF q is raw: each program normalizes its
+        # heads (unweighted RMS) and rotates them at the token's position as it loads them
         token = tl.program_id(0).to(tl.int64)
         head_block = tl.program_id(1)
         split = tl.program_id(2)
@@ -500,17 +595,17 @@ if triton is not None:
                                   sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                                   m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                                   out_stride_h, window_table_stride, entries_table_stride, selected_stride,
-                                  scale, num_splits, BLOCK_SIZE, PER_BLOCK, HEADS, BLOCK_H, DIM, BLOCK_N,
-                                  HAS_ENTRIES, SELECTED, SPLIT, FP32, NOPE, QBLOCK, NUM_SCALES, SCALES_AT, ENTRY,
-                                  GROUPS, GROUP_D, TAIL_D)
+                                  scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE, PER_BLOCK, HEADS,
+                                  BLOCK_H, DIM, BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, NOPE, QBLOCK, NUM_SCALES,
+                                  SCALES_AT, ENTRY, GROUPS, GROUP_D, TAIL_D, Q_ROPE_HALF)
         else:
             _sparse_attention_wide(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
                                    sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                                    m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                                    out_stride_h, window_table_stride, entries_table_stride, selected_stride,
-                                   scale, num_splits, BLOCK_SIZE, PER_BLOCK, HEADS, BLOCK_H, DIM, BLOCK_D,
-                                   BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, WINDOW_FP8, ENTRY_FP8, NOPE, QBLOCK,
-                                   SCALES_AT, ENTRY)
+                                   scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE, PER_BLOCK, HEADS,
+                                   BLOCK_H, DIM, BLOCK_D, BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, WINDOW_FP8,
+                                   ENTRY_FP8, NOPE, QBLOCK, SCALES_AT, ENTRY, Q_ROPE_HALF)
 
     @triton.jit
     def _key_rows(window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
@@ -554,17 +649,23 @@ if triton is not None:
                                sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                                m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                                out_stride_h, window_table_stride, entries_table_stride, selected_stride,
-                               scale, num_splits, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
-                               HEADS: tl.constexpr,
-                               BLOCK_H: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr,
+                               scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE: tl.constexpr,
+                               PER_BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr,
                                SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr,
                                WINDOW_FP8: tl.constexpr, ENTRY_FP8: tl.constexpr, NOPE: tl.constexpr,
-                               QBLOCK: tl.constexpr, SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+                               QBLOCK: tl.constexpr, SCALES_AT: tl.constexpr, ENTRY: tl.constexpr,
+                               Q_ROPE_HALF: tl.constexpr):
         """Keys in the model dtype (or one of the two caches FP8, dequantized element by element)."""
         d = tl.arange(0, BLOCK_D)
         d_mask = d < DIM
-        q = tl.load(q_ptr + token * q_stride_t + h[:, None] * q_stride_h + d[None, :],
-                    mask=h_mask[:, None] & d_mask[None, :], other=0.0)          # [BLOCK_H, BLOCK_D]
+        q_rows = q_ptr + token * q_stride_t + h[:, None] * q_stride_h
+        q_mask = h_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)              # [BLOCK_H, BLOCK_D]
+        if Q_ROPE_HALF > 0:
+            q_f = q.to(tl.float32)
+            rms = _unweighted_rms(tl.sum(q_f * q_f, axis=1), DIM, q_eps, not FP32, q.dtype)
+            q = _rope_in_place(q, q_rows, d, q_mask, position, q_inv_freq_ptr, rms, DIM, Q_ROPE_HALF, True, not FP32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
         for u0 in range(lo, hi, BLOCK_N):
             u = u0 + tl.arange(0, BLOCK_N)                                        # index into window ++ entries
@@ -610,13 +711,13 @@ if triton is not None:
                               sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                               m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                               out_stride_h, window_table_stride, entries_table_stride, selected_stride,
-                              scale, num_splits, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
-                              HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+                              scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE: tl.constexpr,
+                              PER_BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
                               DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr,
                               SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, NOPE: tl.constexpr,
                               QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr, SCALES_AT: tl.constexpr,
                               ENTRY: tl.constexpr, GROUPS: tl.constexpr, GROUP_D: tl.constexpr,
-                              TAIL_D: tl.constexpr):
+                              TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr):
         """Every key an FP8 entry (cache_ops.Fp8Entry): the e4m3 dims read as bytes in groups of QBLOCK
         [GROUPS, BLOCK_N, GROUP_D], their scales once per group and key [GROUPS, BLOCK_N], the RoPE dims as one
         bf16 tile [BLOCK_N, TAIL_D]. Scores: per group the dot of q's dims with the e4m3 values, times the
@@ -634,6 +735,14 @@ if triton is not None:
                            other=0.0)                                           # [GROUPS, BLOCK_H, GROUP_D]
         q_tail = tl.load(q_row[:, None] + NOPE + t[None, :], mask=h_mask[:, None] & tail_mask[None, :],
                          other=0.0)                                             # [BLOCK_H, TAIL_D]
+        if Q_ROPE_HALF > 0:       # the RoPE dims are the bf16 tail (sparse_attention checks)
+            g_f = q_groups.to(tl.float32)
+            t_f = q_tail.to(tl.float32)
+            squares = tl.sum(tl.sum(g_f * g_f, axis=2), axis=0) + tl.sum(t_f * t_f, axis=1)   # [BLOCK_H]
+            rms = _unweighted_rms(squares, DIM, q_eps, not FP32, dtype)
+            q_groups = _rounded(g_f * rms[None, :, None], not FP32, dtype).to(dtype)
+            q_tail = _rope_in_place(q_tail, q_row[:, None] + NOPE, t, h_mask[:, None] & tail_mask[None, :], position,
+                                    q_inv_freq_ptr, rms, DIM - NOPE, Q_ROPE_HALF, True, not FP32)
         acc = tl.zeros([GROUPS, BLOCK_H, GROUP_D], tl.float32)
         acc_tail = tl.zeros([BLOCK_H, TAIL_D], tl.float32)
         # an entry starts only ENTRY & -ENTRY bytes aligned (584: 8): say so (see _load_entries)
@@ -757,9 +866,12 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
                      entry_cache: torch.Tensor | None, entry_table: torch.Tensor | None, ratio: int,
                      selected: torch.Tensor | None, sinks: torch.Tensor, scale: float, block_size: int,
                      max_entries: int, window_format: Fp8Entry | None = None,
-                     entry_format: Fp8Entry | None = None, inverse_rope: torch.Tensor | None = None) -> torch.Tensor:
+                     entry_format: Fp8Entry | None = None, inverse_rope: torch.Tensor | None = None,
+                     q_rope: torch.Tensor | None = None, q_eps: float = 0.0) -> torch.Tensor:
     """q [n, heads, dim] -> [n, heads, dim]. Keys = values: the window entries (p - window, p] of the token's
     request, then (CSA) the entries in `selected` [n, k] (-1 = none) or (HCA) every entry closed by p.
+    With `q_rope` (inv_freq) q is raw: normalized per head (unweighted RMS, `q_eps`) and rotated at p as
+    norm_rope(q, positions, q_rope, normalize=True, eps=q_eps) would, as the kernel loads it.
     With `inverse_rope` (inv_freq) the output is rotated back by -p as norm_rope(inverse=True) does, inside the
     split reduction when there is one.
     `max_entries` bounds the HCA entries (sizes the key splits only). A cache with a format holds FP8 entries,
@@ -781,20 +893,28 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         part_acc = part_ml = out
     dummy = window_table
     layout = _fp8_layout(window_format or entry_format, dim)
+    q_rope_half = q_rope.shape[0] if q_rope is not None else 0
+    fp8_tiles = window_format is not None and (entry_format is not None or not has_entries)
+    if q_rope_half and fp8_tiles and dim - layout["NOPE"] != 2 * q_rope_half:
+        raise ValueError(f"q's RoPE in the FP8 tiles needs the entries' bf16 tail ({dim - layout['NOPE']} dims) "
+                         f"to be the RoPE dims ({2 * q_rope_half})")
+    if q.stride(2) != 1:
+        q = q.contiguous()
     _sparse_attention_kernel[(n, head_blocks, splits)](
         q, positions, requests, window_cache, window_table,
         entry_cache if has_entries else window_cache, entry_table if has_entries else dummy,
         selected if selected is not None else dummy, sinks, out, part_acc, part_ml,
+        q_rope if q_rope is not None else sinks,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         window_table.stride(0), entry_table.stride(0) if has_entries else 0,
         selected.stride(0) if selected is not None else 0,
-        window, scale, num_selected, splits,
+        window, scale, num_selected, splits, q_eps,
         HEADS=heads, BLOCK_H=BLOCK_HEADS, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_N=block_n, RATIO=max(ratio, 1),
         BLOCK_SIZE=block_size, PER_BLOCK=block_size // max(ratio, 1),
         HAS_ENTRIES=has_entries, SELECTED=selected is not None, SPLIT=splits > 1,
         FP32=q.dtype == torch.float32, WINDOW_FP8=window_format is not None,
         ENTRY_FP8=has_entries and entry_format is not None, **layout, **_fp8_groups(layout, dim),
-        num_warps=4 if dim <= 128 else 8)
+        Q_ROPE_HALF=q_rope_half, num_warps=4 if dim <= 128 else 8)
     if splits > 1:
         _sparse_attention_reduce_kernel[(n, heads)](
             part_acc, part_ml, sinks, out, positions, inverse_rope if inverse_rope is not None else sinks,
@@ -890,6 +1010,8 @@ if triton is not None:
 
 
 HC_PRE_SPAN = 256            # channels a program of hc_pre collapses when hc_post summed the projection for it
+HC_PRE_WARPS = 1             # with the partials: the Sinkhorn's ~40 reductions over a 4 x 4 tile stay in one warp
+                             # (shuffles; with two, every other one crosses warps through shared memory + a barrier)
 
 
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
@@ -922,7 +1044,7 @@ def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: t
             streams.stride(0), mix.stride(0), norm_eps, hc_eps, sinkhorn_iters, norm.eps if norm is not None else 0.0,
             N=hc, HIDDEN=hidden, BLOCK=block, SPAN=span, PARTIALS=partials, M=width, CHUNKS=chunks,
             BLOCK_C=_pow2(chunks), NORM=norm is not None, WEIGHT_IN_FP32=norm is not None and norm.weight_in_fp32,
-            num_warps=4 if not partials else 2)
+            num_warps=4 if not partials else HC_PRE_WARPS)
     return post, comb, out
 
 
@@ -930,61 +1052,82 @@ def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: t
 
 if triton is not None:
     @triton.jit
+    def _latent_norm(x_ptr, out_ptr, weight_ptr, eps, DIM: tl.constexpr, BLOCK: tl.constexpr):
+        """One row's RMSNorm with an fp32 weight multiplied before the cast (runtime RMSNorm, weight_in_fp32)."""
+        c = tl.arange(0, BLOCK)
+        mask = c < DIM
+        x = tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
+        weight = tl.load(weight_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + c, (weight * (x * inv_rms)).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _norm_rope_kernel(x_ptr, out_ptr, positions_ptr, inv_freq_ptr, slots_ptr, weight_ptr,
-                          x_stride_t, x_stride_h, out_stride_t, out_stride_h, eps,
+                          latent_ptr, latent_out_ptr, latent_weight_ptr,
+                          x_stride_t, x_stride_h, out_stride_t, out_stride_h, latent_stride, eps, latent_eps,
                           HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
                           BLOCK_HALF: tl.constexpr, ROPE_HALF: tl.constexpr, NORMALIZE: tl.constexpr,
                           WEIGHTED: tl.constexpr,
                           INVERSE: tl.constexpr, TO_SLOTS: tl.constexpr, ROUND: tl.constexpr,
                           FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
-                          SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+                          SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, LATENT_DIM: tl.constexpr,
+                          BLOCK_LATENT: tl.constexpr):
+        # with LATENT_DIM the last program of a token normalizes its row of another tensor (the q latent's
+        # RMSNorm riding along with K's insert); the others take their heads
         token = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        i = tl.arange(0, BLOCK_HALF)
-        mask = (h < HEADS)[:, None] & (i < HALF)[None, :]
-        dtype = x_ptr.dtype.element_ty
-        src = x_ptr + token * x_stride_t + h[:, None] * x_stride_h
-        even = tl.load(src + 2 * i[None, :], mask=mask, other=0.0).to(tl.float32)
-        odd = tl.load(src + 2 * i[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
-        if NORMALIZE:
-            rms = tl.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / (2 * HALF) + eps)
-            if WEIGHTED:        # an RMSNorm whose fp32 weight multiplies in fp32, then the dtype
-                w_even = tl.load(weight_ptr + 2 * i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
-                w_odd = tl.load(weight_ptr + 2 * i + 1, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
-                even = _rounded(w_even * (even * rms[:, None]), ROUND, dtype)
-                odd = _rounded(w_odd * (odd * rms[:, None]), ROUND, dtype)
-            else:               # unweighted: x * rsqrt(mean(x^2) + eps), in x's dtype
-                rms = _rounded(rms, ROUND, dtype)[:, None]
-                even = _rounded(even * rms, ROUND, dtype)
-                odd = _rounded(odd * rms, ROUND, dtype)
-        even, odd = _rope_pairs(even, odd, i, tl.load(positions_ptr + token), inv_freq_ptr, HALF, ROPE_HALF, INVERSE,
-                                ROUND, dtype)
-        if TO_SLOTS:                                       # one head, stored at the token's cache slot
-            slot = tl.load(slots_ptr + token).to(tl.int64)
-            if slot >= 0:
-                dst = out_ptr + slot * out_stride_t + h[:, None] * out_stride_h
-                if FP8:
-                    _store_fp8_entries(dst, even, odd, i, mask, (h < HEADS)[:, None], NOPE, QBLOCK, NUM_SCALES,
-                                       SCALES_AT)
-                else:
-                    tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
-                    tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
+        if tl.program_id(1) >= (HEADS + BLOCK_H - 1) // BLOCK_H:         # launched only with LATENT_DIM
+            if LATENT_DIM > 0:
+                _latent_norm(latent_ptr + token * latent_stride, latent_out_ptr + token * LATENT_DIM,
+                             latent_weight_ptr, latent_eps, LATENT_DIM, BLOCK_LATENT)
         else:
-            dst = out_ptr + token * out_stride_t + h[:, None] * out_stride_h
-            tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
+            h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+            i = tl.arange(0, BLOCK_HALF)
+            mask = (h < HEADS)[:, None] & (i < HALF)[None, :]
+            dtype = x_ptr.dtype.element_ty
+            src = x_ptr + token * x_stride_t + h[:, None] * x_stride_h
+            even = tl.load(src + 2 * i[None, :], mask=mask, other=0.0).to(tl.float32)
+            odd = tl.load(src + 2 * i[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
+            if NORMALIZE:
+                rms = tl.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / (2 * HALF) + eps)
+                if WEIGHTED:        # an RMSNorm whose fp32 weight multiplies in fp32, then the dtype
+                    w_even = tl.load(weight_ptr + 2 * i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+                    w_odd = tl.load(weight_ptr + 2 * i + 1, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+                    even = _rounded(w_even * (even * rms[:, None]), ROUND, dtype)
+                    odd = _rounded(w_odd * (odd * rms[:, None]), ROUND, dtype)
+                else:               # unweighted: x * rsqrt(mean(x^2) + eps), in x's dtype
+                    rms = _rounded(rms, ROUND, dtype)[:, None]
+                    even = _rounded(even * rms, ROUND, dtype)
+                    odd = _rounded(odd * rms, ROUND, dtype)
+            even, odd = _rope_pairs(even, odd, i, tl.load(positions_ptr + token), inv_freq_ptr, HALF, ROPE_HALF, INVERSE,
+                                    ROUND, dtype)
+            if TO_SLOTS:                                       # one head, stored at the token's cache slot
+                slot = tl.load(slots_ptr + token).to(tl.int64)
+                if slot >= 0:
+                    dst = out_ptr + slot * out_stride_t + h[:, None] * out_stride_h
+                    if FP8:
+                        _store_fp8_entries(dst, even, odd, i, mask, (h < HEADS)[:, None], NOPE, QBLOCK, NUM_SCALES,
+                                           SCALES_AT)
+                    else:
+                        tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
+                        tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                dst = out_ptr + token * out_stride_t + h[:, None] * out_stride_h
+                tl.store(dst + 2 * i[None, :], even.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(dst + 2 * i[None, :] + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, normalize: bool = False,
               eps: float = 0.0, inverse: bool = False, cache: torch.Tensor | None = None,
               slots: torch.Tensor | None = None, fmt: Fp8Entry | None = None,
-              weight: torch.Tensor | None = None) -> torch.Tensor | None:
+              weight: torch.Tensor | None = None,
+              latent: tuple[torch.Tensor, torch.nn.Module] | None = None) -> torch.Tensor | None:
     """x [n, heads, dim]: optionally the per-head RMS norm (unweighted, or with `weight` [dim] that of a
     runtime RMSNorm with weight_in_fp32), then interleaved RoPE on the trailing
     2 * len(inv_freq) dims at `positions` (by -position with `inverse`), rounding as the references
     (attention.unweighted_rms_norm, RMSNorm, rope.TrailingRope) do. Returns a new tensor, or with `cache` and `slots`
     (one head) stores each token's row at its slot (-1: nowhere), quantized into `fmt` if given, and returns
-    None."""
+    None. With `latent` (rows [n, d], a runtime RMSNorm with weight_in_fp32) the same launch also normalizes
+    those rows, and returns them (a new tensor) instead of None."""
     n, heads, dim = x.shape
     to_slots = cache is not None
     layout = _fp8_layout(fmt, dim)
@@ -992,24 +1135,36 @@ def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
         out = cache.view(-1, 1, layout["ENTRY"])
     else:
         out = torch.empty(n, heads, dim, dtype=x.dtype, device=x.device)
+    latent_out = None
+    if latent is not None:
+        rows, latent_norm = latent
+        if not to_slots or not latent_norm.weight_in_fp32 or rows.stride(-1) != 1:
+            raise ValueError("a latent norm rides with a cache insert: an fp32-weight RMSNorm of contiguous rows")
+        latent_out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
     if n == 0:
-        return None if to_slots else out
+        return latent_out if to_slots else out
     block_h = min(4, _pow2(heads))                     # many small programs: a decode step has few tokens
-    _norm_rope_kernel[(n, triton.cdiv(heads, block_h))](
+    latent_dim = latent_out.shape[1] if latent is not None else 0
+    _norm_rope_kernel[(n, triton.cdiv(heads, block_h) + (latent is not None))](
         x, out, positions, inv_freq, slots if to_slots else positions, weight if weight is not None else inv_freq,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
+        rows if latent is not None else x, latent_out if latent is not None else out,
+        latent_norm.weight if latent is not None else inv_freq,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1), rows.stride(0) if latent is not None else 0,
+        eps, latent_norm.eps if latent is not None else 0.0,
         HEADS=heads, BLOCK_H=block_h, HALF=dim // 2, BLOCK_HALF=_pow2(dim // 2), ROPE_HALF=inv_freq.shape[0],
         NORMALIZE=normalize or weight is not None, WEIGHTED=weight is not None, INVERSE=inverse, TO_SLOTS=to_slots,
         ROUND=x.dtype != torch.float32,
-        FP8=fmt is not None, **layout, num_warps=4, enable_fp_fusion=False)
-    return None if to_slots else out
+        FP8=fmt is not None, **layout, LATENT_DIM=latent_dim, BLOCK_LATENT=_pow2(max(latent_dim, 1)),
+        num_warps=4, enable_fp_fusion=False)
+    return latent_out if to_slots else out
 
 
 if triton is not None:
     @triton.jit
-    def _hc_post_kernel(out_ptr, streams_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, mix_ptr, out_stride,
-                        streams_stride, N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
-                        ROUND: tl.constexpr, MIX: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr):
+    def _hc_post_kernel(out_ptr, addend_ptr, streams_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, mix_ptr, out_stride,
+                        addend_stride, streams_stride, N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
+                        ROUND: tl.constexpr, ADD: tl.constexpr, MIX: tl.constexpr, M: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_FN: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         c = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -1022,6 +1177,9 @@ if triton is not None:
         mixed = _rounded(tl.sum(comb[:, :, None] * streams[:, None, :], axis=0), ROUND, dtype)   # [k, BLOCK]
         post = _rounded(tl.load(post_ptr + token * N + k), ROUND, dtype)
         out = tl.load(out_ptr + token * out_stride + c, mask=mask, other=0.0).to(tl.float32)
+        if ADD:             # the sublayer's output is the sum of two, added in the dtype
+            out = _rounded(out + tl.load(addend_ptr + token * addend_stride + c, mask=mask, other=0.0).to(tl.float32),
+                           ROUND, dtype)
         new = (_rounded(post[:, None] * out[None, :], ROUND, dtype) + mixed).to(dtype)
         tl.store(new_ptr + token * N * HIDDEN + k[:, None] * HIDDEN + c[None, :], new, mask=mask[None, :])
         if MIX:
@@ -1029,9 +1187,9 @@ if triton is not None:
             # Gram matrix (its trace: the sum of squares): M + N * N partial sums a chunk, which hc_pre adds up
             # (no GEMM, no fp32 copy)
             x = new.to(tl.float32)                                                      # 0 past HIDDEN
-            m = tl.arange(0, BLOCK_M)
+            m = tl.arange(0, BLOCK_FN)                  # the projection's rows (a mix row is BLOCK_M wide)
             w = tl.load(fn_ptr + m[:, None, None] * (N * HIDDEN) + k[None, :, None] * HIDDEN + c[None, None, :],
-                        mask=(m < M)[:, None, None] & mask[None, None, :], other=0.0)  # [BLOCK_M, N, BLOCK]
+                        mask=(m < M)[:, None, None] & mask[None, None, :], other=0.0)  # [BLOCK_FN, N, BLOCK]
             partial = tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)
             dst = mix_ptr + (token * tl.num_programs(1) + chunk) * BLOCK_M
             tl.store(dst + m, partial, mask=m < M)
@@ -1044,15 +1202,17 @@ HC_MIX_MAX_TOKENS = 8        # past this a GEMM reads the connection's weight on
 
 
 def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
-            next_fn: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            next_fn: torch.Tensor | None = None,
+            addend: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The same function as mhc.HyperConnection.post: new streams [n, hc, hidden], each
-    post_k * output + sum_j comb[j, k] * stream_j, in one launch. With `next_fn` (the next connection's
-    [(2 + hc) * hc, hc * hidden] fp32 projection) also -> the partial sums hc_pre reads as `mix`
-    [n, chunks, pow2((2 + hc) * hc + hc * hc)]: each chunk's projection of the new streams and their Gram
-    matrix."""
+    post_k * output + sum_j comb[j, k] * stream_j, in one launch; with `addend` the output is output + addend
+    (added in their dtype). With `next_fn` (the next connection's [(2 + hc) * hc, hc * hidden] fp32
+    projection) also -> the partial sums hc_pre reads as `mix` [n, chunks, pow2((2 + hc) * hc + hc * hc)]:
+    each chunk's projection of the new streams and their Gram matrix."""
     n, hc, hidden = streams.shape
     streams = streams.contiguous()
     output = output.contiguous()
+    addend = addend.contiguous() if addend is not None else None
     new = torch.empty_like(streams)
     m = (2 + hc) * hc
     block = HC_MIX_BLOCK if next_fn is not None else min(512, _pow2(hidden))
@@ -1061,44 +1221,10 @@ def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, com
         if next_fn is not None else None
     if n:
         _hc_post_kernel[(n, chunks)](
-            output, streams, post.contiguous(), comb.contiguous(), new,
+            output, addend if addend is not None else output, streams, post.contiguous(), comb.contiguous(), new,
             next_fn if next_fn is not None else post, mix if mix is not None else post,
-            output.stride(0), streams.stride(0),
-            N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, MIX=next_fn is not None,
-            M=m, BLOCK_M=_pow2(m + hc * hc), num_warps=4, enable_fp_fusion=False)
+            output.stride(0), addend.stride(0) if addend is not None else 0, streams.stride(0),
+            N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, ADD=addend is not None,
+            MIX=next_fn is not None, M=m, BLOCK_M=_pow2(m + hc * hc), BLOCK_FN=_pow2(m), num_warps=4,
+            enable_fp_fusion=False)
     return new if next_fn is None else (new, mix)
-
-
-# ---- the compressor's per-token state: value, and gate logit + the window-position bias ------------------
-
-if triton is not None:
-    @triton.jit
-    def _store_state_kernel(kv_ptr, gate_ptr, ape_ptr, positions_ptr, slots_ptr, state_ptr, kv_stride, gate_stride,
-                            WIDTH: tl.constexpr, RATIO: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
-        token = tl.program_id(0).to(tl.int64)
-        slot = tl.load(slots_ptr + token).to(tl.int64)
-        if slot >= 0:
-            c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-            mask = c < WIDTH
-            dtype = kv_ptr.dtype.element_ty
-            bias_row = tl.load(positions_ptr + token).to(tl.int64) % RATIO
-            kv = tl.load(kv_ptr + token * kv_stride + c, mask=mask, other=0.0).to(tl.float32)
-            gate = tl.load(gate_ptr + token * gate_stride + c, mask=mask, other=0.0).to(tl.float32)
-            bias = _rounded(tl.load(ape_ptr + bias_row * WIDTH + c, mask=mask, other=0.0), ROUND, dtype)
-            tl.store(state_ptr + slot * 2 * WIDTH + c, kv, mask=mask)
-            tl.store(state_ptr + slot * 2 * WIDTH + WIDTH + c, _rounded(gate + bias, ROUND, dtype), mask=mask)
-
-
-def store_state(state: torch.Tensor, kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor,
-                positions: torch.Tensor, slots: torch.Tensor) -> None:
-    """state [blocks, block_size, 2, width] fp32: at each token's slot (-1: nowhere) its value kv [n, width] and
-    its gate logit plus the bias of its position in the window, ape [ratio, width] fp32 (added in kv's dtype,
-    as the reference does)."""
-    n, width = kv.shape
-    if n == 0:
-        return
-    block = min(1024, _pow2(width))
-    _store_state_kernel[(n, triton.cdiv(width, block))](
-        kv, gate, ape, positions, slots, state, kv.stride(0), gate.stride(0),
-        WIDTH=width, RATIO=ape.shape[0], BLOCK=block, ROUND=kv.dtype != torch.float32, num_warps=4,
-        enable_fp_fusion=False)

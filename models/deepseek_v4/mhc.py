@@ -50,14 +50,18 @@ class HyperConnection(nn.Module):
 
     @staticmethod
     def post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
-             following: HyperConnection | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """New streams: each gets post_k * output plus sum_j comb[j, k] * stream_j. -> (streams, mix): with the
+             following: HyperConnection | None = None,
+             addend: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """New streams: each gets post_k * output plus sum_j comb[j, k] * stream_j; the sublayer's output is
+        output + addend when given (a sum its sublayer left to this launch). -> (streams, mix): with the
         `following` connection (a few tokens on the kernel path), `mix` is its partial projections of the new
         streams, computed in the same launch, for its `pre`; else None."""
         if kernels.use_kernels(streams):
             if following is not None and streams.shape[0] <= kernels.HC_MIX_MAX_TOKENS:
-                return kernels.hc_post(output, streams, post, comb, following.fn)
-            return kernels.hc_post(output, streams, post, comb), None
+                return kernels.hc_post(output, streams, post, comb, following.fn, addend)
+            return kernels.hc_post(output, streams, post, comb, addend=addend), None
+        if addend is not None:
+            output = output + addend
         dtype = streams.dtype
         return post.to(dtype).unsqueeze(-1) * output.unsqueeze(-2) + \
             torch.matmul(comb.to(dtype).transpose(-1, -2), streams), None

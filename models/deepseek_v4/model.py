@@ -44,6 +44,9 @@ class DeepseekV4Layer(nn.Module):
         x = self.attn(x, positions, requests, ctx)
         streams, mix = HyperConnection.post(x, streams, post, comb, self.hc_ffn)
         post, comb, x = self.hc_ffn.pre(streams, self.ffn_norm, mix)
+        if self.ffn.parallel.world_size == 1:           # the experts' and the shared expert's sum in hc_post
+            routed, shared = self.ffn.parts(x, input_ids)
+            return HyperConnection.post(routed, streams, post, comb, following, addend=shared)
         x = self.ffn(x, input_ids)
         return HyperConnection.post(x, streams, post, comb, following)
 
@@ -91,7 +94,7 @@ class DeepseekV4ForCausalLM(nn.Module):
             attn.window_layer = add(self.entry_spec(attn.window_format, attn.head_dim, window=window))
             compressors = [attn.compressor] + ([attn.indexer.compressor] if attn.indexer is not None else [])
             for compressor in filter(None, compressors):
-                width = compressor.wkv.out_features
+                width = compressor.width
                 # per token: its projected value and gate logit (+ window bias), fp32, for as many positions
                 # as an entry reads; then the entries themselves, one per `ratio` positions
                 compressor.state_layer = add(CacheSpec((2, width), torch.float32, window=compressor.window))

@@ -120,5 +120,11 @@ class MoE(nn.Module):
         self.shared_experts = SharedExpert(config, parallel, linears)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        routed, shared = self.parts(x, input_ids)
+        return self.parallel.all_reduce(routed + shared)
+
+    def parts(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(routed experts' output, shared expert's output), not yet summed: one rank's, whose sum `forward`
+        all-reduces; on one rank a caller may add them inside its next kernel instead."""
         weights, ids = self.gate(x, input_ids)
-        return self.parallel.all_reduce(self.experts(x, weights, ids) + self.shared_experts(x))
+        return self.experts(x, weights, ids), self.shared_experts(x)

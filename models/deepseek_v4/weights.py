@@ -59,6 +59,9 @@ _HC = re.compile(r"(^|\.)hc_(attn|ffn|head)_(fn|base|scale)$")
 _EXPERT = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
 _STACKED = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(gate_up_proj|down_proj)$")
 _MXFP4_DTYPES = (torch.int8, torch.uint8)
+# a block of an attention's Projection (attention.wx): the compressors' and the indexer's bf16 projections
+_PROJECTION_PART = re.compile(r"^(layers\.\d+\.attn)\.((?:indexer\.)?compressor\.w(?:kv|gate)|indexer\.weights_proj)"
+                              r"\.weight$")
 
 
 def native_name(name: str) -> str:
@@ -147,6 +150,10 @@ class _Loader:
             self._expert(match, disk_name, tensor)
         elif match := _STACKED.match(native):
             self._stacked(match, disk_name, tensor)
+        elif (match := _PROJECTION_PART.match(native)) and f"{match.group(1)}.wx.weight" in self.params:
+            projection = self.model.get_submodule(match.group(1)).wx
+            copy_weight(projection.weight[projection.parts[match.group(2)]], disk_name, tensor)
+            self.loaded.add(native)
         else:
             target = _module_name(native)
             if target not in self.params:
@@ -245,6 +252,10 @@ class _Loader:
                              f"{'scale' if have == 'weight' else 'weight'} ({weight_name})")
         expected = set()
         for name in self.params:
+            if name.endswith(".attn.wx.weight"):                 # its blocks, by their checkpoint names
+                attn = name[:-len(".wx.weight")]
+                expected.update(f"{attn}.{part}.weight" for part in self.model.get_submodule(attn).wx.parts)
+                continue
             stack = re.match(r"^(layers\.\d+\.ffn\.experts)\.(w13|w2)(_blocks|_scales)?$", name)
             if stack is None:
                 expected.add(name)

@@ -5,10 +5,10 @@ multiplies one block_out x block_in tile. Scales are UE8M0 (`float8_e8m0fnu`, va
 The block shape is read from the grid, so every dimension must divide evenly (as transformers requires).
 `fp8_block_dequantize` is the CPU path; `fp8_block_quantize` writes test checkpoints. `Fp8Linear` keeps such a
 weight in its 1-byte format on a GPU: `fp8_gemv` multiplies a few rows by it (decode: one pass over the bytes,
-activations unquantized; `fp8_linear_ref` is its torch reference and the CPU path); more rows go to
-`fp8_w8a8_matmul` (activations quantized per 1 x 128 to E4M3 with power-of-two scales, then cuBLAS's
-block-scaled FP8 GEMM on Hopper; reference `fp8_w8a8_ref`) where that measured faster, else to `fp8_matmul`
-(the weight dequantized for the call, then cuBLAS)."""
+activations unquantized, up to 8 rows on the tensor cores; `fp8_linear_ref` is its torch reference and the CPU
+path); more rows go to `fp8_w8a8_matmul` (activations quantized per 1 x 128 to E4M3 with power-of-two scales,
+then cuBLAS's block-scaled FP8 GEMM on Hopper; reference `fp8_w8a8_ref`) where that measured faster, else to
+`fp8_matmul` (the weight dequantized for the call, then cuBLAS)."""
 from __future__ import annotations
 
 import os
@@ -100,12 +100,19 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, g
 
 if triton is not None:
     @triton.jit
-    def _e4m3_pairs(words, ODD: tl.constexpr):
-        """Bytes (0, 2) of each int32 word (ODD: bytes (1, 3)) -> two fp32 tensors, the E4M3 values * 2^-120."""
+    def _e4m3_pair_bits(words, ODD: tl.constexpr):
+        """Bytes (0, 2) of each int32 word (ODD: bytes (1, 3)) -> one int32 holding them as two bf16 patterns (byte
+        0 or 1 in the low half), the E4M3 values * 2^-120."""
         if ODD:
             pair = ((words >> 4) & 0x07F007F0) | (words & -2147450880)            # sign mask 0x80008000
         else:
             pair = ((words << 4) & 0x07F007F0) | ((words << 8) & -2147450880)
+        return pair
+
+    @triton.jit
+    def _e4m3_pairs(words, ODD: tl.constexpr):
+        """Bytes (0, 2) of each int32 word (ODD: bytes (1, 3)) -> two fp32 tensors, the E4M3 values * 2^-120."""
+        pair = _e4m3_pair_bits(words, ODD)
         low = (pair << 16).to(tl.float32, bitcast=True)
         high = (pair & -65536).to(tl.float32, bitcast=True)                        # 0xFFFF0000
         return low, high
@@ -323,18 +330,218 @@ if triton is not None:
             _fp8_gemv_store(acc2, 2, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, EXACT)
             _fp8_gemv_store(acc3, 3, M, n, n_mask, out_ptr, stride_om, part_ptr, N, pid_k, SPLIT_K, EXACT)
         if SPLIT_K > 1:
-            tl.debug_barrier()                                  # every thread's partial before the arrival
-            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
-                m = tl.arange(0, BLOCK_M)
-                mask = (m < M)[:, None] & n_mask[None, :]
-                parts = part_ptr + m.to(tl.int64)[:, None] * N + n[None, :]            # part [SPLIT_K, M, N]
-                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for split in tl.static_range(SPLIT_K):
-                    total += tl.load(parts + split * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-                tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :],
-                         total.to(out_ptr.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            _fp8_split_k_finish(part_ptr, count_ptr, out_ptr, pid_n, n, n_mask, M, N, stride_om, SPLIT_K, BLOCK_M,
+                                BLOCK_N)
+
+    @triton.jit
+    def _fp8_split_k_finish(part_ptr, count_ptr, out_ptr, pid_n, n, n_mask, M, N, stride_om, SPLIT_K: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """After a program wrote its split's partial sums of columns n: count its arrival; the last of the column
+        tile's SPLIT_K programs adds the partials in split order, writes the output and resets the counter."""
+        tl.debug_barrier()                                      # every thread's partial before the arrival
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            m = tl.arange(0, BLOCK_M)
+            mask = (m < M)[:, None] & n_mask[None, :]
+            parts = part_ptr + m.to(tl.int64)[:, None] * N + n[None, :]                # part [SPLIT_K, M, N]
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):
+                total += tl.load(parts + split * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :],
+                     total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+    # ---- the tensor-core GEMV (up to 8 rows) ----
+    # The N-major loop above spends ~5.5 SASS instructions a weight byte (decode, widening, FMA, activations moved
+    # through shared memory with barriers every step) and streamed at most 1.94 TB/s on the H200. Here the
+    # K-reduction runs on the tensor cores (mma.sync m16n8k16, bf16 in, fp32 sums): the integer decode's bf16
+    # pairs (bytes 0 and 2, 1 and 3 of a word: value * 2^-120, exact, subnormals included) are the A fragments
+    # as they are, no widening and no FMA: ~2.6 instructions a byte in all (sm_90 SASS of the loop: 336 a
+    # 128-byte step), 3.0 TB/s for the 32 MB weight. Lane (r, c) = (lane // 4, lane % 4) of warp w loads 16
+    # bytes (4 words) of rows r and r + 8 of the warp's 16-row tile at byte 16c of a 64-byte chunk; word j's
+    # pairs are k = (2c, 2c + 1) and (2c + 8, 2c + 9) of the chunk's j-th mma (the K order inside an mma is
+    # free: the activations are permuted to match). The B fragment is activation row n = lane // 4 (rows past M
+    # repeat row M - 1 and their sums are not stored, so 1-8 rows cost the same): its bf16 pairs (x[4j],
+    # x[4j + 2]) and (x[4j + 1], x[4j + 3]) times 2^64 (exact; the products stay normal). D's 4 fp32 sums per
+    # lane are rows (r, r + 8) x activation rows (2c, 2c + 1). One inline-asm call does a lane's 4 mma of a
+    # chunk, its operands packed by 4 (a lane's 4 words, consecutive registers of the [32 warps, 4] layout), so
+    # no data crosses lanes outside the tensor core: no shared memory, barrier or shuffle in the loop. Two
+    # chunks (128 bytes, inside one scale block) chain in the accumulator, then their block scale multiplies
+    # once. Each step's words and activations load one step ahead, into two alternating register sets. The
+    # interpreter runs `_mma_emulated` (the same sums, from the same lanes' operands).
+
+    _MMA_PTX = tl.constexpr("""{
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+        {$0, $1, $2, $3}, {$4, $8, $12, $16}, {$20, $24}, {$28, $29, $30, $31};
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+        {$0, $1, $2, $3}, {$5, $9, $13, $17}, {$21, $25}, {$0, $1, $2, $3};
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+        {$0, $1, $2, $3}, {$6, $10, $14, $18}, {$22, $26}, {$0, $1, $2, $3};
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+        {$0, $1, $2, $3}, {$7, $11, $15, $19}, {$23, $27}, {$0, $1, $2, $3};
+    }""")
+
+    _MMA_CONSTRAINTS = tl.constexpr(",".join(["=&r"] * 4 + ["r"] * 28))     # early clobber: D chains in place
+
+    # activation words (x[2i], x[2i + 1]) for i = 0..7 of a lane's 16 -> B pairs of word j, times 2^64
+    _MMA_B_PTX = tl.constexpr("""{
+    .reg .b32 s, p;
+    mov.b32 s, 0x5F805F80;
+    prmt.b32 p, $8, $9, 0x5410;  mul.rn.bf16x2 $0, p, s;
+    prmt.b32 p, $8, $9, 0x7632;  mul.rn.bf16x2 $4, p, s;
+    prmt.b32 p, $10, $11, 0x5410;  mul.rn.bf16x2 $1, p, s;
+    prmt.b32 p, $10, $11, 0x7632;  mul.rn.bf16x2 $5, p, s;
+    prmt.b32 p, $12, $13, 0x5410;  mul.rn.bf16x2 $2, p, s;
+    prmt.b32 p, $12, $13, 0x7632;  mul.rn.bf16x2 $6, p, s;
+    prmt.b32 p, $14, $15, 0x5410;  mul.rn.bf16x2 $3, p, s;
+    prmt.b32 p, $14, $15, 0x7632;  mul.rn.bf16x2 $7, p, s;
+    }""")
+    _MMA_B_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
+
+    @triton.jit
+    def _bf16_halves(pairs):
+        """int32 bf16 pairs -> (low half, high half) as fp32."""
+        return (pairs << 16).to(tl.float32, bitcast=True), (pairs & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _mma_b_emulated(x_lo, x_hi):
+        """`_MMA_B_PTX` in Triton ops (the interpreter): the pairs unscaled (`_mma_emulated` applies 2^64)."""
+        rows: tl.constexpr = x_lo.shape[0]
+        words = tl.permute(tl.join(x_lo, x_hi), [0, 1, 2, 4, 3])                     # [.., c, lo / hi, i % 4]
+        even, odd = tl.split(tl.reshape(words, [rows, 8, 4, 4, 2]))                  # words 2j, 2j + 1
+        return (even & 0xFFFF) | (odd << 16), ((even >> 16) & 0xFFFF) | (odd & -65536)
+
+    @triton.jit
+    def _mma_rows_emulated(a02, a13, b01, b23):
+        """[T, 8 (r), 8 (n)]: the sums over (c, j) of rows r's pairs times activation rows n's pairs."""
+        a0, a2 = _bf16_halves(a02)
+        a1, a3 = _bf16_halves(a13)
+        b0, b2 = _bf16_halves(b01)
+        b1, b3 = _bf16_halves(b23)
+        products = a0[:, :, None, :, :] * b0[:, None, :, :, :] + a2[:, :, None, :, :] * b2[:, None, :, :, :] \
+            + a1[:, :, None, :, :] * b1[:, None, :, :, :] + a3[:, :, None, :, :] * b3[:, None, :, :, :]
+        return tl.sum(tl.sum(products, axis=4), axis=3) * 18446744073709551616.0
+
+    @triton.jit
+    def _mma_emulated(a02_lo, a02_hi, a13_lo, a13_hi, b01, b23, acc):
+        """`_MMA_PTX`'s function: acc [T, 8, 4, 4] (lane (r, c)'s e-th sum: row r + 8 * (e // 2), activation row
+        2c + e % 2) plus the products of the chunk."""
+        tiles: tl.constexpr = acc.shape[0]
+        low = tl.reshape(_mma_rows_emulated(a02_lo, a13_lo, b01, b23), [tiles, 8, 4, 2])
+        high = tl.reshape(_mma_rows_emulated(a02_hi, a13_hi, b01, b23), [tiles, 8, 4, 2])
+        return acc + tl.reshape(tl.permute(tl.join(low, high), [0, 1, 2, 4, 3]), [tiles, 8, 4, 4])
+
+    # `_e4m3_pair_bits` of both pairs in 6 instructions instead of 7: prmt places each byte of a pair in the low
+    # byte of its half with the byte's sign replicated above it; << 4 and a mask keep the sign (bit 15) and the
+    # 7 magnitude bits (10..4). 4-15% faster than the Triton ops on the H200 at every shape measured.
+    _E4M3_PAIRS_PTX = tl.constexpr("""{
+    .reg .b32 t;
+    prmt.b32 t, $2, 0, 0xA280;  shl.b32 t, t, 4;  and.b32 $0, t, 0x87F087F0;
+    prmt.b32 t, $2, 0, 0xB391;  shl.b32 t, t, 4;  and.b32 $1, t, 0x87F087F0;
+    }""")
+
+    @triton.jit
+    def _e4m3_both_pairs(words, PRMT: tl.constexpr):
+        """(`_e4m3_pair_bits(words, False)`, `_e4m3_pair_bits(words, True)`); PRMT: by `_E4M3_PAIRS_PTX`."""
+        if PRMT:
+            return tl.inline_asm_elementwise(_E4M3_PAIRS_PTX, "=r,=r,r", [words], dtype=(tl.int32, tl.int32),
+                                             is_pure=True, pack=1)
+        return _e4m3_pair_bits(words, False), _e4m3_pair_bits(words, True)
+
+    @triton.jit
+    def _fp8_mma_chunk(w_lo, w_hi, x_lo, x_hi, acc, EMULATE: tl.constexpr, PRMT: tl.constexpr):
+        """acc + one 64-byte chunk: w_lo / w_hi [32 W, 4] the words of rows r / r + 8, x_lo / x_hi [32 W, 4]
+        activation words 0-3 / 4-7 of each lane's 16 (lane 32 w + 4 r + c; its 4 words j in its registers)."""
+        a02_lo, a13_lo = _e4m3_both_pairs(w_lo, PRMT and not EMULATE)
+        a02_hi, a13_hi = _e4m3_both_pairs(w_hi, PRMT and not EMULATE)
+        if EMULATE:                                          # as [W, 8 (r), 4 (c), 4]
+            shape: tl.constexpr = [acc.shape[0] // 32, 8, 4, 4]
+            b01, b23 = _mma_b_emulated(tl.reshape(x_lo, shape), tl.reshape(x_hi, shape))
+            sums = _mma_emulated(tl.reshape(a02_lo, shape), tl.reshape(a02_hi, shape), tl.reshape(a13_lo, shape),
+                                 tl.reshape(a13_hi, shape), b01, b23, tl.reshape(acc, shape))
+            return tl.reshape(sums, acc.shape)
+        b01, b23 = tl.inline_asm_elementwise(_MMA_B_PTX, _MMA_B_CONSTRAINTS, [x_lo, x_hi],
+                                             dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(_MMA_PTX, _MMA_CONSTRAINTS, [a02_lo, a02_hi, a13_lo, a13_hi, b01, b23, acc],
+                                         dtype=tl.float32, is_pure=True, pack=4)
+
+    @triton.jit
+    def _fp8_mma_load(w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_start, w_end):
+        """One step's operands (two chunks): words of rows r and r + 8, activation words. Unmasked: a step past
+        w_end reloads the last one (cached; its scale is zero)."""
+        w_at = tl.minimum(w_start, w_end - 32)
+        lo0 = tl.load(w_ptr + w_offsets + w_at, eviction_policy="evict_first")
+        hi0 = tl.load(w_ptr + w_offsets + hi_offset + w_at, eviction_policy="evict_first")
+        lo1 = tl.load(w_ptr + w_offsets + w_at + 16, eviction_policy="evict_first")
+        hi1 = tl.load(w_ptr + w_offsets + hi_offset + w_at + 16, eviction_policy="evict_first")
+        xl0 = tl.load(x_ptr + x_offsets + 2 * w_at)
+        xh0 = tl.load(x_ptr + x_offsets + 2 * w_at + 4)
+        xl1 = tl.load(x_ptr + x_offsets + 2 * w_at + 32)
+        xh1 = tl.load(x_ptr + x_offsets + 2 * w_at + 36)
+        return lo0, hi0, lo1, hi1, xl0, xh0, xl1, xh1
+
+    @triton.jit
+    def _fp8_mma_step(lo0, hi0, lo1, hi1, xl0, xh0, xl1, xh1, acc, s_row, w_start, w_end, BLOCK_IN: tl.constexpr,
+                      EMULATE: tl.constexpr, PRMT: tl.constexpr):
+        """acc + one step (two chunks, 128 bytes of K at word w_start) times its block scale (0 past w_end)."""
+        scale = tl.load(s_row + (4 * w_start) // BLOCK_IN, mask=w_start < w_end, other=0.0)
+        sums = _fp8_mma_chunk(lo0, hi0, xl0, xh0, tl.zeros_like(acc), EMULATE, PRMT)
+        sums = _fp8_mma_chunk(lo1, hi1, xl1, xh1, sums, EMULATE, PRMT)
+        return acc + sums * scale
+
+    @triton.jit
+    def _fp8_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn,
+                             stride_sn, stride_om, n_per_group, words_per_split, x_group_words,
+                             BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, WARPS: tl.constexpr,
+                             SPLIT_K: tl.constexpr, EMULATE: tl.constexpr, PRMT: tl.constexpr = False):
+        # One 16-row tile a warp (WARPS = num_warps), all of a program's rows in one BLOCK_OUT row block (one
+        # scale a step), N a multiple of BLOCK_N; words_per_split a multiple of 32 (128 bytes); x the bf16
+        # activations as int32 pairs (stride_xm and x_group_words = K / 2 count them); M <= 8; BLOCK_IN % 128 == 0.
+        # Every tensor is [32 * WARPS, 4]: 2-D with 4 contiguous words a row, whose blocked layout (a row a lane,
+        # 32 rows a warp, the 4 words in the lane's registers) is the same whatever the compiler version orders
+        # dimensions by: the mma needs lane 4r + c of warp w to hold row i = 32w + 4r + c.
+        BLOCK_N: tl.constexpr = 16 * WARPS
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        i = tl.arange(0, 32 * WARPS)[:, None]
+        j = tl.arange(0, 4)[None, :]
+        r = (i % 32) // 4                                           # weight row in the tile; activation row
+        c = i % 4
+        rows = pid_n * BLOCK_N + 16 * (i // 32) + r                 # [32 W, 1]; rows + 8 the other half
+        w_offsets = rows.to(tl.int64) * stride_wn + 4 * c + j                           # N % BLOCK_N == 0
+        hi_offset = 8 * stride_wn.to(tl.int64)
+        group = (pid_n * BLOCK_N) // n_per_group
+        # activation rows past M repeat row M - 1: they only make sums of rows that are not stored
+        x_offsets = group * x_group_words + tl.minimum(r, M - 1) * stride_xm + 8 * c + j
+        s_row = s_ptr + ((pid_n * BLOCK_N) // BLOCK_OUT).to(tl.int64) * stride_sn
+        w_begin = pid_k * words_per_split
+        w_end = tl.minimum(w_begin + words_per_split, K // 4)
+        acc = tl.zeros([32 * WARPS, 4], dtype=tl.float32)
+        # two steps an iteration, their operands in two sets of registers (no copies): set A loads step s + 2
+        # while set B's step s + 1 computes
+        a_lo0, a_hi0, a_lo1, a_hi1, a_xl0, a_xh0, a_xl1, a_xh1 = _fp8_mma_load(
+            w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_begin, w_end)
+        for w_start in range(w_begin, w_end, 64):
+            b_lo0, b_hi0, b_lo1, b_hi1, b_xl0, b_xh0, b_xl1, b_xh1 = _fp8_mma_load(
+                w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_start + 32, w_end)
+            acc = _fp8_mma_step(a_lo0, a_hi0, a_lo1, a_hi1, a_xl0, a_xh0, a_xl1, a_xh1, acc, s_row, w_start, w_end,
+                                BLOCK_IN, EMULATE, PRMT)
+            a_lo0, a_hi0, a_lo1, a_hi1, a_xl0, a_xh0, a_xl1, a_xh1 = _fp8_mma_load(
+                w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_start + 64, w_end)
+            acc = _fp8_mma_step(b_lo0, b_hi0, b_lo1, b_hi1, b_xl0, b_xh0, b_xl1, b_xh1, acc, s_row, w_start + 32,
+                                w_end, BLOCK_IN, EMULATE, PRMT)
+        # lane (r, c)'s sum e = j: row rows + 8 * (e // 2), activation row 2c + e % 2; * 2^56 undoes 2^64 * 2^-120
+        out_rows = rows + 8 * (j // 2)
+        m = 2 * c + j % 2
+        mask = (m < M) & (out_rows >= 0)
+        result = acc * 72057594037927936.0
+        if SPLIT_K == 1:
+            tl.store(out_ptr + m * stride_om + out_rows, result.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(part_ptr + (pid_k * M + m).to(tl.int64) * N + out_rows, result, mask=mask)
+            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            _fp8_split_k_finish(part_ptr, count_ptr, out_ptr, pid_n, n, n < N, M, N, stride_om, SPLIT_K, 8,
+                                BLOCK_N)
 
     # Many rows: the weight dequantized into the activation dtype (one pass: 1 byte read, 2 written per
     # weight), then cuBLAS. (A Triton GEMM widening tiles in registers ran 2.5-3x slower than cuBLAS on the
@@ -408,12 +615,17 @@ class Fp8GemvTiles:
     layout_k: bool = False             # each thread `vec` bytes of each of its rows, the warps along K
     vec: int = 16
     cvt: bool = False                  # (layout_k) E4M3 widened by the hardware instead of the integer decode
+    mma: bool = False                  # the tensor-core GEMV: block_n = 16 * num_warps, 128 bytes of K a step
 
     @staticmethod
-    def for_shape(n: int, k: int, rows: int = 1) -> "Fp8GemvTiles":
-        """The tables below for a weight of [n, k] (every group's rows) at `rows` rows; otherwise enough
-        programs to cover an H200's 132 SMs a few times. A function of the shape and the row count only (eager
-        runs and graph replays agree)."""
+    def for_shape(n: int, k: int, rows: int = 1, mma: bool = True) -> "Fp8GemvTiles":
+        """The tables below for a weight of [n, k] (every group's rows) at `rows` rows: the tensor-core GEMV's
+        (FP8_GEMV_MMA_TABLE, from FP8_GEMV_MMA_MIN_ROWS rows), else the CUDA-core one's; otherwise the
+        tensor-core GEMV with about 512 programs (`mma_for_shape`), or with mma=False (a call it does not fit)
+        enough CUDA-core programs to cover an H200's 132 SMs a few times. A function of the shape and the row
+        count only (eager runs and graph replays agree)."""
+        if mma and rows >= FP8_GEMV_MMA_MIN_ROWS.get((n, k), 1):
+            return FP8_GEMV_MMA_TABLE.get((n, k)) or Fp8GemvTiles.mma_for_shape(n, k)
         tiles = (FP8_GEMV_TILE_TABLE if rows == 1 else FP8_GEMV_FEW_ROWS_TABLE).get((n, k))
         if tiles is None and rows > 1:
             tiles = FP8_GEMV_TILE_TABLE.get((n, k))
@@ -426,6 +638,15 @@ class Fp8GemvTiles:
                 split *= 2
             tiles = Fp8GemvTiles(block_n, 512, split, 4)
         return tiles
+
+    @staticmethod
+    def mma_for_shape(n: int, k: int) -> "Fp8GemvTiles":
+        """The tensor-core GEMV's tiles for a weight outside the table: 64 rows a program (4 warps), K split until
+        about 512 programs run (at least two 128-byte steps a split), the shape of most of the table's entries."""
+        split = 1
+        while split < 32 and (n // 64) * split < 512 and k // 128 >= 4 * split:
+            split *= 2
+        return Fp8GemvTiles(64, split_k=split, num_warps=4, mma=True)
 
 
 # From the tools/decode_kernels.py FP8 sweep on an H200 (2026-11-29, docs/PERFORMANCE.md); keyed by the whole
@@ -454,8 +675,27 @@ FP8_GEMV_FEW_ROWS_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
     (8192, 4096): Fp8GemvTiles(block_n=4, block_k=1024, split_k=1, num_warps=4, layout_k=True, vec=8, cvt=True),
 }
 
+# The tensor-core GEMV, 1-8 rows (its cost does not depend on the row count), from the H200 sweep of
+# 2026-11-29 16:08 UTC (docs/PERFORMANCE.md, "FP8 GEMV on the tensor cores"): the fastest at one row, which also
+# beat the path taken before at 2, 4 and 8 rows for every weight here.
+FP8_GEMV_MMA_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
+    (512, 4096): Fp8GemvTiles(block_n=64, split_k=16, num_warps=4, mma=True),
+    (1024, 4096): Fp8GemvTiles(block_n=64, split_k=16, num_warps=4, mma=True),
+    (2048, 4096): Fp8GemvTiles(block_n=128, split_k=16, num_warps=8, mma=True),
+    (4096, 2048): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True),
+    (4096, 4096): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True),
+    (4096, 8192): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True),
+    (8192, 1024): Fp8GemvTiles(block_n=64, split_k=4, num_warps=4, mma=True),
+    (8192, 4096): Fp8GemvTiles(block_n=64, split_k=4, num_warps=4, mma=True),
+    (32768, 1024): Fp8GemvTiles(block_n=128, split_k=1, num_warps=8, mma=True),
+}
+# where the CUDA-core GEMV measured faster at fewer rows: the row count from which the tensor-core one is taken
+# (the 512 x 4096 weight at one row: 4.4 against 4.6 us, both latency-bound)
+FP8_GEMV_MMA_MIN_ROWS: dict[tuple[int, int], int] = {(512, 4096): 2}
 
-FP8_GEMV_MAX_ROWS = 4               # the GEMV's limit (it beat dequantize + cuBLAS up to 4 rows on the H200)
+
+FP8_GEMV_MAX_ROWS = 4               # the CUDA-core GEMV's limit (it beat dequantize + cuBLAS up to 4 rows)
+FP8_GEMV_MMA_MAX_ROWS = 8           # the tensor-core GEMV's: the activation rows of one mma's B operand
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int) -> tuple[int, int]:
@@ -472,18 +712,25 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: i
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1,
              tiles: Fp8GemvTiles | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """The same function as `fp8_linear_ref` for a few rows: weight float8_e4m3fn [groups * out, in], scale an
-    fp32 grid [groups * out / bo, in / bi]. `counters`: int32 zeros, one per column tile, that split-K
-    programs count their arrivals in (left at zero); made here when not given."""
+    fp32 grid [groups * out / bo, in / bi]. Tensor-core tiles (`tiles.mma`) run `_fp8_gemv_mma_kernel` where
+    the call fits it (`fp8_gemv_mma_fits`: bf16, up to 8 rows), else the CUDA-core kernel (up to 4 rows).
+    `counters`: int32 zeros, one per column tile, that split-K programs count their arrivals in (left at
+    zero); made here when not given."""
     block_out, block_in = _check(x, weight, scale, groups)
     rows = x.shape[0]
     n, k = weight.shape
-    if rows > FP8_GEMV_MAX_ROWS:
-        raise ValueError(f"fp8_gemv takes at most {FP8_GEMV_MAX_ROWS} rows, got {rows}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if not rows or not n:
         return out
     tiles = tiles or Fp8GemvTiles.for_shape(n, k, rows)
+    if tiles.mma:
+        if fp8_gemv_mma_fits(x, weight, scale, groups, tiles):
+            return _fp8_gemv_mma(x, weight, scale, groups, tiles, counters, out)
+        tiles = Fp8GemvTiles.for_shape(n, k, rows, mma=False)
+    if rows > FP8_GEMV_MAX_ROWS:
+        raise ValueError(f"fp8_gemv takes at most {FP8_GEMV_MAX_ROWS} rows here ({FP8_GEMV_MMA_MAX_ROWS} on the "
+                         f"tensor-core path), got {rows}")
     if (n // groups) % tiles.block_n:
         raise ValueError(f"fp8_gemv: {tiles.block_n} columns a program do not divide a group's {n // groups}")
     block_k = tiles.block_k                            # a power of two >= 16 that divides K
@@ -512,6 +759,53 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups:
         LAYOUT_K=tiles.layout_k, W=max(1, min(tiles.vec // 4, block_k // 4)), CVT_DECODE=tiles.cvt and x.is_cuda,
         INTERPRET_DECODE=tiles.cvt and not x.is_cuda, SHARED_SCALE=block_out % tiles.block_n == 0,
         X_PACKED=x_packed,
+        num_warps=tiles.num_warps)
+    return out
+
+
+def fp8_gemv_mma_fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int,
+                      tiles: Fp8GemvTiles) -> bool:
+    """Whether the tensor-core GEMV takes this call: bf16 activations, at most 8 rows, 128-byte steps inside
+    one scale block, a program's 16 * num_warps rows (block_n) inside one scale row block and one group,
+    16-byte aligned weight rows."""
+    block_out, block_in = fp8_block_shape(tuple(weight.shape), tuple(scale.shape))
+    block_n = tiles.block_n
+    return tiles.mma and block_n == 16 * tiles.num_warps and x.dtype == torch.bfloat16 \
+        and x.shape[0] <= FP8_GEMV_MMA_MAX_ROWS and block_in % 128 == 0 and block_out % block_n == 0 \
+        and (weight.shape[0] // groups) % block_n == 0 and weight.data_ptr() % 16 == 0 \
+        and weight.stride(0) % 128 == 0 and scale.stride(-1) == 1
+
+
+def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, tiles: Fp8GemvTiles,
+                  counters: torch.Tensor | None, out: torch.Tensor, prmt: bool = True) -> torch.Tensor:
+    """`fp8_gemv` on the tensor cores (see `fp8_gemv_mma_fits`); prmt=False: the 7-instruction pair decode."""
+    block_out, block_in = fp8_block_shape(tuple(weight.shape), tuple(scale.shape))
+    rows = x.shape[0]
+    n, k = weight.shape
+    # Each lane's 4 words must be one 16-byte load, or the asm's packs of 4 would not be a lane's words j: the
+    # launch specializes the strides as multiples of 16 words (x is copied where its row stride is not; the
+    # weight's, K / 4, is a multiple of 32) and the pointers as 16-byte aligned.
+    if x.data_ptr() % 16 or x.stride(0) % 32:
+        x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+    block_n = tiles.block_n
+    steps = k // 128
+    split = max(1, min(tiles.split_k, steps))
+    words_per_split = -(-steps // split) * 32
+    split = -(-(k // 4) // words_per_split)
+    grid = (n // block_n, split)
+    if split > 1:
+        part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
+        if counters is None:
+            counters = torch.zeros(grid[0], dtype=torch.int32, device=x.device)
+        elif counters.numel() < grid[0]:
+            raise ValueError(f"fp8_gemv: {counters.numel()} counters for {grid[0]} column tiles")
+    else:
+        part = counters = out
+    _fp8_gemv_mma_kernel[grid](
+        x.view(torch.int32), weight.view(torch.int32), scale, out, part, counters, rows, n, k, x.stride(0) // 2,
+        weight.stride(0) // 4, scale.stride(0), out.stride(0), n // groups, words_per_split, k // 2,
+        BLOCK_OUT=block_out, BLOCK_IN=block_in,
+        WARPS=tiles.num_warps, SPLIT_K=split, EMULATE=not x.is_cuda, PRMT=prmt,
         num_warps=tiles.num_warps)
     return out
 
@@ -631,15 +925,18 @@ def fp8_w8a8_preferred(rows: int, n: int, k: int, groups: int) -> bool:
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1,
                counters: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., groups * in] -> [..., groups * out]: on a GPU (bf16/fp16) the GEMV for a few rows; for more, the
-    W8A8 GEMM where supported and measured faster (RUN_MODEL_FP8_W8A8=0 turns it off), else dequantize then
-    cuBLAS; `fp8_linear_ref` elsewhere (the weight dequantized for the call, in x's dtype)."""
+    """x [..., groups * in] -> [..., groups * out]: on a GPU (bf16/fp16) the GEMV for a few rows (up to 8 where the
+    tensor-core GEMV takes the call, else 4); for more, the W8A8 GEMM where supported and measured faster
+    (RUN_MODEL_FP8_W8A8=0 turns it off), else dequantize then cuBLAS; `fp8_linear_ref` elsewhere (the weight
+    dequantized for the call, in x's dtype)."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     if x.is_cuda and triton is not None and x.dtype in (torch.bfloat16, torch.float16) \
             and os.environ.get("RUN_MODEL_TORCH_OPS") != "1":
-        if x.shape[0] <= FP8_GEMV_MAX_ROWS:
-            out = fp8_gemv(x, weight, scale, groups, counters=counters)
+        rows = x.shape[0]
+        tiles = Fp8GemvTiles.for_shape(*weight.shape, rows) if rows <= FP8_GEMV_MMA_MAX_ROWS else None
+        if rows <= FP8_GEMV_MAX_ROWS or (tiles is not None and fp8_gemv_mma_fits(x, weight, scale, groups, tiles)):
+            out = fp8_gemv(x, weight, scale, groups, tiles, counters)
         elif os.environ.get("RUN_MODEL_FP8_W8A8") != "0" and fp8_w8a8_supported(x, weight, scale) \
                 and fp8_w8a8_preferred(x.shape[0], weight.shape[0], weight.shape[1], groups):
             out = fp8_w8a8_matmul(x, weight, scale, groups)

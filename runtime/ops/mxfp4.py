@@ -469,14 +469,19 @@ if triton is not None:
         return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _mxfp4_gemv_gate_up_kernel(x_ptr, words_ptr, scales_ptr, bias_ptr, h_ptr, ids_ptr, top_k, K, N,
+    def _mxfp4_gemv_gate_up_kernel(x_ptr, words_ptr, scales_ptr, bias_ptr, h_ptr, ids_ptr, count_ptr, num_counts,
+                                   top_k, K, N,
                                    stride_xm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_hm,
                                    alpha, limit, up_offset,
                                    HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERLEAVED: tl.constexpr,
                                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr,
                                    PTX_DECODE: tl.constexpr):
         """h[pair, n] = act(x[token] @ W13[e].T + b13[e]) for this program's BLOCK_N columns n. Weight strides
-        (stride_be, stride_br) count 16-byte blocks."""
+        (stride_be, stride_br) count 16-byte blocks. Program (0, 0) also zeroes num_counts int32 counters at
+        count_ptr (the split down GEMV's, which runs next)."""
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            for c in range(0, num_counts, 256):
+                tl.store(count_ptr + c + tl.arange(0, 256), 0, mask=c + tl.arange(0, 256) < num_counts)
         pair = tl.program_id(0)
         token = pair // top_k
         expert = tl.load(ids_ptr + pair).to(tl.int64)    # negative: another rank's expert, nothing to read
@@ -572,6 +577,315 @@ if triton is not None:
         tl.store(out_ptr + token * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
+# ---- decode GEMV with explicit layouts (Gluon, GPU only) --------------------------------------------
+# The same GEMVs with every register layout chosen by hand (Triton's Gluon dialect), so the K loop has no
+# layout conversion, no shared memory and no barrier. L3 = [rows, GV, 4]: each thread holds whole 16-byte
+# blocks (4 words, 32 codes) of R rows, one block per lane along K (GV blocks a step), the warps (and R)
+# along the rows. The activations of a block are loaded once per thread (64-bit loads in the slice of L3
+# without its row dimension) and shared by the thread's R rows; the scales are loaded straight into the
+# slice without the word dimension. The lanes' partial sums are reduced once, after the loop. Numerics are
+# those of the Triton kernels above (the same decode, the same 2^64 / 2^62 scaling, fp32 sums).
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:                                    # older Triton: the Triton kernels only
+    gluon = None
+
+if gluon is not None:
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier       # renamed after Triton 3.6
+
+if gluon is not None:
+    @gluon.jit
+    def _gl_unpack(v, X_PACKED: gl.constexpr):
+        """int64 [GV, 4] -> its activations as fp32 times 2^64: four bf16 (X_PACKED 1) or fp16 (2)."""
+        lo = v.to(gl.int32)
+        hi = (v >> 32).to(gl.int32)
+        if X_PACKED == 1:
+            a = (lo << 16).to(gl.float32, bitcast=True)
+            b = (lo & -65536).to(gl.float32, bitcast=True)
+            c = (hi << 16).to(gl.float32, bitcast=True)
+            d = (hi & -65536).to(gl.float32, bitcast=True)
+        else:
+            a = lo.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+            b = (lo >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+            c = hi.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+            d = (hi >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+        return (gl.expand_dims(a * 18446744073709551616.0, 0), gl.expand_dims(b * 18446744073709551616.0, 0),
+                gl.expand_dims(c * 18446744073709551616.0, 0), gl.expand_dims(d * 18446744073709551616.0, 0))
+
+    @gluon.jit
+    def _gl_unpack_f32(v):
+        """int64 [GV, 4] holding two fp32 -> both times 2^64, as [1, GV, 4]."""
+        a = v.to(gl.int32).to(gl.float32, bitcast=True) * 18446744073709551616.0
+        b = (v >> 32).to(gl.int32).to(gl.float32, bitcast=True) * 18446744073709551616.0
+        return gl.expand_dims(a, 0), gl.expand_dims(b, 0)
+
+    @gluon.jit
+    def _gl_activations(xa, xb, xc, xd, X_PACKED: gl.constexpr):
+        """The 8 activations of each word (element 8 * word + i), fp32 * 2^64, each [1, GV, 4]."""
+        if X_PACKED == 0:
+            x0, x1 = _gl_unpack_f32(xa)
+            x2, x3 = _gl_unpack_f32(xb)
+            x4, x5 = _gl_unpack_f32(xc)
+            x6, x7 = _gl_unpack_f32(xd)
+        else:
+            x0, x1, x2, x3 = _gl_unpack(xa, X_PACKED)
+            x4, x5, x6, x7 = _gl_unpack(xb, X_PACKED)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    # One word's dot product with its 8 activations (fp32 * 2^64) in PTX, the decoded weights never leaving
+    # the asm block: codes i and i + 4 (16 bits apart) become a bf16 pair by a mask, a multiply that places
+    # magnitude and sign at once (x * (2^6 + 2^12) for nibble 0, x * (2^2 + 2^8) for nibble 1; the fields do not
+    # overlap, so the product is the sum of the two shifts) and a mask; the word shifted right by 8 gives codes
+    # 2, 3, 6, 7 the same way. Each half widens to fp32 by a shift or a mask, then one FMA per weight. That is
+    # 21 integer operations per 8 weights (the Triton kernels' pairs take 24) and 8 FMAs.
+    _E2M1_DOT_PTX = gl.constexpr("""{
+    .reg .b32 t, p, v;
+    .reg .f32 lo, hi, s;
+    and.b32 t, $1, 0x000F000F;  mul.lo.u32 p, t, 4160;  and.b32 p, p, 0x81C081C0;
+    shl.b32 lo, p, 16;  and.b32 hi, p, 0xFFFF0000;
+    mul.rn.f32 s, lo, $2;  fma.rn.f32 s, hi, $6, s;
+    and.b32 t, $1, 0x00F000F0;  mul.lo.u32 p, t, 260;  and.b32 p, p, 0x81C081C0;
+    shl.b32 lo, p, 16;  and.b32 hi, p, 0xFFFF0000;
+    fma.rn.f32 s, lo, $3, s;  fma.rn.f32 s, hi, $7, s;
+    shr.b32 v, $1, 8;
+    and.b32 t, v, 0x000F000F;  mul.lo.u32 p, t, 4160;  and.b32 p, p, 0x81C081C0;
+    shl.b32 lo, p, 16;  and.b32 hi, p, 0xFFFF0000;
+    fma.rn.f32 s, lo, $4, s;  fma.rn.f32 s, hi, $8, s;
+    and.b32 t, v, 0x00F000F0;  mul.lo.u32 p, t, 260;  and.b32 p, p, 0x81C081C0;
+    shl.b32 lo, p, 16;  and.b32 hi, p, 0xFFFF0000;
+    fma.rn.f32 s, lo, $5, s;  fma.rn.f32 $0, hi, $9, s;
+    }""")
+
+    @gluon.jit
+    def _gl_block_sums(words, x0, x1, x2, x3, x4, x5, x6, x7, scale_bits, weight):
+        """[R, GV] block sums of words [R, GV, 4] with the activations ([1, GV, 4] each), times 2^62, the E8M0
+        scale bits [R, GV] and `weight`."""
+        sums = gl.inline_asm_elementwise(_E2M1_DOT_PTX, "=f,r,f,f,f,f,f,f,f,f", [words, x0, x1, x2, x3, x4, x5, x6, x7],
+                                         dtype=gl.float32, is_pure=True, pack=1)
+        scale = (scale_bits << 23).to(gl.float32, bitcast=True) * (weight * 4611686018427387904.0)
+        return gl.sum(sums, axis=2) * scale
+
+    @gluon.constexpr_function
+    def _gl_layout(rows, gv, num_warps):
+        """L3 for [rows, gv, 4]: a lane per block along K (gv <= 32), the rest of the warp and the warps along
+        the rows."""
+        return gl.BlockedLayout([1, 1, 4], [32 // gv, gv, 1], [num_warps, 1, 1], [2, 1, 0])
+
+    @gluon.jit
+    def _gl_x_load(x_vec, g_start, num_groups, X_PACKED: gl.constexpr, GV: gl.constexpr, L3: gl.constexpr):
+        """The K step's activations: int64 [GV, 4] (two per word for 16-bit activations, four for fp32)."""
+        XL: gl.constexpr = gl.SliceLayout(0, L3)
+        g = g_start + gl.arange(0, GV, layout=gl.SliceLayout(1, XL))
+        mask = gl.expand_dims(g < num_groups, 1) & gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, XL)) < 4, 0)
+        step = x_vec + g_start * (16 if X_PACKED == 0 else 8)
+        xa = gl.load(step, mask=mask, other=0)
+        xb = gl.load(step + 1, mask=mask, other=0)
+        if X_PACKED == 0:
+            xc = gl.load(step + 2, mask=mask, other=0)
+            xd = gl.load(step + 3, mask=mask, other=0)
+        else:
+            xc = xa
+            xd = xb
+        return xa, xb, xc, xd
+
+    @gluon.jit
+    def _gl_x_ptrs(x_row, X_PACKED: gl.constexpr, GV: gl.constexpr, L3: gl.constexpr):
+        XL: gl.constexpr = gl.SliceLayout(0, L3)
+        g = gl.arange(0, GV, layout=gl.SliceLayout(1, XL))
+        j = gl.arange(0, 4, layout=gl.SliceLayout(0, XL))
+        per_word: gl.constexpr = 4 if X_PACKED == 0 else 2
+        return x_row.to(gl.pointer_type(gl.int64)) + gl.expand_dims(g * (4 * per_word), 1) + gl.expand_dims(
+            j * per_word, 0)
+
+    @gluon.jit
+    def _gl_w_ptrs(words_ptr, scales_ptr, row_groups, row_scales, GV: gl.constexpr, L3: gl.constexpr):
+        """Word pointers [R, GV, 4] and scale pointers [R, GV] of K step 0 for rows whose first block is
+        row_groups [R] (int64, in blocks; layout slice(1, slice(2, L3))) and first scale row_scales."""
+        SL: gl.constexpr = gl.SliceLayout(2, L3)
+        g = gl.arange(0, GV, layout=gl.SliceLayout(0, SL))
+        j = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+        blocks = gl.expand_dims(row_groups, 1) + gl.expand_dims(g, 0)                     # [R, GV]
+        word_ptrs = words_ptr + gl.expand_dims(blocks * 4, 2) + gl.expand_dims(gl.expand_dims(j, 0), 1)
+        scale_ptrs = scales_ptr + gl.expand_dims(row_scales, 1) + gl.expand_dims(g, 0)
+        return word_ptrs, scale_ptrs
+
+    @gluon.jit
+    def _gl_w_load(word_ptrs, scale_ptrs, row_mask, g_start, num_groups, GV: gl.constexpr, L3: gl.constexpr):
+        SL: gl.constexpr = gl.SliceLayout(2, L3)
+        g = g_start + gl.arange(0, GV, layout=gl.SliceLayout(0, SL))
+        mask = gl.expand_dims(row_mask, 1) & gl.expand_dims(g < num_groups, 0)               # [R, GV]
+        words = gl.load(word_ptrs + g_start * 4, mask=gl.expand_dims(mask, 2), other=0, eviction_policy="evict_first")
+        scale_bits = gl.load(scale_ptrs + g_start, mask=mask, other=0).to(gl.int32)
+        return words, scale_bits
+
+    @gluon.jit
+    def _gl_gate_up_kernel(x_ptr, words_ptr, scales_ptr, bias_ptr, h_ptr, ids_ptr, count_ptr, num_counts, top_k, K, N,
+                           stride_xm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_hm,
+                           alpha, limit, up_offset,
+                           HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, INTERLEAVED: gl.constexpr,
+                           BLOCK_N: gl.constexpr, GV: gl.constexpr, X_PACKED: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """`_mxfp4_gemv_gate_up_kernel` with explicit layouts: the gate and the up rows of BLOCK_N columns as two
+        row sets sharing each K step's activations. Program (0, 0) zeroes the split down GEMV's counters."""
+        L3: gl.constexpr = _gl_layout(BLOCK_N, GV, NUM_WARPS)
+        RL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
+        if (gl.program_id(0) == 0) & (gl.program_id(1) == 0):
+            CL: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+            for c in range(0, num_counts, 32 * NUM_WARPS):
+                offsets = c + gl.arange(0, 32 * NUM_WARPS, layout=CL)
+                gl.store(count_ptr + offsets, gl.zeros([32 * NUM_WARPS], gl.int32, layout=CL),
+                         mask=offsets < num_counts)
+        pair = gl.program_id(0)
+        token = pair // top_k
+        expert = gl.load(ids_ptr + pair).to(gl.int64)
+        n = gl.program_id(1) * BLOCK_N + gl.arange(0, BLOCK_N, layout=RL)
+        row_mask = (n < N) & ((n * 0 + expert) >= 0)
+        expert = gl.maximum(expert, 0)
+        if INTERLEAVED:
+            gate_rows, up_rows = 2 * n, 2 * n + 1
+        else:
+            gate_rows, up_rows = n, n + N
+        num_groups = K // 32
+        x_vec = _gl_x_ptrs(x_ptr + token.to(gl.int64) * stride_xm, X_PACKED, GV, L3)
+        gate_ptrs, gate_scale_ptrs = _gl_w_ptrs(words_ptr, scales_ptr,
+                                                expert * stride_be + gate_rows.to(gl.int64) * stride_br,
+                                                expert * stride_se + gate_rows.to(gl.int64) * stride_sr, GV, L3)
+        up_ptrs, up_scale_ptrs = _gl_w_ptrs(words_ptr, scales_ptr, expert * stride_be + up_rows.to(gl.int64) * stride_br,
+                                            expert * stride_se + up_rows.to(gl.int64) * stride_sr, GV, L3)
+        acc_gate = gl.zeros([BLOCK_N, GV], gl.float32, layout=gl.SliceLayout(2, L3))
+        acc_up = gl.zeros([BLOCK_N, GV], gl.float32, layout=gl.SliceLayout(2, L3))
+        gate_words, gate_scales = _gl_w_load(gate_ptrs, gate_scale_ptrs, row_mask, 0, num_groups, GV, L3)
+        up_words, up_scales = _gl_w_load(up_ptrs, up_scale_ptrs, row_mask, 0, num_groups, GV, L3)
+        xa, xb, xc, xd = _gl_x_load(x_vec, 0, num_groups, X_PACKED, GV, L3)
+        for g_start in range(0, num_groups, GV):               # the next step's operands load during this one
+            next_gate_words, next_gate_scales = _gl_w_load(gate_ptrs, gate_scale_ptrs, row_mask, g_start + GV,
+                                                           num_groups, GV, L3)
+            next_up_words, next_up_scales = _gl_w_load(up_ptrs, up_scale_ptrs, row_mask, g_start + GV, num_groups,
+                                                       GV, L3)
+            next_xa, next_xb, next_xc, next_xd = _gl_x_load(x_vec, g_start + GV, num_groups, X_PACKED, GV, L3)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _gl_activations(xa, xb, xc, xd, X_PACKED)
+            acc_gate += _gl_block_sums(gate_words, x0, x1, x2, x3, x4, x5, x6, x7, gate_scales, 1.0)
+            acc_up += _gl_block_sums(up_words, x0, x1, x2, x3, x4, x5, x6, x7, up_scales, 1.0)
+            gate_words, gate_scales = next_gate_words, next_gate_scales
+            up_words, up_scales = next_up_words, next_up_scales
+            xa, xb, xc, xd = next_xa, next_xb, next_xc, next_xd
+        gate = gl.sum(acc_gate, axis=1)
+        up = gl.sum(acc_up, axis=1)
+        n_mask = n < N
+        if HAS_BIAS:
+            gate += gl.load(bias_ptr + expert * stride_bias + gate_rows, mask=n_mask, other=0.0).to(gl.float32)
+            up += gl.load(bias_ptr + expert * stride_bias + up_rows, mask=n_mask, other=0.0).to(gl.float32)
+        if HAS_LIMIT:
+            gate = gl.minimum(gate, limit)
+            up = gl.minimum(gl.maximum(up, -limit), limit)
+        h = gate / (1.0 + gl.exp(-alpha * gate)) * (up + up_offset)
+        gl.store(h_ptr + pair * stride_hm + n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
+
+    @gluon.jit
+    def _gl_down_load(h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step, steps, slot_end, top_k, n,
+                      n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, slots, slot_ids,
+                      slot_weights, GV: gl.constexpr, X_PACKED: gl.constexpr, HOIST: gl.constexpr, L3: gl.constexpr):
+        """The operands of step `step` of the down GEMV's walk (slot step // steps, K step step % steps); slots
+        from slot_end on, and another rank's experts, load nothing (their weight is 0). With HOIST the slot's
+        expert and weight come from the token's ids and weights loaded before the walk (`slot_ids`,
+        `slot_weights` at `slots`), so the next step's word loads do not wait on a load of the id."""
+        slot = step // steps
+        g_start = (step % steps) * GV
+        pair = token * top_k + gl.minimum(slot, top_k - 1)
+        if HOIST:
+            expert = gl.sum(gl.where(slots == slot, slot_ids, 0), axis=0).to(gl.int64)
+        else:
+            expert = gl.load(ids_ptr + pair).to(gl.int64)
+        valid = (slot < slot_end) & (expert >= 0)
+        row_mask = n_mask & ((n * 0 + slot) < slot_end) & ((n * 0 + expert) >= 0)
+        expert = gl.maximum(expert, 0)
+        word_ptrs, scale_ptrs = _gl_w_ptrs(words_ptr, scales_ptr, expert * stride_be + n.to(gl.int64) * stride_br,
+                                           expert * stride_se + n.to(gl.int64) * stride_sr, GV, L3)
+        words, scale_bits = _gl_w_load(word_ptrs, scale_ptrs, row_mask, g_start, num_groups, GV, L3)
+        x_vec = _gl_x_ptrs(h_ptr + pair.to(gl.int64) * stride_hm, X_PACKED, GV, L3)
+        xa, xb, xc, xd = _gl_x_load(x_vec, g_start, num_groups, X_PACKED, GV, L3)
+        if HOIST:
+            weight = gl.where(valid, gl.sum(gl.where(slots == slot, slot_weights, 0.0), axis=0), 0.0)
+        else:
+            weight = gl.where(valid, gl.load(weights_ptr + pair).to(gl.float32), 0.0)
+        return words, scale_bits, xa, xb, xc, xd, weight
+
+    @gluon.jit
+    def _gl_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr, part_ptr, count_ptr,
+                        top_k, K, N, stride_hm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_om,
+                        HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, GV: gl.constexpr, X_PACKED: gl.constexpr,
+                        SPLIT: gl.constexpr, HOIST_SLOTS: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """`_mxfp4_gemv_down_kernel` with explicit layouts. With SPLIT > 1 the token's slots are divided among
+        SPLIT programs (more programs, shorter walks); each writes its fp32 partial and the last to arrive at
+        the column tile's counter (int32, zero before the launch, zero again after it) sums them in a fixed
+        order: deterministic. HOIST_SLOTS (a power of two >= top_k; 0: off) loads the token's ids and weights
+        once, before the walk."""
+        L3: gl.constexpr = _gl_layout(BLOCK_N, GV, NUM_WARPS)
+        RL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
+        token = gl.program_id(0)
+        pid_n = gl.program_id(1)
+        split = gl.program_id(2)
+        n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=RL)
+        n_mask = n < N
+        num_groups = K // 32
+        steps = gl.cdiv(num_groups, GV)
+        slots_per_split = gl.cdiv(top_k, SPLIT)
+        slot_begin = split * slots_per_split
+        slot_end = gl.minimum(slot_begin + slots_per_split, top_k)
+        acc = gl.zeros([BLOCK_N, GV], gl.float32, layout=gl.SliceLayout(2, L3))
+        HOIST: gl.constexpr = HOIST_SLOTS > 0
+        if HOIST:                            # every thread holds all of the token's ids and weights
+            VL: gl.constexpr = gl.BlockedLayout([HOIST_SLOTS], [32], [NUM_WARPS], [0])
+            slots = gl.arange(0, HOIST_SLOTS, layout=VL)
+            slot_ids = gl.load(ids_ptr + token * top_k + slots, mask=slots < top_k, other=-1).to(gl.int32)
+            slot_weights = gl.load(weights_ptr + token * top_k + slots, mask=slots < top_k, other=0.0).to(gl.float32)
+        else:
+            slots, slot_ids, slot_weights = 0, 0, 0.0
+        words, scale_bits, xa, xb, xc, xd, weight = _gl_down_load(
+            h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, slot_begin * steps, steps, slot_end, top_k, n,
+            n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, slots, slot_ids, slot_weights,
+            GV, X_PACKED, HOIST, L3)
+        for step in range(slot_begin * steps, slot_end * steps):
+            next_words, next_scale_bits, next_xa, next_xb, next_xc, next_xd, next_weight = _gl_down_load(
+                h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step + 1, steps, slot_end, top_k, n,
+                n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, slots, slot_ids,
+                slot_weights, GV, X_PACKED, HOIST, L3)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _gl_activations(xa, xb, xc, xd, X_PACKED)
+            acc += _gl_block_sums(words, x0, x1, x2, x3, x4, x5, x6, x7, scale_bits, weight)
+            words, scale_bits, xa, xb, xc, xd, weight = (next_words, next_scale_bits, next_xa, next_xb, next_xc,
+                                                         next_xd, next_weight)
+        out = gl.sum(acc, axis=1)
+        if SPLIT > 1:
+            gl.store(part_ptr + (split * gl.num_programs(0) + token).to(gl.int64) * N + n, out, mask=n_mask)
+            _cta_barrier()                                       # every thread's partial before the arrival
+            count = count_ptr + token * gl.num_programs(1) + pid_n
+            arrived = gl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT - 1:
+                out = gl.zeros([BLOCK_N], gl.float32, layout=RL)
+                for other in range(0, SPLIT):
+                    out += gl.load(part_ptr + (other * gl.num_programs(0) + token).to(gl.int64) * N + n, mask=n_mask,
+                                   other=0.0, cache_modifier=".cg")
+                _gl_down_store(out, bias_ptr, out_ptr, weights_ptr, ids_ptr, token, top_k, n, n_mask, stride_bias,
+                               stride_om, HAS_BIAS)
+                gl.store(count, 0)                               # left at zero for a caller that keeps them
+        else:
+            _gl_down_store(out, bias_ptr, out_ptr, weights_ptr, ids_ptr, token, top_k, n, n_mask, stride_bias,
+                           stride_om, HAS_BIAS)
+
+    @gluon.jit
+    def _gl_down_store(out, bias_ptr, out_ptr, weights_ptr, ids_ptr, token, top_k, n, n_mask, stride_bias, stride_om,
+                       HAS_BIAS: gl.constexpr):
+        """The token's row: out plus the weighted biases of its experts, in the output's dtype."""
+        if HAS_BIAS:
+            for slot in range(0, top_k):
+                expert = gl.load(ids_ptr + token * top_k + slot).to(gl.int64)
+                if expert >= 0:
+                    bias = gl.load(bias_ptr + expert * stride_bias + n, mask=n_mask, other=0.0).to(gl.float32)
+                    out += bias * gl.load(weights_ptr + token * top_k + slot).to(gl.float32)
+        gl.store(out_ptr + token * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
 @dataclass(frozen=True, slots=True)
 class GemvTiles:
     block_n_gate_up: int = 16          # intermediate columns per program: 2x as many gate/up weight rows
@@ -582,6 +896,10 @@ class GemvTiles:
     ptx_decode: bool = True            # the PTX pair decode (GPU only; the interpreter runs the Triton one)
     block_g_down: int = 32             # K step of the down GEMV: its grid is small, so each program reads deep
     num_warps_down: int = 4
+    gluon: bool = False                # gate/up by the explicit-layout kernel (block_g: lanes along K, <= 32)
+    gluon_down: bool = False           # the down GEMV by it (block_g_down likewise)
+    split_down: int = 1                # with gluon_down: the token's slots divided among this many programs
+    hoist_ids: bool = False            # with gluon_down: the token's expert ids and weights loaded before the walk
 
     @staticmethod
     def for_shape(hidden: int, inter: int) -> "GemvTiles":
@@ -593,9 +911,21 @@ class GemvTiles:
 
 # From the tools/decode_kernels.py sweep on an H200 (2026-11-29; figures in docs/PERFORMANCE.md).
 GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {
-    (2880, 2880): GemvTiles(8, 8, 8, 4, prefetch=True, ptx_decode=True, block_g_down=32, num_warps_down=4),
-    (4096, 2048): GemvTiles(8, 8, 8, 4, prefetch=True, ptx_decode=True, block_g_down=32, num_warps_down=4),
+    (2880, 2880): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=2),
+    (4096, 2048): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=1),
 }
+
+
+def _use_gluon(flag: bool, x: torch.Tensor) -> bool:
+    return flag and x.is_cuda and gluon is not None
+
+
+def _activations_for_gemv(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x with unit stride along K and rows 8-byte aligned (the explicit-layout kernels load 64 bits at a time),
+    and its X_PACKED code: 1 bf16, 2 fp16, 0 fp32."""
+    if x.stride(-1) != 1 or x.data_ptr() % 8 or (x.stride(0) * x.element_size()) % 8:
+        x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+    return x, {torch.bfloat16: 1, torch.float16: 2, torch.float32: 0}[x.dtype]
 
 
 def _check_gemv_weights(w: Mxfp4Linear) -> None:
@@ -604,40 +934,72 @@ def _check_gemv_weights(w: Mxfp4Linear) -> None:
         raise ValueError("MXFP4 GEMV needs each weight row's blocks and scales contiguous, 16-byte aligned")
 
 
+def _down_counts(num_tokens: int, hidden: int, tiles: GemvTiles) -> int:
+    """How many arrival counters the split down GEMV needs (0 without a split)."""
+    return num_tokens * triton.cdiv(hidden, tiles.block_n_down) if tiles.gluon_down and tiles.split_down > 1 else 0
+
+
 def mxfp4_gemv_gate_up(x: torch.Tensor, w13: Mxfp4Linear, topk_ids: torch.Tensor, activation: GatedActivation,
-                       tiles: GemvTiles) -> torch.Tensor:
-    """h [pairs, inter] = act(x[token] @ W13[e].T + b13[e]) for every (token, slot) pair, in x's dtype."""
+                       tiles: GemvTiles, counters: torch.Tensor | None = None) -> torch.Tensor:
+    """h [pairs, inter] = act(x[token] @ W13[e].T + b13[e]) for every (token, slot) pair, in x's dtype.
+    `counters` (int32), when given, are zeroed by the launch for the split down GEMV that follows."""
     _check_gemv_weights(w13)
     num_tokens, top_k = topk_ids.shape
     inter = w13.out_features // 2
     x = x.contiguous()
     h = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)           # [pairs, inter]
     bias = w13.bias if w13.bias is not None else torch.zeros(1, dtype=torch.float32, device=x.device)
+    num_counts = 0 if counters is None else counters.numel()
+    counters = h if counters is None else counters
+    grid = (num_tokens * top_k, triton.cdiv(inter, tiles.block_n_gate_up))
+    if _use_gluon(tiles.gluon, x):
+        x, x_packed = _activations_for_gemv(x)
+        kernel, options = _gl_gate_up_kernel, dict(GV=tiles.block_g, X_PACKED=x_packed, NUM_WARPS=tiles.num_warps)
+    else:
+        kernel, options = _mxfp4_gemv_gate_up_kernel, dict(BLOCK_G=tiles.block_g, PREFETCH=tiles.prefetch,
+                                                           PTX_DECODE=tiles.ptx_decode and x.is_cuda)
     # int32 words over the same bytes (4 per 16-byte block); weight strides passed in 16-byte blocks
-    _mxfp4_gemv_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, tiles.block_n_gate_up))](
-        x, w13.blocks.view(torch.int32), w13.scales, bias, h, topk_ids.contiguous().view(-1), top_k,
-        x.shape[1], inter, x.stride(0), w13.blocks.stride(0) // 16, w13.blocks.stride(1) // 16,
+    kernel[grid](
+        x, w13.blocks.view(torch.int32), w13.scales, bias, h, topk_ids.contiguous().view(-1), counters, num_counts,
+        top_k, x.shape[1], inter, x.stride(0), w13.blocks.stride(0) // 16, w13.blocks.stride(1) // 16,
         w13.scales.stride(0), w13.scales.stride(1), bias.stride(0) if w13.bias is not None else 0, h.stride(0),
         activation.alpha, activation.limit or 0.0, activation.up_offset,
         HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None, INTERLEAVED=activation.interleaved,
-        BLOCK_N=tiles.block_n_gate_up, BLOCK_G=tiles.block_g, PREFETCH=tiles.prefetch,
-        PTX_DECODE=tiles.ptx_decode and x.is_cuda, num_warps=tiles.num_warps)
+        BLOCK_N=tiles.block_n_gate_up, num_warps=tiles.num_warps, **options)
     return h
 
 
 def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                    tiles: GemvTiles) -> torch.Tensor:
-    """out [tokens, hidden] = sum_k weight_k * (h[pair] @ W2[e].T + b2[e]), in h's dtype."""
+                    tiles: GemvTiles, counters: torch.Tensor | None = None) -> torch.Tensor:
+    """out [tokens, hidden] = sum_k weight_k * (h[pair] @ W2[e].T + b2[e]), in h's dtype. A split launch
+    counts its programs' arrivals in `counters` (int32 zeros, `_down_counts` of them; made here if not given)."""
     _check_gemv_weights(w2)
     num_tokens, top_k = topk_ids.shape
     hidden = w2.out_features
     out = torch.empty(num_tokens, hidden, dtype=h.dtype, device=h.device)
     bias = w2.bias if w2.bias is not None else torch.zeros(1, dtype=torch.float32, device=h.device)
+    weights, ids = topk_weights.contiguous().view(-1), topk_ids.contiguous().view(-1)
+    strides = (h.stride(0), w2.blocks.stride(0) // 16, w2.blocks.stride(1) // 16, w2.scales.stride(0),
+               w2.scales.stride(1), bias.stride(0) if w2.bias is not None else 0, out.stride(0))
+    if _use_gluon(tiles.gluon_down, h):
+        h, h_packed = _activations_for_gemv(h)
+        strides = (h.stride(0),) + strides[1:]
+        split = max(1, min(tiles.split_down, top_k))
+        part = out
+        if split > 1:
+            part = torch.empty(split, num_tokens, hidden, dtype=torch.float32, device=h.device)
+            if counters is None:
+                counters = torch.zeros(_down_counts(num_tokens, hidden, tiles), dtype=torch.int32, device=h.device)
+        else:
+            counters = out
+        _gl_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down), split)](
+            h, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, part, counters, top_k, h.shape[1],
+            hidden, *strides, HAS_BIAS=w2.bias is not None, BLOCK_N=tiles.block_n_down, GV=tiles.block_g_down,
+            X_PACKED=h_packed, SPLIT=split, NUM_WARPS=tiles.num_warps_down, num_warps=tiles.num_warps_down,
+            HOIST_SLOTS=triton.next_power_of_2(top_k) if tiles.hoist_ids else 0)
+        return out
     _mxfp4_gemv_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down))](
-        h, w2.blocks.view(torch.int32), w2.scales, bias, out, topk_weights.contiguous().view(-1),
-        topk_ids.contiguous().view(-1), top_k, h.shape[1], hidden, h.stride(0), w2.blocks.stride(0) // 16,
-        w2.blocks.stride(1) // 16, w2.scales.stride(0), w2.scales.stride(1),
-        bias.stride(0) if w2.bias is not None else 0, out.stride(0),
+        h, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, top_k, h.shape[1], hidden, *strides,
         HAS_BIAS=w2.bias is not None, BLOCK_N=tiles.block_n_down, BLOCK_G=tiles.block_g_down,
         PREFETCH=tiles.prefetch, PTX_DECODE=tiles.ptx_decode and h.is_cuda, num_warps=tiles.num_warps_down)
     return out
@@ -656,5 +1018,8 @@ def mxfp4_moe_gemv(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weig
     if topk_ids.numel() == 0:
         return torch.zeros(topk_ids.shape[0], hidden, dtype=x.dtype, device=x.device)
     tiles = tiles or GemvTiles.for_shape(hidden, inter)
-    h = mxfp4_gemv_gate_up(x, w13, topk_ids, activation, tiles)
-    return mxfp4_gemv_down(h, w2, topk_weights, topk_ids, tiles)
+    num_counts = _down_counts(topk_ids.shape[0], hidden, tiles) if x.is_cuda else 0
+    # the split down GEMV's counters: zeroed by the gate/up launch, so no memset of their own
+    counters = torch.empty(num_counts, dtype=torch.int32, device=x.device) if num_counts else None
+    h = mxfp4_gemv_gate_up(x, w13, topk_ids, activation, tiles, counters)
+    return mxfp4_gemv_down(h, w2, topk_weights, topk_ids, tiles, counters)

@@ -213,7 +213,7 @@ if triton is not None:
     def _chunk_levels_kernel(logits_ptr, stride, V, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
                              greedy_below, part_max_ptr, part_arg_ptr, part_z_ptr, part_count_ptr, part_mass_ptr,
                              NUM_CHUNKS, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, LEVEL_BLOCK: tl.constexpr,
-                             NUM_LEVELS: tl.constexpr, LEVEL_SHIFT: tl.constexpr):
+                             NUM_LEVELS: tl.constexpr, LEVEL_SHIFT: tl.constexpr, LEVEL_STEPS: tl.constexpr):
         row, chunk = tl.program_id(0), tl.program_id(1)
         base = logits_ptr + row.to(tl.int64) * stride
         temperature = _row_temperature(temperature_ptr, row, greedy_below)
@@ -226,31 +226,34 @@ if triton is not None:
         p = tl.load(top_p_ptr + row)
         need_mass = (k <= 0) & (p < 1.0)                 # the mass per level only decides for top-p alone
         # a row with no filter (temperature alone, the API's default) only needs Z: its draw races over the whole
-        # row and _row_plan never reads its levels
+        # row and _row_plan never reads its levels, so it skips the bisection and the histogram
         filtered = (k > 0) | (p < 1.0) | (tl.load(min_p_ptr + row) > 0.0)
-        # the very bounds _row_plan and the gather compare against: a token is at or above level j when
-        # s >= M - d_j, so counting those per level gives the cumulative counts directly; each thread keeps
-        # its own [block, levels] tallies (compares and adds, no cross-thread work) and reduces them once
-        bounds = scaled_max - _level_gaps(NUM_LEVELS, LEVEL_SHIFT)[1]
-        z_parts = tl.zeros([LEVEL_BLOCK], dtype=tl.float32)
-        tallies = tl.zeros([LEVEL_BLOCK, NUM_LEVELS], dtype=tl.int32)
-        mass_parts = tl.zeros([LEVEL_BLOCK, NUM_LEVELS], dtype=tl.float32)
+        z = 0.0
+        histogram = tl.zeros([2 * NUM_LEVELS], dtype=tl.int32)
+        masses = tl.zeros([NUM_LEVELS], dtype=tl.float32)
         for start in range(chunk * CHUNK, end, LEVEL_BLOCK):
             s = _scaled(base, start + offs, end, temperature)
             e = tl.exp(s - scaled_max)
-            z_parts += e
+            z += tl.sum(e, axis=0)
             if filtered:
-                inside = tl.where(start + offs < end, s, float("nan"))     # NaN: lanes past the end count nowhere
-                above = inside[:, None] >= bounds[None, :]
-                tallies += above.to(tl.int32)
+                # each token's level: the smallest j with s >= M - d_j (NUM_LEVELS if none), by bisection over
+                # j with the very thresholds _row_plan and the gather compare against
+                lo = tl.zeros([LEVEL_BLOCK], dtype=tl.int32)
+                hi = tl.full([LEVEL_BLOCK], NUM_LEVELS, dtype=tl.int32)
+                for bisection_step in tl.static_range(LEVEL_STEPS):
+                    mid = (lo + hi) // 2
+                    above = s >= scaled_max - tl.exp2((mid.to(tl.float32) - LEVEL_SHIFT) * 0.5)
+                    hi = tl.where(above, mid, hi)
+                    lo = tl.where(above, lo, mid + 1)
+                level = tl.where(start + offs < end, lo, NUM_LEVELS)
+                histogram += tl.histogram(level, 2 * NUM_LEVELS)
                 if need_mass:
-                    mass_parts += tl.where(above, e[:, None], 0.0)
-        z = tl.sum(z_parts, axis=0)
-        counts = tl.sum(tallies, axis=0)                        # tokens at or above each level
-        masses = tl.sum(mass_parts, axis=0)
+                    masses += tl.sum(tl.where(level[:, None] <= levels[None, :], e[:, None], 0.0), axis=0)
+        counts = tl.cumsum(histogram, axis=0)                   # tokens at or above each level
+        bins = tl.arange(0, 2 * NUM_LEVELS)
         at = row * NUM_CHUNKS + chunk
         tl.store(part_z_ptr + at, z)
-        tl.store(part_count_ptr + at * NUM_LEVELS + levels, counts)
+        tl.store(part_count_ptr + at * NUM_LEVELS + bins, counts, mask=bins < NUM_LEVELS)
         tl.store(part_mass_ptr + at * NUM_LEVELS + levels, masses)
 
     @triton.jit
@@ -522,7 +525,8 @@ def sample_rows_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
         _chunk_levels_kernel[grid](
             logits, logits.stride(0), vocab, temperature, top_k, top_p, min_p, GREEDY_BELOW, part_max, part_arg,
             part_z, part_count, part_mass, num_chunks, CHUNKS_P2=chunks_p2, CHUNK=chunk, LEVEL_BLOCK=level_block,
-            NUM_LEVELS=num_levels, LEVEL_SHIFT=num_levels // 2, num_warps=num_warps)
+            NUM_LEVELS=num_levels, LEVEL_SHIFT=num_levels // 2, LEVEL_STEPS=num_levels.bit_length(),
+            num_warps=num_warps)
         parts = (part_max, part_arg, part_z, part_count, part_mass, part_race, part_winner, part_excluded,
                  cand_val, cand_id)
         _chunk_gather_kernel[grid](

@@ -11,9 +11,9 @@ from runtime.ops.fp8 import Fp8Linear, fp8_block_quantize, fp8_linear, fp8_linea
 
 triton = pytest.importorskip("triton")
 
-from runtime.ops.fp8 import (Fp8GemvTiles, fp8_act_quant, fp8_act_quant_ref, fp8_block_dequantize,  # noqa: E402
-                             fp8_dequantize_triton, fp8_gemv, fp8_matmul, fp8_w8a8_matmul, fp8_w8a8_preferred,
-                             fp8_w8a8_ref, fp8_w8a8_supported)
+from runtime.ops.fp8 import (FP8_GEMV_MMA_MAX_ROWS, Fp8GemvTiles, fp8_act_quant, fp8_act_quant_ref,  # noqa: E402
+                             fp8_block_dequantize, fp8_dequantize_triton, fp8_gemv, fp8_matmul, fp8_w8a8_matmul,
+                             fp8_w8a8_preferred, fp8_w8a8_ref, fp8_w8a8_supported)
 
 # (rows, out per group, in, groups, [out, in] block)
 GEMV_CASES = {
@@ -66,6 +66,55 @@ def test_fp8_gemv_matches_reference(device):
                 assert got.shape == (rows, groups * out) and got.dtype == dtype
                 _close(got, want, dtype)
             assert not counters.any()
+
+
+# the tensor-core GEMV: (rows, out per group, in, groups, [out, in] block, tiles); odd step counts (the loop's
+# second operand set past the end), splits that do not divide the steps, 1-8 rows, 256-wide K blocks
+MMA_CASES = {
+    "cpu": [(1, 64, 384, 1, (64, 128), Fp8GemvTiles(64, split_k=1, num_warps=4, mma=True)),
+            (3, 32, 640, 2, (32, 128), Fp8GemvTiles(32, split_k=2, num_warps=2, mma=True)),
+            (8, 128, 512, 1, (128, 256), Fp8GemvTiles(32, split_k=3, num_warps=2, mma=True)),
+            (5, 48, 256, 1, (16, 128), Fp8GemvTiles(16, split_k=1, num_warps=1, mma=True)),
+            (2, 40, 256, 1, (8, 128), Fp8GemvTiles(16, split_k=1, num_warps=1, mma=True))],     # falls back
+    "cuda": [(1, 1024, 4096, 1, (128, 128), Fp8GemvTiles(64, split_k=8, num_warps=4, mma=True)),
+             (1, 32768, 1024, 1, (128, 128), Fp8GemvTiles(128, split_k=1, num_warps=8, mma=True)),
+             (8, 1024, 4096, 8, (128, 128), Fp8GemvTiles(128, split_k=2, num_warps=8, mma=True)),
+             (3, 4096, 8192, 1, (128, 128), Fp8GemvTiles(64, split_k=5, num_warps=4, mma=True)),
+             (6, 512, 4096, 1, (128, 128), Fp8GemvTiles(64, split_k=16, num_warps=4, mma=True))],
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp8_gemv_tensor_core_matches_reference(device):
+    """bf16 activations (the mma's B operand); on the CPU the interpreter runs its emulation of the mma."""
+    for seed, (rows, out, inputs, groups, block, tiles) in enumerate(MMA_CASES[device]):
+        x, weight, scale = _layer(rows, out, inputs, groups, block, device, torch.bfloat16, seed)
+        want = fp8_linear_ref(x.float(), weight, scale, groups)
+        counters = torch.zeros(groups * out, dtype=torch.int32, device=device)
+        for _ in range(2):
+            got = fp8_gemv(x, weight, scale, groups, tiles, counters)
+            assert got.shape == (rows, groups * out) and got.dtype == torch.bfloat16
+            _close(got, want, torch.bfloat16)
+        assert not counters.any()
+
+
+@pytest.mark.gpu
+def test_fp8_gemv_tensor_core_decodes_every_code_exactly():
+    """Row i holds E4M3 code i once (NaNs zeroed), at column 37 i mod 128: each output is one product, so it is
+    the reference's rounding of it exactly, for every code (subnormals included), column position and row."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0
+    weight = torch.zeros(256, 128, dtype=torch.uint8)
+    weight[torch.arange(256), (torch.arange(256) * 37) % 128] = codes
+    weight = weight.view(torch.float8_e4m3fn).cuda()
+    scale = torch.tensor([[0.125], [4.0]], device="cuda")
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 128, device="cuda").to(torch.bfloat16)
+        want = fp8_linear_ref(x.float(), weight, scale).to(torch.bfloat16)
+        for tiles in (Fp8GemvTiles(64, split_k=1, num_warps=4, mma=True),
+                      Fp8GemvTiles(128, split_k=1, num_warps=8, mma=True),
+                      Fp8GemvTiles(32, split_k=1, num_warps=2, mma=True)):
+            assert torch.equal(fp8_gemv(x, weight, scale, 1, tiles), want)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -210,5 +259,5 @@ def test_fp8_w8a8_matmul_matches_reference():
         unquantized = fp8_linear_ref(x.float(), weight, scale, groups)
         print(f"W8A8 {rows}x{groups * inputs} -> {groups * out}: rel. distance to unquantized activations "
               f"{((got.float() - unquantized).norm() / unquantized.norm()).item():.2e}")
-        if fp8_w8a8_preferred(rows, groups * out, inputs, groups):
-            assert torch.equal(fp8_linear(x, weight, scale, groups), got)
+        if rows > FP8_GEMV_MMA_MAX_ROWS and fp8_w8a8_preferred(rows, groups * out, inputs, groups):
+            assert torch.equal(fp8_linear(x, weight, scale, groups), got)      # up to 8 rows the GEMV takes it

@@ -200,12 +200,26 @@ def test_gemv_moe_matches_reference_in_the_interpreter(num_tokens, activation, b
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
 
 
+# the GPU kernel variants: the Triton GEMVs (PTX decode), the explicit-layout (Gluon) GEMVs with the down GEMV's
+# slots split over programs (one a program) or not; tiles among tools/decode_kernels.py's sweep
+GPU_VARIANTS = {
+    "triton": dict(gluon=False, gluon_down=False, ptx_decode=True),
+    "gluon-split": dict(gluon=True, gluon_down=True, block_n_gate_up=16, block_g=32, num_warps=4, block_n_down=16,
+                        block_g_down=32, num_warps_down=4, split_down=8),
+    "gluon": dict(gluon=True, gluon_down=True, block_n_gate_up=16, block_g=16, num_warps=4, block_n_down=16,
+                  block_g_down=32, num_warps_down=4, split_down=1),
+    "gluon-hoist": dict(gluon=True, gluon_down=True, block_n_gate_up=16, block_g=32, num_warps=4, block_n_down=16,
+                        block_g_down=32, num_warps_down=4, split_down=2, hoist_ids=True),
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens", [1, 2, 4])
+@pytest.mark.parametrize("num_tokens", [1, 3])
 @pytest.mark.parametrize("shape", ["2880x2880 top-4, biases, interleaved", "4096x2048 top-6, halves"])
-@pytest.mark.parametrize("ptx_decode", [True, False])
-def test_gemv_moe_matches_reference_in_bf16_on_gpu(num_tokens, shape, ptx_decode):
-    """The two expert shapes of the tile table, bf16 activations, the table's tiles with either decode."""
+@pytest.mark.parametrize("variant", list(GPU_VARIANTS))
+def test_gemv_moe_matches_reference_in_bf16_on_gpu(num_tokens, shape, variant):
+    """The two expert shapes of the tile table, bf16 activations, each kernel variant (the table's tiles
+    otherwise)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from dataclasses import replace
@@ -220,9 +234,11 @@ def test_gemv_moe_matches_reference_in_bf16_on_gpu(num_tokens, shape, ptx_decode
     weights, ids = make_routing(num_tokens, num_experts, top_k, seed=21)
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16).cuda()
     expected = mxfp4_moe_reference(x, w13, w2, weights.cuda(), ids.cuda(), activation)
-    tiles = replace(GemvTiles.for_shape(hidden, inter), ptx_decode=ptx_decode)
-    ours = mxfp4_moe_gemv(x, w13, w2, weights.cuda(), ids.cuda(), activation, tiles)
-    torch.testing.assert_close(ours.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    tiles = replace(GemvTiles.for_shape(hidden, inter), **GPU_VARIANTS[variant])
+    for _ in range(2):                     # twice: the split down GEMV's counters must be back at zero
+        ours = mxfp4_moe_gemv(x, w13, w2, weights.cuda(), ids.cuda(), activation, tiles)
+        torch.testing.assert_close(ours.float(), expected.float(), rtol=2e-2,
+                                   atol=2e-2 * expected.abs().max().item())
 
 
 @pytest.mark.gpu
@@ -242,7 +258,11 @@ def test_gemv_decodes_every_code_exactly_on_gpu():
     x = torch.eye(hidden, dtype=torch.float32, device="cuda")                         # token t picks column t
     ids = torch.zeros(hidden, 1, dtype=torch.int64, device="cuda")
     identity = GatedActivation(alpha=0.0, up_offset=0.0)        # gate * sigmoid(0) * up = gate * up / 2
-    for ptx_decode in (True, False):
-        tiles = replace(GemvTiles.for_shape(hidden, inter), ptx_decode=ptx_decode)
-        h = mxfp4_gemv_gate_up(x, w13, ids, identity, tiles)                         # [hidden, inter]
-        torch.testing.assert_close(h.cpu(), (dense[:inter] * dense[inter:] / 2).t(), rtol=0, atol=0)
+    for variant in GPU_VARIANTS.values():
+        tiles = replace(GemvTiles.for_shape(hidden, inter), **variant)
+        for dtype in (torch.float32, torch.bfloat16):    # the one-hot rows are exact in either; fp32 keeps h exact
+            if dtype == torch.bfloat16 and not tiles.gluon:
+                continue
+            h = mxfp4_gemv_gate_up(x.to(dtype), w13, ids, identity, tiles)                 # [hidden, inter]
+            want = (dense[:inter] * dense[inter:] / 2).t()
+            torch.testing.assert_close(h.cpu().float(), want.to(dtype).float(), rtol=0, atol=0)

@@ -28,7 +28,7 @@ CASES = {
     "sampling-chunk-max": (Case("runtime.ops.sampling", "_chunk_max_kernel", dict(CHUNK=4096, BLOCK=1024),
                                 SAMPLING_TYPES), None, None),
     "sampling-chunk-levels": (Case("runtime.ops.sampling", "_chunk_levels_kernel",
-                                   dict(CHUNKS_P2=64, CHUNK=4096, LEVEL_BLOCK=128, **LEVELS),
+                                   dict(CHUNKS_P2=64, CHUNK=4096, LEVEL_BLOCK=128, LEVEL_STEPS=6, **LEVELS),
                                    SAMPLING_TYPES), None, None),
     "sampling-chunk-gather": (Case("runtime.ops.sampling", "_chunk_gather_kernel",
                                    dict(CHUNKS_P2=64, CHUNK=4096, BLOCK=1024, CAP=1024, **LEVELS), SAMPLING_TYPES),
@@ -93,6 +93,12 @@ for fp16 in (False, True):     # fp8 entries widened to fp16: one hardware conve
     CASES[f"decode-attention-fp8{'-fp16-dot' if fp16 else ''}"] = (Case("runtime.ops.attention", "_decode_kernel", dict(
         DECODE, BLOCK_N=128, HAS_KV_SCALE=True, FP16_DOT=fp16), dict(DECODE_TYPES, cache_ptr="*fp8e4nv")),
         "cvt.rn.f16x2.e4m3x2" if fp16 else None, None)
+# the tensor-core FP8 GEMV (its inline asm never runs in the interpreter): both pair decodes, split-K
+for warps, split, prmt in ((4, 1, True), (8, 4, False)):
+    CASES[f"fp8-gemv-mma-w{warps}-split{split}{'-prmt' if prmt else ''}"] = (
+        Case("runtime.ops.fp8", "_fp8_gemv_mma_kernel", dict(
+            BLOCK_OUT=128, BLOCK_IN=128, WARPS=warps, SPLIT_K=split, EMULATE=False, PRMT=prmt),
+            dict(FP8_TYPES, x_ptr="*i32")), "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", None)
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, dict]:
@@ -111,6 +117,32 @@ def test_kernel_compiles_for_hopper(case_id, compiled):
     if must_not_have:
         assert must_not_have not in result["ptx"]
 
+# the explicit-layout (Gluon) MXFP4 GEMVs: the fused word-dot PTX, the split down GEMV's arrival counter, and no
+# barrier inside the K loop (the only bar.sync are the split's, after it)
+MXFP4_GL_TYPES = dict(MXFP4_GEMV_TYPES, count_ptr="*i32", part_ptr="*fp32")
+for name, kernel, constexprs, warps in (
+        ("gate-up-bf16", "_gl_gate_up_kernel", dict(HAS_BIAS=True, HAS_LIMIT=True, INTERLEAVED=True, BLOCK_N=16, GV=32,
+                                                    X_PACKED=1), 4),
+        ("gate-up-fp32-halves", "_gl_gate_up_kernel", dict(HAS_BIAS=False, HAS_LIMIT=True, INTERLEAVED=False,
+                                                          BLOCK_N=8, GV=16, X_PACKED=0), 4),
+        ("down-split", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=4,
+                                               HOIST_SLOTS=0), 4),
+        ("down-one-warp", "_gl_down_kernel", dict(HAS_BIAS=False, BLOCK_N=4, GV=32, X_PACKED=1, SPLIT=1,
+                                                  HOIST_SLOTS=0), 1),
+        ("down-hoisted-ids", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=2,
+                                                     HOIST_SLOTS=8), 4)):
+    CASES[f"mxfp4-gluon-{name}"] = (
+        Case("runtime.ops.mxfp4", kernel, dict(constexprs, NUM_WARPS=warps), MXFP4_GL_TYPES, {"num_warps": warps}),
+        "mul.lo.u32 p, t, 4160", None)
+
+
+def test_gluon_mxfp4_split_down_synchronizes_only_after_its_loop(compiled):
+    ptx = compiled["mxfp4-gluon-down-split"]["ptx"]
+    assert "atom.global.gpu.acq_rel.add" in ptx
+    last_weight_load = ptx.rindex("evict_first")                   # the K loop's last word load
+    assert "bar.sync" in ptx and "bar.sync" not in ptx[:last_weight_load]
+    assert "bar.sync" not in compiled["mxfp4-gluon-down-one-warp"]["ptx"]
+
 
 # The fp8 decode attention read as int32 words into fp16 dots, compiled as a launch specializes it (pointers and
 # strides multiples of 16): K/V words load 16 bytes at a time into registers (prefetched by hand, no cp.async), the
@@ -125,12 +157,14 @@ for dim, block_n, softcap in ((128, 64, False), (128, 128, False), (96, 32, True
     CASES[case_id] = (Case("runtime.ops.attention", "_decode_kernel", dict(
         DECODE, HEAD_DIM=dim, BLOCK_D=128 if dim > 64 else 64, BLOCK_N=block_n, HAS_WINDOW=softcap,
         HAS_SOFTCAP=softcap, HAS_KV_SCALE=True, FP16_DOT=True, ASM=True),
-        dict(DECODE_TYPES, cache_ptr="*fp8e4nv"), DECODE_DIVISIBLE, dict(num_warps=4, num_stages=1)),
+        dict(DECODE_TYPES, cache_ptr="*fp8e4nv"), options=dict(num_warps=4, num_stages=1),
+        divisible_by_16=DECODE_DIVISIBLE),
         "cvt.rn.f16x2.e4m3x2", "ld.shared.b8")
     FP8_WORDS_DECODE.append(case_id)
 CASES["decode-attention-fp8-words-l2-ahead"] = (Case("runtime.ops.attention", "_decode_kernel", dict(
     DECODE, BLOCK_N=32, HAS_KV_SCALE=True, FP16_DOT=True, ASM=True, L2_AHEAD=4), dict(DECODE_TYPES,
-    cache_ptr="*fp8e4nv"), DECODE_DIVISIBLE, dict(num_warps=2, num_stages=1)), "prefetch.global.L2", None)
+    cache_ptr="*fp8e4nv"), options=dict(num_warps=2, num_stages=1), divisible_by_16=DECODE_DIVISIBLE),
+    "prefetch.global.L2", None)
 
 
 @pytest.mark.parametrize("case_id", FP8_WORDS_DECODE)

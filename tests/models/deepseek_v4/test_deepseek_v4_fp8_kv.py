@@ -105,9 +105,13 @@ def test_store_kernels_quantize_exactly_as_the_reference(device):
         norm = (torch.rand(fmt.dim, generator=generator) + 0.5).to(device)
         inv_freq = rope.inv_freq if fmt.bf16_tail else rope.inv_freq[:fmt.dim // 4]
         requests = token_requests(ctx, positions.shape[0])
+        projected = (_spread((positions.shape[0], 2 * width), generator) * 2).to(device, dtype)
+        ape = _spread((ratio, width), generator).to(device)
+        nowhere = torch.full_like(positions, -1)                # the state stays as drawn
         for cache, entry_format in ((wide, None), (fp8, fmt)):
-            kernels.compress_entries(state, ctx.block_tables[0], cache, ctx.slot_mappings[1], positions, requests,
-                                     norm, 1e-6, inv_freq, ratio, overlap, sizes.block_size, entry_format, dtype)
+            kernels.compress(projected, ape, state, ctx.block_tables[0], nowhere, cache, ctx.slot_mappings[1],
+                             positions, requests, ctx.query_start_loc, norm, 1e-6, inv_freq, ratio, overlap,
+                             sizes.block_size, entry_format)
         _assert_same_entries(fp8, wide, fmt)
 
 
@@ -163,6 +167,17 @@ def test_sparse_attention_on_fp8_caches_matches_reference(device, kind):
                                   per_request, sinks, scale, window_format, kv_format if ratio else None)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref, atol=tolerance * ref.abs().max().item(), rtol=tolerance)
+    # q raw: its head norm and RoPE (on the entries' bf16 tail) as the kernel loads it, as norm_rope before it
+    rope = TrailingRope(_hf_config(sizes.dim, sizes.rope_dim), "compress", sizes.rope_dim).to(device)
+    fused = kernels.sparse_attention(q, positions, token_requests(ctx, n), caches[0], ctx.block_tables[0],
+                                     sizes.window, caches[1] if ratio else None, ctx.block_tables[1] if ratio else None,
+                                     ratio, selected.to(torch.int32) if selected is not None else None, sinks, scale,
+                                     sizes.block_size, ctx.max_seq_len // ratio if ratio else 0, window_format,
+                                     kv_format if ratio else None, q_rope=rope.inv_freq, q_eps=1e-6)
+    prepared = kernels.norm_rope(q, positions, rope.inv_freq, normalize=True, eps=1e-6)
+    ref = window_sparse_attention(prepared.float(), positions, ref_ctx, 0, sizes.window, 1 if ratio else None, ratio,
+                                  per_request, sinks, scale, window_format, kv_format if ratio else None)
+    torch.testing.assert_close(fused.float(), ref, atol=tolerance * ref.abs().max().item(), rtol=tolerance)
 
 
 @pytest.mark.parametrize("programs", [None, 1], ids=["auto-programs", "one-program-a-query"])
@@ -328,24 +343,28 @@ KV_GROUPS = dict(GROUPS=8, GROUP_D=64, TAIL_D=64)          # the tiles sparse at
 FP8_POINTERS = {"q_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "weights_ptr": "*fp32", "keys_ptr": "*fp8e4nv",
                 "window_ptr": "*fp8e4nv", "entries_ptr": "*fp8e4nv", "cache_ptr": "*fp8e4nv", "state_ptr": "*fp32",
                 "sinks_ptr": "*fp32", "norm_ptr": "*fp32", "inv_freq_ptr": "*fp32", "part_acc_ptr": "*fp32",
-                "part_ml_ptr": "*fp32", "scale": "fp32", "eps": "fp32", "weight_scale": "fp32"}
+                "part_ml_ptr": "*fp32", "scale": "fp32", "eps": "fp32", "weight_scale": "fp32", "proj_ptr": "*bf16",
+                "ape_ptr": "*fp32", "query_start_ptr": "*i32", "q_inv_freq_ptr": "*fp32", "q_eps": "fp32",
+                "latent_ptr": "*bf16", "latent_out_ptr": "*bf16", "latent_weight_ptr": "*fp32", "latent_eps": "fp32"}
 KERNELS = "models.deepseek_v4.kernels"
 FP8_CASES = [
     Case(KERNELS, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4, BLOCK_N=64, PER_BLOCK=64,
-                                          FP32=False, FP8=True, **KEY_LAYOUT), {**FP8_POINTERS, "out_ptr": "*fp32"}),
+                                          FP32=False, ROPE_HALF=32, FP8=True, **KEY_LAYOUT),
+         {**FP8_POINTERS, "out_ptr": "*fp32"}),
     Case(KERNELS, "_sparse_attention_kernel", dict(HEADS=64, BLOCK_H=16, DIM=512, BLOCK_D=512, BLOCK_N=32, RATIO=4,
                                                    BLOCK_SIZE=256, PER_BLOCK=64,
                                                    HAS_ENTRIES=True, SELECTED=True, SPLIT=True, FP32=False,
-                                                   WINDOW_FP8=True, ENTRY_FP8=True, **KV_LAYOUT, **KV_GROUPS),
-         FP8_POINTERS),
+                                                   WINDOW_FP8=True, ENTRY_FP8=True, **KV_LAYOUT, **KV_GROUPS,
+                                                   Q_ROPE_HALF=32), FP8_POINTERS),
     Case(KERNELS, "_sparse_attention_reduce_kernel", dict(HEADS=64, DIM=512, BLOCK_D=512, BLOCK_S=8, ROPE=True,
                                                           ROPE_HALF=32, ROUND=True), FP8_POINTERS),
-    Case(KERNELS, "_compress_kernel", dict(HEAD_DIM=512, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, WIDTH=1024, RATIO=4,
-                                           WINDOW=8, OVERLAP=True, ROUND=True, DTYPE="tl.bfloat16", FP8=True,
+    Case(KERNELS, "_compress_kernel", dict(HEAD_DIM=512, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, WIDTH=1024,
+                                           BLOCK_W=1024, RATIO=4, WINDOW=8, OVERLAP=True, ROUND=True,
+                                           DTYPE="tl.bfloat16", FP8=True,
                                            **KV_LAYOUT), FP8_POINTERS),
     Case(KERNELS, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, NORMALIZE=False,
                                             WEIGHTED=False, INVERSE=False, TO_SLOTS=True, ROUND=True, FP8=True,
-                                            **KV_LAYOUT),
+                                            **KV_LAYOUT, LATENT_DIM=1024, BLOCK_LATENT=1024),
          FP8_POINTERS),
 ]
 

@@ -14,7 +14,7 @@ import torch
 from models.deepseek_v4 import kernels
 from models.deepseek_v4.attention import window_sparse_attention
 from models.deepseek_v4.cache_ops import request_entries, token_requests
-from models.deepseek_v4.compressor import Compressor, indexer_scores_ref
+from models.deepseek_v4.compressor import Compressor, Projection, indexer_scores_ref
 from models.deepseek_v4.rope import TrailingRope
 from runtime.forward import ForwardContext
 from runtime.ops import RMSNorm
@@ -144,13 +144,25 @@ def test_sparse_attention_matches_reference(device, kind, splits, monkeypatch):
     torch.testing.assert_close(rotated, kernels.norm_rope(out, positions, rope.inv_freq, inverse=True),
                                atol=tolerance / 2, rtol=tolerance / 2)
     torch.testing.assert_close(rotated.float(), rope(ref, positions, inverse=True), atol=tolerance, rtol=tolerance)
+    # q raw (the projection's output): its head norm and RoPE as the kernel loads it, as norm_rope before it
+    raw = (torch.randn(n, sizes.heads, sizes.dim, generator=generator) * 4).to(device, dtype)
+    fused = kernels.sparse_attention(raw, positions, requests, window_cache, ctx.block_tables[0], sizes.window,
+                                     caches[1] if ratio else None, ctx.block_tables[1] if ratio else None, ratio,
+                                     selected.to(torch.int32) if selected is not None else None, sinks, scale,
+                                     sizes.block_size, ctx.max_seq_len // ratio if ratio else 0,
+                                     q_rope=rope.inv_freq, q_eps=1e-6)
+    prepared = kernels.norm_rope(raw, positions, rope.inv_freq, normalize=True, eps=1e-6)
+    torch.testing.assert_close(fused.float(), window_sparse_attention(
+        prepared.float(), positions, ref_ctx, 0, sizes.window, 1 if ratio else None, ratio, per_request, sinks, scale),
+        atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("programs", [None, 1], ids=["auto-programs", "one-program-a-query"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_indexer_scores_and_topk_match_reference(device, programs, monkeypatch):
     """With the programs per query the batch gets (one key tile each at these widths), and with one program
-    per query walking every tile."""
+    per query walking every tile. The kernel rotates q (RoPE at its position) as the reference path does
+    before scoring."""
     if programs is not None:
         monkeypatch.setattr(kernels, "INDEXER_PROGRAMS", programs)
     sizes, dtype, steps = _setup(device)
@@ -163,9 +175,11 @@ def test_indexer_scores_and_topk_match_reference(device, programs, monkeypatch):
     q = torch.randn(n, sizes.index_heads, sizes.index_dim, generator=generator).to(device, dtype)
     weights = torch.randn(n, sizes.index_heads, generator=generator).to(device, dtype)     # the projection's
     width = ctx.max_seq_len // sizes.ratio + 3                       # wider than any request's entries
+    rope = TrailingRope(_hf_config(sizes.index_dim, sizes.rope_dim), "compress", sizes.rope_dim).to(device)
     scores = kernels.indexer_scores(q, weights, keys, ctx.block_tables[0], positions, token_requests(ctx, n),
-                                    sizes.ratio, width, sizes.block_size, weight_scale=0.125)
+                                    sizes.ratio, width, sizes.block_size, weight_scale=0.125, rope=rope.inv_freq)
     weights = weights.float() * 0.125                                # as the reference path forms them
+    q = rope(q, positions)
     selected = kernels.indexer_topk(scores, positions, sizes.ratio, sizes.top_k)
     starts = ctx.query_start_loc_host
     for b in range(len(steps)):
@@ -221,22 +235,24 @@ def test_topk_kernel_keeps_the_references_set(device, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_compressor_kernels_match_reference(device, overlap):
     """Three steps (each request's history, a ragged step, one more token each) through the reference and
-    through the kernels: the state rows and the entries written agree."""
+    through the kernel: the state rows and the entries written agree. The kernel stores a step's state rows
+    and reads the same step's window rows from the projection; the projection is a column slice of a wider
+    one (the layer's, with other blocks around it)."""
     sizes, dtype, steps = _setup(device)
     ratio = sizes.ratio if overlap else (16 if device == "cpu" else 128)
-    hidden = 320 if device == "cpu" else 4096          # on the CPU: chunks of hc_post / hc_pre past the row's end
+    hidden = 320 if device == "cpu" else 4096
     torch.manual_seed(3)
     rope = TrailingRope(_hf_config(sizes.dim, sizes.rope_dim), "compress", sizes.rope_dim)
-    module = Compressor(hidden, sizes.dim, ratio, overlap, 1e-6, rope)
+    module = Compressor(sizes.dim, ratio, overlap, 1e-6, rope)
+    width = module.width
+    projection = Projection(hidden, {"before": 16, "wkv": width, "wgate": width, "after": 8})
     with torch.no_grad():
-        for p in module.parameters():
+        for p in (*module.parameters(), projection.weight):
             p.normal_(0, 0.05 if p.dim() > 1 else 0.5)
         module.norm.weight.uniform_(0.5, 1.5)
     module = module.to(device)
-    module.wkv.to(dtype)
-    module.wgate.to(dtype)
+    projection = projection.to(device, dtype)
     module.state_layer, module.entry_layer = 0, 1
-    width = module.wkv.out_features
     final = [(c + q + 1, 0) for c, q in steps]
     num_blocks = _num_blocks(sizes, final)
     phases = [[(0, c) for c, _ in steps], list(steps), [(c + q, 1) for c, q in steps]]
@@ -254,7 +270,8 @@ def test_compressor_kernels_match_reference(device, overlap):
                 n = positions.shape[0]
                 x = torch.randn(n, hidden, generator=x_gen).to(device, dtype)
                 with torch.no_grad():
-                    module(x, positions, token_requests(ctx, n), ctx)
+                    projected = projection.columns(projection(x), "wkv", "wgate")
+                    module(projected, positions, token_requests(ctx, n), ctx)
         finally:
             kernels.use_kernels = original
         results.append((state, entries))
@@ -320,9 +337,12 @@ def test_padded_rows_with_context_length_zero_read_and_write_nothing(device, fp8
         assert out[0].abs().sum() > 0
     state = torch.zeros(num_blocks, bs, 2, 2 * sizes.dim, device=device)
     before = (window_cache.view(torch.uint8).clone(), entry_cache.view(torch.uint8).clone())
-    kernels.compress_entries(state, table, entry_cache, torch.tensor([-1, -1, -1], device=device), positions,
-                             requests, torch.ones(sizes.dim, device=device), 1e-6,
-                             torch.ones(sizes.rope_dim // 2, device=device), ratio, True, bs, kv_format, dtype)
+    nowhere = torch.tensor([-1, -1, -1], device=device)
+    kernels.compress(torch.randn(3, 4 * sizes.dim, generator=generator).to(device, dtype),
+                     torch.zeros(ratio, 2 * sizes.dim, device=device), state, table, nowhere, entry_cache, nowhere,
+                     positions, requests, torch.tensor([0, 1], dtype=torch.int32, device=device),
+                     torch.ones(sizes.dim, device=device), 1e-6, torch.ones(sizes.rope_dim // 2, device=device),
+                     ratio, True, bs, kv_format)
     if fp8:
         kernels.norm_rope(q[:, :1], positions, torch.ones(sizes.rope_dim // 2, device=device), cache=window_cache,
                           slots=torch.tensor([-1, -1, -1], device=device), fmt=kv_format)
@@ -330,16 +350,18 @@ def test_padded_rows_with_context_length_zero_read_and_write_nothing(device, fp8
         kernels.store_rows(window_cache, q[:, 0], torch.tensor([-1, -1, -1], device=device))
     assert torch.equal(window_cache.view(torch.uint8), before[0])
     assert torch.equal(entry_cache.view(torch.uint8), before[1])
+    assert (state == 0).all()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-cache", "fp8-cache"])
 def test_graph_replays_at_other_contexts_equal_eager(fp8):
-    """The indexer, its top-k, attention, the state insert and the compressor captured once in a CUDA graph
-    (contexts of one batch), replayed for batches whose contexts are longer and shorter than the capture's:
-    every replay equals the eager run on the same inputs, bit for bit. Nothing the kernels read is reset on
-    the host (no memset that a capture could skip): stale scores or state would show up here. With `fp8`, the
-    entries and indexer keys are FP8 (the compressor quantizes what it writes)."""
+    """The indexer (q rotated inside), its top-k, attention (q normalized and rotated inside), the compressor
+    (state rows and entries) captured once in a CUDA graph (contexts of one batch), replayed for batches whose
+    contexts are longer and shorter than the capture's: every replay equals the eager run on the same inputs,
+    bit for bit. Nothing the kernels read is reset on the host (no memset that a capture could skip): stale
+    scores or state would show up here. With `fp8`, the entries and indexer keys are FP8 (the compressor
+    quantizes what it writes)."""
     from models.deepseek_v4.cache_ops import Fp8Entry, quantize_entries
     sizes, dtype = RELEASE, torch.bfloat16
     kv_format = Fp8Entry(sizes.dim, sizes.rope_dim, 64) if fp8 else None
@@ -365,7 +387,9 @@ def test_graph_replays_at_other_contexts_equal_eager(fp8):
     q = torch.randn(n, sizes.heads, sizes.dim, generator=generator).to(device, dtype)
     index_q = torch.randn(n, sizes.index_heads, sizes.index_dim, generator=generator).to(device, dtype)
     weights = torch.randn(n, sizes.index_heads, generator=generator).to(device)
-    rows = torch.randn(n, 2, 2 * sizes.dim, generator=generator).to(device)
+    projected = torch.randn(n, 4 * sizes.dim, generator=generator).to(device, dtype)     # value | gate
+    ape = torch.randn(ratio, 2 * sizes.dim, generator=generator).to(device)
+    query_start = torch.arange(n + 1, dtype=torch.int32, device=device)                # a token a request
     sinks = torch.randn(sizes.heads, generator=generator).to(device)
     norm = torch.rand(sizes.dim, generator=generator).to(device) + 0.5
     inv_freq = torch.rand(sizes.rope_dim // 2, generator=generator).to(device)
@@ -376,15 +400,14 @@ def test_graph_replays_at_other_contexts_equal_eager(fp8):
     width = 4097 // ratio
 
     def step():
-        kernels.store_rows(state, rows, state_slots)
-        kernels.compress_entries(state, tables[3], entries, entry_slots, positions, requests, norm, 1e-6, inv_freq,
-                                 ratio, True, bs, kv_format, dtype)
+        kernels.compress(projected, ape, state, tables[3], state_slots, entries, entry_slots, positions, requests,
+                         query_start, norm, 1e-6, inv_freq, ratio, True, bs, kv_format)
         scores = kernels.indexer_scores(index_q, weights, index_keys, tables[2], positions, requests, ratio, width, bs,
-                                        key_format)
+                                        key_format, rope=inv_freq)
         selected = kernels.indexer_topk(scores, positions, ratio, sizes.top_k)
         return selected, kernels.sparse_attention(q, positions, requests, window, tables[0], sizes.window, entries,
                                                   tables[1], ratio, selected, sinks, sizes.dim ** -0.5, bs, width,
-                                                  kv_format, kv_format)
+                                                  kv_format, kv_format, inv_freq, inv_freq, 1e-6)
 
     def load(batch):
         ctx, pos = _context(device, sizes, batch, [window, entries, index_keys, state], [1, ratio, ratio, 1], tables)
@@ -455,6 +478,16 @@ def test_hyper_connection_kernels_match_reference(device):
     new, mix = kernels.hc_post(output, streams, post, comb, following.fn)
     assert mix.shape == (37, -(-hidden // kernels.HC_MIX_BLOCK), 64)
     torch.testing.assert_close(new.float(), new_ref.float(), atol=tolerance, rtol=tolerance)
+    # a sublayer output given as two parts (the MoE's routed and shared experts), added in the launch
+    addend = torch.randn(collapsed.shape, generator=generator).to(device, dtype)
+    summed_ref = HyperConnection.post(output, streams, post, comb, addend=addend)[0]
+    assert not torch.equal(summed_ref, new_ref)
+    summed, summed_mix = kernels.hc_post(output, streams, post, comb, following.fn, addend)
+    for got in (summed, kernels.hc_post(output, streams, post, comb, addend=addend)):
+        torch.testing.assert_close(got.float(), summed_ref.float(), atol=tolerance, rtol=tolerance)
+    written = 6 * 4 + 4 * 4                                   # the projection's sums, then the Gram matrix
+    torch.testing.assert_close(summed_mix[..., :written],
+                               kernels.hc_post(output + addend, streams, post, comb, following.fn)[1][..., :written])
     for weight_in_fp32 in (True, False):
         norm = RMSNorm(hidden, 1e-6, weight_in_fp32=weight_in_fp32)
         with torch.no_grad():
@@ -498,6 +531,18 @@ def test_norm_rope_kernel_matches_reference(device):
     normed = rms_norm_ref(x[:, :1], weight, 1e-6, weight_in_fp32=True)
     expected[slots[keep]] = rope(normed, positions)[keep, 0]
     torch.testing.assert_close(cache.view(-1, sizes.dim), expected, **tolerance)
+    # q's latent RMSNorm in the same launch (a row wider than a head, read from a strided view)
+    latent_norm = RMSNorm(3 * sizes.dim + 8, 1e-5, weight_in_fp32=True)
+    with torch.no_grad():
+        latent_norm.weight.uniform_(0.5, 1.5, generator=generator)
+    latent_norm = latent_norm.to(device)
+    latent = (torch.randn(n, 4 * sizes.dim, generator=generator) * 3).to(device, dtype)[:, :3 * sizes.dim + 8]
+    cache.zero_()
+    normed_latent = kernels.norm_rope(x[:, :1], positions, rope.inv_freq, eps=1e-6, cache=cache, slots=slots,
+                                      weight=weight, latent=(latent, latent_norm))
+    torch.testing.assert_close(cache.view(-1, sizes.dim), expected, **tolerance)
+    torch.testing.assert_close(normed_latent, rms_norm_ref(latent, latent_norm.weight, 1e-5, weight_in_fp32=True),
+                               **tolerance)
 
 
 HC_TYPES = {"streams_ptr": "*bf16", "mix_ptr": "*fp32", "base_ptr": "*fp32", "scale_ptr": "*fp32", "post_ptr": "*fp32",
@@ -519,19 +564,43 @@ def test_decode_kernels_compile_for_hopper():
                    HC_TYPES)
               for partials, norm, block, span in ((True, True, kernels.HC_PRE_SPAN, kernels.HC_PRE_SPAN),
                                                   (False, True, 1024, 4096), (False, False, 1024, 4096))]
-    cases += [Case(module, "_hc_post_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, ROUND=True, MIX=mix, M=24,
-                                                   BLOCK_M=32), HC_TYPES)
-              for block, mix in ((kernels.HC_MIX_BLOCK, True), (512, False))]
-    cases.append(Case(module, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32,
-                                                        NORMALIZE=True, WEIGHTED=True, INVERSE=False, TO_SLOTS=True,
-                                                        ROUND=True, FP8=False, NOPE=512, QBLOCK=512, NUM_SCALES=1,
-                                                        SCALES_AT=512, ENTRY=512),
-                      {"x_ptr": "*bf16", "out_ptr": "*bf16", "inv_freq_ptr": "*fp32", "weight_ptr": "*fp32",
-                       "eps": "fp32"}))
+    cases += [Case(module, "_hc_post_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, ROUND=True, ADD=add, MIX=mix,
+                                                   M=24, BLOCK_M=64, BLOCK_FN=32), {**HC_TYPES, "addend_ptr": "*bf16"})
+              for block, mix, add in ((kernels.HC_MIX_BLOCK, True, True), (kernels.HC_MIX_BLOCK, True, False),
+                                      (512, False, False))]
+    cases += [Case(module, "_norm_rope_kernel", dict(HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32,
+                                                     NORMALIZE=True, WEIGHTED=True, INVERSE=False, TO_SLOTS=True,
+                                                     ROUND=True, FP8=False, NOPE=512, QBLOCK=512, NUM_SCALES=1,
+                                                     SCALES_AT=512, ENTRY=512, LATENT_DIM=latent,
+                                                     BLOCK_LATENT=max(latent, 1)),
+                   {"x_ptr": "*bf16", "out_ptr": "*bf16", "inv_freq_ptr": "*fp32", "weight_ptr": "*fp32",
+                    "latent_ptr": "*bf16", "latent_out_ptr": "*bf16", "latent_weight_ptr": "*fp32", "eps": "fp32",
+                    "latent_eps": "fp32"}) for latent in (1024, 0)]
     cases += [Case(module, "_sparse_attention_reduce_kernel", dict(HEADS=64, DIM=512, BLOCK_D=512, BLOCK_S=8, ROPE=rope,
                                                                    ROPE_HALF=32, ROUND=True),
                    {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "sinks_ptr": "*fp32", "out_ptr": "*bf16",
                     "inv_freq_ptr": "*fp32"}) for rope in (True, False)]
+    cases += [Case(module, "_compress_kernel", dict(HEAD_DIM=512, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, WIDTH=width,
+                                                    BLOCK_W=width, RATIO=ratio, WINDOW=window, OVERLAP=overlap,
+                                                    ROUND=True, DTYPE="tl.bfloat16", FP8=False, NOPE=512, QBLOCK=512,
+                                                    NUM_SCALES=1, SCALES_AT=512, ENTRY=512),
+                   {"proj_ptr": "*bf16", "ape_ptr": "*fp32", "state_ptr": "*fp32", "query_start_ptr": "*i32",
+                    "norm_ptr": "*fp32", "inv_freq_ptr": "*fp32", "cache_ptr": "*bf16", "eps": "fp32"})
+              for width, ratio, window, overlap in ((1024, 4, 8, True), (512, 128, 128, False))]
+    cases.append(Case(module, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4,
+                                                      BLOCK_N=64, PER_BLOCK=64, FP32=False, ROPE_HALF=32, FP8=False,
+                                                      NOPE=128, QBLOCK=128, NUM_SCALES=1, SCALES_AT=128, ENTRY=128),
+                      {"q_ptr": "*bf16", "weights_ptr": "*bf16", "keys_ptr": "*bf16", "out_ptr": "*fp32",
+                       "inv_freq_ptr": "*fp32", "scale": "fp32", "weight_scale": "fp32"}))
+    cases += [Case(module, "_sparse_attention_kernel", dict(HEADS=64, BLOCK_H=16, DIM=512, BLOCK_D=512, BLOCK_N=32,
+                                                            RATIO=ratio, BLOCK_SIZE=256, PER_BLOCK=256 // ratio,
+                                                            HAS_ENTRIES=True, SELECTED=ratio == 4, SPLIT=True,
+                                                            FP32=False, WINDOW_FP8=False, ENTRY_FP8=False, NOPE=512,
+                                                            QBLOCK=512, NUM_SCALES=1, SCALES_AT=512, ENTRY=512,
+                                                            GROUPS=1, GROUP_D=512, TAIL_D=16, Q_ROPE_HALF=32),
+                   {"q_ptr": "*bf16", "window_ptr": "*bf16", "entries_ptr": "*bf16", "sinks_ptr": "*fp32",
+                    "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_inv_freq_ptr": "*fp32",
+                    "scale": "fp32", "q_eps": "fp32"}) for ratio in (4, 128)]
     for case, result in zip(cases, compile_for_hopper(cases)):
         assert result["error"] is None, f"{case.kernel} {case.constexprs}: {result['error']}"
         assert f".entry {case.kernel}" in result["ptx"]
