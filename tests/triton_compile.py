@@ -28,10 +28,10 @@ class Case:
     kernel: str
     constexprs: dict
     types: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)     # compile options, e.g. {"num_warps": 8}
     divisible_by_16: tuple = ()              # arguments the launch sees as multiples of 16 (Triton's JIT specializes
                                              # every such pointer and integer; that decides vector widths and
                                              # whether loads become cp.async)
-    options: dict = field(default_factory=dict)   # num_warps, num_stages
 
 
 def compile_for_hopper(cases: list[Case]) -> list[dict]:
@@ -67,9 +67,10 @@ def _compile_all(cases: list[dict]) -> list[dict]:
         if getattr(fn, "is_gluon", lambda: False)():         # a Gluon kernel (explicit layouts)
             from triton.experimental.gluon._runtime import GluonASTSource as source
         try:
-            attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in case["divisible_by_16"]}
+            attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+                     for name in case.get("divisible_by_16") or ()}
             compiled = triton.compile(source(fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                                      target=GPUTarget("cuda", 90, 32), options=case["options"])
+                                      target=GPUTarget("cuda", 90, 32), options=case.get("options") or {})
             results.append({"error": None, "ptx": compiled.asm["ptx"]})
         except Exception as exc:                         # reported per case, so every case gets its verdict
             results.append({"error": f"{type(exc).__name__}: {exc}"[-3000:], "ptx": ""})

@@ -132,8 +132,7 @@ for name, kernel, constexprs, warps in (
         ("down-hoisted-ids", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=2,
                                                      HOIST_SLOTS=8), 4)):
     CASES[f"mxfp4-gluon-{name}"] = (
-        Case("runtime.ops.mxfp4", kernel, dict(constexprs, NUM_WARPS=warps), MXFP4_GL_TYPES,
-             options={"num_warps": warps}),
+        Case("runtime.ops.mxfp4", kernel, dict(constexprs, NUM_WARPS=warps), MXFP4_GL_TYPES, {"num_warps": warps}),
         "mul.lo.u32 p, t, 4160", None)
 
 
@@ -158,12 +157,14 @@ for dim, block_n, softcap in ((128, 64, False), (128, 128, False), (96, 32, True
     CASES[case_id] = (Case("runtime.ops.attention", "_decode_kernel", dict(
         DECODE, HEAD_DIM=dim, BLOCK_D=128 if dim > 64 else 64, BLOCK_N=block_n, HAS_WINDOW=softcap,
         HAS_SOFTCAP=softcap, HAS_KV_SCALE=True, FP16_DOT=True, ASM=True),
-        dict(DECODE_TYPES, cache_ptr="*fp8e4nv"), DECODE_DIVISIBLE, dict(num_warps=4, num_stages=1)),
+        dict(DECODE_TYPES, cache_ptr="*fp8e4nv"), options=dict(num_warps=4, num_stages=1),
+        divisible_by_16=DECODE_DIVISIBLE),
         "cvt.rn.f16x2.e4m3x2", "ld.shared.b8")
     FP8_WORDS_DECODE.append(case_id)
 CASES["decode-attention-fp8-words-l2-ahead"] = (Case("runtime.ops.attention", "_decode_kernel", dict(
     DECODE, BLOCK_N=32, HAS_KV_SCALE=True, FP16_DOT=True, ASM=True, L2_AHEAD=4), dict(DECODE_TYPES,
-    cache_ptr="*fp8e4nv"), DECODE_DIVISIBLE, dict(num_warps=2, num_stages=1)), "prefetch.global.L2", None)
+    cache_ptr="*fp8e4nv"), options=dict(num_warps=2, num_stages=1), divisible_by_16=DECODE_DIVISIBLE),
+    "prefetch.global.L2", None)
 
 
 @pytest.mark.parametrize("case_id", FP8_WORDS_DECODE)
