@@ -1010,8 +1010,6 @@ if triton is not None:
 
 
 HC_PRE_SPAN = 256            # channels a program of hc_pre collapses when hc_post summed the projection for it
-HC_PRE_WARPS = 1             # with the partials: the Sinkhorn's ~40 reductions over a 4 x 4 tile stay in one warp
-                             # (shuffles; with two, every other one crosses warps through shared memory + a barrier)
 
 
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
@@ -1044,7 +1042,7 @@ def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: t
             streams.stride(0), mix.stride(0), norm_eps, hc_eps, sinkhorn_iters, norm.eps if norm is not None else 0.0,
             N=hc, HIDDEN=hidden, BLOCK=block, SPAN=span, PARTIALS=partials, M=width, CHUNKS=chunks,
             BLOCK_C=_pow2(chunks), NORM=norm is not None, WEIGHT_IN_FP32=norm is not None and norm.weight_in_fp32,
-            num_warps=4 if not partials else HC_PRE_WARPS)
+            num_warps=4 if not partials else 2)
     return post, comb, out
 
 
