@@ -709,6 +709,18 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: i
     return block_out, block_in
 
 
+def _split_k_workspace(split: int, rows: int, n: int, column_tiles: int, counters: torch.Tensor | None,
+                       out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 partials and arrival counters of a split-K GEMV launch (`out` stands in for both unsplit)."""
+    if split == 1:
+        return out, out
+    if counters is None:
+        counters = torch.zeros(column_tiles, dtype=torch.int32, device=out.device)
+    elif counters.numel() < column_tiles:
+        raise ValueError(f"fp8_gemv: {counters.numel()} counters for {column_tiles} column tiles")
+    return torch.empty(split, rows, n, dtype=torch.float32, device=out.device), counters
+
+
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1,
              tiles: Fp8GemvTiles | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """The same function as `fp8_linear_ref` for a few rows: weight float8_e4m3fn [groups * out, in], scale an
@@ -741,14 +753,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups:
     k_per_split = -(-steps // split) * block_k
     split = -(-k // k_per_split)
     grid = (triton.cdiv(n, tiles.block_n), split)
-    if split > 1:
-        part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
-        if counters is None:
-            counters = torch.zeros(grid[0], dtype=torch.int32, device=x.device)
-        elif counters.numel() < grid[0]:
-            raise ValueError(f"fp8_gemv: {counters.numel()} counters for {grid[0]} column tiles")
-    else:
-        part = counters = out
+    part, counters = _split_k_workspace(split, rows, n, grid[0], counters, out)
     x_packed = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0) if tiles.layout_k else 0
     if x_packed and (x.data_ptr() % 8 or x.stride(0) % 4):                 # 64-bit loads of 4 activations
         x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
@@ -793,14 +798,7 @@ def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
     words_per_split = -(-steps // split) * 32
     split = -(-(k // 4) // words_per_split)
     grid = (n // block_n, split)
-    if split > 1:
-        part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
-        if counters is None:
-            counters = torch.zeros(grid[0], dtype=torch.int32, device=x.device)
-        elif counters.numel() < grid[0]:
-            raise ValueError(f"fp8_gemv: {counters.numel()} counters for {grid[0]} column tiles")
-    else:
-        part = counters = out
+    part, counters = _split_k_workspace(split, rows, n, grid[0], counters, out)
     _fp8_gemv_mma_kernel[grid](
         x.view(torch.int32), weight.view(torch.int32), scale, out, part, counters, rows, n, k, x.stride(0) // 2,
         weight.stride(0) // 4, scale.stride(0), out.stride(0), n // groups, words_per_split, k // 2,
