@@ -69,9 +69,12 @@ def test_a_busy_port_is_reported_before_the_model_loads(tiny_qwen3):
 
 def test_one_prompt_streams_and_ctrl_c_keeps_what_was_generated(tiny_qwen3):
     import signal
+    # the child gets Ctrl-C's default disposition even where the suite runs with SIGINT ignored (a background job of
+    # a non-interactive shell, nohup): a child inherits SIG_IGN, and Python then installs no KeyboardInterrupt
     process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "--model", str(tiny_qwen3), "--prompt", "Hello",
                                 "--max-tokens", "4000", "--max-model-len", "4096", "--ignore-eos"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert process.stdout.readline() == "--- prompt: 'Hello'\n"
         first = process.stdout.read(1)                # the first streamed character: generation is running
