@@ -41,9 +41,12 @@ def _mtp_name(native: str) -> str | None:
 
 
 class DeepseekV4MTP(nn.Module):
-    """Also the package's drafter (runtime.spec_decode.Drafter): `propose` drafts k tokens greedily."""
+    """Also the package's drafter (runtime.spec_decode.Drafter): `propose` drafts k tokens greedily. It is
+    capturable: propose reads only its inputs' tensors and takes its shapes from them, so the runner replays
+    it from a CUDA graph after the target's."""
 
     weight_prefixes = ("mtp.",)
+    capturable = True
 
     def __init__(self, target: DeepseekV4ForCausalLM, first_cache_layer: int):
         super().__init__()
@@ -98,8 +101,8 @@ class DeepseekV4MTP(nn.Module):
         streams = self(inputs.target_hidden, inputs.next_token_ids, inputs.positions, inputs.ctx)
         if not len(inputs.last_rows):          # a step that samples nothing: only the cache was wanted
             return torch.zeros(0, inputs.num_drafts, dtype=torch.long, device=streams.device)
-        streams = streams[inputs.last_rows]                                      # [num_reqs, hc_mult * hidden]
-        positions = inputs.positions[inputs.last_rows]
+        streams = streams.index_select(0, inputs.last_rows)                      # [num_reqs, hc_mult * hidden]
+        positions = inputs.positions.index_select(0, inputs.last_rows)
         drafts = [self.compute_logits(streams).argmax(dim=-1)]
         for _ in range(1, inputs.num_drafts):
             positions = positions + 1
