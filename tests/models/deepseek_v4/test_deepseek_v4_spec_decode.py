@@ -172,5 +172,5 @@ def test_mtp_drafter_graphs_match_eager_drafts_on_gpu(tiny_deepseek_v4, k):
         del runner._propose, runner, llm
         free_gpu()
     assert results[False] == results[True]
-    assert len(replays) >= 30
+    assert len(replays) >= 20
     assert {((4, k + 1), 3), ((2, k + 1), 2), ((1, k + 1), 1)} <= set(replays)
