@@ -546,7 +546,7 @@ class ModelRunner:
         self.graphs = dict(sorted(self.graphs.items()))
 
     def _capture_drafter(self, key: tuple[int, int], input_ids: torch.Tensor, ctx: ForwardContext,
-                         step: _HostStep, hidden: torch.Tensor, pool) -> tuple:
+                         step: _HostStep, hidden: torch.Tensor, pool: tuple | None) -> tuple:
         """Capture the drafter's propose over every padded row of the target graph `key` (all padding at
         capture: nothing is written), reading the target graph's `hidden` and the fixed draft buffers that
         `_draft_inputs` fills before each replay. Returns the memory pool."""
@@ -700,7 +700,7 @@ class ModelRunner:
                  key: tuple[int, int] | None = None) -> torch.Tensor:
         """Run the package's drafter after verification: [sampling requests, k] draft tokens, on the
         device. After the target graph `key`, the drafter's graph for it replays, if it has one."""
-        draft_graph = self.draft_graphs.get(key) if key is not None else None
+        draft_graph = self.draft_graphs.get(key)
         num_rows = step.num_reqs if draft_graph is not None else len(step.sampling)
         inputs = self._draft_inputs(step, input_ids, ctx, target_hidden, out, num_rows)
         if draft_graph is None:
@@ -711,8 +711,9 @@ class ModelRunner:
     def _draft_inputs(self, step: _HostStep, input_ids: torch.Tensor, ctx: ForwardContext,
                       target_hidden: torch.Tensor, out: SamplerOutput | None, num_rows: int) -> DraftInputs:
         """The drafter's inputs for `num_rows` rows: the sampling requests, then (for a graph) its padding
-        rows. Every tensor is a view of a fixed device buffer, filled here outside any graph; at each
-        request's last accepted row the token the target just produced becomes the next token."""
+        rows. Next tokens, last rows, table rows and last writable positions are views of fixed device
+        buffers, filled here outside any graph (a drafter graph reads them); at each request's last accepted
+        row the token the target just produced becomes the next token."""
         up, h = self.buffers.upload, self.buffers.host
         num_sampling = len(step.sampling)
         next_ids = up("next_ids", len(input_ids))
