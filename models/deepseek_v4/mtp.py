@@ -18,6 +18,7 @@ from torch import nn
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheSpec
 from runtime.ops import RMSNorm
+from runtime.ops.sampling import greedy_tokens
 from runtime.spec_decode import DraftInputs
 
 from .cache_ops import token_requests
@@ -103,11 +104,11 @@ class DeepseekV4MTP(nn.Module):
             return torch.zeros(0, inputs.num_drafts, dtype=torch.long, device=streams.device)
         streams = streams.index_select(0, inputs.last_rows)                      # [num_reqs, hc_mult * hidden]
         positions = inputs.positions.index_select(0, inputs.last_rows)
-        drafts = [self.compute_logits(streams).argmax(dim=-1)]
+        drafts = [greedy_tokens(self.compute_logits(streams))]
         for _ in range(1, inputs.num_drafts):
             positions = positions + 1
             streams = self(streams, drafts[-1], positions, inputs.decode_context(positions))
-            drafts.append(self.compute_logits(streams).argmax(dim=-1))
+            drafts.append(greedy_tokens(self.compute_logits(streams)))
         return torch.stack(drafts, dim=1)
 
 
