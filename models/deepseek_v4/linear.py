@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from runtime.ops.fp8 import Fp8Linear
+from runtime.ops.fp8 import Fp8Linear, fp8_linear
 from runtime.parallel import ParallelContext, RowParallelLinear
 
 # devices on which a checkpoint's FP8 linears stay FP8 (tests add "cpu" to run the FP8 module's reference path)
@@ -53,6 +53,11 @@ class Fp8Projection(Fp8Linear):
     def columns(self, y: torch.Tensor, name: str) -> torch.Tensor:
         """Part `name`'s output columns, a view of y [n, out_features]."""
         return y[:, self.parts[name]]
+
+    def silu_mul(self, x: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+        """silu_mul(gate, up, limit) of a projection of two parts, gate then up, of equal widths: applied by the
+        GEMV's launch where it can (runtime.ops.fp8.fp8_linear's silu_mul_output)."""
+        return fp8_linear(x, self.weight, self.scale, 1, self.counters, silu_mul_output=True, limit=limit)
 
 
 class Fp8Rows:
