@@ -176,3 +176,9 @@ def test_fp8_decode_attention_widens_words_in_registers(case_id, compiled):
     assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in ptx
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
     assert "ld.shared.b8" not in ptx and "ld.shared.u8" not in ptx
+# the tensor-core FP8 GEMV whose last program of a gate column tile and its up tile applies the (clamped) SwiGLU:
+# it counts arrivals even unsplit
+for split in (1, 8):
+    CASES[f"fp8-gemv-mma-silu-mul-split{split}"] = (Case("runtime.ops.fp8", "_fp8_gemv_mma_kernel", dict(
+        BLOCK_OUT=128, BLOCK_IN=128, WARPS=4, SPLIT_K=split, EMULATE=False, PRMT=True, SILU_MUL=True,
+        HAS_LIMIT=True), dict(FP8_TYPES, x_ptr="*i32", limit="fp32")), "atom.", None)
