@@ -518,14 +518,16 @@ class DecodeTiles:
 def decode_tiles(head_dim: int, cache_dtype: torch.dtype) -> DecodeTiles:
     """From the `tools/decode_kernels.py --only attention` sweep on an H200 (dim 128, 8 KV heads, contexts 4K
     and 32K): bf16 entries stream at 3.4-4.4 TB/s with 64-key steps and 4 programs per SM (2.1-2.5 TB/s with the
-    earlier 32 and 2). fp8 entries (words widened in registers, the next tile prefetched by hand) are fastest in
-    small programs, many per SM (32 keys, 2 warps, 6 per SM: 2.5 TB/s of fp8 bytes at 4 x 32K, 1.8 TB/s before);
-    each waits on its own prefetch, so bytes in flight grow with programs per SM. Wider heads keep the earlier
-    shape."""
+    earlier 32 and 2). fp8 entries (words widened in registers, tiles prefetched by hand) are fastest in the
+    smallest programs, as many per SM as the register file holds: each program's loads are its only bytes in
+    flight. One warp, 16 keys a step, two tiles ahead, 8 programs per SM (255 registers each) and up to 128
+    splits: 2.7 TB/s of fp8 bytes at 4 x 32K (32 keys / 2 warps / one tile ahead / 6 per SM: 2.5). Wider heads
+    keep the earlier shape."""
     if head_dim > 128:
         return DecodeTiles(block_n=16 if head_dim > 256 else 32, num_warps=8, num_stages=3, programs_per_sm=2)
     if is_fp8(cache_dtype):
-        return DecodeTiles(block_n=32, num_warps=2, num_stages=1, programs_per_sm=6, fp16_dot=True, ahead=1)
+        return DecodeTiles(block_n=16, num_warps=1, num_stages=1, programs_per_sm=8, fp16_dot=True, ahead=2,
+                           max_splits=128)
     return DecodeTiles(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
 
 

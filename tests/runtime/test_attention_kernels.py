@@ -190,7 +190,7 @@ def test_decode_kernel_reads_every_e4m3_value_exactly_on_gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [FP8, torch.bfloat16])
 @pytest.mark.parametrize("tiles", [DecodeTiles(32, 2, 1, 6, fp16_dot=True, ahead=1),
-                                   DecodeTiles(32, 2, 1, 5, fp16_dot=True, ahead=2),
+                                   DecodeTiles(16, 1, 1, 8, fp16_dot=True, ahead=2, max_splits=128),
                                    DecodeTiles(64, 4, 1, 3, fp16_dot=True, ahead=2),
                                    DecodeTiles(64, 4, 1, 4, ahead=1), DecodeTiles(32, 4, 1, 4, ahead=2)],
                          ids=lambda t: f"{t.block_n}-{t.num_warps}-{t.programs_per_sm}-ahead{t.ahead}")
