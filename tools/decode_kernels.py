@@ -483,15 +483,16 @@ def write_fp8_tile_table(chosen: dict) -> None:
 
 
 # Decode attention launch shapes timed beside each dtype's default: (block_n, num_warps, num_stages, programs per
-# SM, fp16_dot[, ahead[, max_registers[, max_splits]]]), as DecodeTiles. fp8 with fp16_dot reads K/V as words widened
+# SM, fp16_dot[, ahead[, max_registers[, max_splits[, lazy_rescale]]]]), as DecodeTiles. fp8 with fp16_dot reads K/V as words widened
 # in registers; without, entries widen to q's dtype; ahead: tiles loaded into registers ahead by hand (0: Triton's
 # pipeline); max_registers: ptxas's cap per thread (0: its choice), so more programs fit an SM.
 ATTENTION_VARIANTS = {
     "bfloat16": [(64, 4, 3, 4, False), (64, 4, 3, 4, False, 0, 0, 128), (64, 4, 3, 6, False, 0, 0, 128),
                  (64, 4, 2, 4, False), (64, 4, 1, 2, False, 1), (32, 2, 1, 4, False, 1),
                  (64, 4, 1, 3, False, 1, 168)],
-    "float8_e4m3fn": [(16, 1, 1, 8, True, 1, 0, 128), (16, 1, 1, 8, True, 2),
-                      (16, 2, 1, 5, True, 2, 0, 128), (16, 1, 1, 10, True, 2, 0, 128)],
+    "float8_e4m3fn": [(16, 1, 1, 8, True, 2, 0, 128, True), (16, 1, 1, 8, True, 1, 0, 128),
+                      (16, 1, 1, 8, True, 1, 0, 128, True), (16, 2, 1, 5, True, 2, 0, 128),
+                      (16, 1, 1, 10, True, 2, 0, 128)],
 }
 ATTENTION_SHAPES = ((1, 32768), (4, 32768), (8, 32768), (1, 4096), (64, 4096))      # (batch, context)
 
@@ -511,10 +512,11 @@ def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "fl
     short = lambda t: (f"{t.block_n}/{t.num_warps}/{t.num_stages}/{t.programs_per_sm}"   # noqa: E731
                        + ("/fp16" if t.fp16_dot else "") + (f"/a{t.ahead}" if getattr(t, "ahead", 0) else "")
                        + (f"/r{t.max_registers}" if getattr(t, "max_registers", 0) else "")
-                       + (f"/s{t.max_splits}" if getattr(t, "max_splits", 64) != 64 else ""))
+                       + (f"/s{t.max_splits}" if getattr(t, "max_splits", 64) != 64 else "")
+                       + ("/lazy" if getattr(t, "lazy_rescale", False) else ""))
     print(f"\n{'decode attention':<18}{'cache':>7}{'batch':>6}{'context':>8}{'before us':>10}{'TB/s':>6}"
           f"{'default us':>11}{'TB/s':>6}{'best us':>9}{'TB/s':>6}  default tiles; best (block_n/warps/stages/"
-          f"programs per SM[/fp16 dot][/a tiles ahead][/r registers][/s split cap]): us")
+          f"programs per SM[/fp16 dot][/a tiles ahead][/r registers][/s split cap][/lazy rescale]): us")
     for name, (batch, context) in product(dtypes, shapes):
         dtype = getattr(torch, name)
         g = torch.Generator(device="cuda").manual_seed(0)

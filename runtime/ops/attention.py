@@ -227,7 +227,7 @@ if triton is not None:
 
     @triton.jit
     def _tile_step(q, k, v, n, hi, m, l, acc, scale, softcap, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr):
+                   HAS_SOFTCAP: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr, LAZY: tl.constexpr):
         """Fold one loaded key tile into (m, l, acc). WORDS: k, v are e4m3 words, widened to fp16 here, and q
         carries the scale in log2 units; else the entries widen to q's dtype and the scores are scaled here."""
         if WORDS:
@@ -240,11 +240,13 @@ if triton is not None:
             k = k.to(q.dtype)
             v = v.to(q.dtype)
             scores = _softcapped(tl.dot(q, tl.trans(k)) * scale, softcap, HAS_SOFTCAP)
-        return _online_softmax_step(scores, n < hi, v, m, l, acc, WORDS)
+        return _online_softmax_step(scores, n < hi, v, m, l, acc, WORDS, LAZY)
 
     @triton.jit
-    def _online_softmax_step(scores, n_mask, v, m, l, acc, LOG2: tl.constexpr):
-        """Fold one key tile into the running max m, sum l and output acc; LOG2: scores are in log2 units."""
+    def _online_softmax_step(scores, n_mask, v, m, l, acc, LOG2: tl.constexpr, LAZY: tl.constexpr = False):
+        """Fold one key tile into the running max m, sum l and output acc; LOG2: scores are in log2 units.
+        LAZY: rescale acc only when some row's max grew (elsewhere alpha is exactly 1), which after the first
+        tiles is rare; the first tile of a program always has a key, so m_new is finite from then on."""
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         if LOG2:
@@ -254,7 +256,12 @@ if triton is not None:
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if LAZY:
+            if tl.max(m_new - m, axis=0) > 0:
+                acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l, acc
 
     @triton.jit
@@ -274,13 +281,14 @@ if triton is not None:
                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, HAS_KV_SCALE: tl.constexpr, FP16_DOT: tl.constexpr,
-                       ASM: tl.constexpr = True, AHEAD: tl.constexpr = 1):
+                       ASM: tl.constexpr = True, AHEAD: tl.constexpr = 1, LAZY_RESCALE: tl.constexpr = False):
         """FP16_DOT (an fp8 cache, 16-bit queries): K and V are read as int32 words, widened to fp16 in
         registers and fed to fp16 dots; q carries the softmax scale (with k_scale and log2(e)), so the scores
         come out of the dot in log2 units and exp2 needs no multiply (fp16 rounds each q element by at most
         2^-11 relative or 2^-25 absolute: against e4m3 keys, |k| <= 448, under 2e-3 on any logit). Otherwise
         entries widen to q's dtype. AHEAD (1 or 2): key tiles loaded into registers ahead of the one computing,
-        by hand; 0: Triton's pipeline (num_stages)."""
+        by hand; 0: Triton's pipeline (num_stages). LAZY_RESCALE: acc is rescaled only in steps where a row's
+        running max grew."""
         req = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -324,7 +332,7 @@ if triton is not None:
                 k, v = _load_tile(cache_ptr, _page_numbers(table_row, n, hi, PAGE), n, hi, cols, c_mask,
                                   block_stride, token_stride, kv_stride, head, PAGE, FP16_DOT)
                 m, l, acc = _tile_step(q, k, v, n, hi, m, l, acc, scale, softcap, BLOCK_N, BLOCK_D, HAS_SOFTCAP,
-                                       FP16_DOT, ASM)
+                                       FP16_DOT, ASM, LAZY_RESCALE)
         else:
             # A software pipeline by hand (run with num_stages=1): Triton's own waits for a tile's copies right
             # after issuing them. Here AHEAD tiles of K/V are in flight into registers while one computes, and
@@ -340,12 +348,12 @@ if triton is not None:
                                         kv_stride, head, PAGE, FP16_DOT)
                     p0 = _page_numbers(table_row, n + 2 * BLOCK_N, hi, PAGE)
                     m, l, acc = _tile_step(q, k0, v0, n, hi, m, l, acc, scale, softcap, BLOCK_N, BLOCK_D,
-                                           HAS_SOFTCAP, FP16_DOT, ASM)
+                                           HAS_SOFTCAP, FP16_DOT, ASM, LAZY_RESCALE)
                     k0, v0 = _load_tile(cache_ptr, p0, n + 2 * BLOCK_N, hi, cols, c_mask, block_stride, token_stride,
                                         kv_stride, head, PAGE, FP16_DOT)
                     p1 = _page_numbers(table_row, n + 3 * BLOCK_N, hi, PAGE)
                     m, l, acc = _tile_step(q, k1, v1, n + BLOCK_N, hi, m, l, acc, scale, softcap, BLOCK_N, BLOCK_D,
-                                           HAS_SOFTCAP, FP16_DOT, ASM)
+                                           HAS_SOFTCAP, FP16_DOT, ASM, LAZY_RESCALE)
             else:                                     # AHEAD == 2
                 k1, v1 = _load_tile(cache_ptr, _page_numbers(table_row, lo + BLOCK_N + keys, hi, PAGE),
                                     lo + BLOCK_N + keys, hi, cols, c_mask, block_stride, token_stride, kv_stride,
@@ -357,17 +365,17 @@ if triton is not None:
                                         kv_stride, head, PAGE, FP16_DOT)
                     p0 = _page_numbers(table_row, n + 3 * BLOCK_N, hi, PAGE)
                     m, l, acc = _tile_step(q, k0, v0, n, hi, m, l, acc, scale, softcap, BLOCK_N, BLOCK_D,
-                                           HAS_SOFTCAP, FP16_DOT, ASM)
+                                           HAS_SOFTCAP, FP16_DOT, ASM, LAZY_RESCALE)
                     k0, v0 = _load_tile(cache_ptr, p0, n + 3 * BLOCK_N, hi, cols, c_mask, block_stride, token_stride,
                                         kv_stride, head, PAGE, FP16_DOT)
                     p1 = _page_numbers(table_row, n + 4 * BLOCK_N, hi, PAGE)
                     m, l, acc = _tile_step(q, k1, v1, n + BLOCK_N, hi, m, l, acc, scale, softcap, BLOCK_N, BLOCK_D,
-                                           HAS_SOFTCAP, FP16_DOT, ASM)
+                                           HAS_SOFTCAP, FP16_DOT, ASM, LAZY_RESCALE)
                     k1, v1 = _load_tile(cache_ptr, p1, n + 4 * BLOCK_N, hi, cols, c_mask, block_stride, token_stride,
                                         kv_stride, head, PAGE, FP16_DOT)
                     p2 = _page_numbers(table_row, n + 5 * BLOCK_N, hi, PAGE)
                     m, l, acc = _tile_step(q, k2, v2, n + 2 * BLOCK_N, hi, m, l, acc, scale, softcap, BLOCK_N,
-                                           BLOCK_D, HAS_SOFTCAP, FP16_DOT, ASM)
+                                           BLOCK_D, HAS_SOFTCAP, FP16_DOT, ASM, LAZY_RESCALE)
         if HAS_KV_SCALE:
             acc = acc * tl.load(v_scale_ptr)
         if FP16_DOT:                                  # the reduction takes maxima in natural units
@@ -513,6 +521,7 @@ class DecodeTiles:
     max_registers: int = 0     # registers per thread the compiler may use (ptxas maxnreg; 0: its choice), so
                                # programs_per_sm programs fit in the register file at once
     max_splits: int = 64
+    lazy_rescale: bool = False # rescale the output accumulator only in steps where a running max grew
 
 
 def decode_tiles(head_dim: int, cache_dtype: torch.dtype) -> DecodeTiles:
@@ -566,6 +575,7 @@ def paged_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=tiles.block_n, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_KV_SCALE=has_scale, FP16_DOT=fp16_dot, ASM=q.is_cuda, AHEAD=tiles.ahead,
+        LAZY_RESCALE=tiles.lazy_rescale,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}))
     out = torch.empty_like(q) if out is None else out

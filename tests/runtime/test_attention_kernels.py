@@ -62,7 +62,7 @@ def test_decode_kernel_matches_reference_interpreted(variant):
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
     for splits, ahead in ((1, 1), (3, 2)):        # the hand pipeline: 1 or 2 tiles in flight into registers
         tiles = DecodeTiles(block_n=16, num_warps=4, num_stages=1, programs_per_sm=2, ahead=ahead,
-                            max_registers=128 * (ahead - 1))   # 0: the compiler's choice
+                            max_registers=128 * (ahead - 1), lazy_rescale=ahead == 2)   # 0: the compiler's choice
         out = paged_decode_triton(q, cache, table, lens, max(seq_lens), scale, num_splits=splits, tiles=tiles,
                                   **options)
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
@@ -116,8 +116,9 @@ def test_decode_kernel_fp8_cache_fp16_dots_interpreted(variant, head_dim):
     scale = head_dim ** -0.5
     expected = paged_attention_ref(q.float(), cache, table, list(range(5)), seq_lens, scale, k_scale=k_scale,
                                    v_scale=v_scale, **options)
-    for splits, ahead in ((1, 1), (3, 2), (2, 2)):  # tiles in flight into registers (unrolled 2 and 3 times)
-        tiles = DecodeTiles(block_n=16, num_warps=4, num_stages=1, programs_per_sm=2, fp16_dot=True, ahead=ahead)
+    for splits, ahead, lazy in ((1, 1, False), (3, 2, False), (2, 2, True)):  # tiles in flight into registers
+        tiles = DecodeTiles(block_n=16, num_warps=4, num_stages=1, programs_per_sm=2, fp16_dot=True, ahead=ahead,
+                            lazy_rescale=lazy)
         out = paged_decode_triton(q, cache, table, lens, max(seq_lens), scale, num_splits=splits, k_scale=k_scale,
                                   v_scale=v_scale, tiles=tiles, **options)
         torch.testing.assert_close(out.float(), expected, atol=1e-3, rtol=1e-3)
@@ -192,8 +193,11 @@ def test_decode_kernel_reads_every_e4m3_value_exactly_on_gpu():
 @pytest.mark.parametrize("tiles", [DecodeTiles(32, 2, 1, 6, fp16_dot=True, ahead=1),
                                    DecodeTiles(16, 1, 1, 8, fp16_dot=True, ahead=2, max_splits=128),
                                    DecodeTiles(64, 4, 1, 3, fp16_dot=True, ahead=2),
+                                   DecodeTiles(16, 1, 1, 8, fp16_dot=True, ahead=2, max_splits=128,
+                                               lazy_rescale=True),
                                    DecodeTiles(64, 4, 1, 4, ahead=1), DecodeTiles(32, 4, 1, 4, ahead=2)],
-                         ids=lambda t: f"{t.block_n}-{t.num_warps}-{t.programs_per_sm}-ahead{t.ahead}")
+                         ids=lambda t: f"{t.block_n}-{t.num_warps}-{t.programs_per_sm}-ahead{t.ahead}"
+                                       + ("-lazy" if t.lazy_rescale else ""))
 def test_decode_hand_pipeline_on_gpu(tiles, dtype):
     """The hand pipeline (tiles in flight into registers, the loop unrolled ahead + 1 times) on ragged lengths
     (shorter than a tile, splits that end mid-step, empty splits), scattered pages, both cache dtypes."""
