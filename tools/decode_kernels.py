@@ -483,16 +483,16 @@ def write_fp8_tile_table(chosen: dict) -> None:
 
 
 # Decode attention launch shapes timed beside each dtype's default: (block_n, num_warps, num_stages, programs per
-# SM, fp16_dot[, ahead[, max_registers[, max_splits[, lazy_rescale]]]]), as DecodeTiles. fp8 with fp16_dot reads K/V as words widened
-# in registers; without, entries widen to q's dtype; ahead: tiles loaded into registers ahead by hand (0: Triton's
-# pipeline); max_registers: ptxas's cap per thread (0: its choice), so more programs fit an SM.
+# SM, fp16_dot[, ahead[, max_registers[, max_splits[, lazy_rescale]]]]), as DecodeTiles. fp8 with fp16_dot reads
+# K/V as words widened in registers; without, entries widen to q's dtype; ahead: tiles loaded into registers ahead
+# by hand (0: Triton's pipeline); max_registers: ptxas's cap per thread (0: its choice), so more programs fit an SM.
 ATTENTION_VARIANTS = {
     "bfloat16": [(64, 4, 3, 4, False), (64, 4, 3, 4, False, 0, 0, 128), (64, 4, 3, 6, False, 0, 0, 128),
                  (64, 4, 2, 4, False), (64, 4, 1, 2, False, 1), (32, 2, 1, 4, False, 1),
                  (64, 4, 1, 3, False, 1, 168)],
-    "float8_e4m3fn": [(16, 1, 1, 8, True, 2, 0, 128, True), (16, 1, 1, 8, True, 1, 0, 128),
-                      (16, 1, 1, 8, True, 1, 0, 128, True), (16, 2, 1, 5, True, 2, 0, 128),
-                      (16, 1, 1, 10, True, 2, 0, 128)],
+    "float8_e4m3fn": [(16, 1, 1, 8, True, 2, 0, 128), (16, 1, 1, 8, True, 1, 0, 128),
+                      (16, 1, 1, 8, True, 2, 0, 128, True), (16, 1, 1, 10, True, 2, 0, 128),
+                      (32, 2, 1, 6, True, 1), (32, 2, 1, 4, True, 2)],
 }
 ATTENTION_SHAPES = ((1, 32768), (4, 32768), (8, 32768), (1, 4096), (64, 4096))      # (batch, context)
 
@@ -531,7 +531,7 @@ def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "fl
         nbytes = batch * context * 2 * kv_heads * dim * cache.element_size()
         tbs = lambda us: nbytes / us / 1e6                                         # noqa: E731
         want = paged_attention_ref(q, cache, table, list(range(batch + 1)), [context] * batch, scale)
-        default = decode_tiles(dim, dtype)
+        default = decode_tiles(dim, dtype, batch)
 
         def timed(decode, tiles) -> float:
             err = rel_error(decode(q, cache, table, lens, context, scale, tiles=tiles), want)

@@ -524,19 +524,21 @@ class DecodeTiles:
     lazy_rescale: bool = False # rescale the output accumulator only in steps where a running max grew
 
 
-def decode_tiles(head_dim: int, cache_dtype: torch.dtype) -> DecodeTiles:
+def decode_tiles(head_dim: int, cache_dtype: torch.dtype, num_reqs: int = 1) -> DecodeTiles:
     """From the `tools/decode_kernels.py --only attention` sweep on an H200 (dim 128, 8 KV heads, contexts 4K
-    and 32K): bf16 entries stream at 3.4-4.4 TB/s with 64-key steps and 4 programs per SM (2.1-2.5 TB/s with the
+    and 32K): bf16 entries stream at 3.4-4.2 TB/s with 64-key steps and 4 programs per SM (2.1-2.5 TB/s with the
     earlier 32 and 2). fp8 entries (words widened in registers, tiles prefetched by hand) are fastest in the
-    smallest programs, as many per SM as the register file holds: each program's loads are its only bytes in
-    flight. One warp, 16 keys a step, two tiles ahead, 8 programs per SM (255 registers each) and up to 128
-    splits: 2.7 TB/s of fp8 bytes at 4 x 32K (32 keys / 2 warps / one tile ahead / 6 per SM: 2.5). Wider heads
-    keep the earlier shape."""
+    smallest programs, as many per SM as the register file holds (each program's loads are its only bytes in
+    flight): one warp, 16 keys a step, 8 programs per SM (240-255 registers each), up to 128 splits. Two tiles
+    ahead wins at 4 x 32K (98.3 us, 2.7 TB/s of fp8 bytes; 32 keys / 2 warps / one ahead / 6 per SM: 107.5); one
+    ahead wins with a single request (1 x 32K 29.8 us against 31.9, 1 x 4K 8.4 against 9.9: shorter splits, whose
+    two-tile prologue and 48-key rounding cost more). `num_reqs` is the launch's batch (a CUDA graph's is fixed).
+    Wider heads keep the earlier shape."""
     if head_dim > 128:
         return DecodeTiles(block_n=16 if head_dim > 256 else 32, num_warps=8, num_stages=3, programs_per_sm=2)
     if is_fp8(cache_dtype):
-        return DecodeTiles(block_n=16, num_warps=1, num_stages=1, programs_per_sm=8, fp16_dot=True, ahead=2,
-                           max_splits=128)
+        return DecodeTiles(block_n=16, num_warps=1, num_stages=1, programs_per_sm=8, fp16_dot=True,
+                           ahead=2 if num_reqs >= 4 else 1, max_splits=128)
     return DecodeTiles(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
 
 
@@ -558,7 +560,7 @@ def paged_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch
     page, kv_heads = cache.shape[1], cache.shape[3]
     group = num_heads // kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    tiles = tiles or decode_tiles(head_dim, cache.dtype)
+    tiles = tiles or decode_tiles(head_dim, cache.dtype, num_reqs)
     if num_splits is None:
         num_sms = _num_sms(q.device.index or 0) if q.is_cuda else 8
         num_splits = decode_num_splits(num_reqs, kv_heads, max_seq_len, num_sms, tiles.block_n,

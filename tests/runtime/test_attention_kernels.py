@@ -195,6 +195,7 @@ def test_decode_kernel_reads_every_e4m3_value_exactly_on_gpu():
                                    DecodeTiles(64, 4, 1, 3, fp16_dot=True, ahead=2),
                                    DecodeTiles(16, 1, 1, 8, fp16_dot=True, ahead=2, max_splits=128,
                                                lazy_rescale=True),
+                                   DecodeTiles(16, 1, 1, 8, fp16_dot=True, ahead=1, max_splits=128),
                                    DecodeTiles(64, 4, 1, 4, ahead=1), DecodeTiles(32, 4, 1, 4, ahead=2)],
                          ids=lambda t: f"{t.block_n}-{t.num_warps}-{t.programs_per_sm}-ahead{t.ahead}"
                                        + ("-lazy" if t.lazy_rescale else ""))
