@@ -483,15 +483,16 @@ def write_fp8_tile_table(chosen: dict) -> None:
 
 
 # Decode attention launch shapes timed beside each dtype's default: (block_n, num_warps, num_stages, programs per
-# SM, fp16_dot[, l2_ahead]). fp8 with fp16_dot reads K/V as words widened in registers; without, entries widen to
-# q's dtype; l2_ahead also asks L2 for the key tile that many steps ahead.
+# SM, fp16_dot[, ahead[, max_registers[, max_splits[, lazy_rescale]]]]), as DecodeTiles. fp8 with fp16_dot reads
+# K/V as words widened in registers; without, entries widen to q's dtype; ahead: tiles loaded into registers ahead
+# by hand (0: Triton's pipeline); max_registers: ptxas's cap per thread (0: its choice), so more programs fit an SM.
 ATTENTION_VARIANTS = {
-    "bfloat16": [(64, 4, 3, 4, False), (32, 4, 3, 4, False), (64, 4, 3, 8, False), (32, 4, 2, 8, False),
-                 (64, 4, 2, 4, False), (128, 4, 3, 2, False)],
-    "float8_e4m3fn": [(32, 2, 1, 6, True), (64, 4, 1, 3, True), (64, 4, 1, 2, True), (32, 4, 1, 5, True),
-                      (128, 4, 1, 2, True), (32, 2, 1, 6, True, 2), (32, 2, 1, 6, True, 4), (32, 2, 1, 6, True, 8),
-                      (32, 2, 1, 4, True, 4), (64, 4, 1, 3, True, 2), (64, 4, 1, 3, True, 4),
-                      (64, 4, 1, 2, True, 4), (128, 4, 1, 2, True, 2), (128, 4, 2, 2, False)],
+    "bfloat16": [(64, 4, 3, 4, False), (64, 4, 3, 4, False, 0, 0, 128), (64, 4, 3, 6, False, 0, 0, 128),
+                 (64, 4, 2, 4, False), (64, 4, 1, 2, False, 1), (32, 2, 1, 4, False, 1),
+                 (64, 4, 1, 3, False, 1, 168)],
+    "float8_e4m3fn": [(16, 1, 1, 8, True, 2, 0, 128), (16, 1, 1, 8, True, 1, 0, 128),
+                      (16, 1, 1, 8, True, 2, 0, 128, True), (16, 1, 1, 10, True, 2, 0, 128),
+                      (32, 2, 1, 6, True, 1), (32, 2, 1, 4, True, 2)],
 }
 ATTENTION_SHAPES = ((1, 32768), (4, 32768), (8, 32768), (1, 4096), (64, 4096))      # (batch, context)
 
@@ -509,10 +510,13 @@ def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "fl
     from runtime.ops.attention import DecodeTiles, decode_tiles, paged_attention_ref, paged_decode_triton
     heads, kv_heads, dim, page = 32, 8, 128, 16
     short = lambda t: (f"{t.block_n}/{t.num_warps}/{t.num_stages}/{t.programs_per_sm}"   # noqa: E731
-                       + ("/fp16" if t.fp16_dot else "") + (f"/L2+{t.l2_ahead}" if getattr(t, "l2_ahead", 0) else ""))
+                       + ("/fp16" if t.fp16_dot else "") + (f"/a{t.ahead}" if getattr(t, "ahead", 0) else "")
+                       + (f"/r{t.max_registers}" if getattr(t, "max_registers", 0) else "")
+                       + (f"/s{t.max_splits}" if getattr(t, "max_splits", 64) != 64 else "")
+                       + ("/lazy" if getattr(t, "lazy_rescale", False) else ""))
     print(f"\n{'decode attention':<18}{'cache':>7}{'batch':>6}{'context':>8}{'before us':>10}{'TB/s':>6}"
           f"{'default us':>11}{'TB/s':>6}{'best us':>9}{'TB/s':>6}  default tiles; best (block_n/warps/stages/"
-          f"programs per SM[/fp16 dot][/L2 steps ahead]): us")
+          f"programs per SM[/fp16 dot][/a tiles ahead][/r registers][/s split cap][/lazy rescale]): us")
     for name, (batch, context) in product(dtypes, shapes):
         dtype = getattr(torch, name)
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -527,7 +531,7 @@ def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "fl
         nbytes = batch * context * 2 * kv_heads * dim * cache.element_size()
         tbs = lambda us: nbytes / us / 1e6                                         # noqa: E731
         want = paged_attention_ref(q, cache, table, list(range(batch + 1)), [context] * batch, scale)
-        default = decode_tiles(dim, dtype)
+        default = decode_tiles(dim, dtype, batch)
 
         def timed(decode, tiles) -> float:
             err = rel_error(decode(q, cache, table, lens, context, scale, tiles=tiles), want)
@@ -555,6 +559,7 @@ def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "fl
         print(f"{'':<18}{name[:7]:>7}{batch:>6}{context:>8}{t_before:>10.1f}{tbs(t_before):>6.2f}{t_default:>11.1f}"
               f"{tbs(t_default):>6.2f}{ranked[0][0]:>9.1f}{tbs(ranked[0][0]):>6.2f}  {short(default)}; "
               + "; ".join(f"{t}: {us:.1f}" for us, t in ranked[:4]))
+        print(f"{'':<18}all: " + "; ".join(f"{short(t)}: {us:.1f}" for t, us in timings.items()))
         if len(before_us) > 1:
             print(f"{'':<18}before: " + "; ".join(f"{t}: {us:.1f}" for t, us in before_us.items()))
         RECORDS.append(dict(kind="attention", dtype=name, batch=batch, context=context, default=short(default),

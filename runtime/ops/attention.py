@@ -204,29 +204,49 @@ if triton is not None:
         return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BLOCK_N, BLOCK_D))
 
     @triton.jit
-    def _load_words(cache_ptr, page, n, hi, words, w_mask, block_stride, token_stride, kv_stride, head,
-                    PAGE: tl.constexpr):
-        """K and V of keys n (in pages `page`) as int32 words [len(n), len(words)]; keys >= hi read nothing."""
+    def _page_numbers(table_row, n, hi, PAGE: tl.constexpr):
+        """The cache page of each key n; keys >= hi get page 0 (and read nothing)."""
+        return tl.load(table_row + n // PAGE, mask=n < hi, other=0)
+
+    @triton.jit
+    def _load_tile(cache_ptr, page, n, hi, cols, c_mask, block_stride, token_stride, kv_stride, head,
+                   PAGE: tl.constexpr, WORDS: tl.constexpr):
+        """K and V of keys n (in pages `page`) as [len(n), len(cols)]: int32 words of 4 fp8 entries (WORDS), else
+        the entries themselves; keys >= hi read nothing."""
         row = cache_ptr + page.to(tl.int64) * block_stride + (n % PAGE) * token_stride + head
-        mask = (n < hi)[:, None] & w_mask[None, :]
-        k = tl.load(row.to(tl.pointer_type(tl.int32), bitcast=True)[:, None] + words[None, :], mask=mask, other=0)
-        v = tl.load((row + kv_stride).to(tl.pointer_type(tl.int32), bitcast=True)[:, None] + words[None, :],
-                    mask=mask, other=0)
+        mask = (n < hi)[:, None] & c_mask[None, :]
+        if WORDS:
+            k_row = row.to(tl.pointer_type(tl.int32), bitcast=True)
+            v_row = (row + kv_stride).to(tl.pointer_type(tl.int32), bitcast=True)
+            k = tl.load(k_row[:, None] + cols[None, :], mask=mask, other=0)
+            v = tl.load(v_row[:, None] + cols[None, :], mask=mask, other=0)
+        else:
+            k = tl.load(row[:, None] + cols[None, :], mask=mask, other=0.0)
+            v = tl.load((row + kv_stride)[:, None] + cols[None, :], mask=mask, other=0.0)
         return k, v
 
     @triton.jit
-    def _prefetch_l2(cache_ptr, page, n, block_stride, token_stride, kv_stride, head, PAGE: tl.constexpr,
-                     ASM: tl.constexpr):
-        """Ask L2 for the first 128-byte line of the K and V rows of keys n (a whole row at head_dim 128 in
-        fp8); keys past the split come with page 0, the null block, and fetch nothing anyone reads."""
-        if ASM:
-            row = cache_ptr + page.to(tl.int64) * block_stride + (n % PAGE) * token_stride + head
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; prefetch.global.L2 [$2]; mov.u32 $0, 0;",
-                                      "=r,l,l", [row, row + kv_stride], dtype=tl.int32, is_pure=False, pack=1)
+    def _tile_step(q, k, v, n, hi, m, l, acc, scale, softcap, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr, LAZY: tl.constexpr):
+        """Fold one loaded key tile into (m, l, acc). WORDS: k, v are e4m3 words, widened to fp16 here, and q
+        carries the scale in log2 units; else the entries widen to q's dtype and the scores are scaled here."""
+        if WORDS:
+            k = _dot_operand_fence(_e4m3_words_to_f16(k, BLOCK_N, BLOCK_D, ASM), ASM)   # [BLOCK_N, BLOCK_D]
+            v = _dot_operand_fence(_e4m3_words_to_f16(v, BLOCK_N, BLOCK_D, ASM), ASM)
+            scores = tl.dot(q, tl.trans(k))                                             # [BLOCK_G, BLOCK_N]
+            if HAS_SOFTCAP:                                                             # in natural units
+                scores = _softcapped(scores * 0.6931471805599453, softcap, HAS_SOFTCAP) * 1.4426950408889634
+        else:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+            scores = _softcapped(tl.dot(q, tl.trans(k)) * scale, softcap, HAS_SOFTCAP)
+        return _online_softmax_step(scores, n < hi, v, m, l, acc, WORDS, LAZY)
 
     @triton.jit
-    def _online_softmax_step(scores, n_mask, v, m, l, acc, LOG2: tl.constexpr):
-        """Fold one key tile into the running max m, sum l and output acc; LOG2: scores are in log2 units."""
+    def _online_softmax_step(scores, n_mask, v, m, l, acc, LOG2: tl.constexpr, LAZY: tl.constexpr = False):
+        """Fold one key tile into the running max m, sum l and output acc; LOG2: scores are in log2 units.
+        LAZY: rescale acc only when some row's max grew (elsewhere alpha is exactly 1), which after the first
+        tiles is rare; the first tile of a program always has a key, so m_new is finite from then on."""
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         if LOG2:
@@ -236,7 +256,12 @@ if triton is not None:
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if LAZY:
+            if tl.max(m_new - m, axis=0) > 0:
+                acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l, acc
 
     @triton.jit
@@ -256,13 +281,14 @@ if triton is not None:
                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, HAS_KV_SCALE: tl.constexpr, FP16_DOT: tl.constexpr,
-                       ASM: tl.constexpr = True, L2_AHEAD: tl.constexpr = 0):
+                       ASM: tl.constexpr = True, AHEAD: tl.constexpr = 1, LAZY_RESCALE: tl.constexpr = False):
         """FP16_DOT (an fp8 cache, 16-bit queries): K and V are read as int32 words, widened to fp16 in
         registers and fed to fp16 dots; q carries the softmax scale (with k_scale and log2(e)), so the scores
         come out of the dot in log2 units and exp2 needs no multiply (fp16 rounds each q element by at most
         2^-11 relative or 2^-25 absolute: against e4m3 keys, |k| <= 448, under 2e-3 on any logit). Otherwise
-        entries widen to q's dtype. L2_AHEAD (FP16_DOT, >= 2): also ask L2 for the key tile that many steps
-        ahead."""
+        entries widen to q's dtype. AHEAD (1 or 2): key tiles loaded into registers ahead of the one computing,
+        by hand; 0: Triton's pipeline (num_stages). LAZY_RESCALE: acc is rescaled only in steps where a row's
+        running max grew."""
         req = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -270,7 +296,8 @@ if triton is not None:
         start = 0
         if HAS_WINDOW:
             start = tl.maximum(seq_len - window, 0)
-        per_split = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
+        step = BLOCK_N * (AHEAD + 1)                  # a split covers whole loop steps
+        per_split = tl.cdiv(tl.cdiv(seq_len - start, num_splits), step) * step
         lo = start + split * per_split
         hi = tl.minimum(lo + per_split, seq_len)
 
@@ -291,51 +318,64 @@ if triton is not None:
         l = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         table_row = table_ptr + req * table_stride
+        keys = tl.arange(0, BLOCK_N)
+        head = kv_head * head_stride
         if FP16_DOT:
-            # A software pipeline by hand (run with num_stages=1): Triton's own waits for a tile's copies right
-            # after issuing them, so here tile i+1's words and tile i+2's page numbers load while tile i computes.
-            keys = tl.arange(0, BLOCK_N)
-            head = kv_head * head_stride
-            page = tl.load(table_row + (lo + keys) // PAGE, mask=lo + keys < hi, other=0)
-            k_words, v_words = _load_words(cache_ptr, page, lo + keys, hi, words, w_mask, block_stride,
-                                           token_stride, kv_stride, head, PAGE)
-            page = tl.load(table_row + (lo + BLOCK_N + keys) // PAGE, mask=lo + BLOCK_N + keys < hi, other=0)
-            if L2_AHEAD > 1:                          # the tiles before the loop's first L2 request
-                for t in tl.static_range(2, L2_AHEAD):
-                    far = lo + t * BLOCK_N + keys
-                    _prefetch_l2(cache_ptr, tl.load(table_row + far // PAGE, mask=far < hi, other=0), far,
-                                 block_stride, token_stride, kv_stride, head, PAGE, ASM)
-                far = lo + L2_AHEAD * BLOCK_N + keys
-                far_page = tl.load(table_row + far // PAGE, mask=far < hi, other=0)
+            cols = words
+            c_mask = w_mask
+        else:
+            cols = d
+            c_mask = d_mask
+        if AHEAD == 0:                                # Triton's pipeline (num_stages)
             for n0 in range(lo, hi, BLOCK_N):
                 n = n0 + keys
-                next_k, next_v = _load_words(cache_ptr, page, n + BLOCK_N, hi, words, w_mask, block_stride,
-                                             token_stride, kv_stride, head, PAGE)
-                page = tl.load(table_row + (n + 2 * BLOCK_N) // PAGE, mask=n + 2 * BLOCK_N < hi, other=0)
-                if L2_AHEAD > 1:
-                    _prefetch_l2(cache_ptr, far_page, n + L2_AHEAD * BLOCK_N, block_stride, token_stride,
-                                 kv_stride, head, PAGE, ASM)
-                    far = n + (L2_AHEAD + 1) * BLOCK_N
-                    far_page = tl.load(table_row + far // PAGE, mask=far < hi, other=0)
-                k = _dot_operand_fence(_e4m3_words_to_f16(k_words, BLOCK_N, BLOCK_D, ASM), ASM)  # [BLOCK_N, BLOCK_D]
-                v = _dot_operand_fence(_e4m3_words_to_f16(v_words, BLOCK_N, BLOCK_D, ASM), ASM)
-                scores = tl.dot(q, tl.trans(k))                                         # [BLOCK_G, BLOCK_N]
-                if HAS_SOFTCAP:                                                         # in natural units
-                    scores = _softcapped(scores * 0.6931471805599453, softcap, HAS_SOFTCAP) * 1.4426950408889634
-                m, l, acc = _online_softmax_step(scores, n < hi, v, m, l, acc, True)
-                k_words, v_words = next_k, next_v
+                k, v = _load_tile(cache_ptr, _page_numbers(table_row, n, hi, PAGE), n, hi, cols, c_mask,
+                                  block_stride, token_stride, kv_stride, head, PAGE, FP16_DOT)
+                m, l, acc = _tile_step(q, k, v, n, hi, m, l, acc, scale, softcap, BLOCK_N, BLOCK_D, HAS_SOFTCAP,
+                                       FP16_DOT, ASM, LAZY_RESCALE)
         else:
-            for n0 in range(lo, hi, BLOCK_N):
-                n = n0 + tl.arange(0, BLOCK_N)
-                n_mask = n < hi
-                page = tl.load(table_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-                row = cache_ptr + page * block_stride + (n % PAGE) * token_stride + kv_head * head_stride
-                kv_mask = n_mask[:, None] & d_mask[None, :]
-                k = tl.load(row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-                v = tl.load(row[:, None] + kv_stride + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-                scores = tl.dot(q, tl.trans(k)) * scale                                 # [BLOCK_G, BLOCK_N]
-                scores = _softcapped(scores, softcap, HAS_SOFTCAP)
-                m, l, acc = _online_softmax_step(scores, n_mask, v, m, l, acc, False)
+            # A software pipeline by hand (run with num_stages=1): Triton's own waits for a tile's copies right
+            # after issuing them. Here AHEAD tiles of K/V are in flight into registers while one computes, and
+            # their page numbers load a step before them. The loop is unrolled AHEAD + 1 times so each tile keeps
+            # its registers from load to use: a loop-carried copy of a tile still in flight would wait for it.
+            k0, v0 = _load_tile(cache_ptr, _page_numbers(table_row, lo + keys, hi, PAGE), lo + keys, hi, cols,
+                                c_mask, block_stride, token_stride, kv_stride, head, PAGE, FP16_DOT)
+            if AHEAD == 1:
+                p1 = _page_numbers(table_row, lo + BLOCK_N + keys, hi, PAGE)
+                for n0 in range(lo, hi, 2 * BLOCK_N):
+                    n = n0 + keys
+                    k1, v1 = _load_tile(cache_ptr, p1, n + BLOCK_N, hi, cols, c_mask, block_stride, token_stride,
+                                        kv_stride, head, PAGE, FP16_DOT)
+                    p0 = _page_numbers(table_row, n + 2 * BLOCK_N, hi, PAGE)
+                    m, l, acc = _tile_step(q, k0, v0, n, hi, m, l, acc, scale, softcap, BLOCK_N, BLOCK_D,
+                                           HAS_SOFTCAP, FP16_DOT, ASM, LAZY_RESCALE)
+                    k0, v0 = _load_tile(cache_ptr, p0, n + 2 * BLOCK_N, hi, cols, c_mask, block_stride, token_stride,
+                                        kv_stride, head, PAGE, FP16_DOT)
+                    p1 = _page_numbers(table_row, n + 3 * BLOCK_N, hi, PAGE)
+                    m, l, acc = _tile_step(q, k1, v1, n + BLOCK_N, hi, m, l, acc, scale, softcap, BLOCK_N, BLOCK_D,
+                                           HAS_SOFTCAP, FP16_DOT, ASM, LAZY_RESCALE)
+            else:                                     # AHEAD == 2
+                k1, v1 = _load_tile(cache_ptr, _page_numbers(table_row, lo + BLOCK_N + keys, hi, PAGE),
+                                    lo + BLOCK_N + keys, hi, cols, c_mask, block_stride, token_stride, kv_stride,
+                                    head, PAGE, FP16_DOT)
+                p2 = _page_numbers(table_row, lo + 2 * BLOCK_N + keys, hi, PAGE)
+                for n0 in range(lo, hi, 3 * BLOCK_N):
+                    n = n0 + keys
+                    k2, v2 = _load_tile(cache_ptr, p2, n + 2 * BLOCK_N, hi, cols, c_mask, block_stride, token_stride,
+                                        kv_stride, head, PAGE, FP16_DOT)
+                    p0 = _page_numbers(table_row, n + 3 * BLOCK_N, hi, PAGE)
+                    m, l, acc = _tile_step(q, k0, v0, n, hi, m, l, acc, scale, softcap, BLOCK_N, BLOCK_D,
+                                           HAS_SOFTCAP, FP16_DOT, ASM, LAZY_RESCALE)
+                    k0, v0 = _load_tile(cache_ptr, p0, n + 3 * BLOCK_N, hi, cols, c_mask, block_stride, token_stride,
+                                        kv_stride, head, PAGE, FP16_DOT)
+                    p1 = _page_numbers(table_row, n + 4 * BLOCK_N, hi, PAGE)
+                    m, l, acc = _tile_step(q, k1, v1, n + BLOCK_N, hi, m, l, acc, scale, softcap, BLOCK_N, BLOCK_D,
+                                           HAS_SOFTCAP, FP16_DOT, ASM, LAZY_RESCALE)
+                    k1, v1 = _load_tile(cache_ptr, p1, n + 4 * BLOCK_N, hi, cols, c_mask, block_stride, token_stride,
+                                        kv_stride, head, PAGE, FP16_DOT)
+                    p2 = _page_numbers(table_row, n + 5 * BLOCK_N, hi, PAGE)
+                    m, l, acc = _tile_step(q, k2, v2, n + 2 * BLOCK_N, hi, m, l, acc, scale, softcap, BLOCK_N,
+                                           BLOCK_D, HAS_SOFTCAP, FP16_DOT, ASM, LAZY_RESCALE)
         if HAS_KV_SCALE:
             acc = acc * tl.load(v_scale_ptr)
         if FP16_DOT:                                  # the reduction takes maxima in natural units
@@ -476,28 +516,37 @@ class DecodeTiles:
     programs_per_sm: int       # splits are chosen so the grid covers the chip about this many times
     fp16_dot: bool = False     # an fp8 cache and 16-bit queries: entries read as words, widened to fp16 in
                                # registers, fp16 dots (q and p in fp16) rather than q's dtype
-    l2_ahead: int = 0          # with fp16_dot: also ask L2 for the key tile this many steps ahead (0, 1: no)
+    ahead: int = 0             # key tiles loaded into registers ahead of the one computing, by hand (1 or 2,
+                               # with num_stages 1); 0: Triton's pipeline of num_stages
+    max_registers: int = 0     # registers per thread the compiler may use (ptxas maxnreg; 0: its choice), so
+                               # programs_per_sm programs fit in the register file at once
+    max_splits: int = 64
+    lazy_rescale: bool = False # rescale the output accumulator only in steps where a running max grew
 
 
-def decode_tiles(head_dim: int, cache_dtype: torch.dtype) -> DecodeTiles:
+def decode_tiles(head_dim: int, cache_dtype: torch.dtype, num_reqs: int = 1) -> DecodeTiles:
     """From the `tools/decode_kernels.py --only attention` sweep on an H200 (dim 128, 8 KV heads, contexts 4K
-    and 32K): bf16 entries stream at 3.4-4.4 TB/s with 64-key steps and 4 programs per SM (2.1-2.5 TB/s with the
-    earlier 32 and 2). fp8 entries (words widened in registers, the next tile prefetched by hand) are fastest in
-    small programs, many per SM (32 keys, 2 warps, 6 per SM: 2.5 TB/s of fp8 bytes at 4 x 32K, 1.8 TB/s before);
-    each waits on its own prefetch, so bytes in flight grow with programs per SM. Wider heads keep the earlier
-    shape."""
+    and 32K): bf16 entries stream at 3.4-4.2 TB/s with 64-key steps and 4 programs per SM (2.1-2.5 TB/s with the
+    earlier 32 and 2). fp8 entries (words widened in registers, tiles prefetched by hand) are fastest in the
+    smallest programs, as many per SM as the register file holds (each program's loads are its only bytes in
+    flight): one warp, 16 keys a step, 8 programs per SM (240-255 registers each), up to 128 splits. Two tiles
+    ahead wins at 4 x 32K (98.3 us, 2.7 TB/s of fp8 bytes; 32 keys / 2 warps / one ahead / 6 per SM: 107.5); one
+    ahead wins with a single request (1 x 32K 29.8 us against 31.9, 1 x 4K 8.4 against 9.9: shorter splits, whose
+    two-tile prologue and 48-key rounding cost more). `num_reqs` is the launch's batch (a CUDA graph's is fixed).
+    Wider heads keep the earlier shape."""
     if head_dim > 128:
         return DecodeTiles(block_n=16 if head_dim > 256 else 32, num_warps=8, num_stages=3, programs_per_sm=2)
     if is_fp8(cache_dtype):
-        return DecodeTiles(block_n=32, num_warps=2, num_stages=1, programs_per_sm=6, fp16_dot=True)
+        return DecodeTiles(block_n=16, num_warps=1, num_stages=1, programs_per_sm=8, fp16_dot=True,
+                           ahead=2 if num_reqs >= 4 else 1, max_splits=128)
     return DecodeTiles(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
 
 
 def decode_num_splits(num_reqs: int, kv_heads: int, max_seq_len: int, num_sms: int, block_n: int = 16,
-                      programs_per_sm: int = 2) -> int:
+                      programs_per_sm: int = 2, max_splits: int = 64) -> int:
     """Enough programs to cover the chip `programs_per_sm` times, never a split shorter than `block_n` keys."""
     wanted = max(1, (programs_per_sm * num_sms) // max(1, num_reqs * kv_heads))
-    return max(1, min(wanted, 64, -(-max_seq_len // block_n)))
+    return max(1, min(wanted, max_splits, -(-max_seq_len // block_n)))
 
 
 def paged_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -511,11 +560,11 @@ def paged_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch
     page, kv_heads = cache.shape[1], cache.shape[3]
     group = num_heads // kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    tiles = tiles or decode_tiles(head_dim, cache.dtype)
+    tiles = tiles or decode_tiles(head_dim, cache.dtype, num_reqs)
     if num_splits is None:
         num_sms = _num_sms(q.device.index or 0) if q.is_cuda else 8
         num_splits = decode_num_splits(num_reqs, kv_heads, max_seq_len, num_sms, tiles.block_n,
-                                       tiles.programs_per_sm)
+                                       tiles.programs_per_sm, tiles.max_splits)
     part_acc = torch.empty(num_reqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(num_reqs, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     k_scale, v_scale, has_scale = kv_scales(cache, k_scale, v_scale)
@@ -527,8 +576,10 @@ def paged_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch
         cache.stride(3), scale, softcap or 0.0, window or 0, num_splits,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=tiles.block_n, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
-        HAS_KV_SCALE=has_scale, FP16_DOT=fp16_dot, ASM=q.is_cuda, L2_AHEAD=tiles.l2_ahead if fp16_dot else 0,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        HAS_KV_SCALE=has_scale, FP16_DOT=fp16_dot, ASM=q.is_cuda, AHEAD=tiles.ahead,
+        LAZY_RESCALE=tiles.lazy_rescale,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}))
     out = torch.empty_like(q) if out is None else out
     _decode_reduce_kernel[(num_reqs, num_heads)](
         part_acc, part_ml, sinks if sinks is not None else part_ml, out, out.stride(0), out.stride(1), num_splits,

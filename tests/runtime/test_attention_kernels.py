@@ -60,6 +60,12 @@ def test_decode_kernel_matches_reference_interpreted(variant):
     for splits in (1, 3):                         # split-K with uneven and empty splits
         out = paged_decode_triton(q, cache, table, lens, max(seq_lens), scale, num_splits=splits, **options)
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    for splits, ahead in ((1, 1), (3, 2)):        # the hand pipeline: 1 or 2 tiles in flight into registers
+        tiles = DecodeTiles(block_n=16, num_warps=4, num_stages=1, programs_per_sm=2, ahead=ahead,
+                            max_registers=128 * (ahead - 1), lazy_rescale=ahead == 2)   # 0: the compiler's choice
+        out = paged_decode_triton(q, cache, table, lens, max(seq_lens), scale, num_splits=splits, tiles=tiles,
+                                  **options)
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -110,9 +116,9 @@ def test_decode_kernel_fp8_cache_fp16_dots_interpreted(variant, head_dim):
     scale = head_dim ** -0.5
     expected = paged_attention_ref(q.float(), cache, table, list(range(5)), seq_lens, scale, k_scale=k_scale,
                                    v_scale=v_scale, **options)
-    for splits, l2_ahead in ((1, 0), (3, 3)):      # l2_ahead: the page numbers it reads (the L2 request is GPU-only)
-        tiles = DecodeTiles(block_n=16, num_warps=4, num_stages=1, programs_per_sm=2, fp16_dot=True,
-                            l2_ahead=l2_ahead)
+    for splits, ahead, lazy in ((1, 1, False), (3, 2, False), (2, 2, True)):  # tiles in flight into registers
+        tiles = DecodeTiles(block_n=16, num_warps=4, num_stages=1, programs_per_sm=2, fp16_dot=True, ahead=ahead,
+                            lazy_rescale=lazy)
         out = paged_decode_triton(q, cache, table, lens, max(seq_lens), scale, num_splits=splits, k_scale=k_scale,
                                   v_scale=v_scale, tiles=tiles, **options)
         torch.testing.assert_close(out.float(), expected, atol=1e-3, rtol=1e-3)
@@ -183,13 +189,27 @@ def test_decode_kernel_reads_every_e4m3_value_exactly_on_gpu():
 
 
 @pytest.mark.gpu
-def test_fp8_decode_l2_requests_change_no_bit_on_gpu():
-    """Asking L2 for tiles ahead is a hint: the same bits as without, on ragged lengths and empty splits."""
-    seq_lens = [1, 100, 1000, 4097, 31]
-    q, cache, table, _, lens, _ = paged_case(seq_lens, [1] * 5, 32, 8, 128, 16, torch.float32, "cpu")
-    k_scale, v_scale = torch.tensor([0.5]).cuda(), torch.tensor([2.0]).cuda()
-    cache = to_fp8_cache(cache, k_scale.cpu(), v_scale.cpu()).cuda()
-    q, table, lens = q.to(torch.bfloat16).cuda(), table.cuda(), lens.cuda()
-    outs = [paged_decode_triton(q, cache, table, lens, 8192, 128 ** -0.5, k_scale=k_scale, v_scale=v_scale,
-                                tiles=DecodeTiles(32, 2, 1, 6, fp16_dot=True, l2_ahead=ahead)) for ahead in (0, 4)]
-    assert torch.equal(outs[0], outs[1])
+@pytest.mark.parametrize("dtype", [FP8, torch.bfloat16])
+@pytest.mark.parametrize("tiles", [DecodeTiles(32, 2, 1, 6, fp16_dot=True, ahead=1),
+                                   DecodeTiles(16, 1, 1, 8, fp16_dot=True, ahead=2, max_splits=128),
+                                   DecodeTiles(64, 4, 1, 3, fp16_dot=True, ahead=2),
+                                   DecodeTiles(16, 1, 1, 8, fp16_dot=True, ahead=2, max_splits=128,
+                                               lazy_rescale=True),
+                                   DecodeTiles(16, 1, 1, 8, fp16_dot=True, ahead=1, max_splits=128),
+                                   DecodeTiles(64, 4, 1, 4, ahead=1), DecodeTiles(32, 4, 1, 4, ahead=2)],
+                         ids=lambda t: f"{t.block_n}-{t.num_warps}-{t.programs_per_sm}-ahead{t.ahead}"
+                                       + ("-lazy" if t.lazy_rescale else ""))
+def test_decode_hand_pipeline_on_gpu(tiles, dtype):
+    """The hand pipeline (tiles in flight into registers, the loop unrolled ahead + 1 times) on ragged lengths
+    (shorter than a tile, splits that end mid-step, empty splits), scattered pages, both cache dtypes."""
+    seq_lens = [1, 100, 1000, 4097, 31, 200]
+    q, cache, table, _, lens, _ = paged_case(seq_lens, [1] * 6, 32, 8, 128, 16, torch.float32, "cpu")
+    scales = dict(k_scale=torch.tensor([0.5]), v_scale=torch.tensor([2.0])) if dtype == FP8 else {}
+    cache = to_fp8_cache(cache, **scales) if dtype == FP8 else cache.to(dtype)
+    q = q.to(torch.bfloat16)
+    expected = paged_attention_ref(q.float(), cache, table, list(range(7)), seq_lens, 128 ** -0.5, **scales)
+    scales = {name: scale.cuda() for name, scale in scales.items()}
+    for splits in (None, 7):
+        out = paged_decode_triton(q.cuda(), cache.cuda(), table.cuda(), lens.cuda(), 8192, 128 ** -0.5,
+                                  num_splits=splits, tiles=tiles, **scales)
+        torch.testing.assert_close(out.float().cpu(), expected, atol=2e-2, rtol=2e-2)

@@ -163,10 +163,10 @@ for dim, block_n, softcap in ((128, 64, False), (128, 128, False), (96, 32, True
         divisible_by_16=DECODE_DIVISIBLE),
         "cvt.rn.f16x2.e4m3x2", "ld.shared.b8")
     FP8_WORDS_DECODE.append(case_id)
-CASES["decode-attention-fp8-words-l2-ahead"] = (Case("runtime.ops.attention", "_decode_kernel", dict(
-    DECODE, BLOCK_N=32, HAS_KV_SCALE=True, FP16_DOT=True, ASM=True, L2_AHEAD=4), dict(DECODE_TYPES,
+CASES["decode-attention-fp8-words-ahead2"] = (Case("runtime.ops.attention", "_decode_kernel", dict(
+    DECODE, BLOCK_N=32, HAS_KV_SCALE=True, FP16_DOT=True, ASM=True, AHEAD=2), dict(DECODE_TYPES,
     cache_ptr="*fp8e4nv"), options=dict(num_warps=2, num_stages=1), divisible_by_16=DECODE_DIVISIBLE),
-    "prefetch.global.L2", None)
+    "cvt.rn.f16x2.e4m3x2", "cp.async")
 
 
 @pytest.mark.parametrize("case_id", FP8_WORDS_DECODE)
