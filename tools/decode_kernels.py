@@ -110,24 +110,31 @@ MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, ac
 # (block_n, block_g, warps; PTX decode, prefetching), "gl..." = the explicit-layout (Gluon) kernels (block_n,
 # lanes along K, warps; the down GEMV's slot split: "s8" splits a token's slots one per program; "h": the token's
 # expert ids and weights loaded before the walk instead of at each step).
+# "mma wW sS": the tensor-core kernels (W warps: 8 W gate/up columns or 16 W down rows a program; S K splits, of
+# each slot for the down GEMV). The Triton and weaker Gluon tiles of the 2026-11-29 sweep are left out.
 GATE_UP_VARIANTS = {
-    "t n8 g8 w4": dict(block_n_gate_up=8, block_g=8, num_warps=4, gluon=False),
-    "gl n16 g32 w4": dict(block_n_gate_up=16, block_g=32, num_warps=4, gluon=True),
-    "gl n8 g32 w4": dict(block_n_gate_up=8, block_g=32, num_warps=4, gluon=True),
-    "gl n32 g32 w8": dict(block_n_gate_up=32, block_g=32, num_warps=8, gluon=True),
-    "gl n16 g16 w4": dict(block_n_gate_up=16, block_g=16, num_warps=4, gluon=True),
+    "gl n16 g32 w4": dict(block_n_gate_up=16, block_g=32, num_warps=4, gluon=True, mma=False),
+    "mma w4 s1": dict(mma=True, mma_warps=4, mma_split=1),
+    "mma w4 s2": dict(mma=True, mma_warps=4, mma_split=2),
+    "mma w4 s4": dict(mma=True, mma_warps=4, mma_split=4),
+    "mma w2 s4": dict(mma=True, mma_warps=2, mma_split=4),
+    "mma w8 s2": dict(mma=True, mma_warps=8, mma_split=2),
+    "mma w8 s4": dict(mma=True, mma_warps=8, mma_split=4),
 }
 DOWN_VARIANTS = {
-    "t n8 g32 w4": dict(block_n_down=8, block_g_down=32, num_warps_down=4, gluon_down=False),
-    "gl n16 g32 w4 s8": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=8),
-    "gl n8 g32 w2 s8": dict(block_n_down=8, block_g_down=32, num_warps_down=2, gluon_down=True, split_down=8),
-    "gl n4 g32 w1 s8": dict(block_n_down=4, block_g_down=32, num_warps_down=1, gluon_down=True, split_down=8),
-    "gl n16 g32 w4 s2": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=2),
-    "gl n16 g32 w4 s1": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=1),
+    "gl n16 g32 w4 s2": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=2,
+                             mma_down=False),
+    "gl n16 g32 w4 s1": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=1,
+                             mma_down=False),
     "gl n16 g32 w4 s2 h": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=2,
-                               hoist_ids=True),
+                               hoist_ids=True, mma_down=False),
     "gl n16 g32 w4 s1 h": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=1,
-                               hoist_ids=True),
+                               hoist_ids=True, mma_down=False),
+    "mma w4 s1": dict(mma_down=True, mma_warps_down=4, mma_split_down=1),
+    "mma w4 s2": dict(mma_down=True, mma_warps_down=4, mma_split_down=2),
+    "mma w2 s2": dict(mma_down=True, mma_warps_down=2, mma_split_down=2),
+    "mma w4 s4": dict(mma_down=True, mma_warps_down=4, mma_split_down=4),
+    "mma w8 s2": dict(mma_down=True, mma_warps_down=8, mma_split_down=2),
 }
 
 
@@ -251,6 +258,9 @@ def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
         flags = ", gluon=True" if t.gluon else ""
         flags += f", gluon_down=True, split_down={t.split_down}" if t.gluon_down else ""
         flags += ", hoist_ids=True" if t.hoist_ids else ""
+        flags += f", mma=True, mma_warps={t.mma_warps}, mma_split={t.mma_split}" if t.mma else ""
+        flags += (f", mma_down=True, mma_warps_down={t.mma_warps_down}, mma_split_down={t.mma_split_down}"
+                  if t.mma_down else "")
         chosen[shape] = (f"GemvTiles({t.block_n_gate_up}, {t.block_n_down}, {t.block_g}, {t.num_warps}, "
                          f"block_g_down={t.block_g_down}, num_warps_down={t.num_warps_down}{flags})")
     return chosen
