@@ -106,35 +106,21 @@ MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, ac
     "gpt-oss-20b": (32, 2880, 2880, 4, True, GatedActivation(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)),
     "deepseek-v4": (32, 4096, 2048, 6, False, GatedActivation(limit=10.0)),     # 32 of its 256 experts
 }
-# Each GEMV's variants swept beside the table's tiles: name -> GemvTiles fields. "t..." = the Triton kernels
-# (block_n, block_g, warps; PTX decode, prefetching), "gl..." = the explicit-layout (Gluon) kernels (block_n,
-# lanes along K, warps; the down GEMV's slot split: "s8" splits a token's slots one per program; "h": the token's
-# expert ids and weights loaded before the walk instead of at each step).
-# "mma wW sS": the tensor-core kernels (W warps: 8 W gate/up columns or 16 W down rows a program; S K splits, of
-# each slot for the down GEMV). The Triton and weaker Gluon tiles of the 2026-11-29 sweep are left out.
+# Each GEMV's variants swept beside the table's tiles: name -> GemvTiles fields.
+# "mma wW sS dD": the tensor-core kernels (W warps: 8 W gate/up columns or 16 W down rows a program; S K splits, of
+# each slot for the down GEMV; D K steps loading ahead). The Triton and explicit-layout (Gluon) tiles lost to them at
+# every shape on 2026-11-29 (docs/PERFORMANCE.md) and are no longer swept; they stay the fallback for non-bf16 input.
 GATE_UP_VARIANTS = {
-    "gl n16 g32 w4": dict(block_n_gate_up=16, block_g=32, num_warps=4, gluon=True, mma=False),
-    "mma w4 s1": dict(mma=True, mma_warps=4, mma_split=1),
     "mma w4 s2": dict(mma=True, mma_warps=4, mma_split=2),
-    "mma w4 s4": dict(mma=True, mma_warps=4, mma_split=4),
-    "mma w2 s4": dict(mma=True, mma_warps=2, mma_split=4),
     "mma w8 s2": dict(mma=True, mma_warps=8, mma_split=2),
-    "mma w8 s4": dict(mma=True, mma_warps=8, mma_split=4),
+    "mma w4 s2 d2": dict(mma=True, mma_warps=4, mma_split=2, mma_depth=2),
+    "mma w8 s2 d2": dict(mma=True, mma_warps=8, mma_split=2, mma_depth=2),
 }
 DOWN_VARIANTS = {
-    "gl n16 g32 w4 s2": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=2,
-                             mma_down=False),
-    "gl n16 g32 w4 s1": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=1,
-                             mma_down=False),
-    "gl n16 g32 w4 s2 h": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=2,
-                               hoist_ids=True, mma_down=False),
-    "gl n16 g32 w4 s1 h": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=1,
-                               hoist_ids=True, mma_down=False),
-    "mma w4 s1": dict(mma_down=True, mma_warps_down=4, mma_split_down=1),
     "mma w4 s2": dict(mma_down=True, mma_warps_down=4, mma_split_down=2),
-    "mma w2 s2": dict(mma_down=True, mma_warps_down=2, mma_split_down=2),
     "mma w4 s4": dict(mma_down=True, mma_warps_down=4, mma_split_down=4),
-    "mma w8 s2": dict(mma_down=True, mma_warps_down=8, mma_split_down=2),
+    "mma w4 s2 d2": dict(mma_down=True, mma_warps_down=4, mma_split_down=2, mma_depth_down=2),
+    "mma w4 s4 d2": dict(mma_down=True, mma_warps_down=4, mma_split_down=4, mma_depth_down=2),
 }
 
 
@@ -244,6 +230,7 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> Non
 def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
     """Per expert shape, the sweep's fastest gate_up and down variants (relative error < 1e-2), weighting 1
     token fully and 4 tokens by a quarter. Returns GemvTiles(...) sources (PTX decode, prefetching)."""
+    from dataclasses import replace
     chosen = {}
     for shape in {(r["hidden"], r["inter"]) for r in records if r["kind"] == "mxfp4"}:
         cost: dict[str, float] = {}
@@ -254,13 +241,17 @@ def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
                     cost[key] = cost.get(key, 0.0) + (weight * us if err < 1e-2 else float("inf"))
         up = min(GATE_UP_VARIANTS, key=lambda k: cost[f"gate_up {k}"])
         down = min(DOWN_VARIANTS, key=lambda k: cost[f"down {k}"])
-        t = GemvTiles(**GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down])
+        # the explicit-layout kernels stay the fallback of the tensor-core ones (fp32 / fp16 activations)
+        t = replace(GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True),
+                    **GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down])
         flags = ", gluon=True" if t.gluon else ""
         flags += f", gluon_down=True, split_down={t.split_down}" if t.gluon_down else ""
         flags += ", hoist_ids=True" if t.hoist_ids else ""
         flags += f", mma=True, mma_warps={t.mma_warps}, mma_split={t.mma_split}" if t.mma else ""
+        flags += f", mma_depth={t.mma_depth}" if t.mma and t.mma_depth != 1 else ""
         flags += (f", mma_down=True, mma_warps_down={t.mma_warps_down}, mma_split_down={t.mma_split_down}"
                   if t.mma_down else "")
+        flags += f", mma_depth_down={t.mma_depth_down}" if t.mma_down and t.mma_depth_down != 1 else ""
         chosen[shape] = (f"GemvTiles({t.block_n_gate_up}, {t.block_n_down}, {t.block_g}, {t.num_warps}, "
                          f"block_g_down={t.block_g_down}, num_warps_down={t.num_warps_down}{flags})")
     return chosen

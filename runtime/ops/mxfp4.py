@@ -988,23 +988,32 @@ if triton is not None:
 
     @triton.jit
     def _mxfp4_mma_walk(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words, step_begin,
-                        step_end, num_groups, EMULATE: tl.constexpr):
+                        step_end, num_groups, DEPTH: tl.constexpr, EMULATE: tl.constexpr):
         """[32 W, 4] fp32 mma sums of K steps [step_begin, step_end) (2^-MMA_SCALE_SHIFT times the dot products):
-        element 0 row g, element 2 row g + 8 (1 and 3: the same, the B operand's next column)."""
+        element 0 row g, element 2 row g + 8 (1 and 3: the same, the B operand's next column). DEPTH (1 or 2):
+        how many steps ahead of the one computing are loading (steps past the end reload the last one)."""
         acc = tl.zeros(lo_blocks.shape, dtype=tl.float32) + tl.zeros([1, 4], dtype=tl.float32)
         w_lo, w_hi, scales, xa, xb, xc, xd = _mxfp4_mma_load(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales,
                                                              hi_scales, x_words, step_begin, num_groups)
+        if DEPTH == 2:
+            b_lo, b_hi, b_scales, b_xa, b_xb, b_xc, b_xd = _mxfp4_mma_load(
+                words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words,
+                tl.minimum(step_begin + 1, step_end - 1), num_groups)
         for step in range(step_begin, step_end):
             n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd = _mxfp4_mma_load(
                 words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words,
-                tl.minimum(step + 1, step_end - 1), num_groups)
+                tl.minimum(step + DEPTH, step_end - 1), num_groups)
             if EMULATE:
                 acc = _mxfp4_mma_emulated(w_lo, w_hi, scales, xa, xb, xc, xd, acc)
             else:
                 acc = tl.inline_asm_elementwise(_MXFP4_MMA_PTX, _MXFP4_MMA_CONSTRAINTS,
                                                 [w_lo, w_hi, scales, xa, xb, xc, xd, acc], dtype=tl.float32,
                                                 is_pure=True, pack=4)
-            w_lo, w_hi, scales, xa, xb, xc, xd = n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd
+            if DEPTH == 2:
+                w_lo, w_hi, scales, xa, xb, xc, xd = b_lo, b_hi, b_scales, b_xa, b_xb, b_xc, b_xd
+                b_lo, b_hi, b_scales, b_xa, b_xb, b_xc, b_xd = n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd
+            else:
+                w_lo, w_hi, scales, xa, xb, xc, xd = n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd
         return acc
 
     @triton.jit
@@ -1022,7 +1031,8 @@ if triton is not None:
                                   top_k, K, N, stride_xw, stride_be, stride_br, stride_se, stride_sr, stride_bias,
                                   stride_hm, alpha, limit, up_offset,
                                   HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERLEAVED: tl.constexpr,
-                                  WARPS: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+                                  WARPS: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
+                                  EMULATE: tl.constexpr):
         """h[pair, n] = act(x[token] @ W13[e].T + b13[e]) for 8 * WARPS columns n: warp w's tile rows g and g + 8
         are the gate and the up row of column 8 w + g. x is read as int32 words (bf16 pairs; stride_xw counts
         words); weight strides count 16-byte blocks. SPLIT_K programs share the K steps of a tile, each writing
@@ -1050,7 +1060,7 @@ if triton is not None:
                               expert * stride_se + gate_rows.to(tl.int64) * stride_sr,
                               expert * stride_se + up_rows.to(tl.int64) * stride_sr,
                               x_ptr + token.to(tl.int64) * stride_xw, step_begin,
-                              tl.minimum(step_begin + per_split, steps), num_groups, EMULATE)
+                              tl.minimum(step_begin + per_split, steps), num_groups, DEPTH, EMULATE)
         acc = acc * _MMA_UNSHIFT
         gate = tl.sum(tl.where(j == 0, acc, 0.0), axis=1)[:, None]                    # [32 W, 1]
         up = tl.sum(tl.where(j == 2, acc, 0.0), axis=1)[:, None]
@@ -1083,7 +1093,7 @@ if triton is not None:
     def _mxfp4_mma_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr, part_ptr,
                                count_ptr, top_k, K, N, stride_hw, stride_be, stride_br, stride_se, stride_sr,
                                stride_bias, stride_om, HAS_BIAS: tl.constexpr, WARPS: tl.constexpr,
-                               SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+                               SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, EMULATE: tl.constexpr):
         """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n] for 16 * WARPS rows n. Program
         (token, row tile, s) reads slot s // SPLIT_K's expert over its K part s % SPLIT_K and writes the weighted
         fp32 partial [top_k * SPLIT_K, tokens, N]; the last of the tile's top_k * SPLIT_K programs to arrive sums
@@ -1108,7 +1118,7 @@ if triton is not None:
                               expert * stride_be + hi_rows * stride_br, scales_ptr,
                               expert * stride_se + lo_rows * stride_sr, expert * stride_se + hi_rows * stride_sr,
                               h_ptr + pair.to(tl.int64) * stride_hw, step_begin,
-                              tl.minimum(step_begin + per_split, steps), num_groups, EMULATE)
+                              tl.minimum(step_begin + per_split, steps), num_groups, DEPTH, EMULATE)
         out = acc * (weight * _MMA_UNSHIFT)
         rows = n + 8 * (j // 2)                                                         # [32 W, 4]
         mine = (rows < N) & (i % 4 == 0) & (j % 2 == 0)
@@ -1153,6 +1163,8 @@ class GemvTiles:
     mma_down: bool = False             # the down GEMV on the tensor cores: 16 * mma_warps_down rows a program
     mma_warps_down: int = 4
     mma_split_down: int = 1            # K splits of each slot in the tensor-core down GEMV
+    mma_depth: int = 1                 # K steps loading ahead of the computing one, tensor-core gate/up (1 or 2)
+    mma_depth_down: int = 1            # the same for the tensor-core down GEMV
 
     @staticmethod
     def for_shape(hidden: int, inter: int) -> "GemvTiles":
@@ -1162,10 +1174,11 @@ class GemvTiles:
         return GEMV_TILE_TABLE[key]
 
 
-# From the tools/decode_kernels.py sweep on an H200 (2026-11-29; figures in docs/PERFORMANCE.md).
+# From the tools/decode_kernels.py sweep on an H200 (2026-11-29; figures in docs/PERFORMANCE.md). The explicit-layout
+# fields are the fallback of the tensor-core kernels (activations other than bf16).
 GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {
-    (2880, 2880): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=2),
-    (4096, 2048): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=1),
+    (2880, 2880): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=2, mma=True, mma_warps=8, mma_split=2, mma_down=True, mma_warps_down=4, mma_split_down=4),
+    (4096, 2048): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=1, mma=True, mma_warps=4, mma_split=2, mma_down=True, mma_warps_down=4, mma_split_down=2),
 }
 
 
@@ -1246,7 +1259,8 @@ def mxfp4_gemv_gate_up(x: torch.Tensor, w13: Mxfp4Linear, topk_ids: torch.Tensor
             w13.scales.stride(0), w13.scales.stride(1), bias_stride, h.stride(0),
             activation.alpha, activation.limit or 0.0, activation.up_offset,
             HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None, INTERLEAVED=activation.interleaved,
-            WARPS=tiles.mma_warps, SPLIT_K=split, EMULATE=not x.is_cuda, num_warps=tiles.mma_warps)
+            WARPS=tiles.mma_warps, SPLIT_K=split, DEPTH=tiles.mma_depth, EMULATE=not x.is_cuda,
+            num_warps=tiles.mma_warps)
         return h
     num_counts = 0 if counters is None else counters.numel()
     counters = h if counters is None else counters
@@ -1289,7 +1303,7 @@ def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor
         _mxfp4_mma_down_kernel[grid](
             words, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, part, count, top_k, h.shape[1],
             hidden, stride_hw, *strides[1:], HAS_BIAS=w2.bias is not None, WARPS=tiles.mma_warps_down,
-            SPLIT_K=split, EMULATE=not h.is_cuda, num_warps=tiles.mma_warps_down)
+            SPLIT_K=split, DEPTH=tiles.mma_depth_down, EMULATE=not h.is_cuda, num_warps=tiles.mma_warps_down)
         return out
     if _use_gluon(tiles.gluon_down, h):
         h, h_packed = _activations_for_gemv(h)

@@ -186,10 +186,10 @@ MXFP4_MMA_DIVISIBLE_BY_KERNEL = {"_mxfp4_mma_gate_up_kernel": ("x_ptr", "stride_
                                  "_mxfp4_mma_down_kernel": ("out_ptr", "stride_hw", "stride_om")}
 MXFP4_MMA = {
     "mxfp4-mma-gate-up-split": ("_mxfp4_mma_gate_up_kernel", dict(HAS_BIAS=True, HAS_LIMIT=True, INTERLEAVED=True,
-                                                                  WARPS=4, SPLIT_K=4), dict(h_ptr="*bf16")),
+                                                                  WARPS=4, SPLIT_K=4, DEPTH=1), dict(h_ptr="*bf16")),
     "mxfp4-mma-gate-up-halves": ("_mxfp4_mma_gate_up_kernel", dict(HAS_BIAS=False, HAS_LIMIT=True, INTERLEAVED=False,
-                                                                   WARPS=8, SPLIT_K=1), dict(h_ptr="*bf16")),
-    "mxfp4-mma-down-split": ("_mxfp4_mma_down_kernel", dict(HAS_BIAS=True, WARPS=4, SPLIT_K=2),
+                                                                   WARPS=8, SPLIT_K=1, DEPTH=2), dict(h_ptr="*bf16")),
+    "mxfp4-mma-down-split": ("_mxfp4_mma_down_kernel", dict(HAS_BIAS=True, WARPS=4, SPLIT_K=2, DEPTH=2),
                              dict(h_ptr="*i32", out_ptr="*bf16")),
 }
 for case_id, (kernel, constexprs, types) in MXFP4_MMA.items():
