@@ -107,20 +107,20 @@ MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, ac
     "deepseek-v4": (32, 4096, 2048, 6, False, GatedActivation(limit=10.0)),     # 32 of its 256 experts
 }
 # Each GEMV's variants swept beside the table's tiles: name -> GemvTiles fields.
-# "mma wW sS dD": the tensor-core kernels (W warps: 8 W gate/up columns or 16 W down rows a program; S K splits, of
-# each slot for the down GEMV; D K steps loading ahead). The Triton and explicit-layout (Gluon) tiles lost to them at
-# every shape on 2026-11-29 (docs/PERFORMANCE.md) and are no longer swept; they stay the fallback for non-bf16 input.
+# "mma wW sS": the tensor-core kernels (W warps: 8 W gate/up columns or 16 W down rows a program; S K splits, of
+# each slot for the down GEMV). The Triton and explicit-layout (Gluon) tiles lost to them at every shape on
+# 2026-11-29 (docs/PERFORMANCE.md) and are no longer swept; they stay the fallback for non-bf16 activations.
 GATE_UP_VARIANTS = {
     "mma w4 s2": dict(mma=True, mma_warps=4, mma_split=2),
     "mma w8 s2": dict(mma=True, mma_warps=8, mma_split=2),
-    "mma w4 s2 d2": dict(mma=True, mma_warps=4, mma_split=2, mma_depth=2),
-    "mma w8 s2 d2": dict(mma=True, mma_warps=8, mma_split=2, mma_depth=2),
+    "mma w4 s4": dict(mma=True, mma_warps=4, mma_split=4),
+    "mma w4 s1": dict(mma=True, mma_warps=4, mma_split=1),
 }
 DOWN_VARIANTS = {
     "mma w4 s2": dict(mma_down=True, mma_warps_down=4, mma_split_down=2),
     "mma w4 s4": dict(mma_down=True, mma_warps_down=4, mma_split_down=4),
-    "mma w4 s2 d2": dict(mma_down=True, mma_warps_down=4, mma_split_down=2, mma_depth_down=2),
-    "mma w4 s4 d2": dict(mma_down=True, mma_warps_down=4, mma_split_down=4, mma_depth_down=2),
+    "mma w2 s2": dict(mma_down=True, mma_warps_down=2, mma_split_down=2),
+    "mma w4 s1": dict(mma_down=True, mma_warps_down=4, mma_split_down=1),
 }
 
 
@@ -246,12 +246,9 @@ def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
                     **GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down])
         flags = ", gluon=True" if t.gluon else ""
         flags += f", gluon_down=True, split_down={t.split_down}" if t.gluon_down else ""
-        flags += ", hoist_ids=True" if t.hoist_ids else ""
         flags += f", mma=True, mma_warps={t.mma_warps}, mma_split={t.mma_split}" if t.mma else ""
-        flags += f", mma_depth={t.mma_depth}" if t.mma and t.mma_depth != 1 else ""
         flags += (f", mma_down=True, mma_warps_down={t.mma_warps_down}, mma_split_down={t.mma_split_down}"
                   if t.mma_down else "")
-        flags += f", mma_depth_down={t.mma_depth_down}" if t.mma_down and t.mma_depth_down != 1 else ""
         chosen[shape] = (f"GemvTiles({t.block_n_gate_up}, {t.block_n_down}, {t.block_g}, {t.num_warps}, "
                          f"block_g_down={t.block_g_down}, num_warps_down={t.num_warps_down}{flags})")
     return chosen

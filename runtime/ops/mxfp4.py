@@ -784,19 +784,14 @@ if gluon is not None:
 
     @gluon.jit
     def _gl_down_load(h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step, steps, slot_end, top_k, n,
-                      n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, slots, slot_ids,
-                      slot_weights, GV: gl.constexpr, X_PACKED: gl.constexpr, HOIST: gl.constexpr, L3: gl.constexpr):
+                      n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, GV: gl.constexpr,
+                      X_PACKED: gl.constexpr, L3: gl.constexpr):
         """The operands of step `step` of the down GEMV's walk (slot step // steps, K step step % steps); slots
-        from slot_end on, and another rank's experts, load nothing (their weight is 0). With HOIST the slot's
-        expert and weight come from the token's ids and weights loaded before the walk (`slot_ids`,
-        `slot_weights` at `slots`), so the next step's word loads do not wait on a load of the id."""
+        from slot_end on, and another rank's experts, load nothing (their weight is 0)."""
         slot = step // steps
         g_start = (step % steps) * GV
         pair = token * top_k + gl.minimum(slot, top_k - 1)
-        if HOIST:
-            expert = gl.sum(gl.where(slots == slot, slot_ids, 0), axis=0).to(gl.int64)
-        else:
-            expert = gl.load(ids_ptr + pair).to(gl.int64)
+        expert = gl.load(ids_ptr + pair).to(gl.int64)
         valid = (slot < slot_end) & (expert >= 0)
         row_mask = n_mask & ((n * 0 + slot) < slot_end) & ((n * 0 + expert) >= 0)
         expert = gl.maximum(expert, 0)
@@ -805,22 +800,18 @@ if gluon is not None:
         words, scale_bits = _gl_w_load(word_ptrs, scale_ptrs, row_mask, g_start, num_groups, GV, L3)
         x_vec = _gl_x_ptrs(h_ptr + pair.to(gl.int64) * stride_hm, X_PACKED, GV, L3)
         xa, xb, xc, xd = _gl_x_load(x_vec, g_start, num_groups, X_PACKED, GV, L3)
-        if HOIST:
-            weight = gl.where(valid, gl.sum(gl.where(slots == slot, slot_weights, 0.0), axis=0), 0.0)
-        else:
-            weight = gl.where(valid, gl.load(weights_ptr + pair).to(gl.float32), 0.0)
+        weight = gl.where(valid, gl.load(weights_ptr + pair).to(gl.float32), 0.0)
         return words, scale_bits, xa, xb, xc, xd, weight
 
     @gluon.jit
     def _gl_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr, part_ptr, count_ptr,
                         top_k, K, N, stride_hm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_om,
                         HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, GV: gl.constexpr, X_PACKED: gl.constexpr,
-                        SPLIT: gl.constexpr, HOIST_SLOTS: gl.constexpr, NUM_WARPS: gl.constexpr):
+                        SPLIT: gl.constexpr, NUM_WARPS: gl.constexpr):
         """`_mxfp4_gemv_down_kernel` with explicit layouts. With SPLIT > 1 the token's slots are divided among
         SPLIT programs (more programs, shorter walks); each writes its fp32 partial and the last to arrive at
         the column tile's counter (int32, zero before the launch, zero again after it) sums them in a fixed
-        order: deterministic. HOIST_SLOTS (a power of two >= top_k; 0: off) loads the token's ids and weights
-        once, before the walk."""
+        order: deterministic."""
         L3: gl.constexpr = _gl_layout(BLOCK_N, GV, NUM_WARPS)
         RL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
         token = gl.program_id(0)
@@ -834,23 +825,13 @@ if gluon is not None:
         slot_begin = split * slots_per_split
         slot_end = gl.minimum(slot_begin + slots_per_split, top_k)
         acc = gl.zeros([BLOCK_N, GV], gl.float32, layout=gl.SliceLayout(2, L3))
-        HOIST: gl.constexpr = HOIST_SLOTS > 0
-        if HOIST:                            # every thread holds all of the token's ids and weights
-            VL: gl.constexpr = gl.BlockedLayout([HOIST_SLOTS], [32], [NUM_WARPS], [0])
-            slots = gl.arange(0, HOIST_SLOTS, layout=VL)
-            slot_ids = gl.load(ids_ptr + token * top_k + slots, mask=slots < top_k, other=-1).to(gl.int32)
-            slot_weights = gl.load(weights_ptr + token * top_k + slots, mask=slots < top_k, other=0.0).to(gl.float32)
-        else:
-            slots, slot_ids, slot_weights = 0, 0, 0.0
         words, scale_bits, xa, xb, xc, xd, weight = _gl_down_load(
             h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, slot_begin * steps, steps, slot_end, top_k, n,
-            n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, slots, slot_ids, slot_weights,
-            GV, X_PACKED, HOIST, L3)
+            n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, GV, X_PACKED, L3)
         for step in range(slot_begin * steps, slot_end * steps):
             next_words, next_scale_bits, next_xa, next_xb, next_xc, next_xd, next_weight = _gl_down_load(
                 h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step + 1, steps, slot_end, top_k, n,
-                n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, slots, slot_ids,
-                slot_weights, GV, X_PACKED, HOIST, L3)
+                n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, GV, X_PACKED, L3)
             x0, x1, x2, x3, x4, x5, x6, x7 = _gl_activations(xa, xb, xc, xd, X_PACKED)
             acc += _gl_block_sums(words, x0, x1, x2, x3, x4, x5, x6, x7, scale_bits, weight)
             words, scale_bits, xa, xb, xc, xd, weight = (next_words, next_scale_bits, next_xa, next_xb, next_xc,
@@ -988,32 +969,25 @@ if triton is not None:
 
     @triton.jit
     def _mxfp4_mma_walk(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words, step_begin,
-                        step_end, num_groups, DEPTH: tl.constexpr, EMULATE: tl.constexpr):
+                        step_end, num_groups, EMULATE: tl.constexpr):
         """[32 W, 4] fp32 mma sums of K steps [step_begin, step_end) (2^-MMA_SCALE_SHIFT times the dot products):
-        element 0 row g, element 2 row g + 8 (1 and 3: the same, the B operand's next column). DEPTH (1 or 2):
-        how many steps ahead of the one computing are loading (steps past the end reload the last one)."""
+        element 0 row g, element 2 row g + 8 (1 and 3: the same, the B operand's next column). The next step
+        loads while this one computes (the last step reloads itself). Loading two steps ahead measured 1.2-1.5x
+        slower on the H200 (2026-11-29: more registers, fewer programs resident)."""
         acc = tl.zeros(lo_blocks.shape, dtype=tl.float32) + tl.zeros([1, 4], dtype=tl.float32)
         w_lo, w_hi, scales, xa, xb, xc, xd = _mxfp4_mma_load(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales,
                                                              hi_scales, x_words, step_begin, num_groups)
-        if DEPTH == 2:
-            b_lo, b_hi, b_scales, b_xa, b_xb, b_xc, b_xd = _mxfp4_mma_load(
-                words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words,
-                tl.minimum(step_begin + 1, step_end - 1), num_groups)
         for step in range(step_begin, step_end):
             n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd = _mxfp4_mma_load(
                 words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words,
-                tl.minimum(step + DEPTH, step_end - 1), num_groups)
+                tl.minimum(step + 1, step_end - 1), num_groups)
             if EMULATE:
                 acc = _mxfp4_mma_emulated(w_lo, w_hi, scales, xa, xb, xc, xd, acc)
             else:
                 acc = tl.inline_asm_elementwise(_MXFP4_MMA_PTX, _MXFP4_MMA_CONSTRAINTS,
                                                 [w_lo, w_hi, scales, xa, xb, xc, xd, acc], dtype=tl.float32,
                                                 is_pure=True, pack=4)
-            if DEPTH == 2:
-                w_lo, w_hi, scales, xa, xb, xc, xd = b_lo, b_hi, b_scales, b_xa, b_xb, b_xc, b_xd
-                b_lo, b_hi, b_scales, b_xa, b_xb, b_xc, b_xd = n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd
-            else:
-                w_lo, w_hi, scales, xa, xb, xc, xd = n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd
+            w_lo, w_hi, scales, xa, xb, xc, xd = n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd
         return acc
 
     @triton.jit
@@ -1031,8 +1005,7 @@ if triton is not None:
                                   top_k, K, N, stride_xw, stride_be, stride_br, stride_se, stride_sr, stride_bias,
                                   stride_hm, alpha, limit, up_offset,
                                   HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERLEAVED: tl.constexpr,
-                                  WARPS: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
-                                  EMULATE: tl.constexpr):
+                                  WARPS: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
         """h[pair, n] = act(x[token] @ W13[e].T + b13[e]) for 8 * WARPS columns n: warp w's tile rows g and g + 8
         are the gate and the up row of column 8 w + g. x is read as int32 words (bf16 pairs; stride_xw counts
         words); weight strides count 16-byte blocks. SPLIT_K programs share the K steps of a tile, each writing
@@ -1060,7 +1033,7 @@ if triton is not None:
                               expert * stride_se + gate_rows.to(tl.int64) * stride_sr,
                               expert * stride_se + up_rows.to(tl.int64) * stride_sr,
                               x_ptr + token.to(tl.int64) * stride_xw, step_begin,
-                              tl.minimum(step_begin + per_split, steps), num_groups, DEPTH, EMULATE)
+                              tl.minimum(step_begin + per_split, steps), num_groups, EMULATE)
         acc = acc * _MMA_UNSHIFT
         gate = tl.sum(tl.where(j == 0, acc, 0.0), axis=1)[:, None]                    # [32 W, 1]
         up = tl.sum(tl.where(j == 2, acc, 0.0), axis=1)[:, None]
@@ -1093,7 +1066,7 @@ if triton is not None:
     def _mxfp4_mma_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr, part_ptr,
                                count_ptr, top_k, K, N, stride_hw, stride_be, stride_br, stride_se, stride_sr,
                                stride_bias, stride_om, HAS_BIAS: tl.constexpr, WARPS: tl.constexpr,
-                               SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, EMULATE: tl.constexpr):
+                               SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
         """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n] for 16 * WARPS rows n. Program
         (token, row tile, s) reads slot s // SPLIT_K's expert over its K part s % SPLIT_K and writes the weighted
         fp32 partial [top_k * SPLIT_K, tokens, N]; the last of the tile's top_k * SPLIT_K programs to arrive sums
@@ -1118,7 +1091,7 @@ if triton is not None:
                               expert * stride_be + hi_rows * stride_br, scales_ptr,
                               expert * stride_se + lo_rows * stride_sr, expert * stride_se + hi_rows * stride_sr,
                               h_ptr + pair.to(tl.int64) * stride_hw, step_begin,
-                              tl.minimum(step_begin + per_split, steps), num_groups, DEPTH, EMULATE)
+                              tl.minimum(step_begin + per_split, steps), num_groups, EMULATE)
         out = acc * (weight * _MMA_UNSHIFT)
         rows = n + 8 * (j // 2)                                                         # [32 W, 4]
         mine = (rows < N) & (i % 4 == 0) & (j % 2 == 0)
@@ -1156,15 +1129,12 @@ class GemvTiles:
     gluon: bool = False                # gate/up by the explicit-layout kernel (block_g: lanes along K, <= 32)
     gluon_down: bool = False           # the down GEMV by it (block_g_down likewise)
     split_down: int = 1                # with gluon_down: the token's slots divided among this many programs
-    hoist_ids: bool = False            # with gluon_down: the token's expert ids and weights loaded before the walk
     mma: bool = False                  # gate/up on the tensor cores (bf16 activations): 8 * mma_warps columns a program
     mma_warps: int = 4
     mma_split: int = 1                 # K splits of the tensor-core gate/up GEMV
     mma_down: bool = False             # the down GEMV on the tensor cores: 16 * mma_warps_down rows a program
     mma_warps_down: int = 4
     mma_split_down: int = 1            # K splits of each slot in the tensor-core down GEMV
-    mma_depth: int = 1                 # K steps loading ahead of the computing one, tensor-core gate/up (1 or 2)
-    mma_depth_down: int = 1            # the same for the tensor-core down GEMV
 
     @staticmethod
     def for_shape(hidden: int, inter: int) -> "GemvTiles":
@@ -1177,7 +1147,7 @@ class GemvTiles:
 # From the tools/decode_kernels.py sweep on an H200 (2026-11-29; figures in docs/PERFORMANCE.md). The explicit-layout
 # fields are the fallback of the tensor-core kernels (activations other than bf16).
 GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {
-    (2880, 2880): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=2, mma=True, mma_warps=8, mma_split=2, mma_down=True, mma_warps_down=4, mma_split_down=4),
+    (2880, 2880): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=2, mma=True, mma_warps=4, mma_split=2, mma_down=True, mma_warps_down=4, mma_split_down=4),
     (4096, 2048): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=1, mma=True, mma_warps=4, mma_split=2, mma_down=True, mma_warps_down=4, mma_split_down=2),
 }
 
@@ -1259,8 +1229,7 @@ def mxfp4_gemv_gate_up(x: torch.Tensor, w13: Mxfp4Linear, topk_ids: torch.Tensor
             w13.scales.stride(0), w13.scales.stride(1), bias_stride, h.stride(0),
             activation.alpha, activation.limit or 0.0, activation.up_offset,
             HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None, INTERLEAVED=activation.interleaved,
-            WARPS=tiles.mma_warps, SPLIT_K=split, DEPTH=tiles.mma_depth, EMULATE=not x.is_cuda,
-            num_warps=tiles.mma_warps)
+            WARPS=tiles.mma_warps, SPLIT_K=split, EMULATE=not x.is_cuda, num_warps=tiles.mma_warps)
         return h
     num_counts = 0 if counters is None else counters.numel()
     counters = h if counters is None else counters
@@ -1303,7 +1272,7 @@ def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor
         _mxfp4_mma_down_kernel[grid](
             words, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, part, count, top_k, h.shape[1],
             hidden, stride_hw, *strides[1:], HAS_BIAS=w2.bias is not None, WARPS=tiles.mma_warps_down,
-            SPLIT_K=split, DEPTH=tiles.mma_depth_down, EMULATE=not h.is_cuda, num_warps=tiles.mma_warps_down)
+            SPLIT_K=split, EMULATE=not h.is_cuda, num_warps=tiles.mma_warps_down)
         return out
     if _use_gluon(tiles.gluon_down, h):
         h, h_packed = _activations_for_gemv(h)
@@ -1319,8 +1288,7 @@ def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor
         _gl_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down), split)](
             h, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, part, counters, top_k, h.shape[1],
             hidden, *strides, HAS_BIAS=w2.bias is not None, BLOCK_N=tiles.block_n_down, GV=tiles.block_g_down,
-            X_PACKED=h_packed, SPLIT=split, NUM_WARPS=tiles.num_warps_down, num_warps=tiles.num_warps_down,
-            HOIST_SLOTS=triton.next_power_of_2(top_k) if tiles.hoist_ids else 0)
+            X_PACKED=h_packed, SPLIT=split, NUM_WARPS=tiles.num_warps_down, num_warps=tiles.num_warps_down)
         return out
     _mxfp4_gemv_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down))](
         h, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, top_k, h.shape[1], hidden, *strides,

@@ -201,8 +201,7 @@ def test_gemv_moe_matches_reference_in_the_interpreter(num_tokens, activation, b
 
 
 @pytest.mark.parametrize("interleaved,bias,num_tokens,tiles", [
-    (True, True, 2, GemvTiles(mma=True, mma_warps=2, mma_split=2, mma_down=True, mma_warps_down=1, mma_split_down=2,
-                              mma_depth=2, mma_depth_down=2)),
+    (True, True, 2, GemvTiles(mma=True, mma_warps=2, mma_split=2, mma_down=True, mma_warps_down=1, mma_split_down=2)),
     (False, False, 1, GemvTiles(mma=True, mma_warps=1, mma_split=1, mma_down=True, mma_warps_down=2,
                                 mma_split_down=1))])
 def test_tensor_core_gemv_matches_reference_in_the_interpreter(interleaved, bias, num_tokens, tiles):
@@ -243,8 +242,6 @@ GPU_VARIANTS = {
                         block_g_down=32, num_warps_down=4, split_down=8),
     "gluon": dict(gluon=True, gluon_down=True, block_n_gate_up=16, block_g=16, num_warps=4, block_n_down=16,
                   block_g_down=32, num_warps_down=4, split_down=1),
-    "gluon-hoist": dict(gluon=True, gluon_down=True, block_n_gate_up=16, block_g=32, num_warps=4, block_n_down=16,
-                        block_g_down=32, num_warps_down=4, split_down=2, hoist_ids=True),
     # the tensor-core GEMVs (bf16 activations; fp32 ones take the Gluon kernels): split K, and not
     "mma-split": dict(gluon=True, gluon_down=True, mma=True, mma_warps=4, mma_split=4, mma_down=True, mma_warps_down=4,
                       mma_split_down=2),
@@ -252,8 +249,6 @@ GPU_VARIANTS = {
                 mma_split_down=1),
     "mma-up-gluon-split-down": dict(gluon=True, gluon_down=True, mma=True, mma_warps=4, mma_split=2, mma_down=False,
                                     split_down=2),
-    "mma-depth-2": dict(gluon=True, gluon_down=True, mma=True, mma_warps=8, mma_split=2, mma_depth=2, mma_down=True,
-                        mma_warps_down=4, mma_split_down=2, mma_depth_down=2),
 }
 
 

@@ -125,12 +125,8 @@ for name, kernel, constexprs, warps in (
                                                     X_PACKED=1), 4),
         ("gate-up-fp32-halves", "_gl_gate_up_kernel", dict(HAS_BIAS=False, HAS_LIMIT=True, INTERLEAVED=False,
                                                           BLOCK_N=8, GV=16, X_PACKED=0), 4),
-        ("down-split", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=4,
-                                               HOIST_SLOTS=0), 4),
-        ("down-one-warp", "_gl_down_kernel", dict(HAS_BIAS=False, BLOCK_N=4, GV=32, X_PACKED=1, SPLIT=1,
-                                                  HOIST_SLOTS=0), 1),
-        ("down-hoisted-ids", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=2,
-                                                     HOIST_SLOTS=8), 4)):
+        ("down-split", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=4), 4),
+        ("down-one-warp", "_gl_down_kernel", dict(HAS_BIAS=False, BLOCK_N=4, GV=32, X_PACKED=1, SPLIT=1), 1)):
     CASES[f"mxfp4-gluon-{name}"] = (
         Case("runtime.ops.mxfp4", kernel, dict(constexprs, NUM_WARPS=warps), MXFP4_GL_TYPES, {"num_warps": warps}),
         "mul.lo.u32 p, t, 4160", None)
@@ -186,10 +182,10 @@ MXFP4_MMA_DIVISIBLE_BY_KERNEL = {"_mxfp4_mma_gate_up_kernel": ("x_ptr", "stride_
                                  "_mxfp4_mma_down_kernel": ("out_ptr", "stride_hw", "stride_om")}
 MXFP4_MMA = {
     "mxfp4-mma-gate-up-split": ("_mxfp4_mma_gate_up_kernel", dict(HAS_BIAS=True, HAS_LIMIT=True, INTERLEAVED=True,
-                                                                  WARPS=4, SPLIT_K=4, DEPTH=1), dict(h_ptr="*bf16")),
+                                                                  WARPS=4, SPLIT_K=4), dict(h_ptr="*bf16")),
     "mxfp4-mma-gate-up-halves": ("_mxfp4_mma_gate_up_kernel", dict(HAS_BIAS=False, HAS_LIMIT=True, INTERLEAVED=False,
-                                                                   WARPS=8, SPLIT_K=1, DEPTH=2), dict(h_ptr="*bf16")),
-    "mxfp4-mma-down-split": ("_mxfp4_mma_down_kernel", dict(HAS_BIAS=True, WARPS=4, SPLIT_K=2, DEPTH=2),
+                                                                   WARPS=8, SPLIT_K=1), dict(h_ptr="*bf16")),
+    "mxfp4-mma-down-split": ("_mxfp4_mma_down_kernel", dict(HAS_BIAS=True, WARPS=4, SPLIT_K=2),
                              dict(h_ptr="*i32", out_ptr="*bf16")),
 }
 for case_id, (kernel, constexprs, types) in MXFP4_MMA.items():
