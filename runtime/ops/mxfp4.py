@@ -8,7 +8,8 @@ in the low nibble. Leading dimensions (e.g. experts) pass through.
 Three layers, each the oracle of the next: `mxfp4_dequantize` (torch, bit-exact with transformers),
 `mxfp4_moe_reference` (dequantize the experts a batch touches, fp32 math; the CPU path), and two kernels
 that read the packed bytes and upcast them in registers: `mxfp4_moe_triton` (W4A16 grouped GEMM, prefill)
-and `mxfp4_moe_gemv` (decode: a few tokens, no tensor-core tiles)."""
+and `mxfp4_moe_gemv` (decode: a few tokens, each token-expert pair a GEMV; for bf16 activations the
+K-reduction runs on the tensor cores, mma.sync, one pair at a time)."""
 from __future__ import annotations
 
 import os
