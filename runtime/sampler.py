@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.ops.sampling import (GREEDY_BELOW, apply_top_k_top_p_min_p, sample_rows, uniform_noise,  # noqa: F401
-                                  uniform_per_row)
+from runtime.ops.sampling import (GREEDY_BELOW, apply_top_k_top_p_min_p, greedy_tokens, sample_rows,  # noqa: F401
+                                  uniform_noise, uniform_per_row)
 from runtime.structured import apply_bitmask
 
 
@@ -176,7 +176,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor |
         logits = apply_bitmask(logits, batch.grammar)
     has_draft = draft_ids >= 0 if draft_ids is not None else None
     if batch.all_greedy:
-        token_ids = logits.argmax(dim=-1)
+        token_ids = greedy_tokens(logits)
         if has_draft is not None:
             accepted = has_draft & (token_ids == draft_ids)
     else:

@@ -135,3 +135,25 @@ def test_kernel_draws_the_reference_tokens_at_full_vocabulary():
     case["top_k"][1::2] = 50
     case["top_p"][1::4] = 0.95
     assert_same_draws(case)
+
+
+@pytest.mark.parametrize("rows, vocab, chunk", [(1, 1000, None), (3, 4097, 1024), (7, 300, 1024), (2, 64, 1024)])
+def test_greedy_kernel_takes_the_first_maximum_like_torch(rows, vocab, chunk):
+    g = torch.Generator().manual_seed(rows * vocab)
+    # integer logits tie often, within and across chunks; a padded row (the slice's stride is the wider row)
+    # and a row of -inf (everything masked) as torch.argmax sees them
+    padded = torch.randint(-4, 4, (rows, vocab + 5), generator=g).float()
+    padded[0, :] = float("-inf") if rows > 2 else padded[0, :]
+    logits = padded[:, :vocab]
+    ours = sampling.greedy_tokens_triton(logits.to(DEVICE), block=64, chunk=chunk)
+    assert torch.equal(ours.cpu(), logits.argmax(dim=-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 5, 256])
+def test_greedy_kernel_matches_torch_at_full_vocabulary(rows):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    g = torch.Generator().manual_seed(rows)
+    logits = (torch.randn(rows, 151936, generator=g) * 3).round().cuda()     # many ties at the top
+    assert torch.equal(sampling.greedy_tokens(logits), logits.argmax(dim=-1))

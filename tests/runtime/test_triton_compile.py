@@ -13,7 +13,7 @@ SAMPLING_TYPES = {
     "excluded_prob_out": "*fp32", "part_max_ptr": "*fp32", "part_arg_ptr": "*i32", "part_z_ptr": "*fp32",
     "part_count_ptr": "*i32", "part_mass_ptr": "*fp32", "part_race_ptr": "*fp32", "part_winner_ptr": "*i32",
     "part_excluded_ptr": "*fp32", "cand_val_ptr": "*fp32", "cand_id_ptr": "*i32", "greedy_below": "fp32",
-    "random_out": "*i64", "greedy_out": "*i64",
+    "random_out": "*i64", "greedy_out": "*i64", "out_ptr": "*i64",
 }
 LEVELS = dict(NUM_LEVELS=32, LEVEL_SHIFT=16)
 MXFP4_GEMV_TYPES = {
@@ -35,6 +35,8 @@ CASES = {
                               None, None),
     "sampling-draw": (Case("runtime.ops.sampling", "_sample_rows_kernel",
                            dict(CHUNKS_P2=64, BLOCK=1024, CAP=1024, **LEVELS), SAMPLING_TYPES), None, None),
+    "sampling-greedy": (Case("runtime.ops.sampling", "_greedy_kernel", dict(CHUNKS_P2=256), SAMPLING_TYPES),
+                        None, None),
 }
 # the PTX decode never runs in the interpreter: compiling it is the CPU-side check that ptxas takes it
 for ptx_decode in (True, False):
