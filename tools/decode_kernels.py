@@ -136,8 +136,8 @@ def checked_timing(error, call, copies: int, mb: float) -> tuple[float, float, f
     return us, mb / us, err
 
 
-def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> None:
-    """The MoE of each expert shape at 1 and 4 tokens: the module `before` (an older runtime.ops.mxfp4, its
+def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_counts=(1, 4)) -> None:
+    """The MoE of each expert shape at each of `token_counts`: the module `before` (an older runtime.ops.mxfp4, its
     default tiles), the table's tiles (whole MoE, then each GEMV alone) and a sweep of each GEMV's tiles."""
     from dataclasses import replace
 
@@ -166,7 +166,7 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> Non
             return x, ids, weights
 
         shape_records = []
-        for tokens in (1, 4):
+        for tokens in token_counts:
             x, ids, weights = inputs(tokens)
             unique = ids.unique().numel()
             up_mb, down_mb = unique * w13_bytes / 1e6, unique * w2_bytes / 1e6
@@ -567,6 +567,8 @@ def main() -> int:
     parser.add_argument("--only", default="gemv,mxfp4,qkv")
     parser.add_argument("--json")
     parser.add_argument("--fp8-rows", default="1,2,4,8,16,64,256,2048", help="fp8: the row counts timed")
+    parser.add_argument("--mxfp4-tokens", default="1,4", help="mxfp4: the token counts timed (with the grouped "
+                        "GEMM's column, e.g. 8,16 to place GEMV_MAX_PAIRS)")
     parser.add_argument("--no-grouped", action="store_true", help="skip the grouped GEMM column")
     parser.add_argument("--write-table", action="store_true",
                         help="write the sweep's choice into GEMV_TILE_TABLE in runtime/ops/mxfp4.py (with "
@@ -587,7 +589,8 @@ def main() -> int:
     if "qkv" in only:
         bench_qkv()
     if "mxfp4" in only:
-        bench_mxfp4(bandwidth, importlib.import_module(args.before) if args.before else None, not args.no_grouped)
+        bench_mxfp4(bandwidth, importlib.import_module(args.before) if args.before else None, not args.no_grouped,
+                    tuple(int(n) for n in args.mxfp4_tokens.split(",")))
         chosen = choose_gemv_tiles(RECORDS)
         for shape, tiles in sorted(chosen.items()):
             print(f"chosen for {shape}: {tiles}")

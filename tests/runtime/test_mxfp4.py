@@ -207,7 +207,7 @@ def test_gemv_moe_matches_reference_in_the_interpreter(num_tokens, activation, b
 def test_tensor_core_gemv_matches_reference_in_the_interpreter(interleaved, bias, num_tokens, tiles):
     """bf16 activations through the tensor-core GEMVs' emulation (the same lanes' operands and sums as the
     mma): K = 96 and 160 are not multiples of a K step (128), the rows not of a tile, the K splits uneven, one
-    expert receives no token; each gate/up row equals the fp32 one up to h's bf16 conversion, and the MoE matches
+    expert receives no token, one slot names another rank's expert (a negative id); each gate/up row equals the fp32 one up to h's bf16 conversion, and the MoE matches
     the reference to the bf16 output's rounding. The split counters are left at zero."""
     pytest.importorskip("triton")
     from triton.runtime.interpreter import InterpretedFunction
@@ -219,9 +219,13 @@ def test_tensor_core_gemv_matches_reference_in_the_interpreter(interleaved, bias
     num_experts, hidden, inter, top_k = 5, 96, 160, 2
     w13, w2 = make_experts(num_experts, hidden, inter, seed=24, bias=bias, gate_up_scale=3)
     weights, ids = make_routing(num_tokens, num_experts, top_k, seed=25, skip_experts=(1,))
+    ids[-1, -1] = -1                                   # another rank's expert (expert parallelism): contributes 0
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(26)).to(torch.bfloat16)
     h = mxfp4.mxfp4_gemv_gate_up(x, w13, ids, activation, tiles)
     for pair, expert in enumerate(ids.flatten().tolist()):
+        if expert < 0:
+            assert not h[pair].any()
+            continue
         gate_up = x[pair // top_k].float() @ mxfp4_dequantize(w13.blocks[expert], w13.scales[expert]).t()
         if bias:
             gate_up = gate_up + w13.bias[expert]
