@@ -7,7 +7,9 @@ staged writes. Uniform batches on CUDA (every request 1 token, or 1 + k when ver
 CUDA graph captured for the next larger batch size; the rows past the real batch are padding that writes
 nothing. With piecewise graphs on, every other batch up to the token budget (prefill chunks, mixed steps)
 replays graphs captured per token-count bucket for everything but attention, which runs eagerly between
-the pieces on the live step's metadata (see `capture_piecewise`).
+the pieces on the live step's metadata (see `capture_piecewise`). A drafter that is `capturable`
+(runtime.spec_decode.Drafter) replays a graph of its own after each uniform batch's, over the same padded
+rows (see `_capture_drafter`).
 
 A step is launched without waiting for it (`launch`), and waited on later (`wait`), so that the host can
 prepare the next step while the device runs this one. Tokens the host has not read yet appear in the next
@@ -142,6 +144,14 @@ class PiecewiseGraph:
     hidden: torch.Tensor                     # [bucket, hidden] the last piece's output
 
 
+@dataclass(slots=True, eq=False)
+class DraftGraph:
+    """A drafter's propose captured for one target graph: it reads the target graph's hidden output and the
+    runner's fixed draft buffers (next_ids, last_rows, sampling_rows, last_writable) of every padded row."""
+    graph: torch.cuda.CUDAGraph
+    drafts: torch.Tensor                     # [padded rows, k] int64
+
+
 class _PieceRecorder:
     """Captures a forward as a chain of graphs, ending one at each attention call (ctx.graph_break)."""
 
@@ -191,7 +201,7 @@ class InputBuffers:
                       seq_lens=(max_reqs, i32), num_computed=(max_reqs, i32), logits_indices=(max_tokens, i64),
                       draft_ids=(max_tokens, i64), placeholder_dst=(max_reqs, i64),
                       placeholder_src=(max_reqs, i64), rows=(max_reqs, i64), next_ids=(max_tokens, i64),
-                      last_writable=(max_reqs, i64), sampling_rows=(max_reqs, i64),
+                      last_writable=(max_reqs, i64), sampling_rows=(max_reqs, i64), last_rows=(max_reqs, i64),
                       segment=(max_tokens, i64), offset_in_segment=(max_tokens, i64),
                       segment_start=(max_reqs, i64))
         for g in range(num_groups):
@@ -272,6 +282,7 @@ class ModelRunner:
         self.num_lookahead_tokens = num_speculative_tokens if drafter is not None else 0
         # (padded rows, query length per row) -> (graph, hidden, logits)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.draft_graphs: dict[tuple[int, int], DraftGraph] = {}   # same keys, for a capturable drafter
         self.piecewise: dict[int, PiecewiseGraph] = {}             # token bucket -> its pieces
         self.piecewise_out: dict[tuple, torch.Tensor] = {}          # attention outputs the pieces read
         on_cuda = device.type == "cuda"
@@ -400,15 +411,17 @@ class ModelRunner:
         h["logits_indices"][:len(logits_rows)] = logits_rows
         h["draft_ids"][:len(draft_ids)] = draft_ids
         if self.drafter is not None:
-            self._fill_drafter_host(plan, states, query_start_loc, num_tokens, sampling_rows)
+            self._fill_drafter_host(plan, states, query_start_loc, num_tokens, sampling_rows, pad_to)
         return _HostStep(max(num_reqs, pad_to), padded_tokens, num_new, seq_lens, sampling, num_drafts,
                          len(logits_rows), num_placeholders, num_writes, sampling_rows)
 
     def _fill_drafter_host(self, plan: StepPlan, states: list[RequestState], query_start_loc: np.ndarray,
-                           num_tokens: int, sampling_rows: list[int]) -> None:
+                           num_tokens: int, sampling_rows: list[int], pad_to: int) -> None:
         """A drafter's inputs known on the host: each row's next token (the following input in the
         request's chunk, or the next prompt token after a chunk that does not sample; -1 where the target's
-        own token goes, filled on the device), and the last position each sampling request may write."""
+        own token goes, filled on the device), and the last position each sampling request may write.
+        Graph padding rows follow the sampling requests: each drafts from its first token (position 0, next
+        token 0) over its own table row, and may write nothing (last writable position -1)."""
         h = self.buffers.host
         next_ids = h["next_ids"][:num_tokens]
         next_ids[:-1] = h["input_ids"][1:num_tokens]
@@ -419,6 +432,14 @@ class ModelRunner:
                          for i in sampling_rows]
         h["last_writable"][:len(last_writable)] = last_writable
         h["sampling_rows"][:len(sampling_rows)] = sampling_rows
+        num_reqs = len(states)
+        if pad_to > num_reqs:
+            padding = slice(len(sampling_rows), len(sampling_rows) + pad_to - num_reqs)
+            starts = h["query_start_loc"][num_reqs:pad_to + 1]                   # the padding rows' tokens
+            h["next_ids"][num_tokens:starts[-1]] = 0
+            h["last_rows"][padding] = starts[:-1]
+            h["sampling_rows"][padding] = np.arange(num_reqs, pad_to)
+            h["last_writable"][padding] = -1
 
     def _list_placeholders(self, plan: StepPlan, query_start_loc: np.ndarray, num_tokens: int) -> int:
         """Write where this step's placeholder tokens sit (`placeholder_dst`) and their rows in the last
@@ -510,7 +531,7 @@ class ModelRunner:
             for size in sorted(sizes, reverse=True):
                 if size * query_len > self.max_tokens:
                     continue
-                input_ids, ctx, _ = self.prepare_inputs(StepPlan(), pad_to=size, query_len=query_len)
+                input_ids, ctx, step = self.prepare_inputs(StepPlan(), pad_to=size, query_len=query_len)
                 for _ in range(2):                                # warm up: compile kernels, settle allocator
                     self.model.compute_logits(self.model(input_ids, ctx.positions, ctx))
                 torch.cuda.synchronize()
@@ -520,7 +541,24 @@ class ModelRunner:
                     logits = self.model.compute_logits(hidden)
                 pool = graph.pool()
                 self.graphs[(size, query_len)] = (graph, hidden, logits)
+                if getattr(self.drafter, "capturable", False):
+                    pool = self._capture_drafter((size, query_len), input_ids, ctx, step, hidden, pool)
         self.graphs = dict(sorted(self.graphs.items()))
+
+    def _capture_drafter(self, key: tuple[int, int], input_ids: torch.Tensor, ctx: ForwardContext,
+                         step: _HostStep, hidden: torch.Tensor, pool: tuple | None) -> tuple:
+        """Capture the drafter's propose over every padded row of the target graph `key` (all padding at
+        capture: nothing is written), reading the target graph's `hidden` and the fixed draft buffers that
+        `_draft_inputs` fills before each replay. Returns the memory pool."""
+        inputs = self._draft_inputs(step, input_ids, ctx, hidden, None, step.num_reqs)
+        for _ in range(2):                                        # warm up: compile kernels, settle allocator
+            self.drafter.propose(inputs)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            drafts = self.drafter.propose(inputs)                 # [padded rows, k]
+        self.draft_graphs[key] = DraftGraph(graph, drafts)
+        return graph.pool()
 
     def _piecewise_bucket(self, plan: StepPlan) -> int | None:
         if not self.piecewise or not plan.request_ids:
@@ -618,7 +656,7 @@ class ModelRunner:
         drafts = None
         if self.drafter is not None:
             target_hidden = self.graphs[key][1][:step.num_tokens] if key is not None else hidden
-            drafts = self._propose(step, input_ids, ctx, target_hidden, out)
+            drafts = self._propose(step, input_ids, ctx, target_hidden, out, key)
         return self._pending(step, out, draft_ids, sampling, drafts, prompt_logprobs)
 
     def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor) -> PromptLogprobRows | None:
@@ -658,10 +696,24 @@ class ModelRunner:
         return PromptLogprobRows(requests, (*host, torch.tensor(targets)))
 
     def _propose(self, step: _HostStep, input_ids: torch.Tensor, ctx: ForwardContext,
-                 target_hidden: torch.Tensor, out: SamplerOutput | None) -> torch.Tensor:
+                 target_hidden: torch.Tensor, out: SamplerOutput | None,
+                 key: tuple[int, int] | None = None) -> torch.Tensor:
         """Run the package's drafter after verification: [sampling requests, k] draft tokens, on the
-        device. Each request's last accepted row gets the token the target just produced as its next
-        token."""
+        device. After the target graph `key`, the drafter's graph for it replays, if it has one."""
+        draft_graph = self.draft_graphs.get(key)
+        num_rows = step.num_reqs if draft_graph is not None else len(step.sampling)
+        inputs = self._draft_inputs(step, input_ids, ctx, target_hidden, out, num_rows)
+        if draft_graph is None:
+            return self.drafter.propose(inputs)
+        draft_graph.graph.replay()
+        return draft_graph.drafts[:len(step.sampling)]
+
+    def _draft_inputs(self, step: _HostStep, input_ids: torch.Tensor, ctx: ForwardContext,
+                      target_hidden: torch.Tensor, out: SamplerOutput | None, num_rows: int) -> DraftInputs:
+        """The drafter's inputs for `num_rows` rows: the sampling requests, then (for a graph) its padding
+        rows. Next tokens, last rows, table rows and last writable positions are views of fixed device
+        buffers, filled here outside any graph (a drafter graph reads them); at each request's last accepted
+        row the token the target just produced becomes the next token."""
         up, h = self.buffers.upload, self.buffers.host
         num_sampling = len(step.sampling)
         next_ids = up("next_ids", len(input_ids))
@@ -674,14 +726,16 @@ class ModelRunner:
             last_logit_rows = starts + num_accepted
         else:
             last_logit_rows = starts
-        last_rows = ctx.logits_indices.index_select(0, last_logit_rows)
+        # the padding rows' entries come from the host, the requests' from the logits rows
+        padded = num_rows > num_sampling
+        last_rows = up("last_rows", num_rows) if padded else self.buffers.device["last_rows"][:num_rows]
+        torch.index_select(ctx.logits_indices, 0, last_logit_rows, out=last_rows[:num_sampling])
         if out is not None:
-            next_ids.index_copy_(0, last_rows, out.token_ids.index_select(0, last_logit_rows))
-        sampling_rows = up("sampling_rows", num_sampling)
-        last_writable = up("last_writable", num_sampling)
-        inputs = DraftInputs(target_hidden, next_ids, ctx.positions, ctx, last_rows, self.num_speculative_tokens,
-                             lambda positions: self._draft_context(ctx, sampling_rows, positions, last_writable))
-        return self.drafter.propose(inputs)
+            next_ids.index_copy_(0, last_rows[:num_sampling], out.token_ids.index_select(0, last_logit_rows))
+        sampling_rows = up("sampling_rows", num_rows)
+        last_writable = up("last_writable", num_rows)
+        return DraftInputs(target_hidden, next_ids, ctx.positions, ctx, last_rows, self.num_speculative_tokens,
+                           lambda positions: self._draft_context(ctx, sampling_rows, positions, last_writable))
 
     def _accepted_per_request(self, step: _HostStep, out: SamplerOutput) -> tuple[torch.Tensor, ...]:
         """Drafts accepted per sampling request (the first row of its segment that did not accept; bonus

@@ -90,9 +90,19 @@ class DraftInputs:
 
 class Drafter(Protocol):
     """A package's own drafter (ModelPackage.build_drafter). Its cache layers are allocated after the
-    target's: its layer i is layer len(target.cache_specs()) + i of the step's context."""
+    target's: its layer i is layer len(target.cache_specs()) + i of the step's context.
+
+    A drafter that sets `capturable = True` has its `propose` captured in a CUDA graph per target graph
+    (batch size, query length) and replayed after the target's graph. Its propose must then read nothing but
+    the tensors of DraftInputs (no host reads or syncs: no `.item()`, no boolean-mask indexing, no Python
+    branch on a tensor's values), take its shapes from them alone, and return a new tensor. In a replayed
+    step `last_rows` has an entry for every padded row too: a padding row's entry is a token of no request
+    (position 0 .. query length - 1, context of its own query only) and its `decode_context` rows write no
+    cache entry; the runner reads the drafts of the real rows only."""
 
     weight_prefixes: tuple[str, ...] | None      # checkpoint names it consumes; None = all of spec.model's
+    # (optional, default False) propose may be captured in a CUDA graph, as described above
+    capturable: bool
 
     def cache_specs(self) -> list[CacheSpec]:
         ...

@@ -95,6 +95,7 @@ def _patch_launches(launches: Launches) -> None:
     import triton.runtime.jit as jit
 
     from models.deepseek_v4 import kernels, moe
+    from models.deepseek_v4 import linear as fp8_linears
     from runtime.ops import activation, fp8, linear, mxfp4, norm
     from runtime.ops import moe as runtime_moe
 
@@ -114,16 +115,21 @@ def _patch_launches(launches: Launches) -> None:
 
     linear._use_gemv = use_gemv
 
-    def fp8_linear(x, weight, scale, groups=1, counters=None):      # the GEMV a row takes on a GPU
+    def fp8_linear(x, weight, scale, groups=1, counters=None, silu_mul_output=False, limit=None):
+        """The GEMV a row takes on a GPU; with silu_mul_output the activation inside its launch, as the
+        tensor-core GEMV applies it at the release's widths (these small ones do not tile into its programs)."""
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         if x.shape[0] > fp8.FP8_GEMV_MAX_ROWS:
             raise ValueError("a decode step of one token has one row")
         out = fp8.fp8_gemv(x, weight, scale, groups, fp8.Fp8GemvTiles.for_shape(*weight.shape, x.shape[0]),
                            counters)
+        if silu_mul_output:
+            out = out[:, :out.shape[1] // 2]
         return out.view(*lead, out.shape[-1])
 
     fp8.fp8_linear = fp8_linear
+    fp8_linears.fp8_linear = fp8_linear
 
     def routed_experts(x, w13, w2, topk_weights, topk_ids, activation, skip_negative_ids=False):
         if topk_ids.numel() > mxfp4.GEMV_MAX_PAIRS:

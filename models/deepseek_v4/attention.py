@@ -15,7 +15,7 @@ from . import kernels
 from .cache_ops import Fp8Entry, dequantize_entries, request_entries, write_entries
 from .compressor import Compressor, Indexer, Projection, Rows
 from .config import AttentionKind
-from .linear import DENSE, Linears
+from .linear import DENSE, Fp8Rows, Linears
 from .rope import TrailingRope
 
 
@@ -83,10 +83,15 @@ class DeepseekV4Attention(nn.Module):
         self.eps = config.rms_norm_eps
         self.o_groups, self.o_rank = parallel.split(config.o_groups, "o_groups"), config.o_lora_rank
         hidden = config.hidden_size
-        self.wq_a = linears(hidden, config.q_lora_rank)
+        # q's latent and the K=V head, both of x: one FP8 weight (one GEMV launch) where both are FP8
+        self.wq_a_kv = linears.stacked(hidden, {"wq_a": config.q_lora_rank, "wkv": self.head_dim})
+        if self.wq_a_kv is not None:
+            self.wq_a, self.wkv = Fp8Rows(self.wq_a_kv, "wq_a"), Fp8Rows(self.wq_a_kv, "wkv")
+        else:
+            self.wq_a = linears(hidden, config.q_lora_rank)
+            self.wkv = linears(hidden, self.head_dim)
         self.q_norm = RMSNorm(config.q_lora_rank, self.eps, weight_in_fp32=True)
         self.wq_b = linears(config.q_lora_rank, self.num_heads * self.head_dim)
-        self.wkv = linears(hidden, self.head_dim)
         self.kv_norm = RMSNorm(self.head_dim, self.eps, weight_in_fp32=True)
         # block-diagonal: group g maps its heads' outputs [(heads / groups) * head_dim] to o_rank
         self.wo_a = linears(self.num_heads * self.head_dim // self.o_groups, self.o_groups * self.o_rank, self.o_groups)
@@ -121,8 +126,12 @@ class DeepseekV4Attention(nn.Module):
                 ctx: ForwardContext) -> torch.Tensor:
         fast = kernels.use_kernels(x)
         projected = self.wx(x) if self.wx is not None else None                  # [num_tokens, parts]
-        q_latent = self.wq_a(x)                                                   # [num_tokens, q_lora_rank]
-        kv = self.wkv(x)[:, None]                                                 # [num_tokens, 1, head_dim]
+        if self.wq_a_kv is not None:
+            both = self.wq_a_kv(x)                                    # [num_tokens, q_lora_rank + head_dim]
+            q_latent, kv = self.wq_a_kv.columns(both, "wq_a"), self.wq_a_kv.columns(both, "wkv")
+        else:
+            q_latent, kv = self.wq_a(x), self.wkv(x)                  # [num_tokens, q_lora_rank], [.., head_dim]
+        kv = kv[:, None]                                                          # [num_tokens, 1, head_dim]
         cache, _, slots = ctx.layer_cache(self.window_layer)
         if fast:      # one launch: K's norm + RoPE + window insert, and q's latent norm
             q_latent = kernels.norm_rope(kv, positions, self.rope.inv_freq, eps=self.kv_norm.eps, cache=cache,

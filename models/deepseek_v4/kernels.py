@@ -965,89 +965,148 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
     return out
 
 
-# ---- mHC: the connection's weights and the collapsed input in one program per token ----------------------
+# ---- mHC: the connection's weights and the collapsed input, in one launch --------------------------------
+# Two kinds of program a token. The collapse programs (SPAN channels each) form `pre` from the projection and
+# write the sublayer's input; one more program forms `post` and the Sinkhorn-balanced `comb`, which nothing in
+# the launch waits for: the two chains (a few hundred floats from L2, then ~40 dependent row / column sums of
+# a 4 x 4 tile) run side by side instead of one after the other in every program. The Sinkhorn program holds
+# the tile as [N, N, LANES], a copy of the whole tile per lane (LANES = the program's threads), so its sums
+# are register adds: no shuffle, no shared memory, no barrier.
 
 if triton is not None:
+    @triton.jit
+    def _hc_weights(mix_row, k, cells, OFFSET: tl.constexpr, SQUARE: tl.constexpr, PARTIALS: tl.constexpr,
+                    M: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The projection's columns OFFSET.. as [N] (SQUARE: [N, N]): hc_post's per-chunk partial sums added up
+        (PARTIALS), or the GEMM's row."""
+        if PARTIALS:
+            ch = tl.arange(0, BLOCK_C)
+            parts = mix_row + ch * M                                                  # [BLOCK_C] rows
+            if SQUARE:
+                weights = tl.sum(tl.load(parts[:, None, None] + OFFSET + cells[None, :, :],
+                                         mask=(ch < CHUNKS)[:, None, None], other=0.0), axis=0)
+            else:
+                weights = tl.sum(tl.load(parts[:, None] + OFFSET + k[None, :], mask=(ch < CHUNKS)[:, None],
+                                         other=0.0), axis=0)
+        elif SQUARE:
+            weights = tl.load(mix_row + OFFSET + cells)
+        else:
+            weights = tl.load(mix_row + OFFSET + k)
+        return weights
+
+    @triton.jit
+    def _hc_squares(streams_row, mix_row, k, cells, GRAM: tl.constexpr, N: tl.constexpr, HIDDEN: tl.constexpr,
+                    BLOCK: tl.constexpr, PARTIALS: tl.constexpr, M: tl.constexpr, CHUNKS: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+        """(the streams' sum of squares, with GRAM their Gram matrix [N, N]): from hc_post's partial sums
+        (PARTIALS; the squares are the Gram matrix's trace), else a walk over the streams (no Gram matrix)."""
+        if PARTIALS:
+            if GRAM:
+                gram = _hc_weights(mix_row, k, cells, (2 + N) * N, True, True, M, CHUNKS, BLOCK_C)
+                squares = tl.sum(tl.sum(tl.where(k[:, None] == k[None, :], gram, 0.0), axis=1), axis=0)
+            else:           # the diagonal only
+                gram = tl.zeros([N, N], tl.float32)
+                squares = tl.sum(_hc_weights(mix_row, k * (N + 1), cells, (2 + N) * N, False, True, M, CHUNKS,
+                                             BLOCK_C), axis=0)
+        else:
+            c = tl.arange(0, BLOCK)
+            acc = tl.zeros([N, BLOCK], tl.float32)
+            for c0 in range(0, HIDDEN, BLOCK):
+                mask = (c0 + c) < HIDDEN
+                x = tl.load(streams_row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :],
+                            other=0.0).to(tl.float32)
+                acc += x * x
+            squares = tl.sum(tl.sum(acc, axis=1), axis=0)
+            gram = tl.zeros([N, N], tl.float32)
+        return squares, gram
+
+    @triton.jit
+    def _hc_collapse(x, pre, inv_rms, norm_ptr, out_ptr, c0, c, mask, NORM: tl.constexpr,
+                     WEIGHT_IN_FP32: tl.constexpr):
+        """Store channels c0 + c of the sublayer's input: the streams x [N, BLOCK] weighted by pre, through the
+        norm (inv_rms) if NORM, as runtime.ops.rms_norm_ref: on the rounded row, the weight before or after the
+        cast."""
+        dtype = out_ptr.dtype.element_ty
+        collapsed = tl.sum(x * pre[:, None], axis=0)
+        if NORM:
+            normed = collapsed.to(dtype).to(tl.float32) * inv_rms
+            weight = tl.load(norm_ptr + c0 + c, mask=mask, other=0.0).to(tl.float32)
+            if WEIGHT_IN_FP32:
+                collapsed = weight * normed
+            else:
+                collapsed = weight * normed.to(dtype).to(tl.float32)
+        tl.store(out_ptr + c0 + c, collapsed.to(dtype), mask=mask)
+
     @triton.jit
     def _hc_pre_kernel(streams_ptr, mix_ptr, base_ptr, scale_ptr, post_ptr, comb_ptr, out_ptr, norm_ptr,
                        streams_stride, mix_stride, norm_eps, hc_eps, sinkhorn_iters, out_eps,
                        N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, SPAN: tl.constexpr,
                        PARTIALS: tl.constexpr, M: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr,
-                       NORM: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr):
-        # a program per token and SPAN channels of its input: with PARTIALS (hc_post's sums) every program
-        # forms the token's weights itself (a few hundred floats from L2) and collapses its channels; without,
-        # one program a token walks the row for the RMS and collapses all of it (SPAN = HIDDEN)
+                       NORM: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr, LANES: tl.constexpr):
+        # programs (token, part): part < cdiv(HIDDEN, SPAN) collapses SPAN channels (with PARTIALS, SPAN = BLOCK:
+        # its streams load first, under the partial sums' latency; without, SPAN = HIDDEN and the program walks
+        # the row for the RMS too); the last part forms post and comb
         token = tl.program_id(0).to(tl.int64)
         part = tl.program_id(1)
         k = tl.arange(0, N)
         c = tl.arange(0, BLOCK)
         cells = k[:, None] * N + k[None, :]
         row = streams_ptr + token * streams_stride
-        if PARTIALS:        # per chunk of channels: the projection's share and the streams' Gram matrix
-            ch = tl.arange(0, BLOCK_C)
-            ch_mask = ch < CHUNKS
-            parts = mix_ptr + token * mix_stride + ch * M        # [BLOCK_C] rows of partial sums
-            pre_w = tl.sum(tl.load(parts[:, None] + k[None, :], mask=ch_mask[:, None], other=0.0), axis=0)
-            post_w = tl.sum(tl.load(parts[:, None] + N + k[None, :], mask=ch_mask[:, None], other=0.0), axis=0)
-            comb_w = tl.sum(tl.load(parts[:, None, None] + 2 * N + cells[None, :, :], mask=ch_mask[:, None, None],
-                                    other=0.0), axis=0)
-            gram = tl.sum(tl.load(parts[:, None, None] + (2 + N) * N + cells[None, :, :],
-                                  mask=ch_mask[:, None, None], other=0.0), axis=0)        # [N, N]
-            squares = tl.sum(tl.sum(tl.where(k[:, None] == k[None, :], gram, 0.0), axis=1), axis=0)
-        else:               # the projection of the unnormalized streams from a GEMM; the squares here
-            acc = tl.zeros([N, BLOCK], tl.float32)
-            for c0 in range(0, HIDDEN, BLOCK):
-                mask = (c0 + c) < HIDDEN
-                x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
-                acc += x * x
-            squares = tl.sum(tl.sum(acc, axis=1), axis=0)
-            mix = mix_ptr + token * mix_stride
-            pre_w = tl.load(mix + k)
-            post_w = tl.load(mix + N + k)
-            comb_w = tl.load(mix + 2 * N + cells)
-        rms = tl.rsqrt(squares / (N * HIDDEN) + norm_eps)   # RMS of all streams together, applied after the GEMM
-        pre = tl.sigmoid(pre_w * rms * tl.load(scale_ptr) + tl.load(base_ptr + k)) + hc_eps
-        post = post_w * rms * tl.load(scale_ptr + 1) + tl.load(base_ptr + N + k)
-        comb = comb_w * rms * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * N + cells)
-        comb = tl.exp(comb - tl.max(comb, axis=1)[:, None])
-        comb = comb / tl.sum(comb, axis=1)[:, None] + hc_eps
-        comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
-        for _ in range(sinkhorn_iters - 1):
-            comb = comb / (tl.sum(comb, axis=1)[:, None] + hc_eps)
-            comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
-        if part == 0:
+        mix_row = mix_ptr + token * mix_stride
+        if part == (HIDDEN + SPAN - 1) // SPAN:
+            post_w = _hc_weights(mix_row, k, cells, N, False, PARTIALS, M, CHUNKS, BLOCK_C)
+            comb_w = _hc_weights(mix_row, k, cells, 2 * N, True, PARTIALS, M, CHUNKS, BLOCK_C)
+            squares, _ = _hc_squares(row, mix_row, k, cells, False, N, HIDDEN, BLOCK, PARTIALS, M, CHUNKS, BLOCK_C)
+            rms = tl.rsqrt(squares / (N * HIDDEN) + norm_eps)   # RMS of all streams together, after the GEMM
+            post = post_w * rms * tl.load(scale_ptr + 1) + tl.load(base_ptr + N + k)
             tl.store(post_ptr + token * N + k, 2.0 * tl.sigmoid(post))
-            tl.store(comb_ptr + token * N * N + cells, comb)
-        dtype = out_ptr.dtype.element_ty
-        inv_rms = 1.0
-        if NORM:            # the sublayer's RMSNorm of the collapsed row: its sum of squares first
-            if PARTIALS:    # pre^T G pre: the collapsed row's squares before its rounding to the dtype
-                total = tl.sum(tl.sum(pre[:, None] * gram * pre[None, :], axis=1), axis=0)
-            else:           # of the rounded row, as the reference
-                acc_total = tl.zeros([BLOCK], tl.float32)
-                for c0 in range(0, HIDDEN, BLOCK):
-                    mask = (c0 + c) < HIDDEN
-                    x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :],
-                                other=0.0).to(tl.float32)
-                    collapsed = tl.sum(x * pre[:, None], axis=0).to(dtype).to(tl.float32)
-                    acc_total += collapsed * collapsed
-                total = tl.sum(acc_total, axis=0)
-            inv_rms = tl.rsqrt(total / HIDDEN + out_eps)
-        for c0 in range(part * SPAN, part * SPAN + SPAN, BLOCK):   # the sublayer's input: streams weighted by pre
+            logits = comb_w * rms * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * N + cells)       # [N, N]
+            comb = logits[:, :, None] + tl.zeros([N, N, LANES], tl.float32)     # [N, N, LANES]: a copy a lane
+            comb = tl.exp(comb - tl.max(comb, axis=1)[:, None, :])
+            # each division by a row's (column's) sum as one reciprocal and N products: 2N, not 2N^2, special-
+            # function instructions an iteration, which a warp issues at a quarter of the lanes a clock
+            comb = comb * (1.0 / tl.sum(comb, axis=1))[:, None, :] + hc_eps
+            comb = comb * (1.0 / (tl.sum(comb, axis=0) + hc_eps))[None, :, :]
+            for _ in range(sinkhorn_iters - 1):
+                comb = comb * (1.0 / (tl.sum(comb, axis=1) + hc_eps))[:, None, :]
+                comb = comb * (1.0 / (tl.sum(comb, axis=0) + hc_eps))[None, :, :]
+            lane = tl.arange(0, LANES)[None, None, :]
+            tl.store(comb_ptr + token * N * N + cells[:, :, None] + lane * 0, comb, mask=lane == 0)
+        else:
+            c0 = part * SPAN
             mask = (c0 + c) < HIDDEN
             x = tl.load(row + k[:, None] * HIDDEN + c0 + c[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
-            collapsed = tl.sum(x * pre[:, None], axis=0)
-            if NORM:        # as runtime.ops.rms_norm_ref: on the rounded row, the weight before or after the cast
-                normed = collapsed.to(dtype).to(tl.float32) * inv_rms
-                weight = tl.load(norm_ptr + c0 + c, mask=mask, other=0.0).to(tl.float32)
-                if WEIGHT_IN_FP32:
-                    collapsed = weight * normed
-                else:
-                    collapsed = weight * normed.to(dtype).to(tl.float32)
-            tl.store(out_ptr + token * HIDDEN + c0 + c, collapsed.to(dtype), mask=mask)
+            pre_w = _hc_weights(mix_row, k, cells, 0, False, PARTIALS, M, CHUNKS, BLOCK_C)
+            squares, gram = _hc_squares(row, mix_row, k, cells, NORM, N, HIDDEN, BLOCK, PARTIALS, M, CHUNKS, BLOCK_C)
+            rms = tl.rsqrt(squares / (N * HIDDEN) + norm_eps)
+            pre = tl.sigmoid(pre_w * rms * tl.load(scale_ptr) + tl.load(base_ptr + k)) + hc_eps
+            dtype = out_ptr.dtype.element_ty
+            inv_rms = 1.0
+            if NORM:            # the sublayer's RMSNorm of the collapsed row: its sum of squares first
+                if PARTIALS:    # pre^T G pre: the collapsed row's squares before its rounding to the dtype
+                    total = tl.sum(tl.sum(pre[:, None] * gram * pre[None, :], axis=1), axis=0)
+                else:           # of the rounded row, as the reference
+                    acc_total = tl.zeros([BLOCK], tl.float32)
+                    for b0 in range(0, HIDDEN, BLOCK):
+                        b_mask = (b0 + c) < HIDDEN
+                        xb = tl.load(row + k[:, None] * HIDDEN + b0 + c[None, :], mask=b_mask[None, :],
+                                     other=0.0).to(tl.float32)
+                        collapsed = tl.sum(xb * pre[:, None], axis=0).to(dtype).to(tl.float32)
+                        acc_total += collapsed * collapsed
+                    total = tl.sum(acc_total, axis=0)
+                inv_rms = tl.rsqrt(total / HIDDEN + out_eps)
+            out_row = out_ptr + token * HIDDEN
+            _hc_collapse(x, pre, inv_rms, norm_ptr, out_row, c0, c, mask, NORM, WEIGHT_IN_FP32)
+            for b0 in range(c0 + BLOCK, c0 + SPAN, BLOCK):         # the rest of the span (without PARTIALS)
+                b_mask = (b0 + c) < HIDDEN
+                xb = tl.load(row + k[:, None] * HIDDEN + b0 + c[None, :], mask=b_mask[None, :],
+                             other=0.0).to(tl.float32)
+                _hc_collapse(xb, pre, inv_rms, norm_ptr, out_row, b0, c, b_mask, NORM, WEIGHT_IN_FP32)
 
 
 HC_PRE_SPAN = 256            # channels a program of hc_pre collapses when hc_post summed the projection for it
+HC_PRE_WARPS = 1             # with the partials (4 without): H200, batch 1, in a graph: 3.97 us a call at 1 warp,
+                             # 5.10 at 2, 5.06 at 4 (one program for all: 5.95 at 2)
 
 
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
@@ -1066,21 +1125,23 @@ def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: t
         chunks, width = mix.shape[1], mix.shape[2]
         span = min(HC_PRE_SPAN, _pow2(hidden))
         block = span
+        warps = HC_PRE_WARPS
     else:
         mix = torch.nn.functional.linear(streams.view(n, -1).float(), fn)       # [n, (2 + hc) * hc]
         chunks, width = 1, mix.shape[1]
         block = min(1024, _pow2(hidden))
         span = triton.cdiv(hidden, block) * block
+        warps = 4
     post = torch.empty(n, hc, dtype=torch.float32, device=streams.device)
     comb = torch.empty(n, hc, hc, dtype=torch.float32, device=streams.device)
     out = torch.empty(n, hidden, dtype=streams.dtype, device=streams.device)
     if n:
-        _hc_pre_kernel[(n, triton.cdiv(hidden, span))](
+        _hc_pre_kernel[(n, triton.cdiv(hidden, span) + 1)](
             streams, mix, base, scale, post, comb, out, norm.weight if norm is not None else base,
             streams.stride(0), mix.stride(0), norm_eps, hc_eps, sinkhorn_iters, norm.eps if norm is not None else 0.0,
             N=hc, HIDDEN=hidden, BLOCK=block, SPAN=span, PARTIALS=partials, M=width, CHUNKS=chunks,
             BLOCK_C=_pow2(chunks), NORM=norm is not None, WEIGHT_IN_FP32=norm is not None and norm.weight_in_fp32,
-            num_warps=4 if not partials else 2)
+            LANES=32 * warps, num_warps=warps)
     return post, comb, out
 
 

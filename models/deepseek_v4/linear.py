@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from runtime.ops.fp8 import Fp8Linear
+from runtime.ops.fp8 import Fp8Linear, fp8_linear
 from runtime.parallel import ParallelContext, RowParallelLinear
 
 # devices on which a checkpoint's FP8 linears stay FP8 (tests add "cpu" to run the FP8 module's reference path)
@@ -29,6 +29,56 @@ class GroupedLinear(nn.Linear):
         grouped = x.view(x.shape[0], self.groups, -1)                                 # [n, groups, in]
         weight = self.weight.view(self.groups, -1, self.in_features)                   # [groups, out, in]
         return torch.einsum("ngi,gri->ngr", grouped, weight).flatten(1)
+
+
+def row_blocks(widths: dict[str, int]) -> dict[str, slice]:
+    """Consecutive row blocks of the given widths, by name, in order."""
+    blocks, start = {}, 0
+    for name, width in widths.items():
+        blocks[name] = slice(start, start + width)
+        start += width
+    return blocks
+
+
+class Fp8Projection(Fp8Linear):
+    """Several FP8 linears of one input as one weight, their rows stacked in the order of `widths` (checkpoint
+    module name -> output rows): one GEMV launch at decode instead of one a linear. Each part keeps its own
+    block-scale rows (every width is whole row blocks); the loader fills the parts, an `Fp8Rows` stands under
+    each part's name."""
+
+    def __init__(self, in_features: int, widths: dict[str, int], block: tuple[int, int]):
+        super().__init__(in_features, sum(widths.values()), block)
+        self.parts = row_blocks(widths)
+
+    def columns(self, y: torch.Tensor, name: str) -> torch.Tensor:
+        """Part `name`'s output columns, a view of y [n, out_features]."""
+        return y[:, self.parts[name]]
+
+    def silu_mul(self, x: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+        """silu_mul(gate, up, limit) of a projection of two parts, gate then up, of equal widths: applied by the
+        GEMV's launch where it can (runtime.ops.fp8.fp8_linear's silu_mul_output)."""
+        return fp8_linear(x, self.weight, self.scale, 1, self.counters, silu_mul_output=True, limit=limit)
+
+
+class Fp8Rows:
+    """A part of an Fp8Projection under the checkpoint's name: its weight rows and scale rows, read when asked
+    (not a module, so there is no second tensor for `.to()` to split off)."""
+
+    def __init__(self, projection: Fp8Projection, name: str):
+        self.projection, self.name = projection, name
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.projection.weight[self.projection.parts[self.name]]
+
+    @property
+    def scale(self) -> torch.Tensor:
+        rows, block_out = self.projection.parts[self.name], self.projection.block[0]
+        return self.projection.scale[rows.start // block_out:rows.stop // block_out]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
 
 
 class RowParallelFp8Linear(Fp8Linear):
@@ -59,6 +109,13 @@ class Linears:
         if groups > 1:
             return GroupedLinear(in_features, out_features, groups)
         return nn.Linear(in_features, out_features, bias=False)
+
+    def stacked(self, in_features: int, widths: dict[str, int]) -> Fp8Projection | None:
+        """The linears [width, in_features] of one input as one Fp8Projection where each would be FP8, else None
+        (the caller builds them separately)."""
+        if all(self._fp8(in_features, width) for width in widths.values()):
+            return Fp8Projection(in_features, widths, self.fp8_block)
+        return None
 
     def row_parallel(self, in_features: int, out_features: int, parallel: ParallelContext) -> nn.Module:
         if self._fp8(parallel.split(in_features, "a projection's input size"), out_features):

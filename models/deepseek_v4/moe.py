@@ -12,7 +12,7 @@ from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
 from runtime.parallel import SINGLE, ParallelContext
 
 from .config import expert_format, num_experts
-from .linear import DENSE, Linears
+from .linear import DENSE, Fp8Rows, Linears
 
 
 class Gate(nn.Module):
@@ -102,12 +102,19 @@ class SharedExpert(nn.Module):
     def __init__(self, config, parallel: ParallelContext = SINGLE, linears: Linears = DENSE):
         super().__init__()
         hidden, inter = config.hidden_size, parallel.split(config.moe_intermediate_size, "moe_intermediate_size")
-        self.w1 = linears(hidden, inter)      # gate
-        self.w3 = linears(hidden, inter)      # up
+        # gate (w1) and up (w3): one FP8 weight (one GEMV launch) where both are FP8
+        self.w13 = linears.stacked(hidden, {"w1": inter, "w3": inter})
+        if self.w13 is not None:
+            self.w1, self.w3 = Fp8Rows(self.w13, "w1"), Fp8Rows(self.w13, "w3")
+        else:
+            self.w1 = linears(hidden, inter)
+            self.w3 = linears(hidden, inter)
         self.w2 = linears(inter, hidden)      # down
         self.limit = config.swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:        # the clamped SwiGLU inside the gate / up GEMV's launch where it fits
+            return self.w2(self.w13.silu_mul(x, self.limit))
         return self.w2(silu_mul(self.w1(x), self.w3(x), self.limit))        # the clamped SwiGLU, one launch
 
 

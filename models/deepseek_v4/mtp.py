@@ -18,6 +18,7 @@ from torch import nn
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheSpec
 from runtime.ops import RMSNorm
+from runtime.ops.sampling import greedy_tokens
 from runtime.spec_decode import DraftInputs
 
 from .cache_ops import token_requests
@@ -41,9 +42,12 @@ def _mtp_name(native: str) -> str | None:
 
 
 class DeepseekV4MTP(nn.Module):
-    """Also the package's drafter (runtime.spec_decode.Drafter): `propose` drafts k tokens greedily."""
+    """Also the package's drafter (runtime.spec_decode.Drafter): `propose` drafts k tokens greedily. It is
+    capturable: propose reads only its inputs' tensors and takes its shapes from them, so the runner replays
+    it from a CUDA graph after the target's."""
 
     weight_prefixes = ("mtp.",)
+    capturable = True
 
     def __init__(self, target: DeepseekV4ForCausalLM, first_cache_layer: int):
         super().__init__()
@@ -98,13 +102,13 @@ class DeepseekV4MTP(nn.Module):
         streams = self(inputs.target_hidden, inputs.next_token_ids, inputs.positions, inputs.ctx)
         if not len(inputs.last_rows):          # a step that samples nothing: only the cache was wanted
             return torch.zeros(0, inputs.num_drafts, dtype=torch.long, device=streams.device)
-        streams = streams[inputs.last_rows]                                      # [num_reqs, hc_mult * hidden]
-        positions = inputs.positions[inputs.last_rows]
-        drafts = [self.compute_logits(streams).argmax(dim=-1)]
+        streams = streams.index_select(0, inputs.last_rows)                      # [num_reqs, hc_mult * hidden]
+        positions = inputs.positions.index_select(0, inputs.last_rows)
+        drafts = [greedy_tokens(self.compute_logits(streams))]
         for _ in range(1, inputs.num_drafts):
             positions = positions + 1
             streams = self(streams, drafts[-1], positions, inputs.decode_context(positions))
-            drafts.append(self.compute_logits(streams).argmax(dim=-1))
+            drafts.append(greedy_tokens(self.compute_logits(streams)))
         return torch.stack(drafts, dim=1)
 
 

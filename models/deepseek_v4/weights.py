@@ -21,7 +21,7 @@ from runtime.ops.fp8 import Fp8Linear, fp8_block_dequantize, fp8_block_shape
 from runtime.ops.mxfp4 import MX_BLOCK, mxfp4_dequantize
 from runtime.parallel import SINGLE, load_shard, materialize
 
-from .linear import fp8_weight_block
+from .linear import Fp8Projection, Fp8Rows, fp8_weight_block
 
 # transformers name -> DeepSeek name, applied in order
 _TO_NATIVE = [(re.compile(a), b) for a, b in [
@@ -117,7 +117,7 @@ class _Loader:
             if self.fp8_block is not None and block != self.fp8_block:
                 raise ValueError(f"checkpoint tensor {name!r}: its scale {tuple(scale.shape)} implies [out, in] "
                                  f"blocks of {list(block)}, the config's weight_block_size is {list(self.fp8_block)}")
-            if isinstance(self._fp8_module(native), Fp8Linear):      # kept FP8: both, as they are
+            if isinstance(self._fp8_target(native), (Fp8Linear, Fp8Rows)):      # kept FP8: both, as they are
                 self._assign(native, name, weight)
                 self._assign(native[:-len("weight")] + "scale", entry["scale_name"], scale.float())
             else:
@@ -136,14 +136,26 @@ class _Loader:
         else:
             self._assign(native, name, mxfp4_dequantize(blocks, scales))
 
-    def _fp8_module(self, native: str) -> nn.Module | None:
-        """The module a `.weight` name belongs to (None for experts and for names of no module)."""
+    def _fp8_target(self, native: str) -> nn.Module | Fp8Rows | None:
+        """The module (or a stacked projection's Fp8Rows) a `.weight` name belongs to (None for experts and for
+        names of no module)."""
         if _EXPERT.match(native):
             return None
+        return self._attribute(native.rsplit(".", 1)[0])
+
+    def _attribute(self, path: str):
+        """The model's attribute at a dotted path, None where there is none."""
+        owner, _, attribute = path.rpartition(".")
         try:
-            return self.model.get_submodule(native.rsplit(".", 1)[0])
+            return getattr(self.model.get_submodule(owner), attribute, None)
         except AttributeError:
             return None
+
+    def _fp8_rows(self, native: str) -> Fp8Rows | None:
+        """The part of a stacked FP8 projection a `.weight` / `.scale` name fills, None for other names."""
+        owner, _, leaf = native.rpartition(".")
+        target = self._attribute(owner) if leaf in ("weight", "scale") else None
+        return target if isinstance(target, Fp8Rows) else None
 
     def _assign(self, native: str, disk_name: str, tensor: torch.Tensor) -> None:
         if match := _EXPERT.match(native):
@@ -155,26 +167,28 @@ class _Loader:
             copy_weight(projection.weight[projection.parts[match.group(2)]], disk_name, tensor)
             self.loaded.add(native)
         else:
-            target = _module_name(native)
-            if target not in self.params:
+            rows = self._fp8_rows(native)
+            target = native if rows is not None else _module_name(native)
+            if rows is None and target not in self.params:
                 raise unexpected_weight(disk_name)
-            if self.params[target].dtype == torch.float8_e4m3fn and tensor.dtype != torch.float8_e4m3fn:
+            # a stacked projection's part: its rows of the one weight (or scale grid)
+            param = getattr(rows, native.rsplit(".", 1)[1]) if rows is not None else self.params[target]
+            if param.dtype == torch.float8_e4m3fn and tensor.dtype != torch.float8_e4m3fn:
                 raise ValueError(f"checkpoint tensor {disk_name!r} is {tensor.dtype}, but the config's "
                                  f"quantization_config makes it an FP8 linear (weight_block_size)")
-            copy_weight(self.params[target], disk_name, self._shard(target, tensor))
+            copy_weight(param, disk_name, self._shard(target, tensor, param))
             self.loaded.add(target)
 
     # ---- tensor parallelism: which part of a tensor this rank keeps ----------------------------------------
 
     _SHARDED = re.compile(r"^(embed|head)\.weight$|\.attn\.(wq_b|wo_a|wo_b|attn_sink)|\.shared_experts\.(w[123])\.")
 
-    def _shard(self, target: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _shard(self, target: str, tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         """This rank's rows (or columns) of a tensor whose parameter is split: the vocabulary, the query heads
         and their sinks, the output groups, the shared expert's intermediate rows. A kept FP8 weight's scale
         grid splits the same way, in blocks (the FP8 module exists only where a rank's share is whole blocks)."""
         if self.parallel.world_size == 1 or not (match := self._SHARDED.search(target)):
             return tensor
-        param = self.params[target]
         dim = 1 if match.group(2) == "wo_b" or match.group(3) == "w2" else 0
         if match.group(1):
             return self.model.get_submodule(match.group(1)).load(tensor)
@@ -255,6 +269,11 @@ class _Loader:
             if name.endswith(".attn.wx.weight"):                 # its blocks, by their checkpoint names
                 attn = name[:-len(".wx.weight")]
                 expected.update(f"{attn}.{part}.weight" for part in self.model.get_submodule(attn).wx.parts)
+                continue
+            owner, _, leaf = name.rpartition(".")
+            if isinstance(projection := self._attribute(owner), Fp8Projection):     # its parts, likewise
+                prefix = owner.rpartition(".")[0]
+                expected.update(f"{prefix}.{part}.{leaf}" for part in projection.parts)
                 continue
             stack = re.match(r"^(layers\.\d+\.ffn\.experts)\.(w13|w2)(_blocks|_scales)?$", name)
             if stack is None:

@@ -17,9 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from runtime.ops.activation import silu_mul, silu_mul_ref
+
 try:
     import triton
     import triton.language as tl
+
+    from runtime.ops.activation import gated_activation
 except ImportError:                                  # the torch path needs no triton
     triton = None
 
@@ -71,6 +75,16 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, g
     rows = x.shape[0]
     w = w.view(groups, -1, w.shape[1])                                          # [groups, out, in]
     return torch.einsum("ngi,goi->ngo", x.view(rows, groups, -1), w).reshape(rows, -1)
+
+
+def fp8_silu_mul_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, limit: float | None = None
+                     ) -> torch.Tensor:
+    """Torch reference of the GEMV's `silu_mul_output`: the weight is a gate projection's rows then an up
+    projection's, [2 * d, in]; -> silu_mul_ref(gate, up, limit) of the two halves of `fp8_linear_ref` (each rounded
+    to x's dtype first, as two linears' outputs are), [rows, d]."""
+    y = fp8_linear_ref(x, weight, scale)
+    d = y.shape[1] // 2
+    return silu_mul_ref(y[:, :d], y[:, d:], limit)
 
 
 # ---- the few-row GEMV over FP8 block-scaled weights ----------------------------------------------------
@@ -351,6 +365,37 @@ if triton is not None:
                      total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
+    @triton.jit
+    def _fp8_silu_mul_finish(part_ptr, count_ptr, out_ptr, pid_n, M, N, stride_om, limit, SPLIT_K: tl.constexpr,
+                             BLOCK_N: tl.constexpr, HAS_LIMIT: tl.constexpr):
+        """`silu_mul_output`: after a program wrote its split's partial sums of its column tile: column tile t of
+        the gate half (columns < N / 2) and tile t of the up half count their 2 * SPLIT_K arrivals on counter t;
+        the last adds each half's partials in split order, rounds them to the output dtype (two linears'
+        outputs), and writes silu(min(gate, limit)) * clamp(up, -limit, limit) as runtime.ops.silu_mul does."""
+        half = N // 2
+        tile = pid_n % (half // BLOCK_N)
+        tl.debug_barrier()                                      # every thread's partial before the arrival
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == 2 * SPLIT_K - 1:
+            m = tl.arange(0, 8)
+            o = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask = (m < M)[:, None] & (o < half)[None, :]
+            parts = part_ptr + m.to(tl.int64)[:, None] * N + o[None, :]                 # part [SPLIT_K, M, N]
+            gate = tl.zeros([8, BLOCK_N], dtype=tl.float32)
+            up = tl.zeros([8, BLOCK_N], dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):
+                gate += tl.load(parts + split * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                up += tl.load(parts + split * M * N + half, mask=mask, other=0.0, cache_modifier=".cg")
+            dtype = out_ptr.dtype.element_ty
+            gate = gate.to(dtype).to(tl.float32)
+            up = up.to(dtype).to(tl.float32)
+            if HAS_LIMIT:
+                gate = tl.minimum(gate, limit)
+                up = tl.minimum(tl.maximum(up, -limit), limit)
+            act = gated_activation(gate, False).to(dtype).to(tl.float32)
+            tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + o[None, :], (act * up).to(dtype), mask=mask)
+            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
     # ---- the tensor-core GEMV (up to 8 rows) ----
     # The N-major loop above spends ~5.5 SASS instructions a weight byte (decode, widening, FMA, activations moved
     # through shared memory with barriers every step) and streamed at most 1.94 TB/s on the H200. Here the
@@ -493,7 +538,8 @@ if triton is not None:
     def _fp8_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn,
                              stride_sn, stride_om, n_per_group, words_per_split, x_group_words,
                              BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, WARPS: tl.constexpr,
-                             SPLIT_K: tl.constexpr, EMULATE: tl.constexpr, PRMT: tl.constexpr = False):
+                             SPLIT_K: tl.constexpr, EMULATE: tl.constexpr, PRMT: tl.constexpr = False,
+                             SILU_MUL: tl.constexpr = False, HAS_LIMIT: tl.constexpr = False, limit=0.0):
         # One 16-row tile a warp (WARPS = num_warps), all of a program's rows in one BLOCK_OUT row block (one
         # scale a step), N a multiple of BLOCK_N; words_per_split a multiple of 32 (128 bytes); x the bf16
         # activations as int32 pairs (stride_xm and x_group_words = K / 2 count them); M <= 8; BLOCK_IN % 128 == 0.
@@ -535,7 +581,11 @@ if triton is not None:
         m = 2 * c + j % 2
         mask = (m < M) & (out_rows >= 0)
         result = acc * 72057594037927936.0
-        if SPLIT_K == 1:
+        if SILU_MUL:        # the output's columns pair the gate half's with the up half's: always the partials
+            tl.store(part_ptr + (pid_k * M + m).to(tl.int64) * N + out_rows, result, mask=mask)
+            _fp8_silu_mul_finish(part_ptr, count_ptr, out_ptr, pid_n, M, N, stride_om, limit, SPLIT_K, BLOCK_N,
+                                 HAS_LIMIT)
+        elif SPLIT_K == 1:
             tl.store(out_ptr + m * stride_om + out_rows, result.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(part_ptr + (pid_k * M + m).to(tl.int64) * N + out_rows, result, mask=mask)
@@ -710,9 +760,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: i
 
 
 def _split_k_workspace(split: int, rows: int, n: int, column_tiles: int, counters: torch.Tensor | None,
-                       out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 partials and arrival counters of a split-K GEMV launch (`out` stands in for both unsplit)."""
-    if split == 1:
+                       out: torch.Tensor, always: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 partials and arrival counters of a split-K GEMV launch (`out` stands in for both unsplit,
+    unless `always`)."""
+    if split == 1 and not always:
         return out, out
     if counters is None:
         counters = torch.zeros(column_tiles, dtype=torch.int32, device=out.device)
@@ -768,6 +819,33 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups:
     return out
 
 
+def fp8_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, limit: float | None = None,
+                      tiles: Fp8GemvTiles | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+    """The same function as `fp8_silu_mul_ref` for a few rows (the weight a gate projection's rows then an up
+    projection's, each whole row blocks): in one launch where the tensor-core GEMV takes the call and a
+    program's rows divide a half (`fp8_gemv_silu_mul_fits`: the last of a gate column tile's and its up tile's
+    programs applies the activation), else `fp8_gemv` then `silu_mul`."""
+    block_out, _ = _check(x, weight, scale, 1)
+    rows = x.shape[0]
+    n, k = weight.shape
+    if n % (2 * block_out):
+        raise ValueError(f"fp8_gemv_silu_mul: a weight of {n} rows is not two halves of whole {block_out}-row "
+                         f"blocks")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    tiles = tiles or Fp8GemvTiles.for_shape(n, k, rows)
+    if rows and fp8_gemv_silu_mul_fits(x, weight, scale, tiles):
+        out = torch.empty(rows, n // 2, dtype=x.dtype, device=x.device)
+        return _fp8_gemv_mma(x, weight, scale, 1, tiles, counters, out, silu_mul=True, limit=limit)
+    y = fp8_gemv(x, weight, scale, 1, tiles, counters)
+    return silu_mul(y[:, :n // 2], y[:, n // 2:], limit)
+
+
+def fp8_gemv_silu_mul_fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, tiles: Fp8GemvTiles) -> bool:
+    """Whether `fp8_gemv_silu_mul` runs in one launch: the tensor-core GEMV takes the call, and a program's
+    rows divide each half of the weight."""
+    return fp8_gemv_mma_fits(x, weight, scale, 1, tiles) and (weight.shape[0] // 2) % tiles.block_n == 0
+
+
 def fp8_gemv_mma_fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int,
                       tiles: Fp8GemvTiles) -> bool:
     """Whether the tensor-core GEMV takes this call: bf16 activations, at most 8 rows, 128-byte steps inside
@@ -782,8 +860,10 @@ def fp8_gemv_mma_fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 
 
 def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, tiles: Fp8GemvTiles,
-                  counters: torch.Tensor | None, out: torch.Tensor, prmt: bool = True) -> torch.Tensor:
-    """`fp8_gemv` on the tensor cores (see `fp8_gemv_mma_fits`); prmt=False: the 7-instruction pair decode."""
+                  counters: torch.Tensor | None, out: torch.Tensor, prmt: bool = True, silu_mul: bool = False,
+                  limit: float | None = None) -> torch.Tensor:
+    """`fp8_gemv` on the tensor cores (see `fp8_gemv_mma_fits`); prmt=False: the 7-instruction pair decode;
+    `silu_mul`: `fp8_gemv_silu_mul`'s launch (out [rows, n / 2])."""
     block_out, block_in = fp8_block_shape(tuple(weight.shape), tuple(scale.shape))
     rows = x.shape[0]
     n, k = weight.shape
@@ -798,13 +878,13 @@ def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
     words_per_split = -(-steps // split) * 32
     split = -(-(k // 4) // words_per_split)
     grid = (n // block_n, split)
-    part, counters = _split_k_workspace(split, rows, n, grid[0], counters, out)
+    part, counters = _split_k_workspace(split, rows, n, grid[0], counters, out, always=silu_mul)
     _fp8_gemv_mma_kernel[grid](
         x.view(torch.int32), weight.view(torch.int32), scale, out, part, counters, rows, n, k, x.stride(0) // 2,
         weight.stride(0) // 4, scale.stride(0), out.stride(0), n // groups, words_per_split, k // 2,
         BLOCK_OUT=block_out, BLOCK_IN=block_in,
-        WARPS=tiles.num_warps, SPLIT_K=split, EMULATE=not x.is_cuda, PRMT=prmt,
-        num_warps=tiles.num_warps)
+        WARPS=tiles.num_warps, SPLIT_K=split, EMULATE=not x.is_cuda, PRMT=prmt, SILU_MUL=silu_mul,
+        HAS_LIMIT=limit is not None, limit=limit if limit is not None else 0.0, num_warps=tiles.num_warps)
     return out
 
 
@@ -922,17 +1002,29 @@ def fp8_w8a8_preferred(rows: int, n: int, k: int, groups: int) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int = 1,
-               counters: torch.Tensor | None = None) -> torch.Tensor:
+               counters: torch.Tensor | None = None, silu_mul_output: bool = False,
+               limit: float | None = None) -> torch.Tensor:
     """x [..., groups * in] -> [..., groups * out]: on a GPU (bf16/fp16) the GEMV for a few rows (up to 8 where the
     tensor-core GEMV takes the call, else 4); for more, the W8A8 GEMM where supported and measured faster
     (RUN_MODEL_FP8_W8A8=0 turns it off), else dequantize then cuBLAS; `fp8_linear_ref` elsewhere (the weight
-    dequantized for the call, in x's dtype)."""
+    dequantized for the call, in x's dtype). `silu_mul_output` (one group; the weight a gate projection's rows
+    then an up projection's): -> silu_mul(gate, up, limit) [..., out / 2] (`fp8_silu_mul_ref`), in the GEMV's
+    launch where `fp8_gemv_silu_mul_fits`."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
-    if x.is_cuda and triton is not None and x.dtype in (torch.bfloat16, torch.float16) \
-            and os.environ.get("RUN_MODEL_TORCH_OPS") != "1":
-        rows = x.shape[0]
-        tiles = Fp8GemvTiles.for_shape(*weight.shape, rows) if rows <= FP8_GEMV_MMA_MAX_ROWS else None
+    gpu = x.is_cuda and triton is not None and x.dtype in (torch.bfloat16, torch.float16) \
+        and os.environ.get("RUN_MODEL_TORCH_OPS") != "1"
+    rows = x.shape[0]
+    tiles = Fp8GemvTiles.for_shape(*weight.shape, rows) if gpu and rows <= FP8_GEMV_MMA_MAX_ROWS else None
+    if silu_mul_output:
+        if groups != 1:
+            raise ValueError("fp8_linear: silu_mul_output takes one group")
+        if tiles is not None and fp8_gemv_silu_mul_fits(x, weight, scale, tiles):
+            out = fp8_gemv_silu_mul(x, weight, scale, limit, tiles, counters)
+        else:
+            y = fp8_linear(x, weight, scale, 1, counters)
+            out = silu_mul(y[:, :y.shape[1] // 2], y[:, y.shape[1] // 2:], limit)
+    elif gpu:
         if rows <= FP8_GEMV_MAX_ROWS or (tiles is not None and fp8_gemv_mma_fits(x, weight, scale, groups, tiles)):
             out = fp8_gemv(x, weight, scale, groups, tiles, counters)
         elif os.environ.get("RUN_MODEL_FP8_W8A8") != "0" and fp8_w8a8_supported(x, weight, scale) \

@@ -12,8 +12,8 @@ from runtime.ops.fp8 import Fp8Linear, fp8_block_quantize, fp8_linear, fp8_linea
 triton = pytest.importorskip("triton")
 
 from runtime.ops.fp8 import (FP8_GEMV_MMA_MAX_ROWS, Fp8GemvTiles, fp8_act_quant, fp8_act_quant_ref,  # noqa: E402
-                             fp8_block_dequantize, fp8_dequantize_triton, fp8_gemv, fp8_matmul, fp8_w8a8_matmul,
-                             fp8_w8a8_preferred, fp8_w8a8_ref, fp8_w8a8_supported)
+                             fp8_block_dequantize, fp8_dequantize_triton, fp8_gemv, fp8_gemv_silu_mul, fp8_matmul,
+                             fp8_silu_mul_ref, fp8_w8a8_matmul, fp8_w8a8_preferred, fp8_w8a8_ref, fp8_w8a8_supported)
 
 # (rows, out per group, in, groups, [out, in] block)
 GEMV_CASES = {
@@ -96,6 +96,38 @@ def test_fp8_gemv_tensor_core_matches_reference(device):
             assert got.shape == (rows, groups * out) and got.dtype == torch.bfloat16
             _close(got, want, torch.bfloat16)
         assert not counters.any()
+
+
+# silu_mul_output: (rows, out of each half, in, [out, in] block, tiles, limit); one launch where a program's rows
+# divide a half (split or not), else the GEMV then silu_mul (the last CPU case: 48-row halves, 32-row programs)
+SILU_MUL_CASES = {
+    "cpu": [(1, 64, 256, (64, 128), Fp8GemvTiles(64, split_k=1, num_warps=4, mma=True), None),
+            (3, 32, 384, (32, 128), Fp8GemvTiles(32, split_k=2, num_warps=2, mma=True), 0.75),
+            (8, 32, 256, (16, 128), Fp8GemvTiles(16, split_k=3, num_warps=1, mma=True), 1.5),
+            (2, 48, 256, (16, 128), Fp8GemvTiles(32, split_k=1, num_warps=2, mma=True), 0.5)],
+    "cuda": [(1, 2048, 4096, (128, 128), None, 10.0), (1, 2048, 4096, (128, 128), None, None),
+             (5, 1024, 4096, (128, 128), Fp8GemvTiles(64, split_k=16, num_warps=4, mma=True), 10.0),
+             (2, 2048, 4096, (128, 128), Fp8GemvTiles(128, split_k=1, num_warps=8, mma=True), 0.5)],
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp8_gemv_silu_mul_matches_reference(device):
+    """The gate and up halves' sums paired by the last of their programs, rounded as two linears' outputs, then
+    the (clamped) SwiGLU; the arrival counters are back at zero after each launch."""
+    for seed, (rows, half, inputs, block, tiles, limit) in enumerate(SILU_MUL_CASES[device]):
+        x, weight, scale = _layer(rows, 2 * half, inputs, 1, block, device, torch.bfloat16, seed)
+        x = x * 4                                                  # sums past a small limit
+        want = fp8_silu_mul_ref(x, weight, scale, limit)
+        counters = torch.zeros(2 * half, dtype=torch.int32, device=device)
+        for _ in range(2):
+            got = fp8_gemv_silu_mul(x, weight, scale, limit, tiles, counters)
+            assert got.shape == (rows, half) and got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+        assert not counters.any()
+        if limit is not None and limit < 1:
+            assert (want.float().abs() <= limit * limit + 1e-2).all()       # the clamps bite
+    assert fp8_linear(x, weight, scale, silu_mul_output=True, limit=limit).shape == (rows, half)
 
 
 @pytest.mark.gpu

@@ -208,3 +208,11 @@ def test_mxfp4_mma_gemv_loads_words_and_runs_mma(case_id, compiled):
     assert ("bar.sync" in ptx) == split and ("atom.global.gpu.acq_rel.add" in ptx) == split
     if split:
         assert "bar.sync" not in ptx[:ptx.rindex("mma.sync")]
+
+
+# the tensor-core FP8 GEMV whose last program of a gate column tile and its up tile applies the (clamped) SwiGLU:
+# it counts arrivals even unsplit
+for split in (1, 8):
+    CASES[f"fp8-gemv-mma-silu-mul-split{split}"] = (Case("runtime.ops.fp8", "_fp8_gemv_mma_kernel", dict(
+        BLOCK_OUT=128, BLOCK_IN=128, WARPS=4, SPLIT_K=split, EMULATE=False, PRMT=True, SILU_MUL=True,
+        HAS_LIMIT=True), dict(FP8_TYPES, x_ptr="*i32", limit="fp32")), "atom.", None)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from models.deepseek_v4 import linear as linears_module
-from models.deepseek_v4.linear import GroupedLinear, Linears
+from models.deepseek_v4.linear import Fp8Projection, Fp8Rows, GroupedLinear, Linears
 from models.deepseek_v4.model import DeepseekV4ForCausalLM
 from runtime import LLM, SamplingParams
 from runtime.loader import iterate_weights, load_hf_config
@@ -23,6 +23,19 @@ from tools.parity import random_prompts
 VOCAB = 512
 FP8_NAMES = ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_a", "attn.wo_b", "ffn.shared_experts.w1",
              "ffn.shared_experts.w2", "ffn.shared_experts.w3")
+# linears of one input kept as one stacked FP8 weight (one GEMV launch): its parts under their own names
+STACKED = {"attn.wq_a_kv": ("attn.wq_a", "attn.wkv"), "ffn.shared_experts.w13": ("ffn.shared_experts.w1",
+                                                                                 "ffn.shared_experts.w3")}
+
+
+def _linear(module: nn.Module, name: str):
+    """The module, or a stacked projection's Fp8Rows, at a dotted name."""
+    owner, _, attribute = name.rpartition(".")
+    return getattr(module.get_submodule(owner), attribute)
+
+
+def _block(linear) -> tuple[int, int]:
+    return linear.projection.block if isinstance(linear, Fp8Rows) else linear.block
 
 
 def _generate(path, keep_fp8_on: tuple[str, ...], monkeypatch, prompts, max_tokens=10, **options):
@@ -44,9 +57,13 @@ def test_kept_fp8_linears_give_the_dequantized_tokens(tiny_deepseek_v4, monkeypa
     model, drafter = kept.engine.model, kept.engine.drafter
     for layer in model.layers:
         for name in FP8_NAMES:
-            module = layer.get_submodule(name)
-            assert isinstance(module, Fp8Linear) and module.weight.dtype == torch.float8_e4m3fn, name
-            assert module.scale.dtype == torch.float32 and module.block == (16, 32)
+            module = _linear(layer, name)
+            assert isinstance(module, (Fp8Linear, Fp8Rows)) and module.weight.dtype == torch.float8_e4m3fn, name
+            assert module.scale.dtype == torch.float32 and _block(module) == (16, 32)
+        for stacked, parts in STACKED.items():
+            projection = layer.get_submodule(stacked)
+            assert isinstance(projection, Fp8Projection), stacked
+            assert [_linear(layer, part).projection for part in parts] == [projection] * len(parts)
         assert layer.attn.wo_a.groups == model.config.o_groups
         if layer.attn.indexer is not None:
             assert isinstance(layer.attn.indexer.wq_b, Fp8Linear)
@@ -58,10 +75,11 @@ def test_kept_fp8_linears_give_the_dequantized_tokens(tiny_deepseek_v4, monkeypa
     assert isinstance(dense.engine.model.layers[0].attn.wq_a, nn.Linear)
     assert isinstance(dense.engine.model.layers[0].attn.wo_a, GroupedLinear)
     # the kept bytes are the checkpoint's: dequantized, the dense model's weights
-    for name in ("layers.2.attn.wq_b", "layers.1.attn.wo_a", "layers.0.ffn.shared_experts.w2"):
-        module = model.get_submodule(name)
+    for name in ("layers.2.attn.wq_b", "layers.1.attn.wo_a", "layers.0.ffn.shared_experts.w2", "layers.1.attn.wq_a",
+                 "layers.2.attn.wkv", "layers.0.ffn.shared_experts.w1", "layers.3.ffn.shared_experts.w3"):
+        module = _linear(model, name)
         torch.testing.assert_close(fp8_block_dequantize(module.weight, module.scale),
-                                   dense.engine.model.get_submodule(name).weight, rtol=0, atol=0)
+                                   _linear(dense.engine.model, name).weight, rtol=0, atol=0)
 
 
 def test_dummy_weights_make_fp8_weights_and_scales(tiny_deepseek_v4, monkeypatch):
@@ -85,17 +103,18 @@ def test_tensor_parallel_rank_keeps_whole_blocks(tiny_deepseek_v4):
     parallel = ParallelContext(rank=1, world_size=2, enable_expert_parallel=True)     # MXFP4 experts: whole ones
     rank = DeepseekV4ForCausalLM(config, torch.float32, parallel, linears=Linears(block))
     rank.load_weights(iterate_weights(tiny_deepseek_v4))
-    dense = lambda m: fp8_block_dequantize(m.weight, m.scale) if isinstance(m, Fp8Linear) else m.weight  # noqa: E731
+    dense = lambda m: fp8_block_dequantize(m.weight, m.scale) if isinstance(m, (Fp8Linear, Fp8Rows)) \
+        else m.weight  # noqa: E731
     for i in range(len(full.layers)):
         ours, whole = rank.layers[i], full.layers[i]
         for name, dim in (("attn.wq_b", 0), ("attn.wo_a", 0), ("ffn.shared_experts.w1", 0),
                           ("ffn.shared_experts.w3", 0), ("attn.wo_b", 1), ("ffn.shared_experts.w2", 1),
                           ("attn.wq_a", None), ("attn.wkv", None)):
-            module = ours.get_submodule(name)
-            assert isinstance(module, Fp8Linear) == (dim != 1), name
+            module = _linear(ours, name)
+            assert isinstance(module, (Fp8Linear, Fp8Rows)) == (dim != 1), name
             if dim == 1:
                 assert isinstance(module, (RowParallelLinear, nn.Linear)) and module.weight.dtype == torch.float32
-            want = dense(whole.get_submodule(name))
+            want = dense(_linear(whole, name))
             if dim is not None:
                 size = want.shape[dim] // 2
                 want = want.narrow(dim, size, size)
@@ -114,7 +133,7 @@ def test_fp8_gemv_model_gives_the_dequantized_tokens_on_the_gpu(tiny_deepseek_v4
         del dense
         free_gpu()
         kept, got = _generate(tiny_deepseek_v4, ("cuda",), monkeypatch, prompts, max_tokens=16, **options)
-        assert isinstance(kept.engine.model.layers[0].attn.wq_a, Fp8Linear)
+        assert isinstance(kept.engine.model.layers[0].attn.wq_a_kv, Fp8Projection)
         del kept
         free_gpu()
         assert got == want, f"enforce_eager={eager}"

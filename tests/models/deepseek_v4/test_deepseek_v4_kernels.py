@@ -562,10 +562,12 @@ def test_decode_kernels_compile_for_hopper():
                   {"scores_ptr": "*fp32", "out_ptr": "*i32"}) for width in (2048, kernels.TOPK_MAX_WIDTH)]
     cases += [Case(module, "_hc_pre_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, SPAN=span, PARTIALS=partials,
                                                   M=64 if partials else 24, CHUNKS=64 if partials else 1,
-                                                  BLOCK_C=64 if partials else 1, NORM=norm, WEIGHT_IN_FP32=True),
-                   HC_TYPES)
-              for partials, norm, block, span in ((True, True, kernels.HC_PRE_SPAN, kernels.HC_PRE_SPAN),
-                                                  (False, True, 1024, 4096), (False, False, 1024, 4096))]
+                                                  BLOCK_C=64 if partials else 1, NORM=norm, WEIGHT_IN_FP32=True,
+                                                  LANES=32 * warps),
+                   HC_TYPES, options={"num_warps": warps})
+              for partials, norm, block, span, warps in (
+                  (True, True, kernels.HC_PRE_SPAN, kernels.HC_PRE_SPAN, kernels.HC_PRE_WARPS),
+                  (False, True, 1024, 4096, 4), (False, False, 1024, 4096, 4))]
     cases += [Case(module, "_hc_post_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, ROUND=True, ADD=add, MIX=mix,
                                                    M=24, BLOCK_M=64, BLOCK_FN=32), {**HC_TYPES, "addend_ptr": "*bf16"})
               for block, mix, add in ((kernels.HC_MIX_BLOCK, True, True), (kernels.HC_MIX_BLOCK, True, False),
