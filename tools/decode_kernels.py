@@ -106,28 +106,21 @@ MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, ac
     "gpt-oss-20b": (32, 2880, 2880, 4, True, GatedActivation(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)),
     "deepseek-v4": (32, 4096, 2048, 6, False, GatedActivation(limit=10.0)),     # 32 of its 256 experts
 }
-# Each GEMV's variants swept beside the table's tiles: name -> GemvTiles fields. "t..." = the Triton kernels
-# (block_n, block_g, warps; PTX decode, prefetching), "gl..." = the explicit-layout (Gluon) kernels (block_n,
-# lanes along K, warps; the down GEMV's slot split: "s8" splits a token's slots one per program; "h": the token's
-# expert ids and weights loaded before the walk instead of at each step).
+# Each GEMV's variants swept beside the table's tiles: name -> GemvTiles fields.
+# "mma wW sS": the tensor-core kernels (W warps: 8 W gate/up columns or 16 W down rows a program; S K splits, of
+# each slot for the down GEMV). The Triton and explicit-layout (Gluon) tiles lost to them at every shape on
+# 2026-11-29 (docs/PERFORMANCE.md) and are no longer swept; they stay the fallback for non-bf16 activations.
 GATE_UP_VARIANTS = {
-    "t n8 g8 w4": dict(block_n_gate_up=8, block_g=8, num_warps=4, gluon=False),
-    "gl n16 g32 w4": dict(block_n_gate_up=16, block_g=32, num_warps=4, gluon=True),
-    "gl n8 g32 w4": dict(block_n_gate_up=8, block_g=32, num_warps=4, gluon=True),
-    "gl n32 g32 w8": dict(block_n_gate_up=32, block_g=32, num_warps=8, gluon=True),
-    "gl n16 g16 w4": dict(block_n_gate_up=16, block_g=16, num_warps=4, gluon=True),
+    "mma w4 s2": dict(mma=True, mma_warps=4, mma_split=2),
+    "mma w8 s2": dict(mma=True, mma_warps=8, mma_split=2),
+    "mma w4 s4": dict(mma=True, mma_warps=4, mma_split=4),
+    "mma w4 s1": dict(mma=True, mma_warps=4, mma_split=1),
 }
 DOWN_VARIANTS = {
-    "t n8 g32 w4": dict(block_n_down=8, block_g_down=32, num_warps_down=4, gluon_down=False),
-    "gl n16 g32 w4 s8": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=8),
-    "gl n8 g32 w2 s8": dict(block_n_down=8, block_g_down=32, num_warps_down=2, gluon_down=True, split_down=8),
-    "gl n4 g32 w1 s8": dict(block_n_down=4, block_g_down=32, num_warps_down=1, gluon_down=True, split_down=8),
-    "gl n16 g32 w4 s2": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=2),
-    "gl n16 g32 w4 s1": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=1),
-    "gl n16 g32 w4 s2 h": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=2,
-                               hoist_ids=True),
-    "gl n16 g32 w4 s1 h": dict(block_n_down=16, block_g_down=32, num_warps_down=4, gluon_down=True, split_down=1,
-                               hoist_ids=True),
+    "mma w4 s2": dict(mma_down=True, mma_warps_down=4, mma_split_down=2),
+    "mma w4 s4": dict(mma_down=True, mma_warps_down=4, mma_split_down=4),
+    "mma w2 s2": dict(mma_down=True, mma_warps_down=2, mma_split_down=2),
+    "mma w4 s1": dict(mma_down=True, mma_warps_down=4, mma_split_down=1),
 }
 
 
@@ -143,8 +136,8 @@ def checked_timing(error, call, copies: int, mb: float) -> tuple[float, float, f
     return us, mb / us, err
 
 
-def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> None:
-    """The MoE of each expert shape at 1 and 4 tokens: the module `before` (an older runtime.ops.mxfp4, its
+def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_counts=(1, 4)) -> None:
+    """The MoE of each expert shape at each of `token_counts`: the module `before` (an older runtime.ops.mxfp4, its
     default tiles), the table's tiles (whole MoE, then each GEMV alone) and a sweep of each GEMV's tiles."""
     from dataclasses import replace
 
@@ -173,7 +166,7 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> Non
             return x, ids, weights
 
         shape_records = []
-        for tokens in (1, 4):
+        for tokens in token_counts:
             x, ids, weights = inputs(tokens)
             unique = ids.unique().numel()
             up_mb, down_mb = unique * w13_bytes / 1e6, unique * w2_bytes / 1e6
@@ -237,6 +230,7 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True) -> Non
 def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
     """Per expert shape, the sweep's fastest gate_up and down variants (relative error < 1e-2), weighting 1
     token fully and 4 tokens by a quarter. Returns GemvTiles(...) sources (PTX decode, prefetching)."""
+    from dataclasses import replace
     chosen = {}
     for shape in {(r["hidden"], r["inter"]) for r in records if r["kind"] == "mxfp4"}:
         cost: dict[str, float] = {}
@@ -247,10 +241,14 @@ def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
                     cost[key] = cost.get(key, 0.0) + (weight * us if err < 1e-2 else float("inf"))
         up = min(GATE_UP_VARIANTS, key=lambda k: cost[f"gate_up {k}"])
         down = min(DOWN_VARIANTS, key=lambda k: cost[f"down {k}"])
-        t = GemvTiles(**GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down])
+        # the explicit-layout kernels stay the fallback of the tensor-core ones (fp32 / fp16 activations)
+        t = replace(GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True),
+                    **GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down])
         flags = ", gluon=True" if t.gluon else ""
         flags += f", gluon_down=True, split_down={t.split_down}" if t.gluon_down else ""
-        flags += ", hoist_ids=True" if t.hoist_ids else ""
+        flags += f", mma=True, mma_warps={t.mma_warps}, mma_split={t.mma_split}" if t.mma else ""
+        flags += (f", mma_down=True, mma_warps_down={t.mma_warps_down}, mma_split_down={t.mma_split_down}"
+                  if t.mma_down else "")
         chosen[shape] = (f"GemvTiles({t.block_n_gate_up}, {t.block_n_down}, {t.block_g}, {t.num_warps}, "
                          f"block_g_down={t.block_g_down}, num_warps_down={t.num_warps_down}{flags})")
     return chosen
@@ -574,6 +572,8 @@ def main() -> int:
     parser.add_argument("--only", default="gemv,mxfp4,qkv")
     parser.add_argument("--json")
     parser.add_argument("--fp8-rows", default="1,2,4,8,16,64,256,2048", help="fp8: the row counts timed")
+    parser.add_argument("--mxfp4-tokens", default="1,4", help="mxfp4: the token counts timed (with the grouped "
+                        "GEMM's column, e.g. 8,16 to place GEMV_MAX_PAIRS)")
     parser.add_argument("--no-grouped", action="store_true", help="skip the grouped GEMM column")
     parser.add_argument("--write-table", action="store_true",
                         help="write the sweep's choice into GEMV_TILE_TABLE in runtime/ops/mxfp4.py (with "
@@ -594,7 +594,8 @@ def main() -> int:
     if "qkv" in only:
         bench_qkv()
     if "mxfp4" in only:
-        bench_mxfp4(bandwidth, importlib.import_module(args.before) if args.before else None, not args.no_grouped)
+        bench_mxfp4(bandwidth, importlib.import_module(args.before) if args.before else None, not args.no_grouped,
+                    tuple(int(n) for n in args.mxfp4_tokens.split(",")))
         chosen = choose_gemv_tiles(RECORDS)
         for shape, tiles in sorted(chosen.items()):
             print(f"chosen for {shape}: {tiles}")

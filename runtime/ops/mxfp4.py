@@ -8,7 +8,8 @@ in the low nibble. Leading dimensions (e.g. experts) pass through.
 Three layers, each the oracle of the next: `mxfp4_dequantize` (torch, bit-exact with transformers),
 `mxfp4_moe_reference` (dequantize the experts a batch touches, fp32 math; the CPU path), and two kernels
 that read the packed bytes and upcast them in registers: `mxfp4_moe_triton` (W4A16 grouped GEMM, prefill)
-and `mxfp4_moe_gemv` (decode: a few tokens, no tensor-core tiles)."""
+and `mxfp4_moe_gemv` (decode: a few tokens, each token-expert pair a GEMV; for bf16 activations the
+K-reduction runs on the tensor cores, mma.sync, one pair at a time)."""
 from __future__ import annotations
 
 import os
@@ -784,19 +785,14 @@ if gluon is not None:
 
     @gluon.jit
     def _gl_down_load(h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step, steps, slot_end, top_k, n,
-                      n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, slots, slot_ids,
-                      slot_weights, GV: gl.constexpr, X_PACKED: gl.constexpr, HOIST: gl.constexpr, L3: gl.constexpr):
+                      n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, GV: gl.constexpr,
+                      X_PACKED: gl.constexpr, L3: gl.constexpr):
         """The operands of step `step` of the down GEMV's walk (slot step // steps, K step step % steps); slots
-        from slot_end on, and another rank's experts, load nothing (their weight is 0). With HOIST the slot's
-        expert and weight come from the token's ids and weights loaded before the walk (`slot_ids`,
-        `slot_weights` at `slots`), so the next step's word loads do not wait on a load of the id."""
+        from slot_end on, and another rank's experts, load nothing (their weight is 0)."""
         slot = step // steps
         g_start = (step % steps) * GV
         pair = token * top_k + gl.minimum(slot, top_k - 1)
-        if HOIST:
-            expert = gl.sum(gl.where(slots == slot, slot_ids, 0), axis=0).to(gl.int64)
-        else:
-            expert = gl.load(ids_ptr + pair).to(gl.int64)
+        expert = gl.load(ids_ptr + pair).to(gl.int64)
         valid = (slot < slot_end) & (expert >= 0)
         row_mask = n_mask & ((n * 0 + slot) < slot_end) & ((n * 0 + expert) >= 0)
         expert = gl.maximum(expert, 0)
@@ -805,22 +801,18 @@ if gluon is not None:
         words, scale_bits = _gl_w_load(word_ptrs, scale_ptrs, row_mask, g_start, num_groups, GV, L3)
         x_vec = _gl_x_ptrs(h_ptr + pair.to(gl.int64) * stride_hm, X_PACKED, GV, L3)
         xa, xb, xc, xd = _gl_x_load(x_vec, g_start, num_groups, X_PACKED, GV, L3)
-        if HOIST:
-            weight = gl.where(valid, gl.sum(gl.where(slots == slot, slot_weights, 0.0), axis=0), 0.0)
-        else:
-            weight = gl.where(valid, gl.load(weights_ptr + pair).to(gl.float32), 0.0)
+        weight = gl.where(valid, gl.load(weights_ptr + pair).to(gl.float32), 0.0)
         return words, scale_bits, xa, xb, xc, xd, weight
 
     @gluon.jit
     def _gl_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr, part_ptr, count_ptr,
                         top_k, K, N, stride_hm, stride_be, stride_br, stride_se, stride_sr, stride_bias, stride_om,
                         HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, GV: gl.constexpr, X_PACKED: gl.constexpr,
-                        SPLIT: gl.constexpr, HOIST_SLOTS: gl.constexpr, NUM_WARPS: gl.constexpr):
+                        SPLIT: gl.constexpr, NUM_WARPS: gl.constexpr):
         """`_mxfp4_gemv_down_kernel` with explicit layouts. With SPLIT > 1 the token's slots are divided among
         SPLIT programs (more programs, shorter walks); each writes its fp32 partial and the last to arrive at
         the column tile's counter (int32, zero before the launch, zero again after it) sums them in a fixed
-        order: deterministic. HOIST_SLOTS (a power of two >= top_k; 0: off) loads the token's ids and weights
-        once, before the walk."""
+        order: deterministic."""
         L3: gl.constexpr = _gl_layout(BLOCK_N, GV, NUM_WARPS)
         RL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
         token = gl.program_id(0)
@@ -834,23 +826,13 @@ if gluon is not None:
         slot_begin = split * slots_per_split
         slot_end = gl.minimum(slot_begin + slots_per_split, top_k)
         acc = gl.zeros([BLOCK_N, GV], gl.float32, layout=gl.SliceLayout(2, L3))
-        HOIST: gl.constexpr = HOIST_SLOTS > 0
-        if HOIST:                            # every thread holds all of the token's ids and weights
-            VL: gl.constexpr = gl.BlockedLayout([HOIST_SLOTS], [32], [NUM_WARPS], [0])
-            slots = gl.arange(0, HOIST_SLOTS, layout=VL)
-            slot_ids = gl.load(ids_ptr + token * top_k + slots, mask=slots < top_k, other=-1).to(gl.int32)
-            slot_weights = gl.load(weights_ptr + token * top_k + slots, mask=slots < top_k, other=0.0).to(gl.float32)
-        else:
-            slots, slot_ids, slot_weights = 0, 0, 0.0
         words, scale_bits, xa, xb, xc, xd, weight = _gl_down_load(
             h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, slot_begin * steps, steps, slot_end, top_k, n,
-            n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, slots, slot_ids, slot_weights,
-            GV, X_PACKED, HOIST, L3)
+            n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, GV, X_PACKED, L3)
         for step in range(slot_begin * steps, slot_end * steps):
             next_words, next_scale_bits, next_xa, next_xb, next_xc, next_xd, next_weight = _gl_down_load(
                 h_ptr, words_ptr, scales_ptr, weights_ptr, ids_ptr, token, step + 1, steps, slot_end, top_k, n,
-                n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, slots, slot_ids,
-                slot_weights, GV, X_PACKED, HOIST, L3)
+                n_mask, num_groups, stride_hm, stride_be, stride_br, stride_se, stride_sr, GV, X_PACKED, L3)
             x0, x1, x2, x3, x4, x5, x6, x7 = _gl_activations(xa, xb, xc, xd, X_PACKED)
             acc += _gl_block_sums(words, x0, x1, x2, x3, x4, x5, x6, x7, scale_bits, weight)
             words, scale_bits, xa, xb, xc, xd, weight = (next_words, next_scale_bits, next_xa, next_xb, next_xc,
@@ -886,6 +868,255 @@ if gluon is not None:
         gl.store(out_ptr + token * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
+# ---- decode GEMV on the tensor cores (mma.sync, GPU; the interpreter runs an emulation) ----------------
+# The K-reduction of both GEMVs runs on the tensor cores (mma.sync m16n8k16, bf16 in, fp32 sums), as in
+# runtime/ops/fp8.py's tensor-core GEMV: lane (g, c) = (lane // 4, lane % 4) of warp w holds rows g and g + 8
+# of the warp's 16-row tile, and at each K step loads one whole 16-byte block (32 codes, one E8M0 scale) of each
+# of the two rows: block 4 * step + c, so the 4 lanes of a row read 64 contiguous bytes. A word's 8 codes give
+# four bf16 pairs (codes 0 and 4, 1 and 5, 2 and 6, 3 and 7; 16 bits apart, placed by the multiply of the
+# Gluon kernels) worth E2M1 * 2^-126 (code 1 is the bf16 subnormal 2^-127, exact); one mul.bf16x2 by the block's
+# scale 2^(s - 1 - MMA_SCALE_SHIFT) makes them the weights times 2^-MMA_SCALE_SHIFT, normal bf16 and exact for
+# E8M0 scales in [MMA_SCALE_SHIFT, 128 + MMA_SCALE_SHIFT] (block maxima 2^-107 .. 2^21 * 6). The pairs of word j
+# are the A fragments of two mma (the K order inside an mma is free: the activations are permuted to match,
+# by prmt), so an mma sums 4 lanes' blocks, each already scaled. B is the activation row (bf16, as loaded, in
+# every column: all 8 columns are the same token and the sums of column 0 are kept). No shared memory, barrier
+# or shuffle in the loop; the next step's operands load while this one computes. A K split writes fp32
+# partials and the last program to arrive at the tile's counter finishes (fixed order: deterministic) and
+# resets the counter, so the counters stay zero between launches (`_mma_counters`).
+
+MMA_SCALE_SHIFT = 20
+
+if triton is not None:
+    def _mxfp4_mma_ptx() -> str:
+        """The PTX of one K step of a lane: operands $4-$7 / $8-$11 the words of rows g / g + 8, $12 / $13 their
+        scale bytes, $16 + 4q .. $19 + 4q the activation words of word q, $32-$35 the sums in, $0-$3 out."""
+        scale_bias = (126 - MMA_SCALE_SHIFT) * 0x00800080          # m = 2^(s - 1 - shift) in both bf16 halves
+        lines = [".reg .b32 t, v, m0, m1, p0, p1, p2, p3, q0, q1, q2, q3, b0, b1, b2, b3;",
+                 f"mad.lo.u32 m0, $12, 0x00800080, {scale_bias};  mad.lo.u32 m1, $13, 0x00800080, {scale_bias};"]
+        for q in range(4):
+            for word, m, pairs in ((f"${4 + q}", "m0", "p"), (f"${8 + q}", "m1", "q")):
+                for index, (src_reg, mask, times) in enumerate(((word, "0x000F000F", 4160), (word, "0x00F000F0", 260),
+                                                                ("v", "0x000F000F", 4160), ("v", "0x00F000F0", 260))):
+                    if index == 2:
+                        lines.append(f"shr.b32 v, {word}, 8;")
+                    lines.append(f"and.b32 t, {src_reg}, {mask};  mul.lo.u32 t, t, {times};  "
+                                 f"and.b32 t, t, 0x81C081C0;  mul.rn.bf16x2 {pairs}{index}, t, {m};")
+            x0, x1, x2, x3 = (f"${16 + 4 * q + k}" for k in range(4))
+            lines.append(f"prmt.b32 b0, {x0}, {x2}, 0x5410;  prmt.b32 b1, {x0}, {x2}, 0x7632;")
+            lines.append(f"prmt.b32 b2, {x1}, {x3}, 0x5410;  prmt.b32 b3, {x1}, {x3}, 0x7632;")
+            acc = "{$32, $33, $34, $35}" if q == 0 else "{$0, $1, $2, $3}"
+            lines.append("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {p0, q0, p1, q1}, "
+                         f"{{b0, b1}}, {acc};")
+            lines.append("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {p2, q2, p3, q3}, "
+                         "{b2, b3}, {$0, $1, $2, $3};")
+        return "{\n" + "\n".join(lines) + "\n}"
+
+    _MXFP4_MMA_PTX = tl.constexpr(_mxfp4_mma_ptx())
+    _MMA_SCALE_BIAS = tl.constexpr(126 - MMA_SCALE_SHIFT)           # E8M0 s -> 2^(s - 1 - shift): (s + this) << 23
+    _MMA_UNSHIFT = tl.constexpr(float(2 ** MMA_SCALE_SHIFT))
+    _MXFP4_MMA_CONSTRAINTS = tl.constexpr(",".join(["=&r"] * 4 + ["r"] * 32))     # early clobber: D chains in place
+
+    @triton.jit
+    def _mxfp4_mma_emulated(w_lo, w_hi, scales, xa, xb, xc, xd, acc):
+        """`_MXFP4_MMA_PTX`'s function in Triton ops (the interpreter): acc [32 W, 4] plus, in elements 0-1 /
+        2-3, the sums over a row group's 4 lanes of rows g / g + 8 times the activations."""
+        lanes: tl.constexpr = acc.shape[0]
+        j = tl.arange(0, 4)[None, :]
+        shift = (scales + _MMA_SCALE_BIAS) << 23                             # 2^(s - 1 - shift) as fp32 bits
+        m_lo = tl.sum(tl.where(j == 0, shift, 0), axis=1).to(tl.float32, bitcast=True)[:, None]
+        m_hi = tl.sum(tl.where(j == 1, shift, 0), axis=1).to(tl.float32, bitcast=True)[:, None]
+        dot_lo = tl.zeros([lanes, 4], dtype=tl.float32)
+        dot_hi = tl.zeros([lanes, 4], dtype=tl.float32)
+        for k in tl.static_range(4):        # activation words 2k: elements 2k, 2k + 1 of word j (from x tensor j)
+            col = tl.where(j == 0, tl.sum(tl.where(j == k, xa, 0), axis=1)[:, None],
+                           tl.where(j == 1, tl.sum(tl.where(j == k, xb, 0), axis=1)[:, None],
+                                    tl.where(j == 2, tl.sum(tl.where(j == k, xc, 0), axis=1)[:, None],
+                                             tl.sum(tl.where(j == k, xd, 0), axis=1)[:, None])))
+            x_even = (col << 16).to(tl.float32, bitcast=True)
+            x_odd = (col & -65536).to(tl.float32, bitcast=True)
+            dot_lo += _e2m1_times_2_pow_m126(w_lo, 2 * k) * m_lo * x_even
+            dot_lo += _e2m1_times_2_pow_m126(w_lo, 2 * k + 1) * m_lo * x_odd
+            dot_hi += _e2m1_times_2_pow_m126(w_hi, 2 * k) * m_hi * x_even
+            dot_hi += _e2m1_times_2_pow_m126(w_hi, 2 * k + 1) * m_hi * x_odd
+        # a row's sum adds its 4 lanes' (consecutive) partial dots
+        row_lo = tl.reshape(tl.sum(tl.reshape(tl.sum(dot_lo, axis=1), [lanes // 4, 4]), axis=1), [lanes // 4, 1])
+        row_hi = tl.reshape(tl.sum(tl.reshape(tl.sum(dot_hi, axis=1), [lanes // 4, 4]), axis=1), [lanes // 4, 1])
+        lane_lo = tl.reshape(tl.broadcast_to(row_lo, [lanes // 4, 4]), [lanes])[:, None]
+        lane_hi = tl.reshape(tl.broadcast_to(row_hi, [lanes // 4, 4]), [lanes])[:, None]
+        return acc + tl.where(j < 2, lane_lo, lane_hi)
+
+    @triton.jit
+    def _mxfp4_mma_load(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words, step,
+                        num_groups):
+        """One K step's operands of a lane: the words [32 W, 4] of its block (4 * step + c) of rows g (lo) and
+        g + 8 (hi), their scale bytes (elements 0 and 1; 0 past the row's end is replaced by the mul by zero
+        below), and its 16 activation words as four [32 W, 4] (words 4q .. 4q + 3 in tensor q)."""
+        j = tl.arange(0, 4)[None, :]
+        c = (tl.arange(0, lo_blocks.shape[0]) % 4)[:, None]
+        block = 4 * step + c
+        valid = block < num_groups
+        block = tl.minimum(block, num_groups - 1)
+        w_lo = tl.load(words_ptr + (lo_blocks + block) * 4 + j, eviction_policy="evict_first")
+        w_hi = tl.load(words_ptr + (hi_blocks + block) * 4 + j, eviction_policy="evict_first")
+        scale_at = tl.where(j == 0, lo_scales, hi_scales) + block
+        scales = tl.load(scales_ptr + scale_at, mask=(j < 2) & valid, other=0).to(tl.int32)
+        scales = tl.where(valid, scales, -_MMA_SCALE_BIAS)                  # past the row: m = 0
+        x_at = x_words + block * 16 + j
+        xa = tl.load(x_at)
+        xb = tl.load(x_at + 4)
+        xc = tl.load(x_at + 8)
+        xd = tl.load(x_at + 12)
+        return w_lo, w_hi, scales, xa, xb, xc, xd
+
+    @triton.jit
+    def _mxfp4_mma_walk(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words, step_begin,
+                        step_end, num_groups, EMULATE: tl.constexpr):
+        """[32 W, 4] fp32 mma sums of K steps [step_begin, step_end) (2^-MMA_SCALE_SHIFT times the dot products):
+        element 0 row g, element 2 row g + 8 (1 and 3: the same, the B operand's next column). The next step
+        loads while this one computes (the last step reloads itself). Loading two steps ahead measured 1.2-1.5x
+        slower on the H200 (2026-11-29: more registers, fewer programs resident)."""
+        acc = tl.zeros(lo_blocks.shape, dtype=tl.float32) + tl.zeros([1, 4], dtype=tl.float32)
+        w_lo, w_hi, scales, xa, xb, xc, xd = _mxfp4_mma_load(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales,
+                                                             hi_scales, x_words, step_begin, num_groups)
+        for step in range(step_begin, step_end):
+            n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd = _mxfp4_mma_load(
+                words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words,
+                tl.minimum(step + 1, step_end - 1), num_groups)
+            if EMULATE:
+                acc = _mxfp4_mma_emulated(w_lo, w_hi, scales, xa, xb, xc, xd, acc)
+            else:
+                acc = tl.inline_asm_elementwise(_MXFP4_MMA_PTX, _MXFP4_MMA_CONSTRAINTS,
+                                                [w_lo, w_hi, scales, xa, xb, xc, xd, acc], dtype=tl.float32,
+                                                is_pure=True, pack=4)
+            w_lo, w_hi, scales, xa, xb, xc, xd = n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd
+        return acc
+
+    @triton.jit
+    def _mxfp4_mma_arrive(count_ptr, TOTAL):
+        """Count this program's arrival at its tile's counter; True for the last of TOTAL, which resets it."""
+        tl.debug_barrier()                                      # every thread's partial before the arrival
+        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+        last = arrived == TOTAL - 1
+        if last:
+            tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
+        return last
+
+    @triton.jit
+    def _mxfp4_mma_gate_up_kernel(x_ptr, words_ptr, scales_ptr, bias_ptr, h_ptr, ids_ptr, part_ptr, count_ptr,
+                                  top_k, K, N, stride_xw, stride_be, stride_br, stride_se, stride_sr, stride_bias,
+                                  stride_hm, alpha, limit, up_offset,
+                                  HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                                  WARPS: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+        """h[pair, n] = act(x[token] @ W13[e].T + b13[e]) for 8 * WARPS columns n: warp w's tile rows g and g + 8
+        are the gate and the up row of column 8 w + g. x is read as int32 words (bf16 pairs; stride_xw counts
+        words); weight strides count 16-byte blocks. SPLIT_K programs share the K steps of a tile, each writing
+        fp32 partials [SPLIT_K, pairs, 2, N]; the last to arrive at the tile's counter finishes."""
+        pair = tl.program_id(0)
+        token = pair // top_k
+        i = tl.arange(0, 32 * WARPS)[:, None]
+        j = tl.arange(0, 4)[None, :]
+        n = tl.program_id(1) * (8 * WARPS) + 8 * (i // 32) + (i % 32) // 4              # [32 W, 1]
+        n_mask = n < N
+        n_at = tl.minimum(n, N - 1)
+        expert = tl.load(ids_ptr + pair).to(tl.int64)     # negative: another rank's expert, h = 0
+        valid = expert >= 0
+        expert = tl.maximum(expert, 0)
+        if INTERLEAVED:
+            gate_rows, up_rows = 2 * n_at, 2 * n_at + 1
+        else:
+            gate_rows, up_rows = n_at, n_at + N
+        num_groups = K // 32
+        steps = tl.cdiv(num_groups, 4)
+        per_split = tl.cdiv(steps, SPLIT_K)
+        step_begin = tl.program_id(2) * per_split
+        acc = _mxfp4_mma_walk(words_ptr, expert * stride_be + gate_rows.to(tl.int64) * stride_br,
+                              expert * stride_be + up_rows.to(tl.int64) * stride_br, scales_ptr,
+                              expert * stride_se + gate_rows.to(tl.int64) * stride_sr,
+                              expert * stride_se + up_rows.to(tl.int64) * stride_sr,
+                              x_ptr + token.to(tl.int64) * stride_xw, step_begin,
+                              tl.minimum(step_begin + per_split, steps), num_groups, EMULATE)
+        acc = acc * _MMA_UNSHIFT
+        gate = tl.sum(tl.where(j == 0, acc, 0.0), axis=1)[:, None]                    # [32 W, 1]
+        up = tl.sum(tl.where(j == 2, acc, 0.0), axis=1)[:, None]
+        mine = n_mask & (i % 4 == 0)                                # lane c = 0 of each row group stores
+        finish = True
+        if SPLIT_K > 1:
+            num_pairs = tl.num_programs(0)
+            at = (tl.program_id(2) * num_pairs + pair).to(tl.int64) * (2 * N) + n
+            tl.store(part_ptr + at, gate, mask=mine)
+            tl.store(part_ptr + at + N, up, mask=mine)
+            finish = _mxfp4_mma_arrive(count_ptr + pair * tl.num_programs(1) + tl.program_id(1), SPLIT_K)
+            if finish:
+                gate = tl.zeros([32 * WARPS, 1], dtype=tl.float32)
+                up = tl.zeros([32 * WARPS, 1], dtype=tl.float32)
+                for split in range(0, SPLIT_K):
+                    at = (split * num_pairs + pair).to(tl.int64) * (2 * N) + n
+                    gate += tl.load(part_ptr + at, mask=mine, other=0.0, cache_modifier=".cg")
+                    up += tl.load(part_ptr + at + N, mask=mine, other=0.0, cache_modifier=".cg")
+        if finish:
+            if HAS_BIAS:
+                gate += tl.load(bias_ptr + expert * stride_bias + gate_rows).to(tl.float32)
+                up += tl.load(bias_ptr + expert * stride_bias + up_rows).to(tl.float32)
+            if HAS_LIMIT:
+                gate = tl.minimum(gate, limit)
+                up = tl.minimum(tl.maximum(up, -limit), limit)
+            h = tl.where(valid, gate * tl.sigmoid(alpha * gate) * (up + up_offset), 0.0)
+            tl.store(h_ptr + pair * stride_hm + n, h.to(h_ptr.dtype.element_ty), mask=mine)
+
+    @triton.jit
+    def _mxfp4_mma_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr, part_ptr,
+                               count_ptr, top_k, K, N, stride_hw, stride_be, stride_br, stride_se, stride_sr,
+                               stride_bias, stride_om, HAS_BIAS: tl.constexpr, WARPS: tl.constexpr,
+                               SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+        """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n] for 16 * WARPS rows n. Program
+        (token, row tile, s) reads slot s // SPLIT_K's expert over its K part s % SPLIT_K and writes the weighted
+        fp32 partial [top_k * SPLIT_K, tokens, N]; the last of the tile's top_k * SPLIT_K programs to arrive sums
+        them in order, adds the weighted biases and stores the row."""
+        token = tl.program_id(0)
+        split = tl.program_id(2)
+        slot = split // SPLIT_K
+        pair = token * top_k + slot
+        i = tl.arange(0, 32 * WARPS)[:, None]
+        j = tl.arange(0, 4)[None, :]
+        n = tl.program_id(1) * (16 * WARPS) + 16 * (i // 32) + (i % 32) // 4             # row g; + 8: row g + 8
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        weight = tl.where(expert >= 0, tl.load(weights_ptr + pair).to(tl.float32), 0.0)
+        expert = tl.maximum(expert, 0)
+        num_groups = K // 32
+        steps = tl.cdiv(num_groups, 4)
+        per_split = tl.cdiv(steps, SPLIT_K)
+        step_begin = (split % SPLIT_K) * per_split
+        lo_rows = tl.minimum(n, N - 1).to(tl.int64)                  # rows past N read row N - 1, never stored
+        hi_rows = tl.minimum(n + 8, N - 1).to(tl.int64)
+        acc = _mxfp4_mma_walk(words_ptr, expert * stride_be + lo_rows * stride_br,
+                              expert * stride_be + hi_rows * stride_br, scales_ptr,
+                              expert * stride_se + lo_rows * stride_sr, expert * stride_se + hi_rows * stride_sr,
+                              h_ptr + pair.to(tl.int64) * stride_hw, step_begin,
+                              tl.minimum(step_begin + per_split, steps), num_groups, EMULATE)
+        out = acc * (weight * _MMA_UNSHIFT)
+        rows = n + 8 * (j // 2)                                                         # [32 W, 4]
+        mine = (rows < N) & (i % 4 == 0) & (j % 2 == 0)
+        total = top_k * SPLIT_K
+        finish = total == 1
+        if total > 1:
+            at = (split * tl.num_programs(0) + token).to(tl.int64) * N + rows
+            tl.store(part_ptr + at, out, mask=mine)
+            finish = _mxfp4_mma_arrive(count_ptr + token * tl.num_programs(1) + tl.program_id(1), total)
+            if finish:
+                out = tl.zeros([32 * WARPS, 4], dtype=tl.float32)
+                for other in range(0, total):
+                    at = (other * tl.num_programs(0) + token).to(tl.int64) * N + rows
+                    out += tl.load(part_ptr + at, mask=mine, other=0.0, cache_modifier=".cg")
+        if finish:
+            if HAS_BIAS:
+                for other in range(0, top_k):
+                    e = tl.load(ids_ptr + token * top_k + other).to(tl.int64)
+                    if e >= 0:
+                        bias = tl.load(bias_ptr + e * stride_bias + rows, mask=mine, other=0.0).to(tl.float32)
+                        out += bias * tl.load(weights_ptr + token * top_k + other).to(tl.float32)
+            tl.store(out_ptr + token * stride_om + rows, out.to(out_ptr.dtype.element_ty), mask=mine)
+
+
 @dataclass(frozen=True, slots=True)
 class GemvTiles:
     block_n_gate_up: int = 16          # intermediate columns per program: 2x as many gate/up weight rows
@@ -899,7 +1130,12 @@ class GemvTiles:
     gluon: bool = False                # gate/up by the explicit-layout kernel (block_g: lanes along K, <= 32)
     gluon_down: bool = False           # the down GEMV by it (block_g_down likewise)
     split_down: int = 1                # with gluon_down: the token's slots divided among this many programs
-    hoist_ids: bool = False            # with gluon_down: the token's expert ids and weights loaded before the walk
+    mma: bool = False                  # gate/up on the tensor cores (bf16 activations): 8 * mma_warps columns a program
+    mma_warps: int = 4
+    mma_split: int = 1                 # K splits of the tensor-core gate/up GEMV
+    mma_down: bool = False             # the down GEMV on the tensor cores: 16 * mma_warps_down rows a program
+    mma_warps_down: int = 4
+    mma_split_down: int = 1            # K splits of each slot in the tensor-core down GEMV
 
     @staticmethod
     def for_shape(hidden: int, inter: int) -> "GemvTiles":
@@ -909,15 +1145,46 @@ class GemvTiles:
         return GEMV_TILE_TABLE[key]
 
 
-# From the tools/decode_kernels.py sweep on an H200 (2026-11-29; figures in docs/PERFORMANCE.md).
+# From the tools/decode_kernels.py sweep on an H200 (2026-11-29; figures in docs/PERFORMANCE.md). The explicit-layout
+# fields are the fallback of the tensor-core kernels (activations other than bf16).
 GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {
-    (2880, 2880): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=2),
-    (4096, 2048): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=1),
+    (2880, 2880): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=2, mma=True, mma_warps=4, mma_split=2, mma_down=True, mma_warps_down=4, mma_split_down=4),
+    (4096, 2048): GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True, split_down=1, mma=True, mma_warps=4, mma_split=2, mma_down=True, mma_warps_down=4, mma_split_down=2),
 }
 
 
 def _use_gluon(flag: bool, x: torch.Tensor) -> bool:
     return flag and x.is_cuda and gluon is not None
+
+
+def _use_mma(flag: bool, x: torch.Tensor) -> bool:
+    """The tensor-core GEMVs take bf16 activations (on the GPU, or emulated in the interpreter)."""
+    return flag and x.dtype == torch.bfloat16 and x.shape[1] % 8 == 0
+
+
+def _mma_words(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """bf16 rows as int32 words, each row 16-byte aligned (the mma GEMVs load 4 words at a time), and the row
+    stride in words."""
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or (x.stride(0) * 2) % 16:
+        x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+    words = x.view(torch.int32)
+    return words, words.stride(0)
+
+
+_MMA_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _mma_counters(device: torch.device, count: int) -> torch.Tensor:
+    """int32 arrival counters of the split tensor-core GEMVs, kept per device: zero when made, and every launch
+    leaves them at zero (the last program of a tile resets its counter), so no launch clears them. Made by an
+    eager call (the runner's warm-up), never inside a graph capture; a larger set made later never frees the
+    earlier one (a captured graph may still use it)."""
+    kept = _MMA_COUNTERS.setdefault(device, [])
+    if not kept or kept[-1].numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the MXFP4 mma GEMV's counters must be made by an eager call before graph capture")
+        kept.append(torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device))
+    return kept[-1]
 
 
 def _activations_for_gemv(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -942,13 +1209,29 @@ def _down_counts(num_tokens: int, hidden: int, tiles: GemvTiles) -> int:
 def mxfp4_gemv_gate_up(x: torch.Tensor, w13: Mxfp4Linear, topk_ids: torch.Tensor, activation: GatedActivation,
                        tiles: GemvTiles, counters: torch.Tensor | None = None) -> torch.Tensor:
     """h [pairs, inter] = act(x[token] @ W13[e].T + b13[e]) for every (token, slot) pair, in x's dtype.
-    `counters` (int32), when given, are zeroed by the launch for the split down GEMV that follows."""
+    `counters` (int32), when given, are zeroed by the launch for the split down GEMV that follows (not by the
+    tensor-core launch, tiles.mma with bf16 x)."""
     _check_gemv_weights(w13)
     num_tokens, top_k = topk_ids.shape
     inter = w13.out_features // 2
     x = x.contiguous()
     h = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)           # [pairs, inter]
     bias = w13.bias if w13.bias is not None else torch.empty(1, dtype=torch.float32, device=x.device)
+    bias_stride = bias.stride(0) if w13.bias is not None else 0
+    if _use_mma(tiles.mma, x):
+        words, stride_xw = _mma_words(x)
+        block_n, split = 8 * tiles.mma_warps, tiles.mma_split
+        grid = (num_tokens * top_k, triton.cdiv(inter, block_n), split)
+        part = torch.empty(split, grid[0], 2, inter, dtype=torch.float32, device=x.device) if split > 1 else h
+        count = _mma_counters(x.device, grid[0] * grid[1]) if split > 1 else h
+        _mxfp4_mma_gate_up_kernel[grid](
+            words, w13.blocks.view(torch.int32), w13.scales, bias, h, topk_ids.contiguous().view(-1), part, count,
+            top_k, x.shape[1], inter, stride_xw, w13.blocks.stride(0) // 16, w13.blocks.stride(1) // 16,
+            w13.scales.stride(0), w13.scales.stride(1), bias_stride, h.stride(0),
+            activation.alpha, activation.limit or 0.0, activation.up_offset,
+            HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None, INTERLEAVED=activation.interleaved,
+            WARPS=tiles.mma_warps, SPLIT_K=split, EMULATE=not x.is_cuda, num_warps=tiles.mma_warps)
+        return h
     num_counts = 0 if counters is None else counters.numel()
     counters = h if counters is None else counters
     grid = (num_tokens * top_k, triton.cdiv(inter, tiles.block_n_gate_up))
@@ -981,6 +1264,17 @@ def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor
     weights, ids = topk_weights.contiguous().view(-1), topk_ids.contiguous().view(-1)
     strides = (h.stride(0), w2.blocks.stride(0) // 16, w2.blocks.stride(1) // 16, w2.scales.stride(0),
                w2.scales.stride(1), bias.stride(0) if w2.bias is not None else 0, out.stride(0))
+    if _use_mma(tiles.mma_down, h):
+        words, stride_hw = _mma_words(h)
+        split = tiles.mma_split_down
+        grid = (num_tokens, triton.cdiv(hidden, 16 * tiles.mma_warps_down), top_k * split)
+        part = torch.empty(grid[2], num_tokens, hidden, dtype=torch.float32, device=h.device) if grid[2] > 1 else out
+        count = _mma_counters(h.device, grid[0] * grid[1]) if grid[2] > 1 else out
+        _mxfp4_mma_down_kernel[grid](
+            words, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, part, count, top_k, h.shape[1],
+            hidden, stride_hw, *strides[1:], HAS_BIAS=w2.bias is not None, WARPS=tiles.mma_warps_down,
+            SPLIT_K=split, EMULATE=not h.is_cuda, num_warps=tiles.mma_warps_down)
+        return out
     if _use_gluon(tiles.gluon_down, h):
         h, h_packed = _activations_for_gemv(h)
         strides = (h.stride(0),) + strides[1:]
@@ -995,8 +1289,7 @@ def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor
         _gl_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down), split)](
             h, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, part, counters, top_k, h.shape[1],
             hidden, *strides, HAS_BIAS=w2.bias is not None, BLOCK_N=tiles.block_n_down, GV=tiles.block_g_down,
-            X_PACKED=h_packed, SPLIT=split, NUM_WARPS=tiles.num_warps_down, num_warps=tiles.num_warps_down,
-            HOIST_SLOTS=triton.next_power_of_2(top_k) if tiles.hoist_ids else 0)
+            X_PACKED=h_packed, SPLIT=split, NUM_WARPS=tiles.num_warps_down, num_warps=tiles.num_warps_down)
         return out
     _mxfp4_gemv_down_kernel[(num_tokens, triton.cdiv(hidden, tiles.block_n_down))](
         h, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, top_k, h.shape[1], hidden, *strides,
@@ -1018,8 +1311,13 @@ def mxfp4_moe_gemv(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weig
     if topk_ids.numel() == 0:
         return torch.zeros(topk_ids.shape[0], hidden, dtype=x.dtype, device=x.device)
     tiles = tiles or GemvTiles.for_shape(hidden, inter)
-    num_counts = _down_counts(topk_ids.shape[0], hidden, tiles) if x.is_cuda else 0
-    # the split down GEMV's counters: zeroed by the gate/up launch, so no memset of their own
-    counters = torch.empty(num_counts, dtype=torch.int32, device=x.device) if num_counts else None
+    num_counts = _down_counts(topk_ids.shape[0], hidden, tiles) if x.is_cuda and not _use_mma(tiles.mma_down, x) \
+        else 0
+    # the split down GEMV's counters: zeroed by the gate/up launch, so no memset of their own (the tensor-core
+    # gate/up does not: then the kept counters, which the down GEMV leaves at zero)
+    counters = None
+    if num_counts:
+        counters = _mma_counters(x.device, num_counts)[:num_counts] if _use_mma(tiles.mma, x) else \
+            torch.empty(num_counts, dtype=torch.int32, device=x.device)
     h = mxfp4_gemv_gate_up(x, w13, topk_ids, activation, tiles, counters)
     return mxfp4_gemv_down(h, w2, topk_weights, topk_ids, tiles, counters)

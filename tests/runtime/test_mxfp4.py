@@ -200,6 +200,44 @@ def test_gemv_moe_matches_reference_in_the_interpreter(num_tokens, activation, b
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("interleaved,bias,num_tokens,tiles", [
+    (True, True, 2, GemvTiles(mma=True, mma_warps=2, mma_split=2, mma_down=True, mma_warps_down=1, mma_split_down=2)),
+    (False, False, 1, GemvTiles(mma=True, mma_warps=1, mma_split=1, mma_down=True, mma_warps_down=2,
+                                mma_split_down=1))])
+def test_tensor_core_gemv_matches_reference_in_the_interpreter(interleaved, bias, num_tokens, tiles):
+    """bf16 activations through the tensor-core GEMVs' emulation (the same lanes' operands and sums as the
+    mma): K = 96 and 160 are not multiples of a K step (128), the rows not of a tile, the K splits uneven, one
+    expert receives no token, one slot names another rank's expert (a negative id); each gate/up row equals the fp32 one up to h's bf16 conversion, and the MoE matches
+    the reference to the bf16 output's rounding. The split counters are left at zero."""
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from runtime.ops import mxfp4
+    if not isinstance(mxfp4._mxfp4_mma_down_kernel, InterpretedFunction):
+        pytest.skip("the kernels were built for a GPU (TRITON_INTERPRET unset)")
+    activation = GPT_OSS_ACTIVATION if interleaved else GatedActivation(limit=10.0)
+    num_experts, hidden, inter, top_k = 5, 96, 160, 2
+    w13, w2 = make_experts(num_experts, hidden, inter, seed=24, bias=bias, gate_up_scale=3)
+    weights, ids = make_routing(num_tokens, num_experts, top_k, seed=25, skip_experts=(1,))
+    ids[-1, -1] = -1                                   # another rank's expert (expert parallelism): contributes 0
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(26)).to(torch.bfloat16)
+    h = mxfp4.mxfp4_gemv_gate_up(x, w13, ids, activation, tiles)
+    for pair, expert in enumerate(ids.flatten().tolist()):
+        if expert < 0:
+            assert not h[pair].any()
+            continue
+        gate_up = x[pair // top_k].float() @ mxfp4_dequantize(w13.blocks[expert], w13.scales[expert]).t()
+        if bias:
+            gate_up = gate_up + w13.bias[expert]
+        want = activation(gate_up[None])[0]
+        # the interpreter converts fp32 to bf16 by truncation (a GPU rounds to nearest): up to 1 ulp, 2^-7
+        torch.testing.assert_close(h[pair].float(), want, rtol=2 ** -7, atol=1e-5)
+    expected = mxfp4_moe_reference(x, w13, w2, weights, ids, activation)
+    ours = mxfp4.mxfp4_moe_gemv(x, w13, w2, weights, ids, activation, tiles)
+    torch.testing.assert_close(ours.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    assert all(not counters.any() for counters in mxfp4._MMA_COUNTERS.get(x.device, []))
+
+
 # the GPU kernel variants: the Triton GEMVs (PTX decode), the explicit-layout (Gluon) GEMVs with the down GEMV's
 # slots split over programs (one a program) or not; tiles among tools/decode_kernels.py's sweep
 GPU_VARIANTS = {
@@ -208,8 +246,13 @@ GPU_VARIANTS = {
                         block_g_down=32, num_warps_down=4, split_down=8),
     "gluon": dict(gluon=True, gluon_down=True, block_n_gate_up=16, block_g=16, num_warps=4, block_n_down=16,
                   block_g_down=32, num_warps_down=4, split_down=1),
-    "gluon-hoist": dict(gluon=True, gluon_down=True, block_n_gate_up=16, block_g=32, num_warps=4, block_n_down=16,
-                        block_g_down=32, num_warps_down=4, split_down=2, hoist_ids=True),
+    # the tensor-core GEMVs (bf16 activations; fp32 ones take the Gluon kernels): split K, and not
+    "mma-split": dict(gluon=True, gluon_down=True, mma=True, mma_warps=4, mma_split=4, mma_down=True, mma_warps_down=4,
+                      mma_split_down=2),
+    "mma": dict(gluon=True, gluon_down=True, mma=True, mma_warps=8, mma_split=1, mma_down=True, mma_warps_down=2,
+                mma_split_down=1),
+    "mma-up-gluon-split-down": dict(gluon=True, gluon_down=True, mma=True, mma_warps=4, mma_split=2, mma_down=False,
+                                    split_down=2),
 }
 
 
@@ -262,7 +305,7 @@ def test_gemv_decodes_every_code_exactly_on_gpu():
         tiles = replace(GemvTiles.for_shape(hidden, inter), **variant)
         for dtype in (torch.float32, torch.bfloat16):    # the one-hot rows are exact in either; fp32 keeps h exact
             if dtype == torch.bfloat16 and not tiles.gluon:
-                continue
+                continue                    # (bf16 with tiles.mma: the tensor-core kernel, every code exact)
             h = mxfp4_gemv_gate_up(x.to(dtype), w13, ids, identity, tiles)                 # [hidden, inter]
             want = (dense[:inter] * dense[inter:] / 2).t()
             torch.testing.assert_close(h.cpu().float(), want.to(dtype).float(), rtol=0, atol=0)

@@ -127,12 +127,8 @@ for name, kernel, constexprs, warps in (
                                                     X_PACKED=1), 4),
         ("gate-up-fp32-halves", "_gl_gate_up_kernel", dict(HAS_BIAS=False, HAS_LIMIT=True, INTERLEAVED=False,
                                                           BLOCK_N=8, GV=16, X_PACKED=0), 4),
-        ("down-split", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=4,
-                                               HOIST_SLOTS=0), 4),
-        ("down-one-warp", "_gl_down_kernel", dict(HAS_BIAS=False, BLOCK_N=4, GV=32, X_PACKED=1, SPLIT=1,
-                                                  HOIST_SLOTS=0), 1),
-        ("down-hoisted-ids", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=2,
-                                                     HOIST_SLOTS=8), 4)):
+        ("down-split", "_gl_down_kernel", dict(HAS_BIAS=True, BLOCK_N=16, GV=32, X_PACKED=1, SPLIT=4), 4),
+        ("down-one-warp", "_gl_down_kernel", dict(HAS_BIAS=False, BLOCK_N=4, GV=32, X_PACKED=1, SPLIT=1), 1)):
     CASES[f"mxfp4-gluon-{name}"] = (
         Case("runtime.ops.mxfp4", kernel, dict(constexprs, NUM_WARPS=warps), MXFP4_GL_TYPES, {"num_warps": warps}),
         "mul.lo.u32 p, t, 4160", None)
@@ -176,6 +172,44 @@ def test_fp8_decode_attention_widens_words_in_registers(case_id, compiled):
     assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in ptx
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
     assert "ld.shared.b8" not in ptx and "ld.shared.u8" not in ptx
+
+
+# The MXFP4 decode GEMVs on the tensor cores: 16-byte word and activation loads, 8 mma a K step (4 words of two rows),
+# the scale applied by mul.bf16x2, and no barrier before the split's arrival (none at all without a split).
+MXFP4_MMA_TYPES = dict(MXFP4_GL_TYPES, x_ptr="*i32", words_ptr="*i32")
+# (as gpt-oss-20b launches them: a weight row is 90 blocks, so its strides are not multiples of 16; the asm's
+# [32 W, 4] operands keep a row a lane, 4 words in its registers, only while the word loads stay 16-byte vectors)
+MXFP4_MMA_DIVISIBLE = ("h_ptr", "words_ptr", "scales_ptr", "part_ptr", "K", "N", "stride_be", "stride_se")
+MXFP4_MMA_DIVISIBLE_BY_KERNEL = {"_mxfp4_mma_gate_up_kernel": ("x_ptr", "stride_xw", "stride_hm"),
+                                 "_mxfp4_mma_down_kernel": ("out_ptr", "stride_hw", "stride_om")}
+MXFP4_MMA = {
+    "mxfp4-mma-gate-up-split": ("_mxfp4_mma_gate_up_kernel", dict(HAS_BIAS=True, HAS_LIMIT=True, INTERLEAVED=True,
+                                                                  WARPS=4, SPLIT_K=4), dict(h_ptr="*bf16")),
+    "mxfp4-mma-gate-up-halves": ("_mxfp4_mma_gate_up_kernel", dict(HAS_BIAS=False, HAS_LIMIT=True, INTERLEAVED=False,
+                                                                   WARPS=8, SPLIT_K=1), dict(h_ptr="*bf16")),
+    "mxfp4-mma-down-split": ("_mxfp4_mma_down_kernel", dict(HAS_BIAS=True, WARPS=4, SPLIT_K=2),
+                             dict(h_ptr="*i32", out_ptr="*bf16")),
+}
+for case_id, (kernel, constexprs, types) in MXFP4_MMA.items():
+    CASES[case_id] = (Case("runtime.ops.mxfp4", kernel, dict(constexprs, EMULATE=False), dict(MXFP4_MMA_TYPES, **types),
+                           {"num_warps": constexprs["WARPS"]},
+                           divisible_by_16=MXFP4_MMA_DIVISIBLE + MXFP4_MMA_DIVISIBLE_BY_KERNEL[kernel]),
+                      "mul.rn.bf16x2", None)
+
+
+@pytest.mark.parametrize("case_id", list(MXFP4_MMA))
+def test_mxfp4_mma_gemv_loads_words_and_runs_mma(case_id, compiled):
+    ptx = compiled[case_id]["ptx"]
+    assert compiled[case_id]["error"] is None, compiled[case_id]["error"]
+    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == 8
+    assert ptx.count("evict_first.L2::cache_hint.v4.b32") >= 4          # two rows' words, before and in the loop
+    assert ptx.count("ld.global.v4.b32") >= 8                           # the activations, 4 x 16 bytes a step
+    split = "split" in case_id
+    assert ("bar.sync" in ptx) == split and ("atom.global.gpu.acq_rel.add" in ptx) == split
+    if split:
+        assert "bar.sync" not in ptx[:ptx.rindex("mma.sync")]
+
+
 # the tensor-core FP8 GEMV whose last program of a gate column tile and its up tile applies the (clamped) SwiGLU:
 # it counts arrivals even unsplit
 for split in (1, 8):
