@@ -493,31 +493,25 @@ def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tens
 
 if triton is not None:
     @triton.jit
-    def _order_key(scores):
-        """fp32 -> int64 in [0, 2^32) with the same order: negative floats have their magnitude bits flipped,
-        then an offset so that 0 is below every key (the entries not visible)."""
-        bits = scores.to(tl.int32, bitcast=True)
-        return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
-
-    @triton.jit
     def _indexer_topk_kernel(scores_ptr, positions_ptr, out_ptr, scores_stride, out_stride, width,
                              RATIO: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
-        # one program a query. With at most K entries visible it keeps them all (no score is read). Up to
-        # BLOCK_W visible, the row is held in registers and the K-th largest score found bit by bit on
-        # order-preserving integer keys (32 counts); past that (rows wider than BLOCK_W), the row is streamed
-        # in BLOCK_W tiles and the K-th largest key found 8 bits at a time from 256-bin histograms (4 passes).
-        # Then the entries above it, and the first of its ties, are written in index order.
+        # one program a query. With at most K entries visible it keeps them all (no score is read); else the
+        # K-th largest score is found bit by bit on order-preserving integer keys (32 counts over the row,
+        # held in registers), and the entries above it, then the first of its ties, are written in index order
         token = tl.program_id(0).to(tl.int64)
-        visible = tl.minimum(tl.maximum(tl.load(positions_ptr + token).to(tl.int32) + 1, 0) // RATIO, width)
+        visible = tl.maximum(tl.load(positions_ptr + token).to(tl.int32) + 1, 0) // RATIO
         out = out_ptr + token * out_stride
-        row = scores_ptr + token * scores_stride
         if visible <= K:
             j = tl.arange(0, BLOCK_K)
             tl.store(out + j, tl.where(j < visible, j, -1), mask=j < K)
-        elif visible <= BLOCK_W:
+        else:
             w = tl.arange(0, BLOCK_W)
-            seen = w < visible
-            key = tl.where(seen, _order_key(tl.load(row + w, mask=seen, other=0.0)), 0)
+            seen = (w < visible) & (w < width)
+            bits = tl.load(scores_ptr + token * scores_stride + w, mask=seen, other=0.0).to(tl.int32, bitcast=True)
+            # float order as integer order: negative floats have their magnitude bits flipped; then offset to
+            # [0, 2^32) so that 0 is below every key (the entries not visible)
+            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+            key = tl.where(seen, key, 0)
             threshold = tl.zeros([], tl.int64)
             for b in tl.static_range(31, -1, -1):         # the largest t with count(key >= t) >= K
                 candidate = threshold | (1 << b)
@@ -529,55 +523,23 @@ if triton is not None:
             take = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= room))
             slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
             tl.store(out + slot, w, mask=take)
-        else:
-            bins = tl.arange(0, 512)          # digits in [0, 256); 511 takes the keys outside the prefix
-            prefix = tl.zeros([], tl.int64)   # the threshold's digits found so far
-            room = K                          # entries still to take at or below the prefix
-            for shift in tl.static_range(24, -1, -8):
-                counts = tl.zeros([512], tl.int32)
-                for start in range(0, visible, BLOCK_W):
-                    w = start + tl.arange(0, BLOCK_W)
-                    seen = w < visible
-                    key = _order_key(tl.load(row + w, mask=seen, other=0.0))
-                    inside = seen & ((key >> (shift + 8)) == prefix)
-                    counts += tl.histogram(tl.where(inside, (key >> shift) & 255, 511).to(tl.int32), 512)
-                counts = tl.where(bins < 256, counts, 0)
-                at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
-                digit = tl.max(tl.where((at_or_above >= room) & (bins < 256), bins, -1), axis=0)
-                room -= tl.sum(tl.where(bins == digit, at_or_above - counts, 0), axis=0)
-                prefix = (prefix << 8) | digit
-            written = tl.zeros([], tl.int32)
-            tied = tl.zeros([], tl.int32)
-            for start in range(0, visible, BLOCK_W):
-                w = start + tl.arange(0, BLOCK_W)
-                seen = w < visible
-                key = _order_key(tl.load(row + w, mask=seen, other=0.0))
-                ties = seen & (key == prefix)
-                take = (seen & (key > prefix)) | (ties & (tied + tl.cumsum(ties.to(tl.int32), axis=0) <= room))
-                tl.store(out + written + tl.cumsum(take.to(tl.int32), axis=0) - 1, w, mask=take)
-                written += tl.sum(take.to(tl.int32), axis=0)
-                tied += tl.sum(ties.to(tl.int32), axis=0)
 
 
-TOPK_MAX_WIDTH = 8192        # a row of up to this many visible entries is held in registers; wider ones stream
+TOPK_MAX_WIDTH = 8192        # the kernel keeps a row in registers; wider rows go to torch.topk
 
 
-def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, top_k: int,
-                 max_width: int = TOPK_MAX_WIDTH) -> torch.Tensor:
+def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, top_k: int) -> torch.Tensor:
     """[n, min(top_k, width)] int32 entry indices per query (in no particular order), -1 where fewer entries
     are visible. A fixed-shape top-k: no length is read on the host, nothing is reset between calls (every
-    score is written each call). One launch on a GPU whose work follows the visible entries, not the width
-    (the cache's 1M positions cost a 4K context nothing); torch.topk elsewhere. `max_width`: the register
-    tile (tests set it small to stream short rows)."""
+    score is written each call). One launch on a GPU up to TOPK_MAX_WIDTH entries, torch.topk beyond."""
     n, width = scores.shape
     k = min(top_k, width)
-    if use_kernels(scores):
+    if use_kernels(scores) and width <= TOPK_MAX_WIDTH:
         out = torch.empty(n, k, dtype=torch.int32, device=scores.device)
         if n and k:
-            block_w = _pow2(min(width, max_width))
             _indexer_topk_kernel[(n,)](scores, positions, out, scores.stride(0), out.stride(0), width,
-                                       RATIO=ratio, K=k, BLOCK_K=_pow2(k), BLOCK_W=block_w,
-                                       num_warps=8 if block_w > 2048 else 4)
+                                       RATIO=ratio, K=k, BLOCK_K=_pow2(k), BLOCK_W=_pow2(width),
+                                       num_warps=8 if width > 2048 else 4)
         return out
     top = torch.topk(scores, k, dim=-1, sorted=False).indices                  # [n, k]
     visible = (positions.clamp(min=-1) + 1) // ratio

@@ -200,13 +200,11 @@ def test_indexer_scores_and_topk_match_reference(device, programs, monkeypatch):
                 assert (ref_row[:visible] > threshold + tolerance).sum() <= len(kept)
 
 
-@pytest.mark.parametrize("streamed", [False, True], ids=["registers", "streamed"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_topk_kernel_keeps_the_references_set(device, streamed, monkeypatch):
+def test_topk_kernel_keeps_the_references_set(device, monkeypatch):
     """The top-k kernel against torch.topk on ragged rows: fewer visible entries than k (all kept, no score
     read), exactly k, and more (the largest, whatever order), with ties at the threshold (scores on a coarse
-    grid), negative scores, -inf past the visible entries and a padded row (position -1). `streamed`: a
-    register tile of a quarter of the width, so the longer rows take the histogram passes over tiles."""
+    grid), negative scores, -inf past the visible entries and a padded row (position -1)."""
     monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
     ratio, top_k = 4, (12 if device == "cpu" else 512)
     width = 40 if device == "cpu" else 2048
@@ -217,7 +215,7 @@ def test_topk_kernel_keeps_the_references_set(device, streamed, monkeypatch):
     scores[:, ::7] = -scores[:, ::7].abs() - 1                                          # some negative
     scores.masked_fill_(torch.arange(width)[None, :] >= torch.tensor(visible)[:, None], float("-inf"))
     scores, positions = scores.to(device), positions.to(device)
-    got = kernels.indexer_topk(scores, positions, ratio, top_k, max_width=width // 4 if streamed else width)
+    got = kernels.indexer_topk(scores, positions, ratio, top_k)
     monkeypatch.setattr(kernels, "use_kernels", lambda x: False)
     want = kernels.indexer_topk(scores, positions, ratio, top_k)
     assert got.shape == want.shape == (len(visible), top_k) and got.dtype == torch.int32
