@@ -1157,9 +1157,22 @@ def _use_gluon(flag: bool, x: torch.Tensor) -> bool:
     return flag and x.is_cuda and gluon is not None
 
 
-def _use_mma(flag: bool, x: torch.Tensor) -> bool:
-    """The tensor-core GEMVs take bf16 activations (on the GPU, or emulated in the interpreter)."""
-    return flag and x.dtype == torch.bfloat16 and x.shape[1] % 8 == 0
+def scales_fit_mma(w: Mxfp4Linear) -> bool:
+    """Whether every E8M0 scale of `w` lies in [MMA_SCALE_SHIFT, 128 + MMA_SCALE_SHIFT], where the tensor-core
+    GEMVs' bf16 weights are exact (released checkpoints sit near 115-130); weights outside take the other GEMVs.
+    Checked once per scales tensor (the answer is kept on it: packages wrap their parameters in a new
+    Mxfp4Linear each call), at its first call: one host sync, in the eager warm-up before any graph capture."""
+    fits = getattr(w.scales, "_fits_mma", None)
+    if fits is None:
+        fits = bool(((w.scales >= MMA_SCALE_SHIFT) & (w.scales <= 128 + MMA_SCALE_SHIFT)).all())
+        w.scales._fits_mma = fits
+    return fits
+
+
+def _use_mma(flag: bool, x: torch.Tensor, w: Mxfp4Linear) -> bool:
+    """The tensor-core GEMVs take bf16 activations (on the GPU, or emulated in the interpreter) and weights whose
+    scales they represent exactly."""
+    return flag and x.dtype == torch.bfloat16 and x.shape[1] % 8 == 0 and scales_fit_mma(w)
 
 
 def _mma_words(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -1218,7 +1231,7 @@ def mxfp4_gemv_gate_up(x: torch.Tensor, w13: Mxfp4Linear, topk_ids: torch.Tensor
     h = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)           # [pairs, inter]
     bias = w13.bias if w13.bias is not None else torch.empty(1, dtype=torch.float32, device=x.device)
     bias_stride = bias.stride(0) if w13.bias is not None else 0
-    if _use_mma(tiles.mma, x):
+    if _use_mma(tiles.mma, x, w13):
         words, stride_xw = _mma_words(x)
         block_n, split = 8 * tiles.mma_warps, tiles.mma_split
         grid = (num_tokens * top_k, triton.cdiv(inter, block_n), split)
@@ -1264,7 +1277,7 @@ def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor
     weights, ids = topk_weights.contiguous().view(-1), topk_ids.contiguous().view(-1)
     strides = (h.stride(0), w2.blocks.stride(0) // 16, w2.blocks.stride(1) // 16, w2.scales.stride(0),
                w2.scales.stride(1), bias.stride(0) if w2.bias is not None else 0, out.stride(0))
-    if _use_mma(tiles.mma_down, h):
+    if _use_mma(tiles.mma_down, h, w2):
         words, stride_hw = _mma_words(h)
         split = tiles.mma_split_down
         grid = (num_tokens, triton.cdiv(hidden, 16 * tiles.mma_warps_down), top_k * split)
@@ -1311,13 +1324,13 @@ def mxfp4_moe_gemv(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weig
     if topk_ids.numel() == 0:
         return torch.zeros(topk_ids.shape[0], hidden, dtype=x.dtype, device=x.device)
     tiles = tiles or GemvTiles.for_shape(hidden, inter)
-    num_counts = _down_counts(topk_ids.shape[0], hidden, tiles) if x.is_cuda and not _use_mma(tiles.mma_down, x) \
-        else 0
+    num_counts = _down_counts(topk_ids.shape[0], hidden, tiles) \
+        if x.is_cuda and not _use_mma(tiles.mma_down, x, w2) else 0
     # the split down GEMV's counters: zeroed by the gate/up launch, so no memset of their own (the tensor-core
     # gate/up does not: then the kept counters, which the down GEMV leaves at zero)
     counters = None
     if num_counts:
-        counters = _mma_counters(x.device, num_counts)[:num_counts] if _use_mma(tiles.mma, x) else \
+        counters = _mma_counters(x.device, num_counts)[:num_counts] if _use_mma(tiles.mma, x, w13) else \
             torch.empty(num_counts, dtype=torch.int32, device=x.device)
     h = mxfp4_gemv_gate_up(x, w13, topk_ids, activation, tiles, counters)
     return mxfp4_gemv_down(h, w2, topk_weights, topk_ids, tiles, counters)
