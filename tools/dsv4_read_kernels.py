@@ -105,7 +105,8 @@ def main() -> None:
                 scores = lambda m=module: m.indexer_scores(index_q, head_weights, keys, table, positions, requests, 4,
                                                            MAX_LEN // 4, BLOCK_SIZE, key_format)
                 selected = kernels.indexer_topk(scores(), positions, 4, TOP_K)
-                cases = {"indexer": scores, "top-k": lambda s=scores(): kernels.indexer_topk(s, positions, 4, TOP_K)}
+                cases = {"indexer": scores,
+                         "top-k": lambda m=module, s=scores(): m.indexer_topk(s, positions, 4, TOP_K)}
                 for kind, entries, ratio, picked in (("csa", csa, 4, selected), ("hca", hca, 128, None)):
                     cases[kind] = lambda m=module, e=entries, r=ratio, p=picked: m.sparse_attention(
                         q, positions, requests, window, table, WINDOW, e, table, r, p, sinks, DIM ** -0.5,
