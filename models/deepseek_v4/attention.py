@@ -13,9 +13,9 @@ from runtime.parallel import SINGLE, ParallelContext
 
 from . import kernels
 from .cache_ops import Fp8Entry, dequantize_entries, request_entries, write_entries
-from .compressor import Compressor, Indexer, Projection, Rows
+from .compressor import Compressor, Indexer, Projection
 from .config import AttentionKind
-from .linear import DENSE, Fp8Rows, Linears
+from .linear import DENSE, Fp8Rows, Linears, Rows
 from .rope import TrailingRope
 
 

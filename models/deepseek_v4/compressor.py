@@ -19,7 +19,7 @@ from runtime.ops.linear import Linear
 
 from . import kernels
 from .cache_ops import Fp8Entry, dequantize_entries, gather_entries, request_entries, write_entries
-from .linear import DENSE, Linears
+from .linear import DENSE, Linears, row_blocks
 from .rope import TrailingRope
 
 
@@ -31,32 +31,11 @@ class Projection(Linear):
 
     def __init__(self, in_features: int, widths: dict[str, int]):
         super().__init__(in_features, sum(widths.values()), bias=False)
-        self.parts: dict[str, slice] = {}
-        start = 0
-        for name, width in widths.items():
-            self.parts[name] = slice(start, start + width)
-            start += width
+        self.parts = row_blocks(widths)
 
     def columns(self, y: torch.Tensor, first: str, last: str | None = None) -> torch.Tensor:
         """The output columns of parts first .. last (adjacent blocks), a view of y [n, out_features]."""
         return y[:, self.parts[first].start:self.parts[last or first].stop]
-
-
-class Rows:
-    """A block of a Projection under the name the checkpoint gives it: its weight rows, read when asked (not a
-    module, so there is no second tensor for `.to()` to split off)."""
-
-    def __init__(self, projection: Projection, name: str):
-        self.projection, self.name = projection, name
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.projection.weight[self.projection.parts[self.name]]
-
-    @property
-    def out_features(self) -> int:
-        rows = self.projection.parts[self.name]
-        return rows.stop - rows.start
 
 
 class Compressor(nn.Module):

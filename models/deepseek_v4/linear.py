@@ -60,11 +60,11 @@ class Fp8Projection(Fp8Linear):
         return fp8_linear(x, self.weight, self.scale, 1, self.counters, silu_mul_output=True, limit=limit)
 
 
-class Fp8Rows:
-    """A part of an Fp8Projection under the checkpoint's name: its weight rows and scale rows, read when asked
-    (not a module, so there is no second tensor for `.to()` to split off)."""
+class Rows:
+    """A part of a stacked projection (anything with `weight` and `parts`) under the checkpoint's name: its weight
+    rows, read when asked (not a module, so there is no second tensor for `.to()` to split off)."""
 
-    def __init__(self, projection: Fp8Projection, name: str):
+    def __init__(self, projection: nn.Module, name: str):
         self.projection, self.name = projection, name
 
     @property
@@ -72,13 +72,18 @@ class Fp8Rows:
         return self.projection.weight[self.projection.parts[self.name]]
 
     @property
+    def out_features(self) -> int:
+        rows = self.projection.parts[self.name]
+        return rows.stop - rows.start
+
+
+class Fp8Rows(Rows):
+    """A part of an Fp8Projection: its weight rows and its block-scale rows."""
+
+    @property
     def scale(self) -> torch.Tensor:
         rows, block_out = self.projection.parts[self.name], self.projection.block[0]
         return self.projection.scale[rows.start // block_out:rows.stop // block_out]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
 
 
 class RowParallelFp8Linear(Fp8Linear):
