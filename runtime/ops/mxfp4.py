@@ -404,6 +404,17 @@ if triton is not None:
     }""")
 
     @triton.jit
+    def _add_slot_biases(out, bias_ptr, ids_ptr, weights_ptr, token, top_k, stride_bias, cols, mask):
+        """out + sum over the token's slots of weight * bias[expert][cols] (a negative id: another rank's expert,
+        nothing), the down projection's biases in fp32."""
+        for slot in range(0, top_k):
+            expert = tl.load(ids_ptr + token * top_k + slot).to(tl.int64)
+            if expert >= 0:
+                bias = tl.load(bias_ptr + expert * stride_bias + cols, mask=mask, other=0.0).to(tl.float32)
+                out += bias * tl.load(weights_ptr + token * top_k + slot).to(tl.float32)
+        return out
+
+    @triton.jit
     def _mxfp4_gemv_step(words, xs, BLOCK_G: tl.constexpr, PTX_DECODE: tl.constexpr):
         """[ROWS, BLOCK_G, 4] packed words x [BLOCK_G, 32] scaled activations -> [ROWS, BLOCK_G] block sums."""
         x0, x1, x2, x3, x4, x5, x6, x7 = _split_by_word_position(xs, BLOCK_G)
@@ -570,11 +581,7 @@ if triton is not None:
                 words, xs, scale_bits, weight = next_words, next_xs, next_scale_bits, next_weight
         out = tl.sum(acc, axis=1)
         if HAS_BIAS:
-            for slot in range(0, top_k):
-                expert = tl.load(ids_ptr + token * top_k + slot).to(tl.int64)
-                if expert >= 0:
-                    bias = tl.load(bias_ptr + expert * stride_bias + n, mask=n_mask, other=0.0).to(tl.float32)
-                    out += bias * tl.load(weights_ptr + token * top_k + slot).to(tl.float32)
+            out = _add_slot_biases(out, bias_ptr, ids_ptr, weights_ptr, token, top_k, stride_bias, n, n_mask)
         tl.store(out_ptr + token * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -1109,11 +1116,7 @@ if triton is not None:
                     out += tl.load(part_ptr + at, mask=mine, other=0.0, cache_modifier=".cg")
         if finish:
             if HAS_BIAS:
-                for other in range(0, top_k):
-                    e = tl.load(ids_ptr + token * top_k + other).to(tl.int64)
-                    if e >= 0:
-                        bias = tl.load(bias_ptr + e * stride_bias + rows, mask=mine, other=0.0).to(tl.float32)
-                        out += bias * tl.load(weights_ptr + token * top_k + other).to(tl.float32)
+                out = _add_slot_biases(out, bias_ptr, ids_ptr, weights_ptr, token, top_k, stride_bias, rows, mine)
             tl.store(out_ptr + token * stride_om + rows, out.to(out_ptr.dtype.element_ty), mask=mine)
 
 
