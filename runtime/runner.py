@@ -187,51 +187,125 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
 
 
+_NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
+
+
 class InputBuffers:
-    """Step inputs at fixed addresses: `host` numpy views (pinned on CUDA) and their device twins. The host
-    side has NUM_SLOTS copies, one per step in flight: a step's non-blocking uploads may still be reading its
-    slot while the next step is being prepared in the other. (On CPU the device twin is the host slot.)"""
+    """Every input of a step packed into one int64 staging buffer (one per host slot, pinned on CUDA) and
+    copied with one non-blocking copy (`upload`) into one device buffer, `flat`, whose views the step reads.
+
+    `flat` starts with the sampled-token region: a step that samples writes its tokens there (in logits row
+    order), where the next step's placeholders find them. The staged region follows. A step lays it out with
+    `begin`, the fields a CUDA graph reads, at offsets that depend only on the padded token and row counts
+    and the in-graph write capacity (a graph replay finds them where it was captured), then `take`s the rest
+    (logits rows, drafts, sampling parameters) packed behind them. The host side has NUM_SLOTS copies, one
+    per step in flight: a step's upload may still be reading its slot while the next step is prepared in the
+    other. The CPU path runs the same code: its `flat` is another host tensor."""
 
     NUM_SLOTS = 2
 
-    def __init__(self, max_tokens: int, max_reqs: int, num_groups: int, max_blocks: int, device: torch.device):
+    def __init__(self, max_tokens: int, max_reqs: int, num_groups: int, max_blocks: int, device: torch.device,
+                 drafter: bool = False, max_drafts: int = 0):
         pin = device.type == "cuda"
-        i32, i64 = torch.int32, torch.int64
-        shapes = dict(input_ids=(max_tokens, i64), positions=(max_tokens, i64), query_start_loc=(max_reqs + 1, i32),
-                      seq_lens=(max_reqs, i32), num_computed=(max_reqs, i32), logits_indices=(max_tokens, i64),
-                      draft_ids=(max_tokens, i64), placeholder_dst=(max_reqs, i64),
-                      placeholder_src=(max_reqs, i64), rows=(max_reqs, i64), next_ids=(max_tokens, i64),
-                      last_writable=(max_reqs, i64), sampling_rows=(max_reqs, i64), last_rows=(max_reqs, i64),
-                      segment=(max_tokens, i64), offset_in_segment=(max_tokens, i64),
-                      segment_start=(max_reqs, i64))
-        for g in range(num_groups):
-            shapes[f"slots{g}"] = (max_tokens, i64)
-            # staged block-table writes: flat index into the persistent table, and the block id
-            shapes[f"write_at{g}"] = (max_reqs * max_blocks, i64)
-            shapes[f"write_block{g}"] = (max_reqs * max_blocks, i32)
-
-        def host_slot() -> dict[str, torch.Tensor]:
-            return {n: torch.zeros(size, dtype=dtype, pin_memory=pin) for n, (size, dtype) in shapes.items()}
-
-        self.slots = [host_slot() for _ in range(self.NUM_SLOTS)]
-        self.slot_views = [{n: t.numpy() for n, t in tensors.items()} for tensors in self.slots]
         self.on_cuda = pin
-        self.device = {n: t.to(device) for n, t in self.slots[0].items()} if pin else {}
-        # the block tables of every request, by row, and the step's rows gathered from them (fixed addresses)
-        self.tables = [torch.zeros(max_reqs, max_blocks, dtype=i32, device=device) for _ in range(num_groups)]
-        self.step_tables = [torch.zeros(max_reqs, max_blocks, dtype=i32, device=device) for _ in range(num_groups)]
+        self.num_groups, self.drafter = num_groups, drafter
+        tokens, reqs, writes = max_tokens, max_reqs + 1, max_reqs * max_blocks
+        # the largest fixed part, then the taken fields: input ids, logits rows, drafts, their segments,
+        # overflow block-table writes and about 12 words of sampling parameters per logits row
+        capacity = self._fixed_words(tokens, reqs, [2 * reqs] * num_groups) + \
+            (16 + 2 * max_drafts) * tokens + 2 * reqs + num_groups * (writes + writes // 2 + 2) + 1024
+        self.sampled_rows = max_tokens                       # the sampled-token region at the front of `flat`
+        self.flat = torch.zeros(self.sampled_rows + capacity, dtype=torch.int64, device=device)
+        self.sampled = self.flat[:self.sampled_rows]
+        self.staged_slots = [torch.zeros(capacity, dtype=torch.int64, pin_memory=pin) for _ in range(self.NUM_SLOTS)]
+        self.staged_views = [t.numpy() for t in self.staged_slots]
+        self.capacity = capacity
+        # the graphs' input ids: the staged ids, or for a placeholder the sampled token, gathered from `flat`
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        # the block tables of every request, by row, one extra entry that padded writes land in; the step's
+        # rows gathered from them (fixed addresses)
+        self.scratch_write = max_reqs * max_blocks
+        self.tables_flat = [torch.zeros(max_reqs * max_blocks + 1, dtype=torch.int32, device=device)
+                            for _ in range(num_groups)]
+        self.tables = [t[:-1].view(max_reqs, max_blocks) for t in self.tables_flat]
+        self.step_tables = [torch.zeros(max_reqs, max_blocks, dtype=torch.int32, device=device)
+                            for _ in range(num_groups)]
+        self._fixed_cache: dict[tuple, tuple[dict, dict, int]] = {}
         self.use_slot(0)
 
-    def use_slot(self, slot: int) -> None:
-        self.host_tensors, self.host = self.slots[slot], self.slot_views[slot]
-        if not self.on_cuda:
-            self.device = self.host_tensors
+    def _fixed_fields(self, num_tokens: int, num_reqs: int, write_caps: list[int]) -> list[tuple]:
+        i32, i64 = torch.int32, torch.int64
+        fields = [("gather", num_tokens, i64), ("positions", num_tokens, i64)]
+        fields += [(f"slots{g}", num_tokens, i64) for g in range(self.num_groups)]
+        fields += [("rows", num_reqs, i64), ("query_start_loc", num_reqs + 1, i32), ("seq_lens", num_reqs, i32),
+                   ("num_computed", num_reqs, i32)]
+        for g, cap in enumerate(write_caps):
+            fields += [(f"write_at{g}", cap, i64), (f"write_block{g}", cap, i32)]
+        if self.drafter:
+            fields += [("next_ids", num_tokens, i64), ("last_rows", num_reqs, i64), ("sampling_rows", num_reqs, i64),
+                       ("last_writable", num_reqs, i64)]
+        return fields
 
-    def upload(self, name: str, rows: int) -> torch.Tensor:
-        """Copy the first `rows` rows host -> device (non-blocking) and return the device view."""
-        if self.on_cuda:
-            self.device[name][:rows].copy_(self.host_tensors[name][:rows], non_blocking=True)
-        return self.device[name][:rows]
+    def _fixed_words(self, num_tokens: int, num_reqs: int, write_caps: list[int]) -> int:
+        return sum(_words(n, dtype) for _, n, dtype in self._fixed_fields(num_tokens, num_reqs, write_caps))
+
+    def use_slot(self, slot: int) -> None:
+        self.slot = slot
+        self.staged, self.staged_np = self.staged_slots[slot], self.staged_views[slot]
+        self.host: dict[str, np.ndarray] = {}
+        self.device: dict[str, torch.Tensor] = {}
+        self.used = 0
+
+    def begin(self, num_tokens: int, num_reqs: int, write_caps: list[int]) -> None:
+        """Lay out the fixed part of a step: the same offsets for the same (tokens, rows, write capacities)."""
+        key = (self.slot, num_tokens, num_reqs, tuple(write_caps))
+        cached = self._fixed_cache.get(key)
+        if cached is None:
+            self.host, self.device, self.used = {}, {}, 0
+            for name, n, dtype in self._fixed_fields(num_tokens, num_reqs, write_caps):
+                self.take(name, n, dtype)
+            if len(self._fixed_cache) > 512:                  # eager shapes vary: keep the cache bounded
+                self._fixed_cache.clear()
+            cached = self._fixed_cache[key] = (self.host, self.device, self.used)
+        host, device, self.used = cached
+        self.host, self.device = dict(host), dict(device)
+
+    def take(self, name: str, n: int, dtype: torch.dtype = torch.int64) -> np.ndarray | None:
+        """The next `n` staged entries of `dtype` as field `name`: returns the host view (None if the staging
+        buffer is full); `device[name]` holds its device view, valid after `upload`."""
+        at, words = self.used, _words(n, dtype)
+        if at + words > self.capacity:
+            return None
+        self.used = at + words
+        host = self.staged_np[at:at + words].view(_NUMPY[dtype])[:n]
+        start = self.sampled_rows + at
+        self.host[name] = host
+        self.device[name] = self.flat[start:start + words].view(dtype)[:n]
+        return host
+
+    def flat_index(self, name: str) -> int:
+        """Where field `name` starts in `flat` (int64 fields)."""
+        return self.device[name].storage_offset() - self.flat.storage_offset()
+
+    def stage(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A device tensor of `values`, staged for the step's upload (a copy of its own if the buffer is full)."""
+        name = f"staged{self.used}"
+        host = self.take(name, len(values), dtype)
+        if host is None:
+            tensor = torch.tensor(values, dtype=dtype)
+            return tensor.pin_memory().to(self.flat.device, non_blocking=True) if self.on_cuda else tensor
+        host[:] = values
+        return self.device[name]
+
+    def upload(self) -> None:
+        """The step's one host -> device copy: everything staged so far."""
+        start = self.sampled_rows
+        self.flat[start:start + self.used].copy_(self.staged[:self.used], non_blocking=True)
+
+
+def _words(n: int, dtype: torch.dtype) -> int:
+    """int64 words that n entries of dtype take."""
+    return -(-n * dtype.itemsize // 8)
 
 
 @dataclass(slots=True)
@@ -247,6 +321,9 @@ class _HostStep:
     num_placeholders: int
     num_writes: list[int]                # staged block-table writes per group
     sampling_rows: list[int]             # per sampling request: its row in the plan
+    overflow: list[bool]                 # per group: writes staged in a tail, applied outside any graph
+    batch: SamplingBatch | None = None   # the sampling rows' parameters (staged with the inputs)
+    count_inputs: tuple[torch.Tensor, ...] | None = None   # penalties: (rows, extra rows, extra tokens)
 
 
 class ModelRunner:
@@ -270,7 +347,9 @@ class ModelRunner:
         self.max_blocks = kv.max_blocks_per_seq
         self.max_tokens = max(max_num_batched_tokens, max_reqs)
         self.tables = [np.zeros((max_reqs, self.max_blocks), dtype=np.int32) for _ in range(self.num_groups)]
-        self.buffers = InputBuffers(self.max_tokens, max_reqs, self.num_groups, self.max_blocks, device)
+        self.buffers = InputBuffers(self.max_tokens, max_reqs, self.num_groups, self.max_blocks, device,
+                                    drafter=drafter is not None, max_drafts=num_speculative_tokens)
+        self.prep_in_graph: set[tuple[int, int]] = set()   # graph keys whose graph runs `_prep_on_device`
         self.states: dict[str, RequestState] = {}
         self.num_speculative_tokens = num_speculative_tokens
         self.drafter = drafter
@@ -292,9 +371,8 @@ class ModelRunner:
         self.step_ready = [torch.cuda.Event() if on_cuda else None for _ in range(InputBuffers.NUM_SLOTS)]
         self.slot_step: list[PendingStep | None] = [None] * InputBuffers.NUM_SLOTS
         self.slot = 0
-        # the last launch's sampled tokens, still on the device, and each sampling request's row in them:
-        # the source of the next step's placeholders
-        self.last_sampled: torch.Tensor | None = None            # [rows] int64
+        # each sampling request's row in the last launch's sampled tokens (the front of the input buffer on
+        # the device): the source of the next step's placeholders
         self.last_sample_row: dict[str, int] = {}
         # with tensor-parallel workers: raises if one has died; polled while waiting for a step on the GPU,
         # where a collective with a dead peer would never finish
@@ -307,9 +385,9 @@ class ModelRunner:
 
     # ---- the plan's bookkeeping -----------------------------------------------------------------------
 
-    def apply_plan(self, plan: StepPlan) -> list[int]:
-        """Drop the states of requests that left, add those that join, replay the block-table writes (host
-        copy now, device twin staged for the upload); returns the staged writes per group."""
+    def apply_plan(self, plan: StepPlan) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Drop the states of requests that left, add those that join, replay the block-table writes on the
+        host copy; returns the writes per group for the device twin: (flat index into the table, block id)."""
         for request_id in (*plan.finished_ids, *plan.preempted_ids):
             self.states.pop(request_id, None)
             self.wants_prompt_logprobs.discard(request_id)
@@ -326,74 +404,77 @@ class ModelRunner:
             if joining.params.structured_outputs is not None:
                 state.matcher = self.grammars.matcher(joining.params.structured_outputs, state.output_token_ids,
                                                       state.token_ids[:state.num_prompt_tokens])
-        h = self.buffers.host
-        num_writes = []
-        for g, writes in enumerate(plan.block_writes):
-            at, blocks, n = h[f"write_at{g}"], h[f"write_block{g}"], 0
-            for row, start, ids in writes:
+        writes = []
+        for g in range(self.num_groups):
+            at, blocks = [], []
+            for row, start, ids in (plan.block_writes[g] if g < len(plan.block_writes) else ()):
                 self.tables[g][row, start:start + len(ids)] = ids
-                at[n:n + len(ids)] = np.arange(row * self.max_blocks + start, row * self.max_blocks + start + len(ids))
-                blocks[n:n + len(ids)] = ids
-                n += len(ids)
-            num_writes.append(n)
-        return num_writes + [0] * (self.num_groups - len(num_writes))
+                at.extend(range(row * self.max_blocks + start, row * self.max_blocks + start + len(ids)))
+                blocks.extend(ids)
+            writes.append((np.array(at, dtype=np.int64), np.array(blocks, dtype=np.int32)))
+        return writes
 
     # ---- inputs ---------------------------------------------------------------------------------------
 
-    def _fill_host(self, plan: StepPlan, num_writes: list[int], pad_to: int, query_len: int,
+    def _fill_host(self, plan: StepPlan, writes: list[tuple[np.ndarray, np.ndarray]], pad_to: int, query_len: int,
                    pad_tokens_to: int = 0) -> _HostStep:
-        """Write the step's inputs into the host buffers. Rows past the plan (graph padding) read the null
-        block, write nothing (slot -1) and see `query_len` keys. Placeholder tokens are listed for the
-        device fill."""
-        h = self.buffers.host
+        """Stage the step's inputs (see InputBuffers). Rows past the plan (graph padding) read the null block,
+        write nothing (slot -1) and see `query_len` keys. A placeholder token's input id is gathered from the
+        last launch's sampled tokens. A graph step stages up to 2 block-table writes per row where the graph
+        applies them (padded with writes to a scratch entry), and any more in a tail applied before the replay."""
+        b = self.buffers
         states = [self.states[rid] for rid in plan.request_ids]
         num_reqs = len(states)
         num_new = np.array(plan.num_new_tokens, dtype=np.int64)                       # [num_reqs]
         computed = np.array(plan.num_computed, dtype=np.int64)
-        rows = np.array([s.row for s in states], dtype=np.int64)
-        query_start_loc = h["query_start_loc"][:num_reqs + 1]
+        num_tokens = int(num_new.sum())
+        padded_reqs = max(num_reqs, pad_to)
+        padded_tokens = max(num_tokens + (padded_reqs - num_reqs) * query_len, pad_tokens_to)
+        num_writes = [len(at) for at, _ in writes]
+        caps = [2 * padded_reqs] * self.num_groups if pad_to else num_writes
+        b.begin(padded_tokens, padded_reqs, caps)
+        h = b.host
+        query_start_loc = h["query_start_loc"]
         query_start_loc[0] = 0
-        np.cumsum(num_new, out=query_start_loc[1:])
-        num_tokens = int(query_start_loc[-1])
+        np.cumsum(num_new, out=query_start_loc[1:num_reqs + 1])
         token_ids: list[int] = []
         for state, start, n, drafts in zip(states, plan.num_computed, plan.num_new_tokens, plan.draft_token_ids):
             token_ids.extend(state.token_ids[start:start + n - len(drafts)])
             token_ids.extend(drafts)
-        h["input_ids"][:num_tokens] = token_ids
+        input_ids = b.take("input_ids", padded_tokens)
+        input_ids[:num_tokens] = token_ids
+        input_ids[num_tokens:] = 0
+        h["gather"][:] = np.arange(b.flat_index("input_ids"), b.flat_index("input_ids") + padded_tokens)
         num_placeholders = self._list_placeholders(plan, query_start_loc, num_tokens)
         # position of each token = computed[req] + its offset inside the request's chunk
-        positions = h["positions"][:num_tokens]
-        positions[:] = np.arange(num_tokens) + np.repeat(computed - query_start_loc[:-1], num_new)
+        positions = h["positions"]
+        positions[:num_tokens] = np.arange(num_tokens) + np.repeat(computed - query_start_loc[:num_reqs], num_new)
         seq_lens = computed + num_new
         h["seq_lens"][:num_reqs] = seq_lens
         h["num_computed"][:num_reqs] = computed
+        rows = np.array([s.row for s in states], dtype=np.int64)
         h["rows"][:num_reqs] = rows
         token_rows = np.repeat(rows, num_new)
         for g, (table, ratio) in enumerate(zip(self.tables, self.ratios)):
-            blocks = table[token_rows, positions // self.block_size].astype(np.int64)
-            slots = h[f"slots{g}"][:num_tokens]
-            slots[:] = blocks * (self.block_size // ratio) + (positions % self.block_size) // ratio
+            real = positions[:num_tokens]
+            blocks = table[token_rows, real // self.block_size].astype(np.int64)
+            slots = h[f"slots{g}"]
+            slots[:num_tokens] = blocks * (self.block_size // ratio) + (real % self.block_size) // ratio
             if ratio > 1:                             # only the token that closes an entry writes it
-                slots[(positions + 1) % ratio != 0] = -1
-        padded_tokens = num_tokens
+                slots[:num_tokens][(real + 1) % ratio != 0] = -1
+            slots[num_tokens:] = -1                   # padding of every kind writes nothing
+        overflow = self._stage_writes(writes, caps)
         if pad_to > num_reqs:                         # graph padding: `query_len` tokens per padded row
-            pad, pad_tokens = slice(num_reqs, pad_to), slice(num_tokens, num_tokens + (pad_to - num_reqs) * query_len)
-            padded_tokens = pad_tokens.stop
-            h["input_ids"][pad_tokens] = 0
-            h["positions"][pad_tokens] = np.tile(np.arange(query_len), pad_to - num_reqs)
+            pad = slice(num_reqs, pad_to)
+            pad_tokens = slice(num_tokens, num_tokens + (pad_to - num_reqs) * query_len)
+            positions[pad_tokens] = np.tile(np.arange(query_len), pad_to - num_reqs)
             h["seq_lens"][pad] = query_len
             h["num_computed"][pad] = 0
             h["rows"][pad] = 0
-            h["query_start_loc"][num_reqs:pad_to + 1] = num_tokens + query_len * np.arange(pad_to - num_reqs + 1)
-            for g in range(self.num_groups):
-                h[f"slots{g}"][pad_tokens] = -1
-        if pad_tokens_to > padded_tokens:             # a piecewise bucket: tokens of no request, writing nothing
-            extra = slice(padded_tokens, pad_tokens_to)
-            h["input_ids"][extra] = 0
-            h["positions"][extra] = 0
-            for g in range(self.num_groups):
-                h[f"slots{g}"][extra] = -1
-            padded_tokens = pad_tokens_to
+            query_start_loc[num_reqs:pad_to + 1] = num_tokens + query_len * np.arange(pad_to - num_reqs + 1)
+            positions[pad_tokens.stop:] = 0
+        else:                                         # a piecewise bucket: tokens of no request
+            positions[num_tokens:] = 0
         # logits rows: each sampling request's last token and its drafts; draft_ids = the token each verifies
         sampling, num_drafts, logits_rows, draft_ids, sampling_rows = [], [], [], [], []
         ends = query_start_loc[1:num_reqs + 1]
@@ -408,25 +489,58 @@ class ModelRunner:
             logits_rows.extend(range(end - 1 - k, end))
             draft_ids.extend(drafts)
             draft_ids.append(-1)
-        h["logits_indices"][:len(logits_rows)] = logits_rows
-        h["draft_ids"][:len(draft_ids)] = draft_ids
+        b.take("logits_indices", len(logits_rows))[:] = logits_rows
+        b.take("draft_ids", len(draft_ids))[:] = draft_ids
+        if self.drafter is not None or any(num_drafts):
+            self._stage_segments(num_drafts)
         if self.drafter is not None:
-            self._fill_drafter_host(plan, states, query_start_loc, num_tokens, sampling_rows, pad_to)
-        return _HostStep(max(num_reqs, pad_to), padded_tokens, num_new, seq_lens, sampling, num_drafts,
-                         len(logits_rows), num_placeholders, num_writes, sampling_rows)
+            self._fill_drafter_host(plan, states, query_start_loc, num_tokens, padded_tokens, sampling_rows, pad_to)
+        return _HostStep(padded_reqs, padded_tokens, num_new, seq_lens, sampling, num_drafts, len(logits_rows),
+                         num_placeholders, num_writes, sampling_rows, overflow)
+
+    def _stage_writes(self, writes: list[tuple[np.ndarray, np.ndarray]], caps: list[int]) -> list[bool]:
+        """Stage each group's block-table writes in its fixed region (padded with scratch writes), or, past
+        its capacity, in a tail of their own; returns per group whether it has a tail."""
+        b, h = self.buffers, self.buffers.host
+        overflow = []
+        for g, ((at, blocks), cap) in enumerate(zip(writes, caps)):
+            at_field, block_field = h[f"write_at{g}"], h[f"write_block{g}"]
+            at_field[:], block_field[:] = b.scratch_write, 0
+            if len(at) <= cap:
+                at_field[:len(at)], block_field[:len(at)] = at, blocks
+            else:
+                b.take(f"tail_at{g}", len(at))[:] = at
+                b.take(f"tail_block{g}", len(at), torch.int32)[:] = blocks
+            overflow.append(len(at) > cap)
+        return overflow
+
+    def _stage_segments(self, num_drafts: list[int]) -> None:
+        """Per sampling request its first logits row (`segment_start`); per logits row its request
+        (`segment`) and its offset among the request's rows (`offset_in_segment`)."""
+        b = self.buffers
+        rows_per_request = np.array(num_drafts, dtype=np.int64) + 1
+        segment_start = b.take("segment_start", len(num_drafts))
+        segment_start[:1] = 0
+        np.cumsum(rows_per_request[:-1], out=segment_start[1:])
+        num_logits = int(rows_per_request.sum())
+        b.take("segment", num_logits)[:] = np.repeat(np.arange(len(num_drafts)), rows_per_request)
+        b.take("offset_in_segment", num_logits)[:] = np.arange(num_logits) - np.repeat(segment_start,
+                                                                                        rows_per_request)
 
     def _fill_drafter_host(self, plan: StepPlan, states: list[RequestState], query_start_loc: np.ndarray,
-                           num_tokens: int, sampling_rows: list[int], pad_to: int) -> None:
+                           num_tokens: int, padded_tokens: int, sampling_rows: list[int], pad_to: int) -> None:
         """A drafter's inputs known on the host: each row's next token (the following input in the
         request's chunk, or the next prompt token after a chunk that does not sample; -1 where the target's
         own token goes, filled on the device), and the last position each sampling request may write.
         Graph padding rows follow the sampling requests: each drafts from its first token (position 0, next
         token 0) over its own table row, and may write nothing (last writable position -1)."""
         h = self.buffers.host
-        next_ids = h["next_ids"][:num_tokens]
-        next_ids[:-1] = h["input_ids"][1:num_tokens]
+        next_ids = h["next_ids"]
+        if num_tokens:
+            next_ids[:num_tokens - 1] = h["input_ids"][1:num_tokens]
+        next_ids[num_tokens:] = 0
         for state, start, n, end, sample in zip(states, plan.num_computed, plan.num_new_tokens,
-                                                query_start_loc[1:].tolist(), plan.samples):
+                                                query_start_loc[1:len(states) + 1].tolist(), plan.samples):
             next_ids[end - 1] = -1 if sample else state.token_ids[start + n]
         last_writable = [plan.num_computed[i] + plan.num_new_tokens[i] - 1 + self.num_lookahead_tokens
                          for i in sampling_rows]
@@ -435,63 +549,58 @@ class ModelRunner:
         num_reqs = len(states)
         if pad_to > num_reqs:
             padding = slice(len(sampling_rows), len(sampling_rows) + pad_to - num_reqs)
-            starts = h["query_start_loc"][num_reqs:pad_to + 1]                   # the padding rows' tokens
-            h["next_ids"][num_tokens:starts[-1]] = 0
-            h["last_rows"][padding] = starts[:-1]
+            h["last_rows"][padding] = query_start_loc[num_reqs:pad_to]          # the padding rows' first tokens
             h["sampling_rows"][padding] = np.arange(num_reqs, pad_to)
             h["last_writable"][padding] = -1
 
     def _list_placeholders(self, plan: StepPlan, query_start_loc: np.ndarray, num_tokens: int) -> int:
-        """Write where this step's placeholder tokens sit (`placeholder_dst`) and their rows in the last
-        launch's sampled tokens (`placeholder_src`); returns how many there are."""
+        """Point the gather of each placeholder token at its row in the last launch's sampled tokens;
+        returns how many there are."""
         h = self.buffers.host
         dst = np.flatnonzero(h["input_ids"][:num_tokens] == PLACEHOLDER_TOKEN_ID)
         if not len(dst):
             return 0
-        owners = np.searchsorted(query_start_loc[1:], dst, side="right")          # row of each placeholder
+        owners = np.searchsorted(query_start_loc[1:len(plan.request_ids) + 1], dst, side="right")
         try:
             src = [self.last_sample_row[plan.request_ids[i]] for i in owners.tolist()]
         except KeyError as missing:
             raise RuntimeError(f"request {missing.args[0]} has a placeholder token that the last launched step "
                                f"did not sample") from None
-        h["placeholder_dst"][:len(dst)] = dst
-        h["placeholder_src"][:len(dst)] = src
+        h["gather"][dst] = src                       # the sampled-token region starts `flat`
         return len(dst)
 
     def prepare_inputs(self, plan: StepPlan, pad_to: int = 0, query_len: int = 1,
                        pad_tokens_to: int = 0) -> tuple[torch.Tensor, ForwardContext, _HostStep]:
         """(input_ids, ctx, host facts) for one step; `pad_to` rows of `query_len` tokens for a graph, or
-        `pad_tokens_to` tokens in all (past the rows' own) for a piecewise bucket."""
-        num_writes = self.apply_plan(plan)
-        step = self._fill_host(plan, num_writes, pad_to, query_len, pad_tokens_to)
+        `pad_tokens_to` tokens in all (past the rows' own) for a piecewise bucket. Stages every input and
+        the sampling parameters, uploads them in one copy, and (unless the step's graph does it) applies the
+        block-table writes, gathers the step's table rows and fills in placeholder tokens."""
+        writes = self.apply_plan(plan)
+        step = self._fill_host(plan, writes, pad_to, query_len, pad_tokens_to)
+        step.batch = self._sampling_batch(step) if step.sampling else None      # stages its parameters
+        b = self.buffers
+        b.upload()
+        d = b.device
+        for g in range(self.num_groups):
+            if step.overflow[g]:
+                b.tables_flat[g].index_copy_(0, d[f"tail_at{g}"], d[f"tail_block{g}"])
         num_reqs, num_tokens = step.num_reqs, step.num_tokens
-        up = self.buffers.upload
+        if (pad_to, query_len) not in self.prep_in_graph:
+            self._prep_on_device(num_reqs, num_tokens)
+        if step.count_inputs is not None:             # penalties: their counts, once the rows are on the device
+            penalties = step.batch.penalties
+            step.batch.penalties = (*penalties[:3], *self.token_counts.gather(*step.count_inputs))
         graphed = pad_to > 0
         width = self.max_blocks if graphed or not len(step.seq_lens) else \
             min(self.max_blocks, cdiv(int(step.seq_lens.max()) + self.num_lookahead_tokens, self.block_size))
-        step_tables = []
-        if self.buffers.on_cuda:
-            rows = up("rows", num_reqs)
-            for g in range(self.num_groups):
-                table = self.buffers.tables[g]
-                if step.num_writes[g]:
-                    # staged writes land in the persistent table; the step's rows are gathered from it
-                    table.view(-1).index_copy_(0, up(f"write_at{g}", step.num_writes[g]),
-                                               up(f"write_block{g}", step.num_writes[g]))
-                out = self.buffers.step_tables[g][:num_reqs]
-                torch.index_select(table, 0, rows, out=out)
-                step_tables.append(out[:, :width])
-        else:                                 # the host copy is the device's: read the rows straight from it
-            rows = self.buffers.host["rows"][:num_reqs]
-            step_tables = [torch.from_numpy(table[rows, :width]) for table in self.tables]
         ctx = ForwardContext(
-            positions=up("positions", num_tokens),
-            query_start_loc=up("query_start_loc", num_reqs + 1),
-            seq_lens=up("seq_lens", num_reqs),
-            num_computed=up("num_computed", num_reqs),
-            logits_indices=up("logits_indices", step.num_logits),
-            block_tables=step_tables,
-            slot_mappings=[up(f"slots{g}", num_tokens) for g in range(self.num_groups)],
+            positions=d["positions"],
+            query_start_loc=d["query_start_loc"],
+            seq_lens=d["seq_lens"],
+            num_computed=d["num_computed"],
+            logits_indices=d["logits_indices"],
+            block_tables=[table[:num_reqs, :width] for table in b.step_tables],
+            slot_mappings=[d[f"slots{g}"] for g in range(self.num_groups)],
             caches=self.caches,
             layer_group=self.layer_group,
             block_size=self.block_size,
@@ -499,15 +608,24 @@ class ModelRunner:
             # a graph serves every batch it is replayed for: kernels must size for the worst case
             max_seq_len=self.max_blocks * self.block_size if graphed or not len(step.seq_lens)
             else int(step.seq_lens.max()),
-            query_start_loc_host=self.buffers.host["query_start_loc"][:num_reqs + 1],
-            seq_lens_host=self.buffers.host["seq_lens"][:num_reqs],
+            query_start_loc_host=b.host["query_start_loc"],
+            seq_lens_host=b.host["seq_lens"],
         )
-        input_ids = up("input_ids", num_tokens)
-        if step.num_placeholders:
-            # the last launch's tokens go straight into this step's inputs, without a trip through the host
-            sampled = self.last_sampled.index_select(0, up("placeholder_src", step.num_placeholders))
-            input_ids.index_copy_(0, up("placeholder_dst", step.num_placeholders), sampled)
-        return input_ids, ctx, step
+        return b.input_ids[:num_tokens], ctx, step
+
+    def _prep_on_device(self, num_reqs: int, num_tokens: int) -> None:
+        """The device half of a step's inputs, from the uploaded fields: the staged block-table writes land
+        in the persistent tables, the step's rows are gathered from them, and the input ids are gathered
+        from the staged ids or, for placeholders, the last launch's sampled tokens. A CUDA graph captures
+        this (a fixed number of writes, padded with scratch writes), so a replay issues none of it."""
+        b = self.buffers
+        d = b.device
+        rows = d["rows"]
+        for g in range(self.num_groups):
+            if d[f"write_at{g}"].numel():
+                b.tables_flat[g].index_copy_(0, d[f"write_at{g}"], d[f"write_block{g}"])
+            torch.index_select(b.tables[g], 0, rows, out=b.step_tables[g][:num_reqs])
+        torch.index_select(b.flat, 0, d["gather"], out=b.input_ids[:num_tokens])
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
 
@@ -533,14 +651,18 @@ class ModelRunner:
                     continue
                 input_ids, ctx, step = self.prepare_inputs(StepPlan(), pad_to=size, query_len=query_len)
                 for _ in range(2):                                # warm up: compile kernels, settle allocator
+                    self._prep_on_device(step.num_reqs, step.num_tokens)
                     self.model.compute_logits(self.model(input_ids, ctx.positions, ctx))
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
+                    # the inputs' device half first: a replay then needs one upload before it, nothing else
+                    self._prep_on_device(step.num_reqs, step.num_tokens)
                     hidden = self.model(input_ids, ctx.positions, ctx)
                     logits = self.model.compute_logits(hidden)
                 pool = graph.pool()
                 self.graphs[(size, query_len)] = (graph, hidden, logits)
+                self.prep_in_graph.add((size, query_len))
                 if getattr(self.drafter, "capturable", False):
                     pool = self._capture_drafter((size, query_len), input_ids, ctx, step, hidden, pool)
         self.graphs = dict(sorted(self.graphs.items()))
@@ -618,8 +740,7 @@ class ModelRunner:
         size, query_len = key if key is not None else (0, 1)
         input_ids, ctx, step = self.prepare_inputs(plan, pad_to=size, query_len=query_len,
                                                    pad_tokens_to=bucket or 0)
-        # host work for the sampler before the launch, so that it overlaps the forward on the device
-        sampling = self._sampling_batch(step) if step.sampling else None
+        sampling = step.batch                 # staged with the inputs, before the forward is queued
         prompt_logprobs = None
         if key is not None:
             graph, _, graph_logits = self.graphs[key]
@@ -645,8 +766,10 @@ class ModelRunner:
         # the grammar masks are filled on the host while the device runs the forward queued above
         if sampling is not None:
             sampling.grammar = self._grammar_bitmask(plan, step)
-        draft_ids = self.buffers.upload("draft_ids", step.num_logits) if any(step.num_drafts) else None
-        out = sample(logits[:, :self.vocab_size], sampling, draft_ids)
+        draft_ids = self.buffers.device["draft_ids"] if any(step.num_drafts) else None
+        # the tokens land at the front of the input buffer, where the next step's placeholders read them
+        out = sample(logits[:, :self.vocab_size], sampling, draft_ids,
+                     out=self.buffers.sampled[:step.num_logits])
         if sampling.penalties is not None:
             emitted = None
             if out.accepted is not None:
@@ -712,43 +835,33 @@ class ModelRunner:
                       target_hidden: torch.Tensor, out: SamplerOutput | None, num_rows: int) -> DraftInputs:
         """The drafter's inputs for `num_rows` rows: the sampling requests, then (for a graph) its padding
         rows. Next tokens, last rows, table rows and last writable positions are views of fixed device
-        buffers, filled here outside any graph (a drafter graph reads them); at each request's last accepted
-        row the token the target just produced becomes the next token."""
-        up, h = self.buffers.upload, self.buffers.host
+        buffers, uploaded with the step's inputs and completed here outside any graph (a drafter graph reads
+        them); at each request's last accepted row the token the target just produced becomes the next token."""
+        d = self.buffers.device
         num_sampling = len(step.sampling)
-        next_ids = up("next_ids", len(input_ids))
-        segment_start = np.zeros(num_sampling, dtype=np.int64)
-        np.cumsum([k + 1 for k in step.num_drafts[:-1]], out=segment_start[1:])
-        h["segment_start"][:num_sampling] = segment_start
-        starts = up("segment_start", num_sampling)
+        next_ids = d["next_ids"][:len(input_ids)]
+        starts = d["segment_start"]
         if out is not None and out.accepted is not None:
             num_accepted, _, _ = self._accepted_per_request(step, out)
             last_logit_rows = starts + num_accepted
         else:
             last_logit_rows = starts
         # the padding rows' entries come from the host, the requests' from the logits rows
-        padded = num_rows > num_sampling
-        last_rows = up("last_rows", num_rows) if padded else self.buffers.device["last_rows"][:num_rows]
+        last_rows = d["last_rows"][:num_rows]
         torch.index_select(ctx.logits_indices, 0, last_logit_rows, out=last_rows[:num_sampling])
         if out is not None:
             next_ids.index_copy_(0, last_rows[:num_sampling], out.token_ids.index_select(0, last_logit_rows))
-        sampling_rows = up("sampling_rows", num_rows)
-        last_writable = up("last_writable", num_rows)
+        sampling_rows = d["sampling_rows"][:num_rows]
+        last_writable = d["last_writable"][:num_rows]
         return DraftInputs(target_hidden, next_ids, ctx.positions, ctx, last_rows, self.num_speculative_tokens,
                            lambda positions: self._draft_context(ctx, sampling_rows, positions, last_writable))
 
     def _accepted_per_request(self, step: _HostStep, out: SamplerOutput) -> tuple[torch.Tensor, ...]:
         """Drafts accepted per sampling request (the first row of its segment that did not accept; bonus
         rows never do), and per logits row its request and its offset in the request's rows."""
-        up, h = self.buffers.upload, self.buffers.host
+        d = self.buffers.device
         num_sampling = len(step.sampling)
-        rows_per_request = np.array(step.num_drafts) + 1
-        segment_start = np.zeros(num_sampling, dtype=np.int64)
-        np.cumsum(rows_per_request[:-1], out=segment_start[1:])
-        h["segment"][:step.num_logits] = np.repeat(np.arange(num_sampling), rows_per_request)
-        h["offset_in_segment"][:step.num_logits] = np.arange(step.num_logits) - np.repeat(segment_start,
-                                                                                          rows_per_request)
-        segment, offsets = up("segment", step.num_logits), up("offset_in_segment", step.num_logits)
+        segment, offsets = d["segment"], d["offset_in_segment"]
         stops = torch.where(out.accepted, self.num_speculative_tokens + 1, offsets)
         num_accepted = torch.full((num_sampling,), self.num_speculative_tokens + 1, dtype=torch.int64,
                                   device=self.device).scatter_reduce(0, segment, stops, reduce="amin")
@@ -783,31 +896,31 @@ class ModelRunner:
             seq_lens_host=seq_lens.numpy() if on_cpu else np.full(num_reqs, ctx.max_seq_len, dtype=np.int32))
 
     def _sampling_batch(self, step: _HostStep) -> SamplingBatch:
-        """One sampling row per logits row: a request with k drafts samples tokens step, step+1, .., step+k."""
+        """One sampling row per logits row: a request with k drafts samples tokens step, step+1, .., step+k.
+        Its parameters are staged with the step's inputs; penalties' counts are gathered after the upload
+        (`step.count_inputs`)."""
         rows = [s for s, k in zip(step.sampling, step.num_drafts) for _ in range(k + 1)]
         offsets = [i for k in step.num_drafts for i in range(k + 1)]
-        token_counts = None
-        if any(s.params.has_penalties for s in step.sampling):
-            token_counts = self._gather_token_counts(rows, offsets)
+        penalties = any(s.params.has_penalties for s in step.sampling)
+        if penalties:
+            step.count_inputs = self._stage_count_rows(rows, offsets)
+            self._count_rows = step.count_inputs[0]
         return SamplingBatch.from_requests(rows, self.vocab_size, self.device,
-                                           offsets if any(step.num_drafts) else None, token_counts)
+                                           offsets if any(step.num_drafts) else None, stage=self.buffers.stage,
+                                           counts_later=penalties)
 
-    def _gather_token_counts(self, rows: list[RequestState], offsets: list[int]) -> tuple[torch.Tensor, ...]:
-        """The penalties' counts of each logits row from the device copy; a verification row at offset i
-        also counts the i drafts before it (they are its output if it is reached)."""
+    def _stage_count_rows(self, rows: list[RequestState], offsets: list[int]) -> tuple[torch.Tensor, ...]:
+        """What the penalties' counts of each logits row are gathered with (from the device copy): its
+        request's row, and (extra row, extra token) pairs: a verification row at offset i also counts the i
+        drafts before it (they are its output if it is reached)."""
         draft_ids = self.buffers.host["draft_ids"]
         extra_rows, extra_tokens = [], []
         for j, offset in enumerate(offsets):
             extra_rows += [j] * offset
             extra_tokens += draft_ids[j - offset:j].tolist()
-        pin = self.device.type == "cuda"
-
-        def as_tensor(values: list[int]) -> torch.Tensor:
-            host = torch.tensor(values, dtype=torch.int64)
-            return host.pin_memory().to(self.device, non_blocking=True) if pin else host
-
-        self._count_rows = as_tensor([s.row for s in rows])
-        return self.token_counts.gather(self._count_rows, as_tensor(extra_rows), as_tensor(extra_tokens))
+        stage = self.buffers.stage
+        return (stage([s.row for s in rows], torch.int64), stage(extra_rows, torch.int64),
+                stage(extra_tokens, torch.int64))
 
     def _grammar_bitmask(self, plan: StepPlan, step: _HostStep) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Structured outputs' token masks for the step's logits rows (see structured.build_bitmask)."""
@@ -847,8 +960,8 @@ class ModelRunner:
         if ready is not None:
             ready.record()
         speculative = any(step.num_drafts)
-        self.last_sampled = out.token_ids if out is not None and not speculative else None
-        self.last_sample_row = {} if speculative else {s.request_id: row for row, s in enumerate(step.sampling)}
+        self.last_sample_row = {} if speculative or out is None else \
+            {s.request_id: row for row, s in enumerate(step.sampling)}
         placeholder_at = None
         if not speculative:
             placeholder_at = [len(state.token_ids) for state in step.sampling]
@@ -863,9 +976,9 @@ class ModelRunner:
         return pending
 
     def _to_host(self, tensor: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        """A non-blocking device -> pinned host copy (the tensor itself on CPU)."""
+        """A non-blocking device -> pinned host copy (on CPU: into `into`, else the tensor itself)."""
         if self.device.type != "cuda":
-            return tensor
+            return into.copy_(tensor) if into is not None else tensor
         if into is None:
             into = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         return into.copy_(tensor, non_blocking=True)

@@ -4,6 +4,7 @@ greedy, and top-n logprobs. Random rows draw from an exponential race whose nois
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -34,26 +35,34 @@ class SamplingBatch:
     @classmethod
     def from_requests(cls, requests: list, vocab_size: int, device: torch.device,
                       step_offsets: list[int] | None = None,
-                      token_counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> "SamplingBatch":
+                      token_counts: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      stage: Callable[[list, torch.dtype], torch.Tensor] | None = None,
+                      counts_later: bool = False) -> "SamplingBatch":
         """One row per entry of `requests` (anything with params, seed, token ids and output counts). A
         request verifying k drafts appears k + 1 times, `step_offsets` 0..k: row i samples its output
         token number num_output_tokens + i. Penalties read `token_counts` (output counts, seen), per row,
-        where the caller keeps them on the device; otherwise they are counted here from the token ids."""
+        where the caller keeps them on the device (`counts_later`: the caller puts them in `penalties` itself,
+        after `stage`d values reached the device); otherwise they are counted here from the token ids.
+        `stage(values, dtype)` returns a device tensor of values that the caller copies over with its other
+        inputs (one copy per step); without it each tensor is copied on its own."""
         params = [r.params for r in requests]
         offsets = step_offsets or [0] * len(requests)
         pin = device.type == "cuda"
 
         def as_tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            if stage is not None:
+                return stage(values, dtype)
             host = torch.tensor(values, dtype=dtype)
             return host.pin_memory().to(device, non_blocking=True) if pin else host
 
         all_greedy = all(p.greedy for p in params)
         top_k = [min(p.top_k, vocab_size) for p in params]
         penalties = None
-        if any(p.has_penalties for p in params) and token_counts is not None:
+        if any(p.has_penalties for p in params) and (token_counts is not None or counts_later):
             penalties = (as_tensor([p.presence_penalty for p in params], torch.float32),
                          as_tensor([p.frequency_penalty for p in params], torch.float32),
-                         as_tensor([p.repetition_penalty for p in params], torch.float32), *token_counts)
+                         as_tensor([p.repetition_penalty for p in params], torch.float32),
+                         *(token_counts or (None, None)))
         elif any(p.has_penalties for p in params):
             counts = torch.zeros(len(requests), vocab_size, dtype=torch.float32, device=device)
             seen = torch.zeros(len(requests), vocab_size, dtype=torch.bool, device=device)
@@ -157,8 +166,9 @@ def apply_penalties(logits: torch.Tensor, penalties: tuple[torch.Tensor, ...]) -
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor | None = None) -> SamplerOutput:
-    """logits [rows, vocab] fp32 -> one token per row.
+def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> SamplerOutput:
+    """logits [rows, vocab] fp32 -> one token per row (written into `out` [rows] int64 when given).
 
     With `draft_ids` [rows] (-1 = no draft) a row verifies a draft token by the rejection rule for a
     deterministic drafter (q = one-hot): greedy rows accept a draft equal to their argmax; random rows
@@ -176,7 +186,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor |
         logits = apply_bitmask(logits, batch.grammar)
     has_draft = draft_ids >= 0 if draft_ids is not None else None
     if batch.all_greedy:
-        token_ids = greedy_tokens(logits)
+        token_ids = greedy_tokens(logits, out=out)
         if has_draft is not None:
             accepted = has_draft & (token_ids == draft_ids)
     else:
@@ -189,7 +199,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor |
             accept_random = uniform_per_row(batch.seeds, batch.steps) < rows.excluded_prob
             random_tokens = torch.where(has_draft & accept_random, draft_ids, random_tokens)
             accepted = has_draft & torch.where(greedy_rows, rows.greedy == draft_ids, accept_random)
-        token_ids = torch.where(greedy_rows, rows.greedy, random_tokens)
+        token_ids = torch.where(greedy_rows, rows.greedy, random_tokens, out=out) if out is not None else \
+            torch.where(greedy_rows, rows.greedy, random_tokens)
     if raw_logprobs is not None:
         sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
         top_logprobs, top_ids = torch.topk(raw_logprobs, batch.max_logprobs, dim=-1)

@@ -496,22 +496,25 @@ if triton is not None:
         tl.store(out_ptr + row, best_id.to(tl.int64))
 
 
-def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """[rows] int64 argmax of logits [rows, vocab] (the first index on ties), as `torch.argmax`. On a GPU two
-    launches over (row, chunk) programs: torch reduces a row in one block, 27 us for one 129k row on an H200."""
+def greedy_tokens(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[rows] int64 argmax of logits [rows, vocab] (the first index on ties), as `torch.argmax`; into `out`
+    [rows] int64 when given. On a GPU two launches over (row, chunk) programs: torch reduces a row in one
+    block, 27 us for one 129k row on an H200."""
     if not (logits.is_cuda and triton is not None and os.environ.get("RUN_MODEL_TORCH_OPS") != "1"):
-        return logits.argmax(dim=-1)
-    return greedy_tokens_triton(logits)
+        return logits.argmax(dim=-1) if out is None else torch.argmax(logits, dim=-1, out=out)
+    return greedy_tokens_triton(logits, out=out)
 
 
-def greedy_tokens_triton(logits: torch.Tensor, block: int = 1024, chunk: int | None = None) -> torch.Tensor:
+def greedy_tokens_triton(logits: torch.Tensor, block: int = 1024, chunk: int | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     rows, vocab = logits.shape
     # a few rows still fill the GPU: about 256 programs at least
     chunk = chunk or max(block, min(8 * block, triton.next_power_of_2(-(-rows * vocab // 256))))
     num_chunks = -(-vocab // chunk)
     part_max = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
     part_arg = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if out is None:
+        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
         _chunk_max_kernel[(rows, num_chunks)](logits, logits.stride(0), vocab, part_max, part_arg, num_chunks,
                                               CHUNK=chunk, BLOCK=block, num_warps=4)
