@@ -28,7 +28,7 @@ from torch import nn
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheLayout, KVCacheManager, cdiv
 from runtime.request import PLACEHOLDER_TOKEN_ID, Logprob, SamplingParams
-from runtime.sampler import SamplingBatch, SamplerOutput, TokenCounts, sample
+from runtime.sampler import SamplingBatch, SamplerOutput, TokenCounts, greedy_tokens, sample
 from runtime.scheduler import StepPlan
 from runtime.spec_decode import DraftInputs
 from runtime.structured import GrammarCache, Matcher, build_bitmask
@@ -116,6 +116,10 @@ class PromptLogprobRows:
 
 
 PROMPT_LOGPROB_ROWS = 512            # logits rows computed at once for prompt logprobs (bounds the memory)
+# Graphs of up to this many rows (query length 1) end with the greedy tokens of every row, captured: the
+# argmax costs less there than its two launches outside the graph; past it, a batch that samples at random
+# would pay for a full read of its logits it does not use.
+GREEDY_IN_GRAPH_ROWS = 16
 
 
 def allocate_caches(layout: CacheLayout, num_blocks: list[int], block_size: int,
@@ -350,6 +354,7 @@ class ModelRunner:
         self.buffers = InputBuffers(self.max_tokens, max_reqs, self.num_groups, self.max_blocks, device,
                                     drafter=drafter is not None, max_drafts=num_speculative_tokens)
         self.prep_in_graph: set[tuple[int, int]] = set()   # graph keys whose graph runs `_prep_on_device`
+        self.greedy_in_graph: set[tuple[int, int]] = set()  # graph keys whose graph writes the rows' argmax
         self.states: dict[str, RequestState] = {}
         self.num_speculative_tokens = num_speculative_tokens
         self.drafter = drafter
@@ -650,9 +655,12 @@ class ModelRunner:
                 if size * query_len > self.max_tokens:
                     continue
                 input_ids, ctx, step = self.prepare_inputs(StepPlan(), pad_to=size, query_len=query_len)
+                greedy = query_len == 1 and size <= GREEDY_IN_GRAPH_ROWS
                 for _ in range(2):                                # warm up: compile kernels, settle allocator
                     self._prep_on_device(step.num_reqs, step.num_tokens)
-                    self.model.compute_logits(self.model(input_ids, ctx.positions, ctx))
+                    logits = self.model.compute_logits(self.model(input_ids, ctx.positions, ctx))
+                    if greedy:
+                        greedy_tokens(logits[:, :self.vocab_size], out=self.buffers.sampled[:size])
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
@@ -660,9 +668,13 @@ class ModelRunner:
                     self._prep_on_device(step.num_reqs, step.num_tokens)
                     hidden = self.model(input_ids, ctx.positions, ctx)
                     logits = self.model.compute_logits(hidden)
+                    if greedy:                                    # where the sampler would put them
+                        greedy_tokens(logits[:, :self.vocab_size], out=self.buffers.sampled[:size])
                 pool = graph.pool()
                 self.graphs[(size, query_len)] = (graph, hidden, logits)
                 self.prep_in_graph.add((size, query_len))
+                if greedy:
+                    self.greedy_in_graph.add((size, query_len))
                 if getattr(self.drafter, "capturable", False):
                     pool = self._capture_drafter((size, query_len), input_ids, ctx, step, hidden, pool)
         self.graphs = dict(sorted(self.graphs.items()))
@@ -768,8 +780,9 @@ class ModelRunner:
             sampling.grammar = self._grammar_bitmask(plan, step)
         draft_ids = self.buffers.device["draft_ids"] if any(step.num_drafts) else None
         # the tokens land at the front of the input buffer, where the next step's placeholders read them
-        out = sample(logits[:, :self.vocab_size], sampling, draft_ids,
-                     out=self.buffers.sampled[:step.num_logits])
+        sampled = self.buffers.sampled[:step.num_logits]
+        out = sample(logits[:, :self.vocab_size], sampling, draft_ids, out=sampled,
+                     greedy=sampled if key in self.greedy_in_graph else None)
         if sampling.penalties is not None:
             emitted = None
             if out.accepted is not None:

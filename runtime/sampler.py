@@ -167,8 +167,10 @@ def apply_penalties(logits: torch.Tensor, penalties: tuple[torch.Tensor, ...]) -
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor | None = None,
-           out: torch.Tensor | None = None) -> SamplerOutput:
+           out: torch.Tensor | None = None, greedy: torch.Tensor | None = None) -> SamplerOutput:
     """logits [rows, vocab] fp32 -> one token per row (written into `out` [rows] int64 when given).
+    `greedy` [rows], where given, is the argmax of these logits already computed (a CUDA graph's): an
+    all-greedy batch whose logits nothing modifies takes it as its tokens.
 
     With `draft_ids` [rows] (-1 = no draft) a row verifies a draft token by the rejection rule for a
     deterministic drafter (q = one-hot): greedy rows accept a draft equal to their argmax; random rows
@@ -176,6 +178,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor |
     max(0, p - q)). The returned token is then the one the row emits if every earlier draft was accepted;
     rows without a draft sample as usual. The output distribution is exactly the target's."""
     sampled_logprobs = top_logprobs = top_ids = accepted = None
+    raw_logits = logits
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
     if batch.penalties is not None:
         logits = apply_penalties(logits, batch.penalties)
@@ -185,7 +188,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor |
     if batch.grammar is not None:
         logits = apply_bitmask(logits, batch.grammar)
     has_draft = draft_ids >= 0 if draft_ids is not None else None
-    if batch.all_greedy:
+    if batch.all_greedy and greedy is not None and logits is raw_logits:
+        token_ids = greedy
+        if out is not None and out.data_ptr() != greedy.data_ptr():
+            token_ids = out.copy_(greedy)
+        if has_draft is not None:
+            accepted = has_draft & (token_ids == draft_ids)
+    elif batch.all_greedy:
         token_ids = greedy_tokens(logits, out=out)
         if has_draft is not None:
             accepted = has_draft & (token_ids == draft_ids)
