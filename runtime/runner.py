@@ -257,7 +257,7 @@ class InputBuffers:
         self.slot = slot
         self.staged, self.staged_np = self.staged_slots[slot], self.staged_views[slot]
         self.host: dict[str, np.ndarray] = {}
-        self.device: dict[str, torch.Tensor] = {}
+        self.device = _DeviceViews(self.flat, {})
         self.used = 0
 
     def begin(self, num_tokens: int, num_reqs: int, write_caps: list[int]) -> None:
@@ -265,35 +265,35 @@ class InputBuffers:
         key = (self.slot, num_tokens, num_reqs, tuple(write_caps))
         cached = self._fixed_cache.get(key)
         if cached is None:
-            self.host, self.device, self.used = {}, {}, 0
+            self.host, self.device, self.used = {}, _DeviceViews(self.flat, {}), 0
             for name, n, dtype in self._fixed_fields(num_tokens, num_reqs, write_caps):
                 self.take(name, n, dtype)
             if len(self._fixed_cache) > 512:                  # eager shapes vary: keep the cache bounded
                 self._fixed_cache.clear()
             cached = self._fixed_cache[key] = (self.host, self.device, self.used)
-        host, device, self.used = cached
-        self.host, self.device = dict(host), dict(device)
+        host, fixed, self.used = cached
+        self.host, self.device = dict(host), _DeviceViews(self.flat, {}, fixed)
+        self.device.update(fixed)                             # the fixed part's views made so far
 
     def take(self, name: str, n: int, dtype: torch.dtype = torch.int64) -> np.ndarray | None:
         """The next `n` staged entries of `dtype` as field `name`: returns the host view (None if the staging
-        buffer is full); `device[name]` holds its device view, valid after `upload`."""
+        buffer is full); `device[name]` is its device view, valid after `upload`."""
         at, words = self.used, _words(n, dtype)
         if at + words > self.capacity:
             return None
         self.used = at + words
         host = self.staged_np[at:at + words].view(_NUMPY[dtype])[:n]
-        start = self.sampled_rows + at
         self.host[name] = host
-        self.device[name] = self.flat[start:start + words].view(dtype)[:n]
+        self.device.specs[name] = (self.sampled_rows + at, words, n, dtype)
         return host
 
     def flat_index(self, name: str) -> int:
-        """Where field `name` starts in `flat` (int64 fields)."""
-        return self.device[name].storage_offset() - self.flat.storage_offset()
+        """Where field `name` starts in `flat`."""
+        return self.device.spec(name)[0]
 
     def stage(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """A device tensor of `values`, staged for the step's upload (a copy of its own if the buffer is full)."""
-        name = f"staged{self.used}"
+        name = f"staged{len(self.host)}"                      # one name per field (empty ones included)
         host = self.take(name, len(values), dtype)
         if host is None:
             tensor = torch.tensor(values, dtype=dtype)
@@ -305,6 +305,30 @@ class InputBuffers:
         """The step's one host -> device copy: everything staged so far."""
         start = self.sampled_rows
         self.flat[start:start + self.used].copy_(self.staged[:self.used], non_blocking=True)
+
+
+class _DeviceViews(dict):
+    """Device views of staged fields by name, each made when first read (a view costs microseconds of host
+    time, and most steps read few of the fields they stage); `fixed` holds those of the step's fixed part."""
+
+    def __init__(self, flat: torch.Tensor, specs: dict[str, tuple], fixed: _DeviceViews | None = None):
+        super().__init__()
+        self.flat, self.specs, self.fixed = flat, specs, fixed
+
+    def spec(self, name: str) -> tuple[int, int, int, torch.dtype]:
+        """(start in flat, int64 words, entries, dtype) of a field."""
+        return self.specs[name] if name in self.specs else self.fixed.spec(name)
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        if name in self.specs:
+            start, words, n, dtype = self.specs[name]
+            view = self.flat[start:start + words].view(dtype)[:n]
+        elif self.fixed is not None:
+            view = self.fixed[name]
+        else:
+            raise KeyError(name)
+        self[name] = view
+        return view
 
 
 def _words(n: int, dtype: torch.dtype) -> int:
