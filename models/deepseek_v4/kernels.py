@@ -524,26 +524,130 @@ if triton is not None:
             slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
             tl.store(out + slot, w, mask=take)
 
+    @triton.jit
+    def _radix_digit(counts, need, BINS: tl.constexpr):
+        """counts [BINS] of the keys still in play, by their next digit -> (the digit of the need-th largest,
+        how many keys with that digit are still needed: those of a higher digit are all kept)."""
+        at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts        # non-increasing
+        digit = tl.sum((at_or_above >= need).to(tl.int32), axis=0) - 1
+        return digit, need - tl.sum(tl.where(tl.arange(0, BINS) > digit, counts, 0), axis=0)
 
-TOPK_MAX_WIDTH = 8192        # the kernel keeps a row in registers; wider rows go to torch.topk
+    @triton.jit
+    def _topk_radix_kernel(scores_ptr, positions_ptr, out_ptr, hist1_ptr, hist23_ptr, state_ptr, counts_ptr,
+                           scores_stride, out_stride, width, num_chunks, RATIO: tl.constexpr, K: tl.constexpr,
+                           BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, PASS: tl.constexpr):
+        # a wide row's top-k with a program per CHUNK entries, in five launches over one grid (PASS 1-5). The
+        # K-th largest key T is found a digit at a time (bits 31-24, 23-12, 11-0 of the order-preserving key):
+        # pass 1 counts the high digits per chunk; pass 2 adds those up, finds the digit of the K-th key and
+        # counts the next digit of the keys that have it (atomics into a row's 4,096 bins); pass 3 likewise
+        # for the low digit; pass 4 counts per chunk the keys above T and equal to it; pass 5 writes, in index
+        # order as _indexer_topk_kernel does, the keys above T and the first ties, each chunk at the offset the
+        # counts of the chunks before it give. Only chunks holding visible entries work; a row with at most K
+        # visible keeps them all (pass 5, no score read). Every buffer a pass reads was written (or zeroed,
+        # pass 1) earlier in the same call: nothing carries over between calls.
+        token = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        visible = tl.maximum(tl.load(positions_ptr + token).to(tl.int32) + 1, 0) // RATIO
+        out = out_ptr + token * out_stride
+        if visible <= K:
+            if PASS == 5 and chunk == 0:
+                j = tl.arange(0, BLOCK_K)
+                tl.store(out + j, tl.where(j < visible, j, -1), mask=j < K)
+        elif chunk * CHUNK < tl.minimum(visible, width):
+            seen = tl.minimum(visible, width)
+            w = chunk * CHUNK + tl.arange(0, CHUNK)
+            mask = w < seen
+            bits = tl.load(scores_ptr + token * scores_stride + w, mask=mask, other=0.0).to(tl.int32, bitcast=True)
+            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648     # as in _indexer_topk_kernel
+            hist1 = hist1_ptr + token * num_chunks * 256                            # [num_chunks, 256]
+            hist2 = hist23_ptr + token * 8192                                       # [4096], then hist3 [4096]
+            hist3 = hist2 + 4096
+            state = state_ptr + token * 4                          # high digit, need; middle digit, need
+            if PASS == 1:
+                high = tl.where(mask, key >> 24, 0).to(tl.int32)
+                counts = tl.histogram(high, 256)
+                counts -= tl.where(tl.arange(0, 256) == 0, CHUNK - tl.sum(mask.to(tl.int32), axis=0), 0)
+                tl.store(hist1 + chunk * 256 + tl.arange(0, 256), counts)
+                if chunk == 0:                                     # passes 2 and 3 add into these
+                    tl.store(hist2 + tl.arange(0, 8192), tl.zeros([8192], tl.int32))
+            elif PASS == 2:
+                c = tl.arange(0, BLOCK_C)
+                b = tl.arange(0, 256)
+                chunks = tl.cdiv(seen, CHUNK)
+                total = tl.zeros([256], tl.int32)
+                for c0 in range(0, chunks, BLOCK_C):
+                    rows = hist1 + (c0 + c)[:, None] * 256 + b[None, :]
+                    total += tl.sum(tl.load(rows, mask=(c0 + c < chunks)[:, None], other=0), axis=0)
+                high, need = _radix_digit(total, K, 256)
+                if chunk == 0:
+                    tl.store(state, high)
+                    tl.store(state + 1, need)
+                tl.atomic_add(hist2 + ((key >> 12) & 4095), 1, mask=mask & ((key >> 24) == high), sem="relaxed")
+            else:
+                high = tl.load(state).to(tl.int64)
+                if PASS == 3:
+                    middle, need = _radix_digit(tl.load(hist2 + tl.arange(0, 4096)), tl.load(state + 1), 4096)
+                    if chunk == 0:
+                        tl.store(state + 2, middle)
+                        tl.store(state + 3, need)
+                    tl.atomic_add(hist3 + (key & 4095), 1, mask=mask & ((key >> 12) == (high << 12) + middle),
+                                  sem="relaxed")
+                else:
+                    low, room = _radix_digit(tl.load(hist3 + tl.arange(0, 4096)), tl.load(state + 3), 4096)
+                    threshold = (high << 24) + (tl.load(state + 2).to(tl.int64) << 12) + low
+                    above = mask & (key > threshold)
+                    ties = mask & (key == threshold)                  # room of them are kept, the first ones
+                    counts = counts_ptr + token * num_chunks * 2     # [num_chunks, 2]: above, ties
+                    if PASS == 4:
+                        tl.store(counts + chunk * 2, tl.sum(above.to(tl.int32), axis=0))
+                        tl.store(counts + chunk * 2 + 1, tl.sum(ties.to(tl.int32), axis=0))
+                    else:
+                        c = tl.arange(0, BLOCK_C)
+                        above_before = tl.zeros([], tl.int32)
+                        ties_before = tl.zeros([], tl.int32)
+                        for c0 in range(0, chunk, BLOCK_C):
+                            before = c0 + c < chunk
+                            above_before += tl.sum(tl.load(counts + (c0 + c) * 2, mask=before, other=0), axis=0)
+                            ties_before += tl.sum(tl.load(counts + (c0 + c) * 2 + 1, mask=before, other=0), axis=0)
+                        tie_rank = ties_before + tl.cumsum(ties.to(tl.int32), axis=0) - 1
+                        take = above | (ties & (tie_rank < room))
+                        slot = above_before + tl.minimum(ties_before, room) + tl.cumsum(take.to(tl.int32), axis=0) - 1
+                        tl.store(out + slot, w, mask=take)
+
+
+TOPK_MAX_WIDTH = 8192        # the one-program kernel keeps a row in registers; wider rows take the radix kernel
+TOPK_CHUNK = 4096            # entries a program of the radix kernel (a power of two)
+TOPK_CHUNK_WARPS = 8
 
 
 def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, top_k: int) -> torch.Tensor:
-    """[n, min(top_k, width)] int32 entry indices per query (in no particular order), -1 where fewer entries
-    are visible. A fixed-shape top-k: no length is read on the host, nothing is reset between calls (every
-    score is written each call). One launch on a GPU up to TOPK_MAX_WIDTH entries, torch.topk beyond."""
+    """[n, min(top_k, width)] int32 entry indices per query (the kernels': in index order), -1 where fewer
+    entries are visible. A fixed-shape top-k: no length is read on the host, nothing is reset between calls (every
+    score is written each call). On a GPU one launch up to TOPK_MAX_WIDTH entries, five launches of a
+    program per TOPK_CHUNK entries beyond (the torch reference elsewhere)."""
     n, width = scores.shape
     k = min(top_k, width)
-    if use_kernels(scores) and width <= TOPK_MAX_WIDTH:
-        out = torch.empty(n, k, dtype=torch.int32, device=scores.device)
-        if n and k:
-            _indexer_topk_kernel[(n,)](scores, positions, out, scores.stride(0), out.stride(0), width,
-                                       RATIO=ratio, K=k, BLOCK_K=_pow2(k), BLOCK_W=_pow2(width),
-                                       num_warps=8 if width > 2048 else 4)
+    if not use_kernels(scores):
+        top = torch.topk(scores, k, dim=-1, sorted=False).indices                  # [n, k]
+        visible = (positions.clamp(min=-1) + 1) // ratio
+        return torch.where(top >= visible[:, None], -1, top).to(torch.int32)
+    out = torch.empty(n, k, dtype=torch.int32, device=scores.device)
+    if n == 0 or k == 0:
         return out
-    top = torch.topk(scores, k, dim=-1, sorted=False).indices                  # [n, k]
-    visible = (positions.clamp(min=-1) + 1) // ratio
-    return torch.where(top >= visible[:, None], -1, top).to(torch.int32)
+    if width <= TOPK_MAX_WIDTH:
+        _indexer_topk_kernel[(n,)](scores, positions, out, scores.stride(0), out.stride(0), width,
+                                   RATIO=ratio, K=k, BLOCK_K=_pow2(k), BLOCK_W=_pow2(width),
+                                   num_warps=8 if width > 2048 else 4)
+        return out
+    chunks = triton.cdiv(width, TOPK_CHUNK)
+    work = torch.empty(n * (chunks * 258 + 8196), dtype=torch.int32, device=scores.device)
+    hist1, hist23, state, counts = work.split([n * chunks * 256, n * 8192, n * 4, n * chunks * 2])
+    for step in range(1, 6):
+        _topk_radix_kernel[(n, chunks)](scores, positions, out, hist1, hist23, state, counts,
+                                        scores.stride(0), out.stride(0), width, chunks, RATIO=ratio, K=k,
+                                        BLOCK_K=_pow2(k), CHUNK=TOPK_CHUNK, BLOCK_C=16, PASS=step,
+                                        num_warps=TOPK_CHUNK_WARPS)
+    return out
 
 
 # ---- sparse attention over window + compressed entries ----------------------------------------------------
