@@ -952,6 +952,7 @@ if triton is not None:
 
 
 BLOCK_HEADS = 16
+ATTENTION_BLOCK_N = 32       # keys a tile
 MAX_SPLITS = 64
 TARGET_PROGRAMS = 132        # one per SM on an H200 (a program takes most of its registers): split the keys until a
                              # small batch fills it
@@ -987,7 +988,7 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
     has_entries = entry_cache is not None
     num_selected = selected.shape[1] if selected is not None else 0
     max_keys = window + (num_selected if selected is not None else (max_entries if has_entries else 0))
-    block_n = 32
+    block_n = ATTENTION_BLOCK_N
     splits = attention_splits(n, heads, max_keys, block_n)
     head_blocks = triton.cdiv(heads, BLOCK_HEADS)
     if splits > 1:

@@ -231,6 +231,63 @@ def test_topk_kernel_keeps_the_references_set(device, monkeypatch):
             assert torch.equal(row[kept].sort().values, row[ref].sort().values)
 
 
+def _exact_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, k: int) -> torch.Tensor:
+    """The kernels' selection, in torch: the entries above the k-th largest visible score and the first of its
+    ties, in index order (a visible -inf above every entry not visible); every visible entry in order, then -1,
+    when at most k are visible."""
+    n, width = scores.shape
+    visible = (positions.clamp(min=-1) + 1) // ratio                                  # [n]
+    index = torch.arange(width, device=scores.device)
+    seen = index[None, :] < visible[:, None]
+    bits = scores.view(torch.int32).long()
+    key = torch.where(seen, (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2**31, -1)       # order-preserving
+    threshold = key.topk(k, dim=-1).values[:, -1:]
+    above, ties = key > threshold, key == threshold
+    room = k - above.sum(dim=-1, keepdim=True)
+    take = above | (ties & (ties.cumsum(dim=-1) <= room))
+    picked = torch.where(take, index, width).sort(dim=-1).values[:, :k]
+    everything = torch.where(index[:k] < visible[:, None], index[:k], -1)
+    return torch.where((visible <= k)[:, None], everything, picked).to(torch.int32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_wide_topk_is_the_exact_top_k_in_index_order(device, monkeypatch):
+    """Rows just below, at and above the one-program kernel's width, and far wider (the radix kernel, a program
+    per chunk): the same entries in the same order as the exact selection, on rows with no entry visible,
+    fewer than k, k, k + 1, all, more than the width, and random counts; scores on a coarse grid (many ties),
+    a row of equal scores, visible -inf scores. In a CUDA graph on the GPU, replayed at other positions."""
+    monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
+    if device == "cpu":     # the radix kernel reached at small widths: a program per 16 entries
+        monkeypatch.setattr(kernels, "TOPK_MAX_WIDTH", 24)
+        monkeypatch.setattr(kernels, "TOPK_CHUNK", 16)
+        ratio, top_k, widths = 4, 12, (23, 24, 25, 70)
+    else:
+        ratio, top_k = 4, 512
+        widths = (kernels.TOPK_MAX_WIDTH - 1, kernels.TOPK_MAX_WIDTH, kernels.TOPK_MAX_WIDTH + 1, 32768 + 5, 1 << 18)
+    generator = torch.Generator().manual_seed(7)
+    for width in widths:
+        visible = [0, 3, top_k, top_k + 1, width, width + 40, width - 1, top_k + 5]
+        visible += torch.randint(top_k + 2, width, (4,), generator=generator).tolist()
+        positions = torch.tensor([-1] + [v * ratio + ratio - 2 for v in visible[1:]])
+        scores = (torch.randn(len(visible), width, generator=generator) * 4).round() / 4
+        scores[:, ::7] = -scores[:, ::7].abs() - 1
+        scores[6] = 0.5                                                       # every entry a tie
+        scores[7, ::3] = float("-inf")                                       # visible, below every score
+        scores.masked_fill_(torch.arange(width)[None, :] >= torch.tensor(visible)[:, None], float("-inf"))
+        scores, positions = scores.to(device), positions.to(device)
+        want = _exact_topk(scores, positions, ratio, top_k)
+        got = kernels.indexer_topk(scores, positions, ratio, top_k)
+        assert got.dtype == torch.int32 and torch.equal(got, want), f"width {width}"
+        if device == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = kernels.indexer_topk(scores, positions, ratio, top_k)
+            for shift in (-1, 1):                                # fewer, then more entries visible
+                positions.copy_(torch.roll(positions, shift))
+                graph.replay()
+                assert torch.equal(captured, _exact_topk(scores, positions, ratio, top_k)), f"width {width}"
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["csa", "hca"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_compressor_kernels_match_reference(device, overlap):
@@ -558,6 +615,11 @@ def test_decode_kernels_compile_for_hopper():
     module = "models.deepseek_v4.kernels"
     cases = [Case(module, "_indexer_topk_kernel", dict(RATIO=4, K=512, BLOCK_K=512, BLOCK_W=width),
                   {"scores_ptr": "*fp32", "out_ptr": "*i32"}) for width in (2048, kernels.TOPK_MAX_WIDTH)]
+    cases += [Case(module, "_topk_radix_kernel", dict(RATIO=4, K=512, BLOCK_K=512, CHUNK=kernels.TOPK_CHUNK,
+                                                      BLOCK_C=16, PASS=step),
+                   {"scores_ptr": "*fp32", "out_ptr": "*i32", "hist1_ptr": "*i32", "hist23_ptr": "*i32",
+                    "state_ptr": "*i32", "counts_ptr": "*i32"}, options={"num_warps": kernels.TOPK_CHUNK_WARPS})
+              for step in range(1, 6)]
     cases += [Case(module, "_hc_pre_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, SPAN=span, PARTIALS=partials,
                                                   M=64 if partials else 24, CHUNKS=64 if partials else 1,
                                                   BLOCK_C=64 if partials else 1, NORM=norm, WEIGHT_IN_FP32=True,
