@@ -535,43 +535,53 @@ if triton is not None:
     @triton.jit
     def _topk_radix_kernel(scores_ptr, positions_ptr, out_ptr, hist1_ptr, hist23_ptr, state_ptr, counts_ptr,
                            scores_stride, out_stride, width, num_chunks, RATIO: tl.constexpr, K: tl.constexpr,
-                           BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, PASS: tl.constexpr):
-        # a wide row's top-k with a program per CHUNK entries, in five launches over one grid (PASS 1-5). The
-        # K-th largest key T is found a digit at a time (bits 31-24, 23-12, 11-0 of the order-preserving key):
+                           BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, PASS: tl.constexpr,
+                           LOOKBACK: tl.constexpr):
+        # a wide row's top-k with a program per CHUNK entries, in launches over one grid (PASS 1-5). The K-th
+        # largest key T is found a digit at a time (bits 31-24, 23-12, 11-0 of the order-preserving key):
         # pass 1 counts the high digits per chunk; pass 2 adds those up, finds the digit of the K-th key and
         # counts the next digit of the keys that have it (atomics into a row's 4,096 bins); pass 3 likewise
         # for the low digit; pass 4 counts per chunk the keys above T and equal to it; pass 5 writes, in index
         # order as _indexer_topk_kernel does, the keys above T and the first ties, each chunk at the offset the
-        # counts of the chunks before it give. Only chunks holding visible entries work; a row with at most K
-        # visible keeps them all (pass 5, no score read). Every buffer a pass reads was written (or zeroed,
-        # pass 1) earlier in the same call: nothing carries over between calls.
+        # counts of the chunks before it give. With LOOKBACK pass 5 counts too (no pass 4): a program takes its
+        # chunk by ticket, publishes its counts, then waits for those of the chunks before it, whose programs
+        # took earlier tickets so are running and publish without waiting (no deadlock, whatever the grid).
+        # Only chunks holding visible entries work; a row with at most K visible keeps them all (pass 5, no
+        # score read). Every buffer a pass reads was written (or zeroed, pass 1) earlier in the same call.
         token = tl.program_id(0).to(tl.int64)
-        chunk = tl.program_id(1)
         visible = tl.maximum(tl.load(positions_ptr + token).to(tl.int32) + 1, 0) // RATIO
+        seen = tl.minimum(visible, width)
         out = out_ptr + token * out_stride
+        hist1 = hist1_ptr + token * num_chunks * 256                            # [num_chunks, 256]
+        hist2 = hist23_ptr + token * 8192                                       # [4096], then hist3 [4096]
+        hist3 = hist2 + 4096
+        state = state_ptr + token * 8                 # high digit, need; middle digit, need; ticket
+        counts = counts_ptr + token * num_chunks * 2                            # [num_chunks, 2]
+        chunk = tl.program_id(1)
+        if LOOKBACK and PASS == 5:
+            if visible > K:
+                chunk = tl.atomic_add(state + 4, 1, sem="relaxed")
         if visible <= K:
-            if PASS == 5 and chunk == 0:
+            if PASS == 5 and tl.program_id(1) == 0:
                 j = tl.arange(0, BLOCK_K)
                 tl.store(out + j, tl.where(j < visible, j, -1), mask=j < K)
-        elif chunk * CHUNK < tl.minimum(visible, width):
-            seen = tl.minimum(visible, width)
+        elif chunk * CHUNK < seen:
             w = chunk * CHUNK + tl.arange(0, CHUNK)
             mask = w < seen
             bits = tl.load(scores_ptr + token * scores_stride + w, mask=mask, other=0.0).to(tl.int32, bitcast=True)
             key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648     # as in _indexer_topk_kernel
-            hist1 = hist1_ptr + token * num_chunks * 256                            # [num_chunks, 256]
-            hist2 = hist23_ptr + token * 8192                                       # [4096], then hist3 [4096]
-            hist3 = hist2 + 4096
-            state = state_ptr + token * 4                          # high digit, need; middle digit, need
+            c = tl.arange(0, BLOCK_C)
             if PASS == 1:
                 high = tl.where(mask, key >> 24, 0).to(tl.int32)
-                counts = tl.histogram(high, 256)
-                counts -= tl.where(tl.arange(0, 256) == 0, CHUNK - tl.sum(mask.to(tl.int32), axis=0), 0)
-                tl.store(hist1 + chunk * 256 + tl.arange(0, 256), counts)
-                if chunk == 0:                                     # passes 2 and 3 add into these
+                digits = tl.histogram(high, 256)
+                digits -= tl.where(tl.arange(0, 256) == 0, CHUNK - tl.sum(mask.to(tl.int32), axis=0), 0)
+                tl.store(hist1 + chunk * 256 + tl.arange(0, 256), digits)
+                if chunk == 0:                   # what the later passes add into
                     tl.store(hist2 + tl.arange(0, 8192), tl.zeros([8192], tl.int32))
+                    tl.store(state + 4, 0)
+                    for c0 in range(0, num_chunks, BLOCK_C):
+                        tl.store(counts + (c0 + c) * 2, tl.zeros([BLOCK_C], tl.int32), mask=c0 + c < num_chunks)
             elif PASS == 2:
-                c = tl.arange(0, BLOCK_C)
                 b = tl.arange(0, 256)
                 chunks = tl.cdiv(seen, CHUNK)
                 total = tl.zeros([256], tl.int32)
@@ -597,18 +607,30 @@ if triton is not None:
                     threshold = (high << 24) + (tl.load(state + 2).to(tl.int64) << 12) + low
                     above = mask & (key > threshold)
                     ties = mask & (key == threshold)                  # room of them are kept, the first ones
-                    counts = counts_ptr + token * num_chunks * 2     # [num_chunks, 2]: above, ties
+                    num_above = tl.sum(above.to(tl.int32), axis=0)
+                    num_ties = tl.sum(ties.to(tl.int32), axis=0)
                     if PASS == 4:
-                        tl.store(counts + chunk * 2, tl.sum(above.to(tl.int32), axis=0))
-                        tl.store(counts + chunk * 2 + 1, tl.sum(ties.to(tl.int32), axis=0))
+                        tl.store(counts + chunk * 2, num_above)
+                        tl.store(counts + chunk * 2 + 1, num_ties)
                     else:
-                        c = tl.arange(0, BLOCK_C)
+                        if LOOKBACK:       # published: a flag bit over the two counts (each <= CHUNK < 2^15)
+                            tl.atomic_xchg(counts + chunk * 2, (1 << 30) | (num_above << 15) | num_ties,
+                                           sem="relaxed")
                         above_before = tl.zeros([], tl.int32)
                         ties_before = tl.zeros([], tl.int32)
                         for c0 in range(0, chunk, BLOCK_C):
                             before = c0 + c < chunk
-                            above_before += tl.sum(tl.load(counts + (c0 + c) * 2, mask=before, other=0), axis=0)
-                            ties_before += tl.sum(tl.load(counts + (c0 + c) * 2 + 1, mask=before, other=0), axis=0)
+                            if LOOKBACK:
+                                got = tl.atomic_add(counts + (c0 + c) * 2, 0, mask=before, sem="relaxed")
+                                while tl.sum((before & (got < (1 << 30))).to(tl.int32), axis=0) > 0:
+                                    got = tl.atomic_add(counts + (c0 + c) * 2, 0, mask=before, sem="relaxed")
+                                got = tl.where(before, got, 0)
+                                above_before += tl.sum((got >> 15) & 0x7FFF, axis=0)
+                                ties_before += tl.sum(got & 0x7FFF, axis=0)
+                            else:
+                                above_before += tl.sum(tl.load(counts + (c0 + c) * 2, mask=before, other=0), axis=0)
+                                ties_before += tl.sum(tl.load(counts + (c0 + c) * 2 + 1, mask=before, other=0),
+                                                      axis=0)
                         tie_rank = ties_before + tl.cumsum(ties.to(tl.int32), axis=0) - 1
                         take = above | (ties & (tie_rank < room))
                         slot = above_before + tl.minimum(ties_before, room) + tl.cumsum(take.to(tl.int32), axis=0) - 1
@@ -616,15 +638,16 @@ if triton is not None:
 
 
 TOPK_MAX_WIDTH = 8192        # the one-program kernel keeps a row in registers; wider rows take the radix kernel
-TOPK_CHUNK = 4096            # entries a program of the radix kernel (a power of two)
+TOPK_CHUNK = 4096            # entries a program of the radix kernel (a power of two, < 2^15)
 TOPK_CHUNK_WARPS = 8
+TOPK_LOOKBACK = True         # four launches (pass 5 counts and looks back), else five
 
 
 def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, top_k: int) -> torch.Tensor:
     """[n, min(top_k, width)] int32 entry indices per query (the kernels': in index order), -1 where fewer
     entries are visible. A fixed-shape top-k: no length is read on the host, nothing is reset between calls (every
-    score is written each call). On a GPU one launch up to TOPK_MAX_WIDTH entries, five launches of a
-    program per TOPK_CHUNK entries beyond (the torch reference elsewhere)."""
+    score is written each call). On a GPU one launch up to TOPK_MAX_WIDTH entries, four (or five) launches of
+    a program per TOPK_CHUNK entries beyond (the torch reference elsewhere)."""
     n, width = scores.shape
     k = min(top_k, width)
     if not use_kernels(scores):
@@ -640,13 +663,13 @@ def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, top_
                                    num_warps=8 if width > 2048 else 4)
         return out
     chunks = triton.cdiv(width, TOPK_CHUNK)
-    work = torch.empty(n * (chunks * 258 + 8196), dtype=torch.int32, device=scores.device)
-    hist1, hist23, state, counts = work.split([n * chunks * 256, n * 8192, n * 4, n * chunks * 2])
-    for step in range(1, 6):
+    work = torch.empty(n * (chunks * 258 + 8200), dtype=torch.int32, device=scores.device)
+    hist1, hist23, state, counts = work.split([n * chunks * 256, n * 8192, n * 8, n * chunks * 2])
+    for step in (1, 2, 3, 5) if TOPK_LOOKBACK else (1, 2, 3, 4, 5):
         _topk_radix_kernel[(n, chunks)](scores, positions, out, hist1, hist23, state, counts,
                                         scores.stride(0), out.stride(0), width, chunks, RATIO=ratio, K=k,
                                         BLOCK_K=_pow2(k), CHUNK=TOPK_CHUNK, BLOCK_C=16, PASS=step,
-                                        num_warps=TOPK_CHUNK_WARPS)
+                                        LOOKBACK=TOPK_LOOKBACK, num_warps=TOPK_CHUNK_WARPS)
     return out
 
 

@@ -250,13 +250,16 @@ def _exact_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, k: in
     return torch.where((visible <= k)[:, None], everything, picked).to(torch.int32)
 
 
+@pytest.mark.parametrize("lookback", [True, False], ids=["four-launches", "five-launches"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_wide_topk_is_the_exact_top_k_in_index_order(device, monkeypatch):
+def test_wide_topk_is_the_exact_top_k_in_index_order(device, lookback, monkeypatch):
     """Rows just below, at and above the one-program kernel's width, and far wider (the radix kernel, a program
-    per chunk): the same entries in the same order as the exact selection, on rows with no entry visible,
-    fewer than k, k, k + 1, all, more than the width, and random counts; scores on a coarse grid (many ties),
-    a row of equal scores, visible -inf scores. In a CUDA graph on the GPU, replayed at other positions."""
+    per chunk, its last pass looking back at the chunks' published counts or a pass of its own counting them):
+    the same entries in the same order as the exact selection, on rows with no entry visible, fewer than k, k,
+    k + 1, all, more than the width, and random counts; scores on a coarse grid (many ties), a row of equal
+    scores, visible -inf scores. In a CUDA graph on the GPU, replayed at other positions."""
     monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
+    monkeypatch.setattr(kernels, "TOPK_LOOKBACK", lookback)
     if device == "cpu":     # the radix kernel reached at small widths: a program per 16 entries
         monkeypatch.setattr(kernels, "TOPK_MAX_WIDTH", 24)
         monkeypatch.setattr(kernels, "TOPK_CHUNK", 16)
@@ -616,10 +619,10 @@ def test_decode_kernels_compile_for_hopper():
     cases = [Case(module, "_indexer_topk_kernel", dict(RATIO=4, K=512, BLOCK_K=512, BLOCK_W=width),
                   {"scores_ptr": "*fp32", "out_ptr": "*i32"}) for width in (2048, kernels.TOPK_MAX_WIDTH)]
     cases += [Case(module, "_topk_radix_kernel", dict(RATIO=4, K=512, BLOCK_K=512, CHUNK=kernels.TOPK_CHUNK,
-                                                      BLOCK_C=16, PASS=step),
+                                                      BLOCK_C=16, PASS=step, LOOKBACK=lookback),
                    {"scores_ptr": "*fp32", "out_ptr": "*i32", "hist1_ptr": "*i32", "hist23_ptr": "*i32",
                     "state_ptr": "*i32", "counts_ptr": "*i32"}, options={"num_warps": kernels.TOPK_CHUNK_WARPS})
-              for step in range(1, 6)]
+              for lookback, steps in ((True, (1, 2, 3, 5)), (False, (4, 5))) for step in steps]
     cases += [Case(module, "_hc_pre_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, SPAN=span, PARTIALS=partials,
                                                   M=64 if partials else 24, CHUNKS=64 if partials else 1,
                                                   BLOCK_C=64 if partials else 1, NORM=norm, WEIGHT_IN_FP32=True,
