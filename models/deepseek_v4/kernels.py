@@ -690,7 +690,8 @@ if triton is not None:
                                  FP32: tl.constexpr, WINDOW_FP8: tl.constexpr, ENTRY_FP8: tl.constexpr,
                                  NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                                  SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, GROUPS: tl.constexpr,
-                                 GROUP_D: tl.constexpr, TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr):
+                                 GROUP_D: tl.constexpr, TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr,
+                                 PREFETCH: tl.constexpr = False):
         # sizes that change from step to step (selection width, splits) are arguments, not constants: a
         # constant would compile a kernel per value. With Q_ROPE_HALF q is raw: each program normalizes its
         # heads (unweighted RMS) and rotates them at the token's position as it loads them
@@ -724,7 +725,7 @@ if triton is not None:
                                   out_stride_h, window_table_stride, entries_table_stride, selected_stride,
                                   scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE, PER_BLOCK, HEADS,
                                   BLOCK_H, DIM, BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, NOPE, QBLOCK, NUM_SCALES,
-                                  SCALES_AT, ENTRY, GROUPS, GROUP_D, TAIL_D, Q_ROPE_HALF)
+                                  SCALES_AT, ENTRY, GROUPS, GROUP_D, TAIL_D, Q_ROPE_HALF, PREFETCH)
         else:
             _sparse_attention_wide(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
                                    sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
@@ -834,6 +835,33 @@ if triton is not None:
             tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
 
     @triton.jit
+    def _fp8_tile(window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, u0, hi,
+                  first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col, col_mask, t,
+                  tail_mask, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr, NOPE: tl.constexpr, NUM_SCALES: tl.constexpr,
+                  SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+        """The FP8 entries of keys u0 .. u0 + BLOCK_N (past hi: none, nothing read) as stored -> (valid [BLOCK_N],
+        e4m3 [GROUPS, BLOCK_N, GROUP_D], scale exponents [GROUPS, BLOCK_N], bf16 tails [BLOCK_N, TAIL_D])."""
+        u = u0 + tl.arange(0, BLOCK_N)                                          # index into window ++ entries
+        in_window, w_rows, in_entries, e_rows = _key_rows(
+            window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
+            window_table_stride, entries_table_stride, selected_stride, BLOCK_SIZE, PER_BLOCK, HAS_ENTRIES, SELECTED)
+        # an entry starts only ENTRY & -ENTRY bytes aligned (584: 8): say so (see _load_entries)
+        ALIGN: tl.constexpr = ENTRY & -ENTRY
+        entry = window_ptr + tl.multiple_of(w_rows * ENTRY, ALIGN)               # [BLOCK_N] the entries' first bytes
+        valid = in_window
+        if HAS_ENTRIES:
+            entry = tl.multiple_of(tl.where(in_entries, entries_ptr + e_rows * ENTRY, entry), ALIGN)
+            valid = valid | in_entries
+        keys = tl.load(entry[None, :, None] + col[:, None, :], mask=valid[None, :, None] & col_mask[:, None, :],
+                       other=0.0)
+        exponent = tl.load(entry.to(tl.pointer_type(tl.uint8))[None, :] + SCALES_AT + g[:, None],
+                           mask=valid[None, :] & (g < NUM_SCALES)[:, None], other=127)
+        tail = tl.load((entry + NOPE).to(tl.pointer_type(tl.bfloat16))[:, None] + t[None, :],
+                       mask=valid[:, None] & tail_mask[None, :], other=0.0)
+        return valid, keys, exponent, tail
+
+    @triton.jit
     def _sparse_attention_fp8(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
                               sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                               m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
@@ -844,7 +872,7 @@ if triton is not None:
                               SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, NOPE: tl.constexpr,
                               QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr, SCALES_AT: tl.constexpr,
                               ENTRY: tl.constexpr, GROUPS: tl.constexpr, GROUP_D: tl.constexpr,
-                              TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr):
+                              TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr, PREFETCH: tl.constexpr):
         """Every key an FP8 entry (cache_ops.Fp8Entry): the e4m3 dims read as bytes in groups of QBLOCK
         [GROUPS, BLOCK_N, GROUP_D], their scales once per group and key [GROUPS, BLOCK_N], the RoPE dims as one
         bf16 tile [BLOCK_N, TAIL_D]. Scores: per group the dot of q's dims with the e4m3 values, times the
@@ -872,26 +900,28 @@ if triton is not None:
                                     q_inv_freq_ptr, rms, DIM - NOPE, Q_ROPE_HALF, True, not FP32)
         acc = tl.zeros([GROUPS, BLOCK_H, GROUP_D], tl.float32)
         acc_tail = tl.zeros([BLOCK_H, TAIL_D], tl.float32)
-        # an entry starts only ENTRY & -ENTRY bytes aligned (584: 8): say so (see _load_entries)
-        ALIGN: tl.constexpr = ENTRY & -ENTRY
+        if PREFETCH:           # each tile's loads issued a tile ahead: their latency under the previous tile's math
+            next_valid, next_keys, next_exponent, next_tail = _fp8_tile(
+                window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, lo, hi,
+                first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col, col_mask, t,
+                tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES, SCALES_AT, ENTRY)
         for u0 in range(lo, hi, BLOCK_N):
-            u = u0 + tl.arange(0, BLOCK_N)                                      # index into window ++ entries
-            in_window, w_rows, in_entries, e_rows = _key_rows(
-                window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
-                window_table_stride, entries_table_stride, selected_stride, BLOCK_SIZE, PER_BLOCK, HAS_ENTRIES,
-                SELECTED)
-            entry = window_ptr + tl.multiple_of(w_rows * ENTRY, ALIGN)           # [BLOCK_N] the entries' first bytes
-            valid = in_window
-            if HAS_ENTRIES:
-                entry = tl.multiple_of(tl.where(in_entries, entries_ptr + e_rows * ENTRY, entry), ALIGN)
-                valid = valid | in_entries
-            keys = tl.load(entry[None, :, None] + col[:, None, :], mask=valid[None, :, None] & col_mask[:, None, :],
-                           other=0.0).to(dtype)                                 # [GROUPS, BLOCK_N, GROUP_D]
-            exponent = tl.load(entry.to(tl.pointer_type(tl.uint8))[None, :] + SCALES_AT + g[:, None],
-                               mask=valid[None, :] & (g < NUM_SCALES)[:, None], other=127)
+            if PREFETCH:
+                valid, keys, exponent, tail = next_valid, next_keys, next_exponent, next_tail
+                next_valid, next_keys, next_exponent, next_tail = _fp8_tile(
+                    window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request,
+                    u0 + BLOCK_N, hi, first, num_window, window_table_stride, entries_table_stride, selected_stride,
+                    g, col, col_mask, t, tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE,
+                    NUM_SCALES, SCALES_AT, ENTRY)
+            else:
+                valid, keys, exponent, tail = _fp8_tile(
+                    window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, u0,
+                    hi, first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col,
+                    col_mask, t, tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES,
+                    SCALES_AT, ENTRY)
+            keys = keys.to(dtype)                                               # [GROUPS, BLOCK_N, GROUP_D]
+            tail = tail.to(dtype)                                               # [BLOCK_N, TAIL_D]
             key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [GROUPS, BLOCK_N]
-            tail = tl.load((entry + NOPE).to(tl.pointer_type(tl.bfloat16))[:, None] + t[None, :],
-                           mask=valid[:, None] & tail_mask[None, :], other=0.0).to(dtype)   # [BLOCK_N, TAIL_D]
             if FP32:
                 partial = tl.dot(q_groups, tl.permute(keys, (0, 2, 1)), input_precision="ieee")
                 scores = tl.dot(q_tail, tl.trans(tail), input_precision="ieee")
@@ -976,6 +1006,9 @@ if triton is not None:
 
 BLOCK_HEADS = 16
 ATTENTION_BLOCK_N = 32       # keys a tile
+ATTENTION_PREFETCH = True    # FP8 tiles: a tile's loads issued during the previous tile's math
+ATTENTION_WARPS = 8          # at head dim > 128
+ATTENTION_STAGES = None      # Triton's default
 MAX_SPLITS = 64
 TARGET_PROGRAMS = 132        # one per SM on an H200 (a program takes most of its registers): split the keys until a
                              # small batch fills it
@@ -1042,7 +1075,8 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         HAS_ENTRIES=has_entries, SELECTED=selected is not None, SPLIT=splits > 1,
         FP32=q.dtype == torch.float32, WINDOW_FP8=window_format is not None,
         ENTRY_FP8=has_entries and entry_format is not None, **layout, **_fp8_groups(layout, dim),
-        Q_ROPE_HALF=q_rope_half, num_warps=4 if dim <= 128 else 8)
+        Q_ROPE_HALF=q_rope_half, PREFETCH=ATTENTION_PREFETCH, num_warps=4 if dim <= 128 else ATTENTION_WARPS,
+        **({} if ATTENTION_STAGES is None else {"num_stages": ATTENTION_STAGES}))
     if splits > 1:
         _sparse_attention_reduce_kernel[(n, heads)](
             part_acc, part_ml, sinks, out, positions, inverse_rope if inverse_rope is not None else sinks,

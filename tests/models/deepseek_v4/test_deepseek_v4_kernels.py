@@ -291,6 +291,32 @@ def test_wide_topk_is_the_exact_top_k_in_index_order(device, lookback, monkeypat
                 assert torch.equal(captured, _exact_topk(scores, positions, ratio, top_k)), f"width {width}"
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+def test_fp8_attention_over_many_key_tiles_matches_reference(prefetch, monkeypatch):
+    """FP8 window + every entry (at ratio 4, > 3 key tiles a query) in one split, a tile's loads issued a tile
+    ahead or not: the decode-time loop over many tiles that the other CPU cases (a tile each) do not reach."""
+    from tests.models.deepseek_v4.test_deepseek_v4_fp8_kv import _fp8_cache, _formats, _spread
+    monkeypatch.setattr(kernels, "ATTENTION_PREFETCH", prefetch)
+    monkeypatch.setattr(kernels, "attention_splits", lambda *args, **kwargs: 1)
+    sizes, steps = SMALL, [(150, 1), (97, 2), (40, 1)]
+    kv_format, _ = _formats("cpu", sizes)
+    generator = torch.Generator().manual_seed(9)
+    num_blocks = _num_blocks(sizes, steps)
+    caches = [_fp8_cache(_spread((num_blocks, sizes.block_size // r, sizes.dim), generator), kv_format)
+              for r in (1, sizes.ratio)]
+    ctx, positions = _context("cpu", sizes, steps, caches, [1, sizes.ratio])
+    n = positions.shape[0]
+    q = torch.randn(n, sizes.heads, sizes.dim, generator=generator) / 16     # scores of order 1: every key counts
+    sinks = torch.randn(sizes.heads, generator=generator)
+    scale = sizes.dim ** -0.5
+    out = kernels.sparse_attention(q, positions, token_requests(ctx, n), caches[0], ctx.block_tables[0], sizes.window,
+                                   caches[1], ctx.block_tables[1], sizes.ratio, None, sinks, scale, sizes.block_size,
+                                   ctx.max_seq_len // sizes.ratio, kv_format, kv_format)
+    ref = window_sparse_attention(q, positions, ctx, 0, sizes.window, 1, sizes.ratio, None, sinks, scale, kv_format,
+                                  kv_format)
+    torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["csa", "hca"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_compressor_kernels_match_reference(device, overlap):
@@ -668,6 +694,17 @@ def test_decode_kernels_compile_for_hopper():
                    {"q_ptr": "*bf16", "window_ptr": "*bf16", "entries_ptr": "*bf16", "sinks_ptr": "*fp32",
                     "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_inv_freq_ptr": "*fp32",
                     "scale": "fp32", "q_eps": "fp32"}) for ratio in (4, 128)]
+    fp8 = dict(NOPE=448, QBLOCK=64, NUM_SCALES=7, SCALES_AT=576, ENTRY=584, GROUPS=8, GROUP_D=64, TAIL_D=64)
+    cases += [Case(module, "_sparse_attention_kernel", dict(HEADS=64, BLOCK_H=kernels.BLOCK_HEADS, DIM=512, BLOCK_D=512,
+                                                            BLOCK_N=kernels.ATTENTION_BLOCK_N, RATIO=ratio,
+                                                            BLOCK_SIZE=256, PER_BLOCK=256 // ratio, HAS_ENTRIES=True,
+                                                            SELECTED=ratio == 4, SPLIT=True, FP32=False, WINDOW_FP8=True,
+                                                            ENTRY_FP8=True, **fp8, Q_ROPE_HALF=32,
+                                                            PREFETCH=kernels.ATTENTION_PREFETCH),
+                   {"q_ptr": "*bf16", "window_ptr": "*fp8e4nv", "entries_ptr": "*fp8e4nv", "sinks_ptr": "*fp32",
+                    "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_inv_freq_ptr": "*fp32",
+                    "scale": "fp32", "q_eps": "fp32"}, options={"num_warps": kernels.ATTENTION_WARPS})
+              for ratio in (4, 128)]
     for case, result in zip(cases, compile_for_hopper(cases)):
         assert result["error"] is None, f"{case.kernel} {case.constexprs}: {result['error']}"
         assert f".entry {case.kernel}" in result["ptx"]
