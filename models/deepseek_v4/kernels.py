@@ -641,6 +641,7 @@ TOPK_MAX_WIDTH = 8192        # the one-program kernel keeps a row in registers; 
 TOPK_CHUNK = 4096            # entries a program of the radix kernel (a power of two, < 2^15)
 TOPK_CHUNK_WARPS = 8
 TOPK_LOOKBACK = True         # four launches (pass 5 counts and looks back), else five
+TOPK_BLOCK_C = 16            # chunks' counts read at a time
 
 
 def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, top_k: int) -> torch.Tensor:
@@ -668,7 +669,7 @@ def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, top_
     for step in (1, 2, 3, 5) if TOPK_LOOKBACK else (1, 2, 3, 4, 5):
         _topk_radix_kernel[(n, chunks)](scores, positions, out, hist1, hist23, state, counts,
                                         scores.stride(0), out.stride(0), width, chunks, RATIO=ratio, K=k,
-                                        BLOCK_K=_pow2(k), CHUNK=TOPK_CHUNK, BLOCK_C=16, PASS=step,
+                                        BLOCK_K=_pow2(k), CHUNK=TOPK_CHUNK, BLOCK_C=TOPK_BLOCK_C, PASS=step,
                                         LOOKBACK=TOPK_LOOKBACK, num_warps=TOPK_CHUNK_WARPS)
     return out
 

@@ -645,7 +645,7 @@ def test_decode_kernels_compile_for_hopper():
     cases = [Case(module, "_indexer_topk_kernel", dict(RATIO=4, K=512, BLOCK_K=512, BLOCK_W=width),
                   {"scores_ptr": "*fp32", "out_ptr": "*i32"}) for width in (2048, kernels.TOPK_MAX_WIDTH)]
     cases += [Case(module, "_topk_radix_kernel", dict(RATIO=4, K=512, BLOCK_K=512, CHUNK=kernels.TOPK_CHUNK,
-                                                      BLOCK_C=16, PASS=step, LOOKBACK=lookback),
+                                                      BLOCK_C=kernels.TOPK_BLOCK_C, PASS=step, LOOKBACK=lookback),
                    {"scores_ptr": "*fp32", "out_ptr": "*i32", "hist1_ptr": "*i32", "hist23_ptr": "*i32",
                     "state_ptr": "*i32", "counts_ptr": "*i32"}, options={"num_warps": kernels.TOPK_CHUNK_WARPS})
               for lookback, steps in ((True, (1, 2, 3, 5)), (False, (4, 5))) for step in steps]
