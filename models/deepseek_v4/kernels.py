@@ -641,7 +641,7 @@ TOPK_MAX_WIDTH = 8192        # the one-program kernel keeps a row in registers; 
 TOPK_CHUNK = 4096            # entries a program of the radix kernel (a power of two, < 2^15)
 TOPK_CHUNK_WARPS = 8
 TOPK_LOOKBACK = True         # four launches (pass 5 counts and looks back), else five
-TOPK_BLOCK_C = 16            # chunks' counts read at a time
+TOPK_BLOCK_C = 64            # chunks' histograms / counts read at a time
 
 
 def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, top_k: int) -> torch.Tensor:
@@ -1007,9 +1007,11 @@ if triton is not None:
 
 BLOCK_HEADS = 16
 ATTENTION_BLOCK_N = 32       # keys a tile
-ATTENTION_PREFETCH = True    # FP8 tiles: a tile's loads issued during the previous tile's math
+ATTENTION_PREFETCH = True    # FP8 HCA tiles: a tile's loads issued during the previous tile's math (CSA: one tile
+                             # a program at batch 1, where it only costs)
 ATTENTION_WARPS = 8          # at head dim > 128
-ATTENTION_STAGES = None      # Triton's default
+ATTENTION_STAGES = 1         # FP8 tiles: Triton's pipeliner finds nothing to overlap in the gathered tiles; 1 is
+                             # ~1 us faster (bf16 tiles keep the default: not measured)
 MAX_SPLITS = 64
 TARGET_PROGRAMS = 132        # one per SM on an H200 (a program takes most of its registers): split the keys until a
                              # small batch fills it
@@ -1076,8 +1078,8 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         HAS_ENTRIES=has_entries, SELECTED=selected is not None, SPLIT=splits > 1,
         FP32=q.dtype == torch.float32, WINDOW_FP8=window_format is not None,
         ENTRY_FP8=has_entries and entry_format is not None, **layout, **_fp8_groups(layout, dim),
-        Q_ROPE_HALF=q_rope_half, PREFETCH=ATTENTION_PREFETCH, num_warps=4 if dim <= 128 else ATTENTION_WARPS,
-        **({} if ATTENTION_STAGES is None else {"num_stages": ATTENTION_STAGES}))
+        Q_ROPE_HALF=q_rope_half, PREFETCH=ATTENTION_PREFETCH and selected is None, num_warps=4 if dim <= 128 else ATTENTION_WARPS,
+        **({"num_stages": ATTENTION_STAGES} if fp8_tiles and ATTENTION_STAGES is not None else {}))
     if splits > 1:
         _sparse_attention_reduce_kernel[(n, heads)](
             part_acc, part_ml, sinks, out, positions, inverse_rope if inverse_rope is not None else sinks,

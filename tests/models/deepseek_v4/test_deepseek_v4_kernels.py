@@ -700,10 +700,11 @@ def test_decode_kernels_compile_for_hopper():
                                                             BLOCK_SIZE=256, PER_BLOCK=256 // ratio, HAS_ENTRIES=True,
                                                             SELECTED=ratio == 4, SPLIT=True, FP32=False, WINDOW_FP8=True,
                                                             ENTRY_FP8=True, **fp8, Q_ROPE_HALF=32,
-                                                            PREFETCH=kernels.ATTENTION_PREFETCH),
+                                                            PREFETCH=kernels.ATTENTION_PREFETCH and ratio != 4),
                    {"q_ptr": "*bf16", "window_ptr": "*fp8e4nv", "entries_ptr": "*fp8e4nv", "sinks_ptr": "*fp32",
                     "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_inv_freq_ptr": "*fp32",
-                    "scale": "fp32", "q_eps": "fp32"}, options={"num_warps": kernels.ATTENTION_WARPS})
+                    "scale": "fp32", "q_eps": "fp32"},
+                   options={"num_warps": kernels.ATTENTION_WARPS, "num_stages": kernels.ATTENTION_STAGES or 3})
               for ratio in (4, 128)]
     for case, result in zip(cases, compile_for_hopper(cases)):
         assert result["error"] is None, f"{case.kernel} {case.constexprs}: {result['error']}"
