@@ -67,27 +67,26 @@ GEMV_SHAPES = {
 
 
 def gemv_variants(n: int, k: int) -> list:
-    """Launch shapes swept for an (N, K) weight beside gemv_tiles' choice: BLOCK_K 512-2048 (at most K rounded
-    up to 512), BLOCK_N with 2K-16K weight elements a step, 8-64 of them a thread (one to eight 16-byte loads),
-    and K split until about 4 programs per SM run where the columns give fewer."""
+    """Launch shapes swept for an (N, K) weight beside gemv_tiles' choice: steps of 512-2048 inputs, or one step
+    (BLOCK_K >= K: the whole weight block requested at once); BLOCK_N with 2K-16K weight elements a step, 16-64
+    of them a thread (two to eight 16-byte loads); for narrow weights (N <= 1024) also K split until >= 2
+    programs per SM run."""
     from runtime.ops.linear import GemvTiles
     variants = []
-    for block_k in (512, 1024, 2048):
-        if block_k > max(512, k):
+    for block_k in dict.fromkeys((512, 1024, 2048, triton.next_power_of_2(k))):
+        if block_k > triton.next_power_of_2(k):
             continue
         for block_n in (1, 2, 4, 8, 16):
             elements = block_n * block_k
-            if not 2048 <= elements <= 16384:
-                continue
             for warps in (4, 8):
-                if not 16 <= elements // (32 * warps) <= 64:
+                if not (2048 <= elements <= 16384 and 16 <= elements // (32 * warps) <= 64):
                     continue
-                programs, split = triton.cdiv(n, block_n), 1
                 variants.append(GemvTiles(block_n, block_k, warps, 1))
-                while programs * split < 528 and k >= 2 * split * block_k:
+                split = 2
+                while triton.cdiv(n, block_n) * split < 264 and k >= 4 * split * block_k:
                     split *= 2
-                    if programs * split >= 132:
-                        variants.append(GemvTiles(block_n, block_k, warps, split))
+                if n <= 1024 and k >= 2 * split * block_k:
+                    variants.append(GemvTiles(block_n, block_k, warps, split))
     return variants
 
 
@@ -203,6 +202,20 @@ def bench_gemv(bandwidth: float, names=None, before=None, workers: int = 0, rep:
           f"norm / SiLU-and-mul kernel; TB/s of the weight bytes at the best tiles; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s)")
     return chosen
+
+
+def write_gemv_tile_table(chosen: dict) -> None:
+    """Rewrite GEMV_TILE_TABLE in runtime/ops/linear.py with the sweep's choice (the entries of shapes not swept
+    this time stay)."""
+    from runtime.ops import linear
+    path = Path(__file__).resolve().parents[1] / "runtime" / "ops" / "linear.py"
+    text = path.read_text()
+    head = "GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {\n"
+    start = text.index(head) + len(head)
+    end = text.index("}\n", start)
+    table = {**linear.GEMV_TILE_TABLE, **chosen}
+    text = text[:start] + "".join(f"    {shape}: {tiles!r},\n" for shape, tiles in sorted(table.items())) + text[end:]
+    path.write_text(text)
 
 
 MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, activation
@@ -680,7 +693,8 @@ def main() -> int:
     parser.add_argument("--no-grouped", action="store_true", help="skip the grouped GEMM column")
     parser.add_argument("--write-table", action="store_true",
                         help="write the sweep's choice into GEMV_TILE_TABLE in runtime/ops/mxfp4.py (with "
-                             "fp8: FP8_GEMV_TILE_TABLE in runtime/ops/fp8.py)")
+                             "fp8: FP8_GEMV_TILE_TABLE in runtime/ops/fp8.py; with gemv: GEMV_TILE_TABLE in "
+                             "runtime/ops/linear.py)")
     parser.add_argument("--before", help="a module with an older mxfp4_moe_gemv to time beside this one "
                                          "(e.g. a copy of the previous runtime/ops/mxfp4.py)")
     parser.add_argument("--gemv-shapes", help="gemv: names of GEMV_SHAPES, comma-separated (default all)")
@@ -716,6 +730,8 @@ def main() -> int:
                             args.gemv_workers, args.gemv_rep)
         print("GEMV_TILE_TABLE entries:\n" + "".join(f"    {shape}: {tiles!r},\n"
                                                       for shape, tiles in sorted(chosen.items())))
+        if args.write_table:
+            write_gemv_tile_table(chosen)
     if "attention" in only:
         shapes = tuple(tuple(int(x) for x in shape.split("x")) for shape in args.attention_shapes.split(","))
         bench_attention(bandwidth, tuple(args.attention_dtypes.split(",")), shapes,

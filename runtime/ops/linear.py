@@ -84,12 +84,13 @@ class Linear(nn.Linear):
 
 # ---- Triton kernel ----------------------------------------------------------------------------------
 # Program (n, s) owns BLOCK_N output columns for every input row (BLOCK_M >= rows, a power of two) and the s-th
-# of SPLIT_K slices of K, which it walks in BLOCK_K steps: it loads a [BLOCK_N, BLOCK_K] tile of W (16-byte loads
-# along K) and the [BLOCK_M, BLOCK_K] input slice, and keeps [BLOCK_M, BLOCK_N, BLOCK_K] fp32 partial products,
-# reduced over K once at the end. The weight is read exactly once; the input (a few KB) comes from L2 for every
-# program. At these sizes the kernel is bound by latency, not bytes: the first weight tile is requested before
-# anything else (the norm's pass over the input runs while it is in flight) and each step requests the next
-# tile before it computes its own, so two tiles a program are always on their way.
+# of SPLIT_K slices of K. It multiplies [BLOCK_N, BLOCK_K] tiles of W (16-byte loads along K) by the
+# [BLOCK_M, BLOCK_K] input slices into [BLOCK_M, BLOCK_N, BLOCK_K] fp32 partial products, reduced over K once
+# at the end. The weight is read exactly once; the input (a few KB) comes from L2 for every program.
+# At a few MB the kernel is bound by latency, not bytes. ONE_STEP (one slice, BLOCK_K >= K): the program loads
+# its whole weight block first, all of it in flight at once, then the input once (the norm's statistics and the
+# normalized values come from the same registers): no loop, one layout conversion. Otherwise it walks its slice
+# in BLOCK_K steps, after a pass over the input for the norm's statistics.
 # The output is rounded once, from fp32, as cuBLAS rounds it. With SILU_MUL the input element k is
 # silu(gate[k]) * up[k], each rounded to the input dtype as the reference rounds it. With SPLIT_K > 1 each
 # program writes its fp32 partial sums (split 0's with the bias) to `part` and counts its arrival on its column
@@ -108,63 +109,88 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _gemv_normed(x, inv_rms, norm_ptr, k, k_mask, WEIGHT_IN_FP32: tl.constexpr):
+        """The RMSNorm of x's columns k (their rows' 1 / rms given), rounded where the reference rounds, in fp32."""
+        normed = x.to(tl.float32) * inv_rms
+        norm_weight = tl.load(norm_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        if WEIGHT_IN_FP32:
+            return (norm_weight * normed).to(x.dtype).to(tl.float32)
+        return (norm_weight * normed.to(x.dtype).to(tl.float32)).to(x.dtype).to(tl.float32)
+
+    @triton.jit
+    def _gemv_silu_input(x_rows, k, x_mask, K):
+        """silu(gate) * up at columns k of a (gate | up) input, each rounded to its dtype, in fp32."""
+        gate = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
+        up = tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0)
+        gate_f = gate.to(tl.float32)
+        silu = (gate_f / (1.0 + tl.exp(-gate_f))).to(gate.dtype).to(tl.float32)
+        return (silu * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, sum_ptr, part_ptr, count_ptr, M, N, K,
                      k_per_split, stride_xm, stride_wn, stride_om, eps,
                      HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
                      HAS_RESIDUAL: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                     ONE_STEP: tl.constexpr):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = m < M
         n_mask = n < N
-        k_begin = pid_k * k_per_split                      # a multiple of BLOCK_K: the loads stay 16-byte vectors
-        k_end = tl.minimum(k_begin + k_per_split, K)
         w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
         x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
         res_rows = res_ptr + m.to(tl.int64)[:, None] * K
-        k = k_begin + tl.arange(0, BLOCK_K)
-        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < k_end)[None, :], other=0.0,
-                    eviction_policy="evict_first")
-        if NORM:                     # every program computes the rows' rms over all of K; one writes x + residual
-            squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-            for k_start in range(0, K, BLOCK_K):
-                kk = k_start + tl.arange(0, BLOCK_K)
-                x_mask = m_mask[:, None] & (kk < K)[None, :]
-                x = _gemv_input(x_rows, res_rows, kk, x_mask, HAS_RESIDUAL)
-                if HAS_RESIDUAL:
-                    if pid == 0 and pid_k == 0:
-                        tl.store(sum_ptr + m.to(tl.int64)[:, None] * K + kk[None, :], x, mask=x_mask)
-                squares += x.to(tl.float32) * x.to(tl.float32)
-            inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
-        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k_start in range(k_begin, k_end, BLOCK_K):
-            k = k_start + tl.arange(0, BLOCK_K)
-            k_mask = k < k_end
-            k_next = k + BLOCK_K
-            w_next = tl.load(w_rows + k_next[None, :], mask=n_mask[:, None] & (k_next < k_end)[None, :], other=0.0,
-                             eviction_policy="evict_first")
+        if ONE_STEP:
+            k = tl.arange(0, BLOCK_K)
+            k_mask = k < K
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")
             x_mask = m_mask[:, None] & k_mask[None, :]
             if SILU_MUL:
-                gate = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
-                up = tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0)
-                gate_f = gate.to(tl.float32)
-                silu = (gate_f / (1.0 + tl.exp(-gate_f))).to(gate.dtype).to(tl.float32)
-                a = (silu * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
+                a = _gemv_silu_input(x_rows, k, x_mask, K)
             elif NORM:
                 x = _gemv_input(x_rows, res_rows, k, x_mask, HAS_RESIDUAL)
-                normed = x.to(tl.float32) * inv_rms
-                norm_weight = tl.load(norm_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-                if WEIGHT_IN_FP32:
-                    a = (norm_weight * normed).to(x.dtype).to(tl.float32)
-                else:
-                    a = (norm_weight * normed.to(x.dtype).to(tl.float32)).to(x.dtype).to(tl.float32)
+                if HAS_RESIDUAL:
+                    if pid == 0:
+                        tl.store(sum_ptr + m.to(tl.int64)[:, None] * K + k[None, :], x, mask=x_mask)
+                xf = x.to(tl.float32)
+                inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=1) / K + eps)[:, None]
+                a = _gemv_normed(x, inv_rms, norm_ptr, k, k_mask, WEIGHT_IN_FP32)
             else:
                 a = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            acc += a[:, None, :] * w.to(tl.float32)[None, :, :]
-            w = w_next
-        out = tl.sum(acc, axis=2)                                              # [BLOCK_M, BLOCK_N]
+            out = tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)      # [BLOCK_M, BLOCK_N]
+        else:
+            k_begin = pid_k * k_per_split              # a multiple of BLOCK_K: the loads stay 16-byte vectors
+            k_end = tl.minimum(k_begin + k_per_split, K)
+            if NORM:                 # every program computes the rows' rms over all of K; one writes x + residual
+                squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+                for k_start in range(0, K, BLOCK_K):
+                    k = k_start + tl.arange(0, BLOCK_K)
+                    x_mask = m_mask[:, None] & (k < K)[None, :]
+                    x = _gemv_input(x_rows, res_rows, k, x_mask, HAS_RESIDUAL)
+                    if HAS_RESIDUAL:
+                        if pid == 0 and pid_k == 0:
+                            tl.store(sum_ptr + m.to(tl.int64)[:, None] * K + k[None, :], x, mask=x_mask)
+                    squares += x.to(tl.float32) * x.to(tl.float32)
+                inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+            acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k_start in range(k_begin, k_end, BLOCK_K):
+                k = k_start + tl.arange(0, BLOCK_K)
+                k_mask = k < k_end
+                w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                            eviction_policy="evict_first")
+                x_mask = m_mask[:, None] & k_mask[None, :]
+                if SILU_MUL:
+                    a = _gemv_silu_input(x_rows, k, x_mask, K)
+                elif NORM:
+                    a = _gemv_normed(_gemv_input(x_rows, res_rows, k, x_mask, HAS_RESIDUAL), inv_rms, norm_ptr, k,
+                                     k_mask, WEIGHT_IN_FP32)
+                else:
+                    a = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                acc += a[:, None, :] * w.to(tl.float32)[None, :, :]
+            out = tl.sum(acc, axis=2)                                          # [BLOCK_M, BLOCK_N]
         if HAS_BIAS:
             if pid_k == 0:
                 out += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -188,6 +214,13 @@ class GemvTiles(NamedTuple):
 
 # (N, K) -> tiles for one row, the fastest of tools/decode_kernels.py's sweep (H200); other shapes: gemv_tiles.
 GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {
+    (256, 4096): GemvTiles(block_n=1, block_k=2048, num_warps=4, split_k=1),
+    (1024, 2048): GemvTiles(block_n=2, block_k=1024, num_warps=4, split_k=1),
+    (1024, 3072): GemvTiles(block_n=4, block_k=1024, num_warps=8, split_k=1),
+    (1024, 4096): GemvTiles(block_n=4, block_k=2048, num_warps=8, split_k=1),
+    (2624, 4096): GemvTiles(block_n=4, block_k=1024, num_warps=4, split_k=1),
+    (4096, 4096): GemvTiles(block_n=4, block_k=512, num_warps=4, split_k=1),
+    (4096, 12288): GemvTiles(block_n=8, block_k=512, num_warps=8, split_k=1),
 }
 SPLIT_COUNTERS = 4096        # column tiles a split launch may have: arrival counters kept per device
 
@@ -205,10 +238,7 @@ def gemv_tiles(rows: int, n: int, k: int) -> GemvTiles:
         block_n //= 2
     if block_m >= 4:
         block_n = min(block_n, 8)
-    split = 1
-    while triton.cdiv(n, block_n) * split < 512 and k >= 4 * split * block_k:
-        split *= 2
-    return GemvTiles(block_n, block_k, 4, split)
+    return GemvTiles(block_n, block_k, 4)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -264,5 +294,5 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul_input, NORM=norm is not None,
             HAS_RESIDUAL=residual is not None, WEIGHT_IN_FP32=norm is not None and norm.weight_in_fp32,
             BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=split,
-            num_warps=tiles.num_warps)
+            ONE_STEP=split == 1 and tiles.block_k >= k, num_warps=tiles.num_warps)
     return out if norm is None else (out, summed)

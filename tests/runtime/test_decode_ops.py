@@ -25,7 +25,9 @@ def _gpu() -> None:
 
 # ---- GEMV -------------------------------------------------------------------------------------------
 
-# K = 300 in three slices of 128, 128 and 44 columns (the last program of each column tile adds the partials)
+# K = 300: in one step (the whole weight block loaded at once), in steps of 128, and in three slices of 128, 128
+# and 44 columns (the last program of each column tile adds the partials)
+ONE_STEP_TILES, STEP_TILES = GemvTiles(block_n=4, block_k=512), GemvTiles(block_n=4, block_k=128)
 SPLIT_TILES = GemvTiles(block_n=4, block_k=64, num_warps=4, split_k=3)
 
 
@@ -41,7 +43,7 @@ def test_gemv_matches_reference_in_the_interpreter(rows, silu_mul, bias):
     weight = torch.randn(n, k, generator=generator)
     b = torch.randn(n, generator=generator) if bias else None
     expected = linear_ref(x, weight, b, silu_mul)
-    for tiles in [None, (4, 128, 4), SPLIT_TILES]:
+    for tiles in [None, ONE_STEP_TILES, STEP_TILES, SPLIT_TILES]:
         torch.testing.assert_close(gemv_triton(x, weight, b, silu_mul, tiles), expected, rtol=1e-5, atol=1e-4)
     assert not linear._COUNTERS[x.device].any()                  # the last program of each tile reset its counter
 
@@ -60,7 +62,7 @@ def test_gemv_with_fused_norm_matches_reference_in_the_interpreter(residual, wei
     res = torch.randn(1, k, generator=generator) if residual else None
     weight, bias = torch.randn(n, k, generator=generator), torch.randn(n, generator=generator)
     expected, expected_sum = norm_linear_ref(x, res, norm, weight, bias)
-    for tiles in [None, (4, 128, 4), SPLIT_TILES]:
+    for tiles in [None, ONE_STEP_TILES, STEP_TILES, SPLIT_TILES]:
         ours, ours_sum = gemv_triton(x, weight, bias, tiles=tiles, norm=norm, residual=res)
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(ours_sum, expected_sum, rtol=0, atol=0)
@@ -105,7 +107,7 @@ def test_gemv_matches_reference_in_bf16_on_gpu(rows, n, k, silu_mul):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,fusion", [(256, 4096, ""), (1024, 3072, "silu"), (2624, 4096, "norm"),
                                         (1000, 2880, "")])
-@pytest.mark.parametrize("tiles", [None, GemvTiles(2, 1024, 4, 4), GemvTiles(1, 2048, 8, 2)])
+@pytest.mark.parametrize("tiles", [None, GemvTiles(2, 1024, 4, 4), GemvTiles(1, 2048, 8, 2), GemvTiles(2, 4096, 8)])
 def test_gemv_split_k_replays_in_a_cuda_graph(n, k, fusion, tiles):
     """Split launches (and the default tiles) replayed from a CUDA graph over changing inputs: each replay matches
     the reference, and the arrival counters are back at zero after it."""
