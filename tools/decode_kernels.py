@@ -69,8 +69,8 @@ GEMV_SHAPES = {
 def gemv_variants(n: int, k: int) -> list:
     """Launch shapes swept for an (N, K) weight beside gemv_tiles' choice: steps of 512-2048 inputs, or one step
     (BLOCK_K >= K: the whole weight block requested at once); BLOCK_N with 2K-16K weight elements a step, 16-64
-    of them a thread (two to eight 16-byte loads); for narrow weights (N <= 1024) also K split until >= 2
-    programs per SM run."""
+    of them a thread (two to eight 16-byte loads); for narrow weights (N <= 1024) also K split in 1024-input
+    steps until >= 2 programs per SM run (split lost at every shape on 2026-11-29)."""
     from runtime.ops.linear import GemvTiles
     variants = []
     for block_k in dict.fromkeys((512, 1024, 2048, triton.next_power_of_2(k))):
@@ -85,7 +85,7 @@ def gemv_variants(n: int, k: int) -> list:
                 split = 2
                 while triton.cdiv(n, block_n) * split < 264 and k >= 4 * split * block_k:
                     split *= 2
-                if n <= 1024 and k >= 2 * split * block_k:
+                if n <= 1024 and warps == 4 and block_k == 1024 and k >= 2 * split * block_k:
                     variants.append(GemvTiles(block_n, block_k, warps, split))
     return variants
 
