@@ -162,8 +162,11 @@ if triton is not None:
                 a = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
             out = tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)      # [BLOCK_M, BLOCK_N]
         else:
-            k_begin = pid_k * k_per_split              # a multiple of BLOCK_K: the loads stay 16-byte vectors
-            k_end = tl.minimum(k_begin + k_per_split, K)
+            k_begin = 0
+            k_end = K
+            if SPLIT_K > 1:
+                k_begin = pid_k * k_per_split          # a multiple of BLOCK_K: the loads stay 16-byte vectors
+                k_end = tl.minimum(k_begin + k_per_split, K)
             if NORM:                 # every program computes the rows' rms over all of K; one writes x + residual
                 squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
                 for k_start in range(0, K, BLOCK_K):
@@ -212,26 +215,37 @@ class GemvTiles(NamedTuple):
     split_k: int = 1
 
 
-# (N, K) -> tiles for one row, the fastest of tools/decode_kernels.py's sweep (H200); other shapes: gemv_tiles.
+# (N, K) -> tiles for one row: the fastest of `tools/decode_kernels.py --only gemv --write-table` on an H200
+# (2026-11-29); other shapes: gemv_tiles' rule.
 GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {
-    (256, 4096): GemvTiles(block_n=1, block_k=2048, num_warps=4, split_k=1),
-    (1024, 2048): GemvTiles(block_n=2, block_k=1024, num_warps=4, split_k=1),
-    (1024, 3072): GemvTiles(block_n=4, block_k=1024, num_warps=8, split_k=1),
-    (1024, 4096): GemvTiles(block_n=4, block_k=2048, num_warps=8, split_k=1),
-    (2624, 4096): GemvTiles(block_n=4, block_k=1024, num_warps=4, split_k=1),
-    (4096, 4096): GemvTiles(block_n=4, block_k=512, num_warps=4, split_k=1),
-    (4096, 12288): GemvTiles(block_n=8, block_k=512, num_warps=8, split_k=1),
+    (256, 4096): GemvTiles(block_n=1, block_k=4096, num_warps=4, split_k=1),
+    (1024, 2048): GemvTiles(block_n=4, block_k=2048, num_warps=4, split_k=1),
+    (1024, 3072): GemvTiles(block_n=2, block_k=4096, num_warps=8, split_k=1),
+    (1024, 4096): GemvTiles(block_n=2, block_k=4096, num_warps=4, split_k=1),
+    (2624, 4096): GemvTiles(block_n=2, block_k=4096, num_warps=4, split_k=1),
+    (4096, 1024): GemvTiles(block_n=8, block_k=1024, num_warps=4, split_k=1),
+    (4096, 4096): GemvTiles(block_n=2, block_k=4096, num_warps=4, split_k=1),
+    (4096, 12288): GemvTiles(block_n=8, block_k=1024, num_warps=4, split_k=1),
+    (6144, 1024): GemvTiles(block_n=8, block_k=1024, num_warps=4, split_k=1),
+    (6144, 4096): GemvTiles(block_n=16, block_k=512, num_warps=8, split_k=1),
 }
 SPLIT_COUNTERS = 4096        # column tiles a split launch may have: arrival counters kept per device
 
 
 def gemv_tiles(rows: int, n: int, k: int) -> GemvTiles:
-    """The launch shape, a function of the shape only (graphs and eager agree): the sweep's table for one row,
-    else enough programs to cover an H200's 132 SMs several times over, K split where the columns alone give
-    too few."""
+    """The launch shape, a function of the shape only (graphs and eager agree). One row: the sweep's table, else
+    for K of 1024, 2048 or 4096 (and a weight up to 64 MB) one step of ~8K weight elements a program (at least
+    256 programs), which won at every such plain and SiLU shape swept on an H200. Otherwise steps of 256-512
+    inputs and enough programs to cover the 132 SMs several times over."""
     block_m = triton.next_power_of_2(rows)
-    if block_m == 1 and (n, k) in GEMV_TILE_TABLE:
-        return GEMV_TILE_TABLE[(n, k)]
+    if block_m == 1:
+        if (n, k) in GEMV_TILE_TABLE:
+            return GEMV_TILE_TABLE[(n, k)]
+        if k in (1024, 2048, 4096) and n * k * 2 <= GEMV_MAX_BYTES:
+            block_n = 8192 // k
+            while block_n > 1 and triton.cdiv(n, block_n) < 256:
+                block_n //= 2
+            return GemvTiles(block_n, k, 4)
     block_k = 512 if block_m == 1 and n < 16384 else 256
     block_n = 16
     while block_n > 2 and triton.cdiv(n, block_n) < 512:

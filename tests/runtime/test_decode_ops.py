@@ -140,7 +140,8 @@ def test_gemv_split_k_replays_in_a_cuda_graph(n, k, fusion, tiles):
                                        fusion == "silu"), out
         error = (got.float() - expected.float()).norm() / expected.float().norm()
         assert error < 1e-2, (step, error)
-        assert not linear._COUNTERS[x.device].any()
+        if x.device in linear._COUNTERS:                      # a split launch ran (the default tiles may not split)
+            assert not linear._COUNTERS[x.device].any()
 
 
 # ---- QKV: QK-norm + RoPE + K/V write ----------------------------------------------------------------
