@@ -1078,7 +1078,8 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         HAS_ENTRIES=has_entries, SELECTED=selected is not None, SPLIT=splits > 1,
         FP32=q.dtype == torch.float32, WINDOW_FP8=window_format is not None,
         ENTRY_FP8=has_entries and entry_format is not None, **layout, **_fp8_groups(layout, dim),
-        Q_ROPE_HALF=q_rope_half, PREFETCH=ATTENTION_PREFETCH and selected is None, num_warps=4 if dim <= 128 else ATTENTION_WARPS,
+        Q_ROPE_HALF=q_rope_half, PREFETCH=ATTENTION_PREFETCH and selected is None,
+        num_warps=4 if dim <= 128 else ATTENTION_WARPS,
         **({"num_stages": ATTENTION_STAGES} if fp8_tiles and ATTENTION_STAGES is not None else {}))
     if splits > 1:
         _sparse_attention_reduce_kernel[(n, heads)](
