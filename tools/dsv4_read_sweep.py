@@ -6,7 +6,7 @@ exact index-ordered selection; then FP8 HCA / CSA attention at 4K and 1M per var
 program, warps, pipeline stages, keys a tile, target programs), with its largest difference from the first.
 The module constants are set per variant; the defaults are what this sweep picked (docs/PERFORMANCE.md).
 
-    python tools/dsv4_read_sweep.py
+    python tools/dsv4_read_sweep.py [--all] [--attention-only]
 """
 import sys
 import time
@@ -44,13 +44,14 @@ def exact(scores, positions, ratio, k):
     return torch.where((visible <= k)[:, None], everything, picked).to(torch.int32)
 
 defaults = {name: getattr(kernels, name) for name in (
-    "TOPK_LOOKBACK", "TOPK_CHUNK", "TOPK_CHUNK_WARPS", "TOPK_BLOCK_C", "ATTENTION_PREFETCH", "BLOCK_HEADS",
+    "TOPK_LOOKBACK", "TOPK_CHUNK", "TOPK_CHUNK_WARPS", "TOPK_BLOCK_C", "ATTENTION_PREFETCH",
+    "ATTENTION_PREFETCH_SELECTED", "ATTENTION_FLAT", "BLOCK_HEADS",
     "ATTENTION_WARPS", "ATTENTION_STAGES", "ATTENTION_BLOCK_N", "TARGET_PROGRAMS", "MAX_SPLITS")}
 TOPK = [(True, 4096, 8, 16), (False, 4096, 8, 16), (True, 4096, 4, 16), (True, 4096, 8, 64), (True, 2048, 4, 64)]
 print("| width | context | n | torch.topk us | "
       + " | ".join(f"{'4' if lb else '5'} launches {c}/{w}w/C{bc}" for lb, c, w, bc in TOPK) + " | exact |")
-for width, context, n in ((1 << 18, 4096, 1), (1 << 18, 131072, 1), (1 << 18, 1048000, 1), (1 << 18, 1048000, 4),
-                          (1 << 17, 500000, 8)):
+ROWS = [(1 << 18, 4096, 1), (1 << 18, 131072, 1), (1 << 18, 1048000, 1), (1 << 18, 1048000, 4), (1 << 17, 500000, 8)]
+for width, context, n in [] if "--attention-only" in sys.argv else ROWS:
     positions = torch.full((n,), context - 1, device="cuda") - torch.arange(n, device="cuda") * 4
     scores = torch.randn(n, width, device="cuda") * 3
     visible = (positions + 1) // 4
@@ -75,18 +76,24 @@ hca = rk._cache(BS // 128, DIM, rk.KV)
 csa = rk._cache(BS // 4, DIM, rk.KV)
 q = torch.randn(1, HEADS, DIM, device="cuda", dtype=torch.bfloat16) / 8
 sinks = torch.randn(HEADS, device="cuda")
-variants = [(False, 16, 8, None, 32, 132, 64), (True, 16, 8, None, 32, 132, 64), (True, 32, 8, None, 32, 132, 64),
-            (True, 16, 4, None, 32, 132, 64), (True, 16, 4, None, 32, 264, 128), (False, 16, 8, 1, 32, 132, 64),
-            (True, 16, 8, 1, 32, 132, 64), (True, 16, 8, None, 64, 132, 64)]
-print("\n| kind | context | prefetch | heads/program | warps | stages | keys/tile | target programs | us "
+# (prefetch HCA, prefetch CSA, flat, heads a program, warps, stages, keys a tile, target programs, max splits)
+variants = [(False, False, False, 16, 8, None, 32, 132, 64),       # before this sweep
+            (True, False, False, 16, 8, 1, 32, 132, 64),           # the defaults it picked
+            (True, True, True, 16, 8, 1, 32, 132, 64),             # scales folded into the keys (ATTENTION_FLAT)
+            (False, False, True, 16, 8, 1, 32, 132, 64)]
+if "--all" in sys.argv:                                            # what the first sweep also tried
+    variants += [(True, True, False, 32, 8, None, 32, 132, 64), (True, True, False, 16, 4, None, 32, 132, 64),
+                 (True, True, False, 16, 4, None, 32, 264, 128), (True, True, False, 16, 8, None, 64, 132, 64)]
+print("\n| kind | context | prefetch | flat | heads/program | warps | stages | keys/tile | target programs | us "
       "| rel diff vs first |")
 for context in (4096, 1048000):
     positions = torch.tensor([context - 1], device="cuda")
     selected = torch.randperm(context // 4, device="cuda")[:K].to(torch.int32)[None]
     for kind, entries, ratio, picked in (("hca", hca, 128, None), ("csa", csa, 4, selected)):
         base = None
-        for prefetch, heads, warps, stages, block_n, target, max_splits in variants:
-            kernels.ATTENTION_PREFETCH, kernels.BLOCK_HEADS = prefetch, heads
+        for prefetch, prefetch_selected, flat, heads, warps, stages, block_n, target, max_splits in variants:
+            kernels.ATTENTION_PREFETCH, kernels.ATTENTION_PREFETCH_SELECTED = prefetch, prefetch_selected
+            kernels.ATTENTION_FLAT, kernels.BLOCK_HEADS = flat, heads
             kernels.ATTENTION_WARPS, kernels.ATTENTION_STAGES = warps, stages
             kernels.ATTENTION_BLOCK_N, kernels.TARGET_PROGRAMS, kernels.MAX_SPLITS = block_n, target, max_splits
             fn = lambda: kernels.sparse_attention(q, positions, requests, window, table, WINDOW, entries, table,
@@ -96,7 +103,8 @@ for context in (4096, 1048000):
             base = out if base is None else base
             diff = ((out - base).abs().max() / base.abs().max()).item()
             us = rk._timed_us(fn)
-            print(f"| {kind} | {context} | {prefetch} | {heads} | {warps} | {stages} | {block_n} | {target} "
+            fetched = prefetch_selected if picked is not None else prefetch
+            print(f"| {kind} | {context} | {fetched} | {flat} | {heads} | {warps} | {stages} | {block_n} | {target} "
                   f"| {us:.1f} | {diff:.1e} | [{time.time() - t0:.0f}s]", flush=True)
 for name, value in defaults.items():
     setattr(kernels, name, value)

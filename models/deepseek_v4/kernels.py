@@ -692,7 +692,7 @@ if triton is not None:
                                  NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                                  SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, GROUPS: tl.constexpr,
                                  GROUP_D: tl.constexpr, TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr,
-                                 PREFETCH: tl.constexpr = False):
+                                 PREFETCH: tl.constexpr = False, FLAT: tl.constexpr = False):
         # sizes that change from step to step (selection width, splits) are arguments, not constants: a
         # constant would compile a kernel per value. With Q_ROPE_HALF q is raw: each program normalizes its
         # heads (unweighted RMS) and rotates them at the token's position as it loads them
@@ -719,7 +719,15 @@ if triton is not None:
         h_mask = h < HEADS
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_H], tl.float32)
-        if WINDOW_FP8 and (ENTRY_FP8 or not HAS_ENTRIES):
+        if WINDOW_FP8 and (ENTRY_FP8 or not HAS_ENTRIES) and FLAT:
+            _sparse_attention_fp8_flat(
+                q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, sinks_ptr, out_ptr,
+                part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask, m, l, lo, hi, first, num_window,
+                q_stride_t, q_stride_h, out_stride_t, out_stride_h, window_table_stride, entries_table_stride,
+                selected_stride, scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE, PER_BLOCK, HEADS,
+                BLOCK_H, DIM, BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, NOPE, QBLOCK, NUM_SCALES, SCALES_AT, ENTRY,
+                GROUPS, GROUP_D, TAIL_D, Q_ROPE_HALF, PREFETCH)
+        elif WINDOW_FP8 and (ENTRY_FP8 or not HAS_ENTRIES):
             _sparse_attention_fp8(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
                                   sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                                   m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
@@ -960,6 +968,129 @@ if triton is not None:
             tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
 
     @triton.jit
+    def _fp8_flat_tile(window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request,
+                       u0, hi, first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col,
+                       col_mask, t, tail_mask, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
+                       BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr, NOPE: tl.constexpr,
+                       NUM_SCALES: tl.constexpr, SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+        """_fp8_tile's entries key-major: (valid [BLOCK_N], e4m3 [BLOCK_N, GROUPS, GROUP_D], scale exponents
+        [BLOCK_N, GROUPS], bf16 tails [BLOCK_N, TAIL_D]), as stored."""
+        u = u0 + tl.arange(0, BLOCK_N)
+        in_window, w_rows, in_entries, e_rows = _key_rows(
+            window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
+            window_table_stride, entries_table_stride, selected_stride, BLOCK_SIZE, PER_BLOCK, HAS_ENTRIES, SELECTED)
+        ALIGN: tl.constexpr = ENTRY & -ENTRY
+        entry = window_ptr + tl.multiple_of(w_rows * ENTRY, ALIGN)
+        valid = in_window
+        if HAS_ENTRIES:
+            entry = tl.multiple_of(tl.where(in_entries, entries_ptr + e_rows * ENTRY, entry), ALIGN)
+            valid = valid | in_entries
+        keys = tl.load(entry[:, None, None] + col[None, :, :], mask=valid[:, None, None] & col_mask[None, :, :],
+                       other=0.0)
+        exponent = tl.load(entry.to(tl.pointer_type(tl.uint8))[:, None] + SCALES_AT + g[None, :],
+                           mask=valid[:, None] & (g < NUM_SCALES)[None, :], other=127)
+        tail = tl.load((entry + NOPE).to(tl.pointer_type(tl.bfloat16))[:, None] + t[None, :],
+                       mask=valid[:, None] & tail_mask[None, :], other=0.0)
+        return valid, keys, exponent, tail
+
+    @triton.jit
+    def _sparse_attention_fp8_flat(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr,
+                                   selected_ptr, sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split,
+                                   h, h_mask, m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
+                                   out_stride_h, window_table_stride, entries_table_stride, selected_stride,
+                                   scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE: tl.constexpr,
+                                   PER_BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+                                   DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr,
+                                   SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr,
+                                   NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
+                                   SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, GROUPS: tl.constexpr,
+                                   GROUP_D: tl.constexpr, TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr,
+                                   PREFETCH: tl.constexpr):
+        """_sparse_attention_fp8 with each group's scale (a power of two) multiplied into its e4m3 values as they
+        are widened -- exact in bf16 -- so that a tile is one [BLOCK_N, GROUPS * GROUP_D] operand: two 2-D dots
+        for the scores (e4m3 dims, bf16 tail) and two for the values, as the model-dtype tile has, instead of
+        grouped 3-D dots and their sums over the groups."""
+        dtype = q_ptr.dtype.element_ty
+        WIDE: tl.constexpr = GROUPS * GROUP_D
+        g = tl.arange(0, GROUPS)
+        j = tl.arange(0, GROUP_D)
+        t = tl.arange(0, TAIL_D)
+        col = g[:, None] * QBLOCK + j[None, :]                                  # [GROUPS, GROUP_D] e4m3 dim
+        col_mask = (col < NOPE) & (j < QBLOCK)[None, :]
+        flat_col = tl.reshape(col, [WIDE])
+        flat_mask = tl.reshape(col_mask, [WIDE])
+        tail_mask = t < DIM - NOPE
+        q_row = q_ptr + token * q_stride_t + h * q_stride_h                     # [BLOCK_H]
+        q_mask = h_mask[:, None] & flat_mask[None, :]
+        q_nope = tl.load(q_row[:, None] + flat_col[None, :], mask=q_mask, other=0.0)        # [BLOCK_H, WIDE]
+        q_tail = tl.load(q_row[:, None] + NOPE + t[None, :], mask=h_mask[:, None] & tail_mask[None, :],
+                         other=0.0)                                             # [BLOCK_H, TAIL_D]
+        if Q_ROPE_HALF > 0:       # the RoPE dims are the bf16 tail (sparse_attention checks)
+            n_f = q_nope.to(tl.float32)
+            t_f = q_tail.to(tl.float32)
+            rms = _unweighted_rms(tl.sum(n_f * n_f, axis=1) + tl.sum(t_f * t_f, axis=1), DIM, q_eps, not FP32, dtype)
+            q_nope = _rounded(n_f * rms[:, None], not FP32, dtype).to(dtype)
+            q_tail = _rope_in_place(q_tail, q_row[:, None] + NOPE, t, h_mask[:, None] & tail_mask[None, :], position,
+                                    q_inv_freq_ptr, rms, DIM - NOPE, Q_ROPE_HALF, True, not FP32)
+        acc = tl.zeros([BLOCK_H, WIDE], tl.float32)
+        acc_tail = tl.zeros([BLOCK_H, TAIL_D], tl.float32)
+        if PREFETCH:
+            next_valid, next_keys, next_exponent, next_tail = _fp8_flat_tile(
+                window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, lo, hi,
+                first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col, col_mask, t,
+                tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES, SCALES_AT, ENTRY)
+        for u0 in range(lo, hi, BLOCK_N):
+            if PREFETCH:
+                valid, keys, exponent, tail = next_valid, next_keys, next_exponent, next_tail
+                next_valid, next_keys, next_exponent, next_tail = _fp8_flat_tile(
+                    window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request,
+                    u0 + BLOCK_N, hi, first, num_window, window_table_stride, entries_table_stride, selected_stride,
+                    g, col, col_mask, t, tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE,
+                    NUM_SCALES, SCALES_AT, ENTRY)
+            else:
+                valid, keys, exponent, tail = _fp8_flat_tile(
+                    window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, u0,
+                    hi, first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col,
+                    col_mask, t, tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES,
+                    SCALES_AT, ENTRY)
+            key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [BLOCK_N, GROUPS]
+            keys = tl.reshape((keys.to(tl.float32) * key_scale[:, :, None]).to(dtype), [BLOCK_N, WIDE])
+            tail = tail.to(dtype)                                               # [BLOCK_N, TAIL_D]
+            if FP32:
+                scores = tl.dot(q_nope, tl.trans(keys), input_precision="ieee")
+                scores += tl.dot(q_tail, tl.trans(tail), input_precision="ieee")
+            else:
+                scores = tl.dot(q_nope, tl.trans(keys))                         # [BLOCK_H, BLOCK_N] fp32
+                scores = tl.dot(q_tail, tl.trans(tail), scores)
+            scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            l = l * alpha + tl.sum(p, axis=1)
+            if FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, keys, input_precision="ieee")
+                acc_tail = acc_tail * alpha[:, None] + tl.dot(p, tail, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), keys)
+                acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(dtype), tail)
+            m = m_new
+        nope_out_mask = q_mask
+        tail_out_mask = h_mask[:, None] & tail_mask[None, :]
+        if not SPLIT:
+            factor = _sink_factor(sinks_ptr, h, h_mask, m, l)
+            out_row = out_ptr + token * out_stride_t + h * out_stride_h          # [BLOCK_H]
+            tl.store(out_row[:, None] + flat_col[None, :], (acc * factor[:, None]).to(dtype), mask=nope_out_mask)
+            tl.store(out_row[:, None] + NOPE + t[None, :], (acc_tail * factor[:, None]).to(dtype), mask=tail_out_mask)
+        else:
+            part = (token * HEADS + h) * num_splits + split                     # [BLOCK_H]
+            part_row = part_acc_ptr + part * DIM
+            tl.store(part_row[:, None] + flat_col[None, :], acc, mask=nope_out_mask)
+            tl.store(part_row[:, None] + NOPE + t[None, :], acc_tail, mask=tail_out_mask)
+            tl.store(part_ml_ptr + part * 2, m, mask=h_mask)
+            tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
+
+    @triton.jit
     def _sparse_attention_reduce_kernel(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, positions_ptr,
                                         inv_freq_ptr, out_stride_t, out_stride_h, num_splits,
                                         HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -1007,8 +1138,10 @@ if triton is not None:
 
 BLOCK_HEADS = 16
 ATTENTION_BLOCK_N = 32       # keys a tile
-ATTENTION_PREFETCH = True    # FP8 HCA tiles: a tile's loads issued during the previous tile's math (CSA: one tile
-                             # a program at batch 1, where it only costs)
+ATTENTION_PREFETCH = True    # FP8 HCA tiles: a tile's loads issued during the previous tile's math
+ATTENTION_PREFETCH_SELECTED = False   # CSA: one tile a program at batch 1, where it only costs
+ATTENTION_FLAT = False       # FP8 tiles with the scales folded into the widened keys (2-D dots, 10 barriers a tile
+                             # instead of 32 in the SASS): tested on the CPU, not yet measured
 ATTENTION_WARPS = 8          # at head dim > 128
 ATTENTION_STAGES = 1         # FP8 tiles: Triton's pipeliner finds nothing to overlap in the gathered tiles; 1 is
                              # ~1 us faster (bf16 tiles keep the default: not measured)
@@ -1078,7 +1211,8 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         HAS_ENTRIES=has_entries, SELECTED=selected is not None, SPLIT=splits > 1,
         FP32=q.dtype == torch.float32, WINDOW_FP8=window_format is not None,
         ENTRY_FP8=has_entries and entry_format is not None, **layout, **_fp8_groups(layout, dim),
-        Q_ROPE_HALF=q_rope_half, PREFETCH=ATTENTION_PREFETCH and selected is None,
+        Q_ROPE_HALF=q_rope_half, PREFETCH=ATTENTION_PREFETCH_SELECTED if selected is not None else ATTENTION_PREFETCH,
+        FLAT=ATTENTION_FLAT,
         num_warps=4 if dim <= 128 else ATTENTION_WARPS,
         **({"num_stages": ATTENTION_STAGES} if fp8_tiles and ATTENTION_STAGES is not None else {}))
     if splits > 1:

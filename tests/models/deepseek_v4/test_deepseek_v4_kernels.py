@@ -291,12 +291,15 @@ def test_wide_topk_is_the_exact_top_k_in_index_order(device, lookback, monkeypat
                 assert torch.equal(captured, _exact_topk(scores, positions, ratio, top_k)), f"width {width}"
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["grouped", "flat"])
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
-def test_fp8_attention_over_many_key_tiles_matches_reference(prefetch, monkeypatch):
+def test_fp8_attention_over_many_key_tiles_matches_reference(prefetch, flat, monkeypatch):
     """FP8 window + every entry (at ratio 4, > 3 key tiles a query) in one split, a tile's loads issued a tile
-    ahead or not: the decode-time loop over many tiles that the other CPU cases (a tile each) do not reach."""
+    ahead or not, the scales applied per group after the dots or folded into the keys (flat): the decode-time
+    loop over many tiles that the other CPU cases (a tile each) do not reach."""
     from tests.models.deepseek_v4.test_deepseek_v4_fp8_kv import _fp8_cache, _formats, _spread
     monkeypatch.setattr(kernels, "ATTENTION_PREFETCH", prefetch)
+    monkeypatch.setattr(kernels, "ATTENTION_FLAT", flat)
     monkeypatch.setattr(kernels, "attention_splits", lambda *args, **kwargs: 1)
     sizes, steps = SMALL, [(150, 1), (97, 2), (40, 1)]
     kv_format, _ = _formats("cpu", sizes)
@@ -700,12 +703,14 @@ def test_decode_kernels_compile_for_hopper():
                                                             BLOCK_SIZE=256, PER_BLOCK=256 // ratio, HAS_ENTRIES=True,
                                                             SELECTED=ratio == 4, SPLIT=True, FP32=False,
                                                             WINDOW_FP8=True, ENTRY_FP8=True, **fp8, Q_ROPE_HALF=32,
-                                                            PREFETCH=kernels.ATTENTION_PREFETCH and ratio != 4),
+                                                            PREFETCH=prefetch, FLAT=flat),
                    {"q_ptr": "*bf16", "window_ptr": "*fp8e4nv", "entries_ptr": "*fp8e4nv", "sinks_ptr": "*fp32",
                     "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_inv_freq_ptr": "*fp32",
                     "scale": "fp32", "q_eps": "fp32"},
                    options={"num_warps": kernels.ATTENTION_WARPS, "num_stages": kernels.ATTENTION_STAGES or 3})
-              for ratio in (4, 128)]
+              for ratio, prefetch, flat in ((4, kernels.ATTENTION_PREFETCH_SELECTED, kernels.ATTENTION_FLAT),
+                                            (128, kernels.ATTENTION_PREFETCH, kernels.ATTENTION_FLAT),
+                                            (128, True, not kernels.ATTENTION_FLAT))]
     for case, result in zip(cases, compile_for_hopper(cases)):
         assert result["error"] is None, f"{case.kernel} {case.constexprs}: {result['error']}"
         assert f".entry {case.kernel}" in result["ptx"]
