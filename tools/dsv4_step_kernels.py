@@ -95,7 +95,7 @@ def time_moe(layers: int, token_counts: list[int]) -> list[dict]:
 def time_route(token_counts: list[int]) -> list[dict]:
     from runtime.ops import score_topk
     from runtime.ops.linear import linear
-    from runtime.ops.moe import gate_score_topk
+    from runtime.ops.moe import gate_score_topk_triton
 
     gates = [torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(24)]
     bias = torch.randn(256, device="cuda") * 0.01
@@ -110,10 +110,10 @@ def time_route(token_counts: list[int]) -> list[dict]:
 
         def after():
             for w, c in zip(gates, counters):
-                gate_score_topk(x, w, 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5, counters=c)
+                gate_score_topk_triton(x, w, 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5, counters=c)
 
         old = score_topk(linear(x, gates[0]), 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5)
-        new = gate_score_topk(x, gates[0], 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5, counters=counters[0])
+        new = gate_score_topk_triton(x, gates[0], 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5, counters=counters[0])
         same = torch.equal(old[1].sort(-1).values, new[1].sort(-1).values)
         row = {"tokens": tokens, "GEMV + routing us": round(_graph_us(before, len(gates)), 2),
                "one launch us": round(_graph_us(after, len(gates)), 2), "same experts": same}
@@ -174,6 +174,7 @@ def time_fp8(row_counts: list[int]) -> list[dict]:
     for name, n, k, groups, silu in FP8_SHAPES:
         copies = max(2, -(-200_000_000 // (n * k)))         # 200 MB of weights a replay: past the 50 MB L2
         weight, scale = fp8_block_quantize(torch.randn(n, k, device="cuda") * 0.05, (128, 128))
+        scale = scale.float()                           # the model's scale grid is fp32 (the release's E8M0 values)
         weights = [(weight.clone(), scale.clone()) for _ in range(copies)]
         counters = [torch.zeros(n, dtype=torch.int32, device="cuda") for _ in range(copies)]
         row = {"linear": name, "N x K": f"{n} x {k}", "MB": round(n * k / 1e6, 1)}

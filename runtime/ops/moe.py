@@ -500,7 +500,11 @@ def _route_topk(router_logits: torch.Tensor, top_k: int, score: int, renormalize
     return weights, ids
 
 
-GATE_ROUTE_MAX_ROWS = 16          # rows of the gate + routing launch: one tensor-core dot's M
+GATE_ROUTE_BLOCK_M = 16           # rows the launch takes: one tensor-core dot's M
+# rows for which `gate_score_topk` takes the launch: its last program routes the rows one after another, so from
+# 3 rows it lost to the GEMV + routing launches (H200, [256, 4096] bf16 gates, us a call: 1 row 8.98 against
+# 9.50, 2 rows 9.62 / 9.63, 3 rows 12.46 / 10.56; docs/PERFORMANCE.md)
+GATE_ROUTE_MAX_ROWS = 1
 GATE_ROUTE_BLOCK_N = 16           # experts a program multiplies
 GATE_ROUTE_BLOCK_K = 512          # columns a program multiplies (the launch splits K into programs of these)
 
@@ -543,8 +547,8 @@ def gate_score_topk_triton(x: torch.Tensor, gate_weight: torch.Tensor, top_k: in
     """`gate_score_topk`'s launch (no dispatch: the interpreter runs it on CPU tensors)."""
     rows, k = x.shape
     num_experts = gate_weight.shape[0]
-    if rows > GATE_ROUTE_MAX_ROWS:
-        raise ValueError(f"gate_score_topk: at most {GATE_ROUTE_MAX_ROWS} rows in one launch, got {rows}")
+    if rows > GATE_ROUTE_BLOCK_M:
+        raise ValueError(f"gate_score_topk: at most {GATE_ROUTE_BLOCK_M} rows in one launch, got {rows}")
     if fixed_ids is not None and table_rows is None and tuple(fixed_ids.shape) != (rows, top_k):
         raise ValueError(f"fixed_ids must be [{rows}, {top_k}], got {list(fixed_ids.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -565,7 +569,7 @@ def gate_score_topk_triton(x: torch.Tensor, gate_weight: torch.Tensor, top_k: in
         table_rows if table_rows is not None else x, weights, ids, rows, num_experts, k, x.stride(0),
         gate_weight.stride(0), 1e-20, scaling,
         TOP_K=top_k, SCORE=score, HAS_BIAS=selection_bias is not None, FIXED_IDS=fixed_ids is not None,
-        BLOCK_M=GATE_ROUTE_MAX_ROWS, BLOCK_N=GATE_ROUTE_BLOCK_N, BLOCK_K=GATE_ROUTE_BLOCK_K, SPLIT_K=split,
+        BLOCK_M=GATE_ROUTE_BLOCK_M, BLOCK_N=GATE_ROUTE_BLOCK_N, BLOCK_K=GATE_ROUTE_BLOCK_K, SPLIT_K=split,
         BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_TOP_K=triton.next_power_of_2(top_k), num_warps=4)
     return weights, ids
 

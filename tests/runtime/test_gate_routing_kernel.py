@@ -75,6 +75,7 @@ def test_gate_route_kernel_takes_the_experts_of_a_table_row(interpreter):
 
 
 def test_gate_score_topk_falls_back_to_linear_and_routing_on_cpu():
+    """(on a GPU too, from GATE_ROUTE_MAX_ROWS + 1 rows)"""
     x, weight, bias = _inputs(4, 24, 64, seed=5)
     weights, ids = moe.gate_score_topk(x, weight, 4, "sqrtsoftplus", selection_bias=bias, scaling=2.0)
     expected_weights, expected_ids = _reference(x, weight, 4, "sqrtsoftplus", bias=bias, scaling=2.0)
@@ -92,10 +93,10 @@ def test_gate_route_kernel_matches_reference_on_gpu_in_a_graph(rows):
     counters = torch.zeros(1, dtype=torch.int32, device="cuda")
 
     def route():
-        return (moe.gate_score_topk(x, weight, 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5,
-                                    counters=counters),
-                moe.gate_score_topk(x, weight, 6, "sqrtsoftplus", fixed_ids=table, table_rows=token_ids,
-                                    scaling=1.5, counters=counters))
+        return (moe.gate_score_topk_triton(x, weight, 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5,
+                                           counters=counters),
+                moe.gate_score_topk_triton(x, weight, 6, "sqrtsoftplus", fixed_ids=table, table_rows=token_ids,
+                                           scaling=1.5, counters=counters))
 
     route()
     torch.cuda.synchronize()
