@@ -113,7 +113,8 @@ def time_route(token_counts: list[int]) -> list[dict]:
                 gate_score_topk_triton(x, w, 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5, counters=c)
 
         old = score_topk(linear(x, gates[0]), 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5)
-        new = gate_score_topk_triton(x, gates[0], 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5, counters=counters[0])
+        new = gate_score_topk_triton(x, gates[0], 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5,
+                                     counters=counters[0])
         same = torch.equal(old[1].sort(-1).values, new[1].sort(-1).values)
         row = {"tokens": tokens, "GEMV + routing us": round(_graph_us(before, len(gates)), 2),
                "one launch us": round(_graph_us(after, len(gates)), 2), "same experts": same}

@@ -521,8 +521,6 @@ def gate_score_topk(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, scor
     made here when not given."""
     if scoring not in _SCORE_FUNCTIONS:
         raise ValueError(f"unknown routing score {scoring!r}; expected one of {', '.join(_SCORE_FUNCTIONS)}")
-    rows, k = x.shape
-    num_experts = gate_weight.shape[0]
     if not (_use_triton(x) and gate_route_fits(x, gate_weight, top_k)):
         from runtime.ops.linear import linear
         if fixed_ids is not None and table_rows is not None:
