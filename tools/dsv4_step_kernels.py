@@ -3,7 +3,7 @@
 (best of 5; each replay cycles through enough weight copies to read them from HBM, not L2):
 
 - `moe`: one MoE block (gate, routing, 6 of 256 MXFP4 experts, the FP8 shared expert) at 1, 2 and 3 tokens,
-  with the shared expert on its side stream and without (moe.SHARED_EXPERT_STREAM); their outputs must be
+  with the shared expert on its side stream and without (streams.SIDE_STREAMS); their outputs must be
   identical (the same kernels, scheduled differently).
 - `route`: the MoE gate's logits + routing at 1, 2 and 3 tokens: a GEMV then the routing launch (before)
   against `gate_score_topk`'s one launch, for 24 gates ([256, 4096] bf16) of distinct weights.
@@ -51,7 +51,7 @@ def _graph_us(calls, per_replay: int) -> float:
 
 
 def time_moe(layers: int, token_counts: list[int]) -> list[dict]:
-    from models.deepseek_v4 import moe
+    from models.deepseek_v4 import moe, streams
     from models.deepseek_v4.linear import Linears
     from runtime.loader import init_dummy_weights
 
@@ -74,7 +74,7 @@ def time_moe(layers: int, token_counts: list[int]) -> list[dict]:
         row = {"tokens": tokens}
         outputs = {}
         for side in (False, True):
-            moe.SHARED_EXPERT_STREAM = side
+            streams.SIDE_STREAMS = side
             with torch.inference_mode():
                 outputs[side] = [b.parts(x, ids) for b in blocks]
                 torch.cuda.synchronize()
@@ -86,7 +86,7 @@ def time_moe(layers: int, token_counts: list[int]) -> list[dict]:
                 row["side stream us" if side else "one stream us"] = round(_graph_us(calls, len(blocks)), 2)
         row["identical"] = all(torch.equal(a, b) for one, two in zip(outputs[False], outputs[True])
                                for a, b in zip(one, two))
-        moe.SHARED_EXPERT_STREAM = True
+        streams.SIDE_STREAMS = True
         results.append(row)
         print(json.dumps(row), flush=True)
     return results

@@ -3,8 +3,6 @@ layers, by a fixed token -> experts table), weights renormalized and scaled; cla
 released, or float) plus one shared expert of the same width."""
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -15,6 +13,7 @@ from runtime.parallel import SINGLE, ParallelContext
 
 from .config import expert_format, num_experts
 from .linear import DENSE, Fp8Rows, Linears
+from .streams import side_stream
 
 
 class Gate(nn.Module):
@@ -125,19 +124,6 @@ class SharedExpert(nn.Module):
         return self.w2(silu_mul(self.w1(x), self.w3(x), self.limit))        # the clamped SwiGLU, one launch
 
 
-# The shared expert on a second stream, beside the routing and the routed experts (RUN_MODEL_SHARED_EXPERT_STREAM=0:
-# one stream)
-SHARED_EXPERT_STREAM = os.environ.get("RUN_MODEL_SHARED_EXPERT_STREAM") != "0"
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One stream a device for work that runs beside the current stream's (made on first use)."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
 class MoE(nn.Module):
     def __init__(self, config, hashed: bool, parallel: ParallelContext = SINGLE, linears: Linears = DENSE):
         super().__init__()
@@ -153,16 +139,14 @@ class MoE(nn.Module):
     def parts(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(routed experts' output, shared expert's output), not yet summed: one rank's, whose sum `forward`
         all-reduces; on one rank a caller may add them inside its next kernel instead. On a GPU the shared
-        expert runs on a side stream (`side_stream`) while the gate, the routing and the routed experts run on
-        the current one: the two chains read only x, and a decode step's GEMVs leave the memory system idle
-        between their launches, so in a CUDA graph they are parallel branches. The current stream waits for
-        the side stream before this returns (x stays referenced by the caller until then, and the side
-        stream's outputs are reused only by the side stream after a later wait on the current one)."""
-        if not (x.is_cuda and SHARED_EXPERT_STREAM):
+        expert runs on the side stream (`streams.side_stream`) while the gate, the routing and the routed
+        experts run on the current one: the two chains read only x (referenced by the caller until this
+        returns), and the current stream waits for the side stream before this returns."""
+        side = side_stream(x)
+        if side is None:
             weights, ids = self.gate(x, input_ids)
             return self.experts(x, weights, ids), self.shared_experts(x)
         current = torch.cuda.current_stream(x.device)
-        side = side_stream(x.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             shared = self.shared_experts(x)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models.deepseek_v4 import moe
+from models.deepseek_v4 import moe, streams
 from models.deepseek_v4.linear import Linears
 from runtime.loader import init_dummy_weights
 
@@ -45,9 +45,9 @@ def test_shared_expert_stream_matches_one_stream(tokens, monkeypatch):
         return outs
 
     with torch.inference_mode():
-        monkeypatch.setattr(moe, "SHARED_EXPERT_STREAM", False)
+        monkeypatch.setattr(streams, "SIDE_STREAMS", False)
         expected = run()
-        monkeypatch.setattr(moe, "SHARED_EXPERT_STREAM", True)
+        monkeypatch.setattr(streams, "SIDE_STREAMS", True)
         eager = run()
         for a, b in zip(expected, eager):
             assert torch.equal(a, b)
@@ -61,9 +61,9 @@ def test_shared_expert_stream_matches_one_stream(tokens, monkeypatch):
             x.copy_(torch.randn_like(x))
             ids.copy_(torch.randint_like(ids, CONFIG.vocab_size))
             graph.replay()
-            monkeypatch.setattr(moe, "SHARED_EXPERT_STREAM", False)
+            monkeypatch.setattr(streams, "SIDE_STREAMS", False)
             expected = run()
-            monkeypatch.setattr(moe, "SHARED_EXPERT_STREAM", True)
+            monkeypatch.setattr(streams, "SIDE_STREAMS", True)
             torch.cuda.synchronize()
             for a, b in zip(expected, captured):
                 assert torch.equal(a, b)
