@@ -1,5 +1,7 @@
-"""The MoE's shared expert on a side stream: the same outputs as on one stream, eagerly and replayed from a CUDA
-graph (where the two chains become parallel branches), with inputs changed between replays."""
+"""DeepSeek V4's side stream (models/deepseek_v4/streams.py): the MoE's shared expert on it gives the same outputs
+as on one stream, eagerly and replayed from a CUDA graph (where the two chains become parallel branches), with
+inputs changed between replays; the whole tiny model (the attention's compressed branch on it too) gives one
+stream's greedy tokens through CUDA graphs."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -9,7 +11,10 @@ import torch
 
 from models.deepseek_v4 import moe, streams
 from models.deepseek_v4.linear import Linears
+from runtime import LLM, SamplingParams
 from runtime.loader import init_dummy_weights
+from tools.gpu_parity import free_gpu
+from tools.parity import random_prompts
 
 # MXFP4 experts and FP8 linears at widths their GPU kernels tile (128 x 128 FP8 blocks)
 CONFIG = SimpleNamespace(hidden_size=256, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
@@ -67,3 +72,21 @@ def test_shared_expert_stream_matches_one_stream(tokens, monkeypatch):
             torch.cuda.synchronize()
             for a, b in zip(expected, captured):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_side_streams_give_one_streams_greedy_tokens(tiny_deepseek_v4, monkeypatch):
+    """fp32 (exact comparison), CUDA graphs, prompts whose CSA / HCA entries close at other positions than the
+    capture's."""
+    prompts = random_prompts(512, (3, 40, 200, 77), seed=4)
+    tokens = {}
+    for side in (False, True):
+        monkeypatch.setattr(streams, "SIDE_STREAMS", side)
+        llm = LLM(str(tiny_deepseek_v4), device="cuda", dtype="float32", skip_tokenizer_init=True,
+                  num_gpu_blocks=512, block_size=16, max_num_batched_tokens=256, max_num_seqs=4)
+        outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+                               use_tqdm=False)
+        tokens[side] = [o.token_ids for o in outputs]
+        del llm
+        free_gpu()
+    assert tokens[True] == tokens[False]
