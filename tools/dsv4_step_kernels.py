@@ -5,15 +5,13 @@
 - `moe`: one MoE block (gate, routing, 6 of 256 MXFP4 experts, the FP8 shared expert) at 1, 2 and 3 tokens,
   with the shared expert on its side stream and without (streams.SIDE_STREAMS); their outputs must be
   identical (the same kernels, scheduled differently).
-- `route`: the MoE gate's logits + routing at 1, 2 and 3 tokens: a GEMV then the routing launch (before)
-  against `gate_score_topk`'s one launch, for 24 gates ([256, 4096] bf16) of distinct weights.
 - `hc`: mHC's hc_post (with the next connection's partial projections) + hc_pre at one token, at each
   HC_MIX_BLOCK (channels an hc_post program projects): 48 connections of distinct `fn` weights.
 - `fp8`: the FP8 GEMV of each Flash linear at 1, 2 and 3 rows (the shared expert's gate/up with the SwiGLU in
   its launch too): whether the 2-3 row path of an MTP verification step costs more than one row. Each output
   against `fp8_linear_ref` (largest difference relative to the reference's largest).
 
-    python tools/dsv4_step_kernels.py [--only moe,route,hc,fp8] [--layers 8]
+    python tools/dsv4_step_kernels.py [--only moe,hc,fp8] [--layers 8]
 """
 from __future__ import annotations
 
@@ -87,37 +85,6 @@ def time_moe(layers: int, token_counts: list[int]) -> list[dict]:
         row["identical"] = all(torch.equal(a, b) for one, two in zip(outputs[False], outputs[True])
                                for a, b in zip(one, two))
         streams.SIDE_STREAMS = True
-        results.append(row)
-        print(json.dumps(row), flush=True)
-    return results
-
-
-def time_route(token_counts: list[int]) -> list[dict]:
-    from runtime.ops import score_topk
-    from runtime.ops.linear import linear
-    from runtime.ops.moe import gate_score_topk_triton
-
-    gates = [torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(24)]
-    bias = torch.randn(256, device="cuda") * 0.01
-    counters = [torch.zeros(1, dtype=torch.int32, device="cuda") for _ in gates]
-    results = []
-    for tokens in token_counts:
-        x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
-
-        def before():
-            for w in gates:
-                score_topk(linear(x, w), 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5)
-
-        def after():
-            for w, c in zip(gates, counters):
-                gate_score_topk_triton(x, w, 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5, counters=c)
-
-        old = score_topk(linear(x, gates[0]), 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5)
-        new = gate_score_topk_triton(x, gates[0], 6, "sqrtsoftplus", selection_bias=bias, scaling=1.5,
-                                     counters=counters[0])
-        same = torch.equal(old[1].sort(-1).values, new[1].sort(-1).values)
-        row = {"tokens": tokens, "GEMV + routing us": round(_graph_us(before, len(gates)), 2),
-               "one launch us": round(_graph_us(after, len(gates)), 2), "same experts": same}
         results.append(row)
         print(json.dumps(row), flush=True)
     return results
@@ -210,7 +177,7 @@ def _table(results: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="moe,route,hc,fp8")
+    parser.add_argument("--only", default="moe,hc,fp8")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tokens", default="1,2,3")
     args = parser.parse_args()
@@ -219,8 +186,8 @@ def main() -> None:
     tables = []
     for section in args.only.split(","):
         start = time.time()
-        results = {"moe": lambda: time_moe(args.layers, counts), "route": lambda: time_route(counts),
-                   "hc": lambda: time_hc([64, 32, 128]), "fp8": lambda: time_fp8(counts)}[section]()
+        results = {"moe": lambda: time_moe(args.layers, counts), "hc": lambda: time_hc([64, 32, 128]),
+                   "fp8": lambda: time_fp8(counts)}[section]()
         print(f"{section}: {time.time() - start:.1f} s", flush=True)
         tables.append(results)
     for results in tables:

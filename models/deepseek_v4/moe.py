@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runtime.ops import fused_moe, silu_mul
-from runtime.ops.moe import gate_score_topk
+from runtime.ops import fused_moe, score_topk, silu_mul
+from runtime.ops.linear import linear
 from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
 from runtime.parallel import SINGLE, ParallelContext
 
@@ -28,9 +28,6 @@ class Gate(nn.Module):
         self.hashed = hashed
         self.top_k, self.scaling = config.num_experts_per_tok, config.routed_scaling_factor
         self.scoring = config.scoring_func
-        # the arrival counter of the gate + routing launch (runtime.ops.moe.gate_score_topk); always zero between
-        # launches
-        self.register_buffer("counters", torch.zeros(1, dtype=torch.int32), persistent=False)
 
     def init_dummy_(self, generator: torch.Generator) -> None:
         """Dummy weights: each token's table row is k distinct random experts (as a released table has)."""
@@ -40,12 +37,10 @@ class Gate(nn.Module):
             self.tid2eid.copy_(draws.topk(self.top_k, dim=-1).indices)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits x @ weight.T and their routing: one launch for a few rows on a GPU."""
+        logits = linear(x, self.weight)                                             # [num_tokens, experts]
         if self.hashed:
-            return gate_score_topk(x, self.weight, self.top_k, self.scoring, fixed_ids=self.tid2eid,
-                                   table_rows=input_ids, scaling=self.scaling, counters=self.counters)
-        return gate_score_topk(x, self.weight, self.top_k, self.scoring, selection_bias=self.bias,
-                               scaling=self.scaling, counters=self.counters)
+            return score_topk(logits, self.top_k, self.scoring, fixed_ids=self.tid2eid[input_ids], scaling=self.scaling)
+        return score_topk(logits, self.top_k, self.scoring, selection_bias=self.bias, scaling=self.scaling)
 
 
 def _packed(*shape: int) -> nn.Parameter:

@@ -215,16 +215,19 @@ def align_by_expert_triton(topk_ids: torch.Tensor, num_experts: int, block_m: in
 
 if triton is not None:
     @triton.jit
-    def _route_row(logits, experts, valid, token, fixed_row, scale_ptr, bias_ptr, fixed_ids_ptr, weights_ptr, ids_ptr,
-                   renorm_eps, scaling, TOP_K: tl.constexpr, SCORE: tl.constexpr, RENORMALIZE: tl.constexpr,
-                   HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FIXED_IDS: tl.constexpr, ROUND: tl.constexpr,
-                   BLOCK_TOP_K: tl.constexpr):
-        """Route one token from its fp32 logits [BLOCK_E] (lanes past the experts: `valid` false) and store its
-        k weights and ids at row `token`; with FIXED_IDS the experts are row `fixed_row` of the table.
-        SCORE: 0 softmax over all experts, 1 the logits themselves with a softmax over the k chosen (softmax
+    def _route_topk_kernel(logits_ptr, scale_ptr, bias_ptr, fixed_ids_ptr, weights_ptr, ids_ptr, num_experts,
+                           stride_logits, renorm_eps, scaling,
+                           TOP_K: tl.constexpr, SCORE: tl.constexpr, RENORMALIZE: tl.constexpr,
+                           HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FIXED_IDS: tl.constexpr,
+                           ROUND: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOP_K: tl.constexpr):
+        """SCORE: 0 softmax over all experts, 1 the logits themselves with a softmax over the k chosen (softmax
         after top-k), 2 sigmoid, 3 sqrt(softplus). ROUND rounds each step to the weights' dtype where a torch
         expression in that dtype would (the scores, their sum, the quotient, the scaled weight)."""
+        token = tl.program_id(0).to(tl.int64)
         dtype = weights_ptr.dtype.element_ty
+        experts = tl.arange(0, BLOCK_E)
+        valid = experts < num_experts
+        logits = tl.load(logits_ptr + token * stride_logits + experts, mask=valid, other=0.0).to(tl.float32)
         if SCORE == 0:
             masked = tl.where(valid, logits, float("-inf"))
             exp = tl.exp(masked - tl.max(masked, axis=0))
@@ -246,7 +249,7 @@ if triton is not None:
         scores = tl.where(valid, scores, float("-inf"))             # padding lanes are never picked
         slots = tl.arange(0, BLOCK_TOP_K)
         if FIXED_IDS:                                                # a table chose the experts
-            top_ids = tl.load(fixed_ids_ptr + fixed_row * TOP_K + slots, mask=slots < TOP_K, other=0).to(tl.int32)
+            top_ids = tl.load(fixed_ids_ptr + token * TOP_K + slots, mask=slots < TOP_K, other=0).to(tl.int32)
             chosen = (experts[None, :] == top_ids[:, None]) & (slots < TOP_K)[:, None]
             top_weights = tl.sum(tl.where(chosen, scores[None, :], 0.0), axis=1)
         else:
@@ -277,65 +280,6 @@ if triton is not None:
         top_weights = top_weights * scaling
         tl.store(weights_ptr + token * TOP_K + slots, top_weights.to(dtype), mask=slots < TOP_K)
         tl.store(ids_ptr + token * TOP_K + slots, top_ids.to(tl.int64), mask=slots < TOP_K)
-
-    @triton.jit
-    def _route_topk_kernel(logits_ptr, scale_ptr, bias_ptr, fixed_ids_ptr, weights_ptr, ids_ptr, num_experts,
-                           stride_logits, renorm_eps, scaling,
-                           TOP_K: tl.constexpr, SCORE: tl.constexpr, RENORMALIZE: tl.constexpr,
-                           HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FIXED_IDS: tl.constexpr,
-                           ROUND: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOP_K: tl.constexpr):
-        """A token a program: `_route_row` of its logits."""
-        token = tl.program_id(0).to(tl.int64)
-        experts = tl.arange(0, BLOCK_E)
-        valid = experts < num_experts
-        logits = tl.load(logits_ptr + token * stride_logits + experts, mask=valid, other=0.0).to(tl.float32)
-        _route_row(logits, experts, valid, token, token, scale_ptr, bias_ptr, fixed_ids_ptr, weights_ptr, ids_ptr,
-                   renorm_eps, scaling, TOP_K, SCORE, RENORMALIZE, HAS_SCALE, HAS_BIAS, FIXED_IDS, ROUND,
-                   BLOCK_TOP_K)
-
-    @triton.jit
-    def _gate_route_kernel(x_ptr, w_ptr, part_ptr, count_ptr, bias_ptr, fixed_ids_ptr, rows_ptr, weights_ptr,
-                           ids_ptr, M, num_experts, K, stride_xm, stride_wn, renorm_eps, scaling,
-                           TOP_K: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           FIXED_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                           BLOCK_TOP_K: tl.constexpr):
-        """The gate's logits and the routing in one launch: program (n, k) multiplies BLOCK_K columns of the
-        M <= BLOCK_M rows by BLOCK_N experts' weights (one tensor-core dot, fp32 sums) into part [SPLIT_K, M, E];
-        the last of all programs to arrive adds each logit's SPLIT_K partials in split order, rounds it to x's
-        dtype (the linear's output) and routes every row (`_route_row`, rounded as score_topk), then resets
-        the counter."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        m = tl.arange(0, BLOCK_M)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        c = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m[:, None] * stride_xm + c[None, :], mask=(m < M)[:, None] & (c < K)[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_wn + c[None, :],
-                    mask=(n < num_experts)[:, None] & (c < K)[None, :], other=0.0, eviction_policy="evict_first")
-        partial = tl.dot(x, tl.trans(w))                                            # [BLOCK_M, BLOCK_N] fp32
-        tl.store(part_ptr + (pid_k * M + m)[:, None] * num_experts + n[None, :], partial,
-                 mask=(m < M)[:, None] & (n < num_experts)[None, :])
-        tl.debug_barrier()                                      # every thread's partial before the arrival
-        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-        if arrived == tl.num_programs(0) * SPLIT_K - 1:
-            experts = tl.arange(0, BLOCK_E)
-            valid = experts < num_experts
-            for token in range(M):
-                logits = tl.zeros([BLOCK_E], dtype=tl.float32)
-                for split in tl.static_range(SPLIT_K):
-                    logits += tl.load(part_ptr + (split * M + token) * num_experts + experts, mask=valid,
-                                      other=0.0, cache_modifier=".cg")
-                logits = logits.to(x_ptr.dtype.element_ty).to(tl.float32)
-                if FIXED_IDS:
-                    fixed_row = tl.load(rows_ptr + token).to(tl.int32)
-                else:
-                    fixed_row = token
-                _route_row(logits, experts, valid, token, fixed_row, bias_ptr, bias_ptr, fixed_ids_ptr, weights_ptr,
-                           ids_ptr, renorm_eps, scaling, TOP_K, SCORE, True, False, HAS_BIAS, FIXED_IDS, True,
-                           BLOCK_TOP_K)
-            tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _moe_count_kernel(topk_ids_ptr, counters_ptr, num_pairs, BLOCK_P: tl.constexpr):
@@ -497,78 +441,6 @@ def _route_topk(router_logits: torch.Tensor, top_k: int, score: int, renormalize
             TOP_K=top_k, SCORE=score, RENORMALIZE=renormalize, HAS_SCALE=expert_scale is not None,
             HAS_BIAS=selection_bias is not None, FIXED_IDS=fixed_ids is not None, ROUND=rounded,
             BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_TOP_K=triton.next_power_of_2(top_k), num_warps=4)
-    return weights, ids
-
-
-GATE_ROUTE_BLOCK_M = 16           # rows the launch takes: one tensor-core dot's M
-# rows for which `gate_score_topk` takes the launch: its last program routes the rows one after another, so from
-# 3 rows it lost to the GEMV + routing launches (H200, [256, 4096] bf16 gates, us a call: 1 row 8.98 against
-# 9.50, 2 rows 9.62 / 9.63, 3 rows 12.46 / 10.56; docs/PERFORMANCE.md)
-GATE_ROUTE_MAX_ROWS = 1
-GATE_ROUTE_BLOCK_N = 16           # experts a program multiplies
-GATE_ROUTE_BLOCK_K = 512          # columns a program multiplies (the launch splits K into programs of these)
-
-
-def gate_score_topk(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, scoring: str,
-                    selection_bias: torch.Tensor | None = None, fixed_ids: torch.Tensor | None = None,
-                    table_rows: torch.Tensor | None = None, scaling: float = 1.0,
-                    counters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`score_topk` of the gate's logits `x @ gate_weight.T` (rounded to x's dtype, as a linear's output): on a
-    GPU for bf16 / fp16 rows, at most GATE_ROUTE_MAX_ROWS of them, one launch (`_gate_route_kernel`) instead
-    of a GEMV and a routing launch; elsewhere those two (runtime.ops.linear then score_topk). `fixed_ids`
-    with `table_rows`: the experts of row table_rows[t] of the table `fixed_ids` for token t (fixed_ids
-    alone: its row t). `counters`: an int32 zero the launch counts its programs' arrivals in (left at zero);
-    made here when not given."""
-    if scoring not in _SCORE_FUNCTIONS:
-        raise ValueError(f"unknown routing score {scoring!r}; expected one of {', '.join(_SCORE_FUNCTIONS)}")
-    if not (_use_triton(x) and gate_route_fits(x, gate_weight, top_k)):
-        from runtime.ops.linear import linear
-        if fixed_ids is not None and table_rows is not None:
-            fixed_ids = fixed_ids[table_rows]
-        return score_topk(linear(x, gate_weight), top_k, scoring, selection_bias, fixed_ids, scaling)
-    return gate_score_topk_triton(x, gate_weight, top_k, scoring, selection_bias, fixed_ids, table_rows, scaling,
-                                  counters)
-
-
-def gate_route_fits(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> bool:
-    """Whether `gate_score_topk` runs as one launch: a few bf16 / fp16 rows, the weight in their dtype, each
-    row's experts in one program's registers."""
-    return x.dtype in (torch.bfloat16, torch.float16) and gate_weight.dtype == x.dtype \
-        and 0 < x.shape[0] <= GATE_ROUTE_MAX_ROWS and gate_weight.shape[0] <= 1024 \
-        and 0 < top_k <= gate_weight.shape[0] and gate_weight.stride(-1) == 1
-
-
-def gate_score_topk_triton(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, scoring: str,
-                           selection_bias: torch.Tensor | None = None, fixed_ids: torch.Tensor | None = None,
-                           table_rows: torch.Tensor | None = None, scaling: float = 1.0,
-                           counters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gate_score_topk`'s launch (no dispatch: the interpreter runs it on CPU tensors)."""
-    rows, k = x.shape
-    num_experts = gate_weight.shape[0]
-    if rows > GATE_ROUTE_BLOCK_M:
-        raise ValueError(f"gate_score_topk: at most {GATE_ROUTE_BLOCK_M} rows in one launch, got {rows}")
-    if fixed_ids is not None and table_rows is None and tuple(fixed_ids.shape) != (rows, top_k):
-        raise ValueError(f"fixed_ids must be [{rows}, {top_k}], got {list(fixed_ids.shape)}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    weights = torch.empty(rows, top_k, dtype=x.dtype, device=x.device)
-    ids = torch.empty(rows, top_k, dtype=torch.int64, device=x.device)
-    if not rows:
-        return weights, ids
-    if counters is None:
-        counters = torch.zeros(1, dtype=torch.int32, device=x.device)
-    split = triton.cdiv(k, GATE_ROUTE_BLOCK_K)
-    part = torch.empty(split, rows, num_experts, dtype=torch.float32, device=x.device)
-    score = {"softmax": 0, "sigmoid": 2, "sqrtsoftplus": 3}[scoring]
-    table = fixed_ids.contiguous() if fixed_ids is not None else x
-    if fixed_ids is not None and table_rows is None:
-        table_rows = torch.arange(rows, device=x.device)
-    _gate_route_kernel[(triton.cdiv(num_experts, GATE_ROUTE_BLOCK_N), split)](
-        x, gate_weight, part, counters, selection_bias.contiguous() if selection_bias is not None else x, table,
-        table_rows if table_rows is not None else x, weights, ids, rows, num_experts, k, x.stride(0),
-        gate_weight.stride(0), 1e-20, scaling,
-        TOP_K=top_k, SCORE=score, HAS_BIAS=selection_bias is not None, FIXED_IDS=fixed_ids is not None,
-        BLOCK_M=GATE_ROUTE_BLOCK_M, BLOCK_N=GATE_ROUTE_BLOCK_N, BLOCK_K=GATE_ROUTE_BLOCK_K, SPLIT_K=split,
-        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_TOP_K=triton.next_power_of_2(top_k), num_warps=4)
     return weights, ids
 
 

@@ -252,15 +252,3 @@ def test_dense_gemv_reads_the_weight_as_16_byte_vectors(case_id, compiled):
     vectors = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] // (8 * 32 * warps)    # 16-byte loads a tile a thread
     assert ptx.count("ld.global.L1::evict_first.L2::cache_hint.v4.b32") == vectors
     assert ("atom.global.gpu.acq_rel.add" in ptx) == (constexprs["SPLIT_K"] > 1)
-
-
-# the MoE gate's logits and the routing in one launch (runtime.ops.moe.gate_score_topk): one tensor-core dot a
-# program, the last arrival routes every row
-GATE_ROUTE_TYPES = {"x_ptr": "*bf16", "w_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "bias_ptr": "*fp32",
-                    "fixed_ids_ptr": "*i64", "rows_ptr": "*i64", "weights_ptr": "*bf16", "ids_ptr": "*i64",
-                    "renorm_eps": "fp32", "scaling": "fp32"}
-for name, constexprs in (("bias", dict(HAS_BIAS=True, FIXED_IDS=False)), ("table", dict(HAS_BIAS=False, FIXED_IDS=True))):
-    CASES[f"gate-route-{name}"] = (Case("runtime.ops.moe", "_gate_route_kernel", dict(
-        constexprs, TOP_K=6, SCORE=3, BLOCK_M=16, BLOCK_N=16, BLOCK_K=512, SPLIT_K=8, BLOCK_E=256, BLOCK_TOP_K=8),
-        GATE_ROUTE_TYPES, {"num_warps": 4}, divisible_by_16=("x_ptr", "w_ptr", "K", "stride_xm", "stride_wn")),
-        "atom.global.gpu.acq_rel.add", None)
