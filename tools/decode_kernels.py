@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from runtime.ops.activation import silu_and_mul  # noqa: E402
-from runtime.ops.linear import gemv_tiles, gemv_triton, linear_ref  # noqa: E402
+from runtime.ops.linear import linear_ref  # noqa: E402
 from runtime.ops.mxfp4 import (GatedActivation, GemvTiles, MoeTiles, Mxfp4Linear, mxfp4_moe_gemv,  # noqa: E402
                                mxfp4_moe_reference, mxfp4_moe_triton)
 
@@ -53,53 +53,169 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (us * 1e-6)
 
 
-def bench_gemv(bandwidth: float) -> None:
+# The dense GEMV's shapes at one row: name -> (N, K, fusion), fusion "norm" (residual + RMSNorm read in), "silu"
+# (SiLU-and-mul read in) or "" (plain). The DeepSeek V4 ones are its bf16 projections: the router (256 experts)
+# and the attention's compressor/indexer projections of a ratio-4 and a ratio-128 layer.
+GEMV_SHAPES = {
+    "0.6b qkv+norm": (4096, 1024, "norm"), "0.6b o": (1024, 2048, ""), "0.6b gate_up+norm": (6144, 1024, "norm"),
+    "0.6b down+silu": (1024, 3072, "silu"),
+    "dsv4 router": (256, 4096, ""), "dsv4 wx r4": (2624, 4096, ""), "dsv4 wx r128": (1024, 4096, ""),
+    "8b qkv+norm": (6144, 4096, "norm"), "8b o": (4096, 4096, ""), "8b gate_up+norm": (24576, 4096, "norm"),
+    "8b down+silu": (4096, 12288, "silu"),
+    "oss qkv+norm": (5120, 2880, "norm"), "oss o": (2880, 4096, ""),
+}
+
+
+def gemv_variants(n: int, k: int) -> list:
+    """Launch shapes swept for an (N, K) weight beside gemv_tiles' choice: steps of 512-2048 inputs, or one step
+    (BLOCK_K >= K: the whole weight block requested at once); BLOCK_N with 2K-16K weight elements a step, 16-64
+    of them a thread (two to eight 16-byte loads); for narrow weights (N <= 1024) also K split in 1024-input
+    steps until >= 2 programs per SM run (split lost at every shape on 2026-11-29)."""
+    from runtime.ops.linear import GemvTiles
+    variants = []
+    for block_k in dict.fromkeys((512, 1024, 2048, triton.next_power_of_2(k))):
+        if block_k > triton.next_power_of_2(k):
+            continue
+        for block_n in (1, 2, 4, 8, 16):
+            elements = block_n * block_k
+            for warps in (4, 8):
+                if not (2048 <= elements <= 16384 and 16 <= elements // (32 * warps) <= 64):
+                    continue
+                variants.append(GemvTiles(block_n, block_k, warps, 1))
+                split = 2
+                while triton.cdiv(n, block_n) * split < 264 and k >= 4 * split * block_k:
+                    split *= 2
+                if n <= 1024 and warps == 4 and block_k == 1024 and k >= 2 * split * block_k:
+                    variants.append(GemvTiles(block_n, block_k, warps, split))
+    return variants
+
+
+def _gemv_case(n: int, k: int, fusion: str, copies: int):
+    """(weights, x, norm, residual, the fp32 reference of copy 0, a cuBLAS call of copy i with its separate
+    norm / activation kernel)."""
     from runtime.ops.linear import norm_linear_ref
     from runtime.ops.norm import RMSNorm, rms_norm
-    shapes = [("0.6b qkv+norm", 4096, 1024, "norm"), ("0.6b o", 1024, 2048, ""),
-              ("0.6b gate_up+norm", 6144, 1024, "norm"), ("0.6b down+silu", 1024, 3072, "silu"),
-              ("8b qkv+norm", 6144, 4096, "norm"), ("8b o", 4096, 4096, ""), ("8b gate_up+norm", 24576, 4096, "norm"),
-              ("8b down+silu", 4096, 12288, "silu"), ("oss qkv+norm", 5120, 2880, "norm"), ("oss o", 2880, 4096, ""),
-              ("0.6b lm_head", 151936, 1024, "")]
-    print(f"\n{'GEMV, 1 row':<20}{'separate us':>12}{'GB/s':>7}{'gemv us':>9}{'GB/s':>7}"
-          f"{'best variant':>20}{'us':>8}{'GB/s':>7}{'err':>9}")
-    for name, n, k, fusion in shapes:
-        nbytes = n * k * 2
-        copies = copies_for(nbytes)
-        weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(torch.bfloat16) for _ in range(copies)]
-        silu = fusion == "silu"
-        x = torch.randn(1, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
+    weights = [(torch.randn(n, k, device="cuda") * k ** -0.5).to(torch.bfloat16) for _ in range(copies)]
+    silu = fusion == "silu"
+    x = torch.randn(1, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
+    norm = res = None
+    if fusion == "norm":
+        norm = RMSNorm(k, 1e-6).cuda().to(torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.3 * torch.randn(k, device="cuda"))
+        res = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+        want = norm_linear_ref(x.float(), res.float(), norm.float(), weights[0].float())[0]
+        norm = norm.to(torch.bfloat16)
+        separate = lambda i: F.linear(rms_norm(x, norm.weight, 1e-6, res)[0], weights[i])  # noqa: E731
+    elif silu:
+        want = linear_ref(x.float(), weights[0].float(), None, True)
+        separate = lambda i: F.linear(silu_and_mul(x), weights[i])            # noqa: E731
+    else:
+        want = linear_ref(x.float(), weights[0].float())
+        separate = lambda i: F.linear(x, weights[i])                          # noqa: E731
+    return weights, x, norm, res, want, separate
+
+
+def _gemv_call(module, x, weight, norm, res, fusion: str, tiles):
+    out = module.gemv_triton(x, weight, None, fusion == "silu", tiles, norm=norm, residual=res)
+    return out[0] if norm is not None else out
+
+
+def _precompile_gemv(jobs: list) -> None:
+    """Launch each (module, N, K, fusion, tiles) once on uninitialized data: the kernels' binaries land in
+    Triton's on-disk cache, where the timing process finds them."""
+    for module_name, n, k, fusion, tiles in jobs:
+        module = importlib.import_module(module_name)
+        weight = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
+        x = torch.zeros(1, 2 * k if fusion == "silu" else k, dtype=torch.bfloat16, device="cuda")
         norm = res = None
         if fusion == "norm":
-            norm = RMSNorm(k, 1e-6).cuda().to(torch.bfloat16)
-            res = torch.randn(1, k, device="cuda").to(torch.bfloat16)
-            want = norm_linear_ref(x.float(), res.float(), RMSNorm(k, 1e-6).cuda(), weights[0].float())[0]
-            separate = lambda i: F.linear(rms_norm(x, norm.weight, 1e-6, res)[0], weights[i])  # noqa: E731
-        elif silu:
-            want = linear_ref(x.float(), weights[0].float(), None, True)
-            separate = lambda i: F.linear(silu_and_mul(x), weights[i])        # noqa: E731
-        else:
-            want = linear_ref(x.float(), weights[0].float())
-            separate = lambda i: F.linear(x, weights[i])                      # noqa: E731
-        t_separate = timed_us(separate, copies)
-        default = gemv_tiles(1, n, k)
+            from runtime.ops.norm import RMSNorm
+            norm, res = RMSNorm(k, 1e-6).cuda().to(torch.bfloat16), torch.zeros_like(x)
+        try:
+            _gemv_call(module, x, weight, norm, res, fusion, tiles)
+        except Exception as exc:                        # noqa: BLE001  reported again by the timing process
+            print(f"precompile {module_name} {n}x{k} {fusion} {tiles}: {type(exc).__name__}: {str(exc)[:200]}")
+    torch.cuda.synchronize()
+
+
+def bench_gemv(bandwidth: float, names=None, before=None, workers: int = 0, rep: int = 20) -> dict:
+    """Each GEMV_SHAPES entry at one row: cuBLAS after the separate norm / activation kernel, `before` (a module
+    with an older gemv_triton / gemv_tiles, e.g. a copy of main's runtime/ops/linear.py) at its tiles, this
+    gemv_tiles' choice, and every gemv_variants launch shape (each checked against the fp32 reference).
+    `workers` > 0 compiles every variant first in that many processes. Returns {(N, K): the fastest tiles}."""
+    from runtime.ops import linear as current
+    names = names or list(GEMV_SHAPES)
+    plans = {}
+    for name in names:
+        n, k, fusion = GEMV_SHAPES[name]
+        plans[name] = list(dict.fromkeys([current.gemv_tiles(1, n, k)] + gemv_variants(n, k)))
+    if workers:
+        import multiprocessing
+        jobs = {}                    # one launch per kernel: the shapes' N and K are all multiples of 16
+        for name in names:
+            n, k, fusion = GEMV_SHAPES[name]
+            for tiles in plans[name]:
+                jobs.setdefault((fusion, tiles), ("runtime.ops.linear", n, k, fusion, tiles))
+        jobs = list(jobs.values())
+        if before is not None:
+            jobs += [(before.__name__, *GEMV_SHAPES[name], None) for name in names]
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.map(_precompile_gemv, [jobs[i::workers] for i in range(workers)])
+    short = lambda t: f"{t.block_n}/{t.block_k}/{t.num_warps}/{t.split_k}"         # noqa: E731
+    print(f"\n{'GEMV, 1 row':<18}{'N x K':>12}{'cuBLAS us':>10}{'before':>8}{'default':>8}{'best':>7}{'TB/s':>6}"
+          f"{'err':>9}  best tiles (block_n/block_k/warps/split); next")
+    chosen = {}
+    for name in names:
+        n, k, fusion = GEMV_SHAPES[name]
+        nbytes = n * k * 2
+        copies = copies_for(nbytes)
+        weights, x, norm, res, want, separate = _gemv_case(n, k, fusion, copies)
+        t_separate = timed_us(separate, copies, rep)
+        t_before = float("nan")
+        if before is not None:
+            t_before = timed_us(lambda i: _gemv_call(before, x, weights[i], norm, res, fusion, None), copies, rep)
         results = {}
-        for tiles in {default, (default[0], 256 if default[1] == 512 else 512, 4), (default[0] * 2, default[1], 4)}:
-            def call(i, tiles=tiles):
-                out = gemv_triton(x, weights[i], None, silu, tiles, norm=norm, residual=res)
-                return out[0] if norm is not None else out
-            err = rel_error(call(0), want)
-            results[tiles] = (timed_us(call, copies), err)
-        best = min(results, key=lambda t: results[t][0])
-        t_default, err = results[default]
-        gbs = lambda us: nbytes / (us * 1e-6) / 1e9                          # noqa: E731
-        print(f"{name:<20}{t_separate:>12.1f}{gbs(t_separate):>7.0f}{t_default:>9.1f}{gbs(t_default):>7.0f}"
-              f"{str(best):>20}{results[best][0]:>8.1f}{gbs(results[best][0]):>7.0f}{err:>9.1e}")
-        RECORDS.append(dict(kind="gemv", name=name, separate_us=t_separate, gemv_us=t_default,
-                            best=list(best), best_us=results[best][0], err=err,
-                            all={str(t): r for t, r in results.items()}))
+        for tiles in plans[name]:
+            try:
+                err = rel_error(_gemv_call(current, x, weights[0], norm, res, fusion, tiles), want)
+                if not err < 1e-2:
+                    print(f"  {name} {short(tiles)}: rel error {err:.1e}: dropped")
+                    continue
+                results[tiles] = (timed_us(lambda i: _gemv_call(current, x, weights[i], norm, res, fusion, tiles),
+                                           copies, rep), err)
+            except Exception as exc:                    # noqa: BLE001  one broken variant does not end the sweep
+                print(f"  {name} {short(tiles)}: {type(exc).__name__}: {str(exc)[:200]}")
+        ranked = sorted(results, key=lambda t: results[t][0])
+        best = ranked[0]
+        chosen[(n, k)] = best
+        t_default = results.get(current.gemv_tiles(1, n, k), (float("nan"),))[0]
+        t_best, err = results[best]
+        print(f"{name:<18}{f'{n}x{k}':>12}{t_separate:>10.1f}{t_before:>8.1f}{t_default:>8.1f}{t_best:>7.1f}"
+              f"{nbytes / t_best / 1e6:>6.2f}{err:>9.1e}  {short(best)}; "
+              + "; ".join(f"{short(t)} {results[t][0]:.1f}" for t in ranked[1:5]), flush=True)
+        RECORDS.append(dict(kind="gemv", name=name, n=n, k=k, fusion=fusion, separate_us=t_separate,
+                            before_us=t_before, default_us=t_default, best=list(best), best_us=t_best, err=err,
+                            sweep={short(t): r[0] for t, r in results.items()}))
         del weights
-    print(f"(separate: cuBLAS after the norm / SiLU-and-mul kernel; copy bandwidth {bandwidth / 1e9:.0f} GB/s)")
+    print(f"(us per call from CUDA-graph replays over weight copies L2 cannot hold; cuBLAS: after the separate "
+          f"norm / SiLU-and-mul kernel; TB/s of the weight bytes at the best tiles; copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s)")
+    return chosen
+
+
+def write_gemv_tile_table(chosen: dict) -> None:
+    """Rewrite GEMV_TILE_TABLE in runtime/ops/linear.py with the sweep's choice (the entries of shapes not swept
+    this time stay)."""
+    from runtime.ops import linear
+    path = Path(__file__).resolve().parents[1] / "runtime" / "ops" / "linear.py"
+    text = path.read_text()
+    head = "GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {\n"
+    start = text.index(head) + len(head)
+    end = text.index("}\n", start)
+    table = {**linear.GEMV_TILE_TABLE, **chosen}
+    text = text[:start] + "".join(f"    {shape}: {tiles!r},\n" for shape, tiles in sorted(table.items())) + text[end:]
+    path.write_text(text)
 
 
 MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, activation
@@ -577,9 +693,16 @@ def main() -> int:
     parser.add_argument("--no-grouped", action="store_true", help="skip the grouped GEMM column")
     parser.add_argument("--write-table", action="store_true",
                         help="write the sweep's choice into GEMV_TILE_TABLE in runtime/ops/mxfp4.py (with "
-                             "fp8: FP8_GEMV_TILE_TABLE in runtime/ops/fp8.py)")
+                             "fp8: FP8_GEMV_TILE_TABLE in runtime/ops/fp8.py; with gemv: GEMV_TILE_TABLE in "
+                             "runtime/ops/linear.py)")
     parser.add_argument("--before", help="a module with an older mxfp4_moe_gemv to time beside this one "
                                          "(e.g. a copy of the previous runtime/ops/mxfp4.py)")
+    parser.add_argument("--gemv-shapes", help="gemv: names of GEMV_SHAPES, comma-separated (default all)")
+    parser.add_argument("--gemv-before", help="gemv: a module with an older gemv_triton to time at its own tiles "
+                                              "(e.g. a copy of main's runtime/ops/linear.py)")
+    parser.add_argument("--gemv-workers", type=int, default=0, help="gemv: compile the variants in this many "
+                                                                    "processes first")
+    parser.add_argument("--gemv-rep", type=int, default=20, help="gemv: ms of replays per timing")
     parser.add_argument("--attention-dtypes", default="bfloat16,float8_e4m3fn", help="KV cache dtypes to sweep")
     parser.add_argument("--attention-shapes", default=",".join(f"{b}x{c}" for b, c in ATTENTION_SHAPES),
                         help="attention: BATCHxCONTEXT list")
@@ -602,7 +725,13 @@ def main() -> int:
         if args.write_table:
             write_tile_table(chosen)
     if "gemv" in only:
-        bench_gemv(bandwidth)
+        chosen = bench_gemv(bandwidth, args.gemv_shapes.split(",") if args.gemv_shapes else None,
+                            importlib.import_module(args.gemv_before) if args.gemv_before else None,
+                            args.gemv_workers, args.gemv_rep)
+        print("GEMV_TILE_TABLE entries:\n" + "".join(f"    {shape}: {tiles!r},\n"
+                                                      for shape, tiles in sorted(chosen.items())))
+        if args.write_table:
+            write_gemv_tile_table(chosen)
     if "attention" in only:
         shapes = tuple(tuple(int(x) for x in shape.split("x")) for shape in args.attention_shapes.split(","))
         bench_attention(bandwidth, tuple(args.attention_dtypes.split(",")), shapes,

@@ -4,6 +4,8 @@ sink per head; partial interleaved RoPE, undone on the output; q through a low-r
 low-rank output projection."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -16,6 +18,7 @@ from .cache_ops import Fp8Entry, dequantize_entries, request_entries, write_entr
 from .compressor import Compressor, Indexer, Projection
 from .config import AttentionKind
 from .linear import DENSE, Fp8Rows, Linears, Rows
+from .streams import side_stream
 from .rope import TrailingRope
 
 
@@ -125,7 +128,21 @@ class DeepseekV4Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, requests: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         fast = kernels.use_kernels(x)
-        projected = self.wx(x) if self.wx is not None else None                  # [num_tokens, parts]
+        # On a GPU the compressed branch (the bf16 projection of x, the compressors, the indexer) runs on a side
+        # stream beside the q path (wq_a / wkv, K's insert, wq_b): it reads x, and the indexer q's normed
+        # latent (the side stream waits for it there); the attention waits for the side stream. Tensors the side
+        # stream reads stay referenced until then; its outputs are reused only by it after a later wait.
+        side = side_stream(x) if fast and self.wx is not None else None
+        current = torch.cuda.current_stream(x.device) if side is not None else None
+        if side is not None:
+            side.wait_stream(current)
+        entry_layer, selected = None, None
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            projected = self.wx(x) if self.wx is not None else None              # [num_tokens, parts]
+            if self.compressor is not None:
+                self.compressor(self.wx.columns(projected, "compressor.wkv", "compressor.wgate"), positions, requests,
+                                ctx)
+                entry_layer = self.compressor.entry_layer
         if self.wq_a_kv is not None:
             both = self.wq_a_kv(x)                                    # [num_tokens, q_lora_rank + head_dim]
             q_latent, kv = self.wq_a_kv.columns(both, "wq_a"), self.wq_a_kv.columns(both, "wkv")
@@ -137,21 +154,23 @@ class DeepseekV4Attention(nn.Module):
             q_latent = kernels.norm_rope(kv, positions, self.rope.inv_freq, eps=self.kv_norm.eps, cache=cache,
                                          slots=slots, fmt=self.window_format, weight=self.kv_norm.weight,
                                          latent=(q_latent, self.q_norm))
-            q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)      # normed and rotated in attention
         else:
             q_latent = self.q_norm(q_latent)
-            q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)
+        if self.indexer is not None:
+            if side is not None:
+                side.wait_stream(current)                             # q_latent
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                selected = self.indexer(self.wx.columns(projected, "indexer.compressor.wkv",
+                                                        "indexer.compressor.wgate"),
+                                        self.wx.columns(projected, "indexer.weights_proj"), q_latent, positions,
+                                        requests, ctx)
+        q = self.wq_b(q_latent).view(-1, self.num_heads, self.head_dim)          # normed and rotated in attention
+        if not fast:
             kv = self.kv_norm(kv)
             q = self.rope(unweighted_rms_norm(q, self.eps), positions)            # [num_tokens, heads, head_dim]
             write_entries(cache, self.rope(kv, positions)[:, 0], slots, self.window_format)
-        entry_layer, selected = None, None
-        if self.compressor is not None:
-            self.compressor(self.wx.columns(projected, "compressor.wkv", "compressor.wgate"), positions, requests, ctx)
-            entry_layer = self.compressor.entry_layer
-        if self.indexer is not None:
-            selected = self.indexer(self.wx.columns(projected, "indexer.compressor.wkv", "indexer.compressor.wgate"),
-                                    self.wx.columns(projected, "indexer.weights_proj"), q_latent, positions,
-                                    requests, ctx)
+        if side is not None:
+            current.wait_stream(side)
         if fast:              # q's norm + RoPE as the attention loads it, the inverse RoPE in its split reduction
             out = self._attend_kernels(q, positions, requests, ctx, entry_layer, selected)
         else:

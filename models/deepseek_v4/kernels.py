@@ -524,26 +524,154 @@ if triton is not None:
             slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
             tl.store(out + slot, w, mask=take)
 
+    @triton.jit
+    def _radix_digit(counts, need, BINS: tl.constexpr):
+        """counts [BINS] of the keys still in play, by their next digit -> (the digit of the need-th largest,
+        how many keys with that digit are still needed: those of a higher digit are all kept)."""
+        at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts        # non-increasing
+        digit = tl.sum((at_or_above >= need).to(tl.int32), axis=0) - 1
+        return digit, need - tl.sum(tl.where(tl.arange(0, BINS) > digit, counts, 0), axis=0)
 
-TOPK_MAX_WIDTH = 8192        # the kernel keeps a row in registers; wider rows go to torch.topk
+    @triton.jit
+    def _topk_radix_kernel(scores_ptr, positions_ptr, out_ptr, hist1_ptr, hist23_ptr, state_ptr, counts_ptr,
+                           scores_stride, out_stride, width, num_chunks, RATIO: tl.constexpr, K: tl.constexpr,
+                           BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, PASS: tl.constexpr,
+                           LOOKBACK: tl.constexpr):
+        # a wide row's top-k with a program per CHUNK entries, in launches over one grid (PASS 1-5). The K-th
+        # largest key T is found a digit at a time (bits 31-24, 23-12, 11-0 of the order-preserving key):
+        # pass 1 counts the high digits per chunk; pass 2 adds those up, finds the digit of the K-th key and
+        # counts the next digit of the keys that have it (atomics into a row's 4,096 bins); pass 3 likewise
+        # for the low digit; pass 4 counts per chunk the keys above T and equal to it; pass 5 writes, in index
+        # order as _indexer_topk_kernel does, the keys above T and the first ties, each chunk at the offset the
+        # counts of the chunks before it give. With LOOKBACK pass 5 counts too (no pass 4): a program takes its
+        # chunk by ticket, publishes its counts, then waits for those of the chunks before it, whose programs
+        # took earlier tickets so are running and publish without waiting (no deadlock, whatever the grid).
+        # Only chunks holding visible entries work; a row with at most K visible keeps them all (pass 5, no
+        # score read). Every buffer a pass reads was written (or zeroed, pass 1) earlier in the same call.
+        token = tl.program_id(0).to(tl.int64)
+        visible = tl.maximum(tl.load(positions_ptr + token).to(tl.int32) + 1, 0) // RATIO
+        seen = tl.minimum(visible, width)
+        out = out_ptr + token * out_stride
+        hist1 = hist1_ptr + token * num_chunks * 256                            # [num_chunks, 256]
+        hist2 = hist23_ptr + token * 8192                                       # [4096], then hist3 [4096]
+        hist3 = hist2 + 4096
+        state = state_ptr + token * 8                 # high digit, need; middle digit, need; ticket
+        counts = counts_ptr + token * num_chunks * 2                            # [num_chunks, 2]
+        chunk = tl.program_id(1)
+        if LOOKBACK and PASS == 5:
+            if visible > K:
+                chunk = tl.atomic_add(state + 4, 1, sem="relaxed")
+        if visible <= K:
+            if PASS == 5 and tl.program_id(1) == 0:
+                j = tl.arange(0, BLOCK_K)
+                tl.store(out + j, tl.where(j < visible, j, -1), mask=j < K)
+        elif chunk * CHUNK < seen:
+            w = chunk * CHUNK + tl.arange(0, CHUNK)
+            mask = w < seen
+            bits = tl.load(scores_ptr + token * scores_stride + w, mask=mask, other=0.0).to(tl.int32, bitcast=True)
+            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648     # as in _indexer_topk_kernel
+            c = tl.arange(0, BLOCK_C)
+            if PASS == 1:
+                high = tl.where(mask, key >> 24, 0).to(tl.int32)
+                digits = tl.histogram(high, 256)
+                digits -= tl.where(tl.arange(0, 256) == 0, CHUNK - tl.sum(mask.to(tl.int32), axis=0), 0)
+                tl.store(hist1 + chunk * 256 + tl.arange(0, 256), digits)
+                if chunk == 0:                   # what the later passes add into
+                    tl.store(hist2 + tl.arange(0, 8192), tl.zeros([8192], tl.int32))
+                    tl.store(state + 4, 0)
+                    for c0 in range(0, num_chunks, BLOCK_C):
+                        tl.store(counts + (c0 + c) * 2, tl.zeros([BLOCK_C], tl.int32), mask=c0 + c < num_chunks)
+            elif PASS == 2:
+                b = tl.arange(0, 256)
+                chunks = tl.cdiv(seen, CHUNK)
+                total = tl.zeros([256], tl.int32)
+                for c0 in range(0, chunks, BLOCK_C):
+                    rows = hist1 + (c0 + c)[:, None] * 256 + b[None, :]
+                    total += tl.sum(tl.load(rows, mask=(c0 + c < chunks)[:, None], other=0), axis=0)
+                high, need = _radix_digit(total, K, 256)
+                if chunk == 0:
+                    tl.store(state, high)
+                    tl.store(state + 1, need)
+                tl.atomic_add(hist2 + ((key >> 12) & 4095), 1, mask=mask & ((key >> 24) == high), sem="relaxed")
+            else:
+                high = tl.load(state).to(tl.int64)
+                if PASS == 3:
+                    middle, need = _radix_digit(tl.load(hist2 + tl.arange(0, 4096)), tl.load(state + 1), 4096)
+                    if chunk == 0:
+                        tl.store(state + 2, middle)
+                        tl.store(state + 3, need)
+                    tl.atomic_add(hist3 + (key & 4095), 1, mask=mask & ((key >> 12) == (high << 12) + middle),
+                                  sem="relaxed")
+                else:
+                    low, room = _radix_digit(tl.load(hist3 + tl.arange(0, 4096)), tl.load(state + 3), 4096)
+                    threshold = (high << 24) + (tl.load(state + 2).to(tl.int64) << 12) + low
+                    above = mask & (key > threshold)
+                    ties = mask & (key == threshold)                  # room of them are kept, the first ones
+                    num_above = tl.sum(above.to(tl.int32), axis=0)
+                    num_ties = tl.sum(ties.to(tl.int32), axis=0)
+                    if PASS == 4:
+                        tl.store(counts + chunk * 2, num_above)
+                        tl.store(counts + chunk * 2 + 1, num_ties)
+                    else:
+                        if LOOKBACK:       # published: a flag bit over the two counts (each <= CHUNK < 2^15)
+                            tl.atomic_xchg(counts + chunk * 2, (1 << 30) | (num_above << 15) | num_ties,
+                                           sem="relaxed")
+                        above_before = tl.zeros([], tl.int32)
+                        ties_before = tl.zeros([], tl.int32)
+                        for c0 in range(0, chunk, BLOCK_C):
+                            before = c0 + c < chunk
+                            if LOOKBACK:
+                                got = tl.atomic_add(counts + (c0 + c) * 2, 0, mask=before, sem="relaxed")
+                                while tl.sum((before & (got < (1 << 30))).to(tl.int32), axis=0) > 0:
+                                    got = tl.atomic_add(counts + (c0 + c) * 2, 0, mask=before, sem="relaxed")
+                                got = tl.where(before, got, 0)
+                                above_before += tl.sum((got >> 15) & 0x7FFF, axis=0)
+                                ties_before += tl.sum(got & 0x7FFF, axis=0)
+                            else:
+                                above_before += tl.sum(tl.load(counts + (c0 + c) * 2, mask=before, other=0), axis=0)
+                                ties_before += tl.sum(tl.load(counts + (c0 + c) * 2 + 1, mask=before, other=0),
+                                                      axis=0)
+                        tie_rank = ties_before + tl.cumsum(ties.to(tl.int32), axis=0) - 1
+                        take = above | (ties & (tie_rank < room))
+                        slot = above_before + tl.minimum(ties_before, room) + tl.cumsum(take.to(tl.int32), axis=0) - 1
+                        tl.store(out + slot, w, mask=take)
+
+
+TOPK_MAX_WIDTH = 8192        # the one-program kernel keeps a row in registers; wider rows take the radix kernel
+TOPK_CHUNK = 4096            # entries a program of the radix kernel (a power of two, < 2^15)
+TOPK_CHUNK_WARPS = 8
+TOPK_LOOKBACK = True         # four launches (pass 5 counts and looks back), else five
+TOPK_BLOCK_C = 64            # chunks' histograms / counts read at a time
 
 
 def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, top_k: int) -> torch.Tensor:
-    """[n, min(top_k, width)] int32 entry indices per query (in no particular order), -1 where fewer entries
-    are visible. A fixed-shape top-k: no length is read on the host, nothing is reset between calls (every
-    score is written each call). One launch on a GPU up to TOPK_MAX_WIDTH entries, torch.topk beyond."""
+    """[n, min(top_k, width)] int32 entry indices per query (the kernels': in index order), -1 where fewer
+    entries are visible. A fixed-shape top-k: no length is read on the host, nothing is reset between calls (every
+    score is written each call). On a GPU one launch up to TOPK_MAX_WIDTH entries, four (or five) launches of
+    a program per TOPK_CHUNK entries beyond (the torch reference elsewhere)."""
     n, width = scores.shape
     k = min(top_k, width)
-    if use_kernels(scores) and width <= TOPK_MAX_WIDTH:
-        out = torch.empty(n, k, dtype=torch.int32, device=scores.device)
-        if n and k:
-            _indexer_topk_kernel[(n,)](scores, positions, out, scores.stride(0), out.stride(0), width,
-                                       RATIO=ratio, K=k, BLOCK_K=_pow2(k), BLOCK_W=_pow2(width),
-                                       num_warps=8 if width > 2048 else 4)
+    if not use_kernels(scores):
+        top = torch.topk(scores, k, dim=-1, sorted=False).indices                  # [n, k]
+        visible = (positions.clamp(min=-1) + 1) // ratio
+        return torch.where(top >= visible[:, None], -1, top).to(torch.int32)
+    out = torch.empty(n, k, dtype=torch.int32, device=scores.device)
+    if n == 0 or k == 0:
         return out
-    top = torch.topk(scores, k, dim=-1, sorted=False).indices                  # [n, k]
-    visible = (positions.clamp(min=-1) + 1) // ratio
-    return torch.where(top >= visible[:, None], -1, top).to(torch.int32)
+    if width <= TOPK_MAX_WIDTH:
+        _indexer_topk_kernel[(n,)](scores, positions, out, scores.stride(0), out.stride(0), width,
+                                   RATIO=ratio, K=k, BLOCK_K=_pow2(k), BLOCK_W=_pow2(width),
+                                   num_warps=8 if width > 2048 else 4)
+        return out
+    chunks = triton.cdiv(width, TOPK_CHUNK)
+    work = torch.empty(n * (chunks * 258 + 8200), dtype=torch.int32, device=scores.device)
+    hist1, hist23, state, counts = work.split([n * chunks * 256, n * 8192, n * 8, n * chunks * 2])
+    for step in (1, 2, 3, 5) if TOPK_LOOKBACK else (1, 2, 3, 4, 5):
+        _topk_radix_kernel[(n, chunks)](scores, positions, out, hist1, hist23, state, counts,
+                                        scores.stride(0), out.stride(0), width, chunks, RATIO=ratio, K=k,
+                                        BLOCK_K=_pow2(k), CHUNK=TOPK_CHUNK, BLOCK_C=TOPK_BLOCK_C, PASS=step,
+                                        LOOKBACK=TOPK_LOOKBACK, num_warps=TOPK_CHUNK_WARPS)
+    return out
 
 
 # ---- sparse attention over window + compressed entries ----------------------------------------------------
@@ -563,7 +691,8 @@ if triton is not None:
                                  FP32: tl.constexpr, WINDOW_FP8: tl.constexpr, ENTRY_FP8: tl.constexpr,
                                  NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                                  SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, GROUPS: tl.constexpr,
-                                 GROUP_D: tl.constexpr, TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr):
+                                 GROUP_D: tl.constexpr, TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr,
+                                 PREFETCH: tl.constexpr = False, FLAT: tl.constexpr = False):
         # sizes that change from step to step (selection width, splits) are arguments, not constants: a
         # constant would compile a kernel per value. With Q_ROPE_HALF q is raw: each program normalizes its
         # heads (unweighted RMS) and rotates them at the token's position as it loads them
@@ -590,14 +719,22 @@ if triton is not None:
         h_mask = h < HEADS
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_H], tl.float32)
-        if WINDOW_FP8 and (ENTRY_FP8 or not HAS_ENTRIES):
+        if WINDOW_FP8 and (ENTRY_FP8 or not HAS_ENTRIES) and FLAT:
+            _sparse_attention_fp8_flat(
+                q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, sinks_ptr, out_ptr,
+                part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask, m, l, lo, hi, first, num_window,
+                q_stride_t, q_stride_h, out_stride_t, out_stride_h, window_table_stride, entries_table_stride,
+                selected_stride, scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE, PER_BLOCK, HEADS,
+                BLOCK_H, DIM, BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, NOPE, QBLOCK, NUM_SCALES, SCALES_AT, ENTRY,
+                GROUPS, GROUP_D, TAIL_D, Q_ROPE_HALF, PREFETCH)
+        elif WINDOW_FP8 and (ENTRY_FP8 or not HAS_ENTRIES):
             _sparse_attention_fp8(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
                                   sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                                   m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                                   out_stride_h, window_table_stride, entries_table_stride, selected_stride,
                                   scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE, PER_BLOCK, HEADS,
                                   BLOCK_H, DIM, BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, NOPE, QBLOCK, NUM_SCALES,
-                                  SCALES_AT, ENTRY, GROUPS, GROUP_D, TAIL_D, Q_ROPE_HALF)
+                                  SCALES_AT, ENTRY, GROUPS, GROUP_D, TAIL_D, Q_ROPE_HALF, PREFETCH)
         else:
             _sparse_attention_wide(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
                                    sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
@@ -707,6 +844,33 @@ if triton is not None:
             tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
 
     @triton.jit
+    def _fp8_tile(window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, u0, hi,
+                  first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col, col_mask, t,
+                  tail_mask, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr, NOPE: tl.constexpr, NUM_SCALES: tl.constexpr,
+                  SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+        """The FP8 entries of keys u0 .. u0 + BLOCK_N (past hi: none, nothing read) as stored -> (valid [BLOCK_N],
+        e4m3 [GROUPS, BLOCK_N, GROUP_D], scale exponents [GROUPS, BLOCK_N], bf16 tails [BLOCK_N, TAIL_D])."""
+        u = u0 + tl.arange(0, BLOCK_N)                                          # index into window ++ entries
+        in_window, w_rows, in_entries, e_rows = _key_rows(
+            window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
+            window_table_stride, entries_table_stride, selected_stride, BLOCK_SIZE, PER_BLOCK, HAS_ENTRIES, SELECTED)
+        # an entry starts only ENTRY & -ENTRY bytes aligned (584: 8): say so (see _load_entries)
+        ALIGN: tl.constexpr = ENTRY & -ENTRY
+        entry = window_ptr + tl.multiple_of(w_rows * ENTRY, ALIGN)               # [BLOCK_N] the entries' first bytes
+        valid = in_window
+        if HAS_ENTRIES:
+            entry = tl.multiple_of(tl.where(in_entries, entries_ptr + e_rows * ENTRY, entry), ALIGN)
+            valid = valid | in_entries
+        keys = tl.load(entry[None, :, None] + col[:, None, :], mask=valid[None, :, None] & col_mask[:, None, :],
+                       other=0.0)
+        exponent = tl.load(entry.to(tl.pointer_type(tl.uint8))[None, :] + SCALES_AT + g[:, None],
+                           mask=valid[None, :] & (g < NUM_SCALES)[:, None], other=127)
+        tail = tl.load((entry + NOPE).to(tl.pointer_type(tl.bfloat16))[:, None] + t[None, :],
+                       mask=valid[:, None] & tail_mask[None, :], other=0.0)
+        return valid, keys, exponent, tail
+
+    @triton.jit
     def _sparse_attention_fp8(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
                               sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                               m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
@@ -717,7 +881,7 @@ if triton is not None:
                               SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, NOPE: tl.constexpr,
                               QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr, SCALES_AT: tl.constexpr,
                               ENTRY: tl.constexpr, GROUPS: tl.constexpr, GROUP_D: tl.constexpr,
-                              TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr):
+                              TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr, PREFETCH: tl.constexpr):
         """Every key an FP8 entry (cache_ops.Fp8Entry): the e4m3 dims read as bytes in groups of QBLOCK
         [GROUPS, BLOCK_N, GROUP_D], their scales once per group and key [GROUPS, BLOCK_N], the RoPE dims as one
         bf16 tile [BLOCK_N, TAIL_D]. Scores: per group the dot of q's dims with the e4m3 values, times the
@@ -745,26 +909,28 @@ if triton is not None:
                                     q_inv_freq_ptr, rms, DIM - NOPE, Q_ROPE_HALF, True, not FP32)
         acc = tl.zeros([GROUPS, BLOCK_H, GROUP_D], tl.float32)
         acc_tail = tl.zeros([BLOCK_H, TAIL_D], tl.float32)
-        # an entry starts only ENTRY & -ENTRY bytes aligned (584: 8): say so (see _load_entries)
-        ALIGN: tl.constexpr = ENTRY & -ENTRY
+        if PREFETCH:           # each tile's loads issued a tile ahead: their latency under the previous tile's math
+            next_valid, next_keys, next_exponent, next_tail = _fp8_tile(
+                window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, lo, hi,
+                first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col, col_mask, t,
+                tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES, SCALES_AT, ENTRY)
         for u0 in range(lo, hi, BLOCK_N):
-            u = u0 + tl.arange(0, BLOCK_N)                                      # index into window ++ entries
-            in_window, w_rows, in_entries, e_rows = _key_rows(
-                window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
-                window_table_stride, entries_table_stride, selected_stride, BLOCK_SIZE, PER_BLOCK, HAS_ENTRIES,
-                SELECTED)
-            entry = window_ptr + tl.multiple_of(w_rows * ENTRY, ALIGN)           # [BLOCK_N] the entries' first bytes
-            valid = in_window
-            if HAS_ENTRIES:
-                entry = tl.multiple_of(tl.where(in_entries, entries_ptr + e_rows * ENTRY, entry), ALIGN)
-                valid = valid | in_entries
-            keys = tl.load(entry[None, :, None] + col[:, None, :], mask=valid[None, :, None] & col_mask[:, None, :],
-                           other=0.0).to(dtype)                                 # [GROUPS, BLOCK_N, GROUP_D]
-            exponent = tl.load(entry.to(tl.pointer_type(tl.uint8))[None, :] + SCALES_AT + g[:, None],
-                               mask=valid[None, :] & (g < NUM_SCALES)[:, None], other=127)
+            if PREFETCH:
+                valid, keys, exponent, tail = next_valid, next_keys, next_exponent, next_tail
+                next_valid, next_keys, next_exponent, next_tail = _fp8_tile(
+                    window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request,
+                    u0 + BLOCK_N, hi, first, num_window, window_table_stride, entries_table_stride, selected_stride,
+                    g, col, col_mask, t, tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE,
+                    NUM_SCALES, SCALES_AT, ENTRY)
+            else:
+                valid, keys, exponent, tail = _fp8_tile(
+                    window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, u0,
+                    hi, first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col,
+                    col_mask, t, tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES,
+                    SCALES_AT, ENTRY)
+            keys = keys.to(dtype)                                               # [GROUPS, BLOCK_N, GROUP_D]
+            tail = tail.to(dtype)                                               # [BLOCK_N, TAIL_D]
             key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [GROUPS, BLOCK_N]
-            tail = tl.load((entry + NOPE).to(tl.pointer_type(tl.bfloat16))[:, None] + t[None, :],
-                           mask=valid[:, None] & tail_mask[None, :], other=0.0).to(dtype)   # [BLOCK_N, TAIL_D]
             if FP32:
                 partial = tl.dot(q_groups, tl.permute(keys, (0, 2, 1)), input_precision="ieee")
                 scores = tl.dot(q_tail, tl.trans(tail), input_precision="ieee")
@@ -797,6 +963,129 @@ if triton is not None:
             part = (token * HEADS + h) * num_splits + split                     # [BLOCK_H]
             part_row = part_acc_ptr + part * DIM
             tl.store(part_row[None, :, None] + col[:, None, :], acc, mask=group_mask)
+            tl.store(part_row[:, None] + NOPE + t[None, :], acc_tail, mask=tail_out_mask)
+            tl.store(part_ml_ptr + part * 2, m, mask=h_mask)
+            tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
+
+    @triton.jit
+    def _fp8_flat_tile(window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request,
+                       u0, hi, first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col,
+                       col_mask, t, tail_mask, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
+                       BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr, NOPE: tl.constexpr,
+                       NUM_SCALES: tl.constexpr, SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+        """_fp8_tile's entries key-major: (valid [BLOCK_N], e4m3 [BLOCK_N, GROUPS, GROUP_D], scale exponents
+        [BLOCK_N, GROUPS], bf16 tails [BLOCK_N, TAIL_D]), as stored."""
+        u = u0 + tl.arange(0, BLOCK_N)
+        in_window, w_rows, in_entries, e_rows = _key_rows(
+            window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
+            window_table_stride, entries_table_stride, selected_stride, BLOCK_SIZE, PER_BLOCK, HAS_ENTRIES, SELECTED)
+        ALIGN: tl.constexpr = ENTRY & -ENTRY
+        entry = window_ptr + tl.multiple_of(w_rows * ENTRY, ALIGN)
+        valid = in_window
+        if HAS_ENTRIES:
+            entry = tl.multiple_of(tl.where(in_entries, entries_ptr + e_rows * ENTRY, entry), ALIGN)
+            valid = valid | in_entries
+        keys = tl.load(entry[:, None, None] + col[None, :, :], mask=valid[:, None, None] & col_mask[None, :, :],
+                       other=0.0)
+        exponent = tl.load(entry.to(tl.pointer_type(tl.uint8))[:, None] + SCALES_AT + g[None, :],
+                           mask=valid[:, None] & (g < NUM_SCALES)[None, :], other=127)
+        tail = tl.load((entry + NOPE).to(tl.pointer_type(tl.bfloat16))[:, None] + t[None, :],
+                       mask=valid[:, None] & tail_mask[None, :], other=0.0)
+        return valid, keys, exponent, tail
+
+    @triton.jit
+    def _sparse_attention_fp8_flat(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr,
+                                   selected_ptr, sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split,
+                                   h, h_mask, m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
+                                   out_stride_h, window_table_stride, entries_table_stride, selected_stride,
+                                   scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE: tl.constexpr,
+                                   PER_BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+                                   DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr,
+                                   SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr,
+                                   NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
+                                   SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, GROUPS: tl.constexpr,
+                                   GROUP_D: tl.constexpr, TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr,
+                                   PREFETCH: tl.constexpr):
+        """_sparse_attention_fp8 with each group's scale (a power of two) multiplied into its e4m3 values as they
+        are widened -- exact in bf16 -- so that a tile is one [BLOCK_N, GROUPS * GROUP_D] operand: two 2-D dots
+        for the scores (e4m3 dims, bf16 tail) and two for the values, as the model-dtype tile has, instead of
+        grouped 3-D dots and their sums over the groups."""
+        dtype = q_ptr.dtype.element_ty
+        WIDE: tl.constexpr = GROUPS * GROUP_D
+        g = tl.arange(0, GROUPS)
+        j = tl.arange(0, GROUP_D)
+        t = tl.arange(0, TAIL_D)
+        col = g[:, None] * QBLOCK + j[None, :]                                  # [GROUPS, GROUP_D] e4m3 dim
+        col_mask = (col < NOPE) & (j < QBLOCK)[None, :]
+        flat_col = tl.reshape(col, [WIDE])
+        flat_mask = tl.reshape(col_mask, [WIDE])
+        tail_mask = t < DIM - NOPE
+        q_row = q_ptr + token * q_stride_t + h * q_stride_h                     # [BLOCK_H]
+        q_mask = h_mask[:, None] & flat_mask[None, :]
+        q_nope = tl.load(q_row[:, None] + flat_col[None, :], mask=q_mask, other=0.0)        # [BLOCK_H, WIDE]
+        q_tail = tl.load(q_row[:, None] + NOPE + t[None, :], mask=h_mask[:, None] & tail_mask[None, :],
+                         other=0.0)                                             # [BLOCK_H, TAIL_D]
+        if Q_ROPE_HALF > 0:       # the RoPE dims are the bf16 tail (sparse_attention checks)
+            n_f = q_nope.to(tl.float32)
+            t_f = q_tail.to(tl.float32)
+            rms = _unweighted_rms(tl.sum(n_f * n_f, axis=1) + tl.sum(t_f * t_f, axis=1), DIM, q_eps, not FP32, dtype)
+            q_nope = _rounded(n_f * rms[:, None], not FP32, dtype).to(dtype)
+            q_tail = _rope_in_place(q_tail, q_row[:, None] + NOPE, t, h_mask[:, None] & tail_mask[None, :], position,
+                                    q_inv_freq_ptr, rms, DIM - NOPE, Q_ROPE_HALF, True, not FP32)
+        acc = tl.zeros([BLOCK_H, WIDE], tl.float32)
+        acc_tail = tl.zeros([BLOCK_H, TAIL_D], tl.float32)
+        if PREFETCH:
+            next_valid, next_keys, next_exponent, next_tail = _fp8_flat_tile(
+                window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, lo, hi,
+                first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col, col_mask, t,
+                tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES, SCALES_AT, ENTRY)
+        for u0 in range(lo, hi, BLOCK_N):
+            if PREFETCH:
+                valid, keys, exponent, tail = next_valid, next_keys, next_exponent, next_tail
+                next_valid, next_keys, next_exponent, next_tail = _fp8_flat_tile(
+                    window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request,
+                    u0 + BLOCK_N, hi, first, num_window, window_table_stride, entries_table_stride, selected_stride,
+                    g, col, col_mask, t, tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE,
+                    NUM_SCALES, SCALES_AT, ENTRY)
+            else:
+                valid, keys, exponent, tail = _fp8_flat_tile(
+                    window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, u0,
+                    hi, first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col,
+                    col_mask, t, tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES,
+                    SCALES_AT, ENTRY)
+            key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [BLOCK_N, GROUPS]
+            keys = tl.reshape((keys.to(tl.float32) * key_scale[:, :, None]).to(dtype), [BLOCK_N, WIDE])
+            tail = tail.to(dtype)                                               # [BLOCK_N, TAIL_D]
+            if FP32:
+                scores = tl.dot(q_nope, tl.trans(keys), input_precision="ieee")
+                scores += tl.dot(q_tail, tl.trans(tail), input_precision="ieee")
+            else:
+                scores = tl.dot(q_nope, tl.trans(keys))                         # [BLOCK_H, BLOCK_N] fp32
+                scores = tl.dot(q_tail, tl.trans(tail), scores)
+            scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            l = l * alpha + tl.sum(p, axis=1)
+            if FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, keys, input_precision="ieee")
+                acc_tail = acc_tail * alpha[:, None] + tl.dot(p, tail, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), keys)
+                acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(dtype), tail)
+            m = m_new
+        nope_out_mask = q_mask
+        tail_out_mask = h_mask[:, None] & tail_mask[None, :]
+        if not SPLIT:
+            factor = _sink_factor(sinks_ptr, h, h_mask, m, l)
+            out_row = out_ptr + token * out_stride_t + h * out_stride_h          # [BLOCK_H]
+            tl.store(out_row[:, None] + flat_col[None, :], (acc * factor[:, None]).to(dtype), mask=nope_out_mask)
+            tl.store(out_row[:, None] + NOPE + t[None, :], (acc_tail * factor[:, None]).to(dtype), mask=tail_out_mask)
+        else:
+            part = (token * HEADS + h) * num_splits + split                     # [BLOCK_H]
+            part_row = part_acc_ptr + part * DIM
+            tl.store(part_row[:, None] + flat_col[None, :], acc, mask=nope_out_mask)
             tl.store(part_row[:, None] + NOPE + t[None, :], acc_tail, mask=tail_out_mask)
             tl.store(part_ml_ptr + part * 2, m, mask=h_mask)
             tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
@@ -848,6 +1137,14 @@ if triton is not None:
 
 
 BLOCK_HEADS = 16
+ATTENTION_BLOCK_N = 32       # keys a tile
+ATTENTION_PREFETCH = True    # FP8 HCA tiles: a tile's loads issued during the previous tile's math
+ATTENTION_PREFETCH_SELECTED = False   # CSA: one tile a program at batch 1, where it only costs
+ATTENTION_FLAT = False       # FP8 tiles with the scales folded into the widened keys (2-D dots, 10 barriers a tile
+                             # instead of 32 in the SASS): tested on the CPU, not yet measured
+ATTENTION_WARPS = 8          # at head dim > 128
+ATTENTION_STAGES = 1         # FP8 tiles: Triton's pipeliner finds nothing to overlap in the gathered tiles; 1 is
+                             # ~1 us faster (bf16 tiles keep the default: not measured)
 MAX_SPLITS = 64
 TARGET_PROGRAMS = 132        # one per SM on an H200 (a program takes most of its registers): split the keys until a
                              # small batch fills it
@@ -883,7 +1180,7 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
     has_entries = entry_cache is not None
     num_selected = selected.shape[1] if selected is not None else 0
     max_keys = window + (num_selected if selected is not None else (max_entries if has_entries else 0))
-    block_n = 32
+    block_n = ATTENTION_BLOCK_N
     splits = attention_splits(n, heads, max_keys, block_n)
     head_blocks = triton.cdiv(heads, BLOCK_HEADS)
     if splits > 1:
@@ -914,7 +1211,10 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         HAS_ENTRIES=has_entries, SELECTED=selected is not None, SPLIT=splits > 1,
         FP32=q.dtype == torch.float32, WINDOW_FP8=window_format is not None,
         ENTRY_FP8=has_entries and entry_format is not None, **layout, **_fp8_groups(layout, dim),
-        Q_ROPE_HALF=q_rope_half, num_warps=4 if dim <= 128 else 8)
+        Q_ROPE_HALF=q_rope_half, PREFETCH=ATTENTION_PREFETCH_SELECTED if selected is not None else ATTENTION_PREFETCH,
+        FLAT=ATTENTION_FLAT,
+        num_warps=4 if dim <= 128 else ATTENTION_WARPS,
+        **({"num_stages": ATTENTION_STAGES} if fp8_tiles and ATTENTION_STAGES is not None else {}))
     if splits > 1:
         _sparse_attention_reduce_kernel[(n, heads)](
             part_acc, part_ml, sinks, out, positions, inverse_rope if inverse_rope is not None else sinks,

@@ -13,6 +13,7 @@ from runtime.parallel import SINGLE, ParallelContext
 
 from .config import expert_format, num_experts
 from .linear import DENSE, Fp8Rows, Linears
+from .streams import side_stream
 
 
 class Gate(nn.Module):
@@ -132,6 +133,19 @@ class MoE(nn.Module):
 
     def parts(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(routed experts' output, shared expert's output), not yet summed: one rank's, whose sum `forward`
-        all-reduces; on one rank a caller may add them inside its next kernel instead."""
+        all-reduces; on one rank a caller may add them inside its next kernel instead. On a GPU the shared
+        expert runs on the side stream (`streams.side_stream`) while the gate, the routing and the routed
+        experts run on the current one: the two chains read only x (referenced by the caller until this
+        returns), and the current stream waits for the side stream before this returns."""
+        side = side_stream(x)
+        if side is None:
+            weights, ids = self.gate(x, input_ids)
+            return self.experts(x, weights, ids), self.shared_experts(x)
+        current = torch.cuda.current_stream(x.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            shared = self.shared_experts(x)
         weights, ids = self.gate(x, input_ids)
-        return self.experts(x, weights, ids), self.shared_experts(x)
+        routed = self.experts(x, weights, ids)
+        current.wait_stream(side)
+        return routed, shared

@@ -11,6 +11,7 @@ MLP's activation needs no launch of its own.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -82,14 +83,23 @@ class Linear(nn.Linear):
 
 
 # ---- Triton kernel ----------------------------------------------------------------------------------
-# One program owns BLOCK_N output columns for every input row (BLOCK_M >= rows, a power of two) and walks K in
-# BLOCK_K steps: it loads a [BLOCK_N, BLOCK_K] tile of W (16-byte loads along K) and the [BLOCK_M, BLOCK_K]
-# input slice, and keeps [BLOCK_M, BLOCK_N, BLOCK_K] fp32 partial products, reduced over K once at the end.
-# The weight is read exactly once; the input (a few KB) comes from L2 for every program. The output is
-# rounded once, from fp32, as cuBLAS rounds it. With SILU_MUL the input element k is
-# silu(gate[k]) * up[k], each rounded to the input dtype as the reference rounds it.
+# Program (n, s) owns BLOCK_N output columns for every input row (BLOCK_M >= rows, a power of two) and the s-th
+# of SPLIT_K slices of K. It multiplies [BLOCK_N, BLOCK_K] tiles of W (16-byte loads along K) by the
+# [BLOCK_M, BLOCK_K] input slices into [BLOCK_M, BLOCK_N, BLOCK_K] fp32 partial products, reduced over K once
+# at the end. The weight is read exactly once; the input (a few KB) comes from L2 for every program.
+# At a few MB the kernel is bound by latency, not bytes. ONE_STEP (one slice, BLOCK_K >= K): the program loads
+# its whole weight block first, all of it in flight at once, then the input once (the norm's statistics and the
+# normalized values come from the same registers): no loop, one layout conversion. Otherwise it walks its slice
+# in BLOCK_K steps, after a pass over the input for the norm's statistics.
+# The output is rounded once, from fp32, as cuBLAS rounds it. With SILU_MUL the input element k is
+# silu(gate[k]) * up[k], each rounded to the input dtype as the reference rounds it. With SPLIT_K > 1 each
+# program writes its fp32 partial sums (split 0's with the bias) to `part` and counts its arrival on its column
+# tile's counter; the last to arrive adds the partials in split order (the same sum whatever the arrival order),
+# writes the output and resets the counter, so a CUDA graph replays the launch with no memset.
 
 if triton is not None:
+    from runtime.ops.fp8 import _fp8_split_k_finish as _split_k_finish
+
     @triton.jit
     def _gemv_input(x_rows, res_rows, k, x_mask, HAS_RESIDUAL: tl.constexpr):
         """x (+ residual, the sum rounded to x's dtype as the reference adds) at columns k."""
@@ -99,12 +109,32 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, sum_ptr, M, N, K,
-                     stride_xm, stride_wn, stride_om, eps,
+    def _gemv_normed(x, inv_rms, norm_ptr, k, k_mask, WEIGHT_IN_FP32: tl.constexpr):
+        """The RMSNorm of x's columns k (their rows' 1 / rms given), rounded where the reference rounds, in fp32."""
+        normed = x.to(tl.float32) * inv_rms
+        norm_weight = tl.load(norm_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        if WEIGHT_IN_FP32:
+            return (norm_weight * normed).to(x.dtype).to(tl.float32)
+        return (norm_weight * normed.to(x.dtype).to(tl.float32)).to(x.dtype).to(tl.float32)
+
+    @triton.jit
+    def _gemv_silu_input(x_rows, k, x_mask, K):
+        """silu(gate) * up at columns k of a (gate | up) input, each rounded to its dtype, in fp32."""
+        gate = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
+        up = tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0)
+        gate_f = gate.to(tl.float32)
+        silu = (gate_f / (1.0 + tl.exp(-gate_f))).to(gate.dtype).to(tl.float32)
+        return (silu * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, sum_ptr, part_ptr, count_ptr, M, N, K,
+                     k_per_split, stride_xm, stride_wn, stride_om, eps,
                      HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
                      HAS_RESIDUAL: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                     ONE_STEP: tl.constexpr):
         pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = m < M
@@ -112,66 +142,139 @@ if triton is not None:
         w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
         x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
         res_rows = res_ptr + m.to(tl.int64)[:, None] * K
-        if NORM:                     # every program computes the rows' rms; program 0 writes x + residual
-            squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-            for k_start in range(0, K, BLOCK_K):
-                k = k_start + tl.arange(0, BLOCK_K)
-                x_mask = m_mask[:, None] & (k < K)[None, :]
-                x = _gemv_input(x_rows, res_rows, k, x_mask, HAS_RESIDUAL)
-                if HAS_RESIDUAL:
-                    if pid == 0:
-                        tl.store(sum_ptr + m.to(tl.int64)[:, None] * K + k[None, :], x, mask=x_mask)
-                squares += x.to(tl.float32) * x.to(tl.float32)
-            inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
-        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k_start in range(0, K, BLOCK_K):
-            k = k_start + tl.arange(0, BLOCK_K)
+        if ONE_STEP:
+            k = tl.arange(0, BLOCK_K)
             k_mask = k < K
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                         eviction_policy="evict_first")
             x_mask = m_mask[:, None] & k_mask[None, :]
             if SILU_MUL:
-                gate = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
-                up = tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0)
-                gate_f = gate.to(tl.float32)
-                silu = (gate_f / (1.0 + tl.exp(-gate_f))).to(gate.dtype).to(tl.float32)
-                a = (silu * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
+                a = _gemv_silu_input(x_rows, k, x_mask, K)
             elif NORM:
                 x = _gemv_input(x_rows, res_rows, k, x_mask, HAS_RESIDUAL)
-                normed = x.to(tl.float32) * inv_rms
-                norm_weight = tl.load(norm_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-                if WEIGHT_IN_FP32:
-                    a = (norm_weight * normed).to(x.dtype).to(tl.float32)
-                else:
-                    a = (norm_weight * normed.to(x.dtype).to(tl.float32)).to(x.dtype).to(tl.float32)
+                if HAS_RESIDUAL:
+                    if pid == 0:
+                        tl.store(sum_ptr + m.to(tl.int64)[:, None] * K + k[None, :], x, mask=x_mask)
+                xf = x.to(tl.float32)
+                inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=1) / K + eps)[:, None]
+                a = _gemv_normed(x, inv_rms, norm_ptr, k, k_mask, WEIGHT_IN_FP32)
             else:
                 a = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            acc += a[:, None, :] * w.to(tl.float32)[None, :, :]
-        out = tl.sum(acc, axis=2)                                              # [BLOCK_M, BLOCK_N]
+            out = tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)      # [BLOCK_M, BLOCK_N]
+        else:
+            k_begin = 0
+            k_end = K
+            if SPLIT_K > 1:
+                k_begin = pid_k * k_per_split          # a multiple of BLOCK_K: the loads stay 16-byte vectors
+                k_end = tl.minimum(k_begin + k_per_split, K)
+            if NORM:                 # every program computes the rows' rms over all of K; one writes x + residual
+                squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+                for k_start in range(0, K, BLOCK_K):
+                    k = k_start + tl.arange(0, BLOCK_K)
+                    x_mask = m_mask[:, None] & (k < K)[None, :]
+                    x = _gemv_input(x_rows, res_rows, k, x_mask, HAS_RESIDUAL)
+                    if HAS_RESIDUAL:
+                        if pid == 0 and pid_k == 0:
+                            tl.store(sum_ptr + m.to(tl.int64)[:, None] * K + k[None, :], x, mask=x_mask)
+                    squares += x.to(tl.float32) * x.to(tl.float32)
+                inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+            acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k_start in range(k_begin, k_end, BLOCK_K):
+                k = k_start + tl.arange(0, BLOCK_K)
+                k_mask = k < k_end
+                w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                            eviction_policy="evict_first")
+                x_mask = m_mask[:, None] & k_mask[None, :]
+                if SILU_MUL:
+                    a = _gemv_silu_input(x_rows, k, x_mask, K)
+                elif NORM:
+                    a = _gemv_normed(_gemv_input(x_rows, res_rows, k, x_mask, HAS_RESIDUAL), inv_rms, norm_ptr, k,
+                                     k_mask, WEIGHT_IN_FP32)
+                else:
+                    a = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                acc += a[:, None, :] * w.to(tl.float32)[None, :, :]
+            out = tl.sum(acc, axis=2)                                          # [BLOCK_M, BLOCK_N]
         if HAS_BIAS:
-            out += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+            if pid_k == 0:
+                out += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if SPLIT_K == 1:
+            tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & n_mask[None, :])
+        else:
+            tl.store(part_ptr + (pid_k * M + m.to(tl.int64))[:, None] * N + n[None, :], out,
+                     mask=m_mask[:, None] & n_mask[None, :])
+            _split_k_finish(part_ptr, count_ptr, out_ptr, pid, n, n_mask, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
-def gemv_tiles(rows: int, n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps), a function of the shape only (graphs and eager agree): enough programs
-    to cover an H200's 132 SMs several times over (from tools/decode_kernels.py, 2026-11-29)."""
+class GemvTiles(NamedTuple):
+    """A GEMV launch: BLOCK_N output columns and BLOCK_K inputs a step per program, its warps, and the programs
+    along K (their partial sums added by the last to finish)."""
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    split_k: int = 1
+
+
+# (N, K) -> tiles for one row: the fastest of `tools/decode_kernels.py --only gemv --write-table` on an H200
+# (2026-11-29); other shapes: gemv_tiles' rule.
+GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {
+    (256, 4096): GemvTiles(block_n=1, block_k=4096, num_warps=4, split_k=1),
+    (1024, 2048): GemvTiles(block_n=4, block_k=2048, num_warps=4, split_k=1),
+    (1024, 3072): GemvTiles(block_n=2, block_k=4096, num_warps=8, split_k=1),
+    (1024, 4096): GemvTiles(block_n=2, block_k=4096, num_warps=4, split_k=1),
+    (2624, 4096): GemvTiles(block_n=2, block_k=4096, num_warps=4, split_k=1),
+    (4096, 1024): GemvTiles(block_n=8, block_k=1024, num_warps=4, split_k=1),
+    (4096, 4096): GemvTiles(block_n=2, block_k=4096, num_warps=4, split_k=1),
+    (4096, 12288): GemvTiles(block_n=8, block_k=1024, num_warps=4, split_k=1),
+    (6144, 1024): GemvTiles(block_n=8, block_k=1024, num_warps=4, split_k=1),
+    (6144, 4096): GemvTiles(block_n=16, block_k=512, num_warps=8, split_k=1),
+}
+SPLIT_COUNTERS = 4096        # column tiles a split launch may have: arrival counters kept per device
+
+
+def gemv_tiles(rows: int, n: int, k: int) -> GemvTiles:
+    """The launch shape, a function of the shape only (graphs and eager agree). One row: the sweep's table, else
+    for K of 1024, 2048 or 4096 (and a weight up to 64 MB) one step of ~8K weight elements a program (at least
+    256 programs), which won at every such plain and SiLU shape swept on an H200. Otherwise steps of 256-512
+    inputs and enough programs to cover the 132 SMs several times over."""
     block_m = triton.next_power_of_2(rows)
+    if block_m == 1:
+        if (n, k) in GEMV_TILE_TABLE:
+            return GEMV_TILE_TABLE[(n, k)]
+        if k in (1024, 2048, 4096) and n * k * 2 <= GEMV_MAX_BYTES:
+            block_n = 8192 // k
+            while block_n > 1 and triton.cdiv(n, block_n) < 256:
+                block_n //= 2
+            return GemvTiles(block_n, k, 4)
     block_k = 512 if block_m == 1 and n < 16384 else 256
     block_n = 16
     while block_n > 2 and triton.cdiv(n, block_n) < 512:
         block_n //= 2
     if block_m >= 4:
         block_n = min(block_n, 8)
-    return block_n, block_k, 4
+    return GemvTiles(block_n, block_k, 4)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> torch.Tensor | None:
+    """The device's arrival counters (int32 zeros, which every split launch leaves at zero); None while a CUDA
+    graph is being captured before any eager launch allocated them (a zeroing captured there would not run
+    before another graph's replay), and the launch then does not split."""
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[device] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
+    return counters
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                silu_mul_input: bool = False, tiles: tuple[int, int, int] | None = None,
+                silu_mul_input: bool = False, tiles: tuple | None = None,
                 norm: RMSNorm | None = None, residual: torch.Tensor | None = None):
     """The same function as `linear_ref` (or, with `norm`, as `norm_linear_ref`, returning (y, x + residual)),
-    for a few rows (any count works; it is fast for one)."""
+    for a few rows (any count works; it is fast for one). `tiles`: a GemvTiles (or its fields as a tuple)."""
     if triton is None:
         raise RuntimeError("gemv_triton needs the triton package")
     rows, width = x.shape
@@ -189,12 +292,21 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     summed = torch.empty((rows, k), dtype=x.dtype, device=x.device) if residual is not None else x
     if rows and n:
-        block_n, block_k, num_warps = tiles or gemv_tiles(rows, n, k)
-        _gemv_kernel[(triton.cdiv(n, block_n),)](
+        tiles = GemvTiles(*tiles) if tiles is not None else gemv_tiles(rows, n, k)
+        column_tiles = triton.cdiv(n, tiles.block_n)
+        k_per_split = triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
+        split = triton.cdiv(k, k_per_split)
+        counters = _split_counters(x.device) if split > 1 and column_tiles <= SPLIT_COUNTERS else None
+        if counters is None:
+            split, k_per_split = 1, triton.cdiv(k, tiles.block_k) * tiles.block_k
+        part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else out
+        _gemv_kernel[(column_tiles, split)](
             x, weight, bias if bias is not None else weight, out, residual if residual is not None else x,
-            norm.weight if norm is not None else weight, summed, rows, n, k, x.stride(0), weight.stride(0),
-            out.stride(0), norm.eps if norm is not None else 0.0,
+            norm.weight if norm is not None else weight, summed, part, counters if counters is not None else out,
+            rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
+            norm.eps if norm is not None else 0.0,
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul_input, NORM=norm is not None,
             HAS_RESIDUAL=residual is not None, WEIGHT_IN_FP32=norm is not None and norm.weight_in_fp32,
-            BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+            BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=split,
+            ONE_STEP=split == 1 and tiles.block_k >= k, num_warps=tiles.num_warps)
     return out if norm is None else (out, summed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.ops.linear import gemv_triton, linear_ref, norm_linear_ref
+from runtime.ops.linear import GemvTiles, gemv_triton, linear_ref, norm_linear_ref
 from runtime.ops.norm import RMSNorm
 from runtime.ops.qkv import qkv_rope_write_kv_ref, qkv_rope_write_kv_triton
 from runtime.ops.rope import RotaryEmbedding
@@ -25,6 +25,11 @@ def _gpu() -> None:
 
 # ---- GEMV -------------------------------------------------------------------------------------------
 
+# K = 300: in one step (the whole weight block loaded at once), in steps of 128, and in three slices of 128, 128
+# and 44 columns (the last program of each column tile adds the partials)
+ONE_STEP_TILES, STEP_TILES = GemvTiles(block_n=4, block_k=512), GemvTiles(block_n=4, block_k=128)
+SPLIT_TILES = GemvTiles(block_n=4, block_k=64, num_warps=4, split_k=3)
+
 
 @pytest.mark.parametrize("rows", [1, 3, 4])
 @pytest.mark.parametrize("silu_mul", [False, True])
@@ -38,8 +43,9 @@ def test_gemv_matches_reference_in_the_interpreter(rows, silu_mul, bias):
     weight = torch.randn(n, k, generator=generator)
     b = torch.randn(n, generator=generator) if bias else None
     expected = linear_ref(x, weight, b, silu_mul)
-    for tiles in [None, (4, 128, 4)]:
+    for tiles in [None, ONE_STEP_TILES, STEP_TILES, SPLIT_TILES]:
         torch.testing.assert_close(gemv_triton(x, weight, b, silu_mul, tiles), expected, rtol=1e-5, atol=1e-4)
+    assert not linear._COUNTERS[x.device].any()                  # the last program of each tile reset its counter
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -56,7 +62,7 @@ def test_gemv_with_fused_norm_matches_reference_in_the_interpreter(residual, wei
     res = torch.randn(1, k, generator=generator) if residual else None
     weight, bias = torch.randn(n, k, generator=generator), torch.randn(n, generator=generator)
     expected, expected_sum = norm_linear_ref(x, res, norm, weight, bias)
-    for tiles in [None, (4, 128, 4)]:
+    for tiles in [None, ONE_STEP_TILES, STEP_TILES, SPLIT_TILES]:
         ours, ours_sum = gemv_triton(x, weight, bias, tiles=tiles, norm=norm, residual=res)
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(ours_sum, expected_sum, rtol=0, atol=0)
@@ -96,6 +102,46 @@ def test_gemv_matches_reference_in_bf16_on_gpu(rows, n, k, silu_mul):
     assert ours.dtype == torch.bfloat16
     error = (ours.float() - expected).norm() / expected.norm()
     assert error < 1e-2, error
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,fusion", [(256, 4096, ""), (1024, 3072, "silu"), (2624, 4096, "norm"),
+                                        (1000, 2880, "")])
+@pytest.mark.parametrize("tiles", [None, GemvTiles(2, 1024, 4, 4), GemvTiles(1, 2048, 8, 2), GemvTiles(2, 4096, 8)])
+def test_gemv_split_k_replays_in_a_cuda_graph(n, k, fusion, tiles):
+    """Split launches (and the default tiles) replayed from a CUDA graph over changing inputs: each replay matches
+    the reference, and the arrival counters are back at zero after it."""
+    _gpu()
+    from runtime.ops import linear
+    generator = torch.Generator(device="cuda").manual_seed(n + k)
+    x = torch.zeros(1, 2 * k if fusion == "silu" else k, dtype=torch.bfloat16, device="cuda")
+    res = torch.zeros(1, k, dtype=torch.bfloat16, device="cuda") if fusion == "norm" else None
+    norm = RMSNorm(k, 1e-6).cuda().to(torch.bfloat16) if fusion == "norm" else None
+    weight = (torch.randn(n, k, generator=generator, device="cuda") * k ** -0.5).to(torch.bfloat16)
+    bias = torch.randn(n, generator=generator, device="cuda").to(torch.bfloat16) if fusion == "" else None
+    call = lambda: gemv_triton(x, weight, bias, fusion == "silu", tiles, norm=norm, residual=res)  # noqa: E731
+    call()                                                   # compiles, allocates the counters outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for step in range(3):
+        x.copy_(torch.randn(x.shape, generator=generator, device="cuda"))
+        if res is not None:
+            res.copy_(torch.randn(res.shape, generator=generator, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        if norm is not None:
+            expected, expected_sum = norm_linear_ref(x, res, norm, weight)
+            assert torch.equal(out[1], expected_sum)
+            got = out[0]
+        else:
+            expected, got = linear_ref(x.float(), weight.float(), None if bias is None else bias.float(),
+                                       fusion == "silu"), out
+        error = (got.float() - expected.float()).norm() / expected.float().norm()
+        assert error < 1e-2, (step, error)
+        if x.device in linear._COUNTERS:                      # a split launch ran (the default tiles may not split)
+            assert not linear._COUNTERS[x.device].any()
 
 
 # ---- QKV: QK-norm + RoPE + K/V write ----------------------------------------------------------------

@@ -231,6 +231,95 @@ def test_topk_kernel_keeps_the_references_set(device, monkeypatch):
             assert torch.equal(row[kept].sort().values, row[ref].sort().values)
 
 
+def _exact_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, k: int) -> torch.Tensor:
+    """The kernels' selection, in torch: the entries above the k-th largest visible score and the first of its
+    ties, in index order (a visible -inf above every entry not visible); every visible entry in order, then -1,
+    when at most k are visible."""
+    n, width = scores.shape
+    visible = (positions.clamp(min=-1) + 1) // ratio                                  # [n]
+    index = torch.arange(width, device=scores.device)
+    seen = index[None, :] < visible[:, None]
+    bits = scores.view(torch.int32).long()
+    key = torch.where(seen, (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2**31, -1)       # order-preserving
+    threshold = key.topk(k, dim=-1).values[:, -1:]
+    above, ties = key > threshold, key == threshold
+    room = k - above.sum(dim=-1, keepdim=True)
+    take = above | (ties & (ties.cumsum(dim=-1) <= room))
+    picked = torch.where(take, index, width).sort(dim=-1).values[:, :k]
+    everything = torch.where(index[:k] < visible[:, None], index[:k], -1)
+    return torch.where((visible <= k)[:, None], everything, picked).to(torch.int32)
+
+
+@pytest.mark.parametrize("lookback", [True, False], ids=["four-launches", "five-launches"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_wide_topk_is_the_exact_top_k_in_index_order(device, lookback, monkeypatch):
+    """Rows just below, at and above the one-program kernel's width, and far wider (the radix kernel, a program
+    per chunk, its last pass looking back at the chunks' published counts or a pass of its own counting them):
+    the same entries in the same order as the exact selection, on rows with no entry visible, fewer than k, k,
+    k + 1, all, more than the width, and random counts; scores on a coarse grid (many ties), a row of equal
+    scores, visible -inf scores. In a CUDA graph on the GPU, replayed at other positions."""
+    monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
+    monkeypatch.setattr(kernels, "TOPK_LOOKBACK", lookback)
+    if device == "cpu":     # the radix kernel reached at small widths: a program per 16 entries
+        monkeypatch.setattr(kernels, "TOPK_MAX_WIDTH", 24)
+        monkeypatch.setattr(kernels, "TOPK_CHUNK", 16)
+        ratio, top_k, widths = 4, 12, (23, 24, 25, 70)
+    else:
+        ratio, top_k = 4, 512
+        widths = (kernels.TOPK_MAX_WIDTH - 1, kernels.TOPK_MAX_WIDTH, kernels.TOPK_MAX_WIDTH + 1, 32768 + 5, 1 << 18)
+    generator = torch.Generator().manual_seed(7)
+    for width in widths:
+        visible = [0, 3, top_k, top_k + 1, width, width + 40, width - 1, top_k + 5]
+        visible += torch.randint(top_k + 2, width, (4,), generator=generator).tolist()
+        positions = torch.tensor([-1] + [v * ratio + ratio - 2 for v in visible[1:]])
+        scores = (torch.randn(len(visible), width, generator=generator) * 4).round() / 4
+        scores[:, ::7] = -scores[:, ::7].abs() - 1
+        scores[6] = 0.5                                                       # every entry a tie
+        scores[7, ::3] = float("-inf")                                       # visible, below every score
+        scores.masked_fill_(torch.arange(width)[None, :] >= torch.tensor(visible)[:, None], float("-inf"))
+        scores, positions = scores.to(device), positions.to(device)
+        want = _exact_topk(scores, positions, ratio, top_k)
+        got = kernels.indexer_topk(scores, positions, ratio, top_k)
+        assert got.dtype == torch.int32 and torch.equal(got, want), f"width {width}"
+        if device == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = kernels.indexer_topk(scores, positions, ratio, top_k)
+            for shift in (-1, 1):                                # fewer, then more entries visible
+                positions.copy_(torch.roll(positions, shift))
+                graph.replay()
+                assert torch.equal(captured, _exact_topk(scores, positions, ratio, top_k)), f"width {width}"
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["grouped", "flat"])
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+def test_fp8_attention_over_many_key_tiles_matches_reference(prefetch, flat, monkeypatch):
+    """FP8 window + every entry (at ratio 4, > 3 key tiles a query) in one split, a tile's loads issued a tile
+    ahead or not, the scales applied per group after the dots or folded into the keys (flat): the decode-time
+    loop over many tiles that the other CPU cases (a tile each) do not reach."""
+    from tests.models.deepseek_v4.test_deepseek_v4_fp8_kv import _fp8_cache, _formats, _spread
+    monkeypatch.setattr(kernels, "ATTENTION_PREFETCH", prefetch)
+    monkeypatch.setattr(kernels, "ATTENTION_FLAT", flat)
+    monkeypatch.setattr(kernels, "attention_splits", lambda *args, **kwargs: 1)
+    sizes, steps = SMALL, [(150, 1), (97, 2), (40, 1)]
+    kv_format, _ = _formats("cpu", sizes)
+    generator = torch.Generator().manual_seed(9)
+    num_blocks = _num_blocks(sizes, steps)
+    caches = [_fp8_cache(_spread((num_blocks, sizes.block_size // r, sizes.dim), generator), kv_format)
+              for r in (1, sizes.ratio)]
+    ctx, positions = _context("cpu", sizes, steps, caches, [1, sizes.ratio])
+    n = positions.shape[0]
+    q = torch.randn(n, sizes.heads, sizes.dim, generator=generator) / 16     # scores of order 1: every key counts
+    sinks = torch.randn(sizes.heads, generator=generator)
+    scale = sizes.dim ** -0.5
+    out = kernels.sparse_attention(q, positions, token_requests(ctx, n), caches[0], ctx.block_tables[0], sizes.window,
+                                   caches[1], ctx.block_tables[1], sizes.ratio, None, sinks, scale, sizes.block_size,
+                                   ctx.max_seq_len // sizes.ratio, kv_format, kv_format)
+    ref = window_sparse_attention(q, positions, ctx, 0, sizes.window, 1, sizes.ratio, None, sinks, scale, kv_format,
+                                  kv_format)
+    torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["csa", "hca"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_compressor_kernels_match_reference(device, overlap):
@@ -558,6 +647,11 @@ def test_decode_kernels_compile_for_hopper():
     module = "models.deepseek_v4.kernels"
     cases = [Case(module, "_indexer_topk_kernel", dict(RATIO=4, K=512, BLOCK_K=512, BLOCK_W=width),
                   {"scores_ptr": "*fp32", "out_ptr": "*i32"}) for width in (2048, kernels.TOPK_MAX_WIDTH)]
+    cases += [Case(module, "_topk_radix_kernel", dict(RATIO=4, K=512, BLOCK_K=512, CHUNK=kernels.TOPK_CHUNK,
+                                                      BLOCK_C=kernels.TOPK_BLOCK_C, PASS=step, LOOKBACK=lookback),
+                   {"scores_ptr": "*fp32", "out_ptr": "*i32", "hist1_ptr": "*i32", "hist23_ptr": "*i32",
+                    "state_ptr": "*i32", "counts_ptr": "*i32"}, options={"num_warps": kernels.TOPK_CHUNK_WARPS})
+              for lookback, steps in ((True, (1, 2, 3, 5)), (False, (4, 5))) for step in steps]
     cases += [Case(module, "_hc_pre_kernel", dict(N=4, HIDDEN=4096, BLOCK=block, SPAN=span, PARTIALS=partials,
                                                   M=64 if partials else 24, CHUNKS=64 if partials else 1,
                                                   BLOCK_C=64 if partials else 1, NORM=norm, WEIGHT_IN_FP32=True,
@@ -603,6 +697,20 @@ def test_decode_kernels_compile_for_hopper():
                    {"q_ptr": "*bf16", "window_ptr": "*bf16", "entries_ptr": "*bf16", "sinks_ptr": "*fp32",
                     "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_inv_freq_ptr": "*fp32",
                     "scale": "fp32", "q_eps": "fp32"}) for ratio in (4, 128)]
+    fp8 = dict(NOPE=448, QBLOCK=64, NUM_SCALES=7, SCALES_AT=576, ENTRY=584, GROUPS=8, GROUP_D=64, TAIL_D=64)
+    cases += [Case(module, "_sparse_attention_kernel", dict(HEADS=64, BLOCK_H=kernels.BLOCK_HEADS, DIM=512, BLOCK_D=512,
+                                                            BLOCK_N=kernels.ATTENTION_BLOCK_N, RATIO=ratio,
+                                                            BLOCK_SIZE=256, PER_BLOCK=256 // ratio, HAS_ENTRIES=True,
+                                                            SELECTED=ratio == 4, SPLIT=True, FP32=False,
+                                                            WINDOW_FP8=True, ENTRY_FP8=True, **fp8, Q_ROPE_HALF=32,
+                                                            PREFETCH=prefetch, FLAT=flat),
+                   {"q_ptr": "*bf16", "window_ptr": "*fp8e4nv", "entries_ptr": "*fp8e4nv", "sinks_ptr": "*fp32",
+                    "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_inv_freq_ptr": "*fp32",
+                    "scale": "fp32", "q_eps": "fp32"},
+                   options={"num_warps": kernels.ATTENTION_WARPS, "num_stages": kernels.ATTENTION_STAGES or 3})
+              for ratio, prefetch, flat in ((4, kernels.ATTENTION_PREFETCH_SELECTED, kernels.ATTENTION_FLAT),
+                                            (128, kernels.ATTENTION_PREFETCH, kernels.ATTENTION_FLAT),
+                                            (128, True, not kernels.ATTENTION_FLAT))]
     for case, result in zip(cases, compile_for_hopper(cases)):
         assert result["error"] is None, f"{case.kernel} {case.constexprs}: {result['error']}"
         assert f".entry {case.kernel}" in result["ptx"]

@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Time parts of DeepSeek V4's batch-1 decode step on the GPU at the Flash shape, from CUDA-graph replays
+(best of 5; each replay cycles through enough weight copies to read them from HBM, not L2):
+
+- `moe`: one MoE block (gate, routing, 6 of 256 MXFP4 experts, the FP8 shared expert) at 1, 2 and 3 tokens,
+  with the shared expert on its side stream and without (streams.SIDE_STREAMS); their outputs must be
+  identical (the same kernels, scheduled differently).
+- `hc`: mHC's hc_post (with the next connection's partial projections) + hc_pre at one token, at each
+  HC_MIX_BLOCK (channels an hc_post program projects): 48 connections of distinct `fn` weights.
+- `fp8`: the FP8 GEMV of each Flash linear at 1, 2 and 3 rows (the shared expert's gate/up with the SwiGLU in
+  its launch too): whether the 2-3 row path of an MTP verification step costs more than one row. Each output
+  against `fp8_linear_ref` (largest difference relative to the reference's largest).
+
+    python tools/dsv4_step_kernels.py [--only moe,hc,fp8] [--layers 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parent / "configs/deepseek-v4-flash-24l/config.json"
+
+
+def _graph_us(calls, per_replay: int) -> float:
+    """us per call of `calls()` (which makes per_replay calls), from CUDA-graph replays, best of 5."""
+    calls()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+    graph.replay()
+    best = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / per_replay)
+    return best
+
+
+def time_moe(layers: int, token_counts: list[int]) -> list[dict]:
+    from models.deepseek_v4 import moe, streams
+    from models.deepseek_v4.linear import Linears
+    from runtime.loader import init_dummy_weights
+
+    config = SimpleNamespace(**json.loads(CONFIG.read_text()))
+    blocks = []
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)               # as the engine builds a model (fp32 stays where named)
+    try:
+        for i in range(layers):                # distinct layers: ~3.3 GB of experts each, read past L2
+            with torch.device("cuda"):
+                block = moe.MoE(config, hashed=False, linears=Linears((128, 128)))
+            init_dummy_weights(block, seed=i)
+            blocks.append(block.eval())
+    finally:
+        torch.set_default_dtype(previous)
+    results = []
+    for tokens in token_counts:
+        x = torch.randn(tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+        ids = torch.zeros(tokens, dtype=torch.long, device="cuda")
+        row = {"tokens": tokens}
+        outputs = {}
+        for side in (False, True):
+            streams.SIDE_STREAMS = side
+            with torch.inference_mode():
+                outputs[side] = [b.parts(x, ids) for b in blocks]
+                torch.cuda.synchronize()
+
+                def calls():
+                    for b in blocks:
+                        b.parts(x, ids)
+
+                row["side stream us" if side else "one stream us"] = round(_graph_us(calls, len(blocks)), 2)
+        row["identical"] = all(torch.equal(a, b) for one, two in zip(outputs[False], outputs[True])
+                               for a, b in zip(one, two))
+        streams.SIDE_STREAMS = True
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    return results
+
+
+def time_hc(blocks: list[int]) -> list[dict]:
+    from models.deepseek_v4 import kernels
+    from runtime.ops import RMSNorm
+
+    hc, hidden, count = 4, 4096, 48
+    fns = [torch.randn((2 + hc) * hc, hc * hidden, device="cuda") * 0.01 for _ in range(count)]
+    base = torch.randn((2 + hc) * hc, device="cuda") * 0.1
+    scale = torch.ones(3, device="cuda")
+    norm = RMSNorm(hidden, 1e-6, weight_in_fp32=True).cuda()
+    streams = torch.randn(1, hc, hidden, device="cuda", dtype=torch.bfloat16)
+    output = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+    post = torch.rand(1, hc, device="cuda") * 2
+    comb = torch.softmax(torch.randn(1, hc, hc, device="cuda"), -1)
+    results, reference = [], None
+    default = kernels.HC_MIX_BLOCK
+    for block in blocks:
+        kernels.HC_MIX_BLOCK = block
+
+        def pair(fn):
+            new, mix = kernels.hc_post(output, streams, post, comb, fn)
+            return kernels.hc_pre(new, fn, base, scale, 1e-6, 1e-6, 20, mix, norm)
+
+        def calls():
+            for fn in fns:
+                pair(fn)
+
+        out = pair(fns[0])
+        if reference is None:
+            reference = out
+        error = max((a.float() - b.float()).abs().max().item() for a, b in zip(out, reference))
+        row = {"HC_MIX_BLOCK": block, "hc_post + hc_pre us": round(_graph_us(calls, count), 2),
+               "max diff from the first": f"{error:.1e}"}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    kernels.HC_MIX_BLOCK = default
+    return results
+
+
+# (name, out, in, groups, silu_mul_output): the whole weight [out, in]; wo_a's input is groups * in wide
+FP8_SHAPES = [("wq_a + wkv", 1536, 4096, 1, False), ("wq_b", 32768, 1024, 1, False),
+              ("wo_a", 8192, 4096, 8, False), ("wo_b", 4096, 8192, 1, False),
+              ("shared w1 + w3", 4096, 4096, 1, False), ("shared w1 + w3, SwiGLU", 4096, 4096, 1, True),
+              ("shared w2", 4096, 2048, 1, False), ("indexer wq_b", 8192, 1024, 1, False)]
+
+
+def time_fp8(row_counts: list[int]) -> list[dict]:
+    from runtime.ops.fp8 import fp8_block_quantize, fp8_linear, fp8_linear_ref, fp8_silu_mul_ref
+
+    results = []
+    for name, n, k, groups, silu in FP8_SHAPES:
+        copies = max(2, -(-200_000_000 // (n * k)))         # 200 MB of weights a replay: past the 50 MB L2
+        weight, scale = fp8_block_quantize(torch.randn(n, k, device="cuda") * 0.05, (128, 128))
+        scale = scale.float()                           # the model's scale grid is fp32 (the release's E8M0 values)
+        weights = [(weight.clone(), scale.clone()) for _ in range(copies)]
+        counters = [torch.zeros(n, dtype=torch.int32, device="cuda") for _ in range(copies)]
+        row = {"linear": name, "N x K": f"{n} x {k}", "MB": round(n * k / 1e6, 1)}
+        for rows in row_counts:
+            x = torch.randn(rows, groups * k, device="cuda", dtype=torch.bfloat16)
+            out = fp8_linear(x, weight, scale, groups, counters[0], silu_mul_output=silu, limit=10.0 if silu else None)
+            ref = fp8_silu_mul_ref(x, weight, scale, 10.0) if silu else fp8_linear_ref(x.float(), weight, scale, groups)
+            error = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+            def calls():
+                for (w, s), c in zip(weights, counters):
+                    fp8_linear(x, w, s, groups, c, silu_mul_output=silu, limit=10.0 if silu else None)
+
+            us = _graph_us(calls, copies)
+            row[f"{rows} row us"] = round(us, 2)
+            row[f"{rows} row rel err"] = f"{error:.1e}"
+        row["TB/s at 1 row"] = round(n * k / (row[f"{row_counts[0]} row us"] * 1e-6) / 1e12, 2)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    return results
+
+
+def _table(results: list[dict]) -> None:
+    if not results:
+        return
+    keys = list(results[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in results:
+        print("| " + " | ".join(str(row.get(key, "")) for key in keys) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="moe,hc,fp8")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--tokens", default="1,2,3")
+    args = parser.parse_args()
+    counts = [int(t) for t in args.tokens.split(",")]
+    print(torch.cuda.get_device_name(), f"torch {torch.__version__}", flush=True)
+    tables = []
+    for section in args.only.split(","):
+        start = time.time()
+        results = {"moe": lambda: time_moe(args.layers, counts), "hc": lambda: time_hc([64, 32, 128]),
+                   "fp8": lambda: time_fp8(counts)}[section]()
+        print(f"{section}: {time.time() - start:.1f} s", flush=True)
+        tables.append(results)
+    for results in tables:
+        _table(results)
+
+
+if __name__ == "__main__":
+    main()
