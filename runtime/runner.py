@@ -1,9 +1,11 @@
 """ModelRunner: owns the model, its cache tensors and every request's state; turns a StepPlan into input
 tensors, runs the forward, samples (or verifies drafts) and runs the package's drafter.
 
-Inputs are built with numpy in host staging buffers (pinned on CUDA) and copied once per step, non-blocking,
-into device buffers whose addresses never change. Block tables live on the device and change by the plan's
-staged writes. Uniform batches on CUDA (every request 1 token, or 1 + k when verifying k drafts) replay a
+Inputs (and the sampling parameters) are built with numpy in one host staging buffer (pinned on CUDA) and copied
+once per step, non-blocking, into one device buffer whose views the step reads (see InputBuffers). Block tables
+live on the device and change by the plan's staged writes; a captured graph applies them, gathers the step's
+table rows and fills placeholder tokens itself, so that a replayed step issues one upload, the replay and one
+download of its tokens (graphs of a few rows also end with the greedy argmax). Uniform batches on CUDA (every request 1 token, or 1 + k when verifying k drafts) replay a
 CUDA graph captured for the next larger batch size; the rows past the real batch are padding that writes
 nothing. With piecewise graphs on, every other batch up to the token budget (prefill chunks, mixed steps)
 replays graphs captured per token-count bucket for everything but attention, which runs eagerly between
