@@ -6,12 +6,12 @@ once per step, non-blocking, into one device buffer whose views the step reads (
 live on the device and change by the plan's staged writes; a captured graph applies them, gathers the step's
 table rows and fills placeholder tokens itself, so that a replayed step issues one upload, the replay and one
 download of its tokens (graphs of a few rows also end with the greedy argmax). Uniform batches on CUDA (every
-request 1 token, or 1 + k when verifying k drafts) replay a CUDA graph captured for the next larger batch
-size; the rows past the real batch are padding that writes nothing. With piecewise graphs on, every other batch up to the token budget (prefill chunks, mixed steps)
-replays graphs captured per token-count bucket for everything but attention, which runs eagerly between
-the pieces on the live step's metadata (see `capture_piecewise`). A drafter that is `capturable`
-(runtime.spec_decode.Drafter) replays a graph of its own after each uniform batch's, over the same padded
-rows (see `_capture_drafter`).
+request 1 token, or 1 + k when verifying k drafts) replay a CUDA graph captured for the next larger batch size;
+the rows past the real batch are padding that writes nothing. With piecewise graphs on, every other batch up to
+the token budget (prefill chunks, mixed steps) replays graphs captured per token-count bucket for everything but
+attention, which runs eagerly between the pieces on the live step's metadata (see `capture_piecewise`). A drafter
+that is `capturable` (runtime.spec_decode.Drafter) replays a graph of its own after each uniform batch's, over
+the same padded rows (see `_capture_drafter`).
 
 A step is launched without waiting for it (`launch`), and waited on later (`wait`), so that the host can
 prepare the next step while the device runs this one. Tokens the host has not read yet appear in the next
