@@ -69,8 +69,8 @@ GEMV_SHAPES = {
 def gemv_variants(n: int, k: int) -> list:
     """Launch shapes swept for an (N, K) weight beside gemv_tiles' choice: steps of 512-2048 inputs, or one step
     (BLOCK_K >= K: the whole weight block requested at once); BLOCK_N with 2K-16K weight elements a step, 16-64
-    of them a thread (two to eight 16-byte loads); for narrow weights (N <= 1024) also K split in 1024-input
-    steps until >= 2 programs per SM run (split lost at every shape on 2026-11-29)."""
+    of them a thread (two to eight 16-byte loads). (K split over programs lost at every shape on 2026-11-29 and
+    was removed from the kernel.)"""
     from runtime.ops.linear import GemvTiles
     variants = []
     for block_k in dict.fromkeys((512, 1024, 2048, triton.next_power_of_2(k))):
@@ -81,12 +81,7 @@ def gemv_variants(n: int, k: int) -> list:
             for warps in (4, 8):
                 if not (2048 <= elements <= 16384 and 16 <= elements // (32 * warps) <= 64):
                     continue
-                variants.append(GemvTiles(block_n, block_k, warps, 1))
-                split = 2
-                while triton.cdiv(n, block_n) * split < 264 and k >= 4 * split * block_k:
-                    split *= 2
-                if n <= 1024 and warps == 4 and block_k == 1024 and k >= 2 * split * block_k:
-                    variants.append(GemvTiles(block_n, block_k, warps, split))
+                variants.append(GemvTiles(block_n, block_k, warps))
     return variants
 
 
@@ -162,9 +157,9 @@ def bench_gemv(bandwidth: float, names=None, before=None, workers: int = 0, rep:
             jobs += [(before.__name__, *GEMV_SHAPES[name], None) for name in names]
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             pool.map(_precompile_gemv, [jobs[i::workers] for i in range(workers)])
-    short = lambda t: f"{t.block_n}/{t.block_k}/{t.num_warps}/{t.split_k}"         # noqa: E731
+    short = lambda t: f"{t.block_n}/{t.block_k}/{t.num_warps}"                     # noqa: E731
     print(f"\n{'GEMV, 1 row':<18}{'N x K':>12}{'cuBLAS us':>10}{'before':>8}{'default':>8}{'best':>7}{'TB/s':>6}"
-          f"{'err':>9}  best tiles (block_n/block_k/warps/split); next")
+          f"{'err':>9}  best tiles (block_n/block_k/warps); next")
     chosen = {}
     for name in names:
         n, k, fusion = GEMV_SHAPES[name]

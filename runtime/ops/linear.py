@@ -83,23 +83,19 @@ class Linear(nn.Linear):
 
 
 # ---- Triton kernel ----------------------------------------------------------------------------------
-# Program (n, s) owns BLOCK_N output columns for every input row (BLOCK_M >= rows, a power of two) and the s-th
-# of SPLIT_K slices of K. It multiplies [BLOCK_N, BLOCK_K] tiles of W (16-byte loads along K) by the
+# Program n owns BLOCK_N output columns for every input row (BLOCK_M >= rows, a power of two) over all of K.
+# It multiplies [BLOCK_N, BLOCK_K] tiles of W (16-byte loads along K) by the
 # [BLOCK_M, BLOCK_K] input slices into [BLOCK_M, BLOCK_N, BLOCK_K] fp32 partial products, reduced over K once
 # at the end. The weight is read exactly once; the input (a few KB) comes from L2 for every program.
-# At a few MB the kernel is bound by latency, not bytes. ONE_STEP (one slice, BLOCK_K >= K): the program loads
+# At a few MB the kernel is bound by latency, not bytes. ONE_STEP (BLOCK_K >= K): the program loads
 # its whole weight block first, all of it in flight at once, then the input once (the norm's statistics and the
-# normalized values come from the same registers): no loop, one layout conversion. Otherwise it walks its slice
+# normalized values come from the same registers): no loop, one layout conversion. Otherwise it walks K
 # in BLOCK_K steps, after a pass over the input for the norm's statistics.
 # The output is rounded once, from fp32, as cuBLAS rounds it. With SILU_MUL the input element k is
-# silu(gate[k]) * up[k], each rounded to the input dtype as the reference rounds it. With SPLIT_K > 1 each
-# program writes its fp32 partial sums (split 0's with the bias) to `part` and counts its arrival on its column
-# tile's counter; the last to arrive adds the partials in split order (the same sum whatever the arrival order),
-# writes the output and resets the counter, so a CUDA graph replays the launch with no memset.
+# silu(gate[k]) * up[k], each rounded to the input dtype as the reference rounds it. (Splitting K over programs,
+# with the last to arrive adding the partials, lost at every shape swept on an H200 on 2026-11-29: removed.)
 
 if triton is not None:
-    from runtime.ops.fp8 import _fp8_split_k_finish as _split_k_finish
-
     @triton.jit
     def _gemv_input(x_rows, res_rows, k, x_mask, HAS_RESIDUAL: tl.constexpr):
         """x (+ residual, the sum rounded to x's dtype as the reference adds) at columns k."""
@@ -127,14 +123,12 @@ if triton is not None:
         return (silu * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, sum_ptr, part_ptr, count_ptr, M, N, K,
-                     k_per_split, stride_xm, stride_wn, stride_om, eps,
+    def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, sum_ptr, M, N, K,
+                     stride_xm, stride_wn, stride_om, eps,
                      HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
                      HAS_RESIDUAL: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     ONE_STEP: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_STEP: tl.constexpr):
         pid = tl.program_id(0)
-        pid_k = tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = m < M
@@ -162,11 +156,6 @@ if triton is not None:
                 a = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
             out = tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)      # [BLOCK_M, BLOCK_N]
         else:
-            k_begin = 0
-            k_end = K
-            if SPLIT_K > 1:
-                k_begin = pid_k * k_per_split          # a multiple of BLOCK_K: the loads stay 16-byte vectors
-                k_end = tl.minimum(k_begin + k_per_split, K)
             if NORM:                 # every program computes the rows' rms over all of K; one writes x + residual
                 squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
                 for k_start in range(0, K, BLOCK_K):
@@ -174,14 +163,14 @@ if triton is not None:
                     x_mask = m_mask[:, None] & (k < K)[None, :]
                     x = _gemv_input(x_rows, res_rows, k, x_mask, HAS_RESIDUAL)
                     if HAS_RESIDUAL:
-                        if pid == 0 and pid_k == 0:
+                        if pid == 0:
                             tl.store(sum_ptr + m.to(tl.int64)[:, None] * K + k[None, :], x, mask=x_mask)
                     squares += x.to(tl.float32) * x.to(tl.float32)
                 inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for k_start in range(k_begin, k_end, BLOCK_K):
+            for k_start in range(0, K, BLOCK_K):
                 k = k_start + tl.arange(0, BLOCK_K)
-                k_mask = k < k_end
+                k_mask = k < K
                 w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                             eviction_policy="evict_first")
                 x_mask = m_mask[:, None] & k_mask[None, :]
@@ -195,41 +184,32 @@ if triton is not None:
                 acc += a[:, None, :] * w.to(tl.float32)[None, :, :]
             out = tl.sum(acc, axis=2)                                          # [BLOCK_M, BLOCK_N]
         if HAS_BIAS:
-            if pid_k == 0:
-                out += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if SPLIT_K == 1:
-            tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :], out.to(out_ptr.dtype.element_ty),
-                     mask=m_mask[:, None] & n_mask[None, :])
-        else:
-            tl.store(part_ptr + (pid_k * M + m.to(tl.int64))[:, None] * N + n[None, :], out,
-                     mask=m_mask[:, None] & n_mask[None, :])
-            _split_k_finish(part_ptr, count_ptr, out_ptr, pid, n, n_mask, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N)
+            out += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + m.to(tl.int64)[:, None] * stride_om + n[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 class GemvTiles(NamedTuple):
-    """A GEMV launch: BLOCK_N output columns and BLOCK_K inputs a step per program, its warps, and the programs
-    along K (their partial sums added by the last to finish)."""
+    """A GEMV launch: BLOCK_N output columns and BLOCK_K inputs a step per program, and its warps."""
     block_n: int
     block_k: int
     num_warps: int = 4
-    split_k: int = 1
 
 
 # (N, K) -> tiles for one row: the fastest of `tools/decode_kernels.py --only gemv --write-table` on an H200
 # (2026-11-29); other shapes: gemv_tiles' rule.
 GEMV_TILE_TABLE: dict[tuple[int, int], GemvTiles] = {
-    (256, 4096): GemvTiles(block_n=1, block_k=4096, num_warps=4, split_k=1),
-    (1024, 2048): GemvTiles(block_n=4, block_k=2048, num_warps=4, split_k=1),
-    (1024, 3072): GemvTiles(block_n=2, block_k=4096, num_warps=8, split_k=1),
-    (1024, 4096): GemvTiles(block_n=2, block_k=4096, num_warps=4, split_k=1),
-    (2624, 4096): GemvTiles(block_n=2, block_k=4096, num_warps=4, split_k=1),
-    (4096, 1024): GemvTiles(block_n=8, block_k=1024, num_warps=4, split_k=1),
-    (4096, 4096): GemvTiles(block_n=2, block_k=4096, num_warps=4, split_k=1),
-    (4096, 12288): GemvTiles(block_n=8, block_k=1024, num_warps=4, split_k=1),
-    (6144, 1024): GemvTiles(block_n=8, block_k=1024, num_warps=4, split_k=1),
-    (6144, 4096): GemvTiles(block_n=16, block_k=512, num_warps=8, split_k=1),
+    (256, 4096): GemvTiles(block_n=1, block_k=4096, num_warps=4),
+    (1024, 2048): GemvTiles(block_n=4, block_k=2048, num_warps=4),
+    (1024, 3072): GemvTiles(block_n=2, block_k=4096, num_warps=8),
+    (1024, 4096): GemvTiles(block_n=2, block_k=4096, num_warps=4),
+    (2624, 4096): GemvTiles(block_n=2, block_k=4096, num_warps=4),
+    (4096, 1024): GemvTiles(block_n=8, block_k=1024, num_warps=4),
+    (4096, 4096): GemvTiles(block_n=2, block_k=4096, num_warps=4),
+    (4096, 12288): GemvTiles(block_n=8, block_k=1024, num_warps=4),
+    (6144, 1024): GemvTiles(block_n=8, block_k=1024, num_warps=4),
+    (6144, 4096): GemvTiles(block_n=16, block_k=512, num_warps=8),
 }
-SPLIT_COUNTERS = 4096        # column tiles a split launch may have: arrival counters kept per device
 
 
 def gemv_tiles(rows: int, n: int, k: int) -> GemvTiles:
@@ -255,21 +235,6 @@ def gemv_tiles(rows: int, n: int, k: int) -> GemvTiles:
     return GemvTiles(block_n, block_k, 4)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device) -> torch.Tensor | None:
-    """The device's arrival counters (int32 zeros, which every split launch leaves at zero); None while a CUDA
-    graph is being captured before any eager launch allocated them (a zeroing captured there would not run
-    before another graph's replay), and the launch then does not split."""
-    counters = _COUNTERS.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _COUNTERS[device] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
-    return counters
-
-
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 silu_mul_input: bool = False, tiles: tuple | None = None,
                 norm: RMSNorm | None = None, residual: torch.Tensor | None = None):
@@ -293,20 +258,13 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     summed = torch.empty((rows, k), dtype=x.dtype, device=x.device) if residual is not None else x
     if rows and n:
         tiles = GemvTiles(*tiles) if tiles is not None else gemv_tiles(rows, n, k)
-        column_tiles = triton.cdiv(n, tiles.block_n)
-        k_per_split = triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
-        split = triton.cdiv(k, k_per_split)
-        counters = _split_counters(x.device) if split > 1 and column_tiles <= SPLIT_COUNTERS else None
-        if counters is None:
-            split, k_per_split = 1, triton.cdiv(k, tiles.block_k) * tiles.block_k
-        part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else out
-        _gemv_kernel[(column_tiles, split)](
+        _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
             x, weight, bias if bias is not None else weight, out, residual if residual is not None else x,
-            norm.weight if norm is not None else weight, summed, part, counters if counters is not None else out,
-            rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
+            norm.weight if norm is not None else weight, summed,
+            rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
             norm.eps if norm is not None else 0.0,
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul_input, NORM=norm is not None,
             HAS_RESIDUAL=residual is not None, WEIGHT_IN_FP32=norm is not None and norm.weight_in_fp32,
-            BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=split,
-            ONE_STEP=split == 1 and tiles.block_k >= k, num_warps=tiles.num_warps)
+            BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+            ONE_STEP=tiles.block_k >= k, num_warps=tiles.num_warps)
     return out if norm is None else (out, summed)

@@ -218,24 +218,21 @@ for split in (1, 8):
         HAS_LIMIT=True), dict(FP8_TYPES, x_ptr="*i32", limit="fp32")), "atom.", None)
 
 
-# the dense GEMV: every fusion, in one step (the whole weight block loaded at once), in steps, split; its weight
-# read as 16-byte vectors; split launches count their arrivals
+# the dense GEMV: every fusion, in one step (the whole weight block loaded at once) and in steps; its weight
+# read as 16-byte vectors, no atomics
 DENSE_GEMV_TYPES = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16", "res_ptr": "*bf16",
-                    "norm_ptr": "*bf16", "sum_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "eps": "fp32"}
-DENSE_GEMV_DIVISIBLE = ("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "res_ptr", "norm_ptr", "sum_ptr", "part_ptr", "N",
-                        "K", "k_per_split", "stride_xm", "stride_wn", "stride_om")
+                    "norm_ptr": "*bf16", "sum_ptr": "*bf16", "eps": "fp32"}
+DENSE_GEMV_DIVISIBLE = ("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "res_ptr", "norm_ptr", "sum_ptr", "N",
+                        "K", "stride_xm", "stride_wn", "stride_om")
 DENSE_GEMV = {   # case id -> (constexprs, warps)
-    "dense-gemv-plain-steps": (dict(BLOCK_N=8, BLOCK_K=512, SPLIT_K=1, ONE_STEP=False), 4),
-    "dense-gemv-plain-one-step": (dict(BLOCK_N=1, BLOCK_K=4096, SPLIT_K=1, ONE_STEP=True), 4),
+    "dense-gemv-plain-steps": (dict(BLOCK_N=8, BLOCK_K=512, ONE_STEP=False), 4),
+    "dense-gemv-plain-one-step": (dict(BLOCK_N=1, BLOCK_K=4096, ONE_STEP=True), 4),
     "dense-gemv-norm-residual-one-step": (dict(NORM=True, HAS_RESIDUAL=True, WEIGHT_IN_FP32=True, BLOCK_N=4,
-                                               BLOCK_K=1024, SPLIT_K=1, ONE_STEP=True), 4),
-    "dense-gemv-norm-residual-steps": (dict(NORM=True, HAS_RESIDUAL=True, BLOCK_N=8, BLOCK_K=512, SPLIT_K=1,
+                                               BLOCK_K=1024, ONE_STEP=True), 4),
+    "dense-gemv-norm-residual-steps": (dict(NORM=True, HAS_RESIDUAL=True, BLOCK_N=8, BLOCK_K=512,
                                             ONE_STEP=False), 4),
-    "dense-gemv-silu-one-step": (dict(SILU_MUL=True, BLOCK_N=2, BLOCK_K=4096, SPLIT_K=1, ONE_STEP=True), 8),
-    "dense-gemv-silu-bias-split": (dict(SILU_MUL=True, HAS_BIAS=True, BLOCK_N=2, BLOCK_K=1024, SPLIT_K=4,
-                                        ONE_STEP=False), 4),
-    "dense-gemv-norm-split": (dict(NORM=True, HAS_RESIDUAL=True, BLOCK_N=1, BLOCK_K=2048, SPLIT_K=2, ONE_STEP=False),
-                              8),
+    "dense-gemv-silu-one-step": (dict(SILU_MUL=True, BLOCK_N=2, BLOCK_K=4096, ONE_STEP=True), 8),
+    "dense-gemv-silu-bias-steps": (dict(SILU_MUL=True, HAS_BIAS=True, BLOCK_N=2, BLOCK_K=1024, ONE_STEP=False), 4),
 }
 for case_id, (constexprs, warps) in DENSE_GEMV.items():
     CASES[case_id] = (Case("runtime.ops.linear", "_gemv_kernel",
@@ -251,4 +248,4 @@ def test_dense_gemv_reads_the_weight_as_16_byte_vectors(case_id, compiled):
     constexprs, warps = DENSE_GEMV[case_id]
     vectors = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] // (8 * 32 * warps)    # 16-byte loads a tile a thread
     assert ptx.count("ld.global.L1::evict_first.L2::cache_hint.v4.b32") == vectors
-    assert ("atom.global.gpu.acq_rel.add" in ptx) == (constexprs["SPLIT_K"] > 1)
+    assert "atom.global" not in ptx
