@@ -26,26 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from tools.dsv4_read_kernels import _timed_us  # noqa: E402
+
 CONFIG = Path(__file__).resolve().parent / "configs/deepseek-v4-flash-24l/config.json"
 
 
 def _graph_us(calls, per_replay: int) -> float:
     """us per call of `calls()` (which makes per_replay calls), from CUDA-graph replays, best of 5."""
-    calls()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        calls()
-    graph.replay()
-    best = float("inf")
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / per_replay)
-    return best
+    return _timed_us(calls, calls=1) / per_replay
 
 
 def time_moe(layers: int, token_counts: list[int]) -> list[dict]:
