@@ -7,11 +7,15 @@
   identical (the same kernels, scheduled differently).
 - `hc`: mHC's hc_post (with the next connection's partial projections) + hc_pre at one token, at each
   HC_MIX_BLOCK (channels an hc_post program projects): 48 connections of distinct `fn` weights.
+- `fp8-sweep`: the tensor-core FP8 GEMV of each Flash linear at its table tiles, with L2 prefetches and
+  programmatic dependent launch, and half / twice the K splits (`--tokens 1`: at one row; `--linears`,
+  `--compile-only` to warm the Triton cache from several processes first).
+- `fp8-layer`: one layer's FP8 linears in the model's order, elementwise kernels between them, those variants.
 - `fp8`: the FP8 GEMV of each Flash linear at 1, 2 and 3 rows (the shared expert's gate/up with the SwiGLU in
   its launch too): whether the 2-3 row path of an MTP verification step costs more than one row. Each output
   against `fp8_linear_ref` (largest difference relative to the reference's largest).
 
-    python tools/dsv4_step_kernels.py [--only moe,hc,fp8] [--layers 8]
+    python tools/dsv4_step_kernels.py [--only moe,hc,fp8,fp8-sweep,fp8-layer] [--layers 8]
 """
 from __future__ import annotations
 
@@ -153,6 +157,129 @@ def time_fp8(row_counts: list[int]) -> list[dict]:
     return results
 
 
+def _fp8_weights(n: int, k: int, copies: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`copies` distinct-address copies of one random FP8 weight (fp32 power-of-two scales) and their counters."""
+    from runtime.ops.fp8 import fp8_block_quantize
+
+    weight, scale = fp8_block_quantize(torch.randn(n, k, device="cuda") * 0.05, (128, 128))
+    return [(weight.clone(), scale.float().clone(), torch.zeros(n, dtype=torch.int32, device="cuda"))
+            for _ in range(copies)]
+
+
+def _fp8_variants(tiles) -> list[tuple[str, object, bool]]:
+    """(name, tiles, PDL) of the tensor-core GEMV around its table tiles: L2 prefetch distances, programmatic
+    dependent launch, half and twice the K splits."""
+    import dataclasses
+
+    from runtime.ops.fp8 import FP8_PREFETCH_ALL
+
+    tiles = dataclasses.replace(tiles, prefetch=0)
+    out = [("plain", tiles, False)]
+    for prefetch in (512, 2048, FP8_PREFETCH_ALL):
+        out.append((f"pf {prefetch if prefetch < FP8_PREFETCH_ALL else 'all'}",
+                    dataclasses.replace(tiles, prefetch=prefetch), False))
+    out.append(("pdl", tiles, True))
+    for prefetch in (2048, FP8_PREFETCH_ALL):
+        out.append((f"pdl pf {prefetch if prefetch < FP8_PREFETCH_ALL else 'all'}",
+                    dataclasses.replace(tiles, prefetch=prefetch), True))
+    for split in (tiles.split_k // 2, tiles.split_k * 2):
+        if split >= 1:
+            out.append((f"pdl pf all split {split}", dataclasses.replace(tiles, split_k=split,
+                                                                         prefetch=FP8_PREFETCH_ALL), True))
+    return out
+
+
+def time_fp8_sweep(rows: int, names: set[str] | None, compile_only: bool) -> list[dict]:
+    """Each Flash linear alone (back to back over weight copies past L2) at each variant of `_fp8_variants`;
+    each variant's output must equal the plain one's bit for bit where the K split is the same."""
+    import runtime.ops.fp8 as fp8
+
+    results = []
+    for name, n, k, groups, silu in FP8_SHAPES:
+        if names and name not in names:
+            continue
+        base = fp8.Fp8GemvTiles.for_shape(n, k, rows)
+        weights = _fp8_weights(n, k, 2 if compile_only else max(2, -(-200_000_000 // (n * k))))
+        x = torch.randn(rows, groups * k, device="cuda", dtype=torch.bfloat16)
+        limit = 10.0 if silu else None
+        row = {"linear": name, "N x K": f"{n} x {k}", "tiles": f"{base.block_n}/{base.num_warps}/{base.split_k}"}
+        plain = None
+        for label, tiles, pdl in _fp8_variants(base):
+            fp8.FP8_GEMV_PDL = pdl
+
+            def one(w, s, c):
+                if silu:
+                    return fp8.fp8_gemv_silu_mul(x, w, s, limit, tiles, c)
+                return fp8.fp8_gemv(x, w, s, groups, tiles, c)
+
+            out = one(*weights[0])
+            if plain is None:
+                plain = out
+            same = torch.equal(out, plain) if tiles.split_k == base.split_k else None
+            if compile_only:
+                continue
+
+            def calls():
+                for w, s, c in weights:
+                    one(w, s, c)
+
+            us = _graph_us(calls, len(weights))
+            row[label] = f"{us:.2f}" + ("" if same is not False else " DIFF")
+        fp8.FP8_GEMV_PDL = True
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    return results
+
+
+def time_fp8_layer(rows: int, compile_only: bool) -> list[dict]:
+    """One layer's FP8 linears in the model's order, an elementwise kernel (not a dependent launch) writing
+    the input of those that follow other kernels: [ew] wq_a+wkv [ew] wq_b [ew] indexer wq_b [ew] wo_a, wo_b
+    [ew] shared w1+w3 (SwiGLU), w2; 8 copies of the layer (past L2). us a layer, table tiles with the prefetch
+    and dependent-launch variants."""
+    import dataclasses
+
+    import runtime.ops.fp8 as fp8
+
+    order = ["wq_a + wkv", "wq_b", "indexer wq_b", "wo_a", "wo_b", "shared w1 + w3, SwiGLU", "shared w2"]
+    after_other = {"wq_a + wkv", "wq_b", "indexer wq_b", "wo_a", "shared w1 + w3, SwiGLU"}
+    shapes = {name: (n, k, groups, silu) for name, n, k, groups, silu in FP8_SHAPES}
+    copies = 2 if compile_only else 8
+    weights = {name: _fp8_weights(shapes[name][0], shapes[name][1], copies) for name in order}
+    inputs = {name: torch.randn(rows, shapes[name][2] * shapes[name][1], device="cuda", dtype=torch.bfloat16)
+              for name in order}
+    sources = {name: x.clone() for name, x in inputs.items()}
+    results = []
+    for label, prefetch, pdl in (("plain", 0, False), ("pf all", fp8.FP8_PREFETCH_ALL, False), ("pdl", 0, True),
+                                 ("pdl pf 2048", 2048, True), ("pdl pf all", fp8.FP8_PREFETCH_ALL, True)):
+        fp8.FP8_GEMV_PDL = pdl
+
+        def layer(copy):
+            for name in order:
+                n, k, groups, silu = shapes[name]
+                w, s, c = weights[name][copy]
+                tiles = dataclasses.replace(fp8.Fp8GemvTiles.for_shape(n, k, rows), prefetch=prefetch)
+                if name in after_other:
+                    inputs[name].copy_(sources[name])
+                if silu:
+                    fp8.fp8_gemv_silu_mul(inputs[name], w, s, 10.0, tiles, c)
+                else:
+                    fp8.fp8_gemv(inputs[name], w, s, groups, tiles, c)
+
+        layer(0)
+        if compile_only:
+            continue
+
+        def calls():
+            for copy in range(copies):
+                layer(copy)
+
+        row = {"layer (7 FP8 linears + 5 copies)": label, "us a layer": round(_graph_us(calls, copies), 2)}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    fp8.FP8_GEMV_PDL = True
+    return results
+
+
 def _table(results: list[dict]) -> None:
     if not results:
         return
@@ -168,6 +295,8 @@ def main() -> None:
     parser.add_argument("--only", default="moe,hc,fp8")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tokens", default="1,2,3")
+    parser.add_argument("--linears", default="", help="fp8-sweep: only these FP8_SHAPES names (comma-separated)")
+    parser.add_argument("--compile-only", action="store_true", help="fp8-sweep / fp8-layer: run each variant once")
     args = parser.parse_args()
     counts = [int(t) for t in args.tokens.split(",")]
     print(torch.cuda.get_device_name(), f"torch {torch.__version__}", flush=True)
@@ -175,7 +304,10 @@ def main() -> None:
     for section in args.only.split(","):
         start = time.time()
         results = {"moe": lambda: time_moe(args.layers, counts), "hc": lambda: time_hc([64, 32, 128]),
-                   "fp8": lambda: time_fp8(counts)}[section]()
+                   "fp8": lambda: time_fp8(counts),
+                   "fp8-sweep": lambda: time_fp8_sweep(counts[0], set(filter(None, args.linears.split(","))),
+                                                       args.compile_only),
+                   "fp8-layer": lambda: time_fp8_layer(counts[0], args.compile_only)}[section]()
         print(f"{section}: {time.time() - start:.1f} s", flush=True)
         tables.append(results)
     for results in tables:

@@ -24,6 +24,10 @@ try:
     import triton.language as tl
 
     from runtime.ops.activation import gated_activation
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:                              # a Triton without programmatic dependent launch
+        gdc_launch_dependents = gdc_wait = None
 except ImportError:                                  # the torch path needs no triton
     triton = None
 
@@ -511,19 +515,48 @@ if triton is not None:
                                          dtype=tl.float32, is_pure=True, pack=4)
 
     @triton.jit
-    def _fp8_mma_load(w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_start, w_end):
-        """One step's operands (two chunks): words of rows r and r + 8, activation words. Unmasked: a step past
-        w_end reloads the last one (cached; its scale is zero)."""
+    def _fp8_mma_load_w(w_ptr, w_offsets, hi_offset, w_start, w_end):
+        """One step's weight words (two chunks) of rows r and r + 8. Unmasked: a step past w_end reloads the last
+        one (cached; its scale is zero)."""
         w_at = tl.minimum(w_start, w_end - 32)
         lo0 = tl.load(w_ptr + w_offsets + w_at, eviction_policy="evict_first")
         hi0 = tl.load(w_ptr + w_offsets + hi_offset + w_at, eviction_policy="evict_first")
         lo1 = tl.load(w_ptr + w_offsets + w_at + 16, eviction_policy="evict_first")
         hi1 = tl.load(w_ptr + w_offsets + hi_offset + w_at + 16, eviction_policy="evict_first")
+        return lo0, hi0, lo1, hi1
+
+    @triton.jit
+    def _fp8_mma_load_x(x_ptr, x_offsets, w_start, w_end):
+        """The activation words of the step `_fp8_mma_load_w` loads."""
+        w_at = tl.minimum(w_start, w_end - 32)
         xl0 = tl.load(x_ptr + x_offsets + 2 * w_at)
         xh0 = tl.load(x_ptr + x_offsets + 2 * w_at + 4)
         xl1 = tl.load(x_ptr + x_offsets + 2 * w_at + 32)
         xh1 = tl.load(x_ptr + x_offsets + 2 * w_at + 36)
+        return xl0, xh0, xl1, xh1
+
+    @triton.jit
+    def _fp8_mma_load(w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_start, w_end):
+        """One step's operands (two chunks): words of rows r and r + 8, activation words."""
+        lo0, hi0, lo1, hi1 = _fp8_mma_load_w(w_ptr, w_offsets, hi_offset, w_start, w_end)
+        xl0, xh0, xl1, xh1 = _fp8_mma_load_x(x_ptr, x_offsets, w_start, w_end)
         return lo0, hi0, lo1, hi1, xl0, xh0, xl1, xh1
+
+    # one bulk prefetch into L2 (the TMA unit's, sm_90) of `size` bytes at an address, where size > 0: a hint
+    # that holds no register and waits for nothing
+    _L2_PREFETCH_PTX = tl.constexpr("""{
+    .reg .pred p;
+    setp.gt.s32 p, $2, 0;
+    @p cp.async.bulk.prefetch.L2.global [$1], $2;
+    mov.b32 $0, 0;
+    }""")
+
+    @triton.jit
+    def _l2_prefetch(addresses, sizes):
+        """Ask L2 for `sizes` bytes (multiples of 16, <= 0: nothing) at each of `addresses` (int64, 16-byte
+        aligned)."""
+        return tl.inline_asm_elementwise(_L2_PREFETCH_PTX, "=r,l,r", [addresses, sizes], dtype=tl.int32,
+                                         is_pure=False, pack=1)
 
     @triton.jit
     def _fp8_mma_step(lo0, hi0, lo1, hi1, xl0, xh0, xl1, xh1, acc, s_row, w_start, w_end, BLOCK_IN: tl.constexpr,
@@ -539,7 +572,8 @@ if triton is not None:
                              stride_sn, stride_om, n_per_group, words_per_split, x_group_words,
                              BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, WARPS: tl.constexpr,
                              SPLIT_K: tl.constexpr, EMULATE: tl.constexpr, PRMT: tl.constexpr = False,
-                             SILU_MUL: tl.constexpr = False, HAS_LIMIT: tl.constexpr = False, limit=0.0):
+                             SILU_MUL: tl.constexpr = False, HAS_LIMIT: tl.constexpr = False, limit=0.0,
+                             PREFETCH: tl.constexpr = False, prefetch_bytes=0, PDL: tl.constexpr = False):
         # One 16-row tile a warp (WARPS = num_warps), all of a program's rows in one BLOCK_OUT row block (one
         # scale a step), N a multiple of BLOCK_N; words_per_split a multiple of 32 (128 bytes); x the bf16
         # activations as int32 pairs (stride_xm and x_group_words = K / 2 count them); M <= 8; BLOCK_IN % 128 == 0.
@@ -563,11 +597,27 @@ if triton is not None:
         w_begin = pid_k * words_per_split
         w_end = tl.minimum(w_begin + words_per_split, K // 4)
         acc = tl.zeros([32 * WARPS, 4], dtype=tl.float32)
+        if PDL:                  # launched as a programmatic dependent: the next such launch may start now
+            gdc_launch_dependents()
+        if PREFETCH:
+            # lanes c = 0 / 1 of each row group ask L2 for rows r / r + 8: the first prefetch_bytes of the slice
+            # now, then each iteration the 256 bytes that far ahead of its loads
+            pf_rows = rows + 8 * c                                                          # [32 W, 1]
+            pf_base = (w_ptr + pf_rows.to(tl.int64) * stride_wn).to(tl.int64, bitcast=True)
+            pf_own = c < 2
+            pf_end = 4 * w_end
+            _l2_prefetch(pf_base + 4 * w_begin, tl.where(pf_own, tl.minimum(prefetch_bytes, pf_end - 4 * w_begin), 0))
         # two steps an iteration, their operands in two sets of registers (no copies): set A loads step s + 2
-        # while set B's step s + 1 computes
-        a_lo0, a_hi0, a_lo1, a_hi1, a_xl0, a_xh0, a_xl1, a_xh1 = _fp8_mma_load(
-            w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_begin, w_end)
+        # while set B's step s + 1 computes. With PDL only the weights (and scales) are read before the wait for
+        # the previous kernel: activations, partials, counters and the output all come after it.
+        a_lo0, a_hi0, a_lo1, a_hi1 = _fp8_mma_load_w(w_ptr, w_offsets, hi_offset, w_begin, w_end)
+        if PDL:
+            gdc_wait()
+        a_xl0, a_xh0, a_xl1, a_xh1 = _fp8_mma_load_x(x_ptr, x_offsets, w_begin, w_end)
         for w_start in range(w_begin, w_end, 64):
+            if PREFETCH:
+                pf_at = 4 * w_start + prefetch_bytes
+                _l2_prefetch(pf_base + pf_at, tl.where(pf_own, tl.minimum(pf_end - pf_at, 256), 0))
             b_lo0, b_hi0, b_lo1, b_hi1, b_xl0, b_xh0, b_xl1, b_xh1 = _fp8_mma_load(
                 w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_start + 32, w_end)
             acc = _fp8_mma_step(a_lo0, a_hi0, a_lo1, a_hi1, a_xl0, a_xh0, a_xl1, a_xh1, acc, s_row, w_start, w_end,
@@ -656,6 +706,9 @@ if triton is not None:
                  mask=(m < m_pad)[:, None] & (c * BLOCK_IN < K)[None, :])
 
 
+FP8_PREFETCH_ALL = 1 << 24          # `Fp8GemvTiles.prefetch` past any slice: a program's whole slice at its start
+
+
 @dataclass(frozen=True, slots=True)
 class Fp8GemvTiles:
     block_n: int = 16                  # output columns (weight rows) per program
@@ -666,6 +719,8 @@ class Fp8GemvTiles:
     vec: int = 16
     cvt: bool = False                  # (layout_k) E4M3 widened by the hardware instead of the integer decode
     mma: bool = False                  # the tensor-core GEMV: block_n = 16 * num_warps, 128 bytes of K a step
+    prefetch: int = 0                  # (mma) bytes of each weight row asked of L2 ahead of the loads (a multiple
+                                       # of 256; 0: none; FP8_PREFETCH_ALL: a program's whole slice at its start)
 
     @staticmethod
     def for_shape(n: int, k: int, rows: int = 1, mma: bool = True) -> "Fp8GemvTiles":
@@ -696,7 +751,7 @@ class Fp8GemvTiles:
         split = 1
         while split < 32 and (n // 64) * split < 512 and k // 128 >= 4 * split:
             split *= 2
-        return Fp8GemvTiles(64, split_k=split, num_warps=4, mma=True)
+        return Fp8GemvTiles(64, split_k=split, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL)
 
 
 # From the tools/decode_kernels.py FP8 sweep on an H200 (2026-11-29, docs/PERFORMANCE.md); keyed by the whole
@@ -729,20 +784,26 @@ FP8_GEMV_FEW_ROWS_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
 # 2026-11-29 16:08 UTC (docs/PERFORMANCE.md, "FP8 GEMV on the tensor cores"): the fastest at one row, which also
 # beat the path taken before at 2, 4 and 8 rows for every weight here.
 FP8_GEMV_MMA_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
-    (512, 4096): Fp8GemvTiles(block_n=64, split_k=16, num_warps=4, mma=True),
-    (1024, 4096): Fp8GemvTiles(block_n=64, split_k=16, num_warps=4, mma=True),
-    (2048, 4096): Fp8GemvTiles(block_n=128, split_k=16, num_warps=8, mma=True),
-    (4096, 2048): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True),
-    (4096, 4096): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True),
-    (4096, 8192): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True),
-    (8192, 1024): Fp8GemvTiles(block_n=64, split_k=4, num_warps=4, mma=True),
-    (8192, 4096): Fp8GemvTiles(block_n=64, split_k=4, num_warps=4, mma=True),
-    (32768, 1024): Fp8GemvTiles(block_n=128, split_k=1, num_warps=8, mma=True),
+    (512, 4096): Fp8GemvTiles(block_n=64, split_k=16, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
+    (1024, 4096): Fp8GemvTiles(block_n=64, split_k=16, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
+    (2048, 4096): Fp8GemvTiles(block_n=128, split_k=16, num_warps=8, mma=True, prefetch=FP8_PREFETCH_ALL),
+    (4096, 2048): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
+    (4096, 4096): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
+    (4096, 8192): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
+    (8192, 1024): Fp8GemvTiles(block_n=64, split_k=4, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
+    (8192, 4096): Fp8GemvTiles(block_n=64, split_k=4, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
+    (32768, 1024): Fp8GemvTiles(block_n=128, split_k=1, num_warps=8, mma=True, prefetch=FP8_PREFETCH_ALL),
 }
 # where the CUDA-core GEMV measured faster at fewer rows: the row count from which the tensor-core one is taken
 # (the 512 x 4096 weight at one row: 4.4 against 4.6 us, both latency-bound)
 FP8_GEMV_MMA_MIN_ROWS: dict[tuple[int, int], int] = {(512, 4096): 2}
 
+
+# Programmatic dependent launch of the tensor-core GEMV (Hopper): it is launched so that it may start while the
+# kernel before it on the stream finishes, reads only its weights (and L2 prefetches) until that kernel is done
+# (griddepcontrol.wait), and lets the next such launch start as soon as all its programs run. CUDA graphs keep
+# the programmatic edges. RUN_MODEL_FP8_PDL=0 launches it in plain stream order.
+FP8_GEMV_PDL = os.environ.get("RUN_MODEL_FP8_PDL", "1") != "0"
 
 FP8_GEMV_MAX_ROWS = 4               # the CUDA-core GEMV's limit (it beat dequantize + cuBLAS up to 4 rows)
 FP8_GEMV_MMA_MAX_ROWS = 8           # the tensor-core GEMV's: the activation rows of one mma's B operand
@@ -879,12 +940,18 @@ def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
     split = -(-(k // 4) // words_per_split)
     grid = (n // block_n, split)
     part, counters = _split_k_workspace(split, rows, n, grid[0], counters, out, always=silu_mul)
+    hopper = x.is_cuda and _is_hopper(x.device)
+    prefetch = min(tiles.prefetch, FP8_PREFETCH_ALL) if hopper else 0        # PTX of sm_90 (never interpreted)
+    if prefetch % 256:
+        raise ValueError(f"fp8_gemv: prefetch {tiles.prefetch} is not a multiple of 256 bytes")
+    pdl = {"launch_pdl": True} if hopper and FP8_GEMV_PDL and gdc_wait is not None else {}
     _fp8_gemv_mma_kernel[grid](
         x.view(torch.int32), weight.view(torch.int32), scale, out, part, counters, rows, n, k, x.stride(0) // 2,
         weight.stride(0) // 4, scale.stride(0), out.stride(0), n // groups, words_per_split, k // 2,
         BLOCK_OUT=block_out, BLOCK_IN=block_in,
         WARPS=tiles.num_warps, SPLIT_K=split, EMULATE=not x.is_cuda, PRMT=prmt, SILU_MUL=silu_mul,
-        HAS_LIMIT=limit is not None, limit=limit if limit is not None else 0.0, num_warps=tiles.num_warps)
+        HAS_LIMIT=limit is not None, limit=limit if limit is not None else 0.0, PREFETCH=prefetch > 0,
+        prefetch_bytes=prefetch, PDL=bool(pdl), num_warps=tiles.num_warps, **pdl)
     return out
 
 

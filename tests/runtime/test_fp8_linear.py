@@ -4,6 +4,8 @@ block-diagonal (grouped) weights, non-square blocks (a transposed scale grid wou
 the CPU (fp32, small shapes); `-m gpu` at DeepSeek V4 Flash's shapes in bf16."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -293,3 +295,59 @@ def test_fp8_w8a8_matmul_matches_reference():
               f"{((got.float() - unquantized).norm() / unquantized.norm()).item():.2e}")
         if rows > FP8_GEMV_MMA_MAX_ROWS and fp8_w8a8_preferred(rows, groups * out, inputs, groups):
             assert torch.equal(fp8_linear(x, weight, scale, groups), got)      # up to 8 rows the GEMV takes it
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True])
+def test_fp8_gemv_prefetch_and_dependent_launch_in_a_graph(monkeypatch, pdl):
+    """L2 prefetches (a rolling distance, the whole slice, none) and programmatic dependent launch: a chain of
+    dependent GEMVs (each one's output the next one's input, split-K partials and SwiGLU arrivals, the SwiGLU one
+    on a side stream, an elementwise kernel between two of them) replayed from a CUDA graph with new inputs equals the same chain run eagerly
+    without either, bit for bit, and every arrival counter is back at zero."""
+    import runtime.ops.fp8 as fp8
+
+    shapes = [(2048, 1024, None), (4096, 2048, "silu"), (2048, 2048, None), (1024, 2048, "add"), (2048, 1024, None)]
+    layers = []
+    for seed, (out, inputs, kind) in enumerate(shapes):
+        x, weight, scale = _layer(1, out, inputs, 1, (128, 128), "cuda", torch.bfloat16, seed)
+        layers.append((weight, scale, kind, torch.zeros(out, dtype=torch.int32, device="cuda")))
+
+    side = torch.cuda.Stream()
+
+    def chain(x, tiles):
+        for weight, scale, kind, counters in layers:
+            if kind == "silu":                          # on a side stream, as the model's shared expert
+                main = torch.cuda.current_stream()
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    x = fp8_gemv_silu_mul(x, weight, scale, 10.0, tiles[0], counters)
+                main.wait_stream(side)
+                x.record_stream(main)
+            else:
+                x = fp8_gemv(x, weight, scale, 1, tiles[1], counters)
+                if kind == "add":
+                    x = x + 1.0
+        return x
+
+    plain = (Fp8GemvTiles(64, split_k=4, num_warps=4, mma=True), Fp8GemvTiles(128, split_k=2, num_warps=8, mma=True))
+    inputs = [torch.randn(rows, 1024, device="cuda").to(torch.bfloat16) for rows in (1, 1, 3)]
+    monkeypatch.setattr(fp8, "FP8_GEMV_PDL", False)
+    wants = [chain(x, plain) for x in inputs]
+    monkeypatch.setattr(fp8, "FP8_GEMV_PDL", pdl)
+    for prefetch in (256, 512, fp8.FP8_PREFETCH_ALL, 0):
+        tiles = tuple(dataclasses.replace(t, prefetch=prefetch) for t in plain)     # the same sums, in order
+        for x, want in zip(inputs, wants):
+            assert torch.equal(chain(x, tiles), want)
+        static = inputs[0].clone()
+        chain(static, tiles)                                             # compile before capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result = chain(static, tiles)
+        for x, want in zip(inputs[:2], wants[:2]):
+            static.copy_(x)
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(result, want)
+        assert all(not counters.any() for *_, counters in layers)

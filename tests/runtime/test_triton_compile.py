@@ -249,3 +249,33 @@ def test_dense_gemv_reads_the_weight_as_16_byte_vectors(case_id, compiled):
     vectors = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] // (8 * 32 * warps)    # 16-byte loads a tile a thread
     assert ptx.count("ld.global.L1::evict_first.L2::cache_hint.v4.b32") == vectors
     assert "atom.global" not in ptx
+
+
+# the tensor-core FP8 GEMV with L2 prefetches (cp.async.bulk, a runtime distance) and programmatic dependent
+# launch: the prefetches are kept though their results are unused, and the wait precedes every store and atomic
+FP8_PDL = {f"fp8-gemv-mma-prefetch-pdl-split{split}{'-silu-mul' if silu else ''}": dict(
+    BLOCK_OUT=128, BLOCK_IN=128, WARPS=warps, SPLIT_K=split, EMULATE=False, PRMT=True, SILU_MUL=silu, HAS_LIMIT=silu,
+    PREFETCH=True, PDL=True) for warps, split, silu in ((4, 8, False), (8, 1, False), (4, 4, True))}
+for case_id, constexprs in FP8_PDL.items():
+    CASES[case_id] = (Case("runtime.ops.fp8", "_fp8_gemv_mma_kernel", constexprs,
+                           dict(FP8_TYPES, x_ptr="*i32", limit="fp32"),
+                           divisible_by_16=("x_ptr", "w_ptr", "s_ptr", "out_ptr", "part_ptr", "count_ptr", "N", "K",
+                                            "stride_xm", "stride_wn", "words_per_split", "x_group_words")),
+                      "cp.async.bulk.prefetch.L2.global", None)
+
+
+@pytest.mark.parametrize("case_id", list(FP8_PDL))
+def test_fp8_gemv_waits_for_the_previous_kernel_before_it_reads_activations(case_id, compiled):
+    assert compiled[case_id]["error"] is None, compiled[case_id]["error"]
+    ptx = compiled[case_id]["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    assert ptx.index("griddepcontrol.launch_dependents") < wait
+    assert ptx.index("cp.async.bulk.prefetch.L2.global") < wait            # the first slice's, before the wait
+    assert ptx.count("cp.async.bulk.prefetch.L2.global") >= 2               # and one in the loop
+    assert ("atom." in ptx) == ("split1" not in case_id or "silu" in case_id)      # split or SwiGLU: arrivals
+    for after in ("st.global", "atom.", "mma.sync"):
+        assert after not in ptx or ptx.index(after) > wait
+    # the loads before the wait are the weights' (evict_first, 16 bytes), none of the activations'
+    assert "ld.global.L1::evict_first.L2::cache_hint.v4.b32" in ptx[:wait]
+    assert "ld.global.v4.b32" not in ptx[:wait] and "ld.global.b32" not in ptx[:wait]
+    assert "ld.global.v4.b32" in ptx[wait:]
