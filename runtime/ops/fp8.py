@@ -418,6 +418,11 @@ if triton is not None:
     # chunks (128 bytes, inside one scale block) chain in the accumulator, then their block scale multiplies
     # once. Each step's words and activations load one step ahead, into two alternating register sets. The
     # interpreter runs `_mma_emulated` (the same sums, from the same lanes' operands).
+    # A program's K slice is short (2-8 steps at the Flash shapes), so each would wait out the DRAM latency a few
+    # times: with `Fp8GemvTiles.prefetch`, lanes first ask L2 for their rows' bytes (cp.async.bulk.prefetch.L2:
+    # no register held, nothing waited for), the whole slice or a rolling distance. On Hopper the kernel is also
+    # a programmatic dependent launch (FP8_GEMV_PDL): it may start while the kernel before it finishes, reads
+    # only weights before griddepcontrol.wait, and lets the next such launch start once all its programs run.
 
     _MMA_PTX = tl.constexpr("""{
     mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
@@ -804,6 +809,8 @@ FP8_GEMV_MMA_MIN_ROWS: dict[tuple[int, int], int] = {(512, 4096): 2}
 # (griddepcontrol.wait), and lets the next such launch start as soon as all its programs run. CUDA graphs keep
 # the programmatic edges. RUN_MODEL_FP8_PDL=0 launches it in plain stream order.
 FP8_GEMV_PDL = os.environ.get("RUN_MODEL_FP8_PDL", "1") != "0"
+# RUN_MODEL_FP8_PREFETCH=0: no L2 prefetch whatever the tiles say (an A/B switch for the end-to-end benchmark)
+FP8_GEMV_PREFETCH = os.environ.get("RUN_MODEL_FP8_PREFETCH", "1") != "0"
 
 FP8_GEMV_MAX_ROWS = 4               # the CUDA-core GEMV's limit (it beat dequantize + cuBLAS up to 4 rows)
 FP8_GEMV_MMA_MAX_ROWS = 8           # the tensor-core GEMV's: the activation rows of one mma's B operand
@@ -941,7 +948,7 @@ def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
     grid = (n // block_n, split)
     part, counters = _split_k_workspace(split, rows, n, grid[0], counters, out, always=silu_mul)
     hopper = x.is_cuda and _is_hopper(x.device)
-    prefetch = min(tiles.prefetch, FP8_PREFETCH_ALL) if hopper else 0        # PTX of sm_90 (never interpreted)
+    prefetch = min(tiles.prefetch, FP8_PREFETCH_ALL) if hopper and FP8_GEMV_PREFETCH else 0   # sm_90 PTX
     if prefetch % 256:
         raise ValueError(f"fp8_gemv: prefetch {tiles.prefetch} is not a multiple of 256 bytes")
     pdl = {"launch_pdl": True} if hopper and FP8_GEMV_PDL and gdc_wait is not None else {}
