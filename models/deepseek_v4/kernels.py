@@ -1313,7 +1313,10 @@ if triton is not None:
                        streams_stride, mix_stride, norm_eps, hc_eps, sinkhorn_iters, out_eps,
                        N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, SPAN: tl.constexpr,
                        PARTIALS: tl.constexpr, M: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr,
-                       NORM: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr, LANES: tl.constexpr):
+                       NORM: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr, LANES: tl.constexpr,
+                       LAUNCH_DEPENDENTS: tl.constexpr = False):
+        if LAUNCH_DEPENDENTS:        # the FP8 GEMV after it may start (it reads only weights until this ends)
+            gdc_launch_dependents()
         # programs (token, part): part < cdiv(HIDDEN, SPAN) collapses SPAN channels (with PARTIALS, SPAN = BLOCK:
         # its streams load first, under the partial sums' latency; without, SPAN = HIDDEN and the program walks
         # the row for the RMS too); the last part forms post and comb
@@ -1380,6 +1383,22 @@ HC_PRE_WARPS = 1             # with the partials (4 without): H200, batch 1, in 
                              # 5.10 at 2, 5.06 at 4 (one program for all: 5.95 at 2)
 
 
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents
+except ImportError:     # no triton, or one without programmatic dependent launch
+    gdc_launch_dependents = None
+
+
+def _launch_dependents(x: torch.Tensor) -> bool:
+    """Whether a kernel that an FP8 projection follows (hc_pre, the norm + RoPE with q's latent) lets it start
+    early: on Hopper, where runtime.ops.fp8 launches its GEMV as a programmatic dependent (FP8_GEMV_PDL). Safe
+    whatever follows: a kernel not launched that way still waits for this one to end; the GEMV reads only its
+    weights before it does."""
+    from runtime.ops import fp8
+
+    return x.is_cuda and gdc_launch_dependents is not None and fp8.FP8_GEMV_PDL and fp8._is_hopper(x.device)
+
+
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
            hc_eps: float, sinkhorn_iters: int, mix: torch.Tensor | None = None,
            norm: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1412,7 +1431,7 @@ def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: t
             streams.stride(0), mix.stride(0), norm_eps, hc_eps, sinkhorn_iters, norm.eps if norm is not None else 0.0,
             N=hc, HIDDEN=hidden, BLOCK=block, SPAN=span, PARTIALS=partials, M=width, CHUNKS=chunks,
             BLOCK_C=_pow2(chunks), NORM=norm is not None, WEIGHT_IN_FP32=norm is not None and norm.weight_in_fp32,
-            LANES=32 * warps, num_warps=warps)
+            LANES=32 * warps, LAUNCH_DEPENDENTS=_launch_dependents(streams), num_warps=warps)
     return post, comb, out
 
 
@@ -1439,7 +1458,9 @@ if triton is not None:
                           INVERSE: tl.constexpr, TO_SLOTS: tl.constexpr, ROUND: tl.constexpr,
                           FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                           SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, LATENT_DIM: tl.constexpr,
-                          BLOCK_LATENT: tl.constexpr):
+                          BLOCK_LATENT: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = False):
+        if LAUNCH_DEPENDENTS:        # the FP8 GEMV after it may start (it reads only weights until this ends)
+            gdc_launch_dependents()
         # with LATENT_DIM the last program of a token normalizes its row of another tensor (the q latent's
         # RMSNorm riding along with K's insert); the others take their heads
         token = tl.program_id(0).to(tl.int64)
@@ -1523,7 +1544,7 @@ def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
         NORMALIZE=normalize or weight is not None, WEIGHTED=weight is not None, INVERSE=inverse, TO_SLOTS=to_slots,
         ROUND=x.dtype != torch.float32,
         FP8=fmt is not None, **layout, LATENT_DIM=latent_dim, BLOCK_LATENT=_pow2(max(latent_dim, 1)),
-        num_warps=4, enable_fp_fusion=False)
+        LAUNCH_DEPENDENTS=_launch_dependents(x) and latent is not None, num_warps=4, enable_fp_fusion=False)
     return latent_out if to_slots else out
 
 
@@ -1596,3 +1617,73 @@ def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, com
             MIX=next_fn is not None, M=m, BLOCK_M=_pow2(m + hc * hc), BLOCK_FN=_pow2(m), num_warps=4,
             enable_fp_fusion=False)
     return new if next_fn is None else (new, mix)
+
+
+# ---- mHC's head: the streams collapsed once after the last layer (and after the MTP block) ---------------
+# Two launches: programs (token, chunk) form the N projections and the sum of squares of a chunk of each
+# stream's channels (fn read once, in parallel); programs (token, chunk) then add those partials (in chunk
+# order), form pre = sigmoid(mix * scale + base) + hc_eps and collapse their channels.
+
+if triton is not None:
+    @triton.jit
+    def _hc_head_mix_kernel(streams_ptr, fn_ptr, part_ptr, streams_stride, N: tl.constexpr, HIDDEN: tl.constexpr,
+                            BLOCK: tl.constexpr, CHUNKS: tl.constexpr, WIDTH: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        k = tl.arange(0, N)
+        h = chunk * BLOCK + tl.arange(0, BLOCK)
+        mask = (h < HIDDEN)[None, :] & (k < N)[:, None]
+        x = tl.load(streams_ptr + token * streams_stride + k[:, None] * HIDDEN + h[None, :], mask=mask,
+                    other=0.0).to(tl.float32)                                                     # [s, h]
+        f = tl.load(fn_ptr + (k[:, None, None] * N + k[None, :, None]) * HIDDEN + h[None, None, :],
+                    mask=mask[None, :, :], other=0.0)                                             # [j, s, h]
+        dots = tl.sum(tl.sum(f * x[None, :, :], axis=2), axis=1)                                   # [j]
+        squares = tl.sum(tl.sum(x * x, axis=1), axis=0)
+        w = tl.arange(0, WIDTH)
+        part = tl.where(w == N, squares, tl.sum(tl.where(w[:, None] == k[None, :], dots[None, :], 0.0), axis=1))
+        tl.store(part_ptr + (token * CHUNKS + chunk) * WIDTH + w, part, mask=w <= N)
+
+    @triton.jit
+    def _hc_head_collapse_kernel(streams_ptr, part_ptr, base_ptr, scale_ptr, out_ptr, streams_stride, norm_eps,
+                                 hc_eps, N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
+                                 CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr, WIDTH: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        k = tl.arange(0, N)
+        w = tl.arange(0, WIDTH)
+        chunks = tl.arange(0, BLOCK_C)
+        parts = tl.load(part_ptr + (token * CHUNKS + chunks[:, None]) * WIDTH + w[None, :],
+                        mask=(chunks < CHUNKS)[:, None] & (w <= N)[None, :], other=0.0)
+        total = tl.sum(parts, axis=0)                                                              # [WIDTH]
+        inv_rms = tl.rsqrt(tl.sum(tl.where(w == N, total, 0.0), axis=0) / (N * HIDDEN) + norm_eps)
+        mix = tl.sum(tl.where(w[None, :] == k[:, None], total[None, :], 0.0), axis=1) * inv_rms          # [N]
+        pre = tl.sigmoid(mix * tl.load(scale_ptr) + tl.load(base_ptr + k)) + hc_eps
+        h = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = (h < HIDDEN)[None, :] & (k < N)[:, None]
+        x = tl.load(streams_ptr + token * streams_stride + k[:, None] * HIDDEN + h[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        tl.store(out_ptr + token * HIDDEN + h, tl.sum(pre[:, None] * x, axis=0).to(out_ptr.dtype.element_ty),
+                 mask=h < HIDDEN)
+
+
+HC_HEAD_BLOCK = 256          # channels of each stream a program of hc_head projects or collapses
+
+
+def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
+            hc_eps: float) -> torch.Tensor:
+    """The same function as mhc.HyperHead: streams [n, hc, hidden] -> [n, hidden] in their dtype, in two
+    launches (fn [hc, hc * hidden], base [hc], scale [1], fp32)."""
+    n, hc, hidden = streams.shape
+    streams = streams.contiguous()
+    out = torch.empty(n, hidden, dtype=streams.dtype, device=streams.device)
+    block = min(HC_HEAD_BLOCK, _pow2(hidden))
+    chunks = triton.cdiv(hidden, block)
+    width = _pow2(hc + 1)
+    part = torch.empty(n, chunks, width, dtype=torch.float32, device=streams.device)
+    if n:
+        _hc_head_mix_kernel[(n, chunks)](streams, fn.contiguous(), part, streams.stride(0), N=hc, HIDDEN=hidden,
+                                         BLOCK=block, CHUNKS=chunks, WIDTH=width, num_warps=4)
+        _hc_head_collapse_kernel[(n, chunks)](streams, part, base, scale, out, streams.stride(0), norm_eps, hc_eps,
+                                              N=hc, HIDDEN=hidden, BLOCK=block, CHUNKS=chunks,
+                                              BLOCK_C=_pow2(chunks), WIDTH=width, num_warps=4,
+                                              enable_fp_fusion=False)
+    return out

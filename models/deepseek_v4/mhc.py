@@ -79,6 +79,8 @@ class HyperHead(nn.Module):
         self.scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        if kernels.use_kernels(streams):
+            return kernels.hc_head(streams, self.fn, self.base, self.scale, self.norm_eps, self.hc_eps)
         mix = F.linear(_unweighted_norm(streams.flatten(1).float(), self.norm_eps), self.fn.float())
         pre = torch.sigmoid(mix * self.scale.float() + self.base.float()) + self.hc_eps
         return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)

@@ -279,3 +279,25 @@ def test_fp8_gemv_waits_for_the_previous_kernel_before_it_reads_activations(case
     assert "ld.global.L1::evict_first.L2::cache_hint.v4.b32" in ptx[:wait]
     assert "ld.global.v4.b32" not in ptx[:wait] and "ld.global.b32" not in ptx[:wait]
     assert "ld.global.v4.b32" in ptx[wait:]
+
+
+# DeepSeek V4's kernels that an FP8 projection follows let its programmatic dependent launch start early
+HC_PRE_TYPES = {"streams_ptr": "*bf16", "mix_ptr": "*fp32", "base_ptr": "*fp32", "scale_ptr": "*fp32",
+                "post_ptr": "*fp32", "comb_ptr": "*fp32", "out_ptr": "*bf16", "norm_ptr": "*fp32", "norm_eps": "fp32",
+                "hc_eps": "fp32", "out_eps": "fp32"}
+CASES["dsv4-hc-pre-launch-dependents"] = (Case("models.deepseek_v4.kernels", "_hc_pre_kernel", dict(
+    N=4, HIDDEN=4096, BLOCK=256, SPAN=256, PARTIALS=True, M=64, CHUNKS=64, BLOCK_C=64, NORM=True, WEIGHT_IN_FP32=True,
+    LANES=32, LAUNCH_DEPENDENTS=True), HC_PRE_TYPES, {"num_warps": 1}), "griddepcontrol.launch_dependents", None)
+CASES["dsv4-norm-rope-launch-dependents"] = (Case("models.deepseek_v4.kernels", "_norm_rope_kernel", dict(
+    HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, NORMALIZE=True, WEIGHTED=True, INVERSE=False,
+    TO_SLOTS=True, ROUND=True, FP8=False, NOPE=512, QBLOCK=512, NUM_SCALES=1, SCALES_AT=512, ENTRY=512,
+    LATENT_DIM=1024, BLOCK_LATENT=1024, LAUNCH_DEPENDENTS=True),
+    {"x_ptr": "*bf16", "out_ptr": "*bf16", "inv_freq_ptr": "*fp32", "weight_ptr": "*fp32", "latent_ptr": "*bf16",
+     "latent_out_ptr": "*bf16", "latent_weight_ptr": "*fp32", "eps": "fp32", "latent_eps": "fp32"}),
+    "griddepcontrol.launch_dependents", None)
+HC_HEAD_TYPES = {"streams_ptr": "*bf16", "fn_ptr": "*fp32", "part_ptr": "*fp32", "base_ptr": "*fp32",
+                 "scale_ptr": "*fp32", "out_ptr": "*bf16", "norm_eps": "fp32", "hc_eps": "fp32"}
+CASES["dsv4-hc-head-mix"] = (Case("models.deepseek_v4.kernels", "_hc_head_mix_kernel", dict(
+    N=4, HIDDEN=4096, BLOCK=256, CHUNKS=16, WIDTH=8), HC_HEAD_TYPES, {"num_warps": 4}), None, None)
+CASES["dsv4-hc-head-collapse"] = (Case("models.deepseek_v4.kernels", "_hc_head_collapse_kernel", dict(
+    N=4, HIDDEN=4096, BLOCK=256, CHUNKS=16, BLOCK_C=16, WIDTH=8), HC_HEAD_TYPES, {"num_warps": 4}), None, None)
