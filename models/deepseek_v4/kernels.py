@@ -1314,9 +1314,10 @@ if triton is not None:
                        N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, SPAN: tl.constexpr,
                        PARTIALS: tl.constexpr, M: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr,
                        NORM: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr, LANES: tl.constexpr,
-                       LAUNCH_DEPENDENTS: tl.constexpr = False):
-        if LAUNCH_DEPENDENTS:        # the FP8 GEMV after it may start (it reads only weights until this ends)
+                       PDL: tl.constexpr = False):
+        if PDL:                      # see _pdl: the next launch may start; this one waits for the last to end
             gdc_launch_dependents()
+            gdc_wait()
         # programs (token, part): part < cdiv(HIDDEN, SPAN) collapses SPAN channels (with PARTIALS, SPAN = BLOCK:
         # its streams load first, under the partial sums' latency; without, SPAN = HIDDEN and the program walks
         # the row for the RMS too); the last part forms post and comb
@@ -1384,19 +1385,24 @@ HC_PRE_WARPS = 1             # with the partials (4 without): H200, batch 1, in 
 
 
 try:
-    from triton.language.extra.cuda import gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:     # no triton, or one without programmatic dependent launch
-    gdc_launch_dependents = None
+    gdc_launch_dependents = gdc_wait = None
 
 
-def _launch_dependents(x: torch.Tensor) -> bool:
-    """Whether a kernel that an FP8 projection follows (hc_pre, the norm + RoPE with q's latent) lets it start
-    early: on Hopper, where runtime.ops.fp8 launches its GEMV as a programmatic dependent (FP8_GEMV_PDL). Safe
-    whatever follows: a kernel not launched that way still waits for this one to end; the GEMV reads only its
-    weights before it does."""
+def _pdl(x: torch.Tensor) -> dict:
+    """The launch options of mHC's kernels and the norm + RoPE on Hopper, where runtime.ops.fp8 launches its
+    GEMV as a programmatic dependent (FP8_GEMV_PDL, RUN_MODEL_FP8_PDL): they are launched that way too, let
+    the next such launch start at once (griddepcontrol.launch_dependents), and wait for the kernel before them
+    to end (griddepcontrol.wait) before touching memory, so a chain hc_post -> hc_pre -> wq_a+wkv -> norm_rope
+    -> wq_b overlaps each launch with the end of the kernel before. Safe whatever the neighbours: a kernel not
+    launched that way waits for this one's end as usual; each of these waits before its first access, the GEMV
+    before anything but its weights. {} elsewhere."""
     from runtime.ops import fp8
 
-    return x.is_cuda and gdc_launch_dependents is not None and fp8.FP8_GEMV_PDL and fp8._is_hopper(x.device)
+    if x.is_cuda and gdc_wait is not None and fp8.FP8_GEMV_PDL and fp8._is_hopper(x.device):
+        return {"PDL": True, "launch_pdl": True}
+    return {}
 
 
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
@@ -1431,7 +1437,7 @@ def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: t
             streams.stride(0), mix.stride(0), norm_eps, hc_eps, sinkhorn_iters, norm.eps if norm is not None else 0.0,
             N=hc, HIDDEN=hidden, BLOCK=block, SPAN=span, PARTIALS=partials, M=width, CHUNKS=chunks,
             BLOCK_C=_pow2(chunks), NORM=norm is not None, WEIGHT_IN_FP32=norm is not None and norm.weight_in_fp32,
-            LANES=32 * warps, LAUNCH_DEPENDENTS=_launch_dependents(streams), num_warps=warps)
+            LANES=32 * warps, num_warps=warps, **_pdl(streams))
     return post, comb, out
 
 
@@ -1458,9 +1464,10 @@ if triton is not None:
                           INVERSE: tl.constexpr, TO_SLOTS: tl.constexpr, ROUND: tl.constexpr,
                           FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
                           SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, LATENT_DIM: tl.constexpr,
-                          BLOCK_LATENT: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = False):
-        if LAUNCH_DEPENDENTS:        # the FP8 GEMV after it may start (it reads only weights until this ends)
+                          BLOCK_LATENT: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:                      # see _pdl: the next launch may start; this one waits for the last to end
             gdc_launch_dependents()
+            gdc_wait()
         # with LATENT_DIM the last program of a token normalizes its row of another tensor (the q latent's
         # RMSNorm riding along with K's insert); the others take their heads
         token = tl.program_id(0).to(tl.int64)
@@ -1544,7 +1551,7 @@ def norm_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
         NORMALIZE=normalize or weight is not None, WEIGHTED=weight is not None, INVERSE=inverse, TO_SLOTS=to_slots,
         ROUND=x.dtype != torch.float32,
         FP8=fmt is not None, **layout, LATENT_DIM=latent_dim, BLOCK_LATENT=_pow2(max(latent_dim, 1)),
-        LAUNCH_DEPENDENTS=_launch_dependents(x) and latent is not None, num_warps=4, enable_fp_fusion=False)
+        num_warps=4, enable_fp_fusion=False, **_pdl(x))
     return latent_out if to_slots else out
 
 
@@ -1553,7 +1560,10 @@ if triton is not None:
     def _hc_post_kernel(out_ptr, addend_ptr, streams_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, mix_ptr, out_stride,
                         addend_stride, streams_stride, N: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
                         ROUND: tl.constexpr, ADD: tl.constexpr, MIX: tl.constexpr, M: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_FN: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_FN: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:                      # see _pdl: the next launch may start; this one waits for the last to end
+            gdc_launch_dependents()
+            gdc_wait()
         token = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         c = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -1615,7 +1625,7 @@ def hc_post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, com
             output.stride(0), addend.stride(0) if addend is not None else 0, streams.stride(0),
             N=hc, HIDDEN=hidden, BLOCK=block, ROUND=streams.dtype != torch.float32, ADD=addend is not None,
             MIX=next_fn is not None, M=m, BLOCK_M=_pow2(m + hc * hc), BLOCK_FN=_pow2(m), num_warps=4,
-            enable_fp_fusion=False)
+            enable_fp_fusion=False, **_pdl(streams))
     return new if next_fn is None else (new, mix)
 
 

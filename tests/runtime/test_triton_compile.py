@@ -285,16 +285,30 @@ def test_fp8_gemv_waits_for_the_previous_kernel_before_it_reads_activations(case
 HC_PRE_TYPES = {"streams_ptr": "*bf16", "mix_ptr": "*fp32", "base_ptr": "*fp32", "scale_ptr": "*fp32",
                 "post_ptr": "*fp32", "comb_ptr": "*fp32", "out_ptr": "*bf16", "norm_ptr": "*fp32", "norm_eps": "fp32",
                 "hc_eps": "fp32", "out_eps": "fp32"}
-CASES["dsv4-hc-pre-launch-dependents"] = (Case("models.deepseek_v4.kernels", "_hc_pre_kernel", dict(
+CASES["dsv4-hc-pre-pdl"] = (Case("models.deepseek_v4.kernels", "_hc_pre_kernel", dict(
     N=4, HIDDEN=4096, BLOCK=256, SPAN=256, PARTIALS=True, M=64, CHUNKS=64, BLOCK_C=64, NORM=True, WEIGHT_IN_FP32=True,
-    LANES=32, LAUNCH_DEPENDENTS=True), HC_PRE_TYPES, {"num_warps": 1}), "griddepcontrol.launch_dependents", None)
-CASES["dsv4-norm-rope-launch-dependents"] = (Case("models.deepseek_v4.kernels", "_norm_rope_kernel", dict(
+    LANES=32, PDL=True), HC_PRE_TYPES, {"num_warps": 1}), "griddepcontrol.wait", None)
+CASES["dsv4-norm-rope-pdl"] = (Case("models.deepseek_v4.kernels", "_norm_rope_kernel", dict(
     HEADS=1, BLOCK_H=1, HALF=256, BLOCK_HALF=256, ROPE_HALF=32, NORMALIZE=True, WEIGHTED=True, INVERSE=False,
     TO_SLOTS=True, ROUND=True, FP8=False, NOPE=512, QBLOCK=512, NUM_SCALES=1, SCALES_AT=512, ENTRY=512,
-    LATENT_DIM=1024, BLOCK_LATENT=1024, LAUNCH_DEPENDENTS=True),
+    LATENT_DIM=1024, BLOCK_LATENT=1024, PDL=True),
     {"x_ptr": "*bf16", "out_ptr": "*bf16", "inv_freq_ptr": "*fp32", "weight_ptr": "*fp32", "latent_ptr": "*bf16",
      "latent_out_ptr": "*bf16", "latent_weight_ptr": "*fp32", "eps": "fp32", "latent_eps": "fp32"}),
-    "griddepcontrol.launch_dependents", None)
+    "griddepcontrol.wait", None)
+CASES["dsv4-hc-post-pdl"] = (Case("models.deepseek_v4.kernels", "_hc_post_kernel", dict(
+    N=4, HIDDEN=4096, BLOCK=64, ROUND=True, ADD=True, MIX=True, M=24, BLOCK_M=64, BLOCK_FN=32, PDL=True),
+    dict(HC_PRE_TYPES, new_ptr="*bf16", fn_ptr="*fp32", addend_ptr="*bf16", mix_ptr="*fp32")),
+    "griddepcontrol.wait", None)
+
+
+@pytest.mark.parametrize("case_id", ["dsv4-hc-pre-pdl", "dsv4-norm-rope-pdl",
+                                     "dsv4-hc-post-pdl"])
+def test_dsv4_dependent_launches_wait_before_any_memory_access(case_id, compiled):
+    assert compiled[case_id]["error"] is None, compiled[case_id]["error"]
+    ptx = compiled[case_id]["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    assert ptx.index("griddepcontrol.launch_dependents") < wait
+    assert "ld.global" not in ptx[:wait] and "st.global" not in ptx[:wait]
 HC_HEAD_TYPES = {"streams_ptr": "*bf16", "fn_ptr": "*fp32", "part_ptr": "*fp32", "base_ptr": "*fp32",
                  "scale_ptr": "*fp32", "out_ptr": "*bf16", "norm_eps": "fp32", "hc_eps": "fp32"}
 CASES["dsv4-hc-head-mix"] = (Case("models.deepseek_v4.kernels", "_hc_head_mix_kernel", dict(
