@@ -611,7 +611,8 @@ if triton is not None:
             pf_base = (w_ptr + pf_rows.to(tl.int64) * stride_wn).to(tl.int64, bitcast=True)
             pf_own = c < 2
             pf_end = 4 * w_end
-            _l2_prefetch(pf_base + 4 * w_begin, tl.where(pf_own, tl.minimum(prefetch_bytes, pf_end - 4 * w_begin), 0))
+            pf_first = tl.minimum(prefetch_bytes, pf_end - 4 * w_begin)
+            _l2_prefetch(pf_base + 4 * w_begin, tl.where(pf_own, pf_first, 0))
         # two steps an iteration, their operands in two sets of registers (no copies): set A loads step s + 2
         # while set B's step s + 1 computes. With PDL only the weights (and scales) are read before the wait for
         # the previous kernel: activations, partials, counters and the output all come after it.
@@ -807,7 +808,8 @@ FP8_GEMV_MMA_MIN_ROWS: dict[tuple[int, int], int] = {(512, 4096): 2}
 # Programmatic dependent launch of the tensor-core GEMV (Hopper): it is launched so that it may start while the
 # kernel before it on the stream finishes, reads only its weights (and L2 prefetches) until that kernel is done
 # (griddepcontrol.wait), and lets the next such launch start as soon as all its programs run. CUDA graphs keep
-# the programmatic edges. RUN_MODEL_FP8_PDL=0 launches it in plain stream order.
+# the programmatic edges. RUN_MODEL_FP8_PDL=0 launches it in plain stream order (kernels that a model launches
+# the same way around it may follow this switch).
 FP8_GEMV_PDL = os.environ.get("RUN_MODEL_FP8_PDL", "1") != "0"
 # RUN_MODEL_FP8_PREFETCH=0: no L2 prefetch whatever the tiles say (an A/B switch for the end-to-end benchmark)
 FP8_GEMV_PREFETCH = os.environ.get("RUN_MODEL_FP8_PREFETCH", "1") != "0"

@@ -302,8 +302,8 @@ def test_fp8_w8a8_matmul_matches_reference():
 def test_fp8_gemv_prefetch_and_dependent_launch_in_a_graph(monkeypatch, pdl):
     """L2 prefetches (a rolling distance, the whole slice, none) and programmatic dependent launch: a chain of
     dependent GEMVs (each one's output the next one's input, split-K partials and SwiGLU arrivals, the SwiGLU one
-    on a side stream, an elementwise kernel between two of them) replayed from a CUDA graph with new inputs equals the same chain run eagerly
-    without either, bit for bit, and every arrival counter is back at zero."""
+    on a side stream, an elementwise kernel between two of them) replayed from a CUDA graph with new inputs
+    equals the same chain run eagerly without either, bit for bit, and every arrival counter is back at zero."""
     import runtime.ops.fp8 as fp8
 
     shapes = [(2048, 1024, None), (4096, 2048, "silu"), (2048, 2048, None), (1024, 2048, "add"), (2048, 1024, None)]

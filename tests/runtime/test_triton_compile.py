@@ -258,7 +258,7 @@ FP8_PDL = {f"fp8-gemv-mma-prefetch-pdl-split{split}{'-silu-mul' if silu else ''}
     PREFETCH=True, PDL=True) for warps, split, silu in ((4, 8, False), (8, 1, False), (4, 4, True))}
 for case_id, constexprs in FP8_PDL.items():
     CASES[case_id] = (Case("runtime.ops.fp8", "_fp8_gemv_mma_kernel", constexprs,
-                           dict(FP8_TYPES, x_ptr="*i32", limit="fp32"),
+                           dict(FP8_TYPES, x_ptr="*i32", limit="fp32"), {"num_warps": constexprs["WARPS"]},
                            divisible_by_16=("x_ptr", "w_ptr", "s_ptr", "out_ptr", "part_ptr", "count_ptr", "N", "K",
                                             "stride_xm", "stride_wn", "words_per_split", "x_group_words")),
                       "cp.async.bulk.prefetch.L2.global", None)

@@ -17,7 +17,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 @pytest.mark.parametrize("device", DEVICES)
 def test_hc_head_kernel_matches_reference(device, monkeypatch):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    for seed, (hidden, tokens) in enumerate(((320, 3), (96, 1), (64, 5)) if device == "cpu" else ((4096, 1), (4096, 3))):
+    shapes = ((320, 3), (96, 1), (64, 5)) if device == "cpu" else ((4096, 1), (4096, 3))      # (hidden, tokens)
+    for seed, (hidden, tokens) in enumerate(shapes):
         class _Config:
             hc_mult, hc_eps, rms_norm_eps, hidden_size = 4, 1e-6, 1e-6, hidden
 
