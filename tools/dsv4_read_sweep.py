@@ -45,7 +45,7 @@ def exact(scores, positions, ratio, k):
 
 defaults = {name: getattr(kernels, name) for name in (
     "TOPK_LOOKBACK", "TOPK_CHUNK", "TOPK_CHUNK_WARPS", "TOPK_BLOCK_C", "ATTENTION_PREFETCH",
-    "ATTENTION_PREFETCH_SELECTED", "ATTENTION_FLAT", "BLOCK_HEADS",
+    "ATTENTION_PREFETCH_SELECTED", "ATTENTION_FLAT", "ATTENTION_FLAT_SELECTED", "BLOCK_HEADS",
     "ATTENTION_WARPS", "ATTENTION_STAGES", "ATTENTION_BLOCK_N", "TARGET_PROGRAMS", "MAX_SPLITS")}
 TOPK = [(True, 4096, 8, 16), (False, 4096, 8, 16), (True, 4096, 4, 16), (True, 4096, 8, 64), (True, 2048, 4, 64)]
 print("| width | context | n | torch.topk us | "
@@ -80,7 +80,11 @@ sinks = torch.randn(HEADS, device="cuda")
 variants = [(False, False, False, 16, 8, None, 32, 132, 64),       # before this sweep
             (True, False, False, 16, 8, 1, 32, 132, 64),           # the defaults it picked
             (True, True, True, 16, 8, 1, 32, 132, 64),             # scales folded into the keys (ATTENTION_FLAT)
-            (False, False, True, 16, 8, 1, 32, 132, 64)]
+            (False, False, True, 16, 8, 1, 32, 132, 64),
+            (True, True, True, 16, 4, 1, 32, 132, 64),             # flat: fewer warps, more programs
+            (True, True, True, 16, 8, 1, 32, 264, 128),
+            (True, True, True, 16, 4, 1, 32, 264, 128),
+            (True, True, True, 16, 8, 1, 64, 132, 64)]
 if "--all" in sys.argv:                                            # what the first sweep also tried
     variants += [(True, True, False, 32, 8, None, 32, 132, 64), (True, True, False, 16, 4, None, 32, 132, 64),
                  (True, True, False, 16, 4, None, 32, 264, 128), (True, True, False, 16, 8, None, 64, 132, 64)]
@@ -93,7 +97,8 @@ for context in (4096, 1048000):
         base = None
         for prefetch, prefetch_selected, flat, heads, warps, stages, block_n, target, max_splits in variants:
             kernels.ATTENTION_PREFETCH, kernels.ATTENTION_PREFETCH_SELECTED = prefetch, prefetch_selected
-            kernels.ATTENTION_FLAT, kernels.BLOCK_HEADS = flat, heads
+            kernels.ATTENTION_FLAT = kernels.ATTENTION_FLAT_SELECTED = flat
+            kernels.BLOCK_HEADS = heads
             kernels.ATTENTION_WARPS, kernels.ATTENTION_STAGES = warps, stages
             kernels.ATTENTION_BLOCK_N, kernels.TARGET_PROGRAMS, kernels.MAX_SPLITS = block_n, target, max_splits
             fn = lambda: kernels.sparse_attention(q, positions, requests, window, table, WINDOW, entries, table,

@@ -291,15 +291,19 @@ def test_wide_topk_is_the_exact_top_k_in_index_order(device, lookback, monkeypat
                 assert torch.equal(captured, _exact_topk(scores, positions, ratio, top_k)), f"width {width}"
 
 
+@pytest.mark.parametrize("kind", ["hca", "csa"])
 @pytest.mark.parametrize("flat", [False, True], ids=["grouped", "flat"])
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
-def test_fp8_attention_over_many_key_tiles_matches_reference(prefetch, flat, monkeypatch):
-    """FP8 window + every entry (at ratio 4, > 3 key tiles a query) in one split, a tile's loads issued a tile
-    ahead or not, the scales applied per group after the dots or folded into the keys (flat): the decode-time
-    loop over many tiles that the other CPU cases (a tile each) do not reach."""
+def test_fp8_attention_over_many_key_tiles_matches_reference(prefetch, flat, kind, monkeypatch):
+    """FP8 window + every entry (hca: at ratio 4, > 3 key tiles a query) or + a selection (csa: 3 tiles,
+    wider than the entries any query has) in one split, a tile's loads issued a tile ahead or not, the scales
+    applied per group after the dots or folded into the keys (flat), each switch set for the layer kind that
+    reads it: the decode-time loop over many tiles that the other CPU cases (a tile each) do not reach."""
     from tests.models.deepseek_v4.test_deepseek_v4_fp8_kv import _fp8_cache, _formats, _spread
-    monkeypatch.setattr(kernels, "ATTENTION_PREFETCH", prefetch)
-    monkeypatch.setattr(kernels, "ATTENTION_FLAT", flat)
+    suffix = "_SELECTED" if kind == "csa" else ""
+    monkeypatch.setattr(kernels, "ATTENTION_PREFETCH" + suffix, prefetch)
+    monkeypatch.setattr(kernels, "ATTENTION_FLAT" + suffix, flat)
+    monkeypatch.setattr(kernels, "ATTENTION_FLAT" if kind == "csa" else "ATTENTION_FLAT_SELECTED", not flat)
     monkeypatch.setattr(kernels, "attention_splits", lambda *args, **kwargs: 1)
     sizes, steps = SMALL, [(150, 1), (97, 2), (40, 1)]
     kv_format, _ = _formats("cpu", sizes)
@@ -312,11 +316,16 @@ def test_fp8_attention_over_many_key_tiles_matches_reference(prefetch, flat, mon
     q = torch.randn(n, sizes.heads, sizes.dim, generator=generator) / 16     # scores of order 1: every key counts
     sinks = torch.randn(sizes.heads, generator=generator)
     scale = sizes.dim ** -0.5
+    selected = per_request = None
+    if kind == "csa":       # 80 a query (3 key tiles with the window), more than any query has (37): -1 padded
+        selected = _random_selection(positions, sizes.ratio, 80, generator).to(torch.int32)
+        starts = ctx.query_start_loc_host
+        per_request = [selected[int(a):int(b)] for a, b in zip(starts[:-1], starts[1:])]
     out = kernels.sparse_attention(q, positions, token_requests(ctx, n), caches[0], ctx.block_tables[0], sizes.window,
-                                   caches[1], ctx.block_tables[1], sizes.ratio, None, sinks, scale, sizes.block_size,
-                                   ctx.max_seq_len // sizes.ratio, kv_format, kv_format)
-    ref = window_sparse_attention(q, positions, ctx, 0, sizes.window, 1, sizes.ratio, None, sinks, scale, kv_format,
-                                  kv_format)
+                                   caches[1], ctx.block_tables[1], sizes.ratio, selected, sinks, scale,
+                                   sizes.block_size, ctx.max_seq_len // sizes.ratio, kv_format, kv_format)
+    ref = window_sparse_attention(q, positions, ctx, 0, sizes.window, 1, sizes.ratio, per_request, sinks, scale,
+                                  kv_format, kv_format)
     torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
 
 
@@ -708,9 +717,10 @@ def test_decode_kernels_compile_for_hopper():
                     "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_inv_freq_ptr": "*fp32",
                     "scale": "fp32", "q_eps": "fp32"},
                    options={"num_warps": kernels.ATTENTION_WARPS, "num_stages": kernels.ATTENTION_STAGES or 3})
-              for ratio, prefetch, flat in ((4, kernels.ATTENTION_PREFETCH_SELECTED, kernels.ATTENTION_FLAT),
-                                            (128, kernels.ATTENTION_PREFETCH, kernels.ATTENTION_FLAT),
-                                            (128, True, not kernels.ATTENTION_FLAT))]
+              for ratio, prefetch, flat in (
+                  (4, kernels.ATTENTION_PREFETCH_SELECTED, kernels.ATTENTION_FLAT_SELECTED),
+                  (4, kernels.ATTENTION_PREFETCH_SELECTED, not kernels.ATTENTION_FLAT_SELECTED),
+                  (128, kernels.ATTENTION_PREFETCH, kernels.ATTENTION_FLAT), (128, True, not kernels.ATTENTION_FLAT))]
     for case, result in zip(cases, compile_for_hopper(cases)):
         assert result["error"] is None, f"{case.kernel} {case.constexprs}: {result['error']}"
         assert f".entry {case.kernel}" in result["ptx"]
