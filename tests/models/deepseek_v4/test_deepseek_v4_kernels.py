@@ -724,3 +724,46 @@ def test_decode_kernels_compile_for_hopper():
     for case, result in zip(cases, compile_for_hopper(cases)):
         assert result["error"] is None, f"{case.kernel} {case.constexprs}: {result['error']}"
         assert f".entry {case.kernel}" in result["ptx"]
+
+
+@pytest.mark.parametrize("kv", ["float32", "fp8"])
+def test_fill_caches_writes_every_cache_as_the_model_stores_it(kv):
+    """bench.py context's fill (the model's fill_caches): every cache of every layer kind overwritten with
+    distinct, finite, non-zero entries that read back as what was stored (FP8: values that the cache's
+    format holds exactly), so the indexer's scores differ and the keys are not zeros."""
+    from transformers import AutoConfig
+    from models.deepseek_v4.cache_ops import Fp8Entry, dequantize_entries, quantize_entries
+    from models.deepseek_v4.model import DeepseekV4ForCausalLM
+    from runtime.registry import get_package
+    from runtime.runner import allocate_caches
+    from runtime.kv_cache import group_cache_specs
+    tiny = dict(get_package("deepseek_v4").tiny_config)
+    config = AutoConfig.for_model(tiny.pop("model_type"), **tiny)
+    dtype = torch.float8_e4m3fn if kv == "fp8" else torch.float32
+    model = DeepseekV4ForCausalLM(config, torch.float32, kv_dtype=lambda window: dtype)
+    block_size = 16
+    layout = group_cache_specs(model.cache_specs(), block_size)
+    caches = allocate_caches(layout, [3] * len(layout.groups), block_size, torch.device("cpu"))
+    torch.manual_seed(0)
+    model.fill_caches(caches)
+    formats = {}
+    for layer in model.layers:
+        formats[layer.attn.window_layer] = layer.attn.window_format
+        compressors = [layer.attn.compressor] + ([layer.attn.indexer.compressor] if layer.attn.indexer else [])
+        for compressor in filter(None, compressors):
+            formats[compressor.state_layer] = None
+            formats[compressor.entry_layer] = compressor.entry_format
+    assert sorted(formats) == list(range(len(caches)))                     # every cache of the model
+    for index, cache in enumerate(caches):
+        fmt = formats[index]
+        assert (fmt is not None) == (kv == "fp8" and cache.dtype == torch.float8_e4m3fn)
+        if fmt is None:
+            values = cache.reshape(-1, cache[0, 0].numel()).float()
+        else:
+            assert isinstance(fmt, Fp8Entry)
+            raw = cache.reshape(-1, fmt.num_bytes)
+            values = dequantize_entries(raw, fmt, torch.float32)
+            assert torch.equal(dequantize_entries(quantize_entries(values, fmt), fmt, torch.float32), values)
+        assert torch.isfinite(values).all() and (values.abs().amax(dim=1) > 0).all()
+        assert values.unique(dim=0).shape[0] == values.shape[0]             # no two entries alike
+        assert 0.8 < values.std().item() < 1.2                              # an RMS-normed entry's scale
