@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Sweep the launch shapes of DeepSeek V4's wide top-k and FP8 sparse attention on the GPU, batch 1, release
-sizes, CUDA-graph replays (tools/dsv4_read_kernels.py's timer): the radix top-k over 131,072 / 262,144 slots
-(four or five launches, chunk, warps, counts read at a time) against torch.topk, each checked equal to the
-exact index-ordered selection; then FP8 HCA / CSA attention at 4K and 1M per variant (tile prefetch, heads a
-program, warps, pipeline stages, keys a tile, target programs), with its largest difference from the first.
-The module constants are set per variant; the defaults are what this sweep picked (docs/PERFORMANCE.md).
+"""Sweep the launch shapes of DeepSeek V4's wide top-k, FP8 indexer scores and FP8 sparse attention on the GPU,
+batch 1, release sizes, CUDA-graph replays (tools/dsv4_read_kernels.py's timer): the radix top-k over 131,072 /
+262,144 slots (four or five launches, chunk, warps, counts read at a time) against torch.topk, each checked
+equal to the exact index-ordered selection; the indexer's scores over 262,144 FP8 key slots at 4K, 128K and 1M
+per variant (loads ahead, keys a tile, programs); then FP8 HCA / CSA attention at 4K and 1M per variant (tile
+prefetch, scales folded or per group, heads a program, warps, pipeline stages, keys a tile, target programs).
+Each variant's largest difference from the first is printed. The module constants are set per variant; the
+defaults are what this sweep picked (docs/PERFORMANCE.md).
 
-    python tools/dsv4_read_sweep.py [--all] [--attention-only]
+    python tools/dsv4_read_sweep.py [--all] [--only topk indexer attention] [--attention-only]
 """
 import sys
 import time
@@ -43,15 +45,21 @@ def exact(scores, positions, ratio, k):
     everything = torch.where(index[:k] < visible[:, None], index[:k], -1)
     return torch.where((visible <= k)[:, None], everything, picked).to(torch.int32)
 
+only = {"topk", "indexer", "attention"}
+if "--only" in sys.argv:
+    only = set(sys.argv[sys.argv.index("--only") + 1:])
+if "--attention-only" in sys.argv:
+    only = {"attention"}
 defaults = {name: getattr(kernels, name) for name in (
-    "TOPK_LOOKBACK", "TOPK_CHUNK", "TOPK_CHUNK_WARPS", "TOPK_BLOCK_C", "ATTENTION_PREFETCH",
+    "INDEXER_PREFETCH", "INDEXER_BLOCK_N", "INDEXER_PROGRAMS", "TOPK_LOOKBACK", "TOPK_CHUNK", "TOPK_CHUNK_WARPS",
+    "TOPK_BLOCK_C", "ATTENTION_PREFETCH",
     "ATTENTION_PREFETCH_SELECTED", "ATTENTION_FLAT", "ATTENTION_FLAT_SELECTED", "BLOCK_HEADS",
     "ATTENTION_WARPS", "ATTENTION_STAGES", "ATTENTION_BLOCK_N", "TARGET_PROGRAMS", "MAX_SPLITS")}
 TOPK = [(True, 4096, 8, 16), (False, 4096, 8, 16), (True, 4096, 4, 16), (True, 4096, 8, 64), (True, 2048, 4, 64)]
 print("| width | context | n | torch.topk us | "
       + " | ".join(f"{'4' if lb else '5'} launches {c}/{w}w/C{bc}" for lb, c, w, bc in TOPK) + " | exact |")
 ROWS = [(1 << 18, 4096, 1), (1 << 18, 131072, 1), (1 << 18, 1048000, 1), (1 << 18, 1048000, 4), (1 << 17, 500000, 8)]
-for width, context, n in [] if "--attention-only" in sys.argv else ROWS:
+for width, context, n in ROWS if "topk" in only else []:
     positions = torch.full((n,), context - 1, device="cuda") - torch.arange(n, device="cuda") * 4
     scores = torch.randn(n, width, device="cuda") * 3
     visible = (positions + 1) // 4
@@ -71,6 +79,33 @@ for width, context, n in [] if "--attention-only" in sys.argv else ROWS:
 BS, MAX_LEN, HEADS, DIM, WINDOW = rk.BLOCK_SIZE, rk.MAX_LEN, rk.HEADS, rk.DIM, rk.WINDOW
 table = torch.randperm(MAX_LEN // BS, device="cuda").to(torch.int32)[None]
 requests = torch.zeros(1, dtype=torch.int64, device="cuda")
+
+# (loads ahead, keys a tile, programs)
+INDEXER = [(False, 64, 528), (True, 64, 528), (True, 128, 264), (True, 64, 1056), (True, 32, 1056)]
+if "indexer" in only:
+    print("\n| context | " + " | ".join(f"{'ahead' if a else 'in turn'} {b}/{p}" for a, b, p in INDEXER)
+          + " | rel diff |")
+    keys = rk._cache(BS // 4, rk.INDEX_DIM, rk.KEY)
+    index_q = torch.randn(1, rk.INDEX_HEADS, rk.INDEX_DIM, device="cuda", dtype=torch.bfloat16)
+    head_weights = torch.randn(1, rk.INDEX_HEADS, device="cuda")
+    for context in (4096, 131072, 1048000):
+        positions = torch.tensor([context - 1], device="cuda")
+        times, base, diff = [], None, 0.0
+        for prefetch, block_n, programs in INDEXER:
+            kernels.INDEXER_PREFETCH, kernels.INDEXER_BLOCK_N, kernels.INDEXER_PROGRAMS = prefetch, block_n, programs
+            fn = lambda: kernels.indexer_scores(index_q, head_weights, keys, table, positions, requests, 4,
+                                                MAX_LEN // 4, BS, rk.KEY)
+            out = fn()
+            base = out if base is None else base
+            diff = max(diff, rk._relative(out, base))
+            times.append(rk._timed_us(fn))
+        print(f"| {context} | " + " | ".join(f"{t:.1f}" for t in times) + f" | {diff:.1e} | [{time.time() - t0:.0f}s]",
+              flush=True)
+    for name, value in defaults.items():
+        setattr(kernels, name, value)
+    del keys
+if "attention" not in only:
+    sys.exit(0)
 window = rk._cache(BS, DIM, rk.KV)
 hca = rk._cache(BS // 128, DIM, rk.KV)
 csa = rk._cache(BS // 4, DIM, rk.KV)
