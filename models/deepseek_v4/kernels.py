@@ -410,50 +410,19 @@ def compress(projected: torch.Tensor, ape: torch.Tensor, state: torch.Tensor, st
 
 if triton is not None:
     @triton.jit
-    def _indexer_rows(table_ptr, request, table_stride, tile, visible, PER_BLOCK: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
-        """The flat cache rows of entries tile * BLOCK_N .. + BLOCK_N (0 past `visible`, nothing read)."""
-        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = n < visible
-        block = tl.load(table_ptr + request * table_stride + n // PER_BLOCK, mask=n_mask, other=0).to(tl.int64)
-        return block * PER_BLOCK + n % PER_BLOCK
-
-    @triton.jit
-    def _indexer_keys(keys_ptr, rows, n_mask, d, d_mask, dtype: tl.constexpr, FP8: tl.constexpr,
-                      NOPE: tl.constexpr, DIM: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
-                      SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
-        """Keys at rows [BLOCK_N] (masked: none read) -> (keys [BLOCK_N, BLOCK_D] as stored where every dim is
-        e4m3 under one scale, else in `dtype`; their scales [BLOCK_N], 1 unless FP8 with one scale)."""
-        key_scale = tl.full(rows.shape, 1.0, tl.float32)
-        if FP8 and NOPE == DIM and NUM_SCALES == 1:
-            # every dim e4m3 under one scale (the indexer's keys): the e4m3 values into the dot, the scale (a
-            # power of two, so exactly) onto its result
-            base = keys_ptr + tl.multiple_of(rows * ENTRY, ENTRY & -ENTRY)                      # [BLOCK_N]
-            keys = tl.load(base[:, None] + d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            exponent = tl.load(base.to(tl.pointer_type(tl.uint8)) + SCALES_AT, mask=n_mask, other=127)
-            key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-        else:
-            keys = _load_entries(keys_ptr, rows, d, n_mask[:, None] & d_mask[None, :], FP8, NOPE, QBLOCK,
-                                 SCALES_AT, ENTRY, dtype)
-        return keys, key_scale
-
-    @triton.jit
     def _indexer_kernel(q_ptr, weights_ptr, keys_ptr, table_ptr, positions_ptr, requests_ptr, out_ptr, inv_freq_ptr,
                         q_stride_t, q_stride_h, weights_stride, table_stride, out_stride, width,
                         scale, weight_scale, num_programs, PER_BLOCK: tl.constexpr,
                         HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         RATIO: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr, ROPE_HALF: tl.constexpr,
                         FP8: tl.constexpr, NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
-                        SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, PREFETCH: tl.constexpr = False):
+                        SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
         # a program scores the key tiles pid, pid + num_programs, ... of its query: q (rotated here with
-        # ROPE_HALF) and the head weights are loaded once for all of them. With PREFETCH the loads run ahead
-        # of the math: a tile's keys an iteration ahead, its cache rows (the block table's) two ahead, so no
-        # load waits on one issued in the same iteration
+        # ROPE_HALF) and the head weights are loaded once for all of them
         token = tl.program_id(0).to(tl.int64)
         position = tl.load(positions_ptr + token).to(tl.int32)        # < 2^31: index math in 32 bits
         visible = tl.maximum(position + 1, 0) // RATIO               # entries closed at this query
         request = tl.load(requests_ptr + token).to(tl.int64)
-        dtype = q_ptr.dtype.element_ty
         h = tl.arange(0, BLOCK_HEADS)
         d = tl.arange(0, BLOCK_D)
         h_mask = h < HEADS
@@ -464,35 +433,30 @@ if triton is not None:
             q = _rope_in_place(q, q_rows, d, h_mask[:, None] & d_mask[None, :], position, inv_freq_ptr, 1.0, DIM,
                                ROPE_HALF, False, not FP32)
         w = tl.load(weights_ptr + token * weights_stride + h, mask=h_mask, other=0.0).to(tl.float32) * weight_scale
-        first = tl.program_id(1)
-        lanes = tl.arange(0, BLOCK_N)
-        if PREFETCH:
-            next_rows = _indexer_rows(table_ptr, request, table_stride, first, visible, PER_BLOCK, BLOCK_N)
-            next_keys, next_scale = _indexer_keys(keys_ptr, next_rows, first * BLOCK_N + lanes < visible, d, d_mask,
-                                                  dtype, FP8, NOPE, DIM, QBLOCK, NUM_SCALES, SCALES_AT, ENTRY)
-            next_rows = _indexer_rows(table_ptr, request, table_stride, first + num_programs, visible, PER_BLOCK,
-                                      BLOCK_N)
-        for tile in range(first, tl.cdiv(width, BLOCK_N), num_programs):
-            n = tile * BLOCK_N + lanes
-            n_mask = n < visible
-            if PREFETCH:
-                keys, key_scale = next_keys, next_scale
-                ahead = tile + num_programs
-                next_keys, next_scale = _indexer_keys(keys_ptr, next_rows, ahead * BLOCK_N + lanes < visible, d,
-                                                      d_mask, dtype, FP8, NOPE, DIM, QBLOCK, NUM_SCALES, SCALES_AT,
-                                                      ENTRY)
-                next_rows = _indexer_rows(table_ptr, request, table_stride, ahead + num_programs, visible,
-                                          PER_BLOCK, BLOCK_N)
+        for tile in range(tl.program_id(1), tl.cdiv(width, BLOCK_N), num_programs):
+            n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             scores = tl.full([BLOCK_N], float("-inf"), tl.float32)
             if tile * BLOCK_N < visible:
-                if not PREFETCH:
-                    rows = _indexer_rows(table_ptr, request, table_stride, tile, visible, PER_BLOCK, BLOCK_N)
-                    keys, key_scale = _indexer_keys(keys_ptr, rows, n_mask, d, d_mask, dtype, FP8, NOPE, DIM,
-                                                    QBLOCK, NUM_SCALES, SCALES_AT, ENTRY)
-                if FP32:
-                    dots = tl.dot(q, tl.trans(keys.to(dtype)), input_precision="ieee")
+                n_mask = n < visible
+                block = tl.load(table_ptr + request * table_stride + n // PER_BLOCK, mask=n_mask,
+                                other=0).to(tl.int64)
+                rows = block * PER_BLOCK + n % PER_BLOCK
+                key_scale = tl.full([BLOCK_N], 1.0, tl.float32)
+                if FP8 and NOPE == DIM and NUM_SCALES == 1:
+                    # every dim e4m3 under one scale (the indexer's keys): the e4m3 values into the dot, the
+                    # scale (a power of two, so exactly) onto its result
+                    base = keys_ptr + tl.multiple_of(rows * ENTRY, ENTRY & -ENTRY)                  # [BLOCK_N]
+                    keys = tl.load(base[:, None] + d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                                   other=0.0).to(q_ptr.dtype.element_ty)                            # [BLOCK_N, BLOCK_D]
+                    exponent = tl.load(base.to(tl.pointer_type(tl.uint8)) + SCALES_AT, mask=n_mask, other=127)
+                    key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)
                 else:
-                    dots = tl.dot(q, tl.trans(keys.to(dtype)))      # [BLOCK_HEADS, BLOCK_N] fp32
+                    keys = _load_entries(keys_ptr, rows, d, n_mask[:, None] & d_mask[None, :], FP8, NOPE, QBLOCK,
+                                         SCALES_AT, ENTRY, q_ptr.dtype.element_ty)                 # [BLOCK_N, BLOCK_D]
+                if FP32:
+                    dots = tl.dot(q, tl.trans(keys), input_precision="ieee")
+                else:
+                    dots = tl.dot(q, tl.trans(keys))                  # [BLOCK_HEADS, BLOCK_N] fp32
                 per_head = tl.maximum(dots * key_scale[None, :], 0.0) * scale * w[:, None]
                 scores = tl.where(n_mask, tl.sum(per_head, axis=0), float("-inf"))
             tl.store(out_ptr + token * out_stride + n, scores, mask=n < width)
@@ -500,7 +464,6 @@ if triton is not None:
 
 INDEXER_BLOCK_N = 64
 INDEXER_PROGRAMS = 528       # four per SM on an H200 (as many as their registers allow): each walks a run of tiles
-INDEXER_PREFETCH = True      # a tile's keys loaded an iteration ahead, its block-table rows two ahead
 
 
 def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, table: torch.Tensor,
@@ -524,7 +487,7 @@ def indexer_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tens
         dim ** -0.5, weight_scale, programs, PER_BLOCK=block_size // ratio,
         HEADS=heads, BLOCK_HEADS=max(16, _pow2(heads)), DIM=dim, BLOCK_D=max(16, _pow2(dim)), RATIO=ratio,
         BLOCK_N=block_n, FP32=q.dtype == torch.float32, ROPE_HALF=rope.shape[0] if rope is not None else 0,
-        FP8=key_format is not None, **_fp8_layout(key_format, dim), PREFETCH=INDEXER_PREFETCH, num_warps=4)
+        FP8=key_format is not None, **_fp8_layout(key_format, dim), num_warps=4)
     return out
 
 

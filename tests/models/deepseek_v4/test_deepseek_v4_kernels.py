@@ -157,16 +157,14 @@ def test_sparse_attention_matches_reference(device, kind, splits, monkeypatch):
         atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
 @pytest.mark.parametrize("programs", [None, 1], ids=["auto-programs", "one-program-a-query"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_indexer_scores_and_topk_match_reference(device, programs, prefetch, monkeypatch):
+def test_indexer_scores_and_topk_match_reference(device, programs, monkeypatch):
     """With the programs per query the batch gets (one key tile each at these widths), and with one program
-    per query walking every tile, its loads issued ahead of the math or not. The kernel rotates q (RoPE at
-    its position) as the reference path does before scoring."""
+    per query walking every tile. The kernel rotates q (RoPE at its position) as the reference path does
+    before scoring."""
     if programs is not None:
         monkeypatch.setattr(kernels, "INDEXER_PROGRAMS", programs)
-    monkeypatch.setattr(kernels, "INDEXER_PREFETCH", prefetch)
     sizes, dtype, steps = _setup(device)
     generator = torch.Generator().manual_seed(2)
     num_blocks = _num_blocks(sizes, steps)
@@ -694,13 +692,11 @@ def test_decode_kernels_compile_for_hopper():
                    {"proj_ptr": "*bf16", "ape_ptr": "*fp32", "state_ptr": "*fp32", "query_start_ptr": "*i32",
                     "norm_ptr": "*fp32", "inv_freq_ptr": "*fp32", "cache_ptr": "*bf16", "eps": "fp32"})
               for width, ratio, window, overlap in ((1024, 4, 8, True), (512, 128, 128, False))]
-    cases += [Case(module, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4,
-                                                   BLOCK_N=kernels.INDEXER_BLOCK_N, PER_BLOCK=64, FP32=False,
-                                                   ROPE_HALF=32, FP8=fp8, NOPE=128, QBLOCK=128, NUM_SCALES=1,
-                                                   SCALES_AT=128, ENTRY=132 if fp8 else 128, PREFETCH=prefetch),
-                   {"q_ptr": "*bf16", "weights_ptr": "*bf16", "keys_ptr": "*fp8e4nv" if fp8 else "*bf16",
-                    "out_ptr": "*fp32", "inv_freq_ptr": "*fp32", "scale": "fp32", "weight_scale": "fp32"})
-              for fp8 in (False, True) for prefetch in (False, True)]
+    cases.append(Case(module, "_indexer_kernel", dict(HEADS=64, BLOCK_HEADS=64, DIM=128, BLOCK_D=128, RATIO=4,
+                                                      BLOCK_N=64, PER_BLOCK=64, FP32=False, ROPE_HALF=32, FP8=False,
+                                                      NOPE=128, QBLOCK=128, NUM_SCALES=1, SCALES_AT=128, ENTRY=128),
+                      {"q_ptr": "*bf16", "weights_ptr": "*bf16", "keys_ptr": "*bf16", "out_ptr": "*fp32",
+                       "inv_freq_ptr": "*fp32", "scale": "fp32", "weight_scale": "fp32"}))
     cases += [Case(module, "_sparse_attention_kernel", dict(HEADS=64, BLOCK_H=16, DIM=512, BLOCK_D=512, BLOCK_N=32,
                                                             RATIO=ratio, BLOCK_SIZE=256, PER_BLOCK=256 // ratio,
                                                             HAS_ENTRIES=True, SELECTED=ratio == 4, SPLIT=True,
