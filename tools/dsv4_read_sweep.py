@@ -3,7 +3,7 @@
 batch 1, release sizes, CUDA-graph replays (tools/dsv4_read_kernels.py's timer): the radix top-k over 131,072 /
 262,144 slots (four or five launches, chunk, warps, counts read at a time) against torch.topk, each checked
 equal to the exact index-ordered selection; the indexer's scores over 262,144 FP8 key slots at 4K, 128K and 1M
-per variant (loads ahead, keys a tile, programs); then FP8 HCA / CSA attention at 4K and 1M per variant (tile
+per variant (keys a tile, programs); then FP8 HCA / CSA attention at 4K and 1M per variant (tile
 prefetch, scales folded or per group, heads a program, warps, pipeline stages, keys a tile, target programs).
 Each variant's largest difference from the first is printed. The module constants are set per variant; the
 defaults are what this sweep picked (docs/PERFORMANCE.md).
@@ -51,7 +51,7 @@ if "--only" in sys.argv:
 if "--attention-only" in sys.argv:
     only = {"attention"}
 defaults = {name: getattr(kernels, name) for name in (
-    "INDEXER_PREFETCH", "INDEXER_BLOCK_N", "INDEXER_PROGRAMS", "TOPK_LOOKBACK", "TOPK_CHUNK", "TOPK_CHUNK_WARPS",
+    "INDEXER_BLOCK_N", "INDEXER_PROGRAMS", "TOPK_LOOKBACK", "TOPK_CHUNK", "TOPK_CHUNK_WARPS",
     "TOPK_BLOCK_C", "ATTENTION_PREFETCH",
     "ATTENTION_PREFETCH_SELECTED", "ATTENTION_FLAT", "ATTENTION_FLAT_SELECTED", "BLOCK_HEADS",
     "ATTENTION_WARPS", "ATTENTION_STAGES", "ATTENTION_BLOCK_N", "TARGET_PROGRAMS", "MAX_SPLITS")}
@@ -80,10 +80,10 @@ BS, MAX_LEN, HEADS, DIM, WINDOW = rk.BLOCK_SIZE, rk.MAX_LEN, rk.HEADS, rk.DIM, r
 table = torch.randperm(MAX_LEN // BS, device="cuda").to(torch.int32)[None]
 requests = torch.zeros(1, dtype=torch.int64, device="cuda")
 
-# (loads ahead, keys a tile, programs)
-INDEXER = [(False, 64, 528), (True, 64, 528), (True, 128, 264), (True, 64, 1056), (True, 32, 1056)]
+# (keys a tile, programs)
+INDEXER = [(64, 528), (128, 264), (128, 528), (64, 1056), (32, 1056)]
 if "indexer" in only:
-    print("\n| context | " + " | ".join(f"{'ahead' if a else 'in turn'} {b}/{p}" for a, b, p in INDEXER)
+    print("\n| context | " + " | ".join(f"{b} keys/{p} programs" for b, p in INDEXER)
           + " | rel diff |")
     keys = rk._cache(BS // 4, rk.INDEX_DIM, rk.KEY)
     index_q = torch.randn(1, rk.INDEX_HEADS, rk.INDEX_DIM, device="cuda", dtype=torch.bfloat16)
@@ -91,8 +91,8 @@ if "indexer" in only:
     for context in (4096, 131072, 1048000):
         positions = torch.tensor([context - 1], device="cuda")
         times, base, diff = [], None, 0.0
-        for prefetch, block_n, programs in INDEXER:
-            kernels.INDEXER_PREFETCH, kernels.INDEXER_BLOCK_N, kernels.INDEXER_PROGRAMS = prefetch, block_n, programs
+        for block_n, programs in INDEXER:
+            kernels.INDEXER_BLOCK_N, kernels.INDEXER_PROGRAMS = block_n, programs
             fn = lambda: kernels.indexer_scores(index_q, head_weights, keys, table, positions, requests, 4,
                                                 MAX_LEN // 4, BS, rk.KEY)
             out = fn()
