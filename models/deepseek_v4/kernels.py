@@ -865,17 +865,16 @@ if triton is not None:
         if HAS_ENTRIES:
             entry = tl.multiple_of(tl.where(in_entries, entries_ptr + e_rows * ENTRY, entry), ALIGN)
             valid = valid | in_entries
-        scale_bytes = entry.to(tl.pointer_type(tl.uint8)) + SCALES_AT
         if FLAT:
             keys = tl.load(entry[:, None, None] + col[None, :, :], mask=valid[:, None, None] & col_mask[None, :, :],
                            other=0.0)
-            exponent = tl.load(scale_bytes[:, None] + g[None, :], mask=valid[:, None] & (g < NUM_SCALES)[None, :],
-                               other=127)
+            exponent = tl.load(entry.to(tl.pointer_type(tl.uint8))[:, None] + SCALES_AT + g[None, :],
+                               mask=valid[:, None] & (g < NUM_SCALES)[None, :], other=127)
         else:
             keys = tl.load(entry[None, :, None] + col[:, None, :], mask=valid[None, :, None] & col_mask[:, None, :],
                            other=0.0)
-            exponent = tl.load(scale_bytes[None, :] + g[:, None], mask=valid[None, :] & (g < NUM_SCALES)[:, None],
-                               other=127)
+            exponent = tl.load(entry.to(tl.pointer_type(tl.uint8))[None, :] + SCALES_AT + g[:, None],
+                               mask=valid[None, :] & (g < NUM_SCALES)[:, None], other=127)
         tail = tl.load((entry + NOPE).to(tl.pointer_type(tl.bfloat16))[:, None] + t[None, :],
                        mask=valid[:, None] & tail_mask[None, :], other=0.0)
         return valid, keys, exponent, tail
@@ -909,16 +908,15 @@ if triton is not None:
         t = tl.arange(0, TAIL_D)
         col = g[:, None] * QBLOCK + j[None, :]                                  # [GROUPS, GROUP_D] e4m3 dim
         col_mask = (col < NOPE) & (j < QBLOCK)[None, :]
-        flat_col = tl.reshape(col, [WIDE])
-        flat_mask = h_mask[:, None] & tl.reshape(col_mask, [WIDE])[None, :]     # [BLOCK_H, WIDE]
-        group_mask = h_mask[None, :, None] & col_mask[:, None, :]               # [GROUPS, BLOCK_H, GROUP_D]
         tail_mask = t < DIM - NOPE
         q_row = q_ptr + token * q_stride_t + h * q_stride_h                     # [BLOCK_H]
         if FLAT:
+            flat_col = tl.reshape(col, [WIDE])
+            flat_mask = h_mask[:, None] & tl.reshape(col_mask, [WIDE])[None, :]     # [BLOCK_H, WIDE]
             q_nope = tl.load(q_row[:, None] + flat_col[None, :], mask=flat_mask, other=0.0)     # [BLOCK_H, WIDE]
         else:
-            q_nope = tl.load(q_row[None, :, None] + col[:, None, :], mask=group_mask,
-                             other=0.0)                                 # [GROUPS, BLOCK_H, GROUP_D]
+            q_nope = tl.load(q_row[None, :, None] + col[:, None, :], mask=h_mask[None, :, None] & col_mask[:, None, :],
+                             other=0.0)                                         # [GROUPS, BLOCK_H, GROUP_D]
         q_tail = tl.load(q_row[:, None] + NOPE + t[None, :], mask=h_mask[:, None] & tail_mask[None, :],
                          other=0.0)                                             # [BLOCK_H, TAIL_D]
         if Q_ROPE_HALF > 0:       # the RoPE dims are the bf16 tail (sparse_attention checks)
@@ -960,9 +958,9 @@ if triton is not None:
                     hi, first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col,
                     col_mask, t, tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES,
                     SCALES_AT, ENTRY, FLAT)
-            tail = tail.to(dtype)                                               # [BLOCK_N, TAIL_D]
-            key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [GROUPS, BLOCK_N] (FLAT: .T)
             if FLAT:
+                tail = tail.to(dtype)                                           # [BLOCK_N, TAIL_D]
+                key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [BLOCK_N, GROUPS]
                 keys = tl.reshape((keys.to(tl.float32) * key_scale[:, :, None]).to(dtype), [BLOCK_N, WIDE])
                 if FP32:
                     scores = tl.dot(q_nope, tl.trans(keys), input_precision="ieee")
@@ -973,6 +971,8 @@ if triton is not None:
                 scores = scores * scale
             else:
                 keys = keys.to(dtype)                                           # [GROUPS, BLOCK_N, GROUP_D]
+                tail = tail.to(dtype)                                           # [BLOCK_N, TAIL_D]
+                key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [GROUPS, BLOCK_N]
                 if FP32:
                     partial = tl.dot(q_nope, tl.permute(keys, (0, 2, 1)), input_precision="ieee")
                     scores = tl.dot(q_tail, tl.trans(tail), input_precision="ieee")
@@ -989,18 +989,18 @@ if triton is not None:
             if FLAT:
                 if FP32:
                     acc = acc * alpha[:, None] + tl.dot(p, keys, input_precision="ieee")
+                    acc_tail = acc_tail * alpha[:, None] + tl.dot(p, tail, input_precision="ieee")
                 else:
                     acc = acc * alpha[:, None] + tl.dot(p.to(dtype), keys)
+                    acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(dtype), tail)
             else:
                 scaled_p = p[None, :, :] * key_scale[:, None, :]                # [GROUPS, BLOCK_H, BLOCK_N]
                 if FP32:
                     acc = acc * alpha[None, :, None] + tl.dot(scaled_p, keys, input_precision="ieee")
+                    acc_tail = acc_tail * alpha[:, None] + tl.dot(p, tail, input_precision="ieee")
                 else:
                     acc = acc * alpha[None, :, None] + tl.dot(scaled_p.to(dtype), keys)
-            if FP32:
-                acc_tail = acc_tail * alpha[:, None] + tl.dot(p, tail, input_precision="ieee")
-            else:
-                acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(dtype), tail)
+                    acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(dtype), tail)
             m = m_new
         tail_out_mask = h_mask[:, None] & tail_mask[None, :]
         if not SPLIT:
@@ -1014,14 +1014,16 @@ if triton is not None:
         else:
             part = (token * HEADS + h) * num_splits + split                     # [BLOCK_H]
             rows = part_acc_ptr + part * DIM
-            tl.store(part_ml_ptr + part * 2, m, mask=h_mask)
-            tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
         out_dtype = rows.dtype.element_ty
         if FLAT:
             tl.store(rows[:, None] + flat_col[None, :], acc.to(out_dtype), mask=flat_mask)
         else:
-            tl.store(rows[None, :, None] + col[:, None, :], acc.to(out_dtype), mask=group_mask)
+            tl.store(rows[None, :, None] + col[:, None, :], acc.to(out_dtype),
+                     mask=h_mask[None, :, None] & col_mask[:, None, :])
         tl.store(rows[:, None] + NOPE + t[None, :], acc_tail.to(out_dtype), mask=tail_out_mask)
+        if SPLIT:
+            tl.store(part_ml_ptr + part * 2, m, mask=h_mask)
+            tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
 
     @triton.jit
     def _sparse_attention_reduce_kernel(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, positions_ptr,
