@@ -81,7 +81,7 @@ table = torch.randperm(MAX_LEN // BS, device="cuda").to(torch.int32)[None]
 requests = torch.zeros(1, dtype=torch.int64, device="cuda")
 
 # (keys a tile, programs)
-INDEXER = [(64, 528), (128, 264), (128, 528), (64, 1056), (32, 1056)]
+INDEXER = [(64, 528), (64, 264), (128, 264), (128, 528), (32, 396)]
 if "indexer" in only:
     print("\n| context | " + " | ".join(f"{b} keys/{p} programs" for b, p in INDEXER)
           + " | rel diff |")
