@@ -310,3 +310,52 @@ def test_decode_with_fused_qkv_fp8_cache_interpreted():
                               qkv_rope=QkvRope(positions, rotary.cos_sin, "neox", slots, heads, q_w, k_w, 1e-6))
     assert torch.equal(cache.view(torch.uint8), expected_cache.view(torch.uint8))
     torch.testing.assert_close(out.float()[[0, 2]], expected[[0, 2]], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, kv_heads, head_dim, norm, variant", [(16, 8, 128, True, "causal"),
+                                                                      (64, 8, 64, False, "all"),
+                                                                      (32, 8, 128, True, "window")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8])
+def test_decode_with_fused_qkv_on_gpu(heads, kv_heads, head_dim, norm, variant, dtype):
+    """The one-launch decode reading the QKV row, compiled, at real shapes (ragged contexts, a padding row,
+    default tiles and the graphs' split count) against qkv_rope_write_kv_ref + the reference attention, and
+    again inside a CUDA graph replayed three times (the arrival counters reset themselves)."""
+    seq_lens = [300, 1, 4097, 17, 64]
+    qkv, cache, table, lens, sinks, positions, slots, (q_w, k_w) = _qkv_decode_case(
+        seq_lens, heads, kv_heads, head_dim, torch.bfloat16, "cpu", 11)
+    scales = dict(k_scale=torch.tensor([0.5]), v_scale=torch.tensor([2.0])) if dtype == FP8 else {}
+    cache = to_fp8_cache(cache, **scales) if dtype == FP8 else cache.to(dtype)
+    rotary = RotaryEmbedding(1.0 / (1e6 ** (torch.arange(0, head_dim, 2).float() / head_dim)), 8192)
+    weights = (q_w, k_w) if norm else (None, None)
+    options = _options(variant, sinks)
+    scale = head_dim ** -0.5
+    expected_cache = cache.clone()
+    q = qkv_rope_write_kv_ref(qkv, positions, rotary.cos_sin, "neox", expected_cache, slots, heads, kv_heads,
+                              head_dim, *weights, 1e-6, **scales)
+    expected = paged_attention_ref(q.float(), expected_cache, table, list(range(6)), seq_lens, scale, **options,
+                                   **scales)
+    cuda = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    args = [cuda(t) for t in (qkv, cache, table, lens)]
+    fused = QkvRope(cuda(positions), rotary.cos_sin.cuda(), "neox", cuda(slots), heads, *map(cuda, weights), 1e-6)
+    options = {name: cuda(value) for name, value in options.items()}
+    scales = {name: cuda(value) for name, value in scales.items()}
+    call = lambda: paged_decode_triton(*args, 40960, scale, qkv_rope=fused, **options, **scales)  # noqa: E731
+    out = call()
+    keep = torch.tensor([b != 1 for b in range(len(seq_lens))])                  # row 1: padding, reads no key
+    got_cache = args[1].cpu()
+    if dtype == FP8:
+        mismatched = (got_cache.view(torch.uint8) != expected_cache.view(torch.uint8)).float().mean().item()
+    else:
+        mismatched = (got_cache != expected_cache).float().mean().item()
+    assert mismatched < 1e-4, mismatched                      # the norm's sum order: a rare one-unit tie
+    torch.testing.assert_close(got_cache.float(), expected_cache.float(), atol=0.1, rtol=0.13)
+    torch.testing.assert_close(out.float().cpu()[keep], expected[keep], atol=2e-2, rtol=2e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = call()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed[keep.cuda()], out[keep.cuda()])
+    assert not _decode_counters(out.device, 1).any()
