@@ -684,7 +684,8 @@ DECODE_STEP_SHAPES = {"qwen3-0.6b": (16, 8, 128, True, False, None), "qwen3-8b":
 DECODE_STEP_CASES = ((1, 300), (1, 4096), (1, 32768), (8, 1024), (64, 1024))              # (batch, context)
 
 
-def bench_decode_step(dtypes: tuple[str, ...] = ("bfloat16", "float8_e4m3fn"), max_seq_len: int = 40960) -> None:
+def bench_decode_step(dtypes: tuple[str, ...] = ("bfloat16", "float8_e4m3fn"), max_seq_len: int = 40960,
+                      models=None, cases=DECODE_STEP_CASES) -> None:
     """From the QKV projection's output to the attention output, as a decode step runs it inside a CUDA graph
     (the split count fixed by `max_seq_len`, as the runner's graphs fix it): the QKV kernel, the split-K decode
     and its reduce kernel (3 launches, "before"); the same with the reduction in the decode launch (2); the
@@ -697,7 +698,7 @@ def bench_decode_step(dtypes: tuple[str, ...] = ("bfloat16", "float8_e4m3fn"), m
     from runtime.ops.rope import RotaryEmbedding
     print(f"\n{'decode step':<19}{'cache':>7}{'batch':>6}{'context':>8}{'3 launches':>11}{'2 launches':>11}"
           f"{'1 launch':>9}{'err':>9}  (us per call, CUDA graph)")
-    for name, dtype_name, (batch, context) in product(DECODE_STEP_SHAPES, dtypes, DECODE_STEP_CASES):
+    for name, dtype_name, (batch, context) in product(models or DECODE_STEP_SHAPES, dtypes, cases):
         heads, kv_heads, dim, norm, has_sinks, window = DECODE_STEP_SHAPES[name]
         dtype = getattr(torch, dtype_name)
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -782,6 +783,9 @@ def main() -> int:
     parser.add_argument("--attention-before", help="attention: a module with an older paged_decode_triton to "
                                                    "time at its default tiles (e.g. a copy of main's "
                                                    "runtime/ops/attention.py)")
+    parser.add_argument("--step-models", help="step: names of DECODE_STEP_SHAPES, comma-separated (default all)")
+    parser.add_argument("--step-cases", default=",".join(f"{b}x{c}" for b, c in DECODE_STEP_CASES),
+                        help="step: BATCHxCONTEXT list")
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -810,7 +814,9 @@ def main() -> int:
         bench_attention(bandwidth, tuple(args.attention_dtypes.split(",")), shapes,
                         importlib.import_module(args.attention_before) if args.attention_before else None)
     if "step" in only:
-        bench_decode_step(tuple(args.attention_dtypes.split(",")))
+        bench_decode_step(tuple(args.attention_dtypes.split(",")), models=args.step_models.split(",")
+                          if args.step_models else None,
+                          cases=tuple(tuple(int(x) for x in case.split("x")) for case in args.step_cases.split(",")))
     if "fp8" in only:
         chosen = bench_fp8(bandwidth, tuple(int(r) for r in args.fp8_rows.split(",")))
         if args.write_table:
