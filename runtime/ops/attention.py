@@ -706,13 +706,20 @@ def decode_tiles(head_dim: int, cache_dtype: torch.dtype, num_reqs: int = 1) -> 
     ahead wins at 4 x 32K (98.3 us, 2.7 TB/s of fp8 bytes; 32 keys / 2 warps / one ahead / 6 per SM: 107.5); one
     ahead wins with a single request (1 x 32K 29.8 us against 31.9, 1 x 4K 8.4 against 9.9: shorter splits, whose
     two-tile prologue and 48-key rounding cost more). `num_reqs` is the launch's batch (a CUDA graph's is fixed).
-    Wider heads keep the earlier shape."""
+    Wider heads keep the earlier shape.
+
+    The reduction runs in the decode launch (`fused_reduce`) for bf16 entries below 8 requests: from the QKV
+    output to the attention output (`tools/decode_kernels.py --only step`, Qwen3-0.6B heads, the graphs' 64
+    splits, H200 2026-11-30) 1 x 300 keys took 9.3 us against 10.1 with the reduce kernel, but 1 x 32K 45.2
+    against 43.3 and 8 x 1024 14.2 against 13.6 (the last split's serial reduction grows with the live splits and
+    no longer hides behind a launch); fp8's one-warp programs reduce too slowly (1 x 32K 48.7 against 34.7)."""
     if head_dim > 128:
-        return DecodeTiles(block_n=16 if head_dim > 256 else 32, num_warps=8, num_stages=3, programs_per_sm=2)
+        return DecodeTiles(block_n=16 if head_dim > 256 else 32, num_warps=8, num_stages=3, programs_per_sm=2,
+                           fused_reduce=False)
     if is_fp8(cache_dtype):
         return DecodeTiles(block_n=16, num_warps=1, num_stages=1, programs_per_sm=8, fp16_dot=True,
                            ahead=2 if num_reqs >= 4 else 1, max_splits=128, fused_reduce=False)
-    return DecodeTiles(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
+    return DecodeTiles(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, fused_reduce=num_reqs < 8)
 
 
 def decode_num_splits(num_reqs: int, kv_heads: int, max_seq_len: int, num_sms: int, block_n: int = 16,
