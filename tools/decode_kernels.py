@@ -5,7 +5,7 @@ block-scaled GEMV/GEMM against cuBLAS on the dequantized weights. Prints one tab
 checked against its torch reference first (relative error) and timed from a CUDA graph, over enough weight
 copies that L2 cannot hold them (each copy read once per replay).
 
-    python tools/decode_kernels.py [--only gemv,mxfp4,qkv,fp8,attention] [--json out.jsonl]
+    python tools/decode_kernels.py [--only gemv,mxfp4,qkv,fp8,attention,step] [--json out.jsonl]
 """
 from __future__ import annotations
 
@@ -678,6 +678,85 @@ def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "fl
     print(f"(copy bandwidth {bandwidth / 1e12:.2f} TB/s)")
 
 
+# The decode step's attention per model: name -> (query heads, KV heads, head_dim, QK-norm, sinks, window)
+DECODE_STEP_SHAPES = {"qwen3-0.6b": (16, 8, 128, True, False, None), "qwen3-8b": (32, 8, 128, True, False, None),
+                      "gpt-oss-20b": (64, 8, 64, False, True, None), "gpt-oss-20b slide": (64, 8, 64, False, True, 128)}
+DECODE_STEP_CASES = ((1, 300), (1, 4096), (1, 32768), (8, 1024), (64, 1024))              # (batch, context)
+
+
+def bench_decode_step(dtypes: tuple[str, ...] = ("bfloat16", "float8_e4m3fn"), max_seq_len: int = 40960,
+                      models=None, cases=DECODE_STEP_CASES) -> None:
+    """From the QKV projection's output to the attention output, as a decode step runs it inside a CUDA graph
+    (the split count fixed by `max_seq_len`, as the runner's graphs fix it): the QKV kernel, the split-K decode
+    and its reduce kernel (3 launches, "before"); the same with the reduction in the decode launch (2); the
+    decode kernel reading the QKV row itself (1). Each checked against the torch reference."""
+    from dataclasses import replace
+    from itertools import product
+
+    from runtime.ops.attention import QkvRope, decode_tiles, paged_attention_ref, paged_decode_triton
+    from runtime.ops.qkv import qkv_rope_write_kv_ref, qkv_rope_write_kv_triton
+    from runtime.ops.rope import RotaryEmbedding
+    print(f"\n{'decode step':<19}{'cache':>7}{'batch':>6}{'context':>8}{'3 launches':>11}{'2 launches':>11}"
+          f"{'1 launch':>9}{'err':>9}  (us per call, CUDA graph)")
+    for name, dtype_name, (batch, context) in product(models or DECODE_STEP_SHAPES, dtypes, cases):
+        heads, kv_heads, dim, norm, has_sinks, window = DECODE_STEP_SHAPES[name]
+        dtype = getattr(torch, dtype_name)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        page = 16
+        pages_per_seq = -(-context // page)
+        num_pages = batch * pages_per_seq + 1
+        cache = torch.randn(num_pages, page, 2, kv_heads, dim, generator=g, device="cuda").mul(0.5).to(dtype)
+        table = torch.randperm(num_pages - 1, generator=g, device="cuda")[:batch * pages_per_seq] + 1
+        table = table.view(batch, pages_per_seq).to(torch.int32)
+        lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        positions = (lens - 1).long()
+        slots = table[:, (context - 1) // page].long() * page + (context - 1) % page
+        qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=g, device="cuda").to(torch.bfloat16)
+        rotary = RotaryEmbedding(1.0 / (1e6 ** (torch.arange(0, dim, 2).float() / dim)), context + 1).cuda()
+        weights = [(1 + 0.3 * torch.randn(dim, generator=g, device="cuda")).to(torch.bfloat16) for _ in range(2)] \
+            if norm else [None, None]
+        sinks = torch.randn(heads, generator=g, device="cuda") if has_sinks else None
+        scales = dict(k_scale=torch.ones(1, device="cuda"), v_scale=torch.ones(1, device="cuda")) \
+            if dtype != torch.bfloat16 else {}
+        scale = dim ** -0.5
+        ref_cache = cache.clone()
+        q = qkv_rope_write_kv_ref(qkv, positions, rotary.cos_sin, "neox", ref_cache, slots, heads, kv_heads, dim,
+                                  *weights, 1e-6, **scales)
+        want = paged_attention_ref(q, ref_cache, table, list(range(batch + 1)), [context] * batch, scale, window,
+                                   sinks, **scales)
+        del ref_cache
+        tiles = decode_tiles(dim, dtype, batch)
+        two_launch = replace(tiles, fused_reduce=False)
+        one_launch = replace(tiles, fused_reduce=True)
+        fused = QkvRope(positions, rotary.cos_sin, "neox", slots, heads, *weights, 1e-6)
+
+        def separate(t):
+            q = qkv_rope_write_kv_triton(qkv, positions, rotary.cos_sin, "neox", cache, slots, heads, kv_heads, dim,
+                                         *weights, 1e-6, **scales)
+            return paged_decode_triton(q, cache, table, lens, max_seq_len, scale, window, sinks, tiles=t, **scales)
+
+        def single(t):
+            return paged_decode_triton(qkv, cache, table, lens, max_seq_len, scale, window, sinks, tiles=t,
+                                       qkv_rope=fused, **scales)
+
+        calls = {"3": lambda: separate(two_launch), "2": lambda: separate(one_launch), "1": lambda: single(one_launch)}
+        times, errors = {}, []
+        for key, call in calls.items():
+            try:
+                errors.append(rel_error(call(), want))
+                times[key] = timed_us(lambda i: call(), 1, 20)
+            except Exception as exc:                    # noqa: BLE001  reported, the sweep goes on
+                print(f"  {name} {dtype_name} {batch}x{context} {key} launches: {type(exc).__name__}: "
+                      f"{str(exc)[:300]}")
+                times[key] = float("nan")
+        err = max(errors) if errors else float("nan")
+        print(f"{name:<19}{dtype_name[:7]:>7}{batch:>6}{context:>8}{times['3']:>11.1f}{times['2']:>11.1f}"
+              f"{times['1']:>9.1f}{err:>9.1e}", flush=True)
+        RECORDS.append(dict(kind="decode_step", name=name, dtype=dtype_name, batch=batch, context=context,
+                            us_3_launches=times["3"], us_2_launches=times["2"], us_1_launch=times["1"], err=err))
+        del cache
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="gemv,mxfp4,qkv")
@@ -704,6 +783,9 @@ def main() -> int:
     parser.add_argument("--attention-before", help="attention: a module with an older paged_decode_triton to "
                                                    "time at its default tiles (e.g. a copy of main's "
                                                    "runtime/ops/attention.py)")
+    parser.add_argument("--step-models", help="step: names of DECODE_STEP_SHAPES, comma-separated (default all)")
+    parser.add_argument("--step-cases", default=",".join(f"{b}x{c}" for b, c in DECODE_STEP_CASES),
+                        help="step: BATCHxCONTEXT list")
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -731,6 +813,10 @@ def main() -> int:
         shapes = tuple(tuple(int(x) for x in shape.split("x")) for shape in args.attention_shapes.split(","))
         bench_attention(bandwidth, tuple(args.attention_dtypes.split(",")), shapes,
                         importlib.import_module(args.attention_before) if args.attention_before else None)
+    if "step" in only:
+        bench_decode_step(tuple(args.attention_dtypes.split(",")), models=args.step_models.split(",")
+                          if args.step_models else None,
+                          cases=tuple(tuple(int(x) for x in case.split("x")) for case in args.step_cases.split(",")))
     if "fp8" in only:
         chosen = bench_fp8(bandwidth, tuple(int(r) for r in args.fp8_rows.split(",")))
         if args.write_table:

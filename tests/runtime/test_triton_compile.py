@@ -249,3 +249,29 @@ def test_dense_gemv_reads_the_weight_as_16_byte_vectors(case_id, compiled):
     vectors = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] // (8 * 32 * warps)    # 16-byte loads a tile a thread
     assert ptx.count("ld.global.L1::evict_first.L2::cache_hint.v4.b32") == vectors
     assert "atom.global" not in ptx
+
+
+# the one-launch decode attention (the last split of a (request, KV head) reduces; arrival counters) and the
+# fused QKV step (QK-norm, RoPE and the newest K/V written by the split that holds it), bf16 and fp8-word caches
+ONE_LAUNCH_DECODE_TYPES = dict(DECODE_TYPES, sinks_ptr="*fp32", out_ptr="*bf16", count_ptr="*i32",
+                               positions_ptr="*i64", cos_sin_ptr="*fp32", q_norm_ptr="*bf16", k_norm_ptr="*bf16",
+                               slot_ptr="*i64", eps="fp32")
+ONE_LAUNCH_DECODE = {
+    "decode-attention-one-launch-bf16": (dict(DECODE, BLOCK_N=64, HAS_KV_SCALE=False, FP16_DOT=False, AHEAD=0,
+                                              FUSED_REDUCE=True, RED_G=4, RED_S=16), {}, 4, 3),
+    "decode-attention-one-launch-qkv-sinks-window": (dict(DECODE, GROUP=8, HEAD_DIM=64, BLOCK_D=64, BLOCK_N=64,
+                                                          HAS_WINDOW=True, HAS_KV_SCALE=False, FP16_DOT=False,
+                                                          AHEAD=0, FUSED_REDUCE=True, HAS_SINKS=True, RED_G=8,
+                                                          RED_S=16, QKV=True), {}, 4, 3),
+    "decode-attention-one-launch-qkv-norm-bf16": (dict(DECODE, GROUP=2, BLOCK_N=64, HAS_KV_SCALE=False,
+                                                       FP16_DOT=False, AHEAD=0, FUSED_REDUCE=True, RED_G=2, RED_S=32,
+                                                       QKV=True, QK_NORM=True), {}, 4, 3),
+    "decode-attention-one-launch-qkv-fp8-words": (dict(DECODE, BLOCK_N=16, HAS_KV_SCALE=True, FP16_DOT=True,
+                                                       ASM=True, AHEAD=1, FUSED_REDUCE=True, RED_G=4, RED_S=4,
+                                                       QKV=True, QK_NORM=True, KV_FP8=True),
+                                                  dict(cache_ptr="*fp8e4nv"), 1, 1),
+}
+for case_id, (constexprs, types, warps, stages) in ONE_LAUNCH_DECODE.items():
+    CASES[case_id] = (Case("runtime.ops.attention", "_decode_kernel", constexprs,
+                           dict(ONE_LAUNCH_DECODE_TYPES, **types), options=dict(num_warps=warps, num_stages=stages),
+                           divisible_by_16=DECODE_DIVISIBLE), "atom.global.gpu.acq_rel.add", None)
