@@ -919,6 +919,7 @@ if triton is not None:
         return "{\n" + "\n".join(lines) + "\n}"
 
     _MXFP4_MMA_PTX = tl.constexpr(_mxfp4_mma_ptx())
+    L2_AHEAD = tl.constexpr(4)                                       # steps ahead of the L2 line prefetches
     _MMA_SCALE_BIAS = tl.constexpr(126 - MMA_SCALE_SHIFT)           # E8M0 s -> 2^(s - 1 - shift): (s + this) << 23
     _MMA_UNSHIFT = tl.constexpr(float(2 ** MMA_SCALE_SHIFT))
     _MXFP4_MMA_CONSTRAINTS = tl.constexpr(",".join(["=&r"] * 4 + ["r"] * 32))     # early clobber: D chains in place
@@ -993,6 +994,17 @@ if triton is not None:
                                          [word_ptrs.to(tl.int64), scale_ptrs.to(tl.int64), nbytes.to(tl.int32)],
                                          dtype=tl.int32, is_pure=False, pack=1)
 
+    _L2_LINES_PTX = tl.constexpr("prefetch.global.L2 [$1]; prefetch.global.L2 [$2]; mov.b32 $0, 0;")
+
+    @triton.jit
+    def _mxfp4_l2_prefetch_step(words_ptr, lo_blocks, hi_blocks, step, step_end, num_groups):
+        """The cache lines of K step `step` (clamped to the walk) of rows g and g + 8 asked of L2."""
+        c = (tl.arange(0, lo_blocks.shape[0]) % 4)[:, None]
+        block = tl.minimum(4 * tl.minimum(step, step_end - 1) + c, num_groups - 1)
+        tl.inline_asm_elementwise(_L2_LINES_PTX, "=r,l,l", [(words_ptr + (lo_blocks + block) * 4).to(tl.int64),
+                                                            (words_ptr + (hi_blocks + block) * 4).to(tl.int64)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
     @triton.jit
     def _mxfp4_l2_prefetch_walk(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, step_begin,
                                 step_end, num_groups):
@@ -1027,19 +1039,25 @@ if triton is not None:
 
     @triton.jit
     def _mxfp4_mma_walk(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words, step_begin,
-                        step_end, num_groups, EMULATE: tl.constexpr, L2: tl.constexpr = False):
+                        step_end, num_groups, EMULATE: tl.constexpr, L2: tl.constexpr = 0):
         """[32 W, 4] fp32 mma sums of K steps [step_begin, step_end) (2^-MMA_SCALE_SHIFT times the dot products):
         element 0 row g, element 2 row g + 8 (1 and 3: the same, the B operand's next column). The next step
         loads while this one computes (the last step reloads itself). Loading two steps ahead measured 1.2-1.5x
-        slower on the H200 (2026-11-29: more registers, fewer programs resident); with L2, the walk's whole
-        range is asked of L2 first (bulk prefetches, no registers held)."""
-        if L2 and not EMULATE:
+        slower on the H200 (2026-11-29: more registers, fewer programs resident). L2 prefetches hold no
+        registers: L2 = 1 asks for the walk's whole range first (bulk requests), 2 for the lines of the step
+        L2_AHEAD steps ahead at each step."""
+        if (L2 == 1) and not EMULATE:
             _mxfp4_l2_prefetch_walk(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, step_begin,
                                     step_end, num_groups)
+        if (L2 == 2) and not EMULATE:
+            for ahead in tl.static_range(2, L2_AHEAD):
+                _mxfp4_l2_prefetch_step(words_ptr, lo_blocks, hi_blocks, step_begin + ahead, step_end, num_groups)
         acc = tl.zeros(lo_blocks.shape, dtype=tl.float32) + tl.zeros([1, 4], dtype=tl.float32)
         w_lo, w_hi, scales, xa, xb, xc, xd = _mxfp4_mma_load(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales,
                                                              hi_scales, x_words, step_begin, num_groups)
         for step in range(step_begin, step_end):
+            if (L2 == 2) and not EMULATE:
+                _mxfp4_l2_prefetch_step(words_ptr, lo_blocks, hi_blocks, step + L2_AHEAD, step_end, num_groups)
             n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd = _mxfp4_mma_load(
                 words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words,
                 tl.minimum(step + 1, step_end - 1), num_groups)
@@ -1070,12 +1088,12 @@ if triton is not None:
                                   down_stride_br, down_stride_se, down_stride_sr,
                                   HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERLEAVED: tl.constexpr,
                                   WARPS: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr,
-                                  L2: tl.constexpr = False, PREFETCH_DOWN: tl.constexpr = 0):
+                                  L2: tl.constexpr = 0, PREFETCH_DOWN: tl.constexpr = 0):
         """h[pair, n] = act(x[token] @ W13[e].T + b13[e]) for 8 * WARPS columns n: warp w's tile rows g and g + 8
         are the gate and the up row of column 8 w + g. x is read as int32 words (bf16 pairs; stride_xw counts
         words); weight strides count 16-byte blocks. SPLIT_K programs share the K steps of a tile, each writing
-        fp32 partials [SPLIT_K, pairs, 2, N]; the last to arrive at the tile's counter finishes. L2: each program
-        asks L2 for its walk's words first. PREFETCH_DOWN 1 / 2: before / after its walk, each program asks L2 for
+        fp32 partials [SPLIT_K, pairs, 2, N]; the last to arrive at the tile's counter finishes. L2: the walk's L2
+        prefetch (`_mxfp4_mma_walk`). PREFETCH_DOWN 1 / 2: before / after its walk, each program asks L2 for
         its share of the pair's down-projection rows (down_*: that weight, in blocks), which the next launch reads."""
         pair = tl.program_id(0)
         token = pair // top_k
@@ -1139,7 +1157,7 @@ if triton is not None:
     def _mxfp4_mma_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr, part_ptr,
                                count_ptr, top_k, K, N, stride_hw, stride_be, stride_br, stride_se, stride_sr,
                                stride_bias, stride_om, HAS_BIAS: tl.constexpr, WARPS: tl.constexpr,
-                               SPLIT_K: tl.constexpr, EMULATE: tl.constexpr, L2: tl.constexpr = False):
+                               SPLIT_K: tl.constexpr, EMULATE: tl.constexpr, L2: tl.constexpr = 0):
         """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n] for 16 * WARPS rows n. Program
         (token, row tile, s) reads slot s // SPLIT_K's expert over its K part s % SPLIT_K and writes the weighted
         fp32 partial [top_k * SPLIT_K, tokens, N]; the last of the tile's top_k * SPLIT_K programs to arrive sums
@@ -1204,8 +1222,8 @@ class GemvTiles:
     mma_down: bool = False             # the down GEMV on the tensor cores: 16 * mma_warps_down rows a program
     mma_warps_down: int = 4
     mma_split_down: int = 1            # K splits of each slot in the tensor-core down GEMV
-    mma_l2: bool = False               # tensor-core gate/up: each program asks L2 for its whole walk first
-    mma_l2_down: bool = False          # the same for the tensor-core down GEMV
+    mma_l2: int = 0                    # tensor-core gate/up's L2 prefetch: 1 the whole walk first, 2 steps ahead
+    mma_l2_down: int = 0               # the same for the tensor-core down GEMV
     mma_prefetch_down: int = 0         # tensor-core gate/up asks L2 for the down rows: 1 before, 2 after its walk
 
     @staticmethod

@@ -206,7 +206,7 @@ def test_gemv_moe_matches_reference_in_the_interpreter(num_tokens, activation, b
                                 mma_split_down=1)),
     # the L2 prefetches are no-ops in the emulation: the launch's extra operands and the walk's split still checked
     (True, False, 3, GemvTiles(mma=True, mma_warps=1, mma_split=3, mma_down=True, mma_warps_down=1, mma_split_down=3,
-                               mma_l2=True, mma_l2_down=True, mma_prefetch_down=2))])
+                               mma_l2=1, mma_l2_down=2, mma_prefetch_down=2))])
 def test_tensor_core_gemv_matches_reference_in_the_interpreter(interleaved, bias, num_tokens, tiles):
     """bf16 activations through the tensor-core GEMVs' emulation (the same lanes' operands and sums as the
     mma): K = 96 and 160 are not multiples of a K step (128), the rows not of a tile, the K splits uneven, one
@@ -281,11 +281,12 @@ GPU_VARIANTS = {
                 mma_split_down=1),
     "mma-up-gluon-split-down": dict(gluon=True, gluon_down=True, mma=True, mma_warps=4, mma_split=2, mma_down=False,
                                     split_down=2),
-    # each walk asked of L2 first; the gate/up launch asks for the down rows after (2) or before (1) its walk
+    # each walk asked of L2 first (1) or a few steps ahead (2); the gate/up launch asks for the down rows after (2)
+    # or before (1) its walk
     "mma-l2-split": dict(gluon=True, gluon_down=True, mma=True, mma_warps=4, mma_split=2, mma_down=True,
-                         mma_warps_down=4, mma_split_down=4, mma_l2=True, mma_l2_down=True, mma_prefetch_down=2),
+                         mma_warps_down=4, mma_split_down=4, mma_l2=1, mma_l2_down=1, mma_prefetch_down=2),
     "mma-l2": dict(gluon=True, gluon_down=True, mma=True, mma_warps=8, mma_split=1, mma_down=True, mma_warps_down=2,
-                   mma_split_down=1, mma_l2=True, mma_l2_down=False, mma_prefetch_down=1),
+                   mma_split_down=1, mma_l2=2, mma_l2_down=2, mma_prefetch_down=1),
 }
 
 
