@@ -5,7 +5,7 @@ block-scaled GEMV/GEMM against cuBLAS on the dequantized weights. Prints one tab
 checked against its torch reference first (relative error) and timed from a CUDA graph, over enough weight
 copies that L2 cannot hold them (each copy read once per replay).
 
-    python tools/decode_kernels.py [--only gemv,mxfp4,qkv,fp8,attention] [--json out.jsonl]
+    python tools/decode_kernels.py [--only gemv,mxfp4,route,qkv,fp8,attention] [--json out.jsonl]
 """
 from __future__ import annotations
 
@@ -221,18 +221,23 @@ MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, ac
 # "mma wW sS": the tensor-core kernels (W warps: 8 W gate/up columns or 16 W down rows a program; S K splits, of
 # each slot for the down GEMV). The Triton and explicit-layout (Gluon) tiles lost to them at every shape on
 # 2026-11-29 (docs/PERFORMANCE.md) and are no longer swept; they stay the fallback for non-bf16 activations.
+# "l2": each program asks L2 for its whole walk first (bulk prefetch); "lines": for the lines 4 steps ahead.
+# (w8, w2 and s4 of the gate/up lost on 2026-11-29 and are not swept again.)
 GATE_UP_VARIANTS = {
     "mma w4 s2": dict(mma=True, mma_warps=4, mma_split=2),
-    "mma w8 s2": dict(mma=True, mma_warps=8, mma_split=2),
-    "mma w4 s4": dict(mma=True, mma_warps=4, mma_split=4),
-    "mma w4 s1": dict(mma=True, mma_warps=4, mma_split=1),
+    "mma w4 s2 l2": dict(mma=True, mma_warps=4, mma_split=2, mma_l2=1),
+    "mma w4 s1 l2": dict(mma=True, mma_warps=4, mma_split=1, mma_l2=1),
+    "mma w4 s2 lines": dict(mma=True, mma_warps=4, mma_split=2, mma_l2=2),
 }
 DOWN_VARIANTS = {
     "mma w4 s2": dict(mma_down=True, mma_warps_down=4, mma_split_down=2),
     "mma w4 s4": dict(mma_down=True, mma_warps_down=4, mma_split_down=4),
-    "mma w2 s2": dict(mma_down=True, mma_warps_down=2, mma_split_down=2),
-    "mma w4 s1": dict(mma_down=True, mma_warps_down=4, mma_split_down=1),
+    "mma w4 s2 l2": dict(mma_down=True, mma_warps_down=4, mma_split_down=2, mma_l2_down=1),
+    "mma w4 s4 l2": dict(mma_down=True, mma_warps_down=4, mma_split_down=4, mma_l2_down=1),
+    "mma w4 s2 lines": dict(mma_down=True, mma_warps_down=4, mma_split_down=2, mma_l2_down=2),
 }
+# the whole MoE at the chosen GEMVs: the gate/up launch asking L2 for the down rows (0 no, 1 before, 2 after its walk)
+PREFETCH_DOWN_VARIANTS = (0, 1, 2)
 
 
 def checked_timing(error, call, copies: int, mb: float) -> tuple[float, float, float]:
@@ -247,9 +252,11 @@ def checked_timing(error, call, copies: int, mb: float) -> tuple[float, float, f
     return us, mb / us, err
 
 
-def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_counts=(1, 4)) -> None:
+def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_counts=(1, 4),
+                before_tiles: dict | None = None) -> None:
     """The MoE of each expert shape at each of `token_counts`: the module `before` (an older runtime.ops.mxfp4, its
-    default tiles), the table's tiles (whole MoE, then each GEMV alone) and a sweep of each GEMV's tiles."""
+    default tiles) or this module at `before_tiles` (an older GEMV_TILE_TABLE), the table's tiles (whole MoE,
+    then each GEMV alone) and a sweep of each GEMV's tiles."""
     from dataclasses import replace
 
     from runtime.ops.mxfp4 import mxfp4_gemv_down, mxfp4_gemv_gate_up
@@ -276,16 +283,19 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_
             weights = torch.softmax(torch.randn(tokens, top_k, generator=g, device="cuda"), -1).to(torch.bfloat16)
             return x, ids, weights
 
-        shape_records = []
+        shape_records, want_of = [], {}
         for tokens in token_counts:
             x, ids, weights = inputs(tokens)
             unique = ids.unique().numel()
             up_mb, down_mb = unique * w13_bytes / 1e6, unique * w2_bytes / 1e6
             tbs = lambda mb, us: mb / us                                            # noqa: E731  MB/us = TB/s
-            want = mxfp4_moe_reference(x, *layers[0], weights, ids, activation)
+            want = want_of[tokens] = mxfp4_moe_reference(x, *layers[0], weights, ids, activation)
             grouped = timed_us(lambda i: mxfp4_moe_triton(x, *layers[i], weights, ids, activation), len(layers)) \
                 if with_grouped else float("nan")
             t_before = float("nan")
+            if before is None and before_tiles is not None:    # main's tiles, the new options off
+                t_before = timed_us(lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation,
+                                                             before_tiles.get((hidden, inter))), len(layers))
             if before is not None:
                 t_before = timed_us(lambda i: before.mxfp4_moe_gemv(
                     x, *(before.Mxfp4Linear(w.blocks, w.scales, w.bias) for w in layers[i]), weights, ids,
@@ -320,7 +330,20 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_
                                                         for us, k, tb, e in ranked[:4]))
             RECORDS.append(record)
             shape_records.append(record)
-        # the whole MoE at the tiles the sweep chose, beside `before` (what --write-table would make the table)
+        # the whole MoE at the GEMVs the sweep chose, the gate/up asking L2 for the down rows or not; then at the
+        # choice (what --write-table would make the table), beside `before`
+        for record in shape_records:
+            x, ids, weights = inputs(record["tokens"])
+            mb = record["gate_up_mb"] + record["down_mb"]
+            record["moe_sweep"] = {}
+            for prefetch_down in PREFETCH_DOWN_VARIANTS:
+                tiles = eval(choose_gemv_tiles(shape_records, prefetch_down)[(hidden, inter)], {"GemvTiles": GemvTiles})
+                record["moe_sweep"][prefetch_down] = checked_timing(
+                    lambda: rel_error(mxfp4_moe_gemv(x, *layers[0], weights, ids, activation, tiles),
+                                      want_of[record["tokens"]]),
+                    lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation, tiles), len(layers), mb)
+            print(f"  {record['tokens']} tokens, whole MoE by down-row prefetch: " + "; ".join(
+                f"{pd}: {us:.1f} us {tb:.2f} TB/s (err {e:.0e})" for pd, (us, tb, e) in record["moe_sweep"].items()))
         source = choose_gemv_tiles(shape_records)[(hidden, inter)]
         chosen = eval(source, {"GemvTiles": GemvTiles})
         print(f"  chosen {source}")
@@ -329,7 +352,7 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_
             mb = record["gate_up_mb"] + record["down_mb"]
             us, _, err = checked_timing(
                 lambda: rel_error(mxfp4_moe_gemv(x, *layers[0], weights, ids, activation, chosen),
-                                  mxfp4_moe_reference(x, *layers[0], weights, ids, activation)),
+                                  want_of[record["tokens"]]),
                 lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation, chosen), len(layers), mb)
             record.update(chosen_us=us, chosen_err=err, chosen=source)
             before_us = record["before_us"]
@@ -338,28 +361,80 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_
         del layers
 
 
-def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
+# the routing launch before the experts: name -> (experts, top-k, scoring); "softmax-after" is softmax_topk's
+# softmax over the k chosen logits, the others score_topk's scores with a selection-only bias
+ROUTE_SHAPES = {"gpt-oss-20b": (32, 4, "softmax-after"), "deepseek-v4": (256, 6, "sqrtsoftplus")}
+
+
+def bench_route(before=None, token_counts=(1, 4)) -> None:
+    """The one-launch routing top-k at each shape: `before` (an older runtime.ops.moe) beside this one at its
+    warp count and at 4 warps; ids must agree with the torch reference's (distinct logits: no ties)."""
+    from runtime.ops import moe
+
+    def call(module, logits, top_k, scoring, bias, num_warps=None):
+        if scoring == "softmax-after":
+            args = (logits, top_k, 1, True)
+            kwargs = {}
+        else:
+            args = (logits, top_k, {"softmax": 0, "sigmoid": 2, "sqrtsoftplus": 3}[scoring], True)
+            kwargs = dict(selection_bias=bias, rounded=True)
+        if num_warps is not None:
+            kwargs["num_warps"] = num_warps
+        return module._route_topk(*args, **kwargs)
+
+    print(f"\nrouting top-k, us a launch (CUDA graph of 64 launches)")
+    print(f"{'shape':>14}{'tokens':>7}{'before':>8}{'after':>8}{'4 warps':>9}  ids agree")
+    for name, (experts, top_k, scoring) in ROUTE_SHAPES.items():
+        for tokens in token_counts:
+            ranks = torch.stack([torch.randperm(experts, device="cuda") for _ in range(tokens)]).float()
+            logits = ((ranks - experts / 2) / 16).to(torch.bfloat16)
+            bias = torch.randn(experts, device="cuda") * 1e-3
+            if scoring == "softmax-after":
+                want = moe.softmax_topk_ref(logits, top_k, False, softmax_after_topk=True)[1]
+            else:
+                want = moe.score_topk_ref(logits, top_k, scoring, selection_bias=bias)[1].sort(-1).values
+            got = call(moe, logits, top_k, scoring, bias)[1]
+            agree = torch.equal(got if scoring == "softmax-after" else got.sort(-1).values, want)
+            t_before = timed_us(lambda i: call(before, logits, top_k, scoring, bias), 64, rep=20) \
+                if before is not None else float("nan")
+            t_after = timed_us(lambda i: call(moe, logits, top_k, scoring, bias), 64, rep=20)
+            t_four = timed_us(lambda i: call(moe, logits, top_k, scoring, bias, 4), 64, rep=20)
+            print(f"{name:>14}{tokens:>7}{t_before:>8.2f}{t_after:>8.2f}{t_four:>9.2f}  {agree}")
+            RECORDS.append(dict(kind="route", shape=name, tokens=tokens, before_us=t_before, after_us=t_after,
+                                four_warps_us=t_four, ids_agree=agree))
+
+
+def choose_gemv_tiles(records: list[dict], prefetch_down: int | None = None) -> dict[tuple[int, int], str]:
     """Per expert shape, the sweep's fastest gate_up and down variants (relative error < 1e-2), weighting 1
-    token fully and 4 tokens by a quarter. Returns GemvTiles(...) sources (PTX decode, prefetching)."""
+    token fully and more tokens by a quarter, and the whole MoE's fastest down-row prefetch (`prefetch_down`
+    when given; none when not swept). Returns GemvTiles(...) sources (PTX decode, prefetching)."""
     from dataclasses import replace
     chosen = {}
     for shape in {(r["hidden"], r["inter"]) for r in records if r["kind"] == "mxfp4"}:
         cost: dict[str, float] = {}
+        moe_cost: dict[int, float] = {}
         for r in records:
             if r["kind"] == "mxfp4" and (r["hidden"], r["inter"]) == shape:
+                weight = 1.0 if r["tokens"] == 1 else 0.25
                 for key, (us, _, err) in r["sweep"].items():
-                    weight = 1.0 if r["tokens"] == 1 else 0.25
                     cost[key] = cost.get(key, 0.0) + (weight * us if err < 1e-2 else float("inf"))
+                for key, (us, _, err) in r.get("moe_sweep", {}).items():
+                    moe_cost[key] = moe_cost.get(key, 0.0) + (weight * us if err < 1e-2 else float("inf"))
         up = min(GATE_UP_VARIANTS, key=lambda k: cost[f"gate_up {k}"])
         down = min(DOWN_VARIANTS, key=lambda k: cost[f"down {k}"])
+        if prefetch_down is None:
+            prefetch_down = min(moe_cost, key=moe_cost.get) if moe_cost else 0
         # the explicit-layout kernels stay the fallback of the tensor-core ones (fp32 / fp16 activations)
         t = replace(GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True),
-                    **GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down])
+                    **GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down], mma_prefetch_down=prefetch_down)
         flags = ", gluon=True" if t.gluon else ""
         flags += f", gluon_down=True, split_down={t.split_down}" if t.gluon_down else ""
         flags += f", mma=True, mma_warps={t.mma_warps}, mma_split={t.mma_split}" if t.mma else ""
         flags += (f", mma_down=True, mma_warps_down={t.mma_warps_down}, mma_split_down={t.mma_split_down}"
                   if t.mma_down else "")
+        flags += f", mma_l2={t.mma_l2}" if t.mma_l2 else ""
+        flags += f", mma_l2_down={t.mma_l2_down}" if t.mma_l2_down else ""
+        flags += f", mma_prefetch_down={t.mma_prefetch_down}" if t.mma_prefetch_down else ""
         chosen[shape] = (f"GemvTiles({t.block_n_gate_up}, {t.block_n_down}, {t.block_g}, {t.num_warps}, "
                          f"block_g_down={t.block_g_down}, num_warps_down={t.num_warps_down}{flags})")
     return chosen
@@ -692,6 +767,8 @@ def main() -> int:
                              "runtime/ops/linear.py)")
     parser.add_argument("--before", help="a module with an older mxfp4_moe_gemv to time beside this one "
                                          "(e.g. a copy of the previous runtime/ops/mxfp4.py)")
+    parser.add_argument("--route-before", help="route: a module with an older _route_topk to time beside this "
+                                               "one (e.g. a copy of main's runtime/ops/moe.py)")
     parser.add_argument("--gemv-shapes", help="gemv: names of GEMV_SHAPES, comma-separated (default all)")
     parser.add_argument("--gemv-before", help="gemv: a module with an older gemv_triton to time at its own tiles "
                                               "(e.g. a copy of main's runtime/ops/linear.py)")
@@ -711,9 +788,12 @@ def main() -> int:
     only = args.only.split(",")
     if "qkv" in only:
         bench_qkv()
+    if "route" in only:
+        bench_route(importlib.import_module(args.route_before) if args.route_before else None)
     if "mxfp4" in only:
+        from runtime.ops.mxfp4 import GEMV_TILE_TABLE
         bench_mxfp4(bandwidth, importlib.import_module(args.before) if args.before else None, not args.no_grouped,
-                    tuple(int(n) for n in args.mxfp4_tokens.split(",")))
+                    tuple(int(n) for n in args.mxfp4_tokens.split(",")), dict(GEMV_TILE_TABLE))
         chosen = choose_gemv_tiles(RECORDS)
         for shape, tiles in sorted(chosen.items()):
             print(f"chosen for {shape}: {tiles}")

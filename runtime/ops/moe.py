@@ -262,7 +262,7 @@ if triton is not None:
             top_ids = tl.zeros([BLOCK_TOP_K], dtype=tl.int32)
             for slot in tl.static_range(TOP_K):
                 best = tl.max(keys, axis=0)
-                top_ids = tl.where(slots == slot, (BLOCK_E - 1 - (best & 0xFFFFFFFF)).to(tl.int32), top_ids)
+                top_ids = tl.where(slots == slot, (BLOCK_E - 1 - (best & (BLOCK_E - 1))).to(tl.int32), top_ids)
                 keys = tl.where(keys == best, -9223372036854775807, keys)
             chosen = (experts[None, :] == top_ids[:, None]) & (slots < TOP_K)[:, None]
             top_weights = tl.sum(tl.where(chosen, scores[None, :], 0.0), axis=1)       # one gather for all k
