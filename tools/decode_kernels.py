@@ -221,23 +221,20 @@ MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, ac
 # "mma wW sS": the tensor-core kernels (W warps: 8 W gate/up columns or 16 W down rows a program; S K splits, of
 # each slot for the down GEMV). The Triton and explicit-layout (Gluon) tiles lost to them at every shape on
 # 2026-11-29 (docs/PERFORMANCE.md) and are no longer swept; they stay the fallback for non-bf16 activations.
-# "l2": each program asks L2 for its whole walk first (bulk prefetch); "lines": for the lines 4 steps ahead.
-# (w8, w2 and s4 of the gate/up lost on 2026-11-29 and are not swept again.)
+# L2 prefetches (each walk's range as bulk requests first, lines 4 steps ahead, the down rows asked for by the
+# gate/up launch) were swept on 2026-11-30 and lost everywhere (docs/PERFORMANCE.md); not kept.
 GATE_UP_VARIANTS = {
     "mma w4 s2": dict(mma=True, mma_warps=4, mma_split=2),
-    "mma w4 s2 l2": dict(mma=True, mma_warps=4, mma_split=2, mma_l2=1),
-    "mma w4 s1 l2": dict(mma=True, mma_warps=4, mma_split=1, mma_l2=1),
-    "mma w4 s2 lines": dict(mma=True, mma_warps=4, mma_split=2, mma_l2=2),
+    "mma w8 s2": dict(mma=True, mma_warps=8, mma_split=2),
+    "mma w4 s4": dict(mma=True, mma_warps=4, mma_split=4),
+    "mma w4 s1": dict(mma=True, mma_warps=4, mma_split=1),
 }
 DOWN_VARIANTS = {
     "mma w4 s2": dict(mma_down=True, mma_warps_down=4, mma_split_down=2),
     "mma w4 s4": dict(mma_down=True, mma_warps_down=4, mma_split_down=4),
-    "mma w4 s2 l2": dict(mma_down=True, mma_warps_down=4, mma_split_down=2, mma_l2_down=1),
-    "mma w4 s4 l2": dict(mma_down=True, mma_warps_down=4, mma_split_down=4, mma_l2_down=1),
-    "mma w4 s2 lines": dict(mma_down=True, mma_warps_down=4, mma_split_down=2, mma_l2_down=2),
+    "mma w2 s2": dict(mma_down=True, mma_warps_down=2, mma_split_down=2),
+    "mma w4 s1": dict(mma_down=True, mma_warps_down=4, mma_split_down=1),
 }
-# the whole MoE at the chosen GEMVs: the gate/up launch asking L2 for the down rows (0 no, 1 before, 2 after its walk)
-PREFETCH_DOWN_VARIANTS = (0, 1, 2)
 
 
 def checked_timing(error, call, copies: int, mb: float) -> tuple[float, float, float]:
@@ -252,11 +249,9 @@ def checked_timing(error, call, copies: int, mb: float) -> tuple[float, float, f
     return us, mb / us, err
 
 
-def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_counts=(1, 4),
-                before_tiles: dict | None = None) -> None:
+def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_counts=(1, 4)) -> None:
     """The MoE of each expert shape at each of `token_counts`: the module `before` (an older runtime.ops.mxfp4, its
-    default tiles) or this module at `before_tiles` (an older GEMV_TILE_TABLE), the table's tiles (whole MoE,
-    then each GEMV alone) and a sweep of each GEMV's tiles."""
+    default tiles), the table's tiles (whole MoE, then each GEMV alone) and a sweep of each GEMV's tiles."""
     from dataclasses import replace
 
     from runtime.ops.mxfp4 import mxfp4_gemv_down, mxfp4_gemv_gate_up
@@ -283,19 +278,16 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_
             weights = torch.softmax(torch.randn(tokens, top_k, generator=g, device="cuda"), -1).to(torch.bfloat16)
             return x, ids, weights
 
-        shape_records, want_of = [], {}
+        shape_records = []
         for tokens in token_counts:
             x, ids, weights = inputs(tokens)
             unique = ids.unique().numel()
             up_mb, down_mb = unique * w13_bytes / 1e6, unique * w2_bytes / 1e6
             tbs = lambda mb, us: mb / us                                            # noqa: E731  MB/us = TB/s
-            want = want_of[tokens] = mxfp4_moe_reference(x, *layers[0], weights, ids, activation)
+            want = mxfp4_moe_reference(x, *layers[0], weights, ids, activation)
             grouped = timed_us(lambda i: mxfp4_moe_triton(x, *layers[i], weights, ids, activation), len(layers)) \
                 if with_grouped else float("nan")
             t_before = float("nan")
-            if before is None and before_tiles is not None:    # main's tiles, the new options off
-                t_before = timed_us(lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation,
-                                                             before_tiles.get((hidden, inter))), len(layers))
             if before is not None:
                 t_before = timed_us(lambda i: before.mxfp4_moe_gemv(
                     x, *(before.Mxfp4Linear(w.blocks, w.scales, w.bias) for w in layers[i]), weights, ids,
@@ -330,20 +322,7 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_
                                                         for us, k, tb, e in ranked[:4]))
             RECORDS.append(record)
             shape_records.append(record)
-        # the whole MoE at the GEMVs the sweep chose, the gate/up asking L2 for the down rows or not; then at the
-        # choice (what --write-table would make the table), beside `before`
-        for record in shape_records:
-            x, ids, weights = inputs(record["tokens"])
-            mb = record["gate_up_mb"] + record["down_mb"]
-            record["moe_sweep"] = {}
-            for prefetch_down in PREFETCH_DOWN_VARIANTS:
-                tiles = eval(choose_gemv_tiles(shape_records, prefetch_down)[(hidden, inter)], {"GemvTiles": GemvTiles})
-                record["moe_sweep"][prefetch_down] = checked_timing(
-                    lambda: rel_error(mxfp4_moe_gemv(x, *layers[0], weights, ids, activation, tiles),
-                                      want_of[record["tokens"]]),
-                    lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation, tiles), len(layers), mb)
-            print(f"  {record['tokens']} tokens, whole MoE by down-row prefetch: " + "; ".join(
-                f"{pd}: {us:.1f} us {tb:.2f} TB/s (err {e:.0e})" for pd, (us, tb, e) in record["moe_sweep"].items()))
+        # the whole MoE at the tiles the sweep chose, beside `before` (what --write-table would make the table)
         source = choose_gemv_tiles(shape_records)[(hidden, inter)]
         chosen = eval(source, {"GemvTiles": GemvTiles})
         print(f"  chosen {source}")
@@ -352,7 +331,7 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_
             mb = record["gate_up_mb"] + record["down_mb"]
             us, _, err = checked_timing(
                 lambda: rel_error(mxfp4_moe_gemv(x, *layers[0], weights, ids, activation, chosen),
-                                  want_of[record["tokens"]]),
+                                  mxfp4_moe_reference(x, *layers[0], weights, ids, activation)),
                 lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation, chosen), len(layers), mb)
             record.update(chosen_us=us, chosen_err=err, chosen=source)
             before_us = record["before_us"]
@@ -404,37 +383,28 @@ def bench_route(before=None, token_counts=(1, 4)) -> None:
                                 four_warps_us=t_four, ids_agree=agree))
 
 
-def choose_gemv_tiles(records: list[dict], prefetch_down: int | None = None) -> dict[tuple[int, int], str]:
+def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
     """Per expert shape, the sweep's fastest gate_up and down variants (relative error < 1e-2), weighting 1
-    token fully and more tokens by a quarter, and the whole MoE's fastest down-row prefetch (`prefetch_down`
-    when given; none when not swept). Returns GemvTiles(...) sources (PTX decode, prefetching)."""
+    token fully and 4 tokens by a quarter. Returns GemvTiles(...) sources (PTX decode, prefetching)."""
     from dataclasses import replace
     chosen = {}
     for shape in {(r["hidden"], r["inter"]) for r in records if r["kind"] == "mxfp4"}:
         cost: dict[str, float] = {}
-        moe_cost: dict[int, float] = {}
         for r in records:
             if r["kind"] == "mxfp4" and (r["hidden"], r["inter"]) == shape:
-                weight = 1.0 if r["tokens"] == 1 else 0.25
                 for key, (us, _, err) in r["sweep"].items():
+                    weight = 1.0 if r["tokens"] == 1 else 0.25
                     cost[key] = cost.get(key, 0.0) + (weight * us if err < 1e-2 else float("inf"))
-                for key, (us, _, err) in r.get("moe_sweep", {}).items():
-                    moe_cost[key] = moe_cost.get(key, 0.0) + (weight * us if err < 1e-2 else float("inf"))
         up = min(GATE_UP_VARIANTS, key=lambda k: cost[f"gate_up {k}"])
         down = min(DOWN_VARIANTS, key=lambda k: cost[f"down {k}"])
-        if prefetch_down is None:
-            prefetch_down = min(moe_cost, key=moe_cost.get) if moe_cost else 0
         # the explicit-layout kernels stay the fallback of the tensor-core ones (fp32 / fp16 activations)
         t = replace(GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True),
-                    **GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down], mma_prefetch_down=prefetch_down)
+                    **GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down])
         flags = ", gluon=True" if t.gluon else ""
         flags += f", gluon_down=True, split_down={t.split_down}" if t.gluon_down else ""
         flags += f", mma=True, mma_warps={t.mma_warps}, mma_split={t.mma_split}" if t.mma else ""
         flags += (f", mma_down=True, mma_warps_down={t.mma_warps_down}, mma_split_down={t.mma_split_down}"
                   if t.mma_down else "")
-        flags += f", mma_l2={t.mma_l2}" if t.mma_l2 else ""
-        flags += f", mma_l2_down={t.mma_l2_down}" if t.mma_l2_down else ""
-        flags += f", mma_prefetch_down={t.mma_prefetch_down}" if t.mma_prefetch_down else ""
         chosen[shape] = (f"GemvTiles({t.block_n_gate_up}, {t.block_n_down}, {t.block_g}, {t.num_warps}, "
                          f"block_g_down={t.block_g_down}, num_warps_down={t.num_warps_down}{flags})")
     return chosen
@@ -791,9 +761,8 @@ def main() -> int:
     if "route" in only:
         bench_route(importlib.import_module(args.route_before) if args.route_before else None)
     if "mxfp4" in only:
-        from runtime.ops.mxfp4 import GEMV_TILE_TABLE
         bench_mxfp4(bandwidth, importlib.import_module(args.before) if args.before else None, not args.no_grouped,
-                    tuple(int(n) for n in args.mxfp4_tokens.split(",")), dict(GEMV_TILE_TABLE))
+                    tuple(int(n) for n in args.mxfp4_tokens.split(",")))
         chosen = choose_gemv_tiles(RECORDS)
         for shape, tiles in sorted(chosen.items()):
             print(f"chosen for {shape}: {tiles}")

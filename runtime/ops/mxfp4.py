@@ -919,7 +919,6 @@ if triton is not None:
         return "{\n" + "\n".join(lines) + "\n}"
 
     _MXFP4_MMA_PTX = tl.constexpr(_mxfp4_mma_ptx())
-    L2_AHEAD = tl.constexpr(4)                                       # steps ahead of the L2 line prefetches
     _MMA_SCALE_BIAS = tl.constexpr(126 - MMA_SCALE_SHIFT)           # E8M0 s -> 2^(s - 1 - shift): (s + this) << 23
     _MMA_UNSHIFT = tl.constexpr(float(2 ** MMA_SCALE_SHIFT))
     _MXFP4_MMA_CONSTRAINTS = tl.constexpr(",".join(["=&r"] * 4 + ["r"] * 32))     # early clobber: D chains in place
@@ -954,110 +953,65 @@ if triton is not None:
         return acc + tl.where(j < 2, lane_lo, lane_hi)
 
     @triton.jit
-    def _mxfp4_mma_load(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words, step,
-                        num_groups):
-        """One K step's operands of a lane: the words [32 W, 4] of its block (4 * step + c) of rows g (lo) and
-        g + 8 (hi), their scale bytes (elements 0 and 1; 0 past the row's end is replaced by the mul by zero
-        below), and its 16 activation words as four [32 W, 4] (words 4q .. 4q + 3 in tensor q)."""
+    def _mxfp4_mma_block(lanes: tl.constexpr, step, num_groups):
+        """[32 W, 1]: the block (4 * step + c) lane c of a row group reads at K step `step`, clamped to the row,
+        and whether it lies in the row."""
+        block = 4 * step + (tl.arange(0, lanes) % 4)[:, None]
+        return tl.minimum(block, num_groups - 1), block < num_groups
+
+    @triton.jit
+    def _mxfp4_mma_load_weights(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, step, num_groups):
+        """A lane's weights of one K step: the words [32 W, 4] of its block of rows g (lo) and g + 8 (hi) and
+        their scale bytes (elements 0 and 1; past the row's end, the bias that makes the scale's mul by zero)."""
         j = tl.arange(0, 4)[None, :]
-        c = (tl.arange(0, lo_blocks.shape[0]) % 4)[:, None]
-        block = 4 * step + c
-        valid = block < num_groups
-        block = tl.minimum(block, num_groups - 1)
+        block, valid = _mxfp4_mma_block(lo_blocks.shape[0], step, num_groups)
         w_lo = tl.load(words_ptr + (lo_blocks + block) * 4 + j, eviction_policy="evict_first")
         w_hi = tl.load(words_ptr + (hi_blocks + block) * 4 + j, eviction_policy="evict_first")
         scale_at = tl.where(j == 0, lo_scales, hi_scales) + block
         scales = tl.load(scales_ptr + scale_at, mask=(j < 2) & valid, other=0).to(tl.int32)
         scales = tl.where(valid, scales, -_MMA_SCALE_BIAS)                  # past the row: m = 0
+        return w_lo, w_hi, scales
+
+    @triton.jit
+    def _mxfp4_mma_load_activations(x_words, lanes: tl.constexpr, step, num_groups):
+        """A lane's 16 activation words of one K step (its block's) as four [32 W, 4] (words 4q .. 4q + 3 in
+        tensor q)."""
+        j = tl.arange(0, 4)[None, :]
+        block, _ = _mxfp4_mma_block(lanes, step, num_groups)
         x_at = x_words + block * 16 + j
-        xa = tl.load(x_at)
-        xb = tl.load(x_at + 4)
-        xc = tl.load(x_at + 8)
-        xd = tl.load(x_at + 12)
+        return tl.load(x_at), tl.load(x_at + 4), tl.load(x_at + 8), tl.load(x_at + 12)
+
+    @triton.jit
+    def _mxfp4_mma_load(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words, step,
+                        num_groups):
+        """One K step's operands of a lane: its weights (`_mxfp4_mma_load_weights`) and activations."""
+        w_lo, w_hi, scales = _mxfp4_mma_load_weights(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales,
+                                                     hi_scales, step, num_groups)
+        xa, xb, xc, xd = _mxfp4_mma_load_activations(x_words, lo_blocks.shape[0], step, num_groups)
         return w_lo, w_hi, scales, xa, xb, xc, xd
 
-    # L2 prefetches (GPU only): a bulk copy engine request for `$3` bytes (a multiple of 16; none when <= 0) of
-    # words from `$1`, and the cache line of the scale byte at `$2`. Neither blocks nor holds a register: the
-    # walk's own loads then find the bytes in L2 or on their way.
-    _L2_PREFETCH_PTX = tl.constexpr("""{
-    .reg .pred p;
-    setp.gt.s32 p, $3, 0;
-    @p cp.async.bulk.prefetch.L2.global [$1], $3;
-    prefetch.global.L2 [$2];
-    mov.b32 $0, 0;
-    }""")
-
-    @triton.jit
-    def _l2_prefetch(word_ptrs, scale_ptrs, nbytes):
-        """Ask L2 for nbytes of words at each of word_ptrs (16-byte aligned) and the line of each scale_ptrs."""
-        return tl.inline_asm_elementwise(_L2_PREFETCH_PTX, "=r,l,l,r",
-                                         [word_ptrs.to(tl.int64), scale_ptrs.to(tl.int64), nbytes.to(tl.int32)],
-                                         dtype=tl.int32, is_pure=False, pack=1)
-
-    _L2_LINES_PTX = tl.constexpr("prefetch.global.L2 [$1]; prefetch.global.L2 [$2]; mov.b32 $0, 0;")
-
-    @triton.jit
-    def _mxfp4_l2_prefetch_step(words_ptr, lo_blocks, hi_blocks, step, step_end, num_groups):
-        """The cache lines of K step `step` (clamped to the walk) of rows g and g + 8 asked of L2."""
-        c = (tl.arange(0, lo_blocks.shape[0]) % 4)[:, None]
-        block = tl.minimum(4 * tl.minimum(step, step_end - 1) + c, num_groups - 1)
-        tl.inline_asm_elementwise(_L2_LINES_PTX, "=r,l,l", [(words_ptr + (lo_blocks + block) * 4).to(tl.int64),
-                                                            (words_ptr + (hi_blocks + block) * 4).to(tl.int64)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _mxfp4_l2_prefetch_walk(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, step_begin,
-                                step_end, num_groups):
-        """The whole walk's words asked of L2 at its start: lane c of a row group takes the c-th quarter of the
-        walk's blocks of rows g and g + 8 (one bulk request each), lanes 0 / 1 the lines of their first / last
-        scale."""
-        c = (tl.arange(0, lo_blocks.shape[0]) % 4)[:, None]
-        first = 4 * step_begin
-        last = tl.minimum(4 * step_end, num_groups)
-        quarter = tl.cdiv(last - first, 4)
-        begin = first + c * quarter
-        nbytes = (tl.minimum(quarter, last - begin) * 16).to(tl.int32)
-        scale_block = tl.maximum(tl.minimum(tl.where(c == 0, first, last - 1), num_groups - 1), 0)
-        _l2_prefetch(words_ptr + (lo_blocks + begin) * 4, scales_ptr + lo_scales + scale_block, nbytes)
-        _l2_prefetch(words_ptr + (hi_blocks + begin) * 4, scales_ptr + hi_scales + scale_block, nbytes)
-
-    @triton.jit
-    def _mxfp4_l2_prefetch_rows(words_ptr, scales_ptr, expert, rows, row_blocks, stride_be, stride_br, stride_se,
-                                stride_sr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr):
-        """This program's share of another weight of `expert` (`rows` rows of `row_blocks` blocks: the down
-        projection, asked for by the gate/up launch before it) asked of L2, a whole row a thread."""
-        programs = tl.num_programs(1) * SPLIT_K
-        share = tl.cdiv(rows, programs)
-        t = tl.arange(0, 32 * WARPS)
-        first = (tl.program_id(1) * SPLIT_K + tl.program_id(2)) * share
-        for r0 in range(0, share, 32 * WARPS):
-            row = first + r0 + t
-            wanted = (r0 + t < share) & (row < rows)
-            row = tl.minimum(row, rows - 1).to(tl.int64)
-            _l2_prefetch(words_ptr + (expert * stride_be + row * stride_br) * 4,
-                         scales_ptr + expert * stride_se + row * stride_sr, tl.where(wanted, row_blocks * 16, 0))
+    # Programmatic dependent launch (Hopper): `_GDC_WAIT` blocks until the grid this one depends on has finished
+    # and its writes are visible; `_GDC_LAUNCH` lets that dependent grid start before this one ends. Both are
+    # no-ops in a launch without the dependency.
+    _GDC_WAIT = tl.constexpr("griddepcontrol.wait; mov.b32 $0, 0;")
+    _GDC_LAUNCH = tl.constexpr("griddepcontrol.launch_dependents; mov.b32 $0, 0;")
 
     @triton.jit
     def _mxfp4_mma_walk(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words, step_begin,
-                        step_end, num_groups, EMULATE: tl.constexpr, L2: tl.constexpr = 0):
+                        step_end, num_groups, EMULATE: tl.constexpr, WAIT: tl.constexpr = False):
         """[32 W, 4] fp32 mma sums of K steps [step_begin, step_end) (2^-MMA_SCALE_SHIFT times the dot products):
         element 0 row g, element 2 row g + 8 (1 and 3: the same, the B operand's next column). The next step
         loads while this one computes (the last step reloads itself). Loading two steps ahead measured 1.2-1.5x
-        slower on the H200 (2026-11-29: more registers, fewer programs resident). L2 prefetches hold no
-        registers: L2 = 1 asks for the walk's whole range first (bulk requests), 2 for the lines of the step
-        L2_AHEAD steps ahead at each step."""
-        if (L2 == 1) and not EMULATE:
-            _mxfp4_l2_prefetch_walk(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, step_begin,
-                                    step_end, num_groups)
-        if (L2 == 2) and not EMULATE:
-            for ahead in tl.static_range(2, L2_AHEAD):
-                _mxfp4_l2_prefetch_step(words_ptr, lo_blocks, hi_blocks, step_begin + ahead, step_end, num_groups)
+        slower on the H200 (2026-11-29: more registers, fewer programs resident); so did asking L2 for the walk
+        ahead of it (2026-11-30). WAIT: the activations come from the grid this one depends on, so the first
+        step's weights load, then the wait, then its activations."""
         acc = tl.zeros(lo_blocks.shape, dtype=tl.float32) + tl.zeros([1, 4], dtype=tl.float32)
-        w_lo, w_hi, scales, xa, xb, xc, xd = _mxfp4_mma_load(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales,
-                                                             hi_scales, x_words, step_begin, num_groups)
+        w_lo, w_hi, scales = _mxfp4_mma_load_weights(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales,
+                                                     hi_scales, step_begin, num_groups)
+        if WAIT and not EMULATE:
+            tl.inline_asm_elementwise(_GDC_WAIT, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        xa, xb, xc, xd = _mxfp4_mma_load_activations(x_words, lo_blocks.shape[0], step_begin, num_groups)
         for step in range(step_begin, step_end):
-            if (L2 == 2) and not EMULATE:
-                _mxfp4_l2_prefetch_step(words_ptr, lo_blocks, hi_blocks, step + L2_AHEAD, step_end, num_groups)
             n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd = _mxfp4_mma_load(
                 words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words,
                 tl.minimum(step + 1, step_end - 1), num_groups)
@@ -1084,17 +1038,17 @@ if triton is not None:
     def _mxfp4_mma_gate_up_kernel(x_ptr, words_ptr, scales_ptr, bias_ptr, h_ptr, ids_ptr, part_ptr, count_ptr,
                                   top_k, K, N, stride_xw, stride_be, stride_br, stride_se, stride_sr, stride_bias,
                                   stride_hm, alpha, limit, up_offset,
-                                  down_words_ptr, down_scales_ptr, down_rows, down_row_blocks, down_stride_be,
-                                  down_stride_br, down_stride_se, down_stride_sr,
                                   HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERLEAVED: tl.constexpr,
                                   WARPS: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr,
-                                  L2: tl.constexpr = 0, PREFETCH_DOWN: tl.constexpr = 0):
+                                  PDL: tl.constexpr = False):
         """h[pair, n] = act(x[token] @ W13[e].T + b13[e]) for 8 * WARPS columns n: warp w's tile rows g and g + 8
         are the gate and the up row of column 8 w + g. x is read as int32 words (bf16 pairs; stride_xw counts
         words); weight strides count 16-byte blocks. SPLIT_K programs share the K steps of a tile, each writing
-        fp32 partials [SPLIT_K, pairs, 2, N]; the last to arrive at the tile's counter finishes. L2: the walk's L2
-        prefetch (`_mxfp4_mma_walk`). PREFETCH_DOWN 1 / 2: before / after its walk, each program asks L2 for
-        its share of the pair's down-projection rows (down_*: that weight, in blocks), which the next launch reads."""
+        fp32 partials [SPLIT_K, pairs, 2, N]; the last to arrive at the tile's counter finishes. PDL: once every
+        program has started, the down GEMV (a programmatic dependent launch) may start too: its programs take
+        the room left on the SMs, load their first weights and wait for this launch to end."""
+        if PDL and not EMULATE:
+            tl.inline_asm_elementwise(_GDC_LAUNCH, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
         pair = tl.program_id(0)
         token = pair // top_k
         i = tl.arange(0, 32 * WARPS)[:, None]
@@ -1113,18 +1067,12 @@ if triton is not None:
         steps = tl.cdiv(num_groups, 4)
         per_split = tl.cdiv(steps, SPLIT_K)
         step_begin = tl.program_id(2) * per_split
-        if (PREFETCH_DOWN == 1) and not EMULATE:
-            _mxfp4_l2_prefetch_rows(down_words_ptr, down_scales_ptr, expert, down_rows, down_row_blocks,
-                                    down_stride_be, down_stride_br, down_stride_se, down_stride_sr, WARPS, SPLIT_K)
         acc = _mxfp4_mma_walk(words_ptr, expert * stride_be + gate_rows.to(tl.int64) * stride_br,
                               expert * stride_be + up_rows.to(tl.int64) * stride_br, scales_ptr,
                               expert * stride_se + gate_rows.to(tl.int64) * stride_sr,
                               expert * stride_se + up_rows.to(tl.int64) * stride_sr,
                               x_ptr + token.to(tl.int64) * stride_xw, step_begin,
-                              tl.minimum(step_begin + per_split, steps), num_groups, EMULATE, L2)
-        if (PREFETCH_DOWN == 2) and not EMULATE:
-            _mxfp4_l2_prefetch_rows(down_words_ptr, down_scales_ptr, expert, down_rows, down_row_blocks,
-                                    down_stride_be, down_stride_br, down_stride_se, down_stride_sr, WARPS, SPLIT_K)
+                              tl.minimum(step_begin + per_split, steps), num_groups, EMULATE)
         acc = acc * _MMA_UNSHIFT
         gate = tl.sum(tl.where(j == 0, acc, 0.0), axis=1)[:, None]                    # [32 W, 1]
         up = tl.sum(tl.where(j == 2, acc, 0.0), axis=1)[:, None]
@@ -1157,11 +1105,13 @@ if triton is not None:
     def _mxfp4_mma_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr, part_ptr,
                                count_ptr, top_k, K, N, stride_hw, stride_be, stride_br, stride_se, stride_sr,
                                stride_bias, stride_om, HAS_BIAS: tl.constexpr, WARPS: tl.constexpr,
-                               SPLIT_K: tl.constexpr, EMULATE: tl.constexpr, L2: tl.constexpr = 0):
+                               SPLIT_K: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False):
         """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n] for 16 * WARPS rows n. Program
         (token, row tile, s) reads slot s // SPLIT_K's expert over its K part s % SPLIT_K and writes the weighted
         fp32 partial [top_k * SPLIT_K, tokens, N]; the last of the tile's top_k * SPLIT_K programs to arrive sums
-        them in order, adds the weighted biases and stores the row."""
+        them in order, adds the weighted biases and stores the row. PDL: launched as a programmatic dependent of
+        the gate/up GEMV, it reads the routing and its first weights before waiting for that launch to end, and
+        h, the partials and the counters only after."""
         token = tl.program_id(0)
         split = tl.program_id(2)
         slot = split // SPLIT_K
@@ -1182,7 +1132,7 @@ if triton is not None:
                               expert * stride_be + hi_rows * stride_br, scales_ptr,
                               expert * stride_se + lo_rows * stride_sr, expert * stride_se + hi_rows * stride_sr,
                               h_ptr + pair.to(tl.int64) * stride_hw, step_begin,
-                              tl.minimum(step_begin + per_split, steps), num_groups, EMULATE, L2)
+                              tl.minimum(step_begin + per_split, steps), num_groups, EMULATE, PDL)
         out = acc * (weight * _MMA_UNSHIFT)
         rows = n + 8 * (j // 2)                                                         # [32 W, 4]
         mine = (rows < N) & (i % 4 == 0) & (j % 2 == 0)
@@ -1222,9 +1172,7 @@ class GemvTiles:
     mma_down: bool = False             # the down GEMV on the tensor cores: 16 * mma_warps_down rows a program
     mma_warps_down: int = 4
     mma_split_down: int = 1            # K splits of each slot in the tensor-core down GEMV
-    mma_l2: int = 0                    # tensor-core gate/up's L2 prefetch: 1 the whole walk first, 2 steps ahead
-    mma_l2_down: int = 0               # the same for the tensor-core down GEMV
-    mma_prefetch_down: int = 0         # tensor-core gate/up asks L2 for the down rows: 1 before, 2 after its walk
+    mma_pdl: bool = False              # both tensor-core GEMVs: the down one a programmatic dependent launch (Hopper)
 
     @staticmethod
     def for_shape(hidden: int, inter: int) -> "GemvTiles":
@@ -1309,12 +1257,10 @@ def _down_counts(num_tokens: int, hidden: int, tiles: GemvTiles) -> int:
 
 
 def mxfp4_gemv_gate_up(x: torch.Tensor, w13: Mxfp4Linear, topk_ids: torch.Tensor, activation: GatedActivation,
-                       tiles: GemvTiles, counters: torch.Tensor | None = None,
-                       w2: Mxfp4Linear | None = None) -> torch.Tensor:
+                       tiles: GemvTiles, counters: torch.Tensor | None = None) -> torch.Tensor:
     """h [pairs, inter] = act(x[token] @ W13[e].T + b13[e]) for every (token, slot) pair, in x's dtype.
     `counters` (int32), when given, are zeroed by the launch for the split down GEMV that follows (not by the
-    tensor-core launch, tiles.mma with bf16 x). `w2`, the down projection that follows: the tensor-core launch
-    asks L2 for its pairs' rows of it when tiles.mma_prefetch_down says so."""
+    tensor-core launch, tiles.mma with bf16 x)."""
     _check_gemv_weights(w13)
     num_tokens, top_k = topk_ids.shape
     inter = w13.out_features // 2
@@ -1328,21 +1274,14 @@ def mxfp4_gemv_gate_up(x: torch.Tensor, w13: Mxfp4Linear, topk_ids: torch.Tensor
         grid = (num_tokens * top_k, triton.cdiv(inter, block_n), split)
         part = torch.empty(split, grid[0], 2, inter, dtype=torch.float32, device=x.device) if split > 1 else h
         count = _mma_counters(x.device, grid[0] * grid[1]) if split > 1 else h
-        prefetch_down = tiles.mma_prefetch_down if w2 is not None else 0
-        if prefetch_down:
-            _check_gemv_weights(w2)
-            down = (w2.blocks.view(torch.int32), w2.scales, w2.out_features, w2.blocks.shape[2],
-                    w2.blocks.stride(0) // 16, w2.blocks.stride(1) // 16, w2.scales.stride(0), w2.scales.stride(1))
-        else:
-            down = (w13.blocks.view(torch.int32), w13.scales, 0, 0, 0, 0, 0, 0)
         _mxfp4_mma_gate_up_kernel[grid](
             words, w13.blocks.view(torch.int32), w13.scales, bias, h, topk_ids.contiguous().view(-1), part, count,
             top_k, x.shape[1], inter, stride_xw, w13.blocks.stride(0) // 16, w13.blocks.stride(1) // 16,
             w13.scales.stride(0), w13.scales.stride(1), bias_stride, h.stride(0),
-            activation.alpha, activation.limit or 0.0, activation.up_offset, *down,
+            activation.alpha, activation.limit or 0.0, activation.up_offset,
             HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None, INTERLEAVED=activation.interleaved,
-            WARPS=tiles.mma_warps, SPLIT_K=split, EMULATE=not x.is_cuda, L2=tiles.mma_l2,
-            PREFETCH_DOWN=prefetch_down, num_warps=tiles.mma_warps)
+            WARPS=tiles.mma_warps, SPLIT_K=split, EMULATE=not x.is_cuda, PDL=tiles.mma_pdl,
+            num_warps=tiles.mma_warps)
         return h
     num_counts = 0 if counters is None else counters.numel()
     counters = h if counters is None else counters
@@ -1385,7 +1324,8 @@ def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor
         _mxfp4_mma_down_kernel[grid](
             words, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, part, count, top_k, h.shape[1],
             hidden, stride_hw, *strides[1:], HAS_BIAS=w2.bias is not None, WARPS=tiles.mma_warps_down,
-            SPLIT_K=split, EMULATE=not h.is_cuda, L2=tiles.mma_l2_down, num_warps=tiles.mma_warps_down)
+            SPLIT_K=split, EMULATE=not h.is_cuda, PDL=tiles.mma_pdl, num_warps=tiles.mma_warps_down,
+            **({"launch_pdl": True} if tiles.mma_pdl and h.is_cuda else {}))
         return out
     if _use_gluon(tiles.gluon_down, h):
         h, h_packed = _activations_for_gemv(h)
@@ -1431,5 +1371,5 @@ def mxfp4_moe_gemv(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk_weig
     if num_counts:
         counters = _mma_counters(x.device, num_counts)[:num_counts] if _use_mma(tiles.mma, x, w13) else \
             torch.empty(num_counts, dtype=torch.int32, device=x.device)
-    h = mxfp4_gemv_gate_up(x, w13, topk_ids, activation, tiles, counters, w2)
+    h = mxfp4_gemv_gate_up(x, w13, topk_ids, activation, tiles, counters)
     return mxfp4_gemv_down(h, w2, topk_weights, topk_ids, tiles, counters)

@@ -251,26 +251,7 @@ def test_dense_gemv_reads_the_weight_as_16_byte_vectors(case_id, compiled):
     assert "atom.global" not in ptx
 
 
-# the MXFP4 tensor-core GEMVs' L2 prefetches (asm that never runs in the interpreter): L2 = 1 bulk requests for the
-# walk (and PREFETCH_DOWN the down rows), L2 = 2 line prefetches steps ahead; still 8 mma a step, no barrier in the
-# loop. And the routing top-k in one warp (256 experts).
-MXFP4_MMA_L2 = {
-    "mxfp4-mma-gate-up-l2-bulk-down-after": ("_mxfp4_mma_gate_up_kernel", dict(
-        HAS_BIAS=True, HAS_LIMIT=True, INTERLEAVED=True, WARPS=4, SPLIT_K=2, L2=1, PREFETCH_DOWN=2),
-        dict(h_ptr="*bf16", down_words_ptr="*i32", down_scales_ptr="*u8")),
-    "mxfp4-mma-gate-up-l2-lines-down-before": ("_mxfp4_mma_gate_up_kernel", dict(
-        HAS_BIAS=False, HAS_LIMIT=True, INTERLEAVED=False, WARPS=8, SPLIT_K=1, L2=2, PREFETCH_DOWN=1),
-        dict(h_ptr="*bf16", down_words_ptr="*i32", down_scales_ptr="*u8")),
-    "mxfp4-mma-down-l2-bulk": ("_mxfp4_mma_down_kernel", dict(HAS_BIAS=True, WARPS=4, SPLIT_K=4, L2=1),
-                               dict(h_ptr="*i32", out_ptr="*bf16")),
-    "mxfp4-mma-down-l2-lines": ("_mxfp4_mma_down_kernel", dict(HAS_BIAS=False, WARPS=2, SPLIT_K=1, L2=2),
-                                dict(h_ptr="*i32", out_ptr="*bf16")),
-}
-for case_id, (kernel, constexprs, types) in MXFP4_MMA_L2.items():
-    CASES[case_id] = (Case("runtime.ops.mxfp4", kernel, dict(constexprs, EMULATE=False), dict(MXFP4_MMA_TYPES, **types),
-                           {"num_warps": constexprs["WARPS"]},
-                           divisible_by_16=MXFP4_MMA_DIVISIBLE + MXFP4_MMA_DIVISIBLE_BY_KERNEL[kernel]),
-                      "mma.sync.aligned.m16n8k16", None)
+# the routing top-k in one warp (256 experts): every max by shuffles, no shared memory or barrier
 CASES["route-topk-sqrtsoftplus-bias-one-warp"] = (
     Case("runtime.ops.moe", "_route_topk_kernel", dict(SCORE=3, RENORMALIZE=True, HAS_BIAS=True, FIXED_IDS=False,
                                                        ROUND=True, TOP_K=6, HAS_SCALE=False, BLOCK_E=256,
@@ -278,16 +259,27 @@ CASES["route-topk-sqrtsoftplus-bias-one-warp"] = (
     "shfl.sync", "bar.sync")
 
 
-@pytest.mark.parametrize("case_id", list(MXFP4_MMA_L2))
-def test_mxfp4_mma_gemv_prefetches_into_l2(case_id, compiled):
-    assert compiled[case_id]["error"] is None, compiled[case_id]["error"]
-    ptx = compiled[case_id]["ptx"]
-    kernel, constexprs, _ = MXFP4_MMA_L2[case_id]
-    walk = 2 if constexprs["L2"] == 1 else 0                        # rows g and g + 8
-    down_rows = 1 if constexprs.get("PREFETCH_DOWN", 0) else 0
-    assert ptx.count("cp.async.bulk.prefetch.L2.global") == walk + down_rows
-    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == 8
-    if constexprs["L2"] == 2:
-        assert ptx.count("prefetch.global.L2 [") >= 6              # two rows, two steps before the loop, one in it
-    loop = ptx[ptx.index("mma.sync"):ptx.rindex("mma.sync")]
-    assert "bar.sync" not in loop
+# the MXFP4 tensor-core GEMVs as a programmatic dependent launch: the gate/up GEMV lets the down GEMV start, which
+# loads its routing and first weights before it waits and its activations (the gate/up's output) only after
+MXFP4_MMA_PDL = {
+    "mxfp4-mma-gate-up-pdl": ("_mxfp4_mma_gate_up_kernel", dict(HAS_BIAS=True, HAS_LIMIT=True, INTERLEAVED=True,
+                                                                WARPS=4, SPLIT_K=2, PDL=True), dict(h_ptr="*bf16")),
+    "mxfp4-mma-down-pdl": ("_mxfp4_mma_down_kernel", dict(HAS_BIAS=True, WARPS=4, SPLIT_K=4, PDL=True),
+                           dict(h_ptr="*i32", out_ptr="*bf16")),
+}
+for case_id, (kernel, constexprs, types) in MXFP4_MMA_PDL.items():
+    CASES[case_id] = (Case("runtime.ops.mxfp4", kernel, dict(constexprs, EMULATE=False), dict(MXFP4_MMA_TYPES, **types),
+                           {"num_warps": constexprs["WARPS"]},
+                           divisible_by_16=MXFP4_MMA_DIVISIBLE + MXFP4_MMA_DIVISIBLE_BY_KERNEL[kernel]),
+                      "griddepcontrol", None)
+
+
+def test_mxfp4_mma_dependent_launch_reads_the_gate_up_output_only_after_waiting(compiled):
+    gate_up = compiled["mxfp4-mma-gate-up-pdl"]["ptx"]
+    assert gate_up.count("griddepcontrol.launch_dependents") == 1
+    assert gate_up.index("griddepcontrol.launch_dependents") < gate_up.index("ld.global")   # before any load
+    down = compiled["mxfp4-mma-down-pdl"]["ptx"]
+    wait = down.index("griddepcontrol.wait")
+    assert down.count("griddepcontrol.wait") == 1
+    assert "evict_first.L2::cache_hint.v4.b32" in down[:wait]                 # the first step's weights
+    assert "ld.global.v4.b32" not in down[:wait] and "atom." not in down[:wait] and "st.global" not in down[:wait]
