@@ -337,6 +337,15 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_
             before_us = record["before_us"]
             print(f"  {record['tokens']} tokens: before {before_us:.1f} us ({mb / before_us:.2f} TB/s)"
                   f" -> chosen {us:.1f} us ({mb / us:.2f} TB/s), err {err:.1e}")
+            # the same with the down GEMV a programmatic dependent launch of the gate/up one
+            dependent = replace(chosen, mma_pdl=True)
+            pdl_us, _, pdl_err = checked_timing(
+                lambda: rel_error(mxfp4_moe_gemv(x, *layers[0], weights, ids, activation, dependent),
+                                  mxfp4_moe_reference(x, *layers[0], weights, ids, activation)),
+                lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation, dependent), len(layers), mb)
+            record.update(pdl_us=pdl_us, pdl_err=pdl_err)
+            print(f"  {record['tokens']} tokens, down GEMV a dependent launch: {pdl_us:.1f} us ({mb / pdl_us:.2f} TB/s),"
+                  f" err {pdl_err:.1e}")
         del layers
 
 
@@ -390,21 +399,26 @@ def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
     chosen = {}
     for shape in {(r["hidden"], r["inter"]) for r in records if r["kind"] == "mxfp4"}:
         cost: dict[str, float] = {}
-        for r in records:
+        pdl_cost = {False: 0.0, True: 0.0}                  # the whole MoE at the choice, with the down GEMV a
+        for r in records:                                    # dependent launch and not (when timed)
             if r["kind"] == "mxfp4" and (r["hidden"], r["inter"]) == shape:
+                weight = 1.0 if r["tokens"] == 1 else 0.25
                 for key, (us, _, err) in r["sweep"].items():
-                    weight = 1.0 if r["tokens"] == 1 else 0.25
                     cost[key] = cost.get(key, 0.0) + (weight * us if err < 1e-2 else float("inf"))
+                if "pdl_us" in r:
+                    pdl_cost[False] += weight * r["chosen_us"]
+                    pdl_cost[True] += weight * (r["pdl_us"] if r["pdl_err"] < 1e-2 else float("inf"))
         up = min(GATE_UP_VARIANTS, key=lambda k: cost[f"gate_up {k}"])
         down = min(DOWN_VARIANTS, key=lambda k: cost[f"down {k}"])
         # the explicit-layout kernels stay the fallback of the tensor-core ones (fp32 / fp16 activations)
         t = replace(GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True),
-                    **GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down])
+                    **GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down], mma_pdl=pdl_cost[True] < pdl_cost[False])
         flags = ", gluon=True" if t.gluon else ""
         flags += f", gluon_down=True, split_down={t.split_down}" if t.gluon_down else ""
         flags += f", mma=True, mma_warps={t.mma_warps}, mma_split={t.mma_split}" if t.mma else ""
         flags += (f", mma_down=True, mma_warps_down={t.mma_warps_down}, mma_split_down={t.mma_split_down}"
                   if t.mma_down else "")
+        flags += ", mma_pdl=True" if t.mma_pdl else ""
         chosen[shape] = (f"GemvTiles({t.block_n_gate_up}, {t.block_n_down}, {t.block_g}, {t.num_warps}, "
                          f"block_g_down={t.block_g_down}, num_warps_down={t.num_warps_down}{flags})")
     return chosen
