@@ -6,7 +6,8 @@
                 request at --tokens positions (CPU, no weights)
     latency     batch 1, 128-token prompt, 256 new tokens: TTFT, TPOT, decode tok/s, vs the roofline
     context     decode step time per --batch size with --contexts tokens already in each cache (their prefill
-                is skipped: the model is stubbed out while the blocks are allocated, so 1M tokens take seconds)
+                is skipped: the model is stubbed out while the blocks are allocated, so 1M tokens take seconds;
+                the caches hold the model's random fill (`fill_caches`), or zeros with --zero-caches)
     throughput  256 requests, prompt and output lengths uniform in [100, 1024], seed 0, ignore_eos
                 (nano-vllm's / vLLM's protocol): output tok/s
     sampling    the sampler alone on 256 rows x 152k vocabulary: greedy, the torch reference, the Triton kernel
@@ -365,8 +366,16 @@ def bench_context(args: argparse.Namespace) -> dict:
     model = runner.model
     width = next(iter(runner.graphs.values()))[1].shape[1]
     rng = random.Random(0)
+    # the skipped prefill writes nothing: a model that can fill its caches with random entries in their own
+    # formats does so once (every block, whichever request gets it), else the steps read zeros
+    fill = None if args.zero_caches else getattr(model, "fill_caches", None)
+    if fill is not None:
+        started = time.perf_counter()
+        fill(runner.caches)
+        torch.cuda.synchronize()
+        print(f"caches filled with random entries in {time.perf_counter() - started:.1f} s", flush=True)
     result = dict(workload="context", model=args.model, steps=args.steps, kv_cache_dtype=args.kv_cache_dtype,
-                  kv_report=engine.cache_report())
+                  kv_report=engine.cache_report(), caches="random" if fill is not None else "zeros")
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 8, ignore_eos=True)
     for batch in args.batch:
         for context in args.contexts:
@@ -764,6 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
     context.add_argument("--contexts", type=int, nargs="+", default=[4096, 131072, 1048576])
     context.add_argument("--batch", type=int, nargs="+", default=[1])
     context.add_argument("--steps", type=int, default=50)
+    context.add_argument("--zero-caches", action="store_true",
+                         help="leave the caches as allocated (zeros) instead of the model's random fill")
     spec.add_argument("--batch", type=int, default=8, help="requests in the mixed ngram rows")
     prof = sub.add_parser("profile", help="steady decode at a fixed batch under torch.profiler (GPU)")
     _gpu_args(prof)

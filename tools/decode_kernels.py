@@ -5,7 +5,7 @@ block-scaled GEMV/GEMM against cuBLAS on the dequantized weights. Prints one tab
 checked against its torch reference first (relative error) and timed from a CUDA graph, over enough weight
 copies that L2 cannot hold them (each copy read once per replay).
 
-    python tools/decode_kernels.py [--only gemv,mxfp4,qkv,fp8,attention] [--json out.jsonl]
+    python tools/decode_kernels.py [--only gemv,mxfp4,route,qkv,fp8,attention,step] [--json out.jsonl]
 """
 from __future__ import annotations
 
@@ -221,6 +221,8 @@ MXFP4_SHAPES = {   # name: experts held, hidden, intermediate, top-k, biases, ac
 # "mma wW sS": the tensor-core kernels (W warps: 8 W gate/up columns or 16 W down rows a program; S K splits, of
 # each slot for the down GEMV). The Triton and explicit-layout (Gluon) tiles lost to them at every shape on
 # 2026-11-29 (docs/PERFORMANCE.md) and are no longer swept; they stay the fallback for non-bf16 activations.
+# L2 prefetches (each walk's range as bulk requests first, lines 4 steps ahead, the down rows asked for by the
+# gate/up launch) were swept on 2026-11-30 and lost everywhere (docs/PERFORMANCE.md); not kept.
 GATE_UP_VARIANTS = {
     "mma w4 s2": dict(mma=True, mma_warps=4, mma_split=2),
     "mma w8 s2": dict(mma=True, mma_warps=8, mma_split=2),
@@ -335,7 +337,59 @@ def bench_mxfp4(bandwidth: float, before=None, with_grouped: bool = True, token_
             before_us = record["before_us"]
             print(f"  {record['tokens']} tokens: before {before_us:.1f} us ({mb / before_us:.2f} TB/s)"
                   f" -> chosen {us:.1f} us ({mb / us:.2f} TB/s), err {err:.1e}")
+            # the same with the down GEMV a programmatic dependent launch of the gate/up one
+            dependent = replace(chosen, mma_pdl=True)
+            pdl_us, _, pdl_err = checked_timing(
+                lambda: rel_error(mxfp4_moe_gemv(x, *layers[0], weights, ids, activation, dependent),
+                                  mxfp4_moe_reference(x, *layers[0], weights, ids, activation)),
+                lambda i: mxfp4_moe_gemv(x, *layers[i], weights, ids, activation, dependent), len(layers), mb)
+            record.update(pdl_us=pdl_us, pdl_err=pdl_err)
+            print(f"  {record['tokens']} tokens, down GEMV a dependent launch: {pdl_us:.1f} us ({mb / pdl_us:.2f} TB/s),"
+                  f" err {pdl_err:.1e}")
         del layers
+
+
+# the routing launch before the experts: name -> (experts, top-k, scoring); "softmax-after" is softmax_topk's
+# softmax over the k chosen logits, the others score_topk's scores with a selection-only bias
+ROUTE_SHAPES = {"gpt-oss-20b": (32, 4, "softmax-after"), "deepseek-v4": (256, 6, "sqrtsoftplus")}
+
+
+def bench_route(before=None, token_counts=(1, 4)) -> None:
+    """The one-launch routing top-k at each shape: `before` (an older runtime.ops.moe) beside this one at its
+    warp count and at 4 warps; ids must agree with the torch reference's (distinct logits: no ties)."""
+    from runtime.ops import moe
+
+    def call(module, logits, top_k, scoring, bias, num_warps=None):
+        if scoring == "softmax-after":
+            args = (logits, top_k, 1, True)
+            kwargs = {}
+        else:
+            args = (logits, top_k, {"softmax": 0, "sigmoid": 2, "sqrtsoftplus": 3}[scoring], True)
+            kwargs = dict(selection_bias=bias, rounded=True)
+        if num_warps is not None:
+            kwargs["num_warps"] = num_warps
+        return module._route_topk(*args, **kwargs)
+
+    print(f"\nrouting top-k, us a launch (CUDA graph of 64 launches)")
+    print(f"{'shape':>14}{'tokens':>7}{'before':>8}{'after':>8}{'4 warps':>9}  ids agree")
+    for name, (experts, top_k, scoring) in ROUTE_SHAPES.items():
+        for tokens in token_counts:
+            ranks = torch.stack([torch.randperm(experts, device="cuda") for _ in range(tokens)]).float()
+            logits = ((ranks - experts / 2) / 16).to(torch.bfloat16)
+            bias = torch.randn(experts, device="cuda") * 1e-3
+            if scoring == "softmax-after":
+                want = moe.softmax_topk_ref(logits, top_k, False, softmax_after_topk=True)[1]
+            else:
+                want = moe.score_topk_ref(logits, top_k, scoring, selection_bias=bias)[1].sort(-1).values
+            got = call(moe, logits, top_k, scoring, bias)[1]
+            agree = torch.equal(got if scoring == "softmax-after" else got.sort(-1).values, want)
+            t_before = timed_us(lambda i: call(before, logits, top_k, scoring, bias), 64, rep=20) \
+                if before is not None else float("nan")
+            t_after = timed_us(lambda i: call(moe, logits, top_k, scoring, bias), 64, rep=20)
+            t_four = timed_us(lambda i: call(moe, logits, top_k, scoring, bias, 4), 64, rep=20)
+            print(f"{name:>14}{tokens:>7}{t_before:>8.2f}{t_after:>8.2f}{t_four:>9.2f}  {agree}")
+            RECORDS.append(dict(kind="route", shape=name, tokens=tokens, before_us=t_before, after_us=t_after,
+                                four_warps_us=t_four, ids_agree=agree))
 
 
 def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
@@ -345,21 +399,26 @@ def choose_gemv_tiles(records: list[dict]) -> dict[tuple[int, int], str]:
     chosen = {}
     for shape in {(r["hidden"], r["inter"]) for r in records if r["kind"] == "mxfp4"}:
         cost: dict[str, float] = {}
-        for r in records:
+        pdl_cost = {False: 0.0, True: 0.0}                  # the whole MoE at the choice, with the down GEMV a
+        for r in records:                                    # dependent launch and not (when timed)
             if r["kind"] == "mxfp4" and (r["hidden"], r["inter"]) == shape:
+                weight = 1.0 if r["tokens"] == 1 else 0.25
                 for key, (us, _, err) in r["sweep"].items():
-                    weight = 1.0 if r["tokens"] == 1 else 0.25
                     cost[key] = cost.get(key, 0.0) + (weight * us if err < 1e-2 else float("inf"))
+                if "pdl_us" in r:
+                    pdl_cost[False] += weight * r["chosen_us"]
+                    pdl_cost[True] += weight * (r["pdl_us"] if r["pdl_err"] < 1e-2 else float("inf"))
         up = min(GATE_UP_VARIANTS, key=lambda k: cost[f"gate_up {k}"])
         down = min(DOWN_VARIANTS, key=lambda k: cost[f"down {k}"])
         # the explicit-layout kernels stay the fallback of the tensor-core ones (fp32 / fp16 activations)
         t = replace(GemvTiles(16, 16, 32, 4, block_g_down=32, num_warps_down=4, gluon=True, gluon_down=True),
-                    **GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down])
+                    **GATE_UP_VARIANTS[up], **DOWN_VARIANTS[down], mma_pdl=pdl_cost[True] < pdl_cost[False])
         flags = ", gluon=True" if t.gluon else ""
         flags += f", gluon_down=True, split_down={t.split_down}" if t.gluon_down else ""
         flags += f", mma=True, mma_warps={t.mma_warps}, mma_split={t.mma_split}" if t.mma else ""
         flags += (f", mma_down=True, mma_warps_down={t.mma_warps_down}, mma_split_down={t.mma_split_down}"
                   if t.mma_down else "")
+        flags += ", mma_pdl=True" if t.mma_pdl else ""
         chosen[shape] = (f"GemvTiles({t.block_n_gate_up}, {t.block_n_down}, {t.block_g}, {t.num_warps}, "
                          f"block_g_down={t.block_g_down}, num_warps_down={t.num_warps_down}{flags})")
     return chosen
@@ -678,6 +737,85 @@ def bench_attention(bandwidth: float, dtypes: tuple[str, ...] = ("bfloat16", "fl
     print(f"(copy bandwidth {bandwidth / 1e12:.2f} TB/s)")
 
 
+# The decode step's attention per model: name -> (query heads, KV heads, head_dim, QK-norm, sinks, window)
+DECODE_STEP_SHAPES = {"qwen3-0.6b": (16, 8, 128, True, False, None), "qwen3-8b": (32, 8, 128, True, False, None),
+                      "gpt-oss-20b": (64, 8, 64, False, True, None), "gpt-oss-20b slide": (64, 8, 64, False, True, 128)}
+DECODE_STEP_CASES = ((1, 300), (1, 4096), (1, 32768), (8, 1024), (64, 1024))              # (batch, context)
+
+
+def bench_decode_step(dtypes: tuple[str, ...] = ("bfloat16", "float8_e4m3fn"), max_seq_len: int = 40960,
+                      models=None, cases=DECODE_STEP_CASES) -> None:
+    """From the QKV projection's output to the attention output, as a decode step runs it inside a CUDA graph
+    (the split count fixed by `max_seq_len`, as the runner's graphs fix it): the QKV kernel, the split-K decode
+    and its reduce kernel (3 launches, "before"); the same with the reduction in the decode launch (2); the
+    decode kernel reading the QKV row itself (1). Each checked against the torch reference."""
+    from dataclasses import replace
+    from itertools import product
+
+    from runtime.ops.attention import QkvRope, decode_tiles, paged_attention_ref, paged_decode_triton
+    from runtime.ops.qkv import qkv_rope_write_kv_ref, qkv_rope_write_kv_triton
+    from runtime.ops.rope import RotaryEmbedding
+    print(f"\n{'decode step':<19}{'cache':>7}{'batch':>6}{'context':>8}{'3 launches':>11}{'2 launches':>11}"
+          f"{'1 launch':>9}{'err':>9}  (us per call, CUDA graph)")
+    for name, dtype_name, (batch, context) in product(models or DECODE_STEP_SHAPES, dtypes, cases):
+        heads, kv_heads, dim, norm, has_sinks, window = DECODE_STEP_SHAPES[name]
+        dtype = getattr(torch, dtype_name)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        page = 16
+        pages_per_seq = -(-context // page)
+        num_pages = batch * pages_per_seq + 1
+        cache = torch.randn(num_pages, page, 2, kv_heads, dim, generator=g, device="cuda").mul(0.5).to(dtype)
+        table = torch.randperm(num_pages - 1, generator=g, device="cuda")[:batch * pages_per_seq] + 1
+        table = table.view(batch, pages_per_seq).to(torch.int32)
+        lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        positions = (lens - 1).long()
+        slots = table[:, (context - 1) // page].long() * page + (context - 1) % page
+        qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=g, device="cuda").to(torch.bfloat16)
+        rotary = RotaryEmbedding(1.0 / (1e6 ** (torch.arange(0, dim, 2).float() / dim)), context + 1).cuda()
+        weights = [(1 + 0.3 * torch.randn(dim, generator=g, device="cuda")).to(torch.bfloat16) for _ in range(2)] \
+            if norm else [None, None]
+        sinks = torch.randn(heads, generator=g, device="cuda") if has_sinks else None
+        scales = dict(k_scale=torch.ones(1, device="cuda"), v_scale=torch.ones(1, device="cuda")) \
+            if dtype != torch.bfloat16 else {}
+        scale = dim ** -0.5
+        ref_cache = cache.clone()
+        q = qkv_rope_write_kv_ref(qkv, positions, rotary.cos_sin, "neox", ref_cache, slots, heads, kv_heads, dim,
+                                  *weights, 1e-6, **scales)
+        want = paged_attention_ref(q, ref_cache, table, list(range(batch + 1)), [context] * batch, scale, window,
+                                   sinks, **scales)
+        del ref_cache
+        tiles = decode_tiles(dim, dtype, batch)
+        two_launch = replace(tiles, fused_reduce=False)
+        one_launch = replace(tiles, fused_reduce=True)
+        fused = QkvRope(positions, rotary.cos_sin, "neox", slots, heads, *weights, 1e-6)
+
+        def separate(t):
+            q = qkv_rope_write_kv_triton(qkv, positions, rotary.cos_sin, "neox", cache, slots, heads, kv_heads, dim,
+                                         *weights, 1e-6, **scales)
+            return paged_decode_triton(q, cache, table, lens, max_seq_len, scale, window, sinks, tiles=t, **scales)
+
+        def single(t):
+            return paged_decode_triton(qkv, cache, table, lens, max_seq_len, scale, window, sinks, tiles=t,
+                                       qkv_rope=fused, **scales)
+
+        calls = {"3": lambda: separate(two_launch), "2": lambda: separate(one_launch), "1": lambda: single(one_launch)}
+        times, errors = {}, []
+        for key, call in calls.items():
+            try:
+                errors.append(rel_error(call(), want))
+                times[key] = timed_us(lambda i: call(), 1, 20)
+            except Exception as exc:                    # noqa: BLE001  reported, the sweep goes on
+                print(f"  {name} {dtype_name} {batch}x{context} {key} launches: {type(exc).__name__}: "
+                      f"{str(exc)[:300]}")
+                times[key] = float("nan")
+        err = max(errors) if errors else float("nan")
+        print(f"{name:<19}{dtype_name[:7]:>7}{batch:>6}{context:>8}{times['3']:>11.1f}{times['2']:>11.1f}"
+              f"{times['1']:>9.1f}{err:>9.1e}", flush=True)
+        RECORDS.append(dict(kind="decode_step", name=name, dtype=dtype_name, batch=batch, context=context,
+                            us_3_launches=times["3"], us_2_launches=times["2"], us_1_launch=times["1"], err=err))
+        del cache
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="gemv,mxfp4,qkv")
@@ -692,6 +830,8 @@ def main() -> int:
                              "runtime/ops/linear.py)")
     parser.add_argument("--before", help="a module with an older mxfp4_moe_gemv to time beside this one "
                                          "(e.g. a copy of the previous runtime/ops/mxfp4.py)")
+    parser.add_argument("--route-before", help="route: a module with an older _route_topk to time beside this "
+                                               "one (e.g. a copy of main's runtime/ops/moe.py)")
     parser.add_argument("--gemv-shapes", help="gemv: names of GEMV_SHAPES, comma-separated (default all)")
     parser.add_argument("--gemv-before", help="gemv: a module with an older gemv_triton to time at its own tiles "
                                               "(e.g. a copy of main's runtime/ops/linear.py)")
@@ -704,6 +844,9 @@ def main() -> int:
     parser.add_argument("--attention-before", help="attention: a module with an older paged_decode_triton to "
                                                    "time at its default tiles (e.g. a copy of main's "
                                                    "runtime/ops/attention.py)")
+    parser.add_argument("--step-models", help="step: names of DECODE_STEP_SHAPES, comma-separated (default all)")
+    parser.add_argument("--step-cases", default=",".join(f"{b}x{c}" for b, c in DECODE_STEP_CASES),
+                        help="step: BATCHxCONTEXT list")
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -711,6 +854,8 @@ def main() -> int:
     only = args.only.split(",")
     if "qkv" in only:
         bench_qkv()
+    if "route" in only:
+        bench_route(importlib.import_module(args.route_before) if args.route_before else None)
     if "mxfp4" in only:
         bench_mxfp4(bandwidth, importlib.import_module(args.before) if args.before else None, not args.no_grouped,
                     tuple(int(n) for n in args.mxfp4_tokens.split(",")))
@@ -731,6 +876,10 @@ def main() -> int:
         shapes = tuple(tuple(int(x) for x in shape.split("x")) for shape in args.attention_shapes.split(","))
         bench_attention(bandwidth, tuple(args.attention_dtypes.split(",")), shapes,
                         importlib.import_module(args.attention_before) if args.attention_before else None)
+    if "step" in only:
+        bench_decode_step(tuple(args.attention_dtypes.split(",")), models=args.step_models.split(",")
+                          if args.step_models else None,
+                          cases=tuple(tuple(int(x) for x in case.split("x")) for case in args.step_cases.split(",")))
     if "fp8" in only:
         chosen = bench_fp8(bandwidth, tuple(int(r) for r in args.fp8_rows.split(",")))
         if args.write_table:

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Sweep the launch shapes of DeepSeek V4's wide top-k and FP8 sparse attention on the GPU, batch 1, release
-sizes, CUDA-graph replays (tools/dsv4_read_kernels.py's timer): the radix top-k over 131,072 / 262,144 slots
-(four or five launches, chunk, warps, counts read at a time) against torch.topk, each checked equal to the
-exact index-ordered selection; then FP8 HCA / CSA attention at 4K and 1M per variant (tile prefetch, heads a
-program, warps, pipeline stages, keys a tile, target programs), with its largest difference from the first.
-The module constants are set per variant; the defaults are what this sweep picked (docs/PERFORMANCE.md).
+"""Sweep the launch shapes of DeepSeek V4's wide top-k, FP8 indexer scores and FP8 sparse attention on the GPU,
+batch 1, release sizes, CUDA-graph replays (tools/dsv4_read_kernels.py's timer): the radix top-k over 131,072 /
+262,144 slots (four or five launches, chunk, warps, counts read at a time) against torch.topk, each checked
+equal to the exact index-ordered selection; the indexer's scores over 262,144 FP8 key slots at 4K, 128K and 1M
+per variant (keys a tile, programs); then FP8 HCA / CSA attention at 4K and 1M per variant (tile
+prefetch, scales folded or per group, heads a program, warps, pipeline stages, keys a tile, target programs).
+Each variant's largest difference from the first is printed. The module constants are set per variant; the
+defaults are what this sweep picked (docs/PERFORMANCE.md).
 
-    python tools/dsv4_read_sweep.py [--all] [--attention-only]
+    python tools/dsv4_read_sweep.py [--all] [--only topk indexer attention] [--attention-only]
 """
 import sys
 import time
@@ -43,15 +45,21 @@ def exact(scores, positions, ratio, k):
     everything = torch.where(index[:k] < visible[:, None], index[:k], -1)
     return torch.where((visible <= k)[:, None], everything, picked).to(torch.int32)
 
+only = {"topk", "indexer", "attention"}
+if "--only" in sys.argv:
+    only = set(sys.argv[sys.argv.index("--only") + 1:])
+if "--attention-only" in sys.argv:
+    only = {"attention"}
 defaults = {name: getattr(kernels, name) for name in (
-    "TOPK_LOOKBACK", "TOPK_CHUNK", "TOPK_CHUNK_WARPS", "TOPK_BLOCK_C", "ATTENTION_PREFETCH",
-    "ATTENTION_PREFETCH_SELECTED", "ATTENTION_FLAT", "BLOCK_HEADS",
+    "INDEXER_BLOCK_N", "INDEXER_PROGRAMS", "TOPK_LOOKBACK", "TOPK_CHUNK", "TOPK_CHUNK_WARPS",
+    "TOPK_BLOCK_C", "ATTENTION_PREFETCH",
+    "ATTENTION_PREFETCH_SELECTED", "ATTENTION_FLAT", "ATTENTION_FLAT_SELECTED", "BLOCK_HEADS",
     "ATTENTION_WARPS", "ATTENTION_STAGES", "ATTENTION_BLOCK_N", "TARGET_PROGRAMS", "MAX_SPLITS")}
 TOPK = [(True, 4096, 8, 16), (False, 4096, 8, 16), (True, 4096, 4, 16), (True, 4096, 8, 64), (True, 2048, 4, 64)]
 print("| width | context | n | torch.topk us | "
       + " | ".join(f"{'4' if lb else '5'} launches {c}/{w}w/C{bc}" for lb, c, w, bc in TOPK) + " | exact |")
 ROWS = [(1 << 18, 4096, 1), (1 << 18, 131072, 1), (1 << 18, 1048000, 1), (1 << 18, 1048000, 4), (1 << 17, 500000, 8)]
-for width, context, n in [] if "--attention-only" in sys.argv else ROWS:
+for width, context, n in ROWS if "topk" in only else []:
     positions = torch.full((n,), context - 1, device="cuda") - torch.arange(n, device="cuda") * 4
     scores = torch.randn(n, width, device="cuda") * 3
     visible = (positions + 1) // 4
@@ -71,6 +79,33 @@ for width, context, n in [] if "--attention-only" in sys.argv else ROWS:
 BS, MAX_LEN, HEADS, DIM, WINDOW = rk.BLOCK_SIZE, rk.MAX_LEN, rk.HEADS, rk.DIM, rk.WINDOW
 table = torch.randperm(MAX_LEN // BS, device="cuda").to(torch.int32)[None]
 requests = torch.zeros(1, dtype=torch.int64, device="cuda")
+
+# (keys a tile, programs)
+INDEXER = [(64, 528), (64, 264), (128, 264), (128, 528), (32, 396)]
+if "indexer" in only:
+    print("\n| context | " + " | ".join(f"{b} keys/{p} programs" for b, p in INDEXER)
+          + " | rel diff |")
+    keys = rk._cache(BS // 4, rk.INDEX_DIM, rk.KEY)
+    index_q = torch.randn(1, rk.INDEX_HEADS, rk.INDEX_DIM, device="cuda", dtype=torch.bfloat16)
+    head_weights = torch.randn(1, rk.INDEX_HEADS, device="cuda")
+    for context in (4096, 131072, 1048000):
+        positions = torch.tensor([context - 1], device="cuda")
+        times, base, diff = [], None, 0.0
+        for block_n, programs in INDEXER:
+            kernels.INDEXER_BLOCK_N, kernels.INDEXER_PROGRAMS = block_n, programs
+            fn = lambda: kernels.indexer_scores(index_q, head_weights, keys, table, positions, requests, 4,
+                                                MAX_LEN // 4, BS, rk.KEY)
+            out = fn()
+            base = out if base is None else base
+            diff = max(diff, rk._relative(out, base))
+            times.append(rk._timed_us(fn))
+        print(f"| {context} | " + " | ".join(f"{t:.1f}" for t in times) + f" | {diff:.1e} | [{time.time() - t0:.0f}s]",
+              flush=True)
+    for name, value in defaults.items():
+        setattr(kernels, name, value)
+    del keys
+if "attention" not in only:
+    sys.exit(0)
 window = rk._cache(BS, DIM, rk.KV)
 hca = rk._cache(BS // 128, DIM, rk.KV)
 csa = rk._cache(BS // 4, DIM, rk.KV)
@@ -80,7 +115,11 @@ sinks = torch.randn(HEADS, device="cuda")
 variants = [(False, False, False, 16, 8, None, 32, 132, 64),       # before this sweep
             (True, False, False, 16, 8, 1, 32, 132, 64),           # the defaults it picked
             (True, True, True, 16, 8, 1, 32, 132, 64),             # scales folded into the keys (ATTENTION_FLAT)
-            (False, False, True, 16, 8, 1, 32, 132, 64)]
+            (False, False, True, 16, 8, 1, 32, 132, 64),
+            (True, True, True, 16, 4, 1, 32, 132, 64),             # flat: fewer warps, more programs
+            (True, True, True, 16, 8, 1, 32, 264, 128),
+            (True, True, True, 16, 4, 1, 32, 264, 128),
+            (True, True, True, 16, 8, 1, 64, 132, 64)]
 if "--all" in sys.argv:                                            # what the first sweep also tried
     variants += [(True, True, False, 32, 8, None, 32, 132, 64), (True, True, False, 16, 4, None, 32, 132, 64),
                  (True, True, False, 16, 4, None, 32, 264, 128), (True, True, False, 16, 8, None, 64, 132, 64)]
@@ -93,7 +132,8 @@ for context in (4096, 1048000):
         base = None
         for prefetch, prefetch_selected, flat, heads, warps, stages, block_n, target, max_splits in variants:
             kernels.ATTENTION_PREFETCH, kernels.ATTENTION_PREFETCH_SELECTED = prefetch, prefetch_selected
-            kernels.ATTENTION_FLAT, kernels.BLOCK_HEADS = flat, heads
+            kernels.ATTENTION_FLAT = kernels.ATTENTION_FLAT_SELECTED = flat
+            kernels.BLOCK_HEADS = heads
             kernels.ATTENTION_WARPS, kernels.ATTENTION_STAGES = warps, stages
             kernels.ATTENTION_BLOCK_N, kernels.TARGET_PROGRAMS, kernels.MAX_SPLITS = block_n, target, max_splits
             fn = lambda: kernels.sparse_attention(q, positions, requests, window, table, WINDOW, entries, table,

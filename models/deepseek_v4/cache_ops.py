@@ -114,3 +114,28 @@ def request_entries(cache: torch.Tensor, block_table: torch.Tensor, request: int
     b0, b1 = first // per_block, -(-end // per_block)
     rows = cache[block_table[request, b0:b1].long()].flatten(0, 1)
     return rows[first - b0 * per_block:end - b0 * per_block]
+
+
+def fill_random(cache: torch.Tensor, fmt: Fp8Entry | None = None, generator: torch.Generator | None = None,
+                rows_at_once: int = 1 << 18) -> None:
+    """Overwrite every entry of a cache [blocks, entries_per_block, *entry] with standard normal values (the
+    scale of an RMS-normed entry), quantized into `fmt`'s layout as a write would store them. For benchmarks
+    that skip the prefill: a zero cache makes every indexer score equal and every key a zero."""
+    flat = cache.view(-1, fmt.num_bytes if fmt is not None else cache[0, 0].numel())
+    dim = fmt.dim if fmt is not None else flat.shape[1]
+    for a in range(0, flat.shape[0], rows_at_once):
+        b = min(flat.shape[0], a + rows_at_once)
+        values = torch.randn(b - a, dim, device=cache.device, generator=generator)
+        flat[a:b] = quantize_entries(values, fmt) if fmt is not None else values.to(cache.dtype)
+
+
+def fill_random_caches(model, caches: list[torch.Tensor], generator: torch.Generator | None = None) -> None:
+    """fill_random on each cache of the model's layers (K=V window, compressed entries, indexer keys,
+    compressor state), each in its own format; `caches` indexed as the model's cache_specs()."""
+    for layer in model.layers:
+        attn = layer.attn
+        fill_random(caches[attn.window_layer], attn.window_format, generator)
+        indexer = [attn.indexer.compressor] if attn.indexer is not None else []
+        for compressor in [c for c in [attn.compressor] + indexer if c is not None]:
+            fill_random(caches[compressor.state_layer], None, generator)
+            fill_random(caches[compressor.entry_layer], compressor.entry_format, generator)

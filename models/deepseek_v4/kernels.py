@@ -728,22 +728,14 @@ if triton is not None:
         h_mask = h < HEADS
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_H], tl.float32)
-        if WINDOW_FP8 and (ENTRY_FP8 or not HAS_ENTRIES) and FLAT:
-            _sparse_attention_fp8_flat(
-                q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, sinks_ptr, out_ptr,
-                part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask, m, l, lo, hi, first, num_window,
-                q_stride_t, q_stride_h, out_stride_t, out_stride_h, window_table_stride, entries_table_stride,
-                selected_stride, scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE, PER_BLOCK, HEADS,
-                BLOCK_H, DIM, BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, NOPE, QBLOCK, NUM_SCALES, SCALES_AT, ENTRY,
-                GROUPS, GROUP_D, TAIL_D, Q_ROPE_HALF, PREFETCH)
-        elif WINDOW_FP8 and (ENTRY_FP8 or not HAS_ENTRIES):
+        if WINDOW_FP8 and (ENTRY_FP8 or not HAS_ENTRIES):
             _sparse_attention_fp8(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
                                   sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
                                   m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
                                   out_stride_h, window_table_stride, entries_table_stride, selected_stride,
                                   scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE, PER_BLOCK, HEADS,
                                   BLOCK_H, DIM, BLOCK_N, HAS_ENTRIES, SELECTED, SPLIT, FP32, NOPE, QBLOCK, NUM_SCALES,
-                                  SCALES_AT, ENTRY, GROUPS, GROUP_D, TAIL_D, Q_ROPE_HALF, PREFETCH)
+                                  SCALES_AT, ENTRY, GROUPS, GROUP_D, TAIL_D, Q_ROPE_HALF, PREFETCH, FLAT)
         else:
             _sparse_attention_wide(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr,
                                    sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split, h, h_mask,
@@ -857,9 +849,11 @@ if triton is not None:
                   first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col, col_mask, t,
                   tail_mask, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr, NOPE: tl.constexpr, NUM_SCALES: tl.constexpr,
-                  SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
+                  SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, FLAT: tl.constexpr):
         """The FP8 entries of keys u0 .. u0 + BLOCK_N (past hi: none, nothing read) as stored -> (valid [BLOCK_N],
-        e4m3 [GROUPS, BLOCK_N, GROUP_D], scale exponents [GROUPS, BLOCK_N], bf16 tails [BLOCK_N, TAIL_D])."""
+        e4m3 values, scale exponents, bf16 tails [BLOCK_N, TAIL_D]): values [GROUPS, BLOCK_N, GROUP_D] and
+        exponents [GROUPS, BLOCK_N] group-major, or with FLAT key-major: [BLOCK_N, GROUPS, GROUP_D], [BLOCK_N,
+        GROUPS]."""
         u = u0 + tl.arange(0, BLOCK_N)                                          # index into window ++ entries
         in_window, w_rows, in_entries, e_rows = _key_rows(
             window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
@@ -871,10 +865,16 @@ if triton is not None:
         if HAS_ENTRIES:
             entry = tl.multiple_of(tl.where(in_entries, entries_ptr + e_rows * ENTRY, entry), ALIGN)
             valid = valid | in_entries
-        keys = tl.load(entry[None, :, None] + col[:, None, :], mask=valid[None, :, None] & col_mask[:, None, :],
-                       other=0.0)
-        exponent = tl.load(entry.to(tl.pointer_type(tl.uint8))[None, :] + SCALES_AT + g[:, None],
-                           mask=valid[None, :] & (g < NUM_SCALES)[:, None], other=127)
+        if FLAT:
+            keys = tl.load(entry[:, None, None] + col[None, :, :], mask=valid[:, None, None] & col_mask[None, :, :],
+                           other=0.0)
+            exponent = tl.load(entry.to(tl.pointer_type(tl.uint8))[:, None] + SCALES_AT + g[None, :],
+                               mask=valid[:, None] & (g < NUM_SCALES)[None, :], other=127)
+        else:
+            keys = tl.load(entry[None, :, None] + col[:, None, :], mask=valid[None, :, None] & col_mask[:, None, :],
+                           other=0.0)
+            exponent = tl.load(entry.to(tl.pointer_type(tl.uint8))[None, :] + SCALES_AT + g[:, None],
+                               mask=valid[None, :] & (g < NUM_SCALES)[:, None], other=127)
         tail = tl.load((entry + NOPE).to(tl.pointer_type(tl.bfloat16))[:, None] + t[None, :],
                        mask=valid[:, None] & tail_mask[None, :], other=0.0)
         return valid, keys, exponent, tail
@@ -890,135 +890,17 @@ if triton is not None:
                               SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, NOPE: tl.constexpr,
                               QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr, SCALES_AT: tl.constexpr,
                               ENTRY: tl.constexpr, GROUPS: tl.constexpr, GROUP_D: tl.constexpr,
-                              TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr, PREFETCH: tl.constexpr):
-        """Every key an FP8 entry (cache_ops.Fp8Entry): the e4m3 dims read as bytes in groups of QBLOCK
-        [GROUPS, BLOCK_N, GROUP_D], their scales once per group and key [GROUPS, BLOCK_N], the RoPE dims as one
-        bf16 tile [BLOCK_N, TAIL_D]. Scores: per group the dot of q's dims with the e4m3 values, times the
-        group's scale, summed, plus the RoPE dims' dot. Values: per group P times the scale (a power of two, so
-        exactly the product with the dequantized entry) dotted with the e4m3 values, one accumulator per group."""
-        dtype = q_ptr.dtype.element_ty
-        g = tl.arange(0, GROUPS)
-        j = tl.arange(0, GROUP_D)
-        t = tl.arange(0, TAIL_D)
-        col = g[:, None] * QBLOCK + j[None, :]                                  # [GROUPS, GROUP_D] e4m3 dim
-        col_mask = (col < NOPE) & (j < QBLOCK)[None, :]
-        tail_mask = t < DIM - NOPE
-        q_row = q_ptr + token * q_stride_t + h * q_stride_h                     # [BLOCK_H]
-        q_groups = tl.load(q_row[None, :, None] + col[:, None, :], mask=h_mask[None, :, None] & col_mask[:, None, :],
-                           other=0.0)                                           # [GROUPS, BLOCK_H, GROUP_D]
-        q_tail = tl.load(q_row[:, None] + NOPE + t[None, :], mask=h_mask[:, None] & tail_mask[None, :],
-                         other=0.0)                                             # [BLOCK_H, TAIL_D]
-        if Q_ROPE_HALF > 0:       # the RoPE dims are the bf16 tail (sparse_attention checks)
-            g_f = q_groups.to(tl.float32)
-            t_f = q_tail.to(tl.float32)
-            squares = tl.sum(tl.sum(g_f * g_f, axis=2), axis=0) + tl.sum(t_f * t_f, axis=1)   # [BLOCK_H]
-            rms = _unweighted_rms(squares, DIM, q_eps, not FP32, dtype)
-            q_groups = _rounded(g_f * rms[None, :, None], not FP32, dtype).to(dtype)
-            q_tail = _rope_in_place(q_tail, q_row[:, None] + NOPE, t, h_mask[:, None] & tail_mask[None, :], position,
-                                    q_inv_freq_ptr, rms, DIM - NOPE, Q_ROPE_HALF, True, not FP32)
-        acc = tl.zeros([GROUPS, BLOCK_H, GROUP_D], tl.float32)
-        acc_tail = tl.zeros([BLOCK_H, TAIL_D], tl.float32)
-        if PREFETCH:           # each tile's loads issued a tile ahead: their latency under the previous tile's math
-            next_valid, next_keys, next_exponent, next_tail = _fp8_tile(
-                window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, lo, hi,
-                first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col, col_mask, t,
-                tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES, SCALES_AT, ENTRY)
-        for u0 in range(lo, hi, BLOCK_N):
-            if PREFETCH:
-                valid, keys, exponent, tail = next_valid, next_keys, next_exponent, next_tail
-                next_valid, next_keys, next_exponent, next_tail = _fp8_tile(
-                    window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request,
-                    u0 + BLOCK_N, hi, first, num_window, window_table_stride, entries_table_stride, selected_stride,
-                    g, col, col_mask, t, tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE,
-                    NUM_SCALES, SCALES_AT, ENTRY)
-            else:
-                valid, keys, exponent, tail = _fp8_tile(
-                    window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, u0,
-                    hi, first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col,
-                    col_mask, t, tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES,
-                    SCALES_AT, ENTRY)
-            keys = keys.to(dtype)                                               # [GROUPS, BLOCK_N, GROUP_D]
-            tail = tail.to(dtype)                                               # [BLOCK_N, TAIL_D]
-            key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [GROUPS, BLOCK_N]
-            if FP32:
-                partial = tl.dot(q_groups, tl.permute(keys, (0, 2, 1)), input_precision="ieee")
-                scores = tl.dot(q_tail, tl.trans(tail), input_precision="ieee")
-            else:
-                partial = tl.dot(q_groups, tl.permute(keys, (0, 2, 1)))        # [GROUPS, BLOCK_H, BLOCK_N] fp32
-                scores = tl.dot(q_tail, tl.trans(tail))                         # [BLOCK_H, BLOCK_N]
-            scores = (scores + tl.sum(partial * key_scale[:, None, :], axis=0)) * scale
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(scores - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
-            l = l * alpha + tl.sum(p, axis=1)
-            scaled_p = p[None, :, :] * key_scale[:, None, :]                    # [GROUPS, BLOCK_H, BLOCK_N]
-            if FP32:
-                acc = acc * alpha[None, :, None] + tl.dot(scaled_p, keys, input_precision="ieee")
-                acc_tail = acc_tail * alpha[:, None] + tl.dot(p, tail, input_precision="ieee")
-            else:
-                acc = acc * alpha[None, :, None] + tl.dot(scaled_p.to(dtype), keys)
-                acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(dtype), tail)
-            m = m_new
-        group_mask = h_mask[None, :, None] & col_mask[:, None, :]
-        tail_out_mask = h_mask[:, None] & tail_mask[None, :]
-        if not SPLIT:
-            factor = _sink_factor(sinks_ptr, h, h_mask, m, l)
-            out_row = out_ptr + token * out_stride_t + h * out_stride_h          # [BLOCK_H]
-            tl.store(out_row[None, :, None] + col[:, None, :], (acc * factor[None, :, None]).to(dtype), mask=group_mask)
-            tl.store(out_row[:, None] + NOPE + t[None, :], (acc_tail * factor[:, None]).to(dtype), mask=tail_out_mask)
-        else:
-            part = (token * HEADS + h) * num_splits + split                     # [BLOCK_H]
-            part_row = part_acc_ptr + part * DIM
-            tl.store(part_row[None, :, None] + col[:, None, :], acc, mask=group_mask)
-            tl.store(part_row[:, None] + NOPE + t[None, :], acc_tail, mask=tail_out_mask)
-            tl.store(part_ml_ptr + part * 2, m, mask=h_mask)
-            tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
-
-    @triton.jit
-    def _fp8_flat_tile(window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request,
-                       u0, hi, first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col,
-                       col_mask, t, tail_mask, BLOCK_SIZE: tl.constexpr, PER_BLOCK: tl.constexpr,
-                       BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr, SELECTED: tl.constexpr, NOPE: tl.constexpr,
-                       NUM_SCALES: tl.constexpr, SCALES_AT: tl.constexpr, ENTRY: tl.constexpr):
-        """_fp8_tile's entries key-major: (valid [BLOCK_N], e4m3 [BLOCK_N, GROUPS, GROUP_D], scale exponents
-        [BLOCK_N, GROUPS], bf16 tails [BLOCK_N, TAIL_D]), as stored."""
-        u = u0 + tl.arange(0, BLOCK_N)
-        in_window, w_rows, in_entries, e_rows = _key_rows(
-            window_table_ptr, entries_table_ptr, selected_ptr, token, request, u, hi, first, num_window,
-            window_table_stride, entries_table_stride, selected_stride, BLOCK_SIZE, PER_BLOCK, HAS_ENTRIES, SELECTED)
-        ALIGN: tl.constexpr = ENTRY & -ENTRY
-        entry = window_ptr + tl.multiple_of(w_rows * ENTRY, ALIGN)
-        valid = in_window
-        if HAS_ENTRIES:
-            entry = tl.multiple_of(tl.where(in_entries, entries_ptr + e_rows * ENTRY, entry), ALIGN)
-            valid = valid | in_entries
-        keys = tl.load(entry[:, None, None] + col[None, :, :], mask=valid[:, None, None] & col_mask[None, :, :],
-                       other=0.0)
-        exponent = tl.load(entry.to(tl.pointer_type(tl.uint8))[:, None] + SCALES_AT + g[None, :],
-                           mask=valid[:, None] & (g < NUM_SCALES)[None, :], other=127)
-        tail = tl.load((entry + NOPE).to(tl.pointer_type(tl.bfloat16))[:, None] + t[None, :],
-                       mask=valid[:, None] & tail_mask[None, :], other=0.0)
-        return valid, keys, exponent, tail
-
-    @triton.jit
-    def _sparse_attention_fp8_flat(q_ptr, window_ptr, window_table_ptr, entries_ptr, entries_table_ptr,
-                                   selected_ptr, sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr, token, request, split,
-                                   h, h_mask, m, l, lo, hi, first, num_window, q_stride_t, q_stride_h, out_stride_t,
-                                   out_stride_h, window_table_stride, entries_table_stride, selected_stride,
-                                   scale, num_splits, position, q_inv_freq_ptr, q_eps, BLOCK_SIZE: tl.constexpr,
-                                   PER_BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
-                                   DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ENTRIES: tl.constexpr,
-                                   SELECTED: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr,
-                                   NOPE: tl.constexpr, QBLOCK: tl.constexpr, NUM_SCALES: tl.constexpr,
-                                   SCALES_AT: tl.constexpr, ENTRY: tl.constexpr, GROUPS: tl.constexpr,
-                                   GROUP_D: tl.constexpr, TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr,
-                                   PREFETCH: tl.constexpr):
-        """_sparse_attention_fp8 with each group's scale (a power of two) multiplied into its e4m3 values as they
-        are widened -- exact in bf16 -- so that a tile is one [BLOCK_N, GROUPS * GROUP_D] operand: two 2-D dots
-        for the scores (e4m3 dims, bf16 tail) and two for the values, as the model-dtype tile has, instead of
-        grouped 3-D dots and their sums over the groups."""
+                              TAIL_D: tl.constexpr, Q_ROPE_HALF: tl.constexpr, PREFETCH: tl.constexpr,
+                              FLAT: tl.constexpr):
+        """Every key an FP8 entry (cache_ops.Fp8Entry): the e4m3 dims read as bytes in groups of QBLOCK, their
+        scales once per group and key, the RoPE dims as one bf16 tile [BLOCK_N, TAIL_D]. Two ways to apply the
+        scales (each a power of two, so either is exact):
+        - grouped: values [GROUPS, BLOCK_N, GROUP_D]; scores per group the dot of q's dims with the e4m3
+          values, times the group's scale, summed, plus the RoPE dims' dot; values per group P times the scale
+          dotted with the e4m3 values, one accumulator [GROUPS, BLOCK_H, GROUP_D];
+        - FLAT: each group's scale multiplied into its values as they are widened, so that a tile is one
+          [BLOCK_N, GROUPS * GROUP_D] operand: 2-D dots as the model-dtype tile has (fewer barriers a tile:
+          faster over many tiles, slower for a tile or two, where q's load and the widening dominate)."""
         dtype = q_ptr.dtype.element_ty
         WIDE: tl.constexpr = GROUPS * GROUP_D
         g = tl.arange(0, GROUPS)
@@ -1026,76 +908,120 @@ if triton is not None:
         t = tl.arange(0, TAIL_D)
         col = g[:, None] * QBLOCK + j[None, :]                                  # [GROUPS, GROUP_D] e4m3 dim
         col_mask = (col < NOPE) & (j < QBLOCK)[None, :]
-        flat_col = tl.reshape(col, [WIDE])
-        flat_mask = tl.reshape(col_mask, [WIDE])
         tail_mask = t < DIM - NOPE
         q_row = q_ptr + token * q_stride_t + h * q_stride_h                     # [BLOCK_H]
-        q_mask = h_mask[:, None] & flat_mask[None, :]
-        q_nope = tl.load(q_row[:, None] + flat_col[None, :], mask=q_mask, other=0.0)        # [BLOCK_H, WIDE]
+        if FLAT:
+            flat_col = tl.reshape(col, [WIDE])
+            flat_mask = h_mask[:, None] & tl.reshape(col_mask, [WIDE])[None, :]     # [BLOCK_H, WIDE]
+            q_nope = tl.load(q_row[:, None] + flat_col[None, :], mask=flat_mask, other=0.0)     # [BLOCK_H, WIDE]
+        else:
+            q_nope = tl.load(q_row[None, :, None] + col[:, None, :], mask=h_mask[None, :, None] & col_mask[:, None, :],
+                             other=0.0)                                         # [GROUPS, BLOCK_H, GROUP_D]
         q_tail = tl.load(q_row[:, None] + NOPE + t[None, :], mask=h_mask[:, None] & tail_mask[None, :],
                          other=0.0)                                             # [BLOCK_H, TAIL_D]
         if Q_ROPE_HALF > 0:       # the RoPE dims are the bf16 tail (sparse_attention checks)
             n_f = q_nope.to(tl.float32)
             t_f = q_tail.to(tl.float32)
-            rms = _unweighted_rms(tl.sum(n_f * n_f, axis=1) + tl.sum(t_f * t_f, axis=1), DIM, q_eps, not FP32, dtype)
-            q_nope = _rounded(n_f * rms[:, None], not FP32, dtype).to(dtype)
+            if FLAT:
+                squares = tl.sum(n_f * n_f, axis=1)
+            else:
+                squares = tl.sum(tl.sum(n_f * n_f, axis=2), axis=0)
+            rms = _unweighted_rms(squares + tl.sum(t_f * t_f, axis=1), DIM, q_eps, not FP32, dtype)   # [BLOCK_H]
+            if FLAT:
+                q_nope = _rounded(n_f * rms[:, None], not FP32, dtype).to(dtype)
+            else:
+                q_nope = _rounded(n_f * rms[None, :, None], not FP32, dtype).to(dtype)
             q_tail = _rope_in_place(q_tail, q_row[:, None] + NOPE, t, h_mask[:, None] & tail_mask[None, :], position,
                                     q_inv_freq_ptr, rms, DIM - NOPE, Q_ROPE_HALF, True, not FP32)
-        acc = tl.zeros([BLOCK_H, WIDE], tl.float32)
+        if FLAT:
+            acc = tl.zeros([BLOCK_H, WIDE], tl.float32)
+        else:
+            acc = tl.zeros([GROUPS, BLOCK_H, GROUP_D], tl.float32)
         acc_tail = tl.zeros([BLOCK_H, TAIL_D], tl.float32)
-        if PREFETCH:
-            next_valid, next_keys, next_exponent, next_tail = _fp8_flat_tile(
+        if PREFETCH:           # each tile's loads issued a tile ahead: their latency under the previous tile's math
+            next_valid, next_keys, next_exponent, next_tail = _fp8_tile(
                 window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, lo, hi,
                 first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col, col_mask, t,
-                tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES, SCALES_AT, ENTRY)
+                tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES, SCALES_AT, ENTRY,
+                FLAT)
         for u0 in range(lo, hi, BLOCK_N):
             if PREFETCH:
                 valid, keys, exponent, tail = next_valid, next_keys, next_exponent, next_tail
-                next_valid, next_keys, next_exponent, next_tail = _fp8_flat_tile(
+                next_valid, next_keys, next_exponent, next_tail = _fp8_tile(
                     window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request,
                     u0 + BLOCK_N, hi, first, num_window, window_table_stride, entries_table_stride, selected_stride,
                     g, col, col_mask, t, tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE,
-                    NUM_SCALES, SCALES_AT, ENTRY)
+                    NUM_SCALES, SCALES_AT, ENTRY, FLAT)
             else:
-                valid, keys, exponent, tail = _fp8_flat_tile(
+                valid, keys, exponent, tail = _fp8_tile(
                     window_ptr, window_table_ptr, entries_ptr, entries_table_ptr, selected_ptr, token, request, u0,
                     hi, first, num_window, window_table_stride, entries_table_stride, selected_stride, g, col,
                     col_mask, t, tail_mask, BLOCK_SIZE, PER_BLOCK, BLOCK_N, HAS_ENTRIES, SELECTED, NOPE, NUM_SCALES,
-                    SCALES_AT, ENTRY)
-            key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [BLOCK_N, GROUPS]
-            keys = tl.reshape((keys.to(tl.float32) * key_scale[:, :, None]).to(dtype), [BLOCK_N, WIDE])
-            tail = tail.to(dtype)                                               # [BLOCK_N, TAIL_D]
-            if FP32:
-                scores = tl.dot(q_nope, tl.trans(keys), input_precision="ieee")
-                scores += tl.dot(q_tail, tl.trans(tail), input_precision="ieee")
+                    SCALES_AT, ENTRY, FLAT)
+            if FLAT:
+                tail = tail.to(dtype)                                           # [BLOCK_N, TAIL_D]
+                key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [BLOCK_N, GROUPS]
+                keys = tl.reshape((keys.to(tl.float32) * key_scale[:, :, None]).to(dtype), [BLOCK_N, WIDE])
+                if FP32:
+                    scores = tl.dot(q_nope, tl.trans(keys), input_precision="ieee")
+                    scores += tl.dot(q_tail, tl.trans(tail), input_precision="ieee")
+                else:
+                    scores = tl.dot(q_nope, tl.trans(keys))                     # [BLOCK_H, BLOCK_N] fp32
+                    scores = tl.dot(q_tail, tl.trans(tail), scores)
+                scores = scores * scale
             else:
-                scores = tl.dot(q_nope, tl.trans(keys))                         # [BLOCK_H, BLOCK_N] fp32
-                scores = tl.dot(q_tail, tl.trans(tail), scores)
-            scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+                keys = keys.to(dtype)                                           # [GROUPS, BLOCK_N, GROUP_D]
+                tail = tail.to(dtype)                                           # [BLOCK_N, TAIL_D]
+                key_scale = (exponent.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [GROUPS, BLOCK_N]
+                if FP32:
+                    partial = tl.dot(q_nope, tl.permute(keys, (0, 2, 1)), input_precision="ieee")
+                    scores = tl.dot(q_tail, tl.trans(tail), input_precision="ieee")
+                else:
+                    partial = tl.dot(q_nope, tl.permute(keys, (0, 2, 1)))      # [GROUPS, BLOCK_H, BLOCK_N] fp32
+                    scores = tl.dot(q_tail, tl.trans(tail))                     # [BLOCK_H, BLOCK_N]
+                scores = (scores + tl.sum(partial * key_scale[:, None, :], axis=0)) * scale
+            scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m - m_safe)
             l = l * alpha + tl.sum(p, axis=1)
-            if FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, keys, input_precision="ieee")
-                acc_tail = acc_tail * alpha[:, None] + tl.dot(p, tail, input_precision="ieee")
+            if FLAT:
+                if FP32:
+                    acc = acc * alpha[:, None] + tl.dot(p, keys, input_precision="ieee")
+                    acc_tail = acc_tail * alpha[:, None] + tl.dot(p, tail, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(dtype), keys)
+                    acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(dtype), tail)
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), keys)
-                acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(dtype), tail)
+                scaled_p = p[None, :, :] * key_scale[:, None, :]                # [GROUPS, BLOCK_H, BLOCK_N]
+                if FP32:
+                    acc = acc * alpha[None, :, None] + tl.dot(scaled_p, keys, input_precision="ieee")
+                    acc_tail = acc_tail * alpha[:, None] + tl.dot(p, tail, input_precision="ieee")
+                else:
+                    acc = acc * alpha[None, :, None] + tl.dot(scaled_p.to(dtype), keys)
+                    acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(dtype), tail)
             m = m_new
-        nope_out_mask = q_mask
         tail_out_mask = h_mask[:, None] & tail_mask[None, :]
         if not SPLIT:
             factor = _sink_factor(sinks_ptr, h, h_mask, m, l)
-            out_row = out_ptr + token * out_stride_t + h * out_stride_h          # [BLOCK_H]
-            tl.store(out_row[:, None] + flat_col[None, :], (acc * factor[:, None]).to(dtype), mask=nope_out_mask)
-            tl.store(out_row[:, None] + NOPE + t[None, :], (acc_tail * factor[:, None]).to(dtype), mask=tail_out_mask)
+            rows = out_ptr + token * out_stride_t + h * out_stride_h             # [BLOCK_H]
+            if FLAT:
+                acc = acc * factor[:, None]
+            else:
+                acc = acc * factor[None, :, None]
+            acc_tail = acc_tail * factor[:, None]
         else:
             part = (token * HEADS + h) * num_splits + split                     # [BLOCK_H]
-            part_row = part_acc_ptr + part * DIM
-            tl.store(part_row[:, None] + flat_col[None, :], acc, mask=nope_out_mask)
-            tl.store(part_row[:, None] + NOPE + t[None, :], acc_tail, mask=tail_out_mask)
+            rows = part_acc_ptr + part * DIM
+        out_dtype = rows.dtype.element_ty
+        if FLAT:
+            tl.store(rows[:, None] + flat_col[None, :], acc.to(out_dtype), mask=flat_mask)
+        else:
+            tl.store(rows[None, :, None] + col[:, None, :], acc.to(out_dtype),
+                     mask=h_mask[None, :, None] & col_mask[:, None, :])
+        tl.store(rows[:, None] + NOPE + t[None, :], acc_tail.to(out_dtype), mask=tail_out_mask)
+        if SPLIT:
             tl.store(part_ml_ptr + part * 2, m, mask=h_mask)
             tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_mask)
 
@@ -1149,8 +1075,10 @@ BLOCK_HEADS = 16
 ATTENTION_BLOCK_N = 32       # keys a tile
 ATTENTION_PREFETCH = True    # FP8 HCA tiles: a tile's loads issued during the previous tile's math
 ATTENTION_PREFETCH_SELECTED = False   # CSA: one tile a program at batch 1, where it only costs
-ATTENTION_FLAT = False       # FP8 tiles with the scales folded into the widened keys (2-D dots, 10 barriers a tile
-                             # instead of 32 in the SASS): tested on the CPU, not yet measured
+ATTENTION_FLAT = True        # FP8 HCA / window tiles with the scales folded into the widened keys (2-D dots, 10
+                             # barriers a tile instead of 32 in the SASS): H200, HCA at 1M 41.6 us vs 64.1 grouped
+                             # (at 4K 17.6 vs 17.0)
+ATTENTION_FLAT_SELECTED = False   # CSA (one tile a program at batch 1): grouped 15.2 us vs 18.3 flat
 ATTENTION_WARPS = 8          # at head dim > 128
 ATTENTION_STAGES = 1         # FP8 tiles: Triton's pipeliner finds nothing to overlap in the gathered tiles; 1 is
                              # ~1 us faster (bf16 tiles keep the default: not measured)
@@ -1221,7 +1149,7 @@ def sparse_attention(q: torch.Tensor, positions: torch.Tensor, requests: torch.T
         FP32=q.dtype == torch.float32, WINDOW_FP8=window_format is not None,
         ENTRY_FP8=has_entries and entry_format is not None, **layout, **_fp8_groups(layout, dim),
         Q_ROPE_HALF=q_rope_half, PREFETCH=ATTENTION_PREFETCH_SELECTED if selected is not None else ATTENTION_PREFETCH,
-        FLAT=ATTENTION_FLAT,
+        FLAT=ATTENTION_FLAT_SELECTED if selected is not None else ATTENTION_FLAT,
         num_warps=4 if dim <= 128 else ATTENTION_WARPS,
         **({"num_stages": ATTENTION_STAGES} if fp8_tiles and ATTENTION_STAGES is not None else {}))
     if splits > 1:

@@ -15,7 +15,7 @@ from runtime.parallel import SINGLE, ParallelContext, ParallelLMHead, VocabParal
 
 from . import kernels
 from .attention import DeepseekV4Attention
-from .cache_ops import Fp8Entry, token_requests
+from .cache_ops import Fp8Entry, fill_random_caches, token_requests
 from .config import AttentionKind, attention_kinds, hash_routed
 from .linear import DENSE, Linears, linears_for
 from .mhc import HyperConnection, HyperHead
@@ -140,6 +140,11 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_checkpoint(self, weights)
+
+    def fill_caches(self, caches: list[torch.Tensor]) -> None:
+        """Benchmarks that skip the prefill (tools/bench.py context): random entries in every cache of the
+        model's layers, stored as its writes store them (cache_ops.fill_random_caches)."""
+        fill_random_caches(self, caches)
 
 
 def build_model(hf_config, engine_config: EngineConfig, parallel: ParallelContext = SINGLE) -> DeepseekV4ForCausalLM:

@@ -11,9 +11,9 @@ from runtime.config import EngineConfig
 from runtime.forward import ForwardContext
 from runtime.kv_cache import CacheSpec
 from runtime.loader import check_loaded, copy_weight, kv_scale_target, unexpected_weight
-from runtime.ops import RMSNorm, RotaryEmbedding, paged_attention, rope_inv_freq, softmax_topk
+from runtime.ops import RMSNorm, RotaryEmbedding, rope_inv_freq, softmax_topk
 from runtime.ops.linear import Linear
-from runtime.ops.qkv import qkv_rope_write_kv
+from runtime.ops.qkv import qkv_rope_attention
 from runtime.ops.mxfp4 import MX_BLOCK, GatedActivation, Mxfp4Linear, mxfp4_moe
 from runtime.parallel import SINGLE, ParallelContext, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, \
     load_shard, materialize
@@ -50,11 +50,10 @@ class GptOssAttention(nn.Module):
         projection where it can be)."""
         qkv, residual = self.qkv_proj.forward_normed(x, residual, norm)
         cache, block_table, slot_mapping = ctx.layer_cache(self.layer_index)
-        # RoPE and the K/V cache write in one pass; q [num_tokens, heads, head_dim]
-        q = qkv_rope_write_kv(qkv, positions, self.rotary, cache, slot_mapping, self.num_heads,
-                              self.num_kv_heads, self.head_dim, k_scale=self.k_scale, v_scale=self.v_scale)
-        out = paged_attention(q, cache, block_table, ctx, self.scale, window=self.window, sinks=self.sinks,
-                              k_scale=self.k_scale, v_scale=self.v_scale)
+        # RoPE, the K/V cache write and attention (one launch in a decode step on a GPU)
+        out = qkv_rope_attention(qkv, positions, self.rotary, cache, block_table, slot_mapping, ctx, self.num_heads,
+                                 self.num_kv_heads, self.head_dim, self.scale, window=self.window, sinks=self.sinks,
+                                 k_scale=self.k_scale, v_scale=self.v_scale)
         return self.o_proj(out.flatten(1)), residual
 
 

@@ -281,14 +281,32 @@ if triton is not None:
                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, HAS_KV_SCALE: tl.constexpr, FP16_DOT: tl.constexpr,
-                       ASM: tl.constexpr = True, AHEAD: tl.constexpr = 1, LAZY_RESCALE: tl.constexpr = False):
+                       ASM: tl.constexpr = True, AHEAD: tl.constexpr = 1, LAZY_RESCALE: tl.constexpr = False,
+                       sinks_ptr=None, out_ptr=None, count_ptr=None, out_stride_t=0, out_stride_h=0,
+                       FUSED_REDUCE: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
+                       RED_G: tl.constexpr = 2, RED_S: tl.constexpr = 1,
+                       positions_ptr=None, cos_sin_ptr=None, q_norm_ptr=None, k_norm_ptr=None, slot_ptr=None,
+                       cos_sin_stride=0, eps=0.0, QKV: tl.constexpr = False, QK_NORM: tl.constexpr = False,
+                       GPTJ: tl.constexpr = False, KV_FP8: tl.constexpr = False):
         """FP16_DOT (an fp8 cache, 16-bit queries): K and V are read as int32 words, widened to fp16 in
         registers and fed to fp16 dots; q carries the softmax scale (with k_scale and log2(e)), so the scores
         come out of the dot in log2 units and exp2 needs no multiply (fp16 rounds each q element by at most
         2^-11 relative or 2^-25 absolute: against e4m3 keys, |k| <= 448, under 2e-3 on any logit). Otherwise
         entries widen to q's dtype. AHEAD (1 or 2): key tiles loaded into registers ahead of the one computing,
         by hand; 0: Triton's pipeline (num_stages). LAZY_RESCALE: acc is rescaled only in steps where a row's
-        running max grew."""
+        running max grew.
+
+        FUSED_REDUCE: one launch. Only the splits that hold keys run (`live` of them); with one, it writes the
+        output itself; else each writes its partials and counts its arrival on the (request, KV head) counter,
+        and the last to arrive adds the live splits' partials (and the sinks), writes the output and resets
+        the counter (graph-safe: no host condition, no memset). Otherwise every split writes partials for
+        `_decode_reduce_kernel`.
+
+        QKV: q_ptr is the fused projection's row [heads | kv_heads | kv_heads] x head_dim: the program reads its
+        query heads raw and applies the optional per-head RMSNorm (QK_NORM) and RoPE (cos|sin at the token's
+        position) itself; the split holding the newest key normalizes and rotates that key, writes it and its
+        value to the cache at the token's slot (slot -1 writes nothing) before it reads any key. Roundings as in
+        runtime.ops.qkv's kernel."""
         req = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -297,17 +315,102 @@ if triton is not None:
         if HAS_WINDOW:
             start = tl.maximum(seq_len - window, 0)
         step = BLOCK_N * (AHEAD + 1)                  # a split covers whole loop steps
-        per_split = tl.cdiv(tl.cdiv(seq_len - start, num_splits), step) * step
-        lo = start + split * per_split
-        hi = tl.minimum(lo + per_split, seq_len)
+        per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len - start, num_splits), step), 1) * step
+        live = tl.maximum(tl.cdiv(seq_len - start, per_split), 1)     # splits that hold keys (at least one)
+        if FUSED_REDUCE:
+            limit = live
+        else:
+            limit = num_splits
+        if split < limit:
+            _decode_split(q_ptr, cache_ptr, table_ptr, part_acc_ptr, part_ml_ptr, k_scale_ptr, v_scale_ptr,
+                          q_stride_t, q_stride_h, table_stride, block_stride, token_stride, kv_stride, head_stride,
+                          scale, softcap, num_splits, req, kv_head, split, seq_len, start + split * per_split,
+                          per_split, live, sinks_ptr, out_ptr, count_ptr, out_stride_t, out_stride_h,
+                          positions_ptr, cos_sin_ptr, q_norm_ptr, k_norm_ptr, slot_ptr, cos_sin_stride, eps,
+                          GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, PAGE, BLOCK_N, HAS_SOFTCAP, HAS_KV_SCALE, FP16_DOT, ASM,
+                          AHEAD, LAZY_RESCALE, FUSED_REDUCE, HAS_SINKS, RED_G, RED_S, QKV, QK_NORM, GPTJ, KV_FP8)
 
+    @triton.jit
+    def _norm_rope_rows(rows, mask, d, w_ptr, cos_row, eps, HEAD_DIM: tl.constexpr, GPTJ: tl.constexpr,
+                        HAS_NORM: tl.constexpr):
+        """Heads starting at `rows` ([R, 1] pointers), whole: the optional RMSNorm, then RoPE with cos|sin at
+        cos_row, in the heads' dtype. Each element pairs with its rotation partner (loaded a second time), so
+        the head stays one [R, BLOCK_D] tile; the roundings are those of `_norm_rope_heads` in runtime.ops.qkv
+        (the sum of squares runs in another order)."""
+        HALF: tl.constexpr = HEAD_DIM // 2
+        if GPTJ:
+            partner = d ^ 1
+            pair = d // 2
+            first = (d % 2) == 0
+        else:
+            partner = tl.where(d < HALF, d + HALF, d - HALF)
+            pair = d % HALF
+            first = d < HALF
+        d_mask = d < HEAD_DIM
+        x = tl.load(rows + d[None, :], mask=mask, other=0.0)
+        dtype = x.dtype
+        xf = x.to(tl.float32)
+        xp = tl.load(rows + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=1) / HEAD_DIM + eps)[:, None]
+            w = tl.load(w_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            wp = tl.load(w_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            xf = (w * (xf * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            xp = (wp * (xp * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        cos = tl.load(cos_row + pair, mask=d_mask, other=0.0).to(dtype).to(tl.float32)[None, :]
+        sin = tl.load(cos_row + HALF + pair, mask=d_mask, other=0.0).to(dtype).to(tl.float32)[None, :]
+        a = (xf * cos).to(dtype).to(tl.float32)
+        b = (xp * sin).to(dtype).to(tl.float32)
+        return tl.where(first[None, :], a - b, a + b).to(dtype)
+
+    @triton.jit
+    def _decode_split(q_ptr, cache_ptr, table_ptr, part_acc_ptr, part_ml_ptr, k_scale_ptr, v_scale_ptr,
+                      q_stride_t, q_stride_h, table_stride, block_stride, token_stride, kv_stride, head_stride,
+                      scale, softcap, num_splits, req, kv_head, split, seq_len, lo, per_split, live,
+                      sinks_ptr, out_ptr, count_ptr, out_stride_t, out_stride_h,
+                      positions_ptr, cos_sin_ptr, q_norm_ptr, k_norm_ptr, slot_ptr, cos_sin_stride, eps,
+                      GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                      HAS_KV_SCALE: tl.constexpr, FP16_DOT: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr,
+                      LAZY_RESCALE: tl.constexpr, FUSED_REDUCE: tl.constexpr, HAS_SINKS: tl.constexpr,
+                      RED_G: tl.constexpr, RED_S: tl.constexpr, QKV: tl.constexpr, QK_NORM: tl.constexpr,
+                      GPTJ: tl.constexpr, KV_FP8: tl.constexpr):
+        """One split of `_decode_kernel`: keys [lo, lo + per_split) of the request, for the query heads of one
+        KV head."""
+        hi = tl.minimum(lo + per_split, seq_len)
+        num_heads = GROUP * tl.num_programs(1)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         heads = kv_head * GROUP + g
         g_mask = g < GROUP
         d_mask = d < HEAD_DIM
-        q = tl.load(q_ptr + req * q_stride_t + heads[:, None] * q_stride_h + d[None, :],
-                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)                 # [BLOCK_G, BLOCK_D]
+        if QKV:
+            position = tl.load(positions_ptr + req).to(tl.int64)
+            cos_row = cos_sin_ptr + position * cos_sin_stride
+            row = q_ptr + req.to(tl.int64) * q_stride_t
+            q = _norm_rope_rows(row + heads[:, None] * HEAD_DIM, g_mask[:, None] & d_mask[None, :], d, q_norm_ptr,
+                                cos_row, eps, HEAD_DIM, GPTJ, QK_NORM)
+            if split == live - 1:                     # the newest key is this split's: into the cache first
+                slot = tl.load(slot_ptr + req).to(tl.int64)
+                if slot >= 0:
+                    one = tl.arange(0, 1)
+                    k_row = row + (num_heads + kv_head) * HEAD_DIM + one[:, None] * 0
+                    k = _norm_rope_rows(k_row, (one < 1)[:, None] & d_mask[None, :], d, k_norm_ptr, cos_row, eps,
+                                        HEAD_DIM, GPTJ, QK_NORM)
+                    v = tl.load(k_row + tl.num_programs(1) * HEAD_DIM + d[None, :],
+                                mask=(one < 1)[:, None] & d_mask[None, :])
+                    dst = (cache_ptr + (slot // PAGE) * block_stride + (slot % PAGE) * token_stride
+                           + kv_head * head_stride + one[:, None] * 0 + d[None, :])
+                    cache_dtype = cache_ptr.dtype.element_ty
+                    mask = (one < 1)[:, None] & d_mask[None, :]
+                    tl.store(dst, _to_cache(k, k_scale_ptr, cache_dtype, KV_FP8, HAS_KV_SCALE),
+                             mask=mask)
+                    tl.store(dst + kv_stride, _to_cache(v, v_scale_ptr, cache_dtype, KV_FP8,
+                                                        HAS_KV_SCALE), mask=mask)
+                tl.debug_barrier()                    # the block's stores visible to its own key loads
+        else:
+            q = tl.load(q_ptr + req * q_stride_t + heads[:, None] * q_stride_h + d[None, :],
+                        mask=g_mask[:, None] & d_mask[None, :], other=0.0)             # [BLOCK_G, BLOCK_D]
         if HAS_KV_SCALE:                              # fp8 entries: k * k_scale folds into the softmax scale
             scale = scale * tl.load(k_scale_ptr)
         if FP16_DOT:
@@ -380,10 +483,79 @@ if triton is not None:
             acc = acc * tl.load(v_scale_ptr)
         if FP16_DOT:                                  # the reduction takes maxima in natural units
             m = m * 0.6931471805599453
-        out = ((req * (GROUP * tl.num_programs(1)) + heads) * num_splits + split)
+        if FUSED_REDUCE:
+            if live == 1:                             # the only split: finish here
+                m_max = m
+                if HAS_SINKS:
+                    sink = tl.load(sinks_ptr + heads, mask=g_mask, other=0.0).to(tl.float32)
+                    m_max = tl.maximum(m_max, sink)
+                weight = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+                denominator = weight * l
+                if HAS_SINKS:
+                    denominator += tl.exp(sink - m_max)
+                result = acc * weight[:, None] / denominator[:, None]
+                tl.store(out_ptr + req * out_stride_t + heads[:, None] * out_stride_h + d[None, :],
+                         result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+            else:
+                _store_partials(part_acc_ptr, part_ml_ptr, acc, m, l, req, heads, g_mask, d, d_mask, split,
+                                num_splits, num_heads, HEAD_DIM)
+                tl.debug_barrier()                    # every thread's partials before the arrival
+                counter = count_ptr + req * tl.num_programs(1) + kv_head
+                arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                if arrived == live - 1:
+                    _reduce_splits(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, out_stride_t, out_stride_h,
+                                   req, kv_head, live, num_splits, num_heads, d, d_mask, GROUP, HEAD_DIM, BLOCK_D,
+                                   HAS_SINKS, RED_G, RED_S)
+                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        else:
+            _store_partials(part_acc_ptr, part_ml_ptr, acc, m, l, req, heads, g_mask, d, d_mask, split, num_splits,
+                            num_heads, HEAD_DIM)
+
+    @triton.jit
+    def _store_partials(part_acc_ptr, part_ml_ptr, acc, m, l, req, heads, g_mask, d, d_mask, split, num_splits,
+                        num_heads, HEAD_DIM: tl.constexpr):
+        out = (req * num_heads + heads) * num_splits + split
         tl.store(part_acc_ptr + out[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
         tl.store(part_ml_ptr + out * 2, m, mask=g_mask)
         tl.store(part_ml_ptr + out * 2 + 1, l, mask=g_mask)
+
+    @triton.jit
+    def _reduce_splits(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, out_stride_t, out_stride_h, req, kv_head, live,
+                       num_splits, num_heads, d, d_mask, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr, RED_G: tl.constexpr, RED_S: tl.constexpr):
+        """The output of one KV head's query heads from the partials of splits [0, live): the same sums as
+        `_decode_reduce_kernel`, RED_S splits at a time, read past L1 (other programs wrote them)."""
+        g = tl.arange(0, RED_G)
+        s = tl.arange(0, RED_S)
+        g_mask = g < GROUP
+        heads = kv_head * GROUP + g
+        base = (req * num_heads + heads) * num_splits                                    # [RED_G]
+        m_max = tl.full([RED_G], float("-inf"), tl.float32)
+        for s0 in range(0, live, RED_S):
+            mask = g_mask[:, None] & ((s0 + s) < live)[None, :]
+            m = tl.load(part_ml_ptr + (base[:, None] + s0 + s[None, :]) * 2, mask=mask, other=float("-inf"),
+                        cache_modifier=".cg")
+            m_max = tl.maximum(m_max, tl.max(m, axis=1))
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + heads, mask=g_mask, other=0.0).to(tl.float32)
+            m_max = tl.maximum(m_max, sink)
+        denominator = tl.zeros([RED_G], tl.float32)
+        total = tl.zeros([RED_G, BLOCK_D], tl.float32)
+        for s0 in range(0, live, RED_S):
+            mask = g_mask[:, None] & ((s0 + s) < live)[None, :]
+            part = base[:, None] + s0 + s[None, :]                                       # [RED_G, RED_S]
+            m = tl.load(part_ml_ptr + part * 2, mask=mask, other=float("-inf"), cache_modifier=".cg")
+            l = tl.load(part_ml_ptr + part * 2 + 1, mask=mask, other=0.0, cache_modifier=".cg")
+            weight = tl.where(m > float("-inf"), tl.exp(m - m_max[:, None]), 0.0)
+            denominator += tl.sum(weight * l, axis=1)
+            acc = tl.load(part_acc_ptr + (part * HEAD_DIM)[:, :, None] + d[None, None, :],
+                          mask=mask[:, :, None] & d_mask[None, None, :], other=0.0, cache_modifier=".cg")
+            total += tl.sum(acc * weight[:, :, None], axis=1)
+        if HAS_SINKS:
+            denominator += tl.exp(sink - m_max)
+        result = total / denominator[:, None]
+        tl.store(out_ptr + req * out_stride_t + heads[:, None] * out_stride_h + d[None, :],
+                 result.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
     @triton.jit
     def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, out_stride_t, out_stride_h, num_splits,
@@ -522,6 +694,7 @@ class DecodeTiles:
                                # programs_per_sm programs fit in the register file at once
     max_splits: int = 64
     lazy_rescale: bool = False # rescale the output accumulator only in steps where a running max grew
+    fused_reduce: bool = True  # one launch: the last split of a (request, KV head) to finish adds the partials
 
 
 def decode_tiles(head_dim: int, cache_dtype: torch.dtype, num_reqs: int = 1) -> DecodeTiles:
@@ -533,13 +706,20 @@ def decode_tiles(head_dim: int, cache_dtype: torch.dtype, num_reqs: int = 1) -> 
     ahead wins at 4 x 32K (98.3 us, 2.7 TB/s of fp8 bytes; 32 keys / 2 warps / one ahead / 6 per SM: 107.5); one
     ahead wins with a single request (1 x 32K 29.8 us against 31.9, 1 x 4K 8.4 against 9.9: shorter splits, whose
     two-tile prologue and 48-key rounding cost more). `num_reqs` is the launch's batch (a CUDA graph's is fixed).
-    Wider heads keep the earlier shape."""
+    Wider heads keep the earlier shape.
+
+    The reduction runs in the decode launch (`fused_reduce`) for bf16 entries below 8 requests: from the QKV
+    output to the attention output (`tools/decode_kernels.py --only step`, Qwen3-0.6B heads, the graphs' 64
+    splits, H200 2026-11-30) 1 x 300 keys took 9.3 us against 10.1 with the reduce kernel, but 1 x 32K 45.2
+    against 43.3 and 8 x 1024 14.2 against 13.6 (the last split's serial reduction grows with the live splits and
+    no longer hides behind a launch); fp8's one-warp programs reduce too slowly (1 x 32K 48.7 against 34.7)."""
     if head_dim > 128:
-        return DecodeTiles(block_n=16 if head_dim > 256 else 32, num_warps=8, num_stages=3, programs_per_sm=2)
+        return DecodeTiles(block_n=16 if head_dim > 256 else 32, num_warps=8, num_stages=3, programs_per_sm=2,
+                           fused_reduce=False)
     if is_fp8(cache_dtype):
         return DecodeTiles(block_n=16, num_warps=1, num_stages=1, programs_per_sm=8, fp16_dot=True,
-                           ahead=2 if num_reqs >= 4 else 1, max_splits=128)
-    return DecodeTiles(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
+                           ahead=2 if num_reqs >= 4 else 1, max_splits=128, fused_reduce=False)
+    return DecodeTiles(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, fused_reduce=num_reqs < 8)
 
 
 def decode_num_splits(num_reqs: int, kv_heads: int, max_seq_len: int, num_sms: int, block_n: int = 16,
@@ -549,15 +729,66 @@ def decode_num_splits(num_reqs: int, kv_heads: int, max_seq_len: int, num_sms: i
     return max(1, min(wanted, max_splits, -(-max_seq_len // block_n)))
 
 
+_DECODE_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+DECODE_COUNTERS = 1 << 16        # (request, KV head) pairs a one-launch decode covers with the first counters made
+
+
+def _decode_counters(device: torch.device, count: int) -> torch.Tensor | None:
+    """int32 arrival counters of the one-launch decode, kept per device: zero when made, and every launch leaves
+    them at zero (the last split of a (request, KV head) resets its counter), so no launch clears them. None
+    while a CUDA graph is being captured before an eager call made enough of them (a zeroing captured there
+    would not run before another graph's replay): the launch then takes the two-launch path. A larger set made
+    later never frees the earlier one (a captured graph may still use it)."""
+    kept = _DECODE_COUNTERS.setdefault(device, [])
+    if not kept or kept[-1].numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        kept.append(torch.zeros(max(count, DECODE_COUNTERS), dtype=torch.int32, device=device))
+    return kept[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class QkvRope:
+    """What the decode kernel needs to take the fused QKV projection's row instead of finished queries: the
+    tokens' positions and cos|sin table (full rotary: [positions, head_dim]), the RoPE style ("neox" or
+    "gptj"), the optional per-head QK-norm weights (in the projection's dtype) and eps, the K/V slots and
+    the number of query heads."""
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
+    style: str
+    slot_mapping: torch.Tensor
+    num_heads: int
+    q_norm_weight: torch.Tensor | None = None
+    k_norm_weight: torch.Tensor | None = None
+    eps: float = 1e-6
+
+
 def paged_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                         max_seq_len: int, scale: float, window: int | None = None, sinks: torch.Tensor | None = None,
                         softcap: float | None = None, num_splits: int | None = None,
                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                        out: torch.Tensor | None = None, tiles: DecodeTiles | None = None) -> torch.Tensor:
-    """One query token per request: split-K over the keys, then a reduction that adds the sink."""
+                        out: torch.Tensor | None = None, tiles: DecodeTiles | None = None,
+                        qkv_rope: QkvRope | None = None) -> torch.Tensor:
+    """One query token per request: split-K over the keys, reduced in the same launch (`DecodeTiles.fused_reduce`)
+    or by a second one that also adds the sink. With `qkv_rope`, q is the fused QKV projection [num_reqs,
+    (heads + 2 * kv_heads) * head_dim]: the kernel applies the QK-norm and RoPE and writes the new K/V itself
+    (`runtime.ops.qkv.qkv_rope_write_kv_ref` followed by attention)."""
     _check_cache_layout(cache)
-    num_reqs, num_heads, head_dim = q.shape
-    page, kv_heads = cache.shape[1], cache.shape[3]
+    page, kv_heads, head_dim = cache.shape[1], cache.shape[3], cache.shape[4]
+    num_reqs = q.shape[0]
+    if qkv_rope is None:
+        num_heads = q.shape[1]
+        if q.shape[2] != head_dim:
+            raise ValueError(f"q's head_dim {q.shape[2]} does not match the cache's {head_dim}")
+    else:
+        num_heads = qkv_rope.num_heads
+        if q.dim() != 2 or q.shape[1] != (num_heads + 2 * kv_heads) * head_dim or q.stride(1) != 1:
+            raise ValueError(f"qkv {tuple(q.shape)} is not [num_reqs, (heads + 2 * kv_heads) * head_dim], rows "
+                             f"contiguous")
+        if qkv_rope.cos_sin.shape[-1] != head_dim or head_dim & (head_dim - 1) or head_dim < 16:
+            raise ValueError("the fused QKV decode needs full rotary and a power-of-two head_dim >= 16")
+        if (qkv_rope.q_norm_weight is None) != (qkv_rope.k_norm_weight is None):
+            raise ValueError("give both QK-norm weights or neither")
     group = num_heads // kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
     tiles = tiles or decode_tiles(head_dim, cache.dtype, num_reqs)
@@ -565,26 +796,47 @@ def paged_decode_triton(q: torch.Tensor, cache: torch.Tensor, block_table: torch
         num_sms = _num_sms(q.device.index or 0) if q.is_cuda else 8
         num_splits = decode_num_splits(num_reqs, kv_heads, max_seq_len, num_sms, tiles.block_n,
                                        tiles.programs_per_sm, tiles.max_splits)
+    counters = _decode_counters(q.device, num_reqs * kv_heads) if tiles.fused_reduce else None
     part_acc = torch.empty(num_reqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(num_reqs, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     k_scale, v_scale, has_scale = kv_scales(cache, k_scale, v_scale)
     fp16_dot = (tiles.fp16_dot and is_fp8(cache.dtype) and q.dtype in (torch.bfloat16, torch.float16)
                 and head_dim % 4 == 0)
+    if out is None:
+        out = q.new_empty(num_reqs, num_heads, head_dim)
+    red_g = max(2, triton.next_power_of_2(group))
+    red_s = max(1, min(triton.next_power_of_2(num_splits), 2048 * tiles.num_warps // (red_g * block_d)))
+    if qkv_rope is not None:
+        has_norm = qkv_rope.q_norm_weight is not None
+        fused = dict(positions_ptr=qkv_rope.positions, cos_sin_ptr=qkv_rope.cos_sin,
+                     q_norm_ptr=qkv_rope.q_norm_weight if has_norm else q,
+                     k_norm_ptr=qkv_rope.k_norm_weight if has_norm else q, slot_ptr=qkv_rope.slot_mapping,
+                     cos_sin_stride=qkv_rope.cos_sin.stride(0), eps=qkv_rope.eps, QKV=True, QK_NORM=has_norm,
+                     GPTJ=qkv_rope.style == "gptj", KV_FP8=is_fp8(cache.dtype))
+        q_strides = (q.stride(0), head_dim)
+    else:
+        fused = dict(positions_ptr=seq_lens, cos_sin_ptr=part_ml, q_norm_ptr=q, k_norm_ptr=q, slot_ptr=seq_lens,
+                     cos_sin_stride=0, eps=0.0)
+        q_strides = (q.stride(0), q.stride(1))
     _decode_kernel[(num_reqs, kv_heads, num_splits)](
         q, cache, block_table, seq_lens, part_acc, part_ml, k_scale, v_scale,
-        q.stride(0), q.stride(1), block_table.stride(0), cache.stride(0), cache.stride(1), cache.stride(2),
+        *q_strides, block_table.stride(0), cache.stride(0), cache.stride(1), cache.stride(2),
         cache.stride(3), scale, softcap or 0.0, window or 0, num_splits,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=tiles.block_n, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_KV_SCALE=has_scale, FP16_DOT=fp16_dot, ASM=q.is_cuda, AHEAD=tiles.ahead,
         LAZY_RESCALE=tiles.lazy_rescale,
+        sinks_ptr=sinks if sinks is not None else part_ml, out_ptr=out,
+        count_ptr=counters if counters is not None else seq_lens, out_stride_t=out.stride(0),
+        out_stride_h=out.stride(1), FUSED_REDUCE=counters is not None, HAS_SINKS=sinks is not None,
+        RED_G=red_g, RED_S=red_s, **fused,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}))
-    out = torch.empty_like(q) if out is None else out
-    _decode_reduce_kernel[(num_reqs, num_heads)](
-        part_acc, part_ml, sinks if sinks is not None else part_ml, out, out.stride(0), out.stride(1), num_splits,
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), HAS_SINKS=sinks is not None)
+    if counters is None:
+        _decode_reduce_kernel[(num_reqs, num_heads)](
+            part_acc, part_ml, sinks if sinks is not None else part_ml, out, out.stride(0), out.stride(1),
+            num_splits, NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), HAS_SINKS=sinks is not None)
     return out
 
 

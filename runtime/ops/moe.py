@@ -255,14 +255,17 @@ if triton is not None:
         else:
             choice = scores + tl.load(bias_ptr + experts, mask=valid, other=0.0).to(tl.float32) if HAS_BIAS \
                 else scores
-            top_weights = tl.zeros([BLOCK_TOP_K], dtype=tl.float32)
+            # one max a slot over int64 keys that order by choice, then by lower expert id: the choice's fp32 bits
+            # made monotone as a signed integer (+0.0 first, so -0.0 ties with 0.0), above BLOCK_E - 1 - expert
+            bits = (choice + 0.0).to(tl.int32, bitcast=True)
+            keys = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (BLOCK_E - 1 - experts).to(tl.int64)
             top_ids = tl.zeros([BLOCK_TOP_K], dtype=tl.int32)
             for slot in tl.static_range(TOP_K):
-                best = tl.argmax(choice, axis=0, tie_break_left=True)
-                top_weights = tl.where(slots == slot, tl.sum(tl.where(experts == best, scores, 0.0), axis=0),
-                                       top_weights)
-                top_ids = tl.where(slots == slot, best, top_ids)
-                choice = tl.where(experts == best, float("-inf"), choice)
+                best = tl.max(keys, axis=0)
+                top_ids = tl.where(slots == slot, (BLOCK_E - 1 - (best & (BLOCK_E - 1))).to(tl.int32), top_ids)
+                keys = tl.where(keys == best, -9223372036854775807, keys)
+            chosen = (experts[None, :] == top_ids[:, None]) & (slots < TOP_K)[:, None]
+            top_weights = tl.sum(tl.where(chosen, scores[None, :], 0.0), axis=1)       # one gather for all k
         if SCORE == 1:
             top_logits = tl.where(slots < TOP_K, top_weights, float("-inf"))
             top_exp = tl.exp(top_logits - tl.max(top_logits, axis=0))            # 0 past TOP_K
@@ -420,7 +423,9 @@ def score_topk_triton(router_logits: torch.Tensor, top_k: int, scoring: str,
 def _route_topk(router_logits: torch.Tensor, top_k: int, score: int, renormalize: bool,
                 expert_scale: torch.Tensor | None = None, selection_bias: torch.Tensor | None = None,
                 fixed_ids: torch.Tensor | None = None, scaling: float = 1.0,
-                rounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                rounded: bool = False, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One program a token. Up to 256 experts one warp (every max a warp's shuffles, no shared memory), up to
+    1,024 four."""
     if triton is None:
         raise RuntimeError("the Triton routing kernel needs the triton package")
     num_tokens, num_experts = router_logits.shape
@@ -431,6 +436,7 @@ def _route_topk(router_logits: torch.Tensor, top_k: int, score: int, renormalize
     logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
     weights = torch.empty(num_tokens, top_k, dtype=router_logits.dtype, device=router_logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    block_e = triton.next_power_of_2(num_experts)
     if num_tokens:
         unread = logits                                                         # a pointer for absent operands
         _route_topk_kernel[(num_tokens,)](
@@ -440,7 +446,8 @@ def _route_topk(router_logits: torch.Tensor, top_k: int, score: int, renormalize
             1e-20 if rounded else 0.0, scaling,
             TOP_K=top_k, SCORE=score, RENORMALIZE=renormalize, HAS_SCALE=expert_scale is not None,
             HAS_BIAS=selection_bias is not None, FIXED_IDS=fixed_ids is not None, ROUND=rounded,
-            BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_TOP_K=triton.next_power_of_2(top_k), num_warps=4)
+            BLOCK_E=block_e, BLOCK_TOP_K=triton.next_power_of_2(top_k),
+            num_warps=num_warps or max(1, min(4, block_e // 256)))
     return weights, ids
 
 

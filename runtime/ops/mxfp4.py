@@ -953,38 +953,64 @@ if triton is not None:
         return acc + tl.where(j < 2, lane_lo, lane_hi)
 
     @triton.jit
-    def _mxfp4_mma_load(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words, step,
-                        num_groups):
-        """One K step's operands of a lane: the words [32 W, 4] of its block (4 * step + c) of rows g (lo) and
-        g + 8 (hi), their scale bytes (elements 0 and 1; 0 past the row's end is replaced by the mul by zero
-        below), and its 16 activation words as four [32 W, 4] (words 4q .. 4q + 3 in tensor q)."""
+    def _mxfp4_mma_block(lanes: tl.constexpr, step, num_groups):
+        """[32 W, 1]: the block (4 * step + c) lane c of a row group reads at K step `step`, clamped to the row,
+        and whether it lies in the row."""
+        block = 4 * step + (tl.arange(0, lanes) % 4)[:, None]
+        return tl.minimum(block, num_groups - 1), block < num_groups
+
+    @triton.jit
+    def _mxfp4_mma_load_weights(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, step, num_groups):
+        """A lane's weights of one K step: the words [32 W, 4] of its block of rows g (lo) and g + 8 (hi) and
+        their scale bytes (elements 0 and 1; past the row's end, the bias that makes the scale's mul by zero)."""
         j = tl.arange(0, 4)[None, :]
-        c = (tl.arange(0, lo_blocks.shape[0]) % 4)[:, None]
-        block = 4 * step + c
-        valid = block < num_groups
-        block = tl.minimum(block, num_groups - 1)
+        block, valid = _mxfp4_mma_block(lo_blocks.shape[0], step, num_groups)
         w_lo = tl.load(words_ptr + (lo_blocks + block) * 4 + j, eviction_policy="evict_first")
         w_hi = tl.load(words_ptr + (hi_blocks + block) * 4 + j, eviction_policy="evict_first")
         scale_at = tl.where(j == 0, lo_scales, hi_scales) + block
         scales = tl.load(scales_ptr + scale_at, mask=(j < 2) & valid, other=0).to(tl.int32)
         scales = tl.where(valid, scales, -_MMA_SCALE_BIAS)                  # past the row: m = 0
+        return w_lo, w_hi, scales
+
+    @triton.jit
+    def _mxfp4_mma_load_activations(x_words, lanes: tl.constexpr, step, num_groups):
+        """A lane's 16 activation words of one K step (its block's) as four [32 W, 4] (words 4q .. 4q + 3 in
+        tensor q)."""
+        j = tl.arange(0, 4)[None, :]
+        block, _ = _mxfp4_mma_block(lanes, step, num_groups)
         x_at = x_words + block * 16 + j
-        xa = tl.load(x_at)
-        xb = tl.load(x_at + 4)
-        xc = tl.load(x_at + 8)
-        xd = tl.load(x_at + 12)
+        return tl.load(x_at), tl.load(x_at + 4), tl.load(x_at + 8), tl.load(x_at + 12)
+
+    @triton.jit
+    def _mxfp4_mma_load(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words, step,
+                        num_groups):
+        """One K step's operands of a lane: its weights (`_mxfp4_mma_load_weights`) and activations."""
+        w_lo, w_hi, scales = _mxfp4_mma_load_weights(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales,
+                                                     hi_scales, step, num_groups)
+        xa, xb, xc, xd = _mxfp4_mma_load_activations(x_words, lo_blocks.shape[0], step, num_groups)
         return w_lo, w_hi, scales, xa, xb, xc, xd
+
+    # Programmatic dependent launch (Hopper): `_GDC_WAIT` blocks until the grid this one depends on has finished
+    # and its writes are visible; `_GDC_LAUNCH` lets that dependent grid start before this one ends. Both are
+    # no-ops in a launch without the dependency.
+    _GDC_WAIT = tl.constexpr("griddepcontrol.wait; mov.b32 $0, 0;")
+    _GDC_LAUNCH = tl.constexpr("griddepcontrol.launch_dependents; mov.b32 $0, 0;")
 
     @triton.jit
     def _mxfp4_mma_walk(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words, step_begin,
-                        step_end, num_groups, EMULATE: tl.constexpr):
+                        step_end, num_groups, EMULATE: tl.constexpr, WAIT: tl.constexpr = False):
         """[32 W, 4] fp32 mma sums of K steps [step_begin, step_end) (2^-MMA_SCALE_SHIFT times the dot products):
         element 0 row g, element 2 row g + 8 (1 and 3: the same, the B operand's next column). The next step
         loads while this one computes (the last step reloads itself). Loading two steps ahead measured 1.2-1.5x
-        slower on the H200 (2026-11-29: more registers, fewer programs resident)."""
+        slower on the H200 (2026-11-29: more registers, fewer programs resident); so did asking L2 for the walk
+        ahead of it (2026-11-30). WAIT: the activations come from the grid this one depends on, so the first
+        step's weights load, then the wait, then its activations."""
         acc = tl.zeros(lo_blocks.shape, dtype=tl.float32) + tl.zeros([1, 4], dtype=tl.float32)
-        w_lo, w_hi, scales, xa, xb, xc, xd = _mxfp4_mma_load(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales,
-                                                             hi_scales, x_words, step_begin, num_groups)
+        w_lo, w_hi, scales = _mxfp4_mma_load_weights(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales,
+                                                     hi_scales, step_begin, num_groups)
+        if WAIT and not EMULATE:
+            tl.inline_asm_elementwise(_GDC_WAIT, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        xa, xb, xc, xd = _mxfp4_mma_load_activations(x_words, lo_blocks.shape[0], step_begin, num_groups)
         for step in range(step_begin, step_end):
             n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd = _mxfp4_mma_load(
                 words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words,
@@ -1013,11 +1039,16 @@ if triton is not None:
                                   top_k, K, N, stride_xw, stride_be, stride_br, stride_se, stride_sr, stride_bias,
                                   stride_hm, alpha, limit, up_offset,
                                   HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERLEAVED: tl.constexpr,
-                                  WARPS: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+                                  WARPS: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr,
+                                  PDL: tl.constexpr = False):
         """h[pair, n] = act(x[token] @ W13[e].T + b13[e]) for 8 * WARPS columns n: warp w's tile rows g and g + 8
         are the gate and the up row of column 8 w + g. x is read as int32 words (bf16 pairs; stride_xw counts
         words); weight strides count 16-byte blocks. SPLIT_K programs share the K steps of a tile, each writing
-        fp32 partials [SPLIT_K, pairs, 2, N]; the last to arrive at the tile's counter finishes."""
+        fp32 partials [SPLIT_K, pairs, 2, N]; the last to arrive at the tile's counter finishes. PDL: once every
+        program has started, the down GEMV (a programmatic dependent launch) may start too: its programs take
+        the room left on the SMs, load their first weights and wait for this launch to end."""
+        if PDL and not EMULATE:
+            tl.inline_asm_elementwise(_GDC_LAUNCH, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
         pair = tl.program_id(0)
         token = pair // top_k
         i = tl.arange(0, 32 * WARPS)[:, None]
@@ -1074,11 +1105,13 @@ if triton is not None:
     def _mxfp4_mma_down_kernel(h_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, weights_ptr, ids_ptr, part_ptr,
                                count_ptr, top_k, K, N, stride_hw, stride_be, stride_br, stride_se, stride_sr,
                                stride_bias, stride_om, HAS_BIAS: tl.constexpr, WARPS: tl.constexpr,
-                               SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+                               SPLIT_K: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False):
         """out[token, n] = sum_k weight[pair] * (h[pair] @ W2[e].T + b2[e])[n] for 16 * WARPS rows n. Program
         (token, row tile, s) reads slot s // SPLIT_K's expert over its K part s % SPLIT_K and writes the weighted
         fp32 partial [top_k * SPLIT_K, tokens, N]; the last of the tile's top_k * SPLIT_K programs to arrive sums
-        them in order, adds the weighted biases and stores the row."""
+        them in order, adds the weighted biases and stores the row. PDL: launched as a programmatic dependent of
+        the gate/up GEMV, it reads the routing and its first weights before waiting for that launch to end, and
+        h, the partials and the counters only after."""
         token = tl.program_id(0)
         split = tl.program_id(2)
         slot = split // SPLIT_K
@@ -1099,7 +1132,7 @@ if triton is not None:
                               expert * stride_be + hi_rows * stride_br, scales_ptr,
                               expert * stride_se + lo_rows * stride_sr, expert * stride_se + hi_rows * stride_sr,
                               h_ptr + pair.to(tl.int64) * stride_hw, step_begin,
-                              tl.minimum(step_begin + per_split, steps), num_groups, EMULATE)
+                              tl.minimum(step_begin + per_split, steps), num_groups, EMULATE, PDL)
         out = acc * (weight * _MMA_UNSHIFT)
         rows = n + 8 * (j // 2)                                                         # [32 W, 4]
         mine = (rows < N) & (i % 4 == 0) & (j % 2 == 0)
@@ -1139,6 +1172,7 @@ class GemvTiles:
     mma_down: bool = False             # the down GEMV on the tensor cores: 16 * mma_warps_down rows a program
     mma_warps_down: int = 4
     mma_split_down: int = 1            # K splits of each slot in the tensor-core down GEMV
+    mma_pdl: bool = False              # both tensor-core GEMVs: the down one a programmatic dependent launch (Hopper)
 
     @staticmethod
     def for_shape(hidden: int, inter: int) -> "GemvTiles":
@@ -1246,7 +1280,8 @@ def mxfp4_gemv_gate_up(x: torch.Tensor, w13: Mxfp4Linear, topk_ids: torch.Tensor
             w13.scales.stride(0), w13.scales.stride(1), bias_stride, h.stride(0),
             activation.alpha, activation.limit or 0.0, activation.up_offset,
             HAS_BIAS=w13.bias is not None, HAS_LIMIT=activation.limit is not None, INTERLEAVED=activation.interleaved,
-            WARPS=tiles.mma_warps, SPLIT_K=split, EMULATE=not x.is_cuda, num_warps=tiles.mma_warps)
+            WARPS=tiles.mma_warps, SPLIT_K=split, EMULATE=not x.is_cuda, PDL=tiles.mma_pdl,
+            num_warps=tiles.mma_warps)
         return h
     num_counts = 0 if counters is None else counters.numel()
     counters = h if counters is None else counters
@@ -1289,7 +1324,8 @@ def mxfp4_gemv_down(h: torch.Tensor, w2: Mxfp4Linear, topk_weights: torch.Tensor
         _mxfp4_mma_down_kernel[grid](
             words, w2.blocks.view(torch.int32), w2.scales, bias, out, weights, ids, part, count, top_k, h.shape[1],
             hidden, stride_hw, *strides[1:], HAS_BIAS=w2.bias is not None, WARPS=tiles.mma_warps_down,
-            SPLIT_K=split, EMULATE=not h.is_cuda, num_warps=tiles.mma_warps_down)
+            SPLIT_K=split, EMULATE=not h.is_cuda, PDL=tiles.mma_pdl, num_warps=tiles.mma_warps_down,
+            **({"launch_pdl": True} if tiles.mma_pdl and h.is_cuda else {}))
         return out
     if _use_gluon(tiles.gluon_down, h):
         h, h_packed = _activations_for_gemv(h)

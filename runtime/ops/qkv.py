@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from runtime.ops.attention import is_fp8, kv_scales, write_kv_ref
+from runtime.ops.attention import QkvRope, is_fp8, kv_scales, paged_attention, paged_decode_triton, write_kv_ref
 from runtime.ops.norm import rms_norm_ref
 from runtime.ops.rope import RotaryEmbedding, apply_rope
 
@@ -41,6 +41,29 @@ def qkv_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, rotary: Rotary
     return qkv_rope_write_kv_ref(qkv, positions, rotary.cos_sin, rotary.style, cache, slot_mapping,
                                  num_heads, num_kv_heads, head_dim, q_norm_weight, k_norm_weight, eps,
                                  k_scale, v_scale)
+
+
+def qkv_rope_attention(qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, cache: torch.Tensor,
+                       block_table: torch.Tensor, slot_mapping: torch.Tensor, ctx, num_heads: int, num_kv_heads: int,
+                       head_dim: int, scale: float, q_norm_weight: torch.Tensor | None = None,
+                       k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6, window: int | None = None,
+                       sinks: torch.Tensor | None = None, softcap: float | None = None,
+                       k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`paged_attention` of the queries `qkv_rope_write_kv` makes, after it wrote the keys and values: the
+    attention output [num_tokens, heads, head_dim]. In a decode step on a GPU one launch does all of it (the
+    decode kernel reads the projection's row itself); elsewhere the two ops run in turn."""
+    if (ctx.is_decode and ctx.graph_break is None and qkv.is_cuda and triton is not None
+            and os.environ.get("RUN_MODEL_TORCH_OPS") != "1" and rotary.rotary_dim == head_dim
+            and head_dim >= 16 and not head_dim & (head_dim - 1) and qkv.stride(-1) == 1
+            and (q_norm_weight is None or q_norm_weight.dtype == qkv.dtype)):
+        fused = QkvRope(positions, rotary.cos_sin, rotary.style, slot_mapping, num_heads, q_norm_weight,
+                        k_norm_weight, eps)
+        return paged_decode_triton(qkv, cache, block_table, ctx.seq_lens, ctx.max_seq_len, scale, window, sinks,
+                                   softcap, k_scale=k_scale, v_scale=v_scale, qkv_rope=fused)
+    q = qkv_rope_write_kv(qkv, positions, rotary, cache, slot_mapping, num_heads, num_kv_heads, head_dim,
+                          q_norm_weight, k_norm_weight, eps, k_scale, v_scale)
+    return paged_attention(q, cache, block_table, ctx, scale, window=window, sinks=sinks, softcap=softcap,
+                           k_scale=k_scale, v_scale=v_scale)
 
 
 def qkv_rope_write_kv_ref(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, style: str,

@@ -203,7 +203,11 @@ def test_gemv_moe_matches_reference_in_the_interpreter(num_tokens, activation, b
 @pytest.mark.parametrize("interleaved,bias,num_tokens,tiles", [
     (True, True, 2, GemvTiles(mma=True, mma_warps=2, mma_split=2, mma_down=True, mma_warps_down=1, mma_split_down=2)),
     (False, False, 1, GemvTiles(mma=True, mma_warps=1, mma_split=1, mma_down=True, mma_warps_down=2,
-                                mma_split_down=1))])
+                                mma_split_down=1)),
+    # the programmatic dependent launch is a GPU launch option (the emulation runs the kernels in order): 3 tokens,
+    # uneven splits of both GEMVs
+    (True, False, 3, GemvTiles(mma=True, mma_warps=1, mma_split=3, mma_down=True, mma_warps_down=1, mma_split_down=3,
+                               mma_pdl=True))])
 def test_tensor_core_gemv_matches_reference_in_the_interpreter(interleaved, bias, num_tokens, tiles):
     """bf16 activations through the tensor-core GEMVs' emulation (the same lanes' operands and sums as the
     mma): K = 96 and 160 are not multiples of a K step (128), the rows not of a tile, the K splits uneven, one
@@ -278,6 +282,9 @@ GPU_VARIANTS = {
                 mma_split_down=1),
     "mma-up-gluon-split-down": dict(gluon=True, gluon_down=True, mma=True, mma_warps=4, mma_split=2, mma_down=False,
                                     split_down=2),
+    # the down GEMV a programmatic dependent launch of the gate/up one
+    "mma-pdl": dict(gluon=True, gluon_down=True, mma=True, mma_warps=4, mma_split=2, mma_down=True, mma_warps_down=4,
+                    mma_split_down=4, mma_pdl=True),
 }
 
 
@@ -307,6 +314,45 @@ def test_gemv_moe_matches_reference_in_bf16_on_gpu(num_tokens, shape, variant):
         ours = mxfp4_moe_gemv(x, w13, w2, weights.cuda(), ids.cuda(), activation, tiles)
         torch.testing.assert_close(ours.float(), expected.float(), rtol=2e-2,
                                    atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["2880x2880 top-4, biases, interleaved", "4096x2048 top-6, halves"])
+def test_dependent_launch_gemv_replays_from_a_graph_like_the_plain_one_on_gpu(shape):
+    """The down GEMV launched as a programmatic dependent of the gate/up GEMV, captured in a CUDA graph and
+    replayed over new tokens and routing (written in place, 1 then 2 of 2 rows routed, a negative id): bit for
+    bit the eager launches without the dependency, whose arithmetic is the same."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from dataclasses import replace
+
+    from runtime.ops.mxfp4 import mxfp4_moe_gemv
+    if shape.startswith("2880"):
+        num_experts, hidden, inter, top_k, bias, activation = 32, 2880, 2880, 4, True, GPT_OSS_ACTIVATION
+    else:
+        num_experts, hidden, inter, top_k, bias, activation = 16, 4096, 2048, 6, False, GatedActivation(limit=10.0)
+    w13, w2 = make_experts(num_experts, hidden, inter, seed=40, bias=bias)
+    w13, w2 = (Mxfp4Linear(w.blocks.cuda(), w.scales.cuda(), w.bias.cuda() if bias else None) for w in (w13, w2))
+    plain = replace(GemvTiles.for_shape(hidden, inter), mma=True, mma_down=True, mma_pdl=False)
+    dependent = replace(plain, mma_pdl=True)
+    rounds = []
+    for seed in (41, 42, 43):
+        weights, ids = make_routing(2, num_experts, top_k, seed=seed)
+        if seed == 42:
+            ids[1, 0] = -1                                   # another rank's expert
+        x = torch.randn(2, hidden, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        rounds.append((x.cuda(), weights.cuda(), ids.cuda()))
+    x, weights, ids = (t.clone() for t in rounds[0])
+    mxfp4_moe_gemv(x, w13, w2, weights, ids, activation, dependent)          # compiles; makes the counters
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mxfp4_moe_gemv(x, w13, w2, weights, ids, activation, dependent)
+    for round_x, round_weights, round_ids in rounds:
+        x.copy_(round_x), weights.copy_(round_weights), ids.copy_(round_ids)
+        graph.replay()
+        want = mxfp4_moe_gemv(round_x, w13, w2, round_weights, round_ids, activation, plain)
+        assert torch.equal(out, want)
 
 
 @pytest.mark.gpu

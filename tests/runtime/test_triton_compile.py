@@ -251,6 +251,65 @@ def test_dense_gemv_reads_the_weight_as_16_byte_vectors(case_id, compiled):
     assert "atom.global" not in ptx
 
 
+# the one-launch decode attention (the last split of a (request, KV head) reduces; arrival counters) and the
+# fused QKV step (QK-norm, RoPE and the newest K/V written by the split that holds it), bf16 and fp8-word caches
+ONE_LAUNCH_DECODE_TYPES = dict(DECODE_TYPES, sinks_ptr="*fp32", out_ptr="*bf16", count_ptr="*i32",
+                               positions_ptr="*i64", cos_sin_ptr="*fp32", q_norm_ptr="*bf16", k_norm_ptr="*bf16",
+                               slot_ptr="*i64", eps="fp32")
+ONE_LAUNCH_DECODE = {
+    "decode-attention-one-launch-bf16": (dict(DECODE, BLOCK_N=64, HAS_KV_SCALE=False, FP16_DOT=False, AHEAD=0,
+                                              FUSED_REDUCE=True, RED_G=4, RED_S=16), {}, 4, 3),
+    "decode-attention-one-launch-qkv-sinks-window": (dict(DECODE, GROUP=8, HEAD_DIM=64, BLOCK_D=64, BLOCK_N=64,
+                                                          HAS_WINDOW=True, HAS_KV_SCALE=False, FP16_DOT=False,
+                                                          AHEAD=0, FUSED_REDUCE=True, HAS_SINKS=True, RED_G=8,
+                                                          RED_S=16, QKV=True), {}, 4, 3),
+    "decode-attention-one-launch-qkv-norm-bf16": (dict(DECODE, GROUP=2, BLOCK_N=64, HAS_KV_SCALE=False,
+                                                       FP16_DOT=False, AHEAD=0, FUSED_REDUCE=True, RED_G=2, RED_S=32,
+                                                       QKV=True, QK_NORM=True), {}, 4, 3),
+    "decode-attention-one-launch-qkv-fp8-words": (dict(DECODE, BLOCK_N=16, HAS_KV_SCALE=True, FP16_DOT=True,
+                                                       ASM=True, AHEAD=1, FUSED_REDUCE=True, RED_G=4, RED_S=4,
+                                                       QKV=True, QK_NORM=True, KV_FP8=True),
+                                                  dict(cache_ptr="*fp8e4nv"), 1, 1),
+}
+for case_id, (constexprs, types, warps, stages) in ONE_LAUNCH_DECODE.items():
+    CASES[case_id] = (Case("runtime.ops.attention", "_decode_kernel", constexprs,
+                           dict(ONE_LAUNCH_DECODE_TYPES, **types), options=dict(num_warps=warps, num_stages=stages),
+                           divisible_by_16=DECODE_DIVISIBLE), "atom.global.gpu.acq_rel.add", None)
+
+
+# the routing top-k in one warp (256 experts): every max by shuffles, no shared memory or barrier
+CASES["route-topk-sqrtsoftplus-bias-one-warp"] = (
+    Case("runtime.ops.moe", "_route_topk_kernel", dict(SCORE=3, RENORMALIZE=True, HAS_BIAS=True, FIXED_IDS=False,
+                                                       ROUND=True, TOP_K=6, HAS_SCALE=False, BLOCK_E=256,
+                                                       BLOCK_TOP_K=8), ROUTING_TYPES, {"num_warps": 1}),
+    "shfl.sync", "bar.sync")
+
+
+# the MXFP4 tensor-core GEMVs as a programmatic dependent launch: the gate/up GEMV lets the down GEMV start, which
+# loads its routing and first weights before it waits and its activations (the gate/up's output) only after
+MXFP4_MMA_PDL = {
+    "mxfp4-mma-gate-up-pdl": ("_mxfp4_mma_gate_up_kernel", dict(HAS_BIAS=True, HAS_LIMIT=True, INTERLEAVED=True,
+                                                                WARPS=4, SPLIT_K=2, PDL=True), dict(h_ptr="*bf16")),
+    "mxfp4-mma-down-pdl": ("_mxfp4_mma_down_kernel", dict(HAS_BIAS=True, WARPS=4, SPLIT_K=4, PDL=True),
+                           dict(h_ptr="*i32", out_ptr="*bf16")),
+}
+for case_id, (kernel, constexprs, types) in MXFP4_MMA_PDL.items():
+    CASES[case_id] = (Case("runtime.ops.mxfp4", kernel, dict(constexprs, EMULATE=False), dict(MXFP4_MMA_TYPES, **types),
+                           {"num_warps": constexprs["WARPS"]},
+                           divisible_by_16=MXFP4_MMA_DIVISIBLE + MXFP4_MMA_DIVISIBLE_BY_KERNEL[kernel]),
+                      "griddepcontrol", None)
+
+
+def test_mxfp4_mma_dependent_launch_reads_the_gate_up_output_only_after_waiting(compiled):
+    gate_up = compiled["mxfp4-mma-gate-up-pdl"]["ptx"]
+    assert gate_up.count("griddepcontrol.launch_dependents") == 1
+    assert gate_up.index("griddepcontrol.launch_dependents") < gate_up.index("ld.global")   # before any load
+    down = compiled["mxfp4-mma-down-pdl"]["ptx"]
+    wait = down.index("griddepcontrol.wait")
+    assert down.count("griddepcontrol.wait") == 1
+    assert "evict_first.L2::cache_hint.v4.b32" in down[:wait]                 # the first step's weights
+    assert "ld.global.v4.b32" not in down[:wait] and "atom." not in down[:wait] and "st.global" not in down[:wait]
+
 # the tensor-core FP8 GEMV with L2 prefetches (cp.async.bulk, a runtime distance) and programmatic dependent
 # launch: the prefetches are kept though their results are unused, and the wait precedes every store and atomic
 FP8_PDL = {f"fp8-gemv-mma-prefetch-pdl-split{split}{'-silu-mul' if silu else ''}": dict(

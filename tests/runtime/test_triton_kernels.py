@@ -276,7 +276,7 @@ def router_logits(num_tokens: int, num_experts: int, dtype: torch.dtype, seed: i
 
 
 @pytest.mark.parametrize("scoring", ["sqrtsoftplus", "sigmoid", "softmax"])
-@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 10, 1), (7, 24, 6), (33, 60, 8)])
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 10, 1), (7, 24, 6), (33, 60, 8), (3, 256, 6), (2, 200, 6)])
 def test_score_topk_kernel_matches_reference(interpreter, scoring, num_tokens, num_experts, top_k):
     """The experts chosen by score + an fp32 selection-only bias (distinct sums), the weights renormalized from
     the unbiased scores and scaled. fp32 here: the interpreter truncates fp32 -> bf16 where the GPU rounds to
@@ -292,6 +292,20 @@ def test_score_topk_kernel_matches_reference(interpreter, scoring, num_tokens, n
     assert_rounds_like(weights, expected_weights, **ROUNDED[dtype])
     unbiased = moe.score_topk_ref(logits, top_k, scoring, scaling=2.5)[1].sort(dim=-1).values
     assert top_k == 1 or not torch.equal(unbiased, expected_ids)        # the bias changed some choices
+
+
+@pytest.mark.parametrize("num_experts", [256, 200, 32])
+def test_route_topk_kernel_breaks_ties_toward_the_lower_expert(interpreter, num_experts):
+    """Logits from a few values, so most rows tie at the top (-0.0 beside 0.0 too), at 256 experts (one warp),
+    a width that pads to 256, and 32: the k come in falling order, equal logits by rising expert id, which is
+    what a stable sort of the negated logits gives."""
+    generator = torch.Generator().manual_seed(5)
+    values = torch.tensor([-2.0, -0.0, 0.0, 0.5, 1.0, 1.0])
+    logits = values[torch.randint(0, len(values), (5, num_experts), generator=generator)]
+    weights, ids = moe.softmax_topk_triton(logits, 6, False, softmax_after_topk=True)
+    expected_ids = torch.argsort(-logits, dim=-1, stable=True)[:, :6]
+    assert torch.equal(ids, expected_ids)
+    assert_rounds_like(weights, torch.softmax(logits.gather(1, expected_ids), dim=-1), **ROUNDED[torch.float32])
 
 
 def test_score_topk_kernel_takes_the_experts_of_a_table(interpreter):

@@ -291,15 +291,19 @@ def test_wide_topk_is_the_exact_top_k_in_index_order(device, lookback, monkeypat
                 assert torch.equal(captured, _exact_topk(scores, positions, ratio, top_k)), f"width {width}"
 
 
+@pytest.mark.parametrize("kind", ["hca", "csa"])
 @pytest.mark.parametrize("flat", [False, True], ids=["grouped", "flat"])
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
-def test_fp8_attention_over_many_key_tiles_matches_reference(prefetch, flat, monkeypatch):
-    """FP8 window + every entry (at ratio 4, > 3 key tiles a query) in one split, a tile's loads issued a tile
-    ahead or not, the scales applied per group after the dots or folded into the keys (flat): the decode-time
-    loop over many tiles that the other CPU cases (a tile each) do not reach."""
+def test_fp8_attention_over_many_key_tiles_matches_reference(prefetch, flat, kind, monkeypatch):
+    """FP8 window + every entry (hca: at ratio 4, > 3 key tiles a query) or + a selection (csa: 3 tiles,
+    wider than the entries any query has) in one split, a tile's loads issued a tile ahead or not, the scales
+    applied per group after the dots or folded into the keys (flat), each switch set for the layer kind that
+    reads it: the decode-time loop over many tiles that the other CPU cases (a tile each) do not reach."""
     from tests.models.deepseek_v4.test_deepseek_v4_fp8_kv import _fp8_cache, _formats, _spread
-    monkeypatch.setattr(kernels, "ATTENTION_PREFETCH", prefetch)
-    monkeypatch.setattr(kernels, "ATTENTION_FLAT", flat)
+    suffix = "_SELECTED" if kind == "csa" else ""
+    monkeypatch.setattr(kernels, "ATTENTION_PREFETCH" + suffix, prefetch)
+    monkeypatch.setattr(kernels, "ATTENTION_FLAT" + suffix, flat)
+    monkeypatch.setattr(kernels, "ATTENTION_FLAT" if kind == "csa" else "ATTENTION_FLAT_SELECTED", not flat)
     monkeypatch.setattr(kernels, "attention_splits", lambda *args, **kwargs: 1)
     sizes, steps = SMALL, [(150, 1), (97, 2), (40, 1)]
     kv_format, _ = _formats("cpu", sizes)
@@ -312,11 +316,16 @@ def test_fp8_attention_over_many_key_tiles_matches_reference(prefetch, flat, mon
     q = torch.randn(n, sizes.heads, sizes.dim, generator=generator) / 16     # scores of order 1: every key counts
     sinks = torch.randn(sizes.heads, generator=generator)
     scale = sizes.dim ** -0.5
+    selected = per_request = None
+    if kind == "csa":       # 80 a query (3 key tiles with the window), more than any query has (37): -1 padded
+        selected = _random_selection(positions, sizes.ratio, 80, generator).to(torch.int32)
+        starts = ctx.query_start_loc_host
+        per_request = [selected[int(a):int(b)] for a, b in zip(starts[:-1], starts[1:])]
     out = kernels.sparse_attention(q, positions, token_requests(ctx, n), caches[0], ctx.block_tables[0], sizes.window,
-                                   caches[1], ctx.block_tables[1], sizes.ratio, None, sinks, scale, sizes.block_size,
-                                   ctx.max_seq_len // sizes.ratio, kv_format, kv_format)
-    ref = window_sparse_attention(q, positions, ctx, 0, sizes.window, 1, sizes.ratio, None, sinks, scale, kv_format,
-                                  kv_format)
+                                   caches[1], ctx.block_tables[1], sizes.ratio, selected, sinks, scale,
+                                   sizes.block_size, ctx.max_seq_len // sizes.ratio, kv_format, kv_format)
+    ref = window_sparse_attention(q, positions, ctx, 0, sizes.window, 1, sizes.ratio, per_request, sinks, scale,
+                                  kv_format, kv_format)
     torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
 
 
@@ -708,9 +717,53 @@ def test_decode_kernels_compile_for_hopper():
                     "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_inv_freq_ptr": "*fp32",
                     "scale": "fp32", "q_eps": "fp32"},
                    options={"num_warps": kernels.ATTENTION_WARPS, "num_stages": kernels.ATTENTION_STAGES or 3})
-              for ratio, prefetch, flat in ((4, kernels.ATTENTION_PREFETCH_SELECTED, kernels.ATTENTION_FLAT),
-                                            (128, kernels.ATTENTION_PREFETCH, kernels.ATTENTION_FLAT),
-                                            (128, True, not kernels.ATTENTION_FLAT))]
+              for ratio, prefetch, flat in (
+                  (4, kernels.ATTENTION_PREFETCH_SELECTED, kernels.ATTENTION_FLAT_SELECTED),
+                  (4, kernels.ATTENTION_PREFETCH_SELECTED, not kernels.ATTENTION_FLAT_SELECTED),
+                  (128, kernels.ATTENTION_PREFETCH, kernels.ATTENTION_FLAT), (128, True, not kernels.ATTENTION_FLAT))]
     for case, result in zip(cases, compile_for_hopper(cases)):
         assert result["error"] is None, f"{case.kernel} {case.constexprs}: {result['error']}"
         assert f".entry {case.kernel}" in result["ptx"]
+
+
+@pytest.mark.parametrize("kv", ["float32", "fp8"])
+def test_fill_caches_writes_every_cache_as_the_model_stores_it(kv):
+    """bench.py context's fill (the model's fill_caches): every cache of every layer kind overwritten with
+    distinct, finite, non-zero entries that read back as what was stored (FP8: values that the cache's
+    format holds exactly), so the indexer's scores differ and the keys are not zeros."""
+    from transformers import AutoConfig
+    from models.deepseek_v4.cache_ops import Fp8Entry, dequantize_entries, quantize_entries
+    from models.deepseek_v4.model import DeepseekV4ForCausalLM
+    from runtime.registry import get_package
+    from runtime.runner import allocate_caches
+    from runtime.kv_cache import group_cache_specs
+    tiny = dict(get_package("deepseek_v4").tiny_config)
+    config = AutoConfig.for_model(tiny.pop("model_type"), **tiny)
+    dtype = torch.float8_e4m3fn if kv == "fp8" else torch.float32
+    model = DeepseekV4ForCausalLM(config, torch.float32, kv_dtype=lambda window: dtype)
+    block_size = 16
+    layout = group_cache_specs(model.cache_specs(), block_size)
+    caches = allocate_caches(layout, [3] * len(layout.groups), block_size, torch.device("cpu"))
+    torch.manual_seed(0)
+    model.fill_caches(caches)
+    formats = {}
+    for layer in model.layers:
+        formats[layer.attn.window_layer] = layer.attn.window_format
+        compressors = [layer.attn.compressor] + ([layer.attn.indexer.compressor] if layer.attn.indexer else [])
+        for compressor in filter(None, compressors):
+            formats[compressor.state_layer] = None
+            formats[compressor.entry_layer] = compressor.entry_format
+    assert sorted(formats) == list(range(len(caches)))                     # every cache of the model
+    for index, cache in enumerate(caches):
+        fmt = formats[index]
+        assert (fmt is not None) == (kv == "fp8" and cache.dtype == torch.float8_e4m3fn)
+        if fmt is None:
+            values = cache.reshape(-1, cache[0, 0].numel()).float()
+        else:
+            assert isinstance(fmt, Fp8Entry)
+            raw = cache.reshape(-1, fmt.num_bytes)
+            values = dequantize_entries(raw, fmt, torch.float32)
+            assert torch.equal(dequantize_entries(quantize_entries(values, fmt), fmt, torch.float32), values)
+        assert torch.isfinite(values).all() and (values.abs().amax(dim=1) > 0).all()
+        assert values.unique(dim=0).shape[0] == values.shape[0]             # no two entries alike
+        assert 0.8 < values.std().item() < 1.2                              # an RMS-normed entry's scale
