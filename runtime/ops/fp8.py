@@ -726,7 +726,9 @@ class Fp8GemvTiles:
     cvt: bool = False                  # (layout_k) E4M3 widened by the hardware instead of the integer decode
     mma: bool = False                  # the tensor-core GEMV: block_n = 16 * num_warps, 128 bytes of K a step
     prefetch: int = 0                  # (mma) bytes of each weight row asked of L2 ahead of the loads (a multiple
-                                       # of 256; 0: none; FP8_PREFETCH_ALL: a program's whole slice at its start)
+                                       # of 256; 0: none; FP8_PREFETCH_ALL: a program's whole slice at its start).
+                                       # Off in the tables: not timed yet (tools/dsv4_step_kernels.py fp8-sweep),
+                                       # and the same bulk prefetch made the MXFP4 GEMVs 20-30% slower
 
     @staticmethod
     def for_shape(n: int, k: int, rows: int = 1, mma: bool = True) -> "Fp8GemvTiles":
@@ -757,7 +759,7 @@ class Fp8GemvTiles:
         split = 1
         while split < 32 and (n // 64) * split < 512 and k // 128 >= 4 * split:
             split *= 2
-        return Fp8GemvTiles(64, split_k=split, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL)
+        return Fp8GemvTiles(64, split_k=split, num_warps=4, mma=True)
 
 
 # From the tools/decode_kernels.py FP8 sweep on an H200 (2026-11-29, docs/PERFORMANCE.md); keyed by the whole
@@ -790,15 +792,15 @@ FP8_GEMV_FEW_ROWS_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
 # 2026-11-29 16:08 UTC (docs/PERFORMANCE.md, "FP8 GEMV on the tensor cores"): the fastest at one row, which also
 # beat the path taken before at 2, 4 and 8 rows for every weight here.
 FP8_GEMV_MMA_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
-    (512, 4096): Fp8GemvTiles(block_n=64, split_k=16, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
-    (1024, 4096): Fp8GemvTiles(block_n=64, split_k=16, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
-    (2048, 4096): Fp8GemvTiles(block_n=128, split_k=16, num_warps=8, mma=True, prefetch=FP8_PREFETCH_ALL),
-    (4096, 2048): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
-    (4096, 4096): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
-    (4096, 8192): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
-    (8192, 1024): Fp8GemvTiles(block_n=64, split_k=4, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
-    (8192, 4096): Fp8GemvTiles(block_n=64, split_k=4, num_warps=4, mma=True, prefetch=FP8_PREFETCH_ALL),
-    (32768, 1024): Fp8GemvTiles(block_n=128, split_k=1, num_warps=8, mma=True, prefetch=FP8_PREFETCH_ALL),
+    (512, 4096): Fp8GemvTiles(block_n=64, split_k=16, num_warps=4, mma=True),
+    (1024, 4096): Fp8GemvTiles(block_n=64, split_k=16, num_warps=4, mma=True),
+    (2048, 4096): Fp8GemvTiles(block_n=128, split_k=16, num_warps=8, mma=True),
+    (4096, 2048): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True),
+    (4096, 4096): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True),
+    (4096, 8192): Fp8GemvTiles(block_n=64, split_k=8, num_warps=4, mma=True),
+    (8192, 1024): Fp8GemvTiles(block_n=64, split_k=4, num_warps=4, mma=True),
+    (8192, 4096): Fp8GemvTiles(block_n=64, split_k=4, num_warps=4, mma=True),
+    (32768, 1024): Fp8GemvTiles(block_n=128, split_k=1, num_warps=8, mma=True),
 }
 # where the CUDA-core GEMV measured faster at fewer rows: the row count from which the tensor-core one is taken
 # (the 512 x 4096 weight at one row: 4.4 against 4.6 us, both latency-bound)
@@ -811,8 +813,9 @@ FP8_GEMV_MMA_MIN_ROWS: dict[tuple[int, int], int] = {(512, 4096): 2}
 # the programmatic edges. RUN_MODEL_FP8_PDL=0 launches it in plain stream order (kernels that a model launches
 # the same way around it may follow this switch).
 FP8_GEMV_PDL = os.environ.get("RUN_MODEL_FP8_PDL", "1") != "0"
-# RUN_MODEL_FP8_PREFETCH=0: no L2 prefetch whatever the tiles say (an A/B switch for the end-to-end benchmark)
-FP8_GEMV_PREFETCH = os.environ.get("RUN_MODEL_FP8_PREFETCH", "1") != "0"
+# RUN_MODEL_FP8_PREFETCH=1: every tensor-core GEMV asks L2 for its whole slice, whatever the tiles say (an A/B
+# switch for the end-to-end benchmark)
+FP8_GEMV_PREFETCH_ALL = os.environ.get("RUN_MODEL_FP8_PREFETCH") == "1"
 
 FP8_GEMV_MAX_ROWS = 4               # the CUDA-core GEMV's limit (it beat dequantize + cuBLAS up to 4 rows)
 FP8_GEMV_MMA_MAX_ROWS = 8           # the tensor-core GEMV's: the activation rows of one mma's B operand
@@ -950,7 +953,8 @@ def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
     grid = (n // block_n, split)
     part, counters = _split_k_workspace(split, rows, n, grid[0], counters, out, always=silu_mul)
     hopper = x.is_cuda and _is_hopper(x.device)
-    prefetch = min(tiles.prefetch, FP8_PREFETCH_ALL) if hopper and FP8_GEMV_PREFETCH else 0   # sm_90 PTX
+    prefetch = FP8_PREFETCH_ALL if FP8_GEMV_PREFETCH_ALL else min(tiles.prefetch, FP8_PREFETCH_ALL)
+    prefetch = prefetch if hopper else 0                                                  # sm_90 PTX
     if prefetch % 256:
         raise ValueError(f"fp8_gemv: prefetch {tiles.prefetch} is not a multiple of 256 bytes")
     pdl = {"launch_pdl": True} if hopper and FP8_GEMV_PDL and gdc_wait is not None else {}
