@@ -1326,11 +1326,9 @@ def _pdl(x: torch.Tensor) -> dict:
     -> wq_b overlaps each launch with the end of the kernel before. Safe whatever the neighbours: a kernel not
     launched that way waits for this one's end as usual; each of these waits before its first access, the GEMV
     before anything but its weights. {} elsewhere."""
-    from runtime.ops import fp8
+    from runtime.ops.fp8 import fp8_dependent_launch
 
-    if x.is_cuda and gdc_wait is not None and fp8.FP8_GEMV_PDL and fp8._is_hopper(x.device):
-        return {"PDL": True, "launch_pdl": True}
-    return {}
+    return {"PDL": True, "launch_pdl": True} if gdc_wait is not None and fp8_dependent_launch(x) else {}
 
 
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,

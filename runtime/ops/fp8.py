@@ -932,6 +932,12 @@ def fp8_gemv_mma_fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         and weight.stride(0) % 128 == 0 and scale.stride(-1) == 1
 
 
+def fp8_dependent_launch(x: torch.Tensor) -> bool:
+    """Whether the tensor-core GEMV on x's device is a programmatic dependent launch (Hopper, FP8_GEMV_PDL, a
+    Triton with griddepcontrol): kernels launched next to it may then be launched the same way."""
+    return x.is_cuda and triton is not None and gdc_wait is not None and FP8_GEMV_PDL and _is_hopper(x.device)
+
+
 def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, tiles: Fp8GemvTiles,
                   counters: torch.Tensor | None, out: torch.Tensor, prmt: bool = True, silu_mul: bool = False,
                   limit: float | None = None) -> torch.Tensor:
@@ -957,7 +963,7 @@ def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
     prefetch = prefetch if hopper else 0                                                  # sm_90 PTX
     if prefetch % 256:
         raise ValueError(f"fp8_gemv: prefetch {tiles.prefetch} is not a multiple of 256 bytes")
-    pdl = {"launch_pdl": True} if hopper and FP8_GEMV_PDL and gdc_wait is not None else {}
+    pdl = {"launch_pdl": True} if fp8_dependent_launch(x) else {}
     _fp8_gemv_mma_kernel[grid](
         x.view(torch.int32), weight.view(torch.int32), scale, out, part, counters, rows, n, k, x.stride(0) // 2,
         weight.stride(0) // 4, scale.stride(0), out.stride(0), n // groups, words_per_split, k // 2,
