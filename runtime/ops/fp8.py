@@ -810,9 +810,10 @@ FP8_GEMV_MMA_MIN_ROWS: dict[tuple[int, int], int] = {(512, 4096): 2}
 # Programmatic dependent launch of the tensor-core GEMV (Hopper): it is launched so that it may start while the
 # kernel before it on the stream finishes, reads only its weights (and L2 prefetches) until that kernel is done
 # (griddepcontrol.wait), and lets the next such launch start as soon as all its programs run. CUDA graphs keep
-# the programmatic edges. RUN_MODEL_FP8_PDL=0 launches it in plain stream order (kernels that a model launches
-# the same way around it may follow this switch).
-FP8_GEMV_PDL = os.environ.get("RUN_MODEL_FP8_PDL", "1") != "0"
+# the programmatic edges. Off unless RUN_MODEL_FP8_PDL=1 (kernels that a model launches the same way around it
+# may follow this switch): on the H200, DeepSeek V4's 24-layer batch-1 step took 3.86 ms with it against 3.72 ms
+# without (2026-11-30, docs/PERFORMANCE.md), as the dense GEMV chains of 2026-11-29 had lost with it on large layers.
+FP8_GEMV_PDL = os.environ.get("RUN_MODEL_FP8_PDL", "0") == "1"
 # RUN_MODEL_FP8_PREFETCH=1: every tensor-core GEMV asks L2 for its whole slice, whatever the tiles say (an A/B
 # switch for the end-to-end benchmark)
 FP8_GEMV_PREFETCH_ALL = os.environ.get("RUN_MODEL_FP8_PREFETCH") == "1"
