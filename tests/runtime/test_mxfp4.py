@@ -288,6 +288,18 @@ GPU_VARIANTS = {
 }
 
 
+def gpu_experts(shape: str, seed: int):
+    """The two expert shapes of the tile table on the GPU: gpt-oss's (biases, interleaved gate/up) or DeepSeek
+    V4's (clamped halves)."""
+    if shape.startswith("2880"):
+        num_experts, hidden, inter, top_k, bias, activation = 32, 2880, 2880, 4, True, GPT_OSS_ACTIVATION
+    else:
+        num_experts, hidden, inter, top_k, bias, activation = 16, 4096, 2048, 6, False, GatedActivation(limit=10.0)
+    w13, w2 = make_experts(num_experts, hidden, inter, seed=seed, bias=bias)
+    w13, w2 = (Mxfp4Linear(w.blocks.cuda(), w.scales.cuda(), w.bias.cuda() if bias else None) for w in (w13, w2))
+    return num_experts, hidden, inter, top_k, activation, w13, w2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 3])
 @pytest.mark.parametrize("shape", ["2880x2880 top-4, biases, interleaved", "4096x2048 top-6, halves"])
@@ -300,12 +312,7 @@ def test_gemv_moe_matches_reference_in_bf16_on_gpu(num_tokens, shape, variant):
     from dataclasses import replace
 
     from runtime.ops.mxfp4 import mxfp4_moe_gemv
-    if shape.startswith("2880"):
-        num_experts, hidden, inter, top_k, bias, activation = 32, 2880, 2880, 4, True, GPT_OSS_ACTIVATION
-    else:
-        num_experts, hidden, inter, top_k, bias, activation = 16, 4096, 2048, 6, False, GatedActivation(limit=10.0)
-    w13, w2 = make_experts(num_experts, hidden, inter, seed=20, bias=bias)
-    w13, w2 = (Mxfp4Linear(w.blocks.cuda(), w.scales.cuda(), w.bias.cuda() if bias else None) for w in (w13, w2))
+    num_experts, hidden, inter, top_k, activation, w13, w2 = gpu_experts(shape, seed=20)
     weights, ids = make_routing(num_tokens, num_experts, top_k, seed=21)
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16).cuda()
     expected = mxfp4_moe_reference(x, w13, w2, weights.cuda(), ids.cuda(), activation)
@@ -327,12 +334,7 @@ def test_dependent_launch_gemv_replays_from_a_graph_like_the_plain_one_on_gpu(sh
     from dataclasses import replace
 
     from runtime.ops.mxfp4 import mxfp4_moe_gemv
-    if shape.startswith("2880"):
-        num_experts, hidden, inter, top_k, bias, activation = 32, 2880, 2880, 4, True, GPT_OSS_ACTIVATION
-    else:
-        num_experts, hidden, inter, top_k, bias, activation = 16, 4096, 2048, 6, False, GatedActivation(limit=10.0)
-    w13, w2 = make_experts(num_experts, hidden, inter, seed=40, bias=bias)
-    w13, w2 = (Mxfp4Linear(w.blocks.cuda(), w.scales.cuda(), w.bias.cuda() if bias else None) for w in (w13, w2))
+    num_experts, hidden, inter, top_k, activation, w13, w2 = gpu_experts(shape, seed=40)
     plain = replace(GemvTiles.for_shape(hidden, inter), mma=True, mma_down=True, mma_pdl=False)
     dependent = replace(plain, mma_pdl=True)
     rounds = []
