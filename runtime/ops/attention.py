@@ -709,7 +709,7 @@ def decode_tiles(head_dim: int, cache_dtype: torch.dtype, num_reqs: int = 1) -> 
     Wider heads keep the earlier shape.
 
     The reduction runs in the decode launch (`fused_reduce`) for bf16 entries below 8 requests: from the QKV
-    output to the attention output (`tools/decode_kernels.py --only step`, Qwen3-0.6B heads, the graphs' 64
+    output to the attention output (`tools/decode_kernels.py --only step`, 16 query / 8 KV heads of 128, the graphs' 64
     splits, H200 2026-11-30) 1 x 300 keys took 9.3 us against 10.1 with the reduce kernel, but 1 x 32K 45.2
     against 43.3 and 8 x 1024 14.2 against 13.6 (the last split's serial reduction grows with the live splits and
     no longer hides behind a launch); fp8's one-warp programs reduce too slowly (1 x 32K 48.7 against 34.7)."""

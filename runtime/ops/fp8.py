@@ -763,8 +763,8 @@ class Fp8GemvTiles:
 
 
 # From the tools/decode_kernels.py FP8 sweep on an H200 (2026-11-29, docs/PERFORMANCE.md); keyed by the whole
-# weight's [out, in] (DeepSeek V4 Flash's linears; wo_a is the 8-group one). One row: the N-major layout (the
-# K-major one measured 0.6-0.96x of it there).
+# weight's [out, in] (the linears of the largest FP8 block-scaled checkpoint served; [8192, 4096] is an 8-group
+# grouped projection). One row: the N-major layout (the K-major one measured 0.6-0.96x of it there).
 FP8_GEMV_TILE_TABLE: dict[tuple[int, int], Fp8GemvTiles] = {
     (512, 4096): Fp8GemvTiles(block_n=32, block_k=512, split_k=8, num_warps=4),
     (1024, 4096): Fp8GemvTiles(block_n=8, block_k=1024, split_k=1, num_warps=4),
@@ -811,7 +811,7 @@ FP8_GEMV_MMA_MIN_ROWS: dict[tuple[int, int], int] = {(512, 4096): 2}
 # kernel before it on the stream finishes, reads only its weights (and L2 prefetches) until that kernel is done
 # (griddepcontrol.wait), and lets the next such launch start as soon as all its programs run. CUDA graphs keep
 # the programmatic edges. Off unless RUN_MODEL_FP8_PDL=1 (kernels that a model launches the same way around it
-# may follow this switch): on the H200, DeepSeek V4's 24-layer batch-1 step took 3.86 ms with it against 3.72 ms
+# may follow this switch): on the H200 a 24-layer MoE model's batch-1 step took 3.86 ms with it against 3.72 ms
 # without (2026-11-30, docs/PERFORMANCE.md), as the dense GEMV chains of 2026-11-29 had lost with it on large layers.
 FP8_GEMV_PDL = os.environ.get("RUN_MODEL_FP8_PDL", "0") == "1"
 # RUN_MODEL_FP8_PREFETCH=1: every tensor-core GEMV asks L2 for its whole slice, whatever the tiles say (an A/B
