@@ -7,8 +7,8 @@
   identical (the same kernels, scheduled differently).
 - `hc`: mHC's hc_post (with the next connection's partial projections) + hc_pre at one token, at each
   HC_MIX_BLOCK (channels an hc_post program projects): 48 connections of distinct `fn` weights.
-- `fp8-sweep`: the tensor-core FP8 GEMV of each Flash linear at its table tiles, with L2 prefetches and
-  programmatic dependent launch, and half / twice the K splits (`--tokens 1`: at one row; `--linears`,
+- `fp8-sweep`: the tensor-core FP8 GEMV of each Flash linear at its table tiles, as a programmatic dependent
+  launch or not, and half / twice the K splits (`--tokens 1`: at one row; `--linears`,
   `--compile-only` to warm the Triton cache from several processes first).
 - `fp8-layer`: one layer's FP8 linears in the model's order, elementwise kernels between them, those variants.
 - `fp8`: the FP8 GEMV of each Flash linear at 1, 2 and 3 rows (the shared expert's gate/up with the SwiGLU in
@@ -167,25 +167,15 @@ def _fp8_weights(n: int, k: int, copies: int) -> list[tuple[torch.Tensor, torch.
 
 
 def _fp8_variants(tiles) -> list[tuple[str, object, bool]]:
-    """(name, tiles, PDL) of the tensor-core GEMV around its table tiles: L2 prefetch distances, programmatic
-    dependent launch, half and twice the K splits."""
+    """(name, tiles, PDL) of the tensor-core GEMV around its table tiles: programmatic dependent launch or not,
+    half and twice the K splits."""
     import dataclasses
 
-    from runtime.ops.fp8 import FP8_PREFETCH_ALL
-
-    tiles = dataclasses.replace(tiles, prefetch=0)
-    out = [("plain", tiles, False)]
-    for prefetch in (512, 2048, FP8_PREFETCH_ALL):
-        out.append((f"pf {prefetch if prefetch < FP8_PREFETCH_ALL else 'all'}",
-                    dataclasses.replace(tiles, prefetch=prefetch), False))
-    out.append(("pdl", tiles, True))
-    for prefetch in (2048, FP8_PREFETCH_ALL):
-        out.append((f"pdl pf {prefetch if prefetch < FP8_PREFETCH_ALL else 'all'}",
-                    dataclasses.replace(tiles, prefetch=prefetch), True))
+    out = [("plain", tiles, False), ("pdl", tiles, True)]
     for split in (tiles.split_k // 2, tiles.split_k * 2):
         if split >= 1:
-            out.append((f"pdl pf all split {split}", dataclasses.replace(tiles, split_k=split,
-                                                                         prefetch=FP8_PREFETCH_ALL), True))
+            out += [(f"split {split}", dataclasses.replace(tiles, split_k=split), False),
+                    (f"pdl split {split}", dataclasses.replace(tiles, split_k=split), True)]
     return out
 
 
@@ -194,6 +184,7 @@ def time_fp8_sweep(rows: int, names: set[str] | None, compile_only: bool) -> lis
     each variant's output must equal the plain one's bit for bit where the K split is the same."""
     import runtime.ops.fp8 as fp8
 
+    default_pdl = fp8.FP8_GEMV_PDL
     results = []
     for name, n, k, groups, silu in FP8_SHAPES:
         if names and name not in names:
@@ -225,7 +216,7 @@ def time_fp8_sweep(rows: int, names: set[str] | None, compile_only: bool) -> lis
 
             us = _graph_us(calls, len(weights))
             row[label] = f"{us:.2f}" + ("" if same is not False else " DIFF")
-        fp8.FP8_GEMV_PDL = True
+        fp8.FP8_GEMV_PDL = default_pdl
         results.append(row)
         print(json.dumps(row), flush=True)
     return results
@@ -234,10 +225,8 @@ def time_fp8_sweep(rows: int, names: set[str] | None, compile_only: bool) -> lis
 def time_fp8_layer(rows: int, compile_only: bool) -> list[dict]:
     """One layer's FP8 linears in the model's order, an elementwise kernel (not a dependent launch) writing
     the input of those that follow other kernels: [ew] wq_a+wkv [ew] wq_b [ew] indexer wq_b [ew] wo_a, wo_b
-    [ew] shared w1+w3 (SwiGLU), w2; 8 copies of the layer (past L2). us a layer, table tiles with the prefetch
-    and dependent-launch variants."""
-    import dataclasses
-
+    [ew] shared w1+w3 (SwiGLU), w2; 8 copies of the layer (past L2). us a layer, table tiles, launched as
+    programmatic dependents or not."""
     import runtime.ops.fp8 as fp8
 
     order = ["wq_a + wkv", "wq_b", "indexer wq_b", "wo_a", "wo_b", "shared w1 + w3, SwiGLU", "shared w2"]
@@ -248,16 +237,16 @@ def time_fp8_layer(rows: int, compile_only: bool) -> list[dict]:
     inputs = {name: torch.randn(rows, shapes[name][2] * shapes[name][1], device="cuda", dtype=torch.bfloat16)
               for name in order}
     sources = {name: x.clone() for name, x in inputs.items()}
+    default_pdl = fp8.FP8_GEMV_PDL
     results = []
-    for label, prefetch, pdl in (("plain", 0, False), ("pf all", fp8.FP8_PREFETCH_ALL, False), ("pdl", 0, True),
-                                 ("pdl pf 2048", 2048, True), ("pdl pf all", fp8.FP8_PREFETCH_ALL, True)):
+    for label, pdl in (("plain", False), ("pdl", True)):
         fp8.FP8_GEMV_PDL = pdl
 
         def layer(copy):
             for name in order:
                 n, k, groups, silu = shapes[name]
                 w, s, c = weights[name][copy]
-                tiles = dataclasses.replace(fp8.Fp8GemvTiles.for_shape(n, k, rows), prefetch=prefetch)
+                tiles = fp8.Fp8GemvTiles.for_shape(n, k, rows)
                 if name in after_other:
                     inputs[name].copy_(sources[name])
                 if silu:
@@ -276,7 +265,7 @@ def time_fp8_layer(rows: int, compile_only: bool) -> list[dict]:
         row = {"layer (7 FP8 linears + 5 copies)": label, "us a layer": round(_graph_us(calls, copies), 2)}
         results.append(row)
         print(json.dumps(row), flush=True)
-    fp8.FP8_GEMV_PDL = True
+    fp8.FP8_GEMV_PDL = default_pdl
     return results
 
 

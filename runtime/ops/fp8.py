@@ -418,11 +418,8 @@ if triton is not None:
     # chunks (128 bytes, inside one scale block) chain in the accumulator, then their block scale multiplies
     # once. Each step's words and activations load one step ahead, into two alternating register sets. The
     # interpreter runs `_mma_emulated` (the same sums, from the same lanes' operands).
-    # A program's K slice is short (2-8 steps at the Flash shapes), so each would wait out the DRAM latency a few
-    # times: with `Fp8GemvTiles.prefetch`, lanes first ask L2 for their rows' bytes (cp.async.bulk.prefetch.L2:
-    # no register held, nothing waited for), the whole slice or a rolling distance. On Hopper the kernel is also
-    # a programmatic dependent launch (FP8_GEMV_PDL): it may start while the kernel before it finishes, reads
-    # only weights before griddepcontrol.wait, and lets the next such launch start once all its programs run.
+    # Optionally (FP8_GEMV_PDL) a programmatic dependent launch: it may start while the kernel before it finishes,
+    # reads only weights before griddepcontrol.wait, and lets the next such launch start once all its programs run.
 
     _MMA_PTX = tl.constexpr("""{
     mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
@@ -547,22 +544,6 @@ if triton is not None:
         xl0, xh0, xl1, xh1 = _fp8_mma_load_x(x_ptr, x_offsets, w_start, w_end)
         return lo0, hi0, lo1, hi1, xl0, xh0, xl1, xh1
 
-    # one bulk prefetch into L2 (the TMA unit's, sm_90) of `size` bytes at an address, where size > 0: a hint
-    # that holds no register and waits for nothing
-    _L2_PREFETCH_PTX = tl.constexpr("""{
-    .reg .pred p;
-    setp.gt.s32 p, $2, 0;
-    @p cp.async.bulk.prefetch.L2.global [$1], $2;
-    mov.b32 $0, 0;
-    }""")
-
-    @triton.jit
-    def _l2_prefetch(addresses, sizes):
-        """Ask L2 for `sizes` bytes (multiples of 16, <= 0: nothing) at each of `addresses` (int64, 16-byte
-        aligned)."""
-        return tl.inline_asm_elementwise(_L2_PREFETCH_PTX, "=r,l,r", [addresses, sizes], dtype=tl.int32,
-                                         is_pure=False, pack=1)
-
     @triton.jit
     def _fp8_mma_step(lo0, hi0, lo1, hi1, xl0, xh0, xl1, xh1, acc, s_row, w_start, w_end, BLOCK_IN: tl.constexpr,
                       EMULATE: tl.constexpr, PRMT: tl.constexpr):
@@ -578,7 +559,7 @@ if triton is not None:
                              BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, WARPS: tl.constexpr,
                              SPLIT_K: tl.constexpr, EMULATE: tl.constexpr, PRMT: tl.constexpr = False,
                              SILU_MUL: tl.constexpr = False, HAS_LIMIT: tl.constexpr = False, limit=0.0,
-                             PREFETCH: tl.constexpr = False, prefetch_bytes=0, PDL: tl.constexpr = False):
+                             PDL: tl.constexpr = False):
         # One 16-row tile a warp (WARPS = num_warps), all of a program's rows in one BLOCK_OUT row block (one
         # scale a step), N a multiple of BLOCK_N; words_per_split a multiple of 32 (128 bytes); x the bf16
         # activations as int32 pairs (stride_xm and x_group_words = K / 2 count them); M <= 8; BLOCK_IN % 128 == 0.
@@ -604,15 +585,6 @@ if triton is not None:
         acc = tl.zeros([32 * WARPS, 4], dtype=tl.float32)
         if PDL:                  # launched as a programmatic dependent: the next such launch may start now
             gdc_launch_dependents()
-        if PREFETCH:
-            # lanes c = 0 / 1 of each row group ask L2 for rows r / r + 8: the first prefetch_bytes of the slice
-            # now, then each iteration the 256 bytes that far ahead of its loads
-            pf_rows = rows + 8 * c                                                          # [32 W, 1]
-            pf_base = (w_ptr + pf_rows.to(tl.int64) * stride_wn).to(tl.int64, bitcast=True)
-            pf_own = c < 2
-            pf_end = 4 * w_end
-            pf_first = tl.minimum(prefetch_bytes, pf_end - 4 * w_begin)
-            _l2_prefetch(pf_base + 4 * w_begin, tl.where(pf_own, pf_first, 0))
         # two steps an iteration, their operands in two sets of registers (no copies): set A loads step s + 2
         # while set B's step s + 1 computes. With PDL only the weights (and scales) are read before the wait for
         # the previous kernel: activations, partials, counters and the output all come after it.
@@ -621,9 +593,6 @@ if triton is not None:
             gdc_wait()
         a_xl0, a_xh0, a_xl1, a_xh1 = _fp8_mma_load_x(x_ptr, x_offsets, w_begin, w_end)
         for w_start in range(w_begin, w_end, 64):
-            if PREFETCH:
-                pf_at = 4 * w_start + prefetch_bytes
-                _l2_prefetch(pf_base + pf_at, tl.where(pf_own, tl.minimum(pf_end - pf_at, 256), 0))
             b_lo0, b_hi0, b_lo1, b_hi1, b_xl0, b_xh0, b_xl1, b_xh1 = _fp8_mma_load(
                 w_ptr, w_offsets, hi_offset, x_ptr, x_offsets, w_start + 32, w_end)
             acc = _fp8_mma_step(a_lo0, a_hi0, a_lo1, a_hi1, a_xl0, a_xh0, a_xl1, a_xh1, acc, s_row, w_start, w_end,
@@ -712,9 +681,6 @@ if triton is not None:
                  mask=(m < m_pad)[:, None] & (c * BLOCK_IN < K)[None, :])
 
 
-FP8_PREFETCH_ALL = 1 << 24          # `Fp8GemvTiles.prefetch` past any slice: a program's whole slice at its start
-
-
 @dataclass(frozen=True, slots=True)
 class Fp8GemvTiles:
     block_n: int = 16                  # output columns (weight rows) per program
@@ -725,10 +691,6 @@ class Fp8GemvTiles:
     vec: int = 16
     cvt: bool = False                  # (layout_k) E4M3 widened by the hardware instead of the integer decode
     mma: bool = False                  # the tensor-core GEMV: block_n = 16 * num_warps, 128 bytes of K a step
-    prefetch: int = 0                  # (mma) bytes of each weight row asked of L2 ahead of the loads (a multiple
-                                       # of 256; 0: none; FP8_PREFETCH_ALL: a program's whole slice at its start).
-                                       # Off in the tables: not timed yet (tools/dsv4_step_kernels.py fp8-sweep),
-                                       # and the same bulk prefetch made the MXFP4 GEMVs 20-30% slower
 
     @staticmethod
     def for_shape(n: int, k: int, rows: int = 1, mma: bool = True) -> "Fp8GemvTiles":
@@ -808,15 +770,12 @@ FP8_GEMV_MMA_MIN_ROWS: dict[tuple[int, int], int] = {(512, 4096): 2}
 
 
 # Programmatic dependent launch of the tensor-core GEMV (Hopper): it is launched so that it may start while the
-# kernel before it on the stream finishes, reads only its weights (and L2 prefetches) until that kernel is done
+# kernel before it on the stream finishes, reads only its weights until that kernel is done
 # (griddepcontrol.wait), and lets the next such launch start as soon as all its programs run. CUDA graphs keep
 # the programmatic edges. Off unless RUN_MODEL_FP8_PDL=1 (kernels that a model launches the same way around it
 # may follow this switch): on the H200 a 24-layer MoE model's batch-1 step took 3.86 ms with it against 3.72 ms
 # without (2026-11-30, docs/PERFORMANCE.md), as the dense GEMV chains of 2026-11-29 had lost with it on large layers.
 FP8_GEMV_PDL = os.environ.get("RUN_MODEL_FP8_PDL", "0") == "1"
-# RUN_MODEL_FP8_PREFETCH=1: every tensor-core GEMV asks L2 for its whole slice, whatever the tiles say (an A/B
-# switch for the end-to-end benchmark)
-FP8_GEMV_PREFETCH_ALL = os.environ.get("RUN_MODEL_FP8_PREFETCH") == "1"
 
 FP8_GEMV_MAX_ROWS = 4               # the CUDA-core GEMV's limit (it beat dequantize + cuBLAS up to 4 rows)
 FP8_GEMV_MMA_MAX_ROWS = 8           # the tensor-core GEMV's: the activation rows of one mma's B operand
@@ -959,19 +918,14 @@ def _fp8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gr
     split = -(-(k // 4) // words_per_split)
     grid = (n // block_n, split)
     part, counters = _split_k_workspace(split, rows, n, grid[0], counters, out, always=silu_mul)
-    hopper = x.is_cuda and _is_hopper(x.device)
-    prefetch = FP8_PREFETCH_ALL if FP8_GEMV_PREFETCH_ALL else min(tiles.prefetch, FP8_PREFETCH_ALL)
-    prefetch = prefetch if hopper else 0                                                  # sm_90 PTX
-    if prefetch % 256:
-        raise ValueError(f"fp8_gemv: prefetch {tiles.prefetch} is not a multiple of 256 bytes")
     pdl = {"launch_pdl": True} if fp8_dependent_launch(x) else {}
     _fp8_gemv_mma_kernel[grid](
         x.view(torch.int32), weight.view(torch.int32), scale, out, part, counters, rows, n, k, x.stride(0) // 2,
         weight.stride(0) // 4, scale.stride(0), out.stride(0), n // groups, words_per_split, k // 2,
         BLOCK_OUT=block_out, BLOCK_IN=block_in,
         WARPS=tiles.num_warps, SPLIT_K=split, EMULATE=not x.is_cuda, PRMT=prmt, SILU_MUL=silu_mul,
-        HAS_LIMIT=limit is not None, limit=limit if limit is not None else 0.0, PREFETCH=prefetch > 0,
-        prefetch_bytes=prefetch, PDL=bool(pdl), num_warps=tiles.num_warps, **pdl)
+        HAS_LIMIT=limit is not None, limit=limit if limit is not None else 0.0, PDL=bool(pdl),
+        num_warps=tiles.num_warps, **pdl)
     return out
 
 
