@@ -168,6 +168,10 @@ def mxfp4_moe_reference(x: torch.Tensor, w13: Mxfp4Linear, w2: Mxfp4Linear, topk
 try:
     import triton
     import triton.language as tl
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:                              # a Triton without programmatic dependent launch
+        gdc_launch_dependents = gdc_wait = None
 except ImportError:                                  # the torch reference still works without Triton
     triton = None
 
@@ -990,11 +994,9 @@ if triton is not None:
         xa, xb, xc, xd = _mxfp4_mma_load_activations(x_words, lo_blocks.shape[0], step, num_groups)
         return w_lo, w_hi, scales, xa, xb, xc, xd
 
-    # Programmatic dependent launch (Hopper): `_GDC_WAIT` blocks until the grid this one depends on has finished
-    # and its writes are visible; `_GDC_LAUNCH` lets that dependent grid start before this one ends. Both are
+    # Programmatic dependent launch (Hopper): gdc_wait blocks until the grid this one depends on has finished and
+    # its writes are visible; gdc_launch_dependents lets that dependent grid start before this one ends. Both are
     # no-ops in a launch without the dependency.
-    _GDC_WAIT = tl.constexpr("griddepcontrol.wait; mov.b32 $0, 0;")
-    _GDC_LAUNCH = tl.constexpr("griddepcontrol.launch_dependents; mov.b32 $0, 0;")
 
     @triton.jit
     def _mxfp4_mma_walk(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales, hi_scales, x_words, step_begin,
@@ -1009,7 +1011,7 @@ if triton is not None:
         w_lo, w_hi, scales = _mxfp4_mma_load_weights(words_ptr, lo_blocks, hi_blocks, scales_ptr, lo_scales,
                                                      hi_scales, step_begin, num_groups)
         if WAIT and not EMULATE:
-            tl.inline_asm_elementwise(_GDC_WAIT, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+            gdc_wait()
         xa, xb, xc, xd = _mxfp4_mma_load_activations(x_words, lo_blocks.shape[0], step_begin, num_groups)
         for step in range(step_begin, step_end):
             n_lo, n_hi, n_scales, n_xa, n_xb, n_xc, n_xd = _mxfp4_mma_load(
@@ -1048,7 +1050,7 @@ if triton is not None:
         program has started, the down GEMV (a programmatic dependent launch) may start too: its programs take
         the room left on the SMs, load their first weights and wait for this launch to end."""
         if PDL and not EMULATE:
-            tl.inline_asm_elementwise(_GDC_LAUNCH, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+            gdc_launch_dependents()
         pair = tl.program_id(0)
         token = pair // top_k
         i = tl.arange(0, 32 * WARPS)[:, None]
