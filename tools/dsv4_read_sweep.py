@@ -30,21 +30,6 @@ def torch_topk(scores, positions, ratio, k):
     visible = (positions.clamp(min=-1) + 1) // ratio
     return torch.where(top >= visible[:, None], -1, top).to(torch.int32)
 
-def exact(scores, positions, ratio, k):
-    n, width = scores.shape
-    visible = (positions.clamp(min=-1) + 1) // ratio
-    index = torch.arange(width, device=scores.device)
-    seen = index[None, :] < visible[:, None]
-    bits = scores.view(torch.int32).long()
-    key = torch.where(seen, (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2**31, -1)
-    threshold = key.topk(k, dim=-1).values[:, -1:]
-    above, ties = key > threshold, key == threshold
-    room = k - above.sum(dim=-1, keepdim=True)
-    take = above | (ties & (ties.cumsum(dim=-1) <= room))
-    picked = torch.where(take, index, width).sort(dim=-1).values[:, :k]
-    everything = torch.where(index[:k] < visible[:, None], index[:k], -1)
-    return torch.where((visible <= k)[:, None], everything, picked).to(torch.int32)
-
 only = {"topk", "indexer", "attention"}
 if "--only" in sys.argv:
     only = set(sys.argv[sys.argv.index("--only") + 1:])
@@ -64,7 +49,7 @@ for width, context, n in ROWS if "topk" in only else []:
     scores = torch.randn(n, width, device="cuda") * 3
     visible = (positions + 1) // 4
     scores.masked_fill_(torch.arange(width, device="cuda")[None, :] >= visible[:, None], float("-inf"))
-    want = exact(scores, positions, 4, K)
+    want = kernels.indexer_topk_exact(scores, positions, 4, K)
     times, ok = [rk._timed_us(lambda: torch_topk(scores, positions, 4, K))], True
     for lookback, chunk, warps, block_c in TOPK:
         kernels.TOPK_LOOKBACK, kernels.TOPK_CHUNK = lookback, chunk

@@ -647,6 +647,26 @@ if triton is not None:
 
 
 TOPK_MAX_WIDTH = 8192        # the one-program kernel keeps a row in registers; wider rows take the radix kernel
+def indexer_topk_exact(scores: torch.Tensor, positions: torch.Tensor, ratio: int, k: int) -> torch.Tensor:
+    """The kernels' selection, in torch (their tests' and sweeps' reference; `indexer_topk`'s CPU path takes
+    torch.topk, whose set differs only among ties): the entries above the k-th largest visible score and the
+    first of its ties, in index order (a visible -inf above every entry not visible); every visible entry in
+    order, then -1, when at most k are visible."""
+    width = scores.shape[1]
+    visible = (positions.clamp(min=-1) + 1) // ratio                                  # [n]
+    index = torch.arange(width, device=scores.device)
+    seen = index[None, :] < visible[:, None]
+    bits = scores.view(torch.int32).long()
+    key = torch.where(seen, (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2**31, -1)       # order-preserving
+    threshold = key.topk(k, dim=-1).values[:, -1:]
+    above, ties = key > threshold, key == threshold
+    room = k - above.sum(dim=-1, keepdim=True)
+    take = above | (ties & (ties.cumsum(dim=-1) <= room))
+    picked = torch.where(take, index, width).sort(dim=-1).values[:, :k]
+    everything = torch.where(index[:k] < visible[:, None], index[:k], -1)
+    return torch.where((visible <= k)[:, None], everything, picked).to(torch.int32)
+
+
 TOPK_CHUNK = 4096            # entries a program of the radix kernel (a power of two, < 2^15)
 TOPK_CHUNK_WARPS = 8
 TOPK_LOOKBACK = True         # four launches (pass 5 counts and looks back), else five

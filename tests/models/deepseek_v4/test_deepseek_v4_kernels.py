@@ -231,25 +231,6 @@ def test_topk_kernel_keeps_the_references_set(device, monkeypatch):
             assert torch.equal(row[kept].sort().values, row[ref].sort().values)
 
 
-def _exact_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, k: int) -> torch.Tensor:
-    """The kernels' selection, in torch: the entries above the k-th largest visible score and the first of its
-    ties, in index order (a visible -inf above every entry not visible); every visible entry in order, then -1,
-    when at most k are visible."""
-    n, width = scores.shape
-    visible = (positions.clamp(min=-1) + 1) // ratio                                  # [n]
-    index = torch.arange(width, device=scores.device)
-    seen = index[None, :] < visible[:, None]
-    bits = scores.view(torch.int32).long()
-    key = torch.where(seen, (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2**31, -1)       # order-preserving
-    threshold = key.topk(k, dim=-1).values[:, -1:]
-    above, ties = key > threshold, key == threshold
-    room = k - above.sum(dim=-1, keepdim=True)
-    take = above | (ties & (ties.cumsum(dim=-1) <= room))
-    picked = torch.where(take, index, width).sort(dim=-1).values[:, :k]
-    everything = torch.where(index[:k] < visible[:, None], index[:k], -1)
-    return torch.where((visible <= k)[:, None], everything, picked).to(torch.int32)
-
-
 @pytest.mark.parametrize("lookback", [True, False], ids=["four-launches", "five-launches"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_wide_topk_is_the_exact_top_k_in_index_order(device, lookback, monkeypatch):
@@ -278,7 +259,7 @@ def test_wide_topk_is_the_exact_top_k_in_index_order(device, lookback, monkeypat
         scores[7, ::3] = float("-inf")                                       # visible, below every score
         scores.masked_fill_(torch.arange(width)[None, :] >= torch.tensor(visible)[:, None], float("-inf"))
         scores, positions = scores.to(device), positions.to(device)
-        want = _exact_topk(scores, positions, ratio, top_k)
+        want = kernels.indexer_topk_exact(scores, positions, ratio, top_k)
         got = kernels.indexer_topk(scores, positions, ratio, top_k)
         assert got.dtype == torch.int32 and torch.equal(got, want), f"width {width}"
         if device == "cuda":
@@ -288,7 +269,8 @@ def test_wide_topk_is_the_exact_top_k_in_index_order(device, lookback, monkeypat
             for shift in (-1, 1):                                # fewer, then more entries visible
                 positions.copy_(torch.roll(positions, shift))
                 graph.replay()
-                assert torch.equal(captured, _exact_topk(scores, positions, ratio, top_k)), f"width {width}"
+                want = kernels.indexer_topk_exact(scores, positions, ratio, top_k)
+                assert torch.equal(captured, want), f"width {width}"
 
 
 @pytest.mark.parametrize("kind", ["hca", "csa"])
